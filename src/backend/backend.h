@@ -1,0 +1,110 @@
+/* backend.h: the op table every backend implements.
+ *
+ * The model code (src/model) states the math once as a sequence of these ops; a backend decides
+ * only how each op runs. Activations are float32 row-major buffers allocated by the backend
+ * (host memory on the CPU backend). Weights are m3_tensor views of any loaded dtype (F32, F16,
+ * BF16, MXFP8, FP8 block); ops decode them on the fly and accumulate in float32.
+ *
+ * Shapes in comments: T tokens, H hidden, nh query heads, nkv KV heads, hd head dim,
+ * G = index heads (= nkv), ihd index head dim, E experts, k experts per token. */
+#ifndef M3_BACKEND_BACKEND_H
+#define M3_BACKEND_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/status.h"
+#include "io/weights.h"
+
+typedef struct m3_backend m3_backend;
+
+/* One layer's cache of one sequence, in pages of block_size tokens (the MSA block).
+ * Page p of this layer holds, for token slot s in [0, block_size):
+ *   K  at k  + ((size_t)p * nkv * block_size + kvh * block_size + s) * hd      (post norm+RoPE)
+ *   V  at v  + (same index) * hd                                                 (raw)
+ *   IK at ik + ((size_t)p * block_size + s) * ihd   (sparse layers only, else NULL; post norm+RoPE)
+ * block_table[b] is the page holding absolute positions [b*block_size, (b+1)*block_size). */
+typedef struct {
+  float *k, *v, *ik;
+  const int32_t *block_table;
+  int num_blocks;      /* entries in block_table that are valid */
+  int block_size, nkv, hd, ihd;
+} m3_kv_view;
+
+/* MSA selection parameters (config: index_topk_blocks, index_local_blocks, index_init_blocks). */
+typedef struct {
+  int topk, local_blocks, init_blocks;
+} m3_msa_params;
+
+typedef struct {
+  const char *name;
+  void (*destroy)(m3_backend *be);
+
+  void *(*alloc)(m3_backend *be, size_t bytes); /* zeroed; NULL on failure */
+  void (*free)(m3_backend *be, void *p);
+
+  /* out[t, :] = table row ids[t] decoded to float32.  ids [T], out [T, cols] */
+  void (*embed)(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
+
+  /* y[T, W.rows] = x[T, W.cols] . W^T, float32 accumulation. */
+  void (*matmul)(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+
+  /* Gemma RMSNorm over nrows rows of n: y = x / sqrt(mean(x^2) + eps) * (1 + w).  w [n].
+   * x and y may alias. */
+  void (*rmsnorm)(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
+                  float *y);
+
+  /* Partial NeoX RoPE in place. x [T, nheads, hd]; the first `rot` dims of each head rotate,
+   * pairs (i, i + rot/2), inv_freq[i] = theta^(-2i/rot), angle = pos[t] * inv_freq[i] computed
+   * in float32 as the reference does. */
+  void (*rope)(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
+               double theta);
+
+  /* SwiGLU-OAI: g = min(gate, limit); u = clamp(up, -limit, limit);
+   * out = g * sigmoid(alpha * g) * (u + beta).  gate, up, out [n]; out may alias gate. */
+  void (*swiglu_oai)(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
+                     float beta, float limit, float *out);
+
+  /* x += y over n elements. */
+  void (*add)(m3_backend *be, float *x, const float *y, size_t n);
+
+  /* x[t, :] += scale[t] * y[t, :] for T rows of n. */
+  void (*add_scaled_rows)(m3_backend *be, float *x, const float *y, const float *scale, int T,
+                          int n);
+
+  /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
+   * ik [T, ihd] or NULL. */
+  void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
+                   const float *v, const float *ik);
+
+  /* MSA block selection (shared/spec/msa_spec.md): for each token t (absolute position pos[t]) and
+   * index head g: block scores = max over visible keys j <= pos[t] of dot(iq[t, g], IK[j]);
+   * forced init/local blocks; top `topk` by score, ties to the lower block id.
+   * iq [T, G, ihd]; sel [T, G, topk] gets block ids, -1 padded when fewer blocks are visible.
+   * Order of valid ids: ascending block id. */
+  void (*msa_select)(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
+                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
+
+  /* Causal GQA attention of T query tokens against the cache (which already holds them).
+   * q [T, nh, hd]; out [T, nh, hd]; scale = 1/sqrt(hd). Query head h uses KV head h / (nh/nkv).
+   * sel NULL: all keys j <= pos[t]. Otherwise only keys in blocks sel[t, kvh, 0..topk) (-1 ends the
+   * list) with j <= pos[t]. */
+  void (*attention)(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
+                    const int32_t *pos, int T, const int32_t *sel, int topk, float *out);
+
+  /* MoE routing from fp32 router logits [T, E]: s = sigmoid(logits); choice = s + bias (bias may
+   * be NULL); top-k of choice (ties to the lower expert id); weights = s[idx] / sum s[idx] *
+   * scaling.  ids [T, k], weights [T, k]. */
+  void (*moe_route)(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
+                    float scaling, int32_t *ids, float *weights);
+} m3_backend_ops;
+
+struct m3_backend {
+  const m3_backend_ops *ops;
+};
+
+/* The portable CPU backend (SIMD kernels chosen at run time, a thread pool of `threads` workers;
+ * 0 = one per core). */
+m3_status m3_backend_cpu_create(int threads, m3_backend **out);
+
+#endif
