@@ -16,14 +16,20 @@ m3_status m3_fail(m3_status status, const char *fmt, ...) {
 }
 
 m3_status m3_fail_context(m3_status status, const char *fmt, ...) {
-  char prefix[M3_ERROR_CAP];
-  char previous[M3_ERROR_CAP];
+  /* prefix + ": " + previous message, cut to the buffer size. */
+  char combined[2 * M3_ERROR_CAP + 2];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(prefix, sizeof prefix, fmt, ap);
+  int n = vsnprintf(combined, M3_ERROR_CAP, fmt, ap);
   va_end(ap);
-  memcpy(previous, error_message, sizeof previous);
-  snprintf(error_message, sizeof error_message, "%s: %s", prefix, previous);
+  size_t used = n < 0 ? 0 : (size_t)n < M3_ERROR_CAP ? (size_t)n : M3_ERROR_CAP - 1;
+  memcpy(combined + used, ": ", 2);
+  size_t prev = strlen(error_message);
+  memcpy(combined + used + 2, error_message, prev + 1);
+  size_t total = used + 2 + prev;
+  if (total >= M3_ERROR_CAP) total = M3_ERROR_CAP - 1;
+  memcpy(error_message, combined, total);
+  error_message[total] = '\0';
   return status;
 }
 

@@ -13,6 +13,12 @@ typedef struct {
 static const command commands[] = {
     {"inspect", m3_cmd_inspect, "describe a checkpoint: layers, parameters, memory, quantization"},
     {"tiny", m3_cmd_tiny, "write a small deterministic random checkpoint in the official layout"},
+    {"bench-ops", m3_cmd_bench_ops, "measure CPU kernel throughput against copy bandwidth"},
+    {"logits", m3_cmd_logits, "write the float32 logits of every position of an id sequence"},
+    {"run", m3_cmd_run, "generate tokens from a prompt and report prompt and generation speed"},
+    {"tokenize", m3_cmd_tokenize, "print the token ids of a text"},
+    {"detokenize", m3_cmd_detokenize, "print the text of token ids"},
+    {"bench-tok", m3_cmd_bench_tok, "measure single-thread tokenizer speed on a file"},
 };
 
 static void usage(FILE *f) {

@@ -58,8 +58,9 @@ const char *m3_st_shard_path(const m3_safetensors *st, int shard);
 const char *m3_st_metadata(const m3_safetensors *st, const char *key);
 
 /* Writer: collects tensors (the data is copied at add time) and writes one file with the header
- * keys sorted by name, data in add order, 8-byte aligned header padding with spaces, as
- * the Python writer does. */
+ * keys sorted by name, data ordered by element size (largest first) then name so that every
+ * tensor is aligned to its element size, 8-byte aligned header padding with spaces, as the
+ * Python writer does. */
 typedef struct m3_st_writer m3_st_writer;
 m3_st_writer *m3_st_writer_new(void);
 m3_status m3_st_writer_add(m3_st_writer *w, const char *name, m3_dtype dtype, int ndim,

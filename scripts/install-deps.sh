@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what building and testing m3 needs on Debian 12 (run as root or through sudo).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  build-essential cmake ninja-build pkg-config clang llvm \
+  libcjson-dev libpcre2-dev zlib1g-dev jq npm >/dev/null

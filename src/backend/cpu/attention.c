@@ -1,0 +1,113 @@
+/* attention.c: the paged KV cache writes and causal GQA attention, dense or restricted to the
+ * MSA-selected blocks (shared/spec/msa_spec.md §5).
+ *
+ * One work item is (token, KV head): the group's query heads run together so that each K and V
+ * row is loaded once for all of them. Keys are taken a block (page) at a time: scores for the
+ * whole block, then one online-softmax rescale per head and block. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/cpu_internal.h"
+
+void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
+                  const float *v, const float *ik) {
+  (void)be;
+  const int bs = kv->block_size, nkv = kv->nkv, hd = kv->hd;
+  for (int t = 0; t < T; t++) {
+    int32_t p = pos[t];
+    if (p < 0 || p / bs >= kv->num_blocks) continue; /* padding rows; positions past the table */
+    size_t page = (size_t)kv->block_table[p / bs], slot = (size_t)(p % bs);
+    for (int h = 0; h < nkv; h++) {
+      size_t dst = ((page * nkv + h) * bs + slot) * hd;
+      memcpy(kv->k + dst, k + ((size_t)t * nkv + h) * hd, (size_t)hd * sizeof(float));
+      memcpy(kv->v + dst, v + ((size_t)t * nkv + h) * hd, (size_t)hd * sizeof(float));
+    }
+    if (ik && kv->ik)
+      memcpy(kv->ik + (page * bs + slot) * kv->ihd, ik + (size_t)t * kv->ihd,
+             (size_t)kv->ihd * sizeof(float));
+  }
+}
+
+typedef struct {
+  const cpu_kernels *k;
+  const float *q;
+  int nh;
+  const m3_kv_view *kv;
+  const int32_t *pos;
+  const int32_t *sel;
+  int topk;
+  float *out;
+  float *scratch; /* per worker: scores [group][block_size], max [group], sum [group] */
+  size_t scratch_per_worker;
+} attention_job;
+
+/* Folds keys [0, n) of one page into the running softmax of every head of the group. */
+static void attend_block(const attention_job *job, int group, const float *q, const float *kb,
+                         const float *vb, int n, float *s, float *m, float *l, float *o) {
+  const cpu_kernels *k = job->k;
+  const int hd = job->kv->hd, bs = job->kv->block_size;
+  const float scale = (float)(1.0 / sqrt((double)hd));
+  for (int h = 0; h < group; h++) {
+    float *sh = s + (size_t)h * bs;
+    float bmax = -INFINITY;
+    for (int j = 0; j < n; j++) {
+      sh[j] = k->dot(q + (size_t)h * hd, kb + (size_t)j * hd, hd) * scale;
+      bmax = fmaxf(bmax, sh[j]);
+    }
+    float mnew = fmaxf(m[h], bmax);
+    float corr = m[h] == -INFINITY ? 0.0f : expf(m[h] - mnew);
+    float sum = 0;
+    for (int j = 0; j < n; j++) sum += sh[j] = expf(sh[j] - mnew);
+    l[h] = l[h] * corr + sum;
+    m[h] = mnew;
+    k->scale(o + (size_t)h * hd, corr, hd);
+  }
+  for (int j = 0; j < n; j++)
+    for (int h = 0; h < group; h++) k->axpy(o + (size_t)h * hd, s[(size_t)h * bs + j], vb + (size_t)j * hd, hd);
+}
+
+static void attention_items(void *ctx, int64_t i0, int64_t i1, int worker) {
+  const attention_job *job = ctx;
+  const m3_kv_view *kv = job->kv;
+  const int nkv = kv->nkv, hd = kv->hd, bs = kv->block_size, group = job->nh / nkv;
+  float *s = job->scratch + (size_t)worker * job->scratch_per_worker;
+  float *m = s + (size_t)group * bs, *l = m + group;
+  for (int64_t item = i0; item < i1; item++) {
+    int64_t t = item / nkv;
+    int kvh = (int)(item % nkv);
+    const float *q = job->q + ((size_t)t * job->nh + (size_t)kvh * group) * hd;
+    float *o = job->out + ((size_t)t * job->nh + (size_t)kvh * group) * hd;
+    memset(o, 0, (size_t)group * hd * sizeof(float));
+    int32_t p = job->pos[t];
+    if (p < 0) continue; /* padding row: zero output */
+    for (int h = 0; h < group; h++) m[h] = -INFINITY, l[h] = 0;
+    const int32_t *list = job->sel ? job->sel + ((size_t)t * nkv + kvh) * job->topk : NULL;
+    int nlist = job->sel ? job->topk : p / bs + 1;
+    for (int i = 0; i < nlist; i++) {
+      int32_t b = list ? list[i] : i;
+      if (b < 0) break;
+      if (b >= kv->num_blocks || (int64_t)b * bs > p) continue;
+      int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
+      size_t base = ((size_t)kv->block_table[b] * nkv + kvh) * bs * hd;
+      attend_block(job, group, q, kv->k + base, kv->v + base, n, s, m, l, o);
+    }
+    for (int h = 0; h < group; h++)
+      if (l[h] > 0) job->k->scale(o + (size_t)h * hd, 1.0f / l[h], hd);
+  }
+}
+
+void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
+                   const int32_t *pos, int T, const int32_t *sel, int topk, float *out) {
+  cpu_backend *cb = cpu_of(be);
+  const int group = nh / kv->nkv;
+  size_t per_worker = (size_t)group * kv->block_size + 2 * (size_t)group;
+  float *scratch = malloc(per_worker * m3_threadpool_size(cb->pool) * sizeof(float));
+  if (!scratch) { /* Out of memory in an op that cannot fail: a visibly wrong result. */
+    for (size_t i = 0; i < (size_t)T * nh * kv->hd; i++) out[i] = NAN;
+    return;
+  }
+  attention_job job = {cb->k, q, nh, kv, pos, sel, topk, out, scratch, per_worker};
+  m3_parallel_for(cb->pool, (int64_t)T * kv->nkv, 1, attention_items, &job);
+  free(scratch);
+}

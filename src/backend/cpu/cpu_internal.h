@@ -1,0 +1,111 @@
+/* cpu_internal.h: what the files of the CPU backend share: the backend object, the per-ISA kernel
+ * table and the scalar weight decoder every kernel set falls back on for tails. */
+#ifndef M3_BACKEND_CPU_CPU_INTERNAL_H
+#define M3_BACKEND_CPU_CPU_INTERNAL_H
+
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu.h"
+#include "base/threadpool.h"
+
+/* Kernels one instruction set provides. Weight rows are decoded on the fly; no kernel writes a
+ * dequantized copy of more than one small tile. */
+typedef struct {
+  /* y[r - r0] = dot(W[r, :], x) for r in [r0, r1).  x [W.cols] */
+  void (*gemv)(const m3_tensor *w, const float *x, int64_t r0, int64_t r1, float *y);
+  /* dst[i * kc + k] = W[r0 + i, k0 + k] for i < nr, k < kc; k0 is a multiple of 32. Weights the
+   * SIMD kernels take: F32, BF16, F16, MXFP8 and FP8 block with block_cols a power of two >= 16;
+   * the portable set takes every float dtype. */
+  void (*decode_tile)(const m3_tensor *w, int64_t r0, int nr, int64_t k0, int kc, float *dst);
+  /* y[t * ldy + i] += dot(tile[i * kc ..], x[t * ldx ..]) over kc, for t < T, i < nr. */
+  void (*tile_gemm)(const float *tile, int nr, int kc, const float *x, int64_t ldx, int T,
+                    float *y, int64_t ldy);
+  float (*dot)(const float *a, const float *b, int n);
+  void (*axpy)(float *y, float a, const float *x, int n); /* y += a * x */
+  void (*scale)(float *y, float a, int n);                /* y *= a */
+} cpu_kernels;
+
+extern const cpu_kernels cpu_kernels_portable;
+#if defined(__x86_64__)
+extern const cpu_kernels cpu_kernels_avx2;
+extern const cpu_kernels cpu_kernels_avx512;
+#endif
+
+typedef struct {
+  m3_backend base;
+  m3_threadpool *pool;
+  m3_cpu_isa isa;
+  const cpu_kernels *k;
+} cpu_backend;
+
+static inline cpu_backend *cpu_of(m3_backend *be) { return (cpu_backend *)be; }
+
+/* Columns [c0, c0 + n) of row r of w decoded to float32 with any quantization scale applied
+ * (exact: each value is the float32 the stored element and scale represent). A dtype that is not
+ * a float type decodes as NaN so that misuse shows up in the output. */
+void cpu_decode_row(const m3_tensor *w, int64_t r, int64_t c0, int64_t n, float *dst);
+
+/* The float32 value of each E4M3 byte (NaN for 0x7F / 0xFF). */
+extern float cpu_e4m3_table[256];
+/* 2^(e - 127) * 256 for each E8M0 byte e: the SIMD kernels decode E4M3 through F16, which leaves
+ * every value 256 times too small (bias 15 against 7), and fold the 256 into the block scale. No
+ * scale a quantizer derives from finite data (e <= 246) overflows. */
+extern float cpu_e8m0_x256_table[256];
+void cpu_init_tables(void);
+
+/* How the SIMD kernels read one weight row: the decoder kind and the row's scales. */
+typedef enum { CPU_W_F32, CPU_W_BF16, CPU_W_F16, CPU_W_MXFP8, CPU_W_FP8_BLOCK } cpu_wkind;
+
+typedef struct {
+  const uint8_t *data;  /* the row's first element */
+  const uint8_t *mx;    /* MXFP8: the row's E8M0 scales */
+  const float *fb;      /* FP8 block: the scales of the row's block row */
+  int fb_shift;         /* FP8 block: log2 of the columns per scale (a power of two) */
+} cpu_wrow;
+
+static inline cpu_wkind cpu_wkind_of(const m3_tensor *w) {
+  if (w->quant == M3_WQ_MXFP8) return CPU_W_MXFP8;
+  if (w->quant == M3_WQ_FP8_BLOCK) return CPU_W_FP8_BLOCK;
+  return w->dtype == M3_DT_F32 ? CPU_W_F32 : w->dtype == M3_DT_BF16 ? CPU_W_BF16 : CPU_W_F16;
+}
+
+static inline cpu_wrow cpu_wrow_at(const m3_tensor *w, int64_t r) {
+  cpu_wrow row = {(const uint8_t *)w->data + (size_t)r * (size_t)w->cols * m3_dtype_size(w->dtype),
+                  NULL, NULL, 0};
+  while ((1 << row.fb_shift) < w->block_cols) row.fb_shift++;
+  if (w->quant == M3_WQ_MXFP8) row.mx = (const uint8_t *)w->scale + (size_t)r * (size_t)w->scale_cols;
+  if (w->quant == M3_WQ_FP8_BLOCK)
+    row.fb = (const float *)w->scale + (size_t)(r / w->block_rows) * (size_t)w->scale_cols;
+  return row;
+}
+
+/* Scalar dot of columns [c0, cols) of row r with x[c0..]: the SIMD kernels' row tails. */
+float cpu_row_tail_dot(const m3_tensor *w, int64_t r, int64_t c0, const float *x);
+
+/* Writes the `k` indices of the largest scores to idx, best first; ties go to the lower index and
+ * NaN ranks below everything. Requires k <= n. */
+void cpu_topk(const float *score, int n, int k, int32_t *idx);
+
+/* The ops, one file per concern. */
+void cpu_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
+void cpu_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+void cpu_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
+                 float *y);
+void cpu_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
+              double theta);
+void cpu_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
+                    float beta, float limit, float *out);
+void cpu_add(m3_backend *be, float *x, const float *y, size_t n);
+void cpu_add_scaled_rows(m3_backend *be, float *x, const float *y, const float *scale, int T,
+                         int n);
+void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
+                  const float *v, const float *ik);
+void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
+                    const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
+void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
+                   const int32_t *pos, int T, const int32_t *sel, int topk, float *out);
+void cpu_moe_route(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
+                   float scaling, int32_t *ids, float *weights);
+
+#endif

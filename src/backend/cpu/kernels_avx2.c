@@ -1,0 +1,202 @@
+/* kernels_avx2.c: the AVX2 + FMA + F16C kernel set, for x86 CPUs without AVX-512. The weight
+ * decoding is that of kernels_avx512.c on 8-wide registers: 16 columns become two vectors. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "backend/cpu/cpu_internal.h"
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline)) TARGET
+
+/* Columns [c, c + 16) of the row into lo (first 8) and hi. */
+INLINE void decode16(cpu_wkind kind, const cpu_wrow *row, int64_t c, __m256 *lo, __m256 *hi) {
+  switch (kind) {
+    case CPU_W_F32:
+      *lo = _mm256_loadu_ps((const float *)row->data + c);
+      *hi = _mm256_loadu_ps((const float *)row->data + c + 8);
+      return;
+    case CPU_W_BF16: {
+      __m128i h0 = _mm_loadu_si128((const __m128i *)(row->data + 2 * c));
+      __m128i h1 = _mm_loadu_si128((const __m128i *)(row->data + 2 * c + 16));
+      *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
+      *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
+      return;
+    }
+    case CPU_W_F16:
+      *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row->data + 2 * c)));
+      *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row->data + 2 * c + 16)));
+      return;
+    case CPU_W_MXFP8:
+    case CPU_W_FP8_BLOCK: {
+      __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row->data + c)));
+      h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+      __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x3F80)),
+                                       _mm256_set1_epi16(0x3F80));
+      h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
+      float s = kind == CPU_W_MXFP8 ? cpu_e8m0_x256_table[row->mx[c / 32]]
+                                    : row->fb[c >> row->fb_shift] * 256.0f;
+      __m256 sv = _mm256_set1_ps(s);
+      *lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sv);
+      *hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sv);
+      return;
+    }
+  }
+}
+
+INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* y[i] = dot(W[r + i], x) for i < nrows (1..4), 16 columns per step, two sums per row. */
+INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r, int nrows,
+                      float *y) {
+  cpu_wrow row[4];
+  __m256 acc[4][2];
+  for (int i = 0; i < nrows; i++) {
+    row[i] = cpu_wrow_at(w, r + i);
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  }
+  const int64_t K16 = w->cols & ~(int64_t)15;
+  for (int64_t c = 0; c < K16; c += 16) {
+    __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+    for (int i = 0; i < nrows; i++) {
+      __m256 lo, hi;
+      decode16(kind, &row[i], c, &lo, &hi);
+      acc[i][0] = _mm256_fmadd_ps(lo, x0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(hi, x1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < nrows; i++) {
+    y[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+    if (K16 < w->cols) y[i] += cpu_row_tail_dot(w, r + i, K16, x);
+  }
+}
+
+INLINE void gemv_kind(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r0, int64_t r1,
+                      float *y) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) gemv_rows(kind, w, x, r, 4, y + (r - r0));
+  for (; r < r1; r++) gemv_rows(kind, w, x, r, 1, y + (r - r0));
+}
+
+TARGET static void gemv_avx2(const m3_tensor *w, const float *x, int64_t r0, int64_t r1,
+                             float *y) {
+  switch (cpu_wkind_of(w)) {
+    case CPU_W_F32: gemv_kind(CPU_W_F32, w, x, r0, r1, y); break;
+    case CPU_W_BF16: gemv_kind(CPU_W_BF16, w, x, r0, r1, y); break;
+    case CPU_W_F16: gemv_kind(CPU_W_F16, w, x, r0, r1, y); break;
+    case CPU_W_MXFP8: gemv_kind(CPU_W_MXFP8, w, x, r0, r1, y); break;
+    case CPU_W_FP8_BLOCK: gemv_kind(CPU_W_FP8_BLOCK, w, x, r0, r1, y); break;
+  }
+}
+
+INLINE void decode_tile_kind(cpu_wkind kind, const m3_tensor *w, int64_t r0, int nr, int64_t k0,
+                             int kc, float *dst) {
+  const int kc16 = kc & ~15;
+  for (int i = 0; i < nr; i++) {
+    cpu_wrow row = cpu_wrow_at(w, r0 + i);
+    float *d = dst + (size_t)i * kc;
+    for (int c = 0; c < kc16; c += 16) {
+      __m256 lo, hi;
+      decode16(kind, &row, k0 + c, &lo, &hi);
+      _mm256_storeu_ps(d + c, lo);
+      _mm256_storeu_ps(d + c + 8, hi);
+    }
+    if (kc16 < kc) cpu_decode_row(w, r0 + i, k0 + kc16, kc - kc16, d + kc16);
+  }
+}
+
+TARGET static void decode_tile_avx2(const m3_tensor *w, int64_t r0, int nr, int64_t k0, int kc,
+                                    float *dst) {
+  switch (cpu_wkind_of(w)) {
+    case CPU_W_F32: decode_tile_kind(CPU_W_F32, w, r0, nr, k0, kc, dst); break;
+    case CPU_W_BF16: decode_tile_kind(CPU_W_BF16, w, r0, nr, k0, kc, dst); break;
+    case CPU_W_F16: decode_tile_kind(CPU_W_F16, w, r0, nr, k0, kc, dst); break;
+    case CPU_W_MXFP8: decode_tile_kind(CPU_W_MXFP8, w, r0, nr, k0, kc, dst); break;
+    case CPU_W_FP8_BLOCK: decode_tile_kind(CPU_W_FP8_BLOCK, w, r0, nr, k0, kc, dst); break;
+  }
+}
+
+/* Lanes [0, n) set, n in [0, 8]: the mask of _mm256_maskload_ps for a row's last columns. */
+INLINE __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* y[t][i] += dot(tile row i, x row t) for a TB x RB block (TB <= 2, RB <= 4: 8 accumulators fit
+ * beside the loads in 16 registers). */
+INLINE void micro(const float *tile, int kc, const float *x, int64_t ldx, float *y, int64_t ldy,
+                  int TB, int RB) {
+  __m256 acc[2][4];
+  for (int t = 0; t < TB; t++)
+    for (int i = 0; i < RB; i++) acc[t][i] = _mm256_setzero_ps();
+  for (int k = 0; k < kc; k += 8) {
+    __m256i m = tail_mask(kc - k);
+    __m256 wv[4];
+    for (int i = 0; i < RB; i++) wv[i] = _mm256_maskload_ps(tile + (size_t)i * kc + k, m);
+    for (int t = 0; t < TB; t++) {
+      __m256 xv = _mm256_maskload_ps(x + t * ldx + k, m);
+      for (int i = 0; i < RB; i++) acc[t][i] = _mm256_fmadd_ps(wv[i], xv, acc[t][i]);
+    }
+  }
+  for (int t = 0; t < TB; t++)
+    for (int i = 0; i < RB; i++) y[t * ldy + i] += hsum(acc[t][i]);
+}
+
+#define MICRO(tb, rb) \
+  case (tb) * 8 + (rb): micro(tile + (size_t)i * kc, kc, x + t * ldx, ldx, y + t * ldy + i, ldy, tb, rb); break
+
+TARGET static void tile_gemm_avx2(const float *tile, int nr, int kc, const float *x, int64_t ldx,
+                                  int T, float *y, int64_t ldy) {
+  for (int t = 0; t < T; t += 2)
+    for (int i = 0; i < nr; i += 4) {
+      int tb = T - t < 2 ? T - t : 2, rb = nr - i < 4 ? nr - i : 4;
+      switch (tb * 8 + rb) {
+        MICRO(1, 1); MICRO(1, 2); MICRO(1, 3); MICRO(1, 4);
+        MICRO(2, 1); MICRO(2, 2); MICRO(2, 3); MICRO(2, 4);
+      }
+    }
+}
+
+TARGET static float dot_avx2(const float *a, const float *b, int n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i < n; i += 8) {
+    __m256i m = tail_mask(n - i);
+    s0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, m), _mm256_maskload_ps(b + i, m), s0);
+  }
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+TARGET static void axpy_avx2(float *y, float a, const float *x, int n) {
+  __m256 av = _mm256_set1_ps(a);
+  for (int i = 0; i < n; i += 8) {
+    __m256i m = tail_mask(n - i);
+    __m256 r = _mm256_fmadd_ps(av, _mm256_maskload_ps(x + i, m), _mm256_maskload_ps(y + i, m));
+    _mm256_maskstore_ps(y + i, m, r);
+  }
+}
+
+TARGET static void scale_avx2(float *y, float a, int n) {
+  __m256 av = _mm256_set1_ps(a);
+  for (int i = 0; i < n; i += 8) {
+    __m256i m = tail_mask(n - i);
+    _mm256_maskstore_ps(y + i, m, _mm256_mul_ps(av, _mm256_maskload_ps(y + i, m)));
+  }
+}
+
+const cpu_kernels cpu_kernels_avx2 = {
+    .gemv = gemv_avx2,
+    .decode_tile = decode_tile_avx2,
+    .tile_gemm = tile_gemm_avx2,
+    .dot = dot_avx2,
+    .axpy = axpy_avx2,
+    .scale = scale_avx2,
+};
+#endif

@@ -1,0 +1,61 @@
+#include "cli/model_args.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long max, long *out) {
+  char *end;
+  errno = 0;
+  long v = strtol(value, &end, 10);
+  if (end == value || *end != '\0' || errno == ERANGE || v < min || v > max)
+    return m3_fail(M3_ERR_ARG, "%s '%s': expected an integer in %ld..%ld", flag, value, min, max);
+  *out = v;
+  return M3_OK;
+}
+
+m3_status m3_cli_parse_ids(const char *list, int32_t **ids, int *n) {
+  *ids = NULL;
+  *n = 0;
+  int cap = 1;
+  for (const char *p = list; *p; p++) cap += *p == ',';
+  int32_t *out = malloc((size_t)cap * sizeof *out);
+  if (!out) return m3_fail(M3_ERR_NOMEM, "--ids: out of memory");
+  const char *p = list;
+  for (int i = 0; i < cap; i++) {
+    char *end;
+    errno = 0;
+    long v = strtol(p, &end, 10);
+    if (end == p || (*end != ',' && *end != '\0') || errno == ERANGE || v < INT32_MIN ||
+        v > INT32_MAX) {
+      size_t len = strcspn(p, ",");
+      free(out);
+      return m3_fail(M3_ERR_ARG, "--ids: entry %d '%.*s' is not an integer token id", i,
+                     (int)(len > 64 ? 64 : len), p);
+    }
+    out[i] = (int32_t)v;
+    p = end + (*end == ',');
+  }
+  *ids = out;
+  *n = cap;
+  return M3_OK;
+}
+
+m3_status m3_cli_check_ids(const int32_t *ids, int n, int vocab) {
+  for (int i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= vocab)
+      return m3_fail(M3_ERR_ARG, "--ids: token id %d (entry %d) is outside the vocabulary 0..%d",
+                     ids[i], i, vocab - 1);
+  return M3_OK;
+}
+
+m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out) {
+  *out = NULL;
+  if (strcmp(device, "cuda") == 0)
+    return m3_fail(M3_ERR_UNSUPPORTED, "--device cuda: this build has no CUDA backend yet; use "
+                   "--device cpu");
+  if (strcmp(device, "cpu") != 0)
+    return m3_fail(M3_ERR_ARG, "--device '%s': expected cpu or cuda", device);
+  return m3_backend_cpu_create(threads, out);
+}

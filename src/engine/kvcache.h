@@ -1,0 +1,73 @@
+/* kvcache.h: a pool of KV pages shared by every sequence, and per-sequence block tables.
+ *
+ * A page holds block_size tokens (= the MSA block, config index_block_size) of EVERY layer:
+ *   layer l, page p:  K  [nkv, block_size, hd]   post norm + RoPE
+ *                     V  [nkv, block_size, hd]   raw
+ *                     IK [block_size, ihd]       sparse layers only, post norm + RoPE
+ * stored as float32 in one backend allocation per layer and kind, page-major, which is the layout
+ * m3_kv_view (backend.h) describes. A sequence is a growable block table: block b (absolute
+ * positions [b*block_size, (b+1)*block_size)) lives in page block_table[b].
+ *
+ * Pages come from a free list and carry reference counts, so later work (prefix caching, forking
+ * a sequence for beam or speculative decoding) can share a page between sequences by retaining it;
+ * a page returns to the free list when its last reference is released. Capacity is fixed at
+ * creation from a byte budget. Not thread-safe: one scheduler owns the cache. */
+#ifndef M3_ENGINE_KVCACHE_H
+#define M3_ENGINE_KVCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "base/status.h"
+#include "io/config.h"
+
+typedef struct m3_kv_cache m3_kv_cache;
+
+/* One sequence's view of the pool. Zero-initialise (or m3_kv_seq_init) before first use. */
+typedef struct {
+  int32_t *block_table; /* [cap_blocks] page ids; the first num_blocks are valid */
+  int num_blocks, cap_blocks;
+  int num_tokens;       /* positions [0, num_tokens) have pages */
+} m3_kv_seq;
+
+/* Bytes one page takes over all layers of cfg. */
+size_t m3_kv_page_bytes(const m3_config *cfg);
+/* The budget that holds exactly one sequence of `tokens` tokens (at least one page). */
+size_t m3_kv_bytes_for_tokens(const m3_config *cfg, int tokens);
+
+/* A pool of floor(budget_bytes / m3_kv_page_bytes(cfg)) pages allocated through `be`.
+ * A budget below one page is M3_ERR_LIMIT. `be` must outlive the cache. */
+m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget_bytes,
+                             m3_kv_cache **out);
+void m3_kv_cache_free(m3_kv_cache *c);
+
+int m3_kv_cache_block_size(const m3_kv_cache *c);
+int m3_kv_cache_num_pages(const m3_kv_cache *c);
+int m3_kv_cache_free_pages(const m3_kv_cache *c);
+int m3_kv_page_refcount(const m3_kv_cache *c, int32_t page);
+
+/* Takes a page off the free list with one reference; M3_ERR_LIMIT (naming the budget) when none
+ * is free. */
+m3_status m3_kv_page_alloc(m3_kv_cache *c, int32_t *page);
+void m3_kv_page_retain(m3_kv_cache *c, int32_t page);
+/* Drops one reference; the page is free again when none remain. */
+void m3_kv_page_release(m3_kv_cache *c, int32_t page);
+
+void m3_kv_seq_init(m3_kv_seq *seq);
+/* Gives positions [num_tokens, num_tokens + n) pages and advances num_tokens by n. On failure
+ * (out of pages: M3_ERR_LIMIT naming the budget) the sequence is unchanged. */
+m3_status m3_kv_seq_extend(m3_kv_cache *c, m3_kv_seq *seq, int n);
+/* Shrinks the sequence to its first n tokens (n <= num_tokens), releasing pages no longer
+ * needed; the kept pages' contents stay (rolling back rejected draft tokens, failed chunks). */
+void m3_kv_seq_truncate(m3_kv_cache *c, m3_kv_seq *seq, int n);
+/* Releases every page of the sequence and frees its block table; seq is empty afterwards. */
+void m3_kv_seq_release(m3_kv_cache *c, m3_kv_seq *seq);
+
+/* The cache of (sequence, layer) as the backend ops read and write it. Valid until the sequence's
+ * block table next grows. */
+void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv_view *out);
+/* All layers at once: views [num_layers]. */
+void m3_kv_seq_views(const m3_kv_cache *c, const m3_kv_seq *seq, m3_kv_view *views);
+
+#endif

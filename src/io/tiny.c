@@ -1,0 +1,481 @@
+/* tiny.c: writes the tiny checkpoint (see tiny.h).
+ *
+ * Sizes are small and pairwise different, so a swapped dimension fails a shape check instead of
+ * passing silently: hidden 64, 8 query heads x 16, 2 KV heads, rotary 8, index 2 heads x 24,
+ * routed experts 8 x 32 (top 2), shared expert 40, dense MLP 96, vision 2 layers x 48 (4 heads,
+ * MLP 80), projector 72. The widths 40 and 96 are not multiples of 32, so MXFP8 rows end in a
+ * short block. Weight scales are chosen so routing and block selection are far from uniform. */
+#include "io/tiny.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "base/dtype.h"
+#include "base/mxfp8.h"
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "io/tiny_tokenizer.h"
+
+/* Bump when the generated files change, so cached built-in models are regenerated. */
+#define TINY_FORMAT_VERSION 1
+
+enum { LAYERS_MAX = 64, NAME_CAP = 256, PATH_CAP = 4096 };
+
+m3_tiny_options m3_tiny_default_options(void) {
+  return (m3_tiny_options){.seed = 1, .dtype = M3_TINY_BF16, .layers = M3_TINY_DEFAULT_LAYERS};
+}
+
+/* ---- deterministic normal samples ---- */
+
+static uint64_t splitmix64(uint64_t *state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* Each tensor has its own stream, keyed by seed and name, so adding a tensor never shifts the
+ * values of the others. */
+static uint64_t stream_for(uint64_t seed, const char *name) {
+  uint64_t h = 1469598103934665603ull; /* FNV-1a */
+  for (; *name; name++) h = (h ^ (uint8_t)*name) * 1099511628211ull;
+  uint64_t state = seed ^ h;
+  return splitmix64(&state);
+}
+
+/* Box-Muller from two 53-bit uniforms; u1 in (0, 1] keeps the log finite. */
+static void fill_normal(float *out, int64_t n, uint64_t state, float mean, float std) {
+  const double two_pi = 6.283185307179586;
+  for (int64_t i = 0; i < n; i += 2) {
+    double u1 = (double)((splitmix64(&state) >> 11) + 1) * 0x1p-53;
+    double u2 = (double)(splitmix64(&state) >> 11) * 0x1p-53;
+    double r = sqrt(-2.0 * log(u1));
+    out[i] = (float)(mean + std * r * cos(two_pi * u2));
+    if (i + 1 < n) out[i + 1] = (float)(mean + std * r * sin(two_pi * u2));
+  }
+}
+
+/* ---- the layer plan ---- */
+
+static m3_status parse_plan(const char *plan, m3_config *cfg) {
+  int n = 0;
+  for (const char *p = plan;; p += 3) {
+    if (n == LAYERS_MAX)
+      return m3_fail(M3_ERR_ARG, "layer plan '%s': more than %d layers", plan, LAYERS_MAX);
+    int attn = p[0] == 'F' ? M3_ATTN_FULL : p[0] == 'S' ? M3_ATTN_SPARSE : -1;
+    int mlp = p[0] ? (p[1] == 'D' ? M3_MLP_DENSE : p[1] == 'M' ? M3_MLP_MOE : -1) : -1;
+    if (attn < 0 || mlp < 0 || (p[2] != ',' && p[2] != 0))
+      return m3_fail(M3_ERR_ARG,
+                     "layer plan '%s': entry %d is not one of FD, FM, SD, SM (F/S full/sparse "
+                     "attention, D/M dense MLP/MoE, comma-separated)",
+                     plan, n + 1);
+    cfg->layer_attn[n] = (uint8_t)attn;
+    cfg->layer_mlp[n] = (uint8_t)mlp;
+    n++;
+    if (p[2] == 0) break;
+  }
+  cfg->num_layers = n;
+  return M3_OK;
+}
+
+/* ---- config ---- */
+
+static void fill_config(m3_config *c, int bpe_size, m3_tiny_dtype dtype) {
+  int first_special = bpe_size;
+  c->hidden_size = 64;
+  c->num_heads = 8;
+  c->num_kv_heads = 2;
+  c->head_dim = 16;
+  c->vocab_size = bpe_size + M3_SPECIAL_COUNT;
+  c->max_position_embeddings = 4096;
+  c->rms_norm_eps = 1e-6f;
+  c->rope_theta = 10000.0; /* fast enough rotation to matter within a few hundred positions */
+  c->rotary_dim = 8;
+  c->swiglu_alpha = 1.702f;
+  c->swiglu_beta = 1.0f;
+  c->swiglu_limit = 7.0f;
+  c->intermediate_size = 32;
+  c->shared_intermediate_size = 40;
+  c->dense_intermediate_size = 96;
+  c->num_experts = 8;
+  c->num_experts_per_tok = 2;
+  c->num_shared_experts = 1;
+  c->routed_scaling_factor = 2.0f;
+  c->use_routing_bias = 1;
+  c->tie_word_embeddings = 0;
+  c->num_mtp_modules = 1;
+  c->bos_token_id = first_special + (200034 - M3_SPECIAL_ID_BASE); /* ]~!b[ */
+  c->eos_token_id = first_special + (200020 - M3_SPECIAL_ID_BASE); /* [e~[ */
+
+  c->index_num_heads = c->num_kv_heads;
+  c->index_head_dim = 24;
+  c->index_block_size = 4;
+  c->index_topk_blocks = 3;
+  c->index_local_blocks = 1;
+  c->index_init_blocks = 0;
+
+  c->is_vl = 1;
+  snprintf(c->architecture, sizeof c->architecture, "MiniMaxM3SparseForConditionalGeneration");
+  c->image_token_id = first_special + (200025 - M3_SPECIAL_ID_BASE);
+  c->video_token_id = first_special + (200026 - M3_SPECIAL_ID_BASE);
+  c->projector_hidden_size = 72;
+  c->vision = (m3_vision_config){
+      .present = 1,
+      .hidden_size = 48,
+      .num_heads = 4,
+      .num_layers = 2,
+      .intermediate_size = 80,
+      .num_channels = 3,
+      .patch_size = 14,
+      .temporal_patch_size = 2,
+      .spatial_merge_size = 2,
+      .layer_norm_eps = 1e-5f,
+      .rope_theta = 10000.0,
+      .segment_max_frames = 4,
+  };
+  if (dtype == M3_TINY_MXFP8) {
+    c->quant.present = 1;
+    c->quant.method = M3_QUANT_MXFP8;
+    snprintf(c->quant.method_name, sizeof c->quant.method_name, "mxfp8");
+    c->quant.block_rows = 1;
+    c->quant.block_cols = 32;
+    snprintf(c->quant.activation_scheme, sizeof c->quant.activation_scheme, "dynamic");
+  }
+}
+
+/* ---- tensors ---- */
+
+/* How a tensor is stored: in the checkpoint's dtype, always F32 (router, its bias, the patch
+ * embedding, as in the official BF16 release), or as a linear weight that the MXFP8 release
+ * quantizes (spec §9.3: attention q/k/v/o, dense MLP, routed and shared experts). */
+typedef enum { STORE_MODEL, STORE_F32, STORE_QUANTIZABLE } store_kind;
+
+typedef struct {
+  m3_st_writer *w;
+  uint64_t seed;
+  m3_tiny_dtype dtype;
+  const m3_config *cfg;
+  const char *path; /* model.safetensors, for messages */
+} tensor_writer;
+
+static int64_t element_count(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; i++) n *= shape[i];
+  return n;
+}
+
+static m3_status put_quantized(tensor_writer *tw, const char *name, const int64_t *shape, const float *x) {
+  int64_t rows = shape[0], cols = shape[1], scale_cols = (cols + M3_MXFP8_BLOCK - 1) / M3_MXFP8_BLOCK;
+  uint8_t *q = malloc((size_t)(rows * cols)), *s = malloc((size_t)(rows * scale_cols));
+  m3_status st = M3_OK;
+  if (!q || !s) st = m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
+  for (int64_t r = 0; st == M3_OK && r < rows; r++)
+    m3_mxfp8_quantize_row(x + r * cols, cols, q + r * cols, s + r * scale_cols);
+  if (st == M3_OK) st = m3_st_writer_add(tw->w, name, M3_DT_F8_E4M3, 2, shape, q);
+  if (st == M3_OK) {
+    char scale_name[NAME_CAP + 16];
+    snprintf(scale_name, sizeof scale_name, "%s_scale_inv", name);
+    int64_t scale_shape[2] = {rows, scale_cols};
+    st = m3_st_writer_add(tw->w, scale_name, M3_DT_U8, 2, scale_shape, s);
+  }
+  free(q);
+  free(s);
+  return st;
+}
+
+/* Draws N(mean, std^2) values for `name` and adds them in the dtype its kind calls for. */
+static m3_status put(tensor_writer *tw, store_kind kind, const char *name, int ndim,
+                     const int64_t *shape, float mean, float std) {
+  int64_t n = element_count(ndim, shape);
+  float *x = malloc((size_t)n * sizeof *x);
+  if (!x) return m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
+  fill_normal(x, n, stream_for(tw->seed, name), mean, std);
+  m3_status st;
+  if (kind == STORE_F32 || tw->dtype == M3_TINY_F32) {
+    st = m3_st_writer_add(tw->w, name, M3_DT_F32, ndim, shape, x);
+  } else {
+    /* The MXFP8 release was quantized from the BF16 weights, so quantize the bf16 values. */
+    for (int64_t i = 0; i < n; i++) x[i] = m3_bf16_to_f32(m3_f32_to_bf16(x[i]));
+    if (kind == STORE_QUANTIZABLE && tw->dtype == M3_TINY_MXFP8) {
+      st = put_quantized(tw, name, shape, x);
+    } else {
+      uint16_t *h = malloc((size_t)n * sizeof *h);
+      if (!h) {
+        free(x);
+        return m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
+      }
+      for (int64_t i = 0; i < n; i++) h[i] = m3_f32_to_bf16(x[i]);
+      st = m3_st_writer_add(tw->w, name, M3_DT_BF16, ndim, shape, h);
+      free(h);
+    }
+  }
+  free(x);
+  return st;
+}
+
+/* Name helpers: `base` ends with '.', `sub` is the rest. */
+static m3_status put_vec(tensor_writer *tw, store_kind kind, const char *base, const char *sub,
+                         int64_t n, float mean, float std) {
+  char name[NAME_CAP];
+  snprintf(name, sizeof name, "%s%s", base, sub);
+  int64_t shape[1] = {n};
+  return put(tw, kind, name, 1, shape, mean, std);
+}
+
+/* A linear weight [rows, cols] with std gain / sqrt(fan_in). */
+static m3_status put_mat(tensor_writer *tw, store_kind kind, const char *base, const char *sub,
+                         int64_t rows, int64_t cols, float gain) {
+  char name[NAME_CAP];
+  snprintf(name, sizeof name, "%s%s", base, sub);
+  int64_t shape[2] = {rows, cols};
+  return put(tw, kind, name, 2, shape, 0.0f, gain / sqrtf((float)cols));
+}
+
+#define TRY(expr)                       \
+  do {                                  \
+    m3_status try_s_ = (expr);          \
+    if (try_s_ != M3_OK) return try_s_; \
+  } while (0)
+
+/* Gemma norms scale by (1 + w): weights near 0 with a little noise. */
+static const float NORM_STD = 0.1f;
+/* Linear gains: 1.5 keeps activations lively through a few layers; the router and indexer get
+ * more so expert and block scores spread out instead of tying. */
+static const float LINEAR_GAIN = 1.5f, ROUTER_GAIN = 3.0f, INDEX_GAIN = 3.0f;
+
+static m3_status put_layer(tensor_writer *tw, const char *base, int sparse, int moe) {
+  const m3_config *c = tw->cfg;
+  int64_t H = c->hidden_size, hd = c->head_dim, qw = (int64_t)c->num_heads * hd;
+  int64_t kvw = (int64_t)c->num_kv_heads * hd, ihd = c->index_head_dim;
+  TRY(put_vec(tw, STORE_MODEL, base, "input_layernorm.weight", H, 0.0f, NORM_STD));
+  TRY(put_vec(tw, STORE_MODEL, base, "post_attention_layernorm.weight", H, 0.0f, NORM_STD));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "self_attn.q_proj.weight", qw, H, LINEAR_GAIN));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "self_attn.k_proj.weight", kvw, H, LINEAR_GAIN));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "self_attn.v_proj.weight", kvw, H, LINEAR_GAIN));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "self_attn.o_proj.weight", H, qw, LINEAR_GAIN));
+  TRY(put_vec(tw, STORE_MODEL, base, "self_attn.q_norm.weight", hd, 0.0f, NORM_STD));
+  TRY(put_vec(tw, STORE_MODEL, base, "self_attn.k_norm.weight", hd, 0.0f, NORM_STD));
+  if (sparse) {
+    /* Not quantized: NeMo's MXFP8 export keeps the indexer in BF16 (spec §9.3 notes the doubt). */
+    TRY(put_mat(tw, STORE_MODEL, base, "self_attn.index_q_proj.weight", (int64_t)c->index_num_heads * ihd, H, INDEX_GAIN));
+    TRY(put_mat(tw, STORE_MODEL, base, "self_attn.index_k_proj.weight", ihd, H, INDEX_GAIN));
+    TRY(put_vec(tw, STORE_MODEL, base, "self_attn.index_q_norm.weight", ihd, 0.0f, NORM_STD));
+    TRY(put_vec(tw, STORE_MODEL, base, "self_attn.index_k_norm.weight", ihd, 0.0f, NORM_STD));
+  }
+  if (!moe) {
+    int64_t D = c->dense_intermediate_size;
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, "mlp.gate_proj.weight", D, H, LINEAR_GAIN));
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, "mlp.up_proj.weight", D, H, LINEAR_GAIN));
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, "mlp.down_proj.weight", H, D, LINEAR_GAIN));
+    return M3_OK;
+  }
+  int64_t E = c->num_experts, I = c->intermediate_size, S = c->shared_intermediate_size;
+  TRY(put_mat(tw, STORE_F32, base, "block_sparse_moe.gate.weight", E, H, ROUTER_GAIN));
+  TRY(put_vec(tw, STORE_F32, base, "block_sparse_moe.e_score_correction_bias", E, 0.0f, 0.05f));
+  for (int64_t e = 0; e < E; e++) {
+    char sub[96];
+    snprintf(sub, sizeof sub, "block_sparse_moe.experts.%lld.w1.weight", (long long)e);
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, sub, I, H, LINEAR_GAIN));
+    snprintf(sub, sizeof sub, "block_sparse_moe.experts.%lld.w2.weight", (long long)e);
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, sub, H, I, LINEAR_GAIN));
+    snprintf(sub, sizeof sub, "block_sparse_moe.experts.%lld.w3.weight", (long long)e);
+    TRY(put_mat(tw, STORE_QUANTIZABLE, base, sub, I, H, LINEAR_GAIN));
+  }
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "block_sparse_moe.shared_experts.gate_proj.weight", S, H, LINEAR_GAIN));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "block_sparse_moe.shared_experts.up_proj.weight", S, H, LINEAR_GAIN));
+  TRY(put_mat(tw, STORE_QUANTIZABLE, base, "block_sparse_moe.shared_experts.down_proj.weight", H, S, LINEAR_GAIN));
+  return M3_OK;
+}
+
+static m3_status put_text(tensor_writer *tw) {
+  const m3_config *c = tw->cfg;
+  int64_t H = c->hidden_size, V = c->vocab_size;
+  const char *model = "language_model.model.";
+  TRY(put_mat(tw, STORE_MODEL, model, "embed_tokens.weight", V, H, sqrtf((float)H))); /* std 1 */
+  TRY(put_vec(tw, STORE_MODEL, model, "norm.weight", H, 0.0f, NORM_STD));
+  TRY(put_mat(tw, STORE_MODEL, "language_model.", "lm_head.weight", V, H, LINEAR_GAIN));
+  char base[NAME_CAP];
+  for (int i = 0; i < c->num_layers; i++) {
+    snprintf(base, sizeof base, "%slayers.%d.", model, i);
+    TRY(put_layer(tw, base, c->layer_attn[i] == M3_ATTN_SPARSE, c->layer_mlp[i] == M3_MLP_MOE));
+  }
+  /* One MTP module (the layout of the released MTP weights, spec §8.2); eh_proj stays BF16 as in
+   * RTP's reading of that release. */
+  const char *mtp = "language_model.model.mtp.layers.0.";
+  TRY(put_vec(tw, STORE_MODEL, mtp, "enorm.weight", H, 0.0f, NORM_STD));
+  TRY(put_vec(tw, STORE_MODEL, mtp, "hnorm.weight", H, 0.0f, NORM_STD));
+  TRY(put_mat(tw, STORE_MODEL, mtp, "eh_proj.weight", H, 2 * H, LINEAR_GAIN));
+  TRY(put_vec(tw, STORE_MODEL, mtp, "final_layernorm.weight", H, 0.0f, NORM_STD));
+  snprintf(base, sizeof base, "%stransformer_layer.", mtp);
+  return put_layer(tw, base, 1, 1);
+}
+
+/* A linear with bias, as the vision tower and projectors have (nn.Linear). */
+static m3_status put_linear_bias(tensor_writer *tw, const char *base, int64_t out, int64_t in) {
+  TRY(put_mat(tw, STORE_MODEL, base, "weight", out, in, LINEAR_GAIN));
+  return put_vec(tw, STORE_MODEL, base, "bias", out, 0.0f, 0.02f);
+}
+
+/* nn.LayerNorm: weight near 1 (not Gemma's 1 + w), bias near 0. */
+static m3_status put_layer_norm(tensor_writer *tw, const char *base) {
+  TRY(put_vec(tw, STORE_MODEL, base, "weight", tw->cfg->vision.hidden_size, 1.0f, NORM_STD));
+  return put_vec(tw, STORE_MODEL, base, "bias", tw->cfg->vision.hidden_size, 0.0f, 0.02f);
+}
+
+static m3_status put_vision(tensor_writer *tw) {
+  const m3_config *c = tw->cfg;
+  const m3_vision_config *v = &c->vision;
+  int64_t D = v->hidden_size, P = c->projector_hidden_size, H = c->hidden_size;
+  int64_t merge = (int64_t)v->spatial_merge_size * v->spatial_merge_size;
+  const char *tower = "vision_tower.vision_model.";
+  /* Conv3d weight [D, C, tp, p, p], F32 on disk in the official release. */
+  int64_t patch_shape[5] = {D, v->num_channels, v->temporal_patch_size, v->patch_size, v->patch_size};
+  int64_t patch_in = patch_shape[1] * patch_shape[2] * patch_shape[3] * patch_shape[4];
+  char name[NAME_CAP];
+  snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", tower);
+  TRY(put(tw, STORE_F32, name, 5, patch_shape, 0.0f, LINEAR_GAIN / sqrtf((float)patch_in)));
+  snprintf(name, sizeof name, "%spre_layrnorm.", tower); /* sic: the real tensor name */
+  TRY(put_layer_norm(tw, name));
+  for (int i = 0; i < v->num_layers; i++) {
+    static const char *const parts[] = {"self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.",
+                                        "self_attn.out_proj."};
+    for (size_t k = 0; k < sizeof parts / sizeof parts[0]; k++) {
+      snprintf(name, sizeof name, "%sencoder.layers.%d.%s", tower, i, parts[k]);
+      TRY(put_linear_bias(tw, name, D, D));
+    }
+    snprintf(name, sizeof name, "%sencoder.layers.%d.layer_norm1.", tower, i);
+    TRY(put_layer_norm(tw, name));
+    snprintf(name, sizeof name, "%sencoder.layers.%d.layer_norm2.", tower, i);
+    TRY(put_layer_norm(tw, name));
+    snprintf(name, sizeof name, "%sencoder.layers.%d.mlp.fc1.", tower, i);
+    TRY(put_linear_bias(tw, name, v->intermediate_size, D));
+    snprintf(name, sizeof name, "%sencoder.layers.%d.mlp.fc2.", tower, i);
+    TRY(put_linear_bias(tw, name, D, v->intermediate_size));
+  }
+  /* Projector D -> P -> H, then the merger over 2x2 groups 4H -> P -> H (vision spec §4.7). */
+  TRY(put_linear_bias(tw, "multi_modal_projector.linear_1.", P, D));
+  TRY(put_linear_bias(tw, "multi_modal_projector.linear_2.", H, P));
+  TRY(put_linear_bias(tw, "patch_merge_mlp.linear_1.", P, merge * H));
+  return put_linear_bias(tw, "patch_merge_mlp.linear_2.", H, P);
+}
+
+/* ---- files ---- */
+
+static m3_status make_dirs(const char *dir) {
+  char path[PATH_CAP];
+  if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path)
+    return m3_fail(M3_ERR_ARG, "%s: path too long", dir);
+  for (char *p = path + 1;; p++) {
+    if (*p != '/' && *p != 0) continue;
+    char saved = *p;
+    *p = 0;
+    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+      return m3_fail(M3_ERR_IO, "%s: cannot create folder: %s", path, strerror(errno));
+    *p = saved;
+    if (saved == 0) break;
+  }
+  struct stat sb;
+  if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) return m3_fail(M3_ERR_IO, "%s: not a folder", dir);
+  return M3_OK;
+}
+
+static m3_status join(char *out, const char *dir, const char *file) {
+  if (snprintf(out, PATH_CAP, "%s/%s", dir, file) >= PATH_CAP)
+    return m3_fail(M3_ERR_ARG, "%s: path too long", dir);
+  return M3_OK;
+}
+
+static m3_status write_weights(const char *dir, const m3_config *cfg, const m3_tiny_options *opt) {
+  char path[PATH_CAP];
+  TRY(join(path, dir, "model.safetensors"));
+  tensor_writer tw = {.w = m3_st_writer_new(), .seed = opt->seed, .dtype = opt->dtype, .cfg = cfg, .path = path};
+  if (!tw.w) return m3_fail(M3_ERR_NOMEM, "%s: writer", path);
+  m3_status st = m3_st_writer_set_metadata(tw.w, "format", "pt");
+  if (st == M3_OK) st = put_text(&tw);
+  if (st == M3_OK) st = put_vision(&tw);
+  if (st == M3_OK) st = m3_st_writer_write(tw.w, path);
+  m3_st_writer_free(tw.w);
+  return st;
+}
+
+m3_status m3_tiny_write(const char *dir, const m3_tiny_options *opt) {
+  if (opt->dtype != M3_TINY_BF16 && opt->dtype != M3_TINY_F32 && opt->dtype != M3_TINY_MXFP8)
+    return m3_fail(M3_ERR_ARG, "tiny: unknown dtype %d", (int)opt->dtype);
+  uint8_t attn[LAYERS_MAX], mlp[LAYERS_MAX];
+  m3_config plan = {.layer_attn = attn, .layer_mlp = mlp};
+  TRY(parse_plan(opt->layers ? opt->layers : M3_TINY_DEFAULT_LAYERS, &plan));
+  TRY(make_dirs(dir));
+
+  char path[PATH_CAP];
+  int bpe_size;
+  TRY(join(path, dir, "tokenizer.json"));
+  TRY(m3_tiny_tokenizer_write(path, &bpe_size));
+
+  m3_config cfg = {0};
+  fill_config(&cfg, bpe_size, opt->dtype);
+  cfg.num_layers = plan.num_layers;
+  cfg.layer_attn = attn;
+  cfg.layer_mlp = mlp;
+  TRY(join(path, dir, "config.json"));
+  TRY(m3_config_write(&cfg, path));
+  return write_weights(dir, &cfg, opt);
+}
+
+/* ---- the built-in model ---- */
+
+static m3_status cache_root(char *out) {
+  const char *m3_cache = getenv("M3_CACHE"), *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+  int n;
+  if (m3_cache && *m3_cache) n = snprintf(out, PATH_CAP, "%s", m3_cache);
+  else if (xdg && *xdg) n = snprintf(out, PATH_CAP, "%s/m3", xdg);
+  else if (home && *home) n = snprintf(out, PATH_CAP, "%s/.cache/m3", home);
+  else return m3_fail(M3_ERR_IO, "built-in model: no cache folder (set M3_CACHE, XDG_CACHE_HOME or HOME)");
+  if (n >= PATH_CAP) return m3_fail(M3_ERR_ARG, "built-in model: cache path too long");
+  return M3_OK;
+}
+
+static void remove_tree_of_files(const char *dir) {
+  static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
+  char path[PATH_CAP];
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+    if (join(path, dir, files[i]) == M3_OK) unlink(path);
+  rmdir(dir);
+}
+
+m3_status m3_builtin_model_dir(char *out, size_t cap) {
+  char root[PATH_CAP], final_dir[PATH_CAP], tmp[PATH_CAP], probe[PATH_CAP];
+  TRY(cache_root(root));
+  char leaf[64];
+  snprintf(leaf, sizeof leaf, "tiny-v%d", TINY_FORMAT_VERSION);
+  TRY(join(final_dir, root, leaf));
+  if (strlen(final_dir) + 1 > cap) return m3_fail(M3_ERR_ARG, "%s: path longer than the caller's buffer", final_dir);
+
+  /* The folder appears only by rename of a complete one, so its existence means it is complete. */
+  TRY(join(probe, final_dir, "config.json"));
+  if (access(probe, F_OK) != 0) {
+    TRY(make_dirs(root));
+    if (snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", final_dir) >= (int)sizeof tmp)
+      return m3_fail(M3_ERR_ARG, "%s: path too long", final_dir);
+    if (!mkdtemp(tmp)) return m3_fail(M3_ERR_IO, "%s: cannot create folder: %s", tmp, strerror(errno));
+    m3_tiny_options opt = m3_tiny_default_options();
+    m3_status st = m3_tiny_write(tmp, &opt);
+    if (st != M3_OK) {
+      remove_tree_of_files(tmp);
+      return m3_fail_context(st, "built-in model");
+    }
+    if (rename(tmp, final_dir) != 0) {
+      int err = errno;
+      remove_tree_of_files(tmp);
+      /* Another process renamed its copy first: use that one. */
+      if (access(probe, F_OK) != 0)
+        return m3_fail(M3_ERR_IO, "%s: cannot move into place: %s", final_dir, strerror(err));
+    }
+  }
+  snprintf(out, cap, "%s", final_dir);
+  return M3_OK;
+}

@@ -1,0 +1,53 @@
+/* attention.c: the attention half of a decoder layer (m3_text_spec.md §4.1, §5; msa_spec.md §9).
+ *
+ *   h  = GemmaRMSNorm(x, input_norm)                         [T, H]
+ *   q  = RoPE(RMSNorm_hd(h Wq^T, q_norm))                    [T, nh, hd]
+ *   k  = RoPE(RMSNorm_hd(h Wk^T, k_norm))                    [T, nkv, hd]
+ *   v  = h Wv^T                                              [T, nkv, hd]   no norm, no RoPE
+ * sparse layers only:
+ *   iq = RoPE(RMSNorm_ihd(h Wiq^T, index_q_norm))            [T, G, ihd]
+ *   ik = RoPE(RMSNorm_ihd(h Wik^T, index_k_norm))            [T, ihd]       one shared head
+ *   store k, v (, ik) at pos, then select blocks per token and index head from the whole cache
+ *   o  = attention(q, cache, selection or plain causal)      [T, nh, hd]
+ *   x += o Wo^T                                              [T, H] */
+#include "model/layers.h"
+
+/* Gemma RMSNorm of every head vector (one [dim] weight shared by all heads), then the partial
+ * NeoX RoPE, as the reference orders them: norm first. */
+static void norm_rope_heads(m3_model *m, float *x, const m3_tensor *norm, const int32_t *pos,
+                            int T, int heads, int dim) {
+  m3_backend *be = m->be;
+  be->ops->rmsnorm(be, x, norm, m->cfg.rms_norm_eps, T * heads, dim, x);
+  be->ops->rope(be, x, pos, T, heads, dim, m->cfg.rotary_dim, m->cfg.rope_theta);
+}
+
+void m3_attention_block(m3_model *m, int l, const m3_kv_view *kv, const int32_t *pos, int T) {
+  const m3_config *c = &m->cfg;
+  const m3_layer_weights *w = &m->w.layers[l];
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  const int sparse = c->layer_attn[l] == M3_ATTN_SPARSE;
+
+  be->ops->rmsnorm(be, s->x, &w->input_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
+  be->ops->matmul(be, &w->q_proj, s->h, T, s->q);
+  be->ops->matmul(be, &w->k_proj, s->h, T, s->k);
+  be->ops->matmul(be, &w->v_proj, s->h, T, s->v);
+  norm_rope_heads(m, s->q, &w->q_norm, pos, T, c->num_heads, c->head_dim);
+  norm_rope_heads(m, s->k, &w->k_norm, pos, T, c->num_kv_heads, c->head_dim);
+
+  if (sparse) {
+    be->ops->matmul(be, &w->index_q_proj, s->h, T, s->iq);
+    be->ops->matmul(be, &w->index_k_proj, s->h, T, s->ik);
+    norm_rope_heads(m, s->iq, &w->index_q_norm, pos, T, c->index_num_heads, c->index_head_dim);
+    norm_rope_heads(m, s->ik, &w->index_k_norm, pos, T, 1, c->index_head_dim);
+  }
+
+  /* Into the cache before attention: the step's tokens attend to themselves and each other. */
+  be->ops->kv_store(be, kv, pos, T, s->k, s->v, sparse ? s->ik : NULL);
+  if (sparse) be->ops->msa_select(be, s->iq, c->index_num_heads, kv, pos, T, &m->msa, s->sel);
+  be->ops->attention(be, s->q, c->num_heads, kv, pos, T, sparse ? s->sel : NULL, m->msa.topk,
+                     s->att);
+
+  be->ops->matmul(be, &w->o_proj, s->att, T, s->out);
+  be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+}

@@ -1,0 +1,52 @@
+/* layers.h (internal to src/model): the model object and the two halves of a decoder layer.
+ *
+ * Shapes: T tokens of the current step (<= M3_MODEL_STEP_TOKENS), H hidden, nh query heads,
+ * nkv KV heads, hd head dim, G index heads (= nkv), ihd index head dim, E experts, k experts per
+ * token, I the widest FFN (dense, routed or shared). */
+#ifndef M3_MODEL_LAYERS_H
+#define M3_MODEL_LAYERS_H
+
+#include "io/safetensors.h"
+#include "io/weights.h"
+#include "model/model.h"
+
+/* Activations of one step, allocated once through the backend. */
+typedef struct {
+  float *x;           /* [T, H] residual stream */
+  float *h;           /* [T, H] normed input of the current sub-block */
+  float *q;           /* [T, nh, hd] */
+  float *k, *v;       /* [T, nkv, hd] */
+  float *iq;          /* [T, G, ihd] */
+  float *ik;          /* [T, ihd] */
+  int32_t *sel;       /* [T, G, topk] block ids of the current sparse layer */
+  float *att;         /* [T, nh, hd] attention output, before o_proj */
+  float *out;         /* [T, H] output of a projection back to H (o_proj, down) */
+  float *gate, *up;   /* [T, I] */
+  float *router;      /* [T, E] router logits */
+  int32_t *route_ids; /* [T, k] */
+  float *route_w;     /* [T, k] */
+  int32_t *slot_tok;  /* [T*k] token of each (token, choice) slot, grouped by expert */
+  float *slot_w;      /* [T*k] its routing weight */
+  int32_t *expert_start; /* [E + 1] first slot of each expert in slot_tok */
+  float *xe;          /* [T, H] rows of h routed to one expert */
+} m3_scratch;
+
+struct m3_model {
+  m3_config cfg;
+  m3_safetensors *st;
+  m3_weights w;
+  m3_backend *be;
+  int num_sparse;
+  float **router_bias;  /* [num_layers]: decoded e_score_correction_bias [E], NULL if none */
+  m3_msa_params msa;
+  m3_scratch s;
+};
+
+/* x += o_proj(attention(norm(x))) for layer l, storing the step's K, V, IK in kv first.
+ * Leaves the layer's block selections in s.sel on sparse layers. */
+void m3_attention_block(m3_model *m, int l, const m3_kv_view *kv, const int32_t *pos, int T);
+
+/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. */
+void m3_ffn_block(m3_model *m, int l, int T);
+
+#endif

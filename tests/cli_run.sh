@@ -1,0 +1,65 @@
+#!/bin/bash
+# m3 run: greedy generation continues exactly as `m3 logits` predicts (the argmax of the last
+# row, token after token), sampling is reproducible per seed, --prompt goes through the model's
+# tokenizer (the built-in model has one; a fixture folder has none, which fails clearly).
+m3=$1
+src=$2
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); }
+bad() { echo "FAIL: $*" >&2; fail=$((fail + 1)); }
+export M3_CACHE=$PWD/m3_cache
+
+fx=$src/tests/fixtures/text/mixed_gqa4_rot_half_f32
+root=$src/tests/fixtures/text
+[ -f "$fx/reference.json" ] || fx=$(dirname "$(ls "$root"/*/reference.json 2>/dev/null | head -n 1)")
+if [ ! -f "$fx/reference.json" ]; then
+  echo "no fixture under $root" >&2
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+vocab=$(tr -d ' \n' < "$fx/reference.json" | sed -n 's/.*"vocab":\([0-9]*\).*/\1/p')
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# argmax of the last row of a logits file
+last_argmax() {
+  local rows=$(($(stat -c %s "$1") / 4 / vocab))
+  od -A n -v -t f4 -j $(((rows - 1) * vocab * 4)) "$1" | tr -s ' ' '\n' | grep . \
+    | awk 'NR == 1 || $1 > best { best = $1; arg = NR - 1 } END { print arg }'
+}
+
+prompt=5,17,42,99,3,250,8,61,77
+gen=$("$m3" run --model "$fx" --ids $prompt --max-tokens 4 2> "$tmp/speed")
+[ $? -eq 0 ] && ok || bad "m3 run failed: $(cat "$tmp/speed")"
+[ "$(tr ',' '\n' <<< "$gen" | grep -c .)" -eq 4 ] && ok || bad "expected 4 ids, got '$gen'"
+grep -q "tokens/s" "$tmp/speed" && ok || bad "no speed line: $(cat "$tmp/speed")"
+ctx=$prompt
+for tok in $(tr ',' ' ' <<< "$gen"); do
+  "$m3" logits --model "$fx" --ids "$ctx" --out "$tmp/l.f32" || bad "m3 logits $ctx"
+  want=$(last_argmax "$tmp/l.f32")
+  [ "$want" = "$tok" ] && ok || bad "after $ctx: run gave $tok, logits argmax $want"
+  ctx=$ctx,$tok
+done
+
+a=$("$m3" run --model "$fx" --ids $prompt --max-tokens 6 --temperature 1 --seed 7 2> /dev/null)
+b=$("$m3" run --model "$fx" --ids $prompt --max-tokens 6 --temperature 1 --seed 7 2> /dev/null)
+[ -n "$a" ] && [ "$a" = "$b" ] && ok || bad "same seed, different samples: '$a' vs '$b'"
+
+"$m3" run --model "$fx" --prompt hello 2> "$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "tokenizer.json" "$tmp/err" && ok || bad "--prompt: exit $rc, $(cat "$tmp/err")"
+"$m3" run --prompt "The quick brown fox" --max-tokens 5 > "$tmp/text" 2> "$tmp/err" && ok \
+  || bad "--prompt on the built-in model: $(cat "$tmp/err")"
+grep -q "tokens/s" "$tmp/err" && ok || bad "--prompt: no speed line"
+"$m3" run --prompt "" 2> "$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "no tokens" "$tmp/err" && ok || bad "empty --prompt: exit $rc, $(cat "$tmp/err")"
+"$m3" run --model "$fx" --ids "1,$vocab" 2> "$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "$vocab" "$tmp/err" && ok || bad "bad id: exit $rc, $(cat "$tmp/err")"
+"$m3" run --ids 1,2,3 --max-tokens 2 > "$tmp/builtin" 2> "$tmp/err" && ok \
+  || bad "built-in model: $(cat "$tmp/err")"
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
