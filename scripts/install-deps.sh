@@ -5,4 +5,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config clang llvm \
-  libcjson-dev libpcre2-dev zlib1g-dev jq npm >/dev/null
+  libcjson-dev libpcre2-dev libmicrohttpd-dev zlib1g-dev jq npm >/dev/null

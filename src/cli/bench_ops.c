@@ -39,6 +39,35 @@ static void copy_range(void *ctx, int64_t b, int64_t e, int worker) {
   memcpy(job->dst + b, job->src + b, (size_t)(e - b));
 }
 
+typedef struct {
+  const uint64_t *src;
+  uint64_t sums[64]; /* one per worker, so the reads cannot be optimized away */
+} read_job;
+
+static void read_range(void *ctx, int64_t b, int64_t e, int worker) {
+  read_job *job = ctx;
+  uint64_t s = 0;
+  for (int64_t i = b; i < e; i++) s += job->src[i];
+  job->sums[worker & 63] += s;
+}
+
+/* Best of `reps` reads of `bytes` (a vectorized integer sum), in GB/s: the ceiling for GEMV. */
+static double read_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
+  uint64_t *src = malloc(bytes);
+  if (!src) return 0;
+  memset(src, 1, bytes);
+  read_job job = {src, {0}};
+  double best = 1e30;
+  for (int r = 0; r < reps; r++) {
+    double t0 = now_s();
+    m3_parallel_for(pool, (int64_t)(bytes / 8), 0, read_range, &job);
+    double dt = now_s() - t0;
+    if (dt < best) best = dt;
+  }
+  free(src);
+  return job.sums[0] == 0 ? 0 : (double)bytes / best / 1e9;
+}
+
 /* Best of `reps` copies of `bytes`, in GB/s of memory traffic (bytes read + bytes written). */
 static double copy_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
   char *src = malloc(bytes), *dst = malloc(bytes);
@@ -182,8 +211,9 @@ int m3_cmd_bench_ops(int argc, char **argv) {
   for (int p = 0; p < 2; p++) {
     m3_threadpool *pool;
     if (m3_threadpool_create(nthreads[p], &pool) != M3_OK) continue;
-    printf("copy %d thread%s: %.1f GB/s (read + write, 2 x 512 MiB buffers)\n", nthreads[p],
-           nthreads[p] > 1 ? "s" : "", copy_bandwidth(pool, (size_t)512 << 20, 5));
+    printf("copy %d thread%s: %.1f GB/s (read + write, 2 x 512 MiB buffers); read: %.1f GB/s\n",
+           nthreads[p], nthreads[p] > 1 ? "s" : "", copy_bandwidth(pool, (size_t)512 << 20, 5),
+           read_bandwidth(pool, (size_t)1 << 30, 5));
     m3_threadpool_destroy(pool);
   }
 

@@ -218,11 +218,18 @@ static m3_status put(tensor_writer *tw, store_kind kind, const char *name, int n
   return st;
 }
 
-/* Name helpers: `base` ends with '.', `sub` is the rest. */
+/* Tensor names are `base` (ending with '.') + `sub`. */
+static m3_status tensor_name(char name[NAME_CAP], const char *base, const char *sub) {
+  if (snprintf(name, NAME_CAP, "%s%s", base, sub) >= NAME_CAP)
+    return m3_fail(M3_ERR_ARG, "tensor name %s%s longer than %d bytes", base, sub, NAME_CAP - 1);
+  return M3_OK;
+}
+
 static m3_status put_vec(tensor_writer *tw, store_kind kind, const char *base, const char *sub,
                          int64_t n, float mean, float std) {
   char name[NAME_CAP];
-  snprintf(name, sizeof name, "%s%s", base, sub);
+  m3_status st = tensor_name(name, base, sub);
+  if (st != M3_OK) return st;
   int64_t shape[1] = {n};
   return put(tw, kind, name, 1, shape, mean, std);
 }
@@ -231,7 +238,8 @@ static m3_status put_vec(tensor_writer *tw, store_kind kind, const char *base, c
 static m3_status put_mat(tensor_writer *tw, store_kind kind, const char *base, const char *sub,
                          int64_t rows, int64_t cols, float gain) {
   char name[NAME_CAP];
-  snprintf(name, sizeof name, "%s%s", base, sub);
+  m3_status st = tensor_name(name, base, sub);
+  if (st != M3_OK) return st;
   int64_t shape[2] = {rows, cols};
   return put(tw, kind, name, 2, shape, 0.0f, gain / sqrtf((float)cols));
 }
@@ -439,7 +447,7 @@ static m3_status cache_root(char *out) {
   return M3_OK;
 }
 
-static void remove_tree_of_files(const char *dir) {
+static void remove_partial_model(const char *dir) {
   static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
   char path[PATH_CAP];
   for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
@@ -465,12 +473,12 @@ m3_status m3_builtin_model_dir(char *out, size_t cap) {
     m3_tiny_options opt = m3_tiny_default_options();
     m3_status st = m3_tiny_write(tmp, &opt);
     if (st != M3_OK) {
-      remove_tree_of_files(tmp);
+      remove_partial_model(tmp);
       return m3_fail_context(st, "built-in model");
     }
     if (rename(tmp, final_dir) != 0) {
       int err = errno;
-      remove_tree_of_files(tmp);
+      remove_partial_model(tmp);
       /* Another process renamed its copy first: use that one. */
       if (access(probe, F_OK) != 0)
         return m3_fail(M3_ERR_IO, "%s: cannot move into place: %s", final_dir, strerror(err));

@@ -21,12 +21,13 @@ static void norm_rope_heads(m3_model *m, float *x, const m3_tensor *norm, const 
   be->ops->rope(be, x, pos, T, heads, dim, m->cfg.rotary_dim, m->cfg.rope_theta);
 }
 
-void m3_attention_block(m3_model *m, int l, const m3_kv_view *kv, const int32_t *pos, int T) {
+void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
   const int sparse = c->layer_attn[l] == M3_ATTN_SPARSE;
+  const int32_t *pos = s->pos;
 
   be->ops->rmsnorm(be, s->x, &w->input_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
   be->ops->matmul(be, &w->q_proj, s->h, T, s->q);
@@ -42,11 +43,23 @@ void m3_attention_block(m3_model *m, int l, const m3_kv_view *kv, const int32_t 
     norm_rope_heads(m, s->ik, &w->index_k_norm, pos, T, 1, c->index_head_dim);
   }
 
-  /* Into the cache before attention: the step's tokens attend to themselves and each other. */
-  be->ops->kv_store(be, kv, pos, T, s->k, s->v, sparse ? s->ik : NULL);
-  if (sparse) be->ops->msa_select(be, s->iq, c->index_num_heads, kv, pos, T, &m->msa, s->sel);
-  be->ops->attention(be, s->q, c->num_heads, kv, pos, T, sparse ? s->sel : NULL, m->msa.topk,
-                     s->att);
+  /* Per sequence, into its cache before attention: its tokens attend to themselves and each
+   * other, never to another sequence's. */
+  const size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
+  const size_t iqw = (size_t)c->index_num_heads * c->index_head_dim, ihd = (size_t)c->index_head_dim;
+  const size_t selw = (size_t)c->index_num_heads * m->msa.topk;
+  for (int i = 0; i < n_segs; i++) {
+    const m3_kv_view *kv = &segs[i].kv[l];
+    const size_t r = (size_t)segs[i].first;
+    const int n = segs[i].T;
+    be->ops->kv_store(be, kv, pos + r, n, s->k + r * kvw, s->v + r * kvw,
+                      sparse ? s->ik + r * ihd : NULL);
+    if (sparse)
+      be->ops->msa_select(be, s->iq + r * iqw, c->index_num_heads, kv, pos + r, n, &m->msa,
+                          s->sel + r * selw);
+    be->ops->attention(be, s->q + r * qw, c->num_heads, kv, pos + r, n,
+                       sparse ? s->sel + r * selw : NULL, m->msa.topk, s->att + r * qw);
+  }
 
   be->ops->matmul(be, &w->o_proj, s->att, T, s->out);
   be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);

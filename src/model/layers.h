@@ -28,8 +28,18 @@ typedef struct {
   int32_t *slot_tok;  /* [T*k] token of each (token, choice) slot, grouped by expert */
   float *slot_w;      /* [T*k] its routing weight */
   int32_t *expert_start; /* [E + 1] first slot of each expert in slot_tok */
-  float *xe;          /* [T, H] rows of h routed to one expert */
+  float *xe;          /* [T, H] rows of h routed to one expert; rows that need logits */
+  int32_t *ids, *pos; /* [T] the step's token ids and absolute positions */
+  int32_t *rows;      /* [T] the rows that need logits */
 } m3_scratch;
+
+/* The part of one sequence inside a step: rows [first, first + T) of the step's activations,
+ * attending through the sequence's cache views kv [num_layers]. */
+typedef struct {
+  const m3_kv_view *kv;
+  int first, T;
+  int seq, offset; /* which m3_model_seq, and the index of row `first` among its tokens */
+} m3_segment;
 
 struct m3_model {
   m3_config cfg;
@@ -40,11 +50,14 @@ struct m3_model {
   float **router_bias;  /* [num_layers]: decoded e_score_correction_bias [E], NULL if none */
   m3_msa_params msa;
   m3_scratch s;
+  m3_segment *segs;     /* [segs_cap] segments of the current step */
+  int segs_cap;
 };
 
-/* x += o_proj(attention(norm(x))) for layer l, storing the step's K, V, IK in kv first.
+/* x += o_proj(attention(norm(x))) for layer l over the step's T tokens (positions s.pos), each
+ * segment storing its K, V, IK in its own cache views first and attending only to them.
  * Leaves the layer's block selections in s.sel on sparse layers. */
-void m3_attention_block(m3_model *m, int l, const m3_kv_view *kv, const int32_t *pos, int T);
+void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T);
 
 /* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. */
 void m3_ffn_block(m3_model *m, int l, int T);

@@ -65,7 +65,8 @@ static m3_status alloc_scratch(m3_model *m) {
       {(void **)&s->router, T * E * 4},     {(void **)&s->route_ids, T * k * 4},
       {(void **)&s->route_w, T * k * 4},    {(void **)&s->slot_tok, T * k * 4},
       {(void **)&s->slot_w, T * k * 4},     {(void **)&s->expert_start, (E + 1) * 4},
-      {(void **)&s->xe, T * H * 4},
+      {(void **)&s->xe, T * H * 4},         {(void **)&s->ids, T * 4},
+      {(void **)&s->pos, T * 4},            {(void **)&s->rows, T * 4},
   };
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
     /* Zero-sized buffers (no sparse layers, no experts) still get a valid pointer. */
@@ -82,7 +83,7 @@ static void free_scratch(m3_model *m) {
   void *bufs[] = {s->x,      s->h,         s->q,        s->k,       s->v,      s->iq,
                   s->ik,     s->sel,       s->att,      s->out,     s->gate,   s->up,
                   s->router, s->route_ids, s->route_w,  s->slot_tok, s->slot_w, s->expert_start,
-                  s->xe};
+                  s->xe,     s->ids,       s->pos,      s->rows};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) m->be->ops->free(m->be, bufs[i]);
 }
@@ -142,6 +143,7 @@ void m3_model_free(m3_model *m) {
       if (m->router_bias[l]) m->be->ops->free(m->be, m->router_bias[l]);
     free(m->router_bias);
   }
+  free(m->segs);
   m3_weights_free(&m->w);
   if (m->st) m3_st_close(m->st);
   m3_config_free(&m->cfg);
@@ -173,41 +175,134 @@ static m3_status check_inputs(const m3_model *m, const m3_kv_view *kv, const int
   return M3_OK;
 }
 
-/* One step of T <= M3_MODEL_STEP_TOKENS tokens; `row` is the first token's row in the caller's
- * capture. */
-static void step(m3_model *m, const m3_kv_view *kv, const int32_t *ids, const int32_t *pos, int T,
-                 float *logits, const m3_selection_capture *capture, int row) {
+/* Copies each segment's block selections of the current sparse layer (s.sel) into its
+ * sequence's capture. */
+static void capture_selections(m3_model *m, const m3_segment *segs, int n_segs,
+                               const m3_model_seq *seqs, int sparse) {
+  const size_t sel_row = (size_t)m->cfg.index_num_heads * (size_t)m->msa.topk;
+  for (int i = 0; i < n_segs; i++) {
+    const m3_selection_capture *cap = seqs[segs[i].seq].capture;
+    if (!cap) continue;
+    size_t row = (size_t)sparse * cap->n_tokens + (size_t)cap->first + (size_t)segs[i].offset;
+    memcpy(cap->blocks + row * sel_row, m->s.sel + (size_t)segs[i].first * sel_row,
+           (size_t)segs[i].T * sel_row * sizeof(int32_t));
+  }
+}
+
+/* The step rows whose logits were asked for (each sequence's last n_logits tokens), in order,
+ * into s.rows; returns how many. */
+static int logit_rows(m3_model *m, const m3_segment *segs, int n_segs, const m3_model_seq *seqs) {
+  int n = 0;
+  for (int i = 0; i < n_segs; i++) {
+    const m3_model_seq *q = &seqs[segs[i].seq];
+    for (int j = 0; j < segs[i].T; j++)
+      if (segs[i].offset + j >= q->T - q->n_logits) m->s.rows[n++] = segs[i].first + j;
+  }
+  return n;
+}
+
+/* One step over T <= M3_MODEL_STEP_TOKENS tokens (s.ids, s.pos) of n_segs segments; writes the
+ * requested logits rows to `logits` and returns how many. */
+static int step(m3_model *m, const m3_segment *segs, int n_segs, int T, const m3_model_seq *seqs,
+                float *logits) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
-  const size_t sel_row = (size_t)c->index_num_heads * (size_t)m->msa.topk;
 
-  be->ops->embed(be, &m->w.embed, ids, T, s->x);
+  be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
   for (int l = 0, sparse = 0; l < c->num_layers; l++) {
-    m3_attention_block(m, l, &kv[l], pos, T);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE) {
-      if (capture)
-        memcpy(capture->blocks + ((size_t)sparse * capture->n_tokens + row) * sel_row, s->sel,
-               (size_t)T * sel_row * sizeof(int32_t));
-      sparse++;
-    }
+    m3_attention_block(m, l, segs, n_segs, T);
+    if (c->layer_attn[l] == M3_ATTN_SPARSE) capture_selections(m, segs, n_segs, seqs, sparse++);
     m3_ffn_block(m, l, T);
   }
-  if (!logits) return;
+  int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
+  if (rows == 0) return 0;
   be->ops->rmsnorm(be, s->x, &m->w.final_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
-  be->ops->matmul(be, &m->w.lm_head, s->h, T, logits);
+  const float *head_in = s->h;
+  if (rows < T) {
+    /* Decode steps want one row per sequence: gather them so the head runs on those alone. */
+    const m3_tensor h_rows = {.name = "final hidden", .data = s->h, .dtype = M3_DT_F32,
+                              .rows = T, .cols = c->hidden_size, .quant = M3_WQ_NONE};
+    be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
+    head_in = s->xe;
+  }
+  be->ops->matmul(be, &m->w.lm_head, head_in, rows, logits);
+  return rows;
+}
+
+static m3_status grow_segments(m3_model *m, int n) {
+  if (n <= m->segs_cap) return M3_OK;
+  m3_segment *segs = realloc(m->segs, (size_t)n * sizeof *segs);
+  if (!segs) return m3_fail(M3_ERR_NOMEM, "model: %d batch segments", n);
+  m->segs = segs;
+  m->segs_cap = n;
+  return M3_OK;
+}
+
+m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                 float *logits) {
+  m3_status st = M3_OK;
+  for (int i = 0; i < n_seqs && st == M3_OK; i++) {
+    const m3_model_seq *q = &seqs[i];
+    if (q->n_logits < 0 || q->n_logits > q->T || (q->n_logits > 0 && !logits))
+      return m3_fail(M3_ERR_ARG, "forward: sequence %d asks for %d logit rows of %d tokens%s", i,
+                     q->n_logits, q->T, logits ? "" : " without a logits buffer");
+    st = check_inputs(m, q->kv, q->ids, q->pos, q->T, q->capture);
+  }
+  /* A step holds at most one segment per sequence. */
+  if (st != M3_OK || (st = grow_segments(m, n_seqs < M3_MODEL_STEP_TOKENS ? n_seqs
+                                                                         : M3_MODEL_STEP_TOKENS)) != M3_OK)
+    return st;
+  const size_t V = (size_t)m->cfg.vocab_size;
+  size_t logit_row = 0;
+  for (int i = 0, off = 0; i < n_seqs;) {
+    /* Fill one step with consecutive tokens of the batch, splitting a sequence across steps
+     * where it does not fit: later steps see its earlier tokens in the cache. */
+    int T = 0, n_segs = 0;
+    while (i < n_seqs && T < M3_MODEL_STEP_TOKENS) {
+      const m3_model_seq *q = &seqs[i];
+      int take = q->T - off < M3_MODEL_STEP_TOKENS - T ? q->T - off : M3_MODEL_STEP_TOKENS - T;
+      if (take > 0) {
+        m->segs[n_segs++] = (m3_segment){q->kv, T, take, i, off};
+        memcpy(m->s.ids + T, q->ids + off, (size_t)take * sizeof(int32_t));
+        memcpy(m->s.pos + T, q->pos + off, (size_t)take * sizeof(int32_t));
+        T += take;
+        off += take;
+      }
+      if (off == q->T) {
+        i++;
+        off = 0;
+      }
+    }
+    if (T == 0) break;
+    logit_row += (size_t)step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL);
+  }
+  return M3_OK;
 }
 
 m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids,
                            const int32_t *pos, int T, float *logits,
                            const m3_selection_capture *capture) {
-  m3_status st = check_inputs(m, kv, ids, pos, T, capture);
-  if (st != M3_OK) return st;
-  const size_t V = (size_t)m->cfg.vocab_size;
-  for (int t0 = 0; t0 < T; t0 += M3_MODEL_STEP_TOKENS) {
-    int n = T - t0 < M3_MODEL_STEP_TOKENS ? T - t0 : M3_MODEL_STEP_TOKENS;
-    step(m, kv, ids + t0, pos + t0, n, logits ? logits + (size_t)t0 * V : NULL, capture,
-         capture ? capture->first + t0 : 0);
+  const m3_model_seq seq = {kv, ids, pos, T, logits ? T : 0, capture};
+  return m3_model_forward_batch(m, &seq, 1, logits);
+}
+
+void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
+                       void *user) {
+  const int n = m3_st_count(m->st);
+  uint64_t total = 0, done = 0, reported = 0;
+  for (int i = 0; i < n; i++) total += m3_st_at(m->st, i)->nbytes;
+  volatile uint8_t sink = 0;
+  for (int i = 0; i < n; i++) {
+    const m3_st_tensor *t = m3_st_at(m->st, i);
+    const uint8_t *p = t->data;
+    for (size_t off = 0; off < t->nbytes; off += 4096) sink ^= p[off];
+    done += t->nbytes;
+    if (progress && (done - reported >= (64u << 20) || done == total)) {
+      progress(done, total, user);
+      reported = done;
+    }
   }
-  return M3_OK;
+  if (progress && total == 0) progress(0, 0, user);
+  (void)sink;
 }

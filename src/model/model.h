@@ -48,4 +48,30 @@ m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids
                            const int32_t *pos, int T, float *logits,
                            const m3_selection_capture *capture);
 
+/* One sequence's share of a batched forward. */
+typedef struct {
+  const m3_kv_view *kv;   /* [num_layers] this sequence's cache views */
+  const int32_t *ids;     /* [T] */
+  const int32_t *pos;     /* [T] absolute positions, as for m3_model_forward */
+  int T;
+  int n_logits;           /* logits for the last n_logits of the T tokens (0..T) */
+  const m3_selection_capture *capture; /* NULL, or where this sequence's selections go */
+} m3_model_seq;
+
+/* A forward over several sequences at once (continuous batching): the linear layers, norms and
+ * MoE run over all tokens of the batch together; cache stores, MSA selection and attention run
+ * per sequence on its own views and positions, so a sequence's results do not depend on what
+ * else is in the batch (up to the float rounding of the matmul kernels for different row counts).
+ *   logits [sum of n_logits, vocab]: the requested rows, sequence by sequence, or NULL when no
+ *          sequence asks for any.
+ * A batch of one with n_logits = T is exactly m3_model_forward. Bad ids or positions in any
+ * sequence are M3_ERR_ARG naming the sequence; nothing is computed then. */
+m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                 float *logits);
+
+/* Reads every byte of the mapped weights once so the first step does not page them in,
+ * reporting (bytes done, bytes total) along the way; progress may be NULL. */
+void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
+                       void *user);
+
 #endif

@@ -48,11 +48,13 @@ static void attend_block(const attention_job *job, int group, const float *q, co
   const cpu_kernels *k = job->k;
   const int hd = job->kv->hd, bs = job->kv->block_size;
   const float scale = (float)(1.0 / sqrt((double)hd));
+  for (int h = 0; h < group; h++) memset(s + (size_t)h * bs, 0, (size_t)n * sizeof(float));
+  k->tile_gemm(kb, n, hd, q, hd, group, s, bs); /* s[h][j] = dot(q[h], K[j]) */
   for (int h = 0; h < group; h++) {
     float *sh = s + (size_t)h * bs;
     float bmax = -INFINITY;
     for (int j = 0; j < n; j++) {
-      sh[j] = k->dot(q + (size_t)h * hd, kb + (size_t)j * hd, hd) * scale;
+      sh[j] *= scale;
       bmax = fmaxf(bmax, sh[j]);
     }
     float mnew = fmaxf(m[h], bmax);

@@ -15,7 +15,7 @@ typedef struct {
   /* y[r - r0] = dot(W[r, :], x) for r in [r0, r1).  x [W.cols] */
   void (*gemv)(const m3_tensor *w, const float *x, int64_t r0, int64_t r1, float *y);
   /* dst[i * kc + k] = W[r0 + i, k0 + k] for i < nr, k < kc; k0 is a multiple of 32. Weights the
-   * SIMD kernels take: F32, BF16, F16, MXFP8 and FP8 block with block_cols a power of two >= 16;
+   * SIMD kernels take: F32, BF16, F16, MXFP8 and FP8 block with block_cols a power of two >= 32;
    * the portable set takes every float dtype. */
   void (*decode_tile)(const m3_tensor *w, int64_t r0, int nr, int64_t k0, int kc, float *dst);
   /* y[t * ldy + i] += dot(tile[i * kc ..], x[t * ldx ..]) over kc, for t < T, i < nr. */

@@ -10,14 +10,14 @@
 
 enum { TILE_ROWS = 32, TILE_COLS = 256 };
 
-/* Whether the SIMD kernels can decode w: they read 16 columns under one scale. */
+/* Whether the SIMD kernels can decode w: they read 32 columns under one scale. */
 static int simd_decodable(const m3_tensor *w) {
   switch (w->quant) {
     case M3_WQ_NONE:
       return w->dtype == M3_DT_F32 || w->dtype == M3_DT_BF16 || w->dtype == M3_DT_F16;
     case M3_WQ_MXFP8: return w->dtype == M3_DT_F8_E4M3;
     case M3_WQ_FP8_BLOCK:
-      return w->dtype == M3_DT_F8_E4M3 && w->block_cols >= 16 &&
+      return w->dtype == M3_DT_F8_E4M3 && w->block_cols >= 32 &&
              (w->block_cols & (w->block_cols - 1)) == 0;
   }
   return 0;

