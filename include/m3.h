@@ -24,7 +24,7 @@ typedef struct m3_engine m3_engine;
 
 typedef struct {
   const char *model_dir;    /* NULL: the built-in model */
-  const char *device;       /* "cpu" (default) or "cuda" */
+  const char *device;       /* "cpu" (default), "cuda" (GPU 0) or "cuda:N" */
   int threads;              /* CPU worker threads; 0 = one per core */
   size_t kv_memory_bytes;   /* KV-cache budget; 0 = a default sized from free memory */
   int max_batch_tokens;     /* tokens per scheduler step (decode + prefill chunks); 0 = default */
@@ -42,14 +42,16 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out);
 /* Cancels everything still running (callbacks see M3_FINISH_CANCELLED) and frees all. */
 void m3_engine_close(m3_engine *e);
 
-typedef enum { M3_CHAT_M3 = 0, M3_CHAT_M2 = 1 } m3_chat_format;
+/* Same values as m3_chat_format in tok/chat.h (M3_CHAT_FORMAT_M3, M3_CHAT_FORMAT_M2); a distinct
+ * name so a file can include both headers. */
+typedef enum { M3_CHAT_M3 = 0, M3_CHAT_M2 = 1 } m3_model_chat_format;
 
 typedef struct {
   const char *name;          /* the model folder's base name, or "m3-builtin" */
   int vocab_size;
   int max_context;           /* max_position_embeddings, capped by what the KV budget holds */
   int32_t eos_token_id;      /* end of turn ([e~[ for M3) */
-  m3_chat_format chat_format;
+  m3_model_chat_format chat_format;
   int kv_pages_total;
   int kv_page_tokens;
 } m3_model_info;
@@ -57,7 +59,8 @@ typedef struct {
 void m3_engine_model_info(const m3_engine *e, m3_model_info *out);
 
 /* Tokenizer of the loaded model. *ids is malloc'd (caller frees). special = 1 lets the text's
- * added/special tokens match as tokens (prompt rendering); 0 treats them as plain text. */
+ * special tokens match as tokens (prompt rendering); 0 encodes them as the plain text they spell
+ * (HF's encode_special_tokens; non-special added tokens match either way). */
 m3_status m3_tokenize(const m3_engine *e, const char *text, size_t len, int special,
                       int32_t **ids, int *n_ids);
 /* *text is malloc'd and NUL-terminated. */
@@ -86,6 +89,9 @@ typedef struct {
   int logprobs;               /* 1: report the sampled token's log-probability */
   int top_logprobs;           /* report this many most likely tokens (0..20) */
   int n;                      /* samples sharing the prompt's pages; 0 or 1 = one */
+  int skip_special_tokens;    /* 1 (default): special tokens release no text. Chat clients that
+                               * parse reasoning and tool calls set 0: the markers (<mm:think>,
+                               * ]<]minimax[>[, ...) are special tokens and the parsers need them */
   /* Testing hook: when non-NULL the sampler emits these tokens in order (then stops) instead of
    * drawing; everything else (stop strings, callbacks, usage) runs as usual. */
   const int32_t *forced_tokens;

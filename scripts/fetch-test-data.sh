@@ -13,3 +13,7 @@ done
 if [ "$missing" = 1 ]; then
   npm install --prefix . --no-save --no-package-lock --no-audit --no-fund "${tokenizers[@]}" >/dev/null
 fi
+# The official OpenAI and Anthropic SDKs that drive `m3 serve` in tests/cli_serve_*.sh.
+if [ ! -d tests/js/node_modules/openai ] || [ ! -d tests/js/node_modules/@anthropic-ai/sdk ]; then
+  npm ci --prefix tests/js --no-audit --no-fund >/dev/null
+fi

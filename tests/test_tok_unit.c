@@ -112,7 +112,7 @@ static void test_special_tokens(void) {
   CHECK(!m3_tok_is_special(tok, id_of("a")));
   m3_tok_ids ids = {0};
   const char *text = "]~!b[]~b]user\nhi<mm:think>x[e~[";
-  CHECK_OK(m3_tok_encode(tok, text, strlen(text), &ids));
+  CHECK_OK(m3_tok_encode(tok, text, strlen(text), true, &ids));
   CHECK(ids.len >= 5);
   CHECK_EQ_INT(ids.data[0], bos);
   CHECK_EQ_INT(ids.data[1], id_of("]~b]"));
@@ -130,7 +130,7 @@ static void test_special_tokens(void) {
   CHECK_STR(out.data, "a");
   m3_tok_text_free(&out);
   m3_tok_ids_free(&ids);
-  CHECK_FAILS_WITH(m3_tok_encode(tok, "bad \xC3", 5, &ids), M3_ERR_ARG, "not valid UTF-8");
+  CHECK_FAILS_WITH(m3_tok_encode(tok, "bad \xC3", 5, true, &ids), M3_ERR_ARG, "not valid UTF-8");
   CHECK_EQ_INT(ids.len, 0);
 }
 
@@ -198,7 +198,7 @@ static void test_merge_forms(void) {
     CHECK_OK(m3_tok_load_json(json, strlen(json), "forms.json", &t));
     if (!t) continue;
     m3_tok_ids ids = {0};
-    CHECK_OK(m3_tok_encode(t, "abcbc", 5, &ids));
+    CHECK_OK(m3_tok_encode(t, "abcbc", 5, true, &ids));
     /* a b c b c -> (a b) rank 0 -> (ab c) rank 1 -> then (b c) rank 2: [abc, bc] */
     CHECK_EQ_INT(ids.len, 2);
     if (ids.len == 2) {
@@ -210,6 +210,52 @@ static void test_merge_forms(void) {
   }
 }
 
+/* Encodes `text` with `t` and compares with the ids `want` (n of them). */
+static void check_encode(m3_tokenizer *t, const char *text, bool special, const int32_t *want, size_t n) {
+  m3_tok_ids ids = {0};
+  CHECK_OK(m3_tok_encode(t, text, strlen(text), special, &ids));
+  CHECK_EQ_INT(ids.len, n);
+  for (size_t i = 0; i < n && i < ids.len; i++) CHECK_EQ_INT(ids.data[i], want[i]);
+  m3_tok_ids_free(&ids);
+}
+
+/* special = false encodes special tokens as the text they spell, the way HF does with
+ * encode_special_tokens: the match is dropped and matching resumes after it (so a non-special
+ * token overlapping it does not match either); non-special added tokens still match. */
+static void test_special_as_text(void) {
+  m3_tok_ids ids = {0};
+  CHECK_OK(m3_tok_encode(tok, "]~b]", 4, true, &ids));
+  CHECK_EQ_INT(ids.len, 1);
+  CHECK_EQ_INT(ids.data[0], id_of("]~b]"));
+  ids.len = 0;
+  CHECK_OK(m3_tok_encode(tok, "]~b]", 4, false, &ids));
+  CHECK(ids.len > 1);
+  for (size_t i = 0; i < ids.len; i++) CHECK(!m3_tok_is_special(tok, ids.data[i]) && ids.data[i] != id_of("]~b]"));
+  m3_tok_text out = {0};
+  CHECK_OK(m3_tok_decode(tok, ids.data, ids.len, true, &out));
+  CHECK_STR(out.data, "]~b]"); /* survives skip_special: nothing special was produced */
+  m3_tok_text_free(&out);
+  m3_tok_ids_free(&ids);
+
+  /* Bytes are ids 0..5 (no merges), "]~b]" special 6, "b]x" non-special 7; both match on the
+   * raw text (normalized false), so they compete in one leftmost-longest scan. */
+  const char *json =
+      "{\"normalizer\": null, \"decoder\": {\"type\": \"ByteLevel\"},"
+      "\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"use_regex\": false},"
+      "\"added_tokens\": [{\"id\": 6, \"content\": \"]~b]\", \"special\": true},"
+      "{\"id\": 7, \"content\": \"b]x\", \"special\": false, \"normalized\": false}],"
+      "\"model\": {\"type\": \"BPE\", \"vocab\": {\"]\": 0, \"~\": 1, \"b\": 2, \"x\": 3, \"y\": 4, \"a\": 5},"
+      "\"merges\": []}}";
+  m3_tokenizer *t = NULL;
+  CHECK_OK(m3_tok_load_json(json, strlen(json), "special.json", &t));
+  if (!t) return;
+  check_encode(t, "y]~b]xy", true, (const int32_t[]){4, 6, 3, 4}, 4);
+  check_encode(t, "y]~b]xy", false, (const int32_t[]){4, 0, 1, 2, 0, 3, 4}, 7);
+  check_encode(t, "ab]xa", true, (const int32_t[]){5, 7, 5}, 3);
+  check_encode(t, "ab]xa", false, (const int32_t[]){5, 7, 5}, 3);
+  m3_tok_free(t);
+}
+
 int main(void) {
   CHECK_OK(m3_tok_load(FIXTURES "tiny.json", &tok));
   if (tok) {
@@ -217,6 +263,7 @@ int main(void) {
     test_stream_holds_back();
     test_stream_matches_batch();
     test_special_tokens();
+    test_special_as_text();
   }
   test_errors();
   test_merge_forms();

@@ -5,6 +5,13 @@
  * (host memory on the CPU backend). Weights are m3_tensor views of any loaded dtype (F32, F16,
  * BF16, MXFP8, FP8 block); ops decode them on the fly and accumulate in float32.
  *
+ * Backend memory: every array an op reads or writes (activations, ids, positions, block tables,
+ * selections, routing outputs, biases, what an m3_kv_view points to) is memory from `alloc` of
+ * the same backend, and every weight an op reads has been through `prepare_tensor` (or views
+ * backend memory); the m3_kv_view, m3_msa_params and m3_tensor structs are host structs. On the CPU backend that is host memory; on the CUDA backend it is device memory, which
+ * host code reads and writes only through to_host / to_device. Ops run in issue order; on the CUDA
+ * backend they are asynchronous and their failures surface at the next to_host / to_device.
+ *
  * Shapes in comments: T tokens, H hidden, nh query heads, nkv KV heads, hd head dim,
  * G = index heads (= nkv), ihd index head dim, E experts, k experts per token. */
 #ifndef M3_BACKEND_BACKEND_H
@@ -42,6 +49,25 @@ typedef struct {
 
   void *(*alloc)(m3_backend *be, size_t bytes); /* zeroed; NULL on failure */
   void (*free)(m3_backend *be, void *p);
+
+  /* Copies between host memory and backend memory. to_host waits for every op issued before it.
+   * Either reports a failure of any earlier op (CUDA: the CUDA error string). */
+  m3_status (*to_device)(m3_backend *be, void *dst, const void *src, size_t bytes);
+  m3_status (*to_host)(m3_backend *be, void *dst, const void *src, size_t bytes);
+  /* dst = src within backend memory (the KV cache's copy-on-write of a page), in issue order. */
+  m3_status (*copy)(m3_backend *be, void *dst, const void *src, size_t bytes);
+
+  /* 1 when backend memory is not host memory (CUDA). 0 (CPU) lets host code read and write backend
+   * memory in place, so callers keep no host mirrors and skip the transfers between them. */
+  int device_memory;
+
+  /* Makes a weight readable by the ops, once, at model load: the CUDA backend uploads data (and
+   * scale) in their stored dtype and points t->data / t->scale at the device copies; the CPU
+   * backend reads the host mapping and changes nothing. release_tensor frees what prepare_tensor
+   * made (t is unusable afterwards). A tensor shared by two m3_tensor copies (tied lm_head) is
+   * prepared and released once. */
+  m3_status (*prepare_tensor)(m3_backend *be, m3_tensor *t);
+  void (*release_tensor)(m3_backend *be, m3_tensor *t);
 
   /* out[t, :] = table row ids[t] decoded to float32.  ids [T], out [T, cols] */
   void (*embed)(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
@@ -106,5 +132,16 @@ struct m3_backend {
 /* The portable CPU backend (SIMD kernels chosen at run time, a thread pool of `threads` workers;
  * 0 = one per core). */
 m3_status m3_backend_cpu_create(int threads, m3_backend **out);
+
+#ifdef M3_HAVE_CUDA
+/* The CUDA backend on GPU `device` (src/backend/cuda). M3_ERR_UNSUPPORTED, naming the CUDA error,
+ * when there is no such GPU or no driver. */
+m3_status m3_backend_cuda_create(int device, m3_backend **out);
+#endif
+
+/* The backend a device name asks for: "cpu" (with `threads` workers, 0 = one per core), "cuda"
+ * (GPU 0) or "cuda:N". M3_ERR_ARG for any other name; M3_ERR_UNSUPPORTED for cuda in a build
+ * without the CUDA backend (src/backend/select.c). */
+m3_status m3_backend_create(const char *device, int threads, m3_backend **out);
 
 #endif

@@ -3,7 +3,8 @@
  * Prints the memcpy bandwidth over buffers far larger than the last-level cache (all threads),
  * the GEMV (T = 1, decode) bandwidth for every weight dtype over a matrix larger than the cache,
  * and the GEMM (prefill) rate at T = 64 and 256, each with 1 thread and with all threads. Decode
- * is memory-bound, so the figure to watch is GEMV bandwidth as a fraction of copy bandwidth. */
+ * is memory-bound, so the figure to watch is GEMV bandwidth as a fraction of copy bandwidth.
+ * Last, one decode token of full-size sparse and dense attention at 4K and 32K context. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,6 +170,47 @@ static double time_matmul(m3_backend *be, const bench_weight *w, const float *x,
   return best;
 }
 
+/* One decode token of the full-size attention (64 query heads, 4 KV heads of 128, index dim 128,
+ * 128-token pages) at context L: MSA selection (top 16 blocks), sparse and dense attention. */
+static void bench_attention(m3_backend *be, int L, double seconds) {
+  const int nh = 64, nkv = 4, hd = 128, ihd = 128, bs = 128, topk = 16;
+  int nb = (L + bs - 1) / bs;
+  m3_kv_view kv = {be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
+                   be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
+                   be->ops->alloc(be, (size_t)nb * bs * ihd * sizeof(float)), NULL, nb, bs, nkv, hd,
+                   ihd};
+  int32_t *table = malloc((size_t)nb * sizeof(int32_t)), sel[4 * 16];
+  float *q = malloc((size_t)nh * hd * sizeof(float)), *out = malloc((size_t)nh * hd * sizeof(float));
+  if (!kv.k || !kv.v || !kv.ik || !table || !q || !out) {
+    printf("  (out of memory at L = %d)\n", L);
+  } else {
+    for (int i = 0; i < nb; i++) table[i] = i;
+    kv.block_table = table;
+    for (size_t i = 0; i < (size_t)nb * nkv * bs * hd; i++)
+      kv.k[i] = kv.v[i] = (float)(int)(bench_rand() % 2001 - 1000) / 1000.0f;
+    for (size_t i = 0; i < (size_t)nb * bs * ihd; i++) kv.ik[i] = kv.k[i];
+    for (int i = 0; i < nh * hd; i++) q[i] = kv.k[i];
+    int32_t pos = L - 1;
+    m3_msa_params mp = {topk, 1, 0};
+    double best[3] = {1e30, 1e30, 1e30}, start = now_s();
+    for (int r = 0; r < 3 || now_s() - start < seconds; r++) {
+      double t0 = now_s();
+      be->ops->msa_select(be, q, nkv, &kv, &pos, 1, &mp, sel);
+      double t1 = now_s();
+      be->ops->attention(be, q, nh, &kv, &pos, 1, sel, topk, out);
+      double t2 = now_s();
+      be->ops->attention(be, q, nh, &kv, &pos, 1, NULL, 0, out);
+      double t3 = now_s();
+      double dt[3] = {t1 - t0, t2 - t1, t3 - t2};
+      for (int i = 0; i < 3; i++)
+        if (dt[i] < best[i]) best[i] = dt[i];
+    }
+    printf("  L = %-7d %10.3f %10.3f %10.3f\n", L, 1e3 * best[0], 1e3 * best[1], 1e3 * best[2]);
+  }
+  be->ops->free(be, kv.k), be->ops->free(be, kv.v), be->ops->free(be, kv.ik);
+  free(table), free(q), free(out);
+}
+
 static int usage_error(const char *msg) {
   fprintf(stderr, "m3 bench-ops: %s\n", msg);
   return 2;
@@ -177,12 +219,13 @@ static int usage_error(const char *msg) {
 int m3_cmd_bench_ops(int argc, char **argv) {
   int64_t gemv_rows = 8192, gemv_cols = 8192, gemm_rows = 4096, gemm_cols = 4096;
   double seconds = 1.0;
+  int threads = 0;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--help") == 0) {
-      printf("usage: m3 bench-ops [--gemv ROWSxCOLS] [--gemm ROWSxCOLS] [--seconds S]\n"
+      printf("usage: m3 bench-ops [--gemv ROWSxCOLS] [--gemm ROWSxCOLS] [--seconds S] [--threads N]\n"
              "CPU kernel throughput: copy bandwidth, GEMV bandwidth per weight dtype, GEMM\n"
-             "GFLOP/s at T = 64 and 256, with 1 thread and with all threads. M3_CPU_ISA picks\n"
-             "the kernel set (avx512, avx2, portable).\n");
+             "GFLOP/s at T = 64 and 256, with 1 thread and with N threads (default: one per\n"
+             "core). M3_CPU_ISA picks the kernel set (avx512, avx2, portable).\n");
       return 0;
     }
     if (i + 1 >= argc) return usage_error("missing value after an option");
@@ -193,6 +236,8 @@ int m3_cmd_bench_ops(int argc, char **argv) {
       gemm_rows = a, gemm_cols = b;
     else if (strcmp(argv[i], "--seconds") == 0 && (seconds = atof(argv[i + 1])) > 0)
       ;
+    else if (strcmp(argv[i], "--threads") == 0 && (threads = atoi(argv[i + 1])) > 0)
+      ;
     else
       return usage_error("bad option; see m3 bench-ops --help");
     i++;
@@ -200,7 +245,7 @@ int m3_cmd_bench_ops(int argc, char **argv) {
 
   m3_backend *be[2] = {NULL, NULL};
   m3_status st = m3_backend_cpu_create(1, &be[0]);
-  if (st == M3_OK) st = m3_backend_cpu_create(0, &be[1]);
+  if (st == M3_OK) st = m3_backend_cpu_create(threads, &be[1]);
   if (st != M3_OK) {
     if (be[0]) be[0]->ops->destroy(be[0]);
     return m3_cli_fail("bench-ops", st);
@@ -255,6 +300,10 @@ int m3_cmd_bench_ops(int argc, char **argv) {
     free(w.data), free(w.scale);
   }
   free(x), free(y);
+
+  printf("\nOne decode token of full-size attention, all threads, ms (64 q / 4 kv heads x 128):\n");
+  printf("  %-11s %10s %10s %10s\n", "context", "MSA select", "sparse", "dense");
+  for (int L = 4096; L <= 32768; L *= 8) bench_attention(be[1], L, seconds);
   be[0]->ops->destroy(be[0]);
   be[1]->ops->destroy(be[1]);
   return 0;

@@ -16,9 +16,12 @@ static const command commands[] = {
     {"bench-ops", m3_cmd_bench_ops, "measure CPU kernel throughput against copy bandwidth"},
     {"logits", m3_cmd_logits, "write the float32 logits of every position of an id sequence"},
     {"run", m3_cmd_run, "generate tokens from a prompt and report prompt and generation speed"},
+    {"chat", m3_cmd_chat, "chat with the model interactively in its chat format"},
+    {"bench-engine", m3_cmd_bench_engine, "measure batched serving: throughput, latency, prefix cache"},
     {"tokenize", m3_cmd_tokenize, "print the token ids of a text"},
     {"detokenize", m3_cmd_detokenize, "print the text of token ids"},
     {"bench-tok", m3_cmd_bench_tok, "measure single-thread tokenizer speed on a file"},
+    {"serve", m3_cmd_serve, "serve the OpenAI- and Anthropic-compatible HTTP API"},
 };
 
 static void usage(FILE *f) {

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,6 +14,21 @@ m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long 
     return m3_fail(M3_ERR_ARG, "%s '%s': expected an integer in %ld..%ld", flag, value, min, max);
   *out = v;
   return M3_OK;
+}
+
+m3_status m3_cli_parse_unit(const char *flag, const char *value, double max, double *out) {
+  char *end;
+  double t = strtod(value, &end);
+  if (end == value || *end != '\0' || !(t >= 0.0 && t <= max))
+    return m3_fail(M3_ERR_ARG, "%s '%s': expected a number in 0..%g", flag, value, max);
+  *out = t;
+  return M3_OK;
+}
+
+void m3_cli_load_progress(uint64_t done, uint64_t total, void *user) {
+  (void)user;
+  if (total > 0) fprintf(stderr, "\rloading weights: %3d%%", (int)(100.0 * (double)done / (double)total));
+  if (done == total) fprintf(stderr, "\n");
 }
 
 m3_status m3_cli_parse_ids(const char *list, int32_t **ids, int *n) {
@@ -51,11 +67,5 @@ m3_status m3_cli_check_ids(const int32_t *ids, int n, int vocab) {
 }
 
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out) {
-  *out = NULL;
-  if (strcmp(device, "cuda") == 0)
-    return m3_fail(M3_ERR_UNSUPPORTED, "--device cuda: this build has no CUDA backend yet; use "
-                   "--device cpu");
-  if (strcmp(device, "cpu") != 0)
-    return m3_fail(M3_ERR_ARG, "--device '%s': expected cpu or cuda", device);
-  return m3_backend_cpu_create(threads, out);
+  return m3_backend_create(device, threads, out);
 }

@@ -105,7 +105,7 @@ int m3_cmd_tokenize(int argc, char **argv) {
   m3_tok_ids ids = {0};
   m3_status s = load_tokenizer(&a, &tok);
   if (s == M3_OK && a.file) s = read_file(a.file, &data, &len);
-  if (s == M3_OK) s = m3_tok_encode(tok, a.text ? a.text : data, a.text ? strlen(a.text) : len, &ids);
+  if (s == M3_OK) s = m3_tok_encode(tok, a.text ? a.text : data, a.text ? strlen(a.text) : len, true, &ids);
   if (s == M3_OK) {
     fputs(a.json ? "[" : "", stdout);
     for (size_t i = 0; i < ids.len; i++) printf("%s%d", i ? (a.json ? "," : " ") : "", ids.data[i]);
@@ -174,7 +174,7 @@ static m3_status encode_once(m3_tokenizer *tok, const char *data, size_t len, bo
       if (nl) n = (size_t)(nl - (data + at)) + 1;
     }
     ids->len = 0;
-    m3_status s = m3_tok_encode(tok, data + at, n, ids);
+    m3_status s = m3_tok_encode(tok, data + at, n, true, ids);
     if (s != M3_OK) return s;
     *n_tokens += ids->len;
     at += n;

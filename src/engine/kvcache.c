@@ -2,6 +2,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Per layer: the K, V and (sparse layers) IK pools of all pages. */
 typedef struct {
@@ -17,6 +18,21 @@ struct m3_kv_cache {
   int32_t *refcount;   /* [num_pages] */
   int32_t *free_list;  /* stack of free page ids; free_list[num_free - 1] is handed out next */
   int num_free;
+  size_t floats_kv, floats_ik; /* per page and layer */
+  /* Prefix cache, per page: */
+  uint32_t *gen;       /* bumped at each allocation, so a stale parent link never matches */
+  uint8_t *cached;     /* published under its key */
+  int32_t *parent;     /* key: cached page of the previous block (-1 for block 0) */
+  uint32_t *parent_gen;/* key: that page's generation when this one was published */
+  int32_t *tokens;     /* key: [num_pages, block_size] the page's tokens */
+  uint64_t *hash;      /* hash of the key */
+  int32_t *bucket_next;/* chain of the hash bucket */
+  int32_t *bucket;     /* [num_buckets] first page of each bucket, -1 = empty */
+  int num_buckets, num_cached;
+  /* Unreferenced cached pages, oldest first: a doubly linked list over page ids. */
+  int32_t *lru_prev, *lru_next;
+  int32_t lru_head, lru_tail;
+  int num_lru;
 };
 
 static size_t page_floats_kv(const m3_config *cfg) {
@@ -45,7 +61,8 @@ static m3_status out_of_pages(const m3_kv_cache *c, long long needed) {
   return m3_fail(M3_ERR_LIMIT,
                  "KV cache budget of %zu bytes (%d pages of %d tokens, %zu bytes each) exhausted: "
                  "%lld more page(s) needed, %d free",
-                 c->budget_bytes, c->num_pages, c->block_size, c->page_bytes, needed, c->num_free);
+                 c->budget_bytes, c->num_pages, c->block_size, c->page_bytes, needed,
+                 c->num_free + c->num_lru);
 }
 
 static float *alloc_pool(m3_backend *be, int pages, size_t page_floats) {
@@ -80,7 +97,26 @@ m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget
   c->layers = calloc((size_t)c->num_layers, sizeof *c->layers);
   c->refcount = calloc(pages, sizeof *c->refcount);
   c->free_list = malloc(pages * sizeof *c->free_list);
-  if (!c->layers || !c->refcount || !c->free_list) goto nomem;
+  c->floats_kv = page_floats_kv(cfg);
+  c->floats_ik = page_floats_ik(cfg);
+  c->num_buckets = 1;
+  while (c->num_buckets < c->num_pages && c->num_buckets < (1 << 30)) c->num_buckets *= 2;
+  c->gen = calloc(pages, sizeof *c->gen);
+  c->cached = calloc(pages, sizeof *c->cached);
+  c->parent = calloc(pages, sizeof *c->parent);
+  c->parent_gen = calloc(pages, sizeof *c->parent_gen);
+  c->tokens = calloc(pages * (size_t)c->block_size, sizeof *c->tokens);
+  c->hash = calloc(pages, sizeof *c->hash);
+  c->bucket_next = calloc(pages, sizeof *c->bucket_next);
+  c->bucket = malloc((size_t)c->num_buckets * sizeof *c->bucket);
+  c->lru_prev = calloc(pages, sizeof *c->lru_prev);
+  c->lru_next = calloc(pages, sizeof *c->lru_next);
+  if (!c->layers || !c->refcount || !c->free_list || !c->gen || !c->cached || !c->parent ||
+      !c->parent_gen || !c->tokens || !c->hash || !c->bucket_next || !c->bucket || !c->lru_prev ||
+      !c->lru_next)
+    goto nomem;
+  for (int b = 0; b < c->num_buckets; b++) c->bucket[b] = -1;
+  c->lru_head = c->lru_tail = -1;
   for (int l = 0; l < c->num_layers; l++) {
     kv_layer *L = &c->layers[l];
     L->k = alloc_pool(be, c->num_pages, page_floats_kv(cfg));
@@ -116,29 +152,156 @@ void m3_kv_cache_free(m3_kv_cache *c) {
   free(c->layers);
   free(c->refcount);
   free(c->free_list);
+  free(c->gen);
+  free(c->cached);
+  free(c->parent);
+  free(c->parent_gen);
+  free(c->tokens);
+  free(c->hash);
+  free(c->bucket_next);
+  free(c->bucket);
+  free(c->lru_prev);
+  free(c->lru_next);
   free(c);
 }
 
 int m3_kv_cache_block_size(const m3_kv_cache *c) { return c->block_size; }
 int m3_kv_cache_num_pages(const m3_kv_cache *c) { return c->num_pages; }
-int m3_kv_cache_free_pages(const m3_kv_cache *c) { return c->num_free; }
+int m3_kv_cache_free_pages(const m3_kv_cache *c) { return c->num_free + c->num_lru; }
+int m3_kv_cache_cached_pages(const m3_kv_cache *c) { return c->num_cached; }
 int m3_kv_page_refcount(const m3_kv_cache *c, int32_t page) { return c->refcount[page]; }
 
+static void lru_remove(m3_kv_cache *c, int32_t p) {
+  if (c->lru_prev[p] >= 0) c->lru_next[c->lru_prev[p]] = c->lru_next[p];
+  else c->lru_head = c->lru_next[p];
+  if (c->lru_next[p] >= 0) c->lru_prev[c->lru_next[p]] = c->lru_prev[p];
+  else c->lru_tail = c->lru_prev[p];
+  c->num_lru--;
+}
+
+static void lru_push(m3_kv_cache *c, int32_t p) {
+  c->lru_prev[p] = c->lru_tail;
+  c->lru_next[p] = -1;
+  if (c->lru_tail >= 0) c->lru_next[c->lru_tail] = p;
+  else c->lru_head = p;
+  c->lru_tail = p;
+  c->num_lru++;
+}
+
+/* splitmix64's finaliser folded over the key's words. */
+static uint64_t mix(uint64_t h, uint64_t v) {
+  h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+  return h ^ (h >> 31);
+}
+
+static uint64_t key_hash(const m3_kv_cache *c, int32_t parent, uint32_t parent_gen,
+                         const int32_t *tokens) {
+  uint64_t h = mix(mix(0, (uint64_t)(uint32_t)parent), parent_gen);
+  for (int i = 0; i < c->block_size; i++) h = mix(h, (uint32_t)tokens[i]);
+  return h;
+}
+
+/* The cached page under the key, or -1. */
+static int32_t lookup(const m3_kv_cache *c, int32_t parent, const int32_t *tokens) {
+  uint32_t pgen = parent >= 0 ? c->gen[parent] : 0;
+  uint64_t h = key_hash(c, parent, pgen, tokens);
+  for (int32_t p = c->bucket[h & (uint64_t)(c->num_buckets - 1)]; p >= 0; p = c->bucket_next[p])
+    if (c->hash[p] == h && c->parent[p] == parent && c->parent_gen[p] == pgen &&
+        memcmp(&c->tokens[(size_t)p * c->block_size], tokens,
+               (size_t)c->block_size * sizeof *tokens) == 0)
+      return p;
+  return -1;
+}
+
+static void uncache(m3_kv_cache *c, int32_t p) {
+  int32_t *link = &c->bucket[c->hash[p] & (uint64_t)(c->num_buckets - 1)];
+  while (*link != p) link = &c->bucket_next[*link];
+  *link = c->bucket_next[p];
+  c->cached[p] = 0;
+  c->num_cached--;
+}
+
 m3_status m3_kv_page_alloc(m3_kv_cache *c, int32_t *page) {
-  if (c->num_free == 0) return out_of_pages(c, 1);
-  *page = c->free_list[--c->num_free];
-  c->refcount[*page] = 1;
+  int32_t p;
+  if (c->num_free > 0) {
+    p = c->free_list[--c->num_free];
+  } else if (c->num_lru > 0) {
+    p = c->lru_head;
+    lru_remove(c, p);
+    uncache(c, p);
+  } else {
+    return out_of_pages(c, 1);
+  }
+  c->refcount[p] = 1;
+  c->gen[p]++;
+  *page = p;
   return M3_OK;
 }
 
-void m3_kv_page_retain(m3_kv_cache *c, int32_t page) { c->refcount[page]++; }
+void m3_kv_page_retain(m3_kv_cache *c, int32_t page) {
+  if (c->refcount[page]++ == 0) lru_remove(c, page);
+}
 
 void m3_kv_page_release(m3_kv_cache *c, int32_t page) {
-  if (--c->refcount[page] == 0) c->free_list[c->num_free++] = page;
+  if (--c->refcount[page] > 0) return;
+  if (c->cached[page]) lru_push(c, page);
+  else c->free_list[c->num_free++] = page;
+}
+
+/* Every layer's K, V (and IK) of page `from` into page `to`, in backend memory. */
+static m3_status copy_page(m3_kv_cache *c, int32_t from, int32_t to) {
+  m3_backend *be = c->be;
+  m3_status st = M3_OK;
+  for (int l = 0; l < c->num_layers && st == M3_OK; l++) {
+    kv_layer *L = &c->layers[l];
+    const size_t kv_bytes = c->floats_kv * sizeof(float), ik_bytes = c->floats_ik * sizeof(float);
+    st = be->ops->copy(be, L->k + (size_t)to * c->floats_kv, L->k + (size_t)from * c->floats_kv,
+                       kv_bytes);
+    if (st == M3_OK)
+      st = be->ops->copy(be, L->v + (size_t)to * c->floats_kv,
+                         L->v + (size_t)from * c->floats_kv, kv_bytes);
+    if (st == M3_OK && L->ik)
+      st = be->ops->copy(be, L->ik + (size_t)to * c->floats_ik,
+                         L->ik + (size_t)from * c->floats_ik, ik_bytes);
+  }
+  return st;
+}
+
+/* Device backends read block tables from backend memory, so each sequence keeps a copy there
+ * (table_dev, cap_blocks entries); on the CPU the ops read block_table itself. */
+static int mirrored(const m3_kv_cache *c) { return c->be->ops->device_memory; }
+
+/* Uploads entries [from, to) of the block table to its backend copy. */
+static m3_status sync_table(m3_kv_cache *c, m3_kv_seq *seq, int from, int to) {
+  if (!mirrored(c) || to <= from) return M3_OK;
+  return c->be->ops->to_device(c->be, seq->table_dev + from, seq->block_table + from,
+                               (size_t)(to - from) * sizeof(int32_t));
+}
+
+/* Grows the block table to cap entries, keeping its entries. The backend copy is a new allocation
+ * then, so the caller uploads the whole table afterwards. */
+static m3_status grow_table(m3_kv_cache *c, m3_kv_seq *seq, int cap) {
+  int32_t *dev = NULL;
+  if (mirrored(c) && !(dev = c->be->ops->alloc(c->be, (size_t)cap * sizeof *dev)))
+    return m3_fail(M3_ERR_NOMEM, "KV cache: block table of %d entries in backend memory", cap);
+  int32_t *table = realloc(seq->block_table, (size_t)cap * sizeof *table);
+  if (!table) {
+    if (dev) c->be->ops->free(c->be, dev);
+    return m3_fail(M3_ERR_NOMEM, "KV cache: block table of %d entries", cap);
+  }
+  seq->block_table = table;
+  seq->cap_blocks = cap;
+  if (dev) {
+    if (seq->table_dev) c->be->ops->free(c->be, seq->table_dev);
+    seq->table_dev = dev;
+  }
+  return M3_OK;
 }
 
 void m3_kv_seq_init(m3_kv_seq *seq) {
-  seq->block_table = NULL;
+  seq->block_table = seq->table_dev = NULL;
   seq->num_blocks = seq->cap_blocks = seq->num_tokens = 0;
 }
 
@@ -149,17 +312,41 @@ m3_status m3_kv_seq_extend(m3_kv_cache *c, m3_kv_seq *seq, int n) {
   int tokens = seq->num_tokens + n;
   int blocks = (int)(((long long)tokens + c->block_size - 1) / c->block_size);
   int more = blocks - seq->num_blocks;
-  if (more > c->num_free) return out_of_pages(c, more);
+  /* The block holding position num_tokens, if it has a page already, gets written. */
+  int written = seq->num_tokens / c->block_size;
+  int32_t shared = n > 0 && written < seq->num_blocks ? seq->block_table[written] : -1;
+  if (shared >= 0 && c->refcount[shared] == 1) {
+    if (c->cached[shared]) uncache(c, shared);
+    shared = -1;
+  }
+  if (more + (shared >= 0) > m3_kv_cache_free_pages(c)) return out_of_pages(c, more + (shared >= 0));
+  /* The first entry whose page changes: the backend copy of the table is updated from there. */
+  int changed = shared >= 0 ? written : seq->num_blocks;
   if (blocks > seq->cap_blocks) {
     int cap = seq->cap_blocks ? seq->cap_blocks : 4;
     while (cap < blocks) cap = cap > INT32_MAX / 2 ? blocks : cap * 2;
-    int32_t *table = realloc(seq->block_table, (size_t)cap * sizeof *table);
-    if (!table) return m3_fail(M3_ERR_NOMEM, "KV cache: block table of %d entries", cap);
-    seq->block_table = table;
-    seq->cap_blocks = cap;
+    m3_status st = grow_table(c, seq, cap);
+    if (st != M3_OK) return st;
+    changed = 0;
   }
-  /* Cannot fail: enough pages were checked above. */
+  /* Page allocation cannot fail: enough pages were checked above. */
+  m3_status st = M3_OK;
+  if (shared >= 0) {
+    m3_kv_page_alloc(c, &seq->block_table[written]);
+    st = copy_page(c, shared, seq->block_table[written]);
+  }
   for (int b = seq->num_blocks; b < blocks; b++) m3_kv_page_alloc(c, &seq->block_table[b]);
+  if (st == M3_OK) st = sync_table(c, seq, changed, blocks);
+  if (st != M3_OK) {
+    /* The backend failed: take back what was handed out so the sequence is unchanged. */
+    for (int b = seq->num_blocks; b < blocks; b++) m3_kv_page_release(c, seq->block_table[b]);
+    if (shared >= 0) {
+      m3_kv_page_release(c, seq->block_table[written]);
+      seq->block_table[written] = shared;
+    }
+    return st;
+  }
+  if (shared >= 0) m3_kv_page_release(c, shared);
   seq->num_blocks = blocks;
   seq->num_tokens = tokens;
   return M3_OK;
@@ -176,7 +363,72 @@ void m3_kv_seq_truncate(m3_kv_cache *c, m3_kv_seq *seq, int n) {
 void m3_kv_seq_release(m3_kv_cache *c, m3_kv_seq *seq) {
   for (int b = 0; b < seq->num_blocks; b++) m3_kv_page_release(c, seq->block_table[b]);
   free(seq->block_table);
+  if (seq->table_dev) c->be->ops->free(c->be, seq->table_dev);
   m3_kv_seq_init(seq);
+}
+
+m3_status m3_kv_seq_fork(m3_kv_cache *c, const m3_kv_seq *src, m3_kv_seq *dst) {
+  m3_kv_seq_init(dst);
+  if (src->num_blocks == 0) return M3_OK;
+  m3_status st = grow_table(c, dst, src->num_blocks);
+  if (st != M3_OK) return st;
+  memcpy(dst->block_table, src->block_table, (size_t)src->num_blocks * sizeof *dst->block_table);
+  if ((st = sync_table(c, dst, 0, src->num_blocks)) != M3_OK) {
+    m3_kv_seq_release(c, dst); /* holds no page yet: frees the tables alone */
+    return st;
+  }
+  for (int b = 0; b < src->num_blocks; b++) m3_kv_page_retain(c, src->block_table[b]);
+  dst->num_blocks = src->num_blocks;
+  dst->num_tokens = src->num_tokens;
+  return M3_OK;
+}
+
+int m3_kv_seq_match_prefix(m3_kv_cache *c, m3_kv_seq *seq, const int32_t *tokens, int n) {
+  if (seq->num_blocks != 0) return 0;
+  int32_t parent = -1;
+  int blocks = 0;
+  while ((blocks + 1) * c->block_size <= n) {
+    int32_t p = lookup(c, parent, tokens + (size_t)blocks * c->block_size);
+    if (p < 0) break;
+    /* A shorter match is still a correct one. */
+    if (blocks == seq->cap_blocks && grow_table(c, seq, blocks ? blocks * 2 : 4) != M3_OK) break;
+    m3_kv_page_retain(c, p);
+    seq->block_table[blocks++] = p;
+    parent = p;
+  }
+  if (sync_table(c, seq, 0, blocks) != M3_OK) {
+    for (int b = 0; b < blocks; b++) m3_kv_page_release(c, seq->block_table[b]);
+    blocks = 0;
+  }
+  seq->num_blocks = blocks;
+  seq->num_tokens = blocks * c->block_size;
+  return seq->num_tokens;
+}
+
+void m3_kv_seq_publish(m3_kv_cache *c, const m3_kv_seq *seq, const int32_t *tokens, int n) {
+  /* parent: the cached page that stands for the prefix so far (ours, or an equal one). */
+  int32_t parent = -1;
+  for (int b = 0; (b + 1) * c->block_size <= n && b < seq->num_blocks; b++) {
+    int32_t p = seq->block_table[b];
+    const int32_t *toks = tokens + (size_t)b * c->block_size;
+    if (!c->cached[p]) {
+      int32_t existing = lookup(c, parent, toks);
+      if (existing >= 0) {
+        parent = existing;
+        continue;
+      }
+      c->cached[p] = 1;
+      c->num_cached++;
+      c->parent[p] = parent;
+      c->parent_gen[p] = parent >= 0 ? c->gen[parent] : 0;
+      memcpy(&c->tokens[(size_t)p * c->block_size], toks, (size_t)c->block_size * sizeof *toks);
+      c->hash[p] = key_hash(c, parent, c->parent_gen[p], toks);
+      int32_t *head = &c->bucket[c->hash[p] & (uint64_t)(c->num_buckets - 1)];
+      c->bucket_next[p] = *head;
+      *head = p;
+    }
+    parent = p;
+  }
 }
 
 void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv_view *out) {
@@ -184,7 +436,7 @@ void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv
   out->k = L->k;
   out->v = L->v;
   out->ik = L->ik;
-  out->block_table = seq->block_table;
+  out->block_table = mirrored(c) ? seq->table_dev : seq->block_table;
   out->num_blocks = seq->num_blocks;
   out->block_size = c->block_size;
   out->nkv = c->nkv;

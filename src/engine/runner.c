@@ -6,23 +6,23 @@ struct m3_runner {
   m3_model *model;
   m3_kv_cache *cache;
   m3_kv_view *views; /* [num_layers], rebuilt per chunk: the block table may move as it grows */
-  int32_t *pos;      /* [M3_MODEL_STEP_TOKENS] positions of the chunk, in backend memory */
+  int32_t *pos;      /* [M3_MODEL_STEP_TOKENS] positions of the chunk (host memory, as the
+                      * model's forward takes them) */
 };
 
 m3_status m3_runner_create(m3_model *model, size_t kv_budget_bytes, m3_runner **out) {
   *out = NULL;
   const m3_config *cfg = m3_model_config(model);
-  m3_backend *be = m3_model_backend(model);
   m3_runner *r = calloc(1, sizeof *r);
   if (!r) return m3_fail(M3_ERR_NOMEM, "runner: out of memory");
   r->model = model;
-  m3_status st = m3_kv_cache_create(cfg, be, kv_budget_bytes, &r->cache);
+  m3_status st = m3_kv_cache_create(cfg, m3_model_backend(model), kv_budget_bytes, &r->cache);
   if (st != M3_OK) {
     free(r);
     return st;
   }
   r->views = calloc((size_t)cfg->num_layers, sizeof *r->views);
-  r->pos = be->ops->alloc(be, M3_MODEL_STEP_TOKENS * sizeof *r->pos);
+  r->pos = malloc(M3_MODEL_STEP_TOKENS * sizeof *r->pos);
   if (!r->views || !r->pos) {
     m3_runner_free(r);
     return m3_fail(M3_ERR_NOMEM, "runner: out of memory");
@@ -33,8 +33,7 @@ m3_status m3_runner_create(m3_model *model, size_t kv_budget_bytes, m3_runner **
 
 void m3_runner_free(m3_runner *r) {
   if (!r) return;
-  m3_backend *be = m3_model_backend(r->model);
-  if (r->pos) be->ops->free(be, r->pos);
+  free(r->pos);
   free(r->views);
   m3_kv_cache_free(r->cache);
   free(r);

@@ -1,7 +1,8 @@
 /* runner.h: a model, one KV cache, and the buffers to feed a sequence's tokens through them in
  * chunks: prefill (all at once), chunked prefill (N at a time) and decode (1 at a time) are the
- * same call with a different chunk size. The scheduler of continuous batching will take over this
- * loop; until then the CLI and the tests drive sequences through it. */
+ * same call with a different chunk size. Serving goes through the scheduler (m3.h); this direct
+ * path serves `m3 logits` and the reference-fixture test, which need every position's logits and
+ * a chosen chunking. */
 #ifndef M3_ENGINE_RUNNER_H
 #define M3_ENGINE_RUNNER_H
 

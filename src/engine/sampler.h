@@ -1,20 +1,63 @@
-/* sampler.h: picking the next token from a row of logits.
+/* sampler.h: picking the next token from a row of logits under m3_sampling_params.
  *
- * temperature 0 is greedy (argmax, ties to the lower id); otherwise a draw from
- * softmax(logits / temperature) with a seeded PRNG, so a seed reproduces a generation. Filters
- * (top-k, top-p, min-p, penalties) slot in before the draw. */
+ * The transforms, in this order (the order Hugging Face's logits warpers apply them):
+ *   1. logit_bias: l[id] += bias                        (-inf bans a token)
+ *   2. repetition_penalty r over prompt and generated tokens: l > 0 ? l / r : l * r
+ *      presence_penalty a, frequency_penalty f over generated tokens (OpenAI):
+ *      l[id] -= a * (count[id] > 0) + f * count[id]
+ *   3. temperature 0: argmax (ties to the lower id); the filters below never drop the argmax, so
+ *      they are skipped. Otherwise p = softmax(l / temperature) and:
+ *   4. top_k: keep the k most likely (ties to the lower id)
+ *   5. top_p: keep the smallest most-likely-first prefix whose probability reaches top_p
+ *      (of the weight left by top_k; without top_k, of all candidates summed in id order)
+ *   6. min_p: keep tokens with p >= min_p * max p
+ *   7. draw from what is kept, renormalised, with the request's PRNG.
+ * Each draw consumes exactly one PRNG value, so a sample's tokens depend only on its seed and its
+ * logits, never on what else is in the batch. */
 #ifndef M3_ENGINE_SAMPLER_H
 #define M3_ENGINE_SAMPLER_H
 
 #include <stdint.h>
 
-typedef struct {
-  float temperature;
-  uint64_t rng; /* splitmix64 state */
-} m3_sampler;
+#include "m3.h"
 
-void m3_sampler_init(m3_sampler *s, float temperature, uint64_t seed);
-/* logits [vocab]; returns a token id in [0, vocab). */
-int32_t m3_sampler_sample(m3_sampler *s, const float *logits, int vocab);
+/* Work arrays of one vocabulary size, reused across calls (one per engine thread). */
+typedef struct {
+  int vocab;
+  float *work;    /* [vocab] transformed logits */
+  int32_t *ids;   /* [vocab] candidates */
+  double *prob;   /* [vocab] their weights */
+  uint8_t *seen;  /* [vocab] penalty marks, all zero between calls */
+} m3_sampler_scratch;
+
+m3_status m3_sampler_scratch_init(m3_sampler_scratch *s, int vocab);
+void m3_sampler_scratch_free(m3_sampler_scratch *s);
+
+/* The tokens penalties look at. */
+typedef struct {
+  const int32_t *prompt;
+  int n_prompt;
+  const int32_t *generated;
+  int n_generated;
+} m3_sample_history;
+
+/* A PRNG state for sample `index` of a request seeded with `seed`. */
+uint64_t m3_sampler_seed(uint64_t seed, int index);
+
+/* The tokens a draw chooses from, steps 4-6: s->work holds the logits after steps 1-2, `best`
+ * is their argmax (finite), temperature > 0. Fills s->ids[0..n) and their weights
+ * exp((l - max) / T) in s->prob[0..n), in draw order: most likely first (ties to the lower id)
+ * when top_k or top_p filtered, else id order. Returns n; *total gets the sum of the weights. */
+int m3_sampler_candidates(const m3_sampling_params *p, m3_sampler_scratch *s, int32_t best,
+                          double *total);
+
+/* logits [vocab] (not modified); advances *rng by one draw unless greedy. */
+int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
+                          const m3_sample_history *h, m3_sampler_scratch *s);
+
+/* The model's own log-probabilities (log-softmax of the raw logits): of `token`, and the n_top
+ * largest (ties to the lower id) into top_ids/top_lp [n_top], most likely first. */
+float m3_sampler_logprobs(const float *logits, int vocab, int32_t token, int n_top,
+                          int32_t *top_ids, float *top_lp);
 
 #endif

@@ -27,11 +27,24 @@ typedef struct {
   float *route_w;     /* [T, k] */
   int32_t *slot_tok;  /* [T*k] token of each (token, choice) slot, grouped by expert */
   float *slot_w;      /* [T*k] its routing weight */
-  int32_t *expert_start; /* [E + 1] first slot of each expert in slot_tok */
   float *xe;          /* [T, H] rows of h routed to one expert; rows that need logits */
   int32_t *ids, *pos; /* [T] the step's token ids and absolute positions */
   int32_t *rows;      /* [T] the rows that need logits */
+  float *logits;      /* [T, V] device backends: the head's output on its way to the caller;
+                       * NULL on a host-memory backend, where the head writes the caller's buffer */
 } m3_scratch;
+
+/* The step arrays host code fills or reads, on the host side. On a host-memory backend each one IS
+ * the scratch array of the same name (no mirror, no transfer); on a device backend it is a host
+ * allocation that m3_upload / m3_download move to and from the scratch. */
+typedef struct {
+  int32_t *ids, *pos, *rows;  /* [T] filled by the step schedule */
+  int32_t *route_ids;         /* [T, k] read by the expert grouping */
+  float *route_w;             /* [T, k] */
+  int32_t *slot_tok;          /* [T*k] written by the expert grouping */
+  float *slot_w;              /* [T*k] */
+  int32_t *expert_start;      /* [E + 1] first slot of each expert in slot_tok; host only */
+} m3_host_side;
 
 /* The part of one sequence inside a step: rows [first, first + T) of the step's activations,
  * attending through the sequence's cache views kv [num_layers]. */
@@ -50,16 +63,29 @@ struct m3_model {
   float **router_bias;  /* [num_layers]: decoded e_score_correction_bias [E], NULL if none */
   m3_msa_params msa;
   m3_scratch s;
+  m3_host_side hs;
+  m3_tensor **prepared; /* [num_prepared] the weights handed to the backend, released at free */
+  int num_prepared;
   m3_segment *segs;     /* [segs_cap] segments of the current step */
   int segs_cap;
 };
+
+/* Host memory to backend memory and back, for the step arrays of m3_host_side; nothing to do on a
+ * host-memory backend, where both sides are the same array. */
+static inline m3_status m3_upload(m3_model *m, void *dst, const void *src, size_t bytes) {
+  return dst == src ? M3_OK : m->be->ops->to_device(m->be, dst, src, bytes);
+}
+static inline m3_status m3_download(m3_model *m, void *dst, const void *src, size_t bytes) {
+  return dst == src ? M3_OK : m->be->ops->to_host(m->be, dst, src, bytes);
+}
 
 /* x += o_proj(attention(norm(x))) for layer l over the step's T tokens (positions s.pos), each
  * segment storing its K, V, IK in its own cache views first and attending only to them.
  * Leaves the layer's block selections in s.sel on sparse layers. */
 void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T);
 
-/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. */
-void m3_ffn_block(m3_model *m, int l, int T);
+/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. Fails only when
+ * the backend reports a failure while the routing goes through the host. */
+m3_status m3_ffn_block(m3_model *m, int l, int T);
 
 #endif

@@ -64,9 +64,9 @@ static m3_status alloc_scratch(m3_model *m) {
       {(void **)&s->gate, T * I * 4},       {(void **)&s->up, T * I * 4},
       {(void **)&s->router, T * E * 4},     {(void **)&s->route_ids, T * k * 4},
       {(void **)&s->route_w, T * k * 4},    {(void **)&s->slot_tok, T * k * 4},
-      {(void **)&s->slot_w, T * k * 4},     {(void **)&s->expert_start, (E + 1) * 4},
-      {(void **)&s->xe, T * H * 4},         {(void **)&s->ids, T * 4},
-      {(void **)&s->pos, T * 4},            {(void **)&s->rows, T * 4},
+      {(void **)&s->slot_w, T * k * 4},     {(void **)&s->xe, T * H * 4},
+      {(void **)&s->ids, T * 4},            {(void **)&s->pos, T * 4},
+      {(void **)&s->rows, T * 4},
   };
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
     /* Zero-sized buffers (no sparse layers, no experts) still get a valid pointer. */
@@ -75,35 +75,121 @@ static m3_status alloc_scratch(m3_model *m) {
       return m3_fail(M3_ERR_NOMEM, "model: cannot allocate %zu bytes of step scratch",
                      bufs[i].bytes);
   }
+  m3_host_side *hs = &m->hs;
+  hs->expert_start = calloc(E + 1, sizeof *hs->expert_start);
+  if (!hs->expert_start) return m3_fail(M3_ERR_NOMEM, "model: expert table of %zu", E + 1);
+  if (!m->be->ops->device_memory) {
+    *hs = (m3_host_side){s->ids, s->pos, s->rows, s->route_ids, s->route_w, s->slot_tok, s->slot_w,
+                         hs->expert_start};
+    return M3_OK;
+  }
+  const size_t V = (size_t)c->vocab_size;
+  s->logits = m->be->ops->alloc(m->be, T * V * 4);
+  hs->ids = malloc(T * 4);
+  hs->pos = malloc(T * 4);
+  hs->rows = malloc(T * 4);
+  hs->route_ids = malloc(T * k * 4 + 4);
+  hs->route_w = malloc(T * k * 4 + 4);
+  hs->slot_tok = malloc(T * k * 4 + 4);
+  hs->slot_w = malloc(T * k * 4 + 4);
+  if (!s->logits || !hs->ids || !hs->pos || !hs->rows || !hs->route_ids || !hs->route_w ||
+      !hs->slot_tok || !hs->slot_w)
+    return m3_fail(M3_ERR_NOMEM, "model: cannot allocate the logits (%zu x %zu) and host mirrors "
+                   "of the step", T, V);
   return M3_OK;
 }
 
 static void free_scratch(m3_model *m) {
   m3_scratch *s = &m->s;
-  void *bufs[] = {s->x,      s->h,         s->q,        s->k,       s->v,      s->iq,
-                  s->ik,     s->sel,       s->att,      s->out,     s->gate,   s->up,
-                  s->router, s->route_ids, s->route_w,  s->slot_tok, s->slot_w, s->expert_start,
-                  s->xe,     s->ids,       s->pos,      s->rows};
+  m3_host_side *hs = &m->hs;
+  if (m->be->ops->device_memory) {
+    void *host[] = {hs->ids, hs->pos, hs->rows, hs->route_ids, hs->route_w, hs->slot_tok,
+                    hs->slot_w};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
+  }
+  free(hs->expert_start);
+  void *bufs[] = {s->x,      s->h,         s->q,       s->k,        s->v,      s->iq,
+                  s->ik,     s->sel,       s->att,     s->out,      s->gate,   s->up,
+                  s->router, s->route_ids, s->route_w, s->slot_tok, s->slot_w, s->xe,
+                  s->ids,    s->pos,       s->rows,    s->logits};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) m->be->ops->free(m->be, bufs[i]);
 }
 
-/* moe_route takes the selection bias as float32; decode it once, whatever its stored dtype. */
-static m3_status decode_router_biases(m3_model *m) {
+/* Hands every weight the forward reads to the backend, once (prepare_tensor); a tied lm_head then
+ * shares the embedding's copy. m->prepared lists what to release at free. */
+static m3_status prepare_weights(m3_model *m) {
   const m3_config *c = &m->cfg;
-  m->router_bias = calloc((size_t)c->num_layers, sizeof *m->router_bias);
-  if (!m->router_bias) return m3_fail(M3_ERR_NOMEM, "model: router bias table");
+  m3_weights *w = &m->w;
+  m3_backend *be = m->be;
+  enum { PER_LAYER = 19 };
+  const size_t cap = 3 + (size_t)c->num_layers * (PER_LAYER + 3 * (size_t)c->num_experts);
+  m->prepared = calloc(cap, sizeof *m->prepared);
+  if (!m->prepared) return m3_fail(M3_ERR_NOMEM, "model: list of %zu weights", cap);
+  m3_tensor **list = m->prepared;
+  size_t n = 0;
+  list[n++] = &w->embed;
+  list[n++] = &w->final_norm;
+  if (!w->lm_head_tied) list[n++] = &w->lm_head;
   for (int l = 0; l < c->num_layers; l++) {
-    const m3_tensor *b = &m->w.layers[l].router_bias;
-    if (c->layer_mlp[l] != M3_MLP_MOE || !m3_tensor_present(b)) continue;
-    if (b->rows * b->cols != c->num_experts)
-      return m3_fail(M3_ERR_SHAPE, "%s: %lld values, expected %d (num_local_experts)", b->name,
-                     (long long)(b->rows * b->cols), c->num_experts);
-    m->router_bias[l] = m->be->ops->alloc(m->be, (size_t)c->num_experts * sizeof(float));
-    if (!m->router_bias[l]) return m3_fail(M3_ERR_NOMEM, "model: router bias of layer %d", l);
-    m3_tensor_row_f32(b, 0, m->router_bias[l]);
+    m3_layer_weights *L = &w->layers[l];
+    /* router_bias is not here: moe_route reads the float32 copy decode_router_biases makes. */
+    m3_tensor *fields[PER_LAYER] = {
+        &L->input_norm,   &L->post_attn_norm, &L->q_proj,       &L->k_proj,
+        &L->v_proj,       &L->o_proj,         &L->q_norm,       &L->k_norm,
+        &L->index_q_proj, &L->index_k_proj,   &L->index_q_norm, &L->index_k_norm,
+        &L->mlp_gate,     &L->mlp_up,         &L->mlp_down,     &L->router,
+        &L->shared_gate,  &L->shared_up,      &L->shared_down};
+    for (int i = 0; i < PER_LAYER; i++) list[n++] = fields[i];
+    if (c->layer_mlp[l] != M3_MLP_MOE || !L->expert_gate) continue;
+    for (int e = 0; e < c->num_experts; e++) {
+      list[n++] = &L->expert_gate[e];
+      list[n++] = &L->expert_up[e];
+      list[n++] = &L->expert_down[e];
+    }
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (!m3_tensor_present(list[i])) continue;
+    m3_status st = be->ops->prepare_tensor(be, list[i]);
+    if (st != M3_OK) return st;
+    m->prepared[m->num_prepared++] = list[i];
+  }
+  if (w->lm_head_tied) {
+    w->lm_head.data = w->embed.data;
+    w->lm_head.scale = w->embed.scale;
   }
   return M3_OK;
+}
+
+static void release_weights(m3_model *m) {
+  for (int i = 0; i < m->num_prepared; i++) m->be->ops->release_tensor(m->be, m->prepared[i]);
+  free(m->prepared);
+}
+
+/* moe_route takes the selection bias as float32 in backend memory; decode it once on the host,
+ * whatever its stored dtype, and hand it over. */
+static m3_status decode_router_biases(m3_model *m) {
+  const m3_config *c = &m->cfg;
+  const size_t bytes = (size_t)c->num_experts * sizeof(float);
+  m->router_bias = calloc((size_t)c->num_layers, sizeof *m->router_bias);
+  float *host = malloc(bytes ? bytes : 1);
+  m3_status st = M3_OK;
+  if (!m->router_bias || !host) st = m3_fail(M3_ERR_NOMEM, "model: router bias table");
+  for (int l = 0; l < c->num_layers && st == M3_OK; l++) {
+    const m3_tensor *b = &m->w.layers[l].router_bias;
+    if (c->layer_mlp[l] != M3_MLP_MOE || !m3_tensor_present(b)) continue;
+    if (b->rows * b->cols != c->num_experts) {
+      st = m3_fail(M3_ERR_SHAPE, "%s: %lld values, expected %d (num_local_experts)", b->name,
+                   (long long)(b->rows * b->cols), c->num_experts);
+    } else if (!(m->router_bias[l] = m->be->ops->alloc(m->be, bytes))) {
+      st = m3_fail(M3_ERR_NOMEM, "model: router bias of layer %d", l);
+    } else {
+      m3_tensor_row_f32(b, 0, host);
+      st = m->be->ops->to_device(m->be, m->router_bias[l], host, bytes);
+    }
+  }
+  free(host);
+  return st;
 }
 
 m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
@@ -126,6 +212,7 @@ m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
                            .local_blocks = m->cfg.index_local_blocks,
                            .init_blocks = m->cfg.index_init_blocks};
   if ((st = decode_router_biases(m)) != M3_OK) goto fail;
+  if ((st = prepare_weights(m)) != M3_OK) goto fail;
   if ((st = alloc_scratch(m)) != M3_OK) goto fail;
   *out = m;
   return M3_OK;
@@ -144,6 +231,7 @@ void m3_model_free(m3_model *m) {
     free(m->router_bias);
   }
   free(m->segs);
+  release_weights(m);
   m3_weights_free(&m->w);
   if (m->st) m3_st_close(m->st);
   m3_config_free(&m->cfg);
@@ -176,58 +264,77 @@ static m3_status check_inputs(const m3_model *m, const m3_kv_view *kv, const int
 }
 
 /* Copies each segment's block selections of the current sparse layer (s.sel) into its
- * sequence's capture. */
-static void capture_selections(m3_model *m, const m3_segment *segs, int n_segs,
-                               const m3_model_seq *seqs, int sparse) {
+ * sequence's capture (host memory). */
+static m3_status capture_selections(m3_model *m, const m3_segment *segs, int n_segs,
+                                    const m3_model_seq *seqs, int sparse) {
   const size_t sel_row = (size_t)m->cfg.index_num_heads * (size_t)m->msa.topk;
-  for (int i = 0; i < n_segs; i++) {
+  m3_status st = M3_OK;
+  for (int i = 0; i < n_segs && st == M3_OK; i++) {
     const m3_selection_capture *cap = seqs[segs[i].seq].capture;
     if (!cap) continue;
     size_t row = (size_t)sparse * cap->n_tokens + (size_t)cap->first + (size_t)segs[i].offset;
-    memcpy(cap->blocks + row * sel_row, m->s.sel + (size_t)segs[i].first * sel_row,
-           (size_t)segs[i].T * sel_row * sizeof(int32_t));
+    st = m->be->ops->to_host(m->be, cap->blocks + row * sel_row,
+                             m->s.sel + (size_t)segs[i].first * sel_row,
+                             (size_t)segs[i].T * sel_row * sizeof(int32_t));
   }
+  return st;
 }
 
 /* The step rows whose logits were asked for (each sequence's last n_logits tokens), in order,
- * into s.rows; returns how many. */
+ * into hs.rows; returns how many. */
 static int logit_rows(m3_model *m, const m3_segment *segs, int n_segs, const m3_model_seq *seqs) {
   int n = 0;
   for (int i = 0; i < n_segs; i++) {
     const m3_model_seq *q = &seqs[segs[i].seq];
     for (int j = 0; j < segs[i].T; j++)
-      if (segs[i].offset + j >= q->T - q->n_logits) m->s.rows[n++] = segs[i].first + j;
+      if (segs[i].offset + j >= q->T - q->n_logits) m->hs.rows[n++] = segs[i].first + j;
   }
   return n;
 }
 
-/* One step over T <= M3_MODEL_STEP_TOKENS tokens (s.ids, s.pos) of n_segs segments; writes the
- * requested logits rows to `logits` and returns how many. */
-static int step(m3_model *m, const m3_segment *segs, int n_segs, int T, const m3_model_seq *seqs,
-                float *logits) {
+/* One step over T <= M3_MODEL_STEP_TOKENS tokens (hs.ids, hs.pos) of n_segs segments; writes the
+ * requested logits rows to `logits` (host memory) and their count to *n_rows. */
+static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
+                      const m3_model_seq *seqs, float *logits, int *n_rows) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
+  *n_rows = 0;
 
+  m3_status st = m3_upload(m, s->ids, m->hs.ids, (size_t)T * sizeof(int32_t));
+  if (st == M3_OK) st = m3_upload(m, s->pos, m->hs.pos, (size_t)T * sizeof(int32_t));
+  if (st != M3_OK) return st;
   be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
   for (int l = 0, sparse = 0; l < c->num_layers; l++) {
     m3_attention_block(m, l, segs, n_segs, T);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE) capture_selections(m, segs, n_segs, seqs, sparse++);
-    m3_ffn_block(m, l, T);
+    if (c->layer_attn[l] == M3_ATTN_SPARSE &&
+        (st = capture_selections(m, segs, n_segs, seqs, sparse++)) != M3_OK)
+      return st;
+    if ((st = m3_ffn_block(m, l, T)) != M3_OK) return st;
   }
   int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
-  if (rows == 0) return 0;
+  if (rows == 0) return M3_OK;
   be->ops->rmsnorm(be, s->x, &m->w.final_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
   const float *head_in = s->h;
   if (rows < T) {
     /* Decode steps want one row per sequence: gather them so the head runs on those alone. */
     const m3_tensor h_rows = {.name = "final hidden", .data = s->h, .dtype = M3_DT_F32,
                               .rows = T, .cols = c->hidden_size, .quant = M3_WQ_NONE};
+    if ((st = m3_upload(m, s->rows, m->hs.rows, (size_t)rows * sizeof(int32_t))) != M3_OK)
+      return st;
     be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
     head_in = s->xe;
   }
-  be->ops->matmul(be, &m->w.lm_head, head_in, rows, logits);
-  return rows;
+  /* A device backend computes the logits in its memory and hands them over; the CPU writes the
+   * caller's buffer directly. */
+  float *head_out = s->logits ? s->logits : logits;
+  be->ops->matmul(be, &m->w.lm_head, head_in, rows, head_out);
+  if (head_out != logits &&
+      (st = be->ops->to_host(be, logits, head_out,
+                             (size_t)rows * (size_t)c->vocab_size * sizeof(float))) != M3_OK)
+    return st;
+  *n_rows = rows;
+  return M3_OK;
 }
 
 static m3_status grow_segments(m3_model *m, int n) {
@@ -264,8 +371,8 @@ m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_se
       int take = q->T - off < M3_MODEL_STEP_TOKENS - T ? q->T - off : M3_MODEL_STEP_TOKENS - T;
       if (take > 0) {
         m->segs[n_segs++] = (m3_segment){q->kv, T, take, i, off};
-        memcpy(m->s.ids + T, q->ids + off, (size_t)take * sizeof(int32_t));
-        memcpy(m->s.pos + T, q->pos + off, (size_t)take * sizeof(int32_t));
+        memcpy(m->hs.ids + T, q->ids + off, (size_t)take * sizeof(int32_t));
+        memcpy(m->hs.pos + T, q->pos + off, (size_t)take * sizeof(int32_t));
         T += take;
         off += take;
       }
@@ -275,7 +382,10 @@ m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_se
       }
     }
     if (T == 0) break;
-    logit_row += (size_t)step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL);
+    int rows;
+    st = step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL, &rows);
+    if (st != M3_OK) return st;
+    logit_row += (size_t)rows;
   }
   return M3_OK;
 }

@@ -24,12 +24,13 @@ typedef struct m3_model m3_model;
  * blocks [n_sparse_layers, n_tokens, index heads, topk] int32, sparse layers in layer order;
  * token t of the forward lands at row first + t. Ids ascending, -1 padded. */
 typedef struct {
-  int32_t *blocks;
+  int32_t *blocks;    /* host memory */
   int n_tokens, first;
 } m3_selection_capture;
 
-/* Reads DIR/config.json and DIR's safetensors, binds every tensor, and allocates the step scratch
- * through `be` (which must outlive the model). */
+/* Reads DIR/config.json and DIR's safetensors, binds every tensor, hands the weights the forward
+ * reads to `be` (prepare_tensor: uploads on a device backend) and allocates the step scratch
+ * through it (`be` must outlive the model). */
 m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out);
 void m3_model_free(m3_model *m);
 
@@ -38,7 +39,8 @@ m3_backend *m3_model_backend(const m3_model *m);
 int m3_model_num_sparse_layers(const m3_model *m);
 
 /* Runs T tokens ids[T] at absolute positions pos[T] (each position's page must exist in every
- * view; positions may repeat earlier ones, which overwrites their keys).
+ * view; positions may repeat earlier ones, which overwrites their keys). ids, pos, logits and the
+ * capture are host memory; the views point at backend memory (engine/kvcache.h).
  *   kv      [num_layers] cache views; the tokens' K, V (and IK) are stored before attention, so
  *           each token attends to itself and to every earlier position already in the cache.
  *   logits  [T, vocab] float32, or NULL to skip the head.

@@ -103,7 +103,8 @@ static bool push_piece(m3_tokenizer *tok, int level, size_t *count, size_t start
   return true;
 }
 
-m3_status tok_added_split(m3_tokenizer *tok, int level, size_t off, size_t len, size_t *n_pieces) {
+m3_status tok_added_split(m3_tokenizer *tok, int level, size_t off, size_t len, bool special,
+                          size_t *n_pieces) {
   const tok_trie *t = level == 0 ? &tok->trie_raw : &tok->trie_norm;
   size_t count = 0, done = 0; /* done: end of the last emitted piece, relative to off */
   for (size_t p = 0; p < len;) {
@@ -116,6 +117,10 @@ m3_status tok_added_split(m3_tokenizer *tok, int level, size_t off, size_t len, 
     }
     const tok_added *a = &tok->added[k];
     size_t start = p, stop = end;
+    if (a->special && !special) {
+      p = end; /* HF drops the match and its automaton resumes after it */
+      continue;
+    }
     if (a->single_word) {
       bool left_ok = start == 0 || !is_word_char_at(tok, text, utf8_prev(text, start));
       bool right_ok = stop == len || !is_word_char_at(tok, text, stop);

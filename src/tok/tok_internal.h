@@ -194,8 +194,10 @@ m3_status tok_trie_add(tok_trie *t, const uint8_t *s, size_t n, int32_t token);
 void tok_trie_init(tok_trie *t);
 void tok_trie_free(tok_trie *t);
 /* Cuts work[off .. off+len) into tok->pieces[level] using trie `level` (0 raw, 1 normalized),
- * with HF's lstrip/rstrip/single_word rules; *n_pieces gets the count. */
-m3_status tok_added_split(m3_tokenizer *tok, int level, size_t off, size_t len, size_t *n_pieces);
+ * with HF's lstrip/rstrip/single_word rules; *n_pieces gets the count. Without `special`, a
+ * match of a special token is skipped like a failed single_word match (m3_tok_encode). */
+m3_status tok_added_split(m3_tokenizer *tok, int level, size_t off, size_t len, bool special,
+                          size_t *n_pieces);
 
 /* pretok.c */
 m3_status tok_step_compile(tok_step *st, const char *pattern, size_t len, bool literal, const char *key);

@@ -529,16 +529,17 @@ int32_t m3_tok_find(const m3_tokenizer *tok, const char *text, size_t len) {
 
 /* Level 0 cuts out added tokens matched on the raw text, level 1 those marked normalized (the
  * same text here, since the only normalizers accepted change nothing), level 2 pre-tokenizes. */
-static m3_status encode_level(m3_tokenizer *tok, int level, size_t off, size_t len, m3_tok_ids *out) {
+static m3_status encode_level(m3_tokenizer *tok, int level, size_t off, size_t len, bool special,
+                              m3_tok_ids *out) {
   if (level == 2) return tok_pretokenize(tok, 0, off, len, out);
   const tok_trie *t = level == 0 ? &tok->trie_raw : &tok->trie_norm;
-  if (t->n_nodes == 0) return encode_level(tok, level + 1, off, len, out);
+  if (t->n_nodes == 0) return encode_level(tok, level + 1, off, len, special, out);
   size_t n;
-  m3_status s = tok_added_split(tok, level, off, len, &n);
+  m3_status s = tok_added_split(tok, level, off, len, special, &n);
   for (size_t i = 0; s == M3_OK && i < n; i++) {
     tok_piece p = tok->pieces[level][i];
     if (p.token < 0) {
-      s = encode_level(tok, level + 1, p.start, p.end - p.start, out);
+      s = encode_level(tok, level + 1, p.start, p.end - p.start, special, out);
     } else if (tok_reserve((void **)&out->data, &out->cap, out->len + 1, sizeof(int32_t))) {
       out->data[out->len++] = tok->added[p.token].id;
     } else {
@@ -548,12 +549,13 @@ static m3_status encode_level(m3_tokenizer *tok, int level, size_t off, size_t l
   return s;
 }
 
-m3_status m3_tok_encode(m3_tokenizer *tok, const char *text, size_t len, m3_tok_ids *out) {
+m3_status m3_tok_encode(m3_tokenizer *tok, const char *text, size_t len, bool special,
+                        m3_tok_ids *out) {
   if (len > UINT32_MAX / 4) return m3_fail(M3_ERR_LIMIT, "encode: text of %zu bytes is too long", len);
   if (!tok_utf8_valid((const uint8_t *)text, len)) return m3_fail(M3_ERR_ARG, "encode: text is not valid UTF-8");
   if (len == 0) return M3_OK;
   if (!tok_reserve((void **)&tok->work, &tok->work_cap, len, 1)) return m3_fail(M3_ERR_NOMEM, "encode");
   memcpy(tok->work, text, len);
   tok->work_len = len;
-  return encode_level(tok, 0, 0, len, out);
+  return encode_level(tok, 0, 0, len, special, out);
 }

@@ -39,8 +39,12 @@ m3_status m3_tok_load(const char *path, m3_tokenizer **out);
 m3_status m3_tok_load_json(const char *json, size_t len, const char *name, m3_tokenizer **out);
 void m3_tok_free(m3_tokenizer *tok);
 
-/* Appends the ids of `text` (must be valid UTF-8, else M3_ERR_ARG) to `out`. */
-m3_status m3_tok_encode(m3_tokenizer *tok, const char *text, size_t len, m3_tok_ids *out);
+/* Appends the ids of `text` (must be valid UTF-8, else M3_ERR_ARG) to `out`. With `special`
+ * false, added tokens marked special are not cut out but encoded as the plain text they spell
+ * (HF's `encode_special_tokens = True`, transformers' split_special_tokens): text from a user
+ * can then never forge the chat format's markers. Non-special added tokens match either way. */
+m3_status m3_tok_encode(m3_tokenizer *tok, const char *text, size_t len, bool special,
+                        m3_tok_ids *out);
 
 /* Appends the decoded text of `ids` to `out`. Ids the tokenizer does not know are dropped, as HF
  * does; with `skip_special`, added tokens marked special are dropped too. */

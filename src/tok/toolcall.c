@@ -432,7 +432,7 @@ static bool elided_state(m3_toolcall *tc, bool eof) {
   }
   size_t rest = (size_t)(s + n - at);
   int closer = m3_lit_at(at, rest, NS "</");
-  const char *gt = closer == 1 ? memchr(at, '>', rest) : NULL;
+  const char *gt = closer == 1 ? memchr(at + NS_LEN + 2, '>', rest - NS_LEN - 2) : NULL;
   if (!eof && (closer == 0 || (closer == 1 && !gt && rest <= MAX_TAG))) return false;
   const char *name = at + NS_LEN + 2;
   size_t len = gt ? (size_t)(gt - name) : 0;

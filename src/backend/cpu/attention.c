@@ -55,18 +55,15 @@ static void attend_block(const attention_job *job, int group, const float *q, co
     float bmax = -INFINITY;
     for (int j = 0; j < n; j++) {
       sh[j] *= scale;
-      bmax = fmaxf(bmax, sh[j]);
+      if (sh[j] > bmax) bmax = sh[j]; /* a NaN score still reaches the output through exp */
     }
     float mnew = fmaxf(m[h], bmax);
     float corr = m[h] == -INFINITY ? 0.0f : expf(m[h] - mnew);
-    float sum = 0;
-    for (int j = 0; j < n; j++) sum += sh[j] = expf(sh[j] - mnew);
-    l[h] = l[h] * corr + sum;
+    l[h] = l[h] * corr + k->exp_sum(sh, n, mnew);
     m[h] = mnew;
     k->scale(o + (size_t)h * hd, corr, hd);
   }
-  for (int j = 0; j < n; j++)
-    for (int h = 0; h < group; h++) k->axpy(o + (size_t)h * hd, s[(size_t)h * bs + j], vb + (size_t)j * hd, hd);
+  k->pv(s, bs, group, vb, n, hd, o); /* o[h] += sum_j p[h][j] V[j] */
 }
 
 static void attention_items(void *ctx, int64_t i0, int64_t i1, int worker) {

@@ -2,7 +2,10 @@
  *
  * m3_backend_cpu_create picks the best set this CPU supports (AVX-512, else AVX2+FMA+F16C, else
  * portable C), unless the environment variable M3_CPU_ISA names one ("avx512", "avx2",
- * "portable"). Tests and benchmarks create one backend per set to compare them. */
+ * "portable"). Tests and benchmarks create one backend per set to compare them.
+ *
+ * A backend runs one op at a time (its thread pool is not re-entrant): threads that issue ops
+ * concurrently need a backend each. */
 #ifndef M3_BACKEND_CPU_CPU_H
 #define M3_BACKEND_CPU_CPU_H
 

@@ -20,11 +20,30 @@ static void cpu_free(m3_backend *be, void *p) {
   free(p);
 }
 
+/* Backend memory is host memory: transfers are copies and weights are read where they are mapped. */
+static m3_status cpu_copy(m3_backend *be, void *dst, const void *src, size_t bytes) {
+  (void)be;
+  memcpy(dst, src, bytes);
+  return M3_OK;
+}
+
+static m3_status cpu_prepare_tensor(m3_backend *be, m3_tensor *t) {
+  (void)be, (void)t;
+  return M3_OK;
+}
+
+static void cpu_release_tensor(m3_backend *be, m3_tensor *t) { (void)be, (void)t; }
+
 static const m3_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
+    .to_device = cpu_copy,
+    .copy = cpu_copy,
+    .to_host = cpu_copy,
+    .prepare_tensor = cpu_prepare_tensor,
+    .release_tensor = cpu_release_tensor,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,

@@ -9,6 +9,13 @@
 #include "backend/cpu/cpu.h"
 #include "base/threadpool.h"
 
+/* Columns per matmul chunk. Every kernel set sums a row's products chunk by chunk in the same
+ * order whether it runs as a GEMV (T = 1) or on a decoded tile (T > 1): y starts at 0 and gets
+ * each chunk's sum added, and within a chunk the lanes accumulate column groups in order, the
+ * last group zero-padded, reduced by one fixed shuffle tree. So a token's output does not depend
+ * on how many tokens share the call: decoding token by token gives the bits of one prefill. */
+enum { CPU_K_CHUNK = 256 };
+
 /* Kernels one instruction set provides. Weight rows are decoded on the fly; no kernel writes a
  * dequantized copy of more than one small tile. */
 typedef struct {
@@ -18,12 +25,17 @@ typedef struct {
    * SIMD kernels take: F32, BF16, F16, MXFP8 and FP8 block with block_cols a power of two >= 32;
    * the portable set takes every float dtype. */
   void (*decode_tile)(const m3_tensor *w, int64_t r0, int nr, int64_t k0, int kc, float *dst);
-  /* y[t * ldy + i] += dot(tile[i * kc ..], x[t * ldx ..]) over kc, for t < T, i < nr. */
+  /* y[t * ldy + i] += dot(tile[i * kc ..], x[t * ldx ..]) over kc <= CPU_K_CHUNK, for t < T,
+   * i < nr, summed in the order gemv uses for one chunk. */
   void (*tile_gemm)(const float *tile, int nr, int kc, const float *x, int64_t ldx, int T,
                     float *y, int64_t ldy);
   float (*dot)(const float *a, const float *b, int n);
   void (*axpy)(float *y, float a, const float *x, int n); /* y += a * x */
+  /* o[i][:] += sum over j < n of p[i * ldp + j] * v[j][:] for i < nq.  v [n, d], o [nq, d] */
+  void (*pv)(const float *p, int ldp, int nq, const float *v, int n, int d, float *o);
   void (*scale)(float *y, float a, int n);                /* y *= a */
+  /* s[j] = exp(s[j] - m) for j < n (within 2 ulp of expf); returns the sum of the new s. */
+  float (*exp_sum)(float *s, int n, float m);
 } cpu_kernels;
 
 extern const cpu_kernels cpu_kernels_portable;

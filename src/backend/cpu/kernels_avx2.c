@@ -8,7 +8,15 @@
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline)) TARGET
 
-/* Columns [c, c + 16) of the row into lo (first 8) and hi. */
+/* The block scale of columns [c, c + 16) (1 for unscaled kinds; 256 folded in for E4M3, which
+ * decode16 leaves 256 times too small, as in kernels_avx512.c). */
+INLINE float scale16(cpu_wkind kind, const cpu_wrow *row, int64_t c) {
+  if (kind == CPU_W_MXFP8) return cpu_e8m0_x256_table[row->mx[c >> 5]];
+  if (kind == CPU_W_FP8_BLOCK) return row->fb[c >> row->fb_shift] * 256.0f;
+  return 1.0f;
+}
+
+/* Columns [c, c + 16) of the row into lo (first 8) and hi, without the block scale. */
 INLINE void decode16(cpu_wkind kind, const cpu_wrow *row, int64_t c, __m256 *lo, __m256 *hi) {
   switch (kind) {
     case CPU_W_F32:
@@ -28,16 +36,16 @@ INLINE void decode16(cpu_wkind kind, const cpu_wrow *row, int64_t c, __m256 *lo,
       return;
     case CPU_W_MXFP8:
     case CPU_W_FP8_BLOCK: {
-      __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row->data + c)));
+      /* s eeee mmm -> F16 s 0eeee mmm0000000; NaN bytes become an F16 NaN. */
+      __m128i b = _mm_loadu_si128((const __m128i *)(row->data + c));
+      __m256i h = _mm256_cvtepi8_epi16(b);
       h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
-      __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x3F80)),
-                                       _mm256_set1_epi16(0x3F80));
-      h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
-      float s = kind == CPU_W_MXFP8 ? cpu_e8m0_x256_table[row->mx[c / 32]]
-                                    : row->fb[c >> row->fb_shift] * 256.0f;
-      __m256 sv = _mm256_set1_ps(s);
-      *lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sv);
-      *hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sv);
+      /* NaN bytes (0x7F, 0xFF) do not occur in real weights: test, and fix up only if present. */
+      __m128i nan = _mm_cmpeq_epi8(_mm_or_si128(b, _mm_set1_epi8((char)0x80)), _mm_set1_epi8(-1));
+      if (__builtin_expect(_mm_movemask_epi8(nan) != 0, 0))
+        h = _mm256_or_si256(h, _mm256_and_si256(_mm256_cvtepi8_epi16(nan), _mm256_set1_epi16(0x7C00)));
+      *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+      *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
       return;
     }
   }
@@ -50,28 +58,49 @@ INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* y[i] = dot(W[r + i], x) for i < nrows (1..4), 16 columns per step, two sums per row. */
+/* Lanes [0, n) set, n in [0, 8]: the mask of _mm256_maskload_ps for a row's last columns. */
+INLINE __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* y[i] = dot(W[r + i], x) for i < nrows (1..4), in the order of CPU_K_CHUNK: per chunk one
+ * accumulator per row over 8-column groups (16 per step), then hsum. */
 INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r, int nrows,
                       float *y) {
+  const int scaled = kind == CPU_W_MXFP8 || kind == CPU_W_FP8_BLOCK;
   cpu_wrow row[4];
-  __m256 acc[4][2];
-  for (int i = 0; i < nrows; i++) {
-    row[i] = cpu_wrow_at(w, r + i);
-    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  }
-  const int64_t K16 = w->cols & ~(int64_t)15;
-  for (int64_t c = 0; c < K16; c += 16) {
-    __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-    for (int i = 0; i < nrows; i++) {
-      __m256 lo, hi;
-      decode16(kind, &row[i], c, &lo, &hi);
-      acc[i][0] = _mm256_fmadd_ps(lo, x0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(hi, x1, acc[i][1]);
+  for (int i = 0; i < nrows; i++) row[i] = cpu_wrow_at(w, r + i), y[i] = 0;
+  for (int64_t k0 = 0; k0 < w->cols; k0 += CPU_K_CHUNK) {
+    const int64_t k1 = w->cols - k0 < CPU_K_CHUNK ? w->cols : k0 + CPU_K_CHUNK;
+    __m256 acc[4];
+    for (int i = 0; i < nrows; i++) acc[i] = _mm256_setzero_ps();
+    int64_t c = k0;
+    for (; c + 16 <= k1; c += 16) {
+      __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+      for (int i = 0; i < nrows; i++) {
+        __m256 lo, hi;
+        decode16(kind, &row[i], c, &lo, &hi);
+        if (scaled) {
+          __m256 s = _mm256_set1_ps(scale16(kind, &row[i], c));
+          lo = _mm256_mul_ps(lo, s);
+          hi = _mm256_mul_ps(hi, s);
+        }
+        acc[i] = _mm256_fmadd_ps(hi, x1, _mm256_fmadd_ps(lo, x0, acc[i]));
+      }
     }
-  }
-  for (int i = 0; i < nrows; i++) {
-    y[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
-    if (K16 < w->cols) y[i] += cpu_row_tail_dot(w, r + i, K16, x);
+    if (c < k1) { /* the chunk's last columns, zero-padded to whole 8-column groups */
+      const int n = (int)(k1 - c);
+      for (int i = 0; i < nrows; i++) {
+        float buf[16] = {0};
+        cpu_decode_row(w, r + i, c, n, buf);
+        for (int g = 0; g < n; g += 8) {
+          __m256i m = tail_mask(n - g);
+          acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(buf + g, m), _mm256_maskload_ps(x + c + g, m),
+                                   acc[i]);
+        }
+      }
+    }
+    for (int i = 0; i < nrows; i++) y[i] += hsum(acc[i]);
   }
 }
 
@@ -100,10 +129,10 @@ INLINE void decode_tile_kind(cpu_wkind kind, const m3_tensor *w, int64_t r0, int
     cpu_wrow row = cpu_wrow_at(w, r0 + i);
     float *d = dst + (size_t)i * kc;
     for (int c = 0; c < kc16; c += 16) {
-      __m256 lo, hi;
+      __m256 lo, hi, s = _mm256_set1_ps(scale16(kind, &row, k0 + c));
       decode16(kind, &row, k0 + c, &lo, &hi);
-      _mm256_storeu_ps(d + c, lo);
-      _mm256_storeu_ps(d + c + 8, hi);
+      _mm256_storeu_ps(d + c, _mm256_mul_ps(lo, s));
+      _mm256_storeu_ps(d + c + 8, _mm256_mul_ps(hi, s));
     }
     if (kc16 < kc) cpu_decode_row(w, r0 + i, k0 + kc16, kc - kc16, d + kc16);
   }
@@ -120,10 +149,6 @@ TARGET static void decode_tile_avx2(const m3_tensor *w, int64_t r0, int nr, int6
   }
 }
 
-/* Lanes [0, n) set, n in [0, 8]: the mask of _mm256_maskload_ps for a row's last columns. */
-INLINE __m256i tail_mask(int n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 /* y[t][i] += dot(tile row i, x row t) for a TB x RB block (TB <= 2, RB <= 4: 8 accumulators fit
  * beside the loads in 16 registers). */
@@ -183,6 +208,37 @@ TARGET static void axpy_avx2(float *y, float a, const float *x, int n) {
   }
 }
 
+/* Four query rows at a time against 16 columns of v: 8 accumulators, each v load shared by four
+ * multiply-adds. Rows past nq repeat the last row and are not stored. */
+TARGET static void pv_avx2(const float *p, int ldp, int nq, const float *v, int n, int d,
+                           float *o) {
+  for (int q0 = 0; q0 < nq; q0 += 4) {
+    int qb = nq - q0 < 4 ? nq - q0 : 4;
+    const float *pr[4];
+    for (int i = 0; i < 4; i++) pr[i] = p + (size_t)(q0 + (i < qb ? i : qb - 1)) * ldp;
+    for (int d0 = 0; d0 < d; d0 += 16) {
+      __m256i m[2] = {tail_mask(d - d0), tail_mask(d - d0 - 8)};
+      __m256 acc[4][2];
+      for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int j = 0; j < n; j++) {
+        const float *vr = v + (size_t)j * d + d0;
+        __m256 v0 = _mm256_maskload_ps(vr, m[0]), v1 = _mm256_maskload_ps(vr + 8, m[1]);
+        for (int i = 0; i < 4; i++) {
+          __m256 pi = _mm256_set1_ps(pr[i][j]);
+          acc[i][0] = _mm256_fmadd_ps(pi, v0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(pi, v1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < 4; i++) /* constant bounds keep acc in registers */
+        for (int k = 0; k < 2; k++) {
+          if (i >= qb) continue;
+          float *op = o + (size_t)(q0 + i) * d + d0 + 8 * k;
+          _mm256_maskstore_ps(op, m[k], _mm256_add_ps(_mm256_maskload_ps(op, m[k]), acc[i][k]));
+        }
+    }
+  }
+}
+
 TARGET static void scale_avx2(float *y, float a, int n) {
   __m256 av = _mm256_set1_ps(a);
   for (int i = 0; i < n; i += 8) {
@@ -191,12 +247,44 @@ TARGET static void scale_avx2(float *y, float a, int n) {
   }
 }
 
+/* exp(x) for x <= 0, as in kernels_avx512.c; 2^n is built in the exponent field (n >= -127). */
+INLINE __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+TARGET static float exp_sum_avx2(float *s, int n, float m) {
+  __m256 mv = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) {
+    __m256i k = tail_mask(n - j);
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_maskload_ps(s + j, k), mv));
+    e = _mm256_and_ps(e, _mm256_castsi256_ps(k));
+    _mm256_maskstore_ps(s + j, k, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum(sum);
+}
+
 const cpu_kernels cpu_kernels_avx2 = {
     .gemv = gemv_avx2,
     .decode_tile = decode_tile_avx2,
     .tile_gemm = tile_gemm_avx2,
     .dot = dot_avx2,
     .axpy = axpy_avx2,
+    .pv = pv_avx2,
     .scale = scale_avx2,
+    .exp_sum = exp_sum_avx2,
 };
 #endif

@@ -2,8 +2,9 @@
  *
  * Weights are decoded 32 columns at a time straight into registers: BF16 by a shift, F16 by
  * vcvtph2ps, E4M3 by rewriting each byte as an F16 (sign-extend, shift the exponent and mantissa
- * into place) and converting; the block scale (times 256, see cpu_e8m0_x256_table) multiplies the
- * block's partial dot product. E4M3 NaN bytes become F16 NaNs, so every value decodes exactly. */
+ * into place) and converting, then one multiply by the block scale (times 256, see
+ * cpu_e8m0_x256_table). E4M3 NaN bytes become F16 NaNs, so every value decodes exactly. The GEMV
+ * and the tiled GEMM sum in the same order (CPU_K_CHUNK), so results do not depend on T. */
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -42,11 +43,13 @@ INLINE void decode32(cpu_wkind kind, const cpu_wrow *row, int64_t c, __m512 *lo,
     case CPU_W_MXFP8:
     case CPU_W_FP8_BLOCK: {
       /* s eeee mmm -> F16 s 0eeee mmm0000000: sign-extend to 16 bits, shift, clear bit 14. */
-      __m512i h = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row->data + c)));
+      __m256i b = _mm256_loadu_si256((const __m256i *)(row->data + c));
+      __m512i h = _mm512_cvtepi8_epi16(b);
       h = _mm512_and_si512(_mm512_slli_epi16(h, 7), _mm512_set1_epi16((short)0xBFFF));
-      __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, _mm512_set1_epi16(0x3F80)),
-                                              _mm512_set1_epi16(0x3F80));
-      h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7E00)); /* NaN stays NaN */
+      /* NaN bytes (0x7F, 0xFF) do not occur in real weights: test, and fix up only if present. */
+      __mmask32 nan = _mm256_cmpeq_epi8_mask(_mm256_or_si256(b, _mm256_set1_epi8((char)0x80)),
+                                             _mm256_set1_epi8(-1));
+      if (__builtin_expect(nan != 0, 0)) h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7E00));
       *lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
       *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
       return;
@@ -54,34 +57,63 @@ INLINE void decode32(cpu_wkind kind, const cpu_wrow *row, int64_t c, __m512 *lo,
   }
 }
 
-/* y[i] = dot(W[r + i], x) for i < nrows (1..4), 32 columns (one scale block) per step. */
+/* The two 256-bit halves of a added (AVX-512F alone has no float32x8 extract). */
+INLINE __m256 fold256(__m512 a) {
+  __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  return _mm256_add_ps(_mm512_castps512_ps256(a), hi);
+}
+
+/* The four horizontal sums of a0..a3, in lanes 0..3: a shared shuffle tree, cheaper than four
+ * separate reductions. */
+INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  __m256 b0 = fold256(a0);
+  __m256 b1 = fold256(a1);
+  __m256 b2 = fold256(a2);
+  __m256 b3 = fold256(a3);
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* y[i] = dot(W[r + i], x) for i < nrows (1..4), in the order of CPU_K_CHUNK: per chunk one
+ * accumulator per row over 16-column groups (32 per step), then reduce4. */
 INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r, int nrows,
                       float *y) {
   const int scaled = kind == CPU_W_MXFP8 || kind == CPU_W_FP8_BLOCK;
   cpu_wrow row[4];
-  __m512 acc[4][2];
-  for (int i = 0; i < nrows; i++) {
-    row[i] = cpu_wrow_at(w, r + i);
-    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  }
-  const int64_t K32 = w->cols & ~(int64_t)31;
-  for (int64_t c = 0; c < K32; c += 32) {
-    __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
-    for (int i = 0; i < nrows; i++) {
-      __m512 lo, hi;
-      decode32(kind, &row[i], c, &lo, &hi);
-      if (scaled) { /* the block's dot product, then one multiply-add by its scale */
-        __m512 part = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
-        acc[i][0] = _mm512_fmadd_ps(part, _mm512_set1_ps(scale32(kind, &row[i], c)), acc[i][0]);
-      } else {
-        acc[i][0] = _mm512_fmadd_ps(lo, x0, acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(hi, x1, acc[i][1]);
+  for (int i = 0; i < nrows; i++) row[i] = cpu_wrow_at(w, r + i), y[i] = 0;
+  for (int64_t k0 = 0; k0 < w->cols; k0 += CPU_K_CHUNK) {
+    const int64_t k1 = w->cols - k0 < CPU_K_CHUNK ? w->cols : k0 + CPU_K_CHUNK;
+    __m512 acc[4];
+    for (int i = 0; i < nrows; i++) acc[i] = _mm512_setzero_ps();
+    int64_t c = k0;
+    for (; c + 32 <= k1; c += 32) {
+      __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
+      for (int i = 0; i < nrows; i++) {
+        __m512 lo, hi;
+        decode32(kind, &row[i], c, &lo, &hi);
+        if (scaled) {
+          __m512 s = _mm512_set1_ps(scale32(kind, &row[i], c));
+          lo = _mm512_mul_ps(lo, s);
+          hi = _mm512_mul_ps(hi, s);
+        }
+        acc[i] = _mm512_fmadd_ps(hi, x1, _mm512_fmadd_ps(lo, x0, acc[i]));
       }
     }
-  }
-  for (int i = 0; i < nrows; i++) {
-    y[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-    if (K32 < w->cols) y[i] += cpu_row_tail_dot(w, r + i, K32, x);
+    if (c < k1) { /* the chunk's last columns, zero-padded to whole 16-column groups */
+      const int n = (int)(k1 - c);
+      for (int i = 0; i < nrows; i++) {
+        float buf[32] = {0};
+        cpu_decode_row(w, r + i, c, n, buf);
+        for (int g = 0; g < n; g += 16) {
+          __mmask16 m = n - g >= 16 ? 0xFFFF : (__mmask16)((1u << (n - g)) - 1);
+          acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, buf + g),
+                                   _mm512_maskz_loadu_ps(m, x + c + g), acc[i]);
+        }
+      }
+    }
+    float sums[4];
+    _mm_storeu_ps(sums, reduce4(acc[0], acc[nrows > 1], acc[nrows > 2 ? 2 : 0], acc[nrows > 3 ? 3 : 0]));
+    for (int i = 0; i < nrows; i++) y[i] += sums[i];
   }
 }
 
@@ -130,23 +162,6 @@ TARGET static void decode_tile_avx512(const m3_tensor *w, int64_t r0, int nr, in
   }
 }
 
-/* The two 256-bit halves of a added (AVX-512F alone has no float32x8 extract). */
-INLINE __m256 fold256(__m512 a) {
-  __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-  return _mm256_add_ps(_mm512_castps512_ps256(a), hi);
-}
-
-/* The four horizontal sums of a0..a3, in lanes 0..3: a shared shuffle tree, cheaper than four
- * separate reductions. */
-INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  __m256 b0 = fold256(a0);
-  __m256 b1 = fold256(a1);
-  __m256 b2 = fold256(a2);
-  __m256 b3 = fold256(a3);
-  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 /* y[t][i] += dot(tile row i, x row t) for a TB x RB block: TB * RB accumulators in registers,
  * each tile and x load shared by RB or TB multiply-adds. */
 INLINE void micro(const float *tile, int kc, const float *x, int64_t ldx, float *y, int64_t ldy,
@@ -177,7 +192,8 @@ INLINE void micro(const float *tile, int kc, const float *x, int64_t ldx, float 
       __m128 sums = reduce4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
       _mm_storeu_ps(y + t * ldy, _mm_add_ps(_mm_loadu_ps(y + t * ldy), sums));
     } else {
-      for (int i = 0; i < RB; i++) y[t * ldy + i] += _mm512_reduce_add_ps(acc[t][i]);
+      for (int i = 0; i < RB; i++) /* the same tree as for four rows, so gemv_rows matches */
+        y[t * ldy + i] += _mm_cvtss_f32(reduce4(acc[t][i], acc[t][i], acc[t][i], acc[t][i]));
     }
   }
 }
@@ -222,6 +238,41 @@ TARGET static void axpy_avx512(float *y, float a, const float *x, int n) {
   }
 }
 
+/* Four query rows at a time against 64 columns of v: 16 accumulators, each v load shared by four
+ * multiply-adds. Rows past nq repeat the last row and are not stored. */
+TARGET static void pv_avx512(const float *p, int ldp, int nq, const float *v, int n, int d,
+                             float *o) {
+  for (int q0 = 0; q0 < nq; q0 += 4) {
+    int qb = nq - q0 < 4 ? nq - q0 : 4;
+    const float *pr[4];
+    for (int i = 0; i < 4; i++) pr[i] = p + (size_t)(q0 + (i < qb ? i : qb - 1)) * ldp;
+    for (int d0 = 0; d0 < d; d0 += 64) {
+      __mmask16 m[4];
+      __m512 acc[4][4];
+      for (int k = 0; k < 4; k++) {
+        int rem = d - d0 - 16 * k;
+        m[k] = rem >= 16 ? 0xFFFF : rem <= 0 ? 0 : (__mmask16)((1u << rem) - 1);
+        for (int i = 0; i < 4; i++) acc[i][k] = _mm512_setzero_ps();
+      }
+      for (int j = 0; j < n; j++) {
+        const float *vr = v + (size_t)j * d + d0;
+        __m512 vv[4];
+        for (int k = 0; k < 4; k++) vv[k] = _mm512_maskz_loadu_ps(m[k], vr + 16 * k);
+        for (int i = 0; i < 4; i++) {
+          __m512 pi = _mm512_set1_ps(pr[i][j]);
+          for (int k = 0; k < 4; k++) acc[i][k] = _mm512_fmadd_ps(pi, vv[k], acc[i][k]);
+        }
+      }
+      for (int i = 0; i < 4; i++) /* constant bounds keep acc in registers */
+        for (int k = 0; k < 4; k++) {
+          if (i >= qb) continue;
+          float *op = o + (size_t)(q0 + i) * d + d0 + 16 * k;
+          _mm512_mask_storeu_ps(op, m[k], _mm512_add_ps(_mm512_maskz_loadu_ps(m[k], op), acc[i][k]));
+        }
+    }
+  }
+}
+
 TARGET static void scale_avx512(float *y, float a, int n) {
   __m512 av = _mm512_set1_ps(a);
   for (int i = 0; i < n; i += 16) {
@@ -230,12 +281,43 @@ TARGET static void scale_avx512(float *y, float a, int n) {
   }
 }
 
+/* exp(x) for x <= 0 (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n). Inputs
+ * below -88 give a value below 2^-126 instead of 0, which no softmax sum notices; NaN stays NaN. */
+INLINE __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+TARGET static float exp_sum_avx512(float *s, int n, float m) {
+  __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 const cpu_kernels cpu_kernels_avx512 = {
     .gemv = gemv_avx512,
     .decode_tile = decode_tile_avx512,
     .tile_gemm = tile_gemm_avx512,
     .dot = dot_avx512,
     .axpy = axpy_avx512,
+    .pv = pv_avx512,
     .scale = scale_avx512,
+    .exp_sum = exp_sum_avx512,
 };
 #endif

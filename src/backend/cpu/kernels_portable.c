@@ -1,8 +1,8 @@
 /* kernels_portable.c: the kernel set in plain C, for any CPU; also the reference the SIMD sets are
  * tested against. */
-#include "backend/cpu/cpu_internal.h"
+#include <math.h>
 
-enum { ROW_CHUNK = 256 }; /* columns decoded at a time onto the stack */
+#include "backend/cpu/cpu_internal.h"
 
 static float dot_portable(const float *a, const float *b, int n) {
   /* Four partial sums: a shorter dependency chain, and closer to the SIMD sets' rounding. */
@@ -18,16 +18,27 @@ static void axpy_portable(float *y, float a, const float *x, int n) {
   for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static void pv_portable(const float *p, int ldp, int nq, const float *v, int n, int d, float *o) {
+  for (int i = 0; i < nq; i++)
+    for (int j = 0; j < n; j++) axpy_portable(o + (size_t)i * d, p[(size_t)i * ldp + j], v + (size_t)j * d, d);
+}
+
+static float exp_sum_portable(float *s, int n, float m) {
+  float sum = 0;
+  for (int j = 0; j < n; j++) sum += s[j] = expf(s[j] - m);
+  return sum;
+}
+
 static void scale_portable(float *y, float a, int n) {
   for (int i = 0; i < n; i++) y[i] *= a;
 }
 
 static void gemv_portable(const m3_tensor *w, const float *x, int64_t r0, int64_t r1, float *y) {
-  float buf[ROW_CHUNK];
+  float buf[CPU_K_CHUNK];
   for (int64_t r = r0; r < r1; r++) {
     float acc = 0;
-    for (int64_t c = 0; c < w->cols; c += ROW_CHUNK) {
-      int n = w->cols - c < ROW_CHUNK ? (int)(w->cols - c) : ROW_CHUNK;
+    for (int64_t c = 0; c < w->cols; c += CPU_K_CHUNK) {
+      int n = w->cols - c < CPU_K_CHUNK ? (int)(w->cols - c) : CPU_K_CHUNK;
       cpu_decode_row(w, r, c, n, buf);
       acc += dot_portable(buf, x + c, n);
     }
@@ -53,5 +64,7 @@ const cpu_kernels cpu_kernels_portable = {
     .tile_gemm = tile_gemm_portable,
     .dot = dot_portable,
     .axpy = axpy_portable,
+    .pv = pv_portable,
     .scale = scale_portable,
+    .exp_sum = exp_sum_portable,
 };

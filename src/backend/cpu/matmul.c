@@ -1,14 +1,14 @@
 /* matmul.c: y = x . W^T for weights of any dtype, and the embedding lookup.
  *
  * T = 1 (decode) is a GEMV bound by memory bandwidth: threads split the rows and each weight row
- * streams through once. T > 1 decodes a tile of TILE_ROWS x TILE_COLS weights into a stack buffer
+ * streams through once. T > 1 decodes a tile of TILE_ROWS x CPU_K_CHUNK weights into a stack buffer
  * and applies it to every token, so decoding is paid once per tile rather than once per token. */
 #include <math.h>
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
 
-enum { TILE_ROWS = 32, TILE_COLS = 256 };
+enum { TILE_ROWS = 32 };
 
 /* Whether the SIMD kernels can decode w: they read 32 columns under one scale. */
 static int simd_decodable(const m3_tensor *w) {
@@ -42,13 +42,13 @@ static void gemm_row_tiles(void *ctx, int64_t tile0, int64_t tile1, int worker) 
   const matmul_job *job = ctx;
   const m3_tensor *w = job->w;
   const int64_t K = w->cols, N = w->rows;
-  float tile[TILE_ROWS * TILE_COLS];
+  float tile[TILE_ROWS * CPU_K_CHUNK];
   for (int64_t ti = tile0; ti < tile1; ti++) {
     int64_t r0 = ti * TILE_ROWS;
     int nr = N - r0 < TILE_ROWS ? (int)(N - r0) : TILE_ROWS;
     for (int t = 0; t < job->T; t++) memset(job->y + t * N + r0, 0, (size_t)nr * sizeof(float));
-    for (int64_t k0 = 0; k0 < K; k0 += TILE_COLS) {
-      int kc = K - k0 < TILE_COLS ? (int)(K - k0) : TILE_COLS;
+    for (int64_t k0 = 0; k0 < K; k0 += CPU_K_CHUNK) {
+      int kc = K - k0 < CPU_K_CHUNK ? (int)(K - k0) : CPU_K_CHUNK;
       job->k->decode_tile(w, r0, nr, k0, kc, tile);
       job->k->tile_gemm(tile, nr, kc, job->x + k0, K, job->T, job->y + r0, N);
     }

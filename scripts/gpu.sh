@@ -1,0 +1,151 @@
+#!/bin/bash
+# gpu.sh: the CUDA backend's checks and timings in one go on a GPU machine (one `run` call there):
+# configures with -DM3_CUDA=ON for sm_90a, builds, runs every op against the CPU backend
+# (tests/gpu/test_cuda_ops.c), the committed text fixtures through `m3 logits --device cuda`,
+# `m3 run` speed on the CPU and the GPU, and the kernel timings (tests/gpu/bench_cuda_ops.c). Logs and results.md go to $OUT (else
+# ./gpu-out); the summary prints last. Exits non-zero when a check fails.
+#
+# The build needs libcjson, libpcre2 and libmicrohttpd (Debian packages). Where the machine lacks them, .debs
+# carried in .gpudeps/ (apt-get download pkgconf pkgconf-bin libpkgconf3 libcjson1 libcjson-dev
+# libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3 libmicrohttpd12
+# libmicrohttpd-dev) are unpacked under /tmp.
+set -u
+src=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$src/gpu-out}
+build=${BUILD:-$src/build-gpu}
+mkdir -p "$out"
+
+if ! pkg-config --exists libcjson libpcre2-8 libmicrohttpd 2>/dev/null; then
+  deps=/tmp/m3-gpudeps
+  for f in "$src"/.gpudeps/*.deb; do dpkg -x "$f" "$deps"; done
+  # libmicrohttpd.pc requires gnutls.pc; the runtime libgnutls.so.30 is the machine's own.
+  printf 'Name: gnutls\nDescription: the system runtime\nVersion: 3.8.0\n' \
+    > "$deps/usr/lib/x86_64-linux-gnu/pkgconfig/gnutls.pc"
+  export PATH=$deps/usr/bin:$PATH CPATH=$deps/usr/include
+  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+  export PKG_CONFIG_SYSROOT_DIR=$deps
+  export PKG_CONFIG_LIBDIR=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
+fi
+
+nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
+if ! cmake -S "$src" -B "$build" -G Ninja -DM3_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/configure.log" 2>&1; then
+  tail -n 30 "$out/configure.log"
+  exit 1
+fi
+if ! ninja -C "$build" test_cuda_ops bench_cuda_ops > "$out/build.log" 2>&1; then
+  tail -n 40 "$out/build.log"
+  exit 1
+fi
+ninja -C "$build" m3 >> "$out/build.log" 2>&1
+m3_built=$?
+
+"$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
+ops_rc=$?
+
+# Fixtures: logits of every committed text model on the GPU against transformers' (rel L2 per
+# position <= 1e-2, >= 99% same argmax), all tokens in one forward (chunk 256) and one token per
+# forward (chunk 1, the decode path). Block selections must be identical, except rows (layer,
+# token, index head) of a fixture whose closest selection tie (reference.json min_block_margin) is
+# below 1e-4, which are counted as near-ties.
+fixtures_rc=0
+if [ $m3_built -ne 0 ]; then
+  echo "fixtures: skipped, m3 did not build (see build.log)" > "$out/fixtures.log"
+else
+  python3 - "$build/m3" "$src/tests/fixtures/text" > "$out/fixtures.log" 2>&1 <<'EOF'
+import json, os, subprocess, sys, tempfile
+import numpy as np
+m3, root = sys.argv[1], sys.argv[2]
+failed = 0
+print("| fixture | chunk | worst rel L2 | argmax agree | selection rows differing | near-ties | result |")
+print("|---|---|---|---|---|---|---|")
+for name in sorted(os.listdir(root)):
+    fx = os.path.join(root, name)
+    if not os.path.exists(os.path.join(fx, "logits.f32")):
+        continue
+    ref = json.load(open(os.path.join(fx, "reference.json")))
+    ids = ref["ids"]
+    want = np.fromfile(os.path.join(fx, "logits.f32"), np.float32).reshape(len(ids), -1)
+    ref_blocks = np.fromfile(os.path.join(fx, "blocks.i32"), np.int32)
+    margin = ref.get("min_block_margin")
+    for chunk in (256, 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [m3, "logits", "--model", fx, "--ids", ",".join(map(str, ids)), "--device", "cuda",
+                   "--chunk", str(chunk), "--out", tmp + "/l.f32", "--blocks-out", tmp + "/b.i32"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"| {name} | {chunk} | - | - | - | - | FAIL: {r.stderr.strip()[:200]} |")
+                failed += 1
+                continue
+            got = np.fromfile(tmp + "/l.f32", np.float32).reshape(len(ids), -1)
+            blocks = np.fromfile(tmp + "/b.i32", np.int32)
+        rel = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        agree = float(np.mean(got.argmax(1) == want.argmax(1)))
+        ok = bool(rel.max() <= 1e-2) and agree >= 0.99
+        if ref_blocks.size == 0:
+            rows, near = "- (no sparse layer)", "-"
+        elif blocks.size != ref_blocks.size:
+            rows, near, ok = f"size {blocks.size} vs {ref_blocks.size}", "-", False
+        else:
+            k = ref["topk"]
+            diff = int(np.any(blocks.reshape(-1, k) != ref_blocks.reshape(-1, k), axis=1).sum())
+            tie = margin is not None and margin < 1e-4
+            rows, near = f"{diff} of {ref_blocks.size // k}", (diff if tie else 0)
+            ok = ok and (diff == 0 or tie)
+        failed += not ok
+        print(f"| {name} | {chunk} | {rel.max():.2e} | {agree:.1%} | {rows} | {near} | {'PASS' if ok else 'FAIL'} |")
+sys.exit(1 if failed else 0)
+EOF
+  fixtures_rc=$?
+fi
+
+# End to end: `m3 run` speed, greedy, 64 prompt ids then up to 256 generated, on the CPU and the
+# GPU. Tiny models only: `m3 tiny` takes a layer plan but no width options, so no full-width model
+# can be generated (issue 7's benchmark 4 needs one).
+run_rc=0
+if [ $m3_built -eq 0 ]; then
+  "$build/m3" tiny "$out/deep" --layers FD,FM,SM,SM,SM,SM,SM,SM,SM,SM,SM,SM,SM,SM,SM,SM \
+    > /dev/null 2>&1
+  prompt=$(seq -s, 1 64)
+  {
+    echo "| model | device | prompt tokens/s | generated | decode tokens/s |"
+    echo "|---|---|---|---|---|"
+    for model in builtin deep16; do
+      margs=()
+      [ $model = deep16 ] && margs=(--model "$out/deep")
+      for dev in cpu cuda; do
+        log=$("$build/m3" run "${margs[@]}" --device $dev --ids "$prompt" --max-tokens 256 \
+              2>&1 >/dev/null)
+        line=$(echo "$log" | grep '^prompt:') ||
+          { run_rc=1; line="| $model | $dev | failed: $(echo "$log" | tail -n 1) | | |"; }
+        echo "$line" | sed -E "s#^prompt: [0-9]+ tokens in [0-9.]+ s \(([0-9.]+) tokens/s\); generation: ([0-9]+) tokens in [0-9.]+ s \(([0-9.]+) tokens/s\)\$#| $model | $dev | \1 | \2 | \3 |#"
+      done
+    done
+  } > "$out/run.md" 2>&1
+  rm -rf "$out/deep"
+fi
+
+"$build/tests/bench_cuda_ops" "$out/bench.md" > "$out/bench.log" 2>&1
+bench_rc=$?
+
+{
+  echo "# CUDA backend checks and timings"
+  echo "card: $(cat "$out/card.txt")"
+  echo
+  echo "## ops against the CPU backend (exit $ops_rc)"
+  sed -n '/^op /,$p' "$out/ops.log"
+  grep -E '^(FAIL|FATAL)' "$out/ops.log" | head -n 20
+  echo
+  echo "## fixtures (exit $fixtures_rc)"
+  cat "$out/fixtures.log"
+  echo
+  echo "## m3 run, end to end (exit $run_rc)"
+  cat "$out/run.md" 2>/dev/null
+  echo
+  echo "## timings (exit $bench_rc)"
+  cat "$out/bench.md" 2>/dev/null
+  [ $bench_rc -ne 0 ] && tail -n 5 "$out/bench.log"
+} > "$out/results.md"
+cat "$out/results.md"
+[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -1,0 +1,236 @@
+/* cuda_backend.cu: the CUDA backend object: creation on a GPU, device memory, host transfers,
+ * weight upload, error recording and the op table. Every op runs on one stream in issue order. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_ops.h"
+
+enum { LT_WORKSPACE_BYTES = 32 << 20 };
+
+void cuda_note(cuda_backend *cb, cudaError_t e, const char *op) {
+  if (e != cudaSuccess && cb->error == cudaSuccess) {
+    cb->error = e;
+    cb->error_op = op;
+  }
+}
+
+void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op) {
+  if (bytes <= cb->scratch_bytes) return cb->scratch;
+  /* Earlier ops may still read the old buffer. */
+  cuda_note(cb, cudaStreamSynchronize(cb->stream), op);
+  if (cb->scratch) cudaFree(cb->scratch);
+  cb->scratch = NULL;
+  cb->scratch_bytes = 0;
+  size_t grown = bytes + bytes / 2;
+  cudaError_t e = cudaMalloc(&cb->scratch, grown);
+  if (e != cudaSuccess) {
+    cuda_note(cb, e, op);
+    cb->scratch = NULL;
+    return NULL;
+  }
+  cb->scratch_bytes = grown;
+  return cb->scratch;
+}
+
+cuda_weight cuda_weight_of(const m3_tensor *t) {
+  cuda_weight w;
+  memset(&w, 0, sizeof w);
+  w.data = (const uint8_t *)t->data;
+  w.scale = (const uint8_t *)t->scale;
+  switch (t->dtype) {
+    case M3_DT_F32: w.type = CW_F32; break;
+    case M3_DT_BF16: w.type = CW_BF16; break;
+    case M3_DT_F16: w.type = CW_F16; break;
+    case M3_DT_F8_E4M3: w.type = CW_E4M3; break;
+    case M3_DT_F8_E5M2: w.type = CW_E5M2; break;
+    default: w.type = CW_UNSUPPORTED; break; /* decodes as NaN, as on the CPU */
+  }
+  w.quant = t->quant;
+  w.rows = t->rows;
+  w.cols = t->cols;
+  w.scale_cols = t->scale_cols;
+  w.block_rows = t->block_rows > 0 ? t->block_rows : 1;
+  w.block_cols = t->block_cols > 0 ? t->block_cols : 1;
+  w.elem_bytes = (int)m3_dtype_size(t->dtype);
+  return w;
+}
+
+/* The pending failure as an m3_status naming the op and the CUDA error; clears it. */
+static m3_status take_error(cuda_backend *cb, const char *what) {
+  if (cb->error == cudaSuccess) return M3_OK;
+  cudaError_t e = cb->error;
+  cb->error = cudaSuccess;
+  return m3_fail(M3_ERR_IO, "cuda %s (first failure in %s): %s", what, cb->error_op,
+                 cudaGetErrorString(e));
+}
+
+static void cuda_destroy(m3_backend *be) {
+  if (!be) return;
+  cuda_backend *cb = cuda_of(be);
+  cudaSetDevice(cb->device);
+  if (cb->stream) cudaStreamSynchronize(cb->stream);
+  if (cb->scratch) cudaFree(cb->scratch);
+  if (cb->lt_workspace) cudaFree(cb->lt_workspace);
+  if (cb->lt) cublasLtDestroy(cb->lt);
+  if (cb->stream) cudaStreamDestroy(cb->stream);
+  free(cb);
+}
+
+static void *cuda_alloc(m3_backend *be, size_t bytes) {
+  cuda_backend *cb = cuda_of(be);
+  void *p = NULL;
+  if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+    cudaGetLastError(); /* an allocation failure is reported by the NULL, not by later ops */
+    return NULL;
+  }
+  if (cudaMemsetAsync(p, 0, bytes ? bytes : 1, cb->stream) != cudaSuccess) {
+    cudaFree(p);
+    return NULL;
+  }
+  return p;
+}
+
+static void cuda_free(m3_backend *be, void *p) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaStreamSynchronize(cb->stream), "free"); /* queued ops may still use p */
+  cudaFree(p);
+}
+
+static m3_status cuda_to_device(m3_backend *be, void *dst, const void *src, size_t bytes) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cb->stream), "to_device");
+  return take_error(cb, "to_device");
+}
+
+static m3_status cuda_to_host(m3_backend *be, void *dst, const void *src, size_t bytes) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream), "to_host");
+  cuda_note(cb, cudaStreamSynchronize(cb->stream), "to_host");
+  return take_error(cb, "to_host");
+}
+
+static m3_status cuda_copy(m3_backend *be, void *dst, const void *src, size_t bytes) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cb->stream), "copy");
+  return M3_OK; /* asynchronous like every op: a failure surfaces at the next transfer */
+}
+
+static m3_status upload(cuda_backend *cb, const m3_tensor *t, const void *src, size_t bytes,
+                        void **dst) {
+  *dst = NULL;
+  cudaError_t e = cudaMalloc(dst, bytes ? bytes : 1);
+  if (e == cudaSuccess)
+    e = cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, cb->stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(cb->stream);
+  if (e != cudaSuccess) {
+    if (*dst) cudaFree(*dst);
+    *dst = NULL;
+    return m3_fail(e == cudaErrorMemoryAllocation ? M3_ERR_NOMEM : M3_ERR_IO,
+                   "%s: cannot upload %zu bytes to the GPU: %s", t->name ? t->name : "tensor",
+                   bytes, cudaGetErrorString(e));
+  }
+  return M3_OK;
+}
+
+static m3_status cuda_prepare_tensor(m3_backend *be, m3_tensor *t) {
+  cuda_backend *cb = cuda_of(be);
+  if (!m3_tensor_present(t)) return M3_OK;
+  size_t bytes = (size_t)t->rows * (size_t)t->cols * m3_dtype_size(t->dtype);
+  size_t scale_bytes = 0;
+  if (t->quant == M3_WQ_MXFP8) scale_bytes = (size_t)t->scale_rows * (size_t)t->scale_cols;
+  if (t->quant == M3_WQ_FP8_BLOCK) scale_bytes = (size_t)t->scale_rows * (size_t)t->scale_cols * 4;
+  void *data, *scale = NULL;
+  m3_status st = upload(cb, t, t->data, bytes, &data);
+  if (st != M3_OK) return st;
+  if (scale_bytes && (st = upload(cb, t, t->scale, scale_bytes, &scale)) != M3_OK) {
+    cudaFree(data);
+    return st;
+  }
+  t->data = data;
+  t->scale = scale;
+  return M3_OK;
+}
+
+static void cuda_release_tensor(m3_backend *be, m3_tensor *t) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaStreamSynchronize(cb->stream), "release_tensor");
+  if (t->data) cudaFree((void *)t->data);
+  if (t->scale) cudaFree((void *)t->scale);
+  t->data = NULL;
+  t->scale = NULL;
+}
+
+static m3_backend_ops make_ops(void) {
+  m3_backend_ops ops;
+  memset(&ops, 0, sizeof ops);
+  ops.name = "cuda";
+  ops.destroy = cuda_destroy;
+  ops.alloc = cuda_alloc;
+  ops.free = cuda_free;
+  ops.to_device = cuda_to_device;
+  ops.to_host = cuda_to_host;
+  ops.copy = cuda_copy;
+  ops.device_memory = 1;
+  ops.prepare_tensor = cuda_prepare_tensor;
+  ops.release_tensor = cuda_release_tensor;
+  ops.embed = cuda_embed;
+  ops.matmul = cuda_matmul;
+  ops.rmsnorm = cuda_rmsnorm;
+  ops.rope = cuda_rope;
+  ops.swiglu_oai = cuda_swiglu_oai;
+  ops.add = cuda_add;
+  ops.add_scaled_rows = cuda_add_scaled_rows;
+  ops.kv_store = cuda_kv_store;
+  ops.msa_select = cuda_msa_select;
+  ops.attention = cuda_attention;
+  ops.moe_route = cuda_moe_route;
+  return ops;
+}
+
+static const m3_backend_ops cuda_ops = make_ops();
+
+extern "C" m3_status m3_backend_cuda_create(int device, m3_backend **out) {
+  *out = NULL;
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda: no usable GPU (cudaGetDeviceCount: %s)",
+                   cudaGetErrorString(e));
+  }
+  if (device < 0 || device >= count)
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: this machine has %d GPU(s)", device, count);
+  cudaDeviceProp prop;
+  if ((e = cudaSetDevice(device)) != cudaSuccess ||
+      (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess)
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: %s", device, cudaGetErrorString(e));
+  if (prop.major < 9)
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: %s has compute capability %d.%d; this build "
+                   "targets sm_90a (Hopper)", device, prop.name, prop.major, prop.minor);
+  cuda_backend *cb = (cuda_backend *)calloc(1, sizeof *cb);
+  if (!cb) return m3_fail(M3_ERR_NOMEM, "cuda backend: out of memory");
+  cb->base.ops = &cuda_ops;
+  cb->device = device;
+  cb->num_sms = prop.multiProcessorCount;
+  cb->lt_workspace_bytes = LT_WORKSPACE_BYTES;
+  const char *step = "cudaStreamCreate";
+  e = cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking);
+  if (e == cudaSuccess) {
+    step = "cudaMalloc (cuBLASLt workspace)";
+    e = cudaMalloc(&cb->lt_workspace, cb->lt_workspace_bytes);
+  }
+  if (e != cudaSuccess) {
+    cuda_destroy(&cb->base);
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: %s: %s", device, step, cudaGetErrorString(e));
+  }
+  cublasStatus_t bs = cublasLtCreate(&cb->lt);
+  if (bs != CUBLAS_STATUS_SUCCESS) {
+    cb->lt = NULL;
+    cuda_destroy(&cb->base);
+    return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: cublasLtCreate: %s", device,
+                   cublasLtGetStatusString(bs));
+  }
+  *out = &cb->base;
+  return M3_OK;
+}

@@ -1,0 +1,197 @@
+/* cuda_internal.h: what the files of the CUDA backend share: the backend object, the weight view
+ * kernels read, exact device decoders for every stored dtype, warp/block reductions and the
+ * deterministic top-k key. Included by .cu files only. */
+#ifndef M3_BACKEND_CUDA_CUDA_INTERNAL_H
+#define M3_BACKEND_CUDA_CUDA_INTERNAL_H
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" { /* the C headers of the rest of m3 */
+#include "backend/backend.h"
+}
+
+typedef struct {
+  m3_backend base;
+  int device;
+  int num_sms;
+  cudaStream_t stream;
+  cublasLtHandle_t lt;
+  void *lt_workspace;
+  size_t lt_workspace_bytes;
+  void *scratch;          /* grows on demand; one op at a time uses it (ops run in stream order) */
+  size_t scratch_bytes;
+  cudaError_t error;      /* first failure since the last transfer, and the op it came from */
+  const char *error_op;
+} cuda_backend;
+
+static inline cuda_backend *cuda_of(m3_backend *be) { return (cuda_backend *)be; }
+
+/* Records the first failure (ops return void; to_host / to_device report it). */
+void cuda_note(cuda_backend *cb, cudaError_t e, const char *op);
+/* Records a launch failure of `op`, if any. */
+static inline void cuda_launched(cuda_backend *cb, const char *op) {
+  cuda_note(cb, cudaGetLastError(), op);
+}
+/* At least `bytes` of device scratch, valid until the next call; NULL (and noted) on failure. */
+void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op);
+
+/* ---- weights as kernels read them ---- */
+
+typedef enum { CW_F32, CW_BF16, CW_F16, CW_E4M3, CW_E5M2, CW_UNSUPPORTED } cuda_wtype;
+
+typedef struct {
+  const uint8_t *data;   /* [rows, cols] elements of `type` */
+  const uint8_t *scale;  /* MXFP8: e8m0 [rows, scale_cols]; FP8 block: f32 [.., scale_cols] */
+  cuda_wtype type;
+  m3_weight_quant quant;
+  int64_t rows, cols, scale_cols;
+  int block_rows, block_cols;
+  int elem_bytes;
+} cuda_weight;
+
+cuda_weight cuda_weight_of(const m3_tensor *t);
+
+__device__ __forceinline__ float dev_bf16(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+/* IEEE half -> float, exactly (subnormals included). */
+__device__ __forceinline__ float dev_f16(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+  if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    float v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+    return sign ? -v : v;
+  }
+  return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
+}
+
+/* OCP E4M3 ("fn"): bias 7, no infinities, S.1111.111 is NaN. */
+__device__ __forceinline__ float dev_e4m3(uint8_t b) {
+  uint32_t sign = (uint32_t)(b & 0x80) << 24, e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return __uint_as_float(0x7fc00000u);
+  if (e == 0) {
+    float v = (float)m * 0.001953125f; /* m * 2^-9, exact */
+    return sign ? -v : v;
+  }
+  return __uint_as_float(sign | ((e + 120) << 23) | (m << 20));
+}
+
+__device__ __forceinline__ float dev_e5m2(uint8_t b) { return dev_f16((uint16_t)((uint16_t)b << 8)); }
+
+/* E8M0: 2^(v-127); 0 is 2^-127 (a float32 subnormal); 0xFF is NaN. */
+__device__ __forceinline__ float dev_e8m0(uint8_t v) {
+  if (v == 0xff) return __uint_as_float(0x7fc00000u);
+  if (v == 0) return __uint_as_float(0x00400000u);
+  return __uint_as_float((uint32_t)v << 23);
+}
+
+/* The stored element at flat index i, decoded, before any scale. */
+__device__ __forceinline__ float dev_elem(const cuda_weight &w, size_t i) {
+  switch (w.type) {
+    case CW_F32: return ((const float *)w.data)[i];
+    case CW_BF16: return dev_bf16(((const uint16_t *)w.data)[i]);
+    case CW_F16: return dev_f16(((const uint16_t *)w.data)[i]);
+    case CW_E4M3: return dev_e4m3(w.data[i]);
+    case CW_E5M2: return dev_e5m2(w.data[i]);
+    default: return __uint_as_float(0x7fc00000u);
+  }
+}
+
+/* W[r, c] with its quantization scale applied, as the CPU's row decoder computes it. */
+__device__ __forceinline__ float dev_w(const cuda_weight &w, int64_t r, int64_t c) {
+  float v = dev_elem(w, (size_t)r * (size_t)w.cols + (size_t)c);
+  if (w.quant == M3_WQ_MXFP8) return v * dev_e8m0(w.scale[(size_t)r * w.scale_cols + c / 32]);
+  if (w.quant == M3_WQ_FP8_BLOCK)
+    return v * ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + c / w.block_cols];
+  return v;
+}
+
+/* ---- reductions ---- */
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets it. */
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
+  __shared__ float total;
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+    s = warp_sum(s);
+    if (threadIdx.x == 0) total = s;
+  }
+  __syncthreads();
+  return total;
+}
+
+/* ---- deterministic top-k ----
+ * A score maps to an unsigned key whose order is the score order, with NaN as -inf and -0 as +0;
+ * key 0 (below every score) marks a taken entry. (key << 32 | ~index) then orders by score and, on
+ * ties, by the lower index: the CPU's cpu_topk order. */
+__device__ __forceinline__ uint32_t score_key(float f) {
+  if (isnan(f)) f = -INFINITY;
+  if (f == 0.0f) f = 0.0f;
+  uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t rank_key(uint32_t key, int index) {
+  return ((uint64_t)key << 32) | (uint32_t)~(uint32_t)index;
+}
+
+__device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    uint64_t other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+/* Writes to out[0..k) the indices of the k largest keys[0..n) (best first, ties to the lower index),
+ * marking them taken in keys (shared memory). All threads of the block call it; k <= n. Each round
+ * is one block max of per-thread bests; only the thread that owned the winner rescans its share. */
+static __device__ __forceinline__ void block_topk(uint32_t *keys, int n, int k, int32_t *out) {
+  __shared__ uint64_t warp_best[32];
+  __shared__ uint64_t winner;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x;
+  uint64_t best = 0; /* below every rank key: threads with no entries never win */
+  for (int i = tid; i < n; i += nt) {
+    uint64_t r = rank_key(keys[i], i);
+    best = r > best ? r : best;
+  }
+  for (int round = 0; round < k; round++) {
+    uint64_t m = warp_max_u64(best);
+    if (lane == 0) warp_best[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+      uint64_t v = lane < (nt >> 5) ? warp_best[lane] : 0;
+      v = warp_max_u64(v);
+      if (lane == 0) winner = v;
+    }
+    __syncthreads();
+    int idx = (int)~(uint32_t)(winner & 0xffffffffu);
+    if (tid == 0) out[round] = idx;
+    if (idx % nt == tid) {
+      keys[idx] = 0;
+      best = 0;
+      for (int i = tid; i < n; i += nt) {
+        uint64_t r = rank_key(keys[i], i);
+        best = r > best ? r : best;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+#endif

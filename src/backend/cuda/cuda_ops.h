@@ -1,0 +1,27 @@
+/* cuda_ops.h: the ops of the CUDA backend, one file per concern (semantics in backend/backend.h). */
+#ifndef M3_BACKEND_CUDA_CUDA_OPS_H
+#define M3_BACKEND_CUDA_CUDA_OPS_H
+
+#include "backend/cuda/cuda_internal.h"
+
+void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
+void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
+                  float *y);
+void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
+               double theta);
+void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
+                     float beta, float limit, float *out);
+void cuda_add(m3_backend *be, float *x, const float *y, size_t n);
+void cuda_add_scaled_rows(m3_backend *be, float *x, const float *y, const float *scale, int T,
+                          int n);
+void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
+                   const float *v, const float *ik);
+void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
+                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
+void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
+                    const int32_t *pos, int T, const int32_t *sel, int topk, float *out);
+void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
+                    float scaling, int32_t *ids, float *weights);
+
+#endif

@@ -1,0 +1,130 @@
+/* norm_elementwise.cu: Gemma RMSNorm, partial NeoX RoPE, SwiGLU-OAI, residual and scaled-row adds
+ * (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32 operation order. */
+#include <math.h>
+
+#include "backend/cuda/cuda_ops.h"
+
+enum { ELEM_THREADS = 256, ELEM_MAX_BLOCKS = 8192, ROPE_MAX_HALF = 256 };
+
+static unsigned elem_blocks(size_t n) {
+  size_t b = (n + ELEM_THREADS - 1) / ELEM_THREADS;
+  if (b > (size_t)ELEM_MAX_BLOCKS) b = (size_t)ELEM_MAX_BLOCKS;
+  return (unsigned)(b < 1 ? 1 : b);
+}
+
+/* One block per row: y = x * (1 / sqrt(mean(x^2) + eps)) * (1 + w). x and y may alias: each
+ * thread rewrites only the elements it read. */
+__global__ void rmsnorm_kernel(const float *x, cuda_weight w, float eps, int n, float *y) {
+  const float *xr = x + (size_t)blockIdx.x * n;
+  float *yr = y + (size_t)blockIdx.x * n;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  float mean = block_sum(ss) / (float)n;
+  float inv = 1.0f / sqrtf(mean + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float gain = 1.0f + dev_w(w, 0, i);
+    yr[i] = __fmul_rn(__fmul_rn(xr[i], inv), gain);
+  }
+}
+
+void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
+                  float *y) {
+  cuda_backend *cb = cuda_of(be);
+  if (nrows <= 0 || n <= 0) return;
+  int threads = n >= 1024 ? 512 : n >= 256 ? 256 : 64;
+  rmsnorm_kernel<<<nrows, threads, 0, cb->stream>>>(x, cuda_weight_of(w), eps, n, y);
+  cuda_launched(cb, "rmsnorm");
+}
+
+typedef struct {
+  float inv_freq[ROPE_MAX_HALF];
+} rope_freqs;
+
+/* One block per token: cos/sin of the token's fp32 angles once, then every (head, pair). */
+__global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nheads, int hd, int half,
+                            rope_freqs f) {
+  __shared__ float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
+  const int t = blockIdx.x;
+  const float p = (float)pos[t];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float angle = __fmul_rn(p, f.inv_freq[i]);
+    c[i] = cosf(angle);
+    s[i] = sinf(angle);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nheads * half; e += blockDim.x) {
+    int h = e / half, i = e % half;
+    float *v = x + ((size_t)t * nheads + h) * hd;
+    float a = v[i], b = v[i + half];
+    /* x * cos + rotate_half(x) * sin: two rounded products, then the sum (no FMA). */
+    v[i] = __fadd_rn(__fmul_rn(a, c[i]), __fmul_rn(-b, s[i]));
+    v[i + half] = __fadd_rn(__fmul_rn(b, c[i]), __fmul_rn(a, s[i]));
+  }
+}
+
+void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
+               double theta) {
+  cuda_backend *cb = cuda_of(be);
+  if (rot > hd) rot = hd;
+  int half = rot / 2;
+  if (half <= 0 || T <= 0) return;
+  if (half > ROPE_MAX_HALF) half = ROPE_MAX_HALF; /* rotary widths are at most a head */
+  /* inv_freq = 1 / theta^(arange(0, rot, 2) / rot), on the host with the CPU backend's expression
+   * so both backends rotate by bit-identical frequencies. */
+  rope_freqs f;
+  for (int i = 0; i < half; i++) {
+    float exponent = (float)(2 * i) / (float)rot;
+    f.inv_freq[i] = 1.0f / powf((float)theta, exponent);
+  }
+  rope_kernel<<<T, 256, 0, cb->stream>>>(x, pos, nheads, hd, half, f);
+  cuda_launched(cb, "rope");
+}
+
+__global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta,
+                              float limit, float *out) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float g = fminf(gate[i], limit);
+    float u = fminf(fmaxf(up[i], -limit), limit);
+    float glu = __fmul_rn(g, 1.0f / (1.0f + expf(-__fmul_rn(g, alpha))));
+    out[i] = __fmul_rn(u + beta, glu);
+  }
+}
+
+void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
+                     float beta, float limit, float *out) {
+  cuda_backend *cb = cuda_of(be);
+  if (n == 0) return;
+  swiglu_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(gate, up, n, alpha, beta, limit, out);
+  cuda_launched(cb, "swiglu_oai");
+}
+
+__global__ void add_kernel(float *x, const float *y, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x)
+    x[i] += y[i];
+}
+
+void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
+  cuda_backend *cb = cuda_of(be);
+  if (n == 0) return;
+  add_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(x, y, n);
+  cuda_launched(cb, "add");
+}
+
+__global__ void add_scaled_rows_kernel(float *x, const float *y, const float *__restrict__ scale, int n) {
+  const size_t row = (size_t)blockIdx.y * n;
+  const float s = scale[blockIdx.y];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    x[row + i] += s * y[row + i];
+}
+
+void cuda_add_scaled_rows(m3_backend *be, float *x, const float *y, const float *scale, int T,
+                          int n) {
+  cuda_backend *cb = cuda_of(be);
+  if (T <= 0 || n <= 0) return;
+  unsigned bx = (unsigned)((n + ELEM_THREADS - 1) / ELEM_THREADS);
+  dim3 grid(bx > 64 ? 64 : bx, (unsigned)T);
+  add_scaled_rows_kernel<<<grid, ELEM_THREADS, 0, cb->stream>>>(x, y, scale, n);
+  cuda_launched(cb, "add_scaled_rows");
+}

@@ -1,0 +1,137 @@
+/* m3 serve: the OpenAI- and Anthropic-compatible HTTP server (src/server) over one engine.
+ *
+ * SIGTERM or SIGINT: stop accepting, let requests in flight finish for --grace seconds, cancel
+ * the rest, exit 0. */
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/commands.h"
+#include "cli/model_args.h"
+#include "m3.h"
+#include "server/server.h"
+
+static const char usage[] =
+    "usage: m3 serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key K]\n"
+    "                [--max-body BYTES] [--max-tokens-limit N] [--max-n N]\n"
+    "                [--max-concurrent N] [--served-model-name NAME] [--threads N]\n"
+    "                [--kv-memory MIB] [--max-running N] [--no-prefix-cache] [--grace SECONDS]\n"
+    "                [--test-hooks]\n"
+    "  serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /tokenize,\n"
+    "  /detokenize, /health and /metrics. Binds 127.0.0.1 unless --host says otherwise;\n"
+    "  --port 0 picks a free port. Prints \"listening on http://HOST:PORT\" once ready.\n"
+    "  --api-key K        require K as \"Authorization: Bearer K\" or \"x-api-key: K\"\n"
+    "  --max-body BYTES   larger request bodies get 413 (default 33554432)\n"
+    "  --max-tokens-limit N, --max-n N, --max-concurrent N: larger max_tokens or n get 400,\n"
+    "                     more generation requests in flight get 429 (defaults 1048576, 16, 1024)\n"
+    "  --grace SECONDS    on SIGTERM, how long requests in flight may finish (default 30)\n"
+    "  --test-hooks       honour the request field m3_test_forced_text (tests only)\n"
+    "  Without --model it serves the built-in tiny model.\n";
+
+typedef struct {
+  m3_server_options server;
+  m3_engine_options engine;
+  long grace_s;
+} serve_args;
+
+static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
+  m3_server_options_init(&a->server);
+  m3_engine_options_init(&a->engine);
+  a->grace_s = 30;
+  *help = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *flag = argv[i];
+    if (strcmp(flag, "--help") == 0 || strcmp(flag, "-h") == 0) {
+      *help = 1;
+      return M3_OK;
+    }
+    if (strcmp(flag, "--test-hooks") == 0) {
+      a->server.test_hooks = 1;
+      continue;
+    }
+    if (strcmp(flag, "--no-prefix-cache") == 0) {
+      a->engine.prefix_cache = 0;
+      continue;
+    }
+    if (i + 1 >= argc) return m3_fail(M3_ERR_ARG, "%s: missing value (see --help)", flag);
+    const char *value = argv[++i];
+    long v = 0;
+    m3_status st = M3_OK;
+    if (strcmp(flag, "--model") == 0) a->engine.model_dir = value;
+    else if (strcmp(flag, "--host") == 0) a->server.host = value;
+    else if (strcmp(flag, "--api-key") == 0) a->server.api_key = value;
+    else if (strcmp(flag, "--served-model-name") == 0) a->server.served_model_name = value;
+    else if (strcmp(flag, "--port") == 0 && (st = m3_cli_parse_long(flag, value, 0, 65535, &v)) == M3_OK)
+      a->server.port = (int)v;
+    else if (strcmp(flag, "--max-body") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 40, &v)) == M3_OK)
+      a->server.max_body = (size_t)v;
+    else if (strcmp(flag, "--max-tokens-limit") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 30, &v)) == M3_OK)
+      a->server.max_tokens_limit = (int)v;
+    else if (strcmp(flag, "--max-n") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1024, &v)) == M3_OK)
+      a->server.max_n = (int)v;
+    else if (strcmp(flag, "--max-concurrent") == 0 && (st = m3_cli_parse_long(flag, value, 1, 100000, &v)) == M3_OK)
+      a->server.max_concurrent = (int)v;
+    else if (strcmp(flag, "--threads") == 0 && (st = m3_cli_parse_long(flag, value, 0, 4096, &v)) == M3_OK)
+      a->engine.threads = (int)v;
+    else if (strcmp(flag, "--kv-memory") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 30, &v)) == M3_OK)
+      a->engine.kv_memory_bytes = (size_t)v << 20;
+    else if (strcmp(flag, "--max-running") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1 << 20, &v)) == M3_OK)
+      a->engine.max_running = (int)v;
+    else if (strcmp(flag, "--grace") == 0 && (st = m3_cli_parse_long(flag, value, 0, 86400, &v)) == M3_OK)
+      a->grace_s = v;
+    else if (st == M3_OK) return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
+    if (st != M3_OK) return st;
+  }
+  return M3_OK;
+}
+
+int m3_cmd_serve(int argc, char **argv) {
+  serve_args a;
+  int help;
+  m3_status st = parse_args(argc, argv, &a, &help);
+  if (st != M3_OK) return m3_cli_fail("serve", st);
+  if (help) {
+    fputs(usage, stdout);
+    return 0;
+  }
+  /* Blocked before any thread starts, so every thread inherits the mask and only sigwait below
+   * sees them; SIGPIPE from a vanished client must not kill the server. */
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  m3_engine *engine = NULL;
+  m3_server *server = NULL;
+  if ((st = m3_engine_open(&a.engine, &engine)) != M3_OK) return m3_cli_fail("serve", st);
+  if ((st = m3_engine_start(engine)) != M3_OK ||
+      (st = m3_server_start(engine, &a.server, &server)) != M3_OK) {
+    m3_engine_close(engine);
+    return m3_cli_fail("serve", st);
+  }
+  m3_model_info info;
+  m3_engine_model_info(engine, &info);
+  printf("m3 serve: model %s, context %d tokens, %d KV pages of %d tokens\n", info.name,
+         info.max_context, info.kv_pages_total, info.kv_page_tokens);
+  bool v6 = strchr(a.server.host, ':') != NULL; /* an IPv6 literal goes in brackets in a URL */
+  printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", a.server.host, v6 ? "]" : "",
+         m3_server_port(server));
+  fflush(stdout);
+
+  int sig = 0;
+  sigwait(&stop, &sig);
+  fprintf(stderr, "m3 serve: %s, draining for up to %ld s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+          a.grace_s);
+  int left = m3_server_drain(server, (int)(a.grace_s * 1000));
+  if (left > 0) fprintf(stderr, "m3 serve: cancelling %d requests still running\n", left);
+  m3_engine_stop(engine, 0);
+  /* The cancelled requests still write their last bytes (a final chunk, or a 503). */
+  m3_server_drain(server, 2000);
+  m3_server_free(server);
+  m3_engine_close(engine);
+  return 0;
+}

@@ -1,0 +1,130 @@
+/* engine_internal.h (internal to src/engine): the objects behind m3_engine.
+ *
+ * A request owns n samples; each sample is one sequence: its tokens (prompt + generated), its
+ * KV pages and its output state. Sample 0 prefills the prompt; at the prompt's last token the
+ * other samples fork from it, sharing its pages (copy-on-write where they diverge).
+ *
+ * Threads: `mu` guards only the hand-over lists (incoming, cancels), the active count and the
+ * published stats. Everything else belongs to the thread that runs the engine, and callbacks run
+ * there without the lock held, so they may call m3_submit or m3_cancel. */
+#ifndef M3_ENGINE_INTERNAL_H
+#define M3_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "engine/kvcache.h"
+#include "engine/sampler.h"
+#include "m3.h"
+#include "model/model.h"
+#include "tok/tokenizer.h"
+
+typedef struct m3_request m3_request;
+
+typedef struct {
+  m3_request *req;
+  int index;                 /* sample number */
+  uint64_t order;            /* scheduling priority: earlier requests first */
+  int32_t *tokens;           /* [cap] prompt, then generated */
+  int n_tokens, cap;
+  int n_computed;            /* leading tokens whose K/V are in kv */
+  int n_generated;
+  m3_kv_seq kv;
+  m3_kv_view *views;         /* [num_layers] */
+  uint64_t rng;
+  m3_detok_stream detok;
+  char *held;                /* decoded text not yet emitted: it may begin a stop string */
+  size_t n_held, cap_held;
+  int finished;
+} m3_seq;
+
+struct m3_request {
+  uint64_t id;
+  m3_sampling_params p;      /* deep copy; the arrays below own its pointers */
+  char **stop;
+  int32_t *stop_ids, *bias_ids, *forced;
+  float *bias_values;
+  int32_t *prompt;
+  int n_prompt, n;           /* n: samples */
+  m3_token_callback cb;
+  void *user;
+  m3_seq **samples;          /* [n]; 1..n-1 stay NULL until sample 0 has its prompt computed */
+  int n_finished;
+  int forked;                /* samples 1..n-1 exist (or finished); always 1 when n == 1 */
+  int admitted;              /* counted in the prefix-cache statistics */
+  int cached_prompt_tokens;
+  m3_request *next;          /* in the incoming list */
+};
+
+/* A growable array of sequences. */
+typedef struct {
+  m3_seq **at;
+  int n, cap;
+} m3_seq_list;
+
+struct m3_engine {
+  m3_backend *be;
+  m3_model *model;
+  m3_tokenizer *tok;         /* NULL when the folder has none */
+  pthread_mutex_t tok_mu;    /* encoding mutates the tokenizer's cache */
+  m3_kv_cache *cache;
+  m3_model_info info;
+  char name[256];
+  int max_batch_tokens, max_running, prefix_cache, num_layers, vocab;
+
+  /* Engine thread only. */
+  m3_seq_list running, waiting;
+  uint64_t next_order;
+  int reserved_slots;        /* running places kept for samples that fork later */
+  float *logits;             /* [max_running, vocab] */
+  m3_model_seq *batch;       /* [max_running] */
+  m3_seq **batch_seq;        /* [max_running] */
+  int32_t *batch_pos;        /* [max_batch_tokens] */
+  m3_seq **scratch_seqs;     /* [max_running] */
+  m3_request **scratch_reqs; /* [max_running] */
+  m3_sampler_scratch scratch;
+  float top_lp[20];
+  int32_t top_ids[20];
+  m3_engine_stats counters;
+
+  /* Guarded by mu. */
+  pthread_mutex_t mu;
+  pthread_cond_t work, idle;
+  m3_request *incoming, *incoming_tail;
+  uint64_t *cancels;
+  int n_cancels, cap_cancels;
+  int cancel_all;
+  int active;                /* requests submitted and not finished */
+  int accepting;
+  uint64_t next_id, seed_state, counters_submitted;
+  m3_engine_stats stats;
+  pthread_t thread;
+  int thread_running, quit;
+};
+
+/* scheduler.c: one step (takes hand-overs, schedules, runs the batch, emits tokens). */
+m3_status m3_sched_step(m3_engine *e);
+/* Finishes every sample of every request the engine holds with M3_FINISH_CANCELLED. */
+void m3_sched_cancel_all(m3_engine *e);
+
+/* output.c: a sample's token, its text, stop conditions and the callback. */
+m3_status m3_seq_create(m3_engine *e, m3_request *r, int index, m3_seq **out);
+void m3_seq_free(m3_engine *e, m3_seq *s);
+/* Appends `token` (sampled from `logits`) and reports it; returns 1 when the sample finished. */
+int m3_seq_emit(m3_engine *e, m3_seq *s, int32_t token, const float *logits);
+/* Reports a finish without a token (cancel, error) for sample `index` of r (s may be NULL for a
+ * sample not forked yet). */
+void m3_seq_emit_end(m3_engine *e, m3_request *r, m3_seq *s, int index, m3_finish_reason why,
+                     const char *error);
+/* After a sample finished: frees it, and the request once all its samples are done. */
+void m3_seq_retire(m3_engine *e, m3_seq *s);
+/* Frees a request and the copies it owns. */
+void m3_request_free(m3_request *r);
+/* Counts one more finished sample of r; frees r (and counts it inactive) after the last. */
+void m3_request_sample_done(m3_engine *e, m3_request *r);
+
+int m3_seq_list_push(m3_seq_list *l, m3_seq *s);
+/* Returns whether s was in the list. */
+int m3_seq_list_remove(m3_seq_list *l, m3_seq *s);
+
+#endif

@@ -1,0 +1,604 @@
+/* test_cuda_ops: every op of the CUDA backend against the CPU backend on the same random inputs
+ * (several shapes each, ragged positions with padding rows, paged caches with shuffled block
+ * tables, real MSA selections), run on the GPU machine by scripts/gpu.sh; not a CTest test (CI
+ * has no GPU). GPU outputs are poisoned with NaN before each call, so an element a kernel forgets
+ * to write fails. Prints one line per op (cases, worst normalized error max|gpu - cpu| / max|cpu|,
+ * tolerance) and the block-selection and routing mismatches, counting those on near-ties
+ * separately; exits 1 on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "base/dtype.h"
+#include "base/mxfp8.h"
+
+static m3_backend *cpu, *gpu;
+
+/* ---- random inputs ---- */
+
+static uint64_t rng_state = 0x243F6A8885A308D3ull;
+
+static uint32_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (uint32_t)(rng_state >> 16);
+}
+
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() % 1000001) / 1e6f; }
+
+static float *random_floats(size_t n, float lo, float hi) {
+  float *v = calloc(n + 1, sizeof(float));
+  for (size_t i = 0; i < n; i++) v[i] = uniform(lo, hi);
+  return v;
+}
+
+/* Multiples of 1/8 in [-1, 1]: short dot products of them are exact, so ties are real ties. */
+static float *random_eighths(size_t n) {
+  float *v = calloc(n + 1, sizeof(float));
+  for (size_t i = 0; i < n; i++) v[i] = (float)((int)(rnd() % 17) - 8) / 8.0f;
+  return v;
+}
+
+/* ---- one buffer on both backends ---- */
+
+typedef struct {
+  void *c, *g;
+  size_t bytes;
+} pair;
+
+static void must(m3_status st, const char *what) {
+  if (st != M3_OK) {
+    fprintf(stderr, "FATAL: %s: %s\n", what, m3_last_error());
+    exit(1);
+  }
+}
+
+static pair pair_from(const void *host, size_t bytes) {
+  pair p = {cpu->ops->alloc(cpu, bytes), gpu->ops->alloc(gpu, bytes), bytes};
+  if (!p.c || !p.g) must(M3_ERR_NOMEM, "alloc");
+  must(cpu->ops->to_device(cpu, p.c, host, bytes), "to_device (cpu)");
+  must(gpu->ops->to_device(gpu, p.g, host, bytes), "to_device (cuda)");
+  return p;
+}
+
+/* n floats: the CPU copy zeroed, the GPU copy NaN. */
+static pair pair_poisoned(size_t n) {
+  float *nan = malloc(n * sizeof(float) + 4);
+  for (size_t i = 0; i < n; i++) nan[i] = NAN;
+  pair p = pair_from(nan, n * sizeof(float));
+  memset(p.c, 0, n * sizeof(float));
+  free(nan);
+  return p;
+}
+
+static void pair_free(pair *p) {
+  cpu->ops->free(cpu, p->c);
+  gpu->ops->free(gpu, p->g);
+}
+
+/* The GPU copy, fetched into a malloc'd host buffer. */
+static void *gpu_copy(const pair *p) {
+  void *h = malloc(p->bytes + 4);
+  must(gpu->ops->to_host(gpu, h, p->g, p->bytes), "to_host");
+  return h;
+}
+
+/* ---- per-op results ---- */
+
+typedef struct {
+  const char *name;
+  int cases, failed;
+  double worst, tol;
+  int mismatches, near_ties; /* selections / routes that differ; of them, on near-ties */
+} op_result;
+
+enum {
+  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_SWIGLU, OP_ADD,
+  OP_ADD_SCALED, OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE, OP_COUNT
+};
+static op_result results[OP_COUNT] = {
+    [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
+    [OP_MATMUL_F32] = {"matmul (fp32 activations)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_MATMUL_BF16ACT] = {"matmul (bf16 activations, cuBLASLt)", 0, 0, 0, 1e-2, 0, 0},
+    [OP_RMSNORM] = {"rmsnorm", 0, 0, 0, 1e-5, 0, 0},
+    [OP_ROPE] = {"rope", 0, 0, 0, 1e-5, 0, 0},
+    [OP_SWIGLU] = {"swiglu_oai", 0, 0, 0, 1e-5, 0, 0},
+    [OP_ADD] = {"add", 0, 0, 0, 1e-6, 0, 0},
+    [OP_ADD_SCALED] = {"add_scaled_rows", 0, 0, 0, 1e-5, 0, 0},
+    [OP_KV_STORE] = {"kv_store", 0, 0, 0, 1e-6, 0, 0},
+    [OP_MSA] = {"msa_select", 0, 0, 0, 0, 0, 0},
+    [OP_ATT_DENSE] = {"attention (dense)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_ATT_SPARSE] = {"attention (MSA blocks)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_MOE] = {"moe_route (weights)", 0, 0, 0, 1e-5, 0, 0},
+};
+
+/* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
+static double normalized_error(const float *ref, const float *got, size_t n) {
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < n; i++)
+    if (!isnan(ref[i]) && fabs(ref[i]) > scale) scale = fabs(ref[i]);
+  for (size_t i = 0; i < n; i++) {
+    if (isnan(ref[i]) != isnan(got[i])) return INFINITY;
+    if (!isnan(ref[i]) && fabs((double)got[i] - ref[i]) > worst) worst = fabs((double)got[i] - ref[i]);
+  }
+  return scale > 0 ? worst / scale : worst;
+}
+
+static void record(int op, const char *what, const float *ref, const float *got, size_t n) {
+  op_result *r = &results[op];
+  double e = normalized_error(ref, got, n);
+  r->cases++;
+  if (e > r->worst) r->worst = e;
+  if (!(e <= r->tol)) {
+    r->failed++;
+    fprintf(stderr, "FAIL %s [%s]: error %.3g over %.1g\n", r->name, what, e, r->tol);
+  }
+}
+
+/* Compares a float output of both backends and frees it. */
+static void compare(int op, const char *what, pair *out) {
+  float *g = gpu_copy(out);
+  record(op, what, out->c, g, out->bytes / sizeof(float));
+  free(g);
+}
+
+/* ---- weights of every stored form ---- */
+
+enum { W_F32, W_F16, W_BF16, W_MXFP8, W_FP8_BLOCK, W_KINDS };
+static const char *const kind_name[W_KINDS] = {"F32", "F16", "BF16", "MXFP8", "FP8 block"};
+
+typedef struct {
+  m3_tensor c, g; /* host view for the CPU, prepared copy for the GPU */
+  void *data, *scale;
+} weight;
+
+static uint8_t random_e4m3(void) {
+  uint8_t b;
+  do b = (uint8_t)rnd();
+  while ((b & 0x7f) == 0x7f);
+  return b;
+}
+
+static weight make_weight(int kind, int64_t rows, int64_t cols) {
+  weight w;
+  memset(&w, 0, sizeof w);
+  m3_tensor *t = &w.c;
+  t->name = kind_name[kind];
+  t->rows = rows;
+  t->cols = cols;
+  size_t n = (size_t)rows * (size_t)cols;
+  switch (kind) {
+    case W_F32: {
+      t->dtype = M3_DT_F32;
+      w.data = random_floats(n, -1, 1);
+      break;
+    }
+    case W_F16:
+    case W_BF16: {
+      uint16_t *d = malloc(n * 2);
+      for (size_t i = 0; i < n; i++) {
+        float f = uniform(-1, 1);
+        d[i] = kind == W_F16 ? m3_f32_to_f16(f) : m3_f32_to_bf16(f);
+      }
+      t->dtype = kind == W_F16 ? M3_DT_F16 : M3_DT_BF16;
+      w.data = d;
+      break;
+    }
+    case W_MXFP8: {
+      uint8_t *d = malloc(n);
+      for (size_t i = 0; i < n; i++) d[i] = random_e4m3();
+      t->scale_rows = rows;
+      t->scale_cols = (cols + 31) / 32;
+      uint8_t *s = malloc((size_t)(rows * t->scale_cols));
+      for (int64_t i = 0; i < rows * t->scale_cols; i++) s[i] = (uint8_t)(120 + rnd() % 8);
+      t->dtype = M3_DT_F8_E4M3;
+      t->quant = M3_WQ_MXFP8;
+      t->block_rows = 1;
+      t->block_cols = 32;
+      w.data = d;
+      w.scale = s;
+      break;
+    }
+    default: {
+      uint8_t *d = malloc(n);
+      for (size_t i = 0; i < n; i++) d[i] = random_e4m3();
+      t->block_rows = 16;
+      t->block_cols = 32;
+      t->scale_rows = (rows + 15) / 16;
+      t->scale_cols = (cols + 31) / 32;
+      float *s = random_floats((size_t)(t->scale_rows * t->scale_cols), 0.001f, 0.01f);
+      t->dtype = M3_DT_F8_E4M3;
+      t->quant = M3_WQ_FP8_BLOCK;
+      w.data = d;
+      w.scale = s;
+      break;
+    }
+  }
+  t->data = w.data;
+  t->scale = w.scale;
+  w.g = w.c;
+  must(cpu->ops->prepare_tensor(cpu, &w.c), "prepare_tensor (cpu)");
+  must(gpu->ops->prepare_tensor(gpu, &w.g), "prepare_tensor (cuda)");
+  return w;
+}
+
+static void free_weight(weight *w) {
+  cpu->ops->release_tensor(cpu, &w->c);
+  gpu->ops->release_tensor(gpu, &w->g);
+  free(w->data);
+  free(w->scale);
+}
+
+/* ---- ops ---- */
+
+static void test_matmul(void) {
+  static const int64_t shapes[][2] = {{37, 64}, {64, 320}, {33, 1000}, {5, 7}, {300, 2048}, {96, 96}};
+  static const int Ts[] = {1, 2, 3, 8, 9, 17, 64};
+  for (int kind = 0; kind < W_KINDS; kind++)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+      int64_t rows = shapes[s][0], cols = shapes[s][1];
+      if (kind >= W_MXFP8 && cols % 32 != 0) continue; /* MXFP8 checkpoints pad rows to 32 */
+      weight w = make_weight(kind, rows, cols);
+      for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+        int T = Ts[ti];
+        float *xh = random_floats((size_t)T * cols, -1, 1);
+        pair x = pair_from(xh, (size_t)T * cols * 4), y = pair_poisoned((size_t)T * rows);
+        cpu->ops->matmul(cpu, &w.c, x.c, T, y.c);
+        gpu->ops->matmul(gpu, &w.g, x.g, T, y.g);
+        char what[96];
+        snprintf(what, sizeof what, "%s %lldx%lld T=%d", kind_name[kind], (long long)rows,
+                 (long long)cols, T);
+        compare(T > 8 && kind != W_F32 ? OP_MATMUL_BF16ACT : OP_MATMUL_F32, what, &y);
+        pair_free(&x), pair_free(&y), free(xh);
+      }
+      free_weight(&w);
+    }
+}
+
+static void test_embed(void) {
+  for (int kind = 0; kind < W_KINDS; kind++) {
+    weight w = make_weight(kind, 50, 96);
+    int32_t ids[7] = {3, 49, 0, 3, -1, 50, 17}; /* two invalid ids give NaN rows on both */
+    pair id = pair_from(ids, sizeof ids), out = pair_poisoned(7 * 96);
+    cpu->ops->embed(cpu, &w.c, id.c, 7, out.c);
+    gpu->ops->embed(gpu, &w.g, id.g, 7, out.g);
+    compare(OP_EMBED, kind_name[kind], &out);
+    pair_free(&id), pair_free(&out), free_weight(&w);
+  }
+}
+
+static void test_rmsnorm(void) {
+  static const int shapes[][2] = {{5, 128}, {3, 1000}, {2, 6144}, {40, 24}, {1024, 128}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int kind = W_F32; kind <= W_BF16; kind++)
+      for (int alias = 0; alias < 2; alias++) {
+        int rows = shapes[s][0], n = shapes[s][1];
+        weight w = make_weight(kind, 1, n);
+        float *xh = random_floats((size_t)rows * n, -3, 3);
+        pair x = pair_from(xh, (size_t)rows * n * 4), y = pair_poisoned((size_t)rows * n);
+        pair *out = alias ? &x : &y;
+        cpu->ops->rmsnorm(cpu, x.c, &w.c, 1e-6f, rows, n, out->c);
+        gpu->ops->rmsnorm(gpu, x.g, &w.g, 1e-6f, rows, n, out->g);
+        char what[64];
+        snprintf(what, sizeof what, "%dx%d %s%s", rows, n, kind_name[kind], alias ? " in place" : "");
+        compare(OP_RMSNORM, what, out);
+        pair_free(&x), pair_free(&y), free(xh), free_weight(&w);
+      }
+}
+
+static void test_rope(void) {
+  static const int cfg[][3] = {{4, 16, 8}, {3, 128, 64}, {2, 32, 32}, {64, 128, 64}, {1, 128, 64}};
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+    int nheads = cfg[c][0], hd = cfg[c][1], rot = cfg[c][2], T = 13;
+    int32_t pos[13];
+    for (int t = 0; t < T; t++) pos[t] = t < 4 ? t : (int32_t)(rnd() % 200000);
+    float *xh = random_floats((size_t)T * nheads * hd, -2, 2);
+    pair p = pair_from(pos, sizeof pos), x = pair_from(xh, (size_t)T * nheads * hd * 4);
+    cpu->ops->rope(cpu, x.c, p.c, T, nheads, hd, rot, 5e6);
+    gpu->ops->rope(gpu, x.g, p.g, T, nheads, hd, rot, 5e6);
+    char what[64];
+    snprintf(what, sizeof what, "heads %d hd %d rot %d", nheads, hd, rot);
+    compare(OP_ROPE, what, &x);
+    pair_free(&p), pair_free(&x), free(xh);
+  }
+}
+
+static void test_elementwise(void) {
+  static const size_t sizes[] = {1, 1000, 3 * 6144, 1 << 20};
+  for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+    size_t n = sizes[s];
+    float *a = random_floats(n, -12, 12), *b = random_floats(n, -12, 12);
+    char what[32];
+    snprintf(what, sizeof what, "n=%zu", n);
+    pair g = pair_from(a, n * 4), u = pair_from(b, n * 4);
+    cpu->ops->swiglu_oai(cpu, g.c, u.c, n, 1.702f, 1.0f, 7.0f, g.c); /* out aliases gate */
+    gpu->ops->swiglu_oai(gpu, g.g, u.g, n, 1.702f, 1.0f, 7.0f, g.g);
+    compare(OP_SWIGLU, what, &g);
+    pair_free(&g), pair_free(&u);
+    pair x = pair_from(a, n * 4), y = pair_from(b, n * 4);
+    cpu->ops->add(cpu, x.c, y.c, n);
+    gpu->ops->add(gpu, x.g, y.g, n);
+    compare(OP_ADD, what, &x);
+    pair_free(&x), pair_free(&y), free(a), free(b);
+  }
+  static const int rows[][2] = {{1, 6144}, {7, 100}, {64, 6144}};
+  for (size_t s = 0; s < sizeof rows / sizeof rows[0]; s++) {
+    int T = rows[s][0], n = rows[s][1];
+    float *a = random_floats((size_t)T * n, -1, 1), *b = random_floats((size_t)T * n, -1, 1);
+    float *sc = random_floats((size_t)T, 0, 2.5f);
+    pair x = pair_from(a, (size_t)T * n * 4), y = pair_from(b, (size_t)T * n * 4),
+         w = pair_from(sc, (size_t)T * 4);
+    cpu->ops->add_scaled_rows(cpu, x.c, y.c, w.c, T, n);
+    gpu->ops->add_scaled_rows(gpu, x.g, y.g, w.g, T, n);
+    char what[32];
+    snprintf(what, sizeof what, "%dx%d", T, n);
+    compare(OP_ADD_SCALED, what, &x);
+    pair_free(&x), pair_free(&y), pair_free(&w), free(a), free(b), free(sc);
+  }
+}
+
+/* ---- paged caches ---- */
+
+typedef struct {
+  m3_kv_view c, g;
+  pair k, v, ik, table;
+  int32_t *table_h;
+  float *ik_h; /* host copy of the index keys, for the near-tie check */
+  int pages;
+} cache;
+
+/* A cache of `blocks` blocks in as many pages, shuffled, filled with random keys (eighths when
+ * exact ties are wanted). */
+static cache make_cache(int blocks, int bs, int nkv, int hd, int ihd, int eighths) {
+  cache c;
+  memset(&c, 0, sizeof c);
+  c.pages = blocks + 3; /* spare pages that no block uses */
+  c.table_h = malloc((size_t)blocks * 4);
+  int32_t *perm = malloc((size_t)c.pages * 4);
+  for (int i = 0; i < c.pages; i++) perm[i] = i;
+  for (int i = c.pages - 1; i > 0; i--) {
+    int j = (int)(rnd() % (uint32_t)(i + 1));
+    int32_t tmp = perm[i];
+    perm[i] = perm[j], perm[j] = tmp;
+  }
+  memcpy(c.table_h, perm, (size_t)blocks * 4);
+  free(perm);
+  size_t kvn = (size_t)c.pages * nkv * bs * hd, ikn = (size_t)c.pages * bs * ihd;
+  float *kh = eighths ? random_eighths(kvn) : random_floats(kvn, -1, 1);
+  float *vh = random_floats(kvn, -1, 1);
+  c.ik_h = eighths ? random_eighths(ikn) : random_floats(ikn, -1, 1);
+  c.k = pair_from(kh, kvn * 4);
+  c.v = pair_from(vh, kvn * 4);
+  c.ik = pair_from(c.ik_h, ikn * 4);
+  c.table = pair_from(c.table_h, (size_t)blocks * 4);
+  free(kh), free(vh);
+  m3_kv_view base = {NULL, NULL, NULL, NULL, blocks, bs, nkv, hd, ihd};
+  c.c = c.g = base;
+  c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.block_table = c.table.c;
+  c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.block_table = c.table.g;
+  return c;
+}
+
+static void free_cache(cache *c) {
+  pair_free(&c->k), pair_free(&c->v), pair_free(&c->ik), pair_free(&c->table);
+  free(c->table_h), free(c->ik_h);
+}
+
+/* T positions in [0, len): ragged (random, repeats allowed), the last always len - 1, and a
+ * padding row (-1) when T > 2. */
+static int32_t *random_positions(int T, int len) {
+  int32_t *pos = malloc((size_t)T * 4);
+  for (int t = 0; t < T; t++) pos[t] = (int32_t)(rnd() % (uint32_t)len);
+  pos[T - 1] = len - 1;
+  if (T > 2) pos[1] = -1;
+  return pos;
+}
+
+static void test_kv_store(void) {
+  static const int cfg[][5] = {{16, 2, 32, 16, 9}, {128, 4, 128, 128, 40}}; /* bs nkv hd ihd blocks */
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++) {
+    int bs = cfg[i][0], nkv = cfg[i][1], hd = cfg[i][2], ihd = cfg[i][3], blocks = cfg[i][4];
+    cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
+    int T = 21;
+    /* Distinct ragged positions, a padding row and one past the table (both skipped). */
+    int32_t *pos = malloc((size_t)T * 4);
+    int at = (int)(rnd() % 5);
+    for (int t = 0; t < T; t++, at += 1 + (int)(rnd() % (uint32_t)(blocks * bs / (2 * T)))) pos[t] = at;
+    pos[1] = -1;
+    pos[2] = blocks * bs + 5;
+    float *kh = random_floats((size_t)T * nkv * hd, -1, 1), *vh = random_floats((size_t)T * nkv * hd, -1, 1);
+    float *ikh = random_floats((size_t)T * ihd, -1, 1);
+    pair p = pair_from(pos, (size_t)T * 4), k = pair_from(kh, (size_t)T * nkv * hd * 4),
+         v = pair_from(vh, (size_t)T * nkv * hd * 4), ik = pair_from(ikh, (size_t)T * ihd * 4);
+    cpu->ops->kv_store(cpu, &c.c, p.c, T, k.c, v.c, ik.c);
+    gpu->ops->kv_store(gpu, &c.g, p.g, T, k.g, v.g, ik.g);
+    compare(OP_KV_STORE, "K pages", &c.k);
+    compare(OP_KV_STORE, "V pages", &c.v);
+    compare(OP_KV_STORE, "index-key pages", &c.ik);
+    pair_free(&p), pair_free(&k), pair_free(&v), pair_free(&ik);
+    free(pos), free(kh), free(vh), free(ikh), free_cache(&c);
+  }
+}
+
+/* Block score of (query iq_t_g, block b) in double: the max over visible keys of the dot. */
+static double ref_block_score(const cache *c, const float *q, int32_t p, int b) {
+  const int bs = c->c.block_size, ihd = c->c.ihd;
+  int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
+  double best = -INFINITY;
+  for (int j = 0; j < n; j++) {
+    const float *key = c->ik_h + ((size_t)c->table_h[b] * bs + j) * ihd;
+    double d = 0;
+    for (int i = 0; i < ihd; i++) d += (double)q[i] * key[i];
+    if (d > best) best = d;
+  }
+  return best;
+}
+
+/* Compares selections row by row. A differing row is a near-tie when the blocks in one list but
+ * not the other all score (in double) within 1e-5 of each other, relative to the row's scores. */
+static void compare_selection(const cache *c, const float *iq, const int32_t *pos, int T, int G,
+                              int topk, const int32_t *ref, const int32_t *got, const char *what) {
+  op_result *r = &results[OP_MSA];
+  r->cases++;
+  int bad = 0;
+  for (int row = 0; row < T * G; row++) {
+    const int32_t *a = ref + (size_t)row * topk, *b = got + (size_t)row * topk;
+    if (memcmp(a, b, (size_t)topk * 4) == 0) continue;
+    r->mismatches++;
+    const float *q = iq + (size_t)row * c->c.ihd;
+    const int32_t p = pos[row / G];
+    double lo = INFINITY, hi = -INFINITY, scale = 1e-30;
+    int count_a = 0, count_b = 0;
+    for (int i = 0; i < topk; i++) {
+      count_a += a[i] >= 0, count_b += b[i] >= 0;
+      for (int side = 0; side < 2; side++) {
+        const int32_t *x = side ? b : a, *y = side ? a : b;
+        if (x[i] < 0) continue;
+        int shared = 0;
+        for (int j = 0; j < topk; j++) shared |= y[j] == x[i];
+        double sc = ref_block_score(c, q, p, x[i]);
+        scale = fmax(scale, fabs(sc));
+        if (!shared) lo = fmin(lo, sc), hi = fmax(hi, sc);
+      }
+    }
+    if (count_a == count_b && hi - lo <= 1e-5 * scale) r->near_ties++;
+    else bad++;
+  }
+  if (bad) {
+    r->failed++;
+    fprintf(stderr, "FAIL msa_select [%s]: %d rows differ beyond near-ties\n", what, bad);
+  }
+}
+
+static void attention_pair(cache *c, int nh, int T, const pair *pos, const pair *sel, int topk,
+                           const char *what) {
+  const int hd = c->c.hd;
+  float *qh = random_floats((size_t)T * nh * hd, -1, 1);
+  pair q = pair_from(qh, (size_t)T * nh * hd * 4), out = pair_poisoned((size_t)T * nh * hd);
+  cpu->ops->attention(cpu, q.c, nh, &c->c, pos->c, T, sel ? sel->c : NULL, topk, out.c);
+  gpu->ops->attention(gpu, q.g, nh, &c->g, pos->g, T, sel ? sel->g : NULL, topk, out.g);
+  compare(sel ? OP_ATT_SPARSE : OP_ATT_DENSE, what, &out);
+  pair_free(&q), pair_free(&out), free(qh);
+}
+
+/* MSA selection and attention (dense and over the selected blocks) on one cache. */
+static void msa_attention_case(int bs, int nh, int nkv, int hd, int ihd, int len, int T,
+                               m3_msa_params mp, int eighths) {
+  int blocks = (len + bs - 1) / bs;
+  cache c = make_cache(blocks, bs, nkv, hd, ihd, eighths);
+  int32_t *posh = random_positions(T, len);
+  const int G = nkv;
+  float *iqh = eighths ? random_eighths((size_t)T * G * ihd) : random_floats((size_t)T * G * ihd, -1, 1);
+  pair pos = pair_from(posh, (size_t)T * 4), iq = pair_from(iqh, (size_t)T * G * ihd * 4);
+  int32_t *poison = malloc((size_t)T * G * mp.topk * 4);
+  for (int i = 0; i < T * G * mp.topk; i++) poison[i] = 0x7eadbeef;
+  pair sel = pair_from(poison, (size_t)T * G * mp.topk * 4);
+  cpu->ops->msa_select(cpu, iq.c, G, &c.c, pos.c, T, &mp, sel.c);
+  gpu->ops->msa_select(gpu, iq.g, G, &c.g, pos.g, T, &mp, sel.g);
+  int32_t *selg = gpu_copy(&sel);
+  char what[128];
+  snprintf(what, sizeof what, "bs %d nh %d nkv %d hd %d ihd %d len %d T %d topk %d local %d init %d%s",
+           bs, nh, nkv, hd, ihd, len, T, mp.topk, mp.local_blocks, mp.init_blocks,
+           eighths ? " exact ties" : "");
+  compare_selection(&c, iqh, posh, T, G, mp.topk, sel.c, selg, what);
+  /* Attention reads the CPU's selection on both backends, so it is checked on its own. */
+  must(gpu->ops->to_device(gpu, sel.g, sel.c, sel.bytes), "to_device");
+  attention_pair(&c, nh, T, &pos, NULL, 0, what);
+  attention_pair(&c, nh, T, &pos, &sel, mp.topk, what);
+  pair_free(&pos), pair_free(&iq), pair_free(&sel);
+  free(posh), free(iqh), free(poison), free(selg), free_cache(&c);
+}
+
+static void test_msa_attention(void) {
+  static const int geo[][6] = {
+      /* bs nh nkv hd ihd len */
+      {16, 8, 2, 32, 16, 200}, {8, 4, 4, 64, 32, 97}, {128, 64, 4, 128, 128, 2048 + 77},
+      {128, 64, 4, 128, 128, 9000}, {32, 16, 4, 128, 64, 1000}, {16, 12, 4, 96, 16, 333},
+  };
+  static const m3_msa_params params[] = {{4, 1, 0}, {4, 2, 1}, {16, 1, 0}, {3, 2, 0}, {5, 1, 1}};
+  static const int Ts[] = {1, 3, 17};
+  for (size_t gi = 0; gi < sizeof geo / sizeof geo[0]; gi++)
+    for (size_t pi = 0; pi < sizeof params / sizeof params[0]; pi++)
+      for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+        if (geo[gi][5] > 4000 && (pi != 2 || ti == 2)) continue; /* long contexts: M3's params */
+        msa_attention_case(geo[gi][0], geo[gi][1], geo[gi][2], geo[gi][3], geo[gi][4], geo[gi][5],
+                           Ts[ti], params[pi], 0);
+      }
+  /* Exact ties (scores of eighths): both must break them to the lower block id. */
+  for (size_t pi = 0; pi < sizeof params / sizeof params[0]; pi++)
+    msa_attention_case(16, 8, 2, 32, 16, 300, 9, params[pi], 1);
+}
+
+static void test_moe_route(void) {
+  static const int cfg[][2] = {{8, 2}, {128, 4}, {256, 8}, {16, 1}, {64, 6}}; /* E, k */
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+      int E = cfg[c][0], k = cfg[c][1], T = 37;
+      float *lh = random_floats((size_t)T * E, -4, 4), *bh = random_floats((size_t)E, -0.5f, 0.5f);
+      if (c == 3) /* exact ties between experts */
+        for (int i = 0; i < T * E; i++) lh[i] = (float)((int)(rnd() % 5) - 2);
+      pair l = pair_from(lh, (size_t)T * E * 4), b = pair_from(bh, (size_t)E * 4);
+      pair ids = pair_poisoned((size_t)T * k), w = pair_poisoned((size_t)T * k);
+      cpu->ops->moe_route(cpu, l.c, with_bias ? b.c : NULL, T, E, k, 2.5f, ids.c, w.c);
+      gpu->ops->moe_route(gpu, l.g, with_bias ? b.g : NULL, T, E, k, 2.5f, ids.g, w.g);
+      int32_t *idg = gpu_copy(&ids);
+      float *wg = gpu_copy(&w);
+      char what[64];
+      snprintf(what, sizeof what, "E %d k %d%s", E, k, with_bias ? " bias" : "");
+      op_result *r = &results[OP_MOE];
+      int differ = 0;
+      for (int t = 0; t < T; t++)
+        if (memcmp((int32_t *)ids.c + t * k, idg + t * k, (size_t)k * 4) != 0) differ++;
+      if (differ) {
+        r->mismatches += differ;
+        r->failed++;
+        fprintf(stderr, "FAIL moe_route [%s]: %d tokens route differently\n", what, differ);
+      } else {
+        record(OP_MOE, what, w.c, wg, (size_t)T * k);
+      }
+      pair_free(&l), pair_free(&b), pair_free(&ids), pair_free(&w);
+      free(lh), free(bh), free(idg), free(wg);
+    }
+}
+
+static int test_errors(void) {
+  m3_backend *none = NULL;
+  m3_status st = m3_backend_cuda_create(999, &none);
+  int ok = st == M3_ERR_UNSUPPORTED && none == NULL && strstr(m3_last_error(), "999") != NULL;
+  printf("%-40s %s (%s)\n", "cuda:999 refused", ok ? "PASS" : "FAIL", m3_last_error());
+  return ok;
+}
+
+int main(void) {
+  must(m3_backend_cpu_create(0, &cpu), "cpu backend");
+  must(m3_backend_create("cuda", 0, &gpu), "cuda backend");
+  int ok = test_errors();
+  test_matmul();
+  test_embed();
+  test_rmsnorm();
+  test_rope();
+  test_elementwise();
+  test_kv_store();
+  test_msa_attention();
+  test_moe_route();
+  printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
+  for (int i = 0; i < OP_COUNT; i++) {
+    const op_result *r = &results[i];
+    ok &= r->failed == 0 && r->cases > 0;
+    if (i == OP_MSA)
+      printf("%-40s %6d %6d %12s %9s  rows differing %d, of them near-ties %d  %s\n", r->name,
+             r->cases, r->failed, "-", "exact", r->mismatches, r->near_ties,
+             r->failed ? "FAIL" : "PASS");
+    else
+      printf("%-40s %6d %6d %12.3g %9.0e  %s%s\n", r->name, r->cases, r->failed, r->worst, r->tol,
+             r->failed || !r->cases ? "FAIL" : "PASS",
+             i == OP_MOE && r->mismatches ? " (routes differ)" : "");
+  }
+  cpu->ops->destroy(cpu);
+  gpu->ops->destroy(gpu);
+  printf("%s\n", ok ? "ALL PASS" : "FAILURES");
+  return ok ? 0 : 1;
+}
