@@ -5,4 +5,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config clang llvm \
-  libcjson-dev libpcre2-dev libmicrohttpd-dev zlib1g-dev jq npm >/dev/null
+  libcjson-dev libpcre2-dev libmicrohttpd-dev zlib1g-dev jq >/dev/null
+# Node and npm run the test-only clients; keep an existing Node install (e.g. from NodeSource,
+# whose nodejs package conflicts with Debian's npm).
+if ! command -v npm >/dev/null; then
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
