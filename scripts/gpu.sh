@@ -58,8 +58,9 @@ import json, os, subprocess, sys, tempfile
 import numpy as np
 m3, root = sys.argv[1], sys.argv[2]
 failed = 0
-print("| fixture | chunk | worst rel L2 | argmax agree | selection rows differing | near-ties | result |")
-print("|---|---|---|---|---|---|---|")
+print("| fixture | chunk | worst rel L2 | median rel L2 | positions > 1e-2 | argmax agree | "
+      "selection rows differing | near-ties | result |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name in sorted(os.listdir(root)):
     fx = os.path.join(root, name)
     if not os.path.exists(os.path.join(fx, "logits.f32")):
@@ -75,7 +76,7 @@ for name in sorted(os.listdir(root)):
                    "--chunk", str(chunk), "--out", tmp + "/l.f32", "--blocks-out", tmp + "/b.i32"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
-                print(f"| {name} | {chunk} | - | - | - | - | FAIL: {r.stderr.strip()[:200]} |")
+                print(f"| {name} | {chunk} | - | - | - | - | - | - | FAIL: {r.stderr.strip()[:200]} |")
                 failed += 1
                 continue
             got = np.fromfile(tmp + "/l.f32", np.float32).reshape(len(ids), -1)
@@ -94,7 +95,8 @@ for name in sorted(os.listdir(root)):
             rows, near = f"{diff} of {ref_blocks.size // k}", (diff if tie else 0)
             ok = ok and (diff == 0 or tie)
         failed += not ok
-        print(f"| {name} | {chunk} | {rel.max():.2e} | {agree:.1%} | {rows} | {near} | {'PASS' if ok else 'FAIL'} |")
+        print(f"| {name} | {chunk} | {rel.max():.2e} | {np.median(rel):.2e} | {int((rel > 1e-2).sum())} of "
+              f"{len(ids)} | {agree:.1%} | {rows} | {near} | {'PASS' if ok else 'FAIL'} |")
 sys.exit(1 if failed else 0)
 EOF
   fixtures_rc=$?

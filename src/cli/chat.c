@@ -377,7 +377,7 @@ static m3_status reply_turn(m3_engine *e, history *h, const m3_sampling_params *
     if (st == M3_OK && r.finish == M3_FINISH_LENGTH)
       fprintf(stderr, "[the reply reached --max-tokens or the context limit]\n");
   }
-  if (st != M3_OK) history_pop(h); /* the user's message (and the assistant's on a failed push) */
+  if (st != M3_OK) history_pop(h); /* the user's message */
   m3_out_parser_free(r.parser);
   m3_out_result_free(&pr.result);
   free(r.ids);

@@ -92,9 +92,6 @@ static inline cpu_wrow cpu_wrow_at(const m3_tensor *w, int64_t r) {
   return row;
 }
 
-/* Scalar dot of columns [c0, cols) of row r with x[c0..]: the SIMD kernels' row tails. */
-float cpu_row_tail_dot(const m3_tensor *w, int64_t r, int64_t c0, const float *x);
-
 /* Writes the `k` indices of the largest scores to idx, best first; ties go to the lower index and
  * NaN ranks below everything. Requires k <= n. */
 void cpu_topk(const float *score, int n, int k, int32_t *idx);

@@ -59,13 +59,3 @@ void cpu_decode_row(const m3_tensor *w, int64_t r, int64_t c0, int64_t n, float 
     for (int64_t i = 0; i < n; i++) dst[i] *= scale[(c0 + i) / w->block_cols];
   }
 }
-
-float cpu_row_tail_dot(const m3_tensor *w, int64_t r, int64_t c0, const float *x) {
-  float buf[32], acc = 0;
-  for (int64_t c = c0; c < w->cols; c += 32) {
-    int n = w->cols - c < 32 ? (int)(w->cols - c) : 32;
-    cpu_decode_row(w, r, c, n, buf);
-    for (int i = 0; i < n; i++) acc += buf[i] * x[c + i];
-  }
-  return acc;
-}
