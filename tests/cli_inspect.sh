@@ -37,6 +37,18 @@ header() {
   tail -c +9 "$1" | head -c "$n"
 }
 
+# ---- checkpoints written by transformers 5.17 (save_pretrained): every reference fixture with an
+# expected_inspect.json (parameter count and tensor count summed in Python, layer kinds) ----
+for exp in "$src"/tests/fixtures/text/*/expected_inspect.json; do
+  dir=$(dirname "$exp")
+  name=$(basename "$dir")
+  got=$("$m3" inspect --model "$dir" --json) || { bad "$name: inspect failed"; continue; }
+  expect_eq "$name params_total" "$(jq .params_total <<<"$got")" "$(jq .params_total "$exp")"
+  expect_eq "$name bound_elements" "$(jq .bound_elements <<<"$got")" "$(jq .params_total "$exp")"
+  expect_eq "$name layers" "$(jq -c .layers <<<"$got")" "$(jq -c .layers "$exp")"
+  expect_eq "$name tensors in the file" "$(header "$dir/model.safetensors" | jq '[keys[] | select(. != "__metadata__")] | length')" "$(jq .num_tensors "$exp")"
+done
+
 # ---- the full-size config (427B): arithmetic only ----
 full=$src/tests/data/m3_full
 json=$("$m3" inspect --model "$full" --json)
