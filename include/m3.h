@@ -33,6 +33,12 @@ typedef struct {
   /* Progress while loading: called with (bytes done, bytes total); may be NULL. */
   void (*on_load_progress)(uint64_t done, uint64_t total, void *user);
   void *load_user;
+  /* Speculative decoding: NULL or "" = off; "mtp" = the checkpoint's own MTP modules; "eagle3" =
+   * an EAGLE3 draft in draft_dir. num_draft tokens are drafted per step (0 = 3, at most 16);
+   * the output distribution is unchanged (greedy: the same tokens). */
+  const char *speculative;
+  const char *draft_dir;
+  int num_draft;
 } m3_engine_options;
 
 /* Fills `opts` with the defaults above. */
@@ -133,6 +139,39 @@ typedef void (*m3_token_callback)(const m3_token_event *ev, void *user);
 m3_status m3_submit(m3_engine *e, const int32_t *prompt, int n_prompt,
                     const m3_sampling_params *params, m3_token_callback cb, void *user,
                     uint64_t *request_id);
+
+/* Images and videos for a model with a vision tower (m3_vision_chat_spec.md §2-§3). An m3_media
+ * is one item decoded and cut into the tower's patches for the loaded model; it is independent of
+ * any request (submit copies what it needs). */
+typedef struct m3_media m3_media;
+
+/* An image file held in memory (JPEG, PNG, WebP, GIF first frame; EXIF orientation applied, alpha
+ * composited onto white, resized to at most 451,584 pixels). `label` names it in errors.
+ * Undecodable bytes: M3_ERR_FORMAT or M3_ERR_UNSUPPORTED; a model without a vision tower:
+ * M3_ERR_UNSUPPORTED. */
+m3_status m3_media_image(const m3_engine *e, const void *data, size_t len, const char *label,
+                         m3_media **out);
+/* A video file, decoded with libavformat, one frame per second (at most 768). */
+m3_status m3_media_video(const m3_engine *e, const char *path, m3_media **out);
+void m3_media_free(m3_media *m);
+/* Placeholder ids the item takes in the prompt. */
+int m3_media_tokens(const m3_media *m);
+
+/* Expands a tokenized prompt holding one image id (]<]image[>[) or video id (]<]video[>[) per item,
+ * in order: an image becomes ]<]start of image[>[ + m3_media_tokens x image id + ]<]end of image[>[;
+ * a video, per temporal patch, the text "]<]T seconds[>[" then the same run of video ids (spec
+ * §2.6, §3.4). Needs the model's tokenizer. *out is malloc'd. Counts or kinds that do not match
+ * the items are M3_ERR_ARG. */
+m3_status m3_media_expand(const m3_engine *e, const int32_t *ids, int n, m3_media *const *media,
+                          int n_media, int32_t **out, int *n_out);
+
+/* m3_submit with images/videos: the prompt is already expanded (m3_media_expand), and holds
+ * exactly the placeholder ids the items need. The vision tower runs on the engine's thread when
+ * the request is admitted; its rows replace the placeholders' embeddings. Such prompts do not take
+ * part in prefix caching. n_media = 0 is m3_submit. */
+m3_status m3_submit_media(m3_engine *e, const int32_t *prompt, int n_prompt,
+                          m3_media *const *media, int n_media, const m3_sampling_params *params,
+                          m3_token_callback cb, void *user, uint64_t *request_id);
 
 /* Stops a request; its pages are freed before the next step and its callback receives one
  * M3_FINISH_CANCELLED event per unfinished sample. Unknown or finished ids are ignored. */

@@ -5,7 +5,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config clang llvm \
-  libcjson-dev libpcre2-dev libmicrohttpd-dev zlib1g-dev jq >/dev/null
+  libcjson-dev libpcre2-dev libmicrohttpd-dev zlib1g-dev jq \
+  libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libavformat-dev libavcodec-dev \
+  libswscale-dev libavutil-dev >/dev/null
 # Node and npm run the test-only clients; keep an existing Node install (e.g. from NodeSource,
 # whose nodejs package conflicts with Debian's npm).
 if ! command -v npm >/dev/null; then

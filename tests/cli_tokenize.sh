@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# m3 tokenize / detokenize / bench-tok on the tiny M3 tokenizer fixture. Expected ids are HF
+# m3 tokenize / detokenize / bench tok on the tiny M3 tokenizer fixture. Expected ids are HF
 # tokenizers' (tests/fixtures/tok/tiny.ids.gz, line N for corpus.jsonl line N). Needs jq, gzip.
 #   $1: the m3 binary  $2: the source tree
 set -uo pipefail
@@ -50,8 +50,8 @@ ids=$(gzip -dc "$fx/tiny.ids.gz" | sed -n 16p)
 got=$("$m3" detokenize --tokenizer "$fx/tiny.json" --ids "${ids// /,}" --skip-special)
 expect_eq "detokenize --skip-special" "$got" "$(printf 'ai\nhi')"
 
-out=$("$m3" bench-tok --tokenizer "$fx/tiny.json" --file "$tmp/text" --repeat 2)
-if [[ "$out" == *"MB/s"*"tokens/s"* ]]; then ok; else bad "bench-tok prints no MB/s and tokens/s: $out"; fi
+out=$("$m3" bench tok --tokenizer "$fx/tiny.json" --file "$tmp/text" --repeat 2)
+if [[ "$out" == *"MB/s"*"tokens/s"* ]]; then ok; else bad "bench tok prints no MB/s and tokens/s: $out"; fi
 
 expect_input_error "no_such.json" tokenize --tokenizer "$tmp/no_such.json" --text hi
 expect_input_error "tokenizer.json" tokenize --model "$tmp/no_dir" --text hi

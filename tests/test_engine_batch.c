@@ -372,8 +372,8 @@ static void test_model_batch(void) {
       m3_kv_seq_views(cache, &seqs[k][i], &views[(k * NS + i) * L]);
       /* Each sequence's selections in its own region: [S, T_i, G, K] at row offset. */
       caps[k][i] = (m3_selection_capture){sel[k] + (size_t)S * row * sel_row, T[i], 0};
-      batch[i] = (m3_model_seq){&views[(k * NS + i) * L], prompts[i], pos[i], T[i], T[i],
-                                &caps[k][i]};
+      batch[i] = (m3_model_seq){.kv = &views[(k * NS + i) * L], .ids = prompts[i], .pos = pos[i],
+                                .T = T[i], .n_logits = T[i], .capture = &caps[k][i]};
       if (k == 0) CHECK_OK(m3_model_forward_batch(m, &batch[i], 1, logits[0] + row * V));
       row += (size_t)T[i];
     }
@@ -406,7 +406,8 @@ static void test_model_batch(void) {
       m3_kv_seq_views(cache, &seqs[k][i], &views[(k * NS + i) * L]);
     }
   for (int i = 0; i < NS; i++) {
-    batch[i] = (m3_model_seq){&views[i * L], &next[i], &npos[i], 1, 1, NULL};
+    batch[i] = (m3_model_seq){.kv = &views[i * L], .ids = &next[i], .pos = &npos[i], .T = 1,
+                              .n_logits = 1};
     CHECK_OK(m3_model_forward_batch(m, &batch[i], 1, logits[0] + (size_t)i * V));
     batch[i].kv = &views[(NS + i) * L];
   }

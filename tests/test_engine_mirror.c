@@ -150,8 +150,8 @@ static int fork_and_batch(const char *dir, int mirrored, float **out, size_t *n_
       m3_kv_seq_views(cache, &a, views);
       m3_kv_seq_views(cache, &b, views + L);
       const m3_model_seq batch[2] = {
-          {views, ids + prompt, pos + prompt, 1, 1, NULL},
-          {views + L, ids + 40, pos + prompt, 3, 2, NULL},
+          {.kv = views, .ids = ids + prompt, .pos = pos + prompt, .T = 1, .n_logits = 1},
+          {.kv = views + L, .ids = ids + 40, .pos = pos + prompt, .T = 3, .n_logits = 2},
       };
       CHECK_OK(m3_model_forward_batch(model, batch, 2, *out));
       m3_kv_seq_truncate(cache, &b, 9);

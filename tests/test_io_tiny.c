@@ -247,6 +247,75 @@ static void test_plan_errors(const char *root) {
   CHECK(access(dir, F_OK) != 0); /* nothing written for a bad plan */
 }
 
+/* Size overrides reach the config and every tensor shape (the binder checks shapes against the
+ * config, so loading at all is part of the check); inconsistent sizes fail naming the options,
+ * before anything is written. */
+static void test_sizes(const char *root) {
+  char dir[600];
+  snprintf(dir, sizeof dir, "%s/sized", root);
+  m3_tiny_options opt = m3_tiny_default_options();
+  opt.dtype = M3_TINY_MXFP8;
+  opt.layers = "FD,SM";
+  opt.hidden = 48, opt.heads = 6, opt.kv_heads = 3, opt.head_dim = 12, opt.rotary_dim = 4;
+  opt.experts = 5, opt.experts_per_token = 3, opt.expert_width = 20, opt.shared_width = 36;
+  opt.dense_width = 44, opt.index_dim = 10, opt.block_size = 8, opt.topk_blocks = 2;
+  CHECK_OK(m3_tiny_write(dir, &opt));
+  loaded l;
+  int ok = load(dir, &l);
+  CHECK(ok);
+  if (ok) {
+    const m3_config *c = &l.cfg;
+    CHECK_EQ_INT(c->hidden_size, 48);
+    CHECK_EQ_INT(c->num_heads, 6);
+    CHECK_EQ_INT(c->num_kv_heads, 3);
+    CHECK_EQ_INT(c->index_num_heads, 3);
+    CHECK_EQ_INT(c->head_dim, 12);
+    CHECK_EQ_INT(c->rotary_dim, 4);
+    CHECK_EQ_INT(c->num_experts, 5);
+    CHECK_EQ_INT(c->num_experts_per_tok, 3);
+    CHECK_EQ_INT(c->intermediate_size, 20);
+    CHECK_EQ_INT(c->shared_intermediate_size, 36);
+    CHECK_EQ_INT(c->dense_intermediate_size, 44);
+    CHECK_EQ_INT(c->index_head_dim, 10);
+    CHECK_EQ_INT(c->index_block_size, 8);
+    CHECK_EQ_INT(c->index_topk_blocks, 2);
+    const m3_layer_weights *L = &l.w.layers[1];
+    CHECK_EQ_INT((int)L->q_proj.rows, 72);
+    CHECK_EQ_INT((int)L->q_proj.cols, 48);
+    CHECK_EQ_INT((int)L->index_q_proj.rows, 30);
+    CHECK_EQ_INT((int)L->expert_down[4].rows, 48);
+    CHECK_EQ_INT((int)L->expert_down[4].cols, 20);
+    CHECK_EQ_INT((int)L->shared_gate.rows, 36);
+    CHECK_EQ_INT((int)l.w.layers[0].mlp_up.rows, 44);
+    CHECK_EQ_INT((int)l.w.embed.cols, 48);
+    unload(&l);
+  }
+
+  snprintf(dir, sizeof dir, "%s/badsize", root);
+  opt = m3_tiny_default_options();
+  opt.heads = 6, opt.kv_heads = 4;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--heads 6 is not a multiple of --kv-heads 4");
+  opt = m3_tiny_default_options();
+  opt.head_dim = 6; /* below the default rotated width 8 */
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--rotary-dim 8");
+  opt = m3_tiny_default_options();
+  opt.rotary_dim = 5;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--rotary-dim 5");
+  opt = m3_tiny_default_options();
+  opt.experts = 1; /* below the default top-2 */
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--experts-per-token 2 exceeds --experts 1");
+  opt = m3_tiny_default_options();
+  opt.experts_per_token = 9;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--experts-per-token 9 exceeds --experts 8");
+  opt = m3_tiny_default_options();
+  opt.block_size = -1;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--block-size -1");
+  opt = m3_tiny_default_options();
+  opt.hidden = 65537;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--hidden 65537");
+  CHECK(access(dir, F_OK) != 0); /* nothing written for bad sizes */
+}
+
 static void test_builtin(const char *root) {
   char cache[600], out[1024], expect[1200];
   snprintf(cache, sizeof cache, "%s/cache", root);
@@ -273,6 +342,7 @@ int main(void) {
   test_dtypes_agree(root);
   test_tokenizer(root);
   test_plan_errors(root);
+  test_sizes(root);
   test_builtin(root);
   char cmd[600];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);

@@ -5,7 +5,7 @@
       writes OUT_DIR/NAME.ids.gz: per text line, its ids (add_special_tokens=False) separated by
       spaces
   python3 tools/tok_expected.py --bench TEXT_FILE TOKENIZER_JSON ...
-      prints single-thread encode speed on TEXT_FILE, whole and line by line, like `m3 bench-tok`
+      prints single-thread encode speed on TEXT_FILE, whole and line by line, like `m3 bench tok`
 
 Set RAYON_NUM_THREADS=1 and TOKENIZERS_PARALLELISM=false so nothing runs in parallel.
 """

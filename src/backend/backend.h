@@ -43,6 +43,30 @@ typedef struct {
   int topk, local_blocks, init_blocks;
 } m3_msa_params;
 
+/* The ops of the vision tower (m3_vision_chat_spec.md §4), a table of their own so that a backend
+ * without them (vision = NULL) is refused cleanly. Shapes: N patches of one call, D width, nh
+ * heads, hd head dim. Same memory rules as the main table. */
+typedef struct {
+  /* LayerNorm with affine over nrows rows of n: y = (x - mean) / sqrt(var + eps) * w + b, biased
+   * variance, in float32.  w, b [n]; x and y may alias. */
+  void (*layernorm)(m3_backend *be, const float *x, const m3_tensor *w, const m3_tensor *b,
+                    float eps, int nrows, int n, float *y);
+  /* x[t, :] += b for T rows of n.  b [n] */
+  void (*add_bias)(m3_backend *be, float *x, const m3_tensor *b, int T, int n);
+  /* Exact GELU in place: x = 0.5 x (1 + erf(x / sqrt 2)). */
+  void (*gelu)(m3_backend *be, float *x, size_t n);
+  /* Axial 3-D RoPE in place over the first 3 * axis_dim dims of each head (spec §4.3):
+   * inv_freq[j] = theta^(-2j / axis_dim), j < axis_dim / 2, in float32; angle i of token t is
+   * pos[t, i / (axis_dim / 2)] * inv_freq[i % (axis_dim / 2)]; NeoX pairs (i, i + 3 * axis_dim / 2).
+   * x [N, nheads, hd]; pos [N, 3] (t, y, x) int32. */
+  void (*rope_3d)(m3_backend *be, float *x, const int32_t *pos, int N, int nheads, int hd,
+                  int axis_dim, double theta);
+  /* Non-causal attention of N tokens among themselves (one image or video segment):
+   * out[t, h] = softmax_j(q[t, h] . k[j, h] / sqrt(hd)) v[j, h].  q, k, v, out [N, nh, hd] */
+  void (*attention_full)(m3_backend *be, const float *q, const float *k, const float *v, int N,
+                         int nh, int hd, float *out);
+} m3_vision_ops;
+
 typedef struct {
   const char *name;
   void (*destroy)(m3_backend *be);
@@ -123,6 +147,9 @@ typedef struct {
    * scaling.  ids [T, k], weights [T, k]. */
   void (*moe_route)(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
                     float scaling, int32_t *ids, float *weights);
+
+  /* The vision tower's ops, or NULL when this backend cannot run the tower. */
+  const m3_vision_ops *vision;
 } m3_backend_ops;
 
 struct m3_backend {

@@ -1,4 +1,4 @@
-/* m3 bench-engine: the serving core under load. For concurrency c in 1, 2, 4, ... 64, c
+/* m3 bench engine: the serving core under load. For concurrency c in 1, 2, 4, ... 64, c
  * requests (random prompts, fixed lengths, greedy, end-of-turn ignored) are submitted at once and
  * run to completion; then a shared-prefix workload measures the prefix cache. Prints throughput,
  * per-request latency, hit rate and the scheduler's own time per step. */
@@ -7,12 +7,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli/bench.h"
 #include "cli/commands.h"
 #include "cli/model_args.h"
 #include "m3.h"
 
 static const char usage[] =
-    "usage: m3 bench-engine [--model DIR] [--threads N] [--prompt-tokens P] [--gen-tokens G]\n"
+    "usage: m3 bench engine [--model DIR] [--threads N] [--prompt-tokens P] [--gen-tokens G]\n"
     "                       [--max-concurrency C]\n"
     "  defaults: the built-in model, P = 64, G = 32, C = 64.\n";
 
@@ -68,7 +69,7 @@ static m3_status run_load(m3_engine *e, int c, int P, int G, int shared, uint64_
   return st;
 }
 
-int m3_cmd_bench_engine(int argc, char **argv) {
+int m3_bench_engine(int argc, char **argv) {
   const char *model = NULL;
   long threads = 0, P = 64, G = 32, C = 64;
   m3_status st = M3_OK;
@@ -85,7 +86,7 @@ int m3_cmd_bench_engine(int argc, char **argv) {
     else if (strcmp(argv[i], "--max-concurrency") == 0) st = m3_cli_parse_long(argv[i], argv[i + 1], 1, 4096, &C), i++;
     else st = m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", argv[i]);
   }
-  if (st != M3_OK) return m3_cli_fail("bench-engine", st);
+  if (st != M3_OK) return m3_cli_fail("bench engine", st);
 
   m3_engine_options o;
   m3_engine_options_init(&o);
@@ -143,5 +144,5 @@ int m3_cmd_bench_engine(int argc, char **argv) {
   m3_engine_close(e);
   free(t);
   free(lat);
-  return st == M3_OK ? 0 : m3_cli_fail("bench-engine", st);
+  return st == M3_OK ? 0 : m3_cli_fail("bench engine", st);
 }

@@ -1,4 +1,4 @@
-/* m3 bench-ops: throughput of the CPU kernels against the machine's own copy bandwidth.
+/* m3 bench ops: throughput of the CPU kernels against the machine's own copy bandwidth.
  *
  * Prints the memcpy bandwidth over buffers far larger than the last-level cache (all threads),
  * the GEMV (T = 1, decode) bandwidth for every weight dtype over a matrix larger than the cache,
@@ -8,18 +8,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "backend/cpu/cpu.h"
 #include "base/dtype.h"
 #include "base/threadpool.h"
+#include "cli/bench.h"
 #include "cli/commands.h"
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static uint64_t bench_rng = 88172645463325252ull;
 static uint32_t bench_rand(void) {
@@ -52,25 +46,23 @@ static void read_range(void *ctx, int64_t b, int64_t e, int worker) {
   job->sums[worker & 63] += s;
 }
 
-/* Best of `reps` reads of `bytes` (a vectorized integer sum), in GB/s: the ceiling for GEMV. */
-static double read_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
+double m3_bench_read_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
   uint64_t *src = malloc(bytes);
   if (!src) return 0;
   memset(src, 1, bytes);
   read_job job = {src, {0}};
   double best = 1e30;
   for (int r = 0; r < reps; r++) {
-    double t0 = now_s();
+    double t0 = m3_bench_seconds();
     m3_parallel_for(pool, (int64_t)(bytes / 8), 0, read_range, &job);
-    double dt = now_s() - t0;
+    double dt = m3_bench_seconds() - t0;
     if (dt < best) best = dt;
   }
   free(src);
   return job.sums[0] == 0 ? 0 : (double)bytes / best / 1e9;
 }
 
-/* Best of `reps` copies of `bytes`, in GB/s of memory traffic (bytes read + bytes written). */
-static double copy_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
+double m3_bench_copy_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
   char *src = malloc(bytes), *dst = malloc(bytes);
   if (!src || !dst) {
     free(src);
@@ -82,9 +74,9 @@ static double copy_bandwidth(m3_threadpool *pool, size_t bytes, int reps) {
   copy_job job = {dst, src};
   double best = 1e30;
   for (int r = 0; r < reps; r++) {
-    double t0 = now_s();
+    double t0 = m3_bench_seconds();
     m3_parallel_for(pool, (int64_t)bytes, 0, copy_range, &job);
-    double dt = now_s() - t0;
+    double dt = m3_bench_seconds() - t0;
     if (dt < best) best = dt;
   }
   free(src);
@@ -159,11 +151,11 @@ static int make_bench_weight(int kind, int64_t rows, int64_t cols, bench_weight 
 static double time_matmul(m3_backend *be, const bench_weight *w, const float *x, int T, float *y,
                           double seconds) {
   be->ops->matmul(be, &w->t, x, T, y); /* warm-up: page faults, thread wake-up */
-  double best = 1e30, start = now_s();
-  for (int r = 0; r < 3 || now_s() - start < seconds; r++) {
-    double t0 = now_s();
+  double best = 1e30, start = m3_bench_seconds();
+  for (int r = 0; r < 3 || m3_bench_seconds() - start < seconds; r++) {
+    double t0 = m3_bench_seconds();
     be->ops->matmul(be, &w->t, x, T, y);
-    double dt = now_s() - t0;
+    double dt = m3_bench_seconds() - t0;
     if (dt < best) best = dt;
     if (r > 1000) break;
   }
@@ -192,15 +184,15 @@ static void bench_attention(m3_backend *be, int L, double seconds) {
     for (int i = 0; i < nh * hd; i++) q[i] = kv.k[i];
     int32_t pos = L - 1;
     m3_msa_params mp = {topk, 1, 0};
-    double best[3] = {1e30, 1e30, 1e30}, start = now_s();
-    for (int r = 0; r < 3 || now_s() - start < seconds; r++) {
-      double t0 = now_s();
+    double best[3] = {1e30, 1e30, 1e30}, start = m3_bench_seconds();
+    for (int r = 0; r < 3 || m3_bench_seconds() - start < seconds; r++) {
+      double t0 = m3_bench_seconds();
       be->ops->msa_select(be, q, nkv, &kv, &pos, 1, &mp, sel);
-      double t1 = now_s();
+      double t1 = m3_bench_seconds();
       be->ops->attention(be, q, nh, &kv, &pos, 1, sel, topk, out);
-      double t2 = now_s();
+      double t2 = m3_bench_seconds();
       be->ops->attention(be, q, nh, &kv, &pos, 1, NULL, 0, out);
-      double t3 = now_s();
+      double t3 = m3_bench_seconds();
       double dt[3] = {t1 - t0, t2 - t1, t3 - t2};
       for (int i = 0; i < 3; i++)
         if (dt[i] < best[i]) best[i] = dt[i];
@@ -212,17 +204,17 @@ static void bench_attention(m3_backend *be, int L, double seconds) {
 }
 
 static int usage_error(const char *msg) {
-  fprintf(stderr, "m3 bench-ops: %s\n", msg);
+  fprintf(stderr, "m3 bench ops: %s\n", msg);
   return 2;
 }
 
-int m3_cmd_bench_ops(int argc, char **argv) {
+int m3_bench_ops(int argc, char **argv) {
   int64_t gemv_rows = 8192, gemv_cols = 8192, gemm_rows = 4096, gemm_cols = 4096;
   double seconds = 1.0;
   int threads = 0;
   for (int i = 1; i < argc; i++) {
     if (strcmp(argv[i], "--help") == 0) {
-      printf("usage: m3 bench-ops [--gemv ROWSxCOLS] [--gemm ROWSxCOLS] [--seconds S] [--threads N]\n"
+      printf("usage: m3 bench ops [--gemv ROWSxCOLS] [--gemm ROWSxCOLS] [--seconds S] [--threads N]\n"
              "CPU kernel throughput: copy bandwidth, GEMV bandwidth per weight dtype, GEMM\n"
              "GFLOP/s at T = 64 and 256, with 1 thread and with N threads (default: one per\n"
              "core). M3_CPU_ISA picks the kernel set (avx512, avx2, portable).\n");
@@ -239,7 +231,7 @@ int m3_cmd_bench_ops(int argc, char **argv) {
     else if (strcmp(argv[i], "--threads") == 0 && (threads = atoi(argv[i + 1])) > 0)
       ;
     else
-      return usage_error("bad option; see m3 bench-ops --help");
+      return usage_error("bad option; see m3 bench ops --help");
     i++;
   }
 
@@ -248,7 +240,7 @@ int m3_cmd_bench_ops(int argc, char **argv) {
   if (st == M3_OK) st = m3_backend_cpu_create(threads, &be[1]);
   if (st != M3_OK) {
     if (be[0]) be[0]->ops->destroy(be[0]);
-    return m3_cli_fail("bench-ops", st);
+    return m3_cli_fail("bench ops", st);
   }
   int nthreads[2] = {1, m3_backend_cpu_threads(be[1])};
   printf("kernels: %s; threads: 1 and %d\n", m3_cpu_isa_name(m3_backend_cpu_isa(be[1])), nthreads[1]);
@@ -257,8 +249,8 @@ int m3_cmd_bench_ops(int argc, char **argv) {
     m3_threadpool *pool;
     if (m3_threadpool_create(nthreads[p], &pool) != M3_OK) continue;
     printf("copy %d thread%s: %.1f GB/s (read + write, 2 x 512 MiB buffers); read: %.1f GB/s\n",
-           nthreads[p], nthreads[p] > 1 ? "s" : "", copy_bandwidth(pool, (size_t)512 << 20, 5),
-           read_bandwidth(pool, (size_t)1 << 30, 5));
+           nthreads[p], nthreads[p] > 1 ? "s" : "", m3_bench_copy_bandwidth(pool, (size_t)512 << 20, 5),
+           m3_bench_read_bandwidth(pool, (size_t)1 << 30, 5));
     m3_threadpool_destroy(pool);
   }
 
@@ -268,7 +260,7 @@ int m3_cmd_bench_ops(int argc, char **argv) {
   if (!x || !y) {
     free(x), free(y);
     be[0]->ops->destroy(be[0]), be[1]->ops->destroy(be[1]);
-    return m3_cli_fail("bench-ops", m3_fail(M3_ERR_NOMEM, "bench-ops: out of memory"));
+    return m3_cli_fail("bench ops", m3_fail(M3_ERR_NOMEM, "out of memory"));
   }
   for (int64_t i = 0; i < 256 * xn; i++) x[i] = (float)(int)(bench_rand() % 2001 - 1000) / 1000.0f;
 

@@ -31,7 +31,7 @@
 static const char usage[] =
     "usage: m3 chat [--model DIR] [--system TEXT] [--think on|off|adaptive]\n"
     "               [--temperature T] [--top-p P] [--top-k K] [--seed S] [--max-tokens N]\n"
-    "               [--threads N]\n"
+    "               [--threads N] " M3_CLI_SPEC_USAGE "\n"
     "  chats with the model in its chat format (M3 or M2), streaming each reply; reasoning is\n"
     "  shown apart from the answer. Without --model it runs the built-in tiny model.\n"
     "  Defaults: temperature 1, top-p 0.95, top-k 40 (the model card's), thinking adaptive,\n"
@@ -48,6 +48,7 @@ typedef struct {
   m3_thinking_mode think;
   long max_tokens, threads, seed, top_k;
   int has_seed;
+  m3_cli_spec spec;
   double temperature, top_p;
 } chat_args;
 
@@ -82,7 +83,8 @@ static m3_status parse_args(int argc, char **argv, chat_args *a, int *help) {
     } else if (strcmp(flag, "--top-k") == 0) st = m3_cli_parse_long(flag, value, 0, 1L << 30, &a->top_k);
     else if (strcmp(flag, "--temperature") == 0) st = m3_cli_parse_unit(flag, value, 100.0, &a->temperature);
     else if (strcmp(flag, "--top-p") == 0) st = m3_cli_parse_unit(flag, value, 1.0, &a->top_p);
-    else return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
+    else if (!m3_cli_spec_flag(flag, value, &a->spec, &st))
+      return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
   if (a->top_p <= 0.0) return m3_fail(M3_ERR_ARG, "--top-p must be > 0");
@@ -482,6 +484,7 @@ int m3_cmd_chat(int argc, char **argv) {
   o.threads = (int)a.threads;
   o.max_running = 1;
   o.prefix_cache = 1;
+  m3_cli_spec_apply(&a.spec, &o);
   if (isatty(STDERR_FILENO)) o.on_load_progress = m3_cli_load_progress;
   history h = {.think = a.think};
   m3_engine *e = NULL;

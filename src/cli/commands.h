@@ -10,14 +10,14 @@
 
 int m3_cmd_inspect(int argc, char **argv);
 int m3_cmd_tiny(int argc, char **argv);
-int m3_cmd_bench_ops(int argc, char **argv);
+int m3_cmd_tiny_draft(int argc, char **argv);
+int m3_cmd_bench(int argc, char **argv);
+int m3_cmd_bench_spec(int argc, char **argv);
 int m3_cmd_logits(int argc, char **argv);
 int m3_cmd_run(int argc, char **argv);
 int m3_cmd_chat(int argc, char **argv);
-int m3_cmd_bench_engine(int argc, char **argv);
 int m3_cmd_tokenize(int argc, char **argv);
 int m3_cmd_detokenize(int argc, char **argv);
-int m3_cmd_bench_tok(int argc, char **argv);
 int m3_cmd_serve(int argc, char **argv);
 
 /* Prints "m3 <cmd>: <last error>" and maps the status to the exit code (2 for input errors). */

@@ -13,14 +13,14 @@ typedef struct {
 static const command commands[] = {
     {"inspect", m3_cmd_inspect, "describe a checkpoint: layers, parameters, memory, quantization"},
     {"tiny", m3_cmd_tiny, "write a small deterministic random checkpoint in the official layout"},
-    {"bench-ops", m3_cmd_bench_ops, "measure CPU kernel throughput against copy bandwidth"},
+    {"tiny-draft", m3_cmd_tiny_draft, "write a small random EAGLE3 draft for a target model"},
+    {"bench", m3_cmd_bench, "benchmarks: ops, model, engine, tok, serve (m3 bench --help)"},
+    {"bench-spec", m3_cmd_bench_spec, "speculative decoding costs: verify k drafts, drafter steps"},
     {"logits", m3_cmd_logits, "write the float32 logits of every position of an id sequence"},
     {"run", m3_cmd_run, "generate tokens from a prompt and report prompt and generation speed"},
     {"chat", m3_cmd_chat, "chat with the model interactively in its chat format"},
-    {"bench-engine", m3_cmd_bench_engine, "measure batched serving: throughput, latency, prefix cache"},
     {"tokenize", m3_cmd_tokenize, "print the token ids of a text"},
     {"detokenize", m3_cmd_detokenize, "print the text of token ids"},
-    {"bench-tok", m3_cmd_bench_tok, "measure single-thread tokenizer speed on a file"},
     {"serve", m3_cmd_serve, "serve the OpenAI- and Anthropic-compatible HTTP API"},
 };
 

@@ -66,6 +66,28 @@ m3_status m3_cli_check_ids(const int32_t *ids, int n, int vocab) {
   return M3_OK;
 }
 
+int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st) {
+  long n = 0;
+  if (strcmp(flag, "--speculative") == 0) {
+    spec->kind = value;
+    if (strcmp(value, "mtp") != 0 && strcmp(value, "eagle3") != 0)
+      *st = m3_fail(M3_ERR_ARG, "--speculative '%s': expected mtp or eagle3", value);
+  } else if (strcmp(flag, "--draft") == 0) {
+    spec->draft = value;
+  } else if (strcmp(flag, "--num-draft") == 0) {
+    if ((*st = m3_cli_parse_long(flag, value, 1, 16, &n)) == M3_OK) spec->num_draft = (int)n;
+  } else {
+    return 0;
+  }
+  return 1;
+}
+
+void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o) {
+  o->speculative = spec->kind;
+  o->draft_dir = spec->draft;
+  o->num_draft = spec->num_draft;
+}
+
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out) {
   return m3_backend_create(device, threads, out);
 }

@@ -6,6 +6,7 @@
 
 #include "backend/backend.h"
 #include "base/status.h"
+#include "m3.h"
 
 /* "1,2,3" -> ids (malloc'd, caller frees), at least one. A malformed entry is M3_ERR_ARG naming it. */
 m3_status m3_cli_parse_ids(const char *list, int32_t **ids, int *n);
@@ -17,6 +18,16 @@ m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long 
 m3_status m3_cli_parse_unit(const char *flag, const char *value, double max, double *out);
 /* Weight-loading progress on stderr, for m3_engine_options.on_load_progress. */
 void m3_cli_load_progress(uint64_t done, uint64_t total, void *user);
+/* Speculative decoding flags of run, chat and serve: --speculative mtp|eagle3, --draft DIR,
+ * --num-draft N. */
+typedef struct {
+  const char *kind, *draft;
+  int num_draft;
+} m3_cli_spec;
+#define M3_CLI_SPEC_USAGE "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N]"
+/* Returns 1 when `flag` is one of them (*st gets the parse result), else 0. */
+int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st);
+void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o);
 /* The backend for --device (cpu, cuda, cuda:N) with --threads CPU workers (0 = one per core). */
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out);
 

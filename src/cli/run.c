@@ -9,20 +9,31 @@
 #include "cli/commands.h"
 #include "cli/model_args.h"
 #include "m3.h"
+#include "media/media.h"
 
 static const char usage[] =
     "usage: m3 run [--model DIR] (--ids 1,2,3 | --prompt TEXT) [--max-tokens N]\n"
     "              [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n"
     "              [--threads N] [--kv-memory MIB] [--device cpu|cuda|cuda:N]\n"
+    "              [--image FILE]... [--video FILE]...\n"
+    "              " M3_CLI_SPEC_USAGE "\n"
     "  generates up to N tokens (default 32; stops at the end-of-turn id), greedy at\n"
     "  temperature 0 (default). Streams the generated ids (--ids) or text (--prompt, encoded\n"
     "  as is with DIR/tokenizer.json, no chat template) as they come, then prompt and\n"
-    "  generation speed on stderr. Without --model it runs the built-in tiny model.\n";
+    "  generation speed on stderr. Without --model it runs the built-in tiny model.\n"
+    "  --image / --video attach media (JPEG, PNG, WebP, GIF; videos through libavformat) for a\n"
+    "  model with a vision tower: each takes the next ]<]image[>[ / ]<]video[>[ placeholder of\n"
+    "  the prompt (placeholders are put in front when the prompt has none).\n";
+
+enum { MAX_MEDIA = 64 };
 
 typedef struct {
   const char *model, *ids, *prompt, *device;
   long max_tokens, threads, seed, top_k, kv_mib;
   double temperature, top_p, min_p;
+  m3_cli_spec spec;
+  const char *media[MAX_MEDIA];
+  int media_is_video[MAX_MEDIA], n_media;
 } run_args;
 
 static m3_status parse_args(int argc, char **argv, run_args *a, int *help) {
@@ -41,6 +52,11 @@ static m3_status parse_args(int argc, char **argv, run_args *a, int *help) {
     else if (strcmp(flag, "--ids") == 0) a->ids = value;
     else if (strcmp(flag, "--prompt") == 0) a->prompt = value;
     else if (strcmp(flag, "--device") == 0) a->device = value;
+    else if (strcmp(flag, "--image") == 0 || strcmp(flag, "--video") == 0) {
+      if (a->n_media == MAX_MEDIA) return m3_fail(M3_ERR_ARG, "%s: more than %d media files", flag, MAX_MEDIA);
+      a->media_is_video[a->n_media] = flag[2] == 'v';
+      a->media[a->n_media++] = value;
+    }
     else if (strcmp(flag, "--max-tokens") == 0) st = m3_cli_parse_long(flag, value, 0, 1L << 24, &a->max_tokens);
     else if (strcmp(flag, "--threads") == 0) st = m3_cli_parse_long(flag, value, 0, 4096, &a->threads);
     else if (strcmp(flag, "--seed") == 0) st = m3_cli_parse_long(flag, value, 0, 0x7fffffffL, &a->seed);
@@ -49,7 +65,8 @@ static m3_status parse_args(int argc, char **argv, run_args *a, int *help) {
     else if (strcmp(flag, "--temperature") == 0) st = m3_cli_parse_unit(flag, value, 100.0, &a->temperature);
     else if (strcmp(flag, "--top-p") == 0) st = m3_cli_parse_unit(flag, value, 1.0, &a->top_p);
     else if (strcmp(flag, "--min-p") == 0) st = m3_cli_parse_unit(flag, value, 1.0, &a->min_p);
-    else return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
+    else if (!m3_cli_spec_flag(flag, value, &a->spec, &st))
+      return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
   if (!a->ids == !a->prompt) return m3_fail(M3_ERR_ARG, "give exactly one of --ids and --prompt");
@@ -84,6 +101,55 @@ static void on_token(const m3_token_event *ev, void *user) {
   }
 }
 
+/* Loads the media files, puts one placeholder per item in front of a prompt that has none, and
+ * expands the placeholders (m3_media_expand). On success *ids is replaced by the expanded prompt
+ * and media[] holds the items. */
+static m3_status attach_media(m3_engine *e, const run_args *a, m3_media **media, int32_t **ids,
+                              int *n) {
+  int32_t image_id = -1, video_id = -1;
+  m3_status st = M3_OK;
+  for (int i = 0; i < a->n_media && st == M3_OK; i++) {
+    if (a->media_is_video[i]) {
+      st = m3_media_video(e, a->media[i], &media[i]);
+    } else {
+      uint8_t *data = NULL;
+      size_t len = 0;
+      st = m3_read_file(a->media[i], (size_t)256 << 20, &data, &len);
+      if (st == M3_OK) st = m3_media_image(e, data, len, a->media[i], &media[i]);
+      free(data);
+    }
+  }
+  const char *marks[2] = {"]<]image[>[", "]<]video[>["};
+  int32_t *mark_ids[2] = {&image_id, &video_id};
+  for (int k = 0; k < 2 && st == M3_OK; k++) {
+    int32_t *one = NULL;
+    int count = 0;
+    st = m3_tokenize(e, marks[k], strlen(marks[k]), 1, &one, &count);
+    if (st == M3_OK && count == 1) *mark_ids[k] = one[0];
+    free(one);
+  }
+  if (st != M3_OK) return st;
+  int have = 0;
+  for (int i = 0; i < *n; i++) have += (*ids)[i] == image_id || (*ids)[i] == video_id;
+  if (have == 0) {
+    int32_t *with = malloc((size_t)(*n + a->n_media) * sizeof *with);
+    if (!with) return m3_fail(M3_ERR_NOMEM, "run: prompt");
+    for (int i = 0; i < a->n_media; i++) with[i] = a->media_is_video[i] ? video_id : image_id;
+    memcpy(with + a->n_media, *ids, (size_t)*n * sizeof *with);
+    free(*ids);
+    *ids = with;
+    *n += a->n_media;
+  }
+  int32_t *expanded = NULL;
+  int n_expanded = 0;
+  if ((st = m3_media_expand(e, *ids, *n, media, a->n_media, &expanded, &n_expanded)) != M3_OK)
+    return st;
+  free(*ids);
+  *ids = expanded;
+  *n = n_expanded;
+  return M3_OK;
+}
+
 int m3_cmd_run(int argc, char **argv) {
   run_args a;
   int help;
@@ -96,6 +162,7 @@ int m3_cmd_run(int argc, char **argv) {
   int32_t *ids = NULL;
   int n = 0;
   m3_engine *e = NULL;
+  m3_media *media[MAX_MEDIA] = {0};
   if (a.ids && (st = m3_cli_parse_ids(a.ids, &ids, &n)) != M3_OK) return m3_cli_fail("run", st);
 
   m3_engine_options o;
@@ -105,6 +172,7 @@ int m3_cmd_run(int argc, char **argv) {
   if (a.device) o.device = a.device;
   o.max_running = 1;
   o.kv_memory_bytes = (size_t)a.kv_mib << 20;
+  m3_cli_spec_apply(&a.spec, &o);
   if (isatty(STDERR_FILENO)) o.on_load_progress = m3_cli_load_progress;
   stream out = {.print_ids = a.ids != NULL};
   if ((st = m3_engine_open(&o, &e)) != M3_OK) goto done;
@@ -134,7 +202,9 @@ int m3_cmd_run(int argc, char **argv) {
   p.max_tokens = (int)a.max_tokens;
   if (a.max_tokens == 0) goto done; /* nothing to generate */
   double t0 = now_seconds();
-  if ((st = m3_submit(e, ids, n, &p, on_token, &out, NULL)) != M3_OK) goto done;
+  if (a.n_media && (st = attach_media(e, &a, media, &ids, &n)) != M3_OK) goto done;
+  if ((st = m3_submit_media(e, ids, n, media, a.n_media, &p, on_token, &out, NULL)) != M3_OK)
+    goto done;
   for (int active = 1; active;)
     if ((st = m3_engine_step(e, &active)) != M3_OK) goto done;
   double t1 = now_seconds();
@@ -151,6 +221,7 @@ int m3_cmd_run(int argc, char **argv) {
           decoded ? decoded / gen_s : 0.0);
 
 done:
+  for (int i = 0; i < a.n_media; i++) m3_media_free(media[i]);
   m3_engine_close(e);
   free(ids);
   return st == M3_OK ? 0 : m3_cli_fail("run", st);

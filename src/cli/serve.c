@@ -18,7 +18,7 @@ static const char usage[] =
     "                [--max-body BYTES] [--max-tokens-limit N] [--max-n N]\n"
     "                [--max-concurrent N] [--served-model-name NAME] [--threads N]\n"
     "                [--kv-memory MIB] [--max-running N] [--no-prefix-cache] [--grace SECONDS]\n"
-    "                [--test-hooks]\n"
+    "                [--test-hooks] " M3_CLI_SPEC_USAGE "\n"
     "  serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /tokenize,\n"
     "  /detokenize, /health and /metrics. Binds 127.0.0.1 unless --host says otherwise;\n"
     "  --port 0 picks a free port. Prints \"listening on http://HOST:PORT\" once ready.\n"
@@ -33,12 +33,14 @@ static const char usage[] =
 typedef struct {
   m3_server_options server;
   m3_engine_options engine;
+  m3_cli_spec spec;
   long grace_s;
 } serve_args;
 
 static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
   m3_server_options_init(&a->server);
   m3_engine_options_init(&a->engine);
+  a->spec = (m3_cli_spec){0};
   a->grace_s = 30;
   *help = 0;
   for (int i = 1; i < argc; i++) {
@@ -81,9 +83,11 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
       a->engine.max_running = (int)v;
     else if (strcmp(flag, "--grace") == 0 && (st = m3_cli_parse_long(flag, value, 0, 86400, &v)) == M3_OK)
       a->grace_s = v;
-    else if (st == M3_OK) return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
+    else if (st == M3_OK && !m3_cli_spec_flag(flag, value, &a->spec, &st))
+      return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
+  m3_cli_spec_apply(&a->spec, &a->engine);
   return M3_OK;
 }
 

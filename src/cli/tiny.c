@@ -1,10 +1,12 @@
-/* m3 tiny DIR [--seed N] [--layers PLAN] [--dtype bf16|f32|mxfp8]: writes a tiny checkpoint. */
+/* m3 tiny DIR [--seed N] [--layers PLAN] [--dtype bf16|f32|mxfp8] [--hidden N ...]: writes a tiny
+ * checkpoint, or a larger one of the same layout with the size flags. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli/commands.h"
+#include "cli/model_args.h"
 #include "io/tiny.h"
 
 static void tiny_usage(FILE *f) {
@@ -15,7 +17,36 @@ static void tiny_usage(FILE *f) {
           "  --seed N       weights seed, 0..2^64-1 (default 1); same seed, same bytes\n"
           "  --layers PLAN  comma-separated layers, each F|S (full/sparse attention) then\n"
           "                 D|M (dense MLP/MoE) (default " M3_TINY_DEFAULT_LAYERS ")\n"
-          "  --dtype T      bf16 (default), f32, or mxfp8 (quantized linears + e8m0 scales)\n");
+          "  --dtype T      bf16 (default), f32, or mxfp8 (quantized linears + e8m0 scales)\n"
+          "  sizes (default: the tiny ones; the vocabulary is always the tokenizer's):\n"
+          "  --hidden N --heads N --kv-heads N --head-dim N --rotary-dim N\n"
+          "  --experts N --experts-per-token N --expert-width N --shared-width N --dense-width N\n"
+          "  --index-dim N --block-size N --topk-blocks N\n");
+}
+
+/* The size flag `flag` names, or NULL. */
+static int *size_option(m3_tiny_options *o, const char *flag) {
+  const struct {
+    const char *flag;
+    int *value;
+  } sizes[] = {
+      {"--hidden", &o->hidden},
+      {"--heads", &o->heads},
+      {"--kv-heads", &o->kv_heads},
+      {"--head-dim", &o->head_dim},
+      {"--rotary-dim", &o->rotary_dim},
+      {"--experts", &o->experts},
+      {"--experts-per-token", &o->experts_per_token},
+      {"--expert-width", &o->expert_width},
+      {"--shared-width", &o->shared_width},
+      {"--dense-width", &o->dense_width},
+      {"--index-dim", &o->index_dim},
+      {"--block-size", &o->block_size},
+      {"--topk-blocks", &o->topk_blocks},
+  };
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+    if (strcmp(flag, sizes[i].flag) == 0) return sizes[i].value;
+  return NULL;
 }
 
 static m3_status parse_seed(const char *s, uint64_t *out) {
@@ -45,9 +76,15 @@ int m3_cmd_tiny(int argc, char **argv) {
       tiny_usage(stdout);
       return 0;
     }
-    int takes_value = strcmp(a, "--seed") == 0 || strcmp(a, "--layers") == 0 || strcmp(a, "--dtype") == 0;
+    int *size = size_option(&opt, a);
+    int takes_value = size || strcmp(a, "--seed") == 0 || strcmp(a, "--layers") == 0 ||
+                      strcmp(a, "--dtype") == 0;
     if (takes_value && i + 1 >= argc) {
       st = m3_fail(M3_ERR_ARG, "%s needs a value", a);
+    } else if (size) {
+      long v;
+      st = m3_cli_parse_long(a, argv[++i], 1, 65536, &v);
+      *size = (int)v;
     } else if (strcmp(a, "--seed") == 0) {
       st = parse_seed(argv[++i], &opt.seed);
     } else if (strcmp(a, "--layers") == 0) {

@@ -1,17 +1,18 @@
-/* tokenize.c: `m3 tokenize`, `m3 detokenize` and `m3 bench-tok`.
+/* tokenize.c: `m3 tokenize`, `m3 detokenize` and `m3 bench tok`.
  *
  *   m3 tokenize   (--model DIR | --tokenizer FILE) (--text S | --file F) [--json]
  *   m3 detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special]
- *   m3 bench-tok  (--model DIR | --tokenizer FILE) --file F [--repeat N] [--lines]
+ *   m3 bench tok  (--model DIR | --tokenizer FILE) --file F [--repeat N] [--lines]
  *
  * tokenize prints the ids separated by spaces (or a JSON array); detokenize prints the text as
- * is, with no newline added; bench-tok prints single-thread encode speed. */
+ * is, with no newline added; bench tok prints single-thread encode speed. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "cli/bench.h"
 #include "cli/commands.h"
 #include "tok/tokenizer.h"
 
@@ -183,7 +184,12 @@ static m3_status encode_once(m3_tokenizer *tok, const char *data, size_t len, bo
   return M3_OK;
 }
 
-int m3_cmd_bench_tok(int argc, char **argv) {
+int m3_bench_tok(int argc, char **argv) {
+  if (argc == 2 && strcmp(argv[1], "--help") == 0) {
+    printf("usage: m3 bench tok (--model DIR | --tokenizer FILE) --file F [--repeat N] [--lines]\n"
+           "  single-thread encode speed of F (whole, or line by line), first pass and best of N\n");
+    return 0;
+  }
   tok_args a;
   int rc = parse_args(argc, argv, &a);
   if (rc) return rc;

@@ -62,7 +62,9 @@ static void set_name(m3_engine *e, const char *dir, int builtin) {
 }
 
 static m3_status alloc_buffers(m3_engine *e) {
-  e->logits = malloc((size_t)e->max_running * (size_t)e->vocab * sizeof *e->logits);
+  /* A sequence verifying drafts takes one logits row per draft and one more. */
+  const size_t rows = (size_t)e->max_running * (size_t)(1 + m3_spec_num_draft(e));
+  e->logits = malloc(rows * (size_t)e->vocab * sizeof *e->logits);
   e->batch = calloc((size_t)e->max_running, sizeof *e->batch);
   e->batch_seq = calloc((size_t)e->max_running, sizeof *e->batch_seq);
   e->scratch_seqs = calloc((size_t)e->max_running, sizeof *e->scratch_seqs);
@@ -110,6 +112,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : M3_MODEL_STEP_TOKENS;
   size_t budget = o.kv_memory_bytes ? o.kv_memory_bytes : default_kv_budget(cfg, e->max_running);
   if ((st = m3_kv_cache_create(cfg, e->be, budget, &e->cache)) != M3_OK) goto fail;
+  if ((st = m3_spec_open(e, &o)) != M3_OK) goto fail;
   if ((st = alloc_buffers(e)) != M3_OK) goto fail;
 
   set_name(e, dir, o.model_dir == NULL);
@@ -152,6 +155,7 @@ void m3_engine_close(m3_engine *e) {
   free(e->scratch_reqs);
   free(e->batch_pos);
   m3_sampler_scratch_free(&e->scratch);
+  m3_spec_close(e);
   m3_kv_cache_free(e->cache);
   m3_tok_free(e->tok);
   m3_model_free(e->model);
@@ -272,6 +276,12 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
 m3_status m3_submit(m3_engine *e, const int32_t *prompt, int n_prompt,
                     const m3_sampling_params *params, m3_token_callback cb, void *user,
                     uint64_t *request_id) {
+  return m3_submit_with(e, prompt, n_prompt, NULL, params, cb, user, request_id);
+}
+
+m3_status m3_submit_with(m3_engine *e, const int32_t *prompt, int n_prompt,
+                         m3_request_media *media, const m3_sampling_params *params,
+                         m3_token_callback cb, void *user, uint64_t *request_id) {
   if (request_id) *request_id = 0;
   if (!cb) return m3_fail(M3_ERR_ARG, "submit: no callback");
   if (n_prompt < 1 || !prompt) return m3_fail(M3_ERR_ARG, "submit: empty prompt");
@@ -309,6 +319,7 @@ m3_status m3_submit(m3_engine *e, const int32_t *prompt, int n_prompt,
     return m3_fail(M3_ERR_LIMIT, "submit: the engine is shutting down");
   }
   r->id = e->next_id++;
+  r->media = media;
   if (!r->p.has_seed) {
     /* splitmix64 step over the engine's state: distinct seeds per request. */
     uint64_t z = (e->seed_state += 0x9e3779b97f4a7c15ull);

@@ -36,6 +36,7 @@ typedef struct {
   char *held;                /* decoded text not yet emitted: it may begin a stop string */
   size_t n_held, cap_held;
   int finished;
+  struct m3_spec_seq *spec;  /* speculative decoding state (spec.c); NULL until drafted for */
 } m3_seq;
 
 struct m3_request {
@@ -46,6 +47,7 @@ struct m3_request {
   float *bias_values;
   int32_t *prompt;
   int n_prompt, n;           /* n: samples */
+  struct m3_request_media *media; /* images/videos of the prompt (media.c); NULL if none */
   m3_token_callback cb;
   void *user;
   m3_seq **samples;          /* [n]; 1..n-1 stay NULL until sample 0 has its prompt computed */
@@ -86,6 +88,7 @@ struct m3_engine {
   float top_lp[20];
   int32_t top_ids[20];
   m3_engine_stats counters;
+  struct m3_spec *spec;      /* speculative decoding (spec.c); NULL when off */
 
   /* Guarded by mu. */
   pthread_mutex_t mu;
@@ -122,6 +125,42 @@ void m3_seq_retire(m3_engine *e, m3_seq *s);
 void m3_request_free(m3_request *r);
 /* Counts one more finished sample of r; frees r (and counts it inactive) after the last. */
 void m3_request_sample_done(m3_engine *e, m3_request *r);
+
+/* spec.c: speculative decoding inside the scheduler's step.
+ *   schedule: m3_spec_take_drafts puts a decoding sequence's drafts after its last token, and
+ *             the batch entry verifies [last token, drafts] (m3_spec_batch_add gives it the
+ *             buffer for its target hidden states);
+ *   after the forward: m3_spec_verify accepts or rejects them and emits the tokens;
+ *   then m3_spec_propose runs the drafter over the newly computed positions and drafts anew. */
+m3_status m3_spec_open(m3_engine *e, const m3_engine_options *o);
+void m3_spec_close(m3_engine *e);
+/* Drafts per step (0 when speculation is off): the logits rows a sequence may need, minus one. */
+int m3_spec_num_draft(const m3_engine *e);
+/* For a sequence about to compute `take` tokens: how many drafts (<= room) now follow its last
+ * token in s->tokens, to be verified in this step; 0 when none. */
+int m3_spec_take_drafts(m3_engine *e, m3_seq *s, int take, int room);
+/* Batch entry k starts at row `row` of the step's tokens. */
+void m3_spec_batch_add(m3_engine *e, int k, int row);
+/* The step's per-entry hidden buffers for m3_model_forward_batch_hidden. */
+float *const *m3_spec_batch_hidden(m3_engine *e);
+/* Verifies the n drafts of s from its n + 1 logits rows, emits the tokens; 1 when s retired. */
+int m3_spec_verify(m3_engine *e, m3_seq *s, const float *logits, int n);
+/* After the step's tokens are out: batch entries 0..n-1 whose e->batch_seq[k] is not NULL. */
+void m3_spec_propose(m3_engine *e, int n);
+void m3_spec_seq_free(m3_engine *e, m3_seq *s);
+
+/* engine.c: m3_submit, handing the request `media` (may be NULL); on failure the caller keeps it. */
+m3_status m3_submit_with(m3_engine *e, const int32_t *prompt, int n_prompt,
+                         struct m3_request_media *media, const m3_sampling_params *params,
+                         m3_token_callback cb, void *user, uint64_t *request_id);
+
+/* media.c: a request's images and videos. */
+typedef struct m3_request_media m3_request_media;
+void m3_request_media_free(m3_request_media *rm);
+/* Runs the vision tower over the request's items once (later calls do nothing). */
+m3_status m3_request_media_encode(m3_engine *e, m3_request *r);
+/* Points a prefill batch entry of s at the request's vision rows. */
+void m3_request_media_batch(const m3_engine *e, const m3_seq *s, m3_model_seq *entry);
 
 int m3_seq_list_push(m3_seq_list *l, m3_seq *s);
 /* Returns whether s was in the list. */

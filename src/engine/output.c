@@ -59,6 +59,7 @@ m3_status m3_seq_create(m3_engine *e, m3_request *r, int index, m3_seq **out) {
 }
 
 void m3_seq_free(m3_engine *e, m3_seq *s) {
+  m3_spec_seq_free(e, s);
   m3_kv_seq_release(e->cache, &s->kv);
   if (e->tok) m3_detok_stream_free(&s->detok);
   free(s->tokens);
@@ -207,6 +208,7 @@ void m3_request_free(m3_request *r) {
   free(r->forced);
   free(r->prompt);
   free(r->samples);
+  m3_request_media_free(r->media);
   free(r);
 }
 

@@ -228,25 +228,54 @@ int m3_sampler_candidates(const m3_sampling_params *p, m3_sampler_scratch *s, in
   return n;
 }
 
-int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
-                          const m3_sample_history *h, m3_sampler_scratch *s) {
-  const int V = s->vocab;
+/* Steps 1-2 into s->work; returns the argmax. */
+static int32_t transform(const m3_sampling_params *p, const float *logits,
+                         const m3_sample_history *h, m3_sampler_scratch *s) {
   float *l = s->work;
-  memcpy(l, logits, (size_t)V * sizeof *l);
+  memcpy(l, logits, (size_t)s->vocab * sizeof *l);
   for (int i = 0; i < p->n_logit_bias; i++) l[p->logit_bias_ids[i]] += p->logit_bias_values[i];
   apply_penalties(p, h, s);
-  int32_t best = argmax(l, V);
-  if (p->temperature <= 0.0f || !(l[best] > -INFINITY)) return best;
+  return argmax(l, s->vocab);
+}
 
-  double total;
-  int n = m3_sampler_candidates(p, s, best, &total);
+/* Draws from the n candidates in s->ids / s->prob (weights summing to total), skipping index
+ * `skip` (-1: none). */
+static int32_t draw(m3_sampler_scratch *s, uint64_t *rng, int n, double total, int skip) {
   double u = next_unit(rng) * total, acc = 0.0;
+  int last = -1;
   for (int i = 0; i < n; i++) {
+    if (i == skip) continue;
     acc += s->prob[i];
+    last = i;
     if (u < acc) return s->ids[i];
   }
-  /* Rounding left u at the very top of the range. */
-  return s->ids[n - 1];
+  /* Rounding left u at the very top of the range (or skipped the only candidate). */
+  return last >= 0 ? s->ids[last] : s->ids[skip];
+}
+
+int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
+                          const m3_sample_history *h, m3_sampler_scratch *s) {
+  int32_t best = transform(p, logits, h, s);
+  if (p->temperature <= 0.0f || !(s->work[best] > -INFINITY)) return best;
+  double total;
+  int n = m3_sampler_candidates(p, s, best, &total);
+  return draw(s, rng, n, total, -1);
+}
+
+int32_t m3_sampler_verify(const m3_sampling_params *p, uint64_t *rng, const float *logits,
+                          const m3_sample_history *h, m3_sampler_scratch *s, int32_t draft) {
+  int32_t best = transform(p, logits, h, s);
+  if (p->temperature <= 0.0f || !(s->work[best] > -INFINITY)) return best;
+  double total;
+  int n = m3_sampler_candidates(p, s, best, &total);
+  if (draft < 0) return draw(s, rng, n, total, -1);
+  int at = -1;
+  for (int i = 0; i < n && at < 0; i++)
+    if (s->ids[i] == draft) at = i;
+  const double w = at >= 0 ? s->prob[at] : 0.0;
+  if (next_unit(rng) * total < w) return draft;
+  /* Rejected, so the draft was not the only candidate: the rest has weight. */
+  return draw(s, rng, n, total - w, at);
 }
 
 float m3_sampler_logprobs(const float *logits, int vocab, int32_t token, int n_top,

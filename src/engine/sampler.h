@@ -55,6 +55,16 @@ int m3_sampler_candidates(const m3_sampling_params *p, m3_sampler_scratch *s, in
 int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
                           const m3_sample_history *h, m3_sampler_scratch *s);
 
+/* Speculative verification at one position (m3_text_spec.md §8.4) for a greedy drafter, whose
+ * draft distribution q is one-hot on `draft` (-1: no draft here, a plain draw). Greedy
+ * (temperature 0): the argmax. Otherwise, with p the distribution m3_sampler_sample draws from
+ * (same transforms and filters), accepts the draft with probability min(1, p(draft) / q(draft))
+ * = p(draft), else draws from max(0, p - q) renormalised, which is p without the draft. The
+ * token emitted is then distributed exactly as p. Returns it: == draft iff accepted. Uses one
+ * PRNG value, two on a rejection. */
+int32_t m3_sampler_verify(const m3_sampling_params *p, uint64_t *rng, const float *logits,
+                          const m3_sample_history *h, m3_sampler_scratch *s, int32_t draft);
+
 /* The model's own log-probabilities (log-softmax of the raw logits): of `token`, and the n_top
  * largest (ties to the lower id) into top_ids/top_lp [n_top], most likely first. */
 float m3_sampler_logprobs(const float *logits, int vocab, int32_t token, int n_top,

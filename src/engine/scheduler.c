@@ -93,14 +93,19 @@ typedef struct {
   int n, tokens;
 } batch_fill;
 
-static void add_to_batch(m3_engine *e, batch_fill *b, m3_seq *s, int take) {
+/* `drafts` speculative tokens follow the `take` tokens (spec.c): each gets logits to verify. */
+static void add_to_batch(m3_engine *e, batch_fill *b, m3_seq *s, int take, int drafts) {
   int32_t *pos = e->batch_pos + b->tokens;
-  for (int j = 0; j < take; j++) pos[j] = s->n_computed + j;
+  for (int j = 0; j < take + drafts; j++) pos[j] = s->n_computed + j;
   m3_kv_seq_views(e->cache, &s->kv, s->views);
   e->batch[b->n] = (m3_model_seq){.kv = s->views, .ids = s->tokens + s->n_computed, .pos = pos,
-                                  .T = take, .n_logits = s->n_computed + take == s->n_tokens};
+                                  .T = take + drafts,
+                                  .n_logits = drafts ? take + drafts
+                                                     : s->n_computed + take == s->n_tokens};
+  m3_request_media_batch(e, s, &e->batch[b->n]);
+  if (e->spec) m3_spec_batch_add(e, b->n, b->tokens);
   e->batch_seq[b->n++] = s;
-  b->tokens += take;
+  b->tokens += take + drafts;
 }
 
 static int min_int(int a, int b) { return a < b ? a : b; }
@@ -110,8 +115,10 @@ static void schedule_running(m3_engine *e, batch_fill *b) {
        i++) {
     m3_seq *s = e->running.at[i];
     int take = min_int(s->n_tokens - s->n_computed, e->max_batch_tokens - b->tokens);
+    int drafts = e->spec ? m3_spec_take_drafts(e, s, take, e->max_batch_tokens - b->tokens - take) : 0;
+    if (drafts && m3_kv_seq_extend(e->cache, &s->kv, take + drafts) != M3_OK) drafts = 0;
     int preempted_self = 0;
-    while (m3_kv_seq_extend(e->cache, &s->kv, take) != M3_OK) {
+    while (!drafts && m3_kv_seq_extend(e->cache, &s->kv, take) != M3_OK) {
       /* The last running sequence has the lowest priority and is not scheduled yet. */
       m3_seq *victim = e->running.at[e->running.n - 1];
       preempt(e, victim);
@@ -121,7 +128,7 @@ static void schedule_running(m3_engine *e, batch_fill *b) {
       }
     }
     if (preempted_self) break;
-    add_to_batch(e, b, s, take);
+    add_to_batch(e, b, s, take, drafts);
   }
 }
 
@@ -133,9 +140,14 @@ static void admit_waiting(m3_engine *e, batch_fill *b) {
   while (e->waiting.n > 0 && b->tokens < e->max_batch_tokens) {
     m3_seq *s = e->waiting.at[0];
     m3_request *r = s->req;
+    if (m3_request_media_encode(e, r) != M3_OK) {
+      finish_request(e, r, M3_FINISH_ERROR, m3_last_error());
+      continue;
+    }
     int slots = r->forked ? 1 : r->n; /* room for the samples that fork from it */
     if (e->running.n + e->reserved_slots + slots > e->max_running) break;
-    if (e->prefix_cache)
+    /* Placeholder ids say nothing of the pictures behind them: no prefix sharing with media. */
+    if (e->prefix_cache && !r->media)
       s->n_computed = m3_kv_seq_match_prefix(e->cache, &s->kv, s->tokens, s->n_tokens - 1);
     if (pages_for(e, s->n_tokens) - s->kv.num_blocks > m3_kv_cache_free_pages(e->cache)) {
       m3_kv_seq_release(e->cache, &s->kv);
@@ -154,7 +166,7 @@ static void admit_waiting(m3_engine *e, batch_fill *b) {
     m3_seq_list_remove(&e->waiting, s);
     m3_seq_list_push(&e->running, s); /* cannot fail: running.n < max_running <= its capacity */
     e->reserved_slots += slots - 1;
-    add_to_batch(e, b, s, take);
+    add_to_batch(e, b, s, take, 0);
   }
 }
 
@@ -178,7 +190,8 @@ static void fork_samples(m3_engine *e, m3_seq *s0) {
   }
 }
 
-static void sample_next(m3_engine *e, m3_seq *s, const float *logits) {
+/* Returns 1 when s finished (and is freed). */
+static int sample_next(m3_engine *e, m3_seq *s, const float *logits) {
   m3_request *r = s->req;
   const m3_sampling_params *p = &r->p;
   int32_t token;
@@ -188,15 +201,24 @@ static void sample_next(m3_engine *e, m3_seq *s, const float *logits) {
     const m3_sample_history h = {s->tokens, r->n_prompt, s->tokens + r->n_prompt, s->n_generated};
     token = m3_sampler_sample(p, &s->rng, logits, &h, &e->scratch);
   }
-  if (m3_seq_emit(e, s, token, logits)) m3_seq_retire(e, s);
+  if (!m3_seq_emit(e, s, token, logits)) return 0;
+  m3_seq_retire(e, s);
+  return 1;
 }
 
 static void after_forward(m3_engine *e, const batch_fill *b) {
   const float *row = e->logits;
   for (int k = 0; k < b->n; k++) {
     m3_seq *s = e->batch_seq[k];
+    const int drafts = e->batch[k].T - (s->n_tokens - s->n_computed);
+    if (drafts > 0) {
+      if (m3_spec_verify(e, s, row, drafts)) e->batch_seq[k] = NULL;
+      row += (size_t)(drafts + 1) * (size_t)e->vocab;
+      continue;
+    }
     s->n_computed += e->batch[k].T;
-    if (e->prefix_cache) m3_kv_seq_publish(e->cache, &s->kv, s->tokens, s->n_computed);
+    if (e->prefix_cache && !s->req->media)
+      m3_kv_seq_publish(e->cache, &s->kv, s->tokens, s->n_computed);
     if (!e->batch[k].n_logits) continue;
     m3_request *r = s->req;
     if (!r->forked) {
@@ -206,9 +228,10 @@ static void after_forward(m3_engine *e, const batch_fill *b) {
       int n = 0;
       for (int i = 0; i < r->n; i++)
         if (r->samples[i]) e->scratch_seqs[n++] = r->samples[i];
-      for (int i = 0; i < n; i++) sample_next(e, e->scratch_seqs[i], row);
-    } else {
-      sample_next(e, s, row);
+      for (int i = 0; i < n; i++)
+        if (sample_next(e, e->scratch_seqs[i], row) && e->scratch_seqs[i] == s) e->batch_seq[k] = NULL;
+    } else if (sample_next(e, s, row)) {
+      e->batch_seq[k] = NULL;
     }
     row += e->vocab;
   }
@@ -233,7 +256,8 @@ m3_status m3_sched_step(m3_engine *e) {
   admit_waiting(e, &b);
   double t1 = now_seconds(), t2 = t1;
   if (b.n > 0) {
-    m3_status st = m3_model_forward_batch(e->model, e->batch, b.n, e->logits);
+    m3_status st = m3_model_forward_batch_hidden(e->model, e->batch, b.n, e->logits,
+                                                 m3_spec_batch_hidden(e));
     t2 = now_seconds();
     if (st != M3_OK) {
       /* A request may own several sequences of the batch: collect each once, then finish. */
@@ -247,6 +271,11 @@ m3_status m3_sched_step(m3_engine *e) {
       for (int j = 0; j < n; j++) finish_request(e, e->scratch_reqs[j], M3_FINISH_ERROR, m3_last_error());
     } else {
       after_forward(e, &b);
+      if (e->spec) {
+        double t_draft = now_seconds();
+        m3_spec_propose(e, b.n);
+        t2 += now_seconds() - t_draft; /* drafting counts as forward time */
+      }
     }
     e->counters.steps++;
   }

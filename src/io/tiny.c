@@ -4,7 +4,9 @@
  * passing silently: hidden 64, 8 query heads x 16, 2 KV heads, rotary 8, index 2 heads x 24,
  * routed experts 8 x 32 (top 2), shared expert 40, dense MLP 96, vision 2 layers x 48 (4 heads,
  * MLP 80), projector 72. The widths 40 and 96 are not multiples of 32, so MXFP8 rows end in a
- * short block. Weight scales are chosen so routing and block selection are far from uniform. */
+ * short block. Weight scales are chosen so routing and block selection are far from uniform.
+ * m3_tiny_options may override the text sizes (benchmarks want a model larger than the cache);
+ * the vision tower keeps its sizes and the vocabulary stays the tokenizer's. */
 #include "io/tiny.h"
 
 #include <errno.h>
@@ -85,13 +87,21 @@ static m3_status parse_plan(const char *plan, m3_config *cfg) {
 
 /* ---- config ---- */
 
-static void fill_config(m3_config *c, int bpe_size, m3_tiny_dtype dtype) {
+/* The vocabulary is the tokenizer's: its BPE tokens, then M3's added tokens. */
+static void set_vocab(m3_config *c, int bpe_size) {
   int first_special = bpe_size;
+  c->vocab_size = bpe_size + M3_SPECIAL_COUNT;
+  c->bos_token_id = first_special + (200034 - M3_SPECIAL_ID_BASE); /* ]~!b[ */
+  c->eos_token_id = first_special + (200020 - M3_SPECIAL_ID_BASE); /* [e~[ */
+  c->image_token_id = first_special + (200025 - M3_SPECIAL_ID_BASE);
+  c->video_token_id = first_special + (200026 - M3_SPECIAL_ID_BASE);
+}
+
+static void fill_config(m3_config *c, m3_tiny_dtype dtype) {
   c->hidden_size = 64;
   c->num_heads = 8;
   c->num_kv_heads = 2;
   c->head_dim = 16;
-  c->vocab_size = bpe_size + M3_SPECIAL_COUNT;
   c->max_position_embeddings = 4096;
   c->rms_norm_eps = 1e-6f;
   c->rope_theta = 10000.0; /* fast enough rotation to matter within a few hundred positions */
@@ -109,8 +119,6 @@ static void fill_config(m3_config *c, int bpe_size, m3_tiny_dtype dtype) {
   c->use_routing_bias = 1;
   c->tie_word_embeddings = 0;
   c->num_mtp_modules = 1;
-  c->bos_token_id = first_special + (200034 - M3_SPECIAL_ID_BASE); /* ]~!b[ */
-  c->eos_token_id = first_special + (200020 - M3_SPECIAL_ID_BASE); /* [e~[ */
 
   c->index_num_heads = c->num_kv_heads;
   c->index_head_dim = 24;
@@ -121,8 +129,6 @@ static void fill_config(m3_config *c, int bpe_size, m3_tiny_dtype dtype) {
 
   c->is_vl = 1;
   snprintf(c->architecture, sizeof c->architecture, "MiniMaxM3SparseForConditionalGeneration");
-  c->image_token_id = first_special + (200025 - M3_SPECIAL_ID_BASE);
-  c->video_token_id = first_special + (200026 - M3_SPECIAL_ID_BASE);
   c->projector_hidden_size = 72;
   c->vision = (m3_vision_config){
       .present = 1,
@@ -146,6 +152,47 @@ static void fill_config(m3_config *c, int bpe_size, m3_tiny_dtype dtype) {
     c->quant.block_cols = 32;
     snprintf(c->quant.activation_scheme, sizeof c->quant.activation_scheme, "dynamic");
   }
+}
+
+/* The options' nonzero sizes replace the defaults in c; then the sizes must fit together as the
+ * model requires (model.c check_supported, config.c). */
+static m3_status apply_sizes(m3_config *c, const m3_tiny_options *o) {
+  const struct {
+    const char *flag;
+    int value;
+    int *field;
+  } sizes[] = {
+      {"--hidden", o->hidden, &c->hidden_size},
+      {"--heads", o->heads, &c->num_heads},
+      {"--kv-heads", o->kv_heads, &c->num_kv_heads},
+      {"--head-dim", o->head_dim, &c->head_dim},
+      {"--rotary-dim", o->rotary_dim, &c->rotary_dim},
+      {"--experts", o->experts, &c->num_experts},
+      {"--experts-per-token", o->experts_per_token, &c->num_experts_per_tok},
+      {"--expert-width", o->expert_width, &c->intermediate_size},
+      {"--shared-width", o->shared_width, &c->shared_intermediate_size},
+      {"--dense-width", o->dense_width, &c->dense_intermediate_size},
+      {"--index-dim", o->index_dim, &c->index_head_dim},
+      {"--block-size", o->block_size, &c->index_block_size},
+      {"--topk-blocks", o->topk_blocks, &c->index_topk_blocks},
+  };
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+    if (sizes[i].value < 0 || sizes[i].value > 65536)
+      return m3_fail(M3_ERR_ARG, "%s %d is outside 1..65536 (0 keeps the default)",
+                     sizes[i].flag, sizes[i].value);
+    if (sizes[i].value) *sizes[i].field = sizes[i].value;
+  }
+  c->index_num_heads = c->num_kv_heads; /* one index head per KV group (msa_spec.md §4) */
+  if (c->num_heads % c->num_kv_heads != 0)
+    return m3_fail(M3_ERR_ARG, "--heads %d is not a multiple of --kv-heads %d", c->num_heads,
+                   c->num_kv_heads);
+  if (c->rotary_dim % 2 != 0 || c->rotary_dim > c->head_dim || c->rotary_dim > c->index_head_dim)
+    return m3_fail(M3_ERR_ARG, "--rotary-dim %d must be even and at most --head-dim %d and "
+                   "--index-dim %d", c->rotary_dim, c->head_dim, c->index_head_dim);
+  if (c->num_experts_per_tok > c->num_experts)
+    return m3_fail(M3_ERR_ARG, "--experts-per-token %d exceeds --experts %d",
+                   c->num_experts_per_tok, c->num_experts);
+  return M3_OK;
 }
 
 /* ---- tensors ---- */
@@ -414,21 +461,19 @@ static m3_status write_weights(const char *dir, const m3_config *cfg, const m3_t
 m3_status m3_tiny_write(const char *dir, const m3_tiny_options *opt) {
   if (opt->dtype != M3_TINY_BF16 && opt->dtype != M3_TINY_F32 && opt->dtype != M3_TINY_MXFP8)
     return m3_fail(M3_ERR_ARG, "tiny: unknown dtype %d", (int)opt->dtype);
+  /* Everything the options decide is checked before anything is written. */
   uint8_t attn[LAYERS_MAX], mlp[LAYERS_MAX];
-  m3_config plan = {.layer_attn = attn, .layer_mlp = mlp};
-  TRY(parse_plan(opt->layers ? opt->layers : M3_TINY_DEFAULT_LAYERS, &plan));
+  m3_config cfg = {.layer_attn = attn, .layer_mlp = mlp};
+  TRY(parse_plan(opt->layers ? opt->layers : M3_TINY_DEFAULT_LAYERS, &cfg));
+  fill_config(&cfg, opt->dtype);
+  TRY(apply_sizes(&cfg, opt));
   TRY(make_dirs(dir));
 
   char path[PATH_CAP];
   int bpe_size;
   TRY(join(path, dir, "tokenizer.json"));
   TRY(m3_tiny_tokenizer_write(path, &bpe_size));
-
-  m3_config cfg = {0};
-  fill_config(&cfg, bpe_size, opt->dtype);
-  cfg.num_layers = plan.num_layers;
-  cfg.layer_attn = attn;
-  cfg.layer_mlp = mlp;
+  set_vocab(&cfg, bpe_size);
   TRY(join(path, dir, "config.json"));
   TRY(m3_config_write(&cfg, path));
   return write_weights(dir, &cfg, opt);

@@ -25,13 +25,28 @@ typedef struct {
   uint64_t seed;
   m3_tiny_dtype dtype;
   const char *layers; /* comma-separated plan, e.g. "FD,SM,SM"; NULL = M3_TINY_DEFAULT_LAYERS */
+  /* Sizes, 0 = the default (tiny.c's header), each at most 65536; larger models for
+   * benchmarks. Errors name them as `m3 tiny` spells its flags (--hidden, --kv-heads, ...). */
+  int hidden;            /* --hidden: hidden_size */
+  int heads, kv_heads;   /* --heads, --kv-heads: query and KV heads (also the index heads) */
+  int head_dim;          /* --head-dim */
+  int rotary_dim;        /* --rotary-dim: rotated width, even, <= head_dim and index_dim */
+  int experts;           /* --experts: routed experts */
+  int experts_per_token; /* --experts-per-token: top-k, <= experts */
+  int expert_width;      /* --expert-width: routed expert intermediate size */
+  int shared_width;      /* --shared-width: shared expert intermediate size */
+  int dense_width;       /* --dense-width: dense MLP intermediate size */
+  int index_dim;         /* --index-dim: MSA index head dim */
+  int block_size;        /* --block-size: MSA block (and KV page) tokens */
+  int topk_blocks;       /* --topk-blocks: MSA blocks each query attends to */
 } m3_tiny_options;
 
-/* seed 1, bf16, the default plan. */
+/* seed 1, bf16, the default plan and sizes. */
 m3_tiny_options m3_tiny_default_options(void);
 
 /* Creates `dir` (and missing parents) and writes the three files into it. A bad plan is
- * M3_ERR_ARG naming the entry. */
+ * M3_ERR_ARG naming the entry; sizes out of range or inconsistent (heads not a multiple of
+ * kv_heads, ...) are M3_ERR_ARG naming the options. */
 m3_status m3_tiny_write(const char *dir, const m3_tiny_options *opt);
 
 /* The built-in model: the default tiny checkpoint, generated on first use into

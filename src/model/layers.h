@@ -68,6 +68,10 @@ struct m3_model {
   int num_prepared;
   m3_segment *segs;     /* [segs_cap] segments of the current step */
   int segs_cap;
+  int *hidden_slot;     /* [num_layers + 1]: slot of m3_model_seq.hidden a layer's input (or,
+                         * at num_layers, the final hidden) goes to; -1 = none */
+  int num_hidden;       /* slots in use */
+  float *const *hidden; /* during m3_model_forward_batch_hidden: each sequence's hidden rows */
 };
 
 /* Host memory to backend memory and back, for the step arrays of m3_host_side; nothing to do on a

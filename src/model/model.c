@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "model/layers.h"
+#include "model/vision.h"
 
 static m3_status check_supported(const m3_config *c) {
   if (c->num_kv_heads <= 0 || c->num_heads % c->num_kv_heads != 0)
@@ -231,6 +232,7 @@ void m3_model_free(m3_model *m) {
     free(m->router_bias);
   }
   free(m->segs);
+  free(m->hidden_slot);
   release_weights(m);
   m3_weights_free(&m->w);
   if (m->st) m3_st_close(m->st);
@@ -239,6 +241,24 @@ void m3_model_free(m3_model *m) {
 }
 
 const m3_config *m3_model_config(const m3_model *m) { return &m->cfg; }
+
+m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n) {
+  const int L = m->cfg.num_layers;
+  if (!m->hidden_slot && !(m->hidden_slot = malloc((size_t)(L + 1) * sizeof *m->hidden_slot)))
+    return m3_fail(M3_ERR_NOMEM, "model: hidden-state slots");
+  for (int l = 0; l <= L; l++) m->hidden_slot[l] = -1;
+  m->num_hidden = 0;
+  for (int i = 0; i < n; i++) {
+    if (layers[i] < 0 || layers[i] > L || m->hidden_slot[layers[i]] >= 0)
+      return m3_fail(M3_ERR_ARG, "hidden-state layer %d (entry %d): expected distinct ids in "
+                     "0..%d", layers[i], i, L);
+    m->hidden_slot[layers[i]] = i;
+  }
+  m->num_hidden = n;
+  return M3_OK;
+}
+
+int m3_model_hidden_width(const m3_model *m) { return m->num_hidden * m->cfg.hidden_size; }
 m3_backend *m3_model_backend(const m3_model *m) { return m->be; }
 int m3_model_num_sparse_layers(const m3_model *m) { return m->num_sparse; }
 
@@ -280,6 +300,27 @@ static m3_status capture_selections(m3_model *m, const m3_segment *segs, int n_s
   return st;
 }
 
+/* Copies rows of src [T, H] (backend memory) into slot `slot` of each segment's sequence's hidden
+ * rows (host memory), for the sequences that ask for them. */
+static m3_status capture_hidden(m3_model *m, const m3_segment *segs, int n_segs,
+                                const float *src, int slot) {
+  const size_t H = (size_t)m->cfg.hidden_size, width = (size_t)m->num_hidden * H;
+  m3_status st = M3_OK;
+  for (int i = 0; i < n_segs && st == M3_OK; i++) {
+    float *hidden = m->hidden[segs[i].seq];
+    for (int j = 0; hidden && j < segs[i].T && st == M3_OK; j++)
+      st = m->be->ops->to_host(m->be, hidden + (size_t)(segs[i].offset + j) * width + (size_t)slot * H,
+                               src + (size_t)(segs[i].first + j) * H, H * sizeof(float));
+  }
+  return st;
+}
+
+static int any_hidden(const m3_model *m, const m3_segment *segs, int n_segs) {
+  for (int i = 0; m->hidden && i < n_segs; i++)
+    if (m->hidden[segs[i].seq]) return 1;
+  return 0;
+}
+
 /* The step rows whose logits were asked for (each sequence's last n_logits tokens), in order,
  * into hs.rows; returns how many. */
 static int logit_rows(m3_model *m, const m3_segment *segs, int n_segs, const m3_model_seq *seqs) {
@@ -305,7 +346,11 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   if (st == M3_OK) st = m3_upload(m, s->pos, m->hs.pos, (size_t)T * sizeof(int32_t));
   if (st != M3_OK) return st;
   be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
+  if ((st = m3_vision_splice(m, segs, n_segs, seqs)) != M3_OK) return st;
+  const int *slot = m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL;
   for (int l = 0, sparse = 0; l < c->num_layers; l++) {
+    if (slot && slot[l] >= 0 && (st = capture_hidden(m, segs, n_segs, s->x, slot[l])) != M3_OK)
+      return st;
     m3_attention_block(m, l, segs, n_segs, T);
     if (c->layer_attn[l] == M3_ATTN_SPARSE &&
         (st = capture_selections(m, segs, n_segs, seqs, sparse++)) != M3_OK)
@@ -313,8 +358,13 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     if ((st = m3_ffn_block(m, l, T)) != M3_OK) return st;
   }
   int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
-  if (rows == 0) return M3_OK;
+  const int final_slot = slot ? slot[c->num_layers] : -1;
+  if (rows == 0 && final_slot < 0) return M3_OK;
   be->ops->rmsnorm(be, s->x, &m->w.final_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
+  if (final_slot >= 0 &&
+      (st = capture_hidden(m, segs, n_segs, s->h, final_slot)) != M3_OK)
+    return st;
+  if (rows == 0) return M3_OK;
   const float *head_in = s->h;
   if (rows < T) {
     /* Decode steps want one row per sequence: gather them so the head runs on those alone. */
@@ -348,6 +398,12 @@ static m3_status grow_segments(m3_model *m, int n) {
 
 m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                  float *logits) {
+  return m3_model_forward_batch_hidden(m, seqs, n_seqs, logits, NULL);
+}
+
+m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, float *const *hidden) {
+  m->hidden = hidden;
   m3_status st = M3_OK;
   for (int i = 0; i < n_seqs && st == M3_OK; i++) {
     const m3_model_seq *q = &seqs[i];
@@ -393,7 +449,8 @@ m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_se
 m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids,
                            const int32_t *pos, int T, float *logits,
                            const m3_selection_capture *capture) {
-  const m3_model_seq seq = {kv, ids, pos, T, logits ? T : 0, capture};
+  const m3_model_seq seq = {.kv = kv, .ids = ids, .pos = pos, .T = T,
+                            .n_logits = logits ? T : 0, .capture = capture};
   return m3_model_forward_batch(m, &seq, 1, logits);
 }
 

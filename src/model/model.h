@@ -58,7 +58,22 @@ typedef struct {
   int T;
   int n_logits;           /* logits for the last n_logits of the T tokens (0..T) */
   const m3_selection_capture *capture; /* NULL, or where this sequence's selections go */
+  /* Vision embeddings (m3_model_encode_vision) replacing the embedding rows of the sequence's
+   * image/video placeholder ids, in order: NULL, or [n_media, hidden] host memory. Of ids[0..T),
+   * the k-th placeholder takes row media_first + k (placeholders past n_media keep their text
+   * embedding). */
+  const float *media;
+  int n_media, media_first;
 } m3_model_seq;
+
+/* Hidden states a speculative drafter reads from the target (EAGLE3 auxiliary states, MTP's
+ * final hidden). layers[n] picks them, in order: l < num_layers is the residual stream entering
+ * layer l (vLLM's aux_hidden_states), l == num_layers the final hidden after model.norm (the
+ * head's input). Each takes H floats of a token's row of the hidden buffers that
+ * m3_model_forward_batch_hidden fills; other forwards copy nothing. Bad or repeated ids are
+ * M3_ERR_ARG. */
+m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n);
+int m3_model_hidden_width(const m3_model *m);
 
 /* A forward over several sequences at once (continuous batching): the linear layers, norms and
  * MoE run over all tokens of the batch together; cache stores, MSA selection and attention run
@@ -70,6 +85,27 @@ typedef struct {
  * sequence are M3_ERR_ARG naming the sequence; nothing is computed then. */
 m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                  float *logits);
+
+/* m3_model_forward_batch that also hands out hidden states: hidden[i] is NULL or
+ * [seqs[i].T, m3_model_hidden_width] host memory for sequence i (hidden itself may be NULL). */
+m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, float *const *hidden);
+
+/* One image, or one video, as the vision tower takes it (m3_vision_chat_spec.md §2.5, §3.3). */
+typedef struct {
+  const float *pixels;        /* [grid_t * grid_h * grid_w, 3 * tp * p * p] host memory */
+  int grid_t, grid_h, grid_w; /* in patches; grid_h and grid_w multiples of the merge size */
+} m3_vision_input;
+
+/* Merged tokens (placeholder ids) the item becomes: grid_t * grid_h * grid_w / merge^2. */
+int m3_model_vision_tokens(const m3_model *m, const m3_vision_input *in);
+
+/* The vision tower, projector and patch merger over one item (a video in segments of at most
+ * vision_segment_max_frames temporal patches, each attending only to itself, temporal RoPE
+ * positions restarting per segment): out [m3_model_vision_tokens, hidden] host memory.
+ * M3_ERR_UNSUPPORTED when the model has no vision tower or the backend no vision ops;
+ * M3_ERR_ARG for a grid that does not fit the config. */
+m3_status m3_model_encode_vision(m3_model *m, const m3_vision_input *in, float *out);
 
 /* Reads every byte of the mapped weights once so the first step does not page them in,
  * reporting (bytes done, bytes total) along the way; progress may be NULL. */

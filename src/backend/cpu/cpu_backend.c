@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "backend/cpu/vision_ops.h"
 
 static void cpu_destroy(m3_backend *be) {
   if (!be) return;
@@ -58,6 +59,7 @@ static const m3_backend_ops cpu_ops = {
     .msa_select = cpu_msa_select,
     .attention = cpu_attention,
     .moe_route = cpu_moe_route,
+    .vision = &cpu_vision_ops,
 };
 
 static const char *const isa_names[M3_CPU_ISA_COUNT] = {
