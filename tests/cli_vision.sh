@@ -33,7 +33,8 @@ base=$(prompt_tokens "$tmp/plain.err")
 
 "$m3" run --image "$media/tiny_23x9.png" --prompt "describe" --max-tokens 8 > "$tmp/a" 2>/dev/null
 "$m3" run --image "$media/pattern.png" --prompt "describe" --max-tokens 8 > "$tmp/b" 2>/dev/null
-# Both 56x112 -> the same prompt length; only the pixels differ.
+# tiny_23x9.png -> 56x112 (8 tokens), pattern.png 40x30 -> 84x56 (6 tokens): different pictures,
+# different continuations.
 cmp -s "$tmp/a" "$tmp/b" && bad "two different pictures gave the same continuation" || ok
 
 # 16 frames at 2 fps, 1 frame/s -> 8 frames -> 4 temporal patches of 6 tokens (+ markers, + text).

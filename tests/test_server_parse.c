@@ -9,7 +9,8 @@
 
 static srv_ctx test_ctx(void) {
   srv_ctx ctx = {.model_name = "m3-test",
-                 .limits = {.max_tokens = 100, .max_n = 4, .test_hooks = false}};
+                 .limits = {.max_tokens = 100, .max_n = 4, .test_hooks = false,
+                            .max_image_pixels = 1 << 20, .max_media = 4}};
   ctx.info.vocab_size = 1000;
   ctx.info.max_context = 4096;
   return ctx;
@@ -141,7 +142,7 @@ static void test_anthropic_conversion(void) {
   expect_error(SRV_EP_MESSAGES, "{\"max_tokens\":5,\"messages\":[{\"role\":\"system\",\"content\":\"x\"}]}", 400, "messages");
   expect_error(SRV_EP_MESSAGES,
                "{\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image\"}]}]}",
-               400, "messages[0].content");
+               400, "messages[0].content[0]");
   expect_error(SRV_EP_MESSAGES, "{\"max_tokens\":5,\"tool_choice\":{\"type\":\"any\"},"
                "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", 400, "tool_choice");
 }

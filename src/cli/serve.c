@@ -18,6 +18,7 @@ static const char usage[] =
     "                [--max-body BYTES] [--max-tokens-limit N] [--max-n N]\n"
     "                [--max-concurrent N] [--served-model-name NAME] [--threads N]\n"
     "                [--kv-memory MIB] [--max-running N] [--no-prefix-cache] [--grace SECONDS]\n"
+    "                [--max-image-pixels N] [--max-media-per-request N]\n"
     "                [--test-hooks] " M3_CLI_SPEC_USAGE "\n"
     "  serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /tokenize,\n"
     "  /detokenize, /health and /metrics. Binds 127.0.0.1 unless --host says otherwise;\n"
@@ -26,6 +27,9 @@ static const char usage[] =
     "  --max-body BYTES   larger request bodies get 413 (default 33554432)\n"
     "  --max-tokens-limit N, --max-n N, --max-concurrent N: larger max_tokens or n get 400,\n"
     "                     more generation requests in flight get 429 (defaults 1048576, 16, 1024)\n"
+    "  --max-image-pixels N, --max-media-per-request N: chat images (base64 data: URLs,\n"
+    "                     Anthropic base64 sources; remote URLs are refused) larger than N decoded\n"
+    "                     pixels, or more than N in a request, get 400 (defaults 12845056, 16)\n"
     "  --grace SECONDS    on SIGTERM, how long requests in flight may finish (default 30)\n"
     "  --test-hooks       honour the request field m3_test_forced_text (tests only)\n"
     "  Without --model it serves the built-in tiny model.\n";
@@ -75,6 +79,10 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
       a->server.max_n = (int)v;
     else if (strcmp(flag, "--max-concurrent") == 0 && (st = m3_cli_parse_long(flag, value, 1, 100000, &v)) == M3_OK)
       a->server.max_concurrent = (int)v;
+    else if (strcmp(flag, "--max-image-pixels") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 40, &v)) == M3_OK)
+      a->server.max_image_pixels = v;
+    else if (strcmp(flag, "--max-media-per-request") == 0 && (st = m3_cli_parse_long(flag, value, 0, 4096, &v)) == M3_OK)
+      a->server.max_media_per_request = (int)v;
     else if (strcmp(flag, "--threads") == 0 && (st = m3_cli_parse_long(flag, value, 0, 4096, &v)) == M3_OK)
       a->engine.threads = (int)v;
     else if (strcmp(flag, "--kv-memory") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 30, &v)) == M3_OK)

@@ -41,29 +41,86 @@ static void add_text_message(cJSON *out, const char *role, m3_sbuf *text) {
   text->len = 0;
 }
 
-/* User turn: text blocks become one user message; each tool_result becomes a tool message,
- * in the order given. */
-static int convert_user(const cJSON *content, int i, cJSON *out, srv_error *e) {
-  char where[64];
-  snprintf(where, sizeof where, "messages[%d].content", i);
+/* The text gathered so far as a text part (OpenAI form); consumes it. */
+static void add_text_part(cJSON *parts, m3_sbuf *text) {
+  if (!text->len) return;
+  cJSON *p = cJSON_CreateObject();
+  cJSON_AddStringToObject(p, "type", "text");
+  cJSON_AddStringToObject(p, "text", sb_str(text));
+  cJSON_AddItemToArray(parts, p);
+  text->len = 0;
+}
+
+/* The user message gathered so far: a string, or text and image parts once it holds an image.
+ * Consumes both. */
+static void add_user_message(cJSON *out, m3_sbuf *text, cJSON **parts) {
+  if (!*parts) return add_text_message(out, "user", text);
+  add_text_part(*parts, text);
+  cJSON *m = cJSON_CreateObject();
+  cJSON_AddStringToObject(m, "role", "user");
+  cJSON_AddItemToObject(m, "content", *parts);
+  cJSON_AddItemToArray(out, m);
+  *parts = NULL;
+}
+
+/* An image block {"type": "image", "source": {"type": "base64", "media_type", "data"}} into the
+ * request's images; a "url" source is refused as OpenAI's remote URLs are. */
+static int convert_image(const srv_ctx *ctx, srv_request *r, const cJSON *blk, const char *label,
+                         srv_error *e) {
+  const cJSON *src = cJSON_GetObjectItemCaseSensitive(blk, "source");
+  const cJSON *type = cJSON_GetObjectItemCaseSensitive(src, "type");
+  const cJSON *url = cJSON_GetObjectItemCaseSensitive(src, "url");
+  const cJSON *media_type = cJSON_GetObjectItemCaseSensitive(src, "media_type");
+  const cJSON *data = cJSON_GetObjectItemCaseSensitive(src, "data");
+  const char *t = cJSON_IsString(type) ? type->valuestring : "";
+  if (strcmp(t, "url") == 0 && cJSON_IsString(url))
+    return srv_media_add_url(ctx, r, url->valuestring, label, e);
+  if (strcmp(t, "base64") != 0 || !cJSON_IsString(media_type) || !cJSON_IsString(data)) {
+    snprintf(e->where, sizeof e->where, "%s", label);
+    return srv_fail(e, 400, e->where, "%s: an image block needs a source {\"type\": \"base64\", "
+                    "\"media_type\": ..., \"data\": ...}", label);
+  }
+  return srv_media_add(ctx, r, media_type->valuestring, strlen(media_type->valuestring),
+                       data->valuestring, label, e);
+}
+
+/* User turn: text and image blocks become one user message (a string when there is no image);
+ * each tool_result becomes a tool message, in the order given. */
+static int convert_user(const srv_ctx *ctx, srv_request *r, const cJSON *content, int i,
+                        cJSON *out, srv_error *e) {
+  /* In e: the error's param must outlive this call. */
+  char *where = e->where;
+  snprintf(where, sizeof e->where, "messages[%d].content", i);
   m3_sbuf text = {0};
+  cJSON *parts = NULL; /* non-NULL once the message holds an image */
   int rc = 0;
-  bool any_text = false;
+  bool pending = false;
+  int k = 0;
   const cJSON *blk;
   cJSON_ArrayForEach(blk, content) {
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(blk, "type");
     const char *t = cJSON_IsString(type) ? type->valuestring : "";
-    if (strcmp(t, "text") == 0) {
+    char label[64];
+    snprintf(label, sizeof label, "messages[%d].content[%d]", i, k++);
+    if (strcmp(t, "image") == 0) {
+      if ((rc = convert_image(ctx, r, blk, label, e))) break;
+      if (!parts) parts = cJSON_CreateArray();
+      add_text_part(parts, &text);
+      pending = true;
+      cJSON *img = cJSON_CreateObject();
+      cJSON_AddStringToObject(img, "type", "image");
+      cJSON_AddItemToArray(parts, img);
+    } else if (strcmp(t, "text") == 0) {
       const cJSON *s = cJSON_GetObjectItemCaseSensitive(blk, "text");
       if (!cJSON_IsString(s)) {
         rc = srv_fail(e, 400, where, "%s: a text block needs a string 'text'", where);
         break;
       }
       m3_sbuf_puts(&text, s->valuestring);
-      any_text = true;
+      pending = true;
     } else if (strcmp(t, "tool_result") == 0) {
-      if (any_text) add_text_message(out, "user", &text);
-      any_text = false;
+      if (pending) add_user_message(out, &text, &parts);
+      pending = false;
       const cJSON *id = cJSON_GetObjectItemCaseSensitive(blk, "tool_use_id");
       const cJSON *c = cJSON_GetObjectItemCaseSensitive(blk, "content");
       m3_sbuf result = {0};
@@ -83,15 +140,17 @@ static int convert_user(const cJSON *content, int i, cJSON *out, srv_error *e) {
       break;
     }
   }
-  if (rc == 0 && any_text) add_text_message(out, "user", &text);
+  if (rc == 0 && pending) add_user_message(out, &text, &parts);
+  cJSON_Delete(parts);
   m3_sbuf_free(&text);
   return rc;
 }
 
 /* Assistant turn: text -> content, thinking -> reasoning_content, tool_use -> tool_calls. */
 static int convert_assistant(const cJSON *content, int i, cJSON *out, srv_error *e) {
-  char where[64];
-  snprintf(where, sizeof where, "messages[%d].content", i);
+  /* In e: the error's param must outlive this call. */
+  char *where = e->where;
+  snprintf(where, sizeof e->where, "messages[%d].content", i);
   m3_sbuf text = {0}, reasoning = {0};
   cJSON *m = cJSON_CreateObject(), *calls = cJSON_CreateArray();
   int rc = 0;
@@ -144,7 +203,8 @@ static int convert_assistant(const cJSON *content, int i, cJSON *out, srv_error 
   return rc;
 }
 
-static int convert_messages(const cJSON *body, cJSON *out, srv_error *e) {
+static int convert_messages(const srv_ctx *ctx, srv_request *r, const cJSON *body, cJSON *out,
+                            srv_error *e) {
   const cJSON *system = cJSON_GetObjectItemCaseSensitive(body, "system");
   if (system && !cJSON_IsNull(system)) {
     m3_sbuf text = {0};
@@ -172,7 +232,8 @@ static int convert_messages(const cJSON *body, cJSON *out, srv_error *e) {
       cJSON_AddItemToArray(out, copy);
     } else if (!cJSON_IsArray(content)) {
       return srv_fail(e, 400, "messages", "messages[%d].content must be a string or an array", i);
-    } else if ((user ? convert_user : convert_assistant)(content, i, out, e)) {
+    } else if (user ? convert_user(ctx, r, content, i, out, e)
+                    : convert_assistant(content, i, out, e)) {
       return -1;
     }
     i++;
@@ -261,7 +322,7 @@ int srv_anthropic_parse(const srv_ctx *ctx, cJSON *body, srv_request *r, srv_err
   cJSON *tools = cJSON_AddArrayToObject(r->converted, "tools");
   if (!messages || !tools) return srv_fail(e, 500, NULL, "out of memory");
   r->messages = messages;
-  if (convert_messages(body, messages, e) || convert_tools(body, tools, r, e)) return -1;
+  if (convert_messages(ctx, r, body, messages, e) || convert_tools(body, tools, r, e)) return -1;
   return parse_thinking(body, r, e);
 }
 

@@ -226,6 +226,21 @@ void srv_job_free(srv_job *j) {
   free(j);
 }
 
+/* Each image's placeholder in the rendered prompt becomes its run of image ids. */
+static int expand_media(srv_ctx *ctx, srv_request *req, int32_t **ids, int *n, srv_error *e) {
+  if (req->n_media == 0) return 0;
+  if (srv_media_load(ctx, req, e)) return -1;
+  int32_t *expanded = NULL;
+  int n_expanded = 0;
+  if (m3_media_expand(ctx->engine, *ids, *n, req->loaded, req->n_media, &expanded, &n_expanded) !=
+      M3_OK)
+    return srv_fail(e, 400, "messages", "%s", m3_last_error());
+  free(*ids);
+  *ids = expanded;
+  *n = n_expanded;
+  return 0;
+}
+
 int srv_prompt_ids(srv_ctx *ctx, srv_request *req, int32_t **ids, int *n, char **tool_prefix,
                    bool *in_reasoning, srv_error *e) {
   *tool_prefix = NULL;
@@ -250,7 +265,13 @@ int srv_prompt_ids(srv_ctx *ctx, srv_request *req, int32_t **ids, int *n, char *
   m3_status st = m3_tokenize(ctx->engine, text, strlen(text), 1, ids, n);
   free(rendered);
   if (st != M3_OK) return srv_fail(e, 400, "prompt", "%s", m3_last_error());
-  return 0;
+  if (expand_media(ctx, req, ids, n, e) == 0) return 0;
+  /* Failed calls hand nothing back. */
+  free(*ids);
+  free(*tool_prefix);
+  *ids = NULL;
+  *tool_prefix = NULL;
+  return -1;
 }
 
 static int check_length(const srv_ctx *ctx, const srv_request *req, int n_prompt, srv_error *e) {
@@ -332,8 +353,8 @@ int srv_job_start(srv_ctx *ctx, srv_request *req, const srv_api_ops *ops, int fd
   }
   if (rc == 0) rc = new_job(ctx, req, ops, fd, in_reasoning, tool_prefix, &j, e);
   if (rc == 0) {
-    m3_status st = m3_submit(ctx->engine, ids, n_ids, &req->params, on_engine_event, j,
-                             &j->request_id);
+    m3_status st = m3_submit_media(ctx->engine, ids, n_ids, req->loaded, req->n_media,
+                                   &req->params, on_engine_event, j, &j->request_id);
     if (st == M3_ERR_LIMIT) rc = srv_fail(e, 503, NULL, "%s", m3_last_error());
     else if (st != M3_OK) rc = srv_fail(e, 400, NULL, "%s", m3_last_error());
   }

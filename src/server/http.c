@@ -44,7 +44,10 @@ void m3_server_options_init(m3_server_options *opt) {
                              .max_body = 32u << 20,
                              .max_tokens_limit = 1 << 20,
                              .max_n = 16,
-                             .max_concurrent = 1024};
+                             .max_concurrent = 1024,
+                             /* rtp-llm's area bound (m3_vision_chat_spec.md §2.2) */
+                             .max_image_pixels = 12845056,
+                             .max_media_per_request = 16};
 }
 
 /* ---- responses ------------------------------------------------------------------------- */
@@ -367,7 +370,9 @@ m3_status m3_server_start(m3_engine *e, const m3_server_options *opt, m3_server 
   m3_engine_model_info(e, &s->ctx.info);
   s->ctx.model_name = opt->served_model_name ? opt->served_model_name : s->ctx.info.name;
   s->ctx.limits = (srv_limits){.max_tokens = opt->max_tokens_limit, .max_n = opt->max_n,
-                               .test_hooks = opt->test_hooks != 0};
+                               .test_hooks = opt->test_hooks != 0,
+                               .max_image_pixels = opt->max_image_pixels,
+                               .max_media = opt->max_media_per_request};
   s->ctx.metrics = srv_metrics_new();
   s->api_key = opt->api_key ? strdup(opt->api_key) : NULL;
   s->max_body = opt->max_body;

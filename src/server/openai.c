@@ -143,7 +143,9 @@ int srv_openai_parse(const srv_ctx *ctx, srv_endpoint ep, cJSON *body, srv_reque
     r->logprobs = logprobs;
     r->params.logprobs = logprobs;
     r->params.top_logprobs = logprobs ? top : 0;
-    return parse_thinking(body, r, e) || parse_tools(body, r, e) ? -1 : 0;
+    return parse_thinking(body, r, e) || parse_tools(body, r, e) || srv_media_collect(ctx, r, e)
+               ? -1
+               : 0;
   }
   int top = -1;
   bool echo = false;

@@ -33,6 +33,7 @@ void srv_request_free(srv_request *r) {
   free(r->bias_ids);
   free(r->bias_values);
   free(r->forced_ids);
+  srv_media_free(r);
   *r = (srv_request){0};
 }
 

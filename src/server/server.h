@@ -20,6 +20,8 @@ typedef struct {
   int max_concurrent;            /* generation requests in flight above this get 429 */
   const char *served_model_name; /* NULL = the engine's model name */
   int test_hooks;                /* 1: honour the m3_test_forced_text request field */
+  long long max_image_pixels;    /* larger images (decoded width x height) get 400 */
+  int max_media_per_request;     /* more images in one request get 400 */
 } m3_server_options;
 
 void m3_server_options_init(m3_server_options *opt);

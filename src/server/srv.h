@@ -31,6 +31,7 @@ typedef struct {
   const char *param;
   const char *code; /* OpenAI "code" (e.g. "model_not_found"); may be NULL */
   char message[480];
+  char where[64];   /* storage for a param built at run time ("messages[1].content[2]") */
 } srv_error;
 
 /* Fills e and returns -1, so parsers can `return srv_fail(e, 400, "n", "...")`. */
@@ -43,6 +44,8 @@ typedef struct {
   int max_tokens;  /* --max-tokens-limit */
   int max_n;       /* --max-n */
   bool test_hooks; /* --test-hooks */
+  int64_t max_image_pixels; /* --max-image-pixels: decoded width x height of one image */
+  int max_media;   /* --max-media-per-request */
 } srv_limits;
 
 typedef struct srv_metrics srv_metrics;
@@ -78,6 +81,13 @@ m3_status srv_render_chat(const cJSON *messages, const srv_chat_setup *setup, ch
 
 typedef enum { SRV_EP_CHAT, SRV_EP_COMPLETIONS, SRV_EP_MESSAGES } srv_endpoint;
 
+/* One image of a chat request: the decoded base64 bytes, checked decodable and within limits. */
+typedef struct {
+  uint8_t *bytes;
+  size_t len;
+  char label[64]; /* the content part it came from, for errors: "messages[1].content[2]" */
+} srv_media_item;
+
 typedef struct {
   srv_endpoint endpoint;
   cJSON *body;             /* the parsed request (owned) */
@@ -94,6 +104,10 @@ typedef struct {
   float *bias_values;
   const char *forced_text; /* m3_test_forced_text (test hooks only) */
   int32_t *forced_ids;
+  /* Images in the order their placeholders appear in the rendered prompt. */
+  srv_media_item *media;
+  int n_media;
+  m3_media **loaded;       /* [n_media] once srv_media_load ran, else NULL */
 } srv_request;
 
 void srv_request_free(srv_request *r);
@@ -117,6 +131,26 @@ int srv_parse_common(const srv_ctx *ctx, srv_request *r, const char *max_key, bo
 int srv_openai_parse(const srv_ctx *ctx, srv_endpoint ep, cJSON *body, srv_request *r,
                      srv_error *e);
 int srv_anthropic_parse(const srv_ctx *ctx, cJSON *body, srv_request *r, srv_error *e);
+
+/* ---- images ----------------------------------------------------------------------------- */
+
+/* Strict RFC 4648 base64 (padded, canonical, no whitespace). *out malloc'd. -1 when invalid. */
+int srv_base64_decode(const char *text, size_t len, uint8_t **out, size_t *out_len);
+/* Adds one image given as base64 `data` of `media_type` (the first type_len bytes: image/jpeg,
+ * png, webp or gif). Fails with a 400 naming `label` (the content part) when the type is not an
+ * image type, the base64 is invalid, the image does not decode or exceeds max_image_pixels, and
+ * naming "messages" past max_media. */
+int srv_media_add(const srv_ctx *ctx, srv_request *r, const char *media_type, size_t type_len,
+                  const char *data, const char *label, srv_error *e);
+/* An OpenAI image_url: a base64 data: URL; http(s) URLs are refused (never fetched). */
+int srv_media_add_url(const srv_ctx *ctx, srv_request *r, const char *url, const char *label,
+                      srv_error *e);
+/* Every image_url part of r->messages (OpenAI form), in order; video parts are refused. */
+int srv_media_collect(const srv_ctx *ctx, srv_request *r, srv_error *e);
+/* Pre-processes the images for the engine's model into r->loaded (needs the engine). */
+int srv_media_load(srv_ctx *ctx, srv_request *r, srv_error *e);
+/* Frees r's images (srv_request_free calls it). */
+void srv_media_free(srv_request *r);
 
 /* ---- the generation job ---------------------------------------------------------------- */
 

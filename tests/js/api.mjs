@@ -3,6 +3,7 @@
 // calls, so the parsers and every response shape run on real engine output.
 import OpenAI from 'openai';
 import Anthropic from '@anthropic-ai/sdk';
+import {readFileSync} from 'node:fs';
 import {assert, done, EOT, metric, post, test, toolBlock} from './harness.mjs';
 
 const base = process.argv[2];
@@ -326,6 +327,57 @@ await test('anthropic errors: shape and status', async () => {
   assert.equal(bad.body.error.type, 'invalid_request_error');
   const role = await post(`${base}/v1/messages`, {model, max_tokens: 5, messages: [{role: 'robot', content: 'x'}]});
   assert.equal(role.status, 400);
+});
+
+// Images (smart_resize, factor 28, at least 3136 pixels): tiny_23x9.png -> 56x112 -> 4 x 8
+// patches -> 8 merged tokens; pattern.png (40x30) -> 84x56 -> 6 tokens; plus the start and end
+// markers, ids the text-only prompt does not have. The image
+// follows the text so that the text tokenizes as it does alone (a special token splits merges).
+const mediaDir = new URL('../fixtures/vision/media/', import.meta.url);
+const b64 = (name) => readFileSync(new URL(name, mediaDir)).toString('base64');
+const IMAGE_IDS = {'tiny_23x9.png': 10, 'pattern.png': 8};
+
+await test('chat: image_url data: URLs count their placeholders; the pixels change the output', async () => {
+  const textOnly = await tokenCount({messages: [{role: 'user', content: 'describe'}]});
+  const run = async (name) => {
+    const r = await openai.chat.completions.create({model, temperature: 0, max_tokens: 8, logprobs: true,
+      messages: [{role: 'user', content: [
+        {type: 'text', text: 'describe'},
+        {type: 'image_url', image_url: {url: `data:image/png;base64,${b64(name)}`}}]}]});
+    assert.equal(r.usage.prompt_tokens, textOnly + IMAGE_IDS[name]);
+    const m = r.choices[0].message;
+    return JSON.stringify([m.content, m.reasoning_content, r.choices[0].logprobs.content.map((t) => t.logprob)]);
+  };
+  const a = await run('tiny_23x9.png');
+  assert.equal(await run('tiny_23x9.png'), a, 'greedy output of one image is repeatable');
+  assert.notEqual(await run('pattern.png'), a, 'two different images gave the same output');
+  const bad = await post(`${base}/v1/chat/completions`, {model, max_tokens: 2, messages: [{role: 'user', content: [
+    {type: 'text', text: 'x'}, {type: 'image_url', image_url: {url: 'https://example.com/cat.png'}}]}]});
+  assert.equal(bad.status, 400);
+  assert.equal(bad.body.error.param, 'messages[0].content[1]');
+  assert.match(bad.body.error.message, /remote/);
+  const junk = await post(`${base}/v1/chat/completions`, {model, max_tokens: 2, messages: [{role: 'user', content: [
+    {type: 'image_url', image_url: {url: 'data:image/png;base64,aGVsbG8='}}]}]});
+  assert.equal(junk.status, 400);
+  assert.equal(junk.body.error.param, 'messages[0].content[0]');
+});
+
+await test('anthropic: base64 image blocks count their placeholders; the pixels change the output', async () => {
+  const textOnly = await tokenCount({messages: [{role: 'user', content: 'describe'}]});
+  const run = async (name, type) => {
+    const r = await anthropic.messages.create({model, max_tokens: 8, temperature: 0, messages: [{role: 'user', content: [
+      {type: 'text', text: 'describe'},
+      {type: 'image', source: {type: 'base64', media_type: type, data: b64(name)}}]}]});
+    assert.equal(r.usage.input_tokens, textOnly + IMAGE_IDS[name]);
+    return JSON.stringify(r.content);
+  };
+  assert.notEqual(await run('tiny_23x9.png', 'image/png'), await run('pattern.png', 'image/png'),
+                  'two different images gave the same output');
+  const bad = await post(`${base}/v1/messages`, {model, max_tokens: 2, messages: [{role: 'user', content: [
+    {type: 'image', source: {type: 'base64', media_type: 'image/bmp', data: b64('pattern.png')}}]}]});
+  assert.equal(bad.status, 400);
+  assert.equal(bad.body.error.type, 'invalid_request_error');
+  assert.match(bad.body.error.message, /messages\[0\]\.content\[0\]: media type 'image\/bmp'/);
 });
 
 await test('health and metrics', async () => {
