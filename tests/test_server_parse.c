@@ -102,6 +102,10 @@ static void test_openai_errors(void) {
   expect_error(SRV_EP_CHAT, "{" MSG ",\"m3_test_forced_text\":\"x\"}", 400, "m3_test_forced_text");
   expect_error(SRV_EP_CHAT, "{\"messages\":[]}", 400, "messages");
   expect_error(SRV_EP_COMPLETIONS, "{\"prompt\":[1,2,1000]}", 400, "prompt");
+  /* Ids far outside int32 were once cast before the range check, undefined behaviour that UBSan
+   * reports (found by tests/fuzz/fuzz_request). */
+  expect_error(SRV_EP_COMPLETIONS, "{\"prompt\":[-28888888888888888888888888888]}", 400, "prompt");
+  expect_error(SRV_EP_COMPLETIONS, "{\"prompt\":[1e300]}", 400, "prompt");
   expect_error(SRV_EP_COMPLETIONS, "{\"prompt\":\"x\",\"echo\":true}", 400, "echo");
 }
 

@@ -121,6 +121,9 @@ static const parse_case CASES[] = {
      "b</parameter><parameter name=\"x\">1\n\n</invoke><invoke name=\"ping\"></invoke>"
      "</minimax:tool_call>",
      "C:|R:|T:call_0 get_weather {\"location\":\"a</div>b\",\"x\":\"1\\n\"}|T:call_1 ping {}|"},
+    {"element tag whose '>' lies inside a namespace token", M3_CHAT_FORMAT_M3, false, true,
+     NS "<tool_call>" NS "<invoke name=\"a\">" NS "<p>" NS "<" NS,
+     "C:|R:|T:call_0 a {\"p\":{\"]<]minimax[\":\"[\"}}|"},
     {"tool parsing off", M3_CHAT_FORMAT_M3, false, false,
      NS "<tool_call>" NS "<invoke name=\"a\">" NS "</invoke>" NS "</tool_call>",
      "C:" NS "<tool_call>" NS "<invoke name=\"a\">" NS "</invoke>" NS "</tool_call>|R:|"},
@@ -146,16 +149,16 @@ static char *describe(const m3_out_result *r) {
   return b.data;
 }
 
-/* Parses `input` fed in pieces that start at the given cut points (or byte by byte when
- * bytewise), returning the description of the result. */
-static char *parse(const parse_case *c, const cJSON *tools, const size_t *cuts, size_t n_cuts,
-                   bool bytewise) {
+/* Parses the len bytes of `input` fed in pieces that start at the given cut points (or byte by
+ * byte when bytewise), returning the description of the result. */
+static char *parse(const parse_case *c, size_t len, const cJSON *tools, const size_t *cuts,
+                   size_t n_cuts, bool bytewise) {
   m3_out_options opt = {.format = c->format, .starts_in_reasoning = c->in_reasoning,
                         .parse_tools = c->tools, .tools = tools};
   m3_out_result res = {0};
   m3_out_parser *p;
   CHECK_OK(m3_out_parser_new(&opt, m3_out_collect, &res, &p));
-  size_t len = strlen(c->input), at = 0;
+  size_t at = 0;
   for (size_t k = 0; k <= n_cuts && !bytewise; k++) {
     size_t end = k < n_cuts ? cuts[k] : len;
     CHECK_OK(m3_out_parser_feed(p, c->input + at, end - at));
@@ -174,30 +177,42 @@ static char *parse(const parse_case *c, const cJSON *tools, const size_t *cuts, 
   return d;
 }
 
+/* The whole-input result must be c->want, and every split and byte-wise feed must agree. */
+static void check_case(const parse_case *c, size_t len, const cJSON *tools) {
+  char *whole = parse(c, len, tools, NULL, 0, false);
+  if (strcmp(whole, c->want) != 0) fprintf(stderr, "case \"%s\"\n", c->name);
+  CHECK_STR(whole, c->want);
+  int mismatches = 0;
+  for (size_t cut = 0; cut <= len; cut++) {
+    char *two = parse(c, len, tools, &cut, 1, false);
+    if (strcmp(two, whole) != 0 && mismatches++ == 0)
+      fprintf(stderr, "case \"%s\" split at %zu:\n  %s\n  %s\n", c->name, cut, two, whole);
+    free(two);
+  }
+  CHECK_EQ_INT(mismatches, 0);
+  char *bytes = parse(c, len, tools, NULL, 0, true);
+  if (strcmp(bytes, whole) != 0) fprintf(stderr, "case \"%s\" byte by byte\n", c->name);
+  CHECK_STR(bytes, whole);
+  free(bytes);
+  free(whole);
+}
+
 static void test_cases(void) {
   cJSON *tools = cJSON_Parse(TOOLS);
   CHECK(tools != NULL);
-  for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++) {
-    const parse_case *c = &CASES[i];
-    char *whole = parse(c, tools, NULL, 0, false);
-    if (strcmp(whole, c->want) != 0) fprintf(stderr, "case \"%s\"\n", c->name);
-    CHECK_STR(whole, c->want);
-    size_t len = strlen(c->input);
-    int mismatches = 0;
-    for (size_t cut = 0; cut <= len; cut++) {
-      char *two = parse(c, tools, &cut, 1, false);
-      if (strcmp(two, whole) != 0 && mismatches++ == 0)
-        fprintf(stderr, "case \"%s\" split at %zu:\n  %s\n  %s\n", c->name, cut, two, whole);
-      free(two);
-    }
-    CHECK_EQ_INT(mismatches, 0);
-    char *bytes = parse(c, tools, NULL, 0, true);
-    if (strcmp(bytes, whole) != 0) fprintf(stderr, "case \"%s\" byte by byte\n", c->name);
-    CHECK_STR(bytes, whole);
-    free(bytes);
-    free(whole);
-  }
+  for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++)
+    check_case(&CASES[i], strlen(CASES[i].input), tools);
   cJSON_Delete(tools);
+}
+
+/* Generated text may hold NUL, which the cases above cannot: a parameter named by one NUL byte,
+ * then a closer that agrees with its own only up to that NUL, so it is not the value's closer. */
+static void test_nul_in_name(void) {
+  static const char input[] =
+      NS "<tool_call>" NS "<invoke name=\"a\">" NS "<\0>" NS "</" NS "<=>";
+  const parse_case c = {"parameter name holding NUL", M3_CHAT_FORMAT_M3, false, true, input,
+                        "C:|R:|T:call_0 a {\"\\u0000\":\"\"}|"};
+  check_case(&c, sizeof input - 1, NULL);
 }
 
 /* Argument deltas arrive as the value is generated, not only at the end of the call. */
@@ -247,6 +262,7 @@ static void test_incremental(void) {
 
 int main(void) {
   test_cases();
+  test_nul_in_name();
   test_incremental();
   return check_summary();
 }

@@ -51,6 +51,29 @@ static void test_lossy_utf8(void) {
   check_bytes("a\xC3\xA9\xE2\x82", "a\xC3\xA9" FFFD);
 }
 
+/* Nothing to decode (no ids, or only ids that are dropped) gives "", batch and streaming; this
+ * once offset a NULL buffer, which UBSan reports (found by tests/fuzz/fuzz_tokenizer). */
+static void test_empty_decode(void) {
+  check_bytes("", "");
+  const int32_t dropped[] = {-1, m3_tok_n_ids(tok), id_of("]~b]")};
+  m3_tok_text out = {0};
+  CHECK_OK(m3_tok_decode(tok, dropped, 3, true, &out));
+  CHECK_EQ_INT(out.len, 0);
+  CHECK_STR(out.data ? out.data : "(null)", "");
+  m3_tok_text_free(&out);
+  m3_detok_stream s;
+  m3_detok_stream_init(&s, tok, true);
+  const char *piece;
+  size_t len = 1;
+  for (size_t i = 0; i < 3; i++) {
+    CHECK_OK(m3_detok_stream_push(&s, dropped[i], &piece, &len));
+    CHECK_EQ_INT(len, 0);
+  }
+  CHECK_OK(m3_detok_stream_finish(&s, &piece, &len));
+  CHECK_EQ_INT(len, 0);
+  m3_detok_stream_free(&s);
+}
+
 /* Streaming holds back an incomplete sequence and releases it whole. */
 static void test_stream_holds_back(void) {
   const char *emoji = "\xF0\x9F\x98\x80";
@@ -260,6 +283,7 @@ int main(void) {
   CHECK_OK(m3_tok_load(FIXTURES "tiny.json", &tok));
   if (tok) {
     test_lossy_utf8();
+    test_empty_decode();
     test_stream_holds_back();
     test_stream_matches_batch();
     test_special_tokens();

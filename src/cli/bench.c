@@ -18,6 +18,7 @@ static const bench_part parts[] = {
     {"model", m3_bench_model, "whole model: decode tokens/s and GB/s against copy, prefill"},
     {"engine", m3_bench_engine, "batched serving: throughput, latency, prefix cache"},
     {"tok", m3_bench_tok, "single-thread tokenizer speed on a file"},
+    {"spec", m3_bench_spec, "speculative decoding: verify k drafts, drafter steps"},
     {"serve", NULL, "the HTTP server under load: how to run bench/serve_bench.mjs"},
 };
 

@@ -212,7 +212,7 @@ int m3_bench_ops(int argc, char **argv) {
   int64_t gemv_rows = 8192, gemv_cols = 8192, gemm_rows = 4096, gemm_cols = 4096;
   double seconds = 1.0;
   int threads = 0;
-  for (int i = 1; i < argc; i++) {
+  for (int i = 1; i < argc; i += 2) {
     if (strcmp(argv[i], "--help") == 0) {
       printf("usage: m3 bench ops [--gemv ROWSxCOLS] [--gemm ROWSxCOLS] [--seconds S] [--threads N]\n"
              "CPU kernel throughput: copy bandwidth, GEMV bandwidth per weight dtype, GEMM\n"
@@ -232,7 +232,6 @@ int m3_bench_ops(int argc, char **argv) {
       ;
     else
       return usage_error("bad option; see m3 bench ops --help");
-    i++;
   }
 
   m3_backend *be[2] = {NULL, NULL};

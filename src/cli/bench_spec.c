@@ -1,4 +1,4 @@
-/* m3 bench-spec: what speculative decoding costs on this machine, for one sequence after a
+/* m3 bench spec: what speculative decoding costs on this machine, for one sequence after a
  * context of --context tokens: a decode step (one token), a verification of k drafts (k + 1
  * tokens in one forward) for k = 1..7 relative to it, and a drafter step (MTP and, with --draft,
  * EAGLE3): one chained row, and a catch-up of k + 1 rows after a verification. */
@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli/bench.h"
 #include "cli/commands.h"
 #include "cli/model_args.h"
 #include "engine/kvcache.h"
@@ -15,7 +16,7 @@
 #include "model/model.h"
 
 static const char usage[] =
-    "usage: m3 bench-spec [--model DIR] [--draft DIR] [--context N] [--repeat N] [--threads N]\n"
+    "usage: m3 bench spec [--model DIR] [--draft DIR] [--context N] [--repeat N] [--threads N]\n"
     "                     [--device cpu|cuda|cuda:N]\n"
     "  times, after a context of N tokens (default 256): one decode step; verifying k = 1..7\n"
     "  drafts (one forward of k + 1 tokens) as a multiple of it; the MTP drafter (when the\n"
@@ -85,7 +86,7 @@ static m3_status time_drafter(bench *b, m3_drafter *d, const char *name, double 
   float *hidden = calloc((size_t)n * (size_t)(W > H ? W : H), sizeof *hidden);
   float *hout = calloc((size_t)n * (size_t)H, sizeof *hout);
   int32_t *ids = calloc((size_t)n, sizeof *ids), *pos = malloc((size_t)n * sizeof *pos);
-  if (!views || !hidden || !hout || !ids || !pos) st = m3_fail(M3_ERR_NOMEM, "bench-spec: buffers");
+  if (!views || !hidden || !hout || !ids || !pos) st = m3_fail(M3_ERR_NOMEM, "bench spec: buffers");
   if (st == M3_OK) st = m3_kv_seq_extend(cache, &seq, n);
   for (int i = 0; i < n; i++) {
     pos[i] = i;
@@ -122,7 +123,7 @@ static m3_status time_drafter(bench *b, m3_drafter *d, const char *name, double 
   return st;
 }
 
-int m3_cmd_bench_spec(int argc, char **argv) {
+int m3_bench_spec(int argc, char **argv) {
   const char *model_dir = NULL, *draft_dir = NULL, *device = "cpu";
   long context = 256, repeat = 20, threads = 0;
   m3_status st = M3_OK;
@@ -156,14 +157,14 @@ int m3_cmd_bench_spec(int argc, char **argv) {
     st = m3_kv_cache_create(cfg, be, m3_kv_bytes_for_tokens(cfg, b.context + 16), &b.cache);
     b.views = calloc((size_t)cfg->num_layers, sizeof *b.views);
     logits = malloc(8 * (size_t)cfg->vocab_size * sizeof *logits);
-    if (st == M3_OK && (!b.views || !logits)) st = m3_fail(M3_ERR_NOMEM, "bench-spec: buffers");
+    if (st == M3_OK && (!b.views || !logits)) st = m3_fail(M3_ERR_NOMEM, "bench spec: buffers");
   }
   if (st == M3_OK) {
     m3_kv_seq_init(&b.seq);
     st = m3_kv_seq_extend(b.cache, &b.seq, b.context + 16);
   }
   int32_t *ctx = NULL;
-  if (st == M3_OK && !(ctx = malloc((size_t)b.context * sizeof *ctx))) st = m3_fail(M3_ERR_NOMEM, "bench-spec: context");
+  if (st == M3_OK && !(ctx = malloc((size_t)b.context * sizeof *ctx))) st = m3_fail(M3_ERR_NOMEM, "bench spec: context");
   if (st == M3_OK) {
     m3_kv_seq_views(b.cache, &b.seq, b.views);
     for (int i = 0; i < b.context; i++) ctx[i] = i % 200 + 10;
@@ -216,5 +217,5 @@ int m3_cmd_bench_spec(int argc, char **argv) {
   }
   m3_model_free(b.model);
   if (be) be->ops->destroy(be);
-  return st == M3_OK ? 0 : m3_cli_fail("bench-spec", st);
+  return st == M3_OK ? 0 : m3_cli_fail("bench spec", st);
 }

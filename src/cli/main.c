@@ -15,7 +15,6 @@ static const command commands[] = {
     {"tiny", m3_cmd_tiny, "write a small deterministic random checkpoint in the official layout"},
     {"tiny-draft", m3_cmd_tiny_draft, "write a small random EAGLE3 draft for a target model"},
     {"bench", m3_cmd_bench, "benchmarks: ops, model, engine, tok, serve (m3 bench --help)"},
-    {"bench-spec", m3_cmd_bench_spec, "speculative decoding costs: verify k drafts, drafter steps"},
     {"logits", m3_cmd_logits, "write the float32 logits of every position of an id sequence"},
     {"run", m3_cmd_run, "generate tokens from a prompt and report prompt and generation speed"},
     {"chat", m3_cmd_chat, "chat with the model interactively in its chat format"},

@@ -100,8 +100,9 @@ static int parse_prompt(const cJSON *body, int vocab, srv_request *r, srv_error 
   int i = 0;
   const cJSON *t;
   cJSON_ArrayForEach(t, p) {
-    if (!cJSON_IsNumber(t) || t->valuedouble != (double)(int32_t)t->valuedouble ||
-        t->valuedouble < 0 || t->valuedouble >= vocab)
+    /* Range first: converting a double outside int32 to an integer is undefined. */
+    if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= vocab ||
+        t->valuedouble != (double)(int32_t)t->valuedouble)
       return srv_fail(e, 400, "prompt", "prompt[%d] is not a token id in 0..%d (one prompt per "
                       "request)", i, vocab - 1);
     i++;

@@ -80,7 +80,9 @@ size_t tok_utf8_lossy(m3_tok_text *out, const uint8_t *bytes, size_t n, bool fin
     i += l == 0 ? 1 : (size_t)(-l);
     valid_from = i;
   }
-  if (!text_append(out, bytes + valid_from, i - valid_from)) return (size_t)-1;
+  /* Nothing decoded yet leaves bytes NULL, and NULL + 0 is undefined: offset only a real run. */
+  if (!text_append(out, i > valid_from ? bytes + valid_from : NULL, i - valid_from))
+    return (size_t)-1;
   return i;
 }
 

@@ -3,10 +3,13 @@
 
 #include <string.h>
 
-int m3_lit_at(const char *s, size_t n, const char *lit) {
-  size_t l = strlen(lit);
+int m3_bytes_at(const char *s, size_t n, const char *lit, size_t l) {
   if (n >= l) return memcmp(s, lit, l) == 0 ? 1 : -1;
   return memcmp(s, lit, n) == 0 ? 0 : -1;
+}
+
+int m3_lit_at(const char *s, size_t n, const char *lit) {
+  return m3_bytes_at(s, n, lit, strlen(lit));
 }
 
 const char *m3_find(const char *s, size_t n, const char *lit) {

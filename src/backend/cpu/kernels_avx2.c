@@ -64,10 +64,12 @@ INLINE __m256i tail_mask(int n) {
 }
 
 /* y[i] = dot(W[r + i], x) for i < nrows (1..4), in the order of CPU_K_CHUNK: per chunk one
- * accumulator per row over 8-column groups (16 per step), then hsum. */
+ * accumulator per row over 8-column groups (16 per step), then hsum.
+ * Each step also prefetches the same columns `ahead` bytes on (cpu_gemv_prefetch_distance). */
 INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r, int nrows,
-                      float *y) {
+                      float *y, size_t ahead) {
   const int scaled = kind == CPU_W_MXFP8 || kind == CPU_W_FP8_BLOCK;
+  const size_t es = m3_dtype_size(w->dtype);
   cpu_wrow row[4];
   for (int i = 0; i < nrows; i++) row[i] = cpu_wrow_at(w, r + i), y[i] = 0;
   for (int64_t k0 = 0; k0 < w->cols; k0 += CPU_K_CHUNK) {
@@ -78,6 +80,9 @@ INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_
     for (; c + 16 <= k1; c += 16) {
       __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
       for (int i = 0; i < nrows; i++) {
+        /* An address, not a pointer: past the last row it points outside the matrix. */
+        uintptr_t next = (uintptr_t)row[i].data + (size_t)c * es + ahead;
+        for (size_t b = 0; b < 16 * es; b += 64) _mm_prefetch((const char *)(next + b), _MM_HINT_T0);
         __m256 lo, hi;
         decode16(kind, &row[i], c, &lo, &hi);
         if (scaled) {
@@ -106,9 +111,10 @@ INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_
 
 INLINE void gemv_kind(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r0, int64_t r1,
                       float *y) {
+  const size_t ahead = cpu_gemv_prefetch_distance(w);
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) gemv_rows(kind, w, x, r, 4, y + (r - r0));
-  for (; r < r1; r++) gemv_rows(kind, w, x, r, 1, y + (r - r0));
+  for (; r + 4 <= r1; r += 4) gemv_rows(kind, w, x, r, 4, y + (r - r0), ahead);
+  for (; r < r1; r++) gemv_rows(kind, w, x, r, 1, y + (r - r0), ahead);
 }
 
 TARGET static void gemv_avx2(const m3_tensor *w, const float *x, int64_t r0, int64_t r1,

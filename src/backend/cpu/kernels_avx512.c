@@ -75,10 +75,12 @@ INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 
 /* y[i] = dot(W[r + i], x) for i < nrows (1..4), in the order of CPU_K_CHUNK: per chunk one
- * accumulator per row over 16-column groups (32 per step), then reduce4. */
+ * accumulator per row over 16-column groups (32 per step), then reduce4.
+ * Each step also prefetches the same columns `ahead` bytes on (cpu_gemv_prefetch_distance). */
 INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r, int nrows,
-                      float *y) {
+                      float *y, size_t ahead) {
   const int scaled = kind == CPU_W_MXFP8 || kind == CPU_W_FP8_BLOCK;
+  const size_t es = m3_dtype_size(w->dtype);
   cpu_wrow row[4];
   for (int i = 0; i < nrows; i++) row[i] = cpu_wrow_at(w, r + i), y[i] = 0;
   for (int64_t k0 = 0; k0 < w->cols; k0 += CPU_K_CHUNK) {
@@ -89,6 +91,9 @@ INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_
     for (; c + 32 <= k1; c += 32) {
       __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
       for (int i = 0; i < nrows; i++) {
+        /* An address, not a pointer: past the last row it points outside the matrix. */
+        uintptr_t next = (uintptr_t)row[i].data + (size_t)c * es + ahead;
+        for (size_t b = 0; b < 32 * es; b += 64) _mm_prefetch((const char *)(next + b), _MM_HINT_T0);
         __m512 lo, hi;
         decode32(kind, &row[i], c, &lo, &hi);
         if (scaled) {
@@ -119,9 +124,10 @@ INLINE void gemv_rows(cpu_wkind kind, const m3_tensor *w, const float *x, int64_
 
 INLINE void gemv_kind(cpu_wkind kind, const m3_tensor *w, const float *x, int64_t r0, int64_t r1,
                       float *y) {
+  const size_t ahead = cpu_gemv_prefetch_distance(w);
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) gemv_rows(kind, w, x, r, 4, y + (r - r0));
-  for (; r < r1; r++) gemv_rows(kind, w, x, r, 1, y + (r - r0));
+  for (; r + 4 <= r1; r += 4) gemv_rows(kind, w, x, r, 4, y + (r - r0), ahead);
+  for (; r < r1; r++) gemv_rows(kind, w, x, r, 1, y + (r - r0), ahead);
 }
 
 TARGET static void gemv_avx512(const m3_tensor *w, const float *x, int64_t r0, int64_t r1,
