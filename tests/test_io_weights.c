@@ -629,6 +629,43 @@ static void test_fp8_block(void) {
   release();
 }
 
+/* A header one byte longer than the writer makes it (legal JSON padding) shifts every tensor off
+ * its element alignment: binding must refuse it by name rather than read misaligned data. */
+static void test_misaligned(void) {
+  plan p;
+  build(&p, &official);
+  CHECK_OK(write_plan(&p, st_path));
+  FILE *f = fopen(st_path, "rb");
+  CHECK(f != NULL);
+  if (!f) return;
+  fseek(f, 0, SEEK_END);
+  long size = ftell(f);
+  rewind(f);
+  uint8_t *bytes = malloc((size_t)size);
+  CHECK(bytes && fread(bytes, 1, (size_t)size, f) == (size_t)size);
+  fclose(f);
+  if (!bytes) return;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; i--) n = n << 8 | bytes[i];
+  uint64_t n1 = n + 1;
+  uint8_t len[8];
+  for (int i = 0; i < 8; i++) len[i] = (uint8_t)(n1 >> (8 * i));
+  f = fopen(st_path, "wb");
+  CHECK(f != NULL);
+  if (f) {
+    fwrite(len, 1, 8, f);
+    fwrite(bytes + 8, 1, (size_t)n, f);
+    fputc(' ', f);
+    fwrite(bytes + 8 + n, 1, (size_t)size - 8 - (size_t)n, f);
+    fclose(f);
+  }
+  free(bytes);
+  CHECK_OK(make_config(&vl, &cfg));
+  CHECK_OK(m3_st_open_file(st_path, &st));
+  if (st) CHECK_FAILS_WITH(m3_weights_bind(&cfg, st, &w), M3_ERR_FORMAT, "not aligned");
+  release();
+}
+
 static void test_errors(void) {
   plan p;
   const char *L0 = "language_model.model.layers.0.";
@@ -767,6 +804,7 @@ int main(void) {
   test_mxfp8();
   test_fp8_block();
   test_errors();
+  test_misaligned();
   unlink(st_path);
   rmdir(tmp_dir);
   return check_summary();

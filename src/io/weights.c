@@ -146,6 +146,11 @@ static m3_status bind_index(binder *b, m3_tensor *out, int idx, want_shape want)
     return m3_fail(M3_ERR_SHAPE,
                    "tensor %s: dtype %s is not a weight dtype (F32, F16, BF16, F8_E4M3)", t->name,
                    m3_dtype_name(t->dtype));
+  /* Kernels load elements in place from the mapping; every known writer (the reference one and
+   * ours) aligns each tensor to its element size, and one that did not would need a copy. */
+  if ((uintptr_t)t->data % m3_dtype_size(t->dtype) != 0)
+    return m3_fail(M3_ERR_FORMAT, "tensor %s: data not aligned to its %zu-byte elements",
+                   t->name, m3_dtype_size(t->dtype));
   *out = (m3_tensor){.name = t->name, .data = t->data, .dtype = t->dtype, .quant = M3_WQ_NONE};
   /* Vectors are one row; higher ranks (the Conv3d patch embedding) fold into the columns. */
   out->rows = t->ndim == 1 ? 1 : t->shape[0];
