@@ -103,5 +103,14 @@ rc=$?
 "$m3" run --ids 1,2,3 --max-tokens 2 > "$tmp/builtin" 2> "$tmp/err" && ok \
   || bad "built-in model: $(cat "$tmp/err")"
 
+# The README's first command: `m3 run` alone continues the default prompt on the built-in model,
+# which is "m3 run --prompt 'The quick brown fox'" exactly.
+"$m3" run --max-tokens 4 > "$tmp/plain" 2> "$tmp/err" || bad "m3 run alone: $(cat "$tmp/err")"
+"$m3" run --max-tokens 4 --prompt "The quick brown fox" > "$tmp/explicit" 2> /dev/null
+[ -s "$tmp/plain" ] && cmp -s "$tmp/plain" "$tmp/explicit" && ok || bad "m3 run alone differs from the default prompt"
+"$m3" run --ids 1,2 --prompt x 2> "$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "not both" "$tmp/err" && ok || bad "--ids with --prompt: exit $rc, $(cat "$tmp/err")"
+
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

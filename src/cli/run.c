@@ -11,8 +11,11 @@
 #include "m3.h"
 #include "media/media.h"
 
+/* What `m3 run` alone continues: the README's first command shows generation with no flags. */
+#define DEFAULT_PROMPT "The quick brown fox"
+
 static const char usage[] =
-    "usage: m3 run [--model DIR] (--ids 1,2,3 | --prompt TEXT) [--max-tokens N]\n"
+    "usage: m3 run [--model DIR] [--ids 1,2,3 | --prompt TEXT] [--max-tokens N]\n"
     "              [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n"
     "              [--threads N] [--kv-memory MIB] [--device cpu|cuda|cuda:N]\n"
     "              [--image FILE]... [--video FILE]...\n"
@@ -20,7 +23,8 @@ static const char usage[] =
     "  generates up to N tokens (default 32; stops at the end-of-turn id), greedy at\n"
     "  temperature 0 (default). Streams the generated ids (--ids) or text (--prompt, encoded\n"
     "  as is with DIR/tokenizer.json, no chat template) as they come, then prompt and\n"
-    "  generation speed on stderr. Without --model it runs the built-in tiny model.\n"
+    "  generation speed on stderr. Without --model it runs the built-in tiny model; without\n"
+    "  --ids or --prompt it continues the prompt \"" DEFAULT_PROMPT "\".\n"
     "  --image / --video attach media (JPEG, PNG, WebP, GIF; videos through libavformat) for a\n"
     "  model with a vision tower: each takes the next ]<]image[>[ / ]<]video[>[ placeholder of\n"
     "  the prompt (placeholders are put in front when the prompt has none).\n";
@@ -69,7 +73,8 @@ static m3_status parse_args(int argc, char **argv, run_args *a, int *help) {
       return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
-  if (!a->ids == !a->prompt) return m3_fail(M3_ERR_ARG, "give exactly one of --ids and --prompt");
+  if (a->ids && a->prompt) return m3_fail(M3_ERR_ARG, "give one of --ids and --prompt, not both");
+  if (!a->ids && !a->prompt) a->prompt = DEFAULT_PROMPT;
   if (a->top_p <= 0.0) return m3_fail(M3_ERR_ARG, "--top-p must be > 0");
   return M3_OK;
 }
