@@ -196,6 +196,8 @@ static const required_int REQUIRED_INTS[] = {
     {"intermediate_size", offsetof(m3_config, intermediate_size)},
 };
 
+/* An int key with its default: `offset` is into whichever struct the table fills (m3_config
+ * here, m3_vision_config for VISION_INTS). */
 typedef struct {
   const char *key;
   size_t offset;
@@ -660,13 +662,7 @@ static m3_status parse_quant(const char *label, const scope *q, m3_quant_config 
   return M3_OK;
 }
 
-typedef struct {
-  const char *key;
-  size_t offset; /* of an int in m3_vision_config */
-  int fallback;
-} vision_int;
-
-static const vision_int VISION_INTS[] = {
+static const optional_int VISION_INTS[] = {
     {"hidden_size", offsetof(m3_vision_config, hidden_size), 1280},
     {"num_attention_heads", offsetof(m3_vision_config, num_heads), 16},
     {"num_hidden_layers", offsetof(m3_vision_config, num_layers), 32},
