@@ -67,7 +67,8 @@ CASES = [
          hidden=48, heads=4, kv_heads=2, head_dim=16, rope_factor=0.5, theta=5000000.0,
          attn=[FULL, SPARSE, FULL, SPARSE], mlp=[DENSE, MOE, MOE, MOE],
          index_dim=16, block=4, topk=3, local=1, experts=6, experts_per_tok=2,
-         inter=32, shared_inter=32, dense_inter=64, vocab=320, n_ids=56, tied=False, storage="BF16"),
+         inter=32, shared_inter=32, dense_inter=64, vocab=320, n_ids=56, tied=False, storage="BF16",
+         decisive=dict(expert=2e-3, block=1e-3)),
     dict(name="mxfp8",
          description="layers full/dense, sparse/moe x3; MXFP8 checkpoint: q/k/v/o, dense MLP, routed experts "
                      "w1/w2/w3 and shared experts as F8_E4M3 + U8 e8m0 weight_scale_inv [N, K/32]; other tensors "
@@ -75,7 +76,8 @@ CASES = [
          hidden=64, heads=4, kv_heads=2, head_dim=16, rope_factor=0.5, theta=5000000.0,
          attn=[FULL, SPARSE, SPARSE, SPARSE], mlp=[DENSE, MOE, MOE, MOE],
          index_dim=16, block=4, topk=3, local=1, experts=4, experts_per_tok=2,
-         inter=32, shared_inter=32, dense_inter=64, vocab=320, n_ids=56, tied=False, storage="MXFP8"),
+         inter=32, shared_inter=32, dense_inter=64, vocab=320, n_ids=56, tied=False, storage="MXFP8",
+         decisive=dict(expert=2e-3, block=1e-3)),
     dict(name="long_sparse_gqa4_f32",
          description="longer context (98 tokens = 24.5 blocks of 4, topk 3): layer 0 full/dense, layers 1-3 "
                      "sparse/moe; GQA group 4 (16 q, 4 kv heads, 4 index heads); rotary_dim 4 of head_dim 8; "
@@ -359,11 +361,50 @@ def dense_twin_logits(case, model, ids):
     return forward_logits(dense, ids)
 
 
+def case_ids(case, seed):
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in rng.integers(0, case["vocab"] - 2, size=case["n_ids"])]
+
+
+def candidate_seeds(case, config, first):
+    """Seeds to try for a case, from `first` on in steps of 1000. A case with `decisive` margins takes
+    the first seed whose routing and block selection are decisive on the stored weights: every k-th vs
+    (k+1)-th expert score and every chosen vs rejected block score at least that far apart. The BF16
+    and MXFP8 cases need that because the GPU checks run them with BF16 activations, whose rounding
+    (~2^-9 relative) can decide a closer tie either way: a flipped expert changes a whole position,
+    which would test the tie, not the kernels. The F32 cases keep whatever margins their seed gives (an
+    fp32 engine decides those exactly). A cheap in-memory forward on the unrounded weights filters the
+    candidates; make_case checks the stored ones."""
+    need = case.get("decisive")
+    if not need:
+        yield first
+        return
+    for seed in range(first, first + 1000 * 2000, 1000):
+        model = MiniMaxM3SparseForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+        init_weights(model, seed)
+        capture = Capture(model)
+        forward_logits(model, case_ids(case, seed))
+        if (min(capture.expert_margins, default=1.0) >= 2 * need["expert"]
+                and min(capture.block_margins, default=1.0) >= 2 * need["block"]):
+            yield seed
+    raise RuntimeError(f"{case['name']}: no decisive seed in 2000 tries")
+
+
 def make_case(index, case, out_root, work):
     name = case["name"]
     print(f"== case {index + 1}: {name} ({case['storage']})")
-    seed = 1000 + index
     config = build_config(case)
+    for seed in candidate_seeds(case, config, 1000 + index):
+        problems = make_case_with_seed(case, config, seed, index, out_root, os.path.join(work, str(seed)))
+        if problems is not None:
+            return problems
+        print(f"  seed {seed}: not decisive on the stored weights, next")
+
+
+def make_case_with_seed(case, config, seed, index, out_root, work):
+    """Builds the case from `seed` and writes it; None (nothing written) when the case asks for
+    decisive margins and the stored weights do not give them."""
+    name = case["name"]
     model = MiniMaxM3SparseForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
     init_weights(model, seed)
     if case["tied"]:
@@ -386,8 +427,7 @@ def make_case(index, case, out_root, work):
               os.path.join(ref_dir, "model.safetensors"), metadata={"format": "pt"})
     ref_model = load_reference(ref_dir)
     capture = Capture(ref_model)
-    rng = np.random.default_rng(seed)
-    ids = [int(x) for x in rng.integers(0, case["vocab"] - 2, size=case["n_ids"])]
+    ids = case_ids(case, seed)
     logits = forward_logits(ref_model, ids)
 
     sparse_layers = [i for i, a in enumerate(case["attn"]) if a == SPARSE]
@@ -415,6 +455,10 @@ def make_case(index, case, out_root, work):
     print(f"  selection re-derived from the spec: {capture.rule_mismatches} mismatching rows; "
           f"min block-score margin {block_margin}; min expert-score margin {expert_margin}")
     problems += capture.rule_mismatches
+    need = case.get("decisive")
+    if need and ((expert_margin is not None and expert_margin < need["expert"])
+                 or (block_margin is not None and block_margin < need["block"])):
+        return None
 
     dest = os.path.join(out_root, "text", name)
     os.makedirs(dest)
@@ -435,7 +479,7 @@ def make_case(index, case, out_root, work):
         "case": name, "description": case["description"], "ids": ids, "vocab": case["vocab"],
         "sparse_layers": sparse_layers, "index_heads": case["kv_heads"], "topk": case["topk"],
         "block_size": case["block"], "local_blocks": case["local"], "storage": case["storage"],
-        "min_block_margin": block_margin, "min_expert_margin": expert_margin,
+        "min_block_margin": block_margin, "min_expert_margin": expert_margin, "seed": seed,
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
     }
     with open(os.path.join(dest, "reference.json"), "w") as f:
