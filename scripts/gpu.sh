@@ -2,8 +2,9 @@
 # gpu.sh: the CUDA backend's checks and timings in one go on a GPU machine (one `run` call there):
 # configures with -DM3_CUDA=ON for sm_90a, builds, runs every op against the CPU backend
 # (tests/gpu/test_cuda_ops.c), the committed text fixtures through `m3 logits --device cuda`,
-# `m3 run` speed on the CPU and the GPU, and the kernel timings (tests/gpu/bench_cuda_ops.c). Logs and results.md go to $OUT (else
-# ./gpu-out); the summary prints last. Exits non-zero when a check fails.
+# `m3 run` speed on the CPU and the GPU, the kernel timings (tests/gpu/bench_cuda_ops.c) and the
+# whole-model benchmarks (scripts/gpu-bench.sh; skipped with M3_GPU_QUICK=1). Logs and results.md go
+# to $OUT (else ./gpu-out); the summary prints last. Exits non-zero when a check fails.
 #
 # The build needs libcjson, libpcre2 and libmicrohttpd (Debian packages). Where the machine lacks them, .debs
 # carried in .gpudeps/ (apt-get download pkgconf pkgconf-bin libpkgconf3 libcjson1 libcjson-dev
@@ -30,7 +31,7 @@ fi
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
 if ! cmake -S "$src" -B "$build" -G Ninja -DM3_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
-    -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/configure.log" 2>&1; then
+    -DCMAKE_CUDA_ARCHITECTURES=90a -DM3_MEDIA=OFF > "$out/configure.log" 2>&1; then
   tail -n 30 "$out/configure.log"
   exit 1
 fi
@@ -41,8 +42,10 @@ fi
 ninja -C "$build" m3 >> "$out/build.log" 2>&1
 m3_built=$?
 
-"$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
+# Bounded: a kernel that hangs must not eat the device call; the log names the group it was in.
+timeout 300 stdbuf -oL -eL "$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
 ops_rc=$?
+[ $ops_rc -eq 124 ] && echo "TIMEOUT after 300 s in group: $(grep '^-- ' "$out/ops.log" | tail -n 1)" >> "$out/ops.log"
 
 # Fixtures: logits of every committed text model on the GPU against transformers' (rel L2 per
 # position <= 1e-2, >= 99% same argmax), all tokens in one forward (chunk 256) and one token per
@@ -74,7 +77,10 @@ for name in sorted(os.listdir(root)):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [m3, "logits", "--model", fx, "--ids", ",".join(map(str, ids)), "--device", "cuda",
                    "--chunk", str(chunk), "--out", tmp + "/l.f32", "--blocks-out", tmp + "/b.i32"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except subprocess.TimeoutExpired:
+                r = subprocess.CompletedProcess(cmd, 124, "", "timed out after 120 s")
             if r.returncode != 0:
                 print(f"| {name} | {chunk} | - | - | - | - | - | - | FAIL: {r.stderr.strip()[:200]} |")
                 failed += 1
@@ -117,7 +123,7 @@ if [ $m3_built -eq 0 ]; then
       margs=()
       [ $model = deep16 ] && margs=(--model "$out/deep")
       for dev in cpu cuda; do
-        log=$("$build/m3" run "${margs[@]}" --device $dev --ids "$prompt" --max-tokens 256 \
+        log=$(timeout 120 "$build/m3" run "${margs[@]}" --device $dev --ids "$prompt" --max-tokens 256 \
               2>&1 >/dev/null)
         line=$(echo "$log" | grep '^prompt:') ||
           { run_rc=1; line="| $model | $dev | failed: $(echo "$log" | tail -n 1) | | |"; }
@@ -128,8 +134,16 @@ if [ $m3_built -eq 0 ]; then
   rm -rf "$out/deep"
 fi
 
-"$build/tests/bench_cuda_ops" "$out/bench.md" > "$out/bench.log" 2>&1
+timeout 240 stdbuf -oL -eL "$build/tests/bench_cuda_ops" "$out/bench.md" > "$out/bench.log" 2>&1
 bench_rc=$?
+
+# Whole-model benchmarks at full M3 width (issue 7's 1, 3 and 4, against transformers), unless
+# M3_GPU_QUICK is set: they write tens of GB of random checkpoints first.
+model_bench_rc=0
+if [ $m3_built -eq 0 ] && [ -z "${M3_GPU_QUICK:-}" ]; then
+  OUT="$out" BUILD="$build" "$src/scripts/gpu-bench.sh" > "$out/gpu-bench.log" 2>&1
+  model_bench_rc=$?
+fi
 
 {
   echo "# CUDA backend checks and timings"
@@ -148,6 +162,12 @@ bench_rc=$?
   echo "## timings (exit $bench_rc)"
   cat "$out/bench.md" 2>/dev/null
   [ $bench_rc -ne 0 ] && tail -n 5 "$out/bench.log"
+  if [ -z "${M3_GPU_QUICK:-}" ]; then
+    echo
+    echo "## whole-model benchmarks (exit $model_bench_rc)"
+    cat "$out/bench-gpu.md" 2>/dev/null || tail -n 20 "$out/gpu-bench.log"
+  fi
 } > "$out/results.md"
 cat "$out/results.md"
-[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ] &&
+  [ $model_bench_rc -eq 0 ]

@@ -2,8 +2,11 @@
 # m3 bench: the dispatcher (every part reachable, bad parts and options rejected) and
 # `m3 bench model` on a tiny checkpoint: its weight accounting against m3 inspect's independent
 # parameter arithmetic (all text weights; one decode token = active layers + one embedding row +
-# lm_head), and a table with both decode and both prefill rows. Figures are not checked: this is
-# not a timed test. Needs jq.
+# lm_head), and a table with both decode and both prefill rows; --batch (tokens per row, the
+# expected distinct experts of the floor, ms/step and x floor consistent with the other
+# columns); --device cuda failing cleanly without a GPU; m3 tiny's --vocab, --no-mtp and
+# --no-vision giving a model the engine loads. Figures are not checked: this is not a timed
+# test. Needs jq.
 #   $1: the m3 binary  $2: the source tree
 set -uo pipefail
 m3=$1
@@ -78,6 +81,43 @@ expect_eq "decode at --ctx" "$(awk '$1 == "decode" && $2 == "40..44" {print $3}'
 positive=$(awk '($1 == "decode" || $1 == "prefill") && $5 > 0 {n++} END {print n + 0}' <<<"$out")
 expect_eq "rows with tokens/s > 0" "$positive" 4
 if [[ "$out" == *"copy bandwidth, 1 thread: "*" GB/s (read + written, 2 x 8 MiB)"* ]]; then ok; else bad "no copy bandwidth: $out"; fi
+# At batch 1 the step floor reads what one decode token reads.
+mb1=$(sed -n 's/.*read per decode token: \([0-9.]*\) MB.*/\1/p' <<<"$out")
+expect_eq "batch-1 floor bytes" "$(sed -n 's/^step floor, batch 1: \([0-9.]*\) MB.*/\1/p' <<<"$out")" "$mb1"
+
+# ---- --batch: 4 sequences per step, each with its own cache ----
+out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 40 --prefill 24 --decode 3 --batch 4 --copy-mib 8)
+expect_eq "m3 bench model --batch 4 exits" "$?" 0
+expect_eq "batch decode at the short context: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "16..19" {print $3}' <<<"$out")" 12
+expect_eq "batch decode at --ctx: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "40..43" {print $3}' <<<"$out")" 12
+# Uniform routing over 8 experts, top 2, 4 tokens: 8 (1 - (6/8)^4) distinct experts expected.
+want=$(awk 'BEGIN {printf "%.2f", 8 * (1 - (6 / 8) ^ 4)}')
+if [[ "$out" == *"step floor, batch 4: "*"(routed experts: $want distinct of 8 per MoE layer"* ]]; then ok
+else bad "no batch-4 floor with $want experts: $out"; fi
+# ms/step and x floor agree with seconds / steps and with the printed floor.
+floor=$(sed -n 's/^step floor, batch 4: .* = \([0-9.]*\) ms.*/\1/p' <<<"$out")
+while read -r tps ms times; do
+  expect_eq "ms/step = 12 tokens / tokens/s / 3 steps" "$(awk -v t="$tps" -v m="$ms" 'BEGIN {r = 12 / t * 1000 / 3; print (m > 0 && (m - r) / r < 0.05 && (r - m) / r < 0.05)}')" 1
+  expect_eq "x floor = ms/step / floor" "$(awk -v m="$ms" -v f="$floor" -v x="$times" 'BEGIN {r = m / f; print (f > 0 && x > 0 && (x - r) / r < 0.05 && (r - x) / r < 0.05)}')" 1
+done < <(awk '$1 == "decode" {print $5, $10, $11}' <<<"$out")
+expect_input_error "--batch '0'" bench model --model "$tmp/tiny" --batch 0
+expect_input_error "--batch '257'" bench model --model "$tmp/tiny" --batch 257
+# --device cuda: a CPU-only build (or a machine without a GPU) fails with one line, exit 1.
+err=$("$m3" bench model --model "$tmp/tiny" --device cuda --decode 1 --prefill 1 --ctx 1 --copy-mib 8 2>&1 >/dev/null)
+rc=$?
+if [ "$rc" -eq 0 ] || { [ "$rc" -eq 1 ] && [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] && [[ "$err" == *"cuda"* ]]; }; then ok
+else bad "m3 bench model --device cuda: exit $rc, '$err'"; fi
+expect_input_error "device 'gpu'" bench model --model "$tmp/tiny" --device gpu
+
+# ---- m3 tiny --vocab --no-mtp --no-vision: a text-only model the whole engine loads ----
+"$m3" tiny "$tmp/text" --vocab 700 --no-mtp --no-vision --layers FD,SM >/dev/null || bad "m3 tiny --no-vision failed"
+out=$("$m3" bench model --model "$tmp/text" --threads 1 --ctx 8 --prefill 8 --decode 2 --copy-mib 8)
+expect_eq "m3 bench model on the text-only model exits" "$?" 0
+if [[ "$out" == *"experts top 2 x 32, shared 40, dense 96, vocab 700"* ]]; then ok; else bad "vocab 700 not in: $out"; fi
+expect_eq "text-only config" "$(jq -r '.model_type + " " + (.architectures[0])' "$tmp/text/config.json")" \
+  "minimax_m3_vl_text MiniMaxM3SparseForCausalLM"
+expect_input_error "--vocab 5 is below the tokenizer's" tiny "$tmp/v5" --vocab 5
+expect_input_error "--vocab '262145'" tiny "$tmp/v5" --vocab 262145
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

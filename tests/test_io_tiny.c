@@ -1,7 +1,8 @@
 /* The tiny checkpoint: it binds, its three dtypes hold the same underlying weights (f32 rounds to
  * the bf16 file exactly; MXFP8 decodes to within E4M3 precision of it), the weight scales are the
- * documented ones, the tokenizer follows the byte-level BPE conventions, and the built-in model
- * is the default tiny checkpoint. */
+ * documented ones, the tokenizer follows the byte-level BPE conventions, the built-in model
+ * is the default tiny checkpoint, parallel generation writes the bytes the sequential writer
+ * did, and the vocabulary and text-only options reach the files. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -316,6 +317,102 @@ static void test_sizes(const char *root) {
   CHECK(access(dir, F_OK) != 0); /* nothing written for bad sizes */
 }
 
+/* FNV-1a 64 of a file's bytes, 0 when unreadable. */
+static uint64_t file_digest(const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return 0;
+  uint64_t h = 1469598103934665603ull;
+  for (int c; (c = fgetc(f)) != EOF;) h = (h ^ (uint8_t)c) * 1099511628211ull;
+  fclose(f);
+  return h;
+}
+
+/* Generation is split into pieces of rows written by several threads; the bytes are those the
+ * sequential writer (before the split) wrote: digests of its files. The second set has rows of 65
+ * values, so pieces start in the middle of a Box-Muller pair, and MXFP8 rows ending in a short
+ * block. */
+static void test_same_bytes(const char *root) {
+  char dir[600], path[700];
+  snprintf(dir, sizeof dir, "%s/digest", root);
+  snprintf(path, sizeof path, "%s/model.safetensors", dir);
+  m3_tiny_options opt = m3_tiny_default_options();
+  CHECK_OK(m3_tiny_write(dir, &opt));
+  CHECK(file_digest(path) == 0xf6214365a5267976ull);
+  opt.dtype = M3_TINY_MXFP8;
+  opt.layers = "FD,SM";
+  opt.hidden = 65, opt.dense_width = 20000;
+  for (int threads = 1; threads <= 4; threads += 3) {
+    opt.threads = threads;
+    CHECK_OK(m3_tiny_write(dir, &opt));
+    uint64_t d = file_digest(path);
+    if (d != 0xa2506fef55fc540cull) fprintf(stderr, "threads %d: digest %016llx\n", threads, (unsigned long long)d);
+    CHECK(d == 0xa2506fef55fc540cull);
+  }
+}
+
+static int has_tensor_containing(const m3_safetensors *st, const char *part) {
+  for (int i = 0; i < m3_st_count(st); i++)
+    if (strstr(m3_st_at(st, i)->name, part)) return 1;
+  return 0;
+}
+
+/* --vocab widens embedding and lm_head past the tokenizer (beyond 65536 too); --no-mtp and
+ * --no-vision leave out those tensors and the result still binds: text-only is the bare
+ * MiniMaxM3SparseForCausalLM layout, names without the language_model. prefix. */
+static void test_vocab_and_layouts(const char *root) {
+  char dir[600];
+  snprintf(dir, sizeof dir, "%s/text_only", root);
+  m3_tiny_options opt = m3_tiny_default_options();
+  opt.vocab = 1000, opt.no_mtp = 1, opt.no_vision = 1;
+  CHECK_OK(m3_tiny_write(dir, &opt));
+  loaded l;
+  int ok = load(dir, &l);
+  CHECK(ok);
+  if (ok) {
+    CHECK_EQ_INT(l.cfg.vocab_size, 1000);
+    CHECK_EQ_INT(l.cfg.is_vl, 0);
+    CHECK_STR(l.cfg.architecture, "MiniMaxM3SparseForCausalLM");
+    CHECK_EQ_INT(l.cfg.num_mtp_modules, 0);
+    CHECK_EQ_INT(l.w.num_mtp, 0);
+    CHECK(!l.w.vision.present);
+    CHECK_EQ_INT((int)l.w.embed.rows, 1000);
+    CHECK_EQ_INT((int)l.w.lm_head.rows, 1000);
+    CHECK(m3_st_find(l.st, "model.embed_tokens.weight") != NULL);
+    CHECK(!has_tensor_containing(l.st, "language_model."));
+    CHECK(!has_tensor_containing(l.st, "mtp."));
+    CHECK(!has_tensor_containing(l.st, "vision"));
+    CHECK(!has_tensor_containing(l.st, "patch_merge"));
+    unload(&l);
+  }
+
+  snprintf(dir, sizeof dir, "%s/wide_vocab", root);
+  opt = m3_tiny_default_options();
+  opt.vocab = 70000, opt.no_mtp = 1;
+  CHECK_OK(m3_tiny_write(dir, &opt));
+  ok = load(dir, &l);
+  CHECK(ok);
+  if (ok) {
+    CHECK_EQ_INT(l.cfg.vocab_size, 70000);
+    CHECK_EQ_INT(l.cfg.is_vl, 1);
+    CHECK(l.w.vision.present);
+    CHECK_EQ_INT(l.w.num_mtp, 0);
+    CHECK(!has_tensor_containing(l.st, "mtp."));
+    CHECK_EQ_INT((int)l.w.embed.rows, 70000);
+    CHECK_EQ_INT((int)l.w.lm_head.rows, 70000);
+    double mean, std;
+    moments(&l.w.embed, &mean, &std);
+    CHECK_NEAR(std, 1.0, 0.01);
+    unload(&l);
+  }
+
+  snprintf(dir, sizeof dir, "%s/bad_vocab", root);
+  opt = m3_tiny_default_options();
+  opt.vocab = 10;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--vocab 10 is below the tokenizer's");
+  opt.vocab = M3_TINY_VOCAB_MAX + 1;
+  CHECK_FAILS_WITH(m3_tiny_write(dir, &opt), M3_ERR_ARG, "--vocab 262145");
+}
+
 static void test_builtin(const char *root) {
   char cache[600], out[1024], expect[1200];
   snprintf(cache, sizeof cache, "%s/cache", root);
@@ -343,6 +440,8 @@ int main(void) {
   test_tokenizer(root);
   test_plan_errors(root);
   test_sizes(root);
+  test_same_bytes(root);
+  test_vocab_and_layouts(root);
   test_builtin(root);
   char cmd[600];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);

@@ -67,6 +67,17 @@ typedef struct {
                          int nh, int hd, float *out);
 } m3_vision_ops;
 
+/* The routed experts of one MoE layer as moe_experts reads them. gate, up, down point at E
+ * prepared tensors each (w1 [I, H], w3 [I, H], w2 [H, I]; one dtype and shape within a layer).
+ * prepare_experts fills `table` (whatever the backend keeps to reach expert e from device code,
+ * NULL on the CPU); release_experts frees it. */
+typedef struct {
+  const m3_tensor *gate, *up, *down;
+  int E;
+  float alpha, beta, limit; /* SwiGLU-OAI (config swiglu_alpha, swiglu_beta, swiglu_limit) */
+  void *table;
+} m3_moe_experts;
+
 typedef struct {
   const char *name;
   void (*destroy)(m3_backend *be);
@@ -110,6 +121,13 @@ typedef struct {
   void (*rope)(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
                double theta);
 
+  /* rmsnorm of every head vector followed by rope, in place, in one pass (the q, k and index
+   * branches before attention): the same results as
+   *   rmsnorm(x, w, eps, T * nheads, hd, x); rope(x, pos, T, nheads, hd, rot, theta)
+   * x [T, nheads, hd]; w [hd]. */
+  void (*rmsnorm_rope)(m3_backend *be, float *x, const m3_tensor *w, float eps,
+                       const int32_t *pos, int T, int nheads, int hd, int rot, double theta);
+
   /* SwiGLU-OAI: g = min(gate, limit); u = clamp(up, -limit, limit);
    * out = g * sigmoid(alpha * g) * (u + beta).  gate, up, out [n]; out may alias gate. */
   void (*swiglu_oai)(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
@@ -147,6 +165,20 @@ typedef struct {
    * scaling.  ids [T, k], weights [T, k]. */
   void (*moe_route)(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
                     float scaling, int32_t *ids, float *weights);
+
+  /* Once per MoE layer at model load, after prepare_tensor of its expert tensors; release before
+   * the tensors are released. */
+  m3_status (*prepare_experts)(m3_backend *be, m3_moe_experts *ex);
+  void (*release_experts)(m3_backend *be, m3_moe_experts *ex);
+
+  /* The routed experts of T tokens, added onto the residual stream in choice order:
+   *   for j in 0..k: x[t, :] += weights[t, j] * down_e(SwiGLU_OAI(gate_e h[t], up_e h[t])),
+   *   e = ids[t, j]
+   * Each expert reads its weights once per call however many tokens chose it (the bytes a
+   * decode step must read); no host synchronization on the CUDA backend at decode sizes.
+   * h [T, H]; ids, weights [T, k] (moe_route's outputs); x [T, H]. */
+  void (*moe_experts)(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
+                      const int32_t *ids, const float *weights, int k, float *x);
 
   /* The vision tower's ops, or NULL when this backend cannot run the tower. */
   const m3_vision_ops *vision;

@@ -1,5 +1,5 @@
 /* m3 bench model: decode and prefill speed of a whole model, against the copy bandwidth of the
- * same machine measured in the same run with the same threads.
+ * same machine measured in the same run with the same threads (or on the same GPU).
  *
  * Decode is memory-bound: a token reads each weight it uses once (attention, indexer, norms,
  * router, its top-k experts, the shared expert, dense MLPs, lm_head, one embedding row), so the
@@ -9,12 +9,19 @@
  * GFLOP/s counts 2 x the matmul parameters a token uses plus the attention's dot products.
  *
  * Phases, one KV cache:
- *   decode  at a short context: a 16-token prompt (untimed), then --decode tokens one by one
+ *   decode  at a short context: --batch sequences, each after its own 16-token prompt (untimed),
+ *           --decode steps, each one forward of one token per sequence
  *   prefill --prefill tokens from an empty cache, then on to --ctx, in steps of up to 256 tokens
- *   decode  --decode tokens at --ctx
- * Decode feeds back the argmax of each token's logits, as greedy generation does. */
+ *   decode  --decode steps at --ctx: that sequence and --batch - 1 forks of it
+ * Decode feeds back the argmax of each token's logits, as greedy generation does.
+ *
+ * The decode floor of a step is the weight bytes it must read over the copy bandwidth. At batch
+ * B the tokens of an MoE layer choose E * (1 - (1 - k/E)^B) distinct experts on average when
+ * routing is uniform (each expert is missed by all B tokens with probability (1 - k/E)^B), so
+ * the floor counts that many experts' bytes: k at B = 1, nearly all E at large B. */
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,11 +36,16 @@
 #include "io/weights.h"
 
 static const char usage[] =
-    "usage: m3 bench model [--model DIR] [--threads N] [--dtype bf16|mxfp8|f32] [--ctx N]\n"
-    "                      [--prefill N] [--decode N] [--copy-mib N]\n"
+    "usage: m3 bench model [--model DIR] [--device cpu|cuda|cuda:N] [--threads N]\n"
+    "                      [--dtype bf16|mxfp8|f32] [--ctx N] [--prefill N] [--decode N]\n"
+    "                      [--batch B] [--copy-mib N]\n"
     "  decode tokens/s and GB/s of weights read against the copy bandwidth (same run, same\n"
-    "  threads), prefill tokens/s and GFLOP/s. Without --model it generates, into a temporary\n"
-    "  folder, a model larger than the last-level cache in --dtype (default bf16):\n"
+    "  threads; on a GPU a device-to-device copy), ms per step against the step's floor (its\n"
+    "  weight bytes / copy bandwidth), prefill tokens/s and GFLOP/s. --batch B decodes B\n"
+    "  sequences together, one token each per step (default 1); the floor then counts the\n"
+    "  E*(1-(1-k/E)^B) distinct experts per MoE layer that uniform routing touches on average.\n"
+    "  --device cuda (or cuda:N) runs on a GPU (default cpu). Without --model it generates, into\n"
+    "  a temporary folder, a model larger than the last-level cache in --dtype (default bf16):\n"
     "    m3 tiny DIR --layers " "FD,SM,SM,SM,SM,SM,SM,SM" " --hidden 1024 --heads 8 --kv-heads 2\n"
     "      --head-dim 128 --rotary-dim 64 --experts 64 --experts-per-token 4 --expert-width 512\n"
     "      --shared-width 512 --dense-width 2048 --index-dim 128 --block-size 128 --topk-blocks 16\n"
@@ -56,13 +68,14 @@ static m3_tiny_options bench_checkpoint(m3_tiny_dtype dtype) {
 }
 
 typedef struct {
-  const char *model;
-  long threads, ctx, prefill, decode, copy_mib;
+  const char *model, *device;
+  long threads, ctx, prefill, decode, batch, copy_mib;
   m3_tiny_dtype dtype;
 } bench_args;
 
 static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
-  *a = (bench_args){.ctx = 4096, .prefill = 512, .decode = 32, .copy_mib = 512, .dtype = M3_TINY_BF16};
+  *a = (bench_args){.device = "cpu", .ctx = 4096, .prefill = 512, .decode = 32, .batch = 1,
+                    .copy_mib = 512, .dtype = M3_TINY_BF16};
   *help = 0;
   for (int i = 1; i < argc; i++) {
     const char *flag = argv[i];
@@ -74,6 +87,8 @@ static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
     const char *value = argv[++i];
     m3_status st = M3_OK;
     if (strcmp(flag, "--model") == 0) a->model = value;
+    else if (strcmp(flag, "--device") == 0) a->device = value;
+    else if (strcmp(flag, "--batch") == 0) st = m3_cli_parse_long(flag, value, 1, M3_MODEL_STEP_TOKENS, &a->batch);
     else if (strcmp(flag, "--threads") == 0) st = m3_cli_parse_long(flag, value, 0, 4096, &a->threads);
     else if (strcmp(flag, "--ctx") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 20, &a->ctx);
     else if (strcmp(flag, "--prefill") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 20, &a->prefill);
@@ -140,6 +155,8 @@ typedef struct {
                                        * no vision) */
   double decode_bytes, decode_params; /* what one decode token reads: its k experts, not all */
   double token_params;  /* matmul parameters one token multiplies with, without lm_head */
+  double expert_bytes;  /* one routed expert's bytes, summed over the MoE layers */
+  double embed_row_bytes;
 } weight_counts;
 
 static void count_weights(const m3_config *c, const m3_weights *w, weight_counts *n) {
@@ -150,8 +167,8 @@ static void count_weights(const m3_config *c, const m3_weights *w, weight_counts
   n->model_params = tensor_params(&w->embed) + tensor_params(&w->final_norm) +
                     (w->lm_head_tied ? 0 : tensor_params(&w->lm_head));
   /* One embedding row, the final norm and the head. */
-  n->decode_bytes = tensor_bytes(&w->embed) / (double)c->vocab_size + tensor_bytes(&w->final_norm) +
-                    tensor_bytes(&w->lm_head);
+  n->embed_row_bytes = tensor_bytes(&w->embed) / (double)c->vocab_size;
+  n->decode_bytes = n->embed_row_bytes + tensor_bytes(&w->final_norm) + tensor_bytes(&w->lm_head);
   n->decode_params = (double)c->hidden_size + tensor_params(&w->final_norm) + tensor_params(&w->lm_head);
   for (int l = 0; l < c->num_layers; l++) {
     const m3_layer_weights *L = &w->layers[l];
@@ -176,10 +193,24 @@ static void count_weights(const m3_config *c, const m3_weights *w, weight_counts
         if (e == 0) {
           n->decode_bytes += k * b, n->decode_params += k * p;
           n->token_params += k * p;
+          n->expert_bytes += b;
         }
       }
     }
   }
+}
+
+/* Routed experts of one MoE layer that a step of B tokens reads, expected under uniform routing. */
+static double distinct_experts(const m3_config *c, int B) {
+  const double E = c->num_experts, k = c->num_experts_per_tok;
+  return E > 0 ? E * (1.0 - pow(1.0 - k / E, B)) : 0;
+}
+
+/* Weight bytes a decode step of B tokens reads: everything a single token reads, its k experts
+ * replaced by the expected distinct ones, plus B - 1 more embedding rows. */
+static double step_bytes(const m3_config *c, const weight_counts *w, int B) {
+  return w->decode_bytes + (distinct_experts(c, B) - c->num_experts_per_tok) * w->expert_bytes +
+         (B - 1) * w->embed_row_bytes;
 }
 
 /* Attention work of the token at position p (attending to p + 1 keys), summed over layers:
@@ -283,15 +314,35 @@ static m3_status feed_random(m3_runner *r, m3_kv_seq *seq, int vocab, int n, dou
   return st;
 }
 
-/* Decodes n tokens one at a time, each the argmax of the previous one's logits. */
-static m3_status decode(m3_runner *r, m3_kv_seq *seq, int vocab, int n, float *logits,
-                        double *seconds) {
-  int32_t id = random_id(vocab);
+/* B sequences decoding together: n steps, each one forward of one token per sequence, the
+ * token the argmax of that sequence's previous logits. logits [B, vocab]. */
+typedef struct {
+  m3_model *model;
+  m3_kv_cache *cache;
+  m3_kv_seq *seqs; /* [B] */
+  int B;
+  m3_kv_view *views;  /* [B, num_layers] */
+  m3_model_seq *segs; /* [B] */
+  int32_t *ids, *pos; /* [B] */
+  float *logits;      /* [B, vocab] */
+} decode_batch;
+
+static m3_status decode(decode_batch *d, int n, double *seconds) {
+  const m3_config *c = m3_model_config(d->model);
+  const int V = c->vocab_size, L = c->num_layers;
+  for (int b = 0; b < d->B; b++) d->ids[b] = random_id(V);
   double t0 = m3_bench_seconds();
   m3_status st = M3_OK;
   for (int i = 0; i < n && st == M3_OK; i++) {
-    st = m3_runner_feed(r, seq, &id, 1, 1, logits, NULL);
-    id = argmax(logits, vocab);
+    for (int b = 0; b < d->B && st == M3_OK; b++) {
+      if ((st = m3_kv_seq_extend(d->cache, &d->seqs[b], 1)) != M3_OK) break;
+      d->pos[b] = d->seqs[b].num_tokens - 1;
+      m3_kv_seq_views(d->cache, &d->seqs[b], d->views + (size_t)b * L);
+      d->segs[b] = (m3_model_seq){.kv = d->views + (size_t)b * L, .ids = d->ids + b,
+                                  .pos = d->pos + b, .T = 1, .n_logits = 1};
+    }
+    if (st == M3_OK) st = m3_model_forward_batch(d->model, d->segs, d->B, d->logits);
+    for (int b = 0; b < d->B && st == M3_OK; b++) d->ids[b] = argmax(d->logits + (size_t)b * V, V);
   }
   *seconds = m3_bench_seconds() - t0;
   return st;
@@ -301,21 +352,25 @@ typedef struct {
   const m3_config *cfg;
   weight_counts w;
   double copy_gbs;
+  int batch;
 } report;
 
 static void print_header(void) {
-  printf("\n%-8s %-13s %7s %8s %10s %11s %8s %9s %8s\n", "phase", "positions", "tokens",
-         "seconds", "tokens/s", "weight GB/s", "of copy", "KV GB/s", "GFLOP/s");
+  printf("\n%-8s %-13s %7s %8s %10s %11s %8s %9s %8s %9s %8s\n", "phase", "positions", "tokens",
+         "seconds", "tokens/s", "weight GB/s", "of copy", "KV GB/s", "GFLOP/s", "ms/step", "x floor");
 }
 
+/* n steps of rp->batch sequences at positions [from, from + n) each. */
 static void print_decode(const report *rp, int64_t from, int n, double s) {
+  const int B = rp->batch;
   double kv = 0;
-  for (int64_t p = from; p < from + n; p++) kv += kv_bytes(rp->cfg, p);
-  double gbs = rp->w.decode_bytes * n / s / 1e9;
+  for (int64_t p = from; p < from + n; p++) kv += B * kv_bytes(rp->cfg, p);
+  double bytes = step_bytes(rp->cfg, &rp->w, B), gbs = bytes * n / s / 1e9;
+  double floor_ms = bytes / (rp->copy_gbs * 1e9) * 1e3, ms = s / n * 1e3;
   char range[32];
   snprintf(range, sizeof range, "%lld..%lld", (long long)from, (long long)(from + n));
-  printf("%-8s %-13s %7d %8.3f %10.2f %11.2f %7.0f%% %9.2f %8s\n", "decode", range, n, s, n / s,
-         gbs, 100.0 * gbs / rp->copy_gbs, kv / s / 1e9, "-");
+  printf("%-8s %-13s %7d %8.3f %10.2f %11.2f %7.0f%% %9.2f %8s %9.3f %8.2f\n", "decode", range,
+         n * B, s, n * B / s, gbs, 100.0 * gbs / rp->copy_gbs, kv / s / 1e9, "-", ms, ms / floor_ms);
 }
 
 static void print_prefill(const report *rp, int64_t from, int64_t to, double s) {
@@ -323,41 +378,64 @@ static void print_prefill(const report *rp, int64_t from, int64_t to, double s) 
   double flops = 2.0 * rp->w.token_params * n + attention_flops(rp->cfg, from, to);
   char range[32];
   snprintf(range, sizeof range, "%lld..%lld", (long long)from, (long long)to);
-  printf("%-8s %-13s %7lld %8.3f %10.2f %11s %8s %9s %8.1f\n", "prefill", range,
-         (long long)(to - from), s, n / s, "-", "-", "-", flops / s / 1e9);
+  printf("%-8s %-13s %7lld %8.3f %10.2f %11s %8s %9s %8.1f %9s %8s\n", "prefill", range,
+         (long long)(to - from), s, n / s, "-", "-", "-", flops / s / 1e9, "-", "-");
+}
+
+static void release_all(m3_kv_cache *cache, m3_kv_seq *seqs, int n) {
+  for (int b = 0; b < n; b++) m3_kv_seq_release(cache, &seqs[b]);
 }
 
 static m3_status run_phases(m3_model *model, const bench_args *a, const report *rp) {
   const m3_config *c = rp->cfg;
-  const int V = c->vocab_size, short_prompt = 16;
+  const int V = c->vocab_size, B = (int)a->batch, short_prompt = 16;
   int64_t longest = a->ctx > a->prefill ? a->ctx : a->prefill;
   int64_t tokens = (longest > short_prompt ? longest : short_prompt) + a->decode;
   if (tokens > INT32_MAX / 2) return m3_fail(M3_ERR_ARG, "--ctx %ld + --decode %ld: too long", a->ctx, a->decode);
+  /* The long sequence, B short ones, and per fork at --ctx the pages its decode adds plus the
+   * copy of the shared last page. */
+  size_t budget = m3_kv_bytes_for_tokens(c, (int)tokens) +
+                  (size_t)B * (m3_kv_bytes_for_tokens(c, short_prompt + (int)a->decode) +
+                               m3_kv_bytes_for_tokens(c, (int)a->decode + c->index_block_size));
   m3_runner *r = NULL;
-  m3_status st = m3_runner_create(model, m3_kv_bytes_for_tokens(c, (int)tokens), &r);
-  float *logits = malloc((size_t)V * sizeof *logits);
-  if (st == M3_OK && !logits) st = m3_fail(M3_ERR_NOMEM, "bench: logits of %d", V);
-  m3_kv_seq seq;
-  m3_kv_seq_init(&seq);
+  m3_status st = m3_runner_create(model, budget, &r);
+  m3_kv_cache *cache = r ? m3_runner_cache(r) : NULL;
+  decode_batch d = {.model = model, .cache = cache, .B = B,
+                    .seqs = calloc((size_t)B, sizeof *d.seqs),
+                    .views = calloc((size_t)B * (size_t)c->num_layers, sizeof *d.views),
+                    .segs = calloc((size_t)B, sizeof *d.segs),
+                    .ids = calloc((size_t)B, sizeof *d.ids), .pos = calloc((size_t)B, sizeof *d.pos),
+                    .logits = malloc((size_t)B * (size_t)V * sizeof *d.logits)};
+  if (st == M3_OK && (!d.seqs || !d.views || !d.segs || !d.ids || !d.pos || !d.logits))
+    st = m3_fail(M3_ERR_NOMEM, "bench: logits of %d x %d", B, V);
   double s;
   print_header();
-  if (st == M3_OK) st = feed_random(r, &seq, V, short_prompt, &s);
-  if (st == M3_OK && (st = decode(r, &seq, V, (int)a->decode, logits, &s)) == M3_OK)
+  for (int b = 0; b < B && st == M3_OK; b++) st = feed_random(r, &d.seqs[b], V, short_prompt, &s);
+  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK)
     print_decode(rp, short_prompt, (int)a->decode, s);
-  if (r) m3_kv_seq_release(m3_runner_cache(r), &seq);
-  if (st == M3_OK && (st = feed_random(r, &seq, V, (int)a->prefill, &s)) == M3_OK)
+  if (cache) release_all(cache, d.seqs, B);
+  m3_kv_seq *seq = d.seqs; /* the long sequence, and the first of the batch at --ctx */
+  if (st == M3_OK && (st = feed_random(r, seq, V, (int)a->prefill, &s)) == M3_OK)
     print_prefill(rp, 0, a->prefill, s);
-  if (st == M3_OK && a->ctx > a->prefill && (st = feed_random(r, &seq, V, (int)(a->ctx - a->prefill), &s)) == M3_OK)
+  if (st == M3_OK && a->ctx > a->prefill && (st = feed_random(r, seq, V, (int)(a->ctx - a->prefill), &s)) == M3_OK)
     print_prefill(rp, a->prefill, a->ctx, s);
-  if (st == M3_OK && (st = decode(r, &seq, V, (int)a->decode, logits, &s)) == M3_OK)
-    print_decode(rp, seq.num_tokens - a->decode, (int)a->decode, s);
-  if (r) m3_kv_seq_release(m3_runner_cache(r), &seq);
+  for (int b = 1; b < B && st == M3_OK; b++) st = m3_kv_seq_fork(cache, seq, &d.seqs[b]);
+  int64_t at = seq->num_tokens;
+  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK)
+    print_decode(rp, at, (int)a->decode, s);
+  if (cache) release_all(cache, d.seqs, B);
   m3_runner_free(r);
-  free(logits);
+  free(d.seqs);
+  free(d.views);
+  free(d.segs);
+  free(d.ids);
+  free(d.pos);
+  free(d.logits);
   return st;
 }
 
-static void print_model(const char *dir, int generated, const m3_config *c, const weight_counts *w) {
+static void print_model(const char *dir, int generated, int on_cpu, const m3_config *c,
+                        const weight_counts *w) {
   int moe = 0, sparse = 0;
   for (int l = 0; l < c->num_layers; l++) {
     moe += c->layer_mlp[l] == M3_MLP_MOE;
@@ -371,16 +449,82 @@ static void print_model(const char *dir, int generated, const m3_config *c, cons
          c->num_experts_per_tok, c->intermediate_size, c->shared_intermediate_size,
          c->dense_intermediate_size, c->vocab_size);
   const char *source;
-  double llc = llc_bytes(&source);
+  double llc = on_cpu ? llc_bytes(&source) : 0;
   printf("  weights: %.1f MB (%.0f parameters); read per decode token: %.1f MB (%.0f parameters)\n",
          w->model_bytes / 1e6, w->model_params, w->decode_bytes / 1e6, w->decode_params);
   printf("  prefill: %.0f matmul parameters per token without lm_head\n", w->token_params);
+  if (!on_cpu) return;
   if (llc > 0)
     printf("  last-level cache: %.1f MiB (%s); weights %.1fx of it%s\n", llc / 1048576.0, source,
            w->model_bytes / llc,
            w->model_bytes < 2 * llc ? " -- WARNING: not clearly larger; decode may run from cache" : "");
   else
     printf("  last-level cache: unknown (no sysfs entry, no CPUID figure)\n");
+}
+
+/* Copy bandwidth of backend memory (read + written), GB/s: the best of `reps` timings of 8
+ * copies between two buffers of `bytes`, each timing ended by a to_host of a few bytes, which
+ * waits for the copies; 0 when the buffers cannot be had. */
+static double device_copy_bandwidth(m3_backend *be, size_t bytes, int reps) {
+  const int copies = 8;
+  void *x = be->ops->alloc(be, bytes), *y = be->ops->alloc(be, bytes);
+  double best = 0;
+  uint8_t probe[8];
+  for (int r = 0; x && y && r <= reps; r++) { /* r = 0 warms up */
+    double t0 = m3_bench_seconds();
+    m3_status st = M3_OK;
+    for (int i = 0; i < copies && st == M3_OK; i++)
+      st = i % 2 ? be->ops->copy(be, x, y, bytes) : be->ops->copy(be, y, x, bytes);
+    if (st == M3_OK) st = be->ops->to_host(be, probe, y, sizeof probe);
+    double s = m3_bench_seconds() - t0;
+    if (st != M3_OK) {
+      best = 0;
+      break;
+    }
+    if (r > 0 && 2.0 * copies * (double)bytes / s / 1e9 > best) best = 2.0 * copies * (double)bytes / s / 1e9;
+  }
+  if (x) be->ops->free(be, x);
+  if (y) be->ops->free(be, y);
+  return best;
+}
+
+/* The copy bandwidth of the machine the model runs on, printed: CPU threads (copy and read)
+ * or the device. */
+static m3_status measure_copy(m3_backend *be, const bench_args *a, double *copy_gbs) {
+  const size_t copy_bytes = (size_t)a->copy_mib << 20;
+  if (be->ops->device_memory) {
+    *copy_gbs = device_copy_bandwidth(be, copy_bytes, 5);
+    if (*copy_gbs <= 0)
+      return m3_fail(M3_ERR_NOMEM, "bench: device copy of 2 x %ld MiB failed: %s", a->copy_mib,
+                     m3_last_error());
+    printf("copy bandwidth, %s: %.2f GB/s (read + written, 2 x %ld MiB, device to device)\n",
+           be->ops->name, *copy_gbs, a->copy_mib);
+    return M3_OK;
+  }
+  int threads = m3_backend_cpu_threads(be);
+  m3_threadpool *pool = NULL;
+  m3_status st = m3_threadpool_create(threads, &pool);
+  if (st != M3_OK) return st;
+  *copy_gbs = m3_bench_copy_bandwidth(pool, copy_bytes, 5);
+  double read_gbs = m3_bench_read_bandwidth(pool, 2 * copy_bytes, 5);
+  m3_threadpool_destroy(pool);
+  if (*copy_gbs <= 0 || read_gbs <= 0)
+    return m3_fail(M3_ERR_NOMEM, "bench: cannot allocate the copy buffers (2 x %ld MiB)", a->copy_mib);
+  printf("copy bandwidth, %d thread%s: %.2f GB/s (read + written, 2 x %ld MiB); read: %.2f GB/s\n",
+         threads, threads > 1 ? "s" : "", *copy_gbs, a->copy_mib, read_gbs);
+  return M3_OK;
+}
+
+static void print_floor(const report *rp) {
+  const m3_config *c = rp->cfg;
+  double bytes = step_bytes(c, &rp->w, rp->batch);
+  printf("step floor, batch %d: %.1f MB of weights per decode step / copy bandwidth = %.6f ms", rp->batch,
+         bytes / 1e6, bytes / (rp->copy_gbs * 1e9) * 1e3);
+  if (rp->w.expert_bytes > 0)
+    printf(" (routed experts: %.2f distinct of %d per MoE layer, E*(1-(1-k/E)^B) expected under "
+           "uniform routing; one expert of every MoE layer: %.2f MB)",
+           distinct_experts(c, rp->batch), c->num_experts, rp->w.expert_bytes / 1e6);
+  printf("\n");
 }
 
 int m3_bench_model(int argc, char **argv) {
@@ -392,52 +536,49 @@ int m3_bench_model(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
+  m3_backend *be = NULL;
+  /* The device first: a build or machine without it fails before a model is generated. */
+  if ((st = m3_cli_open_backend(a.device, (int)a.threads, &be)) != M3_OK) return m3_cli_fail(argv[0], st);
   char generated[4096] = "";
   const char *dir = a.model;
   if (!dir) {
     double t0 = m3_bench_seconds();
-    if ((st = generate_checkpoint(a.dtype, generated, sizeof generated)) != M3_OK)
+    if ((st = generate_checkpoint(a.dtype, generated, sizeof generated)) != M3_OK) {
+      be->ops->destroy(be);
       return m3_cli_fail(argv[0], st);
+    }
     dir = generated;
     fprintf(stderr, "generated the benchmark model in %.1f s\n", m3_bench_seconds() - t0);
   }
-  m3_backend *be = NULL;
+  const int on_cpu = !be->ops->device_memory;
   m3_model *model = NULL;
   m3_safetensors *st_file = NULL;
   m3_weights w = {0};
-  m3_threadpool *pool = NULL;
-  if ((st = m3_backend_cpu_create((int)a.threads, &be)) != M3_OK) goto done;
   if ((st = m3_model_load(dir, be, &model)) != M3_OK) goto done;
   const m3_config *c = m3_model_config(model);
   /* A second binding of the same mapping, for the sizes and dtypes of what a token reads. */
   if ((st = m3_st_open_dir(dir, &st_file)) != M3_OK) goto done;
   if ((st = m3_weights_bind(c, st_file, &w)) != M3_OK) goto done;
-  report rp = {.cfg = c};
+  report rp = {.cfg = c, .batch = (int)a.batch};
   count_weights(c, &w, &rp.w);
-  m3_model_prefault(model, NULL, NULL);
-
-  int threads = m3_backend_cpu_threads(be);
-  print_cpu_model();
-  printf("kernels: %s, threads: %d\n", m3_cpu_isa_name(m3_backend_cpu_isa(be)), threads);
-  print_model(dir, !a.model, c, &rp.w);
-  if ((st = m3_threadpool_create(threads, &pool)) != M3_OK) goto done;
-  const size_t copy_bytes = (size_t)a.copy_mib << 20;
-  rp.copy_gbs = m3_bench_copy_bandwidth(pool, copy_bytes, 5);
-  double read_gbs = m3_bench_read_bandwidth(pool, 2 * copy_bytes, 5);
-  m3_threadpool_destroy(pool);
-  if (rp.copy_gbs <= 0 || read_gbs <= 0) {
-    st = m3_fail(M3_ERR_NOMEM, "bench: cannot allocate the copy buffers (2 x %ld MiB)", a.copy_mib);
-    goto done;
+  /* On a device the weights were uploaded at load; the host mapping is not read again. */
+  if (on_cpu) {
+    m3_model_prefault(model, NULL, NULL);
+    print_cpu_model();
+    printf("kernels: %s, threads: %d\n", m3_cpu_isa_name(m3_backend_cpu_isa(be)), m3_backend_cpu_threads(be));
+  } else {
+    printf("device: %s (%s)\n", a.device, be->ops->name);
   }
-  printf("copy bandwidth, %d thread%s: %.2f GB/s (read + written, 2 x %ld MiB); read: %.2f GB/s\n",
-         threads, threads > 1 ? "s" : "", rp.copy_gbs, a.copy_mib, read_gbs);
+  print_model(dir, !a.model, on_cpu, c, &rp.w);
+  if ((st = measure_copy(be, &a, &rp.copy_gbs)) != M3_OK) goto done;
+  print_floor(&rp);
   st = run_phases(model, &a, &rp);
 
 done:
   m3_weights_free(&w);
   if (st_file) m3_st_close(st_file);
   m3_model_free(model);
-  if (be) be->ops->destroy(be);
+  be->ops->destroy(be);
   if (*generated) remove_checkpoint(generated);
   return st == M3_OK ? 0 : m3_cli_fail(argv[0], st);
 }

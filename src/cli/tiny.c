@@ -1,5 +1,6 @@
-/* m3 tiny DIR [--seed N] [--layers PLAN] [--dtype bf16|f32|mxfp8] [--hidden N ...]: writes a tiny
- * checkpoint, or a larger one of the same layout with the size flags. */
+/* m3 tiny DIR [--seed N] [--layers PLAN] [--dtype bf16|f32|mxfp8] [--hidden N ...] [--vocab N]
+ * [--no-mtp] [--no-vision] [--threads N]: writes a tiny checkpoint, or a larger one of the same
+ * layout with the size flags. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,10 +19,15 @@ static void tiny_usage(FILE *f) {
           "  --layers PLAN  comma-separated layers, each F|S (full/sparse attention) then\n"
           "                 D|M (dense MLP/MoE) (default " M3_TINY_DEFAULT_LAYERS ")\n"
           "  --dtype T      bf16 (default), f32, or mxfp8 (quantized linears + e8m0 scales)\n"
-          "  sizes (default: the tiny ones; the vocabulary is always the tokenizer's):\n"
+          "  sizes (default: the tiny ones):\n"
           "  --hidden N --heads N --kv-heads N --head-dim N --rotary-dim N\n"
           "  --experts N --experts-per-token N --expert-width N --shared-width N --dense-width N\n"
-          "  --index-dim N --block-size N --topk-blocks N\n");
+          "  --index-dim N --block-size N --topk-blocks N\n"
+          "  --vocab N      vocab_size, from the tokenizer's size (the default) to 262144; the\n"
+          "                 tokenizer stays the small built-in one\n"
+          "  --no-mtp       no MTP module\n"
+          "  --no-vision    the text-only layout (MiniMaxM3SparseForCausalLM, no vision tower)\n"
+          "  --threads N    generating threads (default one per core; same bytes for any N)\n");
 }
 
 /* The size flag `flag` names, or NULL. */
@@ -78,13 +84,24 @@ int m3_cmd_tiny(int argc, char **argv) {
     }
     int *size = size_option(&opt, a);
     int takes_value = size || strcmp(a, "--seed") == 0 || strcmp(a, "--layers") == 0 ||
-                      strcmp(a, "--dtype") == 0;
+                      strcmp(a, "--dtype") == 0 || strcmp(a, "--vocab") == 0 ||
+                      strcmp(a, "--threads") == 0;
+    long v;
     if (takes_value && i + 1 >= argc) {
       st = m3_fail(M3_ERR_ARG, "%s needs a value", a);
     } else if (size) {
-      long v;
       st = m3_cli_parse_long(a, argv[++i], 1, 65536, &v);
       *size = (int)v;
+    } else if (strcmp(a, "--vocab") == 0) {
+      st = m3_cli_parse_long(a, argv[++i], 1, M3_TINY_VOCAB_MAX, &v);
+      opt.vocab = (int)v;
+    } else if (strcmp(a, "--threads") == 0) {
+      st = m3_cli_parse_long(a, argv[++i], 1, 256, &v);
+      opt.threads = (int)v;
+    } else if (strcmp(a, "--no-mtp") == 0) {
+      opt.no_mtp = 1;
+    } else if (strcmp(a, "--no-vision") == 0) {
+      opt.no_vision = 1;
     } else if (strcmp(a, "--seed") == 0) {
       st = parse_seed(argv[++i], &opt.seed);
     } else if (strcmp(a, "--layers") == 0) {

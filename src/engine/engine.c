@@ -109,7 +109,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   e->vocab = cfg->vocab_size;
   e->prefix_cache = o.prefix_cache != 0;
   e->max_running = o.max_running ? o.max_running : DEFAULT_MAX_RUNNING;
-  e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : M3_MODEL_STEP_TOKENS;
+  e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : m3_model_step_tokens(e->model);
   size_t budget = o.kv_memory_bytes ? o.kv_memory_bytes : default_kv_budget(cfg, e->max_running);
   if ((st = m3_kv_cache_create(cfg, e->be, budget, &e->cache)) != M3_OK) goto fail;
   if ((st = m3_spec_open(e, &o)) != M3_OK) goto fail;
@@ -318,7 +318,7 @@ m3_status m3_submit_with(m3_engine *e, const int32_t *prompt, int n_prompt,
     m3_request_free(r);
     return m3_fail(M3_ERR_LIMIT, "submit: the engine is shutting down");
   }
-  r->id = e->next_id++;
+  const uint64_t id = r->id = e->next_id++;
   r->media = media;
   if (!r->p.has_seed) {
     /* splitmix64 step over the engine's state: distinct seeds per request. */
@@ -333,7 +333,8 @@ m3_status m3_submit_with(m3_engine *e, const int32_t *prompt, int n_prompt,
   e->counters_submitted++;
   pthread_cond_signal(&e->work);
   pthread_mutex_unlock(&e->mu);
-  if (request_id) *request_id = r->id;
+  /* From here r belongs to the engine thread, which may have finished and freed it already. */
+  if (request_id) *request_id = id;
   return M3_OK;
 }
 

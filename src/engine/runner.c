@@ -6,7 +6,7 @@ struct m3_runner {
   m3_model *model;
   m3_kv_cache *cache;
   m3_kv_view *views; /* [num_layers], rebuilt per chunk: the block table may move as it grows */
-  int32_t *pos;      /* [M3_MODEL_STEP_TOKENS] positions of the chunk (host memory, as the
+  int32_t *pos;      /* [m3_model_step_tokens] positions of the chunk (host memory, as the
                       * model's forward takes them) */
 };
 
@@ -22,7 +22,7 @@ m3_status m3_runner_create(m3_model *model, size_t kv_budget_bytes, m3_runner **
     return st;
   }
   r->views = calloc((size_t)cfg->num_layers, sizeof *r->views);
-  r->pos = malloc(M3_MODEL_STEP_TOKENS * sizeof *r->pos);
+  r->pos = malloc((size_t)m3_model_step_tokens(model) * sizeof *r->pos);
   if (!r->views || !r->pos) {
     m3_runner_free(r);
     return m3_fail(M3_ERR_NOMEM, "runner: out of memory");
@@ -43,7 +43,8 @@ m3_kv_cache *m3_runner_cache(m3_runner *r) { return r->cache; }
 
 m3_status m3_runner_feed(m3_runner *r, m3_kv_seq *seq, const int32_t *ids, int T, int chunk,
                          float *logits, const m3_selection_capture *capture) {
-  if (chunk <= 0 || chunk > M3_MODEL_STEP_TOKENS) chunk = M3_MODEL_STEP_TOKENS;
+  const int step = m3_model_step_tokens(r->model);
+  if (chunk <= 0 || chunk > step) chunk = step;
   const size_t V = (size_t)m3_model_config(r->model)->vocab_size;
   for (int t0 = 0; t0 < T; t0 += chunk) {
     int n = T - t0 < chunk ? T - t0 : chunk;

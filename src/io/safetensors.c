@@ -633,7 +633,6 @@ m3_status m3_st_writer_add(m3_st_writer *w, const char *name, m3_dtype dtype, in
       return m3_fail(M3_ERR_ARG, "safetensors writer: tensor '%s': size overflows", name);
     nbytes *= (size_t)shape[d];
   }
-  if (nbytes && !data) return m3_fail(M3_ERR_ARG, "safetensors writer: tensor '%s': no data", name);
   if (w->count == w->cap) {
     int cap = w->cap ? 2 * w->cap : 16;
     writer_tensor *t = realloc(w->tensors, (size_t)cap * sizeof *t);
@@ -643,13 +642,13 @@ m3_status m3_st_writer_add(m3_st_writer *w, const char *name, m3_dtype dtype, in
   }
   writer_tensor t = {.dtype = dtype, .ndim = ndim, .nbytes = nbytes, .name = strdup(name)};
   if (ndim) memcpy(t.shape, shape, (size_t)ndim * sizeof *shape);
-  t.data = malloc(nbytes ? nbytes : 1);
-  if (!t.name || !t.data) {
+  t.data = data ? malloc(nbytes ? nbytes : 1) : NULL;
+  if (!t.name || (data && !t.data)) {
     free(t.name);
     free(t.data);
     return m3_fail(M3_ERR_NOMEM, "safetensors writer: tensor '%s': out of memory", name);
   }
-  if (nbytes) memcpy(t.data, data, nbytes);
+  if (data && nbytes) memcpy(t.data, data, nbytes);
   w->tensors[w->count++] = t;
   return M3_OK;
 }
@@ -815,41 +814,77 @@ static m3_status write_file(const m3_st_writer *w, const writer_tensor **layout,
   return s;
 }
 
+/* The sorted views, data offsets (add order, relative to the data section) and header of w. */
+typedef struct {
+  const writer_tensor **order, **layout;
+  uint64_t *offsets;
+  text_buf header;
+} writer_plan;
+
+static void plan_free(writer_plan *p) {
+  free(p->header.p);
+  free(p->offsets);
+  free(p->layout);
+  free(p->order);
+}
+
+static m3_status plan_file(const m3_st_writer *w, const char *path, writer_plan *p) {
+  *p = (writer_plan){0};
+  p->order = malloc(((size_t)w->count + 1) * sizeof *p->order);
+  p->layout = malloc(((size_t)w->count + 1) * sizeof *p->layout);
+  p->offsets = malloc(((size_t)w->count + 1) * sizeof *p->offsets);
+  if (!p->order || !p->layout || !p->offsets) return m3_fail(M3_ERR_NOMEM, "%s: out of memory", path);
+  for (int i = 0; i < w->count; i++) p->order[i] = p->layout[i] = &w->tensors[i];
+  qsort(p->order, (size_t)w->count, sizeof *p->order, cmp_writer_name);
+  qsort(p->layout, (size_t)w->count, sizeof *p->layout, cmp_writer_layout);
+  uint64_t at = 0;
+  for (int i = 0; i < w->count; i++) {
+    p->offsets[p->layout[i] - w->tensors] = at;
+    at += p->layout[i]->nbytes;
+  }
+  for (int k = 1; k < w->count; k++)
+    if (strcmp(p->order[k - 1]->name, p->order[k]->name) == 0)
+      return m3_fail(M3_ERR_ARG, "%s: tensor '%s' added twice", path, p->order[k]->name);
+  build_header(w, p->order, p->offsets, &p->header);
+  if (p->header.failed) return m3_fail(M3_ERR_NOMEM, "%s: out of memory for the header", path);
+  return M3_OK;
+}
+
 m3_status m3_st_writer_write(m3_st_writer *w, const char *path) {
-  const writer_tensor **order = malloc(((size_t)w->count + 1) * sizeof *order);
-  const writer_tensor **layout = malloc(((size_t)w->count + 1) * sizeof *layout);
-  uint64_t *offsets = malloc(((size_t)w->count + 1) * sizeof *offsets);
+  for (int i = 0; i < w->count; i++)
+    if (!w->tensors[i].data && w->tensors[i].nbytes)
+      return m3_fail(M3_ERR_ARG, "safetensors writer: tensor '%s': no data", w->tensors[i].name);
   size_t plen = strlen(path);
   char *tmp = malloc(plen + 5);
-  text_buf header = {0};
-  m3_status s = M3_OK;
-  if (!order || !layout || !offsets || !tmp) s = m3_fail(M3_ERR_NOMEM, "%s: out of memory", path);
-  if (s == M3_OK) {
-    for (int i = 0; i < w->count; i++) order[i] = layout[i] = &w->tensors[i];
-    qsort(order, (size_t)w->count, sizeof *order, cmp_writer_name);
-    qsort(layout, (size_t)w->count, sizeof *layout, cmp_writer_layout);
-    uint64_t at = 0;
-    for (int i = 0; i < w->count; i++) {
-      offsets[layout[i] - w->tensors] = at;
-      at += layout[i]->nbytes;
-    }
-    for (int k = 1; k < w->count && s == M3_OK; k++)
-      if (strcmp(order[k - 1]->name, order[k]->name) == 0)
-        s = m3_fail(M3_ERR_ARG, "%s: tensor '%s' added twice", path, order[k]->name);
-  }
-  if (s == M3_OK) {
-    build_header(w, order, offsets, &header);
-    if (header.failed) s = m3_fail(M3_ERR_NOMEM, "%s: out of memory for the header", path);
-  }
+  writer_plan plan;
+  m3_status s = plan_file(w, path, &plan);
+  if (s == M3_OK && !tmp) s = m3_fail(M3_ERR_NOMEM, "%s: out of memory", path);
   if (s == M3_OK) {
     memcpy(tmp, path, plen);
     memcpy(tmp + plen, ".tmp", 5);
-    s = write_file(w, layout, &header, tmp, path);
+    s = write_file(w, plan.layout, &plan.header, tmp, path);
   }
-  free(header.p);
+  plan_free(&plan);
   free(tmp);
-  free(offsets);
-  free(layout);
-  free(order);
+  return s;
+}
+
+int m3_st_writer_count(const m3_st_writer *w) { return w->count; }
+
+m3_status m3_st_writer_layout(const m3_st_writer *w, const char *path, uint8_t **head,
+                              size_t *head_len, uint64_t *offsets) {
+  *head = NULL;
+  writer_plan plan;
+  m3_status s = plan_file(w, path, &plan);
+  uint8_t *h = s == M3_OK ? malloc(8 + plan.header.len) : NULL;
+  if (s == M3_OK && !h) s = m3_fail(M3_ERR_NOMEM, "%s: out of memory for the header", path);
+  if (s == M3_OK) {
+    for (int i = 0; i < 8; i++) h[i] = (uint8_t)((uint64_t)plan.header.len >> (8 * i));
+    memcpy(h + 8, plan.header.p, plan.header.len);
+    for (int i = 0; i < w->count; i++) offsets[i] = 8 + plan.header.len + plan.offsets[i];
+    *head = h;
+    *head_len = 8 + plan.header.len;
+  }
+  plan_free(&plan);
   return s;
 }

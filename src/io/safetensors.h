@@ -69,4 +69,13 @@ m3_status m3_st_writer_set_metadata(m3_st_writer *w, const char *key, const char
 m3_status m3_st_writer_write(m3_st_writer *w, const char *path);
 void m3_st_writer_free(m3_st_writer *w);
 
+/* Files too large to hold in memory: tensors added with data NULL only reserve their place
+ * (m3_st_writer_write refuses them). m3_st_writer_layout gives the bytes that start the file
+ * m3_st_writer_write would write (the 8-byte length, the header; malloc'd, caller frees) and
+ * the file offset of every tensor's data, in add order (offsets[m3_st_writer_count]); the caller
+ * writes the data there itself, e.g. from several threads with pwrite. */
+int m3_st_writer_count(const m3_st_writer *w);
+m3_status m3_st_writer_layout(const m3_st_writer *w, const char *path, uint8_t **head,
+                              size_t *head_len, uint64_t *offsets);
+
 #endif

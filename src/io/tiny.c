@@ -5,12 +5,15 @@
  * routed experts 8 x 32 (top 2), shared expert 40, dense MLP 96, vision 2 layers x 48 (4 heads,
  * MLP 80), projector 72. The widths 40 and 96 are not multiples of 32, so MXFP8 rows end in a
  * short block. Weight scales are chosen so routing and block selection are far from uniform.
- * m3_tiny_options may override the text sizes (benchmarks want a model larger than the cache);
- * the vision tower keeps its sizes and the vocabulary stays the tokenizer's. */
+ * m3_tiny_options may override the text sizes (benchmarks want a model larger than the cache) and
+ * widen the vocabulary past the tokenizer's; the vision tower keeps its sizes. */
 #include "io/tiny.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,14 +53,19 @@ static uint64_t stream_for(uint64_t seed, const char *name) {
   return splitmix64(&state);
 }
 
-/* Box-Muller from two 53-bit uniforms; u1 in (0, 1] keeps the log finite. */
-static void fill_normal(float *out, int64_t n, uint64_t state, float mean, float std) {
+/* Box-Muller from two 53-bit uniforms; u1 in (0, 1] keeps the log finite. Values [first,
+ * first + n) of the stream: pair p (values 2p, 2p + 1) takes draws 2p and 2p + 1, and splitmix64's
+ * state after c draws is state + c * increment, so any range is computed without the ones before
+ * it and a tensor is generated in pieces that match drawing it whole. */
+static void fill_normal(float *out, int64_t first, int64_t n, uint64_t state, float mean, float std) {
   const double two_pi = 6.283185307179586;
-  for (int64_t i = 0; i < n; i += 2) {
-    double u1 = (double)((splitmix64(&state) >> 11) + 1) * 0x1p-53;
-    double u2 = (double)(splitmix64(&state) >> 11) * 0x1p-53;
+  for (int64_t p = first / 2; 2 * p < first + n; p++) {
+    uint64_t s = state + (uint64_t)(2 * p) * 0x9e3779b97f4a7c15ull;
+    double u1 = (double)((splitmix64(&s) >> 11) + 1) * 0x1p-53;
+    double u2 = (double)(splitmix64(&s) >> 11) * 0x1p-53;
     double r = sqrt(-2.0 * log(u1));
-    out[i] = (float)(mean + std * r * cos(two_pi * u2));
+    int64_t i = 2 * p - first; /* -1 when the range starts at the pair's second value */
+    if (i >= 0) out[i] = (float)(mean + std * r * cos(two_pi * u2));
     if (i + 1 < n) out[i + 1] = (float)(mean + std * r * sin(two_pi * u2));
   }
 }
@@ -197,72 +205,78 @@ static m3_status apply_sizes(m3_config *c, const m3_tiny_options *o) {
 
 /* ---- tensors ---- */
 
+#define TRY(expr)                       \
+  do {                                  \
+    m3_status try_s_ = (expr);          \
+    if (try_s_ != M3_OK) return try_s_; \
+  } while (0)
+
+
 /* How a tensor is stored: in the checkpoint's dtype, always F32 (router, its bias, the patch
  * embedding, as in the official BF16 release), or as a linear weight that the MXFP8 release
  * quantizes (spec §9.3: attention q/k/v/o, dense MLP, routed and shared experts). */
 typedef enum { STORE_MODEL, STORE_F32, STORE_QUANTIZABLE } store_kind;
 
+/* What a tensor becomes on disk once its kind meets the checkpoint dtype. */
+typedef enum { OUT_F32, OUT_BF16, OUT_MXFP8 } out_format;
+
+/* One tensor to generate: N(mean, std^2) values of `stream`, seen as rows x cols (a vector is
+ * one row; the 5-D patch embedding is rows of its input size); data (and scale, for MXFP8) are
+ * its entries in the writer. */
+typedef struct {
+  out_format format;
+  int64_t rows, cols;
+  uint64_t stream;
+  float mean, std;
+  int data, scale;
+} tensor_job;
+
+/* The tensors are planned first (names, shapes, dtypes into a writer without data) and written
+ * afterwards, in parallel, at the offsets the writer's layout gives. */
 typedef struct {
   m3_st_writer *w;
   uint64_t seed;
   m3_tiny_dtype dtype;
   const m3_config *cfg;
-  const char *path; /* model.safetensors, for messages */
+  const char *prefix; /* "language_model." in the VL layout, "" in the text-only one */
+  const char *path;   /* model.safetensors, for messages */
+  tensor_job *jobs;
+  int count, cap;
 } tensor_writer;
 
-static int64_t element_count(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; i++) n *= shape[i];
-  return n;
-}
-
-static m3_status put_quantized(tensor_writer *tw, const char *name, const int64_t *shape, const float *x) {
-  int64_t rows = shape[0], cols = shape[1], scale_cols = (cols + M3_MXFP8_BLOCK - 1) / M3_MXFP8_BLOCK;
-  uint8_t *q = malloc((size_t)(rows * cols)), *s = malloc((size_t)(rows * scale_cols));
-  m3_status st = M3_OK;
-  if (!q || !s) st = m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
-  for (int64_t r = 0; st == M3_OK && r < rows; r++)
-    m3_mxfp8_quantize_row(x + r * cols, cols, q + r * cols, s + r * scale_cols);
-  if (st == M3_OK) st = m3_st_writer_add(tw->w, name, M3_DT_F8_E4M3, 2, shape, q);
-  if (st == M3_OK) {
-    char scale_name[NAME_CAP + 16];
-    snprintf(scale_name, sizeof scale_name, "%s_scale_inv", name);
-    int64_t scale_shape[2] = {rows, scale_cols};
-    st = m3_st_writer_add(tw->w, scale_name, M3_DT_U8, 2, scale_shape, s);
+static m3_status add_job(tensor_writer *tw, const char *name, const tensor_job *job) {
+  if (tw->count == tw->cap) {
+    int cap = tw->cap ? 2 * tw->cap : 256;
+    tensor_job *j = realloc(tw->jobs, (size_t)cap * sizeof *j);
+    if (!j) return m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
+    tw->jobs = j;
+    tw->cap = cap;
   }
-  free(q);
-  free(s);
-  return st;
+  tw->jobs[tw->count++] = *job;
+  return M3_OK;
 }
 
-/* Draws N(mean, std^2) values for `name` and adds them in the dtype its kind calls for. */
+/* Plans N(mean, std^2) values for `name` in the dtype its kind calls for. */
 static m3_status put(tensor_writer *tw, store_kind kind, const char *name, int ndim,
                      const int64_t *shape, float mean, float std) {
-  int64_t n = element_count(ndim, shape);
-  float *x = malloc((size_t)n * sizeof *x);
-  if (!x) return m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
-  fill_normal(x, n, stream_for(tw->seed, name), mean, std);
-  m3_status st;
-  if (kind == STORE_F32 || tw->dtype == M3_TINY_F32) {
-    st = m3_st_writer_add(tw->w, name, M3_DT_F32, ndim, shape, x);
-  } else {
-    /* The MXFP8 release was quantized from the BF16 weights, so quantize the bf16 values. */
-    for (int64_t i = 0; i < n; i++) x[i] = m3_bf16_to_f32(m3_f32_to_bf16(x[i]));
-    if (kind == STORE_QUANTIZABLE && tw->dtype == M3_TINY_MXFP8) {
-      st = put_quantized(tw, name, shape, x);
-    } else {
-      uint16_t *h = malloc((size_t)n * sizeof *h);
-      if (!h) {
-        free(x);
-        return m3_fail(M3_ERR_NOMEM, "%s: tensor %s", tw->path, name);
-      }
-      for (int64_t i = 0; i < n; i++) h[i] = m3_f32_to_bf16(x[i]);
-      st = m3_st_writer_add(tw->w, name, M3_DT_BF16, ndim, shape, h);
-      free(h);
-    }
+  tensor_job job = {.rows = ndim > 1 ? shape[0] : 1, .cols = 1, .stream = stream_for(tw->seed, name),
+                    .mean = mean, .std = std, .scale = -1};
+  for (int d = ndim > 1 ? 1 : 0; d < ndim; d++) job.cols *= shape[d];
+  job.format = kind == STORE_F32 || tw->dtype == M3_TINY_F32 ? OUT_F32
+               : kind == STORE_QUANTIZABLE && tw->dtype == M3_TINY_MXFP8 ? OUT_MXFP8
+                                                                          : OUT_BF16;
+  job.data = m3_st_writer_count(tw->w);
+  static const m3_dtype stored[] = {[OUT_F32] = M3_DT_F32, [OUT_BF16] = M3_DT_BF16,
+                                    [OUT_MXFP8] = M3_DT_F8_E4M3};
+  TRY(m3_st_writer_add(tw->w, name, stored[job.format], ndim, shape, NULL));
+  if (job.format == OUT_MXFP8) {
+    char scale_name[NAME_CAP + 16];
+    snprintf(scale_name, sizeof scale_name, "%s_scale_inv", name);
+    int64_t scale_shape[2] = {job.rows, (job.cols + M3_MXFP8_BLOCK - 1) / M3_MXFP8_BLOCK};
+    job.scale = m3_st_writer_count(tw->w);
+    TRY(m3_st_writer_add(tw->w, scale_name, M3_DT_U8, 2, scale_shape, NULL));
   }
-  free(x);
-  return st;
+  return add_job(tw, name, &job);
 }
 
 /* Tensor names are `base` (ending with '.') + `sub`. */
@@ -290,12 +304,6 @@ static m3_status put_mat(tensor_writer *tw, store_kind kind, const char *base, c
   int64_t shape[2] = {rows, cols};
   return put(tw, kind, name, 2, shape, 0.0f, gain / sqrtf((float)cols));
 }
-
-#define TRY(expr)                       \
-  do {                                  \
-    m3_status try_s_ = (expr);          \
-    if (try_s_ != M3_OK) return try_s_; \
-  } while (0)
 
 /* Gemma norms scale by (1 + w): weights near 0 with a little noise. */
 static const float NORM_STD = 0.1f;
@@ -350,18 +358,19 @@ static m3_status put_layer(tensor_writer *tw, const char *base, int sparse, int 
 static m3_status put_text(tensor_writer *tw) {
   const m3_config *c = tw->cfg;
   int64_t H = c->hidden_size, V = c->vocab_size;
-  const char *model = "language_model.model.";
+  char model[32], mtp[64], base[NAME_CAP]; /* the prefix is one of two short constants */
+  snprintf(model, sizeof model, "%smodel.", tw->prefix);
   TRY(put_mat(tw, STORE_MODEL, model, "embed_tokens.weight", V, H, sqrtf((float)H))); /* std 1 */
   TRY(put_vec(tw, STORE_MODEL, model, "norm.weight", H, 0.0f, NORM_STD));
-  TRY(put_mat(tw, STORE_MODEL, "language_model.", "lm_head.weight", V, H, LINEAR_GAIN));
-  char base[NAME_CAP];
+  TRY(put_mat(tw, STORE_MODEL, tw->prefix, "lm_head.weight", V, H, LINEAR_GAIN));
   for (int i = 0; i < c->num_layers; i++) {
     snprintf(base, sizeof base, "%slayers.%d.", model, i);
     TRY(put_layer(tw, base, c->layer_attn[i] == M3_ATTN_SPARSE, c->layer_mlp[i] == M3_MLP_MOE));
   }
+  if (c->num_mtp_modules == 0) return M3_OK;
   /* One MTP module (the layout of the released MTP weights, spec §8.2); eh_proj stays BF16 as in
    * RTP's reading of that release. */
-  const char *mtp = "language_model.model.mtp.layers.0.";
+  snprintf(mtp, sizeof mtp, "%smtp.layers.0.", model);
   TRY(put_vec(tw, STORE_MODEL, mtp, "enorm.weight", H, 0.0f, NORM_STD));
   TRY(put_vec(tw, STORE_MODEL, mtp, "hnorm.weight", H, 0.0f, NORM_STD));
   TRY(put_mat(tw, STORE_MODEL, mtp, "eh_proj.weight", H, 2 * H, LINEAR_GAIN));
@@ -445,28 +454,201 @@ static m3_status join(char *out, const char *dir, const char *file) {
   return M3_OK;
 }
 
+/* ---- writing the planned tensors ---- */
+
+/* Values per piece of work: a few MB of float32 per thread, and enough pieces that the
+ * embedding and lm_head of a large vocabulary spread over every thread. */
+enum { PIECE_VALUES = 1 << 20 };
+
+typedef struct {
+  int job;
+  int64_t row, rows;
+} piece;
+
+typedef struct {
+  const tensor_job *jobs;
+  const piece *pieces;
+  int count;
+  const uint64_t *offsets; /* file offset of each writer tensor */
+  int fd;
+  atomic_int next;
+  atomic_int failed;  /* 0, else the errno of the first failure (ENOMEM: a buffer) */
+} write_work;
+
+static int pwrite_all(int fd, const void *p, size_t n, uint64_t at) {
+  const uint8_t *q = p;
+  while (n) {
+    ssize_t k = pwrite(fd, q, n, (off_t)at);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return k < 0 ? errno : EIO;
+    q += k, n -= (size_t)k, at += (uint64_t)k;
+  }
+  return 0;
+}
+
+/* Draws the piece's values and writes them (and MXFP8 scales) where its rows go; x, out are the
+ * thread's buffers of PIECE_VALUES or one row, whichever is larger. */
+static int write_piece(const write_work *ww, const piece *pc, float *x, uint8_t *out) {
+  const tensor_job *j = &ww->jobs[pc->job];
+  int64_t n = pc->rows * j->cols, first = pc->row * j->cols;
+  fill_normal(x, first, n, j->stream, j->mean, j->std);
+  if (j->format == OUT_F32)
+    return pwrite_all(ww->fd, x, (size_t)n * 4, ww->offsets[j->data] + (uint64_t)first * 4);
+  /* The MXFP8 release was quantized from the BF16 weights, so quantize the bf16 values. */
+  uint16_t *h = (uint16_t *)out;
+  for (int64_t i = 0; i < n; i++) h[i] = m3_f32_to_bf16(x[i]);
+  if (j->format == OUT_BF16)
+    return pwrite_all(ww->fd, h, (size_t)n * 2, ww->offsets[j->data] + (uint64_t)first * 2);
+  for (int64_t i = 0; i < n; i++) x[i] = m3_bf16_to_f32(h[i]);
+  const int64_t scale_cols = (j->cols + M3_MXFP8_BLOCK - 1) / M3_MXFP8_BLOCK;
+  uint8_t *q = out, *sc = out + n;
+  for (int64_t r = 0; r < pc->rows; r++)
+    m3_mxfp8_quantize_row(x + r * j->cols, j->cols, q + r * j->cols, sc + r * scale_cols);
+  int err = pwrite_all(ww->fd, q, (size_t)n, ww->offsets[j->data] + (uint64_t)first);
+  return err ? err : pwrite_all(ww->fd, sc, (size_t)(pc->rows * scale_cols),
+                                ww->offsets[j->scale] + (uint64_t)(pc->row * scale_cols));
+}
+
+static void *write_worker(void *arg) {
+  write_work *ww = arg;
+  float *x = NULL;
+  uint8_t *out = NULL;
+  size_t cap = 0; /* values the buffers hold */
+  for (int i; !atomic_load(&ww->failed) && (i = atomic_fetch_add(&ww->next, 1)) < ww->count;) {
+    const piece *pc = &ww->pieces[i];
+    size_t n = (size_t)(pc->rows * ww->jobs[pc->job].cols);
+    if (n > cap) {
+      free(x);
+      free(out);
+      /* out: bf16 values, or E4M3 values then e8m0 scales (at most one per value) */
+      x = malloc(n * sizeof *x), out = malloc(2 * n), cap = n;
+    }
+    int err = !x || !out ? ENOMEM : write_piece(ww, pc, x, out);
+    int none = 0;
+    if (err) atomic_compare_exchange_strong(&ww->failed, &none, err);
+  }
+  free(x);
+  free(out);
+  return NULL;
+}
+
+/* Splits every job into pieces of whole rows (MXFP8 quantizes rows) of about PIECE_VALUES. */
+static piece *split_jobs(const tensor_writer *tw, int *count) {
+  int64_t total = 0;
+  for (int i = 0; i < tw->count; i++) {
+    int64_t per = tw->jobs[i].cols >= PIECE_VALUES ? 1 : PIECE_VALUES / tw->jobs[i].cols;
+    total += (tw->jobs[i].rows + per - 1) / per;
+  }
+  piece *p = total < INT32_MAX ? malloc((size_t)(total + 1) * sizeof *p) : NULL;
+  if (!p) return NULL;
+  int k = 0;
+  for (int i = 0; i < tw->count; i++) {
+    const tensor_job *j = &tw->jobs[i];
+    int64_t per = j->cols >= PIECE_VALUES ? 1 : PIECE_VALUES / j->cols;
+    for (int64_t r = 0; r < j->rows; r += per)
+      p[k++] = (piece){.job = i, .row = r, .rows = j->rows - r < per ? j->rows - r : per};
+  }
+  *count = k;
+  return p;
+}
+
+static int thread_count(int requested, int pieces) {
+  long n = requested > 0 ? requested : sysconf(_SC_NPROCESSORS_ONLN);
+  if (n < 1) n = 1;
+  if (n > 256) n = 256;
+  return n < pieces ? (int)n : pieces > 0 ? pieces : 1;
+}
+
+/* Runs the pieces on `threads` threads (the calling one among them) into fd. */
+static m3_status run_pieces(write_work *ww, int threads, const char *tmp) {
+  pthread_t tid[256];
+  int started = 0;
+  for (; started < threads - 1; started++)
+    if (pthread_create(&tid[started], NULL, write_worker, ww) != 0) break;
+  write_worker(ww);
+  for (int i = 0; i < started; i++) pthread_join(tid[i], NULL);
+  int err = atomic_load(&ww->failed);
+  if (err == ENOMEM) return m3_fail(M3_ERR_NOMEM, "%s: out of memory generating tensors", tmp);
+  if (err) return m3_fail(M3_ERR_IO, "%s: write failed: %s", tmp, strerror(err));
+  return M3_OK;
+}
+
+/* The file as m3_st_writer_write would write it from the same tensors, filled in place. */
+static m3_status write_planned(const tensor_writer *tw, int threads) {
+  const int n = m3_st_writer_count(tw->w);
+  uint64_t *offsets = malloc(((size_t)n + 1) * sizeof *offsets);
+  uint8_t *head = NULL;
+  size_t head_len = 0;
+  int count = 0;
+  piece *pieces = split_jobs(tw, &count);
+  char tmp[PATH_CAP + 8];
+  snprintf(tmp, sizeof tmp, "%s.tmp", tw->path);
+  m3_status st = !offsets || !pieces ? m3_fail(M3_ERR_NOMEM, "%s: planning %d tensors", tw->path, n)
+                                     : m3_st_writer_layout(tw->w, tw->path, &head, &head_len, offsets);
+  uint64_t size = head_len;
+  for (int i = 0; st == M3_OK && i < tw->count; i++) {
+    const tensor_job *j = &tw->jobs[i];
+    uint64_t scale_bytes = j->scale < 0 ? 0 : (uint64_t)(j->rows * ((j->cols + M3_MXFP8_BLOCK - 1) / M3_MXFP8_BLOCK));
+    size += (uint64_t)(j->rows * j->cols) * (j->format == OUT_F32 ? 4 : j->format == OUT_BF16 ? 2 : 1) + scale_bytes;
+  }
+  int fd = st == M3_OK ? open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) : -1;
+  if (st == M3_OK && fd < 0) st = m3_fail(M3_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+  int err = 0;
+  if (st == M3_OK && ((err = pwrite_all(fd, head, head_len, 0)) || ftruncate(fd, (off_t)size) != 0))
+    st = m3_fail(M3_ERR_IO, "%s: write failed: %s", tmp, strerror(err ? err : errno));
+  if (st == M3_OK) {
+    write_work ww = {.jobs = tw->jobs, .pieces = pieces, .count = count, .offsets = offsets, .fd = fd};
+    st = run_pieces(&ww, thread_count(threads, count), tmp);
+  }
+  if (fd >= 0 && close(fd) != 0 && st == M3_OK)
+    st = m3_fail(M3_ERR_IO, "%s: close failed: %s", tmp, strerror(errno));
+  if (st == M3_OK && rename(tmp, tw->path) != 0)
+    st = m3_fail(M3_ERR_IO, "%s: cannot rename to %s: %s", tmp, tw->path, strerror(errno));
+  if (st != M3_OK && fd >= 0) unlink(tmp);
+  free(pieces);
+  free(head);
+  free(offsets);
+  return st;
+}
+
 static m3_status write_weights(const char *dir, const m3_config *cfg, const m3_tiny_options *opt) {
   char path[PATH_CAP];
   TRY(join(path, dir, "model.safetensors"));
-  tensor_writer tw = {.w = m3_st_writer_new(), .seed = opt->seed, .dtype = opt->dtype, .cfg = cfg, .path = path};
+  tensor_writer tw = {.w = m3_st_writer_new(), .seed = opt->seed, .dtype = opt->dtype, .cfg = cfg,
+                      .prefix = cfg->is_vl ? "language_model." : "", .path = path};
   if (!tw.w) return m3_fail(M3_ERR_NOMEM, "%s: writer", path);
   m3_status st = m3_st_writer_set_metadata(tw.w, "format", "pt");
   if (st == M3_OK) st = put_text(&tw);
-  if (st == M3_OK) st = put_vision(&tw);
-  if (st == M3_OK) st = m3_st_writer_write(tw.w, path);
+  if (st == M3_OK && cfg->vision.present) st = put_vision(&tw);
+  if (st == M3_OK) st = write_planned(&tw, opt->threads);
   m3_st_writer_free(tw.w);
+  free(tw.jobs);
   return st;
+}
+
+/* --no-vision: the bare text config of MiniMaxM3SparseForCausalLM (config.c reads it as such). */
+static void drop_vision(m3_config *c) {
+  c->is_vl = 0;
+  snprintf(c->architecture, sizeof c->architecture, "MiniMaxM3SparseForCausalLM");
+  c->vision = (m3_vision_config){0};
+  c->projector_hidden_size = 0;
+  c->image_token_id = c->video_token_id = -1;
 }
 
 m3_status m3_tiny_write(const char *dir, const m3_tiny_options *opt) {
   if (opt->dtype != M3_TINY_BF16 && opt->dtype != M3_TINY_F32 && opt->dtype != M3_TINY_MXFP8)
     return m3_fail(M3_ERR_ARG, "tiny: unknown dtype %d", (int)opt->dtype);
-  /* Everything the options decide is checked before anything is written. */
+  if (opt->vocab < 0 || opt->vocab > M3_TINY_VOCAB_MAX)
+    return m3_fail(M3_ERR_ARG, "--vocab %d is outside 1..%d (0 keeps the tokenizer's)", opt->vocab,
+                   M3_TINY_VOCAB_MAX);
+  /* Everything the options decide is checked before anything is written (the vocabulary's
+   * lower bound, the tokenizer's size, right after the tokenizer). */
   uint8_t attn[LAYERS_MAX], mlp[LAYERS_MAX];
   m3_config cfg = {.layer_attn = attn, .layer_mlp = mlp};
   TRY(parse_plan(opt->layers ? opt->layers : M3_TINY_DEFAULT_LAYERS, &cfg));
   fill_config(&cfg, opt->dtype);
   TRY(apply_sizes(&cfg, opt));
+  if (opt->no_mtp) cfg.num_mtp_modules = 0;
   TRY(make_dirs(dir));
 
   char path[PATH_CAP];
@@ -474,6 +656,13 @@ m3_status m3_tiny_write(const char *dir, const m3_tiny_options *opt) {
   TRY(join(path, dir, "tokenizer.json"));
   TRY(m3_tiny_tokenizer_write(path, &bpe_size));
   set_vocab(&cfg, bpe_size);
+  if (opt->vocab && opt->vocab < cfg.vocab_size) {
+    unlink(path);
+    return m3_fail(M3_ERR_ARG, "--vocab %d is below the tokenizer's %d tokens", opt->vocab,
+                   cfg.vocab_size);
+  }
+  if (opt->vocab) cfg.vocab_size = opt->vocab;
+  if (opt->no_vision) drop_vision(&cfg);
   TRY(join(path, dir, "config.json"));
   TRY(m3_config_write(&cfg, path));
   return write_weights(dir, &cfg, opt);

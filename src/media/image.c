@@ -6,24 +6,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <gif_lib.h>
-#include <jpeglib.h>
-#include <jerror.h>
-#include <png.h>
-#include <webp/decode.h>
-
 #include "media/media.h"
-
-/* Images past this many pixels are refused before any large allocation (a decompression bomb
- * declares a huge size in a few bytes). 3584^2 is the largest input the spec's size modes accept
- * after resizing; inputs may be larger, but not unboundedly. */
-enum { MAX_DECODED_PIXELS = 16384 * 16384 };
 
 void m3_rgb_image_free(m3_rgb_image *img) {
   if (!img) return;
   free(img->rgb);
   *img = (m3_rgb_image){0};
 }
+
+#ifdef M3_MEDIA_CODECS
+#include <gif_lib.h>
+#include <jpeglib.h>
+#include <jerror.h>
+#include <png.h>
+#include <webp/decode.h>
+
+/* Images past this many pixels are refused before any large allocation (a decompression bomb
+ * declares a huge size in a few bytes). 3584^2 is the largest input the spec's size modes accept
+ * after resizing; inputs may be larger, but not unboundedly. */
+enum { MAX_DECODED_PIXELS = 16384 * 16384 };
 
 static m3_status alloc_image(int width, int height, const char *label, m3_rgb_image *out) {
   if (width <= 0 || height <= 0 || (int64_t)width * height > MAX_DECODED_PIXELS)
@@ -279,6 +280,16 @@ m3_status m3_image_decode(const void *bytes, size_t len, const char *label, m3_r
     return decode_gif(d, len, label, out);
   return m3_fail(M3_ERR_FORMAT, "%s: not a JPEG, PNG, WebP or GIF image", label);
 }
+#else
+/* A build configured with -DM3_MEDIA=OFF (no codec libraries, e.g. a GPU machine that only serves
+ * text) refuses images by name instead of failing to link. */
+m3_status m3_image_decode(const void *bytes, size_t len, const char *label, m3_rgb_image *out) {
+  (void)bytes, (void)len;
+  *out = (m3_rgb_image){0};
+  return m3_fail(M3_ERR_UNSUPPORTED, "%s: this m3 was built without image decoding "
+                 "(cmake -DM3_MEDIA=OFF)", label);
+}
+#endif
 
 m3_status m3_read_file(const char *path, size_t max_bytes, uint8_t **data, size_t *len) {
   *data = NULL;

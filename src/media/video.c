@@ -8,11 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <libavcodec/avcodec.h>
-#include <libavformat/avformat.h>
-#include <libavutil/imgutils.h>
-#include <libswscale/swscale.h>
-
 #include "media/media.h"
 
 /* The index the sampler keeps after keeping `last` (spec §3.1): the first frame at least one
@@ -29,6 +24,12 @@ int m3_video_sample_indices(int total_frames, double video_fps, double fps, int 
   if (n == 0 && cap > 0) keep[n++] = 0;
   return n;
 }
+
+#ifdef M3_MEDIA_CODECS
+#include <libavcodec/avcodec.h>
+#include <libavformat/avformat.h>
+#include <libavutil/imgutils.h>
+#include <libswscale/swscale.h>
 
 typedef struct {
   AVFormatContext *fmt;
@@ -162,3 +163,13 @@ m3_status m3_video_preprocess(const char *path, double fps, int max_frames,
   if (st != M3_OK) m3_patches_free(out);
   return st;
 }
+#else
+/* Built with -DM3_MEDIA=OFF: no libav*, so videos are refused by name. */
+m3_status m3_video_preprocess(const char *path, double fps, int max_frames,
+                              const m3_media_geometry *g, m3_patches *out) {
+  (void)fps, (void)max_frames, (void)g;
+  *out = (m3_patches){0};
+  return m3_fail(M3_ERR_UNSUPPORTED, "%s: this m3 was built without video decoding "
+                 "(cmake -DM3_MEDIA=OFF)", path);
+}
+#endif

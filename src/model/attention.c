@@ -17,8 +17,8 @@
 static void norm_rope_heads(m3_model *m, float *x, const m3_tensor *norm, const int32_t *pos,
                             int T, int heads, int dim) {
   m3_backend *be = m->be;
-  be->ops->rmsnorm(be, x, norm, m->cfg.rms_norm_eps, T * heads, dim, x);
-  be->ops->rope(be, x, pos, T, heads, dim, m->cfg.rotary_dim, m->cfg.rope_theta);
+  be->ops->rmsnorm_rope(be, x, norm, m->cfg.rms_norm_eps, pos, T, heads, dim, m->cfg.rotary_dim,
+                        m->cfg.rope_theta);
 }
 
 void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T) {

@@ -25,9 +25,7 @@ typedef struct {
   float *router;      /* [T, E] router logits */
   int32_t *route_ids; /* [T, k] */
   float *route_w;     /* [T, k] */
-  int32_t *slot_tok;  /* [T*k] token of each (token, choice) slot, grouped by expert */
-  float *slot_w;      /* [T*k] its routing weight */
-  float *xe;          /* [T, H] rows of h routed to one expert; rows that need logits */
+  float *xe;          /* [T, H] the final hidden rows that need logits */
   int32_t *ids, *pos; /* [T] the step's token ids and absolute positions */
   int32_t *rows;      /* [T] the rows that need logits */
   float *logits;      /* [T, V] device backends: the head's output on its way to the caller;
@@ -39,11 +37,6 @@ typedef struct {
  * allocation that m3_upload / m3_download move to and from the scratch. */
 typedef struct {
   int32_t *ids, *pos, *rows;  /* [T] filled by the step schedule */
-  int32_t *route_ids;         /* [T, k] read by the expert grouping */
-  float *route_w;             /* [T, k] */
-  int32_t *slot_tok;          /* [T*k] written by the expert grouping */
-  float *slot_w;              /* [T*k] */
-  int32_t *expert_start;      /* [E + 1] first slot of each expert in slot_tok; host only */
 } m3_host_side;
 
 /* The part of one sequence inside a step: rows [first, first + T) of the step's activations,
@@ -61,7 +54,9 @@ struct m3_model {
   m3_backend *be;
   int num_sparse;
   float **router_bias;  /* [num_layers]: decoded e_score_correction_bias [E], NULL if none */
+  m3_moe_experts *experts; /* [num_layers]: the routed experts of MoE layers, prepared */
   m3_msa_params msa;
+  int step_tokens;      /* tokens per internal step (model.h) */
   m3_scratch s;
   m3_host_side hs;
   m3_tensor **prepared; /* [num_prepared] the weights handed to the backend, released at free */
@@ -88,8 +83,15 @@ static inline m3_status m3_download(m3_model *m, void *dst, const void *src, siz
  * Leaves the layer's block selections in s.sel on sparse layers. */
 void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T);
 
-/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. Fails only when
- * the backend reports a failure while the routing goes through the host. */
-m3_status m3_ffn_block(m3_model *m, int l, int T);
+/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. */
+void m3_ffn_block(m3_model *m, int l, int T);
+
+/* ex = the routed experts of layer L (E from the config, SwiGLU-OAI parameters of the config),
+ * handed to the backend's prepare_experts; L's expert tensors must be prepared already. On failure
+ * ex is left empty. m3_moe_experts_release undoes it (nothing for an empty ex) and must run
+ * before the expert tensors are released. */
+m3_status m3_moe_experts_prepare(m3_backend *be, const m3_config *c, const m3_layer_weights *L,
+                                 m3_moe_experts *ex);
+void m3_moe_experts_release(m3_backend *be, m3_moe_experts *ex);
 
 #endif

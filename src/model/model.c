@@ -47,7 +47,7 @@ static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ?
 static m3_status alloc_scratch(m3_model *m) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
-  const size_t T = M3_MODEL_STEP_TOKENS, H = (size_t)c->hidden_size;
+  const size_t T = (size_t)m->step_tokens, H = (size_t)c->hidden_size;
   const size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
   const size_t I = (size_t)max3(c->dense_intermediate_size, c->intermediate_size,
                                 c->shared_intermediate_size);
@@ -64,8 +64,7 @@ static m3_status alloc_scratch(m3_model *m) {
       {(void **)&s->att, T * qw * 4},       {(void **)&s->out, T * H * 4},
       {(void **)&s->gate, T * I * 4},       {(void **)&s->up, T * I * 4},
       {(void **)&s->router, T * E * 4},     {(void **)&s->route_ids, T * k * 4},
-      {(void **)&s->route_w, T * k * 4},    {(void **)&s->slot_tok, T * k * 4},
-      {(void **)&s->slot_w, T * k * 4},     {(void **)&s->xe, T * H * 4},
+      {(void **)&s->route_w, T * k * 4},    {(void **)&s->xe, T * H * 4},
       {(void **)&s->ids, T * 4},            {(void **)&s->pos, T * 4},
       {(void **)&s->rows, T * 4},
   };
@@ -77,24 +76,16 @@ static m3_status alloc_scratch(m3_model *m) {
                      bufs[i].bytes);
   }
   m3_host_side *hs = &m->hs;
-  hs->expert_start = calloc(E + 1, sizeof *hs->expert_start);
-  if (!hs->expert_start) return m3_fail(M3_ERR_NOMEM, "model: expert table of %zu", E + 1);
   if (!m->be->ops->device_memory) {
-    *hs = (m3_host_side){s->ids, s->pos, s->rows, s->route_ids, s->route_w, s->slot_tok, s->slot_w,
-                         hs->expert_start};
+    *hs = (m3_host_side){s->ids, s->pos, s->rows};
     return M3_OK;
   }
   const size_t V = (size_t)c->vocab_size;
-  s->logits = m->be->ops->alloc(m->be, T * V * 4);
+  s->logits = m->be->ops->alloc(m->be, (size_t)M3_MODEL_STEP_TOKENS * V * 4);
   hs->ids = malloc(T * 4);
   hs->pos = malloc(T * 4);
   hs->rows = malloc(T * 4);
-  hs->route_ids = malloc(T * k * 4 + 4);
-  hs->route_w = malloc(T * k * 4 + 4);
-  hs->slot_tok = malloc(T * k * 4 + 4);
-  hs->slot_w = malloc(T * k * 4 + 4);
-  if (!s->logits || !hs->ids || !hs->pos || !hs->rows || !hs->route_ids || !hs->route_w ||
-      !hs->slot_tok || !hs->slot_w)
+  if (!s->logits || !hs->ids || !hs->pos || !hs->rows)
     return m3_fail(M3_ERR_NOMEM, "model: cannot allocate the logits (%zu x %zu) and host mirrors "
                    "of the step", T, V);
   return M3_OK;
@@ -104,15 +95,13 @@ static void free_scratch(m3_model *m) {
   m3_scratch *s = &m->s;
   m3_host_side *hs = &m->hs;
   if (m->be->ops->device_memory) {
-    void *host[] = {hs->ids, hs->pos, hs->rows, hs->route_ids, hs->route_w, hs->slot_tok,
-                    hs->slot_w};
+    void *host[] = {hs->ids, hs->pos, hs->rows};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
   }
-  free(hs->expert_start);
-  void *bufs[] = {s->x,      s->h,         s->q,       s->k,        s->v,      s->iq,
-                  s->ik,     s->sel,       s->att,     s->out,      s->gate,   s->up,
-                  s->router, s->route_ids, s->route_w, s->slot_tok, s->slot_w, s->xe,
-                  s->ids,    s->pos,       s->rows,    s->logits};
+  void *bufs[] = {s->x,   s->h,      s->q,         s->k,       s->v,   s->iq,
+                  s->ik,  s->sel,    s->att,       s->out,     s->gate, s->up,
+                  s->router, s->route_ids, s->route_w, s->xe,  s->ids, s->pos,
+                  s->rows, s->logits};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) m->be->ops->free(m->be, bufs[i]);
 }
@@ -160,6 +149,26 @@ static m3_status prepare_weights(m3_model *m) {
     w->lm_head.scale = w->embed.scale;
   }
   return M3_OK;
+}
+
+/* The routed experts of each MoE layer, handed to the backend after their tensors. */
+static m3_status prepare_experts(m3_model *m) {
+  const m3_config *c = &m->cfg;
+  m->experts = calloc((size_t)c->num_layers, sizeof *m->experts);
+  if (!m->experts) return m3_fail(M3_ERR_NOMEM, "model: expert tables of %d layers", c->num_layers);
+  for (int l = 0; l < c->num_layers; l++) {
+    const m3_layer_weights *L = &m->w.layers[l];
+    if (c->layer_mlp[l] != M3_MLP_MOE || !L->expert_gate) continue;
+    m3_status st = m3_moe_experts_prepare(m->be, c, L, &m->experts[l]);
+    if (st != M3_OK) return st;
+  }
+  return M3_OK;
+}
+
+static void release_experts(m3_model *m) {
+  for (int l = 0; m->experts && l < m->cfg.num_layers; l++)
+    m3_moe_experts_release(m->be, &m->experts[l]);
+  free(m->experts);
 }
 
 static void release_weights(m3_model *m) {
@@ -214,6 +223,8 @@ m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
                            .init_blocks = m->cfg.index_init_blocks};
   if ((st = decode_router_biases(m)) != M3_OK) goto fail;
   if ((st = prepare_weights(m)) != M3_OK) goto fail;
+  if ((st = prepare_experts(m)) != M3_OK) goto fail;
+  m->step_tokens = be->ops->device_memory ? M3_MODEL_DEVICE_STEP_TOKENS : M3_MODEL_STEP_TOKENS;
   if ((st = alloc_scratch(m)) != M3_OK) goto fail;
   *out = m;
   return M3_OK;
@@ -233,6 +244,7 @@ void m3_model_free(m3_model *m) {
   }
   free(m->segs);
   free(m->hidden_slot);
+  release_experts(m);
   release_weights(m);
   m3_weights_free(&m->w);
   if (m->st) m3_st_close(m->st);
@@ -260,6 +272,7 @@ m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n) {
 
 int m3_model_hidden_width(const m3_model *m) { return m->num_hidden * m->cfg.hidden_size; }
 m3_backend *m3_model_backend(const m3_model *m) { return m->be; }
+int m3_model_step_tokens(const m3_model *m) { return m->step_tokens; }
 int m3_model_num_sparse_layers(const m3_model *m) { return m->num_sparse; }
 
 static m3_status check_inputs(const m3_model *m, const m3_kv_view *kv, const int32_t *ids,
@@ -333,7 +346,7 @@ static int logit_rows(m3_model *m, const m3_segment *segs, int n_segs, const m3_
   return n;
 }
 
-/* One step over T <= M3_MODEL_STEP_TOKENS tokens (hs.ids, hs.pos) of n_segs segments; writes the
+/* One step over T <= m->step_tokens tokens (hs.ids, hs.pos) of n_segs segments; writes the
  * requested logits rows to `logits` (host memory) and their count to *n_rows. */
 static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
                       const m3_model_seq *seqs, float *logits, int *n_rows) {
@@ -355,7 +368,7 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     if (c->layer_attn[l] == M3_ATTN_SPARSE &&
         (st = capture_selections(m, segs, n_segs, seqs, sparse++)) != M3_OK)
       return st;
-    if ((st = m3_ffn_block(m, l, T)) != M3_OK) return st;
+    m3_ffn_block(m, l, T);
   }
   int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
   const int final_slot = slot ? slot[c->num_layers] : -1;
@@ -375,14 +388,18 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
     head_in = s->xe;
   }
-  /* A device backend computes the logits in its memory and hands them over; the CPU writes the
-   * caller's buffer directly. */
-  float *head_out = s->logits ? s->logits : logits;
-  be->ops->matmul(be, &m->w.lm_head, head_in, rows, head_out);
-  if (head_out != logits &&
-      (st = be->ops->to_host(be, logits, head_out,
-                             (size_t)rows * (size_t)c->vocab_size * sizeof(float))) != M3_OK)
-    return st;
+  /* A device backend computes the logits in its memory, M3_MODEL_STEP_TOKENS rows at a time, and
+   * hands them over; the CPU writes the caller's buffer directly. */
+  const size_t V = (size_t)c->vocab_size, H = (size_t)c->hidden_size;
+  for (int r0 = 0; r0 < rows; r0 += M3_MODEL_STEP_TOKENS) {
+    const int n = rows - r0 < M3_MODEL_STEP_TOKENS ? rows - r0 : M3_MODEL_STEP_TOKENS;
+    float *head_out = s->logits ? s->logits : logits + (size_t)r0 * V;
+    be->ops->matmul(be, &m->w.lm_head, head_in + (size_t)r0 * H, n, head_out);
+    if (head_out != logits + (size_t)r0 * V &&
+        (st = be->ops->to_host(be, logits + (size_t)r0 * V, head_out,
+                               (size_t)n * V * sizeof(float))) != M3_OK)
+      return st;
+  }
   *n_rows = rows;
   return M3_OK;
 }
@@ -413,18 +430,17 @@ m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, i
     st = check_inputs(m, q->kv, q->ids, q->pos, q->T, q->capture);
   }
   /* A step holds at most one segment per sequence. */
-  if (st != M3_OK || (st = grow_segments(m, n_seqs < M3_MODEL_STEP_TOKENS ? n_seqs
-                                                                         : M3_MODEL_STEP_TOKENS)) != M3_OK)
-    return st;
+  const int S = m->step_tokens;
+  if (st != M3_OK || (st = grow_segments(m, n_seqs < S ? n_seqs : S)) != M3_OK) return st;
   const size_t V = (size_t)m->cfg.vocab_size;
   size_t logit_row = 0;
   for (int i = 0, off = 0; i < n_seqs;) {
     /* Fill one step with consecutive tokens of the batch, splitting a sequence across steps
      * where it does not fit: later steps see its earlier tokens in the cache. */
     int T = 0, n_segs = 0;
-    while (i < n_seqs && T < M3_MODEL_STEP_TOKENS) {
+    while (i < n_seqs && T < S) {
       const m3_model_seq *q = &seqs[i];
-      int take = q->T - off < M3_MODEL_STEP_TOKENS - T ? q->T - off : M3_MODEL_STEP_TOKENS - T;
+      int take = q->T - off < S - T ? q->T - off : S - T;
       if (take > 0) {
         m->segs[n_segs++] = (m3_segment){q->kv, T, take, i, off};
         memcpy(m->hs.ids + T, q->ids + off, (size_t)take * sizeof(int32_t));

@@ -16,9 +16,14 @@
 
 typedef struct m3_model m3_model;
 
-/* Tokens one internal step processes; the scratch is sized for it once at load, and longer
- * forwards run as consecutive steps. */
+/* Tokens one internal step processes (m3_model_step_tokens); the scratch is sized for it once at
+ * load, and longer forwards run as consecutive steps. Host backends take 256: the step's
+ * activations stay in the last-level cache. Device backends take 8192: a prefill's GEMMs and each
+ * expert's share of the routed tokens (8192 x top-k / E rows) then are large enough to keep the
+ * tensor cores busy, for ~3 GB of scratch at full M3 width. Logits are computed at most
+ * M3_MODEL_STEP_TOKENS rows at a time whatever the step (a prefill wants one row per sequence). */
 #define M3_MODEL_STEP_TOKENS 256
+#define M3_MODEL_DEVICE_STEP_TOKENS 8192
 
 /* Where a forward records its MSA block selections:
  * blocks [n_sparse_layers, n_tokens, index heads, topk] int32, sparse layers in layer order;
@@ -36,6 +41,9 @@ void m3_model_free(m3_model *m);
 
 const m3_config *m3_model_config(const m3_model *m);
 m3_backend *m3_model_backend(const m3_model *m);
+/* Tokens per internal step on this model's backend (M3_MODEL_STEP_TOKENS or
+ * M3_MODEL_DEVICE_STEP_TOKENS): the most a caller gains from feeding at once. */
+int m3_model_step_tokens(const m3_model *m);
 int m3_model_num_sparse_layers(const m3_model *m);
 
 /* Runs T tokens ids[T] at absolute positions pos[T] (each position's page must exist in every

@@ -24,6 +24,7 @@ typedef struct {
   m3_segment *segs;       /* [STEP] the step's segments on the module's cache layer */
   m3_tensor **prepared;   /* weights handed to a device backend */
   int num_prepared;
+  m3_moe_experts *experts; /* [num_mtp] each module's routed experts, prepared */
 } mtp_drafter;
 
 static m3_status mtp_body(m3_drafter *d, const m3_segment *segs, int n_segs, int T, int step) {
@@ -34,6 +35,7 @@ static m3_status mtp_body(m3_drafter *d, const m3_segment *segs, int n_segs, int
   const m3_mtp_weights *w = &(&d->target->w)->mtp[module];
   m->body.w.layers = (m3_layer_weights *)&w->layer;
   m->body.router_bias = &m->router_bias[module];
+  m->body.experts = &m->experts[module];
   d->head_norm = &w->final_norm;
 
   be->ops->embed(be, &(&d->target->w)->embed, d->ids, T, m->e);
@@ -56,14 +58,15 @@ static m3_status mtp_body(m3_drafter *d, const m3_segment *segs, int n_segs, int
   m->body.s.ids = d->ids;
   m->body.s.pos = d->pos;
   m3_attention_block(&m->body, 0, m->segs, n_segs, T);
-  m3_status st = m3_ffn_block(&m->body, 0, T);
-  if (st == M3_OK) be->ops->copy(be, d->out, m->body.s.x, (size_t)T * H * sizeof(float));
-  return st;
+  m3_ffn_block(&m->body, 0, T);
+  return be->ops->copy(be, d->out, m->body.s.x, (size_t)T * H * sizeof(float));
 }
 
 static void mtp_destroy(m3_drafter *d) {
   mtp_drafter *m = (mtp_drafter *)d;
   m3_backend *be = d->be;
+  for (int i = 0; m->experts && i < m->num_mtp; i++) m3_moe_experts_release(be, &m->experts[i]);
+  free(m->experts);
   for (int i = 0; i < m->num_prepared; i++) be->ops->release_tensor(be, m->prepared[i]);
   free(m->prepared);
   for (int i = 0; m->router_bias && i < m->num_mtp; i++)
@@ -107,6 +110,17 @@ static m3_status prepare_modules(mtp_drafter *m, m3_weights *w, int E) {
       if (st != M3_OK) return st;
       m->prepared[m->num_prepared++] = x;
     }
+  }
+  return M3_OK;
+}
+
+static m3_status prepare_experts(mtp_drafter *m, m3_weights *w) {
+  const m3_config *c = m3_model_config(m->base.target);
+  m->experts = calloc((size_t)m->num_mtp, sizeof *m->experts);
+  if (!m->experts) return m3_fail(M3_ERR_NOMEM, "MTP: expert tables");
+  for (int i = 0; i < m->num_mtp; i++) {
+    m3_status st = m3_moe_experts_prepare(m->base.be, c, &w->mtp[i].layer, &m->experts[i]);
+    if (st != M3_OK) return st;
   }
   return M3_OK;
 }
@@ -186,7 +200,8 @@ m3_status m3_drafter_mtp_create(m3_model *target, m3_drafter **out) {
   if ((st = m3_drafter_cache_layers(d, m->num_mtp, M3_ATTN_SPARSE, M3_MLP_MOE)) != M3_OK ||
       (st = m3_drafter_alloc_steps(d)) != M3_OK ||
       (st = decode_biases(m, w, c->num_experts)) != M3_OK ||
-      (st = prepare_modules(m, w, c->num_experts)) != M3_OK)
+      (st = prepare_modules(m, w, c->num_experts)) != M3_OK ||
+      (st = prepare_experts(m, w)) != M3_OK)
     goto fail;
   *out = d;
   return M3_OK;

@@ -1,13 +1,18 @@
 /* bench_cuda_ops: first timings of the CUDA backend's ops on the GPU machine, each against a
  * ceiling measured in the same run (scripts/gpu.sh runs it; figures, not a test):
  *   - device-to-device copy bandwidth (bytes read + written): the memory ceiling;
- *   - matmul at decode (T = 1, 8) on full-width M3 shapes in BF16 and MXFP8: weight bytes read
- *     per second against that ceiling;
- *   - matmul at prefill (T = 2048, BF16 through cuBLASLt): TFLOP/s;
- *   - MSA decode per layer at 2K, 32K and 128K context (index scan + top-k, then attention over
- *     the 16 selected blocks), with dense attention beside it.
+ *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
+ *     bytes read per second against that ceiling (T <= 8 is the GEMV; T = 64 goes through
+ *     cuBLASLt);
+ *   - prefill (8192 tokens) on q_proj, o_proj and the expert shapes: a plain cuBLASLt BF16 GEMM
+ *     (BF16 in, float32 accumulation and out: the ceiling) beside m3's matmul op, which first
+ *     rounds the float32 activations to BF16: TFLOP/s;
+ *   - MSA decode per layer at 2K, 32K and 128K context, batch 1 and 16 sequences of their own
+ *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
+ *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention.
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
+#include <cublasLt.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -188,78 +193,180 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int mx, 
   gpu->ops->free(gpu, m.x), gpu->ops->free(gpu, m.y);
 }
 
-/* ---- MSA decode ---- */
+/* ---- cuBLASLt ceiling for prefill ---- */
 
 typedef struct {
-  m3_kv_view kv;
-  float *q, *iq, *out;
-  int32_t *pos, *sel;
-  int T, nh, G;
+  cublasLtHandle_t lt;
+  cublasLtMatmulDesc_t op;
+  cublasLtMatrixLayout_t la, lb, lc;
+  cublasLtMatmulHeuristicResult_t heur;
+  void *w, *x, *y, *workspace;
+  size_t workspace_bytes;
+} lt_ctx;
+
+static void run_lt(void *ctx, int iter) {
+  (void)iter;
+  lt_ctx *c = ctx;
+  const float alpha = 1.0f, beta = 0.0f;
+  if (cublasLtMatmul(c->lt, c->op, &alpha, c->w, c->la, c->x, c->lb, &beta, c->y, c->lc, c->y, c->lc,
+                     &c->heur.algo, c->workspace, c->workspace_bytes, 0) != CUBLAS_STATUS_SUCCESS) {
+    fprintf(stderr, "FATAL: cublasLtMatmul\n");
+    exit(1);
+  }
+  /* sync_gpu waits on the backend's stream only; a GEMM of ~1 ms hides this wait */
+  must_cuda(cudaStreamSynchronize(0), "cublasLtMatmul");
+}
+
+static void must_lt(cublasStatus_t s, const char *what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    fprintf(stderr, "FATAL: %s: cuBLAS status %d\n", what, (int)s);
+    exit(1);
+  }
+}
+
+/* y[T, rows] = x[T, cols] W[rows, cols]^T with W and x already BF16, float32 accumulation and
+ * output, the best algorithm cuBLASLt's heuristic offers: what m3's matmul would reach if the
+ * activations came in BF16. */
+static double lt_ceiling_tflops(int64_t rows, int64_t cols, int T) {
+  lt_ctx c;
+  memset(&c, 0, sizeof c);
+  c.workspace_bytes = 32u << 20;
+  must_cuda(cudaMalloc(&c.workspace, c.workspace_bytes), "cudaMalloc");
+  c.w = device_random(M3_DT_BF16, (size_t)rows * cols * 2);
+  c.x = device_random(M3_DT_BF16, (size_t)T * cols * 2);
+  c.y = gpu->ops->alloc(gpu, (size_t)T * rows * 4);
+  cublasOperation_t trans = CUBLAS_OP_T;
+  cublasLtMatmulPreference_t pref;
+  int found = 0;
+  must_lt(cublasLtCreate(&c.lt), "cublasLtCreate");
+  must_lt(cublasLtMatmulDescCreate(&c.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  must_lt(cublasLtMatmulDescSetAttribute(c.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof trans), "transa");
+  must_lt(cublasLtMatrixLayoutCreate(&c.la, CUDA_R_16BF, (uint64_t)cols, (uint64_t)rows, cols), "layout");
+  must_lt(cublasLtMatrixLayoutCreate(&c.lb, CUDA_R_16BF, (uint64_t)cols, (uint64_t)T, cols), "layout");
+  must_lt(cublasLtMatrixLayoutCreate(&c.lc, CUDA_R_32F, (uint64_t)rows, (uint64_t)T, rows), "layout");
+  must_lt(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  must_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                               &c.workspace_bytes, sizeof c.workspace_bytes), "workspace");
+  must_lt(cublasLtMatmulAlgoGetHeuristic(c.lt, c.op, c.la, c.lb, c.lc, c.lc, pref, 1, &c.heur, &found),
+          "heuristic");
+  if (found < 1) must_lt(CUBLAS_STATUS_NOT_SUPPORTED, "heuristic found no algorithm");
+  double s = time_call(run_lt, &c, 5);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(c.lc), cublasLtMatrixLayoutDestroy(c.lb), cublasLtMatrixLayoutDestroy(c.la);
+  cublasLtMatmulDescDestroy(c.op);
+  cublasLtDestroy(c.lt);
+  gpu->ops->free(gpu, c.w), gpu->ops->free(gpu, c.x), gpu->ops->free(gpu, c.y);
+  cudaFree(c.workspace);
+  return 2.0 * T * rows * cols / s / 1e12;
+}
+
+/* ---- MSA decode ---- */
+
+enum { MSA_BATCH = 16 };
+
+/* A decode step of `batch` sequences at one context length, each with its own cache (pages of one
+ * shuffled pool), called per sequence as src/model/attention.c calls the ops per segment. */
+typedef struct {
+  m3_kv_view kv[MSA_BATCH];
+  float *q, *iq, *out;  /* [MSA_BATCH, nh, hd], [MSA_BATCH, G, ihd], [MSA_BATCH, nh, hd] */
+  int32_t *pos, *sel;   /* [MSA_BATCH], [MSA_BATCH, G, topk] */
+  int batch, nh, hd, G, ihd;
   m3_msa_params p;
 } msa_ctx;
 
+static void msa_select_seq(const msa_ctx *c, int b) {
+  gpu->ops->msa_select(gpu, c->iq + (size_t)b * c->G * c->ihd, c->G, &c->kv[b], c->pos + b, 1,
+                       &c->p, c->sel + (size_t)b * c->G * c->p.topk);
+}
+
+static void msa_attend_seq(const msa_ctx *c, int b, int sparse) {
+  gpu->ops->attention(gpu, c->q + (size_t)b * c->nh * c->hd, c->nh, &c->kv[b], c->pos + b, 1,
+                      sparse ? c->sel + (size_t)b * c->G * c->p.topk : NULL, c->p.topk,
+                      c->out + (size_t)b * c->nh * c->hd);
+}
+
 static void run_select(void *ctx, int iter) {
   (void)iter;
-  msa_ctx *c = ctx;
-  gpu->ops->msa_select(gpu, c->iq, c->G, &c->kv, c->pos, c->T, &c->p, c->sel);
+  const msa_ctx *c = ctx;
+  for (int b = 0; b < c->batch; b++) msa_select_seq(c, b);
 }
 
 static void run_sparse(void *ctx, int iter) {
   (void)iter;
-  msa_ctx *c = ctx;
-  gpu->ops->attention(gpu, c->q, c->nh, &c->kv, c->pos, c->T, c->sel, c->p.topk, c->out);
+  const msa_ctx *c = ctx;
+  for (int b = 0; b < c->batch; b++) msa_attend_seq(c, b, 1);
+}
+
+static void run_layer(void *ctx, int iter) {
+  (void)iter;
+  const msa_ctx *c = ctx;
+  for (int b = 0; b < c->batch; b++) msa_select_seq(c, b), msa_attend_seq(c, b, 1);
 }
 
 static void run_dense(void *ctx, int iter) {
   (void)iter;
-  msa_ctx *c = ctx;
-  gpu->ops->attention(gpu, c->q, c->nh, &c->kv, c->pos, c->T, NULL, 0, c->out);
+  const msa_ctx *c = ctx;
+  for (int b = 0; b < c->batch; b++) msa_attend_seq(c, b, 0);
 }
 
-static void bench_msa(int len, double copy_gbs, FILE *table) {
-  const int bs = 128, nkv = 4, hd = 128, ihd = 128, nh = 64;
+/* MSA decode per layer at context len, batch 1 and MSA_BATCH; layer_us[i] gets the times of the
+ * two batches, and base_us (when not NULL) holds those at the shortest context for the ratio. */
+static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2], const double *base_us) {
   msa_ctx c;
   memset(&c, 0, sizeof c);
-  c.nh = nh, c.G = nkv;
+  const int bs = 128, nkv = 4;
+  c.nh = 64, c.hd = 128, c.G = nkv, c.ihd = 128;
   c.p = (m3_msa_params){16, 1, 0};
-  int blocks = (len + bs - 1) / bs;
-  int32_t *table_h = malloc((size_t)blocks * 4);
-  for (int b = 0; b < blocks; b++) table_h[b] = b;
-  for (int b = blocks - 1; b > 0; b--) { /* shuffled pages */
-    int j = (int)(rnd() % (uint32_t)(b + 1));
-    int32_t tmp = table_h[b];
-    table_h[b] = table_h[j], table_h[j] = tmp;
+  const int blocks = (len + bs - 1) / bs, pages = blocks * MSA_BATCH;
+  int32_t *perm = malloc((size_t)pages * 4);
+  for (int i = 0; i < pages; i++) perm[i] = i;
+  for (int i = pages - 1; i > 0; i--) { /* shuffled pages */
+    int j = (int)(rnd() % (uint32_t)(i + 1));
+    int32_t tmp = perm[i];
+    perm[i] = perm[j], perm[j] = tmp;
   }
-  int32_t *table_d = gpu->ops->alloc(gpu, (size_t)blocks * 4);
-  must(gpu->ops->to_device(gpu, table_d, table_h, (size_t)blocks * 4), "to_device");
-  size_t kvn = (size_t)blocks * nkv * bs * hd;
-  c.kv = (m3_kv_view){device_random(M3_DT_F32, kvn * 4), device_random(M3_DT_F32, kvn * 4),
-                      device_random(M3_DT_F32, (size_t)blocks * bs * ihd * 4), table_d, blocks, bs,
-                      nkv, hd, ihd};
-  int32_t pos_h[16];
-  c.q = device_random(M3_DT_F32, (size_t)16 * nh * hd * 4);
-  c.iq = device_random(M3_DT_F32, (size_t)16 * nkv * ihd * 4);
-  c.out = gpu->ops->alloc(gpu, (size_t)16 * nh * hd * 4);
-  c.sel = gpu->ops->alloc(gpu, (size_t)16 * nkv * c.p.topk * 4);
+  int32_t *tables = gpu->ops->alloc(gpu, (size_t)pages * 4);
+  must(gpu->ops->to_device(gpu, tables, perm, (size_t)pages * 4), "to_device");
+  const size_t kvn = (size_t)pages * nkv * bs * c.hd;
+  float *k = device_random(M3_DT_F32, kvn * 4), *v = device_random(M3_DT_F32, kvn * 4);
+  float *ik = device_random(M3_DT_F32, (size_t)pages * bs * c.ihd * 4);
+  for (int b = 0; b < MSA_BATCH; b++)
+    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd};
+  int32_t pos_h[MSA_BATCH];
+  for (int b = 0; b < MSA_BATCH; b++) pos_h[b] = len - 1;
+  c.q = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.nh * c.hd * 4);
+  c.iq = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.G * c.ihd * 4);
+  c.out = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.nh * c.hd * 4);
+  c.sel = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.G * c.p.topk * 4);
   c.pos = gpu->ops->alloc(gpu, sizeof pos_h);
-  static const int Ts[] = {1, 16};
+  must(gpu->ops->to_device(gpu, c.pos, pos_h, sizeof pos_h), "to_device");
+  static const int batches[2] = {1, MSA_BATCH};
   for (int i = 0; i < 2; i++) {
-    c.T = Ts[i];
-    for (int t = 0; t < c.T; t++) pos_h[t] = len - c.T + t; /* the last T positions */
-    must(gpu->ops->to_device(gpu, c.pos, pos_h, sizeof pos_h), "to_device");
-    double ts = time_call(run_select, &c, 20), ta = time_call(run_sparse, &c, 20);
-    double td = time_call(run_dense, &c, len > 40000 ? 3 : 20);
-    double scan = (double)len * ihd * 4 * c.T; /* index keys read per call, fp32 */
-    fprintf(table, "| MSA decode ctx %d T=%d | select %.1f us (index scan %.0f GB/s = %.0f%% of copy) "
-            "+ sparse attention %.1f us = %.1f us | dense attention %.1f us |\n",
-            len, c.T, ts * 1e6, scan / ts / 1e9, 100.0 * scan / ts / 1e9 / copy_gbs, ta * 1e6,
-            (ts + ta) * 1e6, td * 1e6);
+    c.batch = batches[i];
+    const int reps = len * c.batch > 300000 ? 3 : 20;
+    double ts = time_call(run_select, &c, reps), ta = time_call(run_sparse, &c, reps);
+    double tl = time_call(run_layer, &c, reps), td = time_call(run_dense, &c, reps > 3 ? 10 : 2);
+    /* Bytes a step must read per sequence: every index key, the K and V rows of the selected
+     * blocks (all of them below 16 blocks); dense: every K and V row. */
+    const int chosen = blocks < c.p.topk ? blocks : c.p.topk;
+    const double kv_row = (double)nkv * c.hd * 4 * 2;
+    const double sparse_bytes = c.batch * ((double)len * c.ihd * 4 + (double)chosen * bs * kv_row);
+    const double dense_bytes = c.batch * (double)len * kv_row;
+    layer_us[i] = tl * 1e6;
+    char ratio[80] = "";
+    if (base_us) snprintf(ratio, sizeof ratio, " | %.2fx the %s-sequence layer at ctx 2K", tl * 1e6 / base_us[i], i ? "16" : "1");
+    fprintf(table,
+            "| MSA decode ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
+            "reads %.1f MB = %.0f GB/s = %.0f%% of copy | dense attention %.1f us, %.0f GB/s = %.0f%% of copy%s |\n",
+            len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6, sparse_bytes / tl / 1e9,
+            100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6, dense_bytes / td / 1e9,
+            100.0 * dense_bytes / td / 1e9 / copy_gbs, ratio);
     fflush(table);
   }
-  gpu->ops->free(gpu, c.kv.k), gpu->ops->free(gpu, c.kv.v), gpu->ops->free(gpu, c.kv.ik);
-  gpu->ops->free(gpu, table_d), gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq);
-  gpu->ops->free(gpu, c.out), gpu->ops->free(gpu, c.sel), gpu->ops->free(gpu, c.pos);
-  free(table_h);
+  gpu->ops->free(gpu, k), gpu->ops->free(gpu, v), gpu->ops->free(gpu, ik), gpu->ops->free(gpu, tables);
+  gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq), gpu->ops->free(gpu, c.out);
+  gpu->ops->free(gpu, c.sel), gpu->ops->free(gpu, c.pos);
+  free(perm);
 }
 
 int main(int argc, char **argv) {
@@ -274,19 +381,30 @@ int main(int argc, char **argv) {
   double copy_gbs = copy_bandwidth();
   fprintf(table, "| card | %s, %d SMs |\n| device-to-device copy | %.0f GB/s (read + write) |\n",
           prop.name, prop.multiProcessorCount, copy_gbs);
-  static const int decode_T[] = {1, 8}, prefill_T[] = {2048};
+  static const int decode_T[] = {1, 8, 64}, prefill_T[] = {8192};
   static const struct {
     const char *label;
     int64_t rows, cols;
-  } shapes[] = {{"q_proj", 8192, 6144}, {"o_proj", 6144, 8192}, {"expert w1", 3072, 6144},
-                {"lm_head", 200064, 6144}};
-  for (int s = 0; s < 4; s++)
+    int prefill; /* also timed at prefill against the cuBLASLt ceiling */
+  } shapes[] = {{"q_proj", 8192, 6144, 1},     {"o_proj", 6144, 8192, 1},
+                {"k/v_proj", 512, 6144, 0},    {"expert w1/w3", 3072, 6144, 1},
+                {"expert w2", 6144, 3072, 1},  {"dense w1/w3", 12288, 6144, 0},
+                {"lm_head", 200064, 6144, 0}};
+  const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
+  for (int s = 0; s < nshapes; s++)
     for (int mx = 0; mx < 2; mx++)
-      bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 2, copy_gbs, table);
-  bench_matmul("q_proj", 8192, 6144, 0, prefill_T, 1, copy_gbs, table);
-  bench_matmul("q_proj", 8192, 6144, 1, prefill_T, 1, copy_gbs, table);
+      bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 3, copy_gbs, table);
+  for (int s = 0; s < nshapes; s++) {
+    if (!shapes[s].prefill) continue;
+    fprintf(table, "| cuBLASLt ceiling %s %lldx%lld T=%d (BF16 in, fp32 accumulate) | %.0f TFLOP/s |\n",
+            shapes[s].label, (long long)shapes[s].rows, (long long)shapes[s].cols, prefill_T[0],
+            lt_ceiling_tflops(shapes[s].rows, shapes[s].cols, prefill_T[0]));
+    for (int mx = 0; mx < 2; mx++)
+      bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, prefill_T, 1, copy_gbs, table);
+  }
   static const int contexts[] = {2048, 32768, 131072};
-  for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table);
+  double base_us[2], layer_us[2];
+  for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);
   return 0;

@@ -96,8 +96,9 @@ typedef struct {
 } op_result;
 
 enum {
-  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_SWIGLU, OP_ADD,
-  OP_ADD_SCALED, OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE, OP_COUNT
+  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
+  OP_ADD_SCALED, OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE,
+  OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
@@ -105,6 +106,7 @@ static op_result results[OP_COUNT] = {
     [OP_MATMUL_BF16ACT] = {"matmul (bf16 activations, cuBLASLt)", 0, 0, 0, 1e-2, 0, 0},
     [OP_RMSNORM] = {"rmsnorm", 0, 0, 0, 1e-5, 0, 0},
     [OP_ROPE] = {"rope", 0, 0, 0, 1e-5, 0, 0},
+    [OP_RMSNORM_ROPE] = {"rmsnorm_rope (fused)", 0, 0, 0, 1e-5, 0, 0},
     [OP_SWIGLU] = {"swiglu_oai", 0, 0, 0, 1e-5, 0, 0},
     [OP_ADD] = {"add", 0, 0, 0, 1e-6, 0, 0},
     [OP_ADD_SCALED] = {"add_scaled_rows", 0, 0, 0, 1e-5, 0, 0},
@@ -113,6 +115,8 @@ static op_result results[OP_COUNT] = {
     [OP_ATT_DENSE] = {"attention (dense)", 0, 0, 0, 1e-5, 0, 0},
     [OP_ATT_SPARSE] = {"attention (MSA blocks)", 0, 0, 0, 1e-5, 0, 0},
     [OP_MOE] = {"moe_route (weights)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_MOE_EXPERTS_DECODE] = {"moe_experts (grouped GEMV)", 0, 0, 0, 1e-4, 0, 0},
+    [OP_MOE_EXPERTS_PREFILL] = {"moe_experts (per-expert matmuls)", 0, 0, 0, 2e-2, 0, 0},
 };
 
 /* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
@@ -258,6 +262,34 @@ static void test_matmul(void) {
     }
 }
 
+/* The GEMV (T <= 8) on what its fast path must get right: rows not a multiple of the rows a block
+ * takes (enough rows for 2 and 4 per block on an H100/H200), K not a whole number of 32-byte steps
+ * (E4M3 with K % 32 == 16: its last MXFP8 block half full), x not 16-byte aligned (the element
+ * path). */
+static void test_matmul_gemv_edges(void) {
+  static const int64_t shapes[][2] = {{4229, 80}, {2115, 336}, {3, 48}};
+  static const int Ts[] = {1, 3, 8};
+  for (int kind = 0; kind < W_KINDS; kind++)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+      int64_t rows = shapes[s][0], cols = shapes[s][1];
+      weight w = make_weight(kind, rows, cols);
+      for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+        for (int offset = 0; offset < 2; offset++) {
+          int T = Ts[ti];
+          float *xh = random_floats((size_t)T * cols + 1, -1, 1);
+          pair x = pair_from(xh, ((size_t)T * cols + 1) * 4), y = pair_poisoned((size_t)T * rows);
+          cpu->ops->matmul(cpu, &w.c, (float *)x.c + offset, T, y.c);
+          gpu->ops->matmul(gpu, &w.g, (float *)x.g + offset, T, y.g);
+          char what[96];
+          snprintf(what, sizeof what, "gemv %s %lldx%lld T=%d x offset %d", kind_name[kind],
+                   (long long)rows, (long long)cols, T, offset);
+          compare(OP_MATMUL_F32, what, &y);
+          pair_free(&x), pair_free(&y), free(xh);
+        }
+      free_weight(&w);
+    }
+}
+
 static void test_embed(void) {
   for (int kind = 0; kind < W_KINDS; kind++) {
     weight w = make_weight(kind, 50, 96);
@@ -304,6 +336,27 @@ static void test_rope(void) {
     compare(OP_ROPE, what, &x);
     pair_free(&p), pair_free(&x), free(xh);
   }
+}
+
+/* The fused op against the CPU's two ops (rmsnorm then rope), on q-, k- and index-shaped heads. */
+static void test_rmsnorm_rope(void) {
+  static const int cfg[][4] = {{64, 128, 64, 1}, {4, 128, 64, 5}, {1, 128, 64, 300},
+                               {8, 16, 8, 7},    {2, 24, 24, 3},  {3, 640, 64, 2}};
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+    for (int kind = W_F32; kind <= W_BF16; kind++) {
+      int nheads = cfg[c][0], hd = cfg[c][1], rot = cfg[c][2], T = cfg[c][3];
+      int32_t *pos = malloc((size_t)T * sizeof *pos);
+      for (int t = 0; t < T; t++) pos[t] = t < 4 ? t : (int32_t)(rnd() % 200000);
+      weight w = make_weight(kind, 1, hd);
+      float *xh = random_floats((size_t)T * nheads * hd, -3, 3);
+      pair p = pair_from(pos, (size_t)T * sizeof *pos), x = pair_from(xh, (size_t)T * nheads * hd * 4);
+      cpu->ops->rmsnorm_rope(cpu, x.c, &w.c, 1e-6f, p.c, T, nheads, hd, rot, 5e6);
+      gpu->ops->rmsnorm_rope(gpu, x.g, &w.g, 1e-6f, p.g, T, nheads, hd, rot, 5e6);
+      char what[80];
+      snprintf(what, sizeof what, "T %d heads %d hd %d rot %d %s", T, nheads, hd, rot, kind_name[kind]);
+      compare(OP_RMSNORM_ROPE, what, &x);
+      pair_free(&p), pair_free(&x), free(xh), free(pos), free_weight(&w);
+    }
 }
 
 static void test_elementwise(void) {
@@ -532,6 +585,62 @@ static void test_msa_attention(void) {
     msa_attention_case(16, 8, 2, 32, 16, 300, 9, params[pi], 1);
 }
 
+/* Attention alone on decode and prefill shapes: query heads per KV head 16, 8, 4, 2 and 1, head
+ * dims 256, 128, 96 and 16, long contexts (split-K across many splits) ending in a partial block,
+ * consecutive positions (prefill, MTP drafts) and ragged ones with padding rows. The selections
+ * are random distinct blocks, the token's own (local) block first so its causal mask is exercised,
+ * some past the token or the table (skipped), and every third list cut short by a -1 followed by
+ * more ids (ignored); topk <= blocks + 2 so that distinct ids exist. */
+static void attention_shape_case(int bs, int nh, int nkv, int hd, int len, int T, int consecutive,
+                                 int topk) {
+  const int blocks = (len + bs - 1) / bs;
+  cache c = make_cache(blocks, bs, nkv, hd, 16, 0);
+  int32_t *posh = random_positions(T, len);
+  if (consecutive)
+    for (int t = 0; t < T; t++) posh[t] = len - T + t;
+  int32_t *selh = malloc((size_t)T * nkv * topk * 4);
+  for (int t = 0; t < T; t++)
+    for (int h = 0; h < nkv; h++) {
+      int32_t *row = selh + ((size_t)t * nkv + h) * topk;
+      for (int i = 0; i < topk; i++) {
+        int fresh;
+        do {
+          row[i] = i == 0 && posh[t] >= 0 ? posh[t] / bs : (int32_t)(rnd() % (uint32_t)(blocks + 2));
+          fresh = 1;
+          for (int j = 0; j < i; j++) fresh &= row[j] != row[i];
+        } while (!fresh);
+      }
+      if (rnd() % 3 == 0) row[1 + rnd() % (uint32_t)(topk - 1)] = -1;
+    }
+  pair pos = pair_from(posh, (size_t)T * 4), sel = pair_from(selh, (size_t)T * nkv * topk * 4);
+  char what[128];
+  snprintf(what, sizeof what, "bs %d nh %d nkv %d hd %d len %d T %d %s topk %d", bs, nh, nkv, hd,
+           len, T, consecutive ? "consecutive" : "ragged", topk);
+  attention_pair(&c, nh, T, &pos, NULL, 0, what);
+  attention_pair(&c, nh, T, &pos, &sel, topk, what);
+  pair_free(&pos), pair_free(&sel), free(posh), free(selh), free_cache(&c);
+}
+
+static void test_attention_shapes(void) {
+  static const int cfg[][8] = {
+      /* bs nh nkv hd len T consecutive topk */
+      {128, 64, 4, 128, 20000, 1, 1, 16}, {128, 64, 4, 128, 20000, 3, 1, 16},
+      {128, 64, 4, 128, 2048 + 77, 1, 1, 16}, {128, 64, 4, 128, 2048 + 77, 300, 1, 16},
+      {128, 64, 4, 128, 5000, 300, 0, 16}, {128, 64, 4, 128, 129, 1, 1, 3},
+      {128, 16, 4, 128, 9000, 1, 1, 16}, {128, 16, 4, 128, 3000, 300, 1, 16},
+      {128, 16, 4, 128, 3000, 3, 0, 16}, {128, 4, 4, 128, 9000, 3, 1, 16},
+      {128, 4, 4, 128, 3000, 300, 0, 16}, {128, 4, 4, 128, 20000, 1, 1, 16},
+      {16, 64, 4, 16, 20000, 1, 1, 5}, {16, 64, 4, 16, 1000, 300, 1, 5},
+      {16, 16, 4, 16, 333, 3, 1, 5}, {16, 4, 4, 16, 2000, 300, 0, 5},
+      {8, 8, 1, 16, 77, 1, 1, 4}, {8, 8, 1, 16, 77, 17, 0, 4},
+      {128, 16, 1, 256, 1500, 3, 1, 16}, {128, 16, 1, 256, 1500, 300, 1, 16},
+      {64, 32, 16, 96, 700, 17, 0, 8}, {32, 2, 1, 128, 4000, 17, 0, 40},
+  };
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
+    attention_shape_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5],
+                         cfg[i][6], cfg[i][7]);
+}
+
 static void test_moe_route(void) {
   static const int cfg[][2] = {{8, 2}, {128, 4}, {256, 8}, {16, 1}, {64, 6}}; /* E, k */
   for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
@@ -564,6 +673,64 @@ static void test_moe_route(void) {
     }
 }
 
+/* moe_experts, E 16, k 4: T 1, 5 and 64 take the grouped GEMV (float32 activations), 65 and 300
+ * the per-expert matmuls (BF16 activations once an expert has more than 8 rows). Routings are
+ * distinct random choices, every other case with expert 0 in every token and only half the
+ * experts used; BF16 and MXFP8 weights on every T, the other dtypes (their fallback decoders) on
+ * one T of each path; down's width 96 or 64 (wide E4M3 loads need a multiple of 16). */
+static void moe_experts_case(int kind, int H, int I, int T, int skew) {
+  enum { E = 16, K = 4 };
+  weight gate[E], up[E], down[E];
+  m3_tensor tc[3][E], tg[3][E];
+  for (int e = 0; e < E; e++) {
+    gate[e] = make_weight(kind, I, H), up[e] = make_weight(kind, I, H);
+    down[e] = make_weight(kind, H, I);
+    tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
+    tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
+  }
+  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
+  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
+  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  int32_t *idh = malloc((size_t)T * K * 4);
+  for (int t = 0; t < T; t++)
+    for (int j = 0; j < K; j++) {
+      int fresh;
+      do {
+        idh[t * K + j] = skew && j == 0 ? 0 : (int32_t)(rnd() % (skew ? E / 2 : E));
+        fresh = 1;
+        for (int i = 0; i < j; i++) fresh &= idh[t * K + i] != idh[t * K + j];
+      } while (!fresh);
+    }
+  float *hh = random_floats((size_t)T * H, -1, 1), *xh = random_floats((size_t)T * H, -1, 1);
+  float *wh = random_floats((size_t)T * K, 0.05f, 1.5f);
+  pair h = pair_from(hh, (size_t)T * H * 4), x = pair_from(xh, (size_t)T * H * 4);
+  pair ids = pair_from(idh, (size_t)T * K * 4), w = pair_from(wh, (size_t)T * K * 4);
+  cpu->ops->moe_experts(cpu, &exc, h.c, T, ids.c, w.c, K, x.c);
+  gpu->ops->moe_experts(gpu, &exg, h.g, T, ids.g, w.g, K, x.g);
+  char what[96];
+  snprintf(what, sizeof what, "%s H %d I %d T %d%s", kind_name[kind], H, I, T, skew ? " skewed" : "");
+  compare(T > 64 ? OP_MOE_EXPERTS_PREFILL : OP_MOE_EXPERTS_DECODE, what, &x);
+  cpu->ops->release_experts(cpu, &exc);
+  gpu->ops->release_experts(gpu, &exg);
+  for (int e = 0; e < E; e++) free_weight(&gate[e]), free_weight(&up[e]), free_weight(&down[e]);
+  pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&w);
+  free(idh), free(hh), free(xh), free(wh);
+}
+
+static void test_moe_experts(void) {
+  static const int Ts[] = {1, 5, 64, 65, 300};
+  static const int kinds[] = {W_BF16, W_MXFP8};
+  for (size_t ki = 0; ki < 2; ki++)
+    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+      for (int skew = 0; skew < 2; skew++) moe_experts_case(kinds[ki], 256, skew ? 64 : 96, Ts[ti], skew);
+  static const int others[] = {W_F32, W_F16, W_FP8_BLOCK};
+  for (size_t ki = 0; ki < 3; ki++) {
+    moe_experts_case(others[ki], 256, 96, 5, 0);
+    moe_experts_case(others[ki], 256, 96, 65, 1);
+  }
+}
+
 static int test_errors(void) {
   m3_backend *none = NULL;
   m3_status st = m3_backend_cuda_create(999, &none);
@@ -572,18 +739,28 @@ static int test_errors(void) {
   return ok;
 }
 
+/* Names each group on stderr before it runs, so a hang or crash on the GPU machine shows where. */
+static void run(const char *name, void (*test)(void)) {
+  fprintf(stderr, "-- %s\n", name);
+  test();
+}
+
 int main(void) {
   must(m3_backend_cpu_create(0, &cpu), "cpu backend");
   must(m3_backend_create("cuda", 0, &gpu), "cuda backend");
   int ok = test_errors();
-  test_matmul();
-  test_embed();
-  test_rmsnorm();
-  test_rope();
-  test_elementwise();
-  test_kv_store();
-  test_msa_attention();
-  test_moe_route();
+  run("matmul", test_matmul);
+  run("matmul_gemv_edges", test_matmul_gemv_edges);
+  run("embed", test_embed);
+  run("rmsnorm", test_rmsnorm);
+  run("rope", test_rope);
+  run("rmsnorm_rope", test_rmsnorm_rope);
+  run("elementwise", test_elementwise);
+  run("kv_store", test_kv_store);
+  run("msa_attention", test_msa_attention);
+  run("attention_shapes", test_attention_shapes);
+  run("moe_route", test_moe_route);
+  run("moe_experts", test_moe_experts);
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
   for (int i = 0; i < OP_COUNT; i++) {
     const op_result *r = &results[i];

@@ -38,6 +38,14 @@ static m3_status cpu_prepare_tensor(m3_backend *be, m3_tensor *t) {
 
 static void cpu_release_tensor(m3_backend *be, m3_tensor *t) { (void)be, (void)t; }
 
+/* Host code reaches every expert through the m3_moe_experts arrays themselves. */
+static m3_status cpu_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
+  (void)be, (void)ex;
+  return M3_OK;
+}
+
+static void cpu_release_experts(m3_backend *be, m3_moe_experts *ex) { (void)be, (void)ex; }
+
 static const m3_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
@@ -52,6 +60,7 @@ static const m3_backend_ops cpu_ops = {
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
+    .rmsnorm_rope = cpu_rmsnorm_rope,
     .swiglu_oai = cpu_swiglu_oai,
     .add = cpu_add,
     .add_scaled_rows = cpu_add_scaled_rows,
@@ -59,6 +68,9 @@ static const m3_backend_ops cpu_ops = {
     .msa_select = cpu_msa_select,
     .attention = cpu_attention,
     .moe_route = cpu_moe_route,
+    .prepare_experts = cpu_prepare_experts,
+    .release_experts = cpu_release_experts,
+    .moe_experts = cpu_moe_experts,
     .vision = &cpu_vision_ops,
 };
 

@@ -1,6 +1,9 @@
-/* moe.c: MoE routing (shared/spec/m3_text_spec.md §3.5), all in float32. */
+/* moe.c: MoE routing and the routed experts (shared/spec/m3_text_spec.md §3.5), all in float32.
+ * The experts group the (token, choice) slots by expert so each expert's weights stream through
+ * once per call, as one batched matmul over the tokens that chose it. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
 
@@ -27,4 +30,98 @@ void cpu_moe_route(m3_backend *be, const float *logits, const float *bias, int T
     for (int j = 0; j < k; j++) wt[j] = s[id[j]] / sum * scaling;
   }
   free(s);
+}
+
+/* ---- routed experts ---- */
+
+/* The T*k (token, choice) slots grouped by expert, stable in slot order (a counting sort):
+ * expert e owns sorted positions [start[e], start[e + 1]); slot_at[p] is the slot t*k + j at
+ * sorted position p and pos_of[slot] its position, -1 for a choice outside [0, E). */
+typedef struct {
+  int32_t *start;   /* [E + 1] */
+  int32_t *slot_at; /* [T*k] */
+  int32_t *pos_of;  /* [T*k] */
+} expert_groups;
+
+static void group_slots(const int32_t *ids, int n, int E, expert_groups *g) {
+  for (int e = 0; e <= E; e++) g->start[e] = 0;
+  for (int i = 0; i < n; i++)
+    if (ids[i] >= 0 && ids[i] < E) g->start[ids[i] + 1]++;
+  for (int e = 0; e < E; e++) g->start[e + 1] += g->start[e];
+  for (int i = 0; i < n; i++) g->pos_of[i] = -1;
+  /* start[e] advances as slots are placed; start[e] of the next expert restores it afterwards. */
+  for (int i = 0; i < n; i++) {
+    int e = ids[i];
+    if (e < 0 || e >= E) continue;
+    g->slot_at[g->start[e]] = i;
+    g->pos_of[i] = g->start[e]++;
+  }
+  for (int e = E; e > 0; e--) g->start[e] = g->start[e - 1];
+  g->start[0] = 0;
+}
+
+typedef struct {
+  const cpu_kernels *k;
+  float *x;
+  const float *y, *weights;
+  const int32_t *pos_of;
+  int k_per_tok, H;
+} combine_job;
+
+/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order; a choice outside [0, E) makes the row NaN. */
+static void combine_rows(void *ctx, int64_t t0, int64_t t1, int worker) {
+  (void)worker;
+  const combine_job *job = ctx;
+  const int k = job->k_per_tok, H = job->H;
+  for (int64_t t = t0; t < t1; t++) {
+    float *xt = job->x + t * H;
+    for (int j = 0; j < k; j++) {
+      int32_t p = job->pos_of[t * k + j];
+      if (p < 0) {
+        for (int c = 0; c < H; c++) xt[c] = NAN;
+        break;
+      }
+      job->k->axpy(xt, job->weights[t * k + j], job->y + (size_t)p * H, H);
+    }
+  }
+}
+
+void cpu_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
+                     const int32_t *ids, const float *weights, int k, float *x) {
+  cpu_backend *cb = cpu_of(be);
+  if (T <= 0 || k <= 0) return;
+  const int E = ex->E, n = T * k;
+  const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
+  int32_t *ints = malloc(((size_t)E + 1 + 2 * (size_t)n) * sizeof(int32_t));
+  expert_groups g = {ints, ints ? ints + E + 1 : NULL, ints ? ints + E + 1 + n : NULL};
+  int max_rows = 0;
+  if (ints) {
+    group_slots(ids, n, E, &g);
+    for (int e = 0; e < E; e++)
+      if (g.start[e + 1] - g.start[e] > max_rows) max_rows = g.start[e + 1] - g.start[e];
+  }
+  /* rows [n, H]: h gathered in sorted order, then each expert's output in place of its input;
+   * gate, up [max_rows, I] of the current expert. */
+  float *rows = ints ? malloc(((size_t)n * H + 2 * (size_t)max_rows * I) * sizeof(float)) : NULL;
+  if (!rows) { /* Out of memory in an op that cannot fail: a visibly invalid residual stream. */
+    for (size_t i = 0; i < (size_t)T * H; i++) x[i] = NAN;
+    free(ints);
+    return;
+  }
+  float *gate = rows + (size_t)n * H, *up = gate + (size_t)max_rows * I;
+  for (int p = 0; p < g.start[E]; p++)
+    memcpy(rows + (size_t)p * H, h + (size_t)(g.slot_at[p] / k) * H, (size_t)H * sizeof(float));
+  for (int e = 0; e < E; e++) {
+    const int first = g.start[e], cnt = g.start[e + 1] - first;
+    if (cnt == 0) continue;
+    float *xe = rows + (size_t)first * H;
+    cpu_matmul(be, &ex->gate[e], xe, cnt, gate);
+    cpu_matmul(be, &ex->up[e], xe, cnt, up);
+    cpu_swiglu_oai(be, gate, up, (size_t)cnt * I, ex->alpha, ex->beta, ex->limit, gate);
+    cpu_matmul(be, &ex->down[e], gate, cnt, xe);
+  }
+  combine_job job = {cb->k, x, rows, weights, g.pos_of, k, (int)H};
+  m3_parallel_for(cb->pool, T, (int64_t)T * H * k < (1 << 15) ? T : 0, combine_rows, &job);
+  free(rows);
+  free(ints);
 }

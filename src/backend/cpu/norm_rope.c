@@ -94,3 +94,11 @@ void cpu_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, i
   int64_t chunk = (int64_t)T * nheads * rot < PARALLEL_MIN ? T : 0;
   m3_parallel_for(cb->pool, T, chunk, rope_tokens, &job);
 }
+
+/* Two passes over x: each is already one parallel sweep, and on the CPU x stays in cache between
+ * them at the sizes a step has, so fusing would buy nothing here. */
+void cpu_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
+                      int T, int nheads, int hd, int rot, double theta) {
+  cpu_rmsnorm(be, x, w, eps, T * nheads, hd, x);
+  cpu_rope(be, x, pos, T, nheads, hd, rot, theta);
+}

@@ -1,18 +1,32 @@
 /* attention.cu: paged KV-cache writes and causal GQA attention over the pages, dense or restricted
  * to the MSA-selected blocks (shared/spec/msa_spec.md §5).
  *
- * Flash-decoding: the keys of a token's block list (all visible blocks, or its topk selected ones)
- * are taken in units of 32 keys (a block is ceil(block_size / 32) units). A work item is (token,
- * KV head, split); a split walks a contiguous run of units, keeps an online softmax per query head
- * of the group, and leaves (max, sum, unnormalized output) for the combine kernel. A decode token
- * thus spreads over the whole GPU even with 16 selected blocks, and prefill (many tokens) runs one
- * split per item. Within a split a warp owns one query head at a time: one key per lane for the
- * scores, then lanes over head dims to accumulate V. */
+ * One kernel serves decode and prefill, flash-attention style. A thread block takes a tile of
+ * query rows, (token, query head) pairs of `tt` consecutive tokens and all `group` query heads of
+ * one KV head, so every K and V row it loads is used by all of them: at decode (one token) the 16
+ * heads of a group, at prefill 4 tokens x 16 heads. Keys come in tiles of 32 (one page slice),
+ * staged in shared memory; each warp owns rows w, w + 8, ...: scores with one key per lane, an
+ * online softmax in fp32 with the row max and sum in registers, then P.V with lanes over the head
+ * dims. The key list of a tile is every visible block (dense) or the union of its tokens'
+ * selected blocks, each with the mask of tokens that selected it (sparse); causality j <= pos is
+ * masked per row. Split-K: when the tiles alone do not fill the GPU (decode), the list's key tiles
+ * are cut into splits, each leaving (max, sum, unnormalized output) per row for a combine kernel.
+ * The arithmetic is fp32 on CUDA cores. */
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
 
-enum { ATT_MAX_HD = 256, ATT_WARPS = 8 };
+enum {
+  ATT_WARPS = 8,
+  ATT_KT = 32,            /* keys per tile: one per lane while scoring */
+  ATT_MAX_ROWS = 64,      /* query rows per tile: up to 8 per warp */
+  ATT_DECODE_ROWS = 16,   /* tiles of up to 16 rows (a decode token's group) run a lighter kernel */
+  ATT_MAX_TT = 32,        /* tokens per tile: the bits of a block's token mask */
+  ATT_MAX_ENTRIES = 512,  /* selection entries (tokens x topk) a sparse tile gathers */
+  ATT_MIN_UNITS = 2,      /* key tiles per split at least, so the combine stays small */
+  ATT_MAX_SPLITS = 256,
+  ATT_MAX_HD = 256,
+};
 
 /* One block per token: K and V rows of every KV head, and the index key, into the token's page
  * slot. Positions without a page (and padding, pos < 0) are skipped, as on the CPU. */
@@ -42,114 +56,318 @@ void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int
 }
 
 typedef struct {
-  const float *q;
-  int nh, group;
+  const float *q;     /* [T, nh, hd] */
+  float *out;         /* [T, nh, hd], written directly when nsplit == 1 */
+  float *part;        /* [T, nh, nsplit, hd + 2]: unnormalized output, max, sum (nsplit > 1) */
   m3_kv_view kv;
   const int32_t *pos;
-  const int32_t *sel; /* NULL: dense */
-  int topk;
-  int nlist;          /* list entries: topk, or num_blocks when dense */
-  int units_per_block; /* ceil(block_size / 32) */
-  int per_split;      /* units per split */
+  const int32_t *sel; /* [T, nkv, topk], or NULL: dense */
+  int T, nh, group, topk;
+  int tt;             /* tokens per tile */
+  int rows;           /* tt * group */
+  int upb;            /* key tiles per block: ceil(block_size / ATT_KT) */
   int nsplit;
   float scale;
-  float *part;        /* [T, nh, nsplit, hd + 2]: output, max, sum */
 } att_args;
 
-template <int DPL> /* head dims per lane: hd <= 32 * DPL */
-__global__ void __launch_bounds__(32 * ATT_WARPS) attention_split_kernel(att_args a) {
-  extern __shared__ float qs[]; /* [group, hd] */
-  const int nkv = a.kv.nkv, hd = a.kv.hd, bs = a.kv.block_size, group = a.group;
-  const int t = blockIdx.x / nkv, kvh = blockIdx.x % nkv, split = blockIdx.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float *qg = a.q + ((size_t)t * a.nh + (size_t)kvh * group) * hd;
-  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = qg[i];
-  __syncthreads();
-  const int32_t p = a.pos[t];
-  const int32_t *list = a.sel ? a.sel + ((size_t)t * nkv + kvh) * a.topk : NULL;
-  const int ub = a.units_per_block, nunits = a.nlist * ub;
-  const int u0 = split * a.per_split;
-  const int u1 = u0 + a.per_split < nunits ? u0 + a.per_split : nunits;
-  /* A -1 ends the selection list: entries after it are ignored, also in later splits. */
-  int live = p >= 0;
-  if (list)
-    for (int i = 0; i < u0 / ub && live; i++) live = list[i] >= 0;
+/* Dynamic shared memory of one tile, in bytes: Q [rows, hd], K [KT, hd + 4] (rows padded so that
+ * lanes reading different keys hit different banks), V [KT, hd], P [warps, rpw, KT], then for
+ * sparse tiles four int arrays of tt * topk entries. */
+static size_t att_smem_bytes(int rows, int hd, int entries) {
+  const int rpw = (rows + ATT_WARPS - 1) / ATT_WARPS;
+  return ((size_t)rows * hd + (size_t)ATT_KT * (hd + 4) + (size_t)ATT_KT * hd +
+          (size_t)ATT_WARPS * rpw * ATT_KT) * sizeof(float) + (size_t)entries * 4 * sizeof(int);
+}
 
-  for (int h = warp; h < group; h += ATT_WARPS) {
-    const float *qh = qs + (size_t)h * hd;
-    float m = -INFINITY, l = 0.0f, o[DPL];
+/* Builds the sparse tile's key list: the distinct blocks selected by any of its `ntok` tokens (in
+ * ascending order) with the mask of tokens that selected each. An entry counts when it precedes
+ * the first negative id of its list, is in the table and holds a key j <= pos of its token.
+ * Returns the list length. All threads call it. */
+__device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *blk, int *rep,
+                         int *ublk, uint32_t *umask) {
+  __shared__ int count;
+  const int topk = a.topk, ne = ntok * topk, bs = a.kv.block_size;
+  if (threadIdx.x == 0) count = 0;
+  for (int e = threadIdx.x; e < ne; e += blockDim.x) {
+    const int tt = e / topk, i = e % topk;
+    const int32_t *list = a.sel + ((size_t)(t0 + tt) * a.kv.nkv + kvh) * topk;
+    const int32_t p = a.pos[t0 + tt];
+    int32_t b = list[i];
+    for (int j = 0; j < i && b >= 0; j++)
+      if (list[j] < 0) b = -1;
+    if (b >= 0 && (p < 0 || b >= a.kv.num_blocks || (int64_t)b * bs > p)) b = -1;
+    blk[e] = b;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < ne; e += blockDim.x) { /* the first entry of each block represents it */
+    int first = blk[e] >= 0;
+    for (int f = 0; f < e && first; f++) first = blk[f] != blk[e];
+    rep[e] = first;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < ne; e += blockDim.x) {
+    if (!rep[e]) continue;
+    int rank = 0;
+    uint32_t mask = 0;
+    for (int f = 0; f < ne; f++) {
+      rank += rep[f] && blk[f] < blk[e];
+      if (blk[f] == blk[e]) mask |= 1u << (f / topk);
+    }
+    ublk[rank] = blk[e];
+    umask[rank] = mask;
+    atomicAdd(&count, 1);
+  }
+  __syncthreads();
+  return count;
+}
+
+/* CPL: float4 chunks of a head row per lane, hd <= 128 * CPL. RPW: rows per warp at most, so
+ * that decode tiles (16 rows) keep few registers and many blocks in flight. */
+template <int CPL, int RPW>
+__global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_kernel(att_args a) {
+  extern __shared__ float4 att_smem[];
+  __shared__ int maxpos;
+  const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group;
+  const int R = a.rows, rpw = (R + ATT_WARPS - 1) / ATT_WARPS;
+  float *qs = (float *)att_smem;
+  float *ks = qs + (size_t)R * hd;
+  float *vs = ks + (size_t)ATT_KT * (hd + 4);
+  float *ps = vs + (size_t)ATT_KT * hd;
+  int *ents = (int *)(ps + (size_t)ATT_WARPS * rpw * ATT_KT);
+  const int ne_max = a.sel ? a.tt * a.topk : 0;
+
+  const int tile = blockIdx.x / nkv, kvh = blockIdx.x % nkv, split = blockIdx.y;
+  const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  for (int i = tid; i < R * hd4; i += blockDim.x) { /* rows of tokens past T are zero */
+    const int r = i / hd4, c = i % hd4, tt = r / group, hh = r % group;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (tt < ntok)
+      v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * hd))[c];
+    ((float4 *)qs)[i] = v;
+  }
+  if (tid == 0) {
+    int32_t mp = -1;
+    for (int tt = 0; tt < ntok; tt++) mp = a.pos[t0 + tt] > mp ? a.pos[t0 + tt] : mp;
+    maxpos = mp;
+  }
+  __syncthreads();
+  const int32_t mp = maxpos;
+  int *ublk = ents + 2 * ne_max;
+  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max);
+  int nlist;
+  if (a.sel) nlist = att_union(a, t0, ntok, kvh, ents, ents + ne_max, ublk, umask);
+  else nlist = mp < 0 ? 0 : (mp / bs + 1 < a.kv.num_blocks ? mp / bs + 1 : a.kv.num_blocks);
+
+  /* This warp's rows: position (-1: inactive) and token within the tile. */
+  int32_t prow[RPW];
+  int ttr[RPW];
+  float m[RPW], l[RPW];
+  float4 o[RPW][CPL];
 #pragma unroll
-    for (int d = 0; d < DPL; d++) o[d] = 0.0f;
-    for (int u = u0; live && u < u1; u++) {
-      const int i = u / ub;
-      const int32_t b = list ? list[i] : i;
-      if (b < 0) break;
-      if (b >= a.kv.num_blocks || (int64_t)b * bs > p) continue;
-      const int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
-      const size_t base = ((size_t)a.kv.block_table[b] * nkv + kvh) * bs * hd;
-      const float *kb = a.kv.k + base, *vb = a.kv.v + base;
-      const int j0 = (u % ub) * 32;
-      if (j0 < n) {
-        const int j = j0 + lane;
-        float s = -INFINITY;
-        if (j < n) {
-          const float *kr = kb + (size_t)j * hd;
-          float dot = 0.0f;
-          if ((hd & 3) == 0) {
-#pragma unroll 8
-            for (int d = 0; d < hd; d += 4) {
-              float4 kv4 = *(const float4 *)(kr + d);
-              dot += qh[d] * kv4.x + qh[d + 1] * kv4.y + qh[d + 2] * kv4.z + qh[d + 3] * kv4.w;
-            }
-          } else {
-            for (int d = 0; d < hd; d++) dot += qh[d] * kr[d];
-          }
-          s = dot * a.scale;
+  for (int i = 0; i < RPW; i++) {
+    const int r = warp + ATT_WARPS * i;
+    ttr[i] = r < R ? r / group : 0;
+    prow[i] = r < R && ttr[i] < ntok ? a.pos[t0 + ttr[i]] : -1;
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CPL; c++) o[i][c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  bool active = false; /* whether this warp has a row to compute */
+#pragma unroll
+  for (int i = 0; i < RPW; i++) active |= prow[i] >= 0;
+  float *pw = ps + (size_t)warp * rpw * ATT_KT;
+
+  const int units = nlist * a.upb;
+  const int u0 = (int)((int64_t)split * units / a.nsplit), u1 = (int)((int64_t)(split + 1) * units / a.nsplit);
+  for (int u = u0; u < u1; u++) {
+    const int li = u / a.upb, j0 = (u % a.upb) * ATT_KT;
+    const int b = a.sel ? ublk[li] : li;
+    const uint32_t bmask = a.sel ? umask[li] : 0xffffffffu;
+    const int kpos0 = b * bs + j0;
+    int nk = bs - j0 < ATT_KT ? bs - j0 : ATT_KT;
+    if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
+    if (nk <= 0) continue; /* the same for every thread */
+    const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * hd;
+    const float4 *kg = (const float4 *)(a.kv.k + base), *vg = (const float4 *)(a.kv.v + base);
+    __syncthreads(); /* every warp is done with the previous tile */
+    /* Decode tiles are bound by memory: all of a thread's loads first (4 + 4 float4 in flight at
+     * hd 128), then the stores. Prefill tiles keep their registers for the rows. */
+    constexpr int STAGE = RPW <= 2 ? 4 / CPL : 1;
+    for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
+      float4 kr[STAGE], vr[STAGE];
+#pragma unroll
+      for (int x = 0; x < STAGE; x++) {
+        const int i = i0 + x * 32 * ATT_WARPS;
+        if (i < nk * hd4) kr[x] = kg[i], vr[x] = vg[i];
+      }
+#pragma unroll
+      for (int x = 0; x < STAGE; x++) {
+        const int i = i0 + x * 32 * ATT_WARPS;
+        if (i < nk * hd4) {
+          *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kr[x];
+          ((float4 *)vs)[i] = vr[x];
         }
-        const float mnew = fmaxf(m, warp_max(s));
-        const float corr = m == -INFINITY ? 0.0f : expf(m - mnew);
-        const float pj = j < n ? expf(s - mnew) : 0.0f;
-        l = l * corr + warp_sum(pj);
-#pragma unroll
-        for (int d = 0; d < DPL; d++) o[d] *= corr;
-        const int nj = n - j0 < 32 ? n - j0 : 32;
-        for (int jj = 0; jj < nj; jj++) {
-          const float pjj = __shfl_sync(0xffffffffu, pj, jj);
-          const float *vr = vb + (size_t)(j0 + jj) * hd;
-#pragma unroll
-          for (int d = 0; d < DPL; d++)
-            if (lane + 32 * d < hd) o[d] += pjj * vr[lane + 32 * d];
-        }
-        m = mnew;
       }
     }
-    float *out = a.part + (((size_t)t * a.nh + (size_t)kvh * group + h) * a.nsplit + split) * (hd + 2);
+    __syncthreads();
+
+    /* Scores: lane = key. */
+    const int kp = kpos0 + lane;
+    float s[RPW];
 #pragma unroll
-    for (int d = 0; d < DPL; d++)
-      if (lane + 32 * d < hd) out[lane + 32 * d] = o[d];
-    if (lane == 0) out[hd] = m, out[hd + 1] = l;
+    for (int i = 0; i < RPW; i++) s[i] = 0.0f;
+    if (lane < nk) {
+      const float *kr = ks + (size_t)lane * (hd + 4);
+      for (int d = 0; d < hd; d += 4) {
+        const float4 k4 = *(const float4 *)(kr + d);
+#pragma unroll
+        for (int i = 0; i < RPW; i++)
+          if (prow[i] >= 0) {
+            const float4 q4 = *(const float4 *)(qs + (size_t)(warp + ATT_WARPS * i) * hd + d);
+            s[i] += q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w;
+          }
+      }
+    }
+    /* Online softmax per row (warp-uniform branches). */
+#pragma unroll
+    for (int i = 0; i < RPW; i++)
+      if (prow[i] >= 0) {
+        const bool ok = lane < nk && kp <= prow[i] && ((bmask >> ttr[i]) & 1u);
+        const float sc = ok ? s[i] * a.scale : -INFINITY;
+        const float mnew = fmaxf(m[i], warp_max(sc));
+        float pj = 0.0f, corr = 1.0f;
+        if (mnew != -INFINITY) {
+          pj = ok ? expf(sc - mnew) : 0.0f;
+          corr = expf(m[i] - mnew);
+        }
+        l[i] = l[i] * corr + warp_sum(pj);
+        m[i] = mnew;
+        pw[i * ATT_KT + lane] = pj;
+#pragma unroll
+        for (int c = 0; c < CPL; c++) {
+          o[i][c].x *= corr, o[i][c].y *= corr, o[i][c].z *= corr, o[i][c].w *= corr;
+        }
+      }
+    __syncwarp();
+    /* P.V: lanes over the head dims. */
+    if (active)
+      for (int j = 0; j < nk; j++) {
+        float4 v4[CPL];
+#pragma unroll
+        for (int c = 0; c < CPL; c++) {
+          const int ch = lane + 32 * c;
+          v4[c] = ch < hd4 ? ((const float4 *)vs)[j * hd4 + ch] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int i = 0; i < RPW; i++)
+          if (prow[i] >= 0) {
+            const float pj = pw[i * ATT_KT + j];
+#pragma unroll
+            for (int c = 0; c < CPL; c++) {
+              o[i][c].x += pj * v4[c].x, o[i][c].y += pj * v4[c].y;
+              o[i][c].z += pj * v4[c].z, o[i][c].w += pj * v4[c].w;
+            }
+          }
+      }
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int i = 0; i < RPW; i++) {
+    const int r = warp + ATT_WARPS * i;
+    if (r >= R || ttr[i] >= ntok) continue;
+    const size_t row = (size_t)(t0 + ttr[i]) * a.nh + (size_t)kvh * group + r % group;
+    if (a.nsplit == 1) { /* zero when no key was visible (padding rows) */
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      float4 *dst = (float4 *)(a.out + row * hd);
+#pragma unroll
+      for (int c = 0; c < CPL; c++)
+        if (lane + 32 * c < hd4)
+          dst[lane + 32 * c] = make_float4(o[i][c].x * inv, o[i][c].y * inv, o[i][c].z * inv, o[i][c].w * inv);
+    } else {
+      float *dst = a.part + (row * a.nsplit + split) * (hd + 2);
+#pragma unroll
+      for (int c = 0; c < CPL; c++) {
+        const int ch = lane + 32 * c;
+        if (ch < hd4) {
+          dst[4 * ch] = o[i][c].x, dst[4 * ch + 1] = o[i][c].y;
+          dst[4 * ch + 2] = o[i][c].z, dst[4 * ch + 3] = o[i][c].w;
+        }
+      }
+      if (lane == 0) dst[hd] = m[i], dst[hd + 1] = l[i];
+    }
   }
 }
 
-/* out[t, h] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M); zero when no key was visible. */
+/* out[row] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M); zero when no split saw a key. */
 __global__ void attention_combine_kernel(const float *__restrict__ part, int nsplit, int hd,
                                          float *__restrict__ out) {
+  __shared__ float weight[ATT_MAX_SPLITS];
+  __shared__ float inv_sum;
   const float *pr = part + (size_t)blockIdx.x * nsplit * (hd + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < nsplit; s++) M = fmaxf(M, pr[(size_t)s * (hd + 2) + hd]);
-  float L = 0.0f;
-  for (int s = 0; s < nsplit; s++) {
-    const float *ps = pr + (size_t)s * (hd + 2);
-    if (ps[hd] != -INFINITY) L += ps[hd + 1] * expf(ps[hd] - M);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float M = -INFINITY;
+    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, pr[(size_t)s * (hd + 2) + hd]);
+    M = warp_max(M);
+    float L = 0.0f;
+    for (int s = lane; s < nsplit; s += 32) {
+      const float ms = pr[(size_t)s * (hd + 2) + hd];
+      const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
+      weight[s] = w;
+      L += w * pr[(size_t)s * (hd + 2) + hd + 1];
+    }
+    L = warp_sum(L);
+    if (lane == 0) inv_sum = L > 0.0f ? 1.0f / L : 0.0f;
   }
-  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+  __syncthreads();
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float acc = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-      const float *ps = pr + (size_t)s * (hd + 2);
-      if (ps[hd] != -INFINITY) acc += ps[d] * expf(ps[hd] - M);
-    }
-    out[(size_t)blockIdx.x * hd + d] = acc * inv;
+    for (int s = 0; s < nsplit; s++) acc += weight[s] * pr[(size_t)s * (hd + 2) + d];
+    out[(size_t)blockIdx.x * hd + d] = acc * inv_sum;
+  }
+}
+
+/* Launches attention_kernel<CPL, RPW> for a, choosing the split count from the blocks the GPU holds
+ * once and the key tiles a tile may have (max_units). */
+template <int CPL, int RPW>
+static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units, size_t smem) {
+  static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
+  if (smem > 48 * 1024 && smem > smem_opted) {
+    cuda_note(cb, cudaFuncSetAttribute(attention_kernel<CPL, RPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem), "attention (shared memory)");
+    smem_opted = smem;
+  }
+  /* The occupancy query costs host time comparable to a decode call's GPU time: once per size. */
+  static size_t occupancy_smem;
+  static int occupancy_per_sm;
+  if (smem != occupancy_smem) {
+    occupancy_per_sm = 1;
+    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy_per_sm, attention_kernel<CPL, RPW>,
+                                                                32 * ATT_WARPS, smem), "attention (occupancy)");
+    occupancy_smem = smem;
+  }
+  const int per_sm = occupancy_per_sm > 0 ? occupancy_per_sm : 1;
+  const int64_t slots = (int64_t)per_sm * cb->num_sms, items = (int64_t)ntiles * a.kv.nkv;
+  int64_t nsplit = items >= slots ? 1 : (slots + items - 1) / items;
+  if (nsplit > max_units / ATT_MIN_UNITS) nsplit = max_units / ATT_MIN_UNITS;
+  if (nsplit > ATT_MAX_SPLITS) nsplit = ATT_MAX_SPLITS;
+  if (nsplit < 1) nsplit = 1;
+  a.nsplit = (int)nsplit;
+  a.part = NULL;
+  if (a.nsplit > 1) {
+    a.part = (float *)cuda_scratch(cb, (size_t)a.T * a.nh * a.nsplit * (a.kv.hd + 2) * sizeof(float), "attention");
+    if (!a.part) return;
+  }
+  dim3 grid((unsigned)items, (unsigned)a.nsplit);
+  attention_kernel<CPL, RPW><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
+  cuda_launched(cb, "attention");
+  if (a.nsplit > 1) {
+    attention_combine_kernel<<<(unsigned)(a.T * a.nh), 128, 0, cb->stream>>>(a.part, a.nsplit, a.kv.hd, a.out);
+    cuda_launched(cb, "attention (combine)");
   }
 }
 
@@ -158,39 +376,42 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   cuda_backend *cb = cuda_of(be);
   if (T <= 0) return;
   const int hd = kv->hd;
-  if (hd > ATT_MAX_HD || nh % kv->nkv != 0) {
-    cuda_note(cb, cudaErrorInvalidValue, "attention (head_dim over 256 or nh not a multiple of nkv)");
+  if (hd > ATT_MAX_HD || hd % 4 != 0 || kv->nkv <= 0 || nh % kv->nkv != 0 ||
+      nh / kv->nkv > ATT_MAX_ROWS || (sel && topk <= 0)) {
+    cuda_note(cb, cudaErrorInvalidValue,
+              "attention (head_dim not a multiple of 4 up to 256, or more than 64 query heads per KV head)");
     return;
   }
   att_args a;
   a.q = q;
-  a.nh = nh;
-  a.group = nh / kv->nkv;
+  a.out = out;
   a.kv = *kv;
   a.pos = pos;
   a.sel = sel;
-  a.topk = topk;
-  a.nlist = sel ? topk : kv->num_blocks;
+  a.T = T;
+  a.nh = nh;
+  a.group = nh / kv->nkv;
+  a.topk = sel ? topk : 0;
   a.scale = (float)(1.0 / sqrt((double)hd));
-  a.units_per_block = (kv->block_size + 31) / 32;
-  /* Enough (token, KV head, split) items to fill the GPU twice over, at least one unit each. */
-  const int items = T * kv->nkv, nunits = a.nlist * a.units_per_block;
-  int nsplit = (2 * cb->num_sms + items - 1) / items;
-  if (nsplit > nunits) nsplit = nunits;
-  if (nsplit < 1) nsplit = 1;
-  a.per_split = (nunits + nsplit - 1) / nsplit;
-  if (a.per_split < 1) a.per_split = 1;
-  a.nsplit = (nunits + a.per_split - 1) / a.per_split;
-  if (a.nsplit < 1) a.nsplit = 1;
-  a.part = (float *)cuda_scratch(cb, (size_t)T * nh * a.nsplit * (hd + 2) * sizeof(float), "attention");
-  if (!a.part) return;
-  dim3 grid((unsigned)items, (unsigned)a.nsplit);
-  size_t smem = (size_t)a.group * hd * sizeof(float);
-  if (hd <= 32) attention_split_kernel<1><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
-  else if (hd <= 64) attention_split_kernel<2><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
-  else if (hd <= 128) attention_split_kernel<4><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
-  else attention_split_kernel<8><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
-  cuda_launched(cb, "attention");
-  attention_combine_kernel<<<(unsigned)(T * nh), 128, 0, cb->stream>>>(a.part, a.nsplit, hd, out);
-  cuda_launched(cb, "attention (combine)");
+  a.upb = (kv->block_size + ATT_KT - 1) / ATT_KT;
+  /* Tokens per tile: up to 64 rows, a 32-bit token mask, and at most ATT_MAX_ENTRIES selection
+   * entries to merge. */
+  int tt = ATT_MAX_ROWS / a.group;
+  if (tt > ATT_MAX_TT) tt = ATT_MAX_TT;
+  if (sel && tt * topk > ATT_MAX_ENTRIES) tt = ATT_MAX_ENTRIES / topk > 1 ? ATT_MAX_ENTRIES / topk : 1;
+  if (tt > T) tt = T;
+  a.tt = tt;
+  a.rows = tt * a.group;
+  const int ntiles = (T + tt - 1) / tt;
+  const int list_max = sel ? (tt * topk < kv->num_blocks ? tt * topk : kv->num_blocks) : kv->num_blocks;
+  const int max_units = list_max * a.upb;
+  const size_t smem = att_smem_bytes(a.rows, hd, sel ? tt * topk : 0);
+  const int light = a.rows <= ATT_DECODE_ROWS;
+  if (hd <= 128) {
+    if (light) att_launch<1, ATT_DECODE_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
+    else att_launch<1, ATT_MAX_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
+  } else {
+    if (light) att_launch<2, ATT_DECODE_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
+    else att_launch<2, ATT_MAX_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
+  }
 }

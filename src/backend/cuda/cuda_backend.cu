@@ -15,22 +15,26 @@ void cuda_note(cuda_backend *cb, cudaError_t e, const char *op) {
   }
 }
 
-void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op) {
-  if (bytes <= cb->scratch_bytes) return cb->scratch;
+void *cuda_grow(cuda_backend *cb, void **buf, size_t *have, size_t bytes, const char *op) {
+  if (bytes <= *have) return *buf;
   /* Earlier ops may still read the old buffer. */
   cuda_note(cb, cudaStreamSynchronize(cb->stream), op);
-  if (cb->scratch) cudaFree(cb->scratch);
-  cb->scratch = NULL;
-  cb->scratch_bytes = 0;
+  if (*buf) cudaFree(*buf);
+  *buf = NULL;
+  *have = 0;
   size_t grown = bytes + bytes / 2;
-  cudaError_t e = cudaMalloc(&cb->scratch, grown);
+  cudaError_t e = cudaMalloc(buf, grown);
   if (e != cudaSuccess) {
     cuda_note(cb, e, op);
-    cb->scratch = NULL;
+    *buf = NULL;
     return NULL;
   }
-  cb->scratch_bytes = grown;
-  return cb->scratch;
+  *have = grown;
+  return *buf;
+}
+
+void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op) {
+  return cuda_grow(cb, &cb->scratch, &cb->scratch_bytes, bytes, op);
 }
 
 cuda_weight cuda_weight_of(const m3_tensor *t) {
@@ -71,6 +75,7 @@ static void cuda_destroy(m3_backend *be) {
   cudaSetDevice(cb->device);
   if (cb->stream) cudaStreamSynchronize(cb->stream);
   if (cb->scratch) cudaFree(cb->scratch);
+  if (cb->moe_scratch) cudaFree(cb->moe_scratch);
   if (cb->lt_workspace) cudaFree(cb->lt_workspace);
   if (cb->lt) cublasLtDestroy(cb->lt);
   if (cb->stream) cudaStreamDestroy(cb->stream);
@@ -178,6 +183,7 @@ static m3_backend_ops make_ops(void) {
   ops.matmul = cuda_matmul;
   ops.rmsnorm = cuda_rmsnorm;
   ops.rope = cuda_rope;
+  ops.rmsnorm_rope = cuda_rmsnorm_rope;
   ops.swiglu_oai = cuda_swiglu_oai;
   ops.add = cuda_add;
   ops.add_scaled_rows = cuda_add_scaled_rows;
@@ -185,6 +191,9 @@ static m3_backend_ops make_ops(void) {
   ops.msa_select = cuda_msa_select;
   ops.attention = cuda_attention;
   ops.moe_route = cuda_moe_route;
+  ops.prepare_experts = cuda_prepare_experts;
+  ops.release_experts = cuda_release_experts;
+  ops.moe_experts = cuda_moe_experts;
   return ops;
 }
 

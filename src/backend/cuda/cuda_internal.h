@@ -12,6 +12,19 @@ extern "C" { /* the C headers of the rest of m3 */
 #include "backend/backend.h"
 }
 
+/* A cuBLASLt algorithm chosen for one GEMM shape and operand alignment (lt_gemm in matmul.cu):
+ * the heuristic query costs tens of microseconds of host time, and a prefill's MoE layer issues
+ * hundreds of GEMMs of a few shapes. found = 0 remembers that cuBLASLt declined. */
+typedef struct {
+  int used, found;
+  cudaDataType ab;
+  uint64_t rows, K, ldy;
+  int T, align; /* align: the operands' common power-of-two alignment in bytes, <= 256 */
+  cublasLtMatmulAlgo_t algo;
+} cuda_lt_plan;
+
+enum { CUDA_LT_PLANS = 64 };
+
 typedef struct {
   m3_backend base;
   int device;
@@ -20,8 +33,12 @@ typedef struct {
   cublasLtHandle_t lt;
   void *lt_workspace;
   size_t lt_workspace_bytes;
+  cuda_lt_plan lt_plans[CUDA_LT_PLANS]; /* replaced round robin once full */
+  int lt_plan_next;
   void *scratch;          /* grows on demand; one op at a time uses it (ops run in stream order) */
   size_t scratch_bytes;
+  void *moe_scratch;      /* moe_experts' own, since the matmuls it issues use `scratch` */
+  size_t moe_scratch_bytes;
   cudaError_t error;      /* first failure since the last transfer, and the op it came from */
   const char *error_op;
 } cuda_backend;
@@ -36,6 +53,8 @@ static inline void cuda_launched(cuda_backend *cb, const char *op) {
 }
 /* At least `bytes` of device scratch, valid until the next call; NULL (and noted) on failure. */
 void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op);
+/* The same for *buf of *have bytes (cuda_scratch is this on cb->scratch). */
+void *cuda_grow(cuda_backend *cb, void **buf, size_t *have, size_t bytes, const char *op);
 
 /* ---- weights as kernels read them ---- */
 
@@ -105,6 +124,15 @@ __device__ __forceinline__ float dev_w(const cuda_weight &w, int64_t r, int64_t 
   if (w.quant == M3_WQ_FP8_BLOCK)
     return v * ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + c / w.block_cols];
   return v;
+}
+
+/* SwiGLU-OAI of one gate and up value, as the CPU computes it (backend.h). */
+__device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alpha, float beta,
+                                                float limit) {
+  float g = fminf(gate, limit);
+  float u = fminf(fmaxf(up, -limit), limit);
+  float glu = __fmul_rn(g, 1.0f / (1.0f + expf(-__fmul_rn(g, alpha))));
+  return __fmul_rn(u + beta, glu);
 }
 
 /* ---- reductions ---- */

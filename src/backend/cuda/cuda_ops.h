@@ -10,6 +10,8 @@ void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps,
                   float *y);
 void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
                double theta);
+void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps,
+                       const int32_t *pos, int T, int nheads, int hd, int rot, double theta);
 void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
                      float beta, float limit, float *out);
 void cuda_add(m3_backend *be, float *x, const float *y, size_t n);
@@ -23,5 +25,9 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
                     const int32_t *pos, int T, const int32_t *sel, int topk, float *out);
 void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int T, int E, int k,
                     float scaling, int32_t *ids, float *weights);
+m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex);
+void cuda_release_experts(m3_backend *be, m3_moe_experts *ex);
+void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
+                      const int32_t *ids, const float *weights, int k, float *x);
 
 #endif

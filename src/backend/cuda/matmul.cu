@@ -1,8 +1,10 @@
 /* matmul.cu: y = x . W^T for weights of any stored dtype, and the embedding lookup.
  *
- * T <= GEMV_MAX_T (decode) is bound by reading W once: one warp per weight row, 16-byte loads,
- * decoded in registers (BF16/F16 8 per load, E4M3 16 per load with its MXFP8 or block scale) and
- * applied to every token, float32 accumulation: the same math as the CPU to rounding.
+ * T <= GEMV_MAX_T (decode) is bound by reading W once: 32-byte steps of each row decoded in
+ * registers (E4M3 by integer bit moves, its MXFP8 or block scale applied to each 32-column sum)
+ * and applied to every token, float32 accumulation: the same math as the CPU to rounding. One token,
+ * or a short matrix: a block of 256 threads shares 1, 2 or 4 rows. 2..8 tokens on a tall matrix:
+ * a warp takes 4 rows and the block stages x in shared memory slice by slice.
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
  * BF16, W as stored (BF16) or decoded to BF16 in chunks of rows (F16, MXFP8, FP8 block), float32
  * accumulation and output. A tiled CUDA-core kernel that decodes W tile by tile covers what
@@ -11,143 +13,334 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <math.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/weight_load.cuh"
 
-enum { GEMV_MAX_T = 8, GEMV_ROWS_PER_BLOCK = 8 };
+/* GEMV_MAX_T: the GEMV spends T float32 FMAs per weight element on the CUDA cores (128 per clock
+ * per SM), while the memory delivers about 8 BF16 or 16 E4M3 weights per clock per SM on an
+ * H100/H200: past about 8 tokens (E4M3) to 16 (BF16) the FMAs, not the bytes, set its time, and
+ * cuBLASLt's tensor cores are faster even with the activations rounded to BF16. */
+enum { GEMV_MAX_T = 8, GEMV_THREADS = 256 };
 
-/* How the GEMV kernel reads a row: elements per 16-byte load, or one at a time (WK_ANY). */
-enum { WK_F32, WK_BF16, WK_F16, WK_E4M3, WK_ANY };
+/* Elements in one 32-byte step of a row of kind WK (weight_load.cuh); WK_ANY rows go one element
+ * at a time through dev_w. */
+template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ? 32 : WK == WK_ANY ? 0 : 16 }; };
 
-template <int WK> struct wk_chunk { enum { n = WK == WK_F32 ? 4 : WK == WK_E4M3 ? 16 : WK == WK_ANY ? 1 : 8 }; };
+/* 16 bytes of weights, read once per block: through the read-only path and not kept in L1, where
+ * they would only evict x. */
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
+  uint4 u;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+      : "l"(p));
+  return u;
+}
 
-/* Columns [c, c + n) of row r as float32 with the scale applied; c is a multiple of n. */
+/* Elements [4g, 4g + 4) of a 32-byte step (u[0], u[1]) as float32, before any scale. E4M3 takes
+ * no conversion instruction (their throughput, 16 per clock per SM, is below what the memory
+ * delivers): each byte's sign, exponent and mantissa are moved into a BF16 at the same bit places
+ * as in E4M3, which is the value times 2^-120 (subnormals too, as float32 subnormals), then
+ * widened (a shift) and multiplied by 2^120, exactly. */
 template <int WK>
-__device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int64_t c, float *v) {
-  const uint8_t *row = w.data + (size_t)r * (size_t)w.cols * (size_t)w.elem_bytes;
-  if (WK == WK_ANY) {
-    v[0] = dev_w(w, r, c);
-  } else if (WK == WK_F32) {
-    float4 f = *(const float4 *)(row + (size_t)c * 4);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+__device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
+  const uint32_t *p = (const uint32_t *)u;
+  if (WK == WK_F32) {
+    for (int i = 0; i < 4; i++) v[i] = __uint_as_float(p[4 * g + i]);
   } else if (WK == WK_BF16) {
-    uint4 u = *(const uint4 *)(row + (size_t)c * 2);
-    uint32_t p[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      v[2 * i] = __uint_as_float(p[i] << 16);
-      v[2 * i + 1] = __uint_as_float(p[i] & 0xffff0000u);
+    for (int i = 0; i < 2; i++) {
+      v[2 * i] = __uint_as_float(p[2 * g + i] << 16);
+      v[2 * i + 1] = __uint_as_float(p[2 * g + i] & 0xffff0000u);
     }
   } else if (WK == WK_F16) {
-    uint4 u = *(const uint4 *)(row + (size_t)c * 2);
-    uint32_t p[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 2; i++) {
       __half2_raw raw;
-      raw.x = (unsigned short)(p[i] & 0xffff);
-      raw.y = (unsigned short)(p[i] >> 16);
+      raw.x = (unsigned short)(p[2 * g + i] & 0xffff);
+      raw.y = (unsigned short)(p[2 * g + i] >> 16);
       float2 f = __half22float2(__half2(raw));
       v[2 * i] = f.x, v[2 * i + 1] = f.y;
     }
-  } else { /* E4M3, exact through f16 (one cvt per pair), then the block's scale */
-    uint4 u = *(const uint4 *)(row + c);
-    uint32_t p[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-#pragma unroll
-      for (int j = 0; j < 2; j++) {
-        __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(
-            (__nv_fp8x2_storage_t)((p[i] >> (16 * j)) & 0xffff), __NV_E4M3);
-        float2 f = __half22float2(__half2(raw));
-        v[4 * i + 2 * j] = f.x, v[4 * i + 2 * j + 1] = f.y;
-      }
-    }
-    float s = 1.0f;
-    if (w.quant == M3_WQ_MXFP8) s = dev_e8m0(w.scale[(size_t)r * w.scale_cols + c / 32]);
-    if (w.quant == M3_WQ_FP8_BLOCK)
-      s = ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + c / w.block_cols];
-    if (w.quant != M3_WQ_NONE)
-#pragma unroll
-      for (int i = 0; i < 16; i++) v[i] *= s;
+  } else {
+    const uint32_t b = p[g];
+    /* per byte: high byte of the BF16 = sign | top 3 exponent bits, low byte = last exponent bit
+     * and the mantissa in its top nibble */
+    const uint32_t hi = (b & 0x80808080u) | ((b >> 4) & 0x07070707u), lo = (b << 4) & 0xf0f0f0f0u;
+    const uint32_t e01 = __byte_perm(lo, hi, 0x5140), e23 = __byte_perm(lo, hi, 0x7362);
+    v[0] = __uint_as_float(e01 << 16) * 0x1p120f;
+    v[1] = __uint_as_float(e01 & 0xffff0000u) * 0x1p120f;
+    v[2] = __uint_as_float(e23 << 16) * 0x1p120f;
+    v[3] = __uint_as_float(e23 & 0xffff0000u) * 0x1p120f;
   }
 }
 
-/* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= NT: one warp per row. */
-template <int NT, int WK>
-__global__ void __launch_bounds__(32 * GEMV_ROWS_PER_BLOCK)
+/* Bytes 0x7f / 0xff (E4M3 NaN) set bit 7 of their byte: ORed over a row, nonzero means NaN. */
+__device__ __forceinline__ uint32_t e4m3_nan_bits(uint32_t b) {
+  return ((b & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+}
+
+/* The scale of the 32 E4M3 columns [32 s, 32 s + 32) of row r (1 without one). */
+__device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int64_t s) {
+  if (w.quant == M3_WQ_MXFP8) return dev_e8m0(w.scale[(size_t)r * w.scale_cols + s]);
+  if (w.quant == M3_WQ_FP8_BLOCK)
+    return ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + s * 32 / w.block_cols];
+  return 1.0f;
+}
+
+/* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= NT and the R rows of this block. All 256 threads of
+ * the block share the row: thread i takes the 32-byte steps i, i + 256, ... of each of the R rows,
+ * so a short matrix (k/v: 512 rows) still spreads over every SM, each x element loaded serves R
+ * rows, and R x 2 independent 16-byte loads are in flight per thread before any is used. E4M3
+ * steps are exactly the 32-element MXFP8 blocks: the scale multiplies the block's float32 sum.
+ * Columns past the last whole step (K not a multiple of the step) go one at a time. Partial sums
+ * meet through shared memory in a fixed order: the result does not depend on timing. */
+template <int NT, int WK, int R>
+__global__ void __launch_bounds__(GEMV_THREADS)
     gemv_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
-  constexpr int CH = wk_chunk<WK>::n;
-  const int lane = threadIdx.x & 31;
-  const int64_t r = (int64_t)blockIdx.x * GEMV_ROWS_PER_BLOCK + (threadIdx.x >> 5);
-  if (r >= w.rows) return;
-  const int64_t K = w.cols;
-  float acc[NT];
+  constexpr int E = wk_step<WK>::n;
+  const int tid = threadIdx.x;
+  const int64_t N = w.rows, K = w.cols, r0 = (int64_t)blockIdx.x * R;
+  int64_t rows[R];
 #pragma unroll
-  for (int t = 0; t < NT; t++) acc[t] = 0.0f;
+  for (int r = 0; r < R; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
+  float acc[R][NT];
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+  const int64_t steps = E ? K / E : 0;
+  if (E) {
+    uint32_t nan_bits[R] = {};
 #pragma unroll 2
-  for (int64_t c = (int64_t)lane * CH; c < K; c += 32 * CH) {
-    float wv[CH];
-    load_chunk<WK>(w, r, c, wv);
+    for (int64_t s = tid; s < steps; s += GEMV_THREADS) {
+      uint4 u[R][2];
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-      if (t >= T) break;
-      const float *xt = x + (size_t)t * K + c;
-      if (CH == 1) {
-        acc[t] += wv[0] * xt[0];
-      } else {
+      for (int r = 0; r < R; r++) {
+        const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)s * E) * (size_t)w.elem_bytes;
+        u[r][0] = ld_stream16(p);
+        u[r][1] = ld_stream16(p + 16);
+      }
+      float part[R][NT];
 #pragma unroll
-        for (int q = 0; q < CH / 4; q++) {
-          float4 xv = *(const float4 *)(xt + 4 * q);
-          acc[t] += wv[4 * q] * xv.x + wv[4 * q + 1] * xv.y + wv[4 * q + 2] * xv.z +
-                    wv[4 * q + 3] * xv.w;
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) part[r][t] = 0.0f;
+#pragma unroll
+      for (int g = 0; g < E / 4; g++) {
+        float4 xv[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+          if (t < T) xv[t] = __ldg((const float4 *)(x + (size_t)t * K + (size_t)s * E) + g);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+          float wv[4];
+          decode_quad<WK>(u[r], g, wv);
+#pragma unroll
+          for (int t = 0; t < NT; t++)
+            if (t < T)
+              part[r][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        if (WK == WK_E4M3) {
+          const float sc = step_scale(w, rows[r], s);
+          const uint32_t *p = (const uint32_t *)u[r];
+#pragma unroll
+          for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
+#pragma unroll
+          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t] * sc;
+        } else {
+#pragma unroll
+          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t];
         }
       }
     }
-  }
 #pragma unroll
-  for (int t = 0; t < NT; t++) {
-    float s = warp_sum(acc[t]);
-    if (lane == 0 && t < T) y[(size_t)t * w.rows + r] = s;
+    for (int r = 0; r < R; r++)
+      if (nan_bits[r])
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = __uint_as_float(0x7fc00000u);
+  }
+  for (int64_t c = steps * E + tid; c < K; c += GEMV_THREADS) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const float wv = dev_w(w, rows[r], c);
+#pragma unroll
+      for (int t = 0; t < NT; t++)
+        if (t < T) acc[r][t] += wv * x[(size_t)t * K + c];
+    }
+  }
+  __shared__ float partial[GEMV_THREADS / 32][R * NT];
+  const int lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+      const float v = warp_sum(acc[r][t]);
+      if (lane == 0) partial[warp][r * NT + t] = v;
+    }
+  __syncthreads();
+  if (tid < R * NT) {
+    const int r = tid / NT, t = tid % NT;
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < GEMV_THREADS / 32; i++) sum += partial[i][tid];
+    if (t < T && r0 + r < N) y[(size_t)t * N + r0 + r] = sum;
   }
 }
 
-/* The kernel variant that reads w with x: 16-byte loads need aligned rows and x. */
-static int gemv_kind(const m3_tensor *t, const float *x) {
-  const int64_t K = t->cols;
-  if ((uintptr_t)t->data % 16 != 0 || (uintptr_t)x % 16 != 0 || K % 4 != 0) return WK_ANY;
-  if (t->quant == M3_WQ_NONE) {
-    if (t->dtype == M3_DT_F32) return WK_F32;
-    if (t->dtype == M3_DT_BF16 && K % 8 == 0) return WK_BF16;
-    if (t->dtype == M3_DT_F16 && K % 8 == 0) return WK_F16;
-    if (t->dtype == M3_DT_F8_E4M3 && K % 16 == 0) return WK_E4M3;
-    return WK_ANY;
+/* The GEMV for 2..8 tokens on tall matrices. Read per block, x costs T x K x 4 bytes; the kernel
+ * above reads it for every 4 rows, 4T times the weight bytes: at T = 8 that traffic, not the
+ * weights, set its time. Here a block takes 8 x RW rows (RW per warp) and walks K in slices of 32
+ * steps: the block stages the slice of x in shared memory once, then each lane reads one 32-byte
+ * step of each of its warp's rows (loads issued before the staging, so they are in flight
+ * meanwhile) and takes x from shared memory: x traffic falls to T / (4 RW) of the weight bytes. */
+template <int NT, int WK, int RW>
+__global__ void __launch_bounds__(GEMV_THREADS)
+    gemv_tall_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+  constexpr int E = wk_step<WK>::n, SLICE = 32 * E, Q = E / 4;
+  /* xs[t][g][l]: x[t, 32 E s0 + E l + 4 g, + 4): lane l's quad g, so that the lanes of a warp read
+   * consecutive float4 (no bank conflicts) */
+  __shared__ float4 xs[NT][Q][32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t N = w.rows, K = w.cols, steps = K / E;
+  int64_t rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; r++) {
+    const int64_t row = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW + r;
+    rows[r] = row < N ? row : N - 1; /* ragged end: reread a row */
   }
-  if (t->dtype != M3_DT_F8_E4M3 || K % 16 != 0) return WK_ANY;
-  if (t->quant == M3_WQ_FP8_BLOCK && (t->block_cols <= 0 || t->block_cols % 16 != 0)) return WK_ANY;
-  return WK_E4M3;
+  float acc[RW][NT];
+#pragma unroll
+  for (int r = 0; r < RW; r++)
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+  uint32_t nan_bits[RW] = {};
+  for (int64_t s0 = 0; s0 < steps; s0 += 32) {
+    const int64_t s = s0 + lane;
+    const bool live = s < steps;
+    uint4 u[RW][2];
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
+      const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)(live ? s : 0) * E) * (size_t)w.elem_bytes;
+      u[r][0] = ld_stream16(p);
+      u[r][1] = ld_stream16(p + 16);
+    }
+    const int64_t cols = (steps - s0 < 32 ? steps - s0 : 32) * E; /* of x in this slice */
+    __syncthreads(); /* the previous slice of x is used up */
+    for (int i = tid; i < NT * (SLICE / 4); i += GEMV_THREADS) {
+      const int t = i / (SLICE / 4), q = i % (SLICE / 4);
+      if (t < T && 4 * q < cols)
+        xs[t][q % Q][q / Q] = __ldg((const float4 *)(x + (size_t)t * K + (size_t)s0 * E) + q);
+    }
+    __syncthreads();
+    if (!live) continue;
+    float part[RW][NT];
+#pragma unroll
+    for (int r = 0; r < RW; r++)
+#pragma unroll
+      for (int t = 0; t < NT; t++) part[r][t] = 0.0f;
+#pragma unroll
+    for (int g = 0; g < E / 4; g++) {
+      float4 xv[NT];
+#pragma unroll
+      for (int t = 0; t < NT; t++)
+        if (t < T) xv[t] = xs[t][g][lane];
+#pragma unroll
+      for (int r = 0; r < RW; r++) {
+        float wv[4];
+        decode_quad<WK>(u[r], g, wv);
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+          if (t < T) part[r][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
+      float sc = 1.0f;
+      if (WK == WK_E4M3) {
+        sc = step_scale(w, rows[r], s);
+        const uint32_t *p = (const uint32_t *)u[r];
+#pragma unroll
+        for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
+      }
+#pragma unroll
+      for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc : part[r][t];
+    }
+  }
+  for (int64_t c = steps * E + lane; c < K; c += 32) {
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
+      const float wv = dev_w(w, rows[r], c);
+#pragma unroll
+      for (int t = 0; t < NT; t++)
+        if (t < T) acc[r][t] += wv * x[(size_t)t * K + c];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RW; r++) {
+    const int64_t row = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW + r;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+      float v = warp_sum(acc[r][t]);
+      if (nan_bits[r]) v = __uint_as_float(0x7fc00000u);
+      if (lane == 0 && t < T && row < N) y[(size_t)t * N + row] = v;
+    }
+  }
+}
+
+/* gemv_kind's choice, less E4M3 with FP8 blocks narrower than a 32-column step. */
+static int gemv_step_kind(const m3_tensor *t, const float *x) {
+  const int kind = gemv_kind(t, x);
+  if (kind == WK_E4M3 && t->quant == M3_WQ_FP8_BLOCK && t->block_cols % 32 != 0) return WK_ANY;
+  return kind;
+}
+
+/* Rows per block: the most that still leave about 8 blocks per SM (each load of x then serves more
+ * rows); fewer on short matrices (k/v: 512 rows) so that every SM reads. */
+static int gemv_rows_per_block(const cuda_backend *cb, int64_t rows) {
+  const int64_t blocks_wanted = 8 * (int64_t)cb->num_sms;
+  return rows >= 4 * blocks_wanted ? 4 : rows >= 2 * blocks_wanted ? 2 : 1;
+}
+
+enum { GEMV_TALL_RW = 4, GEMV_TALL_ROWS = GEMV_THREADS / 32 * GEMV_TALL_RW };
+
+template <int NT, int WK>
+static void launch_gemv_wk(cuda_backend *cb, int R, const cuda_weight &w, const float *x, int T, float *y) {
+  const unsigned blocks = (unsigned)((w.rows + R - 1) / R);
+  if constexpr (NT > 1 && WK != WK_ANY) {
+    /* tall enough for a block on every SM with 32 rows a block (not k/v) */
+    if (w.rows >= (int64_t)cb->num_sms * GEMV_TALL_ROWS) {
+      gemv_tall_kernel<NT, WK, GEMV_TALL_RW>
+          <<<(unsigned)((w.rows + GEMV_TALL_ROWS - 1) / GEMV_TALL_ROWS), GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
+      return;
+    }
+  }
+  if (R == 4) gemv_kernel<NT, WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
+  else if (R == 2) gemv_kernel<NT, WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
+  else gemv_kernel<NT, WK, 1><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
 }
 
 template <int NT>
-static void launch_gemv_nt(cuda_backend *cb, int kind, const cuda_weight &w, const float *x, int T,
-                           float *y) {
-  dim3 grid((unsigned)((w.rows + GEMV_ROWS_PER_BLOCK - 1) / GEMV_ROWS_PER_BLOCK));
-  dim3 block(32 * GEMV_ROWS_PER_BLOCK);
+static void launch_gemv_nt(cuda_backend *cb, int kind, int R, const cuda_weight &w, const float *x,
+                           int T, float *y) {
   switch (kind) {
-    case WK_F32: gemv_kernel<NT, WK_F32><<<grid, block, 0, cb->stream>>>(w, x, T, y); break;
-    case WK_BF16: gemv_kernel<NT, WK_BF16><<<grid, block, 0, cb->stream>>>(w, x, T, y); break;
-    case WK_F16: gemv_kernel<NT, WK_F16><<<grid, block, 0, cb->stream>>>(w, x, T, y); break;
-    case WK_E4M3: gemv_kernel<NT, WK_E4M3><<<grid, block, 0, cb->stream>>>(w, x, T, y); break;
-    default: gemv_kernel<NT, WK_ANY><<<grid, block, 0, cb->stream>>>(w, x, T, y); break;
+    case WK_F32: launch_gemv_wk<NT, WK_F32>(cb, R, w, x, T, y); break;
+    case WK_BF16: launch_gemv_wk<NT, WK_BF16>(cb, R, w, x, T, y); break;
+    case WK_F16: launch_gemv_wk<NT, WK_F16>(cb, R, w, x, T, y); break;
+    case WK_E4M3: launch_gemv_wk<NT, WK_E4M3>(cb, R, w, x, T, y); break;
+    default: launch_gemv_wk<NT, WK_ANY>(cb, R, w, x, T, y); break;
   }
 }
 
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
   cuda_weight w = cuda_weight_of(t);
-  int kind = gemv_kind(t, x);
-  if (T == 1) launch_gemv_nt<1>(cb, kind, w, x, T, y);
-  else if (T == 2) launch_gemv_nt<2>(cb, kind, w, x, T, y);
-  else if (T <= 4) launch_gemv_nt<4>(cb, kind, w, x, T, y);
-  else launch_gemv_nt<8>(cb, kind, w, x, T, y);
+  int kind = gemv_step_kind(t, x), R = gemv_rows_per_block(cb, t->rows);
+  if (T == 1) launch_gemv_nt<1>(cb, kind, R, w, x, T, y);
+  else if (T == 2) launch_gemv_nt<2>(cb, kind, R, w, x, T, y);
+  else if (T <= 4) launch_gemv_nt<4>(cb, kind, R, w, x, T, y);
+  else launch_gemv_nt<8>(cb, kind, R, w, x, T, y);
   cuda_launched(cb, "matmul (gemv)");
 }
 
@@ -221,6 +414,59 @@ static unsigned grid_for(size_t n) {
   return (unsigned)(b > 8192 ? 8192 : b < 1 ? 1 : b);
 }
 
+/* The largest power of two (at most 256) dividing every address: what cuBLASLt may assume. */
+static int common_alignment(const void *a, const void *b, const void *c) {
+  uintptr_t bits = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | 256;
+  return (int)(bits & (~bits + 1));
+}
+
+/* The cached plan for this GEMM, or NULL when there is none yet. */
+static cuda_lt_plan *find_plan(cuda_backend *cb, cudaDataType ab, uint64_t rows, uint64_t K,
+                               int T, uint64_t ldy, int align) {
+  for (int i = 0; i < CUDA_LT_PLANS; i++) {
+    cuda_lt_plan *p = &cb->lt_plans[i];
+    if (p->used && p->ab == ab && p->rows == rows && p->K == K && p->T == T && p->ldy == ldy &&
+        p->align == align)
+      return p;
+  }
+  return NULL;
+}
+
+/* Asks cuBLASLt for an algorithm (operands aligned to `align` bytes) and caches the answer. */
+static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
+                                     cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
+                                     cublasLtMatrixLayout_t lc, cudaDataType ab, uint64_t rows,
+                                     uint64_t K, int T, uint64_t ldy, int align) {
+  cuda_lt_plan *p = find_plan(cb, ab, rows, K, T, ldy, align);
+  if (p) return p;
+  cublasLtMatmulPreference_t pref = NULL;
+  cublasLtMatmulHeuristicResult_t heur;
+  int found = 0;
+  const uint32_t align_bytes = (uint32_t)align;
+  if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return NULL;
+  const cublasLtMatmulPreferenceAttributes_t aligns[] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  int ok = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                &cb->lt_workspace_bytes,
+                                                sizeof cb->lt_workspace_bytes) ==
+           CUBLAS_STATUS_SUCCESS;
+  for (int i = 0; i < 4 && ok; i++)
+    ok = cublasLtMatmulPreferenceSetAttribute(pref, aligns[i], &align_bytes, sizeof align_bytes) ==
+         CUBLAS_STATUS_SUCCESS;
+  ok = ok && cublasLtMatmulAlgoGetHeuristic(cb->lt, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
+                 CUBLAS_STATUS_SUCCESS;
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (!ok) return NULL; /* a failed query is not cached: it may be transient */
+  p = &cb->lt_plans[cb->lt_plan_next];
+  cb->lt_plan_next = (cb->lt_plan_next + 1) % CUDA_LT_PLANS;
+  memset(p, 0, sizeof *p);
+  p->used = 1, p->found = found > 0, p->ab = ab, p->rows = rows, p->K = K, p->ldy = ldy, p->T = T;
+  p->align = align;
+  if (found > 0) p->algo = heur.algo;
+  return p;
+}
+
 /* y[t * ldy + r] = dot(A[r, :], B[t, :]) for r < rows, t < T through cuBLASLt, float32
  * accumulation and output; A and B row-major of K columns in type ab. Column-major, that is
  * y[rows, T] (ld ldy) = A^T[rows, K] B[K, T]. Returns 0 when cuBLASLt finds no algorithm or
@@ -229,30 +475,24 @@ static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t ro
                    const void *B, int T, float *y, uint64_t ldy) {
   cublasLtMatmulDesc_t op = NULL;
   cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
-  cublasLtMatmulPreference_t pref = NULL;
-  cublasLtMatmulHeuristicResult_t heur;
-  int found = 0, done = 0;
+  int done = 0;
   cublasOperation_t trans = CUBLAS_OP_T;
   if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof trans) ==
           CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&la, ab, K, rows, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&lb, ab, K, (uint64_t)T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)T, (int64_t)ldy) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                           &cb->lt_workspace_bytes,
-                                           sizeof cb->lt_workspace_bytes) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulAlgoGetHeuristic(cb->lt, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
-          CUBLAS_STATUS_SUCCESS &&
-      found > 0) {
-    const float alpha = 1.0f, beta = 0.0f;
-    cublasStatus_t s = cublasLtMatmul(cb->lt, op, &alpha, A, la, B, lb, &beta, y, lc, y, lc,
-                                      &heur.algo, cb->lt_workspace, cb->lt_workspace_bytes,
-                                      cb->stream);
-    done = s == CUBLAS_STATUS_SUCCESS;
+      cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)T, (int64_t)ldy) == CUBLAS_STATUS_SUCCESS) {
+    const cuda_lt_plan *plan = plan_gemm(cb, op, la, lb, lc, ab, rows, K, T, ldy,
+                                         common_alignment(A, B, y));
+    if (plan && plan->found) {
+      const float alpha = 1.0f, beta = 0.0f;
+      cublasStatus_t s = cublasLtMatmul(cb->lt, op, &alpha, A, la, B, lb, &beta, y, lc, y, lc,
+                                        &plan->algo, cb->lt_workspace, cb->lt_workspace_bytes,
+                                        cb->stream);
+      done = s == CUBLAS_STATUS_SUCCESS;
+    }
   }
-  if (pref) cublasLtMatmulPreferenceDestroy(pref);
   if (lc) cublasLtMatrixLayoutDestroy(lc);
   if (lb) cublasLtMatrixLayoutDestroy(lb);
   if (la) cublasLtMatrixLayoutDestroy(la);
@@ -268,8 +508,10 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
   if (t->quant == M3_WQ_NONE && t->dtype == M3_DT_F32)
     return lt_gemm(cb, CUDA_R_32F, t->data, N, K, x, T, y, N);
   const int stored_bf16 = t->quant == M3_WQ_NONE && t->dtype == M3_DT_BF16;
-  uint64_t chunk = stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2);
-  chunk = chunk < 64 ? 64 : chunk > N ? N : chunk;
+  /* whole multiples of 256 rows: with chunks of 5461 rows q_proj's MXFP8 prefill (8192 x 6144,
+   * 8192 tokens) took 6.5 times as long as o_proj's with chunks of 4096 */
+  uint64_t chunk = stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2) / 256 * 256;
+  chunk = chunk < 256 ? 256 : chunk > N ? N : chunk;
   const size_t xbytes = ((size_t)T * K * 2 + 255) / 256 * 256;
   uint8_t *scratch = (uint8_t *)cuda_scratch(cb, xbytes + (stored_bf16 ? 0 : chunk * K * 2), "matmul");
   if (!scratch) return 0;

@@ -62,33 +62,91 @@ __global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nhead
   }
 }
 
+/* The rotated pairs of a head (0 = none) and their frequencies: inv_freq = 1 / theta^(arange(0,
+ * rot, 2) / rot), on the host with the CPU backend's expression so both backends rotate by
+ * bit-identical frequencies. */
+static int rope_frequencies(int hd, int rot, double theta, rope_freqs *f) {
+  if (rot > hd) rot = hd;
+  int half = rot / 2;
+  if (half <= 0) return 0;
+  if (half > ROPE_MAX_HALF) half = ROPE_MAX_HALF; /* rotary widths are at most a head */
+  for (int i = 0; i < half; i++) {
+    float exponent = (float)(2 * i) / (float)rot;
+    f->inv_freq[i] = 1.0f / powf((float)theta, exponent);
+  }
+  return half;
+}
+
 void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
                double theta) {
   cuda_backend *cb = cuda_of(be);
-  if (rot > hd) rot = hd;
-  int half = rot / 2;
-  if (half <= 0 || T <= 0) return;
-  if (half > ROPE_MAX_HALF) half = ROPE_MAX_HALF; /* rotary widths are at most a head */
-  /* inv_freq = 1 / theta^(arange(0, rot, 2) / rot), on the host with the CPU backend's expression
-   * so both backends rotate by bit-identical frequencies. */
   rope_freqs f;
-  for (int i = 0; i < half; i++) {
-    float exponent = (float)(2 * i) / (float)rot;
-    f.inv_freq[i] = 1.0f / powf((float)theta, exponent);
-  }
+  int half = rope_frequencies(hd, rot, theta, &f);
+  if (half <= 0 || T <= 0) return;
   rope_kernel<<<T, 256, 0, cb->stream>>>(x, pos, nheads, hd, half, f);
   cuda_launched(cb, "rope");
+}
+
+enum { NORM_ROPE_WARPS = 8, NORM_ROPE_MAX_HD = 512 };
+
+/* One warp per head vector (row r = t * nheads + h of x): Gemma RMSNorm as rmsnorm_kernel computes
+ * it, the normalized row staged in shared memory so that each lane can read the partner of its
+ * pair, then rope_kernel's rotation. One launch and one read and write of x instead of two. */
+__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
+    rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
+                        int rows, int nheads, int hd, int half, rope_freqs f) {
+  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = blockIdx.x * NORM_ROPE_WARPS + warp;
+  if (r >= rows) return; /* whole warps leave: no block-wide barrier follows */
+  float *v = x + (size_t)r * hd;
+  float *buf = row_buf[warp];
+  float ss = 0.0f;
+  for (int i = lane; i < hd; i += 32) {
+    float e = v[i];
+    buf[i] = e;
+    ss += e * e;
+  }
+  const float inv = 1.0f / sqrtf(warp_sum(ss) / (float)hd + eps);
+  for (int i = lane; i < hd; i += 32) buf[i] = __fmul_rn(__fmul_rn(buf[i], inv), 1.0f + dev_w(w, 0, i));
+  __syncwarp();
+  const float p = (float)pos[r / nheads];
+  for (int i = lane; i < hd; i += 32) {
+    float out = buf[i];
+    if (i < 2 * half) {
+      const int j = i < half ? i : i - half;
+      const float angle = __fmul_rn(p, f.inv_freq[j]);
+      const float c = cosf(angle), s = sinf(angle);
+      const float a = buf[j], b = buf[j + half];
+      out = i < half ? __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s))
+                     : __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    }
+    v[i] = out;
+  }
+}
+
+void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
+                       int T, int nheads, int hd, int rot, double theta) {
+  cuda_backend *cb = cuda_of(be);
+  if (T <= 0 || nheads <= 0 || hd <= 0) return;
+  if (hd > NORM_ROPE_MAX_HD) { /* wider than any M3 head: the two ops one after the other */
+    cuda_rmsnorm(be, x, w, eps, T * nheads, hd, x);
+    cuda_rope(be, x, pos, T, nheads, hd, rot, theta);
+    return;
+  }
+  rope_freqs f;
+  const int half = rope_frequencies(hd, rot, theta, &f);
+  const int rows = T * nheads;
+  rmsnorm_rope_kernel<<<(rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS, 32 * NORM_ROPE_WARPS, 0,
+                        cb->stream>>>(x, cuda_weight_of(w), eps, pos, rows, nheads, hd, half, f);
+  cuda_launched(cb, "rmsnorm_rope");
 }
 
 __global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta,
                               float limit, float *out) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x) {
-    float g = fminf(gate[i], limit);
-    float u = fminf(fmaxf(up[i], -limit), limit);
-    float glu = __fmul_rn(g, 1.0f / (1.0f + expf(-__fmul_rn(g, alpha))));
-    out[i] = __fmul_rn(u + beta, glu);
-  }
+       i += (size_t)gridDim.x * blockDim.x)
+    out[i] = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
 }
 
 void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,

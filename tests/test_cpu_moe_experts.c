@@ -1,0 +1,212 @@
+/* moe_experts of the CPU backend against a naive per-token reference written here in double
+ * precision: for each token and each of its k choices in order, the chosen expert's gate, up and
+ * down rows applied to that token alone. Weights F32, BF16 and MXFP8 (their exact decoded values
+ * are the reference's weights); ragged expert loads (unused experts, one expert in every token);
+ * T = 1 and T = 37; a choice outside [0, E) turns only its token's row into NaN. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "base/dtype.h"
+#include "base/mxfp8.h"
+#include "check.h"
+
+static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
+
+static uint32_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (uint32_t)(rng_state >> 16);
+}
+
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() % 1000001) / 1e6f; }
+
+enum { W_F32, W_BF16, W_MXFP8, W_KINDS };
+static const char *const kind_name[W_KINDS] = {"F32", "BF16", "MXFP8"};
+
+/* One expert matrix: the tensor the backend reads and its exact values for the reference. */
+typedef struct {
+  m3_tensor t;
+  void *data, *scale;
+  double *ref; /* [rows * cols] */
+} weight;
+
+static weight make_weight(int kind, int64_t rows, int64_t cols, float range) {
+  weight w;
+  memset(&w, 0, sizeof w);
+  const size_t n = (size_t)rows * (size_t)cols;
+  float *f = malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) f[i] = uniform(-range, range);
+  w.ref = malloc(n * sizeof(double));
+  w.t.name = "expert";
+  w.t.rows = rows;
+  w.t.cols = cols;
+  if (kind == W_F32) {
+    for (size_t i = 0; i < n; i++) w.ref[i] = f[i];
+    w.data = f;
+    w.t.dtype = M3_DT_F32;
+  } else if (kind == W_BF16) {
+    uint16_t *d = malloc(n * 2);
+    for (size_t i = 0; i < n; i++) {
+      d[i] = m3_f32_to_bf16(f[i]);
+      w.ref[i] = m3_bf16_to_f32(d[i]);
+    }
+    free(f);
+    w.data = d;
+    w.t.dtype = M3_DT_BF16;
+  } else {
+    const int64_t sc = (cols + 31) / 32;
+    uint8_t *q = malloc(n), *s = malloc((size_t)(rows * sc));
+    for (int64_t r = 0; r < rows; r++) m3_mxfp8_quantize_row(f + r * cols, cols, q + r * cols, s + r * sc);
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t c = 0; c < cols; c++) /* the engine multiplies in float32 */
+        w.ref[r * cols + c] = m3_e4m3_to_f32(q[r * cols + c]) * m3_e8m0_to_f32(s[r * sc + c / 32]);
+    free(f);
+    w.data = q;
+    w.scale = s;
+    w.t.dtype = M3_DT_F8_E4M3;
+    w.t.quant = M3_WQ_MXFP8;
+    w.t.block_rows = 1;
+    w.t.block_cols = 32;
+    w.t.scale_rows = rows;
+    w.t.scale_cols = sc;
+  }
+  w.t.data = w.data;
+  w.t.scale = w.scale;
+  return w;
+}
+
+static void free_weight(weight *w) {
+  free(w->data);
+  free(w->scale);
+  free(w->ref);
+}
+
+typedef struct {
+  int H, I, E, k, T;
+  int kind;
+  int skew;        /* 1: expert 0 is every token's first choice; choices use only half the experts */
+  int bad_token;   /* >= 0: this token's last choice is out of range */
+} moe_case;
+
+static const float ALPHA = 1.702f, BETA = 1.0f, LIMIT = 7.0f;
+
+static double ref_swiglu(double g, double u) {
+  g = fmin(g, LIMIT);
+  u = fmin(fmax(u, -LIMIT), LIMIT);
+  return g / (1.0 + exp(-ALPHA * g)) * (u + BETA);
+}
+
+/* Distinct choices per token (moe_route's top-k never repeats an expert). */
+static void random_ids(const moe_case *c, int32_t *ids) {
+  const int pool = c->skew ? c->E / 2 : c->E;
+  for (int t = 0; t < c->T; t++)
+    for (int j = 0; j < c->k; j++) {
+      int32_t e;
+      int dup;
+      do {
+        e = c->skew && j == 0 ? 0 : (int32_t)(rnd() % (uint32_t)pool);
+        dup = 0;
+        for (int i = 0; i < j; i++) dup |= ids[t * c->k + i] == e;
+      } while (dup);
+      ids[t * c->k + j] = e;
+    }
+  if (c->bad_token >= 0) ids[c->bad_token * c->k + c->k - 1] = c->E;
+}
+
+static void run_case(m3_backend *be, const moe_case *c) {
+  const int H = c->H, I = c->I, E = c->E, k = c->k, T = c->T;
+  weight *gate = malloc((size_t)E * sizeof *gate), *up = malloc((size_t)E * sizeof *up),
+         *down = malloc((size_t)E * sizeof *down);
+  m3_tensor *tg = malloc((size_t)E * sizeof *tg), *tu = malloc((size_t)E * sizeof *tu),
+            *td = malloc((size_t)E * sizeof *td);
+  for (int e = 0; e < E; e++) {
+    gate[e] = make_weight(c->kind, I, H, 0.5f), tg[e] = gate[e].t;
+    up[e] = make_weight(c->kind, I, H, 0.5f), tu[e] = up[e].t;
+    down[e] = make_weight(c->kind, H, I, 0.5f), td[e] = down[e].t;
+  }
+  m3_moe_experts ex = {tg, tu, td, E, ALPHA, BETA, LIMIT, NULL};
+  CHECK_OK(be->ops->prepare_experts(be, &ex));
+
+  float *h = malloc((size_t)T * H * sizeof(float)), *x = malloc((size_t)T * H * sizeof(float));
+  float *w = malloc((size_t)T * k * sizeof(float));
+  int32_t *ids = malloc((size_t)T * k * sizeof(int32_t));
+  for (int i = 0; i < T * H; i++) h[i] = uniform(-2, 2), x[i] = uniform(-1, 1);
+  for (int i = 0; i < T * k; i++) w[i] = uniform(0.05f, 1.5f);
+  random_ids(c, ids);
+  double *x_ref = malloc((size_t)T * H * sizeof(double)), *mag = calloc((size_t)T * H, sizeof(double));
+  double *act = malloc((size_t)I * sizeof(double));
+  for (int i = 0; i < T * H; i++) x_ref[i] = x[i];
+  for (int t = 0; t < T; t++)
+    for (int j = 0; j < k; j++) {
+      const int e = ids[t * k + j];
+      if (e < 0 || e >= E) continue;
+      const float *ht = h + (size_t)t * H;
+      for (int r = 0; r < I; r++) {
+        double g = 0, u = 0;
+        for (int col = 0; col < H; col++) {
+          g += gate[e].ref[(size_t)r * H + col] * ht[col];
+          u += up[e].ref[(size_t)r * H + col] * ht[col];
+        }
+        act[r] = ref_swiglu(g, u);
+      }
+      for (int r = 0; r < H; r++) {
+        double y = 0, m = 0;
+        for (int col = 0; col < I; col++) {
+          y += down[e].ref[(size_t)r * I + col] * act[col];
+          m += fabs(down[e].ref[(size_t)r * I + col] * act[col]);
+        }
+        x_ref[(size_t)t * H + r] += w[t * k + j] * y;
+        mag[(size_t)t * H + r] += w[t * k + j] * m;
+      }
+    }
+
+  be->ops->moe_experts(be, &ex, h, T, ids, w, k, x);
+  int bad = 0;
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < H; r++) {
+      const size_t i = (size_t)t * H + r;
+      const int ok = t == c->bad_token
+                         ? isnan(x[i])
+                         : fabs(x[i] - x_ref[i]) <= 1e-4 * (mag[i] + fabs(x_ref[i])) + 1e-6;
+      if (!ok && bad++ < 3)
+        fprintf(stderr, "  %s H %d I %d E %d k %d T %d skew %d: x[%d][%d] = %.9g, reference %.9g\n",
+                kind_name[c->kind], H, I, E, k, T, c->skew, t, r, x[i], x_ref[i]);
+    }
+  CHECK_EQ_INT(bad, 0);
+
+  be->ops->release_experts(be, &ex);
+  for (int e = 0; e < E; e++) free_weight(&gate[e]), free_weight(&up[e]), free_weight(&down[e]);
+  free(gate), free(up), free(down), free(tg), free(tu), free(td);
+  free(h), free(x), free(w), free(ids), free(x_ref), free(mag), free(act);
+}
+
+int main(void) {
+  m3_backend *be;
+  CHECK_OK(m3_backend_cpu_create(2, &be));
+  static const int shapes[][4] = {{64, 32, 8, 2}, {96, 64, 16, 4}, {128, 96, 6, 6}}; /* H I E k */
+  static const int Ts[] = {1, 37};
+  for (int kind = 0; kind < W_KINDS; kind++)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+      for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+        for (int skew = 0; skew < 2; skew++) {
+          moe_case c = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], Ts[ti], kind,
+                        skew, -1};
+          if (skew && c.k > c.E / 2) continue; /* k distinct choices among E/2 experts */
+          run_case(be, &c);
+        }
+  /* One token's out-of-range choice: that row is NaN, every other row is exact. */
+  moe_case bad = {64, 32, 8, 2, 5, W_BF16, 0, 3};
+  run_case(be, &bad);
+  /* A single-thread backend runs the same code without the pool. */
+  m3_backend *one;
+  CHECK_OK(m3_backend_cpu_create(1, &one));
+  moe_case c1 = {96, 64, 16, 4, 37, W_MXFP8, 1, -1};
+  run_case(one, &c1);
+  one->ops->destroy(one);
+  be->ops->destroy(be);
+  return check_summary();
+}
