@@ -341,16 +341,21 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
                                        (int)smem), "attention (shared memory)");
     smem_opted = smem;
   }
-  /* The occupancy query costs host time comparable to a decode call's GPU time: once per size. */
-  static size_t occupancy_smem;
-  static int occupancy_per_sm;
-  if (smem != occupancy_smem) {
-    occupancy_per_sm = 1;
-    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy_per_sm, attention_kernel<CPL, RPW>,
+  /* The occupancy query costs host time comparable to a decode call's GPU time: once per size. A
+   * decode step alternates sizes (dense and sparse layers), hence a few remembered. */
+  enum { OCC_SIZES = 8 };
+  static size_t occ_smem[OCC_SIZES];
+  static int occ_per_sm[OCC_SIZES], occ_next;
+  int per_sm = 0;
+  for (int i = 0; i < OCC_SIZES; i++)
+    if (occ_smem[i] == smem) per_sm = occ_per_sm[i];
+  if (per_sm <= 0) {
+    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel<CPL, RPW>,
                                                                 32 * ATT_WARPS, smem), "attention (occupancy)");
-    occupancy_smem = smem;
+    if (per_sm <= 0) per_sm = 1;
+    occ_smem[occ_next] = smem, occ_per_sm[occ_next] = per_sm;
+    occ_next = (occ_next + 1) % OCC_SIZES;
   }
-  const int per_sm = occupancy_per_sm > 0 ? occupancy_per_sm : 1;
   const int64_t slots = (int64_t)per_sm * cb->num_sms, items = (int64_t)ntiles * a.kv.nkv;
   int64_t nsplit = items >= slots ? 1 : (slots + items - 1) / items;
   if (nsplit > max_units / ATT_MIN_UNITS) nsplit = max_units / ATT_MIN_UNITS;

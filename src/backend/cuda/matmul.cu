@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     const int64_t row = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW + r;
 #pragma unroll
     for (int t = 0; t < NT; t++) {
-      float v = warp_sum(acc[r][t]);
-      if (nan_bits[r]) v = __uint_as_float(0x7fc00000u);
+      /* NaN before the sum: each lane saw only its own steps' NaN bytes */
+      const float v = warp_sum(nan_bits[r] ? __uint_as_float(0x7fc00000u) : acc[r][t]);
       if (lane == 0 && t < T && row < N) y[(size_t)t * N + row] = v;
     }
   }

@@ -83,6 +83,7 @@ typedef struct {
   int32_t *n_active; /* [1] */
   int32_t *slot_at;  /* [T*k] the slot t*k + j at each sorted position */
   int32_t *pos_of;   /* [T*k] the sorted position of each slot; -1 for a choice outside [0, E) */
+  int n;             /* T*k: the bound the kernels hold device offsets to */
 } moe_groups;
 
 /* One warp, shared memory count [E] then next [E]. __match_any_sync groups the lanes of a round
@@ -173,8 +174,8 @@ __global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK)
   if (r >= w0.rows) return; /* the whole warp: no warp_sum waits on it */
   const int lane = threadIdx.x & 31;
   const int64_t K = w0.cols, N = w0.rows;
-  const int end = g.start[e + 1];
-  for (int p0 = g.start[e]; p0 < end; p0 += NT) {
+  const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
+  for (int p0 = max(g.start[e], 0); p0 < end; p0 += NT) {
     const int nt = end - p0 < NT ? end - p0 : NT;
     const float *xr[NT];
 #pragma unroll
@@ -317,7 +318,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   if (!base) return;
   moe_groups g = {(int32_t *)(base + o_start), (int32_t *)(base + o_active),
                   (int32_t *)(base + o_n_active), (int32_t *)(base + o_slot),
-                  (int32_t *)(base + o_pos)};
+                  (int32_t *)(base + o_pos), n};
   float *y = (float *)(base + o_y), *act = (float *)(base + o_act);
   moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, E, g);
   cuda_launched(cb, "moe_experts (grouping)");
