@@ -91,7 +91,7 @@ static void check_stream(const m3_tokenizer *tok, const m3_tok_ids *ids, const m
     m3_status st = i < ids->len ? m3_detok_stream_push(&s, ids->data[i], &piece, &len)
                                 : m3_detok_stream_finish(&s, &piece, &len);
     /* Every piece is whole UTF-8 by itself. */
-    ok = st == M3_OK && tok_utf8_valid((const uint8_t *)piece, len);
+    ok = st == M3_OK && m3_utf8_valid((const uint8_t *)piece, len);
     char *grown = ok ? realloc(joined.data, joined.len + len + 1) : NULL;
     ok = grown != NULL;
     if (ok) {

@@ -19,6 +19,7 @@ static const char usage[] =
     "                [--max-concurrent N] [--served-model-name NAME] [--threads N]\n"
     "                [--kv-memory MIB] [--max-running N] [--no-prefix-cache] [--grace SECONDS]\n"
     "                [--max-image-pixels N] [--max-media-per-request N]\n"
+    "                [--allow-remote-media] [--remote-media-timeout-ms MS]\n"
     "                [--test-hooks] " M3_CLI_SPEC_USAGE "\n"
     "  serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /tokenize,\n"
     "  /detokenize, /health and /metrics. Binds 127.0.0.1 unless --host says otherwise;\n"
@@ -28,8 +29,13 @@ static const char usage[] =
     "  --max-tokens-limit N, --max-n N, --max-concurrent N: larger max_tokens or n get 400,\n"
     "                     more generation requests in flight get 429 (defaults 1048576, 16, 1024)\n"
     "  --max-image-pixels N, --max-media-per-request N: chat images (base64 data: URLs,\n"
-    "                     Anthropic base64 sources; remote URLs are refused) larger than N decoded\n"
-    "                     pixels, or more than N in a request, get 400 (defaults 12845056, 16)\n"
+    "                     Anthropic base64 sources) larger than N decoded pixels, or more than N\n"
+    "                     in a request, get 400 (defaults 12845056, 16)\n"
+    "  --allow-remote-media  fetch http(s) image URLs (OpenAI image_url, Anthropic url sources;\n"
+    "                     refused with 400 by default): up to 3 redirects, --max-body bytes\n"
+    "                     for all images of a request, 4 downloads at once. The server then\n"
+    "                     requests any URL a client names, internal addresses included\n"
+    "  --remote-media-timeout-ms MS  time allowed for one image download (default 10000)\n"
     "  --grace SECONDS    on SIGTERM, how long requests in flight may finish (default 30)\n"
     "  --test-hooks       honour the request field m3_test_forced_text (tests only)\n"
     "  Without --model it serves the built-in tiny model.\n";
@@ -39,6 +45,8 @@ typedef struct {
   m3_engine_options engine;
   m3_cli_spec spec;
   long grace_s;
+  bool allow_remote_media;
+  long remote_media_timeout_ms;
 } serve_args;
 
 static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
@@ -46,6 +54,8 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
   m3_engine_options_init(&a->engine);
   a->spec = (m3_cli_spec){0};
   a->grace_s = 30;
+  a->allow_remote_media = false;
+  a->remote_media_timeout_ms = 10000;
   *help = 0;
   for (int i = 1; i < argc; i++) {
     const char *flag = argv[i];
@@ -59,6 +69,10 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
     }
     if (strcmp(flag, "--no-prefix-cache") == 0) {
       a->engine.prefix_cache = 0;
+      continue;
+    }
+    if (strcmp(flag, "--allow-remote-media") == 0) {
+      a->allow_remote_media = true;
       continue;
     }
     if (i + 1 >= argc) return m3_fail(M3_ERR_ARG, "%s: missing value (see --help)", flag);
@@ -91,11 +105,14 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
       a->engine.max_running = (int)v;
     else if (strcmp(flag, "--grace") == 0 && (st = m3_cli_parse_long(flag, value, 0, 86400, &v)) == M3_OK)
       a->grace_s = v;
+    else if (strcmp(flag, "--remote-media-timeout-ms") == 0 && (st = m3_cli_parse_long(flag, value, 1, 600000, &v)) == M3_OK)
+      a->remote_media_timeout_ms = v;
     else if (st == M3_OK && !m3_cli_spec_flag(flag, value, &a->spec, &st))
       return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
   m3_cli_spec_apply(&a->spec, &a->engine);
+  a->server.remote_media_timeout_ms = a->allow_remote_media ? (int)a->remote_media_timeout_ms : 0;
   return M3_OK;
 }
 

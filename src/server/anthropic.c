@@ -473,16 +473,20 @@ static void messages_finish(srv_job *j, srv_sample *s, int index) {
   (void)index;
   if (!j->req->stream || j->cancelled) return;
   close_block(j, s);
-  if (s->finish != M3_FINISH_ERROR) return;
-  cJSON *d = ev_new("error"), *err = cJSON_AddObjectToObject(d, "error");
-  cJSON_AddStringToObject(err, "type", "api_error");
-  cJSON_AddStringToObject(err, "message", s->error ? s->error : "generation failed");
-  ev_send(j, d);
+  /* A turn cut short has no stop_reason: an error event ends the stream, of the type the
+   * non-streamed request would get (500; 503 when the server cancelled it as it shut down). */
+  srv_error e;
+  if (s->finish == M3_FINISH_ERROR)
+    srv_fail(&e, 500, NULL, "%s", s->error ? s->error : "generation failed");
+  else if (s->finish == M3_FINISH_CANCELLED)
+    srv_fail(&e, 503, NULL, "the request was cancelled (server shutting down)");
+  else return;
+  ev_send(j, srv_anthropic_error(&e));
 }
 
 static void messages_end(srv_job *j) {
   const srv_sample *s = &j->samples[0];
-  if (!j->req->stream || s->finish == M3_FINISH_ERROR) return;
+  if (!j->req->stream || s->finish == M3_FINISH_ERROR || s->finish == M3_FINISH_CANCELLED) return;
   cJSON *d = ev_new("message_delta"), *dl = cJSON_AddObjectToObject(d, "delta");
   add_stop(dl, s);
   cJSON *u = cJSON_AddObjectToObject(d, "usage");

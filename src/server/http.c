@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "server/srv.h"
+#include "tok/tokenizer.h"
 
 #define PUMP_MS 100 /* how often a waiting connection checks its client */
 
@@ -293,6 +294,10 @@ static enum MHD_Result dispatch(struct MHD_Connection *c, m3_server *s, conn_sta
     snprintf(msg, sizeof msg, "the request body is over the limit of %zu bytes", s->max_body);
     return fail(c, s, url, 413, msg);
   }
+  /* JSON text is UTF-8 (RFC 8259 §8.1); other bytes would be echoed into error messages and
+   * prompts as text no client can decode. */
+  if (!m3_utf8_valid((const uint8_t *)st->body.data, st->body.len))
+    return fail(c, s, url, 400, "the request body is not valid UTF-8");
   const char *end = NULL;
   cJSON *body = cJSON_ParseWithLengthOpts(st->body.data ? st->body.data : "", st->body.len, &end, 0);
   if (!cJSON_IsObject(body)) {
@@ -319,9 +324,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (!(st = calloc(1, sizeof *st))) return MHD_NO;
     st->srv = s;
     *con_cls = st;
-    /* An announced oversize body is refused before it is read. */
+    /* An announced oversize body is refused before it is read: the reply goes out at once and
+     * libmicrohttpd closes the connection instead of reading (up to 2^64 bytes of) the body. */
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    if (cl && strtoull(cl, NULL, 10) > s->max_body) st->too_large = true;
+    if (cl && strtoull(cl, NULL, 10) > s->max_body) {
+      st->too_large = true;
+      return dispatch(c, s, st, url, method);
+    }
     return MHD_YES;
   }
   if (*upload_size) {
@@ -372,7 +381,9 @@ m3_status m3_server_start(m3_engine *e, const m3_server_options *opt, m3_server 
   s->ctx.limits = (srv_limits){.max_tokens = opt->max_tokens_limit, .max_n = opt->max_n,
                                .test_hooks = opt->test_hooks != 0,
                                .max_image_pixels = opt->max_image_pixels,
-                               .max_media = opt->max_media_per_request};
+                               .max_media = opt->max_media_per_request,
+                               .fetch_timeout_ms = opt->remote_media_timeout_ms,
+                               .fetch_max_bytes = opt->max_body};
   s->ctx.metrics = srv_metrics_new();
   s->api_key = opt->api_key ? strdup(opt->api_key) : NULL;
   s->max_body = opt->max_body;

@@ -1,7 +1,7 @@
 /* media.c: images in chat requests (srv.h). Parsing checks each image part (a base64 data: URL
- * or an Anthropic base64 source, a known image type, decodable, within the pixel and count
- * limits) and keeps its bytes; generation turns them into the engine's m3_media and expands the
- * prompt's placeholders. Remote URLs are refused: this server never fetches. */
+ * or an Anthropic base64 source, or an http(s) URL fetched under --allow-remote-media; a known
+ * image type, decodable, within the pixel and count limits) and keeps its bytes; generation
+ * turns them into the engine's m3_media and expands the prompt's placeholders. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +9,7 @@
 #include <strings.h>
 
 #include "media/media.h"
+#include "server/fetch.h"
 #include "server/srv.h"
 
 /* The 6-bit value of a base64 character (RFC 4648 standard alphabet), or -1. */
@@ -76,29 +77,25 @@ static int part_fail(srv_error *e, const char *label, const char *fmt, ...) {
   return srv_fail(e, 400, e->where, "%s: %s", label, why);
 }
 
-int srv_media_add(const srv_ctx *ctx, srv_request *r, const char *media_type, size_t type_len,
-                  const char *base64, const char *label, srv_error *e) {
-  if (r->n_media >= ctx->limits.max_media) {
-    snprintf(e->where, sizeof e->where, "messages");
-    return srv_fail(e, 400, e->where, "%s: more than %d images in one request (--max-media-per-"
-                    "request)", label, ctx->limits.max_media);
-  }
-  if (!known_image_type(media_type, type_len)) {
-    return part_fail(e, label, "media type '%.*s' is not accepted; expected image/jpeg, "
-                     "image/png, image/webp or image/gif", (int)(type_len < 48 ? type_len : 48),
-                     media_type);
-  }
-  uint8_t *bytes;
-  size_t len;
-  if (srv_base64_decode(base64, strlen(base64), &bytes, &len) != 0)
-    return part_fail(e, label, "the image data is not valid base64");
+/* Checked before any decoding or download, which the refused image would waste. */
+static int check_room(const srv_ctx *ctx, const srv_request *r, const char *label, srv_error *e) {
+  if (r->n_media < ctx->limits.max_media) return 0;
+  snprintf(e->where, sizeof e->where, "messages");
+  return srv_fail(e, 400, e->where, "%s: more than %d images in one request (--max-media-per-"
+                  "request)", label, ctx->limits.max_media);
+}
+
+/* Appends an image's encoded bytes (taking them, also on failure) once they decode within the
+ * pixel limit; `source` prefixes the cause of a failure ("" or "fetched from <url>: "). */
+static int add_bytes(const srv_ctx *ctx, srv_request *r, uint8_t *bytes, size_t len,
+                     const char *source, const char *label, srv_error *e) {
   m3_rgb_image img = {0};
   int rc = 0;
   if (m3_image_decode(bytes, len, "the image", &img) != M3_OK) {
-    rc = part_fail(e, label, "undecodable image data: %s", m3_last_error());
+    rc = part_fail(e, label, "%sundecodable image data: %s", source, m3_last_error());
   } else if ((int64_t)img.width * img.height > ctx->limits.max_image_pixels) {
-    rc = part_fail(e, label, "the image has %dx%d pixels; this server allows at most %lld "
-                   "(--max-image-pixels)", img.width, img.height,
+    rc = part_fail(e, label, "%sthe image has %dx%d pixels; this server allows at most %lld "
+                   "(--max-image-pixels)", source, img.width, img.height,
                    (long long)ctx->limits.max_image_pixels);
   }
   m3_rgb_image_free(&img);
@@ -115,11 +112,55 @@ int srv_media_add(const srv_ctx *ctx, srv_request *r, const char *media_type, si
   return 0;
 }
 
+int srv_media_add(const srv_ctx *ctx, srv_request *r, const char *media_type, size_t type_len,
+                  const char *base64, const char *label, srv_error *e) {
+  if (check_room(ctx, r, label, e)) return -1;
+  if (!known_image_type(media_type, type_len)) {
+    return part_fail(e, label, "media type '%.*s' is not accepted; expected image/jpeg, "
+                     "image/png, image/webp or image/gif", (int)(type_len < 48 ? type_len : 48),
+                     media_type);
+  }
+  uint8_t *bytes;
+  size_t len;
+  if (srv_base64_decode(base64, strlen(base64), &bytes, &len) != 0)
+    return part_fail(e, label, "the image data is not valid base64");
+  return add_bytes(ctx, r, bytes, len, "", label, e);
+}
+
+/* An http(s) URL: downloaded (fetch.h) when the server allows it, then checked as inline bytes
+ * are. A request's images share fetch_max_bytes (--max-body), as inline ones share the body, so
+ * 16 URLs cannot make the server hold 16 times that. Errors name the URL, cut to fit. */
+static int add_remote(const srv_ctx *ctx, srv_request *r, const char *url, const char *label,
+                      srv_error *e) {
+  if (ctx->limits.fetch_timeout_ms <= 0)
+    return part_fail(e, label, "remote image URLs are fetched only when the server runs with "
+                     "--allow-remote-media; send the image inline as a data: URL "
+                     "(data:image/png;base64,...)");
+  if (check_room(ctx, r, label, e)) return -1;
+  size_t held = 0;
+  for (int i = 0; i < r->n_media; i++) held += r->media[i].len;
+  const size_t max = ctx->limits.fetch_max_bytes;
+  /* At most 120 bytes of the URL, cut before a UTF-8 continuation byte so the JSON stays valid. */
+  int cut = (int)strnlen(url, 120);
+  while (cut > 0 && url[cut] != 0 && ((unsigned char)url[cut] & 0xC0) == 0x80) cut--;
+  char shown[128];
+  snprintf(shown, sizeof shown, "%.*s%s", cut, url, url[cut] ? "..." : "");
+  char source[160];
+  snprintf(source, sizeof source, "fetched from %s: ", shown);
+  uint8_t *bytes;
+  size_t len;
+  char why[200];
+  const int status = srv_fetch(url, held < max ? max - held : 0, ctx->limits.fetch_timeout_ms,
+                               &bytes, &len, why, sizeof why);
+  if (status == 0) return add_bytes(ctx, r, bytes, len, source, label, e);
+  snprintf(e->where, sizeof e->where, "%s", label);
+  return srv_fail(e, status, e->where, "%s: cannot fetch %s: %s", label, shown, why);
+}
+
 int srv_media_add_url(const srv_ctx *ctx, srv_request *r, const char *url, const char *label,
                       srv_error *e) {
   if (strncasecmp(url, "http://", 7) == 0 || strncasecmp(url, "https://", 8) == 0)
-    return part_fail(e, label, "remote image URLs are not fetched by this server; send the image "
-                     "inline as a data: URL (data:image/png;base64,...)");
+    return add_remote(ctx, r, url, label, e);
   /* data:<type>[;param]*;base64,<data> (RFC 2397); only base64 carries binary images. */
   const char *comma = strncasecmp(url, "data:", 5) == 0 ? strchr(url, ',') : NULL;
   if (!comma)

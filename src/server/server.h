@@ -22,6 +22,8 @@ typedef struct {
   int test_hooks;                /* 1: honour the m3_test_forced_text request field */
   long long max_image_pixels;    /* larger images (decoded width x height) get 400 */
   int max_media_per_request;     /* more images in one request get 400 */
+  int remote_media_timeout_ms;   /* 0: http(s) image URLs get 400; else they are fetched, each
+                                    within this time and max_body bytes */
 } m3_server_options;
 
 void m3_server_options_init(m3_server_options *opt);

@@ -46,6 +46,9 @@ typedef struct {
   bool test_hooks; /* --test-hooks */
   int64_t max_image_pixels; /* --max-image-pixels: decoded width x height of one image */
   int max_media;   /* --max-media-per-request */
+  int fetch_timeout_ms;   /* --allow-remote-media: 0 = http(s) image URLs are refused */
+  size_t fetch_max_bytes; /* --max-body: the bytes all images of one request may have, as the
+                             body bounds inline ones */
 } srv_limits;
 
 typedef struct srv_metrics srv_metrics;
@@ -142,7 +145,9 @@ int srv_base64_decode(const char *text, size_t len, uint8_t **out, size_t *out_l
  * naming "messages" past max_media. */
 int srv_media_add(const srv_ctx *ctx, srv_request *r, const char *media_type, size_t type_len,
                   const char *data, const char *label, srv_error *e);
-/* An OpenAI image_url: a base64 data: URL; http(s) URLs are refused (never fetched). */
+/* An OpenAI image_url (or an Anthropic url source): a base64 data: URL, or an http(s) URL that is
+ * fetched on this (the connection's) thread when limits.fetch_timeout_ms > 0 and refused with a
+ * 400 naming --allow-remote-media otherwise. */
 int srv_media_add_url(const srv_ctx *ctx, srv_request *r, const char *url, const char *label,
                       srv_error *e);
 /* Every image_url part of r->messages (OpenAI form), in order; video parts are refused. */

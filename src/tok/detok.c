@@ -43,7 +43,7 @@ static long utf8_seq(const uint8_t *p, size_t n) {
   return (long)need;
 }
 
-bool tok_utf8_valid(const uint8_t *p, size_t n) {
+bool m3_utf8_valid(const uint8_t *p, size_t n) {
   for (size_t i = 0; i < n;) {
     if (p[i] < 0x80) {
       i++;

@@ -209,6 +209,5 @@ extern const char tok_gpt2_pattern[];
 /* Appends the lossy UTF-8 of bytes[0..n) to out; when !final an incomplete trailing sequence is
  * not consumed. Returns the number of bytes consumed, or (size_t)-1 on allocation failure. */
 size_t tok_utf8_lossy(m3_tok_text *out, const uint8_t *bytes, size_t n, bool final);
-bool tok_utf8_valid(const uint8_t *p, size_t n);
 
 #endif

@@ -552,7 +552,7 @@ static m3_status encode_level(m3_tokenizer *tok, int level, size_t off, size_t l
 m3_status m3_tok_encode(m3_tokenizer *tok, const char *text, size_t len, bool special,
                         m3_tok_ids *out) {
   if (len > UINT32_MAX / 4) return m3_fail(M3_ERR_LIMIT, "encode: text of %zu bytes is too long", len);
-  if (!tok_utf8_valid((const uint8_t *)text, len)) return m3_fail(M3_ERR_ARG, "encode: text is not valid UTF-8");
+  if (!m3_utf8_valid((const uint8_t *)text, len)) return m3_fail(M3_ERR_ARG, "encode: text is not valid UTF-8");
   if (len == 0) return M3_OK;
   if (!tok_reserve((void **)&tok->work, &tok->work_cap, len, 1)) return m3_fail(M3_ERR_NOMEM, "encode");
   memcpy(tok->work, text, len);

@@ -58,6 +58,10 @@ int32_t m3_tok_n_ids(const m3_tokenizer *tok);
 int32_t m3_tok_find(const m3_tokenizer *tok, const char *text, size_t len);
 bool m3_tok_is_special(const m3_tokenizer *tok, int32_t id);
 
+/* Whether p[0..n) is well-formed UTF-8 (no overlong forms, surrogates or code points past
+ * U+10FFFF): the check encode applies to text, shared with whoever receives text (the server). */
+bool m3_utf8_valid(const uint8_t *p, size_t n);
+
 /* Streaming decode: push ids one at a time; each push returns the bytes that are now complete
  * UTF-8 (possibly none), holding back a trailing incomplete sequence. The concatenation of every
  * push and the final flush equals m3_tok_decode of all the ids. */
