@@ -166,29 +166,16 @@ static enum MHD_Result post_tokenize(struct MHD_Connection *c, m3_server *s, con
 
 static enum MHD_Result post_detokenize(struct MHD_Connection *c, m3_server *s, const char *url,
                                        cJSON *body) {
-  const cJSON *tokens = cJSON_GetObjectItemCaseSensitive(body, "tokens");
-  int n = cJSON_GetArraySize(tokens);
-  int32_t *ids = malloc(sizeof *ids * (size_t)(n ? n : 1));
+  int32_t *ids = NULL;
+  int n = 0;
   enum MHD_Result ok;
   srv_error e;
-  if (!cJSON_IsArray(tokens) || !ids) {
-    srv_fail(&e, 400, "tokens", "'tokens' must be an array of token ids");
+  if (srv_parse_token_ids(body, s->ctx.info.vocab_size, &ids, &n, &e)) {
     ok = respond_error(c, s, url, &e);
   } else {
-    int bad = -1;
-    for (int i = 0; i < n && bad < 0; i++) {
-      const cJSON *t = cJSON_GetArrayItem(tokens, i);
-      if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= s->ctx.info.vocab_size ||
-          t->valuedouble != (double)(int32_t)t->valuedouble)
-        bad = i;
-      else ids[i] = (int32_t)t->valuedouble;
-    }
     char *text = NULL;
     size_t len;
-    if (bad >= 0) {
-      srv_fail(&e, 400, "tokens", "tokens[%d] is not a token id in 0..%d", bad, s->ctx.info.vocab_size - 1);
-      ok = respond_error(c, s, url, &e);
-    } else if (m3_detokenize(s->ctx.engine, ids, n, 0, &text, &len) != M3_OK) {
+    if (m3_detokenize(s->ctx.engine, ids, n, 0, &text, &len) != M3_OK) {
       srv_fail(&e, 400, "tokens", "%s", m3_last_error());
       ok = respond_error(c, s, url, &e);
     } else {

@@ -19,6 +19,28 @@ int srv_fail(srv_error *e, int status, const char *param, const char *fmt, ...) 
   return -1;
 }
 
+int srv_parse_token_ids(const cJSON *body, int vocab_size, int32_t **ids, int *n, srv_error *e) {
+  const cJSON *tokens = cJSON_GetObjectItemCaseSensitive(body, "tokens");
+  *ids = NULL;
+  *n = 0;
+  if (!cJSON_IsArray(tokens)) return srv_fail(e, 400, "tokens", "'tokens' must be an array of token ids");
+  const int count = cJSON_GetArraySize(tokens);
+  int32_t *out = malloc(sizeof *out * (size_t)(count ? count : 1));
+  if (!out) return srv_fail(e, 400, "tokens", "%d token ids do not fit in memory", count);
+  int i = 0;
+  for (const cJSON *t = tokens->child; t; t = t->next, i++)
+    if (!cJSON_IsNumber(t) || !(t->valuedouble >= 0) || t->valuedouble >= vocab_size ||
+        t->valuedouble != (double)(int32_t)t->valuedouble) {
+      free(out);
+      return srv_fail(e, 400, "tokens", "tokens[%d] is not a token id in 0..%d", i, vocab_size - 1);
+    } else {
+      out[i] = (int32_t)t->valuedouble;
+    }
+  *ids = out;
+  *n = count;
+  return 0;
+}
+
 double srv_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

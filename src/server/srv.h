@@ -115,6 +115,10 @@ typedef struct {
 
 void srv_request_free(srv_request *r);
 
+/* The body of POST /detokenize: {"tokens": [id, ...]} with every id in 0..vocab_size-1. *ids
+ * (malloc'd, at least one element) and *n on success; 400 naming the bad entry otherwise. */
+int srv_parse_token_ids(const cJSON *body, int vocab_size, int32_t **ids, int *n, srv_error *e);
+
 /* JSON field readers: absent or null leaves *out untouched and returns 0; a value of the wrong
  * type or out of range fills e (400, param = key) and returns -1. */
 int srv_get_bool(const cJSON *o, const char *key, bool *out, srv_error *e);

@@ -1,10 +1,11 @@
-/* fuzz_request: HTTP request bodies of the three generation endpoints, taken through what the
- * server does before the engine is involved: cJSON parse, the endpoint's parser
- * (srv_openai_parse for chat completions and completions, srv_anthropic_parse for messages,
- * images decoded and checked against the limits included) and, for a chat that parsed,
- * srv_render_chat of its prompt. None of these needs an engine, so the context has none.
- * A rejected request must carry a 4xx status and a message. Input: byte 0 picks the endpoint,
- * the model's chat format and whether test hooks are on; the rest is the body. */
+/* fuzz_request: HTTP request bodies of every endpoint that takes one, through what the server
+ * does before the engine is involved: cJSON parse, the endpoint's parser (srv_openai_parse for
+ * chat completions, completions and /tokenize, srv_anthropic_parse for messages, images decoded
+ * and checked against the limits included; srv_parse_token_ids for /detokenize) and, for a chat
+ * that parsed, srv_render_chat of its prompt. None of these needs an engine, so the context has
+ * none. A rejected request must carry a 4xx status and a message. Input: byte 0 picks the
+ * endpoint (bits 0-1: chat, completions, messages, detokenize), the model's chat format and
+ * whether test hooks are on; the rest is the body. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 1) return 0;
   static const srv_endpoint endpoints[] = {SRV_EP_CHAT, SRV_EP_COMPLETIONS, SRV_EP_MESSAGES};
-  srv_endpoint ep = endpoints[data[0] % 3];
+  const int detokenize = (data[0] & 3) == 3;
+  srv_endpoint ep = endpoints[detokenize ? 0 : data[0] & 3];
   srv_ctx ctx = {
       .info = {.vocab_size = 600, .chat_format = data[0] & 4 ? M3_CHAT_M2 : M3_CHAT_M3},
       .model_name = "m3",
@@ -31,8 +33,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     cJSON_Delete(body);
     return 0;
   }
-  srv_request req = {0};
   srv_error e = {0};
+  if (detokenize) {
+    int32_t *ids = NULL;
+    int n = 0;
+    if (srv_parse_token_ids(body, ctx.info.vocab_size, &ids, &n, &e)) {
+      if (e.status < 400 || e.status > 499 || !e.message[0] || ids) abort();
+    } else {
+      for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= ctx.info.vocab_size) abort();
+    }
+    free(ids);
+    cJSON_Delete(body);
+    return 0;
+  }
+  srv_request req = {0};
   int rc = ep == SRV_EP_MESSAGES ? srv_anthropic_parse(&ctx, body, &req, &e)
                                  : srv_openai_parse(&ctx, ep, body, &req, &e);
   if (rc) {
