@@ -39,6 +39,10 @@ typedef struct {
   const char *speculative;
   const char *draft_dir;
   int num_draft;
+  /* NULL or "" = weights as stored; "mxfp8" = convert the BF16/F16/F32 weights of the kinds the
+   * published MXFP8 checkpoint quantizes to MXFP8 at load (round to nearest even, the OCP scale
+   * rule), for users who only have the BF16 checkpoint. Other values are M3_ERR_ARG. */
+  const char *quantize;
 } m3_engine_options;
 
 /* Fills `opts` with the defaults above. */

@@ -98,6 +98,24 @@ expect_eq "mxfp8 config" "$(jq -c '.quantization_config | {quant_method, weight_
 expect_eq "mxfp8 scale dtype" "$(header "$tmp/tiny_mxfp8/model.safetensors" | jq -r '."language_model.model.layers.0.self_attn.q_proj.weight_scale_inv".dtype')" U8
 expect_eq "mxfp8 router stays F32" "$(header "$tmp/tiny_mxfp8/model.safetensors" | jq -r '."language_model.model.layers.1.block_sparse_moe.gate.weight".dtype')" F32
 
+# --quantize mxfp8 on the BF16 checkpoint reports what loading it so holds: the bytes and counts
+# of the MXFP8 checkpoint of the same seed (checked against its own header above); a config-only
+# folder's estimate likewise.
+bq=$("$m3" inspect --model "$tmp/tiny_bf16" --json --quantize mxfp8)
+expect_eq "--quantize bytes_by_dtype" "$(jq -c .bytes_by_dtype <<<"$bq")" "$(jq -c .bytes_by_dtype <<<"$mx")"
+expect_eq "--quantize weight_bytes" "$(jq .weight_bytes <<<"$bq")" "$(jq .weight_bytes <<<"$mx")"
+expect_eq "--quantize quantized_tensors" "$(jq .quantization.quantized_tensors <<<"$bq")" \
+  "$(header "$tmp/tiny_mxfp8/model.safetensors" | jq '[keys[] | select(endswith("_scale_inv"))] | length')"
+mkdir -p "$tmp/conf_bf16" "$tmp/conf_mxfp8"
+cp "$tmp/tiny_bf16/config.json" "$tmp/conf_bf16/"
+cp "$tmp/tiny_mxfp8/config.json" "$tmp/conf_mxfp8/"
+expect_eq "--quantize config-only estimate" \
+  "$("$m3" inspect --model "$tmp/conf_bf16" --json --quantize mxfp8 | jq -c .bytes_by_dtype)" \
+  "$("$m3" inspect --model "$tmp/conf_mxfp8" --json | jq -c .bytes_by_dtype)"
+expect_input_error "--quantize 'fp4'" inspect --model "$tmp/tiny_bf16" --quantize fp4
+expect_input_error "--quantize 'fp4'" logits --model "$tmp/tiny_bf16" --ids 1 --out "$tmp/l.bin" --quantize fp4
+expect_input_error "--quantize 'int8'" run --model "$tmp/tiny_bf16" --ids 1 --quantize int8
+
 # A layer plan shows up in config and inspect.
 "$m3" tiny "$tmp/plan" --layers SM,SM,FD >/dev/null || bad "m3 tiny --layers SM,SM,FD failed"
 expect_eq "plan layers" "$("$m3" inspect --model "$tmp/plan" --json | jq -c '[.layers[] | .attention + "/" + .mlp]')" \

@@ -282,7 +282,7 @@ static m3_status write_plan(const plan *p, const char *path) {
           break;
         }
         case M3_DT_F32: {
-          int is_scale = strstr(x->name, "_scale_inv") != NULL;
+          int is_scale = strstr(x->name, "_scale") != NULL; /* _scale_inv and _scale */
           float f = is_scale ? gen_scale_f32(x->name, k) : gen_f32(x->name, k);
           memcpy(data + 4 * k, &f, 4);
           break;
@@ -310,6 +310,13 @@ static void quantize(plan *p, const char *name, int br, int bc) {
     plan_add(p, M3_DT_U8, MAT(n, (k + 31) / 32), "%s_scale_inv", name);
   else
     plan_add(p, M3_DT_F32, MAT((n + br - 1) / br, (k + bc - 1) / bc), "%s_scale_inv", name);
+}
+
+/* Makes `name` F8_E4M3 with a per-channel (or per-tensor) `<name>_scale` of dtype dt and the
+ * given shape. */
+static void quantize_channel(plan *p, const char *name, m3_dtype dt, int ndim, const int64_t *shape) {
+  plan_find(p, name)->dt = M3_DT_F8_E4M3;
+  plan_add(p, dt, ndim, shape, "%s_scale", name);
 }
 
 /* ---- running a case ---- */
@@ -629,6 +636,107 @@ static void test_fp8_block(void) {
   release();
 }
 
+/* Every row of t equals the e4m3 bytes of `name` times the scale of its row (scale element r, or
+ * element 0 when per_tensor) decoded here from `<name>_scale` of dtype dt. */
+static int count_bad_channel_rows(const m3_tensor *t, const char *name, m3_dtype dt,
+                                  int per_tensor) {
+  char scale_name[256];
+  snprintf(scale_name, sizeof scale_name, "%s_scale", name);
+  float *row = malloc((size_t)t->cols * sizeof *row);
+  int bad = 0;
+  for (int64_t r = 0; r < t->rows; r++) {
+    m3_tensor_row_f32(t, r, row);
+    size_t k = per_tensor ? 0 : (size_t)r;
+    float s = dt == M3_DT_F32 ? gen_scale_f32(scale_name, k) : (float)ref_bf16(gen_bf16(scale_name, k));
+    for (int64_t c = 0; c < t->cols; c++) {
+      float want = (float)ref_e4m3(gen_e4m3(name, (size_t)(r * t->cols + c))) * s;
+      if (row[c] != want && bad++ == 0)
+        fprintf(stderr, "%s[%lld][%lld]: %.9g vs %.9g\n", name, (long long)r, (long long)c, row[c],
+                want);
+    }
+  }
+  free(row);
+  return bad;
+}
+
+/* Per-channel FP8 (compressed-tensors FP8-dynamic: `weight_scale` [N, 1] in the model's dtype)
+ * and per-tensor FP8 (`weight_scale` [1]) run as FP8 blocks one row (or the whole matrix) tall and
+ * a power of two >= the row wide. */
+static void test_fp8_channel(void) {
+  plan p;
+  build(&p, &official);
+  const char *q = "language_model.model.layers.0.self_attn.q_proj.weight";
+  const char *o = "language_model.model.layers.0.self_attn.o_proj.weight";
+  const char *k = "language_model.model.layers.0.self_attn.k_proj.weight";
+  const char *down = "language_model.model.layers.1.block_sparse_moe.experts.1.w2.weight";
+  quantize_channel(&p, q, M3_DT_F32, MAT(NH * HD, 1));
+  quantize_channel(&p, o, M3_DT_BF16, MAT(H, 1));
+  quantize_channel(&p, k, M3_DT_F32, VEC(1));
+  quantize_channel(&p, down, M3_DT_BF16, VEC(H));
+  config_opts ct = {.vl = 1,
+                    .quant =
+                        "{\"quant_method\": \"compressed-tensors\", \"format\": \"float-quantized\","
+                        " \"config_groups\": {\"group_0\": {\"targets\": [\"Linear\"], \"weights\":"
+                        " {\"num_bits\": 8, \"type\": \"float\", \"strategy\": \"channel\"}}}}"};
+  if (!bind_ok(&p, &ct)) return;
+  CHECK_EQ_INT(cfg.quant.method, M3_QUANT_FP8);
+  CHECK_EQ_INT(w.num_quantized, 4);
+  const m3_tensor *tq = &w.layers[0].q_proj;
+  CHECK_EQ_INT(tq->quant, M3_WQ_FP8_BLOCK);
+  CHECK_EQ_INT(tq->block_rows, 1);
+  CHECK_EQ_INT(tq->block_cols, 64); /* 40 columns: the next power of two, at least 32 */
+  CHECK_EQ_INT(tq->scale_rows, NH * HD);
+  CHECK_EQ_INT(tq->scale_cols, 1);
+  CHECK(tq->scale == m3_st_find(st, "language_model.model.layers.0.self_attn.q_proj.weight_scale")->data);
+  CHECK_EQ_INT(count_bad_channel_rows(tq, q, M3_DT_F32, 0), 0);
+  CHECK_EQ_INT(count_bad_channel_rows(&w.layers[0].o_proj, o, M3_DT_BF16, 0), 0);
+  CHECK_EQ_INT(w.layers[0].k_proj.block_rows, NKV * HD);
+  CHECK_EQ_INT(count_bad_channel_rows(&w.layers[0].k_proj, k, M3_DT_F32, 1), 0);
+  CHECK_EQ_INT(count_bad_channel_rows(&w.layers[1].expert_down[1], down, M3_DT_BF16, 0), 0);
+  release();
+
+  /* Without a quantization_config, and with quant_method fp8 without blocks: the same. */
+  config_opts fp8 = {.vl = 1, .quant = "{\"quant_method\": \"fp8\", \"activation_scheme\": \"dynamic\"}"};
+  const config_opts *plain[] = {&vl, &fp8};
+  for (int i = 0; i < 2; i++) {
+    build(&p, &official);
+    quantize_channel(&p, q, M3_DT_F32, MAT(NH * HD, 1));
+    if (!bind_ok(&p, plain[i])) return;
+    CHECK_EQ_INT(count_bad_channel_rows(&w.layers[0].q_proj, q, M3_DT_F32, 0), 0);
+    release();
+  }
+
+  /* Scale shapes that fit no layout, a scale dtype that is not a float, two scales. */
+  build(&p, &official);
+  quantize_channel(&p, q, M3_DT_F32, MAT(NH * HD, 2));
+  CHECK_FAILS_WITH(bind_case(&p, &ct), M3_ERR_SHAPE,
+                   "self_attn.q_proj.weight_scale: shape [8, 2], expected [8, 1] or [8]");
+  release();
+  build(&p, &official);
+  quantize_channel(&p, o, M3_DT_BF16, VEC(H - 1));
+  CHECK_FAILS_WITH(bind_case(&p, &ct), M3_ERR_SHAPE, "self_attn.o_proj.weight_scale: shape [39]");
+  release();
+  build(&p, &official);
+  quantize_channel(&p, q, M3_DT_F32, MAT(1, NH * HD));
+  CHECK_FAILS_WITH(bind_case(&p, &ct), M3_ERR_SHAPE, "self_attn.q_proj.weight_scale: shape [1, 8]");
+  release();
+  build(&p, &official);
+  quantize_channel(&p, q, M3_DT_U8, MAT(NH * HD, 1));
+  CHECK_FAILS_WITH(bind_case(&p, &ct), M3_ERR_SHAPE, "self_attn.q_proj.weight_scale: dtype U8");
+  release();
+  build(&p, &official);
+  quantize(&p, q, 0, 0);
+  plan_add(&p, M3_DT_F32, MAT(NH * HD, 1), "%s_scale", q);
+  CHECK_FAILS_WITH(bind_case(&p, &ct), M3_ERR_UNEXPECTED, "q_proj.weight: has both");
+  release();
+
+  /* compressed-tensors in another format (int4 pack-quantized) is refused up front. */
+  build(&p, &official);
+  config_opts packed = {.vl = 1, .quant = "{\"quant_method\": \"compressed-tensors\", \"format\": \"pack-quantized\"}"};
+  CHECK_FAILS_WITH(bind_case(&p, &packed), M3_ERR_UNSUPPORTED, "compressed-tensors");
+  release();
+}
+
 /* A header one byte longer than the writer makes it (legal JSON padding) shifts every tensor off
  * its element alignment: binding must refuse it by name rather than read misaligned data. */
 static void test_misaligned(void) {
@@ -803,6 +911,7 @@ int main(void) {
   test_tied_and_text_only();
   test_mxfp8();
   test_fp8_block();
+  test_fp8_channel();
   test_errors();
   test_misaligned();
   unlink(st_path);

@@ -14,7 +14,7 @@
 
 static const char usage[] =
     "usage: m3 bench engine [--model DIR] [--threads N] [--prompt-tokens P] [--gen-tokens G]\n"
-    "                       [--max-concurrency C]\n"
+    "                       [--max-concurrency C] " M3_CLI_QUANTIZE_USAGE "\n"
     "  defaults: the built-in model, P = 64, G = 32, C = 64.\n";
 
 static double now_seconds(void) {
@@ -70,7 +70,7 @@ static m3_status run_load(m3_engine *e, int c, int P, int G, int shared, uint64_
 }
 
 int m3_bench_engine(int argc, char **argv) {
-  const char *model = NULL;
+  const char *model = NULL, *quantize = NULL;
   long threads = 0, P = 64, G = 32, C = 64;
   m3_status st = M3_OK;
   for (int i = 1; i < argc && st == M3_OK; i++) {
@@ -83,6 +83,7 @@ int m3_bench_engine(int argc, char **argv) {
     else if (strcmp(argv[i], "--threads") == 0) st = m3_cli_parse_long(argv[i], argv[i + 1], 0, 4096, &threads), i++;
     else if (strcmp(argv[i], "--prompt-tokens") == 0) st = m3_cli_parse_long(argv[i], argv[i + 1], 1, 1 << 20, &P), i++;
     else if (strcmp(argv[i], "--gen-tokens") == 0) st = m3_cli_parse_long(argv[i], argv[i + 1], 1, 1 << 20, &G), i++;
+    else if (strcmp(argv[i], "--quantize") == 0) st = m3_cli_parse_quantize(argv[++i], &quantize);
     else if (strcmp(argv[i], "--max-concurrency") == 0) st = m3_cli_parse_long(argv[i], argv[i + 1], 1, 4096, &C), i++;
     else st = m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", argv[i]);
   }
@@ -94,6 +95,7 @@ int m3_bench_engine(int argc, char **argv) {
   o.threads = (int)threads;
   o.max_running = (int)C;
   o.prefix_cache = 0;
+  o.quantize = quantize;
   m3_engine *e = NULL;
   timing *t = calloc((size_t)C, sizeof *t);
   double *lat = calloc((size_t)C, sizeof *lat);

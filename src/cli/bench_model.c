@@ -33,12 +33,13 @@
 #include "cli/model_args.h"
 #include "engine/runner.h"
 #include "io/tiny.h"
+#include "io/quantize.h"
 #include "io/weights.h"
 
 static const char usage[] =
     "usage: m3 bench model [--model DIR] [--device cpu|cuda|cuda:N] [--threads N]\n"
     "                      [--dtype bf16|mxfp8|f32] [--ctx N] [--prefill N] [--decode N]\n"
-    "                      [--batch B] [--copy-mib N]\n"
+    "                      [--batch B] [--copy-mib N] " M3_CLI_QUANTIZE_USAGE "\n"
     "  decode tokens/s and GB/s of weights read against the copy bandwidth (same run, same\n"
     "  threads; on a GPU a device-to-device copy), ms per step against the step's floor (its\n"
     "  weight bytes / copy bandwidth), prefill tokens/s and GFLOP/s. --batch B decodes B\n"
@@ -68,7 +69,7 @@ static m3_tiny_options bench_checkpoint(m3_tiny_dtype dtype) {
 }
 
 typedef struct {
-  const char *model, *device;
+  const char *model, *device, *quantize;
   long threads, ctx, prefill, decode, batch, copy_mib;
   m3_tiny_dtype dtype;
 } bench_args;
@@ -94,6 +95,7 @@ static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
     else if (strcmp(flag, "--prefill") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 20, &a->prefill);
     else if (strcmp(flag, "--decode") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 20, &a->decode);
     else if (strcmp(flag, "--copy-mib") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 16, &a->copy_mib);
+    else if (strcmp(flag, "--quantize") == 0) st = m3_cli_parse_quantize(value, &a->quantize);
     else if (strcmp(flag, "--dtype") == 0) {
       if (strcmp(value, "bf16") == 0) a->dtype = M3_TINY_BF16;
       else if (strcmp(value, "mxfp8") == 0) a->dtype = M3_TINY_MXFP8;
@@ -554,11 +556,15 @@ int m3_bench_model(int argc, char **argv) {
   m3_model *model = NULL;
   m3_safetensors *st_file = NULL;
   m3_weights w = {0};
-  if ((st = m3_model_load(dir, be, &model)) != M3_OK) goto done;
+  const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
+  if ((st = m3_model_load_with(dir, be, &load, &model)) != M3_OK) goto done;
   const m3_config *c = m3_model_config(model);
-  /* A second binding of the same mapping, for the sizes and dtypes of what a token reads. */
+  /* A second binding of the same mapping, for the sizes and dtypes of what a token reads
+   * (converted again under --quantize: the model keeps its copy to itself). */
   if ((st = m3_st_open_dir(dir, &st_file)) != M3_OK) goto done;
   if ((st = m3_weights_bind(c, st_file, &w)) != M3_OK) goto done;
+  if (a.quantize && (st = m3_weights_quantize_mxfp8(c, &w, (int)a.threads, NULL, NULL)) != M3_OK)
+    goto done;
   report rp = {.cfg = c, .batch = (int)a.batch};
   count_weights(c, &w, &rp.w);
   /* On a device the weights were uploaded at load; the host mapping is not read again. */

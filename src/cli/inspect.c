@@ -1,4 +1,4 @@
-/* m3 inspect [--model DIR] [--json] [--ctx N]: what a checkpoint is and what it costs to run.
+/* m3 inspect [--model DIR] [--json] [--ctx N] [--quantize mxfp8]: what a checkpoint is and what it costs to run.
  *
  * Parameter counts come from config arithmetic (so a config-only folder of the 427B model can be
  * described); when the folder has weights they are bound by name and shape (m3_weights_bind) and
@@ -13,8 +13,10 @@
 #include <string.h>
 
 #include "cli/commands.h"
+#include "cli/model_args.h"
 #include "io/config.h"
 #include "io/safetensors.h"
+#include "io/quantize.h"
 #include "io/tiny.h"
 #include "io/weights.h"
 
@@ -195,6 +197,7 @@ typedef struct {
   const char *dir;
   const m3_config *cfg;
   int has_weights;
+  int quantize; /* --quantize mxfp8: bytes and counts as the model has them once loaded */
   int num_mtp, has_vision, tied;
   ledger text, mtp, vision, projector, active;
   int64_t total, active_with_embeddings;
@@ -204,9 +207,32 @@ typedef struct {
   bound_count bound;
 } report;
 
-static void compute(report *r, const m3_safetensors *st) {
+/* --quantize mxfp8 on a checkpoint without quantization: its linears estimated as MXFP8. */
+static const m3_quant_config MXFP8_AT_LOAD = {.present = 1, .method = M3_QUANT_MXFP8,
+                                              .method_name = "mxfp8", .block_rows = 1,
+                                              .block_cols = 32};
+
+/* What --quantize mxfp8 does to the bound weights' bytes: each plain linear it converts leaves
+ * its dtype's count for E4M3 data and e8m0 scales. */
+static void add_conversion(report *r, const m3_config *c, m3_weights *w) {
+  int64_t n = m3_weights_mxfp8_targets(c, w, NULL);
+  m3_tensor **targets = malloc((size_t)(n ? n : 1) * sizeof *targets);
+  if (!targets) return;
+  m3_weights_mxfp8_targets(c, w, targets);
+  for (int64_t i = 0; i < n; i++) {
+    const m3_tensor *t = targets[i];
+    r->bytes[t->dtype] -= t->rows * t->cols * (int64_t)m3_dtype_size(t->dtype);
+    r->bytes[M3_DT_F8_E4M3] += t->rows * t->cols;
+    r->bytes[M3_DT_U8] += t->rows * ceil_div(t->cols, 32);
+    r->bound.by_quant[M3_WQ_NONE]--;
+    r->bound.by_quant[M3_WQ_MXFP8]++;
+  }
+  free(targets);
+}
+
+static void compute(report *r, const m3_safetensors *st, m3_weights *w) {
   const m3_config *c = r->cfg;
-  const m3_quant_config *q = &c->quant;
+  const m3_quant_config *q = r->quantize && !c->quant.present ? &MXFP8_AT_LOAD : &c->quant;
   r->text = (ledger){.quant = q};
   int64_t H = c->hidden_size, V = c->vocab_size;
   add(&r->text, ROLE_PLAIN, V, H, r->tied ? 1 : 2); /* embeddings (+ untied lm_head) */
@@ -232,6 +258,7 @@ static void compute(report *r, const m3_safetensors *st) {
       for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++) r->bytes[d] += parts[p]->bytes[d];
   }
   for (int i = 0; st && i < m3_st_count(st); i++) r->bytes[m3_st_at(st, i)->dtype] += (int64_t)m3_st_at(st, i)->nbytes;
+  if (st && r->quantize) add_conversion(r, c, w);
   r->weight_bytes = 0;
   for (int d = 0; d < M3_DT_COUNT; d++) r->weight_bytes += r->bytes[d];
 
@@ -246,8 +273,9 @@ static void compute(report *r, const m3_safetensors *st) {
 static const char *attn_name(int a) { return a == M3_ATTN_SPARSE ? "sparse" : "full"; }
 static const char *mlp_name(int m) { return m == M3_MLP_MOE ? "moe" : "dense"; }
 
-static const char *quant_name(const m3_config *c) {
-  return c->quant.present ? c->quant.method_name : "none";
+static const char *quant_name(const report *r) {
+  if (r->quantize && !r->cfg->quant.present) return "mxfp8 (--quantize, converted at load)";
+  return r->cfg->quant.present ? r->cfg->quant.method_name : "none";
 }
 
 /* 1234567 -> "1,234,567" */
@@ -330,7 +358,7 @@ static void print_text(const report *r) {
   printf("KV cache      %s bytes per token (bf16 K, V and index keys)\n", grouped(r->kv_per_token, a));
   printf("memory        %s bytes (%s) for a %s-token context: weights + KV cache\n",
          grouped(r->memory, a), short_bytes(r->memory, d), grouped(r->ctx, b));
-  printf("quantization  %s", quant_name(c));
+  printf("quantization  %s", quant_name(r));
   if (c->quant.present)
     printf(" (block %dx%d, activations %s)", c->quant.block_rows, c->quant.block_cols,
            c->quant.activation_scheme[0] ? c->quant.activation_scheme : "unspecified");
@@ -373,7 +401,7 @@ static m3_status print_json(const report *r) {
   cJSON_AddNumberToObject(o, "ctx", (double)r->ctx);
   cJSON_AddNumberToObject(o, "memory_bytes", (double)r->memory);
   cJSON *q = cJSON_AddObjectToObject(o, "quantization");
-  cJSON_AddStringToObject(q, "method", quant_name(c));
+  cJSON_AddStringToObject(q, "method", quant_name(r));
   if (r->has_weights) {
     cJSON_AddNumberToObject(q, "quantized_tensors", r->bound.by_quant[M3_WQ_MXFP8] + r->bound.by_quant[M3_WQ_FP8_BLOCK]);
     cJSON *by = cJSON_AddObjectToObject(q, "by_format");
@@ -394,14 +422,15 @@ static m3_status print_json(const report *r) {
 
 static void inspect_usage(FILE *f) {
   fprintf(f,
-          "usage: m3 inspect [--model DIR] [--json] [--ctx N]\n"
+          "usage: m3 inspect [--model DIR] [--json] [--ctx N] [--quantize mxfp8]\n"
           "  describes a checkpoint folder (config.json, with or without weights): layer kinds,\n"
           "  parameters (total and active per token), bytes by dtype, KV cache per token, the\n"
           "  memory needed for N tokens of context, and the quantization found\n"
           "  --model DIR  the folder (default: the built-in tiny model)\n"
           "  --json       one JSON object instead of text\n"
           "  --ctx N      context length for the memory figure (default: max_position_embeddings,\n"
-          "               at most %d)\n",
+          "               at most %d)\n"
+          "  --quantize mxfp8  bytes as `--quantize mxfp8` loads the model (BF16 linears as MXFP8)\n",
           DEFAULT_CTX_CAP);
 }
 
@@ -415,7 +444,7 @@ static m3_status parse_ctx(const char *s, int64_t *out) {
   return M3_OK;
 }
 
-static m3_status inspect(const char *dir, int64_t ctx, int json) {
+static m3_status inspect(const char *dir, int64_t ctx, int json, int quantize) {
   char path[PATH_CAP];
   if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
     return m3_fail(M3_ERR_ARG, "%s: path too long", dir);
@@ -423,7 +452,7 @@ static m3_status inspect(const char *dir, int64_t ctx, int json) {
   m3_status st = m3_config_load(path, &cfg);
   if (st != M3_OK) return st;
 
-  report r = {.dir = dir, .cfg = &cfg, .tied = cfg.tie_word_embeddings, .has_vision = cfg.vision.present};
+  report r = {.dir = dir, .cfg = &cfg, .quantize = quantize, .tied = cfg.tie_word_embeddings, .has_vision = cfg.vision.present};
   r.ctx = ctx > 0 ? ctx : (cfg.max_position_embeddings < DEFAULT_CTX_CAP ? cfg.max_position_embeddings : DEFAULT_CTX_CAP);
   m3_safetensors *sf = NULL;
   m3_weights w = {0};
@@ -442,7 +471,7 @@ static m3_status inspect(const char *dir, int64_t ctx, int json) {
     }
   }
   if (st == M3_OK) {
-    compute(&r, r.has_weights ? sf : NULL);
+    compute(&r, r.has_weights ? sf : NULL, &w);
     if (r.has_weights && r.bound.elements != r.total)
       st = m3_fail(M3_ERR_SHAPE, "%s: the bound tensors hold %lld elements but the config implies %lld",
                    dir, (long long)r.bound.elements, (long long)r.total);
@@ -461,6 +490,7 @@ int m3_cmd_inspect(int argc, char **argv) {
   const char *dir = NULL;
   int json = 0;
   int64_t ctx = 0;
+  const char *quantize = NULL;
   m3_status st = M3_OK;
   for (int i = 1; i < argc && st == M3_OK; i++) {
     const char *a = argv[i];
@@ -468,10 +498,12 @@ int m3_cmd_inspect(int argc, char **argv) {
       inspect_usage(stdout);
       return 0;
     }
-    if ((strcmp(a, "--model") == 0 || strcmp(a, "--ctx") == 0) && i + 1 >= argc) st = m3_fail(M3_ERR_ARG, "%s needs a value", a);
+    if ((strcmp(a, "--model") == 0 || strcmp(a, "--ctx") == 0 || strcmp(a, "--quantize") == 0) &&
+        i + 1 >= argc) st = m3_fail(M3_ERR_ARG, "%s needs a value", a);
     else if (strcmp(a, "--model") == 0) dir = argv[++i];
     else if (strcmp(a, "--ctx") == 0) st = parse_ctx(argv[++i], &ctx);
     else if (strcmp(a, "--json") == 0) json = 1;
+    else if (strcmp(a, "--quantize") == 0) st = m3_cli_parse_quantize(argv[++i], &quantize);
     else st = m3_fail(M3_ERR_ARG, "unknown argument '%s' (see m3 inspect --help)", a);
   }
   char builtin[PATH_CAP];
@@ -479,6 +511,6 @@ int m3_cmd_inspect(int argc, char **argv) {
     st = m3_builtin_model_dir(builtin, sizeof builtin);
     dir = builtin;
   }
-  if (st == M3_OK) st = inspect(dir, ctx, json);
+  if (st == M3_OK) st = inspect(dir, ctx, json, quantize != NULL);
   return st == M3_OK ? 0 : m3_cli_fail("inspect", st);
 }

@@ -76,6 +76,8 @@ int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_
     spec->draft = value;
   } else if (strcmp(flag, "--num-draft") == 0) {
     if ((*st = m3_cli_parse_long(flag, value, 1, 16, &n)) == M3_OK) spec->num_draft = (int)n;
+  } else if (strcmp(flag, "--quantize") == 0) {
+    *st = m3_cli_parse_quantize(value, &spec->quantize);
   } else {
     return 0;
   }
@@ -86,6 +88,14 @@ void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o) {
   o->speculative = spec->kind;
   o->draft_dir = spec->draft;
   o->num_draft = spec->num_draft;
+  o->quantize = spec->quantize;
+}
+
+m3_status m3_cli_parse_quantize(const char *value, const char **out) {
+  if (strcmp(value, "mxfp8") != 0)
+    return m3_fail(M3_ERR_ARG, "--quantize '%s': expected mxfp8", value);
+  *out = value;
+  return M3_OK;
 }
 
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out) {

@@ -18,13 +18,19 @@ m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long 
 m3_status m3_cli_parse_unit(const char *flag, const char *value, double max, double *out);
 /* Weight-loading progress on stderr, for m3_engine_options.on_load_progress. */
 void m3_cli_load_progress(uint64_t done, uint64_t total, void *user);
-/* Speculative decoding flags of run, chat and serve: --speculative mtp|eagle3, --draft DIR,
- * --num-draft N. */
+/* --quantize VALUE: "mxfp8" (convert the BF16 weights at load, m3_engine_options.quantize);
+ * anything else is M3_ERR_ARG. */
+m3_status m3_cli_parse_quantize(const char *value, const char **out);
+#define M3_CLI_QUANTIZE_USAGE "[--quantize mxfp8]"
+/* Engine flags run, chat and serve share: speculative decoding (--speculative mtp|eagle3,
+ * --draft DIR, --num-draft N) and --quantize mxfp8. */
 typedef struct {
   const char *kind, *draft;
   int num_draft;
+  const char *quantize;
 } m3_cli_spec;
-#define M3_CLI_SPEC_USAGE "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N]"
+#define M3_CLI_SPEC_USAGE \
+  "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N] " M3_CLI_QUANTIZE_USAGE
 /* Returns 1 when `flag` is one of them (*st gets the parse result), else 0. */
 int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st);
 void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o);

@@ -101,7 +101,14 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   if (o.model_dir) snprintf(dir, sizeof dir, "%s", o.model_dir);
   else if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) goto fail;
   if ((st = m3_backend_create(o.device ? o.device : "cpu", o.threads, &e->be)) != M3_OK) goto fail;
-  if ((st = m3_model_load(dir, e->be, &e->model)) != M3_OK) goto fail;
+  if (o.quantize && o.quantize[0] && strcmp(o.quantize, "mxfp8") != 0) {
+    st = m3_fail(M3_ERR_ARG, "engine options: quantize '%s' (expected mxfp8)", o.quantize);
+    goto fail;
+  }
+  const m3_model_load_options load = {.quantize_mxfp8 = o.quantize && o.quantize[0],
+                                      .threads = o.threads, .progress = o.on_load_progress,
+                                      .user = o.load_user};
+  if ((st = m3_model_load_with(dir, e->be, &load, &e->model)) != M3_OK) goto fail;
   if ((st = load_tokenizer(e, dir)) != M3_OK) goto fail;
   m3_model_prefault(e->model, o.on_load_progress, o.load_user);
   cfg = m3_model_config(e->model);

@@ -654,8 +654,15 @@ static m3_status parse_quant(const char *label, const scope *q, m3_quant_config 
     } else if (out->block_rows != 1 || out->block_cols != 32) {
       return key_error(label, block_key, "must be [1, 32] for mxfp8");
     }
-  } else if (strcmp(method, "fp8") == 0 && block) {
-    out->method = M3_QUANT_FP8_BLOCK;
+  } else if (strcmp(method, "fp8") == 0) {
+    out->method = block ? M3_QUANT_FP8_BLOCK : M3_QUANT_FP8;
+  } else if (strcmp(method, "compressed-tensors") == 0) {
+    /* llm-compressor's FP8 schemes (FP8-dynamic: per-channel weights) save "float-quantized";
+     * its other formats (pack-quantized int4, ...) store tensors m3 does not read. */
+    const char *format;
+    keyref format_key = at(q, "format");
+    if ((s = get_str(label, format_key, &format)) != M3_OK) return s;
+    out->method = format && strcmp(format, "float-quantized") == 0 ? M3_QUANT_FP8 : M3_QUANT_OTHER;
   } else {
     out->method = M3_QUANT_OTHER;
   }

@@ -20,6 +20,8 @@ typedef enum {
   M3_QUANT_NONE = 0,
   M3_QUANT_MXFP8,     /* e4m3 weight + u8 e8m0 scale per 1x32 */
   M3_QUANT_FP8_BLOCK, /* e4m3 weight + f32 scale per block (128x128) */
+  M3_QUANT_FP8,       /* e4m3 weight + per-channel / per-tensor `weight_scale`: "fp8" without
+                       * weight_block_size, "compressed-tensors" in format "float-quantized" */
   M3_QUANT_OTHER,     /* a quant_method we do not know: reported, then rejected by weight binding */
 } m3_quant_method;
 

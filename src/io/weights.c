@@ -19,6 +19,12 @@ enum { OPTIONAL = 0, REQUIRED = 1 };
 /* DeepSeek-style FP8 checkpoints use 128x128 blocks when the config does not say otherwise. */
 enum { FP8_DEFAULT_BLOCK = 128 };
 
+#define TRY(expr)                       \
+  do {                                  \
+    m3_status try_s_ = (expr);          \
+    if (try_s_ != M3_OK) return try_s_; \
+  } while (0)
+
 typedef struct {
   int ndim;
   int64_t d[MAX_WANT_DIMS];
@@ -87,23 +93,77 @@ static m3_status check_shape(const m3_st_tensor *t, want_shape want) {
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* Attaches `<X>.weight_scale_inv` to the F8_E4M3 weight `<X>.weight`; the scale's dtype says which
- * format it is (U8 e8m0 per 1x32 = MXFP8, F32 per block = FP8 block), per tensor, because
- * checkpoints mix quantized and plain tensors (spec §9.3: indexer and MTP eh_proj vary). */
+static int64_t pow2_at_least(int64_t n) {
+  int64_t p = 32;
+  while (p < n) p *= 2;
+  return p;
+}
+
+/* An FP8 scale as float32: a view when stored F32 (and aligned), else a decoded copy the weights
+ * own (compressed-tensors stores per-channel scales in the model's dtype, BF16). */
+static m3_status scale_as_f32(binder *b, const m3_st_tensor *scale, const void **out) {
+  if (scale->dtype == M3_DT_F32 && (uintptr_t)scale->data % 4 == 0) {
+    *out = scale->data;
+    return M3_OK;
+  }
+  size_t n = scale->nbytes / m3_dtype_size(scale->dtype);
+  float *f = malloc((n ? n : 1) * sizeof *f);
+  if (!f) return m3_fail(M3_ERR_NOMEM, "tensor %s: %zu scales", scale->name, n);
+  m3_decode_f32(scale->dtype, scale->data, f, n);
+  *out = f;
+  return m3_weights_adopt(b->w, f, NULL);
+}
+
+/* `<X>.weight_scale` (compressed-tensors / fp8 per-channel or per-tensor): F32, BF16 or F16 of
+ * shape [rows, 1] or [rows] (one scale per output row), [] or [1] (one for the whole matrix). */
+static m3_status attach_channel_scale(binder *b, m3_tensor *out, const m3_st_tensor *data,
+                                      const m3_st_tensor *scale) {
+  if (scale->dtype != M3_DT_F32 && scale->dtype != M3_DT_BF16 && scale->dtype != M3_DT_F16)
+    return m3_fail(M3_ERR_SHAPE, "tensor %s: dtype %s (F32, BF16 or F16 per-channel scales)",
+                   scale->name, m3_dtype_name(scale->dtype));
+  int64_t rows = data->shape[0], n = 1;
+  for (int i = 0; i < scale->ndim; i++) n *= scale->shape[i];
+  int per_channel = (scale->ndim == 2 && scale->shape[1] == 1) || scale->ndim == 1;
+  if (!(per_channel && n == rows) && !(scale->ndim <= 1 && n == 1)) {
+    char found[160];
+    format_dims(found, sizeof found, scale->ndim, scale->shape);
+    return m3_fail(M3_ERR_SHAPE, "tensor %s: shape %s, expected [%lld, 1] or [%lld] (one scale "
+                   "per row of %s) or [] / [1] (one per tensor)", scale->name, found,
+                   (long long)rows, (long long)rows, data->name);
+  }
+  TRY(scale_as_f32(b, scale, &out->scale));
+  out->quant = M3_WQ_FP8_BLOCK;
+  out->scale_rows = n;
+  out->scale_cols = 1;
+  out->block_rows = n == rows ? 1 : (int)rows;
+  out->block_cols = (int)pow2_at_least(data->shape[1]);
+  return M3_OK;
+}
+
+/* Attaches the scale of the F8_E4M3 weight `<X>.weight`: `<X>.weight_scale_inv`, whose dtype says
+ * the format (U8 e8m0 per 1x32 = MXFP8, F32 per block = FP8 block), or `<X>.weight_scale`
+ * (per-channel FP8). Per tensor, because checkpoints mix quantized and plain tensors (spec §9.3:
+ * indexer and MTP eh_proj vary). */
 static m3_status attach_scale(binder *b, m3_tensor *out, const m3_st_tensor *data) {
   /* Bound names are shorter than NAME_CAP (bind builds them there), so the suffix always fits. */
-  char scale_name[NAME_CAP + sizeof "_scale_inv"];
+  char scale_name[NAME_CAP + sizeof "_scale_inv"], channel_name[NAME_CAP + sizeof "_scale"];
   size_t len = strlen(data->name);
   int is_weight = len > 7 && strcmp(data->name + len - 7, ".weight") == 0;
   snprintf(scale_name, sizeof scale_name, "%s_scale_inv", data->name);
+  snprintf(channel_name, sizeof channel_name, "%s_scale", data->name);
   int idx = is_weight ? lookup(b, scale_name) : -1;
+  int channel_idx = is_weight ? lookup(b, channel_name) : -1;
+  if (idx >= 0 && channel_idx >= 0)
+    return m3_fail(M3_ERR_UNEXPECTED, "tensor %s: has both %s and %s", data->name, scale_name,
+                   channel_name);
+  if (idx < 0) idx = channel_idx;
   if (idx < 0) {
     if (data->dtype != M3_DT_F8_E4M3) return M3_OK;
     if (!is_weight)
       return m3_fail(M3_ERR_SHAPE, "tensor %s: dtype F8_E4M3 (only a .weight can be quantized)",
                      data->name);
-    return m3_fail(M3_ERR_MISSING, "tensor %s: F8_E4M3 without its scale %s", data->name,
-                   scale_name);
+    return m3_fail(M3_ERR_MISSING, "tensor %s: F8_E4M3 without its scale %s (or %s)", data->name,
+                   scale_name, channel_name);
   }
   const m3_st_tensor *scale = m3_st_at(b->st, idx);
   if (data->dtype != M3_DT_F8_E4M3)
@@ -112,6 +172,9 @@ static m3_status attach_scale(binder *b, m3_tensor *out, const m3_st_tensor *dat
   if (data->ndim != 2)
     return m3_fail(M3_ERR_SHAPE, "tensor %s: quantized tensor of rank %d (only matrices are)",
                    data->name, data->ndim);
+  b->claimed[idx] = 1;
+  b->w->num_quantized++;
+  if (idx == channel_idx) return attach_channel_scale(b, out, data, scale);
   int br, bc;
   if (scale->dtype == M3_DT_U8) {
     out->quant = M3_WQ_MXFP8;
@@ -132,8 +195,6 @@ static m3_status attach_scale(binder *b, m3_tensor *out, const m3_st_tensor *dat
   out->scale_cols = scale->shape[1];
   out->block_rows = br;
   out->block_cols = bc;
-  b->claimed[idx] = 1;
-  b->w->num_quantized++;
   return M3_OK;
 }
 
@@ -176,12 +237,6 @@ static m3_status bind(binder *b, m3_tensor *out, int required, want_shape want, 
   if (alt_sub) return m3_fail(M3_ERR_MISSING, "missing tensor %s (or %s)", name, alt);
   return m3_fail(M3_ERR_MISSING, "missing tensor %s", name);
 }
-
-#define TRY(expr)                       \
-  do {                                  \
-    m3_status try_s_ = (expr);          \
-    if (try_s_ != M3_OK) return try_s_; \
-  } while (0)
 
 static m3_status bind_attention(binder *b, m3_layer_weights *l, const char *base, int sparse) {
   const m3_config *c = b->cfg;
@@ -418,7 +473,8 @@ static m3_status choose_quant(binder *b) {
   if (!q->present) return M3_OK;
   if (q->method == M3_QUANT_OTHER)
     return m3_fail(M3_ERR_UNSUPPORTED,
-                   "quantization_config.quant_method \"%s\" is not supported (mxfp8, fp8)",
+                   "quantization_config.quant_method \"%s\" is not supported (mxfp8, fp8, "
+                   "compressed-tensors in format float-quantized)",
                    q->method_name);
   if (q->block_rows <= 0 || q->block_cols <= 0) return M3_OK;
   if (q->method == M3_QUANT_FP8_BLOCK) {
@@ -493,7 +549,28 @@ void m3_tensor_row_f32(const m3_tensor *t, int64_t r, float *out) {
   }
 }
 
+m3_status m3_weights_adopt(m3_weights *w, void *mem, const void *replaced) {
+  if (w->num_owned == w->cap_owned) {
+    int cap = w->cap_owned ? 2 * w->cap_owned : 64;
+    void **owned = realloc(w->owned, (size_t)cap * sizeof *owned);
+    if (owned) w->owned = owned;
+    const void **rep = owned ? realloc(w->replaced, (size_t)cap * sizeof *rep) : NULL;
+    if (rep) w->replaced = rep;
+    if (!owned || !rep) {
+      free(mem);
+      return m3_fail(M3_ERR_NOMEM, "weights: list of %d owned buffers", cap);
+    }
+    w->cap_owned = cap;
+  }
+  w->owned[w->num_owned++] = mem;
+  if (replaced) w->replaced[w->num_replaced++] = replaced;
+  return M3_OK;
+}
+
 void m3_weights_free(m3_weights *w) {
+  for (int i = 0; i < w->num_owned; i++) free(w->owned[i]);
+  free(w->owned);
+  free(w->replaced);
   free(w->layers); /* expert arrays live in the same blocks (alloc_layers) */
   free(w->mtp);
   free(w->vision.layers);

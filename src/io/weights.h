@@ -3,7 +3,9 @@
  * m3_weights_bind walks the config, finds every tensor the model needs under any accepted
  * spelling (shared/spec/m3_text_spec.md §9, m3_vision_chat_spec.md §5), checks dtype and shape
  * against the config, attaches quantization scales, and reports a missing or unexpected tensor by
- * name. Tensors are views into the safetensors mapping: nothing is copied. */
+ * name. Tensors are views into the safetensors mapping; the only copies are those the weights own
+ * (m3_weights_adopt): FP8 scales stored in another dtype than F32, and tensors quantized at load
+ * (io/quantize.h). */
 #ifndef M3_IO_WEIGHTS_H
 #define M3_IO_WEIGHTS_H
 
@@ -17,7 +19,11 @@
 typedef enum {
   M3_WQ_NONE = 0, /* plain F32 / F16 / BF16 */
   M3_WQ_MXFP8,    /* data F8_E4M3 [rows, cols]; scale U8 e8m0 [rows, ceil(cols/32)] */
-  M3_WQ_FP8_BLOCK /* data F8_E4M3 [rows, cols]; scale F32 [ceil(rows/br), ceil(cols/bc)] */
+  M3_WQ_FP8_BLOCK /* data F8_E4M3 [rows, cols]; scale F32 [ceil(rows/br), ceil(cols/bc)]. Also
+                   * per-channel FP8 (`weight_scale` [rows, 1]): br 1, bc the smallest power of two
+                   * >= max(cols, 32), so one block spans a row and every backend's FP8-block
+                   * kernel (SIMD ones need power-of-two blocks) runs it; per-tensor FP8 (`weight_scale`
+                   * [] or [1]): br rows, bc as per-channel, one scale. */
 } m3_weight_quant;
 
 /* A weight matrix [rows, cols] (PyTorch [out, in]) or vector (rows = 1). Higher-rank tensors
@@ -84,9 +90,16 @@ typedef struct {
   m3_vision_weights vision;
   const char *prefix;          /* "language_model." or "" as found */
   int num_quantized;           /* tensors with a scale attached */
+  void **owned;                /* memory the tensors point into besides the mapping; freed here */
+  int num_owned, cap_owned;
+  const void **replaced;       /* checkpoint data no tensor reads any more (quantized at load) */
+  int num_replaced;
 } m3_weights;
 
 m3_status m3_weights_bind(const m3_config *cfg, const m3_safetensors *st, m3_weights *out);
+/* Hands `mem` (malloc'd) to w, which frees it in m3_weights_free; on failure frees it at once.
+ * `replaced` is NULL, or the checkpoint data `mem` stands in for (listed in w->replaced). */
+m3_status m3_weights_adopt(m3_weights *w, void *mem, const void *replaced);
 void m3_weights_free(m3_weights *w);
 
 #endif

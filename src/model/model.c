@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/quantize.h"
 #include "model/layers.h"
 #include "model/vision.h"
 
@@ -202,7 +203,17 @@ static m3_status decode_router_biases(m3_model *m) {
   return st;
 }
 
+static int compare_address(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t)*(const void *const *)a, y = (uintptr_t)*(const void *const *)b;
+  return (x > y) - (x < y);
+}
+
 m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
+  return m3_model_load_with(dir, be, NULL, out);
+}
+
+m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_load_options *opts,
+                             m3_model **out) {
   *out = NULL;
   m3_model *m = calloc(1, sizeof *m);
   if (!m) return m3_fail(M3_ERR_NOMEM, "model: out of memory");
@@ -217,6 +228,12 @@ m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
   if ((st = check_supported(&m->cfg)) != M3_OK) goto fail;
   if ((st = m3_st_open_dir(dir, &m->st)) != M3_OK) goto fail;
   if ((st = m3_weights_bind(&m->cfg, m->st, &m->w)) != M3_OK) goto fail;
+  if (opts && opts->quantize_mxfp8) {
+    st = m3_weights_quantize_mxfp8(&m->cfg, &m->w, opts->threads, opts->progress, opts->user);
+    if (st != M3_OK) goto fail;
+    /* Sorted for the prefault's lookups. */
+    qsort(m->w.replaced, (size_t)m->w.num_replaced, sizeof *m->w.replaced, compare_address);
+  }
   for (int l = 0; l < m->cfg.num_layers; l++) m->num_sparse += m->cfg.layer_attn[l] == M3_ATTN_SPARSE;
   m->msa = (m3_msa_params){.topk = m->cfg.index_topk_blocks,
                            .local_blocks = m->cfg.index_local_blocks,
@@ -470,14 +487,21 @@ m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids
   return m3_model_forward_batch(m, &seq, 1, logits);
 }
 
+static int is_replaced(const m3_model *m, const m3_st_tensor *t) {
+  return m->w.num_replaced > 0 && bsearch(&t->data, m->w.replaced, (size_t)m->w.num_replaced,
+                                          sizeof *m->w.replaced, compare_address) != NULL;
+}
+
 void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
                        void *user) {
   const int n = m3_st_count(m->st);
   uint64_t total = 0, done = 0, reported = 0;
-  for (int i = 0; i < n; i++) total += m3_st_at(m->st, i)->nbytes;
+  for (int i = 0; i < n; i++)
+    if (!is_replaced(m, m3_st_at(m->st, i))) total += m3_st_at(m->st, i)->nbytes;
   volatile uint8_t sink = 0;
   for (int i = 0; i < n; i++) {
     const m3_st_tensor *t = m3_st_at(m->st, i);
+    if (is_replaced(m, t)) continue;
     const uint8_t *p = t->data;
     for (size_t off = 0; off < t->nbytes; off += 4096) sink ^= p[off];
     done += t->nbytes;

@@ -37,6 +37,19 @@ typedef struct {
  * reads to `be` (prepare_tensor: uploads on a device backend) and allocates the step scratch
  * through it (`be` must outlive the model). */
 m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out);
+
+typedef struct {
+  /* 1: convert the plain weights of the kinds the MXFP8 release quantizes to MXFP8 before the
+   * backend sees them (`--quantize mxfp8`, io/quantize.h); the model owns the converted copy. */
+  int quantize_mxfp8;
+  int threads; /* for the conversion; 0 = one per core */
+  void (*progress)(uint64_t done, uint64_t total, void *user); /* conversion progress, or NULL */
+  void *user;
+} m3_model_load_options;
+
+/* m3_model_load with options; opts NULL is m3_model_load. */
+m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_load_options *opts,
+                             m3_model **out);
 void m3_model_free(m3_model *m);
 
 const m3_config *m3_model_config(const m3_model *m);
@@ -115,7 +128,8 @@ int m3_model_vision_tokens(const m3_model *m, const m3_vision_input *in);
  * M3_ERR_ARG for a grid that does not fit the config. */
 m3_status m3_model_encode_vision(m3_model *m, const m3_vision_input *in, float *out);
 
-/* Reads every byte of the mapped weights once so the first step does not page them in,
+/* Reads every byte of the mapped weights once so the first step does not page them in (less the
+ * checkpoint tensors converted at load, which nothing reads any more),
  * reporting (bytes done, bytes total) along the way; progress may be NULL. */
 void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
                        void *user);
