@@ -10,19 +10,11 @@
 #include "base/dtype.h"
 #include "base/threadpool.h"
 #include "check.h"
+#include "random.h"
 
 /* ---- random inputs ---- */
 
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
-static uint32_t rnd(void) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return (uint32_t)(rng_state >> 16);
-}
-
-static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() % 1000001) / 1e6f; }
 
 static float *random_floats(size_t n, float lo, float hi) {
   float *v = malloc(n * sizeof(float));
@@ -277,10 +269,10 @@ static void test_matmul_across_isas(void) {
   for (int kind = 0; kind < W_KINDS; kind++)
     for (int T = 1; T <= 17; T += 16) {
       float *y[M3_CPU_ISA_COUNT] = {0};
-      uint64_t seed = rng_state;
+      uint64_t seed = test_rng_state;
       for (int isa = 0; isa < M3_CPU_ISA_COUNT; isa++) {
         if (!backends[isa]) continue;
-        rng_state = seed;
+        test_rng_state = seed;
         isa_under_test = isa;
         matmul_case(backends[isa], kind, 45, 352, T, 128, 128, &y[isa]);
       }
