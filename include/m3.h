@@ -35,7 +35,8 @@ typedef struct {
   void *load_user;
   /* Speculative decoding: NULL or "" = off; "mtp" = the checkpoint's own MTP modules; "eagle3" =
    * an EAGLE3 draft in draft_dir. num_draft tokens are drafted per step (0 = 3, at most 16);
-   * the output distribution is unchanged (greedy: the same tokens). */
+   * the output distribution is unchanged (greedy: the same tokens). Testing hook: "oracle"
+   * drafts each request's m3_sampling_params.oracle_tokens (the CLI and server never pass it). */
   const char *speculative;
   const char *draft_dir;
   int num_draft;
@@ -106,6 +107,11 @@ typedef struct {
    * drawing; everything else (stop strings, callbacks, usage) runs as usual. */
   const int32_t *forced_tokens;
   int n_forced_tokens;
+  /* Testing hook, for an engine opened with speculative = "oracle" only (M3_ERR_ARG otherwise):
+   * the drafts for generated token i are oracle_tokens[i] (none past the end), verified as any
+   * drafter's, so tests choose which drafts are right. */
+  const int32_t *oracle_tokens;
+  int n_oracle_tokens;
 } m3_sampling_params;
 
 void m3_sampling_params_init(m3_sampling_params *p);

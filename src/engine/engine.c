@@ -229,7 +229,8 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
                    "(0..1], min_p %g [0..1], repetition_penalty %g (> 0) out of range",
                    p->temperature, p->top_k, p->top_p, p->min_p, p->repetition_penalty);
   if (p->max_tokens < 0 || p->n_stop < 0 || p->n_stop_token_ids < 0 || p->n_logit_bias < 0 ||
-      p->n_forced_tokens < 0 || p->top_logprobs < 0 || p->top_logprobs > MAX_TOP_LOGPROBS)
+      p->n_forced_tokens < 0 || p->n_oracle_tokens < 0 || p->top_logprobs < 0 ||
+      p->top_logprobs > MAX_TOP_LOGPROBS)
     return m3_fail(M3_ERR_ARG, "sampling: negative count, or top_logprobs %d outside 0..%d",
                    p->top_logprobs, MAX_TOP_LOGPROBS);
   int n = p->n > 0 ? p->n : 1;
@@ -238,8 +239,12 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
                    e->max_running);
   if ((p->n_stop && !p->stop) || (p->n_stop_token_ids && !p->stop_token_ids) ||
       (p->n_logit_bias && (!p->logit_bias_ids || !p->logit_bias_values)) ||
-      (p->forced_tokens && p->n_forced_tokens == 0))
+      (p->forced_tokens && p->n_forced_tokens == 0) ||
+      (p->n_oracle_tokens && !p->oracle_tokens) || (p->oracle_tokens && p->n_oracle_tokens == 0))
     return m3_fail(M3_ERR_ARG, "sampling: a count without its array");
+  if (p->oracle_tokens && !m3_spec_oracle(e))
+    return m3_fail(M3_ERR_ARG, "sampling: oracle_tokens need an engine opened with speculative "
+                   "oracle (a test hook)");
   for (int i = 0; i < p->n_logit_bias; i++)
     if (p->logit_bias_ids[i] < 0 || p->logit_bias_ids[i] >= V || isnan(p->logit_bias_values[i]))
       return m3_fail(M3_ERR_ARG, "sampling: logit_bias entry %d (id %d) outside the vocabulary "
@@ -248,6 +253,10 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
     if (p->forced_tokens[i] < 0 || p->forced_tokens[i] >= V)
       return m3_fail(M3_ERR_ARG, "sampling: forced token %d (entry %d) outside the vocabulary",
                      p->forced_tokens[i], i);
+  for (int i = 0; i < p->n_oracle_tokens; i++)
+    if (p->oracle_tokens[i] < 0 || p->oracle_tokens[i] >= V)
+      return m3_fail(M3_ERR_ARG, "sampling: oracle token %d (entry %d) outside the vocabulary",
+                     p->oracle_tokens[i], i);
   for (int i = 0; i < p->n_stop; i++)
     if (!p->stop[i] || !p->stop[i][0])
       return m3_fail(M3_ERR_ARG, "sampling: stop string %d is empty", i);
@@ -259,7 +268,8 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
   r->bias_ids = malloc(((size_t)p->n_logit_bias + 1) * sizeof *r->bias_ids);
   r->bias_values = malloc(((size_t)p->n_logit_bias + 1) * sizeof *r->bias_values);
   r->forced = malloc(((size_t)p->n_forced_tokens + 1) * sizeof *r->forced);
-  if (!r->stop || !r->stop_ids || !r->bias_ids || !r->bias_values || !r->forced)
+  r->oracle = malloc(((size_t)p->n_oracle_tokens + 1) * sizeof *r->oracle);
+  if (!r->stop || !r->stop_ids || !r->bias_ids || !r->bias_values || !r->forced || !r->oracle)
     return m3_fail(M3_ERR_NOMEM, "submit: out of memory");
   r->p.n_stop = 0;
   for (int i = 0; i < p->n_stop; i++, r->p.n_stop++)
@@ -272,11 +282,14 @@ static m3_status copy_params(const m3_engine *e, const m3_sampling_params *p, m3
   }
   if (p->n_forced_tokens)
     memcpy(r->forced, p->forced_tokens, (size_t)p->n_forced_tokens * sizeof *r->forced);
+  if (p->n_oracle_tokens)
+    memcpy(r->oracle, p->oracle_tokens, (size_t)p->n_oracle_tokens * sizeof *r->oracle);
   r->p.stop = (const char *const *)r->stop;
   r->p.stop_token_ids = r->stop_ids;
   r->p.logit_bias_ids = r->bias_ids;
   r->p.logit_bias_values = r->bias_values;
   r->p.forced_tokens = p->forced_tokens ? r->forced : NULL;
+  r->p.oracle_tokens = p->oracle_tokens ? r->oracle : NULL;
   return M3_OK;
 }
 

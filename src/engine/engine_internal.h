@@ -43,7 +43,7 @@ struct m3_request {
   uint64_t id;
   m3_sampling_params p;      /* deep copy; the arrays below own its pointers */
   char **stop;
-  int32_t *stop_ids, *bias_ids, *forced;
+  int32_t *stop_ids, *bias_ids, *forced, *oracle;
   float *bias_values;
   int32_t *prompt;
   int n_prompt, n;           /* n: samples */
@@ -134,6 +134,8 @@ void m3_request_sample_done(m3_engine *e, m3_request *r);
  *   then m3_spec_propose runs the drafter over the newly computed positions and drafts anew. */
 m3_status m3_spec_open(m3_engine *e, const m3_engine_options *o);
 void m3_spec_close(m3_engine *e);
+/* Whether the drafter is the oracle test hook (drafts from m3_sampling_params.oracle_tokens). */
+int m3_spec_oracle(const m3_engine *e);
 /* Drafts per step (0 when speculation is off): the logits rows a sequence may need, minus one. */
 int m3_spec_num_draft(const m3_engine *e);
 /* For a sequence about to compute `take` tokens: how many drafts (<= room) now follow its last
@@ -145,7 +147,8 @@ void m3_spec_batch_add(m3_engine *e, int k, int row);
 float *const *m3_spec_batch_hidden(m3_engine *e);
 /* Verifies the n drafts of s from its n + 1 logits rows, emits the tokens; 1 when s retired. */
 int m3_spec_verify(m3_engine *e, m3_seq *s, const float *logits, int n);
-/* After the step's tokens are out: batch entries 0..n-1 whose e->batch_seq[k] is not NULL. */
+/* After the step's tokens are out: drafts for batch entries 0..n-1 whose e->batch_seq[k] is not
+ * NULL (from the drafter, or the oracle's lists). */
 void m3_spec_propose(m3_engine *e, int n);
 void m3_spec_seq_free(m3_engine *e, m3_seq *s);
 

@@ -206,6 +206,7 @@ void m3_request_free(m3_request *r) {
   free(r->bias_ids);
   free(r->bias_values);
   free(r->forced);
+  free(r->oracle);
   free(r->prompt);
   free(r->samples);
   m3_request_media_free(r->media);

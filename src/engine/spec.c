@@ -17,7 +17,10 @@
  *              draft and the drafter's own previous output.
  * Sequences without drafts (prefill, forced tokens, a budget too small) decode as usual in the
  * same batch. Positions the drafter never saw (prefix-cache hits, forked samples) stay holes in
- * its cache: drafts get worse there, outputs do not change. */
+ * its cache: drafts get worse there, outputs do not change.
+ * The oracle (a test hook) replaces catch-up and chain only: its drafts for generated token i are
+ * the request's oracle_tokens[i], and they are scheduled, verified and rolled back by the same
+ * code as a drafter's, so tests decide exactly which drafts are right. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,6 +39,7 @@ typedef struct m3_spec_seq {
 } m3_spec_seq;
 
 typedef struct m3_spec {
+  int oracle;              /* drafts from the requests' oracle_tokens; no drafter, no buffers */
   m3_drafter *d;
   m3_kv_cache *cache;      /* the drafter's own pages */
   int k, width, Hd, layers;
@@ -52,7 +56,8 @@ typedef struct m3_spec {
 m3_status m3_spec_open(m3_engine *e, const m3_engine_options *o) {
   if (!o->speculative || !o->speculative[0]) return M3_OK;
   const int mtp = strcmp(o->speculative, "mtp") == 0, eagle3 = strcmp(o->speculative, "eagle3") == 0;
-  if (!mtp && !eagle3)
+  const int oracle = strcmp(o->speculative, "oracle") == 0;
+  if (!mtp && !eagle3 && !oracle)
     return m3_fail(M3_ERR_ARG, "speculative '%s': expected mtp or eagle3", o->speculative);
   if (eagle3 && (!o->draft_dir || !o->draft_dir[0]))
     return m3_fail(M3_ERR_ARG, "speculative eagle3 needs a draft folder (--draft DIR)");
@@ -62,6 +67,8 @@ m3_status m3_spec_open(m3_engine *e, const m3_engine_options *o) {
   if (!sp) return m3_fail(M3_ERR_NOMEM, "speculative decoding: out of memory");
   e->spec = sp;
   sp->k = o->num_draft ? o->num_draft : DEFAULT_DRAFTS;
+  sp->oracle = oracle;
+  if (oracle) return M3_OK;
   m3_status st = mtp ? m3_drafter_mtp_create(e->model, &sp->d)
                      : m3_drafter_eagle3_load(o->draft_dir, e->model, &sp->d);
   if (st != M3_OK) return st;
@@ -110,10 +117,12 @@ void m3_spec_close(m3_engine *e) {
 
 int m3_spec_num_draft(const m3_engine *e) { return e->spec ? e->spec->k : 0; }
 
+int m3_spec_oracle(const m3_engine *e) { return e->spec && e->spec->oracle; }
+
 void m3_spec_seq_free(m3_engine *e, m3_seq *s) {
   m3_spec_seq *q = s->spec;
   if (!q) return;
-  m3_kv_seq_release(e->spec->cache, &q->kv);
+  if (e->spec->cache) m3_kv_seq_release(e->spec->cache, &q->kv);
   free(q->views);
   free(q->state);
   free(q);
@@ -124,16 +133,18 @@ static m3_spec_seq *seq_state(m3_engine *e, m3_seq *s) {
   if (s->spec) return s->spec;
   m3_spec_seq *q = calloc(1, sizeof *q);
   if (!q) return NULL;
+  m3_kv_seq_init(&q->kv);
+  s->spec = q;
+  if (e->spec->oracle) return q;
   q->views = calloc((size_t)e->spec->layers, sizeof *q->views);
   q->state = malloc((size_t)e->spec->Hd * sizeof *q->state);
   if (!q->views || !q->state) {
+    s->spec = NULL;
     free(q->views);
     free(q->state);
     free(q);
     return NULL;
   }
-  m3_kv_seq_init(&q->kv);
-  s->spec = q;
   return q;
 }
 
@@ -169,11 +180,14 @@ int m3_spec_take_drafts(m3_engine *e, m3_seq *s, int take, int room) {
 
 void m3_spec_batch_add(m3_engine *e, int k, int row) {
   m3_spec *sp = e->spec;
+  if (sp->oracle) return;
   sp->batch_hidden[k] = sp->hidden + (size_t)row * sp->width;
   sp->entry_row[k] = row;
 }
 
-float *const *m3_spec_batch_hidden(m3_engine *e) { return e->spec ? e->spec->batch_hidden : NULL; }
+float *const *m3_spec_batch_hidden(m3_engine *e) {
+  return e->spec && !e->spec->oracle ? e->spec->batch_hidden : NULL;
+}
 
 int m3_spec_verify(m3_engine *e, m3_seq *s, const float *logits, int n) {
   m3_request *r = s->req;
@@ -193,10 +207,12 @@ int m3_spec_verify(m3_engine *e, m3_seq *s, const float *logits, int n) {
     }
     if (!accepted) break;
   }
-  /* Positions up to the last accepted draft hold the right keys; the newest token has none. */
+  /* Positions up to the last accepted draft hold the right keys; the newest token has none.
+   * Pages of a prompt with media are never published (its placeholder ids do not name the
+   * pictures), as after a plain decode. */
   s->n_computed = s->n_tokens - 1;
   m3_kv_seq_truncate(e->cache, &s->kv, s->n_computed);
-  if (e->prefix_cache) m3_kv_seq_publish(e->cache, &s->kv, s->tokens, s->n_computed);
+  if (e->prefix_cache && !r->media) m3_kv_seq_publish(e->cache, &s->kv, s->tokens, s->n_computed);
   return 0;
 }
 
@@ -245,8 +261,29 @@ static void drop_drafter_state(m3_engine *e, int n) {
   }
 }
 
+/* The oracle's drafts: the request's list from the next generated token on, as many as a drafter
+ * would make. */
+static void propose_oracle(m3_engine *e, int n_entries) {
+  for (int k = 0; k < n_entries; k++) {
+    m3_seq *s = e->batch_seq[k];
+    if (!s) continue;
+    m3_spec_seq *q = seq_state(e, s);
+    if (!q) continue;
+    const m3_sampling_params *p = &s->req->p;
+    const int left = p->oracle_tokens ? p->n_oracle_tokens - s->n_generated : 0;
+    const int limit = draft_limit(e, s) < left ? draft_limit(e, s) : left;
+    for (q->n_drafts = 0; q->n_drafts < limit; q->n_drafts++)
+      q->drafts[q->n_drafts] = p->oracle_tokens[s->n_generated + q->n_drafts];
+    q->drafts_for = s->n_tokens;
+  }
+}
+
 void m3_spec_propose(m3_engine *e, int n_entries) {
   m3_spec *sp = e->spec;
+  if (sp->oracle) {
+    propose_oracle(e, n_entries);
+    return;
+  }
   int n = 0, rows = 0;
   for (int k = 0; k < n_entries; k++)
     if (e->batch_seq[k]) add_catch_up(e, k, &n, &rows);
