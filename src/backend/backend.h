@@ -136,10 +136,6 @@ typedef struct {
   /* x += y over n elements. */
   void (*add)(m3_backend *be, float *x, const float *y, size_t n);
 
-  /* x[t, :] += scale[t] * y[t, :] for T rows of n. */
-  void (*add_scaled_rows)(m3_backend *be, float *x, const float *y, const float *scale, int T,
-                          int n);
-
   /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
    * ik [T, ihd] or NULL. */
   void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,

@@ -94,7 +94,7 @@ typedef struct {
 
 enum {
   OP_EMBED, OP_MATMUL_F32, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
-  OP_ADD_SCALED, OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE,
+  OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
@@ -106,7 +106,6 @@ static op_result results[OP_COUNT] = {
     [OP_RMSNORM_ROPE] = {"rmsnorm_rope (fused)", 0, 0, 0, 1e-5, 0, 0},
     [OP_SWIGLU] = {"swiglu_oai", 0, 0, 0, 1e-5, 0, 0},
     [OP_ADD] = {"add", 0, 0, 0, 1e-6, 0, 0},
-    [OP_ADD_SCALED] = {"add_scaled_rows", 0, 0, 0, 1e-5, 0, 0},
     [OP_KV_STORE] = {"kv_store", 0, 0, 0, 1e-6, 0, 0},
     [OP_MSA] = {"msa_select", 0, 0, 0, 0, 0, 0},
     [OP_ATT_DENSE] = {"attention (dense)", 0, 0, 0, 1e-5, 0, 0},
@@ -385,20 +384,6 @@ static void test_elementwise(void) {
     gpu->ops->add(gpu, x.g, y.g, n);
     compare(OP_ADD, what, &x);
     pair_free(&x), pair_free(&y), free(a), free(b);
-  }
-  static const int rows[][2] = {{1, 6144}, {7, 100}, {64, 6144}};
-  for (size_t s = 0; s < sizeof rows / sizeof rows[0]; s++) {
-    int T = rows[s][0], n = rows[s][1];
-    float *a = random_floats((size_t)T * n, -1, 1), *b = random_floats((size_t)T * n, -1, 1);
-    float *sc = random_floats((size_t)T, 0, 2.5f);
-    pair x = pair_from(a, (size_t)T * n * 4), y = pair_from(b, (size_t)T * n * 4),
-         w = pair_from(sc, (size_t)T * 4);
-    cpu->ops->add_scaled_rows(cpu, x.c, y.c, w.c, T, n);
-    gpu->ops->add_scaled_rows(gpu, x.g, y.g, w.g, T, n);
-    char what[32];
-    snprintf(what, sizeof what, "%dx%d", T, n);
-    compare(OP_ADD_SCALED, what, &x);
-    pair_free(&x), pair_free(&y), pair_free(&w), free(a), free(b), free(sc);
   }
 }
 

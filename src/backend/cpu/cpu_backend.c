@@ -63,7 +63,6 @@ static const m3_backend_ops cpu_ops = {
     .rmsnorm_rope = cpu_rmsnorm_rope,
     .swiglu_oai = cpu_swiglu_oai,
     .add = cpu_add,
-    .add_scaled_rows = cpu_add_scaled_rows,
     .kv_store = cpu_kv_store,
     .msa_select = cpu_msa_select,
     .attention = cpu_attention,

@@ -45,24 +45,3 @@ void cpu_add(m3_backend *be, float *x, const float *y, size_t n) {
   m3_parallel_for(cpu_of(be)->pool, (int64_t)n, n < PARALLEL_MIN ? (int64_t)n : CHUNK, add_range,
                   &job);
 }
-
-typedef struct {
-  const cpu_kernels *k;
-  float *x;
-  const float *y, *scale;
-  int n;
-} add_scaled_job;
-
-static void add_scaled_range(void *ctx, int64_t t0, int64_t t1, int worker) {
-  (void)worker;
-  const add_scaled_job *job = ctx;
-  for (int64_t t = t0; t < t1; t++)
-    job->k->axpy(job->x + t * job->n, job->scale[t], job->y + t * job->n, job->n);
-}
-
-void cpu_add_scaled_rows(m3_backend *be, float *x, const float *y, const float *scale, int T,
-                         int n) {
-  cpu_backend *cb = cpu_of(be);
-  add_scaled_job job = {cb->k, x, y, scale, n};
-  m3_parallel_for(cb->pool, T, (int64_t)T * n < PARALLEL_MIN ? T : 0, add_scaled_range, &job);
-}

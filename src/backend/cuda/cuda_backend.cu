@@ -186,7 +186,6 @@ static m3_backend_ops make_ops(void) {
   ops.rmsnorm_rope = cuda_rmsnorm_rope;
   ops.swiglu_oai = cuda_swiglu_oai;
   ops.add = cuda_add;
-  ops.add_scaled_rows = cuda_add_scaled_rows;
   ops.kv_store = cuda_kv_store;
   ops.msa_select = cuda_msa_select;
   ops.attention = cuda_attention;

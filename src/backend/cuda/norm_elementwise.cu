@@ -1,5 +1,6 @@
-/* norm_elementwise.cu: Gemma RMSNorm, partial NeoX RoPE, SwiGLU-OAI, residual and scaled-row adds
- * (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32 operation order. */
+/* norm_elementwise.cu: Gemma RMSNorm, partial NeoX RoPE (alone and fused with the norm), SwiGLU-OAI
+ * and the residual add (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32
+ * operation order. */
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
@@ -168,21 +169,4 @@ void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
   if (n == 0) return;
   add_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(x, y, n);
   cuda_launched(cb, "add");
-}
-
-__global__ void add_scaled_rows_kernel(float *x, const float *y, const float *__restrict__ scale, int n) {
-  const size_t row = (size_t)blockIdx.y * n;
-  const float s = scale[blockIdx.y];
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    x[row + i] += s * y[row + i];
-}
-
-void cuda_add_scaled_rows(m3_backend *be, float *x, const float *y, const float *scale, int T,
-                          int n) {
-  cuda_backend *cb = cuda_of(be);
-  if (T <= 0 || n <= 0) return;
-  unsigned bx = (unsigned)((n + ELEM_THREADS - 1) / ELEM_THREADS);
-  dim3 grid(bx > 64 ? 64 : bx, (unsigned)T);
-  add_scaled_rows_kernel<<<grid, ELEM_THREADS, 0, cb->stream>>>(x, y, scale, n);
-  cuda_launched(cb, "add_scaled_rows");
 }
