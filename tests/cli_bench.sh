@@ -10,29 +10,7 @@
 #   $1: the m3 binary  $2: the source tree
 set -uo pipefail
 m3=$1
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-expect_eq() { # name actual expected
-  if [ "$2" = "$3" ]; then ok; else bad "$1: got '$2', expected '$3'"; fi
-}
-# Runs m3 with the remaining args; it must exit 2 with one stderr line containing $1.
-expect_input_error() {
-  local needle=$1
-  shift
-  local err rc
-  err=$("$m3" "$@" 2>&1 >/dev/null)
-  rc=$?
-  if [ "$rc" -eq 2 ] && [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] && [[ "$err" == *"$needle"* ]]; then
-    ok
-  else
-    bad "m3 $*: exit $rc, stderr '$err' (expected exit 2 and one line naming '$needle')"
-  fi
-}
+. "$(dirname "$0")/check.sh"
 
 # ---- dispatch ----
 "$m3" bench >/dev/null 2>&1
@@ -119,5 +97,4 @@ expect_eq "text-only config" "$(jq -r '.model_type + " " + (.architectures[0])' 
 expect_input_error "--vocab 5 is below the tokenizer's" tiny "$tmp/v5" --vocab 5
 expect_input_error "--vocab '262145'" tiny "$tmp/v5" --vocab 262145
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary

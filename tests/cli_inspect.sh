@@ -6,29 +6,7 @@
 set -uo pipefail
 m3=$1
 src=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-passed=0
-failed=0
-
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-expect_eq() { # name actual expected
-  if [ "$2" = "$3" ]; then ok; else bad "$1: got '$2', expected '$3'"; fi
-}
-# Runs m3 with the remaining args; it must exit 2 with one stderr line containing $1.
-expect_input_error() {
-  local needle=$1
-  shift
-  local err rc
-  err=$("$m3" "$@" 2>&1 >/dev/null)
-  rc=$?
-  if [ "$rc" -eq 2 ] && [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] && [[ "$err" == *"$needle"* ]]; then
-    ok
-  else
-    bad "m3 $*: exit $rc, stderr '$err' (expected exit 2 and one line naming '$needle')"
-  fi
-}
+. "$(dirname "$0")/check.sh"
 
 # The safetensors header of $1 as JSON (u64 little-endian length, then the header).
 header() {
@@ -181,5 +159,4 @@ expect_input_error "XY" tiny "$tmp/x" --layers FD,XY
 expect_input_error "--dtype" tiny "$tmp/x" --dtype f16
 expect_input_error "missing DIR" tiny
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary
