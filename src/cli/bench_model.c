@@ -33,7 +33,6 @@
 #include "cli/model_args.h"
 #include "engine/runner.h"
 #include "io/tiny.h"
-#include "io/quantize.h"
 #include "io/weights.h"
 
 static const char usage[] =
@@ -554,19 +553,11 @@ int m3_bench_model(int argc, char **argv) {
   }
   const int on_cpu = !be->ops->device_memory;
   m3_model *model = NULL;
-  m3_safetensors *st_file = NULL;
-  m3_weights w = {0};
   const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
   if ((st = m3_model_load_with(dir, be, &load, &model)) != M3_OK) goto done;
   const m3_config *c = m3_model_config(model);
-  /* A second binding of the same mapping, for the sizes and dtypes of what a token reads
-   * (converted again under --quantize: the model keeps its copy to itself). */
-  if ((st = m3_st_open_dir(dir, &st_file)) != M3_OK) goto done;
-  if ((st = m3_weights_bind(c, st_file, &w)) != M3_OK) goto done;
-  if (a.quantize && (st = m3_weights_quantize_mxfp8(c, &w, (int)a.threads, NULL, NULL)) != M3_OK)
-    goto done;
   report rp = {.cfg = c, .batch = (int)a.batch};
-  count_weights(c, &w, &rp.w);
+  count_weights(c, m3_model_weights(model), &rp.w);
   /* On a device the weights were uploaded at load; the host mapping is not read again. */
   if (on_cpu) {
     m3_model_prefault(model, NULL, NULL);
@@ -581,8 +572,6 @@ int m3_bench_model(int argc, char **argv) {
   st = run_phases(model, &a, &rp);
 
 done:
-  m3_weights_free(&w);
-  if (st_file) m3_st_close(st_file);
   m3_model_free(model);
   be->ops->destroy(be);
   if (*generated) remove_checkpoint(generated);

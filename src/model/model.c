@@ -290,6 +290,7 @@ m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n) {
 int m3_model_hidden_width(const m3_model *m) { return m->num_hidden * m->cfg.hidden_size; }
 m3_backend *m3_model_backend(const m3_model *m) { return m->be; }
 int m3_model_step_tokens(const m3_model *m) { return m->step_tokens; }
+const m3_weights *m3_model_weights(const m3_model *m) { return &m->w; }
 int m3_model_num_sparse_layers(const m3_model *m) { return m->num_sparse; }
 
 static m3_status check_inputs(const m3_model *m, const m3_kv_view *kv, const int32_t *ids,

@@ -57,6 +57,9 @@ m3_backend *m3_model_backend(const m3_model *m);
 /* Tokens per internal step on this model's backend (M3_MODEL_STEP_TOKENS or
  * M3_MODEL_DEVICE_STEP_TOKENS): the most a caller gains from feeding at once. */
 int m3_model_step_tokens(const m3_model *m);
+/* The weights the model reads, as loaded (converted under --quantize): shapes, dtypes and
+ * scales for accounting. On a device backend their data points to device memory. */
+const m3_weights *m3_model_weights(const m3_model *m);
 int m3_model_num_sparse_layers(const m3_model *m);
 
 /* Runs T tokens ids[T] at absolute positions pos[T] (each position's page must exist in every
