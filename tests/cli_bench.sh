@@ -51,11 +51,11 @@ total=$(sed -n 's/^  weights: .* MB (\([0-9]*\) parameters); read.*/\1/p' <<<"$o
 decode=$(sed -n 's/.*read per decode token: .* MB (\([0-9]*\) parameters)$/\1/p' <<<"$out")
 expect_eq "text parameters" "$total" "$(jq .params_text <<<"$js")"
 expect_eq "parameters read per decode token" "$decode" "$(jq .params_active_with_embeddings <<<"$js")"
-# Rows: phase, positions, tokens, then figures.
-expect_eq "decode at the short context" "$(awk '$1 == "decode" && $2 == "16..20" {print $3}' <<<"$out")" 4
+# Rows: phase, positions, tokens, then figures. Each decode phase follows 2 untimed steps.
+expect_eq "decode at the short context" "$(awk '$1 == "decode" && $2 == "18..22" {print $3}' <<<"$out")" 4
 expect_eq "prefill from empty" "$(awk '$1 == "prefill" && $2 == "0..24" {print $3}' <<<"$out")" 24
 expect_eq "prefill on to --ctx" "$(awk '$1 == "prefill" && $2 == "24..40" {print $3}' <<<"$out")" 16
-expect_eq "decode at --ctx" "$(awk '$1 == "decode" && $2 == "40..44" {print $3}' <<<"$out")" 4
+expect_eq "decode at --ctx" "$(awk '$1 == "decode" && $2 == "42..46" {print $3}' <<<"$out")" 4
 positive=$(awk '($1 == "decode" || $1 == "prefill") && $5 > 0 {n++} END {print n + 0}' <<<"$out")
 expect_eq "rows with tokens/s > 0" "$positive" 4
 if [[ "$out" == *"copy bandwidth, 1 thread: "*" GB/s (read + written, 2 x 8 MiB)"* ]]; then ok; else bad "no copy bandwidth: $out"; fi
@@ -63,11 +63,27 @@ if [[ "$out" == *"copy bandwidth, 1 thread: "*" GB/s (read + written, 2 x 8 MiB)
 mb1=$(sed -n 's/.*read per decode token: \([0-9.]*\) MB.*/\1/p' <<<"$out")
 expect_eq "batch-1 floor bytes" "$(sed -n 's/^step floor, batch 1: \([0-9.]*\) MB.*/\1/p' <<<"$out")" "$mb1"
 
+# ---- --profile: each phase's ops, counted per (op, weight) ----
+# FD,SM,FM,SD: two dense-attention and two MSA layers; the 24-token prefill is one forward.
+out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 24 --prefill 24 --decode 3 --copy-mib 8 --profile)
+expect_eq "m3 bench model --profile exits" "$?" 0
+# calls in the rows of the table titled "profile of $1" whose op is $2 and whose next word
+# matches $3 (rows: ms share calls us/call op [weight or kind])
+calls() { awk -v title="profile of $1" -v op="$2" -v re="$3" '
+  index($0, title) == 1 {on = 1; next}
+  /^[^ ]/ {on = 0}
+  on && $5 == op && $6 ~ re {print $3}' <<<"$out"; }
+expect_eq "prefill: one embedding" "$(calls "the prefill:" embed '^$')" 1
+expect_eq "prefill: q_proj once per layer" "$(calls "the prefill:" matmul 'self_attn\.q_proj')" 4
+expect_eq "prefill: MSA attention in the 2 sparse layers" "$(calls "the prefill:" attention '^\(MSA')" 2
+expect_eq "prefill: dense attention in the 2 full layers" "$(calls "the prefill:" attention '^\(dense')" 2
+expect_eq "decode at --ctx: 3 steps x 4 layers of q_proj" "$(calls "the decode at --ctx:" matmul 'self_attn\.q_proj')" 12
+
 # ---- --batch: 4 sequences per step, each with its own cache ----
 out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 40 --prefill 24 --decode 3 --batch 4 --copy-mib 8)
 expect_eq "m3 bench model --batch 4 exits" "$?" 0
-expect_eq "batch decode at the short context: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "16..19" {print $3}' <<<"$out")" 12
-expect_eq "batch decode at --ctx: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "40..43" {print $3}' <<<"$out")" 12
+expect_eq "batch decode at the short context: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "18..21" {print $3}' <<<"$out")" 12
+expect_eq "batch decode at --ctx: 4 x 3 tokens" "$(awk '$1 == "decode" && $2 == "42..45" {print $3}' <<<"$out")" 12
 # Uniform routing over 8 experts, top 2, 4 tokens: 8 (1 - (6/8)^4) distinct experts expected.
 want=$(awk 'BEGIN {printf "%.2f", 8 * (1 - (6 / 8) ^ 4)}')
 if [[ "$out" == *"step floor, batch 4: "*"(routed experts: $want distinct of 8 per MoE layer"* ]]; then ok

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "base/status.h"
 #include "io/weights.h"
@@ -193,6 +194,15 @@ m3_status m3_backend_cpu_create(int threads, m3_backend **out);
  * when there is no such GPU or no driver. */
 m3_status m3_backend_cuda_create(int device, m3_backend **out);
 #endif
+
+/* Wraps `inner` (which it then owns and destroys) so that each op is waited for and its time added
+ * to a row per (op, weight name with layer numbers folded): where a phase's time goes, for
+ * `m3 bench model --profile` (src/backend/profile.c). The waits serialize the ops; the rows say
+ * which op dominates, not how long the phase takes unwrapped. */
+m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out);
+/* Prints the rows gathered since the last report, largest first, under `title`, and clears them. */
+void m3_backend_profile_report(m3_backend *be, const char *title, FILE *f);
+void m3_backend_profile_clear(m3_backend *be);
 
 /* The backend a device name asks for: "cpu" (with `threads` workers, 0 = one per core), "cuda"
  * (GPU 0) or "cuda:N". M3_ERR_ARG for any other name; M3_ERR_UNSUPPORTED for cuda in a build

@@ -38,7 +38,7 @@
 static const char usage[] =
     "usage: m3 bench model [--model DIR] [--device cpu|cuda|cuda:N] [--threads N]\n"
     "                      [--dtype bf16|mxfp8|f32] [--ctx N] [--prefill N] [--decode N]\n"
-    "                      [--batch B] [--copy-mib N] " M3_CLI_QUANTIZE_USAGE "\n"
+    "                      [--batch B] [--copy-mib N] [--profile] " M3_CLI_QUANTIZE_USAGE "\n"
     "  decode tokens/s and GB/s of weights read against the copy bandwidth (same run, same\n"
     "  threads; on a GPU a device-to-device copy), ms per step against the step's floor (its\n"
     "  weight bytes / copy bandwidth), prefill tokens/s and GFLOP/s. --batch B decodes B\n"
@@ -52,7 +52,8 @@ static const char usage[] =
     "  (the same command writes it once for --model). Defaults: threads one per core, ctx 4096,\n"
     "  prefill 512, decode 32. The copy runs over 2 buffers of --copy-mib MiB (default 512;\n"
     "  keep them well above the last-level cache). M3_CPU_ISA picks the kernel set (avx512,\n"
-    "  avx2, portable).\n";
+    "  avx2, portable). --profile prints after each phase where its time went, op by op (each op\n"
+    "  waited for, so the phase itself runs slower than without it).\n";
 
 /* The generated model: attention shaped like the full model's (head dim 128, index dim 128,
  * 128-token blocks, top 16), 64 experts so the whole model exceeds even a large last-level
@@ -71,6 +72,7 @@ typedef struct {
   const char *model, *device, *quantize;
   long threads, ctx, prefill, decode, batch, copy_mib;
   m3_tiny_dtype dtype;
+  int profile;
 } bench_args;
 
 static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
@@ -82,6 +84,10 @@ static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
     if (strcmp(flag, "--help") == 0 || strcmp(flag, "-h") == 0) {
       *help = 1;
       return M3_OK;
+    }
+    if (strcmp(flag, "--profile") == 0) {
+      a->profile = 1;
+      continue;
     }
     if (i + 1 >= argc) return m3_fail(M3_ERR_ARG, "%s: missing value (see --help)", flag);
     const char *value = argv[++i];
@@ -354,6 +360,7 @@ typedef struct {
   weight_counts w;
   double copy_gbs;
   int batch;
+  m3_backend *profile; /* the profiling wrapper (--profile), else NULL */
 } report;
 
 static void print_header(void) {
@@ -383,21 +390,32 @@ static void print_prefill(const report *rp, int64_t from, int64_t to, double s) 
          (long long)(to - from), s, n / s, "-", "-", "-", flops / s / 1e9, "-", "-");
 }
 
+/* --profile: the op table of the phase just printed, then a clean slate for the next. */
+static void profile_phase(const report *rp, const char *phase) {
+  if (rp->profile) m3_backend_profile_report(rp->profile, phase, stdout);
+}
+static void profile_clear(const report *rp) {
+  if (rp->profile) m3_backend_profile_clear(rp->profile);
+}
+
 static void release_all(m3_kv_cache *cache, m3_kv_seq *seqs, int n) {
   for (int b = 0; b < n; b++) m3_kv_seq_release(cache, &seqs[b]);
 }
+
+enum { WARM_STEPS = 2 };
 
 static m3_status run_phases(m3_model *model, const bench_args *a, const report *rp) {
   const m3_config *c = rp->cfg;
   const int V = c->vocab_size, B = (int)a->batch, short_prompt = 16;
   int64_t longest = a->ctx > a->prefill ? a->ctx : a->prefill;
-  int64_t tokens = (longest > short_prompt ? longest : short_prompt) + a->decode;
+  const int steps = (int)a->decode + WARM_STEPS;
+  int64_t tokens = (longest > short_prompt ? longest : short_prompt) + steps;
   if (tokens > INT32_MAX / 2) return m3_fail(M3_ERR_ARG, "--ctx %ld + --decode %ld: too long", a->ctx, a->decode);
   /* The long sequence, B short ones, and per fork at --ctx the pages its decode adds plus the
    * copy of the shared last page. */
   size_t budget = m3_kv_bytes_for_tokens(c, (int)tokens) +
-                  (size_t)B * (m3_kv_bytes_for_tokens(c, short_prompt + (int)a->decode) +
-                               m3_kv_bytes_for_tokens(c, (int)a->decode + c->index_block_size));
+                  (size_t)B * (m3_kv_bytes_for_tokens(c, short_prompt + steps) +
+                               m3_kv_bytes_for_tokens(c, steps + c->index_block_size));
   m3_runner *r = NULL;
   m3_status st = m3_runner_create(model, budget, &r);
   m3_kv_cache *cache = r ? m3_runner_cache(r) : NULL;
@@ -411,19 +429,37 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
     st = m3_fail(M3_ERR_NOMEM, "bench: logits of %d x %d", B, V);
   double s;
   print_header();
+  /* Untimed first runs of each phase: a backend's first calls load kernels and choose GEMM
+   * algorithms (the CUDA backend loads modules lazily and asks cuBLASLt once per shape), costs a
+   * server pays once, not per step. */
   for (int b = 0; b < B && st == M3_OK; b++) st = feed_random(r, &d.seqs[b], V, short_prompt, &s);
-  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK)
-    print_decode(rp, short_prompt, (int)a->decode, s);
+  if (st == M3_OK) st = decode(&d, WARM_STEPS, &s);
+  profile_clear(rp);
+  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK) {
+    print_decode(rp, short_prompt + WARM_STEPS, (int)a->decode, s);
+    profile_phase(rp, "the decode at the short prompt");
+  }
   if (cache) release_all(cache, d.seqs, B);
   m3_kv_seq *seq = d.seqs; /* the long sequence, and the first of the batch at --ctx */
-  if (st == M3_OK && (st = feed_random(r, seq, V, (int)a->prefill, &s)) == M3_OK)
+  if (st == M3_OK) st = feed_random(r, seq, V, (int)a->prefill, &s);
+  if (cache) m3_kv_seq_release(cache, seq);
+  profile_clear(rp);
+  if (st == M3_OK && (st = feed_random(r, seq, V, (int)a->prefill, &s)) == M3_OK) {
     print_prefill(rp, 0, a->prefill, s);
-  if (st == M3_OK && a->ctx > a->prefill && (st = feed_random(r, seq, V, (int)(a->ctx - a->prefill), &s)) == M3_OK)
+    profile_phase(rp, "the prefill");
+  }
+  if (st == M3_OK && a->ctx > a->prefill && (st = feed_random(r, seq, V, (int)(a->ctx - a->prefill), &s)) == M3_OK) {
     print_prefill(rp, a->prefill, a->ctx, s);
+    profile_phase(rp, "the prefill up to --ctx");
+  }
   for (int b = 1; b < B && st == M3_OK; b++) st = m3_kv_seq_fork(cache, seq, &d.seqs[b]);
+  if (st == M3_OK) st = decode(&d, WARM_STEPS, &s);
   int64_t at = seq->num_tokens;
-  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK)
+  profile_clear(rp);
+  if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK) {
     print_decode(rp, at, (int)a->decode, s);
+    profile_phase(rp, "the decode at --ctx");
+  }
   if (cache) release_all(cache, d.seqs, B);
   m3_runner_free(r);
   free(d.seqs);
@@ -537,9 +573,14 @@ int m3_bench_model(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
-  m3_backend *be = NULL;
+  m3_backend *be = NULL, *raw = NULL;
   /* The device first: a build or machine without it fails before a model is generated. */
-  if ((st = m3_cli_open_backend(a.device, (int)a.threads, &be)) != M3_OK) return m3_cli_fail(argv[0], st);
+  if ((st = m3_cli_open_backend(a.device, (int)a.threads, &raw)) != M3_OK) return m3_cli_fail(argv[0], st);
+  be = raw; /* raw: the backend itself, for its own queries (CPU threads, ISA) */
+  if (a.profile && (st = m3_backend_profile_create(raw, &be)) != M3_OK) {
+    raw->ops->destroy(raw);
+    return m3_cli_fail(argv[0], st);
+  }
   char generated[4096] = "";
   const char *dir = a.model;
   if (!dir) {
@@ -556,18 +597,18 @@ int m3_bench_model(int argc, char **argv) {
   const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
   if ((st = m3_model_load_with(dir, be, &load, &model)) != M3_OK) goto done;
   const m3_config *c = m3_model_config(model);
-  report rp = {.cfg = c, .batch = (int)a.batch};
+  report rp = {.cfg = c, .batch = (int)a.batch, .profile = a.profile ? be : NULL};
   count_weights(c, m3_model_weights(model), &rp.w);
   /* On a device the weights were uploaded at load; the host mapping is not read again. */
   if (on_cpu) {
     m3_model_prefault(model, NULL, NULL);
     print_cpu_model();
-    printf("kernels: %s, threads: %d\n", m3_cpu_isa_name(m3_backend_cpu_isa(be)), m3_backend_cpu_threads(be));
+    printf("kernels: %s, threads: %d\n", m3_cpu_isa_name(m3_backend_cpu_isa(raw)), m3_backend_cpu_threads(raw));
   } else {
     printf("device: %s (%s)\n", a.device, be->ops->name);
   }
   print_model(dir, !a.model, on_cpu, c, &rp.w);
-  if ((st = measure_copy(be, &a, &rp.copy_gbs)) != M3_OK) goto done;
+  if ((st = measure_copy(raw, &a, &rp.copy_gbs)) != M3_OK) goto done;
   print_floor(&rp);
   st = run_phases(model, &a, &rp);
 

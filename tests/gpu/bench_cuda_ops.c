@@ -151,11 +151,16 @@ static void run_matmul(void *ctx, int iter) {
   gpu->ops->matmul(gpu, &m->w[iter % m->copies], m->x, m->T, m->y);
 }
 
-static void bench_matmul(const char *label, int64_t rows, int64_t cols, int mx, const int *Ts, int nT,
+enum { BENCH_BF16, BENCH_MXFP8, BENCH_F32 };
+static const char *const bench_kind[] = {"BF16", "MXFP8", "F32"};
+
+static void bench_matmul(const char *label, int64_t rows, int64_t cols, int kind, const int *Ts, int nT,
                          double copy_gbs, FILE *table) {
   matmul_ctx m;
   memset(&m, 0, sizeof m);
-  size_t wbytes = (size_t)rows * cols * (mx ? 1 : 2), sbytes = mx ? (size_t)rows * (cols / 32) : 0;
+  const int mx = kind == BENCH_MXFP8;
+  size_t wbytes = (size_t)rows * cols * (mx ? 1 : kind == BENCH_F32 ? 4 : 2);
+  size_t sbytes = mx ? (size_t)rows * (cols / 32) : 0;
   /* Enough copies to read at least 256 MiB per round, so L2 (50 MiB) holds none of them. */
   m.copies = (int)((256u << 20) / wbytes + 1);
   if (m.copies > 8) m.copies = 8;
@@ -163,7 +168,7 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int mx, 
     m3_tensor *t = &m.w[c];
     t->name = label;
     t->rows = rows, t->cols = cols;
-    t->dtype = mx ? M3_DT_F8_E4M3 : M3_DT_BF16;
+    t->dtype = mx ? M3_DT_F8_E4M3 : kind == BENCH_F32 ? M3_DT_F32 : M3_DT_BF16;
     t->data = device_random(t->dtype, wbytes);
     if (mx) {
       t->quant = M3_WQ_MXFP8;
@@ -182,7 +187,7 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int mx, 
     double gbs = (double)(wbytes + sbytes) / s / 1e9;
     double tflops = 2.0 * m.T * rows * cols / s / 1e12;
     fprintf(table, "| matmul %s %s %lldx%lld T=%d | %.1f us | %.0f GB/s weights = %.0f%% of copy | %.1f TFLOP/s |\n",
-            label, mx ? "MXFP8" : "BF16", (long long)rows, (long long)cols, m.T, s * 1e6, gbs,
+            label, bench_kind[kind], (long long)rows, (long long)cols, m.T, s * 1e6, gbs,
             100.0 * gbs / copy_gbs, tflops);
     fflush(table);
   }
@@ -191,6 +196,68 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int mx, 
     if (m.w[c].scale) gpu->ops->free(gpu, (void *)m.w[c].scale);
   }
   gpu->ops->free(gpu, m.x), gpu->ops->free(gpu, m.y);
+}
+
+/* ---- routed experts at prefill ---- */
+
+typedef struct {
+  m3_moe_experts ex;
+  int T, k;
+  float *h, *x, *weights;
+  int32_t *ids;
+} moe_ctx;
+
+static void run_moe(void *ctx, int iter) {
+  (void)iter;
+  moe_ctx *c = ctx;
+  gpu->ops->moe_experts(gpu, &c->ex, c->h, c->T, c->ids, c->weights, c->k, c->x);
+}
+
+/* One MoE layer's routed experts at full width (128 experts of 3072, top 4, BF16) over T tokens
+ * with uniform random routing: TFLOP/s of the three expert GEMMs, against the cuBLASLt ceiling
+ * printed for the expert shapes. */
+static void bench_moe_prefill(int T, FILE *table) {
+  enum { E = 128, K = 4, H = 6144, I = 3072 };
+  static m3_tensor w[3][E];
+  moe_ctx c;
+  memset(&c, 0, sizeof c);
+  for (int m = 0; m < 3; m++)
+    for (int e = 0; e < E; e++) {
+      m3_tensor *t = &w[m][e];
+      memset(t, 0, sizeof *t);
+      t->name = m == 0 ? "expert w1" : m == 1 ? "expert w3" : "expert w2";
+      t->rows = m == 2 ? H : I, t->cols = m == 2 ? I : H;
+      t->dtype = M3_DT_BF16;
+      t->data = device_random(M3_DT_BF16, (size_t)H * I * 2);
+    }
+  c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
+  must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
+  c.T = T, c.k = K;
+  int32_t *ids = malloc((size_t)T * K * 4);
+  for (int t = 0; t < T; t++)
+    for (int j = 0; j < K; j++) {
+      int fresh;
+      do {
+        ids[t * K + j] = (int32_t)(rnd() % E);
+        fresh = 1;
+        for (int i = 0; i < j; i++) fresh &= ids[t * K + i] != ids[t * K + j];
+      } while (!fresh);
+    }
+  c.ids = gpu->ops->alloc(gpu, (size_t)T * K * 4);
+  must(gpu->ops->to_device(gpu, c.ids, ids, (size_t)T * K * 4), "to_device");
+  free(ids);
+  c.h = device_random(M3_DT_F32, (size_t)T * H * 4);
+  c.x = device_random(M3_DT_F32, (size_t)T * H * 4);
+  c.weights = device_random(M3_DT_F32, (size_t)T * K * 4);
+  double s = time_call(run_moe, &c, 2);
+  fprintf(table, "| moe_experts BF16 E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s |\n", E, K, I, H, T,
+          s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12);
+  fflush(table);
+  gpu->ops->release_experts(gpu, &c.ex);
+  for (int m = 0; m < 3; m++)
+    for (int e = 0; e < E; e++) gpu->ops->free(gpu, (void *)w[m][e].data);
+  gpu->ops->free(gpu, c.ids), gpu->ops->free(gpu, c.h), gpu->ops->free(gpu, c.x);
+  gpu->ops->free(gpu, c.weights);
 }
 
 /* ---- cuBLASLt ceiling for prefill ---- */
@@ -402,6 +469,9 @@ int main(int argc, char **argv) {
     for (int mx = 0; mx < 2; mx++)
       bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, prefill_T, 1, copy_gbs, table);
   }
+  /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
+  bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
+  bench_moe_prefill(prefill_T[0], table);
   static const int contexts[] = {2048, 32768, 131072};
   double base_us[2], layer_us[2];
   for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);

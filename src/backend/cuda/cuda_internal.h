@@ -13,17 +13,19 @@ extern "C" { /* the C headers of the rest of m3 */
 }
 
 /* A cuBLASLt algorithm chosen for one GEMM shape and operand alignment (lt_gemm in matmul.cu):
- * the heuristic query costs tens of microseconds of host time, and a prefill's MoE layer issues
+ * the heuristic query costs up to milliseconds of host time, and a prefill's MoE layer issues
  * hundreds of GEMMs of a few shapes. found = 0 remembers that cuBLASLt declined. */
 typedef struct {
   int used, found;
   cudaDataType ab;
   uint64_t rows, K, ldy;
-  int T, align; /* align: the operands' common power-of-two alignment in bytes, <= 256 */
+  int T;        /* the token count planned for: a power of two, or exact */
+  int exact;    /* 1: planned for exactly T, after the power of two's algorithm was refused */
+  int align;    /* the operands' common power-of-two alignment in bytes, <= 256 */
   cublasLtMatmulAlgo_t algo;
 } cuda_lt_plan;
 
-enum { CUDA_LT_PLANS = 64 };
+enum { CUDA_LT_PLANS = 256 };
 
 typedef struct {
   m3_backend base;

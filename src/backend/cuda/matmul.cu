@@ -6,8 +6,8 @@
  * or a short matrix: a block of 256 threads shares 1, 2 or 4 rows. 2..8 tokens on a tall matrix:
  * a warp takes 4 rows and the block stages x in shared memory slice by slice.
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
- * BF16, W as stored (BF16) or decoded to BF16 in chunks of rows (F16, MXFP8, FP8 block), float32
- * accumulation and output. A tiled CUDA-core kernel that decodes W tile by tile covers what
+ * BF16 (up to 64 tokens as two BF16 terms, hi + lo), W as stored (BF16) or decoded to BF16 in
+ * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core kernel that decodes W tile by tile covers what
  * cuBLASLt declines. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -396,9 +396,27 @@ static void launch_tiled(cuda_backend *cb, const m3_tensor *t, const float *x, i
 
 enum { DEQUANT_CHUNK_BYTES = 64 << 20 };
 
-__global__ void to_bf16_kernel(const float *__restrict__ x, size_t n, __nv_bfloat16 *__restrict__ out) {
+/* Up to LT_SPLIT_MAX_T tokens the GEMM is bound by reading W, so the activations can go in as
+ * two BF16 terms, x = hi + lo (hi = bf16(x), lo = bf16(x - hi)), for the price of nothing but
+ * twice the columns: 16 bits of mantissa instead of 8, about the float32 GEMV's accuracy. A
+ * single BF16 rounding of every activation made logits of the tiny reference models drift by
+ * up to 5e-2 (relative L2), the same drift the CPU shows when it rounds the same inputs. */
+enum { LT_SPLIT_MAX_T = 64 };
+
+/* out[0, n) = bf16(x); with split, out[n, 2n) = bf16(x - bf16(x)) as well. */
+__global__ void to_bf16_kernel(const float *__restrict__ x, size_t n, int split,
+                               __nv_bfloat16 *__restrict__ out) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+    out[i] = hi;
+    if (split) out[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}
+
+/* y[i] = parts[i] + parts[n + i]: the hi and lo products of a split GEMM summed. */
+__global__ void add_split_kernel(const float *__restrict__ parts, size_t n, float *__restrict__ y) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    out[i] = __float2bfloat16_rn(x[i]);
+    y[i] = parts[i] + parts[n + i];
 }
 
 /* Rows [r0, r0 + nrows) of w decoded (scale applied) and rounded to BF16: exact for E4M3 with
@@ -422,55 +440,73 @@ static int common_alignment(const void *a, const void *b, const void *c) {
 
 /* The cached plan for this GEMM, or NULL when there is none yet. */
 static cuda_lt_plan *find_plan(cuda_backend *cb, cudaDataType ab, uint64_t rows, uint64_t K,
-                               int T, uint64_t ldy, int align) {
+                               int T, int exact, uint64_t ldy, int align) {
   for (int i = 0; i < CUDA_LT_PLANS; i++) {
     cuda_lt_plan *p = &cb->lt_plans[i];
-    if (p->used && p->ab == ab && p->rows == rows && p->K == K && p->T == T && p->ldy == ldy &&
-        p->align == align)
+    if (p->used && p->ab == ab && p->rows == rows && p->K == K && p->T == T && p->exact == exact &&
+        p->ldy == ldy && p->align == align)
       return p;
   }
   return NULL;
 }
 
-/* Asks cuBLASLt for an algorithm (operands aligned to `align` bytes) and caches the answer. */
+/* The token count a plan is chosen for: T itself (exact), else the next power of two, so that the
+ * per-expert GEMMs of a MoE prefill, each with its own token count, share a few plans instead of
+ * asking cuBLASLt hundreds of times (a query cost about a millisecond of host time on the H200
+ * machine: a prefill's MoE layer spent most of its 260 ms in them). */
+static int plan_tokens(int T, int exact) {
+  if (exact) return T;
+  int b = 16;
+  while (b < T && b < (1 << 30)) b <<= 1;
+  return b;
+}
+
+/* Asks cuBLASLt for an algorithm for the GEMM at plan_tokens(T, exact) tokens (operands aligned
+ * to `align` bytes) and caches the answer. */
 static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
-                                     cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
-                                     cublasLtMatrixLayout_t lc, cudaDataType ab, uint64_t rows,
-                                     uint64_t K, int T, uint64_t ldy, int align) {
-  cuda_lt_plan *p = find_plan(cb, ab, rows, K, T, ldy, align);
+                                     cublasLtMatrixLayout_t la, cudaDataType ab, uint64_t rows,
+                                     uint64_t K, int T, int exact, uint64_t ldy, int align) {
+  const int plan_T = plan_tokens(T, exact);
+  cuda_lt_plan *p = find_plan(cb, ab, rows, K, plan_T, exact, ldy, align);
   if (p) return p;
+  cublasLtMatrixLayout_t lb = NULL, lc = NULL;
   cublasLtMatmulPreference_t pref = NULL;
   cublasLtMatmulHeuristicResult_t heur;
   int found = 0;
   const uint32_t align_bytes = (uint32_t)align;
-  if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return NULL;
+  int ok = cublasLtMatrixLayoutCreate(&lb, ab, K, (uint64_t)plan_T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)plan_T, (int64_t)ldy) ==
+               CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
   const cublasLtMatmulPreferenceAttributes_t aligns[] = {
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-  int ok = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                &cb->lt_workspace_bytes,
-                                                sizeof cb->lt_workspace_bytes) ==
-           CUBLAS_STATUS_SUCCESS;
+  ok = ok && cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                  &cb->lt_workspace_bytes,
+                                                  sizeof cb->lt_workspace_bytes) == CUBLAS_STATUS_SUCCESS;
   for (int i = 0; i < 4 && ok; i++)
     ok = cublasLtMatmulPreferenceSetAttribute(pref, aligns[i], &align_bytes, sizeof align_bytes) ==
          CUBLAS_STATUS_SUCCESS;
   ok = ok && cublasLtMatmulAlgoGetHeuristic(cb->lt, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
                  CUBLAS_STATUS_SUCCESS;
-  cublasLtMatmulPreferenceDestroy(pref);
+  if (pref) cublasLtMatmulPreferenceDestroy(pref);
+  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
   if (!ok) return NULL; /* a failed query is not cached: it may be transient */
   p = &cb->lt_plans[cb->lt_plan_next];
   cb->lt_plan_next = (cb->lt_plan_next + 1) % CUDA_LT_PLANS;
   memset(p, 0, sizeof *p);
-  p->used = 1, p->found = found > 0, p->ab = ab, p->rows = rows, p->K = K, p->ldy = ldy, p->T = T;
-  p->align = align;
+  p->used = 1, p->found = found > 0, p->ab = ab, p->rows = rows, p->K = K, p->ldy = ldy;
+  p->T = plan_T, p->exact = exact, p->align = align;
   if (found > 0) p->algo = heur.algo;
   return p;
 }
 
 /* y[t * ldy + r] = dot(A[r, :], B[t, :]) for r < rows, t < T through cuBLASLt, float32
  * accumulation and output; A and B row-major of K columns in type ab. Column-major, that is
- * y[rows, T] (ld ldy) = A^T[rows, K] B[K, T]. Returns 0 when cuBLASLt finds no algorithm or
- * fails (nothing ran). */
+ * y[rows, T] (ld ldy) = A^T[rows, K] B[K, T]. The algorithm is the one planned for T's power of
+ * two, or when cuBLASLt refuses it for T, one planned for T itself. Returns 0 when cuBLASLt finds
+ * no algorithm or fails (nothing ran). */
 static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t rows, uint64_t K,
                    const void *B, int T, float *y, uint64_t ldy) {
   cublasLtMatmulDesc_t op = NULL;
@@ -483,14 +519,16 @@ static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t ro
       cublasLtMatrixLayoutCreate(&la, ab, K, rows, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&lb, ab, K, (uint64_t)T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
       cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)T, (int64_t)ldy) == CUBLAS_STATUS_SUCCESS) {
-    const cuda_lt_plan *plan = plan_gemm(cb, op, la, lb, lc, ab, rows, K, T, ldy,
-                                         common_alignment(A, B, y));
-    if (plan && plan->found) {
+    const int align = common_alignment(A, B, y);
+    for (int exact = 0; exact < 2 && !done; exact++) {
+      const cuda_lt_plan *plan = plan_gemm(cb, op, la, ab, rows, K, T, exact, ldy, align);
+      if (!plan || !plan->found) continue;
       const float alpha = 1.0f, beta = 0.0f;
       cublasStatus_t s = cublasLtMatmul(cb->lt, op, &alpha, A, la, B, lb, &beta, y, lc, y, lc,
                                         &plan->algo, cb->lt_workspace, cb->lt_workspace_bytes,
                                         cb->stream);
       done = s == CUBLAS_STATUS_SUCCESS;
+      if (plan_tokens(T, 0) == T) break; /* the exact plan is the same query */
     }
   }
   if (lc) cublasLtMatrixLayoutDestroy(lc);
@@ -501,8 +539,9 @@ static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t ro
 }
 
 /* y = x W^T on the tensor cores: F32 weights as a float32 SGEMM; every other weight with x
- * rounded to BF16 and W as stored (BF16) or decoded to BF16 a chunk of rows at a time. Returns 0
- * when cuBLASLt declines, before anything was written to y. */
+ * rounded to BF16 (up to LT_SPLIT_MAX_T tokens: split into two BF16 terms) and W as stored (BF16)
+ * or decoded to BF16 a chunk of rows at a time. Returns 0 when cuBLASLt declines, before anything
+ * was written to y. */
 static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
   const uint64_t N = (uint64_t)t->rows, K = (uint64_t)t->cols;
   if (t->quant == M3_WQ_NONE && t->dtype == M3_DT_F32)
@@ -512,23 +551,33 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
    * 8192 tokens) took 6.5 times as long as o_proj's with chunks of 4096 */
   uint64_t chunk = stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2) / 256 * 256;
   chunk = chunk < 256 ? 256 : chunk > N ? N : chunk;
-  const size_t xbytes = ((size_t)T * K * 2 + 255) / 256 * 256;
-  uint8_t *scratch = (uint8_t *)cuda_scratch(cb, xbytes + (stored_bf16 ? 0 : chunk * K * 2), "matmul");
+  const int split = T <= LT_SPLIT_MAX_T, cols = split ? 2 * T : T; /* GEMM columns */
+  const size_t xbytes = ((size_t)cols * K * 2 + 255) / 256 * 256;
+  const size_t pbytes = split ? ((size_t)cols * N * 4 + 255) / 256 * 256 : 0; /* hi and lo products */
+  uint8_t *scratch = (uint8_t *)cuda_scratch(cb, xbytes + pbytes + (stored_bf16 ? 0 : chunk * K * 2), "matmul");
   if (!scratch) return 0;
-  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + xbytes);
-  to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, cb->stream>>>(x, (size_t)T * K, xb);
+  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + xbytes + pbytes);
+  float *out = split ? (float *)(scratch + xbytes) : y;
+  to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, cb->stream>>>(x, (size_t)T * K, split, xb);
   cuda_launched(cb, "matmul (bf16 activations)");
-  if (stored_bf16) return lt_gemm(cb, CUDA_R_16BF, t->data, N, K, xb, T, y, N);
-  const cuda_weight w = cuda_weight_of(t);
-  for (uint64_t r0 = 0; r0 < N; r0 += chunk) {
-    uint64_t nr = N - r0 < chunk ? N - r0 : chunk;
-    dequant_bf16_kernel<<<grid_for(nr * K), 256, 0, cb->stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
-    cuda_launched(cb, "matmul (weights to bf16)");
-    if (!lt_gemm(cb, CUDA_R_16BF, wb, nr, K, xb, T, y + r0, N)) {
-      if (r0 == 0) return 0;
-      cuda_note(cb, cudaErrorNotSupported, "matmul (cuBLASLt declined a later chunk of rows)");
-      return 1;
+  if (stored_bf16) {
+    if (!lt_gemm(cb, CUDA_R_16BF, t->data, N, K, xb, cols, out, N)) return 0;
+  } else {
+    const cuda_weight w = cuda_weight_of(t);
+    for (uint64_t r0 = 0; r0 < N; r0 += chunk) {
+      uint64_t nr = N - r0 < chunk ? N - r0 : chunk;
+      dequant_bf16_kernel<<<grid_for(nr * K), 256, 0, cb->stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
+      cuda_launched(cb, "matmul (weights to bf16)");
+      if (!lt_gemm(cb, CUDA_R_16BF, wb, nr, K, xb, cols, out + r0, N)) {
+        if (r0 == 0) return 0;
+        cuda_note(cb, cudaErrorNotSupported, "matmul (cuBLASLt declined a later chunk of rows)");
+        return 1;
+      }
     }
+  }
+  if (split) {
+    add_split_kernel<<<grid_for((size_t)T * N), 256, 0, cb->stream>>>(out, (size_t)T * N, y);
+    cuda_launched(cb, "matmul (hi + lo)");
   }
   return 1;
 }
