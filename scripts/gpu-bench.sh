@@ -128,6 +128,18 @@ elif stage tiny-4layer 150 "$m3" tiny "$four" --layers FD,SM,SM,SM --vocab 20006
   stage model4-hf 180 python3 "$src/tools/bench_transformers.py" "$four" --tokens 2048 --decode 16
 fi
 rm -rf "$four"
+# ---- issue 10: speculative decoding's costs at full width (m3 bench spec) ----
+# FD,SM with its MTP module, vocab 200064: a decode step, verifications of k = 1..7 drafts (k + 1
+# tokens in one forward) relative to it, and the MTP drafter's steps, after 2048 tokens.
+spec=$(model_dir 40)
+if [ -z "$spec" ]; then
+  echo "no room for the 35 GB model in /dev/shm or /tmp" > "$out/bench-tiny-spec.log"
+elif stage tiny-spec 90 "$m3" tiny "$spec" --layers FD,SM --vocab 200064 --no-vision \
+    ${full/--no-mtp/}; then
+  stage spec 90 "$m3" bench spec --device cuda --model "$spec" --context 2048 --repeat 20
+fi
+rm -rf "$spec"
+
 log4=$out/bench-model4-m3.log
 m3_short=$(row decode 10 1 "$log4" 2>/dev/null)
 m3_ctx=$(row decode 10 2 "$log4" 2>/dev/null)
@@ -169,6 +181,12 @@ hf_prefill=$(echo "$hf" | sed -n 's/.*"prefill_ms": \([0-9.]*\).*/\1/p')
   echo "| prefill 2048 | ${m3_prefill_ms:-failed} ms | transformers ${hf_prefill:-failed} ms | $(ratio "$m3_prefill_ms" "$hf_prefill")x transformers | < 1x |"
   echo
   echo "transformers: ${hf:-no result (see bench-model4-hf.log)}"
+  echo
+  echo "## speculative decoding (issue 10): FD,SM + MTP at full width, vocab 200064, after 2048 tokens"
+  echo
+  echo '```'
+  cat "$out/bench-spec.log" 2>/dev/null || echo "no result (see bench-tiny-spec.log)"
+  echo '```'
   echo
   echo "## stages"
   cat "$out/bench-stages.log"

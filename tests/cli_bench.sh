@@ -68,11 +68,11 @@ expect_eq "batch-1 floor bytes" "$(sed -n 's/^step floor, batch 1: \([0-9.]*\) M
 out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 24 --prefill 24 --decode 3 --copy-mib 8 --profile)
 expect_eq "m3 bench model --profile exits" "$?" 0
 # calls in the rows of the table titled "profile of $1" whose op is $2 and whose next word
-# matches $3 (rows: ms share calls us/call op [weight or kind])
+# matches $3 (rows: ms share calls us/call host-us op [weight or kind])
 calls() { awk -v title="profile of $1" -v op="$2" -v re="$3" '
   index($0, title) == 1 {on = 1; next}
   /^[^ ]/ {on = 0}
-  on && $5 == op && $6 ~ re {print $3}' <<<"$out"; }
+  on && $6 == op && $7 ~ re {print $3}' <<<"$out"; }
 expect_eq "prefill: one embedding" "$(calls "the prefill:" embed '^$')" 1
 expect_eq "prefill: q_proj once per layer" "$(calls "the prefill:" matmul 'self_attn\.q_proj')" 4
 expect_eq "prefill: MSA attention in the 2 sparse layers" "$(calls "the prefill:" attention '^\(MSA')" 2

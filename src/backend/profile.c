@@ -1,11 +1,13 @@
 /* profile.c: a backend that runs another one op by op and says where the time goes.
  *
- * Every op of the wrapped backend is followed by a wait for its completion (a 4-byte to_host), and
- * the wall time of op + wait is added to the row of (op, weight name with layer numbers folded to
- * '#'), so "matmul model.layers.#.self_attn.q_proj.weight" sums every layer's q projection. The
- * waits serialize what a GPU would overlap and add a few microseconds each: the table is for
- * finding the op that dominates a phase, not for the phase's total, which the caller times
- * without the wrapper. */
+ * Every op of the wrapped backend (and every transfer) is followed by a wait for its completion
+ * (a 4-byte to_host), and the wall time of op + wait is added to the row of (op, weight name with
+ * layer numbers folded to '#'), so "matmul model.layers.#.self_attn.q_proj.weight" sums every
+ * layer's q projection. The row also sums the host time of the call alone, before the wait: on a
+ * GPU, the time to issue the op's kernels, which bounds a step made of many short ones. The waits
+ * serialize what a GPU would overlap and add a few microseconds each: the table is for finding
+ * the op that dominates a phase, not for the phase's total, which the caller times without the
+ * wrapper. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +20,7 @@ enum { PROF_MAX_ROWS = 512, PROF_KEY = 96 };
 typedef struct {
   char key[PROF_KEY];
   long calls;
-  double seconds;
+  double seconds, host_seconds;
 } prof_row;
 
 typedef struct {
@@ -47,16 +49,20 @@ static void fold_digits(const char *name, char *out, size_t cap) {
   out[n] = '\0';
 }
 
-static double now_wait(prof_backend *pb) {
-  uint32_t sink;
-  (void)pb->inner->ops->to_host(pb->inner, &sink, pb->probe, sizeof sink);
+static double wall(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static double now_wait(prof_backend *pb) {
+  uint32_t sink;
+  (void)pb->inner->ops->to_host(pb->inner, &sink, pb->probe, sizeof sink);
+  return wall();
+}
+
 static void account(prof_backend *pb, const char *op, const m3_tensor *w, double t0) {
-  double dt = now_wait(pb) - t0;
+  const double host = wall() - t0, dt = now_wait(pb) - t0;
   char key[PROF_KEY];
   size_t n = strlen(op) < sizeof key - 2 ? strlen(op) : sizeof key - 2;
   memcpy(key, op, n);
@@ -69,6 +75,7 @@ static void account(prof_backend *pb, const char *op, const m3_tensor *w, double
     if (strcmp(pb->rows[i].key, key) == 0) {
       pb->rows[i].calls++;
       pb->rows[i].seconds += dt;
+      pb->rows[i].host_seconds += host;
       return;
     }
   if (pb->nrows == PROF_MAX_ROWS) {
@@ -79,6 +86,7 @@ static void account(prof_backend *pb, const char *op, const m3_tensor *w, double
   snprintf(r->key, sizeof r->key, "%s", key);
   r->calls = 1;
   r->seconds = dt;
+  r->host_seconds = host;
 }
 
 /* Starts the clock once the ops issued before this one are done, so that each op is charged
@@ -97,13 +105,22 @@ static void prof_destroy(m3_backend *be) {
 static void *prof_alloc(m3_backend *be, size_t bytes) { return INNER(be)->alloc(inner_of(be), bytes); }
 static void prof_free(m3_backend *be, void *p) { INNER(be)->free(inner_of(be), p); }
 static m3_status prof_to_device(m3_backend *be, void *dst, const void *src, size_t bytes) {
-  return INNER(be)->to_device(inner_of(be), dst, src, bytes);
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->to_device(inner_of(be), dst, src, bytes);
+  account(prof_of(be), "to_device", NULL, t0);
+  return st;
 }
 static m3_status prof_to_host(m3_backend *be, void *dst, const void *src, size_t bytes) {
-  return INNER(be)->to_host(inner_of(be), dst, src, bytes);
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->to_host(inner_of(be), dst, src, bytes);
+  account(prof_of(be), "to_host", NULL, t0);
+  return st;
 }
 static m3_status prof_copy(m3_backend *be, void *dst, const void *src, size_t bytes) {
-  return INNER(be)->copy(inner_of(be), dst, src, bytes);
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->copy(inner_of(be), dst, src, bytes);
+  account(prof_of(be), "copy", NULL, t0);
+  return st;
 }
 static m3_status prof_prepare_tensor(m3_backend *be, m3_tensor *t) {
   return INNER(be)->prepare_tensor(inner_of(be), t);
@@ -237,12 +254,12 @@ void m3_backend_profile_report(m3_backend *be, const char *title, FILE *f) {
   double total = 0;
   for (int i = 0; i < pb->nrows; i++) total += pb->rows[i].seconds;
   fprintf(f, "profile of %s: %.3f ms in ops, each waited for\n", title, total * 1e3);
-  fprintf(f, "  %9s %6s %8s %10s  %s\n", "ms", "share", "calls", "us/call", "op");
+  fprintf(f, "  %9s %6s %8s %10s %10s  %s\n", "ms", "share", "calls", "us/call", "host us", "op");
   for (int i = 0; i < pb->nrows; i++) {
     const prof_row *r = &pb->rows[i];
-    fprintf(f, "  %9.3f %5.1f%% %8ld %10.1f  %s\n", r->seconds * 1e3,
+    fprintf(f, "  %9.3f %5.1f%% %8ld %10.1f %10.1f  %s\n", r->seconds * 1e3,
             total > 0 ? 100 * r->seconds / total : 0.0, r->calls, r->seconds / (double)r->calls * 1e6,
-            r->key);
+            r->host_seconds / (double)r->calls * 1e6, r->key);
   }
   if (pb->dropped) fprintf(f, "  (%ld calls in more than %d distinct rows not shown)\n", pb->dropped, PROF_MAX_ROWS);
   m3_backend_profile_clear(be);

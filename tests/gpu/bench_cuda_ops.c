@@ -9,7 +9,8 @@
  *     rounds the float32 activations to BF16: TFLOP/s;
  *   - MSA decode per layer at 2K, 32K and 128K context, batch 1 and 16 sequences of their own
  *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
- *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention.
+ *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
+ *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s.
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
 #include <cublasLt.h>
@@ -436,6 +437,83 @@ static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2],
   free(perm);
 }
 
+/* ---- attention at prefill ---- */
+
+typedef struct {
+  m3_kv_view kv;
+  float *q, *out;    /* [T, nh, hd] */
+  int32_t *pos, *sel; /* [T], [T, nkv, topk] or NULL (dense) */
+  int T, nh, topk;
+} prefill_att_ctx;
+
+static void run_prefill_attention(void *ctx, int iter) {
+  (void)iter;
+  const prefill_att_ctx *c = ctx;
+  gpu->ops->attention(gpu, c->q, c->nh, &c->kv, c->pos, c->T, c->sel, c->topk, c->out);
+}
+
+/* One layer's attention over a T-token prompt (positions 0..T-1, M3's shapes: 64 query heads, 4
+ * KV heads, head dim 128, blocks of 128), dense causal and over 16 selected blocks per token and
+ * KV head (block 0, the token's own block and 14 other visible ones, ascending, -1 padded), as
+ * MSA's init and local blocks force them. TFLOP/s count 4 hd per (query head, visible key). */
+static void bench_attention_prefill(int T, FILE *table) {
+  enum { NH = 64, NKV = 4, HD = 128, BS = 128, TOPK = 16 };
+  const int blocks = (T + BS - 1) / BS;
+  prefill_att_ctx c;
+  memset(&c, 0, sizeof c);
+  c.T = T, c.nh = NH;
+  int32_t *h = malloc((size_t)T * NKV * TOPK * 4);
+  for (int b = 0; b < blocks; b++) h[b] = b; /* an identity block table */
+  int32_t *table_d = gpu->ops->alloc(gpu, (size_t)blocks * 4);
+  must(gpu->ops->to_device(gpu, table_d, h, (size_t)blocks * 4), "to_device");
+  const size_t kvn = (size_t)blocks * NKV * BS * HD;
+  c.kv = (m3_kv_view){device_random(M3_DT_F32, kvn * 4), device_random(M3_DT_F32, kvn * 4), NULL, table_d,
+                      blocks, BS, NKV, HD, 0};
+  for (int t = 0; t < T; t++) h[t] = t;
+  c.pos = gpu->ops->alloc(gpu, (size_t)T * 4);
+  must(gpu->ops->to_device(gpu, c.pos, h, (size_t)T * 4), "to_device");
+  double dense_flop = 0, sparse_flop = 0;
+  char *chosen = malloc((size_t)blocks);
+  for (int t = 0; t < T; t++) {
+    const int local = t / BS;
+    dense_flop += (double)(t + 1) * NH * 4 * HD;
+    for (int g = 0; g < NKV; g++) {
+      memset(chosen, 0, (size_t)blocks);
+      chosen[0] = chosen[local] = 1;
+      int count = local > 0 ? 2 : 1;
+      while (count < TOPK && count < local + 1) {
+        const int b = (int)(rnd() % (uint32_t)(local + 1));
+        if (!chosen[b]) chosen[b] = 1, count++;
+      }
+      int32_t *row = h + ((size_t)t * NKV + g) * TOPK;
+      int n = 0;
+      for (int b = 0; b <= local; b++)
+        if (chosen[b]) {
+          row[n++] = b;
+          const int visible = t - b * BS + 1 < BS ? t - b * BS + 1 : BS;
+          sparse_flop += (double)visible * (NH / NKV) * 4 * HD;
+        }
+      while (n < TOPK) row[n++] = -1;
+    }
+  }
+  int32_t *sel_d = gpu->ops->alloc(gpu, (size_t)T * NKV * TOPK * 4);
+  must(gpu->ops->to_device(gpu, sel_d, h, (size_t)T * NKV * TOPK * 4), "to_device");
+  c.q = device_random(M3_DT_F32, (size_t)T * NH * HD * 4);
+  c.out = gpu->ops->alloc(gpu, (size_t)T * NH * HD * 4);
+  double td = time_call(run_prefill_attention, &c, 3);
+  c.sel = sel_d, c.topk = TOPK;
+  double ts = time_call(run_prefill_attention, &c, 3);
+  fprintf(table, "| attention prefill T=%d nh %d nkv %d hd %d, dense causal | %.1f us | %.1f TFLOP/s |\n", T, NH,
+          NKV, HD, td * 1e6, dense_flop / td / 1e12);
+  fprintf(table, "| attention prefill T=%d nh %d nkv %d hd %d, MSA %d blocks | %.1f us | %.1f TFLOP/s |\n", T, NH,
+          NKV, HD, TOPK, ts * 1e6, sparse_flop / ts / 1e12);
+  fflush(table);
+  gpu->ops->free(gpu, c.kv.k), gpu->ops->free(gpu, c.kv.v), gpu->ops->free(gpu, table_d);
+  gpu->ops->free(gpu, c.pos), gpu->ops->free(gpu, sel_d), gpu->ops->free(gpu, c.q);
+  gpu->ops->free(gpu, c.out);
+  free(h), free(chosen);
+}
+
 int main(int argc, char **argv) {
   FILE *table = stdout;
   if (argc > 1 && !(table = fopen(argv[1], "w"))) {
@@ -472,6 +550,7 @@ int main(int argc, char **argv) {
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
   bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
   bench_moe_prefill(prefill_T[0], table);
+  bench_attention_prefill(prefill_T[0], table);
   static const int contexts[] = {2048, 32768, 131072};
   double base_us[2], layer_us[2];
   for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);

@@ -94,7 +94,7 @@ typedef struct {
 
 enum {
   OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
-  OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_MOE,
+  OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
@@ -111,6 +111,8 @@ static op_result results[OP_COUNT] = {
     [OP_MSA] = {"msa_select", 0, 0, 0, 0, 0, 0},
     [OP_ATT_DENSE] = {"attention (dense)", 0, 0, 0, 1e-5, 0, 0},
     [OP_ATT_SPARSE] = {"attention (MSA blocks)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_ATT_TC_DENSE] = {"attention (dense, prefill BF16 tensor cores)", 0, 0, 0, 1e-2, 0, 0},
+    [OP_ATT_TC_SPARSE] = {"attention (MSA blocks, prefill BF16 tensor cores)", 0, 0, 0, 1e-2, 0, 0},
     [OP_MOE] = {"moe_route (weights)", 0, 0, 0, 1e-5, 0, 0},
     [OP_MOE_EXPERTS_DECODE] = {"moe_experts (grouped GEMV)", 0, 0, 0, 1e-4, 0, 0},
     [OP_MOE_EXPERTS_PREFILL] = {"moe_experts (per-expert matmuls)", 0, 0, 0, 2e-2, 0, 0},
@@ -538,6 +540,13 @@ static void compare_selection(const cache *c, const float *iq, const int32_t *po
   }
 }
 
+/* The CUDA backend's attention runs on BF16 tensor cores from 128 tokens on at head dims 64 and
+ * 128 (ATT_TC_MIN_T in src/backend/cuda/attention.cu), in fp32 otherwise: the tolerance differs. */
+static int attention_category(int T, int hd, int sparse) {
+  if (T >= 128 && (hd == 64 || hd == 128)) return sparse ? OP_ATT_TC_SPARSE : OP_ATT_TC_DENSE;
+  return sparse ? OP_ATT_SPARSE : OP_ATT_DENSE;
+}
+
 static void attention_pair(cache *c, int nh, int T, const pair *pos, const pair *sel, int topk,
                            const char *what) {
   const int hd = c->c.hd;
@@ -545,7 +554,7 @@ static void attention_pair(cache *c, int nh, int T, const pair *pos, const pair 
   pair q = pair_from(qh, (size_t)T * nh * hd * 4), out = pair_poisoned((size_t)T * nh * hd);
   cpu->ops->attention(cpu, q.c, nh, &c->c, pos->c, T, sel ? sel->c : NULL, topk, out.c);
   gpu->ops->attention(gpu, q.g, nh, &c->g, pos->g, T, sel ? sel->g : NULL, topk, out.g);
-  compare(sel ? OP_ATT_SPARSE : OP_ATT_DENSE, what, &out);
+  compare(attention_category(T, hd, sel != NULL), what, &out);
   pair_free(&q), pair_free(&out), free(qh);
 }
 
@@ -651,6 +660,24 @@ static void test_attention_shapes(void) {
       {8, 8, 1, 16, 77, 1, 1, 4}, {8, 8, 1, 16, 77, 17, 0, 4},
       {128, 16, 1, 256, 1500, 3, 1, 16}, {128, 16, 1, 256, 1500, 300, 1, 16},
       {64, 32, 16, 96, 700, 17, 0, 8}, {32, 2, 1, 128, 4000, 17, 0, 40},
+  };
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
+    attention_shape_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5],
+                         cfg[i][6], cfg[i][7]);
+}
+
+/* The tensor-core path (T >= 128, hd 64 or 128) on what its tiles must get right: groups of 16,
+ * 64, 4, 3, 2 and 1 query heads per KV head (tiles of 8, 2, 32, 42 and 64 tokens, 128 for dense
+ * group 1; rows not filling the tile), T not a multiple of the tile, blocks of 128, 96 (a key tile
+ * cut at 32), 64, 32 and 16 keys, consecutive and ragged positions with a padding row, and sparse
+ * tiles cut to 12 tokens by 40 selection entries per token. */
+static void test_attention_prefill(void) {
+  static const int cfg[][8] = {
+      /* bs nh nkv hd len T consecutive topk */
+      {128, 64, 4, 128, 1000, 300, 1, 16}, {128, 8, 4, 128, 1500, 256, 0, 16},
+      {64, 64, 4, 64, 900, 300, 0, 8},     {32, 16, 4, 64, 600, 129, 1, 12},
+      {16, 64, 1, 128, 400, 200, 0, 20},   {96, 8, 8, 128, 500, 140, 1, 6},
+      {128, 12, 4, 128, 2000, 128, 0, 16}, {32, 2, 1, 128, 4000, 300, 0, 40},
   };
   for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
     attention_shape_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5],
@@ -780,6 +807,7 @@ int main(void) {
   run("kv_store", test_kv_store);
   run("msa_attention", test_msa_attention);
   run("attention_shapes", test_attention_shapes);
+  run("attention_prefill", test_attention_prefill);
   run("moe_route", test_moe_route);
   run("moe_experts", test_moe_experts);
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");

@@ -1,7 +1,7 @@
 /* attention.cu: paged KV-cache writes and causal GQA attention over the pages, dense or restricted
  * to the MSA-selected blocks (shared/spec/msa_spec.md §5).
  *
- * One kernel serves decode and prefill, flash-attention style. A thread block takes a tile of
+ * Attention is flash-attention style, in two kernels (below). A thread block takes a tile of
  * query rows, (token, query head) pairs of `tt` consecutive tokens and all `group` query heads of
  * one KV head, so every K and V row it loads is used by all of them: at decode (one token) the 16
  * heads of a group, at prefill 4 tokens x 16 heads. Keys come in tiles of 32 (one page slice),
@@ -11,8 +11,15 @@
  * selected blocks, each with the mask of tokens that selected it (sparse); causality j <= pos is
  * masked per row. Split-K: when the tiles alone do not fill the GPU (decode), the list's key tiles
  * are cut into splits, each leaving (max, sum, unnormalized output) per row for a combine kernel.
- * The arithmetic is fp32 on CUDA cores. */
+ *
+ * Both kernels share that scheme. The fp32 one (CUDA cores, 64-row tiles, 32-key tiles, split-K)
+ * serves fewer than ATT_TC_MIN_T tokens (decode, speculative verify) and head dims other than 64
+ * and 128, at fp32 accuracy. Prefill (ATT_TC_MIN_T tokens or more, head dim 64 or 128) takes the
+ * tensor-core kernel: 128-row tiles, 64-key tiles, S = Q K^T and O += P V as BF16 mma.sync with
+ * fp32 accumulation and an fp32 online softmax, no split-K (the tiles fill the GPU). */
+#include <cuda_bf16.h>
 #include <math.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
 
@@ -376,6 +383,248 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
   }
 }
 
+/* ---- prefill: BF16 tensor cores ----
+ * A thread block takes ATT_TC_ROWS = 128 query rows (the same (token, head) tiles as above, up to
+ * 128 / group tokens) and 8 warps of 16 rows each, FlashAttention-2 style: per key tile of 64
+ * keys, S = Q K^T and O += P V are mma.sync m16n8k16 products (BF16 in, fp32 accumulate), with
+ * S, O and the softmax state of a warp's rows in its registers, in the fragment layout of the PTX
+ * ISA ("Matrix Fragments for mma.m16n8k16"): lane = 4 g + c holds rows g and g + 8, columns
+ * 2c, 2c + 1 of each 8-wide n-tile. Q, K and V are rounded to BF16 as they are staged in shared
+ * memory; the softmax (row max, row sum, rescaling of O) stays fp32, P is rounded to BF16 for PV. */
+enum {
+  ATT_TC_MIN_T = 128,    /* fewer tokens keep the fp32 kernel (decode, verify, small fixtures) */
+  ATT_TC_WARPS = 8,
+  ATT_TC_ROWS = 16 * ATT_TC_WARPS,
+  ATT_TC_KT = 64,        /* keys per tile */
+  ATT_TC_PAD = 8,        /* BF16 of padding per shared row: conflict-free fragment loads */
+};
+
+/* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8], K and V [64, hd + 8] in
+ * BF16, then the sparse tile's four int arrays of tt * topk entries (as att_union takes them). */
+static size_t att_tc_smem_bytes(int hd, int entries) {
+  return ((size_t)ATT_TC_ROWS + 2 * ATT_TC_KT) * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) +
+         (size_t)entries * 4 * sizeof(int);
+}
+
+/* Two floats as a BF16 pair, lo in the low half (the lower column of a fragment). */
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+/* d += a b: a 16x16 row-major fragment, b 16x8 column-major, d 16x8 fp32. */
+__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Stores 4 floats of a row as BF16 at dst (8-byte aligned). */
+__device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v) {
+  *(uint2 *)dst = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
+}
+
+template <int HD>
+__global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_args a) {
+  constexpr int LD = HD + ATT_TC_PAD; /* row stride in BF16: 4 mod 32 words, so the 8 rows x 4
+                                         columns of a fragment load hit 32 banks */
+  constexpr int NT = ATT_TC_KT / 8;   /* n-tiles of S */
+  constexpr int DT = HD / 8;          /* n-tiles of O */
+  extern __shared__ float4 att_smem[];
+  __shared__ int maxpos;
+  const int bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group, R = a.rows;
+  __nv_bfloat16 *qs = (__nv_bfloat16 *)att_smem;          /* [128, LD] */
+  __nv_bfloat16 *ks = qs + (size_t)ATT_TC_ROWS * LD;      /* [64, LD]: key, dim */
+  __nv_bfloat16 *vs = ks + (size_t)ATT_TC_KT * LD;        /* [64, LD]: key, dim */
+  int *ents = (int *)(vs + (size_t)ATT_TC_KT * LD);
+  const int ne_max = a.sel ? a.tt * a.topk : 0;
+
+  /* The tiles of the latest tokens have the most keys (causal): they start first. */
+  const int ntiles = (a.T + a.tt - 1) / a.tt;
+  const int tile = ntiles - 1 - (int)(blockIdx.x / nkv), kvh = blockIdx.x % nkv;
+  const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c2 = 2 * (lane & 3);
+
+  for (int i = tid; i < ATT_TC_ROWS * (HD / 4); i += blockDim.x) { /* rows past R or T are zero */
+    const int r = i / (HD / 4), c = i % (HD / 4), tt = r / group, hh = r % group;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < R && tt < ntok)
+      v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
+    store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
+  }
+  if (tid == 0) {
+    int32_t mp = -1;
+    for (int tt = 0; tt < ntok; tt++) mp = a.pos[t0 + tt] > mp ? a.pos[t0 + tt] : mp;
+    maxpos = mp;
+  }
+  __syncthreads();
+  const int32_t mp = maxpos;
+  int *ublk = ents + 2 * ne_max;
+  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max);
+  int nlist;
+  if (a.sel) nlist = att_union(a, t0, ntok, kvh, ents, ents + ne_max, ublk, umask);
+  else nlist = mp < 0 ? 0 : (mp / bs + 1 < a.kv.num_blocks ? mp / bs + 1 : a.kv.num_blocks);
+
+  /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
+   * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass
+   * 32, never test it against anything but all ones). */
+  int32_t prow[2];
+  uint32_t rbit[2];
+  for (int h = 0; h < 2; h++) {
+    const int r = 16 * warp + g + 8 * h, tt = r / group;
+    prow[h] = r < R && tt < ntok ? a.pos[t0 + tt] : -1;
+    rbit[h] = prow[h] >= 0 ? 1u << (tt & 31) : 0u;
+  }
+  /* What the warp's 16 rows can see: their latest position and their tokens' mask bits, so that a
+   * key tile none of them sees is skipped by the whole warp (branches stay warp-uniform). */
+  int32_t wpos = max(prow[0], prow[1]);
+  uint32_t wtok = rbit[0] | rbit[1];
+  for (int s = 1; s < 32; s <<= 1) {
+    wpos = max(wpos, __shfl_xor_sync(0xffffffffu, wpos, s));
+    wtok |= __shfl_xor_sync(0xffffffffu, wtok, s);
+  }
+
+  float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int dn = 0; dn < DT; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  const float scale_log2 = a.scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
+  const __nv_bfloat16 *qw = qs + (size_t)(16 * warp + g) * LD + c2;
+  /* ldmatrix.trans row addresses of V: lanes 8i..8i+7 give the rows of 8x8 matrix i, keys
+   * 8 (i & 1) + 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step. */
+  const uint32_t vrow = (uint32_t)__cvta_generic_to_shared(
+      vs + (size_t)(8 * ((lane >> 3) & 1) + (lane & 7)) * LD + 8 * (lane >> 4));
+
+  const int upb = (bs + ATT_TC_KT - 1) / ATT_TC_KT;
+  const int units = nlist * upb;
+  for (int u = 0; u < units; u++) {
+    const int li = u / upb, j0 = (u % upb) * ATT_TC_KT;
+    const int b = a.sel ? ublk[li] : li;
+    const uint32_t bmask = a.sel ? umask[li] : 0xffffffffu;
+    const int kpos0 = b * bs + j0;
+    int nk = bs - j0 < ATT_TC_KT ? bs - j0 : ATT_TC_KT;
+    if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
+    if (nk <= 0) continue; /* the same for every thread */
+    const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * HD;
+    const float4 *kg = (const float4 *)(a.kv.k + base), *vg = (const float4 *)(a.kv.v + base);
+    __syncthreads(); /* every warp is done with the previous tile */
+    /* Keys past nk are zero: P is 0 there, and 0 times stale shared memory could be NaN. */
+    for (int i = tid; i < ATT_TC_KT * (HD / 4); i += blockDim.x) {
+      const int key = i / (HD / 4), c = i % (HD / 4);
+      float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
+      if (key < nk) kv4 = kg[i], vv4 = vg[i];
+      store_bf16x4(ks + (size_t)key * LD + 4 * c, kv4);
+      store_bf16x4(vs + (size_t)key * LD + 4 * c, vv4);
+    }
+    __syncthreads();
+    if (wpos < kpos0 || !(bmask & wtok)) continue; /* no row of this warp sees a key here */
+
+    /* S [16, 64] = Q K^T; n-tiles past nk are left at 0 (masked below). */
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < HD; k0 += 16) {
+      uint32_t qa[4];
+      qa[0] = *(const uint32_t *)(qw + k0);
+      qa[1] = *(const uint32_t *)(qw + 8 * LD + k0);
+      qa[2] = *(const uint32_t *)(qw + k0 + 8);
+      qa[3] = *(const uint32_t *)(qw + 8 * LD + k0 + 8);
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+        if (8 * nt < nk) {
+          const __nv_bfloat16 *kr = ks + (size_t)(8 * nt + g) * LD + k0 + c2; /* B[k][n] = K[n][k] */
+          mma_bf16(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(kr + 8));
+        }
+    }
+    /* Online softmax of rows g (h = 0) and g + 8 (h = 1); a row's 4 lanes reduce by shuffles. */
+    float mnew[2], corr[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const bool row_sees = (bmask & rbit[h]) != 0;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int col = 8 * nt + c2 + e;
+          const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
+          const float sc = ok ? s[nt][2 * h + e] * scale_log2 : -INFINITY;
+          s[nt][2 * h + e] = sc;
+          mx = fmaxf(mx, sc);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mnew[h] = fmaxf(m[h], mx);
+      /* mnew = -inf: the row has seen no key yet; everything stays 0 */
+      corr[h] = mnew[h] == -INFINITY ? 1.0f : exp2f(m[h] - mnew[h]);
+      m[h] = mnew[h];
+      l[h] *= corr[h]; /* this lane's columns only: the row's 4 lanes add up at the end */
+    }
+#pragma unroll
+    for (int dn = 0; dn < DT; dn++)
+      o[dn][0] *= corr[0], o[dn][1] *= corr[0], o[dn][2] *= corr[1], o[dn][3] *= corr[1];
+    /* P in BF16, packed at once (half the registers of S): the accumulators of n-tiles 2 kk and
+     * 2 kk + 1 are the A fragment of keys 16 kk .. 16 kk + 15 for O += P V. */
+    uint32_t pa[ATT_TC_KT / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      float p[4];
+#pragma unroll
+      for (int x = 0; x < 4; x++) {
+        const float sc = s[nt][x];
+        p[x] = sc == -INFINITY ? 0.0f : exp2f(sc - mnew[x >> 1]);
+        l[x >> 1] += p[x];
+      }
+      pa[nt >> 1][2 * (nt & 1)] = bf16_pair(p[0], p[1]);
+      pa[nt >> 1][2 * (nt & 1) + 1] = bf16_pair(p[2], p[3]);
+    }
+    /* O [16, hd] += P [16, 64] V [64, hd], 16 keys per step. */
+#pragma unroll
+    for (int kk = 0; kk < ATT_TC_KT / 16; kk++)
+      if (16 * kk < nk) {
+#pragma unroll
+        for (int dn = 0; dn < DT; dn += 2) {
+          uint32_t vb[4]; /* B fragments of dim n-tiles dn and dn + 1 */
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(vb[0]), "=r"(vb[1]), "=r"(vb[2]), "=r"(vb[3])
+                       : "r"(vrow + (uint32_t)((16 * kk * LD + 8 * dn) * sizeof(__nv_bfloat16))));
+          mma_bf16(o[dn], pa[kk], vb[0], vb[1]);
+          mma_bf16(o[dn + 1], pa[kk], vb[2], vb[3]);
+        }
+      }
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    float sum = l[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = 16 * warp + g + 8 * h, tt = r / group;
+    if (r >= R || tt >= ntok) continue;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f; /* zero when no key was visible (padding) */
+    float *dst = a.out + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + r % group) * HD + c2;
+#pragma unroll
+    for (int dn = 0; dn < DT; dn++)
+      *(float2 *)(dst + 8 * dn) = make_float2(o[dn][2 * h] * inv, o[dn][2 * h + 1] * inv);
+  }
+}
+
+template <int HD>
+static void att_tc_launch(cuda_backend *cb, const att_args &a, size_t smem) {
+  static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
+  if (smem > 48 * 1024 && smem > smem_opted) {
+    cuda_note(cb, cudaFuncSetAttribute(attention_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)smem), "attention (shared memory)");
+    smem_opted = smem;
+  }
+  const int ntiles = (a.T + a.tt - 1) / a.tt;
+  attention_tc_kernel<HD><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
+  cuda_launched(cb, "attention (tensor cores)");
+}
+
 void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
                     const int32_t *pos, int T, const int32_t *sel, int topk, float *out) {
   cuda_backend *cb = cuda_of(be);
@@ -399,6 +648,22 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   a.topk = sel ? topk : 0;
   a.scale = (float)(1.0 / sqrt((double)hd));
   a.upb = (kv->block_size + ATT_KT - 1) / ATT_KT;
+  if (T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
+    /* 128 rows; a sparse tile keeps the fp32 kernel's limits on tokens (a 32-bit token mask) and
+     * on the selection entries att_union merges. */
+    int tc_tt = ATT_TC_ROWS / a.group;
+    if (sel && tc_tt > ATT_MAX_TT) tc_tt = ATT_MAX_TT;
+    if (sel && tc_tt * topk > ATT_MAX_ENTRIES) tc_tt = ATT_MAX_ENTRIES / topk > 1 ? ATT_MAX_ENTRIES / topk : 1;
+    if (tc_tt > T) tc_tt = T;
+    a.tt = tc_tt;
+    a.rows = tc_tt * a.group;
+    a.nsplit = 1;
+    a.part = NULL;
+    const size_t tc_smem = att_tc_smem_bytes(hd, sel ? tc_tt * topk : 0);
+    if (hd == 64) att_tc_launch<64>(cb, a, tc_smem);
+    else att_tc_launch<128>(cb, a, tc_smem);
+    return;
+  }
   /* Tokens per tile: up to 64 rows, a 32-bit token mask, and at most ATT_MAX_ENTRIES selection
    * entries to merge. */
   int tt = ATT_MAX_ROWS / a.group;
