@@ -2,9 +2,11 @@
 # gpu.sh: the CUDA backend's checks and timings in one go on a GPU machine (one `run` call there):
 # configures with -DM3_CUDA=ON for sm_90a, builds, runs every op against the CPU backend
 # (tests/gpu/test_cuda_ops.c), the committed text fixtures through `m3 logits --device cuda`,
-# `m3 run` speed on the CPU and the GPU, the kernel timings (tests/gpu/bench_cuda_ops.c) and the
-# whole-model benchmarks (scripts/gpu-bench.sh; skipped with M3_GPU_QUICK=1). Logs and results.md go
-# to $OUT (else ./gpu-out); the summary prints last. Exits non-zero when a check fails.
+# the vision tower on the committed vision fixtures and its timings at full width
+# (tests/gpu/test_cuda_vision.c), `m3 run` speed on the CPU and the GPU, the kernel timings
+# (tests/gpu/bench_cuda_ops.c) and the whole-model benchmarks (scripts/gpu-bench.sh; skipped with
+# M3_GPU_QUICK=1). Logs and results.md go to $OUT (else ./gpu-out); the summary prints last. Exits
+# non-zero when a check fails.
 #
 # The build needs libcjson, libpcre2 and libmicrohttpd (Debian packages). Where the machine lacks them, .debs
 # carried in .gpudeps/ (apt-get download pkgconf pkgconf-bin libpkgconf3 libcjson1 libcjson-dev
@@ -30,8 +32,9 @@ fi
 
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
-# M3_PREBUILT=1: BUILD already holds m3, tests/test_cuda_ops and tests/bench_cuda_ops, built for
-# sm_90a on another machine with the same CUDA major version (saves the device minutes of nvcc).
+# M3_PREBUILT=1: BUILD already holds m3, tests/test_cuda_ops, tests/test_cuda_vision and
+# tests/bench_cuda_ops, built for sm_90a on another machine with the same CUDA major version (saves
+# the device minutes of nvcc).
 if [ -n "${M3_PREBUILT:-}" ]; then
   echo "prebuilt binaries in $build" > "$out/build.log"
 elif ! cmake -S "$src" -B "$build" -G Ninja -DM3_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
@@ -43,7 +46,7 @@ if [ -n "${M3_PREBUILT:-}" ]; then
   [ -x "$build/m3" ]
   m3_built=$?
 else
-  if ! ninja -C "$build" test_cuda_ops bench_cuda_ops > "$out/build.log" 2>&1; then
+  if ! ninja -C "$build" test_cuda_ops bench_cuda_ops test_cuda_vision > "$out/build.log" 2>&1; then
     tail -n 40 "$out/build.log"
     exit 1
   fi
@@ -117,6 +120,17 @@ EOF
   fixtures_rc=$?
 fi
 
+# Vision tower: the committed tiny vision checkpoint on the GPU against the fixtures' embeddings
+# and the CPU (fails the run), then the tower's timings at the real M3 vision width (figures).
+if [ -x "$build/tests/test_cuda_vision" ]; then
+  timeout 120 stdbuf -oL -eL "$build/tests/test_cuda_vision" "$src" > "$out/vision.log" 2>&1
+  vision_rc=$?
+  [ $vision_rc -eq 124 ] && echo "TIMEOUT after 120 s" >> "$out/vision.log"
+else
+  echo "vision: $build/tests/test_cuda_vision was not built" > "$out/vision.log"
+  vision_rc=1
+fi
+
 # End to end: `m3 run` speed, greedy, 64 prompt ids then up to 256 generated, on the CPU and the
 # GPU. Tiny models only: `m3 tiny` takes a layer plan but no width options, so no full-width model
 # can be generated (issue 7's benchmark 4 needs one).
@@ -165,6 +179,9 @@ fi
   echo "## fixtures (exit $fixtures_rc)"
   cat "$out/fixtures.log"
   echo
+  echo "## vision tower (exit $vision_rc)"
+  grep -v '^   ' "$out/vision.log"
+  echo
   echo "## m3 run, end to end (exit $run_rc)"
   cat "$out/run.md" 2>/dev/null
   echo
@@ -178,5 +195,5 @@ fi
   fi
 } > "$out/results.md"
 cat "$out/results.md"
-[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ] &&
+[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $vision_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ] &&
   [ $model_bench_rc -eq 0 ]

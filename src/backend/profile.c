@@ -104,6 +104,8 @@ static void prof_destroy(m3_backend *be) {
 }
 static void *prof_alloc(m3_backend *be, size_t bytes) { return INNER(be)->alloc(inner_of(be), bytes); }
 static void prof_free(m3_backend *be, void *p) { INNER(be)->free(inner_of(be), p); }
+static void *prof_alloc_host(m3_backend *be, size_t bytes) { return INNER(be)->alloc_host(inner_of(be), bytes); }
+static void prof_free_host(m3_backend *be, void *p) { INNER(be)->free_host(inner_of(be), p); }
 static m3_status prof_to_device(m3_backend *be, void *dst, const void *src, size_t bytes) {
   double t0 = start(prof_of(be));
   m3_status st = INNER(be)->to_device(inner_of(be), dst, src, bytes);
@@ -213,10 +215,13 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
     free(pb);
     return m3_fail(M3_ERR_NOMEM, "profile: cannot wrap backend %s", inner->ops->name);
   }
-  *ops = *inner->ops; /* name, device_memory and the vision table as they are */
+  *ops = *inner->ops; /* name and device_memory as they are; every op is replaced below */
+  ops->vision = NULL;  /* the tower's ops would get the wrapper as their backend: not profiled */
   ops->destroy = prof_destroy;
   ops->alloc = prof_alloc;
   ops->free = prof_free;
+  ops->alloc_host = prof_alloc_host;
+  ops->free_host = prof_free_host;
   ops->to_device = prof_to_device;
   ops->to_host = prof_to_host;
   ops->copy = prof_copy;

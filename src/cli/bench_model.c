@@ -424,7 +424,8 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
                     .views = calloc((size_t)B * (size_t)c->num_layers, sizeof *d.views),
                     .segs = calloc((size_t)B, sizeof *d.segs),
                     .ids = calloc((size_t)B, sizeof *d.ids), .pos = calloc((size_t)B, sizeof *d.pos),
-                    .logits = malloc((size_t)B * (size_t)V * sizeof *d.logits)};
+                    .logits = m3_model_backend(model)->ops->alloc_host(
+                        m3_model_backend(model), (size_t)B * (size_t)V * sizeof *d.logits)};
   if (st == M3_OK && (!d.seqs || !d.views || !d.segs || !d.ids || !d.pos || !d.logits))
     st = m3_fail(M3_ERR_NOMEM, "bench: logits of %d x %d", B, V);
   double s;
@@ -467,7 +468,7 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
   free(d.segs);
   free(d.ids);
   free(d.pos);
-  free(d.logits);
+  if (d.logits) m3_model_backend(model)->ops->free_host(m3_model_backend(model), d.logits);
   return st;
 }
 

@@ -64,7 +64,7 @@ static void set_name(m3_engine *e, const char *dir, int builtin) {
 static m3_status alloc_buffers(m3_engine *e) {
   /* A sequence verifying drafts takes one logits row per draft and one more. */
   const size_t rows = (size_t)e->max_running * (size_t)(1 + m3_spec_num_draft(e));
-  e->logits = malloc(rows * (size_t)e->vocab * sizeof *e->logits);
+  e->logits = e->be->ops->alloc_host(e->be, rows * (size_t)e->vocab * sizeof *e->logits);
   e->batch = calloc((size_t)e->max_running, sizeof *e->batch);
   e->batch_seq = calloc((size_t)e->max_running, sizeof *e->batch_seq);
   e->scratch_seqs = calloc((size_t)e->max_running, sizeof *e->scratch_seqs);
@@ -155,7 +155,7 @@ void m3_engine_close(m3_engine *e) {
   free(e->running.at);
   free(e->waiting.at);
   free(e->cancels);
-  free(e->logits);
+  if (e->logits) e->be->ops->free_host(e->be, e->logits);
   free(e->batch);
   free(e->batch_seq);
   free(e->scratch_seqs);

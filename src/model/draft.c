@@ -76,7 +76,7 @@ void m3_drafter_free_base(m3_drafter *d) {
     free(d->h_ids);
     free(d->h_pos);
     free(d->h_rows);
-    free(d->h_logits);
+    if (d->h_logits) be->ops->free_host(be, d->h_logits);
   }
   void *bufs[] = {d->ids, d->pos, d->rows, d->hin, d->out, d->head_in, d->logits};
   for (size_t i = 0; be && i < sizeof bufs / sizeof bufs[0]; i++)
@@ -92,10 +92,10 @@ static m3_status grow_logits(m3_drafter *d, int rows) {
   if (rows <= d->logits_cap) return M3_OK;
   m3_backend *be = d->be;
   if (d->logits) be->ops->free(be, d->logits);
-  if (be->ops->device_memory) free(d->h_logits);
+  if (be->ops->device_memory && d->h_logits) be->ops->free_host(be, d->h_logits);
   const size_t bytes = (size_t)rows * (size_t)d->vocab * sizeof(float);
   d->logits = be->ops->alloc(be, bytes);
-  d->h_logits = be->ops->device_memory ? malloc(bytes) : d->logits;
+  d->h_logits = be->ops->device_memory ? be->ops->alloc_host(be, bytes) : d->logits;
   d->logits_cap = d->logits && d->h_logits ? rows : 0;
   return d->logits_cap ? M3_OK : m3_fail(M3_ERR_NOMEM, "drafter: logits of %d rows", rows);
 }

@@ -113,8 +113,11 @@ static m3_status prepare_weights(m3_model *m) {
   const m3_config *c = &m->cfg;
   m3_weights *w = &m->w;
   m3_backend *be = m->be;
-  enum { PER_LAYER = 19 };
-  const size_t cap = 3 + (size_t)c->num_layers * (PER_LAYER + 3 * (size_t)c->num_experts);
+  enum { PER_LAYER = 19, VISION_PER_LAYER = 16, VISION_OUTER = 11 };
+  /* The tower's weights only where the backend can run it (a device backend uploads them). */
+  const int vision = w->vision.present && be->ops->vision;
+  const size_t cap = 3 + (size_t)c->num_layers * (PER_LAYER + 3 * (size_t)c->num_experts) +
+                     (vision ? VISION_OUTER + (size_t)c->vision.num_layers * VISION_PER_LAYER : 0);
   m->prepared = calloc(cap, sizeof *m->prepared);
   if (!m->prepared) return m3_fail(M3_ERR_NOMEM, "model: list of %zu weights", cap);
   m3_tensor **list = m->prepared;
@@ -137,6 +140,21 @@ static m3_status prepare_weights(m3_model *m) {
       list[n++] = &L->expert_gate[e];
       list[n++] = &L->expert_up[e];
       list[n++] = &L->expert_down[e];
+    }
+  }
+  if (vision) {
+    m3_vision_weights *v = &w->vision;
+    m3_tensor *outer[VISION_OUTER] = {&v->patch_embed, &v->pre_ln_w, &v->pre_ln_b, &v->proj1_w,
+                                      &v->proj1_b,     &v->proj2_w,  &v->proj2_b,  &v->merge1_w,
+                                      &v->merge1_b,    &v->merge2_w, &v->merge2_b};
+    for (int i = 0; i < VISION_OUTER; i++) list[n++] = outer[i];
+    for (int l = 0; l < c->vision.num_layers; l++) {
+      m3_vision_layer_weights *L = &v->layers[l];
+      m3_tensor *fields[VISION_PER_LAYER] = {&L->ln1_w, &L->ln1_b, &L->ln2_w, &L->ln2_b,
+                                             &L->q_w,   &L->q_b,   &L->k_w,   &L->k_b,
+                                             &L->v_w,   &L->v_b,   &L->out_w, &L->out_b,
+                                             &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b};
+      for (int i = 0; i < VISION_PER_LAYER; i++) list[n++] = fields[i];
     }
   }
   for (size_t i = 0; i < n; i++) {

@@ -199,6 +199,43 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int kind
   gpu->ops->free(gpu, m.x), gpu->ops->free(gpu, m.y);
 }
 
+/* ---- logits to the host ---- */
+
+typedef struct {
+  void *dst;
+  const void *src;
+  size_t bytes;
+} d2h_ctx;
+
+static void run_d2h(void *ctx, int iter) {
+  (void)iter;
+  d2h_ctx *c = ctx;
+  must(gpu->ops->to_host(gpu, c->dst, c->src, c->bytes), "to_host");
+}
+
+/* The logits of 1 and 8 rows of a 200064-token vocabulary (800 KB, 6.4 MB) copied to pageable
+ * (malloc) and to pinned (cudaMallocHost) host memory: what a decode or verify step pays to hand
+ * its logits to the sampler. */
+static void bench_logits_to_host(FILE *table) {
+  const size_t row = (size_t)200064 * 4;
+  void *dev = device_random(M3_DT_F32, 8 * row);
+  void *pageable = malloc(8 * row), *pinned = NULL;
+  must_cuda(cudaMallocHost(&pinned, 8 * row), "cudaMallocHost");
+  memset(pageable, 0, 8 * row);
+  for (int rows = 1; rows <= 8; rows *= 8)
+    for (int p = 0; p < 2; p++) {
+      d2h_ctx c = {p ? pinned : pageable, dev, rows * row};
+      double s = time_call(run_d2h, &c, 20);
+      fprintf(table, "| logits to host, %d row%s (%.1f MB), %s memory | %.1f us | %.1f GB/s |\n", rows,
+              rows > 1 ? "s" : "", (double)(rows * row) / 1e6, p ? "pinned" : "pageable", s * 1e6,
+              (double)(rows * row) / s / 1e9);
+    }
+  fflush(table);
+  cudaFreeHost(pinned);
+  free(pageable);
+  gpu->ops->free(gpu, dev);
+}
+
 /* ---- routed experts at prefill ---- */
 
 typedef struct {
@@ -215,9 +252,10 @@ static void run_moe(void *ctx, int iter) {
 }
 
 /* One MoE layer's routed experts at full width (128 experts of 3072, top 4, BF16) over T tokens
- * with uniform random routing: TFLOP/s of the three expert GEMMs, against the cuBLASLt ceiling
- * printed for the expert shapes. */
-static void bench_moe_prefill(int T, FILE *table) {
+ * with uniform random routing: TFLOP/s of the three expert GEMMs (against the cuBLASLt ceiling
+ * printed for the expert shapes) and the bytes of the distinct experts read against the copy
+ * bandwidth (what bounds decode sizes). */
+static void bench_moe(int T, double copy_gbs, FILE *table) {
   enum { E = 128, K = 4, H = 6144, I = 3072 };
   static m3_tensor w[3][E];
   moe_ctx c;
@@ -244,15 +282,19 @@ static void bench_moe_prefill(int T, FILE *table) {
         for (int i = 0; i < j; i++) fresh &= ids[t * K + i] != ids[t * K + j];
       } while (!fresh);
     }
+  int used[E] = {0}, distinct = 0;
+  for (int i = 0; i < T * K; i++) distinct += !used[ids[i]]++;
   c.ids = gpu->ops->alloc(gpu, (size_t)T * K * 4);
   must(gpu->ops->to_device(gpu, c.ids, ids, (size_t)T * K * 4), "to_device");
   free(ids);
   c.h = device_random(M3_DT_F32, (size_t)T * H * 4);
   c.x = device_random(M3_DT_F32, (size_t)T * H * 4);
   c.weights = device_random(M3_DT_F32, (size_t)T * K * 4);
-  double s = time_call(run_moe, &c, 2);
-  fprintf(table, "| moe_experts BF16 E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s |\n", E, K, I, H, T,
-          s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12);
+  double s = time_call(run_moe, &c, T > 64 ? 2 : 20);
+  const double gbs = distinct * 3.0 * H * I * 2 / s / 1e9;
+  fprintf(table, "| moe_experts BF16 E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
+          E, K, I, H, T, s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12, distinct, gbs,
+          100 * gbs / copy_gbs);
   fflush(table);
   gpu->ops->release_experts(gpu, &c.ex);
   for (int m = 0; m < 3; m++)
@@ -526,7 +568,7 @@ int main(int argc, char **argv) {
   double copy_gbs = copy_bandwidth();
   fprintf(table, "| card | %s, %d SMs |\n| device-to-device copy | %.0f GB/s (read + write) |\n",
           prop.name, prop.multiProcessorCount, copy_gbs);
-  static const int decode_T[] = {1, 8, 64}, prefill_T[] = {8192};
+  static const int decode_T[] = {1, 2, 3, 8, 64}, prefill_T[] = {8192};
   static const struct {
     const char *label;
     int64_t rows, cols;
@@ -538,7 +580,7 @@ int main(int argc, char **argv) {
   const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
   for (int s = 0; s < nshapes; s++)
     for (int mx = 0; mx < 2; mx++)
-      bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 3, copy_gbs, table);
+      bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 5, copy_gbs, table);
   for (int s = 0; s < nshapes; s++) {
     if (!shapes[s].prefill) continue;
     fprintf(table, "| cuBLASLt ceiling %s %lldx%lld T=%d (BF16 in, fp32 accumulate) | %.0f TFLOP/s |\n",
@@ -549,7 +591,9 @@ int main(int argc, char **argv) {
   }
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
   bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
-  bench_moe_prefill(prefill_T[0], table);
+  for (int i = 0; i < 5; i++) bench_moe(decode_T[i], copy_gbs, table);
+  bench_moe(prefill_T[0], copy_gbs, table);
+  bench_logits_to_host(table);
   bench_attention_prefill(prefill_T[0], table);
   static const int contexts[] = {2048, 32768, 131072};
   double base_us[2], layer_us[2];

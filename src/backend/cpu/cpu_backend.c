@@ -24,6 +24,11 @@ static void cpu_free(m3_backend *be, void *p) {
   free(p);
 }
 
+static void *cpu_alloc_host(m3_backend *be, size_t bytes) {
+  (void)be;
+  return malloc(bytes ? bytes : 1);
+}
+
 /* Backend memory is host memory: transfers are copies and weights are read where they are mapped. */
 static m3_status cpu_copy(m3_backend *be, void *dst, const void *src, size_t bytes) {
   (void)be;
@@ -51,6 +56,8 @@ static const m3_backend_ops cpu_ops = {
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
+    .alloc_host = cpu_alloc_host,
+    .free_host = cpu_free,
     .to_device = cpu_copy,
     .copy = cpu_copy,
     .to_host = cpu_copy,

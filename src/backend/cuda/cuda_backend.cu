@@ -96,6 +96,21 @@ static void *cuda_alloc(m3_backend *be, size_t bytes) {
   return p;
 }
 
+static void *cuda_alloc_host(m3_backend *be, size_t bytes) {
+  (void)be;
+  void *p = NULL;
+  if (cudaMallocHost(&p, bytes ? bytes : 1) != cudaSuccess) {
+    cudaGetLastError(); /* reported by the NULL */
+    return NULL;
+  }
+  return p;
+}
+
+static void cuda_free_host(m3_backend *be, void *p) {
+  (void)be;
+  if (p) cudaFreeHost(p);
+}
+
 static void cuda_free(m3_backend *be, void *p) {
   cuda_backend *cb = cuda_of(be);
   cuda_note(cb, cudaStreamSynchronize(cb->stream), "free"); /* queued ops may still use p */
@@ -173,6 +188,8 @@ static m3_backend_ops make_ops(void) {
   ops.destroy = cuda_destroy;
   ops.alloc = cuda_alloc;
   ops.free = cuda_free;
+  ops.alloc_host = cuda_alloc_host;
+  ops.free_host = cuda_free_host;
   ops.to_device = cuda_to_device;
   ops.to_host = cuda_to_host;
   ops.copy = cuda_copy;
@@ -193,6 +210,7 @@ static m3_backend_ops make_ops(void) {
   ops.prepare_experts = cuda_prepare_experts;
   ops.release_experts = cuda_release_experts;
   ops.moe_experts = cuda_moe_experts;
+  ops.vision = &cuda_vision_ops;
   return ops;
 }
 

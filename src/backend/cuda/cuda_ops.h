@@ -27,5 +27,7 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex);
 void cuda_release_experts(m3_backend *be, m3_moe_experts *ex);
 void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
                       const int32_t *ids, const float *weights, int k, float *x);
+/* The vision tower's ops (vision.cu), the op table's `vision`. */
+extern const m3_vision_ops cuda_vision_ops;
 
 #endif

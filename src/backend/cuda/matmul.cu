@@ -1,14 +1,15 @@
 /* matmul.cu: y = x . W^T for weights of any stored dtype, and the embedding lookup.
  *
- * T <= GEMV_MAX_T (decode) is bound by reading W once: 32-byte steps of each row decoded in
- * registers (E4M3 by integer bit moves, its MXFP8 or block scale applied to each 32-column sum)
- * and applied to every token, float32 accumulation: the same math as the CPU to rounding. One token,
- * or a short matrix: a block of 256 threads shares 1, 2 or 4 rows. 2..8 tokens on a tall matrix:
- * a warp takes 4 rows and the block stages x in shared memory slice by slice.
+ * T <= GEMV_MAX_T (decode; BF16 weights: T <= GEMV_BF16_MAX_T) is bound by reading W once:
+ * 32-byte steps of each row decoded in registers (E4M3 by integer bit moves, its MXFP8 or block
+ * scale applied to each 32-column sum) and applied to every token, float32 accumulation: the same
+ * math as the CPU to rounding. One token, or a short matrix: a block of 256 threads shares 1, 2 or
+ * 4 rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared
+ * memory slice by slice.
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
  * BF16 (up to 64 tokens as two BF16 terms, hi + lo), W as stored (BF16) or decoded to BF16 in
- * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core kernel that decodes W tile by tile covers what
- * cuBLASLt declines. */
+ * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core
+ * kernel that decodes W tile by tile covers what cuBLASLt declines. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -22,21 +23,12 @@
  * per SM), while the memory delivers about 8 BF16 or 16 E4M3 weights per clock per SM on an
  * H100/H200: past about 8 tokens (E4M3) to 16 (BF16) the FMAs, not the bytes, set its time, and
  * cuBLASLt's tensor cores are faster even with the activations rounded to BF16. */
-enum { GEMV_MAX_T = 8, GEMV_THREADS = 256 };
+enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_THREADS = 256 };
 
 /* Elements in one 32-byte step of a row of kind WK (weight_load.cuh); WK_ANY rows go one element
  * at a time through dev_w. */
 template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ? 32 : WK == WK_ANY ? 0 : 16 }; };
 
-/* 16 bytes of weights, read once per block: through the read-only path and not kept in L1, where
- * they would only evict x. */
-__device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
-  uint4 u;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-      : "l"(p));
-  return u;
-}
 
 /* Elements [4g, 4g + 4) of a 32-byte step (u[0], u[1]) as float32, before any scale. E4M3 takes
  * no conversion instruction (their throughput, 16 per clock per SM, is below what the memory
@@ -585,7 +577,10 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
 void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y) {
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || w->rows <= 0) return;
-  if (T <= GEMV_MAX_T) launch_gemv(cb, w, x, T, y);
+  /* BF16 weights need no decoding on the way to the tensor cores, and from GEMV_BF16_MAX_T + 1
+   * tokens on those with split activations beat the GEMV's FMAs at the same accuracy. */
+  const int bf16 = w->quant == M3_WQ_NONE && w->dtype == M3_DT_BF16;
+  if (T <= (bf16 ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
   else if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, w, x, T, y);
 }
 

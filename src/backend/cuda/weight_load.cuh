@@ -15,6 +15,16 @@ enum { WK_F32, WK_BF16, WK_F16, WK_E4M3, WK_ANY };
 
 template <int WK> struct wk_chunk { enum { n = WK == WK_F32 ? 4 : WK == WK_E4M3 ? 16 : WK == WK_ANY ? 1 : 8 }; };
 
+/* 16 bytes of weights, read once per block: through the read-only path and not kept in L1, where
+ * they would only evict x. */
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
+  uint4 u;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+      : "l"(p));
+  return u;
+}
+
 /* Columns [c, c + n) of row r as float32 with the scale applied; c is a multiple of n. */
 template <int WK>
 __device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int64_t c, float *v) {
@@ -22,10 +32,11 @@ __device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int6
   if (WK == WK_ANY) {
     v[0] = dev_w(w, r, c);
   } else if (WK == WK_F32) {
-    float4 f = *(const float4 *)(row + (size_t)c * 4);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    uint4 u = ld_stream16(row + (size_t)c * 4);
+    v[0] = __uint_as_float(u.x), v[1] = __uint_as_float(u.y), v[2] = __uint_as_float(u.z);
+    v[3] = __uint_as_float(u.w);
   } else if (WK == WK_BF16) {
-    uint4 u = *(const uint4 *)(row + (size_t)c * 2);
+    uint4 u = ld_stream16(row + (size_t)c * 2);
     uint32_t p[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -33,7 +44,7 @@ __device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int6
       v[2 * i + 1] = __uint_as_float(p[i] & 0xffff0000u);
     }
   } else if (WK == WK_F16) {
-    uint4 u = *(const uint4 *)(row + (size_t)c * 2);
+    uint4 u = ld_stream16(row + (size_t)c * 2);
     uint32_t p[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -44,7 +55,7 @@ __device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int6
       v[2 * i] = f.x, v[2 * i + 1] = f.y;
     }
   } else { /* E4M3, exact through f16 (one cvt per pair), then the block's scale */
-    uint4 u = *(const uint4 *)(row + c);
+    uint4 u = ld_stream16(row + c);
     uint32_t p[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
