@@ -27,6 +27,9 @@ typedef struct {
   const char *device;       /* "cpu" (default), "cuda" (GPU 0) or "cuda:N" */
   int threads;              /* CPU worker threads; 0 = one per core */
   size_t kv_memory_bytes;   /* KV-cache budget; 0 = a default sized from free memory */
+  /* NULL, "" or "f32" = K, V and index keys in float32; "fp8" = E4M3 with a float32 scale per row
+   * (about 4x the tokens in the same budget; backends without it refuse it). Others: M3_ERR_ARG. */
+  const char *kv_dtype;
   int max_batch_tokens;     /* tokens per scheduler step (decode + prefill chunks); 0 = default */
   int max_running;          /* sequences decoded together; 0 = default */
   int prefix_cache;         /* 1 = share full pages of identical prompt prefixes */
@@ -65,6 +68,7 @@ typedef struct {
   m3_model_chat_format chat_format;
   int kv_pages_total;
   int kv_page_tokens;
+  const char *kv_dtype;      /* "f32" or "fp8" */
 } m3_model_info;
 
 void m3_engine_model_info(const m3_engine *e, m3_model_info *out);

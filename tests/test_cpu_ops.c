@@ -410,7 +410,7 @@ static test_cache make_cache(m3_backend *be, int L, int nkv, int hd, int ihd, in
   c.kv = (m3_kv_view){be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
                       be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
                       be->ops->alloc(be, (size_t)nb * bs * ihd * sizeof(float)),
-                      c.table, nb, bs, nkv, hd, ihd};
+                      c.table, nb, bs, nkv, hd, ihd, M3_KV_F32};
   int32_t *pos = malloc((size_t)L * sizeof(int32_t));
   for (int i = 0; i < L; i++) pos[i] = i;
   for (int t0 = 0; t0 < L;) {
@@ -440,11 +440,11 @@ static void test_kv_store(m3_backend *be) {
     for (int h = 0; h < c.nkv; h++)
       for (int d = 0; d < c.hd; d++) {
         size_t at = ((page * c.nkv + h) * c.bs + s) * c.hd + d;
-        bad += c.kv.k[at] != c.K[((size_t)j * c.nkv + h) * c.hd + d];
-        bad += c.kv.v[at] != c.V[((size_t)j * c.nkv + h) * c.hd + d];
+        bad += ((float *)c.kv.k)[at] != c.K[((size_t)j * c.nkv + h) * c.hd + d];
+        bad += ((float *)c.kv.v)[at] != c.V[((size_t)j * c.nkv + h) * c.hd + d];
       }
     for (int d = 0; d < c.ihd; d++)
-      bad += c.kv.ik[(page * c.bs + s) * c.ihd + d] != c.IK[(size_t)j * c.ihd + d];
+      bad += ((float *)c.kv.ik)[(page * c.bs + s) * c.ihd + d] != c.IK[(size_t)j * c.ihd + d];
   }
   CHECK_EQ_INT(bad, 0);
   free_cache(be, &c);
@@ -519,7 +519,7 @@ static void test_msa_ties(m3_backend *be) {
   test_cache c = make_cache(be, L, 1, 8, ihd, bs, 1);
   for (int j = 0; j < L; j++) {
     size_t page = (size_t)c.table[j / bs];
-    for (int i = 0; i < ihd; i++) c.kv.ik[(page * bs + j % bs) * ihd + i] = 0.25f;
+    for (int i = 0; i < ihd; i++) ((float *)c.kv.ik)[(page * bs + j % bs) * ihd + i] = 0.25f;
   }
   float iq[16];
   for (int i = 0; i < ihd; i++) iq[i] = (float)(i % 3) - 1.0f;

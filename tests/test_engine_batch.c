@@ -188,7 +188,7 @@ static size_t tiny_page_bytes(void) {
   snprintf(path, sizeof path, "%s/config.json", dir);
   m3_config cfg;
   if (m3_config_load(path, &cfg) != M3_OK) return 0;
-  size_t bytes = m3_kv_page_bytes(&cfg);
+  size_t bytes = m3_kv_page_bytes(&cfg, M3_KV_F32);
   m3_config_free(&cfg);
   return bytes;
 }
@@ -349,7 +349,8 @@ static void test_model_batch(void) {
   enum { NS = 3 };
   const int T[NS] = {41, 13, 27};
   m3_kv_cache *cache = NULL;
-  CHECK_OK(m3_kv_cache_create(cfg, be, 2 * NS * m3_kv_bytes_for_tokens(cfg, 48), &cache));
+  CHECK_OK(m3_kv_cache_create(cfg, be, M3_KV_F32,
+                              2 * NS * m3_kv_bytes_for_tokens(cfg, M3_KV_F32, 48), &cache));
   m3_kv_seq seqs[2][NS];
   m3_kv_view *views = calloc((size_t)2 * NS * L, sizeof *views);
   float *logits[2];

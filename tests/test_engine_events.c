@@ -45,7 +45,7 @@ static size_t tiny_page_bytes(void) {
   snprintf(path, sizeof path, "%s/config.json", dir);
   m3_config cfg;
   if (m3_config_load(path, &cfg) != M3_OK) return 0;
-  size_t bytes = m3_kv_page_bytes(&cfg);
+  size_t bytes = m3_kv_page_bytes(&cfg, M3_KV_F32);
   m3_config_free(&cfg);
   return bytes;
 }

@@ -51,7 +51,8 @@ static int run_model(m3_model *model, const int32_t *ids, int n, int chunk, run_
   m3_runner *runner = NULL;
   m3_kv_seq seq;
   m3_kv_seq_init(&seq);
-  CHECK_OK(m3_runner_create(model, m3_kv_bytes_for_tokens(cfg, n), &runner));
+  CHECK_OK(m3_runner_create(model, M3_KV_F32, m3_kv_bytes_for_tokens(cfg, M3_KV_F32, n),
+                            &runner));
   if (!runner) return 0;
   m3_selection_capture cap = {r->blocks, n, 0};
   m3_status st = m3_runner_feed(runner, &seq, ids, n, chunk, r->logits, &cap);

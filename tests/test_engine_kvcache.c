@@ -27,17 +27,18 @@ static m3_config small_config(uint8_t *attn) {
 static const size_t PAGE_BYTES = (3 * 2 * (2 * 4 * 4) + 2 * (4 * 3)) * 4;
 
 static void test_budget(m3_backend *be, const m3_config *cfg) {
-  CHECK_EQ_INT(m3_kv_page_bytes(cfg), PAGE_BYTES);
-  CHECK_EQ_INT(m3_kv_bytes_for_tokens(cfg, 9), 3 * PAGE_BYTES);
-  CHECK_EQ_INT(m3_kv_bytes_for_tokens(cfg, 0), PAGE_BYTES);
+  CHECK_EQ_INT(m3_kv_page_bytes(cfg, M3_KV_F32), PAGE_BYTES);
+  CHECK_EQ_INT(m3_kv_bytes_for_tokens(cfg, M3_KV_F32, 9), 3 * PAGE_BYTES);
+  CHECK_EQ_INT(m3_kv_bytes_for_tokens(cfg, M3_KV_F32, 0), PAGE_BYTES);
   m3_kv_cache *c = NULL;
-  CHECK_FAILS_WITH(m3_kv_cache_create(cfg, be, PAGE_BYTES - 1, &c), M3_ERR_LIMIT, "budget");
+  CHECK_FAILS_WITH(m3_kv_cache_create(cfg, be, M3_KV_F32, PAGE_BYTES - 1, &c), M3_ERR_LIMIT,
+                   "budget");
   CHECK(c == NULL);
 }
 
 static void test_pages_and_tables(m3_backend *be, const m3_config *cfg) {
   m3_kv_cache *c = NULL;
-  CHECK_OK(m3_kv_cache_create(cfg, be, 5 * PAGE_BYTES + 100, &c));
+  CHECK_OK(m3_kv_cache_create(cfg, be, M3_KV_F32, 5 * PAGE_BYTES + 100, &c));
   if (!c) return;
   CHECK_EQ_INT(m3_kv_cache_num_pages(c), 5);
   CHECK_EQ_INT(m3_kv_cache_free_pages(c), 5);
@@ -98,7 +99,7 @@ static void test_pages_and_tables(m3_backend *be, const m3_config *cfg) {
 
 static void test_table_growth(m3_backend *be, const m3_config *cfg) {
   m3_kv_cache *c = NULL;
-  CHECK_OK(m3_kv_cache_create(cfg, be, 40 * PAGE_BYTES, &c));
+  CHECK_OK(m3_kv_cache_create(cfg, be, M3_KV_F32, 40 * PAGE_BYTES, &c));
   if (!c) return;
   m3_kv_seq s;
   m3_kv_seq_init(&s);
@@ -117,7 +118,7 @@ static void test_table_growth(m3_backend *be, const m3_config *cfg) {
 
 static void test_views(m3_backend *be, const m3_config *cfg) {
   m3_kv_cache *c = NULL;
-  CHECK_OK(m3_kv_cache_create(cfg, be, 4 * PAGE_BYTES, &c));
+  CHECK_OK(m3_kv_cache_create(cfg, be, M3_KV_F32, 4 * PAGE_BYTES, &c));
   if (!c) return;
   /* Interleave two sequences so a's second block is page 2, not page 1. */
   m3_kv_seq a, b;
@@ -154,12 +155,12 @@ static void test_views(m3_backend *be, const m3_config *cfg) {
   for (int h = 0; h < NKV; h++)
     for (int d = 0; d < HD; d++) {
       size_t at = (((size_t)page * NKV + h) * BLOCK + slot) * HD + d;
-      CHECK_EQ_INT(views[1].k[at], 100 + h * HD + d);
-      CHECK_EQ_INT(views[1].v[at], 200 + h * HD + d);
-      CHECK_EQ_INT(views[0].k[at], 0); /* other layers untouched */
+      CHECK_EQ_INT(((float *)views[1].k)[at], 100 + h * HD + d);
+      CHECK_EQ_INT(((float *)views[1].v)[at], 200 + h * HD + d);
+      CHECK_EQ_INT(((float *)views[0].k)[at], 0); /* other layers untouched */
     }
   for (int d = 0; d < IHD; d++)
-    CHECK_EQ_INT(views[1].ik[((size_t)page * BLOCK + slot) * IHD + d], 300 + d);
+    CHECK_EQ_INT(((float *)views[1].ik)[((size_t)page * BLOCK + slot) * IHD + d], 300 + d);
 
   m3_kv_seq_release(c, &a);
   m3_kv_seq_release(c, &b);

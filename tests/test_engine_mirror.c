@@ -70,7 +70,8 @@ static int feed(const char *dir, int mirrored, int chunk, fed *r) {
                   cfg->index_topk_blocks;
     r->logits = malloc(r->n_logits * sizeof *r->logits);
     r->blocks = malloc((r->n_blocks + 1) * sizeof *r->blocks);
-    CHECK_OK(m3_runner_create(model, m3_kv_bytes_for_tokens(cfg, N_IDS), &runner));
+    CHECK_OK(m3_runner_create(model, M3_KV_F32, m3_kv_bytes_for_tokens(cfg, M3_KV_F32, N_IDS),
+                              &runner));
     m3_selection_capture cap = {r->blocks, N_IDS, 0};
     if (runner) {
       CHECK_OK(m3_runner_feed(runner, &seq, ids, N_IDS, chunk, r->logits, &cap));
@@ -126,7 +127,8 @@ static int fork_and_batch(const char *dir, int mirrored, float **out, size_t *n_
     int32_t ids[N_IDS], pos[N_IDS];
     make_ids(ids, N_IDS, V);
     for (int i = 0; i < N_IDS; i++) pos[i] = i;
-    CHECK_OK(m3_kv_cache_create(cfg, be, m3_kv_bytes_for_tokens(cfg, 4 * N_IDS), &cache));
+    CHECK_OK(m3_kv_cache_create(cfg, be, M3_KV_F32,
+                                m3_kv_bytes_for_tokens(cfg, M3_KV_F32, 4 * N_IDS), &cache));
     m3_kv_view *views = calloc((size_t)2 * L, sizeof *views);
     *n_out = (size_t)3 * V;
     *out = malloc(*n_out * sizeof **out);
@@ -187,7 +189,7 @@ static void test_prefix_match(void) {
   m3_model *model = NULL;
   if (be) CHECK_OK(m3_model_load(fixture("long_sparse_gqa4_f32", dir, sizeof dir), be, &model));
   m3_kv_cache *cache = NULL;
-  if (model) CHECK_OK(m3_kv_cache_create(m3_model_config(model), be, 64u << 20, &cache));
+  if (model) CHECK_OK(m3_kv_cache_create(m3_model_config(model), be, M3_KV_F32, 64u << 20, &cache));
   if (cache) {
     int32_t ids[N_IDS];
     make_ids(ids, N_IDS, 320);

@@ -107,7 +107,8 @@ static float *logits_of(const char *dir, int quantize_mxfp8, int *vocab) {
     }
     *vocab = cfg->vocab_size;
     logits = malloc((size_t)N_IDS * (size_t)cfg->vocab_size * sizeof *logits);
-    CHECK_OK(m3_runner_create(model, m3_kv_bytes_for_tokens(cfg, N_IDS), &runner));
+    CHECK_OK(m3_runner_create(model, M3_KV_F32, m3_kv_bytes_for_tokens(cfg, M3_KV_F32, N_IDS),
+                              &runner));
     if (runner) {
       CHECK_OK(m3_runner_feed(runner, &seq, ids, N_IDS, 0, logits, NULL));
       m3_kv_seq_release(m3_runner_cache(runner), &seq);

@@ -61,7 +61,8 @@ static void check_drafter(m3_model *model, m3_drafter *d, const m3_safetensors *
 
   const m3_config *dc = m3_drafter_cache_config(d);
   m3_kv_cache *cache = NULL;
-  CHECK_OK(m3_kv_cache_create(dc, m3_model_backend(model), m3_kv_bytes_for_tokens(dc, T + 1), &cache));
+  CHECK_OK(m3_kv_cache_create(dc, m3_model_backend(model), M3_KV_F32,
+                              m3_kv_bytes_for_tokens(dc, M3_KV_F32, T + 1), &cache));
   m3_kv_seq seq;
   m3_kv_seq_init(&seq);
   CHECK_OK(m3_kv_seq_extend(cache, &seq, T + 1));
@@ -306,7 +307,8 @@ static void exact_triples(const m3_sampling_params *p, triples *x) {
   CHECK_OK(m3_backend_cpu_create(1, &be));
   CHECK_OK(m3_model_load(model_dir, be, &model));
   const int V = m3_model_config(model)->vocab_size, n = (int)(sizeof prompt / sizeof prompt[0]);
-  CHECK_OK(m3_runner_create(model, m3_kv_bytes_for_tokens(m3_model_config(model), 16), &runner));
+  CHECK_OK(m3_runner_create(model, M3_KV_F32,
+                            m3_kv_bytes_for_tokens(m3_model_config(model), M3_KV_F32, 16), &runner));
   CHECK_OK(m3_sampler_scratch_init(&s, V));
   int32_t prefix[16];
   memcpy(prefix, prompt, sizeof prompt);

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "compare.h"
 #include "engine/kvcache.h"
 #include "media/media.h"
 #include "model/model.h"
@@ -24,15 +25,6 @@ static void *read_all(const char *path, size_t *bytes) {
   uint8_t *data = NULL;
   CHECK_OK(m3_read_file(path, (size_t)64 << 20, &data, bytes));
   return data;
-}
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    den += (double)b[i] * b[i];
-  }
-  return sqrt(num) / (den > 0 ? sqrt(den) : 1);
 }
 
 static const cJSON *item(const cJSON *ref, const char *key) {
@@ -109,7 +101,8 @@ static void run_prompt(m3_model *m, const int32_t *ids, int n, const float *medi
                        int chunk, float *logits) {
   const m3_config *cfg = m3_model_config(m);
   m3_kv_cache *cache = NULL;
-  CHECK_OK(m3_kv_cache_create(cfg, m3_model_backend(m), m3_kv_bytes_for_tokens(cfg, n), &cache));
+  CHECK_OK(m3_kv_cache_create(cfg, m3_model_backend(m), M3_KV_F32,
+                              m3_kv_bytes_for_tokens(cfg, M3_KV_F32, n), &cache));
   if (!cache) return;
   m3_kv_seq seq;
   m3_kv_seq_init(&seq);

@@ -26,17 +26,36 @@
 
 typedef struct m3_backend m3_backend;
 
-/* One layer's cache of one sequence, in pages of block_size tokens (the MSA block).
- * Page p of this layer holds, for token slot s in [0, block_size):
- *   K  at k  + ((size_t)p * nkv * block_size + kvh * block_size + s) * hd      (post norm+RoPE)
- *   V  at v  + (same index) * hd                                                 (raw)
- *   IK at ik + ((size_t)p * block_size + s) * ihd   (sparse layers only, else NULL; post norm+RoPE)
- * block_table[b] is the page holding absolute positions [b*block_size, (b+1)*block_size). */
+/* How the KV cache stores K, V and IK: float32, or fp8 (each row of one token, one KV head: hd
+ * values, or of one token's index key: ihd values, as E4M3 bytes times one float32 scale per row,
+ * scale = amax(row) / 448; a fourth of the bytes, so a KV budget holds about 4x the tokens). */
+typedef enum { M3_KV_F32 = 0, M3_KV_FP8 = 1 } m3_kv_dtype;
+
+/* Bytes one page of one pool (K, V or IK of one layer) takes: `rows` rows of `dim` values.
+ *   f32: float32 [rows, dim].
+ *   fp8: float32 scales [rows], then E4M3 bytes [rows, dim], padded to a multiple of 16 bytes so
+ *        that every page (and so its scales) stays aligned.
+ * A page's scales live in the page, so copying the page's bytes (copy-on-write) moves them too. */
+static inline size_t m3_kv_pool_page_bytes(m3_kv_dtype dt, size_t rows, size_t dim) {
+  if (dt == M3_KV_F32) return rows * dim * sizeof(float);
+  return (rows * (sizeof(float) + dim) + 15) / 16 * 16;
+}
+
+/* One layer's cache of one sequence, in pages of block_size tokens (the MSA block). k, v and ik
+ * are pools of pages, page p at byte p * m3_kv_pool_page_bytes(dtype, rows, dim) with
+ *   K, V: rows = nkv * block_size, dim = hd;  row kvh * block_size + s   (K post norm+RoPE, V raw)
+ *   IK:   rows = block_size, dim = ihd;       row s   (sparse layers only, else NULL;
+ *                                                      post norm+RoPE)
+ * for token slot s in [0, block_size). An f32 pool is float32 [pages, rows, dim]: K of (p, kvh, s)
+ * at (float *)k + ((size_t)p * nkv * block_size + kvh * block_size + s) * hd.
+ * block_table[b] is the page holding absolute positions [b*block_size, (b+1)*block_size).
+ * Only a backend with kv_fp8 = 1 receives fp8 views. */
 typedef struct {
-  float *k, *v, *ik;
+  void *k, *v, *ik;
   const int32_t *block_table;
   int num_blocks;      /* entries in block_table that are valid */
   int block_size, nkv, hd, ihd;
+  m3_kv_dtype dtype;
 } m3_kv_view;
 
 /* MSA selection parameters (config: index_topk_blocks, index_local_blocks, index_init_blocks). */
@@ -101,6 +120,9 @@ typedef struct {
   /* 1 when backend memory is not host memory (CUDA). 0 (CPU) lets host code read and write backend
    * memory in place, so callers keep no host mirrors and skip the transfers between them. */
   int device_memory;
+  /* 1 when kv_store, msa_select and attention take fp8 KV views (m3_kv_dtype); a KV cache of that
+   * dtype cannot be created on a backend with 0. */
+  int kv_fp8;
 
   /* Makes a weight readable by the ops, once, at model load: the CUDA backend uploads data (and
    * scale) in their stored dtype and points t->data / t->scale at the device copies; the CPU
@@ -143,11 +165,15 @@ typedef struct {
   void (*add)(m3_backend *be, float *x, const float *y, size_t n);
 
   /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
-   * ik [T, ihd] or NULL. */
+   * ik [T, ihd] or NULL. An fp8 cache gets each row quantized: scale = amax / 448 (a row of zeros:
+   * scale 0, bytes 0; a row with a NaN or infinity: scale NaN, bytes 0, so it reads back NaN),
+   * bytes = E4M3(value / scale) rounded to nearest even, saturating at +-448. */
   void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
 
-  /* MSA block selection (shared/spec/msa_spec.md): for each token t (absolute position pos[t]) and
+  /* msa_select and attention read an fp8 cache as the float32 values E4M3(byte) * scale.
+   *
+   * MSA block selection (shared/spec/msa_spec.md): for each token t (absolute position pos[t]) and
    * index head g: block scores = max over visible keys j <= pos[t] of dot(iq[t, g], IK[j]);
    * forced init/local blocks; top `topk` by score, ties to the lower block id.
    * iq [T, G, ihd]; sel [T, G, topk] gets block ids, -1 padded when fewer blocks are visible.

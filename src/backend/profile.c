@@ -215,7 +215,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
     free(pb);
     return m3_fail(M3_ERR_NOMEM, "profile: cannot wrap backend %s", inner->ops->name);
   }
-  *ops = *inner->ops; /* name and device_memory as they are; every op is replaced below */
+  *ops = *inner->ops; /* name, device_memory and kv_fp8 as they are; every op is replaced below */
   ops->vision = NULL;  /* the tower's ops would get the wrapper as their backend: not profiled */
   ops->destroy = prof_destroy;
   ops->alloc = prof_alloc;

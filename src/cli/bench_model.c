@@ -39,6 +39,7 @@ static const char usage[] =
     "usage: m3 bench model [--model DIR] [--device cpu|cuda|cuda:N] [--threads N]\n"
     "                      [--dtype bf16|mxfp8|f32] [--ctx N] [--prefill N] [--decode N]\n"
     "                      [--batch B] [--copy-mib N] [--profile] " M3_CLI_QUANTIZE_USAGE "\n"
+    "                      " M3_CLI_KV_DTYPE_USAGE "\n"
     "  decode tokens/s and GB/s of weights read against the copy bandwidth (same run, same\n"
     "  threads; on a GPU a device-to-device copy), ms per step against the step's floor (its\n"
     "  weight bytes / copy bandwidth), prefill tokens/s and GFLOP/s. --batch B decodes B\n"
@@ -53,7 +54,8 @@ static const char usage[] =
     "  prefill 512, decode 32. The copy runs over 2 buffers of --copy-mib MiB (default 512;\n"
     "  keep them well above the last-level cache). M3_CPU_ISA picks the kernel set (avx512,\n"
     "  avx2, portable). --profile prints after each phase where its time went, op by op (each op\n"
-    "  waited for, so the phase itself runs slower than without it).\n";
+    "  waited for, so the phase itself runs slower than without it). --kv-dtype fp8 keeps the KV\n"
+    "  cache as E4M3 with a scale per row (default f32); KV GB/s counts that dtype's bytes.\n";
 
 /* The generated model: attention shaped like the full model's (head dim 128, index dim 128,
  * 128-token blocks, top 16), 64 experts so the whole model exceeds even a large last-level
@@ -72,6 +74,7 @@ typedef struct {
   const char *model, *device, *quantize;
   long threads, ctx, prefill, decode, batch, copy_mib;
   m3_tiny_dtype dtype;
+  m3_kv_dtype kv_dtype;
   int profile;
 } bench_args;
 
@@ -101,6 +104,7 @@ static m3_status parse_args(int argc, char **argv, bench_args *a, int *help) {
     else if (strcmp(flag, "--decode") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 20, &a->decode);
     else if (strcmp(flag, "--copy-mib") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 16, &a->copy_mib);
     else if (strcmp(flag, "--quantize") == 0) st = m3_cli_parse_quantize(value, &a->quantize);
+    else if (strcmp(flag, "--kv-dtype") == 0) st = m3_cli_parse_kv_dtype(value, &a->kv_dtype);
     else if (strcmp(flag, "--dtype") == 0) {
       if (strcmp(value, "bf16") == 0) a->dtype = M3_TINY_BF16;
       else if (strcmp(value, "mxfp8") == 0) a->dtype = M3_TINY_MXFP8;
@@ -242,13 +246,16 @@ static double attention_flops(const m3_config *c, int64_t from, int64_t to) {
   return f;
 }
 
-/* KV-cache bytes (float32) the token at position p reads: K and V of the keys it attends to, and
- * the index keys of the whole context on sparse layers. */
-static double kv_bytes(const m3_config *c, int64_t p) {
+/* KV-cache bytes the token at position p reads: K and V of the keys it attends to, and the index
+ * keys of the whole context on sparse layers; a row of dim values is 4 * dim bytes in float32,
+ * dim + 4 in fp8 (its bytes and scale). */
+static double kv_bytes(const m3_config *c, m3_kv_dtype dt, int64_t p) {
+  const double kv_row = dt == M3_KV_FP8 ? c->head_dim + 4.0 : 4.0 * c->head_dim;
+  const double ik_row = dt == M3_KV_FP8 ? c->index_head_dim + 4.0 : 4.0 * c->index_head_dim;
   double b = 0;
   for (int l = 0; l < c->num_layers; l++) {
-    b += 8.0 * c->num_kv_heads * c->head_dim * attended_keys(c, l, p);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE) b += 4.0 * c->index_head_dim * (double)(p + 1);
+    b += 2.0 * c->num_kv_heads * kv_row * attended_keys(c, l, p);
+    if (c->layer_attn[l] == M3_ATTN_SPARSE) b += ik_row * (double)(p + 1);
   }
   return b;
 }
@@ -360,6 +367,7 @@ typedef struct {
   weight_counts w;
   double copy_gbs;
   int batch;
+  m3_kv_dtype kv_dtype;
   m3_backend *profile; /* the profiling wrapper (--profile), else NULL */
 } report;
 
@@ -372,7 +380,7 @@ static void print_header(void) {
 static void print_decode(const report *rp, int64_t from, int n, double s) {
   const int B = rp->batch;
   double kv = 0;
-  for (int64_t p = from; p < from + n; p++) kv += B * kv_bytes(rp->cfg, p);
+  for (int64_t p = from; p < from + n; p++) kv += B * kv_bytes(rp->cfg, rp->kv_dtype, p);
   double bytes = step_bytes(rp->cfg, &rp->w, B), gbs = bytes * n / s / 1e9;
   double floor_ms = bytes / (rp->copy_gbs * 1e9) * 1e3, ms = s / n * 1e3;
   char range[32];
@@ -413,11 +421,12 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
   if (tokens > INT32_MAX / 2) return m3_fail(M3_ERR_ARG, "--ctx %ld + --decode %ld: too long", a->ctx, a->decode);
   /* The long sequence, B short ones, and per fork at --ctx the pages its decode adds plus the
    * copy of the shared last page. */
-  size_t budget = m3_kv_bytes_for_tokens(c, (int)tokens) +
-                  (size_t)B * (m3_kv_bytes_for_tokens(c, short_prompt + steps) +
-                               m3_kv_bytes_for_tokens(c, steps + c->index_block_size));
+  const m3_kv_dtype dt = a->kv_dtype;
+  size_t budget = m3_kv_bytes_for_tokens(c, dt, (int)tokens) +
+                  (size_t)B * (m3_kv_bytes_for_tokens(c, dt, short_prompt + steps) +
+                               m3_kv_bytes_for_tokens(c, dt, steps + c->index_block_size));
   m3_runner *r = NULL;
-  m3_status st = m3_runner_create(model, budget, &r);
+  m3_status st = m3_runner_create(model, dt, budget, &r);
   m3_kv_cache *cache = r ? m3_runner_cache(r) : NULL;
   decode_batch d = {.model = model, .cache = cache, .B = B,
                     .seqs = calloc((size_t)B, sizeof *d.seqs),
@@ -577,6 +586,10 @@ int m3_bench_model(int argc, char **argv) {
   m3_backend *be = NULL, *raw = NULL;
   /* The device first: a build or machine without it fails before a model is generated. */
   if ((st = m3_cli_open_backend(a.device, (int)a.threads, &raw)) != M3_OK) return m3_cli_fail(argv[0], st);
+  if ((st = m3_kv_dtype_check(raw, a.kv_dtype)) != M3_OK) {
+    raw->ops->destroy(raw);
+    return m3_cli_fail(argv[0], st);
+  }
   be = raw; /* raw: the backend itself, for its own queries (CPU threads, ISA) */
   if (a.profile && (st = m3_backend_profile_create(raw, &be)) != M3_OK) {
     raw->ops->destroy(raw);
@@ -598,7 +611,8 @@ int m3_bench_model(int argc, char **argv) {
   const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
   if ((st = m3_model_load_with(dir, be, &load, &model)) != M3_OK) goto done;
   const m3_config *c = m3_model_config(model);
-  report rp = {.cfg = c, .batch = (int)a.batch, .profile = a.profile ? be : NULL};
+  report rp = {.cfg = c, .batch = (int)a.batch, .kv_dtype = a.kv_dtype,
+               .profile = a.profile ? be : NULL};
   count_weights(c, m3_model_weights(model), &rp.w);
   /* On a device the weights were uploaded at load; the host mapping is not read again. */
   if (on_cpu) {
@@ -609,6 +623,7 @@ int m3_bench_model(int argc, char **argv) {
     printf("device: %s (%s)\n", a.device, be->ops->name);
   }
   print_model(dir, !a.model, on_cpu, c, &rp.w);
+  printf("KV cache: %s\n", m3_kv_dtype_name(a.kv_dtype));
   if ((st = measure_copy(raw, &a, &rp.copy_gbs)) != M3_OK) goto done;
   print_floor(&rp);
   st = run_phases(model, &a, &rp);

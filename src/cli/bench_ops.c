@@ -167,21 +167,21 @@ static double time_matmul(m3_backend *be, const bench_weight *w, const float *x,
 static void bench_attention(m3_backend *be, int L, double seconds) {
   const int nh = 64, nkv = 4, hd = 128, ihd = 128, bs = 128, topk = 16;
   int nb = (L + bs - 1) / bs;
-  m3_kv_view kv = {be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
-                   be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
-                   be->ops->alloc(be, (size_t)nb * bs * ihd * sizeof(float)), NULL, nb, bs, nkv, hd,
-                   ihd};
+  float *k = be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
+        *v = be->ops->alloc(be, (size_t)nb * nkv * bs * hd * sizeof(float)),
+        *ik = be->ops->alloc(be, (size_t)nb * bs * ihd * sizeof(float));
+  m3_kv_view kv = {k, v, ik, NULL, nb, bs, nkv, hd, ihd, M3_KV_F32};
   int32_t *table = malloc((size_t)nb * sizeof(int32_t)), sel[4 * 16];
   float *q = malloc((size_t)nh * hd * sizeof(float)), *out = malloc((size_t)nh * hd * sizeof(float));
-  if (!kv.k || !kv.v || !kv.ik || !table || !q || !out) {
+  if (!k || !v || !ik || !table || !q || !out) {
     printf("  (out of memory at L = %d)\n", L);
   } else {
     for (int i = 0; i < nb; i++) table[i] = i;
     kv.block_table = table;
     for (size_t i = 0; i < (size_t)nb * nkv * bs * hd; i++)
-      kv.k[i] = kv.v[i] = (float)(int)(bench_rand() % 2001 - 1000) / 1000.0f;
-    for (size_t i = 0; i < (size_t)nb * bs * ihd; i++) kv.ik[i] = kv.k[i];
-    for (int i = 0; i < nh * hd; i++) q[i] = kv.k[i];
+      k[i] = v[i] = (float)(int)(bench_rand() % 2001 - 1000) / 1000.0f;
+    for (size_t i = 0; i < (size_t)nb * bs * ihd; i++) ik[i] = k[i];
+    for (int i = 0; i < nh * hd; i++) q[i] = k[i];
     int32_t pos = L - 1;
     m3_msa_params mp = {topk, 1, 0};
     double best[3] = {1e30, 1e30, 1e30}, start = m3_bench_seconds();
@@ -199,7 +199,7 @@ static void bench_attention(m3_backend *be, int L, double seconds) {
     }
     printf("  L = %-7d %10.3f %10.3f %10.3f\n", L, 1e3 * best[0], 1e3 * best[1], 1e3 * best[2]);
   }
-  be->ops->free(be, kv.k), be->ops->free(be, kv.v), be->ops->free(be, kv.ik);
+  be->ops->free(be, k), be->ops->free(be, v), be->ops->free(be, ik);
   free(table), free(q), free(out);
 }
 

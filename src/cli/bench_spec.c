@@ -88,7 +88,8 @@ static m3_status time_drafter(bench *b, m3_drafter *d, const char *name, double 
   const int H = m3_drafter_hidden_size(d), W = m3_model_hidden_width(b->model);
   const int n = b->context + 16;
   m3_kv_cache *cache = NULL;
-  m3_status st = m3_kv_cache_create(dc, m3_model_backend(b->model), m3_kv_bytes_for_tokens(dc, n), &cache);
+  m3_status st = m3_kv_cache_create(dc, m3_model_backend(b->model), M3_KV_F32,
+                                    m3_kv_bytes_for_tokens(dc, M3_KV_F32, n), &cache);
   if (st != M3_OK) return st;
   m3_kv_seq seq;
   m3_kv_seq_init(&seq);
@@ -167,7 +168,8 @@ int m3_bench_spec(int argc, char **argv) {
   if (st == M3_OK && !(b.probe = be->ops->alloc(be, 4))) st = m3_fail(M3_ERR_NOMEM, "bench spec: probe");
   if (st == M3_OK) {
     const m3_config *cfg = m3_model_config(b.model);
-    st = m3_kv_cache_create(cfg, be, m3_kv_bytes_for_tokens(cfg, b.context + 16), &b.cache);
+    st = m3_kv_cache_create(cfg, be, M3_KV_F32,
+                            m3_kv_bytes_for_tokens(cfg, M3_KV_F32, b.context + 16), &b.cache);
     b.views = calloc((size_t)cfg->num_layers, sizeof *b.views);
     logits = be->ops->alloc_host(be, 8 * (size_t)cfg->vocab_size * sizeof *logits);
     if (st == M3_OK && (!b.views || !logits)) st = m3_fail(M3_ERR_NOMEM, "bench spec: buffers");

@@ -15,12 +15,15 @@
 static const char usage[] =
     "usage: m3 logits --model DIR --ids 1,2,3 --out FILE [--chunk N] [--device cpu]\n"
     "                 [--threads N] [--blocks-out FILE] " M3_CLI_QUANTIZE_USAGE "\n"
+    "                 " M3_CLI_KV_DTYPE_USAGE "\n"
     "  writes float32 LE logits [n_ids, vocab] to FILE\n"
     "  --chunk N        feed the ids N at a time through the KV cache (1 = token-by-token decode;\n"
     "                   default: as many as one step takes)\n"
     "  --blocks-out F   also write the MSA block selections, int32 LE\n"
     "                   [sparse layers, n_ids, index heads, topk], ids ascending, -1 padded\n"
-    "  --quantize mxfp8 convert the BF16 weights to MXFP8 at load\n";
+    "  --quantize mxfp8 convert the BF16 weights to MXFP8 at load\n"
+    "  --kv-dtype fp8   keep K, V and index keys as E4M3 with a float32 scale per row\n"
+    "                   (default f32)\n";
 
 static m3_status write_file(const char *path, const void *data, size_t bytes) {
   FILE *f = fopen(path, "wb");
@@ -33,6 +36,7 @@ static m3_status write_file(const char *path, const void *data, size_t bytes) {
 typedef struct {
   const char *model, *ids, *out, *blocks_out, *device, *quantize;
   long chunk, threads;
+  m3_kv_dtype kv_dtype;
 } logits_args;
 
 static m3_status parse_args(int argc, char **argv, logits_args *a, int *help) {
@@ -55,6 +59,7 @@ static m3_status parse_args(int argc, char **argv, logits_args *a, int *help) {
     else if (strcmp(flag, "--chunk") == 0) st = m3_cli_parse_long(flag, value, 1, 1L << 30, &a->chunk);
     else if (strcmp(flag, "--threads") == 0) st = m3_cli_parse_long(flag, value, 0, 4096, &a->threads);
     else if (strcmp(flag, "--quantize") == 0) st = m3_cli_parse_quantize(value, &a->quantize);
+    else if (strcmp(flag, "--kv-dtype") == 0) st = m3_cli_parse_kv_dtype(value, &a->kv_dtype);
     else return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
@@ -83,11 +88,14 @@ int m3_cmd_logits(int argc, char **argv) {
   m3_kv_seq_init(&seq);
   if ((st = m3_cli_parse_ids(a.ids, &ids, &n)) != M3_OK) goto done;
   if ((st = m3_cli_open_backend(a.device, (int)a.threads, &be)) != M3_OK) goto done;
+  if ((st = m3_kv_dtype_check(be, a.kv_dtype)) != M3_OK) goto done;
   const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
   if ((st = m3_model_load_with(a.model, be, &load, &model)) != M3_OK) goto done;
   const m3_config *cfg = m3_model_config(model);
   if ((st = m3_cli_check_ids(ids, n, cfg->vocab_size)) != M3_OK) goto done;
-  if ((st = m3_runner_create(model, m3_kv_bytes_for_tokens(cfg, n), &runner)) != M3_OK) goto done;
+  if ((st = m3_runner_create(model, a.kv_dtype, m3_kv_bytes_for_tokens(cfg, a.kv_dtype, n),
+                             &runner)) != M3_OK)
+    goto done;
 
   const size_t logits_bytes = (size_t)n * (size_t)cfg->vocab_size * sizeof *logits;
   const size_t blocks_bytes = (size_t)m3_model_num_sparse_layers(model) * (size_t)n *

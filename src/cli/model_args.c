@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/kvcache.h"
+
 m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long max, long *out) {
   char *end;
   errno = 0;
@@ -78,6 +80,9 @@ int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_
     if ((*st = m3_cli_parse_long(flag, value, 1, 16, &n)) == M3_OK) spec->num_draft = (int)n;
   } else if (strcmp(flag, "--quantize") == 0) {
     *st = m3_cli_parse_quantize(value, &spec->quantize);
+  } else if (strcmp(flag, "--kv-dtype") == 0) {
+    m3_kv_dtype dt;
+    if ((*st = m3_cli_parse_kv_dtype(value, &dt)) == M3_OK) spec->kv_dtype = value;
   } else {
     return 0;
   }
@@ -89,6 +94,11 @@ void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o) {
   o->draft_dir = spec->draft;
   o->num_draft = spec->num_draft;
   o->quantize = spec->quantize;
+  o->kv_dtype = spec->kv_dtype;
+}
+
+m3_status m3_cli_parse_kv_dtype(const char *value, m3_kv_dtype *out) {
+  return m3_kv_dtype_parse("--kv-dtype", value, out);
 }
 
 m3_status m3_cli_parse_quantize(const char *value, const char **out) {

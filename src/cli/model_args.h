@@ -22,15 +22,20 @@ void m3_cli_load_progress(uint64_t done, uint64_t total, void *user);
  * anything else is M3_ERR_ARG. */
 m3_status m3_cli_parse_quantize(const char *value, const char **out);
 #define M3_CLI_QUANTIZE_USAGE "[--quantize mxfp8]"
+/* --kv-dtype VALUE: "f32" or "fp8" (the KV cache's dtype, backend.h m3_kv_dtype); anything else
+ * is M3_ERR_ARG naming the option. */
+m3_status m3_cli_parse_kv_dtype(const char *value, m3_kv_dtype *out);
+#define M3_CLI_KV_DTYPE_USAGE "[--kv-dtype f32|fp8]"
 /* Engine flags run, chat and serve share: speculative decoding (--speculative mtp|eagle3,
- * --draft DIR, --num-draft N) and --quantize mxfp8. */
+ * --draft DIR, --num-draft N), --quantize mxfp8 and --kv-dtype f32|fp8. */
 typedef struct {
   const char *kind, *draft;
   int num_draft;
-  const char *quantize;
+  const char *quantize, *kv_dtype;
 } m3_cli_spec;
 #define M3_CLI_SPEC_USAGE \
-  "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N] " M3_CLI_QUANTIZE_USAGE
+  "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N] " M3_CLI_QUANTIZE_USAGE \
+  " " M3_CLI_KV_DTYPE_USAGE
 /* Returns 1 when `flag` is one of them (*st gets the parse result), else 0. */
 int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st);
 void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o);

@@ -144,8 +144,8 @@ int m3_cmd_serve(int argc, char **argv) {
   }
   m3_model_info info;
   m3_engine_model_info(engine, &info);
-  printf("m3 serve: model %s, context %d tokens, %d KV pages of %d tokens\n", info.name,
-         info.max_context, info.kv_pages_total, info.kv_page_tokens);
+  printf("m3 serve: model %s, context %d tokens, %d KV pages of %d tokens (%s)\n", info.name,
+         info.max_context, info.kv_pages_total, info.kv_page_tokens, info.kv_dtype);
   bool v6 = strchr(a.server.host, ':') != NULL; /* an IPv6 literal goes in brackets in a URL */
   printf("listening on http://%s%s%s:%d\n", v6 ? "[" : "", a.server.host, v6 ? "]" : "",
          m3_server_port(server));

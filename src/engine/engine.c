@@ -22,7 +22,7 @@ void m3_sampling_params_init(m3_sampling_params *p) {
 }
 
 /* A quarter of MemAvailable, and no more than max_running full contexts. */
-static size_t default_kv_budget(const m3_config *cfg, int max_running) {
+static size_t default_kv_budget(const m3_config *cfg, m3_kv_dtype dt, int max_running) {
   size_t avail = 0;
   FILE *f = fopen("/proc/meminfo", "r");
   if (f) {
@@ -35,10 +35,10 @@ static size_t default_kv_budget(const m3_config *cfg, int max_running) {
   if (avail == 0) avail = (size_t)1 << 30;
   int context = cfg->max_position_embeddings > 0 && cfg->max_position_embeddings < INT32_MAX
                     ? (int)cfg->max_position_embeddings : 1 << 20;
-  size_t want = m3_kv_bytes_for_tokens(cfg, context);
+  size_t want = m3_kv_bytes_for_tokens(cfg, dt, context);
   want = want > SIZE_MAX / (size_t)max_running ? SIZE_MAX : want * (size_t)max_running;
   size_t budget = avail / 4 < want ? avail / 4 : want;
-  return budget < m3_kv_page_bytes(cfg) ? m3_kv_page_bytes(cfg) : budget;
+  return budget < m3_kv_page_bytes(cfg, dt) ? m3_kv_page_bytes(cfg, dt) : budget;
 }
 
 static m3_status load_tokenizer(m3_engine *e, const char *dir) {
@@ -105,6 +105,12 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
     st = m3_fail(M3_ERR_ARG, "engine options: quantize '%s' (expected mxfp8)", o.quantize);
     goto fail;
   }
+  /* Checked before the weights load: a refused cache dtype fails at once. */
+  m3_kv_dtype kv_dtype = M3_KV_F32;
+  if (o.kv_dtype && o.kv_dtype[0] &&
+      ((st = m3_kv_dtype_parse("engine options: kv_dtype", o.kv_dtype, &kv_dtype)) != M3_OK ||
+       (st = m3_kv_dtype_check(e->be, kv_dtype)) != M3_OK))
+    goto fail;
   const m3_model_load_options load = {.quantize_mxfp8 = o.quantize && o.quantize[0],
                                       .threads = o.threads, .progress = o.on_load_progress,
                                       .user = o.load_user};
@@ -117,8 +123,9 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   e->prefix_cache = o.prefix_cache != 0;
   e->max_running = o.max_running ? o.max_running : DEFAULT_MAX_RUNNING;
   e->max_batch_tokens = o.max_batch_tokens ? o.max_batch_tokens : m3_model_step_tokens(e->model);
-  size_t budget = o.kv_memory_bytes ? o.kv_memory_bytes : default_kv_budget(cfg, e->max_running);
-  if ((st = m3_kv_cache_create(cfg, e->be, budget, &e->cache)) != M3_OK) goto fail;
+  size_t budget = o.kv_memory_bytes ? o.kv_memory_bytes
+                                     : default_kv_budget(cfg, kv_dtype, e->max_running);
+  if ((st = m3_kv_cache_create(cfg, e->be, kv_dtype, budget, &e->cache)) != M3_OK) goto fail;
   if ((st = m3_spec_open(e, &o)) != M3_OK) goto fail;
   if ((st = alloc_buffers(e)) != M3_OK) goto fail;
 
@@ -134,6 +141,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
       .chat_format = M3_CHAT_M3,
       .kv_pages_total = pages,
       .kv_page_tokens = page,
+      .kv_dtype = m3_kv_dtype_name(kv_dtype),
   };
   e->counters.kv_pages_free = pages;
   e->stats = e->counters;

@@ -4,21 +4,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Per layer: the K, V and (sparse layers) IK pools of all pages. */
+/* Per layer: the K, V and (sparse layers) IK pools of all pages, bytes_kv / bytes_ik per page. */
 typedef struct {
-  float *k, *v, *ik;
+  uint8_t *k, *v, *ik;
 } kv_layer;
 
 struct m3_kv_cache {
   m3_backend *be;
   int num_layers, nkv, hd, ihd, block_size;
+  m3_kv_dtype dtype;
   size_t budget_bytes, page_bytes;
   kv_layer *layers;    /* [num_layers] */
   int num_pages;
   int32_t *refcount;   /* [num_pages] */
   int32_t *free_list;  /* stack of free page ids; free_list[num_free - 1] is handed out next */
   int num_free;
-  size_t floats_kv, floats_ik; /* per page and layer */
+  size_t bytes_kv, bytes_ik; /* per page and layer: K (or V), IK */
   /* Prefix cache, per page: */
   uint32_t *gen;       /* bumped at each allocation, so a stale parent link never matches */
   uint8_t *cached;     /* published under its key */
@@ -35,26 +36,43 @@ struct m3_kv_cache {
   int num_lru;
 };
 
-static size_t page_floats_kv(const m3_config *cfg) {
-  return (size_t)cfg->num_kv_heads * (size_t)cfg->index_block_size * (size_t)cfg->head_dim;
+m3_status m3_kv_dtype_parse(const char *flag, const char *name, m3_kv_dtype *out) {
+  if (strcmp(name, "f32") == 0) *out = M3_KV_F32;
+  else if (strcmp(name, "fp8") == 0) *out = M3_KV_FP8;
+  else return m3_fail(M3_ERR_ARG, "%s '%s': expected f32 or fp8", flag, name);
+  return M3_OK;
 }
 
-static size_t page_floats_ik(const m3_config *cfg) {
-  return (size_t)cfg->index_block_size * (size_t)cfg->index_head_dim;
+const char *m3_kv_dtype_name(m3_kv_dtype dt) { return dt == M3_KV_FP8 ? "fp8" : "f32"; }
+
+m3_status m3_kv_dtype_check(const m3_backend *be, m3_kv_dtype dt) {
+  if (dt == M3_KV_FP8 && !be->ops->kv_fp8)
+    return m3_fail(M3_ERR_UNSUPPORTED, "--kv-dtype fp8: not supported on the %s backend yet",
+                   be->ops->name);
+  return M3_OK;
 }
 
-size_t m3_kv_page_bytes(const m3_config *cfg) {
-  size_t floats = 0;
+static size_t page_bytes_kv(const m3_config *cfg, m3_kv_dtype dt) {
+  return m3_kv_pool_page_bytes(dt, (size_t)cfg->num_kv_heads * (size_t)cfg->index_block_size,
+                               (size_t)cfg->head_dim);
+}
+
+static size_t page_bytes_ik(const m3_config *cfg, m3_kv_dtype dt) {
+  return m3_kv_pool_page_bytes(dt, (size_t)cfg->index_block_size, (size_t)cfg->index_head_dim);
+}
+
+size_t m3_kv_page_bytes(const m3_config *cfg, m3_kv_dtype dt) {
+  size_t bytes = 0;
   for (int l = 0; l < cfg->num_layers; l++) {
-    floats += 2 * page_floats_kv(cfg);
-    if (cfg->layer_attn[l] == M3_ATTN_SPARSE) floats += page_floats_ik(cfg);
+    bytes += 2 * page_bytes_kv(cfg, dt);
+    if (cfg->layer_attn[l] == M3_ATTN_SPARSE) bytes += page_bytes_ik(cfg, dt);
   }
-  return floats * sizeof(float);
+  return bytes;
 }
 
-size_t m3_kv_bytes_for_tokens(const m3_config *cfg, int tokens) {
+size_t m3_kv_bytes_for_tokens(const m3_config *cfg, m3_kv_dtype dt, int tokens) {
   size_t pages = tokens > 0 ? ((size_t)tokens + cfg->index_block_size - 1) / cfg->index_block_size : 1;
-  return pages * m3_kv_page_bytes(cfg);
+  return pages * m3_kv_page_bytes(cfg, dt);
 }
 
 static m3_status out_of_pages(const m3_kv_cache *c, long long needed) {
@@ -65,17 +83,19 @@ static m3_status out_of_pages(const m3_kv_cache *c, long long needed) {
                  c->num_free + c->num_lru);
 }
 
-static float *alloc_pool(m3_backend *be, int pages, size_t page_floats) {
-  return be->ops->alloc(be, (size_t)pages * page_floats * sizeof(float));
+static uint8_t *alloc_pool(m3_backend *be, int pages, size_t page_bytes) {
+  return be->ops->alloc(be, (size_t)pages * page_bytes);
 }
 
-m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget_bytes,
-                             m3_kv_cache **out) {
+m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt,
+                             size_t budget_bytes, m3_kv_cache **out) {
   *out = NULL;
   if (cfg->index_block_size <= 0 || cfg->num_kv_heads <= 0 || cfg->head_dim <= 0)
     return m3_fail(M3_ERR_CONFIG, "KV cache: block size %d, kv heads %d, head dim %d must be > 0",
                    cfg->index_block_size, cfg->num_kv_heads, cfg->head_dim);
-  size_t page_bytes = m3_kv_page_bytes(cfg);
+  m3_status st = m3_kv_dtype_check(be, dt);
+  if (st != M3_OK) return st;
+  size_t page_bytes = m3_kv_page_bytes(cfg, dt);
   size_t pages = page_bytes ? budget_bytes / page_bytes : 0;
   if (pages == 0)
     return m3_fail(M3_ERR_LIMIT, "KV cache budget of %zu bytes is below one page (%zu bytes for %d "
@@ -91,14 +111,15 @@ m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget
   c->hd = cfg->head_dim;
   c->ihd = cfg->index_head_dim;
   c->block_size = cfg->index_block_size;
+  c->dtype = dt;
   c->budget_bytes = budget_bytes;
   c->page_bytes = page_bytes;
   c->num_pages = (int)pages;
   c->layers = calloc((size_t)c->num_layers, sizeof *c->layers);
   c->refcount = calloc(pages, sizeof *c->refcount);
   c->free_list = malloc(pages * sizeof *c->free_list);
-  c->floats_kv = page_floats_kv(cfg);
-  c->floats_ik = page_floats_ik(cfg);
+  c->bytes_kv = page_bytes_kv(cfg, dt);
+  c->bytes_ik = page_bytes_ik(cfg, dt);
   c->num_buckets = 1;
   while (c->num_buckets < c->num_pages && c->num_buckets < (1 << 30)) c->num_buckets *= 2;
   c->gen = calloc(pages, sizeof *c->gen);
@@ -119,11 +140,11 @@ m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget
   c->lru_head = c->lru_tail = -1;
   for (int l = 0; l < c->num_layers; l++) {
     kv_layer *L = &c->layers[l];
-    L->k = alloc_pool(be, c->num_pages, page_floats_kv(cfg));
-    L->v = alloc_pool(be, c->num_pages, page_floats_kv(cfg));
+    L->k = alloc_pool(be, c->num_pages, c->bytes_kv);
+    L->v = alloc_pool(be, c->num_pages, c->bytes_kv);
     if (!L->k || !L->v) goto nomem;
     if (cfg->layer_attn[l] == M3_ATTN_SPARSE) {
-      L->ik = alloc_pool(be, c->num_pages, page_floats_ik(cfg));
+      L->ik = alloc_pool(be, c->num_pages, c->bytes_ik);
       if (!L->ik) goto nomem;
     }
   }
@@ -165,6 +186,7 @@ void m3_kv_cache_free(m3_kv_cache *c) {
   free(c);
 }
 
+m3_kv_dtype m3_kv_cache_dtype(const m3_kv_cache *c) { return c->dtype; }
 int m3_kv_cache_block_size(const m3_kv_cache *c) { return c->block_size; }
 int m3_kv_cache_num_pages(const m3_kv_cache *c) { return c->num_pages; }
 int m3_kv_cache_free_pages(const m3_kv_cache *c) { return c->num_free + c->num_lru; }
@@ -250,21 +272,18 @@ void m3_kv_page_release(m3_kv_cache *c, int32_t page) {
   else c->free_list[c->num_free++] = page;
 }
 
-/* Every layer's K, V (and IK) of page `from` into page `to`, in backend memory. */
+/* Every layer's K, V (and IK) of page `from` into page `to`, in backend memory; an fp8 page's
+ * scales are part of its bytes. */
 static m3_status copy_page(m3_kv_cache *c, int32_t from, int32_t to) {
   m3_backend *be = c->be;
   m3_status st = M3_OK;
+  const size_t kv = c->bytes_kv, ik = c->bytes_ik;
   for (int l = 0; l < c->num_layers && st == M3_OK; l++) {
     kv_layer *L = &c->layers[l];
-    const size_t kv_bytes = c->floats_kv * sizeof(float), ik_bytes = c->floats_ik * sizeof(float);
-    st = be->ops->copy(be, L->k + (size_t)to * c->floats_kv, L->k + (size_t)from * c->floats_kv,
-                       kv_bytes);
-    if (st == M3_OK)
-      st = be->ops->copy(be, L->v + (size_t)to * c->floats_kv,
-                         L->v + (size_t)from * c->floats_kv, kv_bytes);
+    st = be->ops->copy(be, L->k + (size_t)to * kv, L->k + (size_t)from * kv, kv);
+    if (st == M3_OK) st = be->ops->copy(be, L->v + (size_t)to * kv, L->v + (size_t)from * kv, kv);
     if (st == M3_OK && L->ik)
-      st = be->ops->copy(be, L->ik + (size_t)to * c->floats_ik,
-                         L->ik + (size_t)from * c->floats_ik, ik_bytes);
+      st = be->ops->copy(be, L->ik + (size_t)to * ik, L->ik + (size_t)from * ik, ik);
   }
   return st;
 }
@@ -442,6 +461,7 @@ void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv
   out->nkv = c->nkv;
   out->hd = c->hd;
   out->ihd = c->ihd;
+  out->dtype = c->dtype;
 }
 
 void m3_kv_seq_views(const m3_kv_cache *c, const m3_kv_seq *seq, m3_kv_view *views) {

@@ -4,8 +4,10 @@
  *   layer l, page p:  K  [nkv, block_size, hd]   post norm + RoPE
  *                     V  [nkv, block_size, hd]   raw
  *                     IK [block_size, ihd]       sparse layers only, post norm + RoPE
- * stored as float32 in one backend allocation per layer and kind, page-major, which is the layout
- * m3_kv_view (backend.h) describes. A sequence is a growable block table: block b (absolute
+ * stored as float32 or fp8 (E4M3 rows with a float32 scale each; the dtype is chosen at creation)
+ * in one backend allocation per layer and kind, page-major, which is the layout m3_kv_view and
+ * m3_kv_pool_page_bytes (backend.h) describe: an fp8 page holds its rows' scales, then their
+ * bytes, so a page copy moves both. A sequence is a growable block table: block b (absolute
  * positions [b*block_size, (b+1)*block_size)) lives in page block_table[b].
  *
  * Pages come from a free list and carry reference counts, so sequences share pages by retaining
@@ -41,17 +43,26 @@ typedef struct {
   int num_tokens;       /* positions [0, num_tokens) have pages */
 } m3_kv_seq;
 
-/* Bytes one page takes over all layers of cfg. */
-size_t m3_kv_page_bytes(const m3_config *cfg);
-/* The budget that holds exactly one sequence of `tokens` tokens (at least one page). */
-size_t m3_kv_bytes_for_tokens(const m3_config *cfg, int tokens);
+/* "f32" or "fp8" (the --kv-dtype values); anything else is M3_ERR_ARG naming `flag`. */
+m3_status m3_kv_dtype_parse(const char *flag, const char *name, m3_kv_dtype *out);
+const char *m3_kv_dtype_name(m3_kv_dtype dt);
+/* M3_ERR_UNSUPPORTED naming the backend when `be` cannot hold a cache of dt (fp8 without
+ * kv_fp8), so that callers can refuse it before loading weights; m3_kv_cache_create checks too. */
+m3_status m3_kv_dtype_check(const m3_backend *be, m3_kv_dtype dt);
 
-/* A pool of floor(budget_bytes / m3_kv_page_bytes(cfg)) pages allocated through `be`.
- * A budget below one page is M3_ERR_LIMIT. `be` must outlive the cache. */
-m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, size_t budget_bytes,
-                             m3_kv_cache **out);
+/* Bytes one page takes over all layers of cfg. */
+size_t m3_kv_page_bytes(const m3_config *cfg, m3_kv_dtype dt);
+/* The budget that holds exactly one sequence of `tokens` tokens (at least one page). */
+size_t m3_kv_bytes_for_tokens(const m3_config *cfg, m3_kv_dtype dt, int tokens);
+
+/* A pool of floor(budget_bytes / m3_kv_page_bytes(cfg, dt)) pages allocated through `be`.
+ * A budget below one page is M3_ERR_LIMIT; fp8 on a backend without kv_fp8 is
+ * M3_ERR_UNSUPPORTED naming the backend. `be` must outlive the cache. */
+m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt,
+                             size_t budget_bytes, m3_kv_cache **out);
 void m3_kv_cache_free(m3_kv_cache *c);
 
+m3_kv_dtype m3_kv_cache_dtype(const m3_kv_cache *c);
 int m3_kv_cache_block_size(const m3_kv_cache *c);
 int m3_kv_cache_num_pages(const m3_kv_cache *c);
 /* Pages an allocation can take: free ones plus unreferenced cached ones (evictable). */

@@ -10,13 +10,15 @@ struct m3_runner {
                       * model's forward takes them) */
 };
 
-m3_status m3_runner_create(m3_model *model, size_t kv_budget_bytes, m3_runner **out) {
+m3_status m3_runner_create(m3_model *model, m3_kv_dtype dt, size_t kv_budget_bytes,
+                           m3_runner **out) {
   *out = NULL;
   const m3_config *cfg = m3_model_config(model);
   m3_runner *r = calloc(1, sizeof *r);
   if (!r) return m3_fail(M3_ERR_NOMEM, "runner: out of memory");
   r->model = model;
-  m3_status st = m3_kv_cache_create(cfg, m3_model_backend(model), kv_budget_bytes, &r->cache);
+  m3_status st = m3_kv_cache_create(cfg, m3_model_backend(model), dt, kv_budget_bytes,
+                                    &r->cache);
   if (st != M3_OK) {
     free(r);
     return st;

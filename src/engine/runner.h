@@ -14,8 +14,9 @@
 
 typedef struct m3_runner m3_runner;
 
-/* A KV cache of kv_budget_bytes for `model` (which must outlive the runner). */
-m3_status m3_runner_create(m3_model *model, size_t kv_budget_bytes, m3_runner **out);
+/* A KV cache of kv_budget_bytes holding `dt` for `model` (which must outlive the runner). */
+m3_status m3_runner_create(m3_model *model, m3_kv_dtype dt, size_t kv_budget_bytes,
+                           m3_runner **out);
 void m3_runner_free(m3_runner *r);
 m3_kv_cache *m3_runner_cache(m3_runner *r);
 

@@ -81,7 +81,10 @@ m3_status m3_spec_open(m3_engine *e, const m3_engine_options *o) {
   sp->layers = dc->num_layers;
   /* Room for every page the target cache can hold, plus each sequence's drafted tail. */
   const size_t pages = (size_t)m3_kv_cache_num_pages(e->cache) + 2 * (size_t)e->max_running + 2;
-  if ((st = m3_kv_cache_create(dc, e->be, pages * m3_kv_page_bytes(dc), &sp->cache)) != M3_OK)
+  /* The drafter's cache stays float32 under --kv-dtype fp8: it is small, and its precision only
+   * moves the acceptance rate. */
+  if ((st = m3_kv_cache_create(dc, e->be, M3_KV_F32, pages * m3_kv_page_bytes(dc, M3_KV_F32),
+                               &sp->cache)) != M3_OK)
     return st;
   const size_t R = (size_t)e->max_running, B = (size_t)e->max_batch_tokens;
   sp->hidden = malloc(B * (size_t)sp->width * sizeof(float));

@@ -441,7 +441,8 @@ static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2],
   float *k = device_random(M3_DT_F32, kvn * 4), *v = device_random(M3_DT_F32, kvn * 4);
   float *ik = device_random(M3_DT_F32, (size_t)pages * bs * c.ihd * 4);
   for (int b = 0; b < MSA_BATCH; b++)
-    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd};
+    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd,
+                           M3_KV_F32};
   int32_t pos_h[MSA_BATCH];
   for (int b = 0; b < MSA_BATCH; b++) pos_h[b] = len - 1;
   c.q = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.nh * c.hd * 4);
@@ -510,7 +511,7 @@ static void bench_attention_prefill(int T, FILE *table) {
   must(gpu->ops->to_device(gpu, table_d, h, (size_t)blocks * 4), "to_device");
   const size_t kvn = (size_t)blocks * NKV * BS * HD;
   c.kv = (m3_kv_view){device_random(M3_DT_F32, kvn * 4), device_random(M3_DT_F32, kvn * 4), NULL, table_d,
-                      blocks, BS, NKV, HD, 0};
+                      blocks, BS, NKV, HD, 0, M3_KV_F32};
   for (int t = 0; t < T; t++) h[t] = t;
   c.pos = gpu->ops->alloc(gpu, (size_t)T * 4);
   must(gpu->ops->to_device(gpu, c.pos, h, (size_t)T * 4), "to_device");

@@ -7,7 +7,10 @@
  * embeddings must be within relative L2 1e-2 of the reference (embeds_<item>.f32, the spec tower
  * in float64) and within 1e-4 of the CPU's (all F32 weights: every op runs in float32, expect
  * ~1e-6). Random pixels on the `large` item's grid (2240 patches: many attention tiles) and on a
- * video of 6 temporal patches (segments of 4 and 2) are checked against the CPU alone.
+ * video of 6 temporal patches (segments of 4 and 2) are checked against the CPU alone. Then each
+ * committed prompt (reference.json "prompts": text ids with the items' placeholder runs) runs on
+ * the GPU in one forward with the items' GPU embeddings spliced in: its logits must be within
+ * relative L2 1e-2 of transformers' (logits_<prompt>.f32) at every position, same argmax.
  *
  * Figures, not a test: the tower at the real M3 vision config (m3_vision_chat_spec.md §1.2: width
  * 1280, 16 heads of 80, 32 layers, MLP 5120, projector and merger 6144 wide), random BF16 weights
@@ -23,9 +26,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "../compare.h"
 #include "../random.h"
 #include "backend/backend.h"
 #include "base/dtype.h"
+#include "engine/kvcache.h"
 #include "model/layers.h"
 #include "model/model.h"
 
@@ -57,15 +62,6 @@ static void *read_file(const char *path, size_t *bytes) {
   data[len] = 0;
   *bytes = (size_t)len;
   return data;
-}
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; i++) {
-    num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    den += (double)b[i] * b[i];
-  }
-  return sqrt(num) / (den > 0 ? sqrt(den) : 1);
 }
 
 /* ---- the fixtures, GPU against the reference and the CPU ---- */
@@ -149,6 +145,111 @@ static int check_random(const char *what, int grid_t, int gh, int gw, m3_model *
   return ok;
 }
 
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The items' pixels encoded on the GPU, one item after another: [rows, H]; NULL on failure. */
+static float *encode_items(const char *fix, const cJSON *items, const cJSON *names, m3_model *m,
+                           int *rows) {
+  const int H = m3_model_config(m)->hidden_size;
+  float *out = NULL;
+  *rows = 0;
+  const cJSON *name;
+  cJSON_ArrayForEach(name, names) {
+    const cJSON *g = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(items, name->valuestring), "grid");
+    char path[8192];
+    snprintf(path, sizeof path, "%s/pixels_%s.f32", fix, name->valuestring);
+    size_t bytes = 0;
+    float *pix = cJSON_GetArraySize(g) == 3 ? read_file(path, &bytes) : NULL;
+    m3_vision_input in = {pix, 0, 0, 0};
+    if (pix) {
+      in.grid_t = cJSON_GetArrayItem(g, 0)->valueint;
+      in.grid_h = cJSON_GetArrayItem(g, 1)->valueint;
+      in.grid_w = cJSON_GetArrayItem(g, 2)->valueint;
+    }
+    const int n = pix ? m3_model_vision_tokens(m, &in) : 0;
+    float *grown = n > 0 ? realloc(out, (size_t)(*rows + n) * H * sizeof(float)) : NULL;
+    const int ok = grown && m3_model_encode_vision(m, &in, grown + (size_t)*rows * H) == M3_OK;
+    free(pix);
+    if (grown) out = grown;
+    if (!ok) {
+      printf("FAIL: %s: cannot encode on the GPU: %s\n", name->valuestring, m3_last_error());
+      free(out);
+      return NULL;
+    }
+    *rows += n;
+  }
+  return out;
+}
+
+/* Each committed prompt on the GPU in one forward: 1 when all pass. */
+static int check_prompts(const char *fix, const cJSON *ref, m3_model *m) {
+  const m3_config *cfg = m3_model_config(m);
+  const int V = cfg->vocab_size;
+  const cJSON *items = cJSON_GetObjectItemCaseSensitive(ref, "items");
+  printf("| prompt | tokens | worst rel L2 vs transformers (<= 1e-2) | median | argmax agree | result |\n");
+  printf("|---|---|---|---|---|---|\n");
+  int all = 1;
+  const cJSON *p;
+  cJSON_ArrayForEach(p, cJSON_GetObjectItemCaseSensitive(ref, "prompts")) {
+    const cJSON *jids = cJSON_GetObjectItemCaseSensitive(p, "ids");
+    const int n = cJSON_GetArraySize(jids);
+    char path[8192];
+    snprintf(path, sizeof path, "%s/logits_%s.f32", fix, p->string);
+    size_t bytes = 0;
+    float *want = read_file(path, &bytes);
+    int rows = 0;
+    float *media = encode_items(fix, items, cJSON_GetObjectItemCaseSensitive(p, "items"), m, &rows);
+    int32_t *ids = malloc((size_t)n * sizeof *ids), *pos = malloc((size_t)n * sizeof *pos);
+    float *got = malloc((size_t)n * V * sizeof(float));
+    m3_kv_view *views = calloc((size_t)cfg->num_layers, sizeof *views);
+    m3_kv_cache *cache = NULL;
+    m3_kv_seq seq;
+    m3_kv_seq_init(&seq);
+    int ok = want && bytes == (size_t)n * V * sizeof(float) && media && ids && pos && got && views;
+    ok = ok && m3_kv_cache_create(cfg, m3_model_backend(m), M3_KV_F32,
+                                  m3_kv_bytes_for_tokens(cfg, M3_KV_F32, n), &cache) == M3_OK &&
+         m3_kv_seq_extend(cache, &seq, n) == M3_OK;
+    if (ok) {
+      for (int i = 0; i < n; i++) ids[i] = cJSON_GetArrayItem(jids, i)->valueint, pos[i] = i;
+      m3_kv_seq_views(cache, &seq, views);
+      const m3_model_seq q = {.kv = views, .ids = ids, .pos = pos, .T = n, .n_logits = n,
+                              .media = media, .n_media = rows, .media_first = 0};
+      ok = m3_model_forward_batch(m, &q, 1, got) == M3_OK;
+    }
+    if (!ok) {
+      printf("| %s | %d | failed: %s | | | FAIL |\n", p->string, n, m3_last_error());
+    } else {
+      double worst = 0, *rel = malloc((size_t)n * sizeof *rel);
+      int agree = 0;
+      for (int t = 0; t < n; t++) {
+        const float *g = got + (size_t)t * V, *w = want + (size_t)t * V;
+        rel[t] = rel_l2(g, w, (size_t)V);
+        worst = rel[t] > worst ? rel[t] : worst;
+        int ag = 0, aw = 0;
+        for (int v = 1; v < V; v++) ag = g[v] > g[ag] ? v : ag, aw = w[v] > w[aw] ? v : aw;
+        agree += ag == aw;
+      }
+      qsort(rel, (size_t)n, sizeof *rel, cmp_double);
+      ok = worst <= 1e-2 && agree == n;
+      printf("| %s | %d | %.3g | %.3g | %d of %d | %s |\n", p->string, n, worst, rel[n / 2], agree, n,
+             ok ? "PASS" : "FAIL");
+      free(rel);
+    }
+    if (cache) {
+      m3_kv_seq_release(cache, &seq);
+      m3_kv_cache_free(cache);
+    }
+    free(views), free(got), free(ids), free(pos), free(media), free(want);
+    all &= ok;
+  }
+  printf("\n");
+  return all;
+}
+
 static int check_fixtures(const char *src, m3_backend *cpu, m3_backend *gpu) {
   char fix[4096], path[4200];
   snprintf(fix, sizeof fix, "%s/tests/fixtures/vision", src);
@@ -184,6 +285,7 @@ static int check_fixtures(const char *src, m3_backend *cpu, m3_backend *gpu) {
   ok &= check_random("random image (the large item's grid)", 1, 56, 40, on_cpu, on_gpu);
   ok &= check_random("random video (segments of 4 and 2)", 6, 8, 10, on_cpu, on_gpu);
   printf("\n");
+  ok &= check_prompts(fix, ref, on_gpu);
   m3_model_free(on_cpu);
   m3_model_free(on_gpu);
   cJSON_Delete(ref);
@@ -298,11 +400,6 @@ static double now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
 }
 
 /* One row of the table: the median of 3 timed encodes after one warm-up (each includes the

@@ -3,12 +3,59 @@
  *
  * One work item is (token, KV head): the group's query heads run together so that each K and V
  * row is loaded once for all of them. Keys are taken a block (page) at a time: scores for the
- * whole block, then one online-softmax rescale per head and block. */
+ * whole block, then one online-softmax rescale per head and block. An fp8 cache's block is
+ * dequantized into a per-worker tile first, so the same SIMD kernels run on either dtype. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
+#include "base/dtype.h"
+
+/* Start of page `page` of a pool of `rows` rows of `dim` values per page. */
+static uint8_t *pool_page(const m3_kv_view *kv, const void *pool, int32_t page, int rows, int dim) {
+  return (uint8_t *)pool +
+         (size_t)page * m3_kv_pool_page_bytes(kv->dtype, (size_t)rows, (size_t)dim);
+}
+
+/* x [n] -> E4M3 q [n] and its scale (backend.h, kv_store). A scale that underflows to 0 stores a
+ * row of zeros: dividing by it would make the NaN pattern out of 0 / 0. */
+static void quantize_row(const float *x, int n, uint8_t *q, float *scale) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; i++) {
+    float a = fabsf(x[i]);
+    if (isnan(a) || a > amax) amax = a; /* a NaN sticks */
+  }
+  float s = amax / 448.0f;
+  if (!isfinite(s) || s == 0.0f) {
+    *scale = isfinite(s) ? 0.0f : NAN;
+    memset(q, 0, (size_t)n);
+    return;
+  }
+  *scale = s;
+  for (int i = 0; i < n; i++) q[i] = m3_f32_to_e4m3(x[i] / s);
+}
+
+/* Row r of page `page` of a pool = x [dim], in the pool's dtype. */
+static void store_row(const m3_kv_view *kv, void *pool, int32_t page, int rows, int dim, int r,
+                      const float *x) {
+  uint8_t *base = pool_page(kv, pool, page, rows, dim);
+  if (kv->dtype == M3_KV_F32)
+    memcpy((float *)base + (size_t)r * dim, x, (size_t)dim * sizeof(float));
+  else
+    quantize_row(x, dim, base + (size_t)rows * sizeof(float) + (size_t)r * dim, (float *)base + r);
+}
+
+const float *cpu_kv_rows(const cpu_kernels *k, const m3_kv_view *kv, const void *pool,
+                         int32_t page, int rows_per_page, int dim, int r0, int n, float *tile) {
+  const uint8_t *base = pool_page(kv, pool, page, rows_per_page, dim);
+  if (kv->dtype == M3_KV_F32) return (const float *)base + (size_t)r0 * dim;
+  const float *scale = (const float *)base + r0;
+  const uint8_t *q = base + (size_t)rows_per_page * sizeof(float) + (size_t)r0 * dim;
+  for (int i = 0; i < n; i++)
+    k->dequant_e4m3(q + (size_t)i * dim, dim, scale[i], tile + (size_t)i * dim);
+  return tile;
+}
 
 void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                   const float *v, const float *ik) {
@@ -17,15 +64,14 @@ void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int 
   for (int t = 0; t < T; t++) {
     int32_t p = pos[t];
     if (p < 0 || p / bs >= kv->num_blocks) continue; /* padding rows; positions past the table */
-    size_t page = (size_t)kv->block_table[p / bs], slot = (size_t)(p % bs);
+    int32_t page = kv->block_table[p / bs];
+    int slot = p % bs;
     for (int h = 0; h < nkv; h++) {
-      size_t dst = ((page * nkv + h) * bs + slot) * hd;
-      memcpy(kv->k + dst, k + ((size_t)t * nkv + h) * hd, (size_t)hd * sizeof(float));
-      memcpy(kv->v + dst, v + ((size_t)t * nkv + h) * hd, (size_t)hd * sizeof(float));
+      size_t src = ((size_t)t * nkv + h) * hd;
+      store_row(kv, kv->k, page, nkv * bs, hd, h * bs + slot, k + src);
+      store_row(kv, kv->v, page, nkv * bs, hd, h * bs + slot, v + src);
     }
-    if (ik && kv->ik)
-      memcpy(kv->ik + (page * bs + slot) * kv->ihd, ik + (size_t)t * kv->ihd,
-             (size_t)kv->ihd * sizeof(float));
+    if (ik && kv->ik) store_row(kv, kv->ik, page, bs, kv->ihd, slot, ik + (size_t)t * kv->ihd);
   }
 }
 
@@ -38,7 +84,9 @@ typedef struct {
   const int32_t *sel;
   int topk;
   float *out;
-  float *scratch; /* per worker: scores [group][block_size], max [group], sum [group] */
+  /* per worker: scores [group][block_size], max [group], sum [group], and for an fp8 cache the
+   * block's dequantized K and V [2][block_size][hd] */
+  float *scratch;
   size_t scratch_per_worker;
 } attention_job;
 
@@ -72,6 +120,7 @@ static void attention_items(void *ctx, int64_t i0, int64_t i1, int worker) {
   const int nkv = kv->nkv, hd = kv->hd, bs = kv->block_size, group = job->nh / nkv;
   float *s = job->scratch + (size_t)worker * job->scratch_per_worker;
   float *m = s + (size_t)group * bs, *l = m + group;
+  float *ktile = l + group, *vtile = ktile + (size_t)bs * hd;
   for (int64_t item = i0; item < i1; item++) {
     int64_t t = item / nkv;
     int kvh = (int)(item % nkv);
@@ -88,8 +137,10 @@ static void attention_items(void *ctx, int64_t i0, int64_t i1, int worker) {
       if (b < 0) break;
       if (b >= kv->num_blocks || (int64_t)b * bs > p) continue;
       int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
-      size_t base = ((size_t)kv->block_table[b] * nkv + kvh) * bs * hd;
-      attend_block(job, group, q, kv->k + base, kv->v + base, n, s, m, l, o);
+      int32_t page = kv->block_table[b];
+      const float *kb = cpu_kv_rows(job->k, kv, kv->k, page, nkv * bs, hd, kvh * bs, n, ktile);
+      const float *vb = cpu_kv_rows(job->k, kv, kv->v, page, nkv * bs, hd, kvh * bs, n, vtile);
+      attend_block(job, group, q, kb, vb, n, s, m, l, o);
     }
     for (int h = 0; h < group; h++)
       if (l[h] > 0) job->k->scale(o + (size_t)h * hd, 1.0f / l[h], hd);
@@ -101,6 +152,7 @@ void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
   cpu_backend *cb = cpu_of(be);
   const int group = nh / kv->nkv;
   size_t per_worker = (size_t)group * kv->block_size + 2 * (size_t)group;
+  if (kv->dtype == M3_KV_FP8) per_worker += 2 * (size_t)kv->block_size * kv->hd;
   float *scratch = malloc(per_worker * m3_threadpool_size(cb->pool) * sizeof(float));
   if (!scratch) { /* Out of memory in an op that cannot fail: a visibly wrong result. */
     for (size_t i = 0; i < (size_t)T * nh * kv->hd; i++) out[i] = NAN;

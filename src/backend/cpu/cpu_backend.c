@@ -61,6 +61,7 @@ static const m3_backend_ops cpu_ops = {
     .to_device = cpu_copy,
     .copy = cpu_copy,
     .to_host = cpu_copy,
+    .kv_fp8 = 1,
     .prepare_tensor = cpu_prepare_tensor,
     .release_tensor = cpu_release_tensor,
     .embed = cpu_embed,

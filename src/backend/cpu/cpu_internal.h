@@ -36,6 +36,10 @@ typedef struct {
   void (*scale)(float *y, float a, int n);                /* y *= a */
   /* s[j] = exp(s[j] - m) for j < n (within 2 ulp of expf); returns the sum of the new s. */
   float (*exp_sum)(float *s, int n, float m);
+  /* out[i] = E4M3 value of q[i] times scale, for i < n: an fp8 KV row (cpu_kv_rows), to the bit
+   * the product cpu_e4m3_table[q[i]] * scale. Only for bytes kv_store wrote, which are never the
+   * NaN codes. */
+  void (*dequant_e4m3)(const uint8_t *q, int n, float scale, float *out);
 } cpu_kernels;
 
 extern const cpu_kernels cpu_kernels_portable;
@@ -106,6 +110,13 @@ static inline size_t cpu_gemv_prefetch_distance(const m3_tensor *w) {
 /* Writes the `k` indices of the largest scores to idx, best first; ties go to the lower index and
  * NaN ranks below everything. Requires k <= n. */
 void cpu_topk(const float *score, int n, int k, int32_t *idx);
+
+/* Rows [r0, r0 + n) of page `page` of one KV pool of kv (rows_per_page rows of dim values per
+ * page; backend.h's layout) as float32 [n, dim]: an f32 pool's own memory, or an fp8 pool's rows
+ * dequantized (E4M3 value * row scale) into tile [n, dim], which is then what is returned. The
+ * one reader of the fp8 layout: attention and msa_select take their keys and values through it. */
+const float *cpu_kv_rows(const cpu_kernels *k, const m3_kv_view *kv, const void *pool,
+                         int32_t page, int rows_per_page, int dim, int r0, int n, float *tile);
 
 /* The ops, one file per concern. */
 void cpu_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);

@@ -58,6 +58,10 @@ static void tile_gemm_portable(const float *tile, int nr, int kc, const float *x
       y[t * ldy + i] += dot_portable(tile + (size_t)i * kc, x + t * ldx, kc);
 }
 
+static void dequant_e4m3_portable(const uint8_t *q, int n, float scale, float *out) {
+  for (int i = 0; i < n; i++) out[i] = cpu_e4m3_table[q[i]] * scale;
+}
+
 const cpu_kernels cpu_kernels_portable = {
     .gemv = gemv_portable,
     .decode_tile = decode_tile_portable,
@@ -67,4 +71,5 @@ const cpu_kernels cpu_kernels_portable = {
     .pv = pv_portable,
     .scale = scale_portable,
     .exp_sum = exp_sum_portable,
+    .dequant_e4m3 = dequant_e4m3_portable,
 };

@@ -29,6 +29,7 @@ typedef struct {
   int items_per_token;
   float *scores;     /* [chunk tokens][G][nb_max] */
   float *dots;       /* per worker: [G][block_size] token scores of one block */
+  float *tiles;      /* fp8 cache, per worker: [block_size][ihd] one block's dequantized keys */
 } msa_job;
 
 /* Blocks visible to position p: those holding a key j <= p (and present in the table). */
@@ -51,6 +52,7 @@ static void score_items(void *ctx, int64_t i0, int64_t i1, int worker) {
   const m3_kv_view *kv = job->kv;
   const int bs = kv->block_size, ihd = kv->ihd, G = job->G;
   float *dots = job->dots + (size_t)worker * G * bs;
+  float *tile = job->tiles ? job->tiles + (size_t)worker * bs * ihd : NULL;
   for (int64_t item = i0; item < i1; item++) {
     int tc = (int)(item / job->items_per_token);
     int t = job->t0 + tc;
@@ -62,8 +64,8 @@ static void score_items(void *ctx, int64_t i0, int64_t i1, int worker) {
     const float *q = job->iq + (size_t)t * G * ihd;
     float *out = job->scores + (size_t)tc * G * job->nb_max;
     for (int b = b0; b < b1; b++) {
-      const float *keys = kv->ik + (size_t)kv->block_table[b] * bs * ihd;
       int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
+      const float *keys = cpu_kv_rows(job->k, kv, kv->ik, kv->block_table[b], bs, ihd, 0, n, tile);
       memset(dots, 0, (size_t)G * bs * sizeof(float));
       job->k->tile_gemm(keys, n, ihd, q, ihd, G, dots, bs); /* dots[g][j] = dot(iq[g], IK[j]) */
       for (int g = 0; g < G; g++) {
@@ -120,7 +122,7 @@ static void select_tokens(void *ctx, int64_t i0, int64_t i1, int worker) {
 void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel) {
   cpu_backend *cb = cpu_of(be);
-  msa_job job = {cb->k, iq, G, kv, pos, p, sel, 0, 0, 0, NULL, NULL};
+  msa_job job = {cb->k, iq, G, kv, pos, p, sel, 0, 0, 0, NULL, NULL, NULL};
   int nb_all = 1;
   for (int t = 0; t < T; t++)
     if (pos[t] >= 0 && visible_blocks(&job, pos[t]) > nb_all) nb_all = visible_blocks(&job, pos[t]);
@@ -128,10 +130,15 @@ void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv
   if (chunk < 1) chunk = 1;
   if (chunk > T) chunk = T;
   job.scores = malloc((size_t)chunk * G * nb_all * sizeof(float));
-  job.dots = malloc((size_t)m3_threadpool_size(cb->pool) * G * kv->block_size * sizeof(float));
-  if (!job.scores || !job.dots) {
+  const size_t workers = (size_t)m3_threadpool_size(cb->pool);
+  job.dots = malloc(workers * G * kv->block_size * sizeof(float));
+  if (kv->dtype == M3_KV_FP8)
+    job.tiles = malloc(workers * kv->block_size * kv->ihd * sizeof(float));
+  if (!job.scores || !job.dots || (kv->dtype == M3_KV_FP8 && !job.tiles)) {
     free(job.scores);
-    free(job.dots); /* Out of memory in an op that cannot fail: an empty, visibly invalid selection. */
+    free(job.dots);
+    free(job.tiles);
+    /* Out of memory in an op that cannot fail: an empty, visibly invalid selection. */
     for (size_t i = 0; i < (size_t)T * G * p->topk; i++) sel[i] = -1;
     return;
   }
@@ -145,4 +152,5 @@ void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv
   }
   free(job.scores);
   free(job.dots);
+  free(job.tiles);
 }

@@ -36,7 +36,8 @@ enum {
 };
 
 /* One block per token: K and V rows of every KV head, and the index key, into the token's page
- * slot. Positions without a page (and padding, pos < 0) are skipped, as on the CPU. */
+ * slot. The views are float32 (this backend has kv_fp8 = 0, so no fp8 cache reaches it).
+ * Positions without a page (and padding, pos < 0) are skipped, as on the CPU. */
 __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, const float *__restrict__ k,
                                 const float *__restrict__ v, const float *__restrict__ ik) {
   const int t = blockIdx.x, bs = kv.block_size, nkv = kv.nkv, hd = kv.hd;
@@ -46,12 +47,12 @@ __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, 
   for (int e = threadIdx.x; e < nkv * hd; e += blockDim.x) {
     int h = e / hd, d = e % hd;
     size_t dst = ((page * nkv + h) * bs + slot) * hd + d;
-    kv.k[dst] = k[(size_t)t * nkv * hd + e];
-    kv.v[dst] = v[(size_t)t * nkv * hd + e];
+    ((float *)kv.k)[dst] = k[(size_t)t * nkv * hd + e];
+    ((float *)kv.v)[dst] = v[(size_t)t * nkv * hd + e];
   }
   if (ik && kv.ik)
     for (int d = threadIdx.x; d < kv.ihd; d += blockDim.x)
-      kv.ik[(page * bs + slot) * kv.ihd + d] = ik[(size_t)t * kv.ihd + d];
+      ((float *)kv.ik)[(page * bs + slot) * kv.ihd + d] = ik[(size_t)t * kv.ihd + d];
 }
 
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
@@ -128,12 +129,31 @@ __device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *blk,
   return count;
 }
 
+/* The key list of a tile, after its rows are staged: the distinct blocks its tokens selected
+ * (sparse, as att_union leaves them in ents) or every block up to its latest position (dense);
+ * *mp gets that latest position (-1: padding only). All threads call it. */
+__device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *ents, int ne_max,
+                             int32_t *mp) {
+  __shared__ int maxpos;
+  if (threadIdx.x == 0) {
+    int32_t m = -1;
+    for (int tt = 0; tt < ntok; tt++) m = a.pos[t0 + tt] > m ? a.pos[t0 + tt] : m;
+    maxpos = m;
+  }
+  __syncthreads();
+  *mp = maxpos;
+  if (a.sel)
+    return att_union(a, t0, ntok, kvh, ents, ents + ne_max, ents + 2 * ne_max,
+                     (uint32_t *)(ents + 3 * ne_max));
+  const int bs = a.kv.block_size;
+  return *mp < 0 ? 0 : (*mp / bs + 1 < a.kv.num_blocks ? *mp / bs + 1 : a.kv.num_blocks);
+}
+
 /* CPL: float4 chunks of a head row per lane, hd <= 128 * CPL. RPW: rows per warp at most, so
  * that decode tiles (16 rows) keep few registers and many blocks in flight. */
 template <int CPL, int RPW>
 __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_kernel(att_args a) {
   extern __shared__ float4 att_smem[];
-  __shared__ int maxpos;
   const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group;
   const int R = a.rows, rpw = (R + ATT_WARPS - 1) / ATT_WARPS;
   float *qs = (float *)att_smem;
@@ -154,18 +174,10 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
       v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * hd))[c];
     ((float4 *)qs)[i] = v;
   }
-  if (tid == 0) {
-    int32_t mp = -1;
-    for (int tt = 0; tt < ntok; tt++) mp = a.pos[t0 + tt] > mp ? a.pos[t0 + tt] : mp;
-    maxpos = mp;
-  }
-  __syncthreads();
-  const int32_t mp = maxpos;
-  int *ublk = ents + 2 * ne_max;
-  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max);
-  int nlist;
-  if (a.sel) nlist = att_union(a, t0, ntok, kvh, ents, ents + ne_max, ublk, umask);
-  else nlist = mp < 0 ? 0 : (mp / bs + 1 < a.kv.num_blocks ? mp / bs + 1 : a.kv.num_blocks);
+  int32_t mp;
+  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  const int *ublk = ents + 2 * ne_max;
+  const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
 
   /* This warp's rows: position (-1: inactive) and token within the tile. */
   int32_t prow[RPW];
@@ -198,7 +210,8 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
     if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
     if (nk <= 0) continue; /* the same for every thread */
     const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * hd;
-    const float4 *kg = (const float4 *)(a.kv.k + base), *vg = (const float4 *)(a.kv.v + base);
+    const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
+                 *vg = (const float4 *)((const float *)a.kv.v + base);
     __syncthreads(); /* every warp is done with the previous tile */
     /* Decode tiles are bound by memory: all of a thread's loads first (4 + 4 float4 in flight at
      * hd 128), then the stores. Prefill tiles keep their registers for the rows. */
@@ -434,7 +447,6 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   constexpr int NT = ATT_TC_KT / 8;   /* n-tiles of S */
   constexpr int DT = HD / 8;          /* n-tiles of O */
   extern __shared__ float4 att_smem[];
-  __shared__ int maxpos;
   const int bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group, R = a.rows;
   __nv_bfloat16 *qs = (__nv_bfloat16 *)att_smem;          /* [128, LD] */
   __nv_bfloat16 *ks = qs + (size_t)ATT_TC_ROWS * LD;      /* [64, LD]: key, dim */
@@ -455,18 +467,10 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
       v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
     store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
   }
-  if (tid == 0) {
-    int32_t mp = -1;
-    for (int tt = 0; tt < ntok; tt++) mp = a.pos[t0 + tt] > mp ? a.pos[t0 + tt] : mp;
-    maxpos = mp;
-  }
-  __syncthreads();
-  const int32_t mp = maxpos;
-  int *ublk = ents + 2 * ne_max;
-  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max);
-  int nlist;
-  if (a.sel) nlist = att_union(a, t0, ntok, kvh, ents, ents + ne_max, ublk, umask);
-  else nlist = mp < 0 ? 0 : (mp / bs + 1 < a.kv.num_blocks ? mp / bs + 1 : a.kv.num_blocks);
+  int32_t mp;
+  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  const int *ublk = ents + 2 * ne_max;
+  const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
 
   /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
    * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass
@@ -508,7 +512,8 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
     if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
     if (nk <= 0) continue; /* the same for every thread */
     const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * HD;
-    const float4 *kg = (const float4 *)(a.kv.k + base), *vg = (const float4 *)(a.kv.v + base);
+    const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
+                 *vg = (const float4 *)((const float *)a.kv.v + base);
     __syncthreads(); /* every warp is done with the previous tile */
     /* Keys past nk are zero: P is 0 there, and 0 times stale shared memory could be NaN. */
     for (int i = tid; i < ATT_TC_KT * (HD / 4); i += blockDim.x) {

@@ -1,9 +1,9 @@
 /* matmul.cu: y = x . W^T for weights of any stored dtype, and the embedding lookup.
  *
- * T <= GEMV_MAX_T (decode; BF16 weights: T <= GEMV_BF16_MAX_T) is bound by reading W once:
- * 32-byte steps of each row decoded in registers (E4M3 by integer bit moves, its MXFP8 or block
- * scale applied to each 32-column sum) and applied to every token, float32 accumulation: the same
- * math as the CPU to rounding. One token, or a short matrix: a block of 256 threads shares 1, 2 or
+ * T <= GEMV_MAX_T (decode; BF16 weights of 2048 rows or more: T <= GEMV_BF16_MAX_T) is bound by
+ * reading W once: 32-byte steps of each row decoded in registers (E4M3 by integer bit moves, its
+ * MXFP8 or block scale applied to each 32-column sum) and applied to every token, float32
+ * accumulation: the same math as the CPU to rounding. One token, or a short matrix: a block of 256 threads shares 1, 2 or
  * 4 rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared
  * memory slice by slice.
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
@@ -23,7 +23,7 @@
  * per SM), while the memory delivers about 8 BF16 or 16 E4M3 weights per clock per SM on an
  * H100/H200: past about 8 tokens (E4M3) to 16 (BF16) the FMAs, not the bytes, set its time, and
  * cuBLASLt's tensor cores are faster even with the activations rounded to BF16. */
-enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_THREADS = 256 };
+enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_BF16_LT_ROWS = 2048, GEMV_THREADS = 256 };
 
 /* Elements in one 32-byte step of a row of kind WK (weight_load.cuh); WK_ANY rows go one element
  * at a time through dev_w. */
@@ -578,9 +578,11 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || w->rows <= 0) return;
   /* BF16 weights need no decoding on the way to the tensor cores, and from GEMV_BF16_MAX_T + 1
-   * tokens on those with split activations beat the GEMV's FMAs at the same accuracy. */
-  const int bf16 = w->quant == M3_WQ_NONE && w->dtype == M3_DT_BF16;
-  if (T <= (bf16 ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
+   * tokens on those with split activations beat the GEMV's FMAs at the same accuracy, except on
+   * short matrices, where cuBLASLt's fixed cost shows (H200, T = 8: q_proj 83 -> 33 us, a
+   * 3072-row expert 61 -> 20 us, but k_proj's 512 rows 17 -> 23 us). */
+  const int bf16_tall = w->quant == M3_WQ_NONE && w->dtype == M3_DT_BF16 && w->rows >= GEMV_BF16_LT_ROWS;
+  if (T <= (bf16_tall ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
   else if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, w, x, T, y);
 }
 

@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS) msa_score_kernel(msa_args a)
                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   const int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
-  const float4 *keys = (const float4 *)(a.kv.ik + (size_t)a.kv.block_table[b] * bs * ihd);
+  const float4 *keys =
+      (const float4 *)((const float *)a.kv.ik + (size_t)a.kv.block_table[b] * bs * ihd);
   const int slot = (lane >> 1) & 15, slot_key = slot / GP, slot_head = slot % GP;
   float best = -INFINITY; /* of (key slot_key of each step, head slot_head); NaN dots never win */
   for (int j0 = warp * KPW * SCORE_STEPS; j0 < n; j0 += SCORE_WARPS * KPW * SCORE_STEPS) {
