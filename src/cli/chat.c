@@ -477,6 +477,7 @@ int m3_cmd_chat(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
+  if ((st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK) return m3_cli_fail("chat", st);
   const int tty_in = isatty(STDIN_FILENO), tty_out = isatty(STDOUT_FILENO);
   m3_engine_options o;
   m3_engine_options_init(&o);

@@ -14,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "cli/model_args.h"
+#include "engine/parallel.h"
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "io/quantize.h"
@@ -422,7 +423,7 @@ static m3_status print_json(const report *r) {
 
 static void inspect_usage(FILE *f) {
   fprintf(f,
-          "usage: m3 inspect [--model DIR] [--json] [--ctx N] [--quantize mxfp8]\n"
+          "usage: m3 inspect [--model DIR] [--json] [--ctx N] [--quantize mxfp8] [--tp N] [--ep N]\n"
           "  describes a checkpoint folder (config.json, with or without weights): layer kinds,\n"
           "  parameters (total and active per token), bytes by dtype, KV cache per token, the\n"
           "  memory needed for N tokens of context, and the quantization found\n"
@@ -430,7 +431,9 @@ static void inspect_usage(FILE *f) {
           "  --json       one JSON object instead of text\n"
           "  --ctx N      context length for the memory figure (default: max_position_embeddings,\n"
           "               at most %d)\n"
-          "  --quantize mxfp8  bytes as `--quantize mxfp8` loads the model (BF16 linears as MXFP8)\n",
+          "  --quantize mxfp8  bytes as `--quantize mxfp8` loads the model (BF16 linears as MXFP8)\n"
+          "  --tp N, --ep N    then the multi-GPU layout plan for N-way tensor / expert parallel\n"
+          "                    (what each GPU holds and the collectives of a decode step)\n",
           DEFAULT_CTX_CAP);
 }
 
@@ -491,6 +494,7 @@ int m3_cmd_inspect(int argc, char **argv) {
   int json = 0;
   int64_t ctx = 0;
   const char *quantize = NULL;
+  long tp = 0, ep = 0;
   m3_status st = M3_OK;
   for (int i = 1; i < argc && st == M3_OK; i++) {
     const char *a = argv[i];
@@ -498,12 +502,15 @@ int m3_cmd_inspect(int argc, char **argv) {
       inspect_usage(stdout);
       return 0;
     }
-    if ((strcmp(a, "--model") == 0 || strcmp(a, "--ctx") == 0 || strcmp(a, "--quantize") == 0) &&
+    if ((strcmp(a, "--model") == 0 || strcmp(a, "--ctx") == 0 || strcmp(a, "--quantize") == 0 ||
+         strcmp(a, "--tp") == 0 || strcmp(a, "--ep") == 0) &&
         i + 1 >= argc) st = m3_fail(M3_ERR_ARG, "%s needs a value", a);
     else if (strcmp(a, "--model") == 0) dir = argv[++i];
     else if (strcmp(a, "--ctx") == 0) st = parse_ctx(argv[++i], &ctx);
     else if (strcmp(a, "--json") == 0) json = 1;
     else if (strcmp(a, "--quantize") == 0) st = m3_cli_parse_quantize(argv[++i], &quantize);
+    else if (strcmp(a, "--tp") == 0) st = m3_cli_parse_long(a, argv[++i], 1, M3_PARALLEL_MAX_RANKS, &tp);
+    else if (strcmp(a, "--ep") == 0) st = m3_cli_parse_long(a, argv[++i], 1, M3_PARALLEL_MAX_RANKS, &ep);
     else st = m3_fail(M3_ERR_ARG, "unknown argument '%s' (see m3 inspect --help)", a);
   }
   char builtin[PATH_CAP];
@@ -511,6 +518,8 @@ int m3_cmd_inspect(int argc, char **argv) {
     st = m3_builtin_model_dir(builtin, sizeof builtin);
     dir = builtin;
   }
+  if (st == M3_OK && json && (tp || ep)) st = m3_fail(M3_ERR_ARG, "--tp/--ep: not with --json");
   if (st == M3_OK) st = inspect(dir, ctx, json, quantize != NULL);
+  if (st == M3_OK && (tp || ep)) st = m3_cli_print_plan(dir, (int)tp, (int)ep);
   return st == M3_OK ? 0 : m3_cli_fail("inspect", st);
 }

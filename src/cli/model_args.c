@@ -7,6 +7,10 @@
 #include <string.h>
 
 #include "engine/kvcache.h"
+#include "engine/parallel.h"
+#include "engine/rendezvous.h"
+#include "io/config.h"
+#include "io/tiny.h"
 
 m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long max, long *out) {
   char *end;
@@ -83,6 +87,20 @@ int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_
   } else if (strcmp(flag, "--kv-dtype") == 0) {
     m3_kv_dtype dt;
     if ((*st = m3_cli_parse_kv_dtype(value, &dt)) == M3_OK) spec->kv_dtype = value;
+  } else if (strcmp(flag, "--tp") == 0 || strcmp(flag, "--ep") == 0) {
+    if ((*st = m3_cli_parse_long(flag, value, 1, M3_PARALLEL_MAX_RANKS, &n)) == M3_OK)
+      *(flag[2] == 't' ? &spec->tp : &spec->ep) = (int)n;
+  } else if (strcmp(flag, "--nnodes") == 0) {
+    if ((*st = m3_cli_parse_long(flag, value, 1, M3_RENDEZVOUS_MAX_NODES, &n)) == M3_OK)
+      spec->nnodes = (int)n;
+  } else if (strcmp(flag, "--node-rank") == 0) {
+    if ((*st = m3_cli_parse_long(flag, value, 0, M3_RENDEZVOUS_MAX_NODES - 1, &n)) == M3_OK)
+      spec->node_rank = (int)n;
+  } else if (strcmp(flag, "--master-addr") == 0) {
+    char host[256];
+    int port;
+    if ((*st = m3_rendezvous_parse_addr(value, host, sizeof host, &port)) == M3_OK)
+      spec->master_addr = value;
   } else {
     return 0;
   }
@@ -110,4 +128,38 @@ m3_status m3_cli_parse_quantize(const char *value, const char **out) {
 
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out) {
   return m3_backend_create(device, threads, out);
+}
+
+m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep) {
+  char dir[4096], path[4200];
+  m3_status st;
+  if (!model_dir) {
+    if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) return st;
+    model_dir = dir;
+  }
+  snprintf(path, sizeof path, "%s/config.json", model_dir);
+  m3_config cfg;
+  if ((st = m3_config_load(path, &cfg)) != M3_OK) return st;
+  m3_plan plan;
+  st = m3_parallel_plan(&cfg, tp ? tp : 1, ep ? ep : 1, &plan);
+  if (st == M3_OK) m3_parallel_plan_print(&plan, stdout);
+  fflush(stdout); /* before the caller's error line on stderr */
+  m3_config_free(&cfg);
+  return st;
+}
+
+m3_status m3_cli_parallel_gate(const m3_cli_spec *s, const char *model_dir) {
+  int nnodes = s->nnodes ? s->nnodes : 1;
+  if (s->node_rank >= nnodes)
+    return m3_fail(M3_ERR_ARG, "--node-rank %d: expected 0..%d (--nnodes %d)", s->node_rank,
+                   nnodes - 1, nnodes);
+  if (nnodes > 1 && !s->master_addr)
+    return m3_fail(M3_ERR_ARG, "--nnodes %d: needs --master-addr HOST[:PORT]", nnodes);
+  if (s->tp <= 1 && s->ep <= 1 && nnodes == 1) return M3_OK;
+  m3_status st = m3_cli_print_plan(model_dir, s->tp, s->ep);
+  if (st != M3_OK) return st;
+  const char *flag = s->tp > 1 ? "--tp" : s->ep > 1 ? "--ep" : "--nnodes";
+  int value = s->tp > 1 ? s->tp : s->ep > 1 ? s->ep : nnodes;
+  return m3_fail(M3_ERR_ARG, "%s %d: multi-GPU execution is not built yet (issue 11); the layout "
+                 "plan above is what it would use", flag, value);
 }

@@ -32,13 +32,24 @@ typedef struct {
   const char *kind, *draft;
   int num_draft;
   const char *quantize, *kv_dtype;
+  /* Multi-GPU layout (issue 11): 0 = not given (one GPU, one node). */
+  int tp, ep, nnodes, node_rank;
+  const char *master_addr;
 } m3_cli_spec;
+#define M3_CLI_PARALLEL_USAGE \
+  "[--tp N] [--ep N] [--nnodes N --node-rank R --master-addr HOST[:PORT]]"
 #define M3_CLI_SPEC_USAGE \
   "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N] " M3_CLI_QUANTIZE_USAGE \
-  " " M3_CLI_KV_DTYPE_USAGE
+  " " M3_CLI_KV_DTYPE_USAGE " " M3_CLI_PARALLEL_USAGE
 /* Returns 1 when `flag` is one of them (*st gets the parse result), else 0. */
 int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st);
 void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o);
+/* Multi-GPU execution is not built yet: with --tp/--ep/--nnodes above 1 this prints the layout
+ * plan of model_dir (NULL = the built-in model) on stdout and returns M3_ERR_ARG saying so;
+ * otherwise M3_OK. Also checks --node-rank and --master-addr against --nnodes. */
+m3_status m3_cli_parallel_gate(const m3_cli_spec *spec, const char *model_dir);
+/* The layout plan of model_dir's config for tp x ep, printed on stdout. */
+m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep);
 /* The backend for --device (cpu, cuda, cuda:N) with --threads CPU workers (0 = one per core). */
 m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out);
 

@@ -164,6 +164,7 @@ int m3_cmd_run(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
+  if ((st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK) return m3_cli_fail("run", st);
   int32_t *ids = NULL;
   int n = 0;
   m3_engine *e = NULL;

@@ -112,6 +112,8 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
     if (st != M3_OK) return st;
   }
   m3_cli_spec_apply(&a->spec, &a->engine);
+  m3_status gate = m3_cli_parallel_gate(&a->spec, a->engine.model_dir);
+  if (gate != M3_OK) return gate;
   a->server.remote_media_timeout_ms = a->allow_remote_media ? (int)a->remote_media_timeout_ms : 0;
   return M3_OK;
 }
