@@ -133,6 +133,17 @@ static void check_collectives(const m3_config *c) {
   CHECK(strstr(text, "rank 7 (tp 7, ep 0): q heads 56-63, KV heads 3-3") != NULL);
   CHECK(strstr(text, "vocab 175056-200063") != NULL);
   free(text);
+  /* Without experts the range prints as none, not as "0--1". */
+  m3_config dense = *c;
+  dense.num_experts = 0;
+  text = NULL;
+  f = open_memstream(&text, &len);
+  CHECK_OK(m3_parallel_plan(&dense, 2, 1, &p));
+  m3_parallel_plan_print(&p, f);
+  fclose(f);
+  CHECK(strstr(text, ", experts none x cols ") != NULL);
+  CHECK(strstr(text, "--1") == NULL);
+  free(text);
 }
 
 static void check_refusals(m3_config *c) {

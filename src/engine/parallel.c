@@ -142,6 +142,12 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
 
 static double mib(int64_t params) { return 2.0 * (double)params / (1024.0 * 1024.0); }
 
+/* label then "first-last", or "none" for an empty range (a model without experts, say). */
+static void put_range(FILE *f, const char *label, m3_range r) {
+  if (r.end > r.begin) fprintf(f, "%s%d-%d", label, r.begin, r.end - 1);
+  else fprintf(f, "%snone", label);
+}
+
 void m3_parallel_plan_print(const m3_plan *p, FILE *f) {
   fprintf(f, "parallel layout: tp %d x ep %d = %d GPUs; KV heads replicated %dx\n", p->tp, p->ep,
           p->world, p->kv_replicas);
@@ -150,15 +156,18 @@ void m3_parallel_plan_print(const m3_plan *p, FILE *f) {
   for (int r = 0; r < p->world; r++) {
     const m3_rank_plan *k = &p->ranks[r];
     const m3_rank_params *w = &k->params;
-    fprintf(f, "  rank %d (tp %d, ep %d): q heads %d-%d, KV heads %d-%d (MSA groups %d-%d), "
-            "dense cols %d-%d, experts %d-%d x cols %d-%d, shared cols %d-%d, vocab %d-%d; "
-            "%.1f/%.1f, %.1f, %.1f MiB; %.1f MiB; %.2f GiB\n",
-            r, k->tp_rank, k->ep_rank, k->q_heads.begin, k->q_heads.end - 1, k->kv_heads.begin,
-            k->kv_heads.end - 1, k->index_heads.begin, k->index_heads.end - 1, k->dense_cols.begin,
-            k->dense_cols.end - 1, k->experts.begin, k->experts.end - 1, k->expert_cols.begin,
-            k->expert_cols.end - 1, k->shared_cols.begin, k->shared_cols.end - 1, k->vocab.begin,
-            k->vocab.end - 1, mib(w->attn_full), mib(w->attn_sparse), mib(w->dense_mlp),
-            mib(w->moe), mib(w->embed + w->lm_head), mib(w->total) / 1024.0);
+    fprintf(f, "  rank %d (tp %d, ep %d): ", r, k->tp_rank, k->ep_rank);
+    put_range(f, "q heads ", k->q_heads);
+    put_range(f, ", KV heads ", k->kv_heads);
+    put_range(f, " (MSA groups ", k->index_heads);
+    put_range(f, "), dense cols ", k->dense_cols);
+    put_range(f, ", experts ", k->experts);
+    put_range(f, " x cols ", k->expert_cols);
+    put_range(f, ", shared cols ", k->shared_cols);
+    put_range(f, ", vocab ", k->vocab);
+    fprintf(f, "; %.1f/%.1f, %.1f, %.1f MiB; %.1f MiB; %.2f GiB\n", mib(w->attn_full),
+            mib(w->attn_sparse), mib(w->dense_mlp), mib(w->moe), mib(w->embed + w->lm_head),
+            mib(w->total) / 1024.0);
   }
   fprintf(f, "  collectives per decode step (%d full + %d sparse layers, %d dense + %d MoE):\n",
           p->full_layers, p->sparse_layers, p->dense_layers, p->moe_layers);
