@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "text_fixtures.h"
 #include "engine/runner.h"
 #include "io/tiny.h"
 
@@ -156,41 +157,7 @@ static void test_case(m3_backend *be, const char *dir, const char *name) {
   free(want_blocks);
 }
 
-static int has_reference(const char *dir) {
-  char path[8192];
-  snprintf(path, sizeof path, "%s/reference.json", dir);
-  return access(path, R_OK) == 0;
-}
-
-static int by_name(const void *a, const void *b) {
-  return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void test_fixtures(m3_backend *be) {
-  const char *root = M3_SOURCE_DIR "/tests/fixtures/text";
-  DIR *d = opendir(root);
-  CHECK(d != NULL);
-  if (!d) {
-    fprintf(stderr, "no fixture folder %s\n", root);
-    return;
-  }
-  char *names[256];
-  int count = 0;
-  for (struct dirent *e; (e = readdir(d)) && count < 256;) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s/%s", root, e->d_name);
-    if (e->d_name[0] != '.' && has_reference(dir)) names[count++] = strdup(e->d_name);
-  }
-  closedir(d);
-  qsort(names, (size_t)count, sizeof *names, by_name);
-  CHECK(count > 0);
-  for (int i = 0; i < count; i++) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s/%s", root, names[i]);
-    test_case(be, dir, names[i]);
-    free(names[i]);
-  }
-}
+static void test_fixtures(m3_backend *be) { for_each_text_fixture(be, test_case); }
 
 /* The built-in tiny model over 41 ids (10+ blocks of 4, topk 3: real selection): chunked and
  * token-by-token runs must reproduce the all-at-once run. */

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "text_fixtures.h"
 #include "compare.h"
 #include "engine/runner.h"
 #include "m3.h"
@@ -326,32 +327,7 @@ static void fixture_case(m3_backend *be, const char *dir, const char *name) {
   free(ids);
 }
 
-static int by_name(const void *a, const void *b) {
-  return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void test_fixtures(m3_backend *be) {
-  const char *root = M3_SOURCE_DIR "/tests/fixtures/text";
-  DIR *d = opendir(root);
-  CHECK(d != NULL);
-  if (!d) return;
-  char *names[256];
-  int count = 0;
-  for (struct dirent *e; (e = readdir(d)) && count < 256;) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s/reference.json", root, e->d_name);
-    if (e->d_name[0] != '.' && access(path, R_OK) == 0) names[count++] = strdup(e->d_name);
-  }
-  closedir(d);
-  qsort(names, (size_t)count, sizeof *names, by_name);
-  CHECK(count > 0);
-  for (int i = 0; i < count; i++) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s/%s", root, names[i]);
-    fixture_case(be, dir, names[i]);
-    free(names[i]);
-  }
-}
+static void test_fixtures(m3_backend *be) { for_each_text_fixture(be, fixture_case); }
 
 int main(void) {
   m3_backend *be = NULL;
