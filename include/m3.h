@@ -210,7 +210,9 @@ typedef struct {
   uint64_t steps;
   double step_seconds_total;  /* time inside forward passes */
   double schedule_seconds_total; /* time spent scheduling, outside forward passes */
-  uint64_t spec_draft_tokens, spec_accepted_tokens; /* speculative decoding, once it exists */
+  /* Speculative decoding: draft tokens verified, of them accepted, and verifications (rounds);
+   * the mean acceptance length (tokens a round emits) is 1 + accepted / rounds. */
+  uint64_t spec_draft_tokens, spec_accepted_tokens, spec_rounds;
 } m3_engine_stats;
 
 void m3_engine_stats_get(m3_engine *e, m3_engine_stats *out);

@@ -6,8 +6,9 @@
 # no 5xx, every KV page free at the end, flat memory, and a clean exit on SIGTERM.
 #   scripts/soak.sh [--m3 BIN] [--model DIR] [--minutes N | --seconds N] [--concurrency N]
 #                   [--max-requests N] [--sample-seconds N] [--seed N] [--kv-memory MIB]
-# Defaults: build/m3, the built-in model, 30 minutes, 200000 requests, 8 clients, a sample every
-# 10 s, a random seed (printed, to replay a run), a 32 MiB KV cache.
+# Defaults: build/m3, a tiny model from `m3 tiny` (tests/js/with_server.sh), 30 minutes, 200000
+# requests, 8 clients, a sample every 10 s, a random seed (printed, to replay a run), a 32 MiB KV
+# cache.
 # The KV pool is touched page by page as the prefix cache keeps freed pages and new requests take
 # untouched ones, so resident memory rises until the whole pool is in use. A small pool is in use
 # within the first minutes (and prefix-cache eviction and preemption run under the load); a

@@ -1,25 +1,25 @@
 #!/bin/bash
-# m3 chat on the built-in model with piped input. Greedy decoding makes a reply a function of
-# the conversation so far, so the checks compare whole outputs of different scripts: a
-# conversation's output is the concatenation of its replies, /reset starts over (the first
+# m3 chat on a tiny model from `m3 tiny` with piped input. Greedy decoding makes a reply a
+# function of the conversation so far, so the checks compare whole outputs of different scripts:
+# a conversation's output is the concatenation of its replies, /reset starts over (the first
 # reply after it equals the very first), the second reply depends on the first turn (history),
 # /system and /think equal their flags, the two multi-line forms give the same message, /quit
-# ends the input. Bad flags exit 2 naming the flag.
+# ends the input. Bad flags exit 2 naming the flag. Without --model the default model chats.
 m3=$1
 src=$2
 pass=0
 fail=0
 ok() { pass=$((pass + 1)); }
 bad() { echo "FAIL: $*" >&2; fail=$((fail + 1)); }
-export M3_CACHE=$PWD/m3_cache
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+"$m3" tiny "$tmp/tiny" > /dev/null || bad "m3 tiny"
 
 # chat NAME INPUT [FLAGS...]: runs greedy with INPUT on stdin; stdout to $tmp/NAME.
 chat() {
   local name=$1 input=$2
   shift 2
-  printf '%b' "$input" | "$m3" chat --temperature 0 --seed 1 --max-tokens 8 "$@" \
+  printf '%b' "$input" | "$m3" chat --model "$tmp/tiny" --temperature 0 --seed 1 --max-tokens 8 "$@" \
     > "$tmp/$name" 2> "$tmp/$name.err"
   local rc=$?
   [ $rc -eq 0 ] && ok || bad "chat $name: exit $rc, $(cat "$tmp/$name.err")"
@@ -69,6 +69,11 @@ differ block one_line
 chat odd '/frobnicate\n\nhello'
 same odd plain
 grep -q "unknown command '/frobnicate'" "$tmp/odd.err" && ok || bad "unknown command: $(cat "$tmp/odd.err")"
+
+# The default model answers too (its text is the trained model's, not checked here).
+printf 'hello\n' | "$m3" chat --temperature 0 --max-tokens 4 > "$tmp/default" 2> "$tmp/default.err"
+[ $? -eq 0 ] && grep -q "M3 chat format" "$tmp/default.err" && ok \
+  || bad "chat on the default model: '$(cat "$tmp/default")' $(cat "$tmp/default.err")"
 
 for bad_flag in "--think maybe" "--temperature x" "--top-p 0" "--top-k -2" "--max-tokens -1" \
                 "--seed z" "--threads q" "--bogus 1"; do

@@ -1,18 +1,19 @@
 #!/bin/bash
 # --kv-dtype f32|fp8: accepted by run, chat, serve, logits and bench model, listed in their help;
-# `m3 run` generates with an fp8 cache on the built-in model; `m3 logits` with fp8 writes logits
-# of the same shape that differ from the float32 cache's (the option reaches the cache); m3 serve
-# reports the dtype on its start-up line and, for the same --kv-memory, about 4x the KV pages;
-# a bad value exits 2 with one line naming the option.
+# `m3 run` generates with an fp8 cache on a tiny model from `m3 tiny`; `m3 logits` with fp8
+# writes logits of the same shape that differ from the float32 cache's (the option reaches the
+# cache); m3 serve reports the dtype on its start-up line and, for the same --kv-memory, about 4x
+# the KV pages; a bad value exits 2 with one line naming the option.
 m3=$1
 src=$2
 . "$src/tests/check.sh"
-export M3_CACHE=$PWD/m3_cache
+tiny=$tmp/tiny
+"$m3" tiny "$tiny" > /dev/null || bad "m3 tiny"
 
-out=$("$m3" run --kv-dtype fp8 --ids 1,2,3 --max-tokens 4 2> "$tmp/err")
+out=$("$m3" run --model "$tiny" --kv-dtype fp8 --ids 1,2,3 --max-tokens 4 2> "$tmp/err")
 [ $? -eq 0 ] && [ "$(tr ',' '\n' <<< "$out" | grep -c .)" -eq 4 ] && ok \
   || bad "m3 run --kv-dtype fp8: '$out' $(cat "$tmp/err")"
-"$m3" run --kv-dtype f32 --ids 1,2,3 --max-tokens 2 > /dev/null 2> "$tmp/err" && ok \
+"$m3" run --model "$tiny" --kv-dtype f32 --ids 1,2,3 --max-tokens 2 > /dev/null 2> "$tmp/err" && ok \
   || bad "m3 run --kv-dtype f32: $(cat "$tmp/err")"
 
 fx=$src/tests/fixtures/text/mixed_gqa4_rot_half_f32
@@ -31,7 +32,7 @@ done
 
 # The start-up line of a server: "m3 serve: model NAME, context N tokens, P KV pages of B tokens (DT)"
 serve_pages() { # dtype -> P, checking the dtype shown
-  "$m3" serve --port 0 --kv-memory 4 --kv-dtype "$1" > "$tmp/serve.$1" 2> "$tmp/serve_err.$1" &
+  "$m3" serve --model "$tiny" --port 0 --kv-memory 4 --kv-dtype "$1" > "$tmp/serve.$1" 2> "$tmp/serve_err.$1" &
   local pid=$!
   for _ in $(seq 600); do
     grep -q "^listening on" "$tmp/serve.$1" && break

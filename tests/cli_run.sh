@@ -1,15 +1,15 @@
 #!/bin/bash
 # m3 run: greedy generation continues exactly as `m3 logits` predicts (the argmax of the last
 # row, token after token), sampling is reproducible per seed, --prompt goes through the model's
-# tokenizer (the built-in model has one; a fixture folder has none, which fails clearly) and
-# streams the greedy continuation as text; the sampling filters are accepted and checked.
+# tokenizer (a tiny model from `m3 tiny` has one; a fixture folder has none, which fails clearly)
+# and streams the greedy continuation as text; the sampling filters are accepted and checked;
+# without --model the default model runs.
 m3=$1
 src=$2
 pass=0
 fail=0
 ok() { pass=$((pass + 1)); }
 bad() { echo "FAIL: $*" >&2; fail=$((fail + 1)); }
-export M3_CACHE=$PWD/m3_cache
 
 fx=$src/tests/fixtures/text/mixed_gqa4_rot_half_f32
 root=$src/tests/fixtures/text
@@ -22,6 +22,8 @@ fi
 vocab=$(tr -d ' \n' < "$fx/reference.json" | sed -n 's/.*"vocab":\([0-9]*\).*/\1/p')
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+tiny=$tmp/tiny
+"$m3" tiny "$tiny" > /dev/null || bad "m3 tiny"
 
 # argmax of the last row of a logits file (of vocabulary $2, default $vocab)
 last_argmax() {
@@ -51,26 +53,25 @@ b=$("$m3" run --model "$fx" --ids $prompt --max-tokens 6 --temperature 1 --seed 
 "$m3" run --model "$fx" --prompt hello 2> "$tmp/err"
 rc=$?
 [ $rc -eq 2 ] && grep -q "tokenizer.json" "$tmp/err" && ok || bad "--prompt: exit $rc, $(cat "$tmp/err")"
-"$m3" run --prompt "The quick brown fox" --max-tokens 5 > "$tmp/text" 2> "$tmp/err" && ok \
-  || bad "--prompt on the built-in model: $(cat "$tmp/err")"
+"$m3" run --model "$tiny" --prompt "The quick brown fox" --max-tokens 5 > "$tmp/text" 2> "$tmp/err" && ok \
+  || bad "--prompt on the tiny model: $(cat "$tmp/err")"
 grep -q "tokens/s" "$tmp/err" && ok || bad "--prompt: no speed line"
 # The streamed text of --prompt is the greedy continuation `m3 logits` predicts, decoded: the
 # prompt's ids from `m3 tokenize`, then the argmax token after token until the end-of-turn id.
-builtin=$(ls -d "$M3_CACHE"/*/ 2> /dev/null | head -n 1)
-cfg=$(tr -d ' \t\n' < "$builtin/config.json")
+cfg=$(tr -d ' \t\n' < "$tiny/config.json")
 bvocab=$(sed -n 's/.*"vocab_size":\([0-9]*\).*/\1/p' <<< "$cfg")
 beos=$(sed -n 's/.*"eos_token_id":\([0-9]*\).*/\1/p' <<< "$cfg")
-ctx=$("$m3" tokenize --model "$builtin" --text "The quick brown fox" | tr ' ' ',')
+ctx=$("$m3" tokenize --model "$tiny" --text "The quick brown fox" | tr ' ' ',')
 greedy=
 for i in 1 2 3 4 5; do
-  "$m3" logits --model "$builtin" --ids "$ctx" --out "$tmp/b.f32" || bad "m3 logits on the built-in model"
+  "$m3" logits --model "$tiny" --ids "$ctx" --out "$tmp/b.f32" || bad "m3 logits on the tiny model"
   next=$(last_argmax "$tmp/b.f32" "$bvocab")
   [ "$next" = "$beos" ] && break
   greedy=${greedy:+$greedy,}$next
   ctx=$ctx,$next
 done
 if [ -n "$greedy" ]; then
-  "$m3" detokenize --model "$builtin" --ids "$greedy" --skip-special > "$tmp/want"
+  "$m3" detokenize --model "$tiny" --ids "$greedy" --skip-special > "$tmp/want"
 else
   : > "$tmp/want"
 fi
@@ -100,10 +101,10 @@ rc=$?
 "$m3" run --model "$fx" --ids "1,$vocab" 2> "$tmp/err"
 rc=$?
 [ $rc -eq 2 ] && grep -q "$vocab" "$tmp/err" && ok || bad "bad id: exit $rc, $(cat "$tmp/err")"
-"$m3" run --ids 1,2,3 --max-tokens 2 > "$tmp/builtin" 2> "$tmp/err" && ok \
-  || bad "built-in model: $(cat "$tmp/err")"
+"$m3" run --ids 1,2,3 --max-tokens 2 > "$tmp/default" 2> "$tmp/err" && ok \
+  || bad "default model: $(cat "$tmp/err")"
 
-# The README's first command: `m3 run` alone continues the default prompt on the built-in model,
+# The README's first command: `m3 run` alone continues the default prompt on the default model,
 # which is "m3 run --prompt 'The quick brown fox'" exactly.
 "$m3" run --max-tokens 4 > "$tmp/plain" 2> "$tmp/err" || bad "m3 run alone: $(cat "$tmp/err")"
 "$m3" run --max-tokens 4 --prompt "The quick brown fox" > "$tmp/explicit" 2> /dev/null

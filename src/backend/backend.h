@@ -164,6 +164,22 @@ typedef struct {
   /* x += y over n elements. */
   void (*add)(m3_backend *be, float *x, const float *y, size_t n);
 
+  /* The residual add of a sub-block and the Gemma RMSNorm of the next one in one pass over the
+   * rows: the same results as
+   *   add(x, y, nrows * n); rmsnorm(x, w, eps, nrows, n, out)
+   * x [nrows, n] (the residual stream, updated in place); y, out [nrows, n]; w [n]. out overlaps
+   * neither x nor y. */
+  void (*add_rmsnorm)(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
+                      int nrows, int n, float *out);
+
+  /* out_host[r] = the index of the largest of logits[r, 0..vocab), ties to the lower index: the
+   * greedy pick of engine/sampler.c, NaN included (a NaN never wins, except at index 0, where that
+   * scan starts and stays). logits [nrows, vocab] backend memory; out_host [nrows] host memory.
+   * Waits for every op issued before it and reports their failures, as to_host does: greedy
+   * decoding then moves nrows ids to the host instead of nrows * vocab logits. */
+  m3_status (*argmax_rows)(m3_backend *be, const float *logits, int nrows, int vocab,
+                           int32_t *out_host);
+
   /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
    * ik [T, ihd] or NULL. An fp8 cache gets each row quantized: scale = amax / 448 (a row of zeros:
    * scale 0, bytes 0; a row with a NaN or infinity: scale NaN, bytes 0, so it reads back NaN),

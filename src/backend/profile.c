@@ -174,6 +174,19 @@ static void prof_add(m3_backend *be, float *x, const float *y, size_t n) {
   INNER(be)->add(inner_of(be), x, y, n);
   account(prof_of(be), "add", NULL, t0);
 }
+static void prof_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
+                             int nrows, int n, float *out) {
+  double t0 = start(prof_of(be));
+  INNER(be)->add_rmsnorm(inner_of(be), x, y, w, eps, nrows, n, out);
+  account(prof_of(be), "add_rmsnorm", NULL, t0);
+}
+static m3_status prof_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
+                                  int32_t *out_host) {
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->argmax_rows(inner_of(be), logits, nrows, vocab, out_host);
+  account(prof_of(be), "argmax_rows", NULL, t0);
+  return st;
+}
 static void prof_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                           const float *v, const float *ik) {
   double t0 = start(prof_of(be));
@@ -236,6 +249,8 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->rmsnorm_rope = prof_rmsnorm_rope;
   ops->swiglu_oai = prof_swiglu_oai;
   ops->add = prof_add;
+  ops->add_rmsnorm = prof_add_rmsnorm;
+  ops->argmax_rows = prof_argmax_rows;
   ops->kv_store = prof_kv_store;
   ops->msa_select = prof_msa_select;
   ops->attention = prof_attention;

@@ -19,6 +19,7 @@ static const bench_part parts[] = {
     {"engine", m3_bench_engine, "batched serving: throughput, latency, prefix cache"},
     {"tok", m3_bench_tok, "single-thread tokenizer speed on a file"},
     {"spec", m3_bench_spec, "speculative decoding: verify k drafts, drafter steps"},
+    {"accept", m3_bench_accept, "speculative decoding: acceptance on real text, greedy identity"},
     {"serve", NULL, "the HTTP server under load: how to run bench/serve_bench.mjs"},
 };
 

@@ -12,6 +12,7 @@ int m3_bench_model(int argc, char **argv);  /* bench_model.c: decode and prefill
 int m3_bench_engine(int argc, char **argv); /* bench_engine.c: batched serving */
 int m3_bench_tok(int argc, char **argv);    /* tokenize.c: tokenizer encode speed */
 int m3_bench_spec(int argc, char **argv);   /* bench_spec.c: speculative decoding costs */
+int m3_bench_accept(int argc, char **argv); /* bench_accept.c: drafter acceptance on real text */
 
 /* CLOCK_MONOTONIC in seconds (bench.c). */
 double m3_bench_seconds(void);

@@ -33,7 +33,8 @@ static const char usage[] =
     "               [--temperature T] [--top-p P] [--top-k K] [--seed S] [--max-tokens N]\n"
     "               [--threads N] " M3_CLI_SPEC_USAGE "\n"
     "  chats with the model in its chat format (M3 or M2), streaming each reply; reasoning is\n"
-    "  shown apart from the answer. Without --model it runs the built-in tiny model.\n"
+    "  shown apart from the answer. Without --model it runs\n"
+    "  " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP
     "  Defaults: temperature 1, top-p 0.95, top-k 40 (the model card's), thinking adaptive,\n"
     "  replies until the end of the turn or the context (--max-tokens 0).\n"
     "input: a line is a message; a line ending in \\ continues on the next; a line \"\"\"\n"
@@ -477,7 +478,10 @@ int m3_cmd_chat(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
-  if ((st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK) return m3_cli_fail("chat", st);
+  m3_cli_model_paths paths;
+  if ((st = m3_cli_model_or_default(&a.model, &a.spec, &paths)) != M3_OK ||
+      (st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK)
+    return m3_cli_fail("chat", st);
   const int tty_in = isatty(STDIN_FILENO), tty_out = isatty(STDOUT_FILENO);
   m3_engine_options o;
   m3_engine_options_init(&o);
@@ -497,7 +501,7 @@ int m3_cmd_chat(int argc, char **argv) {
   m3_engine_model_info(e, &info);
   h.format = info.chat_format == M3_CHAT_M2 ? M3_CHAT_FORMAT_M2 : M3_CHAT_FORMAT_M3;
   if ((st = m3_tokenize(e, "", 0, 1, &probe, &n_probe)) == M3_ERR_UNSUPPORTED)
-    st = m3_fail(M3_ERR_ARG, "--model: %s has no tokenizer.json, which chat needs", a.model ? a.model : "the model");
+    st = m3_fail(M3_ERR_ARG, "--model: %s has no tokenizer.json, which chat needs", a.model);
   if (st != M3_OK) goto done;
   if (a.system && !(h.system = strdup(a.system))) {
     st = m3_fail(M3_ERR_NOMEM, "chat: out of memory");

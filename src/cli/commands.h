@@ -13,6 +13,7 @@ int m3_cmd_tiny(int argc, char **argv);
 int m3_cmd_tiny_draft(int argc, char **argv);
 int m3_cmd_bench(int argc, char **argv);
 int m3_cmd_logits(int argc, char **argv);
+int m3_cmd_perplexity(int argc, char **argv);
 int m3_cmd_run(int argc, char **argv);
 int m3_cmd_chat(int argc, char **argv);
 int m3_cmd_tokenize(int argc, char **argv);

@@ -18,7 +18,6 @@
 #include "io/config.h"
 #include "io/safetensors.h"
 #include "io/quantize.h"
-#include "io/tiny.h"
 #include "io/weights.h"
 
 enum { PATH_CAP = 4096, DEFAULT_CTX_CAP = 131072 };
@@ -427,7 +426,7 @@ static void inspect_usage(FILE *f) {
           "  describes a checkpoint folder (config.json, with or without weights): layer kinds,\n"
           "  parameters (total and active per token), bytes by dtype, KV cache per token, the\n"
           "  memory needed for N tokens of context, and the quantization found\n"
-          "  --model DIR  the folder (default: the built-in tiny model)\n"
+          "  --model DIR  the folder (default: " M3_CLI_DEFAULT_MODEL ")\n"
           "  --json       one JSON object instead of text\n"
           "  --ctx N      context length for the memory figure (default: max_position_embeddings,\n"
           "               at most %d)\n"
@@ -513,11 +512,8 @@ int m3_cmd_inspect(int argc, char **argv) {
     else if (strcmp(a, "--ep") == 0) st = m3_cli_parse_long(a, argv[++i], 1, M3_PARALLEL_MAX_RANKS, &ep);
     else st = m3_fail(M3_ERR_ARG, "unknown argument '%s' (see m3 inspect --help)", a);
   }
-  char builtin[PATH_CAP];
-  if (st == M3_OK && !dir) {
-    st = m3_builtin_model_dir(builtin, sizeof builtin);
-    dir = builtin;
-  }
+  m3_cli_model_paths paths;
+  if (st == M3_OK) st = m3_cli_model_or_default(&dir, NULL, &paths);
   if (st == M3_OK && json && (tp || ep)) st = m3_fail(M3_ERR_ARG, "--tp/--ep: not with --json");
   if (st == M3_OK) st = inspect(dir, ctx, json, quantize != NULL);
   if (st == M3_OK && (tp || ep)) st = m3_cli_print_plan(dir, (int)tp, (int)ep);

@@ -5,8 +5,8 @@
 #include <string.h>
 
 #include "cli/commands.h"
+#include "cli/direct_model.h"
 #include "cli/model_args.h"
-#include "engine/runner.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "m3 logits writes host floats as little-endian"
@@ -81,24 +81,18 @@ int m3_cmd_logits(int argc, char **argv) {
   int32_t *ids = NULL, *blocks = NULL;
   float *logits = NULL;
   int n = 0;
-  m3_backend *be = NULL;
-  m3_model *model = NULL;
-  m3_runner *runner = NULL;
+  m3_cli_direct d = {0};
   m3_kv_seq seq;
   m3_kv_seq_init(&seq);
   if ((st = m3_cli_parse_ids(a.ids, &ids, &n)) != M3_OK) goto done;
-  if ((st = m3_cli_open_backend(a.device, (int)a.threads, &be)) != M3_OK) goto done;
-  if ((st = m3_kv_dtype_check(be, a.kv_dtype)) != M3_OK) goto done;
-  const m3_model_load_options load = {.quantize_mxfp8 = a.quantize != NULL, .threads = (int)a.threads};
-  if ((st = m3_model_load_with(a.model, be, &load, &model)) != M3_OK) goto done;
-  const m3_config *cfg = m3_model_config(model);
-  if ((st = m3_cli_check_ids(ids, n, cfg->vocab_size)) != M3_OK) goto done;
-  if ((st = m3_runner_create(model, a.kv_dtype, m3_kv_bytes_for_tokens(cfg, a.kv_dtype, n),
-                             &runner)) != M3_OK)
+  if ((st = m3_cli_direct_open(a.model, a.device, (int)a.threads, a.quantize != NULL, a.kv_dtype,
+                               n, &d)) != M3_OK)
     goto done;
+  const m3_config *cfg = m3_model_config(d.model);
+  if ((st = m3_cli_check_ids(ids, n, cfg->vocab_size)) != M3_OK) goto done;
 
   const size_t logits_bytes = (size_t)n * (size_t)cfg->vocab_size * sizeof *logits;
-  const size_t blocks_bytes = (size_t)m3_model_num_sparse_layers(model) * (size_t)n *
+  const size_t blocks_bytes = (size_t)m3_model_num_sparse_layers(d.model) * (size_t)n *
                               (size_t)cfg->index_num_heads * (size_t)cfg->index_topk_blocks *
                               sizeof *blocks;
   logits = malloc(logits_bytes);
@@ -108,16 +102,14 @@ int m3_cmd_logits(int argc, char **argv) {
     goto done;
   }
   m3_selection_capture capture = {blocks, n, 0};
-  st = m3_runner_feed(runner, &seq, ids, n, (int)a.chunk, logits, blocks ? &capture : NULL);
+  st = m3_runner_feed(d.runner, &seq, ids, n, (int)a.chunk, logits, blocks ? &capture : NULL);
   if (st != M3_OK) goto done;
   if ((st = write_file(a.out, logits, logits_bytes)) != M3_OK) goto done;
   if (blocks) st = write_file(a.blocks_out, blocks, blocks_bytes);
 
 done:
-  if (runner) m3_kv_seq_release(m3_runner_cache(runner), &seq);
-  m3_runner_free(runner);
-  m3_model_free(model);
-  if (be) be->ops->destroy(be);
+  if (d.runner) m3_kv_seq_release(m3_runner_cache(d.runner), &seq);
+  m3_cli_direct_close(&d);
   free(ids);
   free(logits);
   free(blocks);

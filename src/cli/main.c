@@ -16,6 +16,7 @@ static const command commands[] = {
     {"tiny-draft", m3_cmd_tiny_draft, "write a small random EAGLE3 draft for a target model"},
     {"bench", m3_cmd_bench, "benchmarks: ops, model, engine, tok, serve (m3 bench --help)"},
     {"logits", m3_cmd_logits, "write the float32 logits of every position of an id sequence"},
+    {"perplexity", m3_cmd_perplexity, "the model's perplexity on a text, in chunks of N tokens"},
     {"run", m3_cmd_run, "generate tokens from a prompt and report prompt and generation speed"},
     {"chat", m3_cmd_chat, "chat with the model interactively in its chat format"},
     {"tokenize", m3_cmd_tokenize, "print the token ids of a text"},

@@ -10,7 +10,7 @@
 #include "engine/parallel.h"
 #include "engine/rendezvous.h"
 #include "io/config.h"
-#include "io/tiny.h"
+#include "io/default_model.h"
 
 m3_status m3_cli_parse_long(const char *flag, const char *value, long min, long max, long *out) {
   char *end;
@@ -130,16 +130,29 @@ m3_status m3_cli_open_backend(const char *device, int threads, m3_backend **out)
   return m3_backend_create(device, threads, out);
 }
 
+m3_status m3_cli_model_or_default(const char **model, m3_cli_spec *spec, m3_cli_model_paths *paths) {
+  if (*model) return M3_OK;
+  m3_status st = m3_default_model_dir(paths->model, sizeof paths->model);
+  if (st != M3_OK) return st;
+  *model = paths->model;
+  if (!spec || spec->draft || !spec->kind || strcmp(spec->kind, "eagle3") != 0) return M3_OK;
+  /* The draft lies next to the model: models/m3-small-eagle3 beside models/m3-small. */
+  size_t len = strlen(paths->model);
+  while (len > 1 && paths->model[len - 1] == '/') len--;
+  while (len > 0 && paths->model[len - 1] != '/') len--;
+  if ((size_t)snprintf(paths->draft, sizeof paths->draft, "%.*s%s", (int)len, paths->model,
+                       M3_DEFAULT_DRAFT_NAME) >= sizeof paths->draft)
+    return m3_fail(M3_ERR_ARG, "%s: path too long for its draft folder", paths->model);
+  spec->draft = paths->draft;
+  return M3_OK;
+}
+
 m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep) {
-  char dir[4096], path[4200];
-  m3_status st;
-  if (!model_dir) {
-    if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) return st;
-    model_dir = dir;
-  }
+  char path[4200];
   snprintf(path, sizeof path, "%s/config.json", model_dir);
   m3_config cfg;
-  if ((st = m3_config_load(path, &cfg)) != M3_OK) return st;
+  m3_status st = m3_config_load(path, &cfg);
+  if (st != M3_OK) return st;
   m3_plan plan;
   st = m3_parallel_plan(&cfg, tp ? tp : 1, ep ? ep : 1, &plan);
   if (st == M3_OK) m3_parallel_plan_print(&plan, stdout);

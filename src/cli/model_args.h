@@ -44,9 +44,23 @@ typedef struct {
 /* Returns 1 when `flag` is one of them (*st gets the parse result), else 0. */
 int m3_cli_spec_flag(const char *flag, const char *value, m3_cli_spec *spec, m3_status *st);
 void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o);
+/* How --help names the default model and its draft (m3_cli_model_or_default). */
+#define M3_CLI_DEFAULT_MODEL "the default model ($M3_MODEL_DIR, else models/m3-small)"
+#define M3_CLI_DEFAULT_DRAFT_HELP \
+  "  --speculative eagle3 on the default model drafts with models/m3-small-eagle3 unless --draft\n" \
+  "  names another.\n"
+/* The folders a command loads when --model or --draft are not given. */
+typedef struct {
+  char model[4096], draft[4096];
+} m3_cli_model_paths;
+/* *model is --model's value or NULL; NULL becomes the default model (io/default_model.h),
+ * written into paths->model. With the default model and spec->kind "eagle3" but no --draft,
+ * spec->draft becomes the draft folder next to the model (M3_DEFAULT_DRAFT_NAME), written into
+ * paths->draft. spec may be NULL (commands without speculative decoding). */
+m3_status m3_cli_model_or_default(const char **model, m3_cli_spec *spec, m3_cli_model_paths *paths);
 /* Multi-GPU execution is not built yet: with --tp/--ep/--nnodes above 1 this prints the layout
- * plan of model_dir (NULL = the built-in model) on stdout and returns M3_ERR_ARG saying so;
- * otherwise M3_OK. Also checks --node-rank and --master-addr against --nnodes. */
+ * plan of model_dir on stdout and returns M3_ERR_ARG saying so; otherwise M3_OK. Also checks
+ * --node-rank and --master-addr against --nnodes. */
 m3_status m3_cli_parallel_gate(const m3_cli_spec *spec, const char *model_dir);
 /* The layout plan of model_dir's config for tp x ep, printed on stdout. */
 m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep);

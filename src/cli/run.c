@@ -23,8 +23,9 @@ static const char usage[] =
     "  generates up to N tokens (default 32; stops at the end-of-turn id), greedy at\n"
     "  temperature 0 (default). Streams the generated ids (--ids) or text (--prompt, encoded\n"
     "  as is with DIR/tokenizer.json, no chat template) as they come, then prompt and\n"
-    "  generation speed on stderr. Without --model it runs the built-in tiny model; without\n"
-    "  --ids or --prompt it continues the prompt \"" DEFAULT_PROMPT "\".\n"
+    "  generation speed on stderr. Without --ids or --prompt it continues the prompt\n"
+    "  \"" DEFAULT_PROMPT "\". Without --model it runs\n"
+    "  " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP
     "  --image / --video attach media (JPEG, PNG, WebP, GIF; videos through libavformat) for a\n"
     "  model with a vision tower: each takes the next ]<]image[>[ / ]<]video[>[ placeholder of\n"
     "  the prompt (placeholders are put in front when the prompt has none).\n";
@@ -164,7 +165,10 @@ int m3_cmd_run(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
-  if ((st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK) return m3_cli_fail("run", st);
+  m3_cli_model_paths paths;
+  if ((st = m3_cli_model_or_default(&a.model, &a.spec, &paths)) != M3_OK ||
+      (st = m3_cli_parallel_gate(&a.spec, a.model)) != M3_OK)
+    return m3_cli_fail("run", st);
   int32_t *ids = NULL;
   int n = 0;
   m3_engine *e = NULL;
@@ -185,9 +189,8 @@ int m3_cmd_run(int argc, char **argv) {
   m3_model_info info;
   m3_engine_model_info(e, &info);
   if (a.prompt) {
-    const char *dir_hint = a.model ? a.model : "the built-in model";
     st = m3_tokenize(e, a.prompt, strlen(a.prompt), 0, &ids, &n);
-    if (st == M3_ERR_UNSUPPORTED) st = m3_fail(M3_ERR_ARG, "--prompt: %s has no tokenizer.json; use --ids", dir_hint);
+    if (st == M3_ERR_UNSUPPORTED) st = m3_fail(M3_ERR_ARG, "--prompt: %s has no tokenizer.json; use --ids", a.model);
     if (st != M3_OK) goto done;
     if (n == 0) {
       st = m3_fail(M3_ERR_ARG, "--prompt: the text encodes to no tokens");

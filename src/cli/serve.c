@@ -38,9 +38,10 @@ static const char usage[] =
     "  --remote-media-timeout-ms MS  time allowed for one image download (default 10000)\n"
     "  --grace SECONDS    on SIGTERM, how long requests in flight may finish (default 30)\n"
     "  --test-hooks       honour the request field m3_test_forced_text (tests only)\n"
-    "  Without --model it serves the built-in tiny model.\n";
+    "  Without --model it serves " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP;
 
 typedef struct {
+  m3_cli_model_paths paths;
   m3_server_options server;
   m3_engine_options engine;
   m3_cli_spec spec;
@@ -111,9 +112,10 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
       return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
+  m3_status st = m3_cli_model_or_default(&a->engine.model_dir, &a->spec, &a->paths);
+  if (st != M3_OK || (st = m3_cli_parallel_gate(&a->spec, a->engine.model_dir)) != M3_OK)
+    return st;
   m3_cli_spec_apply(&a->spec, &a->engine);
-  m3_status gate = m3_cli_parallel_gate(&a->spec, a->engine.model_dir);
-  if (gate != M3_OK) return gate;
   a->server.remote_media_timeout_ms = a->allow_remote_media ? (int)a->remote_media_timeout_ms : 0;
   return M3_OK;
 }

@@ -78,7 +78,8 @@ struct m3_engine {
   m3_seq_list running, waiting;
   uint64_t next_order;
   int reserved_slots;        /* running places kept for samples that fork later */
-  float *logits;             /* [max_running, vocab] */
+  float *logits;             /* [rows, vocab], rows = max_running * (1 + drafts per step) */
+  int32_t *greedy_ids;       /* [rows] each row's argmax, on a step that takes only those */
   m3_model_seq *batch;       /* [max_running] */
   m3_seq **batch_seq;        /* [max_running] */
   int32_t *batch_pos;        /* [max_batch_tokens] */
@@ -113,7 +114,8 @@ void m3_sched_cancel_all(m3_engine *e);
 /* output.c: a sample's token, its text, stop conditions and the callback. */
 m3_status m3_seq_create(m3_engine *e, m3_request *r, int index, m3_seq **out);
 void m3_seq_free(m3_engine *e, m3_seq *s);
-/* Appends `token` (sampled from `logits`) and reports it; returns 1 when the sample finished. */
+/* Appends `token` (sampled from `logits`) and reports it; returns 1 when the sample finished.
+ * logits is read only for log-probabilities: NULL when the request asks for none. */
 int m3_seq_emit(m3_engine *e, m3_seq *s, int32_t token, const float *logits);
 /* Reports a finish without a token (cancel, error) for sample `index` of r (s may be NULL for a
  * sample not forked yet). */

@@ -197,6 +197,7 @@ int m3_spec_verify(m3_engine *e, m3_seq *s, const float *logits, int n) {
   int32_t drafts[MAX_DRAFTS];
   memcpy(drafts, s->tokens + s->n_computed + 1, (size_t)n * sizeof *drafts);
   e->counters.spec_draft_tokens += (uint64_t)n;
+  e->counters.spec_rounds++;
   for (int i = 0; i <= n; i++) {
     const float *row = logits + (size_t)i * (size_t)e->vocab;
     const m3_sample_history h = {s->tokens, r->n_prompt, s->tokens + r->n_prompt, s->n_generated};

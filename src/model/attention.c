@@ -1,6 +1,6 @@
 /* attention.c: the attention half of a decoder layer (m3_text_spec.md §4.1, §5; msa_spec.md §9).
  *
- *   h  = GemmaRMSNorm(x, input_norm)                         [T, H]
+ *   h  = GemmaRMSNorm(x, input_norm)                         [T, H]   on entry (layers.h)
  *   q  = RoPE(RMSNorm_hd(h Wq^T, q_norm))                    [T, nh, hd]
  *   k  = RoPE(RMSNorm_hd(h Wk^T, k_norm))                    [T, nkv, hd]
  *   v  = h Wv^T                                              [T, nkv, hd]   no norm, no RoPE
@@ -9,7 +9,9 @@
  *   ik = RoPE(RMSNorm_ihd(h Wik^T, index_k_norm))            [T, ihd]       one shared head
  *   store k, v (, ik) at pos, then select blocks per token and index head from the whole cache
  *   o  = attention(q, cache, selection or plain causal)      [T, nh, hd]
- *   x += o Wo^T                                              [T, H] */
+ *   x += o Wo^T                                              [T, H]
+ *   h  = GemmaRMSNorm(x, post_attn_norm)                     [T, H]   the FFN half's input,
+ *                                                                     fused with the add */
 #include "model/layers.h"
 
 /* Gemma RMSNorm of every head vector (one [dim] weight shared by all heads), then the partial
@@ -29,7 +31,6 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   const int sparse = c->layer_attn[l] == M3_ATTN_SPARSE;
   const int32_t *pos = s->pos;
 
-  be->ops->rmsnorm(be, s->x, &w->input_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
   be->ops->matmul(be, &w->q_proj, s->h, T, s->q);
   be->ops->matmul(be, &w->k_proj, s->h, T, s->k);
   be->ops->matmul(be, &w->v_proj, s->h, T, s->v);
@@ -62,5 +63,6 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   }
 
   be->ops->matmul(be, &w->o_proj, s->att, T, s->out);
-  be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+  be->ops->add_rmsnorm(be, s->x, s->out, &w->post_attn_norm, c->rms_norm_eps, T, c->hidden_size,
+                       s->h);
 }

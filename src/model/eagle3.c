@@ -62,9 +62,7 @@ static m3_status body(m3_drafter *d, const m3_segment *segs, int n_segs, int T, 
                        0, g->att + r0 * qw);
   }
   be->ops->matmul(be, &g->o_proj, g->att, T, g->tmp);
-  be->ops->add(be, g->r, g->tmp, TH);
-
-  be->ops->rmsnorm(be, g->r, &g->post_norm, g->eps, T, H, g->h);
+  be->ops->add_rmsnorm(be, g->r, g->tmp, &g->post_norm, g->eps, T, H, g->h);
   be->ops->matmul(be, &g->gate, g->h, T, g->g);
   be->ops->matmul(be, &g->up, g->h, T, g->u);
   /* SiLU(gate) * up is SwiGLU-OAI with alpha 1, beta 0 and no clamp. */

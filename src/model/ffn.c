@@ -1,13 +1,14 @@
 /* ffn.c: the feed-forward half of a decoder layer (m3_text_spec.md §3.4, §3.5, §4.2, §4.3).
  *
- *   h = GemmaRMSNorm(x, post_attn_norm)                                   [T, H]
+ *   h = GemmaRMSNorm(x, post_attn_norm)                  [T, H]   on entry (the attention half's)
  * dense layers:
  *   x += SwiGLU_OAI(h Wgate^T, h Wup^T) Wdown^T                           [T, I] -> [T, H]
  * MoE layers:
  *   logits = h Wrouter^T in fp32 (router weights as stored, F32)          [T, E]
  *   ids, w = moe_route(logits, bias)  sigmoid, biased top-k, renormalised, x routed_scaling
  *   x += sum_j w[t, j] * Expert_{ids[t, j]}(h[t])   moe_experts: each expert reads its weights once
- *   x += SharedExpert(h)                            unscaled */
+ *   x += SharedExpert(h)                            unscaled
+ * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add. */
 #include "model/layers.h"
 
 /* out[n, H] = SwiGLU_OAI(in Wgate^T, in Wup^T) Wdown^T for n rows of in [n, H]. */
@@ -38,7 +39,19 @@ void m3_moe_experts_release(m3_backend *be, m3_moe_experts *ex) {
   *ex = (m3_moe_experts){0};
 }
 
-static void moe(m3_model *m, int l, int T) {
+/* x += out (the last add onto the residual in this half), then h = GemmaRMSNorm(x, next) unless
+ * next is NULL. */
+static void add_residual(m3_model *m, int T, const m3_tensor *next) {
+  const m3_config *c = &m->cfg;
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  if (next)
+    be->ops->add_rmsnorm(be, s->x, s->out, next, c->rms_norm_eps, T, c->hidden_size, s->h);
+  else
+    be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+}
+
+static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
   m3_scratch *s = &m->s;
@@ -52,21 +65,21 @@ static void moe(m3_model *m, int l, int T) {
 
   if (m3_tensor_present(&w->shared_gate)) {
     swiglu_mlp(m, &w->shared_gate, &w->shared_up, &w->shared_down, s->h, T, s->out);
-    be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+    add_residual(m, T, next);
+  } else if (next) { /* the experts added onto x themselves: nothing to fuse the norm with */
+    be->ops->rmsnorm(be, s->x, next, c->rms_norm_eps, T, c->hidden_size, s->h);
   }
 }
 
-void m3_ffn_block(m3_model *m, int l, int T) {
+void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
   m3_scratch *s = &m->s;
-  m3_backend *be = m->be;
 
-  be->ops->rmsnorm(be, s->x, &w->post_attn_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
   if (c->layer_mlp[l] == M3_MLP_MOE) {
-    moe(m, l, T);
+    moe(m, l, T, next);
     return;
   }
   swiglu_mlp(m, &w->mlp_gate, &w->mlp_up, &w->mlp_down, s->h, T, s->out);
-  be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+  add_residual(m, T, next);
 }

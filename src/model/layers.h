@@ -13,7 +13,7 @@
 /* Activations of one step, allocated once through the backend. */
 typedef struct {
   float *x;           /* [T, H] residual stream */
-  float *h;           /* [T, H] normed input of the current sub-block */
+  float *h;           /* [T, H] normed input of the current sub-block (layers below) */
   float *q;           /* [T, nh, hd] */
   float *k, *v;       /* [T, nkv, hd] */
   float *iq;          /* [T, G, ihd] */
@@ -78,13 +78,20 @@ static inline m3_status m3_download(m3_model *m, void *dst, const void *src, siz
   return dst == src ? M3_OK : m->be->ops->to_host(m->be, dst, src, bytes);
 }
 
-/* x += o_proj(attention(norm(x))) for layer l over the step's T tokens (positions s.pos), each
- * segment storing its K, V, IK in its own cache views first and attending only to them.
- * Leaves the layer's block selections in s.sel on sparse layers. */
+/* The two halves pass the normed residual on in s.h: each ends with its add onto x fused with the
+ * norm the next one starts with (add_rmsnorm), so whoever runs layer l first puts
+ * GemmaRMSNorm(x, input_norm of l) in s.h.
+ *
+ * x += o_proj(attention(h)) for layer l over the step's T tokens (positions s.pos), h being
+ * GemmaRMSNorm(x, input_norm) on entry; each segment stores its K, V, IK in its own cache views
+ * first and attends only to them. Leaves h = GemmaRMSNorm(x, post_attn_norm), the FFN half's
+ * input, and the layer's block selections in s.sel on sparse layers. */
 void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T);
 
-/* x += FFN(norm(x)) for layer l: dense SwiGLU-OAI MLP or MoE with shared expert. */
-void m3_ffn_block(m3_model *m, int l, int T);
+/* x += FFN(h) for layer l (dense SwiGLU-OAI MLP or MoE with shared expert), h being
+ * GemmaRMSNorm(x, post_attn_norm) on entry; then h = GemmaRMSNorm(x, next) unless next is NULL
+ * (the next layer's input_norm, or the final norm). */
+void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next);
 
 /* ex = the routed experts of layer L (E from the config, SwiGLU-OAI parameters of the config),
  * handed to the backend's prepare_experts; L's expert tensors must be prepared already. On failure

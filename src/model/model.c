@@ -382,10 +382,20 @@ static int logit_rows(m3_model *m, const m3_segment *segs, int n_segs, const m3_
   return n;
 }
 
+/* The norm whose output s.h holds after layer l's FFN half (l = -1: after the embedding): the next
+ * layer's input norm, else the final norm when `final` (the head or the final hidden reads it),
+ * else none. */
+static const m3_tensor *norm_after(const m3_model *m, int l, int final) {
+  if (l + 1 < m->cfg.num_layers) return &m->w.layers[l + 1].input_norm;
+  return final ? &m->w.final_norm : NULL;
+}
+
 /* One step over T <= m->step_tokens tokens (hs.ids, hs.pos) of n_segs segments; writes the
- * requested logits rows to `logits` (host memory) and their count to *n_rows. */
+ * requested logits rows to `logits` (host memory), or with `greedy` only each row's argmax to
+ * greedy (host memory; `logits` is then where a host backend computes the rows), and their count
+ * to *n_rows. */
 static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
-                      const m3_model_seq *seqs, float *logits, int *n_rows) {
+                      const m3_model_seq *seqs, float *logits, int32_t *greedy, int *n_rows) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
@@ -397,6 +407,11 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
   if ((st = m3_vision_splice(m, segs, n_segs, seqs)) != M3_OK) return st;
   const int *slot = m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL;
+  const int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
+  const int final_slot = slot ? slot[c->num_layers] : -1;
+  const int final = rows > 0 || final_slot >= 0;
+  const m3_tensor *first_norm = norm_after(m, -1, final);
+  if (first_norm) be->ops->rmsnorm(be, s->x, first_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
   for (int l = 0, sparse = 0; l < c->num_layers; l++) {
     if (slot && slot[l] >= 0 && (st = capture_hidden(m, segs, n_segs, s->x, slot[l])) != M3_OK)
       return st;
@@ -404,12 +419,10 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     if (c->layer_attn[l] == M3_ATTN_SPARSE &&
         (st = capture_selections(m, segs, n_segs, seqs, sparse++)) != M3_OK)
       return st;
-    m3_ffn_block(m, l, T);
+    m3_ffn_block(m, l, T, norm_after(m, l, final));
   }
-  int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
-  const int final_slot = slot ? slot[c->num_layers] : -1;
-  if (rows == 0 && final_slot < 0) return M3_OK;
-  be->ops->rmsnorm(be, s->x, &m->w.final_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
+  if (!final) return M3_OK;
+  /* s.h = GemmaRMSNorm(x, final_norm), fused with the last layer's residual add. */
   if (final_slot >= 0 &&
       (st = capture_hidden(m, segs, n_segs, s->h, final_slot)) != M3_OK)
     return st;
@@ -425,16 +438,17 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     head_in = s->xe;
   }
   /* A device backend computes the logits in its memory, M3_MODEL_STEP_TOKENS rows at a time, and
-   * hands them over; the CPU writes the caller's buffer directly. */
+   * hands them over (greedy: only each row's argmax); the CPU writes the caller's buffer directly. */
   const size_t V = (size_t)c->vocab_size, H = (size_t)c->hidden_size;
   for (int r0 = 0; r0 < rows; r0 += M3_MODEL_STEP_TOKENS) {
     const int n = rows - r0 < M3_MODEL_STEP_TOKENS ? rows - r0 : M3_MODEL_STEP_TOKENS;
     float *head_out = s->logits ? s->logits : logits + (size_t)r0 * V;
     be->ops->matmul(be, &m->w.lm_head, head_in + (size_t)r0 * H, n, head_out);
-    if (head_out != logits + (size_t)r0 * V &&
-        (st = be->ops->to_host(be, logits + (size_t)r0 * V, head_out,
-                               (size_t)n * V * sizeof(float))) != M3_OK)
-      return st;
+    if (greedy)
+      st = be->ops->argmax_rows(be, head_out, n, (int)V, greedy + r0);
+    else if (head_out != logits + (size_t)r0 * V)
+      st = be->ops->to_host(be, logits + (size_t)r0 * V, head_out, (size_t)n * V * sizeof(float));
+    if (st != M3_OK) return st;
   }
   *n_rows = rows;
   return M3_OK;
@@ -449,13 +463,9 @@ static m3_status grow_segments(m3_model *m, int n) {
   return M3_OK;
 }
 
-m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
-                                 float *logits) {
-  return m3_model_forward_batch_hidden(m, seqs, n_seqs, logits, NULL);
-}
-
-m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
-                                        float *logits, float *const *hidden) {
+/* m3_model_forward_batch_hidden, or with `greedy` its argmax variant. */
+static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs, float *logits,
+                               int32_t *greedy, float *const *hidden) {
   m->hidden = hidden;
   m3_status st = M3_OK;
   for (int i = 0; i < n_seqs && st == M3_OK; i++) {
@@ -491,11 +501,27 @@ m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, i
     }
     if (T == 0) break;
     int rows;
-    st = step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL, &rows);
+    st = step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL,
+              greedy ? greedy + logit_row : NULL, &rows);
     if (st != M3_OK) return st;
     logit_row += (size_t)rows;
   }
   return M3_OK;
+}
+
+m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                 float *logits) {
+  return forward_batch(m, seqs, n_seqs, logits, NULL, NULL);
+}
+
+m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, float *const *hidden) {
+  return forward_batch(m, seqs, n_seqs, logits, NULL, hidden);
+}
+
+m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, int32_t *tokens, float *const *hidden) {
+  return forward_batch(m, seqs, n_seqs, logits, tokens, hidden);
 }
 
 m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids,

@@ -115,6 +115,14 @@ m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_se
 m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, float *const *hidden);
 
+/* m3_model_forward_batch_hidden for greedy decoding: tokens [sum of n_logits] (host memory) gets
+ * the argmax of each requested logits row (the backend's argmax_rows: ties to the lower id, the
+ * sampler's pick at temperature 0 without logit bias or penalties) instead of the row. `logits` is
+ * the buffer m3_model_forward_batch_hidden would fill: a host-memory backend computes the rows
+ * there; a device backend keeps them in its own memory and moves only the ids to the host. */
+m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, int32_t *tokens, float *const *hidden);
+
 /* One image, or one video, as the vision tower takes it (m3_vision_chat_spec.md §2.5, §3.3). */
 typedef struct {
   const float *pixels;        /* [grid_t * grid_h * grid_w, 3 * tp * p * p] host memory */

@@ -57,8 +57,9 @@ static m3_status mtp_body(m3_drafter *d, const m3_segment *segs, int n_segs, int
   }
   m->body.s.ids = d->ids;
   m->body.s.pos = d->pos;
+  be->ops->rmsnorm(be, m->body.s.x, &w->layer.input_norm, c->rms_norm_eps, T, H, m->body.s.h);
   m3_attention_block(&m->body, 0, m->segs, n_segs, T);
-  m3_ffn_block(&m->body, 0, T);
+  m3_ffn_block(&m->body, 0, T, NULL);
   return be->ops->copy(be, d->out, m->body.s.x, (size_t)T * H * sizeof(float));
 }
 

@@ -150,4 +150,7 @@ void srv_metrics_render(srv_metrics *m, m3_engine *e, int in_flight, m3_sbuf *ou
          (double)st.spec_draft_tokens);
   metric(out, "m3_spec_decode_accepted_tokens_total", "counter", "Speculative tokens accepted.",
          (double)st.spec_accepted_tokens);
+  metric(out, "m3_spec_decode_num_drafts_total", "counter",
+         "Speculative verifications (rounds); mean acceptance length = 1 + accepted / rounds.",
+         (double)st.spec_rounds);
 }

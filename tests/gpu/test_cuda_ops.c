@@ -94,6 +94,7 @@ typedef struct {
 
 enum {
   OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
+  OP_ADD_RMSNORM, OP_ADD_RMSNORM_SELF, OP_ARGMAX,
   OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL,
   OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION, OP_COUNT
@@ -108,6 +109,9 @@ static op_result results[OP_COUNT] = {
     [OP_RMSNORM_ROPE] = {"rmsnorm_rope (fused)", 0, 0, 0, 1e-5, 0, 0},
     [OP_SWIGLU] = {"swiglu_oai", 0, 0, 0, 1e-5, 0, 0},
     [OP_ADD] = {"add", 0, 0, 0, 1e-6, 0, 0},
+    [OP_ADD_RMSNORM] = {"add_rmsnorm (fused)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_ADD_RMSNORM_SELF] = {"add_rmsnorm vs CUDA add + rmsnorm (bits)", 0, 0, 0, 0, 0, 0},
+    [OP_ARGMAX] = {"argmax_rows (ids, exact)", 0, 0, 0, 0, 0, 0},
     [OP_KV_STORE] = {"kv_store", 0, 0, 0, 1e-6, 0, 0},
     [OP_MSA] = {"msa_select", 0, 0, 0, 0, 0, 0},
     [OP_ATT_DENSE] = {"attention (dense)", 0, 0, 0, 1e-5, 0, 0},
@@ -409,6 +413,80 @@ static void test_elementwise(void) {
     compare(OP_ADD, what, &x);
     pair_free(&x), pair_free(&y), free(a), free(b);
   }
+}
+
+/* The fused residual add + norm against the CPU's (x and out), and against the CUDA backend's own
+ * add then rmsnorm, which it must equal bit for bit (same threads per row, same reduction). */
+static void test_add_rmsnorm(void) {
+  static const int shapes[][2] = {{5, 128}, {3, 1000}, {2, 6144}, {40, 24}, {1024, 128},
+                                  {7, 6144}, {1, 33}, {300, 257}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int kind = W_F32; kind <= W_BF16; kind++) {
+      const int rows = shapes[s][0], n = shapes[s][1];
+      const size_t len = (size_t)rows * n;
+      weight w = make_weight(kind, 1, n);
+      float *xh = random_floats(len, -3, 3), *yh = random_floats(len, -3, 3);
+      pair x = pair_from(xh, len * 4), y = pair_from(yh, len * 4), out = pair_poisoned(len);
+      pair x2 = pair_from(xh, len * 4), out2 = pair_poisoned(len);
+      cpu->ops->add_rmsnorm(cpu, x.c, y.c, &w.c, 1e-6f, rows, n, out.c);
+      gpu->ops->add_rmsnorm(gpu, x.g, y.g, &w.g, 1e-6f, rows, n, out.g);
+      gpu->ops->add(gpu, x2.g, y.g, len);
+      gpu->ops->rmsnorm(gpu, x2.g, &w.g, 1e-6f, rows, n, out2.g);
+      char what[64];
+      snprintf(what, sizeof what, "%dx%d %s out", rows, n, kind_name[kind]);
+      float *fused = gpu_copy(&out), *two = gpu_copy(&out2);
+      record(OP_ADD_RMSNORM_SELF, what, two, fused, len);
+      free(fused), free(two);
+      compare(OP_ADD_RMSNORM, what, &out);
+      snprintf(what, sizeof what, "%dx%d %s x", rows, n, kind_name[kind]);
+      compare(OP_ADD_RMSNORM, what, &x);
+      pair_free(&x), pair_free(&y), pair_free(&out), pair_free(&x2), pair_free(&out2);
+      free(xh), free(yh), free_weight(&w);
+    }
+}
+
+/* Greedy ids of both backends, exactly. Rows of every kind: continuous values; small integers
+ * (exact ties, the lower id wins); scattered -inf, +inf, NaN; a NaN at index 0 (kept: the
+ * sampler's scan starts there), with a +inf later; all -inf; all NaN; -0 against +0. */
+static void argmax_case(int rows, int vocab) {
+  const size_t len = (size_t)rows * vocab;
+  float *lh = random_floats(len, -30, 30);
+  for (int r = 0; r < rows; r++) {
+    float *l = lh + (size_t)r * vocab;
+    const int kind = r % 8;
+    for (int i = 0; i < vocab; i++) {
+      const uint32_t u = rnd() % 100;
+      if (kind == 1) l[i] = (float)((int)(rnd() % 5) - 2);
+      if (kind == 2) l[i] = u < 5 ? -INFINITY : u < 8 ? NAN : u < 9 ? INFINITY : l[i];
+      if (kind == 4) l[i] = -INFINITY;
+      if (kind == 5) l[i] = NAN;
+      if (kind == 6) l[i] = u < 50 ? -0.0f : u < 60 ? 0.0f : -1.0f;
+    }
+    if (kind == 3) {
+      l[0] = NAN;
+      l[vocab - 1] = INFINITY;
+    }
+    if (kind == 7) l[vocab - 1] = l[vocab / 2] = 31.0f; /* a tie at the top, far apart */
+  }
+  pair l = pair_from(lh, len * 4);
+  int32_t *ids_c = malloc((size_t)rows * sizeof *ids_c);
+  int32_t *ids_g = gpu->ops->alloc_host(gpu, (size_t)rows * sizeof *ids_g);
+  if (!ids_c || !ids_g) must(M3_ERR_NOMEM, "argmax ids");
+  for (int r = 0; r < rows; r++) ids_c[r] = ids_g[r] = -7;
+  must(cpu->ops->argmax_rows(cpu, l.c, rows, vocab, ids_c), "argmax_rows (cpu)");
+  must(gpu->ops->argmax_rows(gpu, l.g, rows, vocab, ids_g), "argmax_rows (cuda)");
+  float *ref = malloc((size_t)rows * sizeof *ref), *got = malloc((size_t)rows * sizeof *got);
+  for (int r = 0; r < rows; r++) ref[r] = (float)ids_c[r], got[r] = (float)ids_g[r];
+  char what[48];
+  snprintf(what, sizeof what, "%d rows of %d", rows, vocab);
+  record(OP_ARGMAX, what, ref, got, (size_t)rows);
+  pair_free(&l), free(lh), free(ids_c), gpu->ops->free_host(gpu, ids_g), free(ref), free(got);
+}
+
+static void test_argmax_rows(void) {
+  static const int cfg[][2] = {{1, 200064}, {8, 200064}, {64, 200064}, {3, 1}, {9, 31},
+                               {257, 1000}, {16, 1025}, {1, 33}};
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) argmax_case(cfg[c][0], cfg[c][1]);
 }
 
 /* ---- paged caches ---- */
@@ -931,6 +1009,8 @@ int main(void) {
   run("rope", test_rope);
   run("rmsnorm_rope", test_rmsnorm_rope);
   run("elementwise", test_elementwise);
+  run("add_rmsnorm", test_add_rmsnorm);
+  run("argmax_rows", test_argmax_rows);
   run("kv_store", test_kv_store);
   run("msa_attention", test_msa_attention);
   run("attention_shapes", test_attention_shapes);

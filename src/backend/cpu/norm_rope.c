@@ -1,4 +1,5 @@
-/* norm_rope.c: Gemma RMSNorm and partial NeoX RoPE (shared/spec/m3_text_spec.md §3.1-3.2). */
+/* norm_rope.c: Gemma RMSNorm (alone and after the residual add) and partial NeoX RoPE
+ * (shared/spec/m3_text_spec.md §3.1-3.2). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -9,8 +10,11 @@ enum { PARALLEL_MIN = 1 << 15 };
 
 typedef struct {
   const cpu_kernels *k;
-  const float *x;
-  const float *gain; /* 1 + w, [n] */
+  float *resid;       /* add_rmsnorm: [nrows, n] the residual stream, += add before the norm;
+                       * NULL for a plain rmsnorm */
+  const float *add;   /* [nrows, n] */
+  const float *x;     /* [nrows, n] the rows normed (resid itself for add_rmsnorm) */
+  const float *gain;  /* 1 + w, [n] */
   float eps;
   int n;
   float *y;
@@ -21,6 +25,12 @@ static void rmsnorm_rows(void *ctx, int64_t r0, int64_t r1, int worker) {
   const rmsnorm_job *job = ctx;
   const int n = job->n;
   for (int64_t r = r0; r < r1; r++) {
+    if (job->resid) {
+      /* The add of cpu_add, element by element: the sum the norm then reads is the same. */
+      float *acc = job->resid + r * n;
+      const float *add = job->add + r * n;
+      for (int i = 0; i < n; i++) acc[i] += add[i];
+    }
     const float *x = job->x + r * n;
     float *y = job->y + r * n;
     float mean = job->k->dot(x, x, n) / (float)n;
@@ -29,20 +39,34 @@ static void rmsnorm_rows(void *ctx, int64_t r0, int64_t r1, int worker) {
   }
 }
 
-void cpu_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
-                 float *y) {
+/* Runs `job` (everything but k and gain filled in) over nrows rows with the gain of w. */
+static void run_rmsnorm(m3_backend *be, rmsnorm_job *job, const m3_tensor *w, int nrows) {
   cpu_backend *cb = cpu_of(be);
+  const int n = job->n;
   float *gain = malloc((size_t)n * sizeof(float));
   if (!gain) { /* Out of memory in an op that cannot fail: leave a visibly wrong result. */
-    for (size_t i = 0; i < (size_t)nrows * (size_t)n; i++) y[i] = NAN;
+    for (size_t i = 0; i < (size_t)nrows * (size_t)n; i++) job->y[i] = NAN;
     return;
   }
   cpu_decode_row(w, 0, 0, n, gain);
   for (int i = 0; i < n; i++) gain[i] = 1.0f + gain[i];
-  rmsnorm_job job = {cb->k, x, gain, eps, n, y};
+  job->k = cb->k;
+  job->gain = gain;
   int64_t chunk = (int64_t)nrows * n < PARALLEL_MIN ? nrows : 0;
-  m3_parallel_for(cb->pool, nrows, chunk, rmsnorm_rows, &job);
+  m3_parallel_for(cb->pool, nrows, chunk, rmsnorm_rows, job);
   free(gain);
+}
+
+void cpu_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
+                 float *y) {
+  rmsnorm_job job = {.x = x, .eps = eps, .n = n, .y = y};
+  run_rmsnorm(be, &job, w, nrows);
+}
+
+void cpu_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
+                     int nrows, int n, float *out) {
+  rmsnorm_job job = {.resid = x, .add = y, .x = x, .eps = eps, .n = n, .y = out};
+  run_rmsnorm(be, &job, w, nrows);
 }
 
 typedef struct {

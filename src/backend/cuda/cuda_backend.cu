@@ -60,8 +60,7 @@ cuda_weight cuda_weight_of(const m3_tensor *t) {
   return w;
 }
 
-/* The pending failure as an m3_status naming the op and the CUDA error; clears it. */
-static m3_status take_error(cuda_backend *cb, const char *what) {
+m3_status cuda_take_error(cuda_backend *cb, const char *what) {
   if (cb->error == cudaSuccess) return M3_OK;
   cudaError_t e = cb->error;
   cb->error = cudaSuccess;
@@ -120,14 +119,14 @@ static void cuda_free(m3_backend *be, void *p) {
 static m3_status cuda_to_device(m3_backend *be, void *dst, const void *src, size_t bytes) {
   cuda_backend *cb = cuda_of(be);
   cuda_note(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cb->stream), "to_device");
-  return take_error(cb, "to_device");
+  return cuda_take_error(cb, "to_device");
 }
 
 static m3_status cuda_to_host(m3_backend *be, void *dst, const void *src, size_t bytes) {
   cuda_backend *cb = cuda_of(be);
   cuda_note(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cb->stream), "to_host");
   cuda_note(cb, cudaStreamSynchronize(cb->stream), "to_host");
-  return take_error(cb, "to_host");
+  return cuda_take_error(cb, "to_host");
 }
 
 static m3_status cuda_copy(m3_backend *be, void *dst, const void *src, size_t bytes) {
@@ -204,6 +203,8 @@ static m3_backend_ops make_ops(void) {
   ops.rmsnorm_rope = cuda_rmsnorm_rope;
   ops.swiglu_oai = cuda_swiglu_oai;
   ops.add = cuda_add;
+  ops.add_rmsnorm = cuda_add_rmsnorm;
+  ops.argmax_rows = cuda_argmax_rows;
   ops.kv_store = cuda_kv_store;
   ops.msa_select = cuda_msa_select;
   ops.attention = cuda_attention;

@@ -49,6 +49,8 @@ static inline cuda_backend *cuda_of(m3_backend *be) { return (cuda_backend *)be;
 
 /* Records the first failure (ops return void; to_host / to_device report it). */
 void cuda_note(cuda_backend *cb, cudaError_t e, const char *op);
+/* The pending failure as an m3_status naming `what` and the CUDA error; clears it. */
+m3_status cuda_take_error(cuda_backend *cb, const char *what);
 /* Records a launch failure of `op`, if any. */
 static inline void cuda_launched(cuda_backend *cb, const char *op) {
   cuda_note(cb, cudaGetLastError(), op);

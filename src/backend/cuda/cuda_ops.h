@@ -15,6 +15,10 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps,
 void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
                      float beta, float limit, float *out);
 void cuda_add(m3_backend *be, float *x, const float *y, size_t n);
+void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
+                      int nrows, int n, float *out);
+m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
+                           int32_t *out_host);
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,

@@ -1,6 +1,6 @@
-/* norm_elementwise.cu: Gemma RMSNorm, partial NeoX RoPE (alone and fused with the norm), SwiGLU-OAI
- * and the residual add (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32
- * operation order. */
+/* norm_elementwise.cu: Gemma RMSNorm (alone and after the residual add), partial NeoX RoPE (alone
+ * and fused with the norm), SwiGLU-OAI and the residual add (shared/spec/m3_text_spec.md
+ * §3.1-3.4), each in the CPU's float32 operation order; and the greedy argmax of logits rows. */
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
@@ -13,13 +13,12 @@ static unsigned elem_blocks(size_t n) {
   return (unsigned)(b < 1 ? 1 : b);
 }
 
-/* One block per row: y = x * (1 / sqrt(mean(x^2) + eps)) * (1 + w). x and y may alias: each
- * thread rewrites only the elements it read. */
-__global__ void rmsnorm_kernel(const float *x, cuda_weight w, float eps, int n, float *y) {
-  const float *xr = x + (size_t)blockIdx.x * n;
-  float *yr = y + (size_t)blockIdx.x * n;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+/* The second half of a Gemma RMSNorm of one row by one block: y = x * (1 / sqrt(mean(x^2) + eps))
+ * * (1 + w), given each thread's share ss of the sum of squares over the elements it owns
+ * (i = threadIdx.x + k * blockDim.x). Each thread writes only the elements it owns, so x and y may
+ * alias. */
+__device__ __forceinline__ void norm_row(const float *xr, float ss, const cuda_weight &w, float eps,
+                                         int n, float *yr) {
   float mean = block_sum(ss) / (float)n;
   float inv = 1.0f / sqrtf(mean + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -28,13 +27,48 @@ __global__ void rmsnorm_kernel(const float *x, cuda_weight w, float eps, int n, 
   }
 }
 
+/* Threads per row of the norms: the reduction order follows from it, so rmsnorm and add_rmsnorm
+ * take the same count for the same width (the fused op's norm then equals the plain one's). */
+static int norm_threads(int n) { return n >= 1024 ? 512 : n >= 256 ? 256 : 64; }
+
+/* One block per row. */
+__global__ void rmsnorm_kernel(const float *x, cuda_weight w, float eps, int n, float *y) {
+  const float *xr = x + (size_t)blockIdx.x * n;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  norm_row(xr, ss, w, eps, n, y + (size_t)blockIdx.x * n);
+}
+
 void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
                   float *y) {
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
-  int threads = n >= 1024 ? 512 : n >= 256 ? 256 : 64;
-  rmsnorm_kernel<<<nrows, threads, 0, cb->stream>>>(x, cuda_weight_of(w), eps, n, y);
+  rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, cuda_weight_of(w), eps, n, y);
   cuda_launched(cb, "rmsnorm");
+}
+
+/* One block per row: x += y, each thread on the elements it then norms (norm_row reads back its
+ * own writes), the squares summed from the rounded sums as rmsnorm_kernel reads them. */
+__global__ void add_rmsnorm_kernel(float *x, const float *y, cuda_weight w, float eps, int n,
+                                   float *out) {
+  float *xr = x + (size_t)blockIdx.x * n;
+  const float *yr = y + (size_t)blockIdx.x * n;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = xr[i] + yr[i];
+    xr[i] = v;
+    ss += v * v;
+  }
+  norm_row(xr, ss, w, eps, n, out + (size_t)blockIdx.x * n);
+}
+
+void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
+                      int nrows, int n, float *out) {
+  cuda_backend *cb = cuda_of(be);
+  if (nrows <= 0 || n <= 0) return;
+  add_rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w), eps, n,
+                                                                out);
+  cuda_launched(cb, "add_rmsnorm");
 }
 
 typedef struct {
@@ -169,4 +203,49 @@ void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
   if (n == 0) return;
   add_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(x, y, n);
   cuda_launched(cb, "add");
+}
+
+enum { ARGMAX_THREADS = 1024 };
+
+/* One block per row: each thread keeps the best rank key (score key, then the lower index; NaN as
+ * -inf, -0 as +0: block_topk's order) of its strided share, then the warp's best by shuffles and
+ * the block's across the warps' in shared memory. A NaN at index 0 ranks as +inf: the sampler's
+ * scan starts there and nothing strictly larger moves it, and a +inf elsewhere ties it and loses
+ * on the index. */
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_rows_kernel(const float *logits, int vocab, int32_t *out) {
+  __shared__ uint64_t warp_best[ARGMAX_THREADS / 32];
+  const float *l = logits + (size_t)blockIdx.x * vocab;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t best = 0; /* below every rank key */
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = l[i];
+    const uint64_t r = rank_key(score_key(i == 0 && isnan(v) ? INFINITY : v), i);
+    best = r > best ? r : best;
+  }
+  best = warp_max_u64(best);
+  if (lane == 0) warp_best[warp] = best;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t v = lane < (int)(blockDim.x >> 5) ? warp_best[lane] : 0;
+    v = warp_max_u64(v);
+    if (lane == 0) out[blockIdx.x] = (int32_t)~(uint32_t)(v & 0xffffffffu);
+  }
+}
+
+m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
+                           int32_t *out_host) {
+  cuda_backend *cb = cuda_of(be);
+  if (nrows > 0 && vocab > 0) {
+    const size_t bytes = (size_t)nrows * sizeof(int32_t);
+    int32_t *ids = (int32_t *)cuda_scratch(cb, bytes, "argmax_rows");
+    if (ids) {
+      argmax_rows_kernel<<<nrows, ARGMAX_THREADS, 0, cb->stream>>>(logits, vocab, ids);
+      cuda_launched(cb, "argmax_rows");
+      cuda_note(cb, cudaMemcpyAsync(out_host, ids, bytes, cudaMemcpyDeviceToHost, cb->stream),
+                "argmax_rows");
+    }
+  }
+  cuda_note(cb, cudaStreamSynchronize(cb->stream), "argmax_rows");
+  return cuda_take_error(cb, "argmax_rows");
 }
