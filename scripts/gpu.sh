@@ -157,6 +157,22 @@ if [ $m3_built -eq 0 ]; then
   rm -rf "$out/deep"
 fi
 
+# The trained built-in model (issue 14) on the GPU: perplexity of the held-out file against the
+# CPU's (transformers gives the CPU's, tests/test_engine_small_model.c), and greedy speculative
+# decoding with its MTP module and EAGLE3 draft, which must leave every output unchanged.
+small_rc=1
+if [ $m3_built -eq 0 ]; then
+  heldout="$src/tests/fixtures/m3-small/heldout.txt"
+  {
+    for dev in cpu cuda; do
+      echo "perplexity ($dev): $("$build/m3" perplexity --device "$dev" --file "$heldout" 2>&1)"
+    done
+    echo
+    timeout 200 "$build/m3" bench accept --device cuda --file "$heldout" --prompts 8 --gen-tokens 64 2>&1
+  } > "$out/small.log"
+  small_rc=$?
+fi
+
 timeout 240 stdbuf -oL -eL "$build/tests/bench_cuda_ops" "$out/bench.md" > "$out/bench.log" 2>&1
 bench_rc=$?
 
@@ -185,6 +201,9 @@ fi
   echo "## m3 run, end to end (exit $run_rc)"
   cat "$out/run.md" 2>/dev/null
   echo
+  echo "## trained built-in model: perplexity, drafter acceptance, greedy identity (exit $small_rc)"
+  cat "$out/small.log" 2>/dev/null
+  echo
   echo "## timings (exit $bench_rc)"
   cat "$out/bench.md" 2>/dev/null
   [ $bench_rc -ne 0 ] && tail -n 5 "$out/bench.log"
@@ -195,5 +214,6 @@ fi
   fi
 } > "$out/results.md"
 cat "$out/results.md"
-[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $vision_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $bench_rc -eq 0 ] &&
+[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $vision_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $small_rc -eq 0 ] &&
+  [ $bench_rc -eq 0 ] &&
   [ $model_bench_rc -eq 0 ]

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The default model (src/io/default_model.h): without --model, inspect, run, perplexity and serve
 # load models/m3-small (the copy the source tree holds, or an installed one with the same files);
-# $M3_MODEL_DIR comes first when it holds a config.json and is passed over when it does not;
+# $M3_MODEL_DIR comes first (one without a config.json is an error naming it; empty is unset);
 # --speculative eagle3 without --draft drafts with the folder m3-small-eagle3 next to the default
 # model, and only for the default model; --help says so. (The message when no default model
 # exists is checked by test_io_default_model.)
@@ -19,7 +19,7 @@ done
 "$m3" tiny "$tmp/tiny" > /dev/null || bad "m3 tiny"
 expect_eq "M3_MODEL_DIR" "$(M3_MODEL_DIR=$tmp/tiny "$m3" inspect --json | jq -r .model)" "$tmp/tiny"
 mkdir "$tmp/empty"
-expect_eq "M3_MODEL_DIR without config.json" "$(M3_MODEL_DIR=$tmp/empty "$m3" inspect --json | jq -r .model)" "$default"
+M3_MODEL_DIR=$tmp/empty expect_input_error "M3_MODEL_DIR=$tmp/empty: no config.json" inspect --json
 expect_eq "M3_MODEL_DIR empty" "$(M3_MODEL_DIR= "$m3" inspect --json | jq -r .model)" "$default"
 # run and perplexity load the same folder as --model would.
 want=$("$m3" run --model "$tmp/tiny" --ids 1,2,3 --max-tokens 5 2> /dev/null)

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "mirror_backend.h"
 #include "engine/kvcache.h"
 #include "engine/sampler.h"
 #include "io/tiny.h"
@@ -83,20 +84,6 @@ static void test_argmax_rows(m3_backend *be) {
   CHECK_EQ_INT(bad_reference, 0);
 }
 
-static m3_backend_ops mirrored_ops;
-
-/* The CPU backend, or the same claiming device memory (test_engine_mirror's trick): the model then
- * keeps the logits in backend memory and hands over only what is asked for. */
-static m3_backend *open_backend(int mirrored) {
-  m3_backend *be = NULL;
-  CHECK_OK(m3_backend_cpu_create(2, &be));
-  if (be && mirrored) {
-    mirrored_ops = *be->ops;
-    mirrored_ops.device_memory = 1;
-    be->ops = &mirrored_ops;
-  }
-  return be;
-}
 
 /* Three sequences in one forward: two prefills asking for all their rows, one for its last: the
  * ids of m3_model_forward_batch_argmax are the sampler's greedy picks from the rows. */

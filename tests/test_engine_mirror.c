@@ -11,24 +11,11 @@
 #include <string.h>
 
 #include "check.h"
+#include "mirror_backend.h"
 #include "engine/kvcache.h"
 #include "engine/runner.h"
 #include "model/model.h"
 
-static m3_backend_ops mirrored_ops;
-
-/* A CPU backend that claims device memory. The CPU ops find their state through `be` itself, so
- * swapping the table they are reached by changes nothing else. */
-static m3_backend *open_backend(int mirrored) {
-  m3_backend *be = NULL;
-  CHECK_OK(m3_backend_cpu_create(2, &be));
-  if (be && mirrored) {
-    mirrored_ops = *be->ops;
-    mirrored_ops.device_memory = 1;
-    be->ops = &mirrored_ops;
-  }
-  return be;
-}
 
 static const char *fixture(const char *name, char *buf, size_t cap) {
   snprintf(buf, cap, "%s/tests/fixtures/text/%s", M3_SOURCE_DIR, name);

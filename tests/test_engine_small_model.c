@@ -12,26 +12,16 @@
 
 #include "check.h"
 #include "engine/runner.h"
+#include "media/media.h"
 #include "tok/tokenizer.h"
 
 #define MODEL_DIR M3_SOURCE_DIR "/models/m3-small"
 #define FIXTURE_DIR M3_SOURCE_DIR "/tests/fixtures/m3-small"
 
+/* The whole file (m3_read_file: not NUL-terminated), or NULL. */
 static char *read_all(const char *path, size_t *bytes) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
-  if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-    free(buf);
-    buf = NULL;
-  }
-  fclose(f);
-  if (buf) buf[n] = '\0';
-  *bytes = (size_t)n;
-  return buf;
+  uint8_t *data = NULL;
+  return m3_read_file(path, (size_t)64 << 20, &data, bytes) == M3_OK ? (char *)data : NULL;
 }
 
 static int json_int(const cJSON *obj, const char *key) {
@@ -161,7 +151,7 @@ int main(void) {
   size_t bytes;
   char *json = read_all(FIXTURE_DIR "/reference.json", &bytes);
   CHECK(json != NULL);
-  cJSON *ref = json ? cJSON_Parse(json) : NULL;
+  cJSON *ref = json ? cJSON_ParseWithLength(json, bytes) : NULL;
   free(json);
   CHECK(ref != NULL);
   if (!ref) return check_summary();

@@ -60,8 +60,11 @@ static void test_env(const char *root) {
   CHECK_OK(m3_default_model_dir(out, sizeof out));
   CHECK_STR(out, env);
 
-  /* Without a usable $M3_MODEL_DIR: an installed copy, else the source tree's folder. */
+  /* A $M3_MODEL_DIR without a config.json is an error naming it, not a silent fallback. */
   setenv("M3_MODEL_DIR", bare, 1);
+  CHECK_FAILS_WITH(m3_default_model_dir(out, sizeof out), M3_ERR_MISSING, bare);
+  /* Empty counts as unset: an installed copy, else the source tree's folder. */
+  setenv("M3_MODEL_DIR", "", 1);
   snprintf(source, sizeof source, "%s/models/m3-small", M3_SOURCE_DIR);
   CHECK_OK(m3_default_model_dir(out, sizeof out));
   size_t len = strlen(out), tail = strlen("/share/m3/models/m3-small");

@@ -57,6 +57,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
 
+from make_text_fixtures import rope_prefix   # NeoX rotation of a head prefix, as transformers does
+
 FULL, SPARSE, DENSE, MOE = "full_attention", "minimax_m3_sparse", "dense", "sparse"
 # M3's pre-tokenizer regex (m3_vision_chat_spec.md §6.2) and added tokens, in M3's order.
 M3_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -222,15 +224,6 @@ def final_norm(model):
     found = [m for n, m in named(model, r"(^|\.)norm$") if ".layers." not in n]
     assert len(found) == 1, [n for n, _ in named(model, r"(^|\.)norm$")]
     return found[0]
-
-
-def rope_prefix(x, cos, sin):
-    """NeoX rotation of the first cos.shape[-1] channels; x [B, H, S, D], cos/sin [B, S, w]."""
-    w = cos.shape[-1]
-    c, s = cos[:, None], sin[:, None]
-    rot, rest = x[..., :w], x[..., w:]
-    half = torch.cat((-rot[..., w // 2:], rot[..., : w // 2]), dim=-1)
-    return torch.cat((rot * c + half * s, rest), dim=-1)
 
 
 class IndexerDistill:

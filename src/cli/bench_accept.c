@@ -14,6 +14,10 @@
 #include "cli/commands.h"
 #include "cli/model_args.h"
 #include "m3.h"
+#include "media/media.h"
+
+/* Texts larger than this are refused rather than read whole. */
+#define MAX_TEXT_BYTES ((size_t)1 << 30)
 
 static const char usage[] =
     "usage: m3 bench accept --file F [--model DIR] [--draft DIR] [--prompts N] [--prompt-tokens P]\n"
@@ -21,7 +25,8 @@ static const char usage[] =
     "  greedy generation of G tokens (default 128) after N (default 16) windows of P (default 64)\n"
     "  tokens of F, without speculation, then with MTP (when the checkpoint has it) and the EAGLE3\n"
     "  draft in --draft at k = 1..K (default 4): acceptance rate, mean acceptance length, tokens/s,\n"
-    "  and whether the outputs are identical to the plain ones.\n";
+    "  and whether the outputs are identical to the plain ones. Without --model: the default\n"
+    "  model and, without --draft, its EAGLE3 draft.\n";
 
 typedef struct {
   int32_t *tokens;
@@ -81,31 +86,16 @@ static m3_status generate(const accept_run *a, const char *kind, int k, int32_t 
 
 /* Tokens of `path` with the model's tokenizer (an engine opened without drafters). */
 static m3_status tokenize_file(const accept_run *a, const char *path, int32_t **ids, int *n) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return m3_fail(M3_ERR_IO, "--file %s: cannot open", path);
-  char *text = NULL;
-  size_t len = 0, cap = 0;
-  for (size_t got = 1; got > 0;) {
-    if (len + 65536 > cap) {
-      char *grown = realloc(text, cap = 2 * cap + 65536);
-      if (!grown) {
-        free(text);
-        fclose(f);
-        return m3_fail(M3_ERR_NOMEM, "--file %s: out of memory", path);
-      }
-      text = grown;
-    }
-    got = fread(text + len, 1, cap - len, f);
-    len += got;
-  }
-  fclose(f);
+  uint8_t *text = NULL;
+  size_t len = 0;
+  m3_status st = m3_read_file(path, MAX_TEXT_BYTES, &text, &len);
   m3_engine_options o;
   m3_engine_options_init(&o);
   o.model_dir = a->model;
   o.threads = a->threads;
   m3_engine *e = NULL;
-  m3_status st = m3_engine_open(&o, &e);
-  if (st == M3_OK) st = m3_tokenize(e, text, len, 0, ids, n);
+  if (st == M3_OK) st = m3_engine_open(&o, &e);
+  if (st == M3_OK) st = m3_tokenize(e, (const char *)text, len, 0, ids, n);
   m3_engine_close(e);
   free(text);
   if (st == M3_OK && *n < a->prompt_tokens + 1) {
@@ -166,6 +156,11 @@ int m3_bench_accept(int argc, char **argv) {
   accept_run a = {.prompts = 16, .prompt_tokens = 64, .gen_tokens = 128, .max_draft = 4};
   const char *file = NULL;
   m3_status st = parse(argc, argv, &a, &file);
+  /* The default model, and with it its EAGLE3 draft unless --draft names another. */
+  m3_cli_spec defaults = {.kind = "eagle3", .draft = a.draft};
+  m3_cli_model_paths paths;
+  if (st == M3_OK && (st = m3_cli_model_or_default(&a.model, &defaults, &paths)) == M3_OK)
+    a.draft = defaults.draft;
   int32_t *ids = NULL;
   if (st == M3_OK) st = tokenize_file(&a, file, &ids, &a.n_ids);
   a.ids = ids;

@@ -18,7 +18,7 @@
 #include "tok/tokenizer.h"
 
 static const char usage[] =
-    "usage: m3 perplexity [--model DIR] (--file F | --text S) [--ctx N] [--device cpu]\n"
+    "usage: m3 perplexity [--model DIR] (--file F | --text S) [--ctx N] [--device cpu|cuda|cuda:N]\n"
     "                     [--threads N] [--json]\n"
     "  the model's perplexity on a text: its tokens (nothing added) cut into chunks of N\n"
     "  tokens (default 512), each run from an empty KV cache, every position scoring the next\n"

@@ -41,7 +41,11 @@ m3_status m3_model_dir_first(const char *const *candidates, int n, char *out, si
 }
 
 m3_status m3_default_model_dir(char *out, size_t cap) {
-  const char *const candidates[] = {getenv("M3_MODEL_DIR"), M3_INSTALLED_MODEL_DIR,
-                                    M3_SOURCE_MODEL_DIR};
+  /* A variable the user set names the model they want: a typo there must not fall through to
+   * another model silently. */
+  const char *env = getenv("M3_MODEL_DIR");
+  if (env && env[0] && !holds_config(env))
+    return m3_fail(M3_ERR_MISSING, "M3_MODEL_DIR=%s: no config.json there", env);
+  const char *const candidates[] = {env, M3_INSTALLED_MODEL_DIR, M3_SOURCE_MODEL_DIR};
   return m3_model_dir_first(candidates, 3, out, cap);
 }

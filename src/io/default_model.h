@@ -4,7 +4,8 @@
  * The default model is models/m3-small of the source tree: a small trained model of the exact
  * MiniMax-M3 text architecture (official text-only layout), committed with its EAGLE3 draft in
  * models/m3-small-eagle3. It is looked for, in order, in
- *   $M3_MODEL_DIR                                  (when set and not empty)
+ *   $M3_MODEL_DIR                                  (when set and not empty; then it must hold
+ *                                                   a config.json, else M3_ERR_MISSING names it)
  *   <install prefix>/share/m3/models/m3-small      (`cmake --install` copies models/ there)
  *   <source tree>/models/m3-small                  (a build run from its own tree)
  * and the first of these folders that holds a config.json is the one. */
