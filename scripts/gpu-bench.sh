@@ -14,6 +14,10 @@
 #      transformers loads as the committed fixtures do): decode step and a 2048-token prefill,
 #      m3 against transformers 5.17 (sdpa, BF16) on the same GPU. Goals: decode step <= 1.25x
 #      its floor (about 1.3 ms on an H200), prefill faster than transformers.
+# BENCH_DTYPE=mxfp8 (issue 8) runs 1, 3 and 4 with MXFP8 weights instead (the floors count the
+# MXFP8 bytes; transformers and the speculative stage are skipped: they need BF16), writing
+# $OUT/mxfp8/bench-gpu.md. Goals there: decode <= 1.3x the MXFP8 floor at batch 1, prefill >= 50%
+# of the BF16 GEMM rate.
 #
 # Time: the whole script stays under BENCH_BUDGET_S (default 360 s): each stage runs under
 # `timeout` with the smaller of its own limit and what is left. Expected on an H200 machine with
@@ -27,6 +31,13 @@
 set -u
 src=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$src/gpu-out}
+gemm_md=$out/bench.md # bench_cuda_ops's table, written by gpu.sh
+dtype=${BENCH_DTYPE:-bf16}
+case $dtype in
+  bf16) ;;
+  mxfp8) out=$out/mxfp8 ;;
+  *) echo "gpu-bench: BENCH_DTYPE '$dtype': expected bf16 or mxfp8" >&2; exit 2 ;;
+esac
 build=${BUILD:-$src/build-gpu}
 m3=$build/m3
 mkdir -p "$out"
@@ -62,7 +73,7 @@ fi
 
 full="--hidden 6144 --heads 64 --kv-heads 4 --head-dim 128 --rotary-dim 64 --experts 128
       --experts-per-token 4 --expert-width 3072 --shared-width 3072 --dense-width 12288
-      --index-dim 128 --block-size 128 --topk-blocks 16 --dtype bf16 --no-mtp"
+      --index-dim 128 --block-size 128 --topk-blocks 16 --dtype $dtype --no-mtp"
 
 # A folder for a model of `gb` GB: /dev/shm when it has room (no disk writeback during the
 # measurements), else /tmp; empty when neither has.
@@ -113,8 +124,8 @@ done
 # matmul) TFLOP/s in gpu.sh's bench.md.
 gflops=$(row prefill 9 1 "$out/bench-layer-b1.log" 2>/dev/null)
 tflops=$(awk -v g="$gflops" 'BEGIN {if (g != "") printf "%.2f", g / 1000}')
-gemm=$(grep -i 'cublaslt' "$out/bench.md" 2>/dev/null | grep -o '[0-9.]* TFLOP/s' | sort -g | tail -n 1)
-[ -z "$gemm" ] && gemm=$(grep 'BF16' "$out/bench.md" 2>/dev/null | grep -o '[0-9.]* TFLOP/s' | sort -g | tail -n 1)
+gemm=$(grep -i 'cublaslt' "$gemm_md" 2>/dev/null | grep -o '[0-9.]* TFLOP/s' | sort -g | tail -n 1)
+[ -z "$gemm" ] && gemm=$(grep 'BF16' "$gemm_md" 2>/dev/null | grep -o '[0-9.]* TFLOP/s' | sort -g | tail -n 1)
 gemm=${gemm% TFLOP/s}
 pct=$(awk -v a="$tflops" -v b="$gemm" 'BEGIN {if (a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.0f%%", 100 * a / b}')
 
@@ -125,14 +136,17 @@ if [ -z "$four" ]; then
 elif stage tiny-4layer 150 "$m3" tiny "$four" --layers FD,SM,SM,SM --vocab 200064 $full; then
   stage model4-m3 90 "$m3" bench model --device cuda --model "$four" --decode 32 --prefill 2048 \
     --ctx 2048
-  stage model4-hf 180 python3 "$src/tools/bench_transformers.py" "$four" --tokens 2048 --decode 16
+  [ "$dtype" = bf16 ] &&
+    stage model4-hf 180 python3 "$src/tools/bench_transformers.py" "$four" --tokens 2048 --decode 16
 fi
 rm -rf "$four"
 # ---- issue 10: speculative decoding's costs at full width (m3 bench spec) ----
 # FD,SM with its MTP module, vocab 200064: a decode step, verifications of k = 1..7 drafts (k + 1
 # tokens in one forward) relative to it, and the MTP drafter's steps, after 2048 tokens.
 spec=$(model_dir 40)
-if [ -z "$spec" ]; then
+if [ "$dtype" != bf16 ]; then
+  echo "skipped with BENCH_DTYPE=$dtype" > "$out/bench-spec.log"
+elif [ -z "$spec" ]; then
   echo "no room for the 35 GB model in /dev/shm or /tmp" > "$out/bench-tiny-spec.log"
 elif stage tiny-spec 90 "$m3" tiny "$spec" --layers FD,SM --vocab 200064 --no-vision \
     ${full/--no-mtp/}; then
@@ -151,10 +165,10 @@ hf_decode=$(echo "$hf" | sed -n 's/.*"decode_ms": \([0-9.]*\).*/\1/p')
 hf_prefill=$(echo "$hf" | sed -n 's/.*"prefill_ms": \([0-9.]*\).*/\1/p')
 
 {
-  echo "# Issue 7 benchmarks 1, 3, 4 (scripts/gpu-bench.sh)"
+  echo "# Issue 7 benchmarks 1, 3, 4 (scripts/gpu-bench.sh), weights $dtype"
   echo "card: ${card:-unknown}"
   echo
-  echo "## 1. decode, one full-width layer (SM: MSA + 128 experts top 4 + shared, BF16), after a 16-token prompt"
+  echo "## 1. decode, one full-width layer (SM: MSA + 128 experts top 4 + shared, $dtype), after a 16-token prompt"
   echo "The floor: weight bytes the step reads (routed experts: E*(1-(1-k/E)^B) distinct expected"
   echo "under uniform routing) / the device-to-device copy bandwidth of the same run. The model's"
   echo "embedding row, final norm and lm_head (vocab 4096: 50 MB) count in both."

@@ -2,14 +2,15 @@
  * ceiling measured in the same run (scripts/gpu.sh runs it; figures, not a test):
  *   - device-to-device copy bandwidth (bytes read + written): the memory ceiling;
  *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
- *     bytes read per second against that ceiling (T <= 8 is the GEMV; T = 64 goes through
- *     cuBLASLt);
+ *     bytes read per second against that ceiling (BF16: T <= 8 is the GEMV, T = 64 goes through
+ *     cuBLASLt; MXFP8: up to 64 tokens the E4M3 tensor-core kernel, weights read once);
  *   - prefill (8192 tokens) on q_proj, o_proj and the expert shapes: a plain cuBLASLt BF16 GEMM
  *     (BF16 in, float32 accumulation and out: the ceiling) beside m3's matmul op, which first
  *     rounds the float32 activations to BF16: TFLOP/s;
  *   - MSA decode per layer at 2K, 32K and 128K context, batch 1 and 16 sequences of their own
  *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
  *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
+ *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes);
  *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s.
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
@@ -251,11 +252,11 @@ static void run_moe(void *ctx, int iter) {
   gpu->ops->moe_experts(gpu, &c->ex, c->h, c->T, c->ids, c->weights, c->k, c->x);
 }
 
-/* One MoE layer's routed experts at full width (128 experts of 3072, top 4, BF16) over T tokens
- * with uniform random routing: TFLOP/s of the three expert GEMMs (against the cuBLASLt ceiling
- * printed for the expert shapes) and the bytes of the distinct experts read against the copy
- * bandwidth (what bounds decode sizes). */
-static void bench_moe(int T, double copy_gbs, FILE *table) {
+/* One MoE layer's routed experts at full width (128 experts of 3072, top 4, BF16 or MXFP8) over T
+ * tokens with uniform random routing: TFLOP/s of the three expert GEMMs (against the cuBLASLt
+ * ceiling printed for the expert shapes) and the bytes of the distinct experts read (MXFP8: with
+ * their scales) against the copy bandwidth (what bounds decode sizes). */
+static void bench_moe(int T, int mx, double copy_gbs, FILE *table) {
   enum { E = 128, K = 4, H = 6144, I = 3072 };
   static m3_tensor w[3][E];
   moe_ctx c;
@@ -266,8 +267,14 @@ static void bench_moe(int T, double copy_gbs, FILE *table) {
       memset(t, 0, sizeof *t);
       t->name = m == 0 ? "expert w1" : m == 1 ? "expert w3" : "expert w2";
       t->rows = m == 2 ? H : I, t->cols = m == 2 ? I : H;
-      t->dtype = M3_DT_BF16;
-      t->data = device_random(M3_DT_BF16, (size_t)H * I * 2);
+      t->dtype = mx ? M3_DT_F8_E4M3 : M3_DT_BF16;
+      t->data = device_random(t->dtype, (size_t)H * I * (mx ? 1 : 2));
+      if (mx) {
+        t->quant = M3_WQ_MXFP8;
+        t->scale = device_random(M3_DT_U8, (size_t)H * I / 32);
+        t->scale_rows = t->rows, t->scale_cols = t->cols / 32;
+        t->block_rows = 1, t->block_cols = 32;
+      }
     }
   c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
   must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
@@ -291,14 +298,17 @@ static void bench_moe(int T, double copy_gbs, FILE *table) {
   c.x = device_random(M3_DT_F32, (size_t)T * H * 4);
   c.weights = device_random(M3_DT_F32, (size_t)T * K * 4);
   double s = time_call(run_moe, &c, T > 64 ? 2 : 20);
-  const double gbs = distinct * 3.0 * H * I * 2 / s / 1e9;
-  fprintf(table, "| moe_experts BF16 E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
-          E, K, I, H, T, s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12, distinct, gbs,
+  const double gbs = distinct * 3.0 * H * I * (mx ? 1.0 + 1.0 / 32 : 2.0) / s / 1e9;
+  fprintf(table, "| moe_experts %s E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
+          mx ? "MXFP8" : "BF16", E, K, I, H, T, s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12, distinct, gbs,
           100 * gbs / copy_gbs);
   fflush(table);
   gpu->ops->release_experts(gpu, &c.ex);
   for (int m = 0; m < 3; m++)
-    for (int e = 0; e < E; e++) gpu->ops->free(gpu, (void *)w[m][e].data);
+    for (int e = 0; e < E; e++) {
+      gpu->ops->free(gpu, (void *)w[m][e].data);
+      if (w[m][e].scale) gpu->ops->free(gpu, (void *)w[m][e].scale);
+    }
   gpu->ops->free(gpu, c.ids), gpu->ops->free(gpu, c.h), gpu->ops->free(gpu, c.x);
   gpu->ops->free(gpu, c.weights);
 }
@@ -480,6 +490,78 @@ static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2],
   free(perm);
 }
 
+/* MSA decode per layer on an fp8 cache, as bench_msa on a float32 one (same shapes, shuffled pages,
+ * random rows written by kv_store): the bytes a step reads are E4M3 values plus a float32 scale
+ * per row, about a fourth, which the times should follow where bench_msa's reach copy bandwidth. */
+static void bench_msa_fp8(int len, double copy_gbs, FILE *table) {
+  msa_ctx c;
+  memset(&c, 0, sizeof c);
+  const int bs = 128, nkv = 4;
+  c.nh = 64, c.hd = 128, c.G = nkv, c.ihd = 128;
+  c.p = (m3_msa_params){16, 1, 0};
+  const int blocks = (len + bs - 1) / bs, pages = blocks * MSA_BATCH;
+  int32_t *perm = malloc((size_t)pages * 4);
+  for (int i = 0; i < pages; i++) perm[i] = i;
+  for (int i = pages - 1; i > 0; i--) {
+    int j = (int)(rnd() % (uint32_t)(i + 1));
+    int32_t tmp = perm[i];
+    perm[i] = perm[j], perm[j] = tmp;
+  }
+  int32_t *tables = gpu->ops->alloc(gpu, (size_t)pages * 4);
+  must(gpu->ops->to_device(gpu, tables, perm, (size_t)pages * 4), "to_device");
+  const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)c.hd);
+  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)c.ihd);
+  void *k = gpu->ops->alloc(gpu, (size_t)pages * kv_pb), *v = gpu->ops->alloc(gpu, (size_t)pages * kv_pb);
+  void *ik = gpu->ops->alloc(gpu, (size_t)pages * ik_pb);
+  if (!k || !v || !ik) must(M3_ERR_NOMEM, "alloc");
+  /* Every sequence stores the same len random rows at positions 0..len-1 into its own pages. */
+  const int T = blocks * bs;
+  float *src_k = device_random(M3_DT_F32, (size_t)T * nkv * c.hd * 4);
+  float *src_v = device_random(M3_DT_F32, (size_t)T * nkv * c.hd * 4);
+  float *src_ik = device_random(M3_DT_F32, (size_t)T * c.ihd * 4);
+  int32_t *pos_all = malloc((size_t)T * 4);
+  for (int t = 0; t < T; t++) pos_all[t] = t;
+  int32_t *pos_d = gpu->ops->alloc(gpu, (size_t)T * 4);
+  must(gpu->ops->to_device(gpu, pos_d, pos_all, (size_t)T * 4), "to_device");
+  for (int b = 0; b < MSA_BATCH; b++) {
+    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd, M3_KV_FP8};
+    gpu->ops->kv_store(gpu, &c.kv[b], pos_d, T, src_k, src_v, src_ik);
+  }
+  sync_gpu();
+  gpu->ops->free(gpu, src_k), gpu->ops->free(gpu, src_v), gpu->ops->free(gpu, src_ik);
+  gpu->ops->free(gpu, pos_d);
+  int32_t pos_h[MSA_BATCH];
+  for (int b = 0; b < MSA_BATCH; b++) pos_h[b] = len - 1;
+  c.q = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.nh * c.hd * 4);
+  c.iq = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.G * c.ihd * 4);
+  c.out = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.nh * c.hd * 4);
+  c.sel = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.G * c.p.topk * 4);
+  c.pos = gpu->ops->alloc(gpu, sizeof pos_h);
+  must(gpu->ops->to_device(gpu, c.pos, pos_h, sizeof pos_h), "to_device");
+  static const int batches[2] = {1, MSA_BATCH};
+  for (int i = 0; i < 2; i++) {
+    c.batch = batches[i];
+    const int reps = len * c.batch > 300000 ? 3 : 20;
+    double ts = time_call(run_select, &c, reps), ta = time_call(run_sparse, &c, reps);
+    double tl = time_call(run_layer, &c, reps), td = time_call(run_dense, &c, reps > 3 ? 10 : 2);
+    const int chosen = blocks < c.p.topk ? blocks : c.p.topk;
+    const double kv_row = (double)nkv * (c.hd + 4) * 2; /* bytes and scale of K and V */
+    const double sparse_bytes = c.batch * ((double)len * (c.ihd + 4) + (double)chosen * bs * kv_row);
+    const double dense_bytes = c.batch * (double)len * kv_row;
+    fprintf(table,
+            "| MSA decode fp8 cache ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
+            "reads %.1f MB = %.0f GB/s = %.0f%% of copy | dense attention %.1f us, %.0f GB/s = %.0f%% of copy |\n",
+            len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6, sparse_bytes / tl / 1e9,
+            100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6, dense_bytes / td / 1e9,
+            100.0 * dense_bytes / td / 1e9 / copy_gbs);
+    fflush(table);
+  }
+  gpu->ops->free(gpu, k), gpu->ops->free(gpu, v), gpu->ops->free(gpu, ik), gpu->ops->free(gpu, tables);
+  gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq), gpu->ops->free(gpu, c.out);
+  gpu->ops->free(gpu, c.sel), gpu->ops->free(gpu, c.pos);
+  free(perm), free(pos_all);
+}
+
 /* ---- attention at prefill ---- */
 
 typedef struct {
@@ -592,13 +674,16 @@ int main(int argc, char **argv) {
   }
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
   bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
-  for (int i = 0; i < 5; i++) bench_moe(decode_T[i], copy_gbs, table);
-  bench_moe(prefill_T[0], copy_gbs, table);
+  for (int mx = 0; mx < 2; mx++) {
+    for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, copy_gbs, table);
+    bench_moe(prefill_T[0], mx, copy_gbs, table);
+  }
   bench_logits_to_host(table);
   bench_attention_prefill(prefill_T[0], table);
   static const int contexts[] = {2048, 32768, 131072};
   double base_us[2], layer_us[2];
   for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
+  for (int i = 1; i < 3; i++) bench_msa_fp8(contexts[i], copy_gbs, table);
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);
   return 0;

@@ -97,12 +97,13 @@ enum {
   OP_ADD_RMSNORM, OP_ADD_RMSNORM_SELF, OP_ARGMAX,
   OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL,
-  OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION, OP_COUNT
+  OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
+  OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
     [OP_MATMUL_F32] = {"matmul (fp32 activations)", 0, 0, 0, 1e-5, 0, 0},
-    [OP_MATMUL_SPLIT] = {"matmul (hi + lo bf16 activations, cuBLASLt)", 0, 0, 0, 1e-4, 0, 0},
+    [OP_MATMUL_SPLIT] = {"matmul (hi + lo bf16 act., cuBLASLt/e4m3 tc)", 0, 0, 0, 1e-4, 0, 0},
     [OP_MATMUL_BF16ACT] = {"matmul (bf16 activations or weights, cuBLASLt)", 0, 0, 0, 1e-2, 0, 0},
     [OP_RMSNORM] = {"rmsnorm", 0, 0, 0, 1e-5, 0, 0},
     [OP_ROPE] = {"rope", 0, 0, 0, 1e-5, 0, 0},
@@ -126,6 +127,11 @@ static op_result results[OP_COUNT] = {
     [OP_VIS_GELU] = {"vision gelu", 0, 0, 0, 1e-5, 0, 0},
     [OP_VIS_ROPE3D] = {"vision rope_3d", 0, 0, 0, 1e-5, 0, 0},
     [OP_VIS_ATTENTION] = {"vision attention_full", 0, 0, 0, 1e-5, 0, 0},
+    [OP_KV8_STORE] = {"kv_store fp8 (bytes differing)", 0, 0, 0, 0, 0, 0},
+    [OP_KV8_ATT_DENSE] = {"attention fp8 cache (dense)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_KV8_ATT_SPARSE] = {"attention fp8 cache (MSA blocks)", 0, 0, 0, 1e-5, 0, 0},
+    [OP_KV8_ATT_TC_DENSE] = {"attention fp8 cache (dense, prefill TC)", 0, 0, 0, 1e-2, 0, 0},
+    [OP_KV8_ATT_TC_SPARSE] = {"attention fp8 cache (MSA, prefill TC)", 0, 0, 0, 1e-2, 0, 0},
 };
 
 /* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
@@ -279,7 +285,9 @@ static void test_matmul(void) {
          * or more leave the GEMV after 2 tokens, all others after 8. */
         const int exact_bf16 = kind == W_BF16 || kind == W_MXFP8;
         const int gemv = kind == W_F32 || T <= (kind == W_BF16 && rows >= 2048 ? 2 : 8);
-        compare(gemv                          ? OP_MATMUL_F32
+        const int e4m3_tc = kind >= W_MXFP8 && T <= 64; /* matmul.cu mx_mma_kernel */
+        compare(e4m3_tc                       ? OP_MATMUL_SPLIT
+                : gemv                        ? OP_MATMUL_F32
                 : T <= 64 && exact_bf16       ? OP_MATMUL_SPLIT
                                               : OP_MATMUL_BF16ACT,
                 what, &y);
@@ -319,11 +327,91 @@ static void test_matmul_gemv_edges(void) {
           char what[96];
           snprintf(what, sizeof what, "gemv %s %lldx%lld T=%d x offset %d", kind_name[kind],
                    (long long)rows, (long long)cols, T, offset);
-          compare(OP_MATMUL_F32, what, &y);
+          /* E4M3 with x aligned: the tensor-core kernel (hi + lo BF16 activations) */
+          compare(kind >= W_MXFP8 && offset == 0 ? OP_MATMUL_SPLIT : OP_MATMUL_F32, what, &y);
           pair_free(&x), pair_free(&y), free(xh);
         }
       free_weight(&w);
     }
+}
+
+/* FP8 per-channel weights (compressed-tensors): one float32 scale per row, as src/io/weights.c
+ * attaches them (block_rows 1, block_cols the next power of two >= cols, so one scale column). */
+static weight make_channel_weight(int64_t rows, int64_t cols) {
+  weight w;
+  memset(&w, 0, sizeof w);
+  m3_tensor *t = &w.c;
+  t->name = "FP8 per channel";
+  t->rows = rows, t->cols = cols;
+  uint8_t *d = malloc((size_t)(rows * cols));
+  for (int64_t i = 0; i < rows * cols; i++) d[i] = random_e4m3();
+  int bc = 32;
+  while (bc < cols) bc *= 2;
+  t->dtype = M3_DT_F8_E4M3;
+  t->quant = M3_WQ_FP8_BLOCK;
+  t->block_rows = 1, t->block_cols = bc;
+  t->scale_rows = rows, t->scale_cols = 1;
+  w.data = d;
+  w.scale = random_floats((size_t)rows, 0.001f, 0.01f);
+  t->data = w.data, t->scale = w.scale;
+  w.g = w.c;
+  must(cpu->ops->prepare_tensor(cpu, &w.c), "prepare_tensor (cpu)");
+  must(gpu->ops->prepare_tensor(gpu, &w.g), "prepare_tensor (cuda)");
+  return w;
+}
+
+/* E4M3 weights on the tensor-core kernel (1..64 tokens, matmul.cu mx_mma_kernel) and past it
+ * (65, 300: cuBLASLt), MXFP8, FP8 block and per channel: rows not a multiple of the 16 or 32 rows a
+ * warp or block takes, K with a short last 32-column block (K % 32 = 8, 16, 24), both row splits
+ * of the launch (the 4229-row shape gives 2 m-tiles and several warps side by side per block on
+ * an H100/H200), an E4M3 NaN in one row, and a matrix of only E4M3 subnormals (exponent field 0;
+ * the BF16 conversion must keep them: flushed, the output would be 0). */
+static void mx_mma_case(weight *w, const char *label, int nan_row, const int *Ts, int nT) {
+  const int64_t rows = w->c.rows, cols = w->c.cols;
+  if (nan_row >= 0) {
+    ((uint8_t *)w->data)[nan_row * cols + cols - 3] = 0x7f; /* in the last (maybe short) block */
+    must(gpu->ops->to_device(gpu, (void *)w->g.data, w->data, (size_t)(rows * cols)), "to_device");
+  }
+  for (int ti = 0; ti < nT; ti++) {
+    const int T = Ts[ti];
+    float *xh = random_floats((size_t)T * cols, -1, 1);
+    pair x = pair_from(xh, (size_t)T * cols * 4), y = pair_poisoned((size_t)T * rows);
+    cpu->ops->matmul(cpu, &w->c, x.c, T, y.c);
+    gpu->ops->matmul(gpu, &w->g, x.g, T, y.g);
+    char what[128];
+    snprintf(what, sizeof what, "e4m3 tc %s %lldx%lld T=%d", label, (long long)rows, (long long)cols, T);
+    compare(T <= 64 ? OP_MATMUL_SPLIT : OP_MATMUL_BF16ACT, what, &y);
+    pair_free(&x), pair_free(&y), free(xh);
+  }
+}
+
+static void test_matmul_e4m3_tc(void) {
+  static const int64_t shapes[][2] = {{4229, 80}, {37, 200}, {513, 1048}, {300, 2048}, {16, 8}, {2115, 336}};
+  static const int Ts[] = {1, 2, 3, 7, 8, 9, 16, 33, 64, 65, 300};
+  const int nT = (int)(sizeof Ts / sizeof Ts[0]);
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int layout = 0; layout < 3; layout++) {
+      const int64_t rows = shapes[s][0], cols = shapes[s][1];
+      char label[96];
+      snprintf(label, sizeof label, "%s", layout == 0 ? "MXFP8" : layout == 1 ? "FP8 block" : "FP8 per channel");
+      char shape[128];
+      snprintf(shape, sizeof shape, "e4m3 tc %s %lldx%lld", label, (long long)rows, (long long)cols);
+      progress(shape);
+      weight w = layout == 2 ? make_channel_weight(rows, cols)
+                             : make_weight(layout == 0 ? W_MXFP8 : W_FP8_BLOCK, rows, cols);
+      mx_mma_case(&w, label, rows > 100 ? (int)(rows - 1) / 2 : -1, Ts, nT);
+      free_weight(&w);
+    }
+  static const int sub_Ts[] = {1, 8, 64};
+  for (int layout = 0; layout < 2; layout++) {
+    weight w = make_weight(layout == 0 ? W_MXFP8 : W_FP8_BLOCK, 300, 2048);
+    uint8_t *d = w.data;
+    for (size_t i = 0; i < (size_t)300 * 2048; i++) d[i] &= 0x87; /* exponent 0: subnormal or zero */
+    must(gpu->ops->to_device(gpu, (void *)w.g.data, d, (size_t)300 * 2048), "to_device");
+    progress(layout == 0 ? "e4m3 tc MXFP8 subnormals" : "e4m3 tc FP8 block subnormals");
+    mx_mma_case(&w, layout == 0 ? "MXFP8 subnormals" : "FP8 block subnormals", -1, sub_Ts, 3);
+    free_weight(&w);
+  }
 }
 
 static void test_embed(void) {
@@ -863,6 +951,17 @@ static void test_moe_experts(void) {
   }
 }
 
+/* moe_experts on the E4M3 tensor-core kernels (moe.cu moe_mx_kernel, up to 64 tokens): H 200 and
+ * I 72 (K % 32 = 8 for gate/up and for down: a short last block; rows not a multiple of the 16 a
+ * block takes), tokens per expert past one pass of 8 (skewed routing: expert 0 gets all T). */
+static void test_moe_experts_e4m3_tc(void) {
+  static const int Ts[] = {1, 3, 8, 9, 33, 64};
+  for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+    for (int skew = 0; skew < 2; skew++) moe_experts_case(W_MXFP8, 200, 72, Ts[ti], skew);
+  moe_experts_case(W_FP8_BLOCK, 200, 72, 7, 1);
+  moe_experts_case(W_FP8_BLOCK, 200, 72, 64, 0);
+}
+
 /* ---- vision-tower ops (backend.h m3_vision_ops) ---- */
 
 /* LayerNorm with rows whose mean is far from 0 (the variance must not cancel), gain and bias F32
@@ -980,6 +1079,199 @@ static void test_vision_ops(void) {
   test_vision_attention();
 }
 
+/* ---- fp8 KV cache ----
+ * Both backends write an fp8 cache with their own kv_store from the same rows; the pages must be
+ * the same bytes (E4M3 values and float32 scales are specified to the bit), and msa_select and
+ * attention then read the same cache on both: the same tolerances as on a float32 cache. */
+
+/* A buffer of `bytes` on both backends, zeroed (as alloc leaves it). */
+static pair pair_zeroed(size_t bytes) {
+  pair p = {cpu->ops->alloc(cpu, bytes), gpu->ops->alloc(gpu, bytes), bytes};
+  if (!p.c || !p.g) must(M3_ERR_NOMEM, "alloc");
+  return p;
+}
+
+/* Records the fraction of the bytes of p whose GPU copy differs from the CPU's (any fails). */
+static void compare_bytes(int op, const char *what, const pair *p) {
+  uint8_t *g = gpu_copy(p);
+  size_t differ = 0;
+  for (size_t i = 0; i < p->bytes; i++) differ += ((const uint8_t *)p->c)[i] != g[i];
+  op_result *r = &results[op];
+  const double e = (double)differ / (double)p->bytes;
+  r->cases++;
+  if (e > r->worst) r->worst = e;
+  if (differ) {
+    r->failed++;
+    fprintf(stderr, "FAIL %s [%s]: %zu of %zu bytes differ\n", r->name, what, differ, p->bytes);
+  }
+  free(g);
+}
+
+/* rows x dim random values, each row times its own 2^-3..2^3 (so rows get different scales);
+ * every 29th row zero. */
+static float *kv8_random_rows(size_t rows, int dim) {
+  float *x = random_floats(rows * dim, -1, 1);
+  for (size_t r = 0; r < rows; r++) {
+    const float mag = r % 29 == 28 ? 0.0f : ldexpf(1.0f, (int)(rnd() % 7) - 3);
+    for (int d = 0; d < dim; d++) x[r * dim + d] *= mag;
+  }
+  return x;
+}
+
+/* kv_store of T tokens on both backends from the same host rows, then the pages compared. */
+static void kv8_store_both(cache *c, const int32_t *posh, int T, const float *kh, const float *vh,
+                           const float *ikh, const char *what) {
+  const int nkv = c->c.nkv, hd = c->c.hd, ihd = c->c.ihd;
+  pair pos = pair_from(posh, (size_t)T * 4), k = pair_from(kh, (size_t)T * nkv * hd * 4),
+       v = pair_from(vh, (size_t)T * nkv * hd * 4), ik = pair_from(ikh, (size_t)T * ihd * 4);
+  cpu->ops->kv_store(cpu, &c->c, pos.c, T, k.c, v.c, ik.c);
+  gpu->ops->kv_store(gpu, &c->g, pos.g, T, k.g, v.g, ik.g);
+  char label[160];
+  snprintf(label, sizeof label, "K pages, %s", what);
+  compare_bytes(OP_KV8_STORE, label, &c->k);
+  snprintf(label, sizeof label, "V pages, %s", what);
+  compare_bytes(OP_KV8_STORE, label, &c->v);
+  snprintf(label, sizeof label, "index-key pages, %s", what);
+  compare_bytes(OP_KV8_STORE, label, &c->ik);
+  pair_free(&pos), pair_free(&k), pair_free(&v), pair_free(&ik);
+}
+
+/* An fp8 cache of `blocks` blocks in make_cache's shuffled pages, every slot written through
+ * kv8_store_both (so its kv_store is checked on every cache); ik_h gets the index keys as the CPU
+ * reads them back (E4M3 value times row scale), for compare_selection's near-tie scores. */
+static cache make_cache8(int blocks, int bs, int nkv, int hd, int ihd) {
+  cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
+  pair_free(&c.k), pair_free(&c.v), pair_free(&c.ik);
+  const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)hd);
+  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
+  c.k = pair_zeroed(c.pages * kv_pb), c.v = pair_zeroed(c.pages * kv_pb), c.ik = pair_zeroed(c.pages * ik_pb);
+  c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.dtype = M3_KV_FP8;
+  c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.dtype = M3_KV_FP8;
+  const int T = blocks * bs;
+  int32_t *posh = malloc((size_t)T * 4);
+  for (int t = 0; t < T; t++) posh[t] = t;
+  float *kh = kv8_random_rows((size_t)T * nkv, hd), *vh = kv8_random_rows((size_t)T * nkv, hd);
+  float *ikh = kv8_random_rows((size_t)T, ihd);
+  char what[96];
+  snprintf(what, sizeof what, "bs %d nkv %d hd %d ihd %d blocks %d", bs, nkv, hd, ihd, blocks);
+  kv8_store_both(&c, posh, T, kh, vh, ikh, what);
+  for (int p = 0; p < c.pages; p++) {
+    const uint8_t *page = (const uint8_t *)c.ik.c + (size_t)p * ik_pb;
+    for (int r = 0; r < bs; r++) {
+      const float scale = ((const float *)page)[r];
+      const uint8_t *q = page + (size_t)bs * 4 + (size_t)r * ihd;
+      for (int d = 0; d < ihd; d++)
+        c.ik_h[((size_t)p * bs + r) * ihd + d] = m3_e4m3_to_f32(q[d]) * scale;
+    }
+  }
+  free(posh), free(kh), free(vh), free(ikh);
+  return c;
+}
+
+/* Row r of dim values, of edge kind r % 8: zeros; negative zeros; a NaN; an infinity (both: NaN
+ * scale, zero bytes); amax subnormal (a subnormal scale); amax so small that amax / 448
+ * underflows to 0; amax 448 (scale 1) with values halfway between E4M3 neighbours (ties to even,
+ * at the subnormal, normal and top ranges) and subnormal E4M3 values; values near FLT_MAX. */
+static void kv8_edge_row(float *x, int dim, int r) {
+  static const float ties[] = {448, 17, -17, 19, 15.5f, 432, 447, 0x1p-10f, -0x1p-10f, 0x3p-10f,
+                               0x5p-10f, -0x1p-7f, 0x1p-6f + 0x1p-10f, 0x1p-12f, -0x1p-9f, 0x3p-11f};
+  const int nties = (int)(sizeof ties / sizeof ties[0]);
+  for (int d = 0; d < dim; d++) {
+    const float u = uniform(-1, 1);
+    switch (r % 8) {
+      case 0: x[d] = 0.0f; break;
+      case 1: x[d] = -0.0f; break;
+      case 2: x[d] = d == 3 ? NAN : u; break;
+      case 3: x[d] = d == dim - 1 ? -INFINITY : u; break;
+      case 4: x[d] = u * 1e-39f; break;
+      case 5: x[d] = u * 1e-44f; break;
+      case 6: x[d] = d < nties ? ties[d] : u; break;
+      default: x[d] = u * 3e38f; break;
+    }
+  }
+}
+
+/* kv_store's rounding edges, bit for bit, at ragged positions with a padding row and one past the
+ * table (both skipped), over a cache written once already (the rows overwrite their slots). */
+static void test_kv8_store_edges(void) {
+  enum { BS = 16, NKV = 2, HD = 32, IHD = 16, BLOCKS = 4, T = 12 };
+  cache c = make_cache8(BLOCKS, BS, NKV, HD, IHD);
+  int32_t posh[T];
+  for (int t = 0; t < T; t++) posh[t] = 5 * t + 1;
+  posh[1] = -1;
+  posh[2] = BLOCKS * BS + 3;
+  float *kh = malloc(sizeof(float) * T * NKV * HD), *vh = malloc(sizeof(float) * T * NKV * HD);
+  float *ikh = malloc(sizeof(float) * T * IHD);
+  for (int r = 0; r < T * NKV; r++) kv8_edge_row(kh + (size_t)r * HD, HD, r), kv8_edge_row(vh + (size_t)r * HD, HD, r + 3);
+  for (int r = 0; r < T; r++) kv8_edge_row(ikh + (size_t)r * IHD, IHD, r + 5);
+  progress("fp8 kv_store edges");
+  kv8_store_both(&c, posh, T, kh, vh, ikh, "edge rows");
+  free(kh), free(vh), free(ikh), free_cache(&c);
+}
+
+static void attention8_pair(cache *c, int nh, int T, const pair *pos, const pair *sel, int topk,
+                            const char *what) {
+  const int hd = c->c.hd;
+  float *qh = random_floats((size_t)T * nh * hd, -1, 1);
+  pair q = pair_from(qh, (size_t)T * nh * hd * 4), out = pair_poisoned((size_t)T * nh * hd);
+  cpu->ops->attention(cpu, q.c, nh, &c->c, pos->c, T, sel ? sel->c : NULL, topk, out.c);
+  gpu->ops->attention(gpu, q.g, nh, &c->g, pos->g, T, sel ? sel->g : NULL, topk, out.g);
+  compare(OP_KV8_ATT_DENSE + attention_category(T, hd, sel != NULL) - OP_ATT_DENSE, what, &out);
+  pair_free(&q), pair_free(&out), free(qh);
+}
+
+/* MSA selection (counted in the msa_select row) and attention, dense and over the CPU's selected
+ * blocks, on one fp8 cache at ragged positions with a padding row. */
+static void msa_attention8_case(int bs, int nh, int nkv, int hd, int ihd, int len, int T,
+                                m3_msa_params mp) {
+  const int blocks = (len + bs - 1) / bs, G = nkv;
+  char what[128];
+  snprintf(what, sizeof what, "fp8 cache bs %d nh %d nkv %d hd %d ihd %d len %d T %d topk %d local %d init %d",
+           bs, nh, nkv, hd, ihd, len, T, mp.topk, mp.local_blocks, mp.init_blocks);
+  progress(what);
+  cache c = make_cache8(blocks, bs, nkv, hd, ihd);
+  int32_t *posh = random_positions(T, len);
+  float *iqh = random_floats((size_t)T * G * ihd, -1, 1);
+  pair pos = pair_from(posh, (size_t)T * 4), iq = pair_from(iqh, (size_t)T * G * ihd * 4);
+  int32_t *poison = malloc((size_t)T * G * mp.topk * 4);
+  for (int i = 0; i < T * G * mp.topk; i++) poison[i] = 0x7eadbeef;
+  pair sel = pair_from(poison, (size_t)T * G * mp.topk * 4);
+  cpu->ops->msa_select(cpu, iq.c, G, &c.c, pos.c, T, &mp, sel.c);
+  gpu->ops->msa_select(gpu, iq.g, G, &c.g, pos.g, T, &mp, sel.g);
+  int32_t *selg = gpu_copy(&sel);
+  compare_selection(&c, iqh, posh, T, G, mp.topk, sel.c, selg, what);
+  must(gpu->ops->to_device(gpu, sel.g, sel.c, sel.bytes), "to_device");
+  attention8_pair(&c, nh, T, &pos, NULL, 0, what);
+  attention8_pair(&c, nh, T, &pos, &sel, mp.topk, what);
+  pair_free(&pos), pair_free(&iq), pair_free(&sel);
+  free(posh), free(iqh), free(poison), free(selg), free_cache(&c);
+}
+
+/* kv_store, msa_select and attention on fp8 caches: decode (T = 1, 3, 17; split-K up to 9000
+ * tokens) and prefill (T >= 128: the tensor-core kernel at head dims 64 and 128) in groups of 16,
+ * 8, 4, 3, 2 and 1 query heads per KV head, head dims 32 to 256, index dims 16 to 256 (two chunks
+ * per lane in the score kernel). The selection counts of these cases are printed on their own. */
+static void test_kv_fp8(void) {
+  static const int cfg[][10] = {
+      /* bs nh nkv hd ihd len T topk local init */
+      {16, 8, 2, 32, 16, 200, 3, 4, 2, 1},        {8, 4, 4, 64, 32, 97, 17, 3, 2, 0},
+      {128, 64, 4, 128, 128, 2048 + 77, 1, 16, 1, 0}, {128, 64, 4, 128, 128, 9000, 1, 16, 1, 0},
+      {128, 64, 4, 128, 128, 9000, 3, 16, 1, 0},  {128, 64, 4, 128, 128, 3000, 300, 16, 1, 0},
+      {64, 16, 2, 64, 32, 900, 200, 5, 1, 1},     {32, 8, 8, 128, 64, 1000, 130, 8, 1, 0},
+      {16, 12, 4, 96, 16, 333, 17, 5, 1, 1},      {128, 16, 1, 256, 128, 1500, 3, 4, 1, 0},
+      {32, 16, 4, 128, 256, 700, 5, 4, 2, 1},     {64, 4, 2, 64, 64, 600, 140, 4, 1, 0},
+  };
+  const op_result before = results[OP_MSA];
+  test_kv8_store_edges();
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
+    msa_attention8_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5], cfg[i][6],
+                        (m3_msa_params){cfg[i][7], cfg[i][8], cfg[i][9]});
+  const op_result *r = &results[OP_MSA];
+  printf("%-40s %6d %6d %12s %9s  rows differing %d, of them near-ties %d (also in msa_select)\n",
+         "msa_select (fp8 cache)", r->cases - before.cases, r->failed - before.failed, "-", "exact",
+         r->mismatches - before.mismatches, r->near_ties - before.near_ties);
+}
+
 static int test_errors(void) {
   m3_backend *none = NULL;
   m3_status st = m3_backend_cuda_create(999, &none);
@@ -1004,6 +1296,7 @@ int main(void) {
   int ok = test_errors();
   run("matmul", test_matmul);
   run("matmul_gemv_edges", test_matmul_gemv_edges);
+  run("matmul_e4m3_tc", test_matmul_e4m3_tc);
   run("embed", test_embed);
   run("rmsnorm", test_rmsnorm);
   run("rope", test_rope);
@@ -1015,8 +1308,10 @@ int main(void) {
   run("msa_attention", test_msa_attention);
   run("attention_shapes", test_attention_shapes);
   run("attention_prefill", test_attention_prefill);
+  run("kv_fp8", test_kv_fp8);
   run("moe_route", test_moe_route);
   run("moe_experts", test_moe_experts);
+  run("moe_experts_e4m3_tc", test_moe_experts_e4m3_tc);
   run("vision", test_vision_ops);
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
   for (int i = 0; i < OP_COUNT; i++) {

@@ -16,12 +16,18 @@
  * serves fewer than ATT_TC_MIN_T tokens (decode, speculative verify) and head dims other than 64
  * and 128, at fp32 accuracy. Prefill (ATT_TC_MIN_T tokens or more, head dim 64 or 128) takes the
  * tensor-core kernel: 128-row tiles, 64-key tiles, S = Q K^T and O += P V as BF16 mma.sync with
- * fp32 accumulation and an fp32 online softmax, no split-K (the tiles fill the GPU). */
+ * fp32 accumulation and an fp32 online softmax, no split-K (the tiles fill the GPU).
+ *
+ * An fp8 cache (kv_fp8.cuh) runs the same kernels, instantiated for it: the key tiles are loaded
+ * as E4M3 bytes, a fourth of the float32 traffic, and decoded times their row scale as they are
+ * staged in shared memory, so everything after staging is the float32 code on the dequantized
+ * values. */
 #include <cuda_bf16.h>
 #include <math.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/kv_fp8.cuh"
 
 enum {
   ATT_WARPS = 8,
@@ -36,8 +42,8 @@ enum {
 };
 
 /* One block per token: K and V rows of every KV head, and the index key, into the token's page
- * slot. The views are float32 (this backend has kv_fp8 = 0, so no fp8 cache reaches it).
- * Positions without a page (and padding, pos < 0) are skipped, as on the CPU. */
+ * slot, of a float32 cache. Positions without a page (and padding, pos < 0) are skipped, as on the
+ * CPU. */
 __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, const float *__restrict__ k,
                                 const float *__restrict__ v, const float *__restrict__ ik) {
   const int t = blockIdx.x, bs = kv.block_size, nkv = kv.nkv, hd = kv.hd;
@@ -55,11 +61,63 @@ __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, 
       ((float *)kv.ik)[(page * bs + slot) * kv.ihd + d] = ik[(size_t)t * kv.ihd + d];
 }
 
+/* One warp quantizes x [dim] into row r of an fp8 page (backend.h, kv_store): scale = amax / 448,
+ * bytes = E4M3(x / scale); a row of zeros, or one whose scale underflows to 0, stores scale 0 and
+ * zeros; a row with a NaN or an infinity stores a NaN scale and zeros. The same operations as the
+ * CPU's quantize_row (IEEE divisions, kv8_e4m3_rne), so the bytes and scales are the same bits. */
+__device__ void kv8_store_row(uint8_t *page, int rows, int dim, int r, const float *__restrict__ x,
+                              int lane) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int d = lane; d < dim; d += 32) {
+    const float a = fabsf(x[d]);
+    nan |= isnan(a);
+    amax = fmaxf(amax, a);
+  }
+  amax = warp_max(amax);
+  nan = __any_sync(0xffffffffu, nan);
+  const float s = __fdiv_rn(amax, 448.0f);
+  const bool finite = !nan && isfinite(s), zero = !finite || s == 0.0f;
+  if (lane == 0) ((float *)page)[r] = finite ? s : __uint_as_float(0x7fc00000u);
+  uint8_t *q = page + (size_t)rows * sizeof(float) + (size_t)r * dim;
+  for (int d = lane; d < dim; d += 32)
+    q[d] = zero ? 0 : kv8_e4m3_rne(__float_as_uint(__fdiv_rn(x[d], s)));
+}
+
+/* The same for an fp8 cache: one warp per row (K and V of each KV head, then the index key). */
+__global__ void kv_store_fp8_kernel(m3_kv_view kv, size_t kv_page_bytes, size_t ik_page_bytes,
+                                    const int32_t *__restrict__ pos, const float *__restrict__ k,
+                                    const float *__restrict__ v, const float *__restrict__ ik) {
+  const int t = blockIdx.x, bs = kv.block_size, nkv = kv.nkv, hd = kv.hd;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int32_t p = pos[t];
+  if (p < 0 || p / bs >= kv.num_blocks) return;
+  const int32_t page = kv.block_table[p / bs];
+  const int slot = p % bs, nrows = 2 * nkv + (ik && kv.ik ? 1 : 0);
+  for (int row = warp; row < nrows; row += nwarps) {
+    if (row == 2 * nkv) {
+      kv8_store_row((uint8_t *)kv.ik + (size_t)page * ik_page_bytes, bs, kv.ihd, slot,
+                    ik + (size_t)t * kv.ihd, lane);
+      continue;
+    }
+    const int h = row >> 1;
+    const float *src = (row & 1 ? v : k) + ((size_t)t * nkv + h) * hd;
+    uint8_t *dst = (uint8_t *)(row & 1 ? kv.v : kv.k) + (size_t)page * kv_page_bytes;
+    kv8_store_row(dst, nkv * bs, hd, h * bs + slot, src, lane);
+  }
+}
+
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik) {
   cuda_backend *cb = cuda_of(be);
   if (T <= 0) return;
-  kv_store_kernel<<<T, 256, 0, cb->stream>>>(*kv, pos, k, v, ik);
+  if (kv->dtype == M3_KV_FP8) {
+    const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
+    const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
+    kv_store_fp8_kernel<<<T, 256, 0, cb->stream>>>(*kv, kv_pb, ik_pb, pos, k, v, ik);
+  } else {
+    kv_store_kernel<<<T, 256, 0, cb->stream>>>(*kv, pos, k, v, ik);
+  }
   cuda_launched(cb, "kv_store");
 }
 
@@ -76,6 +134,7 @@ typedef struct {
   int upb;            /* key tiles per block: ceil(block_size / ATT_KT) */
   int nsplit;
   float scale;
+  size_t kv_page_bytes; /* fp8 cache: bytes of one K or V page */
 } att_args;
 
 /* Dynamic shared memory of one tile, in bytes: Q [rows, hd], K [KT, hd + 4] (rows padded so that
@@ -151,7 +210,7 @@ __device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *
 
 /* CPL: float4 chunks of a head row per lane, hd <= 128 * CPL. RPW: rows per warp at most, so
  * that decode tiles (16 rows) keep few registers and many blocks in flight. */
-template <int CPL, int RPW>
+template <int CPL, int RPW, bool FP8>
 __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_kernel(att_args a) {
   extern __shared__ float4 att_smem[];
   const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group;
@@ -209,26 +268,50 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
     int nk = bs - j0 < ATT_KT ? bs - j0 : ATT_KT;
     if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
     if (nk <= 0) continue; /* the same for every thread */
-    const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * hd;
-    const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
-                 *vg = (const float4 *)((const float *)a.kv.v + base);
     __syncthreads(); /* every warp is done with the previous tile */
     /* Decode tiles are bound by memory: all of a thread's loads first (4 + 4 float4 in flight at
      * hd 128), then the stores. Prefill tiles keep their registers for the rows. */
     constexpr int STAGE = RPW <= 2 ? 4 / CPL : 1;
-    for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
-      float4 kr[STAGE], vr[STAGE];
+    if constexpr (FP8) { /* chunk i: 4 bytes of row i / hd4, decoded with the row's scale */
+      const int r0 = kvh * bs + j0;
+      const kv8_rows kr8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, a.kv.block_table[b], nkv * bs, hd, r0),
+                     vr8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, a.kv.block_table[b], nkv * bs, hd, r0);
+      const uint32_t *kg = (const uint32_t *)kr8.q, *vg = (const uint32_t *)vr8.q;
+      for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
+        uint32_t kw[STAGE], vw[STAGE];
+        float ksc[STAGE], vsc[STAGE];
 #pragma unroll
-      for (int x = 0; x < STAGE; x++) {
-        const int i = i0 + x * 32 * ATT_WARPS;
-        if (i < nk * hd4) kr[x] = kg[i], vr[x] = vg[i];
+        for (int x = 0; x < STAGE; x++) {
+          const int i = i0 + x * 32 * ATT_WARPS;
+          if (i < nk * hd4) kw[x] = kg[i], vw[x] = vg[i], ksc[x] = kr8.scale[i / hd4], vsc[x] = vr8.scale[i / hd4];
+        }
+#pragma unroll
+        for (int x = 0; x < STAGE; x++) {
+          const int i = i0 + x * 32 * ATT_WARPS;
+          if (i < nk * hd4) {
+            *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kv8_dequant4(kw[x], ksc[x]);
+            ((float4 *)vs)[i] = kv8_dequant4(vw[x], vsc[x]);
+          }
+        }
       }
+    } else {
+      const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * hd;
+      const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
+                   *vg = (const float4 *)((const float *)a.kv.v + base);
+      for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
+        float4 kr[STAGE], vr[STAGE];
 #pragma unroll
-      for (int x = 0; x < STAGE; x++) {
-        const int i = i0 + x * 32 * ATT_WARPS;
-        if (i < nk * hd4) {
-          *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kr[x];
-          ((float4 *)vs)[i] = vr[x];
+        for (int x = 0; x < STAGE; x++) {
+          const int i = i0 + x * 32 * ATT_WARPS;
+          if (i < nk * hd4) kr[x] = kg[i], vr[x] = vg[i];
+        }
+#pragma unroll
+        for (int x = 0; x < STAGE; x++) {
+          const int i = i0 + x * 32 * ATT_WARPS;
+          if (i < nk * hd4) {
+            *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kr[x];
+            ((float4 *)vs)[i] = vr[x];
+          }
         }
       }
     }
@@ -351,13 +434,13 @@ __global__ void attention_combine_kernel(const float *__restrict__ part, int nsp
   }
 }
 
-/* Launches attention_kernel<CPL, RPW> for a, choosing the split count from the blocks the GPU holds
- * once and the key tiles a tile may have (max_units). */
-template <int CPL, int RPW>
+/* Launches attention_kernel<CPL, RPW, FP8> for a, choosing the split count from the blocks the GPU
+ * holds once and the key tiles a tile may have (max_units). */
+template <int CPL, int RPW, bool FP8>
 static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units, size_t smem) {
   static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
   if (smem > 48 * 1024 && smem > smem_opted) {
-    cuda_note(cb, cudaFuncSetAttribute(attention_kernel<CPL, RPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cuda_note(cb, cudaFuncSetAttribute(attention_kernel<CPL, RPW, FP8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)smem), "attention (shared memory)");
     smem_opted = smem;
   }
@@ -370,7 +453,7 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
   for (int i = 0; i < OCC_SIZES; i++)
     if (occ_smem[i] == smem) per_sm = occ_per_sm[i];
   if (per_sm <= 0) {
-    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel<CPL, RPW>,
+    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel<CPL, RPW, FP8>,
                                                                 32 * ATT_WARPS, smem), "attention (occupancy)");
     if (per_sm <= 0) per_sm = 1;
     occ_smem[occ_next] = smem, occ_per_sm[occ_next] = per_sm;
@@ -388,11 +471,24 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
     if (!a.part) return;
   }
   dim3 grid((unsigned)items, (unsigned)a.nsplit);
-  attention_kernel<CPL, RPW><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
+  attention_kernel<CPL, RPW, FP8><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
   cuda_launched(cb, "attention");
   if (a.nsplit > 1) {
     attention_combine_kernel<<<(unsigned)(a.T * a.nh), 128, 0, cb->stream>>>(a.part, a.nsplit, a.kv.hd, a.out);
     cuda_launched(cb, "attention (combine)");
+  }
+}
+
+/* attention_kernel's instance for the head dim and the tile's rows. */
+template <bool FP8>
+static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_units, size_t smem) {
+  const int light = a.rows <= ATT_DECODE_ROWS;
+  if (a.kv.hd <= 128) {
+    if (light) att_launch<1, ATT_DECODE_ROWS / ATT_WARPS, FP8>(cb, a, ntiles, max_units, smem);
+    else att_launch<1, ATT_MAX_ROWS / ATT_WARPS, FP8>(cb, a, ntiles, max_units, smem);
+  } else {
+    if (light) att_launch<2, ATT_DECODE_ROWS / ATT_WARPS, FP8>(cb, a, ntiles, max_units, smem);
+    else att_launch<2, ATT_MAX_ROWS / ATT_WARPS, FP8>(cb, a, ntiles, max_units, smem);
   }
 }
 
@@ -440,7 +536,7 @@ __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v) {
   *(uint2 *)dst = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
 }
 
-template <int HD>
+template <int HD, bool FP8>
 __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_args a) {
   constexpr int LD = HD + ATT_TC_PAD; /* row stride in BF16: 4 mod 32 words, so the 8 rows x 4
                                          columns of a fragment load hit 32 banks */
@@ -453,6 +549,10 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   __nv_bfloat16 *vs = ks + (size_t)ATT_TC_KT * LD;        /* [64, LD]: key, dim */
   int *ents = (int *)(vs + (size_t)ATT_TC_KT * LD);
   const int ne_max = a.sel ? a.tt * a.topk : 0;
+  /* An fp8 tile keeps its E4M3 values in ks / vs, which BF16 holds exactly, and its row scales
+   * here: K's multiply the scores and V's the probabilities in float32 after and before the MMAs,
+   * so the cache costs no BF16 rounding beyond what P and Q already take. */
+  __shared__ float ksc_s[ATT_TC_KT], vsc_s[ATT_TC_KT];
 
   /* The tiles of the latest tokens have the most keys (causal): they start first. */
   const int ntiles = (a.T + a.tt - 1) / a.tt;
@@ -511,17 +611,38 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
     int nk = bs - j0 < ATT_TC_KT ? bs - j0 : ATT_TC_KT;
     if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
     if (nk <= 0) continue; /* the same for every thread */
-    const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * HD;
-    const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
-                 *vg = (const float4 *)((const float *)a.kv.v + base);
+    /* Chunk i of the tile is 4 values of key i / (HD / 4): a float4 of an f32 page, or 4 bytes of
+     * an fp8 page decoded with their row's scale. */
+    const int32_t page = a.kv.block_table[b];
+    const int r0 = kvh * bs + j0;
+    const void *kt, *vt;
+    const float *ksc = NULL, *vsc = NULL;
+    if constexpr (FP8) {
+      const kv8_rows kr8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, HD, r0),
+                     vr8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, HD, r0);
+      kt = kr8.q, vt = vr8.q, ksc = kr8.scale, vsc = vr8.scale;
+    } else {
+      kt = (const float *)a.kv.k + ((size_t)page * nkv * bs + r0) * HD;
+      vt = (const float *)a.kv.v + ((size_t)page * nkv * bs + r0) * HD;
+    }
     __syncthreads(); /* every warp is done with the previous tile */
     /* Keys past nk are zero: P is 0 there, and 0 times stale shared memory could be NaN. */
     for (int i = tid; i < ATT_TC_KT * (HD / 4); i += blockDim.x) {
       const int key = i / (HD / 4), c = i % (HD / 4);
       float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
-      if (key < nk) kv4 = kg[i], vv4 = vg[i];
+      if (key < nk) {
+        if constexpr (FP8) {
+          kv4 = kv8_dequant4(((const uint32_t *)kt)[i], 1.0f);
+          vv4 = kv8_dequant4(((const uint32_t *)vt)[i], 1.0f);
+        } else {
+          kv4 = ((const float4 *)kt)[i], vv4 = ((const float4 *)vt)[i];
+        }
+      }
       store_bf16x4(ks + (size_t)key * LD + 4 * c, kv4);
       store_bf16x4(vs + (size_t)key * LD + 4 * c, vv4);
+      if constexpr (FP8) {
+        if (c == 0) ksc_s[key] = key < nk ? ksc[key] : 0.0f, vsc_s[key] = key < nk ? vsc[key] : 0.0f;
+      }
     }
     __syncthreads();
     if (wpos < kpos0 || !(bmask & wtok)) continue; /* no row of this warp sees a key here */
@@ -556,7 +677,9 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
         for (int e = 0; e < 2; e++) {
           const int col = 8 * nt + c2 + e;
           const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
-          const float sc = ok ? s[nt][2 * h + e] * scale_log2 : -INFINITY;
+          float raw = s[nt][2 * h + e];
+          if constexpr (FP8) raw *= ksc_s[col];
+          const float sc = ok ? raw * scale_log2 : -INFINITY;
           s[nt][2 * h + e] = sc;
           mx = fmaxf(mx, sc);
         }
@@ -582,6 +705,7 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
         const float sc = s[nt][x];
         p[x] = sc == -INFINITY ? 0.0f : exp2f(sc - mnew[x >> 1]);
         l[x >> 1] += p[x];
+        if constexpr (FP8) p[x] *= vsc_s[8 * nt + c2 + (x & 1)];
       }
       pa[nt >> 1][2 * (nt & 1)] = bf16_pair(p[0], p[1]);
       pa[nt >> 1][2 * (nt & 1) + 1] = bf16_pair(p[2], p[3]);
@@ -617,16 +741,16 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   }
 }
 
-template <int HD>
+template <int HD, bool FP8>
 static void att_tc_launch(cuda_backend *cb, const att_args &a, size_t smem) {
   static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
   if (smem > 48 * 1024 && smem > smem_opted) {
-    cuda_note(cb, cudaFuncSetAttribute(attention_tc_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cuda_note(cb, cudaFuncSetAttribute(attention_tc_kernel<HD, FP8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)smem), "attention (shared memory)");
     smem_opted = smem;
   }
   const int ntiles = (a.T + a.tt - 1) / a.tt;
-  attention_tc_kernel<HD><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
+  attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
   cuda_launched(cb, "attention (tensor cores)");
 }
 
@@ -653,6 +777,8 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   a.topk = sel ? topk : 0;
   a.scale = (float)(1.0 / sqrt((double)hd));
   a.upb = (kv->block_size + ATT_KT - 1) / ATT_KT;
+  const bool fp8 = kv->dtype == M3_KV_FP8;
+  a.kv_page_bytes = fp8 ? m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)hd) : 0;
   if (T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
     /* 128 rows; a sparse tile keeps the fp32 kernel's limits on tokens (a 32-bit token mask) and
      * on the selection entries att_union merges. */
@@ -665,8 +791,8 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
     a.nsplit = 1;
     a.part = NULL;
     const size_t tc_smem = att_tc_smem_bytes(hd, sel ? tc_tt * topk : 0);
-    if (hd == 64) att_tc_launch<64>(cb, a, tc_smem);
-    else att_tc_launch<128>(cb, a, tc_smem);
+    if (hd == 64) fp8 ? att_tc_launch<64, true>(cb, a, tc_smem) : att_tc_launch<64, false>(cb, a, tc_smem);
+    else fp8 ? att_tc_launch<128, true>(cb, a, tc_smem) : att_tc_launch<128, false>(cb, a, tc_smem);
     return;
   }
   /* Tokens per tile: up to 64 rows, a 32-bit token mask, and at most ATT_MAX_ENTRIES selection
@@ -681,12 +807,6 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   const int list_max = sel ? (tt * topk < kv->num_blocks ? tt * topk : kv->num_blocks) : kv->num_blocks;
   const int max_units = list_max * a.upb;
   const size_t smem = att_smem_bytes(a.rows, hd, sel ? tt * topk : 0);
-  const int light = a.rows <= ATT_DECODE_ROWS;
-  if (hd <= 128) {
-    if (light) att_launch<1, ATT_DECODE_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
-    else att_launch<1, ATT_MAX_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
-  } else {
-    if (light) att_launch<2, ATT_DECODE_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
-    else att_launch<2, ATT_MAX_ROWS / ATT_WARPS>(cb, a, ntiles, max_units, smem);
-  }
+  if (fp8) att_launch_hd<true>(cb, a, ntiles, max_units, smem);
+  else att_launch_hd<false>(cb, a, ntiles, max_units, smem);
 }

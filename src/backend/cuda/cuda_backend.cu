@@ -193,7 +193,7 @@ static m3_backend_ops make_ops(void) {
   ops.to_host = cuda_to_host;
   ops.copy = cuda_copy;
   ops.device_memory = 1;
-  ops.kv_fp8 = 0; /* no fp8 KV kernels yet: creating an fp8 cache here fails by name */
+  ops.kv_fp8 = 1;
   ops.prepare_tensor = cuda_prepare_tensor;
   ops.release_tensor = cuda_release_tensor;
   ops.embed = cuda_embed;

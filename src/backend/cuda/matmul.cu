@@ -6,6 +6,10 @@
  * accumulation: the same math as the CPU to rounding. One token, or a short matrix: a block of 256 threads shares 1, 2 or
  * 4 rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared
  * memory slice by slice.
+ * E4M3 weights (MXFP8, FP8 block, per channel; K % 8 == 0) from 2 to MX_MAX_T = 64 tokens take neither
+ * (mx_mma_fits): a tensor-core kernel decodes each 8-byte piece of W to BF16 in registers and
+ * applies the scales to fp32 partial products, reading W once for all tokens (x as hi + lo BF16,
+ * about float32 accuracy).
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
  * BF16 (up to 64 tokens as two BF16 terms, hi + lo), W as stored (BF16) or decoded to BF16 in
  * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core
@@ -64,19 +68,6 @@ __device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
     v[2] = __uint_as_float(e23 << 16) * 0x1p120f;
     v[3] = __uint_as_float(e23 & 0xffff0000u) * 0x1p120f;
   }
-}
-
-/* Bytes 0x7f / 0xff (E4M3 NaN) set bit 7 of their byte: ORed over a row, nonzero means NaN. */
-__device__ __forceinline__ uint32_t e4m3_nan_bits(uint32_t b) {
-  return ((b & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
-}
-
-/* The scale of the 32 E4M3 columns [32 s, 32 s + 32) of row r (1 without one). */
-__device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int64_t s) {
-  if (w.quant == M3_WQ_MXFP8) return dev_e8m0(w.scale[(size_t)r * w.scale_cols + s]);
-  if (w.quant == M3_WQ_FP8_BLOCK)
-    return ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + s * 32 / w.block_cols];
-  return 1.0f;
 }
 
 /* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= NT and the R rows of this block. All 256 threads of
@@ -574,6 +565,107 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
   return 1;
 }
 
+/* ---- E4M3 weights (MXFP8, FP8 block, per channel) on the tensor cores, 1..64 tokens ----
+ * (the inner loop, mx_accumulate, and its fragment layout: weight_load.cuh)
+ * A block of MX_WARPS warps: WR of them side by side over rows (each MT tiles of 16 rows), the
+ * other MX_WARPS / WR splitting K in groups of U blocks of 32 columns; the K-split partials
+ * meet in shared memory in a fixed order, so results do not depend on timing. x: up to 8 tokens
+ * straight from float32 (L1), split in registers; more tokens from a hi/lo BF16 copy made first
+ * (to_bf16_kernel), which the WR warps of a block that share K then read through L1. */
+
+/* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= 8 * NTB, W E4M3 [N, K] (mx_weight_fits).
+ * PRESPLIT: xs holds x as BF16 hi [T, K] then lo [T, K]; otherwise x (16-byte aligned) is read as
+ * float32 and split here. */
+template <int NTB, int MT, int WR, int PRESPLIT, int U>
+__global__ void __launch_bounds__(32 * MX_WARPS)
+    mx_mma_kernel(cuda_weight w, const float *__restrict__ x, const uint16_t *__restrict__ xs,
+                  int T, float *__restrict__ y) {
+  constexpr int WK = MX_WARPS / WR, ACC = MT * NTB * 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  const int wr = warp % WR, wk = warp / WR;
+  const int64_t N = w.rows, K = w.cols;
+  int64_t rows[MT][2];
+  mx_rows<MT>(w, ((int64_t)blockIdx.x * WR + wr) * 16 * MT, rows);
+  mx_x xr[NTB];
+#pragma unroll
+  for (int n = 0; n < NTB; n++) {
+    const int t = 8 * n + g;
+    xr[n] = mx_x{NULL, NULL, NULL};
+    if (t < T) {
+      if (PRESPLIT) xr[n].hi = xs + (size_t)t * K, xr[n].lo = xs + ((size_t)T + t) * K;
+      else xr[n].f = x + (size_t)t * K;
+    }
+  }
+  float acc[MT][NTB][4] = {};
+  uint32_t nan_bits[MT][2] = {};
+  mx_accumulate<NTB, MT, PRESPLIT, U>(w, rows, xr, wk, WK, acc, nan_bits);
+  mx_mark_nan<NTB, MT>(nan_bits, acc);
+  __shared__ float partial[MX_WARPS][ACC][32];
+#pragma unroll
+  for (int m = 0; m < MT; m++)
+#pragma unroll
+    for (int n = 0; n < NTB; n++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) partial[warp][(m * NTB + n) * 4 + i][lane] = acc[m][n][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < WR * ACC * 32; e += 32 * MX_WARPS) {
+    const int l = e % 32, idx = (e / 32) % ACC, ew = e / (32 * ACC); /* ew: the row group wr */
+    const int i = idx % 4, n = (idx / 4) % NTB, m = idx / (4 * NTB);
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < WK; k++) sum += partial[k * WR + ew][idx][l];
+    const int64_t r = ((int64_t)blockIdx.x * WR + ew) * 16 * MT + 16 * m + (l >> 2) + (i >= 2 ? 8 : 0);
+    const int t = 8 * n + 2 * (l & 3) + (i & 1);
+    if (r < N && t < T) y[(size_t)t * N + r] = sum;
+  }
+}
+
+/* 1 when the tensor-core kernel takes this weight and x at T tokens. One token stays on the GEMV:
+ * on the H200 the GEMV reads q_proj at 46% of copy bandwidth, this kernel at 34% (lm_head 59 vs
+ * 40%), while from 2 to 8 tokens this kernel holds its rate and the GEMV's falls (16% at 8). */
+static int mx_mma_fits(const m3_tensor *t, const float *x, int T) {
+  return T >= 2 && T <= MX_MAX_T && mx_weight_fits(t) && (T > 8 || (uintptr_t)x % 16 == 0);
+}
+
+template <int NTB, int MT, int WR, int PRESPLIT, int U = MX_U>
+static void launch_mx(cuda_backend *cb, const cuda_weight &w, const float *x, const uint16_t *xs, int T, float *y) {
+  const unsigned blocks = (unsigned)((w.rows + 16 * MT * WR - 1) / (16 * MT * WR));
+  mx_mma_kernel<NTB, MT, WR, PRESPLIT, U><<<blocks, 32 * MX_WARPS, 0, cb->stream>>>(w, x, xs, T, y);
+}
+
+/* More than 8 tokens: the hi/lo copy of x, and as many warps of a block side by side over rows
+ * (sharing x through L1) as still leave a block per SM. */
+template <int NTB>
+static void launch_mx_split(cuda_backend *cb, const cuda_weight &w, const uint16_t *xs, int T, float *y) {
+  const int64_t tiles = (w.rows + 15) / 16, sms = cb->num_sms;
+  if (tiles >= 4 * sms) launch_mx<NTB, 1, 4, 1>(cb, w, NULL, xs, T, y);
+  else if (tiles >= 2 * sms) launch_mx<NTB, 1, 2, 1>(cb, w, NULL, xs, T, y);
+  else launch_mx<NTB, 1, 1, 1>(cb, w, NULL, xs, T, y);
+}
+
+/* Up to 8 tokens: 32 rows a block where that still gives every SM a block (fewer, fuller waves:
+ * q_proj's 256 blocks of 32 rows fit the H200's 2 x 132 slots at once, its 512 blocks of 16 rows
+ * do not; each block keeps 32 KB of loads in flight), else 16 rows with loads twice as deep, so
+ * that the fewer blocks of a short matrix (a 3072-row expert: 192) still keep as many bytes in
+ * flight. */
+static void launch_mx_mma(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
+  const cuda_weight w = cuda_weight_of(t);
+  if (T <= 8) {
+    if ((t->rows + 31) / 32 >= (int64_t)cb->num_sms) launch_mx<1, 2, 1, 0>(cb, w, x, NULL, T, y);
+    else launch_mx<1, 1, 1, 0, 2 * MX_U>(cb, w, x, NULL, T, y);
+  } else {
+    const size_t n = (size_t)T * (size_t)t->cols;
+    uint16_t *xs = (uint16_t *)cuda_scratch(cb, n * 4, "matmul");
+    if (!xs) return;
+    to_bf16_kernel<<<grid_for(n), 256, 0, cb->stream>>>(x, n, 1, (__nv_bfloat16 *)xs);
+    cuda_launched(cb, "matmul (bf16 activations)");
+    if (T <= 16) launch_mx_split<2>(cb, w, xs, T, y);
+    else if (T <= 32) launch_mx_split<4>(cb, w, xs, T, y);
+    else launch_mx_split<8>(cb, w, xs, T, y);
+  }
+  cuda_launched(cb, "matmul (e4m3 tensor cores)");
+}
+
 void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y) {
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || w->rows <= 0) return;
@@ -582,7 +674,8 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
    * short matrices, where cuBLASLt's fixed cost shows (H200, T = 8: q_proj 83 -> 33 us, a
    * 3072-row expert 61 -> 20 us, but k_proj's 512 rows 17 -> 23 us). */
   const int bf16_tall = w->quant == M3_WQ_NONE && w->dtype == M3_DT_BF16 && w->rows >= GEMV_BF16_LT_ROWS;
-  if (T <= (bf16_tall ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
+  if (mx_mma_fits(w, x, T)) launch_mx_mma(cb, w, x, T, y);
+  else if (T <= (bf16_tall ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
   else if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, w, x, T, y);
 }
 

@@ -57,6 +57,8 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
  * per possibly active expert (blocks past the active count exit), a warp per weight row applied
  * to the expert's tokens MOE_TOKENS_PER_PASS at a time (later passes find the row in L1/L2):
  * first gate and up together with SwiGLU-OAI into act [slot, I], then down into y [slot, H].
+ * E4M3 experts (MXFP8, FP8 block) take the same two steps on the tensor cores (moe_mx_kernel): a
+ * block per 16 weight rows, its warps splitting K, activations as hi + lo BF16.
  * Larger T reads the expert offsets back once (prefill is compute-bound) and runs each active
  * expert's three matmuls through cuda_matmul (cuBLASLt with BF16 activations, any dtype). Both
  * end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j, float32. */
@@ -208,6 +210,62 @@ __global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK)
   }
 }
 
+/* The grouped products of E4M3 experts on the tensor cores (weight_load.cuh mx_accumulate), the
+ * same outputs as moe_gemv_kernel: blockIdx.y picks the active expert, blockIdx.x a tile of 16
+ * weight rows, and the 8 warps split K (gate and up: H; down: I) in groups of MX_U 32-column
+ * blocks; the expert's tokens go 8 at a time (one B tile; later passes find the rows in L1/L2).
+ * The warps' partial sums meet in shared memory in a fixed order; GATED applies SwiGLU-OAI to
+ * the gate and up sums of each (row, token). */
+template <int GATED>
+__global__ void __launch_bounds__(32 * MX_WARPS)
+    moe_mx_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
+                  moe_groups grp, const float *__restrict__ x, int k, float alpha, float beta,
+                  float limit, float *__restrict__ out) {
+  if ((int)blockIdx.y >= *grp.n_active) return; /* the whole block */
+  const int e = grp.active[blockIdx.y];
+  const cuda_weight w0 = w0s[e];
+  const cuda_weight w1 = GATED ? w1s[e] : w0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+  const int64_t N = w0.rows, K = w0.cols, r0 = (int64_t)blockIdx.x * 16;
+  int64_t rows[1][2];
+  mx_rows<1>(w0, r0, rows);
+  __shared__ float partial[GATED ? 2 : 1][MX_WARPS][4][32];
+  const int end = min(grp.start[e + 1], grp.n); /* offsets come from device memory: bounded loops */
+  for (int p0 = max(grp.start[e], 0); p0 < end; p0 += 8) {
+    const int nt = end - p0 < 8 ? end - p0 : 8;
+    mx_x xr[1] = {{NULL, NULL, NULL}};
+    if (g < nt) xr[0].f = x + (size_t)(GATED ? grp.slot_at[p0 + g] / k : p0 + g) * (size_t)K;
+    float acc0[1][1][4] = {}, acc1[1][1][4] = {};
+    uint32_t nan0[1][2] = {}, nan1[1][2] = {};
+    mx_accumulate<1, 1, 0, MX_U>(w0, rows, xr, warp, MX_WARPS, acc0, nan0);
+    mx_mark_nan<1, 1>(nan0, acc0);
+    if (GATED) {
+      mx_accumulate<1, 1, 0, MX_U>(w1, rows, xr, warp, MX_WARPS, acc1, nan1);
+      mx_mark_nan<1, 1>(nan1, acc1);
+    }
+    __syncthreads(); /* the previous pass's sums are used up */
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      partial[0][warp][i][lane] = acc0[0][0][i];
+      if (GATED) partial[GATED ? 1 : 0][warp][i][lane] = acc1[0][0][i];
+    }
+    __syncthreads();
+    if (threadIdx.x < 4 * 32) {
+      const int l = threadIdx.x % 32, i = threadIdx.x / 32;
+      float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+      for (int wk = 0; wk < MX_WARPS; wk++) {
+        s0 += partial[0][wk][i][l];
+        if (GATED) s1 += partial[GATED ? 1 : 0][wk][i][l];
+      }
+      const int64_t r = r0 + (l >> 2) + (i >= 2 ? 8 : 0);
+      const int t = 2 * (l & 3) + (i & 1);
+      if (r < N && t < nt)
+        out[(size_t)(p0 + t) * (size_t)N + r] = GATED ? dev_swiglu_oai(s0, s1, alpha, beta, limit) : s0;
+    }
+  }
+}
+
 template <int GATED>
 static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_weight *w0,
                            const cuda_weight *w1, const moe_groups &g, const float *x, int k,
@@ -326,10 +384,21 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const unsigned experts = (unsigned)(E < n ? E : n);
     const int kind_gate = tab->wide ? gemv_kind(&ex->gate[0], h) : WK_ANY;
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
-    dim3 grid_gate((unsigned)((I + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK), experts);
-    dim3 grid_down((unsigned)((H + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK), experts);
-    launch_grouped<1>(cb, kind_gate, grid_gate, tab->w, tab->w + E, g, h, k, ex, act);
-    launch_grouped<0>(cb, kind_down, grid_down, tab->w + 2 * E, NULL, g, act, k, ex, y);
+    if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&
+        (uintptr_t)h % 16 == 0) { /* act is carved 256-byte aligned, I % 8 == 0 */
+      const float a = ex->alpha, b = ex->beta, l = ex->limit;
+      moe_mx_kernel<1><<<dim3((unsigned)((I + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream>>>(
+          tab->w, tab->w + E, g, h, k, a, b, l, act);
+      cuda_launched(cb, "moe_experts (gate, up, swiglu; e4m3 tensor cores)");
+      moe_mx_kernel<0><<<dim3((unsigned)((H + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream>>>(
+          tab->w + 2 * E, NULL, g, act, k, a, b, l, y);
+      cuda_launched(cb, "moe_experts (down; e4m3 tensor cores)");
+    } else {
+      dim3 grid_gate((unsigned)((I + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK), experts);
+      dim3 grid_down((unsigned)((H + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK), experts);
+      launch_grouped<1>(cb, kind_gate, grid_gate, tab->w, tab->w + E, g, h, k, ex, act);
+      launch_grouped<0>(cb, kind_down, grid_down, tab->w + 2 * E, NULL, g, act, k, ex, y);
+    }
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up))) {
     return;
   }

@@ -9,10 +9,12 @@
  * Selection: one thread block per (token, index head): forced init and local blocks, then the best
  * candidates by (score, lower id): each warp draws its share's best, warp 0 draws the winners
  * from those; written in ascending block order, -1 padded. The same rules as the CPU backend's
- * msa.c. */
+ * msa.c. An fp8 cache's index keys are loaded as E4M3 bytes (4 per lane and load where float32
+ * takes a float4) and decoded times their row scale in registers (kv_fp8.cuh). */
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/kv_fp8.cuh"
 
 enum {
   MSA_MAX_G = 16,
@@ -28,6 +30,7 @@ typedef struct {
   const int32_t *pos;
   m3_msa_params p;
   float *scores;   /* [T, G, kv.num_blocks] */
+  size_t ik_page_bytes; /* fp8 cache: bytes of one index-key page */
   int32_t *sel;    /* [T, G, topk] */
 } msa_args;
 
@@ -64,7 +67,9 @@ __device__ __forceinline__ float warp_sum16(float (&v)[16], int lane) {
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
-template <int GP, int CH> /* GP: G rounded up to a power of two; CH: float4 chunks per lane, ihd <= 128 * CH */
+/* GP: G rounded up to a power of two; CH: float4 chunks per lane, ihd <= 128 * CH; FP8: the
+ * cache's dtype. */
+template <int GP, int CH, bool FP8>
 __global__ void __launch_bounds__(32 * SCORE_WARPS) msa_score_kernel(msa_args a) {
   constexpr int KPW = 16 / GP; /* keys per warp step: KPW * GP = 16 dots per lane */
   constexpr int SCORE_STEPS = GP / CH > 1 ? GP / CH : 1; /* steps loaded at once: 16 float4 per lane */
@@ -85,23 +90,42 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS) msa_score_kernel(msa_args a)
                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   const int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
-  const float4 *keys =
-      (const float4 *)((const float *)a.kv.ik + (size_t)a.kv.block_table[b] * bs * ihd);
+  const int32_t page = a.kv.block_table[b];
+  const float4 *keys = (const float4 *)((const float *)a.kv.ik + (size_t)page * bs * ihd);
+  const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, bs, ihd, 0);
   const int slot = (lane >> 1) & 15, slot_key = slot / GP, slot_head = slot % GP;
   float best = -INFINITY; /* of (key slot_key of each step, head slot_head); NaN dots never win */
   for (int j0 = warp * KPW * SCORE_STEPS; j0 < n; j0 += SCORE_WARPS * KPW * SCORE_STEPS) {
+    /* float32: the keys; fp8: their bytes and row scales, decoded a step at a time (half the
+     * registers of decoded keys, so the loads of all steps stay in flight). */
     float4 k[SCORE_STEPS][KPW][CH];
+    uint32_t k8[SCORE_STEPS][KPW][CH];
+    float k8s[SCORE_STEPS][KPW];
 #pragma unroll
     for (int st = 0; st < SCORE_STEPS; st++)
+#pragma unroll
+      for (int kk = 0; kk < KPW; kk++) {
+        const int j = j0 + st * KPW + kk;
+        if constexpr (FP8) k8s[st][kk] = j < n ? keys8.scale[j] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < CH; c++) {
+          const int ch = lane + 32 * c;
+          if constexpr (FP8)
+            k8[st][kk][c] = j < n && ch < ihd4 ? ((const uint32_t *)keys8.q)[(size_t)j * ihd4 + ch] : 0u;
+          else
+            k[st][kk][c] = j < n && ch < ihd4 ? keys[(size_t)j * ihd4 + ch] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+#pragma unroll
+    for (int st = 0; st < SCORE_STEPS; st++) {
+      float4 ks[KPW][CH]; /* this step's keys */
 #pragma unroll
       for (int kk = 0; kk < KPW; kk++)
 #pragma unroll
         for (int c = 0; c < CH; c++) {
-          const int j = j0 + st * KPW + kk, ch = lane + 32 * c;
-          k[st][kk][c] = j < n && ch < ihd4 ? keys[(size_t)j * ihd4 + ch] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if constexpr (FP8) ks[kk][c] = kv8_dequant4(k8[st][kk][c], k8s[st][kk]);
+          else ks[kk][c] = k[st][kk][c];
         }
-#pragma unroll
-    for (int st = 0; st < SCORE_STEPS; st++) {
       float v[16];
 #pragma unroll
       for (int kk = 0; kk < KPW; kk++)
@@ -110,8 +134,8 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS) msa_score_kernel(msa_args a)
           float d = 0.0f;
 #pragma unroll
           for (int c = 0; c < CH; c++)
-            d += q[g][c].x * k[st][kk][c].x + q[g][c].y * k[st][kk][c].y + q[g][c].z * k[st][kk][c].z +
-                 q[g][c].w * k[st][kk][c].w;
+            d += q[g][c].x * ks[kk][c].x + q[g][c].y * ks[kk][c].y + q[g][c].z * ks[kk][c].z +
+                 q[g][c].w * ks[kk][c].w;
           v[kk * GP + g] = d;
         }
       const float dot = warp_sum16(v, lane);
@@ -216,10 +240,16 @@ __global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args 
   }
 }
 
+template <int GP, bool FP8>
+static void msa_launch_scores_of(cuda_backend *cb, const msa_args &a, dim3 grid) {
+  if (a.kv.ihd <= 128) msa_score_kernel<GP, 1, FP8><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
+  else msa_score_kernel<GP, 2, FP8><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
+}
+
 template <int GP>
 static void msa_launch_scores(cuda_backend *cb, const msa_args &a, dim3 grid) {
-  if (a.kv.ihd <= 128) msa_score_kernel<GP, 1><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
-  else msa_score_kernel<GP, 2><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
+  if (a.kv.dtype == M3_KV_FP8) msa_launch_scores_of<GP, true>(cb, a, grid);
+  else msa_launch_scores_of<GP, false>(cb, a, grid);
 }
 
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
@@ -238,6 +268,7 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   a.pos = pos;
   a.p = *p;
   a.sel = sel;
+  a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
   a.scores = (float *)cuda_scratch(cb, (size_t)T * G * kv->num_blocks * sizeof(float), "msa_select");
   if (!a.scores) return;
   /* The positions live on the device: score blocks up to the table's end, and blocks past a

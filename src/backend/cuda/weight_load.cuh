@@ -1,10 +1,12 @@
 /* weight_load.cuh: how a warp reads a weight row in 16-byte loads, decoded in registers (BF16/F16
  * 8 per load, E4M3 16 per load with its MXFP8 or block scale, F32 4 per load, or one element at a
- * time through dev_w for anything else). Shared by the GEMV of matmul.cu and the grouped expert
- * GEMV of moe.cu. Included by .cu files only. */
+ * time through dev_w for anything else), and E4M3 weights as tensor-core fragments (mx_accumulate).
+ * Shared by the GEMVs and tensor-core kernels of matmul.cu and the grouped expert kernels of
+ * moe.cu. Included by .cu files only. */
 #ifndef M3_BACKEND_CUDA_WEIGHT_LOAD_CUH
 #define M3_BACKEND_CUDA_WEIGHT_LOAD_CUH
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -22,6 +24,14 @@ __device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
       : "l"(p));
+  return u;
+}
+
+/* 8 bytes of weights, read the same way (the MXFP8 tensor-core kernel of matmul.cu: 8 columns of
+ * one row per lane, so that a quad of lanes covers one 32-column scale block). */
+__device__ __forceinline__ uint2 ld_stream8(const uint8_t *p) {
+  uint2 u;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(u.x), "=r"(u.y) : "l"(p));
   return u;
 }
 
@@ -75,6 +85,192 @@ __device__ __forceinline__ void load_chunk(const cuda_weight &w, int64_t r, int6
 #pragma unroll
       for (int i = 0; i < 16; i++) v[i] *= s;
   }
+}
+
+/* Bytes 0x7f / 0xff (E4M3 NaN) set bit 7 of their byte: ORed over a row, nonzero means NaN. */
+__device__ __forceinline__ uint32_t e4m3_nan_bits(uint32_t b) {
+  return ((b & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+}
+
+/* The scale of the 32 E4M3 columns [32 s, 32 s + 32) of row r (1 without one). */
+__device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int64_t s) {
+  if (w.quant == M3_WQ_MXFP8) return dev_e8m0(w.scale[(size_t)r * w.scale_cols + s]);
+  if (w.quant == M3_WQ_FP8_BLOCK)
+    return ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + s * 32 / w.block_cols];
+  return 1.0f;
+}
+
+/* ---- E4M3 weights on the tensor cores (matmul.cu mx_mma_kernel, moe.cu moe_mx_kernel) ----
+ *
+ * Up to 64 tokens reading W once is the whole cost, so W is never decoded to memory: each lane
+ * loads 8 bytes of a row (ld_stream8), turns them into BF16 in registers (exact: E4M3 has 4
+ * significant bits) and feeds mma.sync m16n8k16 (BF16 in, fp32 accumulate) with x as two BF16
+ * terms, hi + lo, as the split cuBLASLt path takes it (about float32 accuracy). Fragments follow
+ * the PTX ISA ("Matrix Fragments for mma.m16n8k16"): lane = 4 g + q holds A rows g and g + 8 at
+ * k = 2q, 2q + 1, 2q + 8, 2q + 9 and B column (token) g at the same k. The k order inside one MMA
+ * is free as long as A and B agree, so MMA j (0, 1) of a 32-column block gives lane q the
+ * physical columns 8q + 4j .. + 3 (logical k 2q, 2q + 1 -> 8q + 4j, + 1; 2q + 8, 2q + 9 ->
+ * 8q + 4j + 2, + 3): a lane's 8 bytes are consecutive, the quad covers exactly one 32-column
+ * block, and both MMAs of a block stay inside it. Its scale (MXFP8 e8m0 per row and 32 columns;
+ * FP8 block f32 per block_rows x block_cols, a multiple of 32; per channel the same with one
+ * column of scales) then multiplies the block's fp32 partial product, as the GEMV does: the BF16
+ * operands carry only exact E4M3 values, so FP8-block weights keep float32 scales too. */
+enum { MX_WARPS = 8, MX_U = 4, MX_MAX_T = 64 };
+
+/* 2^120 as a pair of BF16: see e4m3x4_bf16. */
+enum : uint32_t { BF16X2_2P120 = 0x7b807b80u };
+
+/* Four E4M3 bytes as two BF16 pairs (bytes 0, 1 in p01 and 2, 3 in p23, the lower byte in the lower
+ * half), exactly. As in matmul.cu's decode_quad, each byte's sign, exponent and mantissa go to the
+ * same bit places of a BF16, which is the value times 2^-120 (E4M3 subnormals become BF16
+ * subnormals); one multiplication by 2^120 on the bf16x2 pipe (no rounding: the product is
+ * representable) restores the value, normal in BF16. NaN bytes come out finite (480): callers
+ * check them with e4m3_nan_bits. */
+__device__ __forceinline__ void e4m3x4_bf16(uint32_t b, uint32_t &p01, uint32_t &p23) {
+  const uint32_t hi = (b & 0x80808080u) | ((b >> 4) & 0x07070707u), lo = (b << 4) & 0xf0f0f0f0u;
+  const uint32_t e01 = __byte_perm(lo, hi, 0x5140), e23 = __byte_perm(lo, hi, 0x7362);
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(p01) : "r"(e01), "r"((uint32_t)BF16X2_2P120));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(p23) : "r"(e23), "r"((uint32_t)BF16X2_2P120));
+}
+
+/* a, b (two floats) as hi + lo BF16 pairs, rounded as matmul.cu's to_bf16_kernel rounds them. */
+__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uint32_t &lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(a - hf.x, b - hf.y);
+  hi = *(const uint32_t *)&h;
+  lo = *(const uint32_t *)&l;
+}
+
+/* d += A B for one m16n8k16 tile: a[0..3], b0, b1 in the ISA's fragment order. */
+__device__ __forceinline__ void mx_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Where a lane's token (B column g of one 8-token tile) comes from: a float32 row f [K], or BF16
+ * rows hi and lo [K] already split; all NULL for a token past the last (its B fragment is 0). */
+typedef struct {
+  const float *f;
+  const uint16_t *hi, *lo;
+} mx_x;
+
+/* rows[m][h]: the weight row of A-fragment rows g + 8 h of tile m, from r0; rows past the end
+ * reread the last one (never stored). */
+template <int MT>
+__device__ __forceinline__ void mx_rows(const cuda_weight &w, int64_t r0, int64_t rows[MT][2]) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int m = 0; m < MT; m++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int64_t r = r0 + 16 * m + g + 8 * h;
+      rows[m][h] = r < w.rows ? r : w.rows - 1;
+    }
+}
+
+/* acc[m][n] += W[rows of tile m] . x[tokens of tile n] over the 32-column blocks wk * U + i,
+ * i = 0, 1, ... U - 1 in steps of WK * U (this warp's share of K; U x MT x 2 loads of 8 bytes in
+ * flight per lane before the first is used), C-fragment layout (lane
+ * 4 g + q: rows g and g + 8, tokens 2q and 2q + 1). W: E4M3 [N, K], K % 8 == 0, rows 8-byte
+ * aligned; x rows 16-byte aligned. nan_bits[m][h] collects the NaN bytes this lane read. The
+ * whole warp calls it (mma.sync). */
+template <int NTB, int MT, int PRESPLIT, int U>
+__device__ __forceinline__ void mx_accumulate(const cuda_weight &w, const int64_t rows[MT][2],
+                                              const mx_x xr[NTB], int wk, int WK,
+                                              float acc[MT][NTB][4], uint32_t nan_bits[MT][2]) {
+  const int q = threadIdx.x & 3;
+  const int64_t K = w.cols, nblk = (K + 31) / 32;
+  for (int64_t b0 = (int64_t)wk * U; b0 < nblk; b0 += (int64_t)WK * U) {
+    uint2 wv[U][MT][2];
+    float sc[U][MT][2];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t b = b0 + u, c = 32 * b + 8 * q; /* c < K: a whole 8 columns (K % 8 == 0) */
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          wv[u][m][h] = c < K ? ld_stream8(w.data + (size_t)rows[m][h] * (size_t)K + (size_t)c)
+                              : make_uint2(0u, 0u);
+          sc[u][m][h] = b < nblk ? step_scale(w, rows[m][h], b) : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t b = b0 + u, c = 32 * b + 8 * q;
+      if (b >= nblk) break; /* the same for the whole warp */
+      uint32_t a[MT][2][4]; /* [m][j]: the A fragment of MMA j */
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        nan_bits[m][0] |= e4m3_nan_bits(wv[u][m][0].x) | e4m3_nan_bits(wv[u][m][0].y);
+        nan_bits[m][1] |= e4m3_nan_bits(wv[u][m][1].x) | e4m3_nan_bits(wv[u][m][1].y);
+        e4m3x4_bf16(wv[u][m][0].x, a[m][0][0], a[m][0][2]);
+        e4m3x4_bf16(wv[u][m][1].x, a[m][0][1], a[m][0][3]);
+        e4m3x4_bf16(wv[u][m][0].y, a[m][1][0], a[m][1][2]);
+        e4m3x4_bf16(wv[u][m][1].y, a[m][1][1], a[m][1][3]);
+      }
+#pragma unroll
+      for (int n = 0; n < NTB; n++) {
+        uint4 bh = make_uint4(0u, 0u, 0u, 0u), bl = bh; /* columns c .. c + 7 of the lane's token */
+        if (c < K) {
+          if (PRESPLIT) {
+            if (xr[n].hi) {
+              bh = __ldg((const uint4 *)(xr[n].hi + c));
+              bl = __ldg((const uint4 *)(xr[n].lo + c));
+            }
+          } else if (xr[n].f) {
+            const float4 f0 = __ldg((const float4 *)(xr[n].f + c));
+            const float4 f1 = __ldg((const float4 *)(xr[n].f + c) + 1);
+            split_bf16x2(f0.x, f0.y, bh.x, bl.x);
+            split_bf16x2(f0.z, f0.w, bh.y, bl.y);
+            split_bf16x2(f1.x, f1.y, bh.z, bl.z);
+            split_bf16x2(f1.z, f1.w, bh.w, bl.w);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mx_mma(part, a[m][0], bh.x, bh.y);
+          mx_mma(part, a[m][0], bl.x, bl.y);
+          mx_mma(part, a[m][1], bh.z, bh.w);
+          mx_mma(part, a[m][1], bl.z, bl.w);
+          acc[m][n][0] = fmaf(part[0], sc[u][m][0], acc[m][n][0]);
+          acc[m][n][1] = fmaf(part[1], sc[u][m][0], acc[m][n][1]);
+          acc[m][n][2] = fmaf(part[2], sc[u][m][1], acc[m][n][2]);
+          acc[m][n][3] = fmaf(part[3], sc[u][m][1], acc[m][n][3]);
+        }
+      }
+    }
+  }
+}
+
+/* A NaN byte anywhere in a row (in the quad's columns of this warp's share of K) makes the row's
+ * partial sums NaN, so its outputs are NaN as on the CPU. The whole warp calls it. */
+template <int NTB, int MT>
+__device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], float acc[MT][NTB][4]) {
+#pragma unroll
+  for (int m = 0; m < MT; m++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      uint32_t bits = nan_bits[m][h];
+      bits |= __shfl_xor_sync(0xffffffffu, bits, 1);
+      bits |= __shfl_xor_sync(0xffffffffu, bits, 2);
+      if (bits)
+#pragma unroll
+        for (int n = 0; n < NTB; n++) acc[m][n][2 * h] = acc[m][n][2 * h + 1] = __uint_as_float(0x7fc00000u);
+    }
+}
+
+/* 1 when mx_accumulate can read t: E4M3 rows of a multiple of 8 bytes, 8-byte aligned, with no
+ * scale or one constant over each 32-column block. */
+static inline int mx_weight_fits(const m3_tensor *t) {
+  if (t->dtype != M3_DT_F8_E4M3 || t->cols <= 0 || t->cols % 8 != 0 || (uintptr_t)t->data % 8 != 0)
+    return 0;
+  if (t->quant == M3_WQ_FP8_BLOCK) return t->block_rows > 0 && t->block_cols > 0 && t->block_cols % 32 == 0;
+  return t->quant == M3_WQ_MXFP8 || t->quant == M3_WQ_NONE;
 }
 
 /* The kernel variant that reads w with x: 16-byte loads need aligned rows and x. */
