@@ -252,30 +252,45 @@ static void run_moe(void *ctx, int iter) {
   gpu->ops->moe_experts(gpu, &c->ex, c->h, c->T, c->ids, c->weights, c->k, c->x);
 }
 
-/* One MoE layer's routed experts at full width (128 experts of 3072, top 4, BF16 or MXFP8) over T
- * tokens with uniform random routing: TFLOP/s of the three expert GEMMs (against the cuBLASLt
- * ceiling printed for the expert shapes) and the bytes of the distinct experts read (MXFP8: with
- * their scales) against the copy bandwidth (what bounds decode sizes). */
-static void bench_moe(int T, int mx, double copy_gbs, FILE *table) {
-  enum { E = 128, K = 4, H = 6144, I = 3072 };
-  static m3_tensor w[3][E];
-  moe_ctx c;
-  memset(&c, 0, sizeof c);
+enum { MOE_E = 128, MOE_K = 4, MOE_H = 6144, MOE_I = 3072 };
+
+/* One MoE layer's expert weights at full width (128 experts of 3072 over 6144, BF16 or MXFP8),
+ * made once per dtype: filling 384 tensors with random data takes the host about 15 s, longer
+ * than all the timings of one row together. */
+static void moe_weights_make(int mx, m3_tensor w[3][MOE_E]) {
   for (int m = 0; m < 3; m++)
-    for (int e = 0; e < E; e++) {
+    for (int e = 0; e < MOE_E; e++) {
       m3_tensor *t = &w[m][e];
       memset(t, 0, sizeof *t);
       t->name = m == 0 ? "expert w1" : m == 1 ? "expert w3" : "expert w2";
-      t->rows = m == 2 ? H : I, t->cols = m == 2 ? I : H;
+      t->rows = m == 2 ? MOE_H : MOE_I, t->cols = m == 2 ? MOE_I : MOE_H;
       t->dtype = mx ? M3_DT_F8_E4M3 : M3_DT_BF16;
-      t->data = device_random(t->dtype, (size_t)H * I * (mx ? 1 : 2));
+      t->data = device_random(t->dtype, (size_t)MOE_H * MOE_I * (mx ? 1 : 2));
       if (mx) {
         t->quant = M3_WQ_MXFP8;
-        t->scale = device_random(M3_DT_U8, (size_t)H * I / 32);
+        t->scale = device_random(M3_DT_U8, (size_t)MOE_H * MOE_I / 32);
         t->scale_rows = t->rows, t->scale_cols = t->cols / 32;
         t->block_rows = 1, t->block_cols = 32;
       }
     }
+}
+
+static void moe_weights_free(m3_tensor w[3][MOE_E]) {
+  for (int m = 0; m < 3; m++)
+    for (int e = 0; e < MOE_E; e++) {
+      gpu->ops->free(gpu, (void *)w[m][e].data);
+      if (w[m][e].scale) gpu->ops->free(gpu, (void *)w[m][e].scale);
+    }
+}
+
+/* The routed experts of one MoE layer (w from moe_weights_make) over T tokens with uniform random
+ * routing, top 4: TFLOP/s of the three expert GEMMs (against the cuBLASLt ceiling printed for the
+ * expert shapes) and the bytes of the distinct experts read (MXFP8: with their scales) against
+ * the copy bandwidth (what bounds decode sizes). */
+static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FILE *table) {
+  enum { E = MOE_E, K = MOE_K, H = MOE_H, I = MOE_I };
+  moe_ctx c;
+  memset(&c, 0, sizeof c);
   c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
   must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
   c.T = T, c.k = K;
@@ -297,6 +312,7 @@ static void bench_moe(int T, int mx, double copy_gbs, FILE *table) {
   c.h = device_random(M3_DT_F32, (size_t)T * H * 4);
   c.x = device_random(M3_DT_F32, (size_t)T * H * 4);
   c.weights = device_random(M3_DT_F32, (size_t)T * K * 4);
+  fprintf(stderr, "   moe_experts %s T=%d: %d experts\n", mx ? "MXFP8" : "BF16", T, distinct);
   double s = time_call(run_moe, &c, T > 64 ? 2 : 20);
   const double gbs = distinct * 3.0 * H * I * (mx ? 1.0 + 1.0 / 32 : 2.0) / s / 1e9;
   fprintf(table, "| moe_experts %s E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
@@ -304,11 +320,6 @@ static void bench_moe(int T, int mx, double copy_gbs, FILE *table) {
           100 * gbs / copy_gbs);
   fflush(table);
   gpu->ops->release_experts(gpu, &c.ex);
-  for (int m = 0; m < 3; m++)
-    for (int e = 0; e < E; e++) {
-      gpu->ops->free(gpu, (void *)w[m][e].data);
-      if (w[m][e].scale) gpu->ops->free(gpu, (void *)w[m][e].scale);
-    }
   gpu->ops->free(gpu, c.ids), gpu->ops->free(gpu, c.h), gpu->ops->free(gpu, c.x);
   gpu->ops->free(gpu, c.weights);
 }
@@ -661,10 +672,12 @@ int main(int argc, char **argv) {
                 {"expert w2", 6144, 3072, 1},  {"dense w1/w3", 12288, 6144, 0},
                 {"lm_head", 200064, 6144, 0}};
   const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
-  for (int s = 0; s < nshapes; s++)
+  /* M3_BENCH_MOE_ONLY set: the routed experts alone (a quick look at one kernel family). */
+  const int moe_only = getenv("M3_BENCH_MOE_ONLY") != NULL;
+  for (int s = 0; s < nshapes && !moe_only; s++)
     for (int mx = 0; mx < 2; mx++)
       bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 5, copy_gbs, table);
-  for (int s = 0; s < nshapes; s++) {
+  for (int s = 0; s < nshapes && !moe_only; s++) {
     if (!shapes[s].prefill) continue;
     fprintf(table, "| cuBLASLt ceiling %s %lldx%lld T=%d (BF16 in, fp32 accumulate) | %.0f TFLOP/s |\n",
             shapes[s].label, (long long)shapes[s].rows, (long long)shapes[s].cols, prefill_T[0],
@@ -673,17 +686,22 @@ int main(int argc, char **argv) {
       bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, prefill_T, 1, copy_gbs, table);
   }
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
-  bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
+  if (!moe_only) bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
   for (int mx = 0; mx < 2; mx++) {
-    for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, copy_gbs, table);
-    bench_moe(prefill_T[0], mx, copy_gbs, table);
+    static m3_tensor w[3][MOE_E];
+    moe_weights_make(mx, w);
+    for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, w, copy_gbs, table);
+    bench_moe(prefill_T[0], mx, w, copy_gbs, table);
+    moe_weights_free(w);
   }
-  bench_logits_to_host(table);
-  bench_attention_prefill(prefill_T[0], table);
-  static const int contexts[] = {2048, 32768, 131072};
-  double base_us[2], layer_us[2];
-  for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
-  for (int i = 1; i < 3; i++) bench_msa_fp8(contexts[i], copy_gbs, table);
+  if (!moe_only) {
+    bench_logits_to_host(table);
+    bench_attention_prefill(prefill_T[0], table);
+    static const int contexts[] = {2048, 32768, 131072};
+    double base_us[2], layer_us[2];
+    for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
+    for (int i = 1; i < 3; i++) bench_msa_fp8(contexts[i], copy_gbs, table);
+  }
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);
   return 0;
