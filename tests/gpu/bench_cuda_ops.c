@@ -440,9 +440,40 @@ static void run_dense(void *ctx, int iter) {
   for (int b = 0; b < c->batch; b++) msa_attend_seq(c, b, 0);
 }
 
-/* MSA decode per layer at context len, batch 1 and MSA_BATCH; layer_us[i] gets the times of the
- * two batches, and base_us (when not NULL) holds those at the shortest context for the ratio. */
-static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2], const double *base_us) {
+/* An fp8 cache's pages (kv_store of random rows at positions 0..len-1, the same rows for every
+ * sequence, into its own pages): k, v, ik get the pools. */
+static void msa_fill_fp8(msa_ctx *c, int len, int nkv, int bs, size_t pages, void **k, void **v, void **ik) {
+  const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)c->hd);
+  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)c->ihd);
+  *k = gpu->ops->alloc(gpu, pages * kv_pb), *v = gpu->ops->alloc(gpu, pages * kv_pb);
+  *ik = gpu->ops->alloc(gpu, pages * ik_pb);
+  if (!*k || !*v || !*ik) must(M3_ERR_NOMEM, "alloc");
+  const int T = (len + bs - 1) / bs * bs;
+  float *src_k = device_random(M3_DT_F32, (size_t)T * nkv * c->hd * 4);
+  float *src_v = device_random(M3_DT_F32, (size_t)T * nkv * c->hd * 4);
+  float *src_ik = device_random(M3_DT_F32, (size_t)T * c->ihd * 4);
+  int32_t *pos_all = malloc((size_t)T * 4);
+  for (int t = 0; t < T; t++) pos_all[t] = t;
+  int32_t *pos_d = gpu->ops->alloc(gpu, (size_t)T * 4);
+  must(gpu->ops->to_device(gpu, pos_d, pos_all, (size_t)T * 4), "to_device");
+  for (int b = 0; b < MSA_BATCH; b++) {
+    m3_kv_view view = c->kv[b];
+    view.k = *k, view.v = *v, view.ik = *ik;
+    gpu->ops->kv_store(gpu, &view, pos_d, T, src_k, src_v, src_ik);
+  }
+  sync_gpu();
+  gpu->ops->free(gpu, src_k), gpu->ops->free(gpu, src_v), gpu->ops->free(gpu, src_ik);
+  gpu->ops->free(gpu, pos_d);
+  free(pos_all);
+}
+
+/* MSA decode per layer at context len, batch 1 and MSA_BATCH, on a cache of dtype dt (float32, or
+ * fp8: E4M3 values plus a float32 scale per row, about a fourth of the bytes, which the times
+ * should follow where the float32 ones reach copy bandwidth). layer_us[i] (when not NULL) gets the
+ * times of the two batches, and base_us (when not NULL) holds those at the shortest context for
+ * the ratio. */
+static void bench_msa(int len, m3_kv_dtype dt, double copy_gbs, FILE *table, double *layer_us,
+                      const double *base_us) {
   msa_ctx c;
   memset(&c, 0, sizeof c);
   const int bs = 128, nkv = 4;
@@ -458,12 +489,17 @@ static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2],
   }
   int32_t *tables = gpu->ops->alloc(gpu, (size_t)pages * 4);
   must(gpu->ops->to_device(gpu, tables, perm, (size_t)pages * 4), "to_device");
-  const size_t kvn = (size_t)pages * nkv * bs * c.hd;
-  float *k = device_random(M3_DT_F32, kvn * 4), *v = device_random(M3_DT_F32, kvn * 4);
-  float *ik = device_random(M3_DT_F32, (size_t)pages * bs * c.ihd * 4);
   for (int b = 0; b < MSA_BATCH; b++)
-    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd,
-                           M3_KV_F32};
+    c.kv[b] = (m3_kv_view){NULL, NULL, NULL, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd, dt};
+  void *k, *v, *ik;
+  if (dt == M3_KV_FP8) {
+    msa_fill_fp8(&c, len, nkv, bs, (size_t)pages, &k, &v, &ik);
+  } else {
+    const size_t kvn = (size_t)pages * nkv * bs * c.hd;
+    k = device_random(M3_DT_F32, kvn * 4), v = device_random(M3_DT_F32, kvn * 4);
+    ik = device_random(M3_DT_F32, (size_t)pages * bs * c.ihd * 4);
+  }
+  for (int b = 0; b < MSA_BATCH; b++) c.kv[b].k = k, c.kv[b].v = v, c.kv[b].ik = ik;
   int32_t pos_h[MSA_BATCH];
   for (int b = 0; b < MSA_BATCH; b++) pos_h[b] = len - 1;
   c.q = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.nh * c.hd * 4);
@@ -472,105 +508,34 @@ static void bench_msa(int len, double copy_gbs, FILE *table, double layer_us[2],
   c.sel = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.G * c.p.topk * 4);
   c.pos = gpu->ops->alloc(gpu, sizeof pos_h);
   must(gpu->ops->to_device(gpu, c.pos, pos_h, sizeof pos_h), "to_device");
+  /* Bytes a step must read per sequence: every index key, the K and V rows of the selected blocks
+   * (all of them below 16 blocks); dense: every K and V row. */
+  const int fp8 = dt == M3_KV_FP8;
+  const double kv_row = (double)nkv * (fp8 ? c.hd + 4 : c.hd * 4) * 2, ik_row = fp8 ? c.ihd + 4 : c.ihd * 4;
   static const int batches[2] = {1, MSA_BATCH};
   for (int i = 0; i < 2; i++) {
     c.batch = batches[i];
     const int reps = len * c.batch > 300000 ? 3 : 20;
     double ts = time_call(run_select, &c, reps), ta = time_call(run_sparse, &c, reps);
     double tl = time_call(run_layer, &c, reps), td = time_call(run_dense, &c, reps > 3 ? 10 : 2);
-    /* Bytes a step must read per sequence: every index key, the K and V rows of the selected
-     * blocks (all of them below 16 blocks); dense: every K and V row. */
     const int chosen = blocks < c.p.topk ? blocks : c.p.topk;
-    const double kv_row = (double)nkv * c.hd * 4 * 2;
-    const double sparse_bytes = c.batch * ((double)len * c.ihd * 4 + (double)chosen * bs * kv_row);
+    const double sparse_bytes = c.batch * ((double)len * ik_row + (double)chosen * bs * kv_row);
     const double dense_bytes = c.batch * (double)len * kv_row;
-    layer_us[i] = tl * 1e6;
+    if (layer_us) layer_us[i] = tl * 1e6;
     char ratio[80] = "";
     if (base_us) snprintf(ratio, sizeof ratio, " | %.2fx the %s-sequence layer at ctx 2K", tl * 1e6 / base_us[i], i ? "16" : "1");
     fprintf(table,
-            "| MSA decode ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
+            "| MSA decode%s ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
             "reads %.1f MB = %.0f GB/s = %.0f%% of copy | dense attention %.1f us, %.0f GB/s = %.0f%% of copy%s |\n",
-            len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6, sparse_bytes / tl / 1e9,
-            100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6, dense_bytes / td / 1e9,
-            100.0 * dense_bytes / td / 1e9 / copy_gbs, ratio);
+            fp8 ? " fp8 cache" : "", len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6,
+            sparse_bytes / tl / 1e9, 100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6,
+            dense_bytes / td / 1e9, 100.0 * dense_bytes / td / 1e9 / copy_gbs, ratio);
     fflush(table);
   }
   gpu->ops->free(gpu, k), gpu->ops->free(gpu, v), gpu->ops->free(gpu, ik), gpu->ops->free(gpu, tables);
   gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq), gpu->ops->free(gpu, c.out);
   gpu->ops->free(gpu, c.sel), gpu->ops->free(gpu, c.pos);
   free(perm);
-}
-
-/* MSA decode per layer on an fp8 cache, as bench_msa on a float32 one (same shapes, shuffled pages,
- * random rows written by kv_store): the bytes a step reads are E4M3 values plus a float32 scale
- * per row, about a fourth, which the times should follow where bench_msa's reach copy bandwidth. */
-static void bench_msa_fp8(int len, double copy_gbs, FILE *table) {
-  msa_ctx c;
-  memset(&c, 0, sizeof c);
-  const int bs = 128, nkv = 4;
-  c.nh = 64, c.hd = 128, c.G = nkv, c.ihd = 128;
-  c.p = (m3_msa_params){16, 1, 0};
-  const int blocks = (len + bs - 1) / bs, pages = blocks * MSA_BATCH;
-  int32_t *perm = malloc((size_t)pages * 4);
-  for (int i = 0; i < pages; i++) perm[i] = i;
-  for (int i = pages - 1; i > 0; i--) {
-    int j = (int)(rnd() % (uint32_t)(i + 1));
-    int32_t tmp = perm[i];
-    perm[i] = perm[j], perm[j] = tmp;
-  }
-  int32_t *tables = gpu->ops->alloc(gpu, (size_t)pages * 4);
-  must(gpu->ops->to_device(gpu, tables, perm, (size_t)pages * 4), "to_device");
-  const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)c.hd);
-  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)c.ihd);
-  void *k = gpu->ops->alloc(gpu, (size_t)pages * kv_pb), *v = gpu->ops->alloc(gpu, (size_t)pages * kv_pb);
-  void *ik = gpu->ops->alloc(gpu, (size_t)pages * ik_pb);
-  if (!k || !v || !ik) must(M3_ERR_NOMEM, "alloc");
-  /* Every sequence stores the same len random rows at positions 0..len-1 into its own pages. */
-  const int T = blocks * bs;
-  float *src_k = device_random(M3_DT_F32, (size_t)T * nkv * c.hd * 4);
-  float *src_v = device_random(M3_DT_F32, (size_t)T * nkv * c.hd * 4);
-  float *src_ik = device_random(M3_DT_F32, (size_t)T * c.ihd * 4);
-  int32_t *pos_all = malloc((size_t)T * 4);
-  for (int t = 0; t < T; t++) pos_all[t] = t;
-  int32_t *pos_d = gpu->ops->alloc(gpu, (size_t)T * 4);
-  must(gpu->ops->to_device(gpu, pos_d, pos_all, (size_t)T * 4), "to_device");
-  for (int b = 0; b < MSA_BATCH; b++) {
-    c.kv[b] = (m3_kv_view){k, v, ik, tables + (size_t)b * blocks, blocks, bs, nkv, c.hd, c.ihd, M3_KV_FP8};
-    gpu->ops->kv_store(gpu, &c.kv[b], pos_d, T, src_k, src_v, src_ik);
-  }
-  sync_gpu();
-  gpu->ops->free(gpu, src_k), gpu->ops->free(gpu, src_v), gpu->ops->free(gpu, src_ik);
-  gpu->ops->free(gpu, pos_d);
-  int32_t pos_h[MSA_BATCH];
-  for (int b = 0; b < MSA_BATCH; b++) pos_h[b] = len - 1;
-  c.q = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.nh * c.hd * 4);
-  c.iq = device_random(M3_DT_F32, (size_t)MSA_BATCH * c.G * c.ihd * 4);
-  c.out = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.nh * c.hd * 4);
-  c.sel = gpu->ops->alloc(gpu, (size_t)MSA_BATCH * c.G * c.p.topk * 4);
-  c.pos = gpu->ops->alloc(gpu, sizeof pos_h);
-  must(gpu->ops->to_device(gpu, c.pos, pos_h, sizeof pos_h), "to_device");
-  static const int batches[2] = {1, MSA_BATCH};
-  for (int i = 0; i < 2; i++) {
-    c.batch = batches[i];
-    const int reps = len * c.batch > 300000 ? 3 : 20;
-    double ts = time_call(run_select, &c, reps), ta = time_call(run_sparse, &c, reps);
-    double tl = time_call(run_layer, &c, reps), td = time_call(run_dense, &c, reps > 3 ? 10 : 2);
-    const int chosen = blocks < c.p.topk ? blocks : c.p.topk;
-    const double kv_row = (double)nkv * (c.hd + 4) * 2; /* bytes and scale of K and V */
-    const double sparse_bytes = c.batch * ((double)len * (c.ihd + 4) + (double)chosen * bs * kv_row);
-    const double dense_bytes = c.batch * (double)len * kv_row;
-    fprintf(table,
-            "| MSA decode fp8 cache ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
-            "reads %.1f MB = %.0f GB/s = %.0f%% of copy | dense attention %.1f us, %.0f GB/s = %.0f%% of copy |\n",
-            len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6, sparse_bytes / tl / 1e9,
-            100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6, dense_bytes / td / 1e9,
-            100.0 * dense_bytes / td / 1e9 / copy_gbs);
-    fflush(table);
-  }
-  gpu->ops->free(gpu, k), gpu->ops->free(gpu, v), gpu->ops->free(gpu, ik), gpu->ops->free(gpu, tables);
-  gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq), gpu->ops->free(gpu, c.out);
-  gpu->ops->free(gpu, c.sel), gpu->ops->free(gpu, c.pos);
-  free(perm), free(pos_all);
 }
 
 /* ---- attention at prefill ---- */
@@ -699,8 +664,9 @@ int main(int argc, char **argv) {
     bench_attention_prefill(prefill_T[0], table);
     static const int contexts[] = {2048, 32768, 131072};
     double base_us[2], layer_us[2];
-    for (int i = 0; i < 3; i++) bench_msa(contexts[i], copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
-    for (int i = 1; i < 3; i++) bench_msa_fp8(contexts[i], copy_gbs, table);
+    for (int i = 0; i < 3; i++)
+      bench_msa(contexts[i], M3_KV_F32, copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
+    for (int i = 1; i < 3; i++) bench_msa(contexts[i], M3_KV_FP8, copy_gbs, table, NULL, NULL);
   }
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);

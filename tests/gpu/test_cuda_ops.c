@@ -730,15 +730,19 @@ static void attention_pair(cache *c, int nh, int T, const pair *pos, const pair 
   pair q = pair_from(qh, (size_t)T * nh * hd * 4), out = pair_poisoned((size_t)T * nh * hd);
   cpu->ops->attention(cpu, q.c, nh, &c->c, pos->c, T, sel ? sel->c : NULL, topk, out.c);
   gpu->ops->attention(gpu, q.g, nh, &c->g, pos->g, T, sel ? sel->g : NULL, topk, out.g);
-  compare(attention_category(T, hd, sel != NULL), what, &out);
+  const int fp8_rows = c->c.dtype == M3_KV_FP8 ? OP_KV8_ATT_DENSE - OP_ATT_DENSE : 0;
+  compare(attention_category(T, hd, sel != NULL) + fp8_rows, what, &out);
   pair_free(&q), pair_free(&out), free(qh);
 }
 
-/* MSA selection and attention (dense and over the selected blocks) on one cache. */
+static cache make_cache8(int blocks, int bs, int nkv, int hd, int ihd);
+
+/* MSA selection and attention (dense and over the selected blocks) on one cache, float32 (values
+ * in eighths: exact ties) or fp8 (make_cache8; its attention rows are counted apart). */
 static void msa_attention_case(int bs, int nh, int nkv, int hd, int ihd, int len, int T,
-                               m3_msa_params mp, int eighths) {
+                               m3_msa_params mp, int eighths, int fp8) {
   int blocks = (len + bs - 1) / bs;
-  cache c = make_cache(blocks, bs, nkv, hd, ihd, eighths);
+  cache c = fp8 ? make_cache8(blocks, bs, nkv, hd, ihd) : make_cache(blocks, bs, nkv, hd, ihd, eighths);
   int32_t *posh = random_positions(T, len);
   const int G = nkv;
   float *iqh = eighths ? random_eighths((size_t)T * G * ihd) : random_floats((size_t)T * G * ihd, -1, 1);
@@ -747,9 +751,9 @@ static void msa_attention_case(int bs, int nh, int nkv, int hd, int ihd, int len
   for (int i = 0; i < T * G * mp.topk; i++) poison[i] = 0x7eadbeef;
   pair sel = pair_from(poison, (size_t)T * G * mp.topk * 4);
   char what[128];
-  snprintf(what, sizeof what, "bs %d nh %d nkv %d hd %d ihd %d len %d T %d topk %d local %d init %d%s",
-           bs, nh, nkv, hd, ihd, len, T, mp.topk, mp.local_blocks, mp.init_blocks,
-           eighths ? " exact ties" : "");
+  snprintf(what, sizeof what, "%sbs %d nh %d nkv %d hd %d ihd %d len %d T %d topk %d local %d init %d%s",
+           fp8 ? "fp8 cache " : "", bs, nh, nkv, hd, ihd, len, T, mp.topk, mp.local_blocks,
+           mp.init_blocks, eighths ? " exact ties" : "");
   progress(what);
   cpu->ops->msa_select(cpu, iq.c, G, &c.c, pos.c, T, &mp, sel.c);
   gpu->ops->msa_select(gpu, iq.g, G, &c.g, pos.g, T, &mp, sel.g);
@@ -776,11 +780,11 @@ static void test_msa_attention(void) {
       for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
         if (geo[gi][5] > 4000 && (pi != 2 || ti == 2)) continue; /* long contexts: M3's params */
         msa_attention_case(geo[gi][0], geo[gi][1], geo[gi][2], geo[gi][3], geo[gi][4], geo[gi][5],
-                           Ts[ti], params[pi], 0);
+                           Ts[ti], params[pi], 0, 0);
       }
   /* Exact ties (scores of eighths): both must break them to the lower block id. */
   for (size_t pi = 0; pi < sizeof params / sizeof params[0]; pi++)
-    msa_attention_case(16, 8, 2, 32, 16, 300, 9, params[pi], 1);
+    msa_attention_case(16, 8, 2, 32, 16, 300, 9, params[pi], 1, 0);
 }
 
 /* Attention alone on decode and prefill shapes: query heads per KV head 16, 8, 4, 2 and 1, head
@@ -1209,44 +1213,6 @@ static void test_kv8_store_edges(void) {
   free(kh), free(vh), free(ikh), free_cache(&c);
 }
 
-static void attention8_pair(cache *c, int nh, int T, const pair *pos, const pair *sel, int topk,
-                            const char *what) {
-  const int hd = c->c.hd;
-  float *qh = random_floats((size_t)T * nh * hd, -1, 1);
-  pair q = pair_from(qh, (size_t)T * nh * hd * 4), out = pair_poisoned((size_t)T * nh * hd);
-  cpu->ops->attention(cpu, q.c, nh, &c->c, pos->c, T, sel ? sel->c : NULL, topk, out.c);
-  gpu->ops->attention(gpu, q.g, nh, &c->g, pos->g, T, sel ? sel->g : NULL, topk, out.g);
-  compare(OP_KV8_ATT_DENSE + attention_category(T, hd, sel != NULL) - OP_ATT_DENSE, what, &out);
-  pair_free(&q), pair_free(&out), free(qh);
-}
-
-/* MSA selection (counted in the msa_select row) and attention, dense and over the CPU's selected
- * blocks, on one fp8 cache at ragged positions with a padding row. */
-static void msa_attention8_case(int bs, int nh, int nkv, int hd, int ihd, int len, int T,
-                                m3_msa_params mp) {
-  const int blocks = (len + bs - 1) / bs, G = nkv;
-  char what[128];
-  snprintf(what, sizeof what, "fp8 cache bs %d nh %d nkv %d hd %d ihd %d len %d T %d topk %d local %d init %d",
-           bs, nh, nkv, hd, ihd, len, T, mp.topk, mp.local_blocks, mp.init_blocks);
-  progress(what);
-  cache c = make_cache8(blocks, bs, nkv, hd, ihd);
-  int32_t *posh = random_positions(T, len);
-  float *iqh = random_floats((size_t)T * G * ihd, -1, 1);
-  pair pos = pair_from(posh, (size_t)T * 4), iq = pair_from(iqh, (size_t)T * G * ihd * 4);
-  int32_t *poison = malloc((size_t)T * G * mp.topk * 4);
-  for (int i = 0; i < T * G * mp.topk; i++) poison[i] = 0x7eadbeef;
-  pair sel = pair_from(poison, (size_t)T * G * mp.topk * 4);
-  cpu->ops->msa_select(cpu, iq.c, G, &c.c, pos.c, T, &mp, sel.c);
-  gpu->ops->msa_select(gpu, iq.g, G, &c.g, pos.g, T, &mp, sel.g);
-  int32_t *selg = gpu_copy(&sel);
-  compare_selection(&c, iqh, posh, T, G, mp.topk, sel.c, selg, what);
-  must(gpu->ops->to_device(gpu, sel.g, sel.c, sel.bytes), "to_device");
-  attention8_pair(&c, nh, T, &pos, NULL, 0, what);
-  attention8_pair(&c, nh, T, &pos, &sel, mp.topk, what);
-  pair_free(&pos), pair_free(&iq), pair_free(&sel);
-  free(posh), free(iqh), free(poison), free(selg), free_cache(&c);
-}
-
 /* kv_store, msa_select and attention on fp8 caches: decode (T = 1, 3, 17; split-K up to 9000
  * tokens) and prefill (T >= 128: the tensor-core kernel at head dims 64 and 128) in groups of 16,
  * 8, 4, 3, 2 and 1 query heads per KV head, head dims 32 to 256, index dims 16 to 256 (two chunks
@@ -1264,8 +1230,8 @@ static void test_kv_fp8(void) {
   const op_result before = results[OP_MSA];
   test_kv8_store_edges();
   for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
-    msa_attention8_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5], cfg[i][6],
-                        (m3_msa_params){cfg[i][7], cfg[i][8], cfg[i][9]});
+    msa_attention_case(cfg[i][0], cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], cfg[i][5], cfg[i][6],
+                       (m3_msa_params){cfg[i][7], cfg[i][8], cfg[i][9]}, 0, 1);
   const op_result *r = &results[OP_MSA];
   printf("%-40s %6d %6d %12s %9s  rows differing %d, of them near-ties %d (also in msa_select)\n",
          "msa_select (fp8 cache)", r->cases - before.cases, r->failed - before.failed, "-", "exact",
