@@ -25,6 +25,16 @@ expect_input_error() {
   fi
 }
 
+# Waits (up to 60 s) until the server started as PID prints "listening on" into FILE, or exits.
+wait_listening() { # file pid
+  for _ in $(seq 600); do
+    grep -q "^listening on" "$1" && return 0
+    kill -0 "$2" 2> /dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
 # Prints the counts; the exit status is 0 when nothing failed.
 check_summary() {
   echo "$passed passed, $failed failed"

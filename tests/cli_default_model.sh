@@ -30,11 +30,7 @@ expect_eq "perplexity with M3_MODEL_DIR" "$(M3_MODEL_DIR=$tmp/tiny "$m3" perplex
 # ---- serve names the default model by its folder ----
 "$m3" serve --port 0 > "$tmp/serve.out" 2> "$tmp/serve.err" &
 pid=$!
-for _ in $(seq 600); do
-  grep -q "^listening on" "$tmp/serve.out" && break
-  kill -0 "$pid" 2> /dev/null || break
-  sleep 0.1
-done
+wait_listening "$tmp/serve.out" "$pid"
 kill -TERM "$pid" 2> /dev/null
 wait "$pid"
 expect_eq "serve exit" "$?" 0

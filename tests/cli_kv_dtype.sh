@@ -34,11 +34,7 @@ done
 serve_pages() { # dtype -> P, checking the dtype shown
   "$m3" serve --model "$tiny" --port 0 --kv-memory 4 --kv-dtype "$1" > "$tmp/serve.$1" 2> "$tmp/serve_err.$1" &
   local pid=$!
-  for _ in $(seq 600); do
-    grep -q "^listening on" "$tmp/serve.$1" && break
-    kill -0 "$pid" 2> /dev/null || break
-    sleep 0.1
-  done
+  wait_listening "$tmp/serve.$1" "$pid"
   kill -TERM "$pid" 2> /dev/null
   wait "$pid"
   sed -n "s/^m3 serve: .*, \([0-9]*\) KV pages of [0-9]* tokens ($1)$/\1/p" "$tmp/serve.$1"

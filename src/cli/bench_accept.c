@@ -5,6 +5,7 @@
  * drafts per round. Prints per drafter and k the acceptance rate, the mean acceptance length
  * (tokens emitted per target forward: 1 + accepted / rounds) and tokens/s against the plain run,
  * and checks that every speculative output is token for token the plain one (exit 1 if not). */
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,7 @@
 #include "cli/model_args.h"
 #include "m3.h"
 #include "media/media.h"
+#include "tok/tokenizer.h"
 
 /* Texts larger than this are refused rather than read whole. */
 #define MAX_TEXT_BYTES ((size_t)1 << 30)
@@ -84,27 +86,30 @@ static m3_status generate(const accept_run *a, const char *kind, int k, int32_t 
   return st;
 }
 
-/* Tokens of `path` with the model's tokenizer (an engine opened without drafters). */
+/* Tokens of `path` with the model's tokenizer (special tokens spelled in the text stay text, as
+ * m3_tokenize with special = 0 encodes them). */
 static m3_status tokenize_file(const accept_run *a, const char *path, int32_t **ids, int *n) {
+  char tok_path[4200];
+  snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", a->model);
   uint8_t *text = NULL;
   size_t len = 0;
+  m3_tokenizer *tok = NULL;
+  m3_tok_ids out = {0};
   m3_status st = m3_read_file(path, MAX_TEXT_BYTES, &text, &len);
-  m3_engine_options o;
-  m3_engine_options_init(&o);
-  o.model_dir = a->model;
-  o.threads = a->threads;
-  m3_engine *e = NULL;
-  if (st == M3_OK) st = m3_engine_open(&o, &e);
-  if (st == M3_OK) st = m3_tokenize(e, (const char *)text, len, 0, ids, n);
-  m3_engine_close(e);
+  if (st == M3_OK) st = m3_tok_load(tok_path, &tok);
+  if (st == M3_OK) st = m3_tok_encode(tok, (const char *)text, len, false, &out);
+  m3_tok_free(tok);
   free(text);
-  if (st == M3_OK && *n < a->prompt_tokens + 1) {
-    free(*ids);
-    *ids = NULL;
-    st = m3_fail(M3_ERR_ARG, "--file %s: %d tokens, fewer than --prompt-tokens %d + 1", path, *n,
+  if (st == M3_OK && out.len < (size_t)a->prompt_tokens + 1)
+    st = m3_fail(M3_ERR_ARG, "--file %s: %zu tokens, fewer than --prompt-tokens %d + 1", path, out.len,
                  a->prompt_tokens);
+  if (st != M3_OK) {
+    m3_tok_ids_free(&out);
+    return st;
   }
-  return st;
+  *ids = out.data;
+  *n = (int)out.len;
+  return M3_OK;
 }
 
 /* The integer options: flag, range, field. */
