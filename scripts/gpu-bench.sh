@@ -14,6 +14,8 @@
 #      transformers loads as the committed fixtures do): decode step and a 2048-token prefill,
 #      m3 against transformers 5.17 (sdpa, BF16) on the same GPU. Goals: decode step <= 1.25x
 #      its floor (about 1.3 ms on an H200), prefill faster than transformers.
+# Decode steps replay recorded CUDA graphs by default; the decodes of 1 and 4 run again with
+# M3_CUDA_GRAPHS=0 (every op launched by the host), and a table sets the two side by side.
 # BENCH_DTYPE=mxfp8 (issue 8) runs 1, 3 and 4 with MXFP8 weights instead (the floors count the
 # MXFP8 bytes; transformers and the speculative stage are skipped: they need BF16), writing
 # $OUT/mxfp8/bench-gpu.md. Goals there: decode <= 1.3x the MXFP8 floor at batch 1, prefill >= 50%
@@ -28,6 +30,8 @@
 #   write the 4-layer model (50 GB)                  ~75 s   (limit 150 s)
 #   m3 bench model on it (load 50 GB, decode, 2048)  ~25 s   (limit  90 s)
 #   transformers: load 50 GB, prefill, decode        ~60-120 s (limit 180 s)
+#   M3_CUDA_GRAPHS=0 decode: 1 layer at batch 1 and 8, 4 layers at batch 1
+#                                                    ~10 s each (limit 60 s each)
 set -u
 src=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$src/gpu-out}
@@ -108,6 +112,11 @@ elif stage tiny-1layer 90 "$m3" tiny "$one" --layers SM --vocab 4096 --no-vision
     --prefill 16 --ctx 16
   stage layer-b64 60 "$m3" bench model --device cuda --model "$one" --batch 64 --decode 16 \
     --prefill 16 --ctx 16
+  # The same decode with every op issued by the host, one launch each (no CUDA graphs).
+  for b in 1 8; do
+    stage layer-b$b-nographs 60 env M3_CUDA_GRAPHS=0 "$m3" bench model --device cuda \
+      --model "$one" --batch $b --decode 16 --prefill 16 --ctx 16
+  done
 fi
 rm -rf "$one"
 [ -z "$rows1" ] && [ ! -f "$out/bench-layer-b1.log" ] &&
@@ -138,6 +147,8 @@ elif stage tiny-4layer 150 "$m3" tiny "$four" --layers FD,SM,SM,SM --vocab 20006
     --ctx 2048
   [ "$dtype" = bf16 ] &&
     stage model4-hf 180 python3 "$src/tools/bench_transformers.py" "$four" --tokens 2048 --decode 16
+  stage model4-nographs 60 env M3_CUDA_GRAPHS=0 "$m3" bench model --device cuda --model "$four" \
+    --decode 32 --prefill 16 --ctx 16
 fi
 rm -rf "$four"
 # ---- issue 10: speculative decoding's costs at full width (m3 bench spec) ----
@@ -161,6 +172,19 @@ m3_prefill_tps=$(row prefill 5 1 "$log4" 2>/dev/null)
 m3_prefill_ms=$(awk -v r="$m3_prefill_tps" 'BEGIN {if (r + 0 > 0) printf "%.1f", 2048 / r * 1000}')
 fl4=$(floor_ms "$log4" 2>/dev/null)
 hf=$(grep '^{' "$out/bench-model4-hf.log" 2>/dev/null | tail -n 1)
+# CUDA graphs on (the default) against off, decode at the short prompt: ms/step and how the steps
+# ran (bench model's "cuda graphs:" line under the row).
+graph_rows=""
+for pair in "layer-b1 layer-b1-nographs 1-layer batch 1" "layer-b8 layer-b8-nographs 1-layer batch 8" \
+    "model4-m3 model4-nographs 4-layer batch 1"; do
+  set -- $pair
+  on=$out/bench-$1.log off=$out/bench-$2.log
+  shift 2
+  ms_on=$(row decode 10 1 "$on" 2>/dev/null)
+  ms_off=$(row decode 10 1 "$off" 2>/dev/null)
+  how=$(grep -m 1 'cuda graphs:' "$on" 2>/dev/null | sed 's/^ *cuda graphs: //')
+  graph_rows+="| $* | ${ms_on:-failed} ms | ${ms_off:-failed} ms | $(ratio "$ms_off" "$ms_on")x | ${how:-no cuda graphs line} |"$'\n'
+done
 hf_decode=$(echo "$hf" | sed -n 's/.*"decode_ms": \([0-9.]*\).*/\1/p')
 hf_prefill=$(echo "$hf" | sed -n 's/.*"prefill_ms": \([0-9.]*\).*/\1/p')
 
@@ -195,6 +219,12 @@ hf_prefill=$(echo "$hf" | sed -n 's/.*"prefill_ms": \([0-9.]*\).*/\1/p')
   echo "| prefill 2048 | ${m3_prefill_ms:-failed} ms | transformers ${hf_prefill:-failed} ms | $(ratio "$m3_prefill_ms" "$hf_prefill")x transformers | < 1x |"
   echo
   echo "transformers: ${hf:-no result (see bench-model4-hf.log)}"
+  echo
+  echo "## decode with CUDA graphs (default) and without (M3_CUDA_GRAPHS=0), after a 16-token prompt"
+  echo
+  echo "| model | graphs | op by op | speedup | graphed steps (timed phase) |"
+  echo "|---|---|---|---|---|"
+  printf '%s' "$graph_rows"
   echo
   echo "## speculative decoding (issue 10): FD,SM + MTP at full width, vocab 200064, after 2048 tokens"
   echo

@@ -55,7 +55,8 @@ else
 fi
 
 # Bounded: a kernel that hangs must not eat the device call; the log names the group it was in.
-timeout 300 stdbuf -oL -eL "$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
+# M3_SOURCE_DIR: the committed fixtures its step-graph check loads (binaries may come prebuilt).
+M3_SOURCE_DIR=$src timeout 300 stdbuf -oL -eL "$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
 ops_rc=$?
 [ $ops_rc -eq 124 ] && echo "TIMEOUT after 300 s in group: $(grep '^-- ' "$out/ops.log" | tail -n 1)" >> "$out/ops.log"
 

@@ -291,9 +291,77 @@ static void test_selection_matches_full_sort(void) {
   m3_sampler_scratch_free(&s);
 }
 
+/* m3_sampler_sample_unit (what a backend's sample_rows must match) against the reference
+ * candidates and a draw restated here (the first whose cumulative weight exceeds unit * total, else
+ * the last), at units 0, just below 1 and random; and m3_sampler_sample is sample_unit with the
+ * value m3_sampler_next_unit gives, advancing the PRNG as that one call does (none when greedy). */
+static void test_unit_draws(void) {
+  enum { RV = 700 };
+  static float l[RV];
+  static int32_t ref_ids[RV];
+  static double ref_prob[RV];
+  m3_sampler_scratch s;
+  CHECK_OK(m3_sampler_scratch_init(&s, RV));
+  const m3_sample_history none = {0};
+  uint64_t rng = m3_sampler_seed(7, 3);
+  const int top_ks[] = {0, 1, 5, 50, RV};
+  const float top_ps[] = {0.1f, 0.9f, 1.0f};
+  const float temps[] = {0.0f, 0.3f, 1.0f, 2.0f};
+  int cases = 0, mismatches = 0, stream_breaks = 0;
+  for (int shape = 0; shape < 3; shape++) {
+    for (int i = 0; i < RV; i++) {
+      double u = m3_sampler_next_unit(&rng);
+      l[i] = shape == 0   ? (float)(12.0 * u - 6.0)
+             : shape == 1 ? (float)(int)(6.0 * u) /* ties */
+                          : (u < 0.2 ? -INFINITY : (float)(30.0 * u));
+    }
+    for (size_t a = 0; a < sizeof top_ks / sizeof *top_ks; a++)
+      for (size_t b = 0; b < sizeof top_ps / sizeof *top_ps; b++)
+        for (size_t c = 0; c < sizeof temps / sizeof *temps; c++)
+          for (int mp = 0; mp < 2; mp++)
+            for (int draw = 0; draw < 4; draw++) {
+              m3_sampling_params p;
+              m3_sampling_params_init(&p);
+              p.temperature = temps[c];
+              p.top_k = top_ks[a];
+              p.top_p = top_ps[b];
+              p.min_p = mp ? 0.05f : 0.0f;
+              const double unit = draw == 0 ? 0.0 : draw == 1 ? 1.0 - 0x1.0p-53 : m3_sampler_next_unit(&rng);
+              int32_t want = 0;
+              for (int i = 1; i < RV; i++)
+                if (l[i] > l[want]) want = i;
+              if (p.temperature > 0.0f) {
+                double total, acc = 0.0;
+                int n = ref_candidates(&p, l, RV, ref_ids, ref_prob, &total);
+                want = ref_ids[n - 1];
+                for (int i = 0; i < n; i++)
+                  if (unit * total < (acc += ref_prob[i])) {
+                    want = ref_ids[i];
+                    break;
+                  }
+              }
+              mismatches += m3_sampler_sample_unit(&p, unit, l, &none, &s) != want;
+              uint64_t by_sample = rng, by_unit = rng;
+              const int32_t sampled = m3_sampler_sample(&p, &by_sample, l, &none, &s);
+              const int32_t drawn = p.temperature > 0.0f
+                                        ? m3_sampler_sample_unit(&p, m3_sampler_next_unit(&by_unit),
+                                                                 l, &none, &s)
+                                        : m3_sampler_sample_unit(&p, 0.5, l, &none, &s);
+              stream_breaks += sampled != drawn || by_sample != by_unit;
+              cases++;
+            }
+  }
+  printf("unit draws: %d cases, %d mismatches, %d PRNG stream breaks\n", cases, mismatches,
+         stream_breaks);
+  CHECK_EQ_INT(mismatches, 0);
+  CHECK_EQ_INT(stream_breaks, 0);
+  m3_sampler_scratch_free(&s);
+}
+
 int main(void) {
   test_transforms();
   test_greedy_and_seeds();
   test_selection_matches_full_sort();
+  test_unit_draws();
   return check_summary();
 }

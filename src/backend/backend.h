@@ -25,6 +25,8 @@
 #include "io/weights.h"
 
 typedef struct m3_backend m3_backend;
+/* A recorded run of ops that a backend replays with one launch (graph_begin below). */
+typedef struct m3_graph m3_graph;
 
 /* How the KV cache stores K, V and IK: float32, or fp8 (each row of one token, one KV head: hd
  * values, or of one token's index key: ihd values, as E4M3 bytes times one float32 scale per row,
@@ -97,6 +99,15 @@ typedef struct {
   float alpha, beta, limit; /* SwiGLU-OAI (config swiglu_alpha, swiglu_beta, swiglu_limit) */
   void *table;
 } m3_moe_experts;
+
+/* How sample_rows draws one row (engine/sampler.h, steps 3-7 without logit bias or penalties). */
+typedef struct {
+  float temperature; /* <= 0: the argmax, `unit` unused */
+  float top_p;       /* >= 1 or <= 0: off */
+  float min_p;       /* <= 0: off */
+  int32_t top_k;     /* <= 0 or >= the finite tokens: off */
+  double unit;       /* the draw's PRNG value in [0, 1) (m3_sampler_next_unit) */
+} m3_row_sampling;
 
 typedef struct {
   const char *name;
@@ -180,6 +191,17 @@ typedef struct {
   m3_status (*argmax_rows)(m3_backend *be, const float *logits, int nrows, int vocab,
                            int32_t *out_host);
 
+  /* Sampling on the backend, or NULL (the CPU backend: the engine's sampler reads its rows where
+   * they are). out_host[r] = m3_sampler_sample_unit(rows[r] as m3_sampling_params, rows[r].unit,
+   * logits[r, 0..vocab)) with no logit bias and no penalties, for rows of finite or -inf logits;
+   * up to summation order: where unit * total lands within rounding of a boundary between two
+   * candidates' cumulative weights (or top_p * total of a top_p cut), the neighbour may be picked.
+   * Temperature <= 0 (or no finite logit): the argmax as argmax_rows picks it. logits
+   * [nrows, vocab] backend memory; rows, out_host [nrows] host memory. Waits and reports as
+   * argmax_rows does. */
+  m3_status (*sample_rows)(m3_backend *be, const float *logits, int nrows, int vocab,
+                           const m3_row_sampling *rows, int32_t *out_host);
+
   /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
    * ik [T, ihd] or NULL. An fp8 cache gets each row quantized: scale = amax / 448 (a row of zeros:
    * scale 0, bytes 0; a row with a NaN or infinity: scale NaN, bytes 0, so it reads back NaN),
@@ -226,6 +248,30 @@ typedef struct {
 
   /* The vision tower's ops, or NULL when this backend cannot run the tower. */
   const m3_vision_ops *vision;
+
+  /* Recorded runs of ops (CUDA graphs), or all NULL (the CPU backend): a decode step issues a few
+   * hundred small ops, whose host-side launch costs rival their GPU time.
+   * graph_begin: the ops issued next are recorded, not run, until graph_end. Only ops that neither
+   * wait for the host (to_host, argmax_rows, moe_experts beyond decode sizes) nor allocate or
+   * free memory (alloc, free, to_device) may be recorded.
+   * graph_end: stops recording and makes *g launchable: a new graph when *g is NULL, else *g
+   * updated in place to the new recording (re-made when the update is refused). A recording that
+   * failed (a forbidden call, or an op that noted an error while recorded) is an error status and
+   * leaves no pending error behind, so the caller can issue the same ops again directly; *g is
+   * then freed and NULL. graph_begin fails, recording nothing, when an earlier op's failure is
+   * pending (it surfaces at the next transfer).
+   * graph_launch: runs *g's ops in issue order after the ops before it. A graph reads its ops'
+   * arguments as they were when recorded (sizes, pointers, the kv views' fields) and the contents
+   * of memory as they are when it runs.
+   * graph_free: frees g (NULL is ignored); launches already issued still complete.
+   * memory_epoch: a count the backend bumps whenever it replaces internal memory that ops use
+   * (scratch grown on demand): a recording bakes those addresses in, so a graph recorded at another
+   * epoch must not be launched. */
+  m3_status (*graph_begin)(m3_backend *be);
+  m3_status (*graph_end)(m3_backend *be, m3_graph **g);
+  m3_status (*graph_launch)(m3_backend *be, m3_graph *g);
+  void (*graph_free)(m3_backend *be, m3_graph *g);
+  uint64_t (*memory_epoch)(m3_backend *be);
 } m3_backend_ops;
 
 struct m3_backend {

@@ -187,6 +187,13 @@ static m3_status prof_argmax_rows(m3_backend *be, const float *logits, int nrows
   account(prof_of(be), "argmax_rows", NULL, t0);
   return st;
 }
+static m3_status prof_sample_rows(m3_backend *be, const float *logits, int nrows, int vocab,
+                                  const m3_row_sampling *rows, int32_t *out_host) {
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->sample_rows(inner_of(be), logits, nrows, vocab, rows, out_host);
+  account(prof_of(be), "sample_rows", NULL, t0);
+  return st;
+}
 static void prof_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                           const float *v, const float *ik) {
   double t0 = start(prof_of(be));
@@ -230,6 +237,13 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   }
   *ops = *inner->ops; /* name, device_memory and kv_fp8 as they are; every op is replaced below */
   ops->vision = NULL;  /* the tower's ops would get the wrapper as their backend: not profiled */
+  /* Recorded graphs would run the inner ops unwaited, and get the wrapper as their backend: the
+   * model then issues every op directly. */
+  ops->graph_begin = NULL;
+  ops->graph_end = NULL;
+  ops->graph_launch = NULL;
+  ops->graph_free = NULL;
+  ops->memory_epoch = NULL;
   ops->destroy = prof_destroy;
   ops->alloc = prof_alloc;
   ops->free = prof_free;
@@ -251,6 +265,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->add = prof_add;
   ops->add_rmsnorm = prof_add_rmsnorm;
   ops->argmax_rows = prof_argmax_rows;
+  ops->sample_rows = inner->ops->sample_rows ? prof_sample_rows : NULL;
   ops->kv_store = prof_kv_store;
   ops->msa_select = prof_msa_select;
   ops->attention = prof_attention;

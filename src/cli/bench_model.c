@@ -34,6 +34,7 @@
 #include "engine/runner.h"
 #include "io/tiny.h"
 #include "io/weights.h"
+#include "model/step_graph.h"
 
 static const char usage[] =
     "usage: m3 bench model [--model DIR] [--device cpu|cuda|cuda:N] [--threads N]\n"
@@ -389,6 +390,20 @@ static void print_decode(const report *rp, int64_t from, int n, double s) {
          n * B, s, n * B / s, gbs, 100.0 * gbs / rp->copy_gbs, kv / s / 1e9, "-", ms, ms / floor_ms);
 }
 
+/* How the decode steps since `before` ran: replayed as recorded CUDA graphs, or op by op. */
+static void print_graphs(m3_model *model, const m3_step_graph_stats *before) {
+  const m3_step_graph_stats now = m3_model_graph_stats(model);
+  if (!now.enabled) {
+    printf("  cuda graphs: off (backend without graphs, --profile or M3_CUDA_GRAPHS=0)\n");
+    return;
+  }
+  printf("  cuda graphs: on; steps recorded %llu, replayed %llu, direct %llu, not graphable %llu\n",
+         (unsigned long long)(now.recorded - before->recorded),
+         (unsigned long long)(now.replayed - before->replayed),
+         (unsigned long long)(now.direct - before->direct),
+         (unsigned long long)(now.skipped - before->skipped));
+}
+
 static void print_prefill(const report *rp, int64_t from, int64_t to, double s) {
   double n = (double)(to - from);
   double flops = 2.0 * rp->w.token_params * n + attention_flops(rp->cfg, from, to);
@@ -445,8 +460,10 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
   for (int b = 0; b < B && st == M3_OK; b++) st = feed_random(r, &d.seqs[b], V, short_prompt, &s);
   if (st == M3_OK) st = decode(&d, WARM_STEPS, &s);
   profile_clear(rp);
+  m3_step_graph_stats graphs = m3_model_graph_stats(model);
   if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK) {
     print_decode(rp, short_prompt + WARM_STEPS, (int)a->decode, s);
+    print_graphs(model, &graphs);
     profile_phase(rp, "the decode at the short prompt");
   }
   if (cache) release_all(cache, d.seqs, B);
@@ -466,8 +483,10 @@ static m3_status run_phases(m3_model *model, const bench_args *a, const report *
   if (st == M3_OK) st = decode(&d, WARM_STEPS, &s);
   int64_t at = seq->num_tokens;
   profile_clear(rp);
+  graphs = m3_model_graph_stats(model);
   if (st == M3_OK && (st = decode(&d, (int)a->decode, &s)) == M3_OK) {
     print_decode(rp, at, (int)a->decode, s);
+    print_graphs(model, &graphs);
     profile_phase(rp, "the decode at --ctx");
   }
   if (cache) release_all(cache, d.seqs, B);

@@ -66,13 +66,14 @@ static m3_status alloc_buffers(m3_engine *e) {
   const size_t rows = (size_t)e->max_running * (size_t)(1 + m3_spec_num_draft(e));
   e->logits = e->be->ops->alloc_host(e->be, rows * (size_t)e->vocab * sizeof *e->logits);
   e->greedy_ids = e->be->ops->alloc_host(e->be, rows * sizeof *e->greedy_ids);
+  e->row_draws = calloc((size_t)e->max_running, sizeof *e->row_draws);
   e->batch = calloc((size_t)e->max_running, sizeof *e->batch);
   e->batch_seq = calloc((size_t)e->max_running, sizeof *e->batch_seq);
   e->scratch_seqs = calloc((size_t)e->max_running, sizeof *e->scratch_seqs);
   e->scratch_reqs = calloc((size_t)e->max_running, sizeof *e->scratch_reqs);
   e->batch_pos = calloc((size_t)e->max_batch_tokens, sizeof *e->batch_pos);
-  if (!e->logits || !e->greedy_ids || !e->batch || !e->batch_seq || !e->scratch_seqs || !e->scratch_reqs ||
-      !e->batch_pos)
+  if (!e->logits || !e->greedy_ids || !e->row_draws || !e->batch || !e->batch_seq ||
+      !e->scratch_seqs || !e->scratch_reqs || !e->batch_pos)
     return m3_fail(M3_ERR_NOMEM, "engine: cannot allocate the batch buffers (%d sequences, "
                    "vocabulary %d)", e->max_running, e->vocab);
   return m3_sampler_scratch_init(&e->scratch, e->vocab);
@@ -166,6 +167,7 @@ void m3_engine_close(m3_engine *e) {
   free(e->cancels);
   if (e->logits) e->be->ops->free_host(e->be, e->logits);
   if (e->greedy_ids) e->be->ops->free_host(e->be, e->greedy_ids);
+  free(e->row_draws);
   free(e->batch);
   free(e->batch_seq);
   free(e->scratch_seqs);

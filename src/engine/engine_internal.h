@@ -79,7 +79,9 @@ struct m3_engine {
   uint64_t next_order;
   int reserved_slots;        /* running places kept for samples that fork later */
   float *logits;             /* [rows, vocab], rows = max_running * (1 + drafts per step) */
-  int32_t *greedy_ids;       /* [rows] each row's argmax, on a step that takes only those */
+  int32_t *greedy_ids;       /* [rows] each row's argmax, or the backend's draw from it, on a
+                              * step that takes only those */
+  m3_row_sampling *row_draws; /* [max_running] each row's draw, on a step the backend samples */
   m3_model_seq *batch;       /* [max_running] */
   m3_seq **batch_seq;        /* [max_running] */
   int32_t *batch_pos;        /* [max_batch_tokens] */

@@ -39,7 +39,7 @@ uint64_t m3_sampler_seed(uint64_t seed, int index) {
 }
 
 /* Uniform in [0, 1) with 53 random bits. */
-static double next_unit(uint64_t *state) { return (double)(next_u64(state) >> 11) * 0x1.0p-53; }
+double m3_sampler_next_unit(uint64_t *state) { return (double)(next_u64(state) >> 11) * 0x1.0p-53; }
 
 enum { SEEN_ANY = 1, SEEN_GENERATED = 2 };
 
@@ -238,10 +238,10 @@ static int32_t transform(const m3_sampling_params *p, const float *logits,
   return argmax(l, s->vocab);
 }
 
-/* Draws from the n candidates in s->ids / s->prob (weights summing to total), skipping index
- * `skip` (-1: none). */
-static int32_t draw(m3_sampler_scratch *s, uint64_t *rng, int n, double total, int skip) {
-  double u = next_unit(rng) * total, acc = 0.0;
+/* Draws with the unit value `unit` from the n candidates in s->ids / s->prob (weights summing to
+ * total), skipping index `skip` (-1: none). */
+static int32_t draw(m3_sampler_scratch *s, double unit, int n, double total, int skip) {
+  double u = unit * total, acc = 0.0;
   int last = -1;
   for (int i = 0; i < n; i++) {
     if (i == skip) continue;
@@ -253,29 +253,45 @@ static int32_t draw(m3_sampler_scratch *s, uint64_t *rng, int n, double total, i
   return last >= 0 ? s->ids[last] : s->ids[skip];
 }
 
-int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
-                          const m3_sample_history *h, m3_sampler_scratch *s) {
+/* Whether a draw happens: temperature > 0 and some token is not banned. */
+static int draws(const m3_sampling_params *p, const m3_sampler_scratch *s, int32_t best) {
+  return p->temperature > 0.0f && s->work[best] > -INFINITY;
+}
+
+/* m3_sampler_sample with its draw's unit value taken from *rng, or `unit` when rng is NULL. */
+static int32_t sample(const m3_sampling_params *p, uint64_t *rng, double unit, const float *logits,
+                      const m3_sample_history *h, m3_sampler_scratch *s) {
   int32_t best = transform(p, logits, h, s);
-  if (p->temperature <= 0.0f || !(s->work[best] > -INFINITY)) return best;
+  if (!draws(p, s, best)) return best;
   double total;
   int n = m3_sampler_candidates(p, s, best, &total);
-  return draw(s, rng, n, total, -1);
+  return draw(s, rng ? m3_sampler_next_unit(rng) : unit, n, total, -1);
+}
+
+int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
+                          const m3_sample_history *h, m3_sampler_scratch *s) {
+  return sample(p, rng, 0.0, logits, h, s);
+}
+
+int32_t m3_sampler_sample_unit(const m3_sampling_params *p, double unit, const float *logits,
+                               const m3_sample_history *h, m3_sampler_scratch *s) {
+  return sample(p, NULL, unit, logits, h, s);
 }
 
 int32_t m3_sampler_verify(const m3_sampling_params *p, uint64_t *rng, const float *logits,
                           const m3_sample_history *h, m3_sampler_scratch *s, int32_t draft) {
   int32_t best = transform(p, logits, h, s);
-  if (p->temperature <= 0.0f || !(s->work[best] > -INFINITY)) return best;
+  if (!draws(p, s, best)) return best;
   double total;
   int n = m3_sampler_candidates(p, s, best, &total);
-  if (draft < 0) return draw(s, rng, n, total, -1);
+  if (draft < 0) return draw(s, m3_sampler_next_unit(rng), n, total, -1);
   int at = -1;
   for (int i = 0; i < n && at < 0; i++)
     if (s->ids[i] == draft) at = i;
   const double w = at >= 0 ? s->prob[at] : 0.0;
-  if (next_unit(rng) * total < w) return draft;
+  if (m3_sampler_next_unit(rng) * total < w) return draft;
   /* Rejected, so the draft was not the only candidate: the rest has weight. */
-  return draw(s, rng, n, total - w, at);
+  return draw(s, m3_sampler_next_unit(rng), n, total - w, at);
 }
 
 float m3_sampler_logprobs(const float *logits, int vocab, int32_t token, int n_top,

@@ -55,6 +55,17 @@ int m3_sampler_candidates(const m3_sampling_params *p, m3_sampler_scratch *s, in
 int32_t m3_sampler_sample(const m3_sampling_params *p, uint64_t *rng, const float *logits,
                           const m3_sample_history *h, m3_sampler_scratch *s);
 
+/* The PRNG value a draw takes: uniform in [0, 1) with 53 random bits; advances *state by one. */
+double m3_sampler_next_unit(uint64_t *state);
+
+/* The token m3_sampler_sample returns when its draw takes the value `unit` (from
+ * m3_sampler_next_unit): the draw picks the first candidate, in draw order, whose cumulative
+ * weight exceeds unit * total. A device backend's sample_rows draws the same way, so the engine
+ * takes each row's unit from the sequence's PRNG before the step and the tokens do not depend on
+ * which side sampled them. A draw happens unless temperature <= 0 or every token is banned. */
+int32_t m3_sampler_sample_unit(const m3_sampling_params *p, double unit, const float *logits,
+                               const m3_sample_history *h, m3_sampler_scratch *s);
+
 /* Speculative verification at one position (m3_text_spec.md §8.4) for a greedy drafter, whose
  * draft distribution q is one-hot on `draft` (-1: no draft here, a plain draw). Greedy
  * (temperature 0): the argmax. Otherwise, with p the distribution m3_sampler_sample draws from

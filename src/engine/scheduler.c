@@ -12,7 +12,10 @@
  * Then one batched forward runs everything scheduled, and each sequence whose step reached its
  * last token samples the next one. When every such row would only be read for its argmax (greedy
  * decoding), the forward hands over the argmax ids instead of the rows: on a GPU, 4 bytes a row
- * cross to the host instead of the vocabulary's 4 bytes a logit. */
+ * cross to the host instead of the vocabulary's 4 bytes a logit. When some rows are plain draws
+ * (temperature > 0, nothing else read from the row) and the backend samples (sample_rows), it
+ * draws those with the value each sequence's PRNG gives the host sampler, so a request's tokens
+ * do not depend on which side drew them. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -198,37 +201,77 @@ static int entry_drafts(const m3_engine *e, int k) {
   return e->batch[k].T - (s->n_tokens - s->n_computed);
 }
 
+/* Whether the sampler reads a request's rows as the model gives them: no logit bias, no penalties,
+ * no log-probabilities reported. */
+static int raw_rows(const m3_sampling_params *p) {
+  return !p->logprobs && p->top_logprobs <= 0 && p->n_logit_bias <= 0 &&
+         p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
+         p->frequency_penalty == 0.0f;
+}
+
 /* Whether a request's logits rows are read only for their argmax: each token is forced, or is the
- * sampler's greedy pick from the row unchanged (no logit bias, no penalties: m3_sampler_sample then
- * returns the argmax of the row itself and draws nothing), and no log-probabilities are reported. */
+ * sampler's greedy pick from the row unchanged (m3_sampler_sample then returns the argmax of the
+ * row itself and draws nothing), and no log-probabilities are reported. */
 static int argmax_only(const m3_sampling_params *p) {
   if (p->logprobs || p->top_logprobs > 0) return 0;
-  if (p->forced_tokens) return 1;
-  return p->temperature <= 0.0f && p->n_logit_bias <= 0 && p->repetition_penalty == 1.0f &&
-         p->presence_penalty == 0.0f && p->frequency_penalty == 0.0f;
+  return p->forced_tokens || (p->temperature <= 0.0f && raw_rows(p));
 }
 
-/* Whether the step's forward may hand over only each logits row's argmax (argmax_rows): every
- * entry that gets rows is argmax_only and verifies no drafts (m3_spec_verify reads whole rows,
- * and its rejection draws need the distribution). */
-static int greedy_step(const m3_engine *e, const batch_fill *b) {
-  for (int k = 0; k < b->n; k++)
-    if (e->batch[k].n_logits &&
-        (entry_drafts(e, k) > 0 || !argmax_only(&e->batch_seq[k]->req->p)))
-      return 0;
-  return 1;
+/* Whether the backend's sample_rows draws a request's tokens as the sampler would: a plain draw
+ * (temperature > 0) from the row unchanged, nothing else read from it. */
+static int backend_samplable(const m3_sampling_params *p) {
+  return !p->forced_tokens && p->temperature > 0.0f && raw_rows(p);
 }
 
-/* Returns 1 when s finished (and is freed). The token comes from the logits row, or on a greedy
- * step (logits NULL) is *argmax, that row's argmax. */
-static int sample_next(m3_engine *e, m3_seq *s, const float *logits, const int32_t *argmax) {
+/* What the step's forward hands over of its logits rows. */
+typedef enum { HAND_ROWS, HAND_ARGMAX, HAND_DRAWS } handover;
+
+/* HAND_ARGMAX (argmax_rows) when every entry that gets rows is argmax_only and verifies no drafts
+ * (m3_spec_verify reads whole rows, and its rejection draws need the distribution); HAND_DRAWS
+ * (sample_rows) when besides such entries there are backend_samplable ones, the backend samples,
+ * and no row is a prompt's that n samples draw from (fork_samples: those keep the host sampler,
+ * which draws from one row n times); else HAND_ROWS. */
+static handover step_handover(const m3_engine *e, const batch_fill *b) {
+  int draws = 0;
+  for (int k = 0; k < b->n; k++) {
+    if (!e->batch[k].n_logits) continue;
+    const m3_request *r = e->batch_seq[k]->req;
+    if (entry_drafts(e, k) > 0) return HAND_ROWS;
+    if (argmax_only(&r->p)) continue;
+    if (!e->be->ops->sample_rows || !backend_samplable(&r->p) || (!r->forked && r->n > 1))
+      return HAND_ROWS;
+    draws = 1;
+  }
+  return draws ? HAND_DRAWS : HAND_ARGMAX;
+}
+
+/* e->row_draws for a HAND_DRAWS step, row by row: each plain draw takes its sequence's next PRNG
+ * value now, the one m3_sampler_sample would take after the step; argmax_only rows get the argmax
+ * (temperature 0) and take none. */
+static void fill_row_draws(m3_engine *e, const batch_fill *b) {
+  int row = 0;
+  for (int k = 0; k < b->n; k++) {
+    if (!e->batch[k].n_logits) continue;
+    m3_seq *s = e->batch_seq[k];
+    const m3_sampling_params *p = &s->req->p;
+    e->row_draws[row++] =
+        argmax_only(p) ? (m3_row_sampling){.temperature = 0.0f}
+                       : (m3_row_sampling){.temperature = p->temperature, .top_p = p->top_p,
+                                           .min_p = p->min_p, .top_k = p->top_k,
+                                           .unit = m3_sampler_next_unit(&s->rng)};
+  }
+}
+
+/* Returns 1 when s finished (and is freed). The token comes from the logits row, or on a step
+ * that hands over ids (logits NULL) is *picked, the backend's argmax of or draw from that row. */
+static int sample_next(m3_engine *e, m3_seq *s, const float *logits, const int32_t *picked) {
   m3_request *r = s->req;
   const m3_sampling_params *p = &r->p;
   int32_t token;
   if (p->forced_tokens) {
     token = p->forced_tokens[s->n_generated];
   } else if (!logits) {
-    token = *argmax;
+    token = *picked;
   } else {
     const m3_sample_history h = {s->tokens, r->n_prompt, s->tokens + r->n_prompt, s->n_generated};
     token = m3_sampler_sample(p, &s->rng, logits, &h, &e->scratch);
@@ -238,15 +281,15 @@ static int sample_next(m3_engine *e, m3_seq *s, const float *logits, const int32
   return 1;
 }
 
-/* Rows of the step in batch order: e->logits, or on a greedy step each row's argmax alone in
- * e->greedy_ids. */
+/* Rows of the step in batch order: e->logits, or on a step that hands over ids (`greedy`) each
+ * row's argmax or draw alone in e->greedy_ids. */
 static void after_forward(m3_engine *e, const batch_fill *b, int greedy) {
   size_t row = 0;
   for (int k = 0; k < b->n; k++) {
     m3_seq *s = e->batch_seq[k];
     const int drafts = entry_drafts(e, k);
     const float *logits = greedy ? NULL : e->logits + row * (size_t)e->vocab;
-    const int32_t *argmax = greedy ? e->greedy_ids + row : NULL;
+    const int32_t *picked = greedy ? e->greedy_ids + row : NULL;
     if (drafts > 0) {
       if (m3_spec_verify(e, s, logits, drafts)) e->batch_seq[k] = NULL;
       row += (size_t)drafts + 1;
@@ -265,9 +308,9 @@ static void after_forward(m3_engine *e, const batch_fill *b, int greedy) {
       for (int i = 0; i < r->n; i++)
         if (r->samples[i]) e->scratch_seqs[n++] = r->samples[i];
       for (int i = 0; i < n; i++)
-        if (sample_next(e, e->scratch_seqs[i], logits, argmax) && e->scratch_seqs[i] == s)
+        if (sample_next(e, e->scratch_seqs[i], logits, picked) && e->scratch_seqs[i] == s)
           e->batch_seq[k] = NULL;
-    } else if (sample_next(e, s, logits, argmax)) {
+    } else if (sample_next(e, s, logits, picked)) {
       e->batch_seq[k] = NULL;
     }
     row++;
@@ -293,12 +336,18 @@ m3_status m3_sched_step(m3_engine *e) {
   admit_waiting(e, &b);
   double t1 = now_seconds(), t2 = t1;
   if (b.n > 0) {
-    const int greedy = greedy_step(e, &b);
-    m3_status st =
-        greedy ? m3_model_forward_batch_argmax(e->model, e->batch, b.n, e->logits, e->greedy_ids,
-                                               m3_spec_batch_hidden(e))
-               : m3_model_forward_batch_hidden(e->model, e->batch, b.n, e->logits,
-                                               m3_spec_batch_hidden(e));
+    const handover how = step_handover(e, &b);
+    float *const *hidden = m3_spec_batch_hidden(e);
+    m3_status st;
+    if (how == HAND_DRAWS) {
+      fill_row_draws(e, &b);
+      st = m3_model_forward_batch_sample(e->model, e->batch, b.n, e->logits, e->row_draws,
+                                         e->greedy_ids, hidden);
+    } else if (how == HAND_ARGMAX) {
+      st = m3_model_forward_batch_argmax(e->model, e->batch, b.n, e->logits, e->greedy_ids, hidden);
+    } else {
+      st = m3_model_forward_batch_hidden(e->model, e->batch, b.n, e->logits, hidden);
+    }
     t2 = now_seconds();
     if (st != M3_OK) {
       /* A request may own several sequences of the batch: collect each once, then finish. */
@@ -311,7 +360,7 @@ m3_status m3_sched_step(m3_engine *e) {
       }
       for (int j = 0; j < n; j++) finish_request(e, e->scratch_reqs[j], M3_FINISH_ERROR, m3_last_error());
     } else {
-      after_forward(e, &b, greedy);
+      after_forward(e, &b, how != HAND_ROWS);
       if (e->spec) {
         double t_draft = now_seconds();
         m3_spec_propose(e, b.n);

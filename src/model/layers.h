@@ -67,6 +67,10 @@ struct m3_model {
                          * at num_layers, the final hidden) goes to; -1 = none */
   int num_hidden;       /* slots in use */
   float *const *hidden; /* during m3_model_forward_batch_hidden: each sequence's hidden rows */
+  const m3_row_sampling *sampling; /* during m3_model_forward_batch_sample: the draws of the
+                                   * logits rows not computed yet (each step moves it on) */
+  struct m3_step_graphs *graphs; /* recorded decode steps (step_graph.h), or NULL: a backend
+                                  * without graph ops, or M3_CUDA_GRAPHS=0 */
 };
 
 /* Host memory to backend memory and back, for the step arrays of m3_host_side; nothing to do on a

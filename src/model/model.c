@@ -9,6 +9,7 @@
 
 #include "io/quantize.h"
 #include "model/layers.h"
+#include "model/step_graph.h"
 #include "model/vision.h"
 
 static m3_status check_supported(const m3_config *c) {
@@ -221,6 +222,16 @@ static m3_status decode_router_biases(m3_model *m) {
   return st;
 }
 
+/* Recorded decode steps where the backend has graph ops, unless M3_CUDA_GRAPHS=0 (the op-by-op
+ * path, to compare against). */
+static m3_status init_graphs(m3_model *m) {
+  const char *env = getenv("M3_CUDA_GRAPHS");
+  if (!m->be->ops->graph_begin || (env && strcmp(env, "0") == 0)) return M3_OK;
+  if (!(m->graphs = calloc(1, sizeof *m->graphs)))
+    return m3_fail(M3_ERR_NOMEM, "model: recorded step cache");
+  return M3_OK;
+}
+
 static int compare_address(const void *a, const void *b) {
   uintptr_t x = (uintptr_t)*(const void *const *)a, y = (uintptr_t)*(const void *const *)b;
   return (x > y) - (x < y);
@@ -261,6 +272,7 @@ m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_loa
   if ((st = prepare_experts(m)) != M3_OK) goto fail;
   m->step_tokens = be->ops->device_memory ? M3_MODEL_DEVICE_STEP_TOKENS : M3_MODEL_STEP_TOKENS;
   if ((st = alloc_scratch(m)) != M3_OK) goto fail;
+  if ((st = init_graphs(m)) != M3_OK) goto fail;
   *out = m;
   return M3_OK;
 
@@ -271,6 +283,10 @@ fail:
 
 void m3_model_free(m3_model *m) {
   if (!m) return;
+  if (m->graphs) {
+    m3_step_graphs_clear(m->graphs, m->be);
+    free(m->graphs);
+  }
   free_scratch(m);
   if (m->router_bias) {
     for (int l = 0; l < m->cfg.num_layers; l++)
@@ -390,6 +406,82 @@ static const m3_tensor *norm_after(const m3_model *m, int l, int final) {
   return final ? &m->w.final_norm : NULL;
 }
 
+/* What the ops of a step from the embedding to the head depend on (run_layers_and_head). */
+typedef struct {
+  const m3_segment *segs;
+  int n_segs, T;
+  const m3_model_seq *seqs;
+  const int *slot; /* hidden-state slots of the step, or NULL */
+  int rows;        /* logits rows wanted (hs.rows, already in s.rows) */
+  float *logits;   /* host memory: where a host-memory backend's head writes */
+} step_plan;
+
+/* The head's input: the final hidden of every row (s.h), or of the wanted rows gathered (s.xe). */
+static const float *head_input(const m3_model *m, int rows, int T) {
+  return rows < T ? m->s.xe : m->s.h;
+}
+
+/* Where rows [r0, r0 + M3_MODEL_STEP_TOKENS) of the logits go: the device backend's buffer, or
+ * the caller's on a host-memory backend. */
+static float *head_output(m3_model *m, float *logits, int r0) {
+  return m->s.logits ? m->s.logits : logits + (size_t)r0 * (size_t)m->cfg.vocab_size;
+}
+
+/* The ops of a step from the embedding through the layers, the final norm and the head's first
+ * M3_MODEL_STEP_TOKENS rows (with the hidden-state and selection transfers the step asks for):
+ * without those transfers, everything a recorded step replays. */
+static m3_status run_layers_and_head(m3_model *m, void *ctx) {
+  const step_plan *p = ctx;
+  const m3_config *c = &m->cfg;
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  const m3_segment *segs = p->segs;
+  const int n_segs = p->n_segs, T = p->T, rows = p->rows, *slot = p->slot;
+  m3_status st;
+  be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
+  if ((st = m3_vision_splice(m, segs, n_segs, p->seqs)) != M3_OK) return st;
+  const int final_slot = slot ? slot[c->num_layers] : -1;
+  const int final = rows > 0 || final_slot >= 0;
+  const m3_tensor *first_norm = norm_after(m, -1, final);
+  if (first_norm) be->ops->rmsnorm(be, s->x, first_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
+  for (int l = 0, sparse = 0; l < c->num_layers; l++) {
+    if (slot && slot[l] >= 0 && (st = capture_hidden(m, segs, n_segs, s->x, slot[l])) != M3_OK)
+      return st;
+    m3_attention_block(m, l, segs, n_segs, T);
+    if (c->layer_attn[l] == M3_ATTN_SPARSE &&
+        (st = capture_selections(m, segs, n_segs, p->seqs, sparse++)) != M3_OK)
+      return st;
+    m3_ffn_block(m, l, T, norm_after(m, l, final));
+  }
+  if (!final) return M3_OK;
+  /* s.h = GemmaRMSNorm(x, final_norm), fused with the last layer's residual add. */
+  if (final_slot >= 0 &&
+      (st = capture_hidden(m, segs, n_segs, s->h, final_slot)) != M3_OK)
+    return st;
+  if (rows == 0) return M3_OK;
+  if (rows < T) {
+    /* Decode steps want one row per sequence: gather them so the head runs on those alone. */
+    const m3_tensor h_rows = {.name = "final hidden", .data = s->h, .dtype = M3_DT_F32,
+                              .rows = T, .cols = c->hidden_size, .quant = M3_WQ_NONE};
+    be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
+  }
+  const int n = rows < M3_MODEL_STEP_TOKENS ? rows : M3_MODEL_STEP_TOKENS;
+  be->ops->matmul(be, &m->w.lm_head, head_input(m, rows, T), n, head_output(m, p->logits, 0));
+  return M3_OK;
+}
+
+/* A step the recorded graphs take: a few tokens (decode, small batches, speculative
+ * verification), and no transfer between its ops: no media rows to splice in, no hidden states
+ * or block selections to hand over. Its logits rows (<= T) then take one head matmul. */
+static int graphable(const m3_model *m, const step_plan *p) {
+  if (!m->graphs || p->T > M3_STEP_GRAPH_MAX_T || p->slot) return 0;
+  for (int i = 0; i < p->n_segs; i++) {
+    const m3_model_seq *q = &p->seqs[p->segs[i].seq];
+    if (q->media || q->capture) return 0;
+  }
+  return 1;
+}
+
 /* One step over T <= m->step_tokens tokens (hs.ids, hs.pos) of n_segs segments; writes the
  * requested logits rows to `logits` (host memory), or with `greedy` only each row's argmax to
  * greedy (host memory; `logits` is then where a host backend computes the rows), and their count
@@ -401,50 +493,37 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   m3_backend *be = m->be;
   *n_rows = 0;
 
+  const int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
+  /* Every upload before the first op: a recorded step reads them from backend memory. */
   m3_status st = m3_upload(m, s->ids, m->hs.ids, (size_t)T * sizeof(int32_t));
   if (st == M3_OK) st = m3_upload(m, s->pos, m->hs.pos, (size_t)T * sizeof(int32_t));
+  if (st == M3_OK && rows > 0 && rows < T)
+    st = m3_upload(m, s->rows, m->hs.rows, (size_t)rows * sizeof(int32_t));
   if (st != M3_OK) return st;
-  be->ops->embed(be, &m->w.embed, s->ids, T, s->x);
-  if ((st = m3_vision_splice(m, segs, n_segs, seqs)) != M3_OK) return st;
-  const int *slot = m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL;
-  const int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
-  const int final_slot = slot ? slot[c->num_layers] : -1;
-  const int final = rows > 0 || final_slot >= 0;
-  const m3_tensor *first_norm = norm_after(m, -1, final);
-  if (first_norm) be->ops->rmsnorm(be, s->x, first_norm, c->rms_norm_eps, T, c->hidden_size, s->h);
-  for (int l = 0, sparse = 0; l < c->num_layers; l++) {
-    if (slot && slot[l] >= 0 && (st = capture_hidden(m, segs, n_segs, s->x, slot[l])) != M3_OK)
-      return st;
-    m3_attention_block(m, l, segs, n_segs, T);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE &&
-        (st = capture_selections(m, segs, n_segs, seqs, sparse++)) != M3_OK)
-      return st;
-    m3_ffn_block(m, l, T, norm_after(m, l, final));
+  step_plan plan = {segs, n_segs, T, seqs,
+                    m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL,
+                    rows, logits};
+  if (graphable(m, &plan) &&
+      m3_step_sig_build(m->graphs, be->ops->memory_epoch(be), T, segs, n_segs, c->num_layers,
+                        m->hs.rows, rows, rows > 0 ? head_output(m, logits, 0) : NULL) == M3_OK) {
+    st = m3_step_graphs_run(m->graphs, m, run_layers_and_head, &plan);
+  } else {
+    if (m->graphs) m->graphs->stats.skipped++;
+    st = run_layers_and_head(m, &plan);
   }
-  if (!final) return M3_OK;
-  /* s.h = GemmaRMSNorm(x, final_norm), fused with the last layer's residual add. */
-  if (final_slot >= 0 &&
-      (st = capture_hidden(m, segs, n_segs, s->h, final_slot)) != M3_OK)
-    return st;
-  if (rows == 0) return M3_OK;
-  const float *head_in = s->h;
-  if (rows < T) {
-    /* Decode steps want one row per sequence: gather them so the head runs on those alone. */
-    const m3_tensor h_rows = {.name = "final hidden", .data = s->h, .dtype = M3_DT_F32,
-                              .rows = T, .cols = c->hidden_size, .quant = M3_WQ_NONE};
-    if ((st = m3_upload(m, s->rows, m->hs.rows, (size_t)rows * sizeof(int32_t))) != M3_OK)
-      return st;
-    be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
-    head_in = s->xe;
-  }
+  if (st != M3_OK || rows == 0) return st;
   /* A device backend computes the logits in its memory, M3_MODEL_STEP_TOKENS rows at a time, and
-   * hands them over (greedy: only each row's argmax); the CPU writes the caller's buffer directly. */
+   * hands them over (greedy: only each row's argmax); the CPU writes the caller's buffer directly.
+   * The first rows' matmul ran above. */
   const size_t V = (size_t)c->vocab_size, H = (size_t)c->hidden_size;
+  const float *head_in = head_input(m, rows, T);
   for (int r0 = 0; r0 < rows; r0 += M3_MODEL_STEP_TOKENS) {
     const int n = rows - r0 < M3_MODEL_STEP_TOKENS ? rows - r0 : M3_MODEL_STEP_TOKENS;
-    float *head_out = s->logits ? s->logits : logits + (size_t)r0 * V;
-    be->ops->matmul(be, &m->w.lm_head, head_in + (size_t)r0 * H, n, head_out);
-    if (greedy)
+    float *head_out = head_output(m, logits, r0);
+    if (r0 > 0) be->ops->matmul(be, &m->w.lm_head, head_in + (size_t)r0 * H, n, head_out);
+    if (greedy && m->sampling)
+      st = be->ops->sample_rows(be, head_out, n, (int)V, m->sampling + r0, greedy + r0);
+    else if (greedy)
       st = be->ops->argmax_rows(be, head_out, n, (int)V, greedy + r0);
     else if (head_out != logits + (size_t)r0 * V)
       st = be->ops->to_host(be, logits + (size_t)r0 * V, head_out, (size_t)n * V * sizeof(float));
@@ -505,6 +584,7 @@ static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs
               greedy ? greedy + logit_row : NULL, &rows);
     if (st != M3_OK) return st;
     logit_row += (size_t)rows;
+    if (m->sampling) m->sampling += rows;
   }
   return M3_OK;
 }
@@ -522,6 +602,17 @@ m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, i
 m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, int32_t *tokens, float *const *hidden) {
   return forward_batch(m, seqs, n_seqs, logits, tokens, hidden);
+}
+
+m3_status m3_model_forward_batch_sample(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, const m3_row_sampling *sampling,
+                                        int32_t *tokens, float *const *hidden) {
+  if (!m->be->ops->sample_rows)
+    return m3_fail(M3_ERR_UNSUPPORTED, "forward: the %s backend does not sample", m->be->ops->name);
+  m->sampling = sampling;
+  m3_status st = forward_batch(m, seqs, n_seqs, logits, tokens, hidden);
+  m->sampling = NULL;
+  return st;
 }
 
 m3_status m3_model_forward(m3_model *m, const m3_kv_view *kv, const int32_t *ids,

@@ -123,6 +123,14 @@ m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, i
 m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, int32_t *tokens, float *const *hidden);
 
+/* m3_model_forward_batch_argmax that samples on the backend (its sample_rows): tokens[r] gets
+ * logits row r drawn as sampling[r] says (temperature <= 0: the argmax), sampling [sum of
+ * n_logits] host memory. M3_ERR_UNSUPPORTED on a backend without sample_rows (the CPU: there the
+ * engine's sampler reads the rows directly). */
+m3_status m3_model_forward_batch_sample(m3_model *m, const m3_model_seq *seqs, int n_seqs,
+                                        float *logits, const m3_row_sampling *sampling,
+                                        int32_t *tokens, float *const *hidden);
+
 /* One image, or one video, as the vision tower takes it (m3_vision_chat_spec.md §2.5, §3.3). */
 typedef struct {
   const float *pixels;        /* [grid_t * grid_h * grid_w, 3 * tp * p * p] host memory */

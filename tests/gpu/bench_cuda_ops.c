@@ -1,6 +1,8 @@
 /* bench_cuda_ops: first timings of the CUDA backend's ops on the GPU machine, each against a
  * ceiling measured in the same run (scripts/gpu.sh runs it; figures, not a test):
  *   - device-to-device copy bandwidth (bytes read + written): the memory ceiling;
+ *   - batch-1 decode's small ops (rmsnorm, add_rmsnorm, embed of one 6144-wide row; moe_experts
+ *     on tiny experts at T = 1 and 8: grouping and combine), timed through a recorded graph;
  *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
  *     bytes read per second against that ceiling (BF16: T <= 8 is the GEMV, T = 64 goes through
  *     cuBLASLt; MXFP8: up to 64 tokens the E4M3 tensor-core kernel, weights read once);
@@ -11,7 +13,10 @@
  *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
  *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
  *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes);
- *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s.
+ *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s;
+ *   - the routed experts of one full-width MoE layer at decode sizes and at 8192 tokens, the
+ *     latter with the experts on the default lanes (or M3_MOE_STREAMS), on 1 stream and on 4
+ *     lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only).
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
 #include <cublasLt.h>
@@ -237,7 +242,78 @@ static void bench_logits_to_host(FILE *table) {
   gpu->ops->free(gpu, dev);
 }
 
+/* ---- sampling on the GPU ---- */
+
+typedef struct {
+  const float *logits;
+  int rows;
+  const m3_row_sampling *params;
+  int32_t *ids;
+} sample_ctx;
+
+static void run_sample(void *ctx, int iter) {
+  (void)iter;
+  sample_ctx *c = ctx;
+  must(gpu->ops->sample_rows(gpu, c->logits, c->rows, 200064, c->params, c->ids), "sample_rows");
+}
+
+/* sample_rows on 1, 8 and 64 rows of a 200064-token vocabulary (a bulk of logits within +-4.5
+ * and one token in 2000 raised by 8..16, as a model's rows look), top_p 0.9, top_k 50 and a plain
+ * draw, all at temperature 1, beside the copy of the same rows to pinned host memory that the
+ * host sampler needs first (which then spends about 1 ms of host time per row). */
+static void bench_sample_rows(FILE *table) {
+  enum { V = 200064, MAX_ROWS = 64 };
+  const size_t row = (size_t)V * 4;
+  float *lh = malloc(MAX_ROWS * row);
+  for (size_t i = 0; i < (size_t)MAX_ROWS * V; i++) {
+    float bulk = 0.0f;
+    for (int k = 0; k < 3; k++) bulk += (float)(rnd() % 1000001) / 1e6f;
+    lh[i] = 3.0f * bulk - 4.5f + (rnd() % 2000 == 0 ? 8.0f + (float)(rnd() % 9) : 0.0f);
+  }
+  float *dev = gpu->ops->alloc(gpu, MAX_ROWS * row);
+  if (!dev) must(M3_ERR_NOMEM, "alloc");
+  must(gpu->ops->to_device(gpu, dev, lh, MAX_ROWS * row), "to_device");
+  void *pinned = NULL;
+  must_cuda(cudaMallocHost(&pinned, MAX_ROWS * row), "cudaMallocHost");
+  m3_row_sampling params[MAX_ROWS];
+  int32_t ids[MAX_ROWS];
+  static const struct {
+    const char *label;
+    float top_p;
+    int top_k;
+  } kinds[] = {{"top_p 0.9", 0.9f, 0}, {"top_k 50", 1.0f, 50}, {"plain draw", 1.0f, 0}};
+  for (int rows = 1; rows <= MAX_ROWS; rows *= 8) {
+    d2h_ctx copy = {pinned, dev, rows * row};
+    const double copy_s = time_call(run_d2h, &copy, 10);
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+      for (int r = 0; r < rows; r++)
+        params[r] = (m3_row_sampling){.temperature = 1.0f, .top_p = kinds[k].top_p,
+                                      .top_k = kinds[k].top_k, .unit = (double)rnd() / 4294967296.0};
+      sample_ctx c = {dev, rows, params, ids};
+      const double s = time_call(run_sample, &c, 10);
+      fprintf(table, "| sample_rows %d row%s of 200064, %s, T 1 | %.1f us | logits to pinned host "
+              "memory: %.1f us |\n", rows, rows > 1 ? "s" : "", kinds[k].label, s * 1e6, copy_s * 1e6);
+    }
+  }
+  fflush(table);
+  cudaFreeHost(pinned);
+  gpu->ops->free(gpu, dev);
+  free(lh);
+}
+
 /* ---- routed experts at prefill ---- */
+
+/* A CUDA backend made with M3_MOE_STREAMS=streams (the variable restored after). */
+static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
+  const char *old = getenv("M3_MOE_STREAMS");
+  char *saved = old ? strdup(old) : NULL;
+  setenv("M3_MOE_STREAMS", streams, 1);
+  m3_status st = m3_backend_create("cuda", 0, out);
+  if (saved) setenv("M3_MOE_STREAMS", saved, 1);
+  else unsetenv("M3_MOE_STREAMS");
+  free(saved);
+  return st;
+}
 
 typedef struct {
   m3_moe_experts ex;
@@ -287,7 +363,8 @@ static void moe_weights_free(m3_tensor w[3][MOE_E]) {
  * routing, top 4: TFLOP/s of the three expert GEMMs (against the cuBLASLt ceiling printed for the
  * expert shapes) and the bytes of the distinct experts read (MXFP8: with their scales) against
  * the copy bandwidth (what bounds decode sizes). */
-static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FILE *table) {
+static void bench_moe_labeled(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs,
+                              const char *streams, FILE *table) {
   enum { E = MOE_E, K = MOE_K, H = MOE_H, I = MOE_I };
   moe_ctx c;
   memset(&c, 0, sizeof c);
@@ -315,13 +392,151 @@ static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FIL
   fprintf(stderr, "   moe_experts %s T=%d: %d experts\n", mx ? "MXFP8" : "BF16", T, distinct);
   double s = time_call(run_moe, &c, T > 64 ? 2 : 20);
   const double gbs = distinct * 3.0 * H * I * (mx ? 1.0 + 1.0 / 32 : 2.0) / s / 1e9;
-  fprintf(table, "| moe_experts %s E=%d k=%d %dx%d T=%d | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
-          mx ? "MXFP8" : "BF16", E, K, I, H, T, s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12, distinct, gbs,
+  fprintf(table, "| moe_experts %s E=%d k=%d %dx%d T=%d%s | %.1f us | %.1f TFLOP/s | %d experts read at %.0f GB/s = %.0f%% of copy |\n",
+          mx ? "MXFP8" : "BF16", E, K, I, H, T, streams, s * 1e6, 2.0 * 3 * T * K * (double)H * I / s / 1e12, distinct, gbs,
           100 * gbs / copy_gbs);
   fflush(table);
   gpu->ops->release_experts(gpu, &c.ex);
   gpu->ops->free(gpu, c.ids), gpu->ops->free(gpu, c.h), gpu->ops->free(gpu, c.x);
   gpu->ops->free(gpu, c.weights);
+}
+
+static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FILE *table) {
+  bench_moe_labeled(T, mx, w, copy_gbs, "", table);
+}
+
+/* ---- decode-size small ops (batch 1) ---- */
+
+typedef struct {
+  m3_graph *g;
+} graph_ctx;
+
+static void run_graph(void *ctx, int iter) {
+  (void)iter;
+  must(gpu->ops->graph_launch(gpu, ((graph_ctx *)ctx)->g), "graph_launch");
+}
+
+enum { GRAPH_REPS = 100 };
+
+/* Time per call of fn for kernels of a few microseconds, shorter than a launch from the host: a
+ * graph of GRAPH_REPS calls replayed (after one call outside it, so that scratch has grown), or
+ * queued calls where the backend records no graphs. */
+static double time_small(bench_fn fn, void *ctx) {
+  fn(ctx, 0);
+  sync_gpu();
+  if (gpu->ops->graph_begin && gpu->ops->graph_begin(gpu) == M3_OK) {
+    for (int r = 0; r < GRAPH_REPS; r++) fn(ctx, r);
+    graph_ctx c = {NULL};
+    if (gpu->ops->graph_end(gpu, &c.g) == M3_OK) {
+      const double s = time_call(run_graph, &c, 5) / GRAPH_REPS;
+      gpu->ops->graph_free(gpu, c.g);
+      return s;
+    }
+  }
+  return time_call(fn, ctx, 200);
+}
+
+enum { SMALL_COPIES = 16, SMALL_H = 6144, EMBED_ROWS = 16384 };
+
+typedef struct {
+  m3_tensor norm_w, table;
+  float *x[SMALL_COPIES], *y[SMALL_COPIES], *out;
+  int32_t *ids; /* [SMALL_COPIES] random rows of the table */
+} small_ctx;
+
+static void run_rmsnorm(void *ctx, int iter) {
+  small_ctx *c = ctx;
+  gpu->ops->rmsnorm(gpu, c->x[iter % SMALL_COPIES], &c->norm_w, 1e-6f, 1, SMALL_H, c->out);
+}
+
+static void run_add_rmsnorm(void *ctx, int iter) {
+  small_ctx *c = ctx;
+  const int i = iter % SMALL_COPIES;
+  gpu->ops->add_rmsnorm(gpu, c->x[i], c->y[i], &c->norm_w, 1e-6f, 1, SMALL_H, c->out);
+}
+
+static void run_embed(void *ctx, int iter) {
+  small_ctx *c = ctx;
+  gpu->ops->embed(gpu, &c->table, c->ids + iter % SMALL_COPIES, 1, c->out);
+}
+
+/* One row of width 6144 (BF16 weights): rmsnorm, add_rmsnorm, embed (BF16 table of 16384 rows,
+ * random ids): microseconds per call and the bytes each moves (read + written) against the copy
+ * bandwidth; inputs rotate over 16 copies (L2-resident: these ops read what the step just wrote). */
+static void bench_small_ops(double copy_gbs, FILE *table) {
+  small_ctx c;
+  memset(&c, 0, sizeof c);
+  c.norm_w = (m3_tensor){.name = "norm", .rows = 1, .cols = SMALL_H, .dtype = M3_DT_BF16};
+  c.norm_w.data = device_random(M3_DT_BF16, SMALL_H * 2);
+  c.table = (m3_tensor){.name = "embed", .rows = EMBED_ROWS, .cols = SMALL_H, .dtype = M3_DT_BF16};
+  c.table.data = device_random(M3_DT_BF16, (size_t)EMBED_ROWS * SMALL_H * 2);
+  for (int i = 0; i < SMALL_COPIES; i++) {
+    c.x[i] = device_random(M3_DT_F32, SMALL_H * 4);
+    c.y[i] = device_random(M3_DT_F32, SMALL_H * 4);
+  }
+  c.out = gpu->ops->alloc(gpu, SMALL_H * 4);
+  int32_t ids[SMALL_COPIES];
+  for (int i = 0; i < SMALL_COPIES; i++) ids[i] = (int32_t)(rnd() % EMBED_ROWS);
+  c.ids = gpu->ops->alloc(gpu, sizeof ids);
+  must(gpu->ops->to_device(gpu, c.ids, ids, sizeof ids), "to_device");
+  static const struct {
+    const char *label;
+    bench_fn fn;
+    double bytes;
+  } ops[] = {{"rmsnorm", run_rmsnorm, SMALL_H * (4.0 + 2 + 4)},
+             {"add_rmsnorm", run_add_rmsnorm, SMALL_H * (4.0 + 4 + 4 + 2 + 4)},
+             {"embed (BF16 table)", run_embed, SMALL_H * (2.0 + 4)}};
+  for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
+    const double s = time_small(ops[i].fn, &c), gbs = ops[i].bytes / s / 1e9;
+    fprintf(table, "| %s 1x%d T=1 | %.2f us | %.0f GB/s = %.1f%% of copy |\n", ops[i].label, SMALL_H,
+            s * 1e6, gbs, 100 * gbs / copy_gbs);
+  }
+  fflush(table);
+  gpu->ops->free(gpu, (void *)c.norm_w.data), gpu->ops->free(gpu, (void *)c.table.data);
+  for (int i = 0; i < SMALL_COPIES; i++) gpu->ops->free(gpu, c.x[i]), gpu->ops->free(gpu, c.y[i]);
+  gpu->ops->free(gpu, c.out), gpu->ops->free(gpu, c.ids);
+}
+
+/* moe_experts of 128 experts of width 32 over 6144 (BF16, one 25 MB buffer), uniform top-4 routing:
+ * the experts' reads are small, so this shows what the op costs beyond them: grouping, the launch
+ * of the grouped GEMVs, the combine (T x 4 rows of 6144 floats gathered into x). */
+static void bench_moe_small(int T, double copy_gbs, FILE *table) {
+  enum { E = MOE_E, K = MOE_K, H = MOE_H, I = 32 };
+  static m3_tensor w[3][E];
+  const size_t each = (size_t)H * I * 2;
+  uint8_t *buf = device_random(M3_DT_BF16, 3 * E * each);
+  for (int m = 0; m < 3; m++)
+    for (int e = 0; e < E; e++) {
+      m3_tensor *t = &w[m][e];
+      memset(t, 0, sizeof *t);
+      t->name = m == 0 ? "small w1" : m == 1 ? "small w3" : "small w2";
+      t->rows = m == 2 ? H : I, t->cols = m == 2 ? I : H;
+      t->dtype = M3_DT_BF16;
+      t->data = buf + (size_t)(m * E + e) * each;
+    }
+  moe_ctx c;
+  memset(&c, 0, sizeof c);
+  c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
+  must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
+  c.T = T, c.k = K;
+  int32_t *ids = malloc((size_t)T * K * 4);
+  for (int t = 0; t < T; t++)
+    for (int j = 0; j < K; j++) ids[t * K + j] = (int32_t)((t * K + j) * 37 % E); /* distinct per token */
+  c.ids = gpu->ops->alloc(gpu, (size_t)T * K * 4);
+  must(gpu->ops->to_device(gpu, c.ids, ids, (size_t)T * K * 4), "to_device");
+  free(ids);
+  c.h = device_random(M3_DT_F32, (size_t)T * H * 4);
+  c.x = device_random(M3_DT_F32, (size_t)T * H * 4);
+  c.weights = device_random(M3_DT_F32, (size_t)T * K * 4);
+  const double s = time_small(run_moe, &c);
+  /* combine: x read and written, T k rows of y read */
+  const double gbs = (double)T * H * 4 * (2 + K) / s / 1e9;
+  fprintf(table, "| moe_experts BF16 E=%d k=%d %dx%d T=%d (tiny experts: grouping + combine) | %.2f us | combine bytes at %.0f GB/s = %.1f%% of copy |\n",
+          E, K, I, H, T, s * 1e6, gbs, 100 * gbs / copy_gbs);
+  fflush(table);
+  gpu->ops->release_experts(gpu, &c.ex);
+  gpu->ops->free(gpu, c.ids), gpu->ops->free(gpu, c.h), gpu->ops->free(gpu, c.x);
+  gpu->ops->free(gpu, c.weights), gpu->ops->free(gpu, buf);
 }
 
 /* ---- cuBLASLt ceiling for prefill ---- */
@@ -519,16 +734,20 @@ static void bench_msa(int len, m3_kv_dtype dt, double copy_gbs, FILE *table, dou
     double ts = time_call(run_select, &c, reps), ta = time_call(run_sparse, &c, reps);
     double tl = time_call(run_layer, &c, reps), td = time_call(run_dense, &c, reps > 3 ? 10 : 2);
     const int chosen = blocks < c.p.topk ? blocks : c.p.topk;
-    const double sparse_bytes = c.batch * ((double)len * ik_row + (double)chosen * bs * kv_row);
+    const double scan_bytes = c.batch * (double)len * ik_row, kv_bytes = c.batch * (double)chosen * bs * kv_row;
+    const double sparse_bytes = scan_bytes + kv_bytes;
     const double dense_bytes = c.batch * (double)len * kv_row;
     if (layer_us) layer_us[i] = tl * 1e6;
     char ratio[80] = "";
     if (base_us) snprintf(ratio, sizeof ratio, " | %.2fx the %s-sequence layer at ctx 2K", tl * 1e6 / base_us[i], i ? "16" : "1");
     fprintf(table,
             "| MSA decode%s ctx %d batch %d | layer %.1f us (select %.1f + sparse attention %.1f) | "
-            "reads %.1f MB = %.0f GB/s = %.0f%% of copy | dense attention %.1f us, %.0f GB/s = %.0f%% of copy%s |\n",
+            "reads %.1f MB = %.0f GB/s = %.0f%% of copy | select scans %.1f MB of index keys = %.0f GB/s = "
+            "%.0f%% of copy | sparse attention reads %.1f MB of K and V = %.0f GB/s | "
+            "dense attention %.1f us, %.0f GB/s = %.0f%% of copy%s |\n",
             fp8 ? " fp8 cache" : "", len, c.batch, tl * 1e6, ts * 1e6, ta * 1e6, sparse_bytes / 1e6,
-            sparse_bytes / tl / 1e9, 100.0 * sparse_bytes / tl / 1e9 / copy_gbs, td * 1e6,
+            sparse_bytes / tl / 1e9, 100.0 * sparse_bytes / tl / 1e9 / copy_gbs, scan_bytes / 1e6,
+            scan_bytes / ts / 1e9, 100.0 * scan_bytes / ts / 1e9 / copy_gbs, kv_bytes / 1e6, kv_bytes / ta / 1e9, td * 1e6,
             dense_bytes / td / 1e9, 100.0 * dense_bytes / td / 1e9 / copy_gbs, ratio);
     fflush(table);
   }
@@ -635,10 +854,35 @@ int main(int argc, char **argv) {
   } shapes[] = {{"q_proj", 8192, 6144, 1},     {"o_proj", 6144, 8192, 1},
                 {"k/v_proj", 512, 6144, 0},    {"expert w1/w3", 3072, 6144, 1},
                 {"expert w2", 6144, 3072, 1},  {"dense w1/w3", 12288, 6144, 0},
-                {"lm_head", 200064, 6144, 0}};
+                {"lm_head", 200064, 6144, 0},  {"router/index_k", 128, 6144, 0}};
   const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
   /* M3_BENCH_MOE_ONLY set: the routed experts alone (a quick look at one kernel family). */
   const int moe_only = getenv("M3_BENCH_MOE_ONLY") != NULL;
+  /* M3_BENCH_DECODE_ONLY set: the batch-1 decode rows alone (small ops, matmul at T = 1, the routed
+   * experts at T = 1 and 8); with M3_CUDA_GEMV_OLD=1 in a second run, the previous one-token
+   * GEMVs for comparison. */
+  if (getenv("M3_BENCH_DECODE_ONLY")) {
+    static const int one[] = {1};
+    bench_small_ops(copy_gbs, table);
+    for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
+    for (int s = 0; s < nshapes; s++)
+      for (int mx = 0; mx < 2; mx++)
+        if (shapes[s].rows < 100000) bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, one, 1, copy_gbs, table);
+    for (int mx = 0; mx < 2; mx++) {
+      static m3_tensor w[3][MOE_E];
+      moe_weights_make(mx, w);
+      bench_moe(1, mx, w, copy_gbs, table);
+      bench_moe(8, mx, w, copy_gbs, table);
+      moe_weights_free(w);
+    }
+    gpu->ops->destroy(gpu);
+    if (table != stdout) fclose(table);
+    return 0;
+  }
+  if (!moe_only) {
+    bench_small_ops(copy_gbs, table);
+    for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
+  }
   for (int s = 0; s < nshapes && !moe_only; s++)
     for (int mx = 0; mx < 2; mx++)
       bench_matmul(shapes[s].label, shapes[s].rows, shapes[s].cols, mx, decode_T, 5, copy_gbs, table);
@@ -652,15 +896,32 @@ int main(int argc, char **argv) {
   }
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
   if (!moe_only) bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
+  static const char *const moe_streams[2] = {"1", "4"};
+  m3_backend *moe_backends[2];
+  for (int i = 0; i < 2; i++) must(cuda_with_streams(moe_streams[i], &moe_backends[i]), "cuda backend (M3_MOE_STREAMS)");
   for (int mx = 0; mx < 2; mx++) {
     static m3_tensor w[3][MOE_E];
     moe_weights_make(mx, w);
     for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, w, copy_gbs, table);
-    bench_moe(prefill_T[0], mx, w, copy_gbs, table);
+    /* The prefill with the experts on the backend's lanes (M3_MOE_STREAMS as set, else the
+     * default), then on backends of 1 stream (the experts one after another) and 4 lanes: `gpu`
+     * points at each in turn, since every helper here issues and synchronizes through it. */
+    const char *env_streams = getenv("M3_MOE_STREAMS");
+    char label[64];
+    snprintf(label, sizeof label, ", M3_MOE_STREAMS=%s", env_streams ? env_streams : "default");
+    bench_moe_labeled(prefill_T[0], mx, w, copy_gbs, label, table);
+    m3_backend *lanes = gpu;
+    for (int i = 0; i < 2; i++) {
+      snprintf(label, sizeof label, ", M3_MOE_STREAMS=%s", moe_streams[i]);
+      gpu = moe_backends[i];
+      bench_moe_labeled(prefill_T[0], mx, w, copy_gbs, label, table);
+      gpu = lanes;
+    }
     moe_weights_free(w);
   }
   if (!moe_only) {
     bench_logits_to_host(table);
+    bench_sample_rows(table);
     bench_attention_prefill(prefill_T[0], table);
     static const int contexts[] = {2048, 32768, 131072};
     double base_us[2], layer_us[2];
@@ -668,6 +929,7 @@ int main(int argc, char **argv) {
       bench_msa(contexts[i], M3_KV_F32, copy_gbs, table, i ? layer_us : base_us, i ? base_us : NULL);
     for (int i = 1; i < 3; i++) bench_msa(contexts[i], M3_KV_FP8, copy_gbs, table, NULL, NULL);
   }
+  for (int i = 0; i < 2; i++) moe_backends[i]->ops->destroy(moe_backends[i]);
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);
   return 0;

@@ -15,6 +15,10 @@
 #include "../random.h"
 #include "base/dtype.h"
 #include "base/mxfp8.h"
+#include "engine/sampler.h"
+#include "engine/kvcache.h"
+#include "model/model.h"
+#include "model/step_graph.h"
 
 static m3_backend *cpu, *gpu;
 
@@ -96,7 +100,7 @@ enum {
   OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
   OP_ADD_RMSNORM, OP_ADD_RMSNORM_SELF, OP_ARGMAX,
   OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
-  OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL,
+  OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
   OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
   OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE, OP_COUNT
 };
@@ -122,6 +126,7 @@ static op_result results[OP_COUNT] = {
     [OP_MOE] = {"moe_route (weights)", 0, 0, 0, 1e-5, 0, 0},
     [OP_MOE_EXPERTS_DECODE] = {"moe_experts (grouped GEMV)", 0, 0, 0, 1e-4, 0, 0},
     [OP_MOE_EXPERTS_PREFILL] = {"moe_experts (per-expert matmuls)", 0, 0, 0, 2e-2, 0, 0},
+    [OP_MOE_EXPERTS_LANES] = {"moe_experts prefill, 1 vs 3 vs N streams (bits)", 0, 0, 0, 0, 0, 0},
     [OP_VIS_LAYERNORM] = {"vision layernorm", 0, 0, 0, 1e-5, 0, 0},
     [OP_VIS_ADD_BIAS] = {"vision add_bias", 0, 0, 0, 1e-6, 0, 0},
     [OP_VIS_GELU] = {"vision gelu", 0, 0, 0, 1e-5, 0, 0},
@@ -335,6 +340,35 @@ static void test_matmul_gemv_edges(void) {
     }
 }
 
+/* One token on matrices tall enough for matmul.cu gemv_warp_kernel on an H200 (132 SMs: 4 rows a
+ * warp from 4224 rows, 2 from 2112): rows not a multiple of a block's 32 or 16 nor of a warp's 4
+ * or 2 (the last warp rereads a row it does not store), lanes with a
+ * second and a third round of loads (K 2096: BF16 131 steps, E4M3 65 steps and 16 columns one at
+ * a time; K 6144 as in M3), E4M3 NaN bytes in a step of the second round and in the columns past
+ * the last step. T 1 and x aligned only: the new kernel's conditions. */
+static void test_matmul_gemv_warp(void) {
+  static const int64_t shapes[][2] = {{4301, 2096}, {2201, 6144}};
+  for (int kind = 0; kind < W_KINDS; kind++)
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+      const int64_t rows = shapes[s][0], cols = shapes[s][1];
+      char what[64];
+      snprintf(what, sizeof what, "gemv warp %s %lldx%lld T=1", kind_name[kind], (long long)rows, (long long)cols);
+      progress(what);
+      weight w = make_weight(kind, rows, cols);
+      if (kind >= W_MXFP8) {
+        ((uint8_t *)w.data)[2100 * cols + 32 * 70 + 5] = 0xff; /* step 70: lane 6, second round */
+        ((uint8_t *)w.data)[(rows - 3) * cols + cols - 2] = 0x7f; /* past the last whole step (K 2096) */
+        must(gpu->ops->to_device(gpu, (void *)w.g.data, w.data, (size_t)(rows * cols)), "to_device");
+      }
+      float *xh = random_floats((size_t)cols, -1, 1);
+      pair x = pair_from(xh, (size_t)cols * 4), y = pair_poisoned((size_t)rows);
+      cpu->ops->matmul(cpu, &w.c, x.c, 1, y.c);
+      gpu->ops->matmul(gpu, &w.g, x.g, 1, y.g);
+      compare(OP_MATMUL_F32, what, &y);
+      pair_free(&x), pair_free(&y), free(xh), free_weight(&w);
+    }
+}
+
 /* FP8 per-channel weights (compressed-tensors): one float32 scale per row, as src/io/weights.c
  * attaches them (block_rows 1, block_cols the next power of two >= cols, so one scale column). */
 static weight make_channel_weight(int64_t rows, int64_t cols) {
@@ -424,6 +458,25 @@ static void test_embed(void) {
     compare(OP_EMBED, kind_name[kind], &out);
     pair_free(&id), pair_free(&out), free_weight(&w);
   }
+}
+
+/* embed on what its column blocks must get right: rows wider than one block of 1024 columns,
+ * widths not a multiple of 4 (the element path, a partial last quad), invalid ids. */
+static void test_embed_shapes(void) {
+  static const int64_t cols[] = {6144, 1030, 5};
+  for (size_t s = 0; s < sizeof cols / sizeof cols[0]; s++)
+    for (int kind = 0; kind < W_KINDS; kind++) {
+      if (kind >= W_MXFP8 && cols[s] % 32 != 0) continue; /* MXFP8 checkpoints pad rows to 32 */
+      weight w = make_weight(kind, 40, cols[s]);
+      int32_t ids[3] = {39, -7, 0};
+      pair id = pair_from(ids, sizeof ids), out = pair_poisoned((size_t)3 * cols[s]);
+      cpu->ops->embed(cpu, &w.c, id.c, 3, out.c);
+      gpu->ops->embed(gpu, &w.g, id.g, 3, out.g);
+      char what[64];
+      snprintf(what, sizeof what, "%s 40x%lld", kind_name[kind], (long long)cols[s]);
+      compare(OP_EMBED, what, &out);
+      pair_free(&id), pair_free(&out), free_weight(&w);
+    }
 }
 
 static void test_rmsnorm(void) {
@@ -533,6 +586,38 @@ static void test_add_rmsnorm(void) {
     }
 }
 
+/* rmsnorm and add_rmsnorm at one row (decode) and on rows wider than the registers of one pass
+ * (8192 columns at 512 threads: the second pass reads x again), widths not a multiple of 4;
+ * add_rmsnorm against the CUDA add then rmsnorm, bit for bit, on each. */
+static void test_norm_widths(void) {
+  static const int shapes[][2] = {{1, 6144}, {1, 6142}, {2, 10000}, {1, 16390}, {3, 8192}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int kind = W_F32; kind <= W_BF16; kind++) {
+      const int rows = shapes[s][0], n = shapes[s][1];
+      const size_t len = (size_t)rows * n;
+      weight w = make_weight(kind, 1, n);
+      float *xh = random_floats(len, -3, 3), *yh = random_floats(len, -3, 3);
+      pair x = pair_from(xh, len * 4), y = pair_from(yh, len * 4), out = pair_poisoned(len);
+      pair x2 = pair_from(xh, len * 4), out2 = pair_poisoned(len);
+      char what[64];
+      snprintf(what, sizeof what, "%dx%d %s", rows, n, kind_name[kind]);
+      cpu->ops->rmsnorm(cpu, x.c, &w.c, 1e-6f, rows, n, out.c);
+      gpu->ops->rmsnorm(gpu, x.g, &w.g, 1e-6f, rows, n, out.g);
+      compare(OP_RMSNORM, what, &out);
+      cpu->ops->add_rmsnorm(cpu, x.c, y.c, &w.c, 1e-6f, rows, n, out.c);
+      gpu->ops->add_rmsnorm(gpu, x.g, y.g, &w.g, 1e-6f, rows, n, out.g);
+      gpu->ops->add(gpu, x2.g, y.g, len);
+      gpu->ops->rmsnorm(gpu, x2.g, &w.g, 1e-6f, rows, n, out2.g);
+      float *fused = gpu_copy(&out), *two = gpu_copy(&out2);
+      record(OP_ADD_RMSNORM_SELF, what, two, fused, len);
+      free(fused), free(two);
+      compare(OP_ADD_RMSNORM, what, &out);
+      compare(OP_ADD_RMSNORM, what, &x);
+      pair_free(&x), pair_free(&y), pair_free(&out), pair_free(&x2), pair_free(&out2);
+      free(xh), free(yh), free_weight(&w);
+    }
+}
+
 /* Greedy ids of both backends, exactly. Rows of every kind: continuous values; small integers
  * (exact ties, the lower id wins); scattered -inf, +inf, NaN; a NaN at index 0 (kept: the
  * sampler's scan starts there), with a +inf later; all -inf; all NaN; -0 against +0. */
@@ -575,6 +660,159 @@ static void test_argmax_rows(void) {
   static const int cfg[][2] = {{1, 200064}, {8, 200064}, {64, 200064}, {3, 1}, {9, 31},
                                {257, 1000}, {16, 1025}, {1, 33}};
   for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) argmax_case(cfg[c][0], cfg[c][1]);
+}
+
+/* ---- sampling ---- */
+
+/* sample_rows against the host sampler (m3_sampler_sample_unit, the same unit): ids must be equal,
+ * except where the GPU's other summation order may move a boundary, counted as near-boundary:
+ * unit * total within 1e-9 * total of the cumulative weight between the two picks (adjacent in
+ * draw order), or a top_p target within 1e-9 of the cumulative weight where the cut falls. */
+typedef struct {
+  int cases, exact, near, failed;
+} sample_tally;
+
+static const float *sample_keys;
+static int by_sample_rank(const void *a, const void *b) {
+  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  if (sample_keys[x] != sample_keys[y]) return sample_keys[x] > sample_keys[y] ? -1 : 1;
+  return (x > y) - (x < y);
+}
+
+/* Whether picking `got` instead of the host's pick is a boundary case (see above). */
+static int sample_near_boundary(const m3_sampling_params *p, const float *l, int vocab, double unit,
+                                int32_t got, m3_sampler_scratch *s) {
+  memcpy(s->work, l, (size_t)vocab * sizeof *l);
+  int32_t best = 0;
+  for (int i = 1; i < vocab; i++)
+    if (l[i] > l[best]) best = i;
+  if (!(p->temperature > 0.0f) || !(l[best] > -INFINITY)) return 0; /* no draw: exact */
+  double total;
+  const int n = m3_sampler_candidates(p, s, best, &total);
+  const double x = unit * total, tol = 1e-9 * total;
+  int want = n - 1, at = -1;
+  double acc = 0.0, before_want = 0.0;
+  for (int i = 0; i < n; i++) {
+    if (s->ids[i] == got) at = i;
+    if (want == n - 1 && i < n - 1 && x < acc + s->prob[i]) want = i, before_want = acc;
+    acc += s->prob[i];
+  }
+  if (want == n - 1) before_want = acc - s->prob[n - 1];
+  if (at == want + 1 && fabs(x - (before_want + s->prob[want])) <= tol) return 1;
+  if (at == want - 1 && fabs(x - before_want) <= tol) return 1;
+  if (!(p->top_p > 0.0f && p->top_p < 1.0f)) return 0;
+  /* The top_p cut: rank the set it cuts (the top_k set, or every finite token) and find where
+   * the cumulative weight crosses top_p of its total. */
+  int m = 0;
+  for (int i = 0; i < vocab; i++)
+    if (l[i] > -INFINITY) s->ids[m++] = i;
+  sample_keys = l;
+  qsort(s->ids, (size_t)m, sizeof *s->ids, by_sample_rank);
+  if (p->top_k > 0 && p->top_k < m) m = p->top_k;
+  double all = 0.0;
+  for (int i = 0; i < m; i++) all += exp(((double)l[s->ids[i]] - l[best]) / p->temperature);
+  const double target = (double)p->top_p * all;
+  acc = 0.0;
+  for (int i = 0; i < m; i++) {
+    acc += exp(((double)l[s->ids[i]] - l[best]) / p->temperature);
+    if (fabs(acc - target) <= 1e-9 * all) return 1;
+    if (acc > target) break;
+  }
+  return 0;
+}
+
+/* Logits rows of every kind: continuous, small integers (ties), 30% -inf, LM-like (a bulk and a
+ * few tokens far above it), flat, one finite token, all -inf. */
+enum { SAMPLE_KINDS = 7 };
+static void sample_logits(float *l, int vocab, int kind) {
+  for (int i = 0; i < vocab; i++) {
+    const float u = uniform(0.0f, 1.0f);
+    switch (kind) {
+      case 0: l[i] = uniform(-20.0f, 20.0f); break;
+      case 1: l[i] = (float)((int)(rnd() % 7) - 3); break;
+      case 2: l[i] = u < 0.3f ? -INFINITY : uniform(0.0f, 30.0f); break;
+      case 3: l[i] = 4.0f * (u + uniform(0.0f, 1.0f) + uniform(0.0f, 1.0f)) - 6.0f +
+                     (rnd() % 5000 == 0 ? 15.0f : 0.0f); break;
+      case 4: l[i] = 1.5f; break;
+      default: l[i] = -INFINITY;
+    }
+  }
+  if (kind == 5) l[rnd() % (uint32_t)vocab] = 2.0f;
+}
+
+static void sample_case(int vocab, sample_tally *t, m3_sampler_scratch *s) {
+  const size_t len = (size_t)SAMPLE_KINDS * vocab;
+  float *lh = malloc(len * sizeof *lh);
+  if (!lh) must(M3_ERR_NOMEM, "sample logits");
+  for (int k = 0; k < SAMPLE_KINDS; k++) sample_logits(lh + (size_t)k * vocab, vocab, k);
+  void *lg = gpu->ops->alloc(gpu, len * sizeof *lh);
+  if (!lg) must(M3_ERR_NOMEM, "sample logits (cuda)");
+  must(gpu->ops->to_device(gpu, lg, lh, len * sizeof *lh), "to_device (cuda)");
+  int32_t *ids = gpu->ops->alloc_host(gpu, SAMPLE_KINDS * sizeof *ids);
+  if (!ids) must(M3_ERR_NOMEM, "sample ids");
+  static const float temps[] = {0.0f, 0.3f, 1.0f, 2.0f};
+  static const float top_ps[] = {0.1f, 0.9f, 0.999f, 1.0f};
+  const int top_ks[] = {0, 1, 5, 50, 5000, vocab};
+  const m3_sample_history none = {0};
+  for (size_t a = 0; a < sizeof temps / sizeof *temps; a++)
+    for (size_t b = 0; b < sizeof top_ks / sizeof *top_ks; b++)
+      for (size_t c = 0; c < sizeof top_ps / sizeof *top_ps; c++)
+        for (int mp = 0; mp < 2; mp++) {
+          m3_row_sampling rows[SAMPLE_KINDS];
+          for (int k = 0; k < SAMPLE_KINDS; k++) {
+            const uint32_t pick = rnd() % 8;
+            rows[k] = (m3_row_sampling){.temperature = temps[a], .top_p = top_ps[c],
+                                        .min_p = mp ? 0.05f : 0.0f, .top_k = top_ks[b],
+                                        .unit = pick == 0 ? 0.0 : pick == 1 ? 1.0 - 0x1.0p-53
+                                                : (double)rnd() / 4294967296.0};
+            ids[k] = -7;
+          }
+          must(gpu->ops->sample_rows(gpu, lg, SAMPLE_KINDS, vocab, rows, ids), "sample_rows");
+          for (int k = 0; k < SAMPLE_KINDS; k++) {
+            m3_sampling_params p;
+            m3_sampling_params_init(&p);
+            p.temperature = rows[k].temperature;
+            p.top_k = rows[k].top_k;
+            p.top_p = rows[k].top_p;
+            p.min_p = rows[k].min_p;
+            const float *l = lh + (size_t)k * vocab;
+            const int32_t want = m3_sampler_sample_unit(&p, rows[k].unit, l, &none, s);
+            t->cases++;
+            if (ids[k] == want) {
+              t->exact++;
+            } else if (ids[k] >= 0 && ids[k] < vocab &&
+                       sample_near_boundary(&p, l, vocab, rows[k].unit, ids[k], s)) {
+              t->near++;
+            } else {
+              t->failed++;
+              fprintf(stderr, "FAIL sample_rows [vocab %d, kind %d, T %g, top_k %d, top_p %g, "
+                      "min_p %g, unit %.17g]: cuda %d, host %d\n", vocab, k, p.temperature,
+                      p.top_k, p.top_p, p.min_p, rows[k].unit, ids[k], want);
+            }
+          }
+        }
+  gpu->ops->free(gpu, lg);
+  gpu->ops->free_host(gpu, ids);
+  free(lh);
+}
+
+/* Prints its line of the table; returns 1 when every id is the host's or a boundary case. */
+static int test_sample_rows(void) {
+  fprintf(stderr, "-- sample_rows\n");
+  static const int vocabs[] = {1, 2, 7, 33, 1000, 5000, 200064};
+  sample_tally t = {0, 0, 0, 0};
+  for (size_t v = 0; v < sizeof vocabs / sizeof *vocabs; v++) {
+    char what[48];
+    snprintf(what, sizeof what, "sample_rows vocab %d", vocabs[v]);
+    progress(what);
+    m3_sampler_scratch s;
+    must(m3_sampler_scratch_init(&s, vocabs[v]), "sampler scratch");
+    sample_case(vocabs[v], &t, &s);
+    m3_sampler_scratch_free(&s);
+  }
+  printf("%-40s %6d %6d  exact %d, near-boundary %d  %s\n", "sample_rows (ids vs host sampler)",
+         t.cases, t.failed, t.exact, t.near, t.failed || !t.cases ? "FAIL" : "PASS");
+  return t.failed == 0 && t.cases > 0;
 }
 
 /* ---- paged caches ---- */
@@ -787,6 +1025,61 @@ static void test_msa_attention(void) {
     msa_attention_case(16, 8, 2, 32, 16, 300, 9, params[pi], 1, 0);
 }
 
+/* MSA decode at long contexts (src/backend/cuda/msa.cu: score blocks over chunks of the context,
+ * the last one of a token selecting; attention split-K down to one key tile a split): M3's shapes
+ * at 40 and 300 blocks of 128 ending in a partial block, T = 1, 2, 4 (ragged positions, a padding
+ * row at 4), float32 and fp8 caches, exact ties at 300 blocks; 16 index heads; the separate
+ * selection kernel (more than 64 tokens; candidates past the fused kernel's shared memory). */
+static void test_msa_decode_long(void) {
+  static const int lens[] = {40 * 128 - 37, 300 * 128 - 5}, Ts[] = {1, 2, 4};
+  const m3_msa_params m3p = {16, 1, 0};
+  for (int fp8 = 0; fp8 < 2; fp8++)
+    for (int li = 0; li < 2; li++)
+      for (int ti = 0; ti < 3; ti++) msa_attention_case(128, 64, 4, 128, 128, lens[li], Ts[ti], m3p, 0, fp8);
+  msa_attention_case(128, 64, 4, 128, 128, lens[1], 4, m3p, 1, 0);
+  msa_attention_case(32, 32, 16, 32, 64, 40 * 32 - 3, 2, (m3_msa_params){8, 2, 1}, 0, 0);
+  msa_attention_case(32, 32, 16, 32, 64, 40 * 32 - 3, 2, (m3_msa_params){8, 2, 1}, 0, 1);
+  msa_attention_case(128, 64, 4, 128, 128, lens[0], 100, m3p, 0, 0);
+  msa_attention_case(16, 8, 4, 16, 16, 3200 * 16 - 7, 2, m3p, 0, 0);
+}
+
+/* A decode step of several sequences, each its own cache and selection call queued back to back
+ * (as src/model/attention.c calls the ops per sequence), then each compared: consecutive launches
+ * of different chunk counts share the per-token counters of the fused selection. */
+static void test_msa_decode_batch(void) {
+  enum { B = 5 };
+  static const int blocks[B] = {300, 17, 1, 40, 129};
+  const m3_msa_params mp = {16, 1, 0};
+  const int bs = 128, G = 4, ihd = 128;
+  cache c[B];
+  pair pos[B], iq[B], sel[B];
+  int32_t *posh[B];
+  float *iqh[B];
+  for (int b = 0; b < B; b++) {
+    const int len = blocks[b] * bs - (b * 19) % bs;
+    c[b] = make_cache(blocks[b], bs, G, 16, ihd, 0);
+    posh[b] = random_positions(2, len);
+    iqh[b] = random_floats((size_t)2 * G * ihd, -1, 1);
+    pos[b] = pair_from(posh[b], 2 * 4);
+    iq[b] = pair_from(iqh[b], (size_t)2 * G * ihd * 4);
+    sel[b] = pair_poisoned((size_t)2 * G * mp.topk);
+  }
+  progress("msa_select batch of 5 sequences");
+  for (int b = 0; b < B; b++) gpu->ops->msa_select(gpu, iq[b].g, G, &c[b].g, pos[b].g, 2, &mp, sel[b].g);
+  for (int b = 0; b < B; b++) {
+    cpu->ops->msa_select(cpu, iq[b].c, G, &c[b].c, pos[b].c, 2, &mp, sel[b].c);
+    int32_t *got = gpu_copy(&sel[b]);
+    char what[96];
+    snprintf(what, sizeof what, "batch sequence %d of %d blocks", b, blocks[b]);
+    compare_selection(&c[b], iqh[b], posh[b], 2, G, mp.topk, sel[b].c, got, what);
+    free(got);
+  }
+  for (int b = 0; b < B; b++) {
+    pair_free(&pos[b]), pair_free(&iq[b]), pair_free(&sel[b]);
+    free(posh[b]), free(iqh[b]), free_cache(&c[b]);
+  }
+}
+
 /* Attention alone on decode and prefill shapes: query heads per KV head 16, 8, 4, 2 and 1, head
  * dims 256, 128, 96 and 16, long contexts (split-K across many splits) ending in a partial block,
  * consecutive positions (prefill, MTP drafts) and ragged ones with padding rows. The selections
@@ -964,6 +1257,118 @@ static void test_moe_experts_e4m3_tc(void) {
     for (int skew = 0; skew < 2; skew++) moe_experts_case(W_MXFP8, 200, 72, Ts[ti], skew);
   moe_experts_case(W_FP8_BLOCK, 200, 72, 7, 1);
   moe_experts_case(W_FP8_BLOCK, 200, 72, 64, 0);
+}
+
+/* moe_experts at one token (moe.cu moe_warp_kernel) on every dtype: row counts not a multiple of
+ * its 16 (gate, up: I 88 where K = I allows it) and 32 (down: H 272) rows a block, an E4M3 K with
+ * 16 columns past the last 32-byte step (H 272, I 80); H 270 (not a multiple of 4) for the element paths, and of moe_combine_kernel. */
+static void test_moe_experts_one_token(void) {
+  for (int kind = 0; kind < W_KINDS; kind++) {
+    moe_experts_case(kind, 272, kind >= W_MXFP8 ? 80 : 88, 1, kind & 1);
+    moe_experts_case(kind, 256, 96, 1, 0);
+  }
+  moe_experts_case(W_BF16, 270, 64, 1, 0);
+  moe_experts_case(W_F32, 270, 64, 5, 1);
+  moe_experts_case(W_F32, 270, 64, 8, 0);
+}
+
+/* A CUDA backend made with M3_MOE_STREAMS=streams (the variable restored after). */
+static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
+  const char *old = getenv("M3_MOE_STREAMS");
+  char *saved = old ? strdup(old) : NULL;
+  setenv("M3_MOE_STREAMS", streams, 1);
+  m3_status st = m3_backend_create("cuda", 0, out);
+  if (saved) setenv("M3_MOE_STREAMS", saved, 1);
+  else unsetenv("M3_MOE_STREAMS");
+  free(saved);
+  return st;
+}
+
+/* moe_experts' prefill with its experts spread over side streams (moe.cu prefill_experts): E 40,
+ * k 4, T 300, uneven counts: expert 4 in every token, experts 5..8 about 75 tokens each (GEMMs on
+ * the lanes for both dtypes), 9..39 about 19 (BF16: lanes; MXFP8: the E4M3 tensor-core kernel on
+ * the backend's stream, at the same time), expert 1 one token, expert 2 two, experts 0 and 3
+ * none. Against the CPU, and bit for bit against backends of 1 stream and of 3 lanes (`others`,
+ * sharing the weights): the result must not depend on the lane count or on timing. */
+static void moe_lanes_case(int kind, m3_backend *const *others, const char *const *labels, int nothers) {
+  enum { E = 40, K = 4, T = 300, H = 320, I = 160 };
+  char what[96];
+  snprintf(what, sizeof what, "%s H %d I %d T %d E %d uneven", kind_name[kind], H, I, T, E);
+  progress(what);
+  weight gate[E], up[E], down[E];
+  m3_tensor tc[3][E], tg[3][E];
+  for (int e = 0; e < E; e++) {
+    gate[e] = make_weight(kind, I, H), up[e] = make_weight(kind, I, H);
+    down[e] = make_weight(kind, H, I);
+    tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
+    tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
+  }
+  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
+  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
+  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  int32_t *idh = malloc((size_t)T * K * 4);
+  for (int t = 0; t < T; t++) {
+    int32_t *c = idh + (size_t)t * K;
+    c[0] = 4;
+    c[1] = t == 0 ? 1 : t <= 2 ? 2 : 5 + (int32_t)(rnd() % 4);
+    c[2] = 9 + (int32_t)(rnd() % (E - 9));
+    do c[3] = 9 + (int32_t)(rnd() % (E - 9));
+    while (c[3] == c[2]);
+  }
+  float *hh = random_floats((size_t)T * H, -1, 1), *xh = random_floats((size_t)T * H, -1, 1);
+  float *wh = random_floats((size_t)T * K, 0.05f, 1.5f);
+  pair h = pair_from(hh, (size_t)T * H * 4), x = pair_from(xh, (size_t)T * H * 4);
+  pair ids = pair_from(idh, (size_t)T * K * 4), w = pair_from(wh, (size_t)T * K * 4);
+  cpu->ops->moe_experts(cpu, &exc, h.c, T, ids.c, w.c, K, x.c);
+  gpu->ops->moe_experts(gpu, &exg, h.g, T, ids.g, w.g, K, x.g);
+  float *got = gpu_copy(&x);
+  record(OP_MOE_EXPERTS_PREFILL, what, x.c, got, (size_t)T * H);
+  for (int o = 0; o < nothers; o++) {
+    m3_backend *b = others[o];
+    m3_moe_experts exo = exg;
+    must(b->ops->prepare_experts(b, &exo), "prepare_experts (cuda, other streams)");
+    const void *host[4] = {hh, xh, idh, wh};
+    const size_t bytes[4] = {(size_t)T * H * 4, (size_t)T * H * 4, (size_t)T * K * 4, (size_t)T * K * 4};
+    void *dev[4];
+    for (int i = 0; i < 4; i++) {
+      if (!(dev[i] = b->ops->alloc(b, bytes[i]))) must(M3_ERR_NOMEM, "alloc");
+      must(b->ops->to_device(b, dev[i], host[i], bytes[i]), "to_device (cuda, other streams)");
+    }
+    b->ops->moe_experts(b, &exo, dev[0], T, dev[2], dev[3], K, dev[1]);
+    float *other = malloc(bytes[1]);
+    must(b->ops->to_host(b, other, dev[1], bytes[1]), "to_host (cuda, other streams)");
+    char vs[128];
+    snprintf(vs, sizeof vs, "%s, %s", what, labels[o]);
+    record(OP_MOE_EXPERTS_LANES, vs, got, other, (size_t)T * H);
+    free(other);
+    for (int i = 0; i < 4; i++) b->ops->free(b, dev[i]);
+    b->ops->release_experts(b, &exo);
+  }
+  cpu->ops->release_experts(cpu, &exc);
+  gpu->ops->release_experts(gpu, &exg);
+  for (int e = 0; e < E; e++) free_weight(&gate[e]), free_weight(&up[e]), free_weight(&down[e]);
+  pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&w);
+  free(idh), free(hh), free(xh), free(wh), free(got);
+}
+
+/* The lanes' prefill on BF16 and MXFP8 experts against backends of M3_MOE_STREAMS 1 and 3, and
+ * M3_MOE_STREAMS=0 refused. */
+static void test_moe_experts_lanes(void) {
+  m3_backend *none = NULL, *others[2] = {NULL, NULL};
+  static const char *const labels[2] = {"vs M3_MOE_STREAMS=1", "vs M3_MOE_STREAMS=3"};
+  op_result *r = &results[OP_MOE_EXPERTS_LANES];
+  r->cases++;
+  if (cuda_with_streams("0", &none) != M3_ERR_ARG || none) {
+    r->failed++;
+    fprintf(stderr, "FAIL %s: M3_MOE_STREAMS=0 not refused\n", r->name);
+  }
+  must(cuda_with_streams("1", &others[0]), "cuda backend, M3_MOE_STREAMS=1");
+  must(cuda_with_streams("3", &others[1]), "cuda backend, M3_MOE_STREAMS=3");
+  moe_lanes_case(W_BF16, others, labels, 2);
+  moe_lanes_case(W_MXFP8, others, labels, 2);
+  others[0]->ops->destroy(others[0]);
+  others[1]->ops->destroy(others[1]);
 }
 
 /* ---- vision-tower ops (backend.h m3_vision_ops) ---- */
@@ -1238,6 +1643,175 @@ static void test_kv_fp8(void) {
          r->mismatches - before.mismatches, r->near_ties - before.near_ties);
 }
 
+/* ---- recorded decode steps (CUDA graphs, src/model/step_graph.c) ----
+ * Two models of one committed fixture on the GPU, one with M3_CUDA_GRAPHS=0 (every op issued
+ * directly), one with graphs, each with its own cache, run the same forwards: prompts in chunks,
+ * then decode steps of a batch with speculative-verification steps (2 tokens per sequence)
+ * between them, positions crossing the fixture's 4-token pages every few steps, and in the
+ * middle a 100-token prefill of another sequence (not graphed; it grows the backend's scratch,
+ * so recordings from before must not be launched again). Every forward of at most 8 tokens (the
+ * GEMV and e4m3 tensor-core sizes, whose sums have a fixed order) must give the same logits to
+ * the bit; the prefill (cuBLASLt, direct on both sides) within 1e-5. The graphs side must have
+ * replayed steps, and none right after the scratch moved. */
+enum { GS_SEQS = 3, GS_STEPS = 24, GS_LONG = 100, GS_MAX_T = 8 };
+static int step_graphs_failed;
+
+typedef struct {
+  m3_model *model;
+  m3_kv_cache *cache;
+  m3_kv_seq seq[GS_SEQS + 1]; /* the batch, then the long prefill's sequence */
+  m3_kv_view *views[GS_SEQS + 1];
+  float *logits;
+} graph_side;
+
+/* A failure of the model or the cache fails the check (the ops' table still prints). */
+static int gs_ok(m3_status st, const char *what) {
+  if (st == M3_OK) return 1;
+  step_graphs_failed++;
+  fprintf(stderr, "FAIL step graphs [%s]: %s\n", what, m3_last_error());
+  return 0;
+}
+
+/* ids [n][T] at each sequence's next positions on one side, logits of the last n_logits tokens
+ * of each into side->logits; 0 on failure. */
+static int graph_forward(graph_side *side, const int *which, int n, int T, const int32_t *ids,
+                         int n_logits) {
+  const int L = m3_model_config(side->model)->num_layers;
+  m3_model_seq q[GS_SEQS + 1];
+  int32_t pos[GS_SEQS + 1][GS_LONG];
+  for (int i = 0; i < n; i++) {
+    m3_kv_seq *seq = &side->seq[which[i]];
+    for (int t = 0; t < T; t++) pos[i][t] = seq->num_tokens + t;
+    if (!gs_ok(m3_kv_seq_extend(side->cache, seq, T), "kv extend")) return 0;
+    if (!side->views[which[i]]) side->views[which[i]] = calloc((size_t)L, sizeof(m3_kv_view));
+    m3_kv_seq_views(side->cache, seq, side->views[which[i]]);
+    q[i] = (m3_model_seq){.kv = side->views[which[i]], .ids = ids + (size_t)i * T, .pos = pos[i],
+                          .T = T, .n_logits = n_logits};
+  }
+  return gs_ok(m3_model_forward_batch(side->model, q, n, side->logits), "forward");
+}
+
+/* The same forward on both sides; compares the logits (bits, or within 1e-5 normalized) and
+ * returns each sequence's greedy next id in next[n]; 0 when a forward failed. */
+static int graph_both(graph_side side[2], const int *which, int n, int T, const int32_t *ids,
+                      int n_logits, int32_t *next, const char *what) {
+  const int V = m3_model_config(side[0].model)->vocab_size;
+  const size_t values = (size_t)n * n_logits * V;
+  for (int s = 0; s < 2; s++)
+    if (!graph_forward(&side[s], which, n, T, ids, n_logits)) return 0;
+  const int bits = n * T <= GS_MAX_T;
+  const int same = bits ? memcmp(side[0].logits, side[1].logits, values * sizeof(float)) == 0
+                        : normalized_error(side[0].logits, side[1].logits, values) <= 1e-5;
+  if (!same) {
+    step_graphs_failed++;
+    fprintf(stderr, "FAIL step graphs [%s]: logits with graphs differ from op by op%s\n", what,
+            bits ? " (bits)" : "");
+  }
+  for (int i = 0; i < n; i++) {
+    const float *row = side[0].logits + ((size_t)i * n_logits + (size_t)n_logits - 1) * V;
+    int best = 0;
+    for (int v = 1; v < V; v++)
+      if (row[v] > row[best]) best = v;
+    next[i] = best;
+  }
+  return 1;
+}
+
+static void step_graphs_case(const char *fixture, m3_kv_dtype dt) {
+  char dir[4096], what[160];
+  const char *src = getenv("M3_SOURCE_DIR"); /* gpu.sh's checkout, where binaries come prebuilt */
+  snprintf(dir, sizeof dir, "%s/tests/fixtures/text/%s", src ? src : M3_SOURCE_DIR, fixture);
+  const int failed_before = step_graphs_failed;
+  graph_side side[2];
+  memset(side, 0, sizeof side);
+  for (int s = 0; s < 2; s++) {
+    if (s == 0) setenv("M3_CUDA_GRAPHS", "0", 1); /* read at load */
+    else unsetenv("M3_CUDA_GRAPHS");
+    if (!gs_ok(m3_model_load(dir, gpu, &side[s].model), dir)) goto done;
+    const m3_config *cfg = m3_model_config(side[s].model);
+    if (!gs_ok(m3_kv_cache_create(cfg, gpu, dt, m3_kv_bytes_for_tokens(cfg, dt, 1024),
+                                  &side[s].cache), "kv cache"))
+      goto done;
+    side[s].logits = malloc((size_t)GS_LONG * cfg->vocab_size * sizeof(float));
+    for (int i = 0; i <= GS_SEQS; i++) m3_kv_seq_init(&side[s].seq[i]);
+  }
+  const int V = m3_model_config(side[0].model)->vocab_size;
+  int32_t ids[GS_LONG], next[GS_SEQS + 1];
+  const int batch[GS_SEQS + 1] = {0, 1, 2, 3};
+  /* Prompts of 5, 9 and 13 tokens in chunks of at most 8, last-row logits: each sequence's
+   * pages then fill in step with the others'. */
+  for (int i = 0; i < GS_SEQS; i++) {
+    const int len = 5 + 4 * i;
+    for (int done = 0; done < len; done += GS_MAX_T) {
+      const int T = len - done < GS_MAX_T ? len - done : GS_MAX_T;
+      for (int t = 0; t < T; t++) ids[t] = (int32_t)((7 + 13 * i + 5 * (done + t)) % V);
+      snprintf(what, sizeof what, "%s, kv %s, prompt %d chunk at %d", fixture,
+               dt == M3_KV_FP8 ? "fp8" : "f32", i, done);
+      if (!graph_both(side, &batch[i], 1, T, ids, 1, &next[i], what)) goto done;
+    }
+  }
+  /* The scratch moves (the long prefill grows it) right before a decode step whose signature,
+   * the epoch aside, is the previous step's (same tokens, same pages), which was replayed: a
+   * graph of the old epoch would be launched there. */
+  const int bs = m3_kv_cache_block_size(side[1].cache);
+  int prefilled = 0, moved = 0, replayed_after_move = 0, last_replayed = 0;
+  for (int step = 0; step < GS_STEPS; step++) {
+    const int verify = step % 6 == 5, T = verify ? 2 : 1;
+    const int same_page = !verify && side[1].seq[0].num_tokens % bs != 0;
+    const int prefill_now = !prefilled && step >= GS_STEPS / 3 && last_replayed && same_page;
+    if (prefill_now) {
+      for (int t = 0; t < GS_LONG; t++) ids[t] = (int32_t)((3 + 11 * t) % V);
+      const uint64_t epoch = gpu->ops->memory_epoch(gpu);
+      snprintf(what, sizeof what, "%s, kv %s, prefill of %d", fixture,
+               dt == M3_KV_FP8 ? "fp8" : "f32", GS_LONG);
+      if (!graph_both(side, &batch[GS_SEQS], 1, GS_LONG, ids, 1, &next[GS_SEQS], what)) goto done;
+      prefilled = 1;
+      moved = epoch != gpu->ops->memory_epoch(gpu);
+    }
+    for (int i = 0; i < GS_SEQS; i++) {
+      ids[i * T] = next[i];
+      if (verify) ids[i * T + 1] = (next[i] + 1) % V;
+    }
+    const m3_step_graph_stats before = m3_model_graph_stats(side[1].model);
+    snprintf(what, sizeof what, "%s, kv %s, step %d%s", fixture, dt == M3_KV_FP8 ? "fp8" : "f32",
+             step, verify ? " (2 tokens a sequence)" : "");
+    if (!graph_both(side, batch, GS_SEQS, T, ids, T, next, what)) goto done;
+    const m3_step_graph_stats after = m3_model_graph_stats(side[1].model);
+    last_replayed = !verify && after.replayed > before.replayed;
+    if (prefill_now && moved) replayed_after_move = (int)(after.replayed - before.replayed);
+  }
+  const m3_step_graph_stats off = m3_model_graph_stats(side[0].model);
+  const m3_step_graph_stats on = m3_model_graph_stats(side[1].model);
+  const int ok = step_graphs_failed == failed_before && on.replayed > 0 && on.recorded > 0 &&
+                 !off.enabled && on.enabled && prefilled && replayed_after_move == 0;
+  if (!ok) step_graphs_failed++;
+  printf("step graphs %s, kv %s: recorded %llu, replayed %llu, direct %llu, not graphable %llu; "
+         "%s  %s\n", fixture, dt == M3_KV_FP8 ? "fp8" : "f32", (unsigned long long)on.recorded,
+         (unsigned long long)on.replayed, (unsigned long long)on.direct,
+         (unsigned long long)on.skipped,
+         !prefilled ? "no step to move the scratch before"
+         : !moved ? "the prefill did not move the scratch (epoch check not exercised)"
+         : replayed_after_move ? "REPLAYED a graph of the old epoch" : "scratch moved, not replayed",
+         ok ? "PASS" : "FAIL");
+done:
+  for (int s = 0; s < 2; s++) {
+    for (int i = 0; i <= GS_SEQS; i++) {
+      if (side[s].cache) m3_kv_seq_release(side[s].cache, &side[s].seq[i]);
+      free(side[s].views[i]);
+    }
+    if (side[s].cache) m3_kv_cache_free(side[s].cache);
+    m3_model_free(side[s].model);
+    free(side[s].logits);
+  }
+}
+
+static void test_step_graphs(void) {
+  step_graphs_case("mixed_bf16", M3_KV_F32);
+  step_graphs_case("mixed_bf16", M3_KV_FP8);
+  step_graphs_case("mxfp8", M3_KV_F32);
+  unsetenv("M3_CUDA_GRAPHS");
+}
+
 static int test_errors(void) {
   m3_backend *none = NULL;
   m3_status st = m3_backend_cuda_create(999, &none);
@@ -1262,23 +1836,33 @@ int main(void) {
   int ok = test_errors();
   run("matmul", test_matmul);
   run("matmul_gemv_edges", test_matmul_gemv_edges);
+  run("matmul_gemv_warp", test_matmul_gemv_warp);
   run("matmul_e4m3_tc", test_matmul_e4m3_tc);
   run("embed", test_embed);
+  run("embed_shapes", test_embed_shapes);
   run("rmsnorm", test_rmsnorm);
   run("rope", test_rope);
   run("rmsnorm_rope", test_rmsnorm_rope);
   run("elementwise", test_elementwise);
   run("add_rmsnorm", test_add_rmsnorm);
+  run("norm_widths", test_norm_widths);
   run("argmax_rows", test_argmax_rows);
+  ok &= test_sample_rows();
   run("kv_store", test_kv_store);
   run("msa_attention", test_msa_attention);
+  run("msa_decode_long", test_msa_decode_long);
+  run("msa_decode_batch", test_msa_decode_batch);
   run("attention_shapes", test_attention_shapes);
   run("attention_prefill", test_attention_prefill);
   run("kv_fp8", test_kv_fp8);
   run("moe_route", test_moe_route);
   run("moe_experts", test_moe_experts);
   run("moe_experts_e4m3_tc", test_moe_experts_e4m3_tc);
+  run("moe_experts_one_token", test_moe_experts_one_token);
+  run("moe_experts_lanes", test_moe_experts_lanes);
   run("vision", test_vision_ops);
+  run("step_graphs", test_step_graphs);
+  ok &= step_graphs_failed == 0;
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
   for (int i = 0; i < OP_COUNT; i++) {
     const op_result *r = &results[i];

@@ -10,7 +10,11 @@
  * dims. The key list of a tile is every visible block (dense) or the union of its tokens'
  * selected blocks, each with the mask of tokens that selected it (sparse); causality j <= pos is
  * masked per row. Split-K: when the tiles alone do not fill the GPU (decode), the list's key tiles
- * are cut into splits, each leaving (max, sum, unnormalized output) per row for a combine kernel.
+ * are cut into splits, down to one key tile each (a decode token's 16 selected blocks of 128 keys
+ * are 64 tiles per KV head: 256 thread blocks for M3's 4 KV heads), each leaving (max, sum,
+ * unnormalized output) per row for a combine kernel. A decode split issues the loads of its next
+ * key tile before computing the current one, and fetches its query rows, positions and selections
+ * together, so that its time is a few memory latencies rather than one per dependent load.
  *
  * Both kernels share that scheme. The fp32 one (CUDA cores, 64-row tiles, 32-key tiles, split-K)
  * serves fewer than ATT_TC_MIN_T tokens (decode, speculative verify) and head dims other than 64
@@ -36,8 +40,8 @@ enum {
   ATT_DECODE_ROWS = 16,   /* tiles of up to 16 rows (a decode token's group) run a lighter kernel */
   ATT_MAX_TT = 32,        /* tokens per tile: the bits of a block's token mask */
   ATT_MAX_ENTRIES = 512,  /* selection entries (tokens x topk) a sparse tile gathers */
-  ATT_MIN_UNITS = 2,      /* key tiles per split at least, so the combine stays small */
   ATT_MAX_SPLITS = 256,
+  ATT_COMBINE_THREADS = 256,
   ATT_MAX_HD = 256,
 };
 
@@ -124,7 +128,8 @@ void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int
 typedef struct {
   const float *q;     /* [T, nh, hd] */
   float *out;         /* [T, nh, hd], written directly when nsplit == 1 */
-  float *part;        /* [T, nh, nsplit, hd + 2]: unnormalized output, max, sum (nsplit > 1) */
+  float *part;        /* [T, nh, nsplit, hd + 4]: unnormalized output, max, sum, 2 unused (rows
+                         16-byte aligned) (nsplit > 1) */
   m3_kv_view kv;
   const int32_t *pos;
   const int32_t *sel; /* [T, nkv, topk], or NULL: dense */
@@ -149,15 +154,20 @@ static size_t att_smem_bytes(int rows, int hd, int entries) {
 /* Builds the sparse tile's key list: the distinct blocks selected by any of its `ntok` tokens (in
  * ascending order) with the mask of tokens that selected each. An entry counts when it precedes
  * the first negative id of its list, is in the table and holds a key j <= pos of its token.
- * Returns the list length. All threads call it. */
+ * Returns the list length. All threads call it. The lists are read into shared memory (ublk,
+ * before it holds the result) with one load per entry, so that the scan for a list's first
+ * negative id does not chain global loads. */
 __device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *blk, int *rep,
                          int *ublk, uint32_t *umask) {
   __shared__ int count;
   const int topk = a.topk, ne = ntok * topk, bs = a.kv.block_size;
   if (threadIdx.x == 0) count = 0;
+  for (int e = threadIdx.x; e < ne; e += blockDim.x)
+    ublk[e] = a.sel[((size_t)(t0 + e / topk) * a.kv.nkv + kvh) * topk + e % topk];
+  __syncthreads();
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
     const int tt = e / topk, i = e % topk;
-    const int32_t *list = a.sel + ((size_t)(t0 + tt) * a.kv.nkv + kvh) * topk;
+    const int *list = ublk + tt * topk;
     const int32_t p = a.pos[t0 + tt];
     int32_t b = list[i];
     for (int j = 0; j < i && b >= 0; j++)
@@ -208,10 +218,78 @@ __device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *
   return *mp < 0 ? 0 : (*mp / bs + 1 < a.kv.num_blocks ? *mp / bs + 1 : a.kv.num_blocks);
 }
 
+/* Key tile u of a tile's list (ATT_KT keys, upb of them per block): its block *b, first key *j0
+ * within the block, and the count of its keys up to the tile's latest position mp (<= 0: none). */
+__device__ __forceinline__ int att_unit_keys(const att_args &a, int u, const int *ublk, int32_t mp, int *b, int *j0) {
+  const int bs = a.kv.block_size;
+  *j0 = (u % a.upb) * ATT_KT;
+  *b = a.sel ? ublk[u / a.upb] : u / a.upb;
+  const int nk = bs - *j0 < ATT_KT ? bs - *j0 : ATT_KT, seen = mp - (*b * bs + *j0) + 1;
+  return seen < nk ? seen : nk;
+}
+
+/* Chunks i0 + x * 256 (x < S, below nk * hd4) of key tile (page, keys j0..j0 + nk) of KV head kvh
+ * into registers: chunk i is 4 values of key i / hd4. float32: K's float4 in kr, V's in vr; fp8:
+ * K's and V's 4 bytes and their rows' scales, packed as (K bytes, V bytes, K scale, V scale) in
+ * kr (the bytes as float bit patterns, moved, never computed on). */
+template <bool FP8, int S>
+__device__ __forceinline__ void att_fetch_round(const att_args &a, int32_t page, int kvh, int j0, int nk, int i0,
+                                                float4 (&kr)[S], float4 (&vr)[S]) {
+  const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv;
+  if constexpr (FP8) {
+    const int r0 = kvh * bs + j0;
+    const kv8_rows k8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, hd, r0),
+                   v8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, hd, r0);
+#pragma unroll
+    for (int x = 0; x < S; x++) {
+      const int i = i0 + x * 32 * ATT_WARPS;
+      if (i < nk * hd4)
+        kr[x] = make_float4(__uint_as_float(((const uint32_t *)k8.q)[i]), __uint_as_float(((const uint32_t *)v8.q)[i]),
+                            k8.scale[i / hd4], v8.scale[i / hd4]);
+    }
+  } else {
+    const size_t base = (((size_t)page * nkv + kvh) * bs + j0) * hd;
+    const float4 *kg = (const float4 *)((const float *)a.kv.k + base), *vg = (const float4 *)((const float *)a.kv.v + base);
+#pragma unroll
+    for (int x = 0; x < S; x++) {
+      const int i = i0 + x * 32 * ATT_WARPS;
+      if (i < nk * hd4) kr[x] = kg[i], vr[x] = vg[i];
+    }
+  }
+}
+
+/* Stores what att_fetch_round left (fp8 decoded times the row scales) into the shared K tile
+ * [KT, hd + 4] and V tile [KT, hd]. */
+template <bool FP8, int S>
+__device__ __forceinline__ void att_put_round(float *ks, float *vs, int hd, int nk, int i0, const float4 (&kr)[S],
+                                              const float4 (&vr)[S]) {
+  const int hd4 = hd >> 2;
+#pragma unroll
+  for (int x = 0; x < S; x++) {
+    const int i = i0 + x * 32 * ATT_WARPS;
+    if (i >= nk * hd4) continue;
+    float4 k4 = kr[x], v4 = vr[x];
+    if constexpr (FP8) {
+      k4 = kv8_dequant4(__float_as_uint(kr[x].x), kr[x].z);
+      v4 = kv8_dequant4(__float_as_uint(kr[x].y), kr[x].w);
+    }
+    *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = k4;
+    ((float4 *)vs)[i] = v4;
+  }
+}
+
+/* Chunk i (a float4) of the tile's query rows [rows, hd]: row r = (token r / group, head r %
+ * group of KV head kvh); zero past the rows or past T. */
+__device__ __forceinline__ float4 att_q_chunk(const att_args &a, int t0, int ntok, int kvh, int i) {
+  const int hd4 = a.kv.hd >> 2, r = i / hd4, c = i % hd4, tt = r / a.group, hh = r % a.group;
+  if (r >= a.rows || tt >= ntok) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  return ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * a.group + hh) * a.kv.hd))[c];
+}
+
 /* CPL: float4 chunks of a head row per lane, hd <= 128 * CPL. RPW: rows per warp at most, so
  * that decode tiles (16 rows) keep few registers and many blocks in flight. */
 template <int CPL, int RPW, bool FP8>
-__global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_kernel(att_args a) {
+__global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a) {
   extern __shared__ float4 att_smem[];
   const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group;
   const int R = a.rows, rpw = (R + ATT_WARPS - 1) / ATT_WARPS;
@@ -226,15 +304,24 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
   const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  for (int i = tid; i < R * hd4; i += blockDim.x) { /* rows of tokens past T are zero */
-    const int r = i / hd4, c = i % hd4, tt = r / group, hh = r % group;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (tt < ntok)
-      v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * hd))[c];
-    ((float4 *)qs)[i] = v;
+  /* Decode tiles (RPW <= 2: up to 16 rows, 2 CPL chunks a thread) hold their query chunks in
+   * registers while the key list is built, so that the query, positions and selections are
+   * fetched together rather than one after another; the first key tile's barrier publishes them. */
+  constexpr int QPT = RPW <= 2 ? 2 * CPL : 1;
+  float4 qv[QPT];
+  if constexpr (RPW <= 2) {
+#pragma unroll
+    for (int x = 0; x < QPT; x++) qv[x] = att_q_chunk(a, t0, ntok, kvh, tid + x * 32 * ATT_WARPS);
+  } else {
+    for (int i = tid; i < R * hd4; i += blockDim.x) ((float4 *)qs)[i] = att_q_chunk(a, t0, ntok, kvh, i);
   }
   int32_t mp;
   const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  if constexpr (RPW <= 2) {
+#pragma unroll
+    for (int x = 0; x < QPT; x++)
+      if (tid + x * 32 * ATT_WARPS < R * hd4) ((float4 *)qs)[tid + x * 32 * ATT_WARPS] = qv[x];
+  }
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
 
@@ -260,59 +347,37 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
 
   const int units = nlist * a.upb;
   const int u0 = (int)((int64_t)split * units / a.nsplit), u1 = (int)((int64_t)(split + 1) * units / a.nsplit);
+  /* Decode tiles are bound by memory: all of a thread's loads of a key tile first (4 + 4 float4
+   * in flight at hd 128), then the stores; prefill tiles keep their registers for the rows. When
+   * one such round holds a whole key tile (PIPE: decode, hd <= 128), the next tile's loads are
+   * issued before this one is computed, so a split streams its keys without waiting on each. */
+  constexpr int STAGE = RPW <= 2 ? 4 / CPL : 1;
+  constexpr bool PIPE = RPW <= 2 && CPL == 1;
+  float4 kreg[PIPE ? STAGE : 1], vreg[PIPE ? STAGE : 1];
+  int fetched = -1; /* PIPE: the key tile whose chunks kreg, vreg hold */
   for (int u = u0; u < u1; u++) {
-    const int li = u / a.upb, j0 = (u % a.upb) * ATT_KT;
-    const int b = a.sel ? ublk[li] : li;
-    const uint32_t bmask = a.sel ? umask[li] : 0xffffffffu;
-    const int kpos0 = b * bs + j0;
-    int nk = bs - j0 < ATT_KT ? bs - j0 : ATT_KT;
-    if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
+    int b, j0;
+    const int nk = att_unit_keys(a, u, ublk, mp, &b, &j0);
     if (nk <= 0) continue; /* the same for every thread */
-    __syncthreads(); /* every warp is done with the previous tile */
-    /* Decode tiles are bound by memory: all of a thread's loads first (4 + 4 float4 in flight at
-     * hd 128), then the stores. Prefill tiles keep their registers for the rows. */
-    constexpr int STAGE = RPW <= 2 ? 4 / CPL : 1;
-    if constexpr (FP8) { /* chunk i: 4 bytes of row i / hd4, decoded with the row's scale */
-      const int r0 = kvh * bs + j0;
-      const kv8_rows kr8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, a.kv.block_table[b], nkv * bs, hd, r0),
-                     vr8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, a.kv.block_table[b], nkv * bs, hd, r0);
-      const uint32_t *kg = (const uint32_t *)kr8.q, *vg = (const uint32_t *)vr8.q;
-      for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
-        uint32_t kw[STAGE], vw[STAGE];
-        float ksc[STAGE], vsc[STAGE];
-#pragma unroll
-        for (int x = 0; x < STAGE; x++) {
-          const int i = i0 + x * 32 * ATT_WARPS;
-          if (i < nk * hd4) kw[x] = kg[i], vw[x] = vg[i], ksc[x] = kr8.scale[i / hd4], vsc[x] = vr8.scale[i / hd4];
-        }
-#pragma unroll
-        for (int x = 0; x < STAGE; x++) {
-          const int i = i0 + x * 32 * ATT_WARPS;
-          if (i < nk * hd4) {
-            *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kv8_dequant4(kw[x], ksc[x]);
-            ((float4 *)vs)[i] = kv8_dequant4(vw[x], vsc[x]);
-          }
-        }
+    const uint32_t bmask = a.sel ? umask[u / a.upb] : 0xffffffffu;
+    const int kpos0 = b * bs + j0;
+    if constexpr (PIPE) {
+      if (fetched != u) att_fetch_round<FP8, STAGE>(a, a.kv.block_table[b], kvh, j0, nk, tid, kreg, vreg);
+      __syncthreads(); /* every warp is done with the previous tile */
+      att_put_round<FP8, STAGE>(ks, vs, hd, nk, tid, kreg, vreg);
+      int b2, j2;
+      const int nk2 = u + 1 < u1 ? att_unit_keys(a, u + 1, ublk, mp, &b2, &j2) : 0;
+      if (nk2 > 0) {
+        att_fetch_round<FP8, STAGE>(a, a.kv.block_table[b2], kvh, j2, nk2, tid, kreg, vreg);
+        fetched = u + 1;
       }
     } else {
-      const size_t base = (((size_t)a.kv.block_table[b] * nkv + kvh) * bs + j0) * hd;
-      const float4 *kg = (const float4 *)((const float *)a.kv.k + base),
-                   *vg = (const float4 *)((const float *)a.kv.v + base);
+      const int32_t page = a.kv.block_table[b];
+      __syncthreads(); /* every warp is done with the previous tile */
       for (int i0 = tid; i0 < nk * hd4; i0 += STAGE * 32 * ATT_WARPS) {
-        float4 kr[STAGE], vr[STAGE];
-#pragma unroll
-        for (int x = 0; x < STAGE; x++) {
-          const int i = i0 + x * 32 * ATT_WARPS;
-          if (i < nk * hd4) kr[x] = kg[i], vr[x] = vg[i];
-        }
-#pragma unroll
-        for (int x = 0; x < STAGE; x++) {
-          const int i = i0 + x * 32 * ATT_WARPS;
-          if (i < nk * hd4) {
-            *(float4 *)(ks + (size_t)(i / hd4) * (hd + 4) + 4 * (i % hd4)) = kr[x];
-            ((float4 *)vs)[i] = vr[x];
-          }
-        }
+        float4 lk[STAGE], lv[STAGE]; /* this round's only */
+        att_fetch_round<FP8, STAGE>(a, page, kvh, j0, nk, i0, lk, lv);
+        att_put_round<FP8, STAGE>(ks, vs, hd, nk, i0, lk, lv);
       }
     }
     __syncthreads();
@@ -324,6 +389,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
     for (int i = 0; i < RPW; i++) s[i] = 0.0f;
     if (lane < nk) {
       const float *kr = ks + (size_t)lane * (hd + 4);
+#pragma unroll(RPW <= 2 ? 8 : 1) /* decode rows: loads of several dims in flight */
       for (int d = 0; d < hd; d += 4) {
         const float4 k4 = *(const float4 *)(kr + d);
 #pragma unroll
@@ -357,6 +423,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
     __syncwarp();
     /* P.V: lanes over the head dims. */
     if (active)
+#pragma unroll(RPW <= 2 ? 4 : 1)
       for (int j = 0; j < nk; j++) {
         float4 v4[CPL];
 #pragma unroll
@@ -391,46 +458,62 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, RPW <= 2 ? 3 : 2) attention_ke
         if (lane + 32 * c < hd4)
           dst[lane + 32 * c] = make_float4(o[i][c].x * inv, o[i][c].y * inv, o[i][c].z * inv, o[i][c].w * inv);
     } else {
-      float *dst = a.part + (row * a.nsplit + split) * (hd + 2);
+      float *dst = a.part + (row * a.nsplit + split) * (hd + 4);
 #pragma unroll
-      for (int c = 0; c < CPL; c++) {
-        const int ch = lane + 32 * c;
-        if (ch < hd4) {
-          dst[4 * ch] = o[i][c].x, dst[4 * ch + 1] = o[i][c].y;
-          dst[4 * ch + 2] = o[i][c].z, dst[4 * ch + 3] = o[i][c].w;
-        }
-      }
+      for (int c = 0; c < CPL; c++)
+        if (lane + 32 * c < hd4) ((float4 *)dst)[lane + 32 * c] = o[i][c];
       if (lane == 0) dst[hd] = m[i], dst[hd + 1] = l[i];
     }
   }
 }
 
-/* out[row] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M); zero when no split saw a key. */
-__global__ void attention_combine_kernel(const float *__restrict__ part, int nsplit, int hd,
-                                         float *__restrict__ out) {
+/* out[row] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M); zero when no split saw a key. One
+ * block per row: warp 0 weighs the splits, then the threads split the row's float4 columns (hd4
+ * of them) and the splits (ATT_COMBINE_THREADS / hd4 groups, each a strided share), so each
+ * thread's loads are few and issued together; the groups' sums meet in shared memory. */
+__global__ void __launch_bounds__(ATT_COMBINE_THREADS) attention_combine_kernel(const float *__restrict__ part,
+                                                                                int nsplit, int hd,
+                                                                                float *__restrict__ out) {
   __shared__ float weight[ATT_MAX_SPLITS];
+  __shared__ float4 group_sum[ATT_COMBINE_THREADS];
   __shared__ float inv_sum;
-  const float *pr = part + (size_t)blockIdx.x * nsplit * (hd + 2);
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
+  const int stride = hd + 4, hd4 = hd >> 2, tid = threadIdx.x;
+  const float *pr = part + (size_t)blockIdx.x * nsplit * stride;
+  if (tid < 32) {
     float M = -INFINITY;
-    for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, pr[(size_t)s * (hd + 2) + hd]);
+    for (int s = tid; s < nsplit; s += 32) M = fmaxf(M, pr[(size_t)s * stride + hd]);
     M = warp_max(M);
     float L = 0.0f;
-    for (int s = lane; s < nsplit; s += 32) {
-      const float ms = pr[(size_t)s * (hd + 2) + hd];
+    for (int s = tid; s < nsplit; s += 32) {
+      const float ms = pr[(size_t)s * stride + hd];
       const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
       weight[s] = w;
-      L += w * pr[(size_t)s * (hd + 2) + hd + 1];
+      L += w * pr[(size_t)s * stride + hd + 1];
     }
     L = warp_sum(L);
-    if (lane == 0) inv_sum = L > 0.0f ? 1.0f / L : 0.0f;
+    if (tid == 0) inv_sum = L > 0.0f ? 1.0f / L : 0.0f;
   }
   __syncthreads();
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int s = 0; s < nsplit; s++) acc += weight[s] * pr[(size_t)s * (hd + 2) + d];
-    out[(size_t)blockIdx.x * hd + d] = acc * inv_sum;
+  const int groups = ATT_COMBINE_THREADS / hd4, c = tid % hd4, grp = tid / hd4; /* hd4 <= 64 */
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (grp < groups) {
+#pragma unroll 4
+    for (int s = grp; s < nsplit; s += groups) {
+      const float w = weight[s];
+      const float4 v = ((const float4 *)(pr + (size_t)s * stride))[c];
+      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    }
+  }
+  group_sum[tid] = acc;
+  __syncthreads();
+  if (tid < hd4) {
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int g = 0; g < groups; g++) {
+      const float4 v = group_sum[g * hd4 + tid];
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    const float inv = inv_sum;
+    ((float4 *)(out + (size_t)blockIdx.x * hd))[tid] = make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv);
   }
 }
 
@@ -460,21 +543,24 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
     occ_next = (occ_next + 1) % OCC_SIZES;
   }
   const int64_t slots = (int64_t)per_sm * cb->num_sms, items = (int64_t)ntiles * a.kv.nkv;
+  /* Splits down to one key tile each: a decode step over 16 selected blocks is latency bound, and
+   * the combine reads its splits in parallel. */
   int64_t nsplit = items >= slots ? 1 : (slots + items - 1) / items;
-  if (nsplit > max_units / ATT_MIN_UNITS) nsplit = max_units / ATT_MIN_UNITS;
+  if (nsplit > max_units) nsplit = max_units;
   if (nsplit > ATT_MAX_SPLITS) nsplit = ATT_MAX_SPLITS;
   if (nsplit < 1) nsplit = 1;
   a.nsplit = (int)nsplit;
   a.part = NULL;
   if (a.nsplit > 1) {
-    a.part = (float *)cuda_scratch(cb, (size_t)a.T * a.nh * a.nsplit * (a.kv.hd + 2) * sizeof(float), "attention");
+    a.part = (float *)cuda_scratch(cb, (size_t)a.T * a.nh * a.nsplit * (a.kv.hd + 4) * sizeof(float), "attention");
     if (!a.part) return;
   }
   dim3 grid((unsigned)items, (unsigned)a.nsplit);
   attention_kernel<CPL, RPW, FP8><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
   cuda_launched(cb, "attention");
   if (a.nsplit > 1) {
-    attention_combine_kernel<<<(unsigned)(a.T * a.nh), 128, 0, cb->stream>>>(a.part, a.nsplit, a.kv.hd, a.out);
+    attention_combine_kernel<<<(unsigned)(a.T * a.nh), ATT_COMBINE_THREADS, 0, cb->stream>>>(a.part, a.nsplit,
+                                                                                          a.kv.hd, a.out);
     cuda_launched(cb, "attention (combine)");
   }
 }

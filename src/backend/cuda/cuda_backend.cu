@@ -1,5 +1,6 @@
 /* cuda_backend.cu: the CUDA backend object: creation on a GPU, device memory, host transfers,
- * weight upload, error recording and the op table. Every op runs on one stream in issue order. */
+ * weight upload, error recording and the op table. Every op runs on one stream in issue order
+ * (the MoE prefill forks to side streams and joins them into it before it returns). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,11 +18,18 @@ void cuda_note(cuda_backend *cb, cudaError_t e, const char *op) {
 
 void *cuda_grow(cuda_backend *cb, void **buf, size_t *have, size_t bytes, const char *op) {
   if (bytes <= *have) return *buf;
+  /* A recording can neither wait for the stream nor keep an address that moves: refusing fails
+   * the recording, and the caller issues the ops again directly, which grows the buffer. */
+  if (cb->capturing) {
+    cuda_note(cb, cudaErrorStreamCaptureUnsupported, op);
+    return NULL;
+  }
   /* Earlier ops may still read the old buffer. */
   cuda_note(cb, cudaStreamSynchronize(cb->stream), op);
   if (*buf) cudaFree(*buf);
   *buf = NULL;
   *have = 0;
+  cb->memory_epoch++; /* graphs recorded with the old address must not run again */
   size_t grown = bytes + bytes / 2;
   cudaError_t e = cudaMalloc(buf, grown);
   if (e != cudaSuccess) {
@@ -73,6 +81,7 @@ static void cuda_destroy(m3_backend *be) {
   cuda_backend *cb = cuda_of(be);
   cudaSetDevice(cb->device);
   if (cb->stream) cudaStreamSynchronize(cb->stream);
+  cuda_moe_lanes_destroy(cb);
   if (cb->scratch) cudaFree(cb->scratch);
   if (cb->moe_scratch) cudaFree(cb->moe_scratch);
   if (cb->lt_workspace) cudaFree(cb->lt_workspace);
@@ -180,6 +189,95 @@ static void cuda_release_tensor(m3_backend *be, m3_tensor *t) {
   t->scale = NULL;
 }
 
+/* ---- recorded decode steps (CUDA graphs) ---- */
+
+struct m3_graph {
+  cudaGraphExec_t exec;
+};
+
+static m3_status cuda_graph_begin(m3_backend *be) {
+  cuda_backend *cb = cuda_of(be);
+  if (cb->error != cudaSuccess) /* left pending: it surfaces at the next transfer */
+    return m3_fail(M3_ERR_IO, "cuda graph: not recording after a failure in %s: %s", cb->error_op,
+                   cudaGetErrorString(cb->error));
+  /* Thread-local mode: a call of this thread that is unsafe while recording (a synchronization,
+   * an allocation) fails the recording, which the caller then runs directly, instead of running
+   * outside the graph unnoticed as relaxed mode lets it; unlike global mode, other threads (the
+   * backends of other GPUs in a parallel engine) keep allocating freely meanwhile. */
+  cudaError_t e = cudaStreamBeginCapture(cb->stream, cudaStreamCaptureModeThreadLocal);
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* reported here, not by the next op's launch check */
+    return m3_fail(M3_ERR_IO, "cuda graph: cudaStreamBeginCapture: %s", cudaGetErrorString(e));
+  }
+  cb->capturing = 1;
+  return M3_OK;
+}
+
+static m3_status cuda_graph_end(m3_backend *be, m3_graph **g) {
+  cuda_backend *cb = cuda_of(be);
+  cudaGraph_t graph = NULL;
+  cudaError_t e = cudaStreamEndCapture(cb->stream, &graph);
+  cb->capturing = 0;
+  cudaGetLastError();
+  /* graph_begin saw no pending failure: whatever is pending now came from the recording, and
+   * the direct run the caller falls back to notes it again if it is real. */
+  const char *at = cb->error != cudaSuccess ? cb->error_op : "cudaStreamEndCapture";
+  if (cb->error != cudaSuccess) e = cb->error;
+  cb->error = cudaSuccess;
+  m3_graph *out = *g;
+  if (e == cudaSuccess && graph && out) {
+    /* Same topology (a decode step with other cache views): new parameters in place, far cheaper
+     * than instantiating. The documentation does not promise that a launch still in flight keeps
+     * the old ones: wait for it (a step's logits transfer has usually waited already). */
+    cuda_note(cb, cudaStreamSynchronize(cb->stream), "graph_end (update)");
+    cudaGraphExecUpdateResultInfo info;
+    if (cudaGraphExecUpdate(out->exec, graph, &info) != cudaSuccess) {
+      cudaGetLastError();
+      cudaGraphExecDestroy(out->exec); /* an in-flight launch completes first */
+      out->exec = NULL;
+    }
+  }
+  if (e == cudaSuccess && graph && !out && !(out = (m3_graph *)calloc(1, sizeof *out)))
+    e = cudaErrorMemoryAllocation;
+  if (e == cudaSuccess && graph && !out->exec) {
+    e = cudaGraphInstantiate(&out->exec, graph, 0);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      out->exec = NULL;
+      at = "cudaGraphInstantiate";
+    }
+  }
+  if (graph) cudaGraphDestroy(graph); /* the executable graph does not need it */
+  if (e == cudaSuccess && !graph) e = cudaErrorStreamCaptureInvalidated;
+  if (e != cudaSuccess) {
+    if (out && out->exec) cudaGraphExecDestroy(out->exec);
+    free(out);
+    *g = NULL;
+    return m3_fail(M3_ERR_IO, "cuda graph: recording failed in %s: %s", at, cudaGetErrorString(e));
+  }
+  *g = out;
+  return M3_OK;
+}
+
+static m3_status cuda_graph_launch(m3_backend *be, m3_graph *g) {
+  cuda_backend *cb = cuda_of(be);
+  cudaError_t e = cudaGraphLaunch(g->exec, cb->stream);
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* reported here: the caller can still run the ops directly */
+    return m3_fail(M3_ERR_IO, "cuda graph: cudaGraphLaunch: %s", cudaGetErrorString(e));
+  }
+  return M3_OK;
+}
+
+static void cuda_graph_free(m3_backend *be, m3_graph *g) {
+  (void)be;
+  if (!g) return;
+  if (g->exec) cudaGraphExecDestroy(g->exec);
+  free(g);
+}
+
+static uint64_t cuda_memory_epoch(m3_backend *be) { return cuda_of(be)->memory_epoch; }
+
 static m3_backend_ops make_ops(void) {
   m3_backend_ops ops;
   memset(&ops, 0, sizeof ops);
@@ -205,6 +303,7 @@ static m3_backend_ops make_ops(void) {
   ops.add = cuda_add;
   ops.add_rmsnorm = cuda_add_rmsnorm;
   ops.argmax_rows = cuda_argmax_rows;
+  ops.sample_rows = cuda_sample_rows;
   ops.kv_store = cuda_kv_store;
   ops.msa_select = cuda_msa_select;
   ops.attention = cuda_attention;
@@ -213,6 +312,11 @@ static m3_backend_ops make_ops(void) {
   ops.release_experts = cuda_release_experts;
   ops.moe_experts = cuda_moe_experts;
   ops.vision = &cuda_vision_ops;
+  ops.graph_begin = cuda_graph_begin;
+  ops.graph_end = cuda_graph_end;
+  ops.graph_launch = cuda_graph_launch;
+  ops.graph_free = cuda_graph_free;
+  ops.memory_epoch = cuda_memory_epoch;
   return ops;
 }
 
@@ -258,6 +362,11 @@ extern "C" m3_status m3_backend_cuda_create(int device, m3_backend **out) {
     cuda_destroy(&cb->base);
     return m3_fail(M3_ERR_UNSUPPORTED, "cuda:%d: cublasLtCreate: %s", device,
                    cublasLtGetStatusString(bs));
+  }
+  m3_status st = cuda_moe_lanes_create(cb);
+  if (st != M3_OK) {
+    cuda_destroy(&cb->base);
+    return st;
   }
   *out = &cb->base;
   return M3_OK;

@@ -27,6 +27,18 @@ typedef struct {
 
 enum { CUDA_LT_PLANS = 256 };
 
+/* A side stream of the MoE prefill (moe.cu) and what a matmul on it uses instead of the backend's
+ * own workspace and scratch, so that matmuls on different lanes can run at the same time. */
+typedef struct {
+  cudaStream_t stream;
+  cudaEvent_t done;       /* recorded after the lane's last work of an op; `stream` waits on it */
+  void *lt_workspace;     /* lt_workspace_bytes, as cuBLASLt plans assume */
+  void *scratch;          /* grown through cuda_grow while no work of the lane is pending */
+  size_t scratch_bytes;
+} cuda_lane;
+
+enum { CUDA_MAX_LANES = 16 };
+
 typedef struct {
   m3_backend base;
   int device;
@@ -41,8 +53,13 @@ typedef struct {
   size_t scratch_bytes;
   void *moe_scratch;      /* moe_experts' own, since the matmuls it issues use `scratch` */
   size_t moe_scratch_bytes;
+  int moe_lanes;          /* M3_MOE_STREAMS at creation: lanes of the MoE prefill; 1: none, `stream` */
+  cuda_lane lanes[CUDA_MAX_LANES]; /* the first moe_lanes when moe_lanes > 1 */
+  cudaEvent_t moe_fork;   /* recorded on `stream` once the lanes' inputs are ready */
   cudaError_t error;      /* first failure since the last transfer, and the op it came from */
   const char *error_op;
+  uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */
+  int capturing;          /* between graph_begin and graph_end: ops are recorded, not run */
 } cuda_backend;
 
 static inline cuda_backend *cuda_of(m3_backend *be) { return (cuda_backend *)be; }
@@ -55,7 +72,8 @@ m3_status cuda_take_error(cuda_backend *cb, const char *what);
 static inline void cuda_launched(cuda_backend *cb, const char *op) {
   cuda_note(cb, cudaGetLastError(), op);
 }
-/* At least `bytes` of device scratch, valid until the next call; NULL (and noted) on failure. */
+/* At least `bytes` of device scratch, valid until the next call; NULL (and noted) on failure,
+ * and while a graph is recorded when it would have to grow. */
 void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op);
 /* The same for *buf of *have bytes (cuda_scratch is this on cb->scratch). */
 void *cuda_grow(cuda_backend *cb, void **buf, size_t *have, size_t bytes, const char *op);

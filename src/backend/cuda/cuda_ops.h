@@ -6,6 +6,15 @@
 
 void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
 void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+/* 1 when cuda_matmul runs w at T tokens (x as given: alignment counts) as a GEMM (cuBLASLt, or the
+ * tiled kernel where it declines) rather than a GEMV or the E4M3 tensor-core kernel. */
+int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T);
+/* The scratch bytes cuda_matmul_lane needs for w at T tokens. */
+size_t cuda_matmul_lane_scratch(const m3_tensor *w, int T);
+/* cuda_matmul of a cuda_matmul_is_gemm shape, the same result, on lane's stream with lane's
+ * workspace and scratch (at least cuda_matmul_lane_scratch bytes): nothing of cb's own. */
+void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x, int T,
+                      float *y);
 void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
                   float *y);
 void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,
@@ -19,6 +28,8 @@ void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor 
                       int nrows, int n, float *out);
 m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
                            int32_t *out_host);
+m3_status cuda_sample_rows(m3_backend *be, const float *logits, int nrows, int vocab,
+                           const m3_row_sampling *rows, int32_t *out_host);
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
@@ -29,6 +40,10 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
                     float scaling, int32_t *ids, float *weights);
 m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex);
 void cuda_release_experts(m3_backend *be, m3_moe_experts *ex);
+/* The lanes of the MoE prefill (M3_MOE_STREAMS, default MOE_DEFAULT_LANES in moe.cu), made at
+ * backend creation and destroyed with the backend (after `stream` has finished). */
+m3_status cuda_moe_lanes_create(cuda_backend *cb);
+void cuda_moe_lanes_destroy(cuda_backend *cb);
 void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
                       const int32_t *ids, const float *weights, int k, float *x);
 /* The vision tower's ops (vision.cu), the op table's `vision`. */

@@ -3,9 +3,11 @@
  * T <= GEMV_MAX_T (decode; BF16 weights of 2048 rows or more: T <= GEMV_BF16_MAX_T) is bound by
  * reading W once: 32-byte steps of each row decoded in registers (E4M3 by integer bit moves, its
  * MXFP8 or block scale applied to each 32-column sum) and applied to every token, float32
- * accumulation: the same math as the CPU to rounding. One token, or a short matrix: a block of 256 threads shares 1, 2 or
- * 4 rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared
- * memory slice by slice.
+ * accumulation: the same math as the CPU to rounding. One token on a matrix of 2112 rows or
+ * more (H200): a warp takes 2 or 4 rows and walks K alone, loads two steps ahead. A short matrix
+ * (k/v, the router), or 2..8 tokens on one under 4224 rows: a block of 256 threads shares 1, 2 or 4
+ * rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared memory
+ * slice by slice.
  * E4M3 weights (MXFP8, FP8 block, per channel; K % 8 == 0) from 2 to MX_MAX_T = 64 tokens take neither
  * (mx_mma_fits): a tensor-core kernel decodes each 8-byte piece of W to BF16 in registers and
  * applies the scales to fp32 partial products, reading W once for all tokens (x as hi + lo BF16,
@@ -13,7 +15,8 @@
  * Larger T goes through cuBLASLt: F32 weights as a pure float32 SGEMM; all others with x rounded to
  * BF16 (up to 64 tokens as two BF16 terms, hi + lo), W as stored (BF16) or decoded to BF16 in
  * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core
- * kernel that decodes W tile by tile covers what cuBLASLt declines. */
+ * kernel that decodes W tile by tile covers what cuBLASLt declines. cuda_matmul_lane runs these
+ * GEMMs on a side stream with that stream's own workspace and scratch (the MoE prefill's lanes). */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -28,47 +31,6 @@
  * H100/H200: past about 8 tokens (E4M3) to 16 (BF16) the FMAs, not the bytes, set its time, and
  * cuBLASLt's tensor cores are faster even with the activations rounded to BF16. */
 enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_BF16_LT_ROWS = 2048, GEMV_THREADS = 256 };
-
-/* Elements in one 32-byte step of a row of kind WK (weight_load.cuh); WK_ANY rows go one element
- * at a time through dev_w. */
-template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ? 32 : WK == WK_ANY ? 0 : 16 }; };
-
-
-/* Elements [4g, 4g + 4) of a 32-byte step (u[0], u[1]) as float32, before any scale. E4M3 takes
- * no conversion instruction (their throughput, 16 per clock per SM, is below what the memory
- * delivers): each byte's sign, exponent and mantissa are moved into a BF16 at the same bit places
- * as in E4M3, which is the value times 2^-120 (subnormals too, as float32 subnormals), then
- * widened (a shift) and multiplied by 2^120, exactly. */
-template <int WK>
-__device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
-  const uint32_t *p = (const uint32_t *)u;
-  if (WK == WK_F32) {
-    for (int i = 0; i < 4; i++) v[i] = __uint_as_float(p[4 * g + i]);
-  } else if (WK == WK_BF16) {
-    for (int i = 0; i < 2; i++) {
-      v[2 * i] = __uint_as_float(p[2 * g + i] << 16);
-      v[2 * i + 1] = __uint_as_float(p[2 * g + i] & 0xffff0000u);
-    }
-  } else if (WK == WK_F16) {
-    for (int i = 0; i < 2; i++) {
-      __half2_raw raw;
-      raw.x = (unsigned short)(p[2 * g + i] & 0xffff);
-      raw.y = (unsigned short)(p[2 * g + i] >> 16);
-      float2 f = __half22float2(__half2(raw));
-      v[2 * i] = f.x, v[2 * i + 1] = f.y;
-    }
-  } else {
-    const uint32_t b = p[g];
-    /* per byte: high byte of the BF16 = sign | top 3 exponent bits, low byte = last exponent bit
-     * and the mantissa in its top nibble */
-    const uint32_t hi = (b & 0x80808080u) | ((b >> 4) & 0x07070707u), lo = (b << 4) & 0xf0f0f0f0u;
-    const uint32_t e01 = __byte_perm(lo, hi, 0x5140), e23 = __byte_perm(lo, hi, 0x7362);
-    v[0] = __uint_as_float(e01 << 16) * 0x1p120f;
-    v[1] = __uint_as_float(e01 & 0xffff0000u) * 0x1p120f;
-    v[2] = __uint_as_float(e23 << 16) * 0x1p120f;
-    v[3] = __uint_as_float(e23 & 0xffff0000u) * 0x1p120f;
-  }
-}
 
 /* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= NT and the R rows of this block. All 256 threads of
  * the block share the row: thread i takes the 32-byte steps i, i + 256, ... of each of the R rows,
@@ -97,11 +59,13 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 #pragma unroll 2
     for (int64_t s = tid; s < steps; s += GEMV_THREADS) {
       uint4 u[R][2];
+      float sc[R]; /* loaded with the weights: not a second round trip after them */
 #pragma unroll
       for (int r = 0; r < R; r++) {
         const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)s * E) * (size_t)w.elem_bytes;
         u[r][0] = ld_stream16(p);
         u[r][1] = ld_stream16(p + 16);
+        sc[r] = WK == WK_E4M3 ? step_scale(w, rows[r], s) : 1.0f;
       }
       float part[R][NT];
 #pragma unroll
@@ -127,12 +91,11 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 #pragma unroll
       for (int r = 0; r < R; r++) {
         if (WK == WK_E4M3) {
-          const float sc = step_scale(w, rows[r], s);
           const uint32_t *p = (const uint32_t *)u[r];
 #pragma unroll
           for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
 #pragma unroll
-          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t] * sc;
+          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t] * sc[r];
         } else {
 #pragma unroll
           for (int t = 0; t < NT; t++) acc[r][t] += part[r][t];
@@ -204,11 +167,13 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     const int64_t s = s0 + lane;
     const bool live = s < steps;
     uint4 u[RW][2];
+    float sc[RW]; /* loaded with the weights: not a second round trip after them */
 #pragma unroll
     for (int r = 0; r < RW; r++) {
       const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)(live ? s : 0) * E) * (size_t)w.elem_bytes;
       u[r][0] = ld_stream16(p);
       u[r][1] = ld_stream16(p + 16);
+      sc[r] = WK == WK_E4M3 ? step_scale(w, rows[r], live ? s : 0) : 1.0f;
     }
     const int64_t cols = (steps - s0 < 32 ? steps - s0 : 32) * E; /* of x in this slice */
     __syncthreads(); /* the previous slice of x is used up */
@@ -241,15 +206,13 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     }
 #pragma unroll
     for (int r = 0; r < RW; r++) {
-      float sc = 1.0f;
       if (WK == WK_E4M3) {
-        sc = step_scale(w, rows[r], s);
         const uint32_t *p = (const uint32_t *)u[r];
 #pragma unroll
         for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
       }
 #pragma unroll
-      for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc : part[r][t];
+      for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc[r] : part[r][t];
     }
   }
   for (int64_t c = steps * E + lane; c < K; c += 32) {
@@ -273,11 +236,30 @@ __global__ void __launch_bounds__(GEMV_THREADS)
   }
 }
 
-/* gemv_kind's choice, less E4M3 with FP8 blocks narrower than a 32-column step. */
-static int gemv_step_kind(const m3_tensor *t, const float *x) {
-  const int kind = gemv_kind(t, x);
-  if (kind == WK_E4M3 && t->quant == M3_WQ_FP8_BLOCK && t->block_cols % 32 != 0) return WK_ANY;
-  return kind;
+/* One token on a matrix of at least 16 rows per SM: a warp owns RW consecutive rows and walks K
+ * alone (weight_load.cuh warp_rows_dot: a lane's 32-byte steps lane, lane + 32, ..., 2 steps of
+ * each row loaded ahead), 8 warps a block, no shared memory and no barrier. Against gemv_kernel
+ * (256 threads sharing 4 rows, one step each at K 6144 for E4M3: a block lived for one round
+ * trip and re-read all of x for 24 KB of weights) a block keeps 64 KB of loads in flight for its
+ * whole life, and the x it reads (from L1 after the first warp) serves RW rows per load. At 2
+ * blocks per SM (the launch bound holds registers to 128) q_proj's 256 blocks are resident at
+ * once: about 128 KB in flight per SM. */
+template <int WK, int RW>
+__global__ void __launch_bounds__(GEMV_THREADS, 2)
+    gemv_warp_kernel(cuda_weight w, const float *__restrict__ x, float *__restrict__ y) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t N = w.rows, r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW;
+  if (r0 >= N) return; /* the whole warp; nothing waits on it */
+  int64_t rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
+  float acc[1][RW];
+  warp_rows_dot<WK, 1, RW, WARP_ROWS_U>(w, w, rows, x, acc);
+#pragma unroll
+  for (int r = 0; r < RW; r++) {
+    const float v = warp_sum(acc[0][r]);
+    if (lane == 0 && r0 + r < N) y[r0 + r] = v;
+  }
 }
 
 /* Rows per block: the most that still leave about 8 blocks per SM (each load of x then serves more
@@ -317,10 +299,35 @@ static void launch_gemv_nt(cuda_backend *cb, int kind, int R, const cuda_weight 
   }
 }
 
+/* Rows per warp of gemv_warp_kernel: 4, or 2 where 4 would leave SMs without a block; 0 (not
+ * taken) on shorter matrices (k/v, the router), which need gemv_kernel's K split to reach every
+ * SM, and for WK_ANY. */
+static int gemv_warp_rows(const cuda_backend *cb, int kind, int64_t rows) {
+  const int64_t sms = cb->num_sms, warps = GEMV_THREADS / 32;
+  if (kind == WK_ANY || gemv_old()) return 0;
+  return rows >= 4 * warps * sms ? 4 : rows >= 2 * warps * sms ? 2 : 0;
+}
+
+template <int WK>
+static void launch_gemv_warp(cuda_backend *cb, int RW, const cuda_weight &w, const float *x, float *y) {
+  const int64_t rows_per_block = GEMV_THREADS / 32 * RW;
+  const unsigned blocks = (unsigned)((w.rows + rows_per_block - 1) / rows_per_block);
+  if (RW == 4) gemv_warp_kernel<WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
+  else gemv_warp_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
+}
+
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
   cuda_weight w = cuda_weight_of(t);
   int kind = gemv_step_kind(t, x), R = gemv_rows_per_block(cb, t->rows);
-  if (T == 1) launch_gemv_nt<1>(cb, kind, R, w, x, T, y);
+  const int RW = T == 1 ? gemv_warp_rows(cb, kind, t->rows) : 0;
+  if (RW) {
+    switch (kind) {
+      case WK_F32: launch_gemv_warp<WK_F32>(cb, RW, w, x, y); break;
+      case WK_BF16: launch_gemv_warp<WK_BF16>(cb, RW, w, x, y); break;
+      case WK_F16: launch_gemv_warp<WK_F16>(cb, RW, w, x, y); break;
+      default: launch_gemv_warp<WK_E4M3>(cb, RW, w, x, y); break;
+    }
+  } else if (T == 1) launch_gemv_nt<1>(cb, kind, R, w, x, T, y);
   else if (T == 2) launch_gemv_nt<2>(cb, kind, R, w, x, T, y);
   else if (T <= 4) launch_gemv_nt<4>(cb, kind, R, w, x, T, y);
   else launch_gemv_nt<8>(cb, kind, R, w, x, T, y);
@@ -369,9 +376,10 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-static void launch_tiled(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
+static void launch_tiled(cuda_backend *cb, cudaStream_t stream, const m3_tensor *t, const float *x,
+                         int T, float *y) {
   dim3 grid((unsigned)((t->rows + TILE - 1) / TILE), (unsigned)((T + TILE - 1) / TILE));
-  gemm_tiled_kernel<<<grid, 256, 0, cb->stream>>>(cuda_weight_of(t), x, T, y);
+  gemm_tiled_kernel<<<grid, 256, 0, stream>>>(cuda_weight_of(t), x, T, y);
   cuda_launched(cb, "matmul (tiled)");
 }
 
@@ -488,10 +496,12 @@ static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
 /* y[t * ldy + r] = dot(A[r, :], B[t, :]) for r < rows, t < T through cuBLASLt, float32
  * accumulation and output; A and B row-major of K columns in type ab. Column-major, that is
  * y[rows, T] (ld ldy) = A^T[rows, K] B[K, T]. The algorithm is the one planned for T's power of
- * two, or when cuBLASLt refuses it for T, one planned for T itself. Returns 0 when cuBLASLt finds
- * no algorithm or fails (nothing ran). */
-static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t rows, uint64_t K,
-                   const void *B, int T, float *y, uint64_t ldy) {
+ * two, or when cuBLASLt refuses it for T, one planned for T itself. Runs on `stream` with
+ * `workspace` (lt_workspace_bytes). Returns 0 when cuBLASLt finds no algorithm or fails (nothing
+ * ran). */
+static int lt_gemm(cuda_backend *cb, cudaStream_t stream, void *workspace, cudaDataType ab,
+                   const void *A, uint64_t rows, uint64_t K, const void *B, int T, float *y,
+                   uint64_t ldy) {
   cublasLtMatmulDesc_t op = NULL;
   cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
   int done = 0;
@@ -508,8 +518,7 @@ static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t ro
       if (!plan || !plan->found) continue;
       const float alpha = 1.0f, beta = 0.0f;
       cublasStatus_t s = cublasLtMatmul(cb->lt, op, &alpha, A, la, B, lb, &beta, y, lc, y, lc,
-                                        &plan->algo, cb->lt_workspace, cb->lt_workspace_bytes,
-                                        cb->stream);
+                                        &plan->algo, workspace, cb->lt_workspace_bytes, stream);
       done = s == CUBLAS_STATUS_SUCCESS;
       if (plan_tokens(T, 0) == T) break; /* the exact plan is the same query */
     }
@@ -521,48 +530,75 @@ static int lt_gemm(cuda_backend *cb, cudaDataType ab, const void *A, uint64_t ro
   return done;
 }
 
-/* y = x W^T on the tensor cores: F32 weights as a float32 SGEMM; every other weight with x
- * rounded to BF16 (up to LT_SPLIT_MAX_T tokens: split into two BF16 terms) and W as stored (BF16)
- * or decoded to BF16 a chunk of rows at a time. Returns 0 when cuBLASLt declines, before anything
- * was written to y. */
-static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
+/* Where lt_matmul keeps its BF16 copies for a weight at T tokens, in one scratch buffer: x (split:
+ * hi then lo), the split's two products, then the chunk of decoded weight rows. */
+typedef struct {
+  int direct;      /* F32 weights: a float32 SGEMM on x itself, no scratch */
+  int stored_bf16; /* W goes in as stored */
+  int split, cols; /* x as hi + lo (T <= LT_SPLIT_MAX_T); GEMM columns: 2T split, else T */
+  uint64_t chunk;  /* rows of W decoded at a time */
+  size_t xbytes, pbytes, bytes; /* x's copy, the split's products, everything */
+} lt_layout;
+
+static lt_layout lt_layout_of(const m3_tensor *t, int T) {
+  lt_layout L;
+  memset(&L, 0, sizeof L);
   const uint64_t N = (uint64_t)t->rows, K = (uint64_t)t->cols;
-  if (t->quant == M3_WQ_NONE && t->dtype == M3_DT_F32)
-    return lt_gemm(cb, CUDA_R_32F, t->data, N, K, x, T, y, N);
-  const int stored_bf16 = t->quant == M3_WQ_NONE && t->dtype == M3_DT_BF16;
+  L.direct = t->quant == M3_WQ_NONE && t->dtype == M3_DT_F32;
+  if (L.direct) return L;
+  L.stored_bf16 = t->quant == M3_WQ_NONE && t->dtype == M3_DT_BF16;
   /* whole multiples of 256 rows: with chunks of 5461 rows q_proj's MXFP8 prefill (8192 x 6144,
    * 8192 tokens) took 6.5 times as long as o_proj's with chunks of 4096 */
-  uint64_t chunk = stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2) / 256 * 256;
-  chunk = chunk < 256 ? 256 : chunk > N ? N : chunk;
-  const int split = T <= LT_SPLIT_MAX_T, cols = split ? 2 * T : T; /* GEMM columns */
-  const size_t xbytes = ((size_t)cols * K * 2 + 255) / 256 * 256;
-  const size_t pbytes = split ? ((size_t)cols * N * 4 + 255) / 256 * 256 : 0; /* hi and lo products */
-  uint8_t *scratch = (uint8_t *)cuda_scratch(cb, xbytes + pbytes + (stored_bf16 ? 0 : chunk * K * 2), "matmul");
-  if (!scratch) return 0;
-  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + xbytes + pbytes);
-  float *out = split ? (float *)(scratch + xbytes) : y;
-  to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, cb->stream>>>(x, (size_t)T * K, split, xb);
+  uint64_t chunk = L.stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2) / 256 * 256;
+  L.chunk = chunk < 256 ? 256 : chunk > N ? N : chunk;
+  L.split = T <= LT_SPLIT_MAX_T;
+  L.cols = L.split ? 2 * T : T;
+  L.xbytes = ((size_t)L.cols * K * 2 + 255) / 256 * 256;
+  L.pbytes = L.split ? ((size_t)L.cols * N * 4 + 255) / 256 * 256 : 0; /* hi and lo products */
+  L.bytes = L.xbytes + L.pbytes + (L.stored_bf16 ? 0 : L.chunk * K * 2);
+  return L;
+}
+
+/* y = x W^T on the tensor cores: F32 weights as a float32 SGEMM; every other weight with x
+ * rounded to BF16 (up to LT_SPLIT_MAX_T tokens: split into two BF16 terms) and W as stored (BF16)
+ * or decoded to BF16 a chunk of rows at a time, in `scratch` (L.bytes). Runs on `stream` with
+ * `workspace`. Returns 0 when cuBLASLt declines, before anything was written to y. */
+static int lt_matmul_on(cuda_backend *cb, cudaStream_t stream, void *workspace, uint8_t *scratch,
+                        const lt_layout &L, const m3_tensor *t, const float *x, int T, float *y) {
+  const uint64_t N = (uint64_t)t->rows, K = (uint64_t)t->cols;
+  if (L.direct) return lt_gemm(cb, stream, workspace, CUDA_R_32F, t->data, N, K, x, T, y, N);
+  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + L.xbytes + L.pbytes);
+  float *out = L.split ? (float *)(scratch + L.xbytes) : y;
+  to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, stream>>>(x, (size_t)T * K, L.split, xb);
   cuda_launched(cb, "matmul (bf16 activations)");
-  if (stored_bf16) {
-    if (!lt_gemm(cb, CUDA_R_16BF, t->data, N, K, xb, cols, out, N)) return 0;
+  if (L.stored_bf16) {
+    if (!lt_gemm(cb, stream, workspace, CUDA_R_16BF, t->data, N, K, xb, L.cols, out, N)) return 0;
   } else {
     const cuda_weight w = cuda_weight_of(t);
-    for (uint64_t r0 = 0; r0 < N; r0 += chunk) {
-      uint64_t nr = N - r0 < chunk ? N - r0 : chunk;
-      dequant_bf16_kernel<<<grid_for(nr * K), 256, 0, cb->stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
+    for (uint64_t r0 = 0; r0 < N; r0 += L.chunk) {
+      uint64_t nr = N - r0 < L.chunk ? N - r0 : L.chunk;
+      dequant_bf16_kernel<<<grid_for(nr * K), 256, 0, stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
       cuda_launched(cb, "matmul (weights to bf16)");
-      if (!lt_gemm(cb, CUDA_R_16BF, wb, nr, K, xb, cols, out + r0, N)) {
+      if (!lt_gemm(cb, stream, workspace, CUDA_R_16BF, wb, nr, K, xb, L.cols, out + r0, N)) {
         if (r0 == 0) return 0;
         cuda_note(cb, cudaErrorNotSupported, "matmul (cuBLASLt declined a later chunk of rows)");
         return 1;
       }
     }
   }
-  if (split) {
-    add_split_kernel<<<grid_for((size_t)T * N), 256, 0, cb->stream>>>(out, (size_t)T * N, y);
+  if (L.split) {
+    add_split_kernel<<<grid_for((size_t)T * N), 256, 0, stream>>>(out, (size_t)T * N, y);
     cuda_launched(cb, "matmul (hi + lo)");
   }
   return 1;
+}
+
+/* lt_matmul_on on the backend's stream, workspace and scratch. */
+static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
+  const lt_layout L = lt_layout_of(t, T);
+  uint8_t *scratch = NULL;
+  if (!L.direct && !(scratch = (uint8_t *)cuda_scratch(cb, L.bytes, "matmul"))) return 0;
+  return lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, L, t, x, T, y);
 }
 
 /* ---- E4M3 weights (MXFP8, FP8 block, per channel) on the tensor cores, 1..64 tokens ----
@@ -666,35 +702,103 @@ static void launch_mx_mma(cuda_backend *cb, const m3_tensor *t, const float *x, 
   cuda_launched(cb, "matmul (e4m3 tensor cores)");
 }
 
-void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y) {
-  cuda_backend *cb = cuda_of(be);
-  if (T <= 0 || w->rows <= 0) return;
+enum { ROUTE_MX, ROUTE_GEMV, ROUTE_GEMM };
+
+/* Which kernel family cuda_matmul runs w at T tokens on (T >= 1). */
+static int matmul_route(const m3_tensor *w, const float *x, int T) {
   /* BF16 weights need no decoding on the way to the tensor cores, and from GEMV_BF16_MAX_T + 1
    * tokens on those with split activations beat the GEMV's FMAs at the same accuracy, except on
    * short matrices, where cuBLASLt's fixed cost shows (H200, T = 8: q_proj 83 -> 33 us, a
    * 3072-row expert 61 -> 20 us, but k_proj's 512 rows 17 -> 23 us). */
   const int bf16_tall = w->quant == M3_WQ_NONE && w->dtype == M3_DT_BF16 && w->rows >= GEMV_BF16_LT_ROWS;
-  if (mx_mma_fits(w, x, T)) launch_mx_mma(cb, w, x, T, y);
-  else if (T <= (bf16_tall ? GEMV_BF16_MAX_T : GEMV_MAX_T)) launch_gemv(cb, w, x, T, y);
-  else if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, w, x, T, y);
+  if (mx_mma_fits(w, x, T)) return ROUTE_MX;
+  if (T <= (bf16_tall ? GEMV_BF16_MAX_T : GEMV_MAX_T)) return ROUTE_GEMV;
+  return ROUTE_GEMM;
+}
+
+void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y) {
+  cuda_backend *cb = cuda_of(be);
+  if (T <= 0 || w->rows <= 0) return;
+  switch (matmul_route(w, x, T)) {
+    case ROUTE_MX: launch_mx_mma(cb, w, x, T, y); break;
+    case ROUTE_GEMV: launch_gemv(cb, w, x, T, y); break;
+    default:
+      if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, cb->stream, w, x, T, y);
+  }
+}
+
+int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T) {
+  return T >= 1 && w->rows >= 1 && matmul_route(w, x, T) == ROUTE_GEMM;
+}
+
+size_t cuda_matmul_lane_scratch(const m3_tensor *w, int T) { return lt_layout_of(w, T).bytes; }
+
+void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x, int T,
+                      float *y) {
+  if (T <= 0 || w->rows <= 0) return;
+  const lt_layout L = lt_layout_of(w, T);
+  if (L.bytes > lane->scratch_bytes) {
+    cuda_note(cb, cudaErrorInvalidValue, "matmul (lane scratch smaller than the layout)");
+    return;
+  }
+  if (!lt_matmul_on(cb, lane->stream, lane->lt_workspace, (uint8_t *)lane->scratch, L, w, x, T, y))
+    launch_tiled(cb, lane->stream, w, x, T, y);
 }
 
 /* ---- embedding ---- */
 
-__global__ void embed_kernel(cuda_weight table, const int32_t *__restrict__ ids, float *__restrict__ out) {
-  const int t = blockIdx.x;
-  const int64_t cols = table.cols;
+enum { EMBED_THREADS = 256 };
+/* How embed_kernel reads a row: 4 columns in one load (BF16: 8 bytes, F32: 16; cols % 4 == 0 and
+ * the table aligned to that), or element by element through dev_w (any dtype, scales applied). */
+enum { EMBED_ANY, EMBED_BF16, EMBED_F32 };
+
+/* out[t] = table[ids[t]]. Grid (T, column blocks): a thread copies 4 columns with its loads
+ * independent of each other (one block of 256 threads per token walked 6144 columns 256 at a
+ * time: 24 dependent round trips, 14 us). VEC_OUT: out rows 16-byte aligned (cols % 4 == 0). */
+__global__ void __launch_bounds__(EMBED_THREADS)
+    embed_kernel(cuda_weight table, int kind, int vec_out, const int32_t *__restrict__ ids,
+                 float *__restrict__ out) {
+  const int64_t t = blockIdx.x, cols = table.cols;
+  const int64_t c = ((int64_t)blockIdx.y * EMBED_THREADS + threadIdx.x) * 4;
+  if (c >= cols) return;
   const int32_t id = ids[t];
-  float *row = out + (size_t)t * cols;
-  /* The model validates ids; an invalid one shows up as NaN rather than reading past the table. */
-  const int valid = id >= 0 && id < table.rows;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    row[c] = valid ? dev_w(table, id, c) : __uint_as_float(0x7fc00000u);
+  float v[4];
+  if (id < 0 || id >= table.rows) {
+    /* The model validates ids; an invalid one shows up as NaN rather than reading past the table. */
+    v[0] = v[1] = v[2] = v[3] = __uint_as_float(0x7fc00000u);
+  } else if (kind == EMBED_BF16) {
+    const uint2 u = *(const uint2 *)(table.data + ((size_t)id * (size_t)cols + (size_t)c) * 2);
+    v[0] = __uint_as_float(u.x << 16), v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16), v[3] = __uint_as_float(u.y & 0xffff0000u);
+  } else if (kind == EMBED_F32) {
+    const float4 f = *(const float4 *)(table.data + ((size_t)id * (size_t)cols + (size_t)c) * 4);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = c + i < cols ? dev_w(table, id, c + i) : 0.0f;
+  }
+  float *row = out + (size_t)t * (size_t)cols + c;
+  if (vec_out) {
+    *(float4 *)row = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+      if (c + i < cols) row[i] = v[i];
+  }
 }
 
 void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out) {
   cuda_backend *cb = cuda_of(be);
-  if (T <= 0) return;
-  embed_kernel<<<T, 256, 0, cb->stream>>>(cuda_weight_of(table), ids, out);
+  if (T <= 0 || table->cols <= 0) return;
+  const int64_t cols = table->cols;
+  const uintptr_t data = (uintptr_t)table->data;
+  int kind = EMBED_ANY;
+  if (table->quant == M3_WQ_NONE && cols % 4 == 0) {
+    if (table->dtype == M3_DT_BF16 && data % 8 == 0) kind = EMBED_BF16;
+    if (table->dtype == M3_DT_F32 && data % 16 == 0) kind = EMBED_F32;
+  }
+  const int vec_out = cols % 4 == 0 && (uintptr_t)out % 16 == 0;
+  const dim3 grid((unsigned)T, (unsigned)((cols + 4 * EMBED_THREADS - 1) / (4 * EMBED_THREADS)));
+  embed_kernel<<<grid, EMBED_THREADS, 0, cb->stream>>>(cuda_weight_of(table), kind, vec_out, ids, out);
   cuda_launched(cb, "embed");
 }

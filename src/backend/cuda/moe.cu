@@ -58,10 +58,15 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
  * to the expert's tokens MOE_TOKENS_PER_PASS at a time (later passes find the row in L1/L2):
  * first gate and up together with SwiGLU-OAI into act [slot, I], then down into y [slot, H].
  * E4M3 experts (MXFP8, FP8 block) take the same two steps on the tensor cores (moe_mx_kernel): a
- * block per 16 weight rows, its warps splitting K, activations as hi + lo BF16.
+ * block per 16 weight rows, its warps splitting K, activations as hi + lo BF16. One token (T = 1,
+ * batch-1 decode) takes neither: moe_warp_kernel, a warp per 2 or 4 rows walking K alone with
+ * loads two steps ahead, for every dtype with 16-byte rows (float32 activations).
  * Larger T reads the expert offsets back once (prefill is compute-bound) and runs each active
- * expert's three matmuls through cuda_matmul (cuBLASLt with BF16 activations, any dtype). Both
- * end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j, float32. */
+ * expert's chain: gate and up matmuls, SwiGLU-OAI over its rows, down matmul (cuBLASLt with BF16
+ * activations, any dtype). One expert's GEMMs at a few hundred tokens fill a fraction of the SMs,
+ * so the chains run on several lanes (side streams with their own cuBLASLt workspace and
+ * scratch, cuda_internal.h cuda_lane) at once. Both end with the combine: x[t] += w[t, j] *
+ * y[slot(t, j)] in choice order j, float32. */
 
 enum {
   MOE_DECODE_MAX_T = 64,
@@ -69,6 +74,9 @@ enum {
   MOE_TOKENS_PER_PASS = 8,
   MOE_MAX_E = 6144, /* the grouping keeps two ints per expert in 48 KB of shared memory */
   MOE_ROW_THREADS = 256,
+  /* Lanes of the prefill: a 3072 x 256 expert GEMM is a few dozen output tiles, a sixth to a
+   * third of the H200's 132 SMs */
+  MOE_DEFAULT_LANES = 8,
 };
 
 /* What prepare_experts keeps for one layer. */
@@ -76,6 +84,7 @@ typedef struct {
   cuda_weight *w;      /* device [3 * E]: the gate experts, then up, then down */
   int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible */
   int32_t *host_start; /* host [E + 1]: the expert offsets the prefill path reads back */
+  int8_t *lane_of;     /* host [E]: the prefill's lane of each expert, -1: the backend's stream */
 } moe_table;
 
 /* The slots grouped by expert: device arrays in moe_scratch. */
@@ -282,6 +291,64 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu)" : "moe_experts (down)");
 }
 
+/* The grouped GEMV at one token (T = 1: each active expert has one slot, or one per time a token
+ * chose it): the same outputs as moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
+ * blockIdx.y picks the active expert, each of 8 warps owns RW rows (GATED: of gate and of up
+ * both, which then share every load of x) and walks K alone through warp_rows_dot, loads two
+ * steps ahead: 256 bytes in flight per lane, 64 KB a block, 2 blocks per SM, against
+ * moe_gemv_kernel's 64 bytes per lane (one row, 16-byte chunks, unrolled twice) and moe_mx_kernel's
+ * tensor-core tiles that at one token use one column of eight. */
+template <int WK, int GATED, int RW>
+__global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK, 2)
+    moe_warp_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
+                    moe_groups g, const float *__restrict__ x, int k, float alpha, float beta,
+                    float limit, float *__restrict__ out) {
+  if ((int)blockIdx.y >= *g.n_active) return;
+  const int e = g.active[blockIdx.y];
+  const cuda_weight w0 = w0s[e];
+  const cuda_weight w1 = GATED ? w1s[e] : w0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t N = w0.rows, K = w0.cols;
+  const int64_t r0 = ((int64_t)blockIdx.x * MOE_ROWS_PER_BLOCK + warp) * RW;
+  if (r0 >= N) return; /* the whole warp: no warp_sum waits on it */
+  int64_t rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
+  const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
+  for (int p = max(g.start[e], 0); p < end; p++) {
+    const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
+    float acc[GATED ? 2 : 1][RW];
+    warp_rows_dot<WK, GATED ? 2 : 1, RW, WARP_ROWS_U>(w0, w1, rows, xr, acc);
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
+      const float s0 = warp_sum(acc[0][r]);
+      const float s1 = GATED ? warp_sum(acc[GATED ? 1 : 0][r]) : 0.0f;
+      if (lane == 0 && r0 + r < N)
+        out[(size_t)p * (size_t)N + r0 + r] = GATED ? dev_swiglu_oai(s0, s1, alpha, beta, limit) : s0;
+    }
+  }
+}
+
+/* moe_warp_kernel over the active experts: gate and up 2 rows a warp (4 row streams, as down's 4
+ * rows), down 4. A 3072 x 6144 expert is then 192 blocks of either: 768 for 4 experts, under
+ * three waves of 2 blocks on each of 132 SMs. */
+template <int GATED>
+static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, const cuda_weight *w0,
+                                const cuda_weight *w1, const moe_groups &g, const float *x, int k,
+                                int64_t rows, const m3_moe_experts *ex, float *out) {
+  constexpr int RW = GATED ? 2 : 4;
+  const dim3 grid((unsigned)((rows + MOE_ROWS_PER_BLOCK * RW - 1) / (MOE_ROWS_PER_BLOCK * RW)), experts);
+  const dim3 block(32 * MOE_ROWS_PER_BLOCK);
+  const float a = ex->alpha, b = ex->beta, l = ex->limit;
+  switch (kind) {
+    case WK_F32: moe_warp_kernel<WK_F32, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+    case WK_BF16: moe_warp_kernel<WK_BF16, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+    case WK_F16: moe_warp_kernel<WK_F16, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+    default: moe_warp_kernel<WK_E4M3, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+  }
+  cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu; one token)" : "moe_experts (down; one token)");
+}
+
 /* out[p] = h[slot_at[p] / k] for the used sorted positions p < gridDim.x. */
 __global__ void moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
                                   int k, int64_t H, float *__restrict__ out) {
@@ -291,33 +358,123 @@ __global__ void moe_gather_kernel(const float *__restrict__ h, const int32_t *__
   for (int64_t c = threadIdx.x; c < H; c += blockDim.x) dst[c] = src[c];
 }
 
-/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, one block per token; a choice outside
- * [0, E) makes the row NaN, as on the CPU. */
-__global__ void moe_combine_kernel(float *__restrict__ x, const float *__restrict__ y,
-                                   const float *__restrict__ w, const int32_t *__restrict__ pos_of,
-                                   int k, int64_t H) {
-  const int t = blockIdx.x;
-  float *xt = x + (size_t)t * (size_t)H;
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
-    float acc = xt[c];
-    for (int j = 0; j < k; j++) {
-      const int32_t p = pos_of[(size_t)t * k + j];
-      acc = p < 0 ? __uint_as_float(0x7fc00000u)
-                  : fmaf(w[(size_t)t * k + j], y[(size_t)p * (size_t)H + c], acc);
+enum { COMBINE_THREADS = 128, COMBINE_J = 8 };
+
+/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, the CPU's fmaf chain per element; a choice
+ * outside [0, E) makes the row NaN, as on the CPU. Grid (T, column blocks): a thread takes 4
+ * columns of one token and loads the (position, weight) pairs of COMBINE_J choices at once, then
+ * their COMBINE_J rows of y, so that a token's k + 1 row reads are in flight together instead of
+ * one pos_of -> y chain per choice and column (one block per token took 42 us at H 6144: about
+ * 100 dependent DRAM round trips per thread). VEC: H % 4 == 0 and x 16-byte aligned (y is carved
+ * 256-byte aligned): 16-byte loads and stores; otherwise the same per element. */
+template <int VEC>
+__global__ void __launch_bounds__(COMBINE_THREADS)
+    moe_combine_kernel(float *__restrict__ x, const float *__restrict__ y, const float *__restrict__ w,
+                       const int32_t *__restrict__ pos_of, int k, int64_t H) {
+  const int64_t t = blockIdx.x, c = ((int64_t)blockIdx.y * COMBINE_THREADS + threadIdx.x) * 4;
+  if (c >= H) return;
+  float *xt = x + (size_t)t * (size_t)H + c;
+  float acc[4];
+  if (VEC) {
+    const float4 v = *(const float4 *)xt;
+    acc[0] = v.x, acc[1] = v.y, acc[2] = v.z, acc[3] = v.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] = c + i < H ? xt[i] : 0.0f;
+  }
+  for (int j0 = 0; j0 < k; j0 += COMBINE_J) {
+    int32_t p[COMBINE_J];
+    float wj[COMBINE_J], v[COMBINE_J][4];
+#pragma unroll
+    for (int jj = 0; jj < COMBINE_J; jj++) {
+      const int j = j0 + jj;
+      p[jj] = j < k ? pos_of[(size_t)t * k + j] : -1;
+      wj[jj] = j < k ? w[(size_t)t * k + j] : 0.0f;
     }
-    xt[c] = acc;
+#pragma unroll
+    for (int jj = 0; jj < COMBINE_J; jj++) {
+      const float *yr = y + (size_t)(p[jj] < 0 ? 0 : p[jj]) * (size_t)H + c;
+      if (p[jj] < 0) {
+        v[jj][0] = v[jj][1] = v[jj][2] = v[jj][3] = 0.0f;
+      } else if (VEC) {
+        const float4 f = *(const float4 *)yr;
+        v[jj][0] = f.x, v[jj][1] = f.y, v[jj][2] = f.z, v[jj][3] = f.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) v[jj][i] = c + i < H ? yr[i] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < COMBINE_J; jj++) {
+      if (j0 + jj >= k) break;
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        acc[i] = p[jj] < 0 ? __uint_as_float(0x7fc00000u) : fmaf(wj[jj], v[jj][i], acc[i]);
+    }
+  }
+  if (VEC) {
+    *(float4 *)xt = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+      if (c + i < H) xt[i] = acc[i];
   }
 }
 
-/* Prefill: xy [T*k, H] gets the gathered rows, then each expert's output in place of its input
- * (every gate and up matmul has run before the first down writes); gate, up [T*k, I]. Returns 0
- * when nothing more should run (a failure, already noted). */
+/* out[i] = SwiGLU-OAI(gate[i], up[i]) for i < n (out may be gate): one expert's rows on its own
+ * stream. */
+__global__ void moe_swiglu_kernel(const float *gate, const float *up, size_t n, float alpha,
+                                  float beta, float limit, float *out) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    out[i] = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
+}
+
+/* Expert e's chain over its cnt sorted rows from `first`, on `lane` (NULL: the backend's stream
+ * through cuda_matmul): gate, up [cnt, I] from xy [cnt, H], SwiGLU-OAI into gate, then down into
+ * xy. In place is safe: only this chain, in its own stream order, touches these rows. */
+static void expert_chain(cuda_backend *cb, cuda_lane *lane, const m3_moe_experts *ex, int e,
+                         int first, int cnt, float *xy, float *gate, float *up) {
+  const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, n = (size_t)cnt * I;
+  float *x = xy + (size_t)first * H, *g = gate + (size_t)first * I, *u = up + (size_t)first * I;
+  const m3_tensor *w[3] = {&ex->gate[e], &ex->up[e], &ex->down[e]};
+  const float *in[3] = {x, x, g};
+  float *out[3] = {g, u, x};
+  const size_t want = (n + MOE_ROW_THREADS - 1) / MOE_ROW_THREADS;
+  const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
+  for (int m = 0; m < 3; m++) {
+    if (m == 2) {
+      moe_swiglu_kernel<<<blocks, MOE_ROW_THREADS, 0, lane ? lane->stream : cb->stream>>>(
+          g, u, n, ex->alpha, ex->beta, ex->limit, g);
+      cuda_launched(cb, "moe_experts (swiglu)");
+    }
+    if (lane) cuda_matmul_lane(cb, lane, w[m], in[m], cnt, out[m]);
+    else cuda_matmul(&cb->base, w[m], in[m], cnt, out[m]);
+  }
+}
+
+/* 1 when all three matmuls of expert e over its rows are GEMMs (cuda_matmul_is_gemm), which a
+ * lane can run; the others (a few rows: GEMV or E4M3 tensor-core kernels) stay on the stream. */
+static int chain_on_lane(const m3_moe_experts *ex, int e, int first, int cnt, const float *xy,
+                         const float *gate) {
+  const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows;
+  return cuda_matmul_is_gemm(&ex->gate[e], xy + (size_t)first * H, cnt) &&
+         cuda_matmul_is_gemm(&ex->up[e], xy + (size_t)first * H, cnt) &&
+         cuda_matmul_is_gemm(&ex->down[e], gate + (size_t)first * I, cnt);
+}
+
+/* Prefill: xy [T*k, H] gets the gathered rows, then each expert's output in place of its input;
+ * gate, up [T*k, I]. Experts whose matmuls are all GEMMs go to the lanes, each to the one with the
+ * fewest rows so far (a host-side choice from the offsets alone: the same every run); the
+ * stream forks to them after the gather, runs the other experts itself and joins them before
+ * returning. The lanes' scratch grows first, while none of their work is pending (what they ran
+ * for an earlier call was joined into the stream, which cuda_grow synchronizes). Every expert
+ * writes only its own rows, with the same GEMM plans on any lane: results do not depend on the
+ * lane count or on timing. Returns 0 when nothing more should run (a failure, already noted). */
 static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table *tab,
                            const moe_groups &g, const float *h, int k, int n, float *xy,
                            float *gate, float *up) {
-  m3_backend *be = &cb->base;
   const int E = ex->E;
-  const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
+  const int64_t H = ex->gate[0].cols;
   int32_t *start = tab->host_start;
   cuda_note(cb, cudaMemcpyAsync(start, g.start, (size_t)(E + 1) * sizeof(int32_t),
                                 cudaMemcpyDeviceToHost, cb->stream), "moe_experts (offsets)");
@@ -331,19 +488,47 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
   }
   const int used = start[E];
   if (used == 0) return 1;
+  const int lanes = cb->moe_lanes > 1 ? cb->moe_lanes : 0;
+  int8_t *lane_of = tab->lane_of; /* [E] the lane of each expert, -1: the stream */
+  int64_t rows[CUDA_MAX_LANES] = {0};
+  size_t need[CUDA_MAX_LANES] = {0};
+  for (int e = 0; e < E; e++) {
+    const int first = start[e], cnt = start[e + 1] - first;
+    lane_of[e] = -1;
+    if (cnt == 0 || !lanes || !chain_on_lane(ex, e, first, cnt, xy, gate)) continue;
+    int best = 0;
+    for (int l = 1; l < lanes; l++) best = rows[l] < rows[best] ? l : best;
+    lane_of[e] = (int8_t)best;
+    rows[best] += cnt;
+    const size_t s[3] = {cuda_matmul_lane_scratch(&ex->gate[e], cnt),
+                         cuda_matmul_lane_scratch(&ex->up[e], cnt),
+                         cuda_matmul_lane_scratch(&ex->down[e], cnt)};
+    for (int m = 0; m < 3; m++) need[best] = s[m] > need[best] ? s[m] : need[best];
+  }
+  for (int l = 0; l < lanes; l++) {
+    cuda_lane *ln = &cb->lanes[l];
+    if (rows[l] && need[l] &&
+        !cuda_grow(cb, &ln->scratch, &ln->scratch_bytes, need[l], "moe_experts (lane scratch)"))
+      return 0;
+  }
   moe_gather_kernel<<<used, MOE_ROW_THREADS, 0, cb->stream>>>(h, g.slot_at, k, H, xy);
   cuda_launched(cb, "moe_experts (gather)");
-  for (int e = 0; e < E; e++) {
-    const int first = start[e], cnt = start[e + 1] - first;
-    if (cnt == 0) continue;
-    cuda_matmul(be, &ex->gate[e], xy + (size_t)first * H, cnt, gate + (size_t)first * I);
-    cuda_matmul(be, &ex->up[e], xy + (size_t)first * H, cnt, up + (size_t)first * I);
-  }
-  cuda_swiglu_oai(be, gate, up, (size_t)used * (size_t)I, ex->alpha, ex->beta, ex->limit, gate);
-  for (int e = 0; e < E; e++) {
-    const int first = start[e], cnt = start[e + 1] - first;
-    if (cnt == 0) continue;
-    cuda_matmul(be, &ex->down[e], gate + (size_t)first * I, cnt, xy + (size_t)first * H);
+  if (lanes) cuda_note(cb, cudaEventRecord(cb->moe_fork, cb->stream), "moe_experts (fork)");
+  for (int l = 0; l < lanes; l++)
+    if (rows[l])
+      cuda_note(cb, cudaStreamWaitEvent(cb->lanes[l].stream, cb->moe_fork, 0), "moe_experts (fork)");
+  /* the lanes' work first, so that they start while the stream runs the rest */
+  for (int pass = 0; pass < 2; pass++)
+    for (int e = 0; e < E; e++) {
+      const int first = start[e], cnt = start[e + 1] - first;
+      if (cnt > 0 && (lane_of[e] >= 0) == (pass == 0))
+        expert_chain(cb, pass == 0 ? &cb->lanes[lane_of[e]] : NULL, ex, e, first, cnt, xy, gate, up);
+    }
+  for (int l = 0; l < lanes; l++) {
+    if (!rows[l]) continue;
+    cuda_lane *ln = &cb->lanes[l];
+    cuda_note(cb, cudaEventRecord(ln->done, ln->stream), "moe_experts (join)");
+    cuda_note(cb, cudaStreamWaitEvent(cb->stream, ln->done, 0), "moe_experts (join)");
   }
   return 1;
 }
@@ -384,7 +569,12 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const unsigned experts = (unsigned)(E < n ? E : n);
     const int kind_gate = tab->wide ? gemv_kind(&ex->gate[0], h) : WK_ANY;
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
-    if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&
+    const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
+    const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
+    if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !gemv_old()) {
+      launch_grouped_warp<1>(cb, step_gate, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, ex, act);
+      launch_grouped_warp<0>(cb, step_down, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, ex, y);
+    } else if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&
         (uintptr_t)h % 16 == 0) { /* act is carved 256-byte aligned, I % 8 == 0 */
       const float a = ex->alpha, b = ex->beta, l = ex->limit;
       moe_mx_kernel<1><<<dim3((unsigned)((I + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream>>>(
@@ -402,7 +592,11 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up))) {
     return;
   }
-  moe_combine_kernel<<<T, MOE_ROW_THREADS, 0, cb->stream>>>(x, y, weights, g.pos_of, k, (int64_t)H);
+  const dim3 grid_combine((unsigned)T, (unsigned)((H + 4 * COMBINE_THREADS - 1) / (4 * COMBINE_THREADS)));
+  if (H % 4 == 0 && (uintptr_t)x % 16 == 0)
+    moe_combine_kernel<1><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g.pos_of, k, (int64_t)H);
+  else
+    moe_combine_kernel<0><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g.pos_of, k, (int64_t)H);
   cuda_launched(cb, "moe_experts (combine)");
 }
 
@@ -443,9 +637,15 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
   const int E = ex->E;
   moe_table *tab = (moe_table *)calloc(1, sizeof *tab);
   cuda_weight *host = (cuda_weight *)malloc((size_t)3 * E * sizeof *host);
-  if (tab) tab->host_start = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
-  if (!tab || !host || !tab->host_start) {
-    if (tab) free(tab->host_start);
+  if (tab) {
+    tab->host_start = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
+    tab->lane_of = (int8_t *)malloc((size_t)E);
+  }
+  if (!tab || !host || !tab->host_start || !tab->lane_of) {
+    if (tab) {
+      free(tab->host_start);
+      free(tab->lane_of);
+    }
     free(tab), free(host);
     return m3_fail(M3_ERR_NOMEM, "%s: expert table of %d experts", ex->gate[0].name, E);
   }
@@ -467,6 +667,7 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
     cudaGetLastError(); /* reported here, not by the next op's launch check */
     if (tab->w) cudaFree(tab->w);
     free(tab->host_start);
+    free(tab->lane_of);
     free(tab);
     return m3_fail(err == cudaErrorMemoryAllocation ? M3_ERR_NOMEM : M3_ERR_IO,
                    "%s: cannot upload the expert table: %s", ex->gate[0].name,
@@ -483,6 +684,55 @@ void cuda_release_experts(m3_backend *be, m3_moe_experts *ex) {
   cuda_note(cb, cudaStreamSynchronize(cb->stream), "release_experts"); /* queued ops read it */
   cudaFree(tab->w);
   free(tab->host_start);
+  free(tab->lane_of);
   free(tab);
   ex->table = NULL;
+}
+
+m3_status cuda_moe_lanes_create(cuda_backend *cb) {
+  const char *env = getenv("M3_MOE_STREAMS");
+  int lanes = MOE_DEFAULT_LANES;
+  if (env && *env) {
+    char *end;
+    const long v = strtol(env, &end, 10);
+    if (*end || v < 1 || v > CUDA_MAX_LANES)
+      return m3_fail(M3_ERR_ARG, "M3_MOE_STREAMS=%s: expected 1..%d (1: the MoE prefill on one stream)",
+                     env, CUDA_MAX_LANES);
+    lanes = (int)v;
+  }
+  cb->moe_lanes = lanes;
+  if (lanes == 1) return M3_OK;
+  const char *step = "cudaEventCreate";
+  cudaError_t e = cudaEventCreateWithFlags(&cb->moe_fork, cudaEventDisableTiming);
+  for (int l = 0; l < lanes && e == cudaSuccess; l++) {
+    cuda_lane *ln = &cb->lanes[l];
+    step = "cudaStreamCreate (MoE lane)";
+    e = cudaStreamCreateWithFlags(&ln->stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) {
+      step = "cudaEventCreate (MoE lane)";
+      e = cudaEventCreateWithFlags(&ln->done, cudaEventDisableTiming);
+    }
+    if (e == cudaSuccess) {
+      step = "cudaMalloc (MoE lane cuBLASLt workspace)";
+      e = cudaMalloc(&ln->lt_workspace, cb->lt_workspace_bytes);
+    }
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* reported here, not by the next op's launch check */
+    return m3_fail(e == cudaErrorMemoryAllocation ? M3_ERR_NOMEM : M3_ERR_UNSUPPORTED,
+                   "cuda:%d: %s: %s", cb->device, step, cudaGetErrorString(e));
+  }
+  return M3_OK;
+}
+
+void cuda_moe_lanes_destroy(cuda_backend *cb) {
+  for (int l = 0; l < CUDA_MAX_LANES; l++) {
+    cuda_lane *ln = &cb->lanes[l];
+    if (ln->stream) cudaStreamSynchronize(ln->stream);
+    if (ln->scratch) cudaFree(ln->scratch);
+    if (ln->lt_workspace) cudaFree(ln->lt_workspace);
+    if (ln->done) cudaEventDestroy(ln->done);
+    if (ln->stream) cudaStreamDestroy(ln->stream);
+  }
+  if (cb->moe_fork) cudaEventDestroy(cb->moe_fork);
 }

@@ -1,16 +1,26 @@
 /* msa.cu: MSA block selection (shared/spec/msa_spec.md §2-4, m3_text_spec.md §5.3).
  *
- * Scores: one thread block per (candidate block, token) scans the block's index keys once for all
- * G heads, which a decode token's O(L) scan spreads over the whole GPU. A warp takes 16/G keys per
- * step, the loads of several steps issued together (16-byte loads, each lane four dims of every
- * key, 16 loads in flight per lane); the queries of all heads sit in registers. The 16 partial
- * dots of a step per lane (keys x heads) are summed over the warp by a halving butterfly, 16
- * shuffles for all of them, and each lane keeps the running max of one (key slot, head); the block max per head follows.
- * Selection: one thread block per (token, index head): forced init and local blocks, then the best
- * candidates by (score, lower id): each warp draws its share's best, warp 0 draws the winners
- * from those; written in ascending block order, -1 padded. The same rules as the CPU backend's
- * msa.c. An fp8 cache's index keys are loaded as E4M3 bytes (4 per lane and load where float32
- * takes a float4) and decoded times their row scale in registers (kv_fp8.cuh). */
+ * Scores: a decode token's selection scans every index key of its context (64 MiB of float32 at
+ * 128K tokens), so the scan is spread over the whole GPU and kept bound by memory bandwidth. A
+ * thread block takes a chunk of up to MSA_CHUNK_MAX consecutive blocks of one token, chunks sized
+ * so that the grid is about two blocks per SM (MSA_SCORE_CTAS_PER_SM) for decode, (token, chunk)
+ * flattened into grid.x (a prefill's tokens pass grid.y's 65535); its 8 warps split every block's
+ * keys. A warp takes 16/G keys per step, the loads of several steps issued together
+ * (16-byte loads, each lane four dims of every key, 16 loads in flight per lane); the queries of
+ * all heads sit in registers. The 16 partial dots of a step per lane (keys x heads) are summed
+ * over the warp by a halving butterfly, 16 shuffles for all of them, and each lane keeps the
+ * running max of one (key slot, head); the block max per head follows through shared memory.
+ * An fp8 cache's index keys are loaded as E4M3 bytes (4 per lane and load where float32 takes a
+ * float4) and decoded times their row scale in registers (kv_fp8.cuh).
+ *
+ * Selection: one warp per (token, index head): forced init and local blocks, then the `want`
+ * best candidates by (score, lower id), drawn one per round: each lane keeps the best of its
+ * strided share below the last winner, the warp's max key and then the lowest id at that key
+ * name the winner (two redux instructions), and only the winner's lane rescans. Written in
+ * ascending block order (init ids, the winners ranked by id, local ids), -1 padded: the same
+ * rules as the CPU backend's msa.c. At decode (few tokens, a context whose candidate keys fit
+ * shared memory) the last score block of a token to finish runs its selection (a counter per
+ * token), which saves a launch; otherwise a second kernel does. */
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
@@ -20,8 +30,18 @@ enum {
   MSA_MAX_G = 16,
   MSA_MAX_IHD = 256,
   SCORE_WARPS = 8,
-  SELECT_WARPS = 8,
+  SELECT_WARPS = 8,            /* rows (token, head) per block of the separate selection kernel */
+  MSA_CHUNK_MAX = 16,          /* blocks per score thread block */
+  MSA_SCORE_CTAS_PER_SM = 2,   /* resident score blocks per SM, up to 4 heads (128 registers a
+                                  thread; more heads take more, and two waves) */
+  MSA_FUSED_MAX_T = 64,        /* tokens whose selection the last score block runs */
+  MSA_FUSED_SMEM = 48 * 1024,  /* its shared memory (candidate keys and winners per warp) at most */
 };
+
+/* Score blocks of token t done so far, modulo its chunk count: atomicInc wraps it back to 0 when
+ * the last one arrives, so it is 0 between launches. The backend's ops run in one stream, one
+ * at a time, so one launch uses it at a time. */
+__device__ unsigned int msa_chunks_done[MSA_FUSED_MAX_T];
 
 typedef struct {
   const float *iq; /* [T, G, ihd] */
@@ -32,6 +52,9 @@ typedef struct {
   float *scores;   /* [T, G, kv.num_blocks] */
   size_t ik_page_bytes; /* fp8 cache: bytes of one index-key page */
   int32_t *sel;    /* [T, G, topk] */
+  int chunk_blocks; /* blocks per score thread block */
+  int chunks;       /* score thread blocks per token: ceil(num_blocks / chunk_blocks) */
+  int fused;        /* 1: the last score block of a token selects (T <= MSA_FUSED_MAX_T) */
 } msa_args;
 
 /* Visible blocks of position p and the candidate range [c0, c1) ranked by score; 0 when every
@@ -43,6 +66,10 @@ __device__ __forceinline__ int msa_candidates(const msa_args &a, int32_t p, int 
   *c1 = *nb - a.p.local_blocks > *c0 ? *nb - a.p.local_blocks : *c0;
   return 1;
 }
+
+/* Shared memory of one selecting warp, in 4-byte words: the keys of up to num_blocks candidates
+ * and up to topk winners. */
+static int msa_row_words(const m3_kv_view *kv, const m3_msa_params *p) { return kv->num_blocks + p->topk; }
 
 /* One butterfly step over lanes L and L ^ O for v[0..2N): a lane keeps one half (the upper one
  * when bit O is set), sends the other to its partner and adds what the partner sent for the kept
@@ -67,198 +94,226 @@ __device__ __forceinline__ float warp_sum16(float (&v)[16], int lane) {
   return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
-/* GP: G rounded up to a power of two; CH: float4 chunks per lane, ihd <= 128 * CH; FP8: the
- * cache's dtype. */
-template <int GP, int CH, bool FP8>
-__global__ void __launch_bounds__(32 * SCORE_WARPS) msa_score_kernel(msa_args a) {
-  constexpr int KPW = 16 / GP; /* keys per warp step: KPW * GP = 16 dots per lane */
-  constexpr int SCORE_STEPS = GP / CH > 1 ? GP / CH : 1; /* steps loaded at once: 16 float4 per lane */
-  __shared__ float warp_best[SCORE_WARPS][GP];
-  const int b = blockIdx.x, t = blockIdx.y;
-  const int32_t p = a.pos[t];
-  int nb, c0, c1;
-  if (!msa_candidates(a, p, &nb, &c0, &c1) || b < c0 || b >= c1) return; /* whole block */
-  const int G = a.G, ihd = a.kv.ihd, ihd4 = ihd >> 2, bs = a.kv.block_size;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float4 q[GP][CH];
-#pragma unroll
-  for (int g = 0; g < GP; g++)
-#pragma unroll
-    for (int c = 0; c < CH; c++) {
-      const int ch = lane + 32 * c;
-      q[g][c] = g < G && ch < ihd4 ? ((const float4 *)(a.iq + ((size_t)t * G + g) * ihd))[ch]
-                                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-  const int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
-  const int32_t page = a.kv.block_table[b];
-  const float4 *keys = (const float4 *)((const float *)a.kv.ik + (size_t)page * bs * ihd);
-  const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, bs, ihd, 0);
-  const int slot = (lane >> 1) & 15, slot_key = slot / GP, slot_head = slot % GP;
-  float best = -INFINITY; /* of (key slot_key of each step, head slot_head); NaN dots never win */
-  for (int j0 = warp * KPW * SCORE_STEPS; j0 < n; j0 += SCORE_WARPS * KPW * SCORE_STEPS) {
-    /* float32: the keys; fp8: their bytes and row scales, decoded a step at a time (half the
-     * registers of decoded keys, so the loads of all steps stay in flight). */
-    float4 k[SCORE_STEPS][KPW][CH];
-    uint32_t k8[SCORE_STEPS][KPW][CH];
-    float k8s[SCORE_STEPS][KPW];
-#pragma unroll
-    for (int st = 0; st < SCORE_STEPS; st++)
-#pragma unroll
-      for (int kk = 0; kk < KPW; kk++) {
-        const int j = j0 + st * KPW + kk;
-        if constexpr (FP8) k8s[st][kk] = j < n ? keys8.scale[j] : 0.0f;
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-          const int ch = lane + 32 * c;
-          if constexpr (FP8)
-            k8[st][kk][c] = j < n && ch < ihd4 ? ((const uint32_t *)keys8.q)[(size_t)j * ihd4 + ch] : 0u;
-          else
-            k[st][kk][c] = j < n && ch < ihd4 ? keys[(size_t)j * ihd4 + ch] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-      }
-#pragma unroll
-    for (int st = 0; st < SCORE_STEPS; st++) {
-      float4 ks[KPW][CH]; /* this step's keys */
-#pragma unroll
-      for (int kk = 0; kk < KPW; kk++)
-#pragma unroll
-        for (int c = 0; c < CH; c++) {
-          if constexpr (FP8) ks[kk][c] = kv8_dequant4(k8[st][kk][c], k8s[st][kk]);
-          else ks[kk][c] = k[st][kk][c];
-        }
-      float v[16];
-#pragma unroll
-      for (int kk = 0; kk < KPW; kk++)
-#pragma unroll
-        for (int g = 0; g < GP; g++) {
-          float d = 0.0f;
-#pragma unroll
-          for (int c = 0; c < CH; c++)
-            d += q[g][c].x * ks[kk][c].x + q[g][c].y * ks[kk][c].y + q[g][c].z * ks[kk][c].z +
-                 q[g][c].w * ks[kk][c].w;
-          v[kk * GP + g] = d;
-        }
-      const float dot = warp_sum16(v, lane);
-      if (j0 + st * KPW + slot_key < n) best = fmaxf(best, dot);
-    }
+/* The best (key desc, index asc) of keys[i], i = lane, lane + 32, ... < n, strictly below the
+ * bound (bk, bi): key < bk, or key == bk and i > bi. *k = 0 when none is (every score key is
+ * above 0). Indices grow along the scan, so the first of equal keys is the lowest. */
+__device__ __forceinline__ void lane_best_below(const uint32_t *keys, int n, int lane, uint32_t bk,
+                                                int bi, uint32_t *k, int *i_out) {
+  uint32_t best = 0;
+  int at = 0x7fffffff;
+#pragma unroll 8
+  for (int i = lane; i < n; i += 32) {
+    const uint32_t key = keys[i];
+    if ((key < bk || (key == bk && i > bi)) && key > best) best = key, at = i;
   }
-  /* Max over the lanes of one head: lane bits 1..log2(GP) hold the head. */
-  best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 1));
-#pragma unroll
-  for (int o = 2 * GP; o < 32; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
-  if ((lane & 1) == 0 && lane < 2 * GP) warp_best[warp][slot_head] = best;
-  __syncthreads();
-  if (threadIdx.x < G) {
-    float s = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < SCORE_WARPS; w++) s = fmaxf(s, warp_best[w][threadIdx.x]);
-    a.scores[((size_t)t * G + threadIdx.x) * a.kv.num_blocks + b] = s;
-  }
+  *k = best, *i_out = at;
 }
 
-/* The best of the ranks of keys[i] for i = lane + lo, lane + lo + 32, ... < hi, skipping taken
- * (zero) keys; 0 when none is left. */
-__device__ __forceinline__ uint64_t lane_best(const uint32_t *keys, int lo, int hi, int lane) {
-  uint64_t best = 0;
-  for (int i = lo + lane; i < hi; i += 32)
-    if (keys[i]) {
-      const uint64_t r = rank_key(keys[i], i);
-      best = r > best ? r : best;
-    }
-  return best;
-}
-
-__global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args a) {
-  extern __shared__ uint64_t finalists[]; /* [SELECT_WARPS, topk] rank keys, then keys [candidates] */
-  __shared__ int forced, want;
-  const int t = blockIdx.x / a.G, g = blockIdx.x % a.G, topk = a.p.topk;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int32_t p = a.pos[t];
+/* One warp selects row (t, g) from the row's block scores (written by this launch's other thread
+ * blocks or an earlier kernel: read through L2). keys [num_blocks] and win [topk] are the warp's
+ * shared memory. */
+__device__ void msa_select_row(const msa_args &a, int t, int g, uint32_t *keys, int32_t *win, int lane) {
+  const int topk = a.p.topk;
   int32_t *out = a.sel + ((size_t)t * a.G + g) * topk;
   int nb, c0, c1;
-  if (!msa_candidates(a, p, &nb, &c0, &c1)) {
-    for (int i = threadIdx.x; i < topk; i += blockDim.x) out[i] = i < nb ? i : -1;
+  if (!msa_candidates(a, a.pos[t], &nb, &c0, &c1)) {
+    for (int i = lane; i < topk; i += 32) out[i] = i < nb ? i : -1;
     return;
   }
-  uint32_t *keys = (uint32_t *)(finalists + SELECT_WARPS * topk);
-  if (threadIdx.x == 0) {
-    /* Forced blocks: init, then local (vLLM scores them 1e30 and 1e29), which only matters when
-     * they alone exceed topk. */
-    int n = 0;
-    for (int blk = 0; blk < c0 && n < topk; blk++) out[n++] = blk;
-    for (int blk = c1; blk < nb && n < topk; blk++) out[n++] = blk;
-    forced = n;
-    want = topk - n < c1 - c0 ? topk - n : c1 - c0;
-  }
-  const int n = c1 - c0;
+  /* Forced blocks: init, then local (vLLM scores them 1e30 and 1e29), which only matters when
+   * they alone exceed topk. */
+  const int ninit = c0 < topk ? c0 : topk;
+  const int nlocal = nb - c1 < topk - ninit ? nb - c1 : topk - ninit;
+  const int n = c1 - c0, want = topk - ninit - nlocal < n ? topk - ninit - nlocal : n;
   const float *s = a.scores + ((size_t)t * a.G + g) * a.kv.num_blocks + c0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = score_key(s[i]);
-  for (int i = threadIdx.x; i < SELECT_WARPS * topk; i += blockDim.x) finalists[i] = 0;
-  __syncthreads();
-  const int k = want, f = forced;
-  if (k > 0) {
-    /* Each warp: the k best of its share (fewer when the share is smaller; 0 fills the rest). */
-    const int lo = (int)((int64_t)warp * n / SELECT_WARPS), hi = (int)((int64_t)(warp + 1) * n / SELECT_WARPS);
-    uint64_t best = lane_best(keys, lo, hi, lane);
-    for (int r = 0; r < k; r++) {
-      const uint64_t m = warp_max_u64(best);
-      if (m == 0) break; /* the same on every lane */
-      if (lane == 0) finalists[warp * topk + r] = m;
-      if (best == m) { /* rank keys are distinct: this lane owns the winner */
-        keys[(int)~(uint32_t)m] = 0;
-        best = lane_best(keys, lo, hi, lane);
+  __syncwarp(); /* the warp's previous row is done with keys and win */
+#pragma unroll 8 /* loads in flight together */
+  for (int i = lane; i < n; i += 32) keys[i] = score_key(__ldcg(s + i));
+  __syncwarp();
+  uint32_t bk;
+  int bi;
+  lane_best_below(keys, n, lane, 0xffffffffu, -1, &bk, &bi); /* every score key is below ~0 */
+  for (int r = 0; r < want; r++) { /* want <= n: a candidate is left every round */
+    const uint32_t mk = __reduce_max_sync(0xffffffffu, bk);
+    const int mi = (int)__reduce_min_sync(0xffffffffu, bk == mk ? (unsigned)bi : 0xffffffffu);
+    if (lane == 0) win[r] = mi;
+    if (bk == mk && bi == mi) lane_best_below(keys, n, lane, mk, mi, &bk, &bi);
+  }
+  __syncwarp();
+  /* Ascending: init ids, the winners by id (distinct, so a rank is the count of smaller ones),
+   * local ids, then -1. */
+  for (int i = lane; i < ninit; i += 32) out[i] = i;
+  for (int r = lane; r < want; r += 32) {
+    const int w = win[r];
+    int rank = 0;
+    for (int j = 0; j < want; j++) rank += win[j] < w;
+    out[ninit + rank] = c0 + w;
+  }
+  for (int i = lane; i < nlocal; i += 32) out[ninit + want + i] = c1 + i;
+  for (int i = ninit + want + nlocal + lane; i < topk; i += 32) out[i] = -1;
+}
+
+/* GP: G rounded up to a power of two; CH: float4 chunks per lane, ihd <= 128 * CH; FP8: the
+ * cache's dtype. Thread block: token t, blocks [chunk * chunk_blocks, + chunk_blocks) of its
+ * candidates. */
+template <int GP, int CH, bool FP8>
+__global__ void __launch_bounds__(32 * SCORE_WARPS, GP <= 4 ? MSA_SCORE_CTAS_PER_SM : 1) msa_score_kernel(msa_args a) {
+  constexpr int KPW = 16 / GP; /* keys per warp step: KPW * GP = 16 dots per lane */
+  constexpr int SCORE_STEPS = GP / CH > 1 ? GP / CH : 1; /* steps loaded at once: 16 float4 per lane */
+  __shared__ float warp_best[SCORE_WARPS][MSA_CHUNK_MAX][GP];
+  __shared__ int32_t pages[MSA_CHUNK_MAX];
+  const int t = (int)(blockIdx.x / (unsigned)a.chunks), chunk = (int)(blockIdx.x % (unsigned)a.chunks);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t p = a.pos[t];
+  int nb, c0, c1;
+  int b0 = chunk * a.chunk_blocks, b1 = b0 + a.chunk_blocks;
+  if (msa_candidates(a, p, &nb, &c0, &c1)) {
+    b0 = b0 > c0 ? b0 : c0;
+    b1 = b1 < c1 ? b1 : c1;
+  } else {
+    b1 = b0; /* every visible block is selected: nothing to score */
+  }
+  if (b0 < b1) { /* the same for the whole block */
+    const int G = a.G, ihd = a.kv.ihd, ihd4 = ihd >> 2, bs = a.kv.block_size, nblk = b1 - b0;
+    if ((int)threadIdx.x < nblk) pages[threadIdx.x] = a.kv.block_table[b0 + threadIdx.x];
+    float4 q[GP][CH];
+#pragma unroll
+    for (int g = 0; g < GP; g++)
+#pragma unroll
+      for (int c = 0; c < CH; c++) {
+        const int ch = lane + 32 * c;
+        q[g][c] = g < G && ch < ihd4 ? ((const float4 *)(a.iq + ((size_t)t * G + g) * ihd))[ch]
+                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-    }
-    __syncthreads();
-    /* Warp 0: the k best finalists; there are at least k. */
-    if (warp == 0) {
-      const int nf = SELECT_WARPS * topk;
-      uint64_t fb = 0;
-      for (int i = lane; i < nf; i += 32) fb = finalists[i] > fb ? finalists[i] : fb;
-      for (int r = 0; r < k; r++) {
-        const uint64_t m = warp_max_u64(fb);
-        if (lane == 0) out[f + r] = (int32_t)~(uint32_t)m + c0;
-        if (fb == m) {
-          fb = 0;
-          for (int i = lane; i < nf; i += 32) {
-            if (finalists[i] == m) finalists[i] = 0;
-            fb = finalists[i] > fb ? finalists[i] : fb;
+    __syncthreads(); /* pages */
+    const int slot = (lane >> 1) & 15, slot_key = slot / GP, slot_head = slot % GP;
+    for (int bl = 0; bl < nblk; bl++) {
+      const int b = b0 + bl;
+      const int n = p - b * bs + 1 < bs ? p - b * bs + 1 : bs;
+      const float4 *keys = (const float4 *)((const float *)a.kv.ik + (size_t)pages[bl] * bs * ihd);
+      const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, pages[bl], bs, ihd, 0);
+      float best = -INFINITY; /* of (key slot_key of each step, head slot_head); NaN dots never win */
+      for (int j0 = warp * KPW * SCORE_STEPS; j0 < n; j0 += SCORE_WARPS * KPW * SCORE_STEPS) {
+        /* float32: the keys; fp8: their bytes and row scales, decoded a step at a time (half the
+         * registers of decoded keys, so the loads of all steps stay in flight). */
+        float4 k[SCORE_STEPS][KPW][CH];
+        uint32_t k8[SCORE_STEPS][KPW][CH];
+        float k8s[SCORE_STEPS][KPW];
+#pragma unroll
+        for (int st = 0; st < SCORE_STEPS; st++)
+#pragma unroll
+          for (int kk = 0; kk < KPW; kk++) {
+            const int j = j0 + st * KPW + kk;
+            if constexpr (FP8) k8s[st][kk] = j < n ? keys8.scale[j] : 0.0f;
+#pragma unroll
+            for (int c = 0; c < CH; c++) {
+              const int ch = lane + 32 * c;
+              if constexpr (FP8)
+                k8[st][kk][c] = j < n && ch < ihd4 ? ((const uint32_t *)keys8.q)[(size_t)j * ihd4 + ch] : 0u;
+              else
+                k[st][kk][c] = j < n && ch < ihd4 ? keys[(size_t)j * ihd4 + ch] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
           }
+#pragma unroll
+        for (int st = 0; st < SCORE_STEPS; st++) {
+          float4 ks[KPW][CH]; /* this step's keys */
+#pragma unroll
+          for (int kk = 0; kk < KPW; kk++)
+#pragma unroll
+            for (int c = 0; c < CH; c++) {
+              if constexpr (FP8) ks[kk][c] = kv8_dequant4(k8[st][kk][c], k8s[st][kk]);
+              else ks[kk][c] = k[st][kk][c];
+            }
+          float v[16];
+#pragma unroll
+          for (int kk = 0; kk < KPW; kk++)
+#pragma unroll
+            for (int g = 0; g < GP; g++) {
+              float d = 0.0f;
+#pragma unroll
+              for (int c = 0; c < CH; c++)
+                d += q[g][c].x * ks[kk][c].x + q[g][c].y * ks[kk][c].y + q[g][c].z * ks[kk][c].z +
+                     q[g][c].w * ks[kk][c].w;
+              v[kk * GP + g] = d;
+            }
+          const float dot = warp_sum16(v, lane);
+          if (j0 + st * KPW + slot_key < n) best = fmaxf(best, dot);
         }
       }
+      /* Max over the lanes of one head: lane bits 1..log2(GP) hold the head. */
+      best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 1));
+#pragma unroll
+      for (int o = 2 * GP; o < 32; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+      if ((lane & 1) == 0 && lane < 2 * GP) warp_best[warp][bl][slot_head] = best;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nblk * G; i += blockDim.x) {
+      const int bl = i / G, g = i % G;
+      float s = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < SCORE_WARPS; w++) s = fmaxf(s, warp_best[w][bl][g]);
+      a.scores[((size_t)t * G + g) * a.kv.num_blocks + b0 + bl] = s;
     }
   }
-  if (threadIdx.x == 0) { /* its own writes above: out is complete */
-    const int total = f + (k > 0 ? k : 0);
-    for (int i = 1; i < total; i++) /* ascending block ids */
-      for (int j = i; j > 0 && out[j - 1] > out[j]; j--) {
-        int32_t tmp = out[j];
-        out[j] = out[j - 1];
-        out[j - 1] = tmp;
-      }
-    for (int i = total; i < topk; i++) out[i] = -1;
+  if (!a.fused) return;
+  /* The last of the token's thread blocks to finish selects its rows, one warp per head: the
+   * scores of every block are written (each writer fenced before its block counted). */
+  extern __shared__ uint32_t row_smem[]; /* per warp: keys [num_blocks], winners [topk] */
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicInc(&msa_chunks_done[t], (unsigned)a.chunks - 1u) == (unsigned)a.chunks - 1u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int words = a.kv.num_blocks + a.p.topk;
+  uint32_t *mine = row_smem + (size_t)warp * words;
+  for (int g = warp; g < a.G; g += SCORE_WARPS)
+    msa_select_row(a, t, g, mine, (int32_t *)(mine + a.kv.num_blocks), lane);
+}
+
+/* The selection of rows blockIdx.x * warps + warp (warps = blockDim.x / 32), one warp each,
+ * from the scores of an earlier launch (or none: no token has candidates). */
+__global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args a, int rows) {
+  extern __shared__ uint32_t row_smem[]; /* per warp: keys [num_blocks], winners [topk] */
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = (int)blockIdx.x * (int)(blockDim.x >> 5) + warp;
+  if (row >= rows) return;
+  const int words = a.kv.num_blocks + a.p.topk;
+  uint32_t *mine = row_smem + (size_t)warp * words;
+  msa_select_row(a, row / a.G, row % a.G, mine, (int32_t *)(mine + a.kv.num_blocks), lane);
+}
+
+/* Allows `kernel` `smem` bytes of dynamic shared memory when that passes the default 48 KiB;
+ * *opted remembers the largest allowed so far. */
+static void msa_opt_smem(cuda_backend *cb, const void *kernel, size_t smem, size_t *opted, const char *op) {
+  if (smem > 48 * 1024 && smem > *opted) {
+    cuda_note(cb, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), op);
+    *opted = smem;
   }
 }
 
 template <int GP, bool FP8>
-static void msa_launch_scores_of(cuda_backend *cb, const msa_args &a, dim3 grid) {
-  if (a.kv.ihd <= 128) msa_score_kernel<GP, 1, FP8><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
-  else msa_score_kernel<GP, 2, FP8><<<grid, 32 * SCORE_WARPS, 0, cb->stream>>>(a);
+static void msa_launch_scores_of(cuda_backend *cb, const msa_args &a, unsigned grid, size_t smem) {
+  if (a.kv.ihd <= 128) msa_score_kernel<GP, 1, FP8><<<grid, 32 * SCORE_WARPS, smem, cb->stream>>>(a);
+  else msa_score_kernel<GP, 2, FP8><<<grid, 32 * SCORE_WARPS, smem, cb->stream>>>(a);
 }
 
 template <int GP>
-static void msa_launch_scores(cuda_backend *cb, const msa_args &a, dim3 grid) {
-  if (a.kv.dtype == M3_KV_FP8) msa_launch_scores_of<GP, true>(cb, a, grid);
-  else msa_launch_scores_of<GP, false>(cb, a, grid);
+static void msa_launch_scores(cuda_backend *cb, const msa_args &a, unsigned grid, size_t smem) {
+  if (a.kv.dtype == M3_KV_FP8) msa_launch_scores_of<GP, true>(cb, a, grid, smem);
+  else msa_launch_scores_of<GP, false>(cb, a, grid, smem);
 }
 
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                      const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel) {
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || p->topk <= 0) return;
-  if (G <= 0 || G > MSA_MAX_G || kv->num_blocks <= 0 || kv->ihd % 4 != 0 || kv->ihd > MSA_MAX_IHD) {
+  const size_t row_bytes = (size_t)msa_row_words(kv, p) * sizeof(uint32_t);
+  if (G <= 0 || G > MSA_MAX_G || kv->num_blocks <= 0 || kv->ihd % 4 != 0 || kv->ihd > MSA_MAX_IHD ||
+      row_bytes > 200 * 1024) {
     cuda_note(cb, cudaErrorInvalidValue,
-              "msa_select (1 to 16 index heads, index dim a multiple of 4 up to 256, some blocks)");
+              "msa_select (1 to 16 index heads, index dim a multiple of 4 up to 256, 1 to 50000 blocks)");
     return;
   }
   msa_args a;
@@ -269,24 +324,42 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   a.p = *p;
   a.sel = sel;
   a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
-  a.scores = (float *)cuda_scratch(cb, (size_t)T * G * kv->num_blocks * sizeof(float), "msa_select");
-  if (!a.scores) return;
-  /* The positions live on the device: score blocks up to the table's end, and blocks past a
-   * token's candidates return at once. */
-  dim3 grid((unsigned)kv->num_blocks, (unsigned)T);
-  if (G == 1) msa_launch_scores<1>(cb, a, grid);
-  else if (G == 2) msa_launch_scores<2>(cb, a, grid);
-  else if (G <= 4) msa_launch_scores<4>(cb, a, grid);
-  else if (G <= 8) msa_launch_scores<8>(cb, a, grid);
-  else msa_launch_scores<16>(cb, a, grid);
-  cuda_launched(cb, "msa_select (scores)");
-  size_t smem = (size_t)SELECT_WARPS * p->topk * sizeof(uint64_t) + (size_t)kv->num_blocks * sizeof(uint32_t);
-  static size_t smem_opted; /* the largest dynamic shared memory the kernel was allowed so far */
-  if (smem > 48 * 1024 && smem > smem_opted) {
-    cuda_note(cb, cudaFuncSetAttribute(msa_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem), "msa_select (shared memory for the candidates)");
-    smem_opted = smem;
+  a.scores = NULL;
+  a.fused = 0;
+  a.chunk_blocks = a.chunks = 1;
+  if (kv->num_blocks > p->topk) { /* else no position has candidates: nothing to score */
+    a.scores = (float *)cuda_scratch(cb, (size_t)T * G * kv->num_blocks * sizeof(float), "msa_select");
+    if (!a.scores) return;
+    /* Blocks per thread block: the scan of all tokens over about MSA_SCORE_CTAS_PER_SM blocks
+     * per SM (one wave), at least one block each, at most MSA_CHUNK_MAX. The positions live on
+     * the device: chunks cover the table, and blocks past a token's candidates are skipped. */
+    const int64_t total = (int64_t)T * kv->num_blocks, ctas = (int64_t)MSA_SCORE_CTAS_PER_SM * cb->num_sms;
+    int64_t cb_blocks = (total + ctas - 1) / ctas;
+    if (cb_blocks > MSA_CHUNK_MAX) cb_blocks = MSA_CHUNK_MAX;
+    if (cb_blocks < 1) cb_blocks = 1;
+    a.chunk_blocks = (int)cb_blocks;
+    a.chunks = (kv->num_blocks + a.chunk_blocks - 1) / a.chunk_blocks;
+    const int sel_warps = G < SCORE_WARPS ? G : SCORE_WARPS;
+    const size_t fused_smem = (size_t)sel_warps * row_bytes;
+    a.fused = T <= MSA_FUSED_MAX_T && fused_smem <= MSA_FUSED_SMEM;
+    const size_t smem = a.fused ? fused_smem : 0;
+    const unsigned grid = (unsigned)((int64_t)T * a.chunks);
+    if (G == 1) msa_launch_scores<1>(cb, a, grid, smem);
+    else if (G == 2) msa_launch_scores<2>(cb, a, grid, smem);
+    else if (G <= 4) msa_launch_scores<4>(cb, a, grid, smem);
+    else if (G <= 8) msa_launch_scores<8>(cb, a, grid, smem);
+    else msa_launch_scores<16>(cb, a, grid, smem);
+    cuda_launched(cb, a.fused ? "msa_select (scores and top-k)" : "msa_select (scores)");
+    if (a.fused) return;
   }
-  msa_select_kernel<<<(unsigned)(T * G), 32 * SELECT_WARPS, smem, cb->stream>>>(a);
+  /* Rows per thread block: up to SELECT_WARPS, as many as 96 KiB of candidates hold (one at least,
+   * up to 200 KiB). */
+  const int rows = T * G;
+  int warps = (int)(96 * 1024 / row_bytes);
+  warps = warps < 1 ? 1 : warps > SELECT_WARPS ? SELECT_WARPS : warps;
+  const size_t smem = (size_t)warps * row_bytes;
+  static size_t smem_opted; /* the largest dynamic shared memory the kernel was allowed so far */
+  msa_opt_smem(cb, (const void *)msa_select_kernel, smem, &smem_opted, "msa_select (shared memory for the candidates)");
+  msa_select_kernel<<<(unsigned)((rows + warps - 1) / warps), 32 * warps, smem, cb->stream>>>(a, rows);
   cuda_launched(cb, "msa_select (top-k)");
 }

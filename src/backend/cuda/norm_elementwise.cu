@@ -13,61 +13,134 @@ static unsigned elem_blocks(size_t n) {
   return (unsigned)(b < 1 ? 1 : b);
 }
 
-/* The second half of a Gemma RMSNorm of one row by one block: y = x * (1 / sqrt(mean(x^2) + eps))
- * * (1 + w), given each thread's share ss of the sum of squares over the elements it owns
- * (i = threadIdx.x + k * blockDim.x). Each thread writes only the elements it owns, so x and y may
- * alias. */
-__device__ __forceinline__ void norm_row(const float *xr, float ss, const cuda_weight &w, float eps,
-                                         int n, float *yr) {
-  float mean = block_sum(ss) / (float)n;
-  float inv = 1.0f / sqrtf(mean + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float gain = 1.0f + dev_w(w, 0, i);
-    yr[i] = __fmul_rn(__fmul_rn(xr[i], inv), gain);
-  }
-}
-
 /* Threads per row of the norms: the reduction order follows from it, so rmsnorm and add_rmsnorm
  * take the same count for the same width (the fused op's norm then equals the plain one's). */
 static int norm_threads(int n) { return n >= 1024 ? 512 : n >= 256 ? 256 : 64; }
 
-/* One block per row. */
-__global__ void rmsnorm_kernel(const float *x, cuda_weight w, float eps, int n, float *y) {
-  const float *xr = x + (size_t)blockIdx.x * n;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
-  norm_row(xr, ss, w, eps, n, y + (size_t)blockIdx.x * n);
+/* Columns [4q, 4q + 4) of a row: a thread's unit of the norms (NORM_QUADS of them per pass).
+ * VEC (n % 4 == 0, rows 16-byte aligned) reads and writes them as one float4; otherwise element by
+ * element, columns past n read as 0 and never written. Which thread owns which column, and so the
+ * reduction order, is the same either way. */
+enum { NORM_QUADS = 4 };
+
+__device__ __forceinline__ void load_quad(const float *row, int64_t c, int n, int vec, float v[4]) {
+  if (vec) {
+    const float4 f = *(const float4 *)(row + c);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+    for (int i = 0; i < 4; i++) v[i] = c + i < n ? row[c + i] : 0.0f;
+  }
 }
+
+__device__ __forceinline__ void store_quad(float *row, int64_t c, int n, int vec, const float v[4]) {
+  if (vec) {
+    *(float4 *)(row + c) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    for (int i = 0; i < 4; i++)
+      if (c + i < n) row[c + i] = v[i];
+  }
+}
+
+/* How the norms read their weight row: 4 columns in one load (BF16: 8 bytes, F32: 16 bytes; the
+ * row's data aligned to that and n % 4 == 0), or element by element through dev_w. */
+enum { GAIN_ANY, GAIN_BF16, GAIN_F32 };
+
+static int gain_kind(const m3_tensor *w, int n) {
+  if (w->quant != M3_WQ_NONE || n % 4 != 0) return GAIN_ANY;
+  if (w->dtype == M3_DT_BF16 && (uintptr_t)w->data % 8 == 0) return GAIN_BF16;
+  if (w->dtype == M3_DT_F32 && (uintptr_t)w->data % 16 == 0) return GAIN_F32;
+  return GAIN_ANY;
+}
+
+/* Weight columns [c, c + 4) (0 past n). */
+__device__ __forceinline__ void load_gain(const cuda_weight &w, int kind, int64_t c, int n, float g[4]) {
+  if (kind == GAIN_BF16) {
+    const uint2 u = *(const uint2 *)(w.data + 2 * c);
+    g[0] = __uint_as_float(u.x << 16), g[1] = __uint_as_float(u.x & 0xffff0000u);
+    g[2] = __uint_as_float(u.y << 16), g[3] = __uint_as_float(u.y & 0xffff0000u);
+  } else if (kind == GAIN_F32) {
+    const float4 f = *(const float4 *)(w.data + 4 * c);
+    g[0] = f.x, g[1] = f.y, g[2] = f.z, g[3] = f.w;
+  } else {
+    for (int i = 0; i < 4; i++) g[i] = c + i < n ? dev_w(w, 0, c + i) : 0.0f;
+  }
+}
+
+/* Gemma RMSNorm of one row per block: out = x * (1 / sqrt(mean(x^2) + eps)) * (1 + w); ADD first
+ * sets x += y (written back) and norms the sums, as the CUDA add then rmsnorm compute them. Thread
+ * i owns the quads i, i + blockDim.x, ...; rows up to NORM_QUADS x 4 x blockDim.x columns (8192
+ * at 512 threads) stay in registers between the sum of squares and the scaling, and their x, y
+ * and weight loads are all issued before the first is used (the old loop took one DRAM round trip
+ * per element per thread, twice: 13 us for one 6144-wide row); wider rows take passes and read x
+ * again. The squares are summed with explicit fmaf in quad order, then block_sum: the same order
+ * for both ops, so the fused one equals add + rmsnorm bit for bit. Each thread writes only the
+ * columns it owns, after reading them: out may alias x. */
+template <int ADD>
+__global__ void __launch_bounds__(512)
+    norm_kernel(float *x, const float *y, cuda_weight w, int gain, float eps, int n, int vec, float *out) {
+  const int nt = blockDim.x, tid = threadIdx.x;
+  float *xr = x + (size_t)blockIdx.x * n, *outr = out + (size_t)blockIdx.x * n;
+  const float *yr = ADD ? y + (size_t)blockIdx.x * n : NULL;
+  const int64_t nq = ((int64_t)n + 3) / 4, per_pass = (int64_t)NORM_QUADS * nt;
+  const int whole = nq <= per_pass;
+  float v[NORM_QUADS][4], g[NORM_QUADS][4];
+  float ss = 0.0f;
+  for (int64_t q0 = 0; q0 < nq; q0 += per_pass) {
+#pragma unroll
+    for (int j = 0; j < NORM_QUADS; j++) {
+      const int64_t q = q0 + (int64_t)j * nt + tid;
+      for (int i = 0; i < 4; i++) v[j][i] = g[j][i] = 0.0f;
+      if (q >= nq) continue;
+      load_quad(xr, 4 * q, n, vec, v[j]);
+      if (ADD) {
+        float a[4];
+        load_quad(yr, 4 * q, n, vec, a);
+        for (int i = 0; i < 4; i++) v[j][i] = v[j][i] + a[i];
+        store_quad(xr, 4 * q, n, vec, v[j]);
+      }
+      if (whole) load_gain(w, gain, 4 * q, n, g[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_QUADS; j++)
+      for (int i = 0; i < 4; i++) ss = fmaf(v[j][i], v[j][i], ss); /* 0 past n: adds nothing */
+  }
+  const float inv = 1.0f / sqrtf(block_sum(ss) / (float)n + eps);
+  for (int64_t q0 = 0; q0 < nq; q0 += per_pass) {
+#pragma unroll
+    for (int j = 0; j < NORM_QUADS; j++) {
+      const int64_t q = q0 + (int64_t)j * nt + tid;
+      if (q >= nq) continue;
+      if (!whole) {
+        load_quad(xr, 4 * q, n, vec, v[j]);
+        load_gain(w, gain, 4 * q, n, g[j]);
+      }
+      float o[4];
+      for (int i = 0; i < 4; i++) o[i] = __fmul_rn(__fmul_rn(v[j][i], inv), 1.0f + g[j][i]);
+      store_quad(outr, 4 * q, n, vec, o);
+    }
+  }
+}
+
+static int aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
 void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
                   float *y) {
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
-  rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, cuda_weight_of(w), eps, n, y);
+  const int vec = n % 4 == 0 && aligned16(x) && aligned16(y);
+  /* x is only read (ADD = 0): the cast drops const for the shared kernel */
+  norm_kernel<0><<<nrows, norm_threads(n), 0, cb->stream>>>((float *)x, NULL, cuda_weight_of(w),
+                                                             gain_kind(w, n), eps, n, vec, y);
   cuda_launched(cb, "rmsnorm");
-}
-
-/* One block per row: x += y, each thread on the elements it then norms (norm_row reads back its
- * own writes), the squares summed from the rounded sums as rmsnorm_kernel reads them. */
-__global__ void add_rmsnorm_kernel(float *x, const float *y, cuda_weight w, float eps, int n,
-                                   float *out) {
-  float *xr = x + (size_t)blockIdx.x * n;
-  const float *yr = y + (size_t)blockIdx.x * n;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = xr[i] + yr[i];
-    xr[i] = v;
-    ss += v * v;
-  }
-  norm_row(xr, ss, w, eps, n, out + (size_t)blockIdx.x * n);
 }
 
 void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
                       int nrows, int n, float *out) {
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
-  add_rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w), eps, n,
-                                                                out);
+  const int vec = n % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(out);
+  norm_kernel<1><<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w), gain_kind(w, n),
+                                                             eps, n, vec, out);
   cuda_launched(cb, "add_rmsnorm");
 }
 
@@ -124,7 +197,7 @@ void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, 
 
 enum { NORM_ROPE_WARPS = 8, NORM_ROPE_MAX_HD = 512 };
 
-/* One warp per head vector (row r = t * nheads + h of x): Gemma RMSNorm as rmsnorm_kernel computes
+/* One warp per head vector (row r = t * nheads + h of x): Gemma RMSNorm as norm_kernel computes
  * it, the normalized row staged in shared memory so that each lane can read the partner of its
  * pair, then rope_kernel's rotation. One launch and one read and write of x instead of two. */
 __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)

@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <stdlib.h>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -98,6 +99,141 @@ __device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int
   if (w.quant == M3_WQ_FP8_BLOCK)
     return ((const float *)w.scale)[(size_t)(r / w.block_rows) * w.scale_cols + s * 32 / w.block_cols];
   return 1.0f;
+}
+
+/* ---- 32-byte steps of a row (the GEMVs of matmul.cu, the one-token expert GEMV of moe.cu) ---- */
+
+/* Elements in one 32-byte step of a row of kind WK; WK_ANY rows go one element at a time through
+ * dev_w. */
+template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ? 32 : WK == WK_ANY ? 0 : 16 }; };
+
+/* Elements [4g, 4g + 4) of a 32-byte step (u[0], u[1]) as float32, before any scale. E4M3 takes
+ * no conversion instruction (their throughput, 16 per clock per SM, is below what the memory
+ * delivers): each byte's sign, exponent and mantissa are moved into a BF16 at the same bit places
+ * as in E4M3, which is the value times 2^-120 (subnormals too, as float32 subnormals), then
+ * widened (a shift) and multiplied by 2^120, exactly. */
+template <int WK>
+__device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
+  const uint32_t *p = (const uint32_t *)u;
+  if (WK == WK_F32) {
+    for (int i = 0; i < 4; i++) v[i] = __uint_as_float(p[4 * g + i]);
+  } else if (WK == WK_BF16) {
+    for (int i = 0; i < 2; i++) {
+      v[2 * i] = __uint_as_float(p[2 * g + i] << 16);
+      v[2 * i + 1] = __uint_as_float(p[2 * g + i] & 0xffff0000u);
+    }
+  } else if (WK == WK_F16) {
+    for (int i = 0; i < 2; i++) {
+      __half2_raw raw;
+      raw.x = (unsigned short)(p[2 * g + i] & 0xffff);
+      raw.y = (unsigned short)(p[2 * g + i] >> 16);
+      float2 f = __half22float2(__half2(raw));
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  } else {
+    const uint32_t b = p[g];
+    /* per byte: high byte of the BF16 = sign | top 3 exponent bits, low byte = last exponent bit
+     * and the mantissa in its top nibble */
+    const uint32_t hi = (b & 0x80808080u) | ((b >> 4) & 0x07070707u), lo = (b << 4) & 0xf0f0f0f0u;
+    const uint32_t e01 = __byte_perm(lo, hi, 0x5140), e23 = __byte_perm(lo, hi, 0x7362);
+    v[0] = __uint_as_float(e01 << 16) * 0x1p120f;
+    v[1] = __uint_as_float(e01 & 0xffff0000u) * 0x1p120f;
+    v[2] = __uint_as_float(e23 << 16) * 0x1p120f;
+    v[3] = __uint_as_float(e23 & 0xffff0000u) * 0x1p120f;
+  }
+}
+
+/* Steps a lane loads ahead in warp_rows_dot: U x NW x RW x 32 bytes in flight per lane (256 at
+ * U 2 and 4 rows: 8 KB a warp, 64 KB a block of 8 warps; with 2 blocks per SM about twice the
+ * 40-64 KB an H200 SM needs in flight to keep its share of DRAM bandwidth busy). */
+enum { WARP_ROWS_U = 2 };
+
+/* One lane's share of y[m][r] = dot(W_m[rows[r], :], x[0, K)) for the NW matrices w0 (and w1:
+ * the same shape, NW = 2) and RW rows each: the 32-byte steps lane, lane + 32, ... (a warp reads
+ * 1 KB of a row at a time), U steps of every row loaded with their scales before the first is
+ * used; columns past the last whole step one at a time; a NaN E4M3 byte in a lane's steps makes
+ * its share NaN. The caller sums the lanes (warp_sum). Each step's sum is formed as gemv_kernel
+ * forms it (the same expression), then scaled once. x 16-byte aligned, rows 16-byte aligned
+ * (gemv_kind's conditions), WK != WK_ANY. */
+template <int WK, int NW, int RW, int U>
+__device__ __forceinline__ void warp_rows_dot(const cuda_weight &w0, const cuda_weight &w1,
+                                              const int64_t rows[RW], const float *__restrict__ x,
+                                              float acc[NW][RW]) {
+  constexpr int E = wk_step<WK>::n;
+  const int lane = threadIdx.x & 31;
+  const int64_t K = w0.cols, steps = K / E;
+  const size_t eb = (size_t)w0.elem_bytes;
+  uint32_t nan_bits[NW][RW];
+#pragma unroll
+  for (int m = 0; m < NW; m++)
+#pragma unroll
+    for (int r = 0; r < RW; r++) acc[m][r] = 0.0f, nan_bits[m][r] = 0u;
+  for (int64_t s0 = lane; s0 < steps; s0 += 32 * U) {
+    uint4 u[U][NW][RW][2];
+    float sc[U][NW][RW];
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      const int64_t s = s0 + 32 * i < steps ? s0 + 32 * i : s0; /* past the end: reread, unused */
+#pragma unroll
+      for (int m = 0; m < NW; m++) {
+        const cuda_weight &w = m ? w1 : w0;
+#pragma unroll
+        for (int r = 0; r < RW; r++) {
+          const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)s * E) * eb;
+          u[i][m][r][0] = ld_stream16(p);
+          u[i][m][r][1] = ld_stream16(p + 16);
+          sc[i][m][r] = WK == WK_E4M3 ? step_scale(w, rows[r], s) : 1.0f;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+      const int64_t s = s0 + 32 * i;
+      if (s >= steps) break;
+      float part[NW][RW];
+#pragma unroll
+      for (int m = 0; m < NW; m++)
+#pragma unroll
+        for (int r = 0; r < RW; r++) part[m][r] = 0.0f;
+#pragma unroll
+      for (int g = 0; g < E / 4; g++) {
+        const float4 xv = __ldg((const float4 *)(x + (size_t)s * E) + g);
+#pragma unroll
+        for (int m = 0; m < NW; m++)
+#pragma unroll
+          for (int r = 0; r < RW; r++) {
+            float wv[4];
+            decode_quad<WK>(u[i][m][r], g, wv);
+            part[m][r] += wv[0] * xv.x + wv[1] * xv.y + wv[2] * xv.z + wv[3] * xv.w;
+          }
+      }
+#pragma unroll
+      for (int m = 0; m < NW; m++)
+#pragma unroll
+        for (int r = 0; r < RW; r++) {
+          if (WK == WK_E4M3) {
+            const uint32_t *p = (const uint32_t *)u[i][m][r];
+#pragma unroll
+            for (int b = 0; b < 8; b++) nan_bits[m][r] |= e4m3_nan_bits(p[b]);
+            acc[m][r] += part[m][r] * sc[i][m][r];
+          } else {
+            acc[m][r] += part[m][r];
+          }
+        }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < NW; m++)
+#pragma unroll
+    for (int r = 0; r < RW; r++)
+      if (nan_bits[m][r]) acc[m][r] = __uint_as_float(0x7fc00000u);
+  for (int64_t c = steps * E + lane; c < K; c += 32) {
+    const float xv = x[c];
+#pragma unroll
+    for (int m = 0; m < NW; m++)
+#pragma unroll
+      for (int r = 0; r < RW; r++) acc[m][r] += dev_w(m ? w1 : w0, rows[r], c) * xv;
+  }
 }
 
 /* ---- E4M3 weights on the tensor cores (matmul.cu mx_mma_kernel, moe.cu moe_mx_kernel) ----
@@ -287,6 +423,26 @@ static inline int gemv_kind(const m3_tensor *t, const float *x) {
   if (t->dtype != M3_DT_F8_E4M3 || K % 16 != 0) return WK_ANY;
   if (t->quant == M3_WQ_FP8_BLOCK && (t->block_cols <= 0 || t->block_cols % 16 != 0)) return WK_ANY;
   return WK_E4M3;
+}
+
+/* gemv_kind's choice for 32-byte steps (wk_step), less E4M3 with FP8 blocks narrower than a step
+ * (a step must sit under one scale). */
+static inline int gemv_step_kind(const m3_tensor *t, const float *x) {
+  const int kind = gemv_kind(t, x);
+  if (kind == WK_E4M3 && t->quant == M3_WQ_FP8_BLOCK && t->block_cols % 32 != 0) return WK_ANY;
+  return kind;
+}
+
+/* M3_CUDA_GEMV_OLD=1: one-token GEMVs take the kernels they took before warp_rows_dot
+ * (matmul.cu gemv_kernel; moe.cu moe_gemv_kernel or moe_mx_kernel), so that one device run can
+ * time both. Read once (per file that asks). */
+static inline int gemv_old(void) {
+  static int old = -1;
+  if (old < 0) {
+    const char *e = getenv("M3_CUDA_GEMV_OLD");
+    old = e && e[0] == '1' && e[1] == '\0';
+  }
+  return old;
 }
 
 #endif
