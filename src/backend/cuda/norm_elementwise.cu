@@ -209,14 +209,23 @@ __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
   if (r >= rows) return; /* whole warps leave: no block-wide barrier follows */
   float *v = x + (size_t)r * hd;
   float *buf = row_buf[warp];
-  float ss = 0.0f;
-  for (int i = lane; i < hd; i += 32) {
-    float e = v[i];
-    buf[i] = e;
-    ss += e * e;
+  /* a lane's elements and gains in registers, all loaded before the first is used: one round
+   * trip, not one per element and another for the weights */
+  float e[NORM_ROPE_MAX_HD / 32], gain[NORM_ROPE_MAX_HD / 32];
+#pragma unroll
+  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++) {
+    const int i = lane + 32 * j;
+    e[j] = i < hd ? v[i] : 0.0f;
+    gain[j] = i < hd ? dev_w(w, 0, i) : 0.0f;
   }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
+    if (lane + 32 * j < hd) ss += e[j] * e[j];
   const float inv = 1.0f / sqrtf(warp_sum(ss) / (float)hd + eps);
-  for (int i = lane; i < hd; i += 32) buf[i] = __fmul_rn(__fmul_rn(buf[i], inv), 1.0f + dev_w(w, 0, i));
+#pragma unroll
+  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
+    if (lane + 32 * j < hd) buf[lane + 32 * j] = __fmul_rn(__fmul_rn(e[j], inv), 1.0f + gain[j]);
   __syncwarp();
   const float p = (float)pos[r / nheads];
   for (int i = lane; i < hd; i += 32) {
