@@ -9,7 +9,8 @@
  *   ik = RoPE(RMSNorm_ihd(h Wik^T, index_k_norm))            [T, ihd]       one shared head
  *   store k, v (, ik) at pos, then select blocks per token and index head from the whole cache
  *   o  = attention(q, cache, selection or plain causal)      [T, nh, hd]
- *   x += o Wo^T                                              [T, H]
+ *   x += o Wo^T                                              [T, H]   tensor-parallel: summed
+ *                                                                     over the ranks' heads first
  *   h  = GemmaRMSNorm(x, post_attn_norm)                     [T, H]   the FFN half's input,
  *                                                                     fused with the add */
 #include "model/layers.h"
@@ -63,6 +64,7 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   }
 
   be->ops->matmul(be, &w->o_proj, s->att, T, s->out);
+  m3_model_all_reduce(m, s->out, (size_t)T * c->hidden_size); /* TP: the heads' partial sums */
   be->ops->add_rmsnorm(be, s->x, s->out, &w->post_attn_norm, c->rms_norm_eps, T, c->hidden_size,
                        s->h);
 }

@@ -8,7 +8,9 @@
  *   ids, w = moe_route(logits, bias)  sigmoid, biased top-k, renormalised, x routed_scaling
  *   x += sum_j w[t, j] * Expert_{ids[t, j]}(h[t])   moe_experts: each expert reads its weights once
  *   x += SharedExpert(h)                            unscaled
- * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add. */
+ * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add.
+ * Tensor-parallel ranks (m3_model_set_all_reduce) sum each FFN output over the ranks before its
+ * residual add: once per layer, the shared and routed experts together. */
 #include "model/layers.h"
 
 /* out[n, H] = SwiGLU_OAI(in Wgate^T, in Wup^T) Wdown^T for n rows of in [n, H]. */
@@ -51,6 +53,28 @@ static void add_residual(m3_model *m, int T, const m3_tensor *next) {
     be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
 }
 
+/* Tensor parallelism: each rank holds a slice of every expert's width, so its shared expert and
+ * routed experts are partial sums. They go into s.out together (the shared expert's output, or
+ * zeros, then the routed experts added onto it) so that one all-reduce sums both over the ranks
+ * before the residual add. */
+static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
+  const m3_config *c = &m->cfg;
+  const m3_layer_weights *w = &m->w.layers[l];
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  const size_t n = (size_t)T * c->hidden_size;
+  m3_status st;
+  if (m3_tensor_present(&w->shared_gate))
+    swiglu_mlp(m, &w->shared_gate, &w->shared_up, &w->shared_down, s->h, T, s->out);
+  else if ((st = be->ops->copy(be, s->out, m->zeros, n * sizeof(float))) != M3_OK &&
+           m->reduce_status == M3_OK)
+    m->reduce_status = st; /* the step returns it; the all-reduce below still pairs up */
+  be->ops->moe_experts(be, &m->experts[l], s->h, T, s->route_ids, s->route_w,
+                       c->num_experts_per_tok, s->out);
+  m3_model_all_reduce(m, s->out, n);
+  add_residual(m, T, next);
+}
+
 static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
@@ -61,6 +85,10 @@ static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
   be->ops->matmul(be, &w->router, s->h, T, s->router);
   be->ops->moe_route(be, s->router, m->router_bias[l], T, c->num_experts, k,
                      c->routed_scaling_factor, s->route_ids, s->route_w);
+  if (m->all_reduce) {
+    moe_parallel(m, l, T, next);
+    return;
+  }
   be->ops->moe_experts(be, &m->experts[l], s->h, T, s->route_ids, s->route_w, k, s->x);
 
   if (m3_tensor_present(&w->shared_gate)) {
@@ -81,5 +109,6 @@ void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next) {
     return;
   }
   swiglu_mlp(m, &w->mlp_gate, &w->mlp_up, &w->mlp_down, s->h, T, s->out);
+  m3_model_all_reduce(m, s->out, (size_t)T * c->hidden_size); /* TP: the width slices' sums */
   add_residual(m, T, next);
 }

@@ -71,7 +71,23 @@ struct m3_model {
                                    * logits rows not computed yet (each step moves it on) */
   struct m3_step_graphs *graphs; /* recorded decode steps (step_graph.h), or NULL: a backend
                                   * without graph ops, or M3_CUDA_GRAPHS=0 */
+  m3_all_reduce_fn all_reduce;   /* tensor parallelism (m3_model_set_all_reduce), or NULL */
+  void *all_reduce_user;
+  m3_status reduce_status;       /* the step's first failed all-reduce, else M3_OK */
+  float *zeros;                  /* [step_tokens, H] zeros: the routed experts' sum starts there
+                                  * in an MoE layer without a shared expert (with a hook only) */
 };
+
+/* Cuts m's bound weights and config to rank `rank` of `tp` (shard.c), before they are prepared. */
+m3_status m3_model_shard(m3_model *m, int tp, int rank);
+
+/* buf[0, n) = its sum over the tensor-parallel ranks, when the model has a hook. A failure is kept
+ * for the step to return; the call is still made, so that the peers' calls keep pairing. */
+static inline void m3_model_all_reduce(m3_model *m, float *buf, size_t n) {
+  if (!m->all_reduce) return;
+  m3_status st = m->all_reduce(m->all_reduce_user, buf, n);
+  if (m->reduce_status == M3_OK) m->reduce_status = st;
+}
 
 /* Host memory to backend memory and back, for the step arrays of m3_host_side; nothing to do on a
  * host-memory backend, where both sides are the same array. */

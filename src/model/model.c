@@ -263,6 +263,8 @@ m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_loa
     /* Sorted for the prefault's lookups. */
     qsort(m->w.replaced, (size_t)m->w.num_replaced, sizeof *m->w.replaced, compare_address);
   }
+  if (opts && opts->tp_size > 1 && (st = m3_model_shard(m, opts->tp_size, opts->tp_rank)) != M3_OK)
+    goto fail;
   for (int l = 0; l < m->cfg.num_layers; l++) m->num_sparse += m->cfg.layer_attn[l] == M3_ATTN_SPARSE;
   m->msa = (m3_msa_params){.topk = m->cfg.index_topk_blocks,
                            .local_blocks = m->cfg.index_local_blocks,
@@ -288,6 +290,7 @@ void m3_model_free(m3_model *m) {
     free(m->graphs);
   }
   free_scratch(m);
+  if (m->zeros) m->be->ops->free(m->be, m->zeros);
   if (m->router_bias) {
     for (int l = 0; l < m->cfg.num_layers; l++)
       if (m->router_bias[l]) m->be->ops->free(m->be, m->router_bias[l]);
@@ -304,6 +307,21 @@ void m3_model_free(m3_model *m) {
 }
 
 const m3_config *m3_model_config(const m3_model *m) { return &m->cfg; }
+
+m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user) {
+  int bare_moe = 0; /* an MoE layer without a shared expert: its sum starts from zeros */
+  for (int l = 0; l < m->cfg.num_layers; l++)
+    bare_moe |= m->cfg.layer_mlp[l] == M3_MLP_MOE && !m3_tensor_present(&m->w.layers[l].shared_gate);
+  if (fn && bare_moe && !m->zeros) {
+    const size_t bytes = (size_t)m->step_tokens * (size_t)m->cfg.hidden_size * sizeof(float);
+    if (!(m->zeros = m->be->ops->alloc(m->be, bytes))) /* alloc zeroes */
+      return m3_fail(M3_ERR_NOMEM, "model: %zu bytes of zeros for the tensor-parallel MoE sum",
+                     bytes);
+  }
+  m->all_reduce = fn;
+  m->all_reduce_user = user;
+  return M3_OK;
+}
 
 m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n) {
   const int L = m->cfg.num_layers;
@@ -474,7 +492,8 @@ static m3_status run_layers_and_head(m3_model *m, void *ctx) {
  * verification), and no transfer between its ops: no media rows to splice in, no hidden states
  * or block selections to hand over. Its logits rows (<= T) then take one head matmul. */
 static int graphable(const m3_model *m, const step_plan *p) {
-  if (!m->graphs || p->T > M3_STEP_GRAPH_MAX_T || p->slot) return 0;
+  /* Not with an all-reduce hook: capturing collectives in a graph is not verified yet. */
+  if (!m->graphs || m->all_reduce || p->T > M3_STEP_GRAPH_MAX_T || p->slot) return 0;
   for (int i = 0; i < p->n_segs; i++) {
     const m3_model_seq *q = &p->seqs[p->segs[i].seq];
     if (q->media || q->capture) return 0;
@@ -500,6 +519,7 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   if (st == M3_OK && rows > 0 && rows < T)
     st = m3_upload(m, s->rows, m->hs.rows, (size_t)rows * sizeof(int32_t));
   if (st != M3_OK) return st;
+  m->reduce_status = M3_OK;
   step_plan plan = {segs, n_segs, T, seqs,
                     m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL,
                     rows, logits};
@@ -511,6 +531,7 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
     if (m->graphs) m->graphs->stats.skipped++;
     st = run_layers_and_head(m, &plan);
   }
+  if (st == M3_OK) st = m->reduce_status;
   if (st != M3_OK || rows == 0) return st;
   /* A device backend computes the logits in its memory, M3_MODEL_STEP_TOKENS rows at a time, and
    * hands them over (greedy: only each row's argmax); the CPU writes the caller's buffer directly.

@@ -45,12 +45,36 @@ typedef struct {
   int threads; /* for the conversion; 0 = one per core */
   void (*progress)(uint64_t done, uint64_t total, void *user); /* conversion progress, or NULL */
   void *user;
+  /* Tensor parallelism: load rank tp_rank's share of tp_size ranks (model/shard.c says what each
+   * holds); tp_size 0 or 1 is the whole model. m3_model_config then gives the rank's narrowed
+   * sizes (query, KV and index heads, intermediate sizes), which size its KV cache. A config the
+   * size does not divide is M3_ERR_CONFIG naming the key; a quantized tensor whose scale blocks a
+   * split would cut is M3_ERR_SHAPE naming the tensor. The ranks' forwards sum to the whole
+   * model's through m3_model_set_all_reduce. */
+  int tp_size, tp_rank;
 } m3_model_load_options;
 
 /* m3_model_load with options; opts NULL is m3_model_load. */
 m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_load_options *opts,
                              m3_model **out);
 void m3_model_free(m3_model *m);
+
+/* The all-reduce of a tensor-parallel rank: buf[0, n) = the sum over the ranks of their buf, in
+ * place; buf is backend memory. It is called in issue order on the rank's backend, so a device
+ * collective enqueued on the backend's stream keeps the forward asynchronous. */
+typedef m3_status (*m3_all_reduce_fn)(void *user, float *buf, size_t n);
+
+/* Makes every forward of a tensor-parallel rank call fn on the partial outputs the ranks split:
+ * per layer, the attention output after o_proj and the FFN output (dense MLP down, or shared
+ * expert down plus routed experts, summed first so that an MoE layer takes one call), each
+ * [T, hidden] of the step's T tokens, before its residual add. Every rank must run the same
+ * forwards, so the calls pair up. fn NULL removes the hook (the unsharded forward, unchanged).
+ * With a hook, steps run op by op (no recorded CUDA graphs), and a failure fn returns is the
+ * forward's status (later calls of the step still run, so that the peers' calls still pair).
+ * Every rank computes the head on the same summed hidden state (lm_head is replicated), so a
+ * rank that wants no logits passes NULL for them. M3_ERR_NOMEM when the scratch for an MoE layer
+ * without a shared expert cannot be allocated. */
+m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user);
 
 const m3_config *m3_model_config(const m3_model *m);
 m3_backend *m3_model_backend(const m3_model *m);

@@ -1,0 +1,358 @@
+/* test_model_shard: tensor-parallel loading (model/shard.c) and the all-reduce hook on the CPU.
+ *   slices       every sharded tensor of rank r of tp equals, decoded to float32 bit for bit, its
+ *                rows / columns of the whole model's tensor (ranges computed here from the
+ *                whole config); replicated tensors unchanged; the rank's config narrowed;
+ *   TP forward   tp ranks (one CPU backend and one thread each; the hook sums the ranks' buffers
+ *                on the host between two barriers) run a prompt at once and greedy decode steps:
+ *                logits within 1e-5 relative L2 of the whole model per position, identical on
+ *                every rank, and the same greedy continuation; for the committed text fixtures
+ *                whose sizes divide by 2 and two random models written here (BF16 and MXFP8,
+ *                widths of whole 32-column blocks per rank). tp 4 on a fixture with 2 KV heads
+ *                covers the replicated KV heads;
+ *   refusals     a size tp does not divide names the config key; an MXFP8 column split inside a
+ *                32-column scale block names the tensor. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "model/model.h"
+#include "io/tiny.h"
+#include "io/weights.h"
+
+enum { MAX_TP = 4, PROMPT = 11, DECODE = 4, MAX_POS = PROMPT + DECODE };
+
+static const char *fixture(const char *name) {
+  static char path[4096];
+  snprintf(path, sizeof path, "%s/tests/fixtures/text/%s", M3_SOURCE_DIR, name);
+  return path;
+}
+
+static m3_status load(const char *dir, int tp, int rank, m3_backend **be, m3_model **m) {
+  *m = NULL;
+  m3_status st = m3_backend_cpu_create(1, be);
+  if (st != M3_OK) return st;
+  m3_model_load_options opts = {.tp_size = tp, .tp_rank = rank};
+  st = m3_model_load_with(dir, *be, &opts, m);
+  if (st != M3_OK) {
+    (*be)->ops->destroy(*be);
+    *be = NULL;
+  }
+  return st;
+}
+
+static void unload(m3_backend *be, m3_model *m) {
+  m3_model_free(m);
+  if (be) be->ops->destroy(be);
+}
+
+/* ---- slices ---- */
+
+/* part == rows [r0, +part.rows) x cols [c0, +part.cols) of whole, decoded, bit for bit. */
+static int same_slice(const m3_tensor *whole, const m3_tensor *part, int64_t r0, int64_t rows,
+                      int64_t c0, int64_t cols) {
+  if (!m3_tensor_present(whole)) return !m3_tensor_present(part);
+  if (part->rows != rows || part->cols != cols) {
+    fprintf(stderr, "%s: %lld x %lld, expected %lld x %lld\n", whole->name,
+            (long long)part->rows, (long long)part->cols, (long long)rows, (long long)cols);
+    return 0;
+  }
+  float *a = malloc((size_t)whole->cols * sizeof *a), *b = malloc((size_t)cols * sizeof *b);
+  int ok = a && b;
+  for (int64_t r = 0; ok && r < rows; r++) {
+    m3_tensor_row_f32(whole, r0 + r, a);
+    m3_tensor_row_f32(part, r, b);
+    ok = memcmp(a + c0, b, (size_t)cols * sizeof *b) == 0;
+    if (!ok) fprintf(stderr, "%s: row %lld differs\n", whole->name, (long long)(r0 + r));
+  }
+  free(a);
+  free(b);
+  return ok;
+}
+
+static int same_rows(const m3_tensor *whole, const m3_tensor *part, int64_t r0, int64_t n) {
+  return same_slice(whole, part, r0, n, 0, whole->cols);
+}
+
+static int same_cols(const m3_tensor *whole, const m3_tensor *part, int64_t c0, int64_t n) {
+  return same_slice(whole, part, 0, whole->rows, c0, n);
+}
+
+static int same_tensor(const m3_tensor *whole, const m3_tensor *part) {
+  return same_slice(whole, part, 0, whole->rows, 0, whole->cols);
+}
+
+static void check_rank_slices(const m3_model *whole, const m3_model *part, int tp, int rank) {
+  const m3_config *c = m3_model_config(whole), *pc = m3_model_config(part);
+  const m3_weights *w = m3_model_weights(whole), *pw = m3_model_weights(part);
+  const int hd = c->head_dim, ihd = c->index_head_dim, nq = c->num_heads / tp;
+  const int group = c->num_heads / c->num_kv_heads; /* query heads per KV head */
+  const int nkv = c->num_kv_heads >= tp ? c->num_kv_heads / tp : 1;
+  const int kv0 = rank * nq / group; /* the KV head of the rank's first query head */
+  const int dn = c->dense_intermediate_size / tp, en = c->intermediate_size / tp;
+  const int sn = c->shared_intermediate_size / tp;
+  CHECK_EQ_INT(pc->num_heads, nq);
+  CHECK_EQ_INT(pc->num_kv_heads, nkv);
+  CHECK_EQ_INT(pc->hidden_size, c->hidden_size);
+  CHECK_EQ_INT(pc->head_dim, hd);
+  CHECK_EQ_INT(pc->intermediate_size, en);
+  CHECK_EQ_INT(pc->dense_intermediate_size, dn);
+  CHECK(same_tensor(&w->embed, &pw->embed));
+  CHECK(same_tensor(&w->lm_head, &pw->lm_head));
+  CHECK(same_tensor(&w->final_norm, &pw->final_norm));
+  for (int l = 0; l < c->num_layers; l++) {
+    const m3_layer_weights *L = &w->layers[l], *P = &pw->layers[l];
+    CHECK(same_rows(&L->q_proj, &P->q_proj, (int64_t)rank * nq * hd, (int64_t)nq * hd));
+    CHECK(same_cols(&L->o_proj, &P->o_proj, (int64_t)rank * nq * hd, (int64_t)nq * hd));
+    CHECK(same_rows(&L->k_proj, &P->k_proj, (int64_t)kv0 * hd, (int64_t)nkv * hd));
+    CHECK(same_rows(&L->v_proj, &P->v_proj, (int64_t)kv0 * hd, (int64_t)nkv * hd));
+    if (m3_tensor_present(&L->index_q_proj))
+      CHECK(same_rows(&L->index_q_proj, &P->index_q_proj, (int64_t)kv0 * ihd, (int64_t)nkv * ihd));
+    const m3_tensor *replicated[][2] = {
+        {&L->input_norm, &P->input_norm}, {&L->post_attn_norm, &P->post_attn_norm},
+        {&L->q_norm, &P->q_norm},         {&L->k_norm, &P->k_norm},
+        {&L->index_k_proj, &P->index_k_proj}, {&L->router, &P->router}};
+    for (size_t i = 0; i < sizeof replicated / sizeof replicated[0]; i++)
+      CHECK(same_tensor(replicated[i][0], replicated[i][1]));
+    if (m3_tensor_present(&L->mlp_gate)) {
+      CHECK(same_rows(&L->mlp_gate, &P->mlp_gate, (int64_t)rank * dn, dn));
+      CHECK(same_rows(&L->mlp_up, &P->mlp_up, (int64_t)rank * dn, dn));
+      CHECK(same_cols(&L->mlp_down, &P->mlp_down, (int64_t)rank * dn, dn));
+    }
+    if (m3_tensor_present(&L->shared_gate)) {
+      CHECK(same_rows(&L->shared_gate, &P->shared_gate, (int64_t)rank * sn, sn));
+      CHECK(same_rows(&L->shared_up, &P->shared_up, (int64_t)rank * sn, sn));
+      CHECK(same_cols(&L->shared_down, &P->shared_down, (int64_t)rank * sn, sn));
+    }
+    for (int e = 0; L->expert_gate && e < c->num_experts; e++) {
+      CHECK(same_rows(&L->expert_gate[e], &P->expert_gate[e], (int64_t)rank * en, en));
+      CHECK(same_rows(&L->expert_up[e], &P->expert_up[e], (int64_t)rank * en, en));
+      CHECK(same_cols(&L->expert_down[e], &P->expert_down[e], (int64_t)rank * en, en));
+    }
+  }
+}
+
+/* ---- forwards ---- */
+
+/* One sequence's cache on the model's backend: MAX_POS positions in consecutive pages. */
+typedef struct {
+  m3_kv_view *views;
+  int32_t *table;
+  int layers;
+} cache;
+
+static m3_status cache_make(m3_model *m, cache *kc) {
+  const m3_config *c = m3_model_config(m);
+  m3_backend *be = m3_model_backend(m);
+  const int bs = c->index_block_size, pages = (MAX_POS + bs - 1) / bs;
+  kc->layers = c->num_layers;
+  kc->views = calloc((size_t)c->num_layers, sizeof *kc->views);
+  kc->table = malloc((size_t)pages * sizeof *kc->table);
+  if (!kc->views || !kc->table) return M3_ERR_NOMEM;
+  for (int p = 0; p < pages; p++) kc->table[p] = p;
+  const size_t kv_bytes = (size_t)pages * c->num_kv_heads * bs * c->head_dim * sizeof(float);
+  for (int l = 0; l < c->num_layers; l++) {
+    m3_kv_view *v = &kc->views[l];
+    *v = (m3_kv_view){.block_table = kc->table, .num_blocks = pages, .block_size = bs,
+                      .nkv = c->num_kv_heads, .hd = c->head_dim, .ihd = c->index_head_dim,
+                      .dtype = M3_KV_F32};
+    v->k = be->ops->alloc(be, kv_bytes);
+    v->v = be->ops->alloc(be, kv_bytes);
+    if (c->layer_attn[l] == M3_ATTN_SPARSE)
+      v->ik = be->ops->alloc(be, (size_t)pages * bs * c->index_head_dim * sizeof(float));
+    if (!v->k || !v->v || (c->layer_attn[l] == M3_ATTN_SPARSE && !v->ik)) return M3_ERR_NOMEM;
+  }
+  return M3_OK;
+}
+
+static void cache_free(m3_model *m, cache *kc) {
+  m3_backend *be = m3_model_backend(m);
+  for (int l = 0; kc->views && l < kc->layers; l++) {
+    void *p[] = {kc->views[l].k, kc->views[l].v, kc->views[l].ik};
+    for (int i = 0; i < 3; i++)
+      if (p[i]) be->ops->free(be, p[i]);
+  }
+  free(kc->views);
+  free(kc->table);
+}
+
+static int argmax(const float *row, int n) {
+  int best = 0;
+  for (int i = 1; i < n; i++)
+    if (row[i] > row[best]) best = i;
+  return best;
+}
+
+/* The prompt at once, then DECODE greedy single-token steps: logits [MAX_POS, V] (the prompt's
+ * rows, then each step's), tokens [DECODE] the greedy continuation. */
+typedef struct {
+  m3_model *m;
+  float *logits;
+  int32_t tokens[DECODE];
+  m3_status st;
+} run;
+
+static void *run_sequence(void *arg) {
+  run *r = arg;
+  const int V = m3_model_config(r->m)->vocab_size;
+  cache kc = {0};
+  int32_t ids[PROMPT], pos[PROMPT];
+  for (int t = 0; t < PROMPT; t++) {
+    ids[t] = (int32_t)((t * 37 + 11) % V);
+    pos[t] = t;
+  }
+  r->st = cache_make(r->m, &kc);
+  if (r->st == M3_OK) r->st = m3_model_forward(r->m, kc.views, ids, pos, PROMPT, r->logits, NULL);
+  int32_t next = r->st == M3_OK ? argmax(r->logits + (size_t)(PROMPT - 1) * V, V) : 0;
+  for (int i = 0; i < DECODE && r->st == M3_OK; i++) {
+    const int32_t p = PROMPT + i;
+    r->tokens[i] = next;
+    float *row = r->logits + (size_t)p * V;
+    r->st = m3_model_forward(r->m, kc.views, &next, &p, 1, row, NULL);
+    next = argmax(row, V);
+  }
+  cache_free(r->m, &kc);
+  return NULL;
+}
+
+/* The host all-reduce of the ranks' threads: each rank posts its buffer; after the barrier rank r
+ * sums its share of the indices over the ranks (in rank order) into every rank's buffer. */
+typedef struct {
+  pthread_barrier_t barrier;
+  float *bufs[MAX_TP];
+  int tp;
+  size_t calls;
+} host_group;
+
+typedef struct {
+  host_group *g;
+  int rank;
+} rank_user;
+
+static m3_status host_all_reduce(void *user, float *buf, size_t n) {
+  rank_user *u = user;
+  host_group *g = u->g;
+  g->bufs[u->rank] = buf;
+  pthread_barrier_wait(&g->barrier);
+  for (size_t i = n * (size_t)u->rank / (size_t)g->tp; i < n * (size_t)(u->rank + 1) / (size_t)g->tp;
+       i++) {
+    float sum = 0;
+    for (int k = 0; k < g->tp; k++) sum += g->bufs[k][i];
+    for (int k = 0; k < g->tp; k++) g->bufs[k][i] = sum;
+  }
+  if (u->rank == 0) g->calls++;
+  pthread_barrier_wait(&g->barrier);
+  return M3_OK;
+}
+
+static double rel_l2(const float *got, const float *want, int n) {
+  double num = 0, den = 0;
+  for (int i = 0; i < n; i++) {
+    num += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+    den += (double)want[i] * want[i];
+  }
+  return sqrt(num / (den > 0 ? den : 1));
+}
+
+static void check_tp(const char *dir, const char *name, int tp) {
+  m3_backend *be = NULL, *bes[MAX_TP] = {0};
+  m3_model *whole = NULL, *parts[MAX_TP] = {0};
+  CHECK_OK(load(dir, 1, 0, &be, &whole));
+  for (int r = 0; r < tp; r++) CHECK_OK(load(dir, tp, r, &bes[r], &parts[r]));
+  if (!whole || !parts[tp - 1]) goto done;
+  for (int r = 0; r < tp; r++) check_rank_slices(whole, parts[r], tp, r);
+
+  const int V = m3_model_config(whole)->vocab_size, L = m3_model_config(whole)->num_layers;
+  const size_t logits_n = (size_t)MAX_POS * V;
+  run ref = {.m = whole, .logits = malloc(logits_n * sizeof(float))};
+  run runs[MAX_TP];
+  host_group g = {.tp = tp};
+  rank_user users[MAX_TP];
+  pthread_t threads[MAX_TP];
+  pthread_barrier_init(&g.barrier, NULL, (unsigned)tp);
+  run_sequence(&ref);
+  CHECK_OK(ref.st);
+  for (int r = 0; r < tp; r++) {
+    runs[r] = (run){.m = parts[r], .logits = malloc(logits_n * sizeof(float))};
+    users[r] = (rank_user){&g, r};
+    CHECK_OK(m3_model_set_all_reduce(parts[r], host_all_reduce, &users[r]));
+  }
+  for (int r = 0; r < tp; r++) pthread_create(&threads[r], NULL, run_sequence, &runs[r]);
+  for (int r = 0; r < tp; r++) pthread_join(threads[r], NULL);
+  /* Two per layer (attention, FFN) in each of the 1 + DECODE forwards. */
+  CHECK_EQ_INT((int)g.calls, 2 * L * (1 + DECODE));
+  double worst = 0;
+  for (int r = 0; r < tp; r++) {
+    CHECK_OK(runs[r].st);
+    CHECK(memcmp(runs[r].logits, runs[0].logits, logits_n * sizeof(float)) == 0);
+    CHECK(memcmp(runs[r].tokens, ref.tokens, sizeof ref.tokens) == 0);
+  }
+  for (int p = 0; p < MAX_POS && ref.logits && runs[0].logits; p++) {
+    const float *want = ref.logits + (size_t)p * V, *got = runs[0].logits + (size_t)p * V;
+    double e = rel_l2(got, want, V);
+    if (e > worst) worst = e;
+    CHECK(e <= 1e-5);
+    CHECK_EQ_INT(argmax(got, V), argmax(want, V));
+  }
+  printf("%-28s tp %d: %d positions, worst relative L2 %.2e, greedy %d %d %d %d\n", name, tp,
+         MAX_POS, worst, ref.tokens[0], ref.tokens[1], ref.tokens[2], ref.tokens[3]);
+  pthread_barrier_destroy(&g.barrier);
+  free(ref.logits);
+  for (int r = 0; r < tp; r++) free(runs[r].logits);
+done:
+  unload(be, whole);
+  for (int r = 0; r < tp; r++) unload(bes[r], parts[r]);
+}
+
+static void check_refusals(void) {
+  m3_backend *be = NULL;
+  m3_model *m = NULL;
+  /* 4 query heads over 3 ranks. */
+  CHECK_FAILS_WITH(load(fixture("mixed_bf16"), 3, 0, &be, &m), M3_ERR_CONFIG, "num_attention_heads");
+  /* 16 query heads over 3 ranks. */
+  CHECK_FAILS_WITH(load(fixture("gqa8_local2_tied_f32"), 3, 2, &be, &m), M3_ERR_CONFIG,
+                   "num_attention_heads");
+  /* The routed experts' down_proj [64, 32] split at 16 columns: inside a 32-column MXFP8 block. */
+  CHECK_FAILS_WITH(load(fixture("mxfp8"), 2, 1, &be, &m), M3_ERR_SHAPE, "32-column scale blocks");
+  CHECK_FAILS_WITH(load(fixture("mixed_bf16"), 2, 2, &be, &m), M3_ERR_ARG, "rank 2 of 2");
+}
+
+/* A random model whose widths split into whole 32-column blocks (MXFP8) over 2 ranks. */
+static void check_tiny(m3_tiny_dtype dtype, const char *name) {
+  char dir[] = "/tmp/m3-shard-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  m3_tiny_options o = m3_tiny_default_options();
+  o.dtype = dtype;
+  o.layers = "FD,SM,FM";
+  o.hidden = 64;
+  o.heads = 4;
+  o.kv_heads = 2;
+  o.head_dim = 16;
+  o.expert_width = o.shared_width = o.dense_width = 64;
+  o.no_vision = o.no_mtp = 1;
+  o.threads = 1;
+  CHECK_OK(m3_tiny_write(dir, &o));
+  check_tp(dir, name, 2);
+  static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+    char path[64];
+    snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+    unlink(path);
+  }
+  rmdir(dir);
+}
+
+int main(void) {
+  static const char *const tp2[] = {"full_dense_gqa2_f32", "gqa8_local2_tied_f32",
+                                    "long_sparse_gqa4_f32", "mixed_bf16",
+                                    "mixed_gqa4_rot_half_f32", "vl_inspect_f32"};
+  for (size_t i = 0; i < sizeof tp2 / sizeof tp2[0]; i++) check_tp(fixture(tp2[i]), tp2[i], 2);
+  /* 16 query heads, 2 KV heads over 4 ranks: each KV head on two ranks. */
+  check_tp(fixture("gqa8_local2_tied_f32"), "gqa8_local2_tied_f32", 4);
+  check_tiny(M3_TINY_MXFP8, "tiny FD,SM,FM mxfp8");
+  check_tiny(M3_TINY_BF16, "tiny FD,SM,FM bf16");
+  check_refusals();
+  return check_summary();
+}
