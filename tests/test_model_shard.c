@@ -7,7 +7,8 @@
  *                logits within 1e-5 relative L2 of the whole model per position, identical on
  *                every rank, and the same greedy continuation; for the committed text fixtures
  *                whose sizes divide by 2 and two random models written here (BF16 and MXFP8,
- *                widths of whole 32-column blocks per rank). tp 4 on a fixture with 2 KV heads
+ *                widths of whole 32-column blocks per rank; and BF16 without shared experts, whose
+ *                MoE sums start from zeros). tp 4 on a fixture with 2 KV heads
  *                covers the replicated KV heads;
  *   refusals     a size tp does not divide names the config key; an MXFP8 column split inside a
  *                32-column scale block names the tensor. */
@@ -16,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include <cjson/cJSON.h>
 
 #include "check.h"
 #include "model/model.h"
@@ -319,8 +322,72 @@ static void check_refusals(void) {
   CHECK_FAILS_WITH(load(fixture("mixed_bf16"), 2, 2, &be, &m), M3_ERR_ARG, "rank 2 of 2");
 }
 
+static char *read_all(const char *path, long *len) {
+  FILE *f = fopen(path, "rb");
+  char *buf = NULL;
+  if (f && fseek(f, 0, SEEK_END) == 0 && (*len = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
+      (buf = malloc((size_t)*len + 1)) && fread(buf, 1, (size_t)*len, f) == (size_t)*len) {
+    buf[*len] = 0;
+  } else {
+    free(buf);
+    buf = NULL;
+  }
+  if (f) fclose(f);
+  return buf;
+}
+
+/* Makes the model in dir one without shared experts: n_shared_experts 0 in config.json, and the
+ * shared experts' entries dropped from the safetensors header (their bytes stay, unreferenced).
+ * Its MoE layers then take the routed experts' sum from zeros under tensor parallelism. */
+static int drop_shared_experts(const char *dir) {
+  char path[4096];
+  long len = 0;
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  char *text = read_all(path, &len);
+  cJSON *cfg = text ? cJSON_Parse(text) : NULL;
+  cJSON *tc = cJSON_GetObjectItem(cfg, "text_config");
+  if (!tc) tc = cfg;
+  int ok = tc && cJSON_ReplaceItemInObject(tc, "n_shared_experts", cJSON_CreateNumber(0));
+  char *out = ok ? cJSON_PrintUnformatted(cfg) : NULL;
+  FILE *f = out ? fopen(path, "wb") : NULL;
+  ok = f && fputs(out, f) >= 0;
+  if (f) ok &= fclose(f) == 0;
+  free(out);
+  free(text);
+  cJSON_Delete(cfg);
+
+  snprintf(path, sizeof path, "%s/model.safetensors", dir);
+  char *st = ok ? read_all(path, &len) : NULL;
+  uint64_t hlen = 0;
+  if (st && len >= 8) memcpy(&hlen, st, 8); /* little-endian, as on every machine m3 runs on */
+  ok = st && hlen <= (uint64_t)len - 8;
+  char *json = ok ? strndup(st + 8, (size_t)hlen) : NULL;
+  cJSON *header = json ? cJSON_Parse(json) : NULL;
+  ok = header != NULL;
+  for (cJSON *e = header ? header->child : NULL, *next; e; e = next) {
+    next = e->next;
+    if (strstr(e->string, "shared_experts")) cJSON_Delete(cJSON_DetachItemViaPointer(header, e));
+  }
+  char *h = ok ? cJSON_PrintUnformatted(header) : NULL;
+  f = h ? fopen(path, "wb") : NULL;
+  if (f) {
+    uint64_t n = (strlen(h) + 7) / 8 * 8; /* the data starts 8-byte aligned */
+    ok = fwrite(&n, 8, 1, f) == 1 && fputs(h, f) >= 0;
+    for (size_t i = strlen(h); ok && i < n; i++) ok = fputc(' ', f) != EOF;
+    ok = ok && fwrite(st + 8 + hlen, 1, (size_t)(len - 8 - (long)hlen), f) == (size_t)(len - 8 - (long)hlen);
+    ok &= fclose(f) == 0;
+  } else {
+    ok = 0;
+  }
+  free(h);
+  cJSON_Delete(header);
+  free(json);
+  free(st);
+  return ok;
+}
+
 /* A random model whose widths split into whole 32-column blocks (MXFP8) over 2 ranks. */
-static void check_tiny(m3_tiny_dtype dtype, const char *name) {
+static void check_tiny(m3_tiny_dtype dtype, int shared, const char *name) {
   char dir[] = "/tmp/m3-shard-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
   m3_tiny_options o = m3_tiny_default_options();
@@ -334,6 +401,7 @@ static void check_tiny(m3_tiny_dtype dtype, const char *name) {
   o.no_vision = o.no_mtp = 1;
   o.threads = 1;
   CHECK_OK(m3_tiny_write(dir, &o));
+  if (!shared) CHECK(drop_shared_experts(dir));
   check_tp(dir, name, 2);
   static const char *const files[] = {"config.json", "model.safetensors", "tokenizer.json"};
   for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
@@ -351,8 +419,9 @@ int main(void) {
   for (size_t i = 0; i < sizeof tp2 / sizeof tp2[0]; i++) check_tp(fixture(tp2[i]), tp2[i], 2);
   /* 16 query heads, 2 KV heads over 4 ranks: each KV head on two ranks. */
   check_tp(fixture("gqa8_local2_tied_f32"), "gqa8_local2_tied_f32", 4);
-  check_tiny(M3_TINY_MXFP8, "tiny FD,SM,FM mxfp8");
-  check_tiny(M3_TINY_BF16, "tiny FD,SM,FM bf16");
+  check_tiny(M3_TINY_MXFP8, 1, "tiny FD,SM,FM mxfp8");
+  check_tiny(M3_TINY_BF16, 1, "tiny FD,SM,FM bf16");
+  check_tiny(M3_TINY_BF16, 0, "tiny bf16, no shared expert");
   check_refusals();
   return check_summary();
 }
