@@ -302,6 +302,31 @@ static void test_matmul(void) {
     }
 }
 
+/* One weight at token counts that share a cuBLASLt plan (65..128 tokens: the plan for 128, whose
+ * cached B and C layouts each call resizes, matmul.cu plan_set_cols), up and down and back again:
+ * a layout left at an earlier call's count would leave rows of y poisoned or write past them. */
+static void test_matmul_plan_reuse(void) {
+  static const int Ts[] = {100, 70, 128, 65, 100, 127};
+  static const int kinds[] = {W_BF16, W_MXFP8};
+  for (size_t ki = 0; ki < 2; ki++) {
+    const int64_t rows = 200, cols = 96;
+    weight w = make_weight(kinds[ki], rows, cols);
+    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+      const int T = Ts[ti];
+      float *xh = random_floats((size_t)T * cols, -1, 1);
+      pair x = pair_from(xh, (size_t)T * cols * 4), y = pair_poisoned((size_t)T * rows);
+      cpu->ops->matmul(cpu, &w.c, x.c, T, y.c);
+      gpu->ops->matmul(gpu, &w.g, x.g, T, y.g);
+      char what[96];
+      snprintf(what, sizeof what, "%s %lldx%lld T=%d (plan shared, step %zu)", kind_name[kinds[ki]],
+               (long long)rows, (long long)cols, T, ti);
+      compare(OP_MATMUL_BF16ACT, what, &y);
+      pair_free(&x), pair_free(&y), free(xh);
+    }
+    free_weight(&w);
+  }
+}
+
 /* The GEMV (T <= 8) on what its fast path must get right: rows not a multiple of the rows a block
  * takes (enough rows for 2 and 4 per block on an H100/H200), K not a whole number of 32-byte steps
  * (E4M3 with K % 32 == 16: its last MXFP8 block half full), x not 16-byte aligned (the element
@@ -1835,6 +1860,7 @@ int main(void) {
   must(m3_backend_create("cuda", 0, &gpu), "cuda backend");
   int ok = test_errors();
   run("matmul", test_matmul);
+  run("matmul_plan_reuse", test_matmul_plan_reuse);
   run("matmul_gemv_edges", test_matmul_gemv_edges);
   run("matmul_gemv_warp", test_matmul_gemv_warp);
   run("matmul_e4m3_tc", test_matmul_e4m3_tc);

@@ -85,6 +85,7 @@ static void cuda_destroy(m3_backend *be) {
   if (cb->scratch) cudaFree(cb->scratch);
   if (cb->moe_scratch) cudaFree(cb->moe_scratch);
   if (cb->lt_workspace) cudaFree(cb->lt_workspace);
+  cuda_lt_plans_release(cb);
   if (cb->lt) cublasLtDestroy(cb->lt);
   if (cb->stream) cudaStreamDestroy(cb->stream);
   free(cb);

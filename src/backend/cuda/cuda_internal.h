@@ -23,6 +23,15 @@ typedef struct {
   int exact;    /* 1: planned for exactly T, after the power of two's algorithm was refused */
   int align;    /* the operands' common power-of-two alignment in bytes, <= 256 */
   cublasLtMatmulAlgo_t algo;
+  /* found only: cuBLASLt's descriptors of this GEMM, made once with the plan (a create, set and
+   * destroy of four of them per GEMM was host time a MoE prefill layer spends 384 times): the
+   * matmul (TRANSA), A [rows, K], and B and C whose token columns each call sets to its T (cols:
+   * what they hold now, 0 unknown). Plans are shared by the MoE lanes' streams but used from one
+   * host thread only; cublasLtMatmul reads the descriptors when called, so a later call's T
+   * cannot reach work already issued. Destroyed when the slot is reused and with the backend. */
+  cublasLtMatmulDesc_t op;
+  cublasLtMatrixLayout_t la, lb, lc;
+  int cols;
 } cuda_lt_plan;
 
 enum { CUDA_LT_PLANS = 256 };

@@ -2,6 +2,8 @@
 #ifndef M3_BACKEND_CUDA_CUDA_OPS_H
 #define M3_BACKEND_CUDA_CUDA_OPS_H
 
+#include <cuda_bf16.h>
+
 #include "backend/cuda/cuda_internal.h"
 
 void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
@@ -11,10 +13,21 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
 int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T);
 /* The scratch bytes cuda_matmul_lane needs for w at T tokens. */
 size_t cuda_matmul_lane_scratch(const m3_tensor *w, int T);
+/* 1 when cuda_matmul_lane of w at T tokens reads x as one BF16 rounding of it (no hi + lo split,
+ * not a float32 SGEMM), so that a copy made beforehand (cuda_to_bf16) can stand in for x. */
+int cuda_matmul_takes_bf16(const m3_tensor *w, int T);
 /* cuda_matmul of a cuda_matmul_is_gemm shape, the same result, on lane's stream with lane's
- * workspace and scratch (at least cuda_matmul_lane_scratch bytes): nothing of cb's own. */
-void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x, int T,
-                      float *y);
+ * workspace and scratch (at least cuda_matmul_lane_scratch bytes): nothing of cb's own; lane NULL:
+ * the backend's stream, workspace and scratch. xb: NULL, or x already as cuda_to_bf16 [T, K] for
+ * a cuda_matmul_takes_bf16 shape, read instead of a fresh copy where that keeps cuBLASLt's plan
+ * (x is still read should cuBLASLt decline). */
+void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x,
+                      const __nv_bfloat16 *xb, int T, float *y);
+/* out[i] = bf16(x[i]) for i < n (one rounding to nearest even) on `stream`. */
+void cuda_to_bf16(cuda_backend *cb, cudaStream_t stream, const float *x, size_t n,
+                  __nv_bfloat16 *out);
+/* Destroys the cuBLASLt descriptors the plans hold (before the handle goes). */
+void cuda_lt_plans_release(cuda_backend *cb);
 void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
                   float *y);
 void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, int hd, int rot,

@@ -16,7 +16,8 @@
  * BF16 (up to 64 tokens as two BF16 terms, hi + lo), W as stored (BF16) or decoded to BF16 in
  * chunks of rows (F16, MXFP8, FP8 block), float32 accumulation and output. A tiled CUDA-core
  * kernel that decodes W tile by tile covers what cuBLASLt declines. cuda_matmul_lane runs these
- * GEMMs on a side stream with that stream's own workspace and scratch (the MoE prefill's lanes). */
+ * GEMMs on a side stream with that stream's own workspace and scratch (the MoE prefill's lanes),
+ * reading a BF16 copy of x its caller made for many GEMMs at once where one is given. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -480,21 +481,41 @@ static int plan_tokens(int T, int exact) {
   return b;
 }
 
-/* Asks cuBLASLt for an algorithm for the GEMM at plan_tokens(T, exact) tokens (operands aligned
- * to `align` bytes) and caches the answer. */
-static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
-                                     cublasLtMatrixLayout_t la, cudaDataType ab, uint64_t rows,
-                                     uint64_t K, int T, int exact, uint64_t ldy, int align) {
+/* Destroys p's descriptors and empties the slot. */
+static void plan_release(cuda_lt_plan *p) {
+  if (p->lc) cublasLtMatrixLayoutDestroy(p->lc);
+  if (p->lb) cublasLtMatrixLayoutDestroy(p->lb);
+  if (p->la) cublasLtMatrixLayoutDestroy(p->la);
+  if (p->op) cublasLtMatmulDescDestroy(p->op);
+  memset(p, 0, sizeof *p);
+}
+
+void cuda_lt_plans_release(cuda_backend *cb) {
+  for (int i = 0; i < CUDA_LT_PLANS; i++) plan_release(&cb->lt_plans[i]);
+  cb->lt_plan_next = 0;
+}
+
+/* The plan for the GEMM at plan_tokens(T, exact) tokens (operands aligned to `align` bytes): from
+ * the cache, else asked of cuBLASLt with the descriptors it keeps, and cached. NULL when the query
+ * failed. */
+static cuda_lt_plan *plan_gemm(cuda_backend *cb, cudaDataType ab, uint64_t rows, uint64_t K,
+                               int T, int exact, uint64_t ldy, int align) {
   const int plan_T = plan_tokens(T, exact);
   cuda_lt_plan *p = find_plan(cb, ab, rows, K, plan_T, exact, ldy, align);
   if (p) return p;
-  cublasLtMatrixLayout_t lb = NULL, lc = NULL;
+  cuda_lt_plan q;
+  memset(&q, 0, sizeof q);
   cublasLtMatmulPreference_t pref = NULL;
   cublasLtMatmulHeuristicResult_t heur;
   int found = 0;
   const uint32_t align_bytes = (uint32_t)align;
-  int ok = cublasLtMatrixLayoutCreate(&lb, ab, K, (uint64_t)plan_T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
-           cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)plan_T, (int64_t)ldy) ==
+  const cublasOperation_t trans = CUBLAS_OP_T;
+  int ok = cublasLtMatmulDescCreate(&q.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmulDescSetAttribute(q.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof trans) ==
+               CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&q.la, ab, K, rows, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&q.lb, ab, K, (uint64_t)plan_T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&q.lc, CUDA_R_32F, rows, (uint64_t)plan_T, (int64_t)ldy) ==
                CUBLAS_STATUS_SUCCESS &&
            cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS;
   const cublasLtMatmulPreferenceAttributes_t aligns[] = {
@@ -506,19 +527,33 @@ static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
   for (int i = 0; i < 4 && ok; i++)
     ok = cublasLtMatmulPreferenceSetAttribute(pref, aligns[i], &align_bytes, sizeof align_bytes) ==
          CUBLAS_STATUS_SUCCESS;
-  ok = ok && cublasLtMatmulAlgoGetHeuristic(cb->lt, op, la, lb, lc, lc, pref, 1, &heur, &found) ==
-                 CUBLAS_STATUS_SUCCESS;
+  ok = ok && cublasLtMatmulAlgoGetHeuristic(cb->lt, q.op, q.la, q.lb, q.lc, q.lc, pref, 1, &heur,
+                                            &found) == CUBLAS_STATUS_SUCCESS;
   if (pref) cublasLtMatmulPreferenceDestroy(pref);
-  if (lc) cublasLtMatrixLayoutDestroy(lc);
-  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (!ok || found <= 0) plan_release(&q); /* nothing will run with them */
   if (!ok) return NULL; /* a failed query is not cached: it may be transient */
   p = &cb->lt_plans[cb->lt_plan_next];
   cb->lt_plan_next = (cb->lt_plan_next + 1) % CUDA_LT_PLANS;
-  memset(p, 0, sizeof *p);
-  p->used = 1, p->found = found > 0, p->ab = ab, p->rows = rows, p->K = K, p->ldy = ldy;
-  p->T = plan_T, p->exact = exact, p->align = align;
-  if (found > 0) p->algo = heur.algo;
+  plan_release(p);
+  q.used = 1, q.found = found > 0, q.ab = ab, q.rows = rows, q.K = K, q.ldy = ldy;
+  q.T = plan_T, q.exact = exact, q.align = align;
+  if (found > 0) q.algo = heur.algo, q.cols = plan_T;
+  *p = q;
   return p;
+}
+
+/* Sets the token columns of p's B and C layouts to T (their only dimension a call changes). */
+static int plan_set_cols(cuda_lt_plan *p, int T) {
+  if (p->cols == T) return 1;
+  const uint64_t cols = (uint64_t)T;
+  p->cols = 0; /* unknown until both are set */
+  if (cublasLtMatrixLayoutSetAttribute(p->lb, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols) !=
+          CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutSetAttribute(p->lc, CUBLASLT_MATRIX_LAYOUT_COLS, &cols, sizeof cols) !=
+          CUBLAS_STATUS_SUCCESS)
+    return 0;
+  p->cols = T;
+  return 1;
 }
 
 /* y[t * ldy + r] = dot(A[r, :], B[t, :]) for r < rows, t < T through cuBLASLt, float32
@@ -530,32 +565,18 @@ static const cuda_lt_plan *plan_gemm(cuda_backend *cb, cublasLtMatmulDesc_t op,
 static int lt_gemm(cuda_backend *cb, cudaStream_t stream, void *workspace, cudaDataType ab,
                    const void *A, uint64_t rows, uint64_t K, const void *B, int T, float *y,
                    uint64_t ldy) {
-  cublasLtMatmulDesc_t op = NULL;
-  cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
-  int done = 0;
-  cublasOperation_t trans = CUBLAS_OP_T;
-  if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof trans) ==
-          CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatrixLayoutCreate(&la, ab, K, rows, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatrixLayoutCreate(&lb, ab, K, (uint64_t)T, (int64_t)K) == CUBLAS_STATUS_SUCCESS &&
-      cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, rows, (uint64_t)T, (int64_t)ldy) == CUBLAS_STATUS_SUCCESS) {
-    const int align = common_alignment(A, B, y);
-    for (int exact = 0; exact < 2 && !done; exact++) {
-      const cuda_lt_plan *plan = plan_gemm(cb, op, la, ab, rows, K, T, exact, ldy, align);
-      if (!plan || !plan->found) continue;
-      const float alpha = 1.0f, beta = 0.0f;
-      cublasStatus_t s = cublasLtMatmul(cb->lt, op, &alpha, A, la, B, lb, &beta, y, lc, y, lc,
-                                        &plan->algo, workspace, cb->lt_workspace_bytes, stream);
-      done = s == CUBLAS_STATUS_SUCCESS;
-      if (plan_tokens(T, 0) == T) break; /* the exact plan is the same query */
-    }
+  const int align = common_alignment(A, B, y);
+  for (int exact = 0; exact < 2; exact++) {
+    cuda_lt_plan *plan = plan_gemm(cb, ab, rows, K, T, exact, ldy, align);
+    if (!plan || !plan->found || !plan_set_cols(plan, T)) continue;
+    const float alpha = 1.0f, beta = 0.0f;
+    if (cublasLtMatmul(cb->lt, plan->op, &alpha, A, plan->la, B, plan->lb, &beta, y, plan->lc, y,
+                       plan->lc, &plan->algo, workspace, cb->lt_workspace_bytes,
+                       stream) == CUBLAS_STATUS_SUCCESS)
+      return 1;
+    if (plan_tokens(T, 0) == T) break; /* the exact plan is the same query */
   }
-  if (lc) cublasLtMatrixLayoutDestroy(lc);
-  if (lb) cublasLtMatrixLayoutDestroy(lb);
-  if (la) cublasLtMatrixLayoutDestroy(la);
-  if (op) cublasLtMatmulDescDestroy(op);
-  return done;
+  return 0;
 }
 
 /* Where lt_matmul keeps its BF16 copies for a weight at T tokens, in one scratch buffer: x (split:
@@ -589,16 +610,26 @@ static lt_layout lt_layout_of(const m3_tensor *t, int T) {
 
 /* y = x W^T on the tensor cores: F32 weights as a float32 SGEMM; every other weight with x
  * rounded to BF16 (up to LT_SPLIT_MAX_T tokens: split into two BF16 terms) and W as stored (BF16)
- * or decoded to BF16 a chunk of rows at a time, in `scratch` (L.bytes). Runs on `stream` with
- * `workspace`. Returns 0 when cuBLASLt declines, before anything was written to y. */
+ * or decoded to BF16 a chunk of rows at a time, in `scratch` (L.bytes). x_bf16 (NULL: none) is
+ * x's single rounding made beforehand: taken instead of a copy in scratch when unsplit and as
+ * aligned as the scratch for the other operands, so the GEMM gets the same plan (common_alignment
+ * picks it) and the same result. Runs on `stream` with `workspace`. Returns 0 when cuBLASLt
+ * declines, before anything was written to y. */
 static int lt_matmul_on(cuda_backend *cb, cudaStream_t stream, void *workspace, uint8_t *scratch,
-                        const lt_layout &L, const m3_tensor *t, const float *x, int T, float *y) {
+                        const lt_layout &L, const m3_tensor *t, const float *x,
+                        const __nv_bfloat16 *x_bf16, int T, float *y) {
   const uint64_t N = (uint64_t)t->rows, K = (uint64_t)t->cols;
   if (L.direct) return lt_gemm(cb, stream, workspace, CUDA_R_32F, t->data, N, K, x, T, y, N);
-  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + L.xbytes + L.pbytes);
+  __nv_bfloat16 *xs = (__nv_bfloat16 *)scratch, *wb = (__nv_bfloat16 *)(scratch + L.xbytes + L.pbytes);
   float *out = L.split ? (float *)(scratch + L.xbytes) : y;
-  to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, stream>>>(x, (size_t)T * K, L.split, xb);
-  cuda_launched(cb, "matmul (bf16 activations)");
+  const void *A = L.stored_bf16 ? (const void *)t->data : (const void *)wb;
+  const __nv_bfloat16 *xb = xs;
+  if (x_bf16 && !L.split && (uintptr_t)x_bf16 % (uintptr_t)common_alignment(A, out, out) == 0) {
+    xb = x_bf16;
+  } else {
+    to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, stream>>>(x, (size_t)T * K, L.split, xs);
+    cuda_launched(cb, "matmul (bf16 activations)");
+  }
   if (L.stored_bf16) {
     if (!lt_gemm(cb, stream, workspace, CUDA_R_16BF, t->data, N, K, xb, L.cols, out, N)) return 0;
   } else {
@@ -629,7 +660,14 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
   const lt_layout L = lt_layout_of(t, T);
   uint8_t *scratch = NULL;
   if (!L.direct && !(scratch = (uint8_t *)cuda_scratch(cb, L.bytes, "matmul"))) return 0;
-  return lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, L, t, x, T, y);
+  return lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, L, t, x, NULL, T, y);
+}
+
+void cuda_to_bf16(cuda_backend *cb, cudaStream_t stream, const float *x, size_t n,
+                  __nv_bfloat16 *out) {
+  if (n == 0) return;
+  to_bf16_kernel<<<grid_for(n), 256, 0, stream>>>(x, n, 0, out);
+  cuda_launched(cb, "bf16 activations");
 }
 
 /* ---- E4M3 weights (MXFP8, FP8 block, per channel) on the tensor cores, 1..64 tokens ----
@@ -764,15 +802,29 @@ int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T) {
 
 size_t cuda_matmul_lane_scratch(const m3_tensor *w, int T) { return lt_layout_of(w, T).bytes; }
 
-void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x, int T,
-                      float *y) {
+int cuda_matmul_takes_bf16(const m3_tensor *w, int T) {
+  const lt_layout L = lt_layout_of(w, T);
+  return !L.direct && !L.split;
+}
+
+void cuda_matmul_lane(cuda_backend *cb, cuda_lane *lane, const m3_tensor *w, const float *x,
+                      const __nv_bfloat16 *xb, int T, float *y) {
   if (T <= 0 || w->rows <= 0) return;
   const lt_layout L = lt_layout_of(w, T);
+  if (!lane) {
+    uint8_t *scratch = NULL;
+    if ((L.direct || (scratch = (uint8_t *)cuda_scratch(cb, L.bytes, "matmul"))) &&
+        lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, L, w, x, xb, T, y))
+      return;
+    launch_tiled(cb, cb->stream, w, x, T, y); /* as cuda_matmul does */
+    return;
+  }
   if (L.bytes > lane->scratch_bytes) {
     cuda_note(cb, cudaErrorInvalidValue, "matmul (lane scratch smaller than the layout)");
     return;
   }
-  if (!lt_matmul_on(cb, lane->stream, lane->lt_workspace, (uint8_t *)lane->scratch, L, w, x, T, y))
+  if (!lt_matmul_on(cb, lane->stream, lane->lt_workspace, (uint8_t *)lane->scratch, L, w, x, xb,
+                    T, y))
     launch_tiled(cb, lane->stream, w, x, T, y);
 }
 

@@ -85,7 +85,12 @@ typedef struct {
   int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible */
   int32_t *host_start; /* host [E + 1]: the expert offsets the prefill path reads back */
   int8_t *lane_of;     /* host [E]: the prefill's lane of each expert, -1: the backend's stream */
+  uint8_t *chain_kind; /* host [E]: how the prefill runs each expert's matmuls (CHAIN_*) */
 } moe_table;
+
+/* An expert's prefill chain: matmuls routed one by one (cuda_matmul); all GEMMs
+ * (chain_on_lane); all GEMMs on one BF16 rounding of their inputs (cuda_matmul_takes_bf16). */
+enum { CHAIN_ANY, CHAIN_GEMM, CHAIN_GEMM_BF16 };
 
 /* The slots grouped by expert: device arrays in moe_scratch. */
 typedef struct {
@@ -421,33 +426,50 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
   }
 }
 
-/* out[i] = SwiGLU-OAI(gate[i], up[i]) for i < n (out may be gate): one expert's rows on its own
- * stream. */
+/* out[i] = SwiGLU-OAI(gate[i], up[i]) for i < n (out may be gate), and where out_bf16 is not NULL
+ * its one rounding to BF16 as well, the copy the down GEMM reads (the float stays for the tiled
+ * fallback): one expert's rows on its own stream. */
 __global__ void moe_swiglu_kernel(const float *gate, const float *up, size_t n, float alpha,
-                                  float beta, float limit, float *out) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    out[i] = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
+                                  float beta, float limit, float *out, __nv_bfloat16 *out_bf16) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float v = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
+    out[i] = v;
+    if (out_bf16) out_bf16[i] = __float2bfloat16_rn(v);
+  }
 }
 
-/* Expert e's chain over its cnt sorted rows from `first`, on `lane` (NULL: the backend's stream
- * through cuda_matmul): gate, up [cnt, I] from xy [cnt, H], SwiGLU-OAI into gate, then down into
- * xy. In place is safe: only this chain, in its own stream order, touches these rows. */
-static void expert_chain(cuda_backend *cb, cuda_lane *lane, const m3_moe_experts *ex, int e,
-                         int first, int cnt, float *xy, float *gate, float *up) {
+/* Where a prefill's activations already are in BF16 (cuda_to_bf16): xy's rows [T*k, H] and the
+ * SwiGLU output's [T*k, I], or NULL where each matmul rounds its own input. */
+typedef struct {
+  const __nv_bfloat16 *x;
+  __nv_bfloat16 *act;
+} moe_bf16;
+
+/* Expert e's chain over its cnt sorted rows from `first`: gate, up [cnt, I] from xy [cnt, H],
+ * SwiGLU-OAI into gate, then down into xy. gemm (its matmuls are all GEMMs, chain_on_lane): on
+ * `lane` (NULL: the backend's stream) through cuda_matmul_lane, reading the BF16 copies of bf
+ * where given; else through cuda_matmul. In place is safe: only this chain, in its own stream
+ * order, touches these rows. */
+static void expert_chain(cuda_backend *cb, cuda_lane *lane, int gemm, moe_bf16 bf,
+                         const m3_moe_experts *ex, int e, int first, int cnt, float *xy,
+                         float *gate, float *up) {
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, n = (size_t)cnt * I;
   float *x = xy + (size_t)first * H, *g = gate + (size_t)first * I, *u = up + (size_t)first * I;
+  const __nv_bfloat16 *xb = bf.x ? bf.x + (size_t)first * H : NULL;
+  __nv_bfloat16 *gb = bf.act ? bf.act + (size_t)first * I : NULL;
   const m3_tensor *w[3] = {&ex->gate[e], &ex->up[e], &ex->down[e]};
   const float *in[3] = {x, x, g};
+  const __nv_bfloat16 *in_bf16[3] = {xb, xb, gb};
   float *out[3] = {g, u, x};
   const size_t want = (n + MOE_ROW_THREADS - 1) / MOE_ROW_THREADS;
   const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
   for (int m = 0; m < 3; m++) {
     if (m == 2) {
       moe_swiglu_kernel<<<blocks, MOE_ROW_THREADS, 0, lane ? lane->stream : cb->stream>>>(
-          g, u, n, ex->alpha, ex->beta, ex->limit, g);
+          g, u, n, ex->alpha, ex->beta, ex->limit, g, gb);
       cuda_launched(cb, "moe_experts (swiglu)");
     }
-    if (lane) cuda_matmul_lane(cb, lane, w[m], in[m], cnt, out[m]);
+    if (gemm) cuda_matmul_lane(cb, lane, w[m], in[m], in_bf16[m], cnt, out[m]);
     else cuda_matmul(&cb->base, w[m], in[m], cnt, out[m]);
   }
 }
@@ -469,10 +491,15 @@ static int chain_on_lane(const m3_moe_experts *ex, int e, int first, int cnt, co
  * returning. The lanes' scratch grows first, while none of their work is pending (what they ran
  * for an earlier call was joined into the stream, which cuda_grow synchronizes). Every expert
  * writes only its own rows, with the same GEMM plans on any lane: results do not depend on the
- * lane count or on timing. Returns 0 when nothing more should run (a failure, already noted). */
+ * lane count or on timing. Experts whose GEMMs take one BF16 rounding of their inputs
+ * (cuda_matmul_takes_bf16) read the rows of one copy of xy made for all of them before the fork,
+ * [T*k, H] in xy_bf16, and have their SwiGLU write its BF16 copy [T*k, I] into act_bf16: two
+ * conversion launches an expert fewer, the same values. Returns 0 when nothing more should run
+ * (a failure, already noted). */
 static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table *tab,
                            const moe_groups &g, const float *h, int k, int n, float *xy,
-                           float *gate, float *up) {
+                           float *gate, float *up, __nv_bfloat16 *xy_bf16,
+                           __nv_bfloat16 *act_bf16) {
   const int E = ex->E;
   const int64_t H = ex->gate[0].cols;
   int32_t *start = tab->host_start;
@@ -490,12 +517,21 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
   if (used == 0) return 1;
   const int lanes = cb->moe_lanes > 1 ? cb->moe_lanes : 0;
   int8_t *lane_of = tab->lane_of; /* [E] the lane of each expert, -1: the stream */
+  uint8_t *kind = tab->chain_kind; /* [E] CHAIN_* */
   int64_t rows[CUDA_MAX_LANES] = {0};
   size_t need[CUDA_MAX_LANES] = {0};
+  int any_bf16 = 0;
   for (int e = 0; e < E; e++) {
     const int first = start[e], cnt = start[e + 1] - first;
     lane_of[e] = -1;
-    if (cnt == 0 || !lanes || !chain_on_lane(ex, e, first, cnt, xy, gate)) continue;
+    kind[e] = CHAIN_ANY;
+    if (cnt == 0 || !chain_on_lane(ex, e, first, cnt, xy, gate)) continue;
+    const int bf16 = cuda_matmul_takes_bf16(&ex->gate[e], cnt) &&
+                     cuda_matmul_takes_bf16(&ex->up[e], cnt) &&
+                     cuda_matmul_takes_bf16(&ex->down[e], cnt);
+    kind[e] = bf16 ? CHAIN_GEMM_BF16 : CHAIN_GEMM;
+    any_bf16 |= bf16;
+    if (!lanes) continue;
     int best = 0;
     for (int l = 1; l < lanes; l++) best = rows[l] < rows[best] ? l : best;
     lane_of[e] = (int8_t)best;
@@ -513,6 +549,8 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
   }
   moe_gather_kernel<<<used, MOE_ROW_THREADS, 0, cb->stream>>>(h, g.slot_at, k, H, xy);
   cuda_launched(cb, "moe_experts (gather)");
+  if (any_bf16) cuda_to_bf16(cb, cb->stream, xy, (size_t)used * (size_t)H, xy_bf16);
+  const moe_bf16 bf_none = {NULL, NULL}, bf_all = {xy_bf16, act_bf16};
   if (lanes) cuda_note(cb, cudaEventRecord(cb->moe_fork, cb->stream), "moe_experts (fork)");
   for (int l = 0; l < lanes; l++)
     if (rows[l])
@@ -522,7 +560,8 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
     for (int e = 0; e < E; e++) {
       const int first = start[e], cnt = start[e + 1] - first;
       if (cnt > 0 && (lane_of[e] >= 0) == (pass == 0))
-        expert_chain(cb, pass == 0 ? &cb->lanes[lane_of[e]] : NULL, ex, e, first, cnt, xy, gate, up);
+        expert_chain(cb, pass == 0 ? &cb->lanes[lane_of[e]] : NULL, kind[e] != CHAIN_ANY,
+                     kind[e] == CHAIN_GEMM_BF16 ? bf_all : bf_none, ex, e, first, cnt, xy, gate, up);
     }
   for (int l = 0; l < lanes; l++) {
     if (!rows[l]) continue;
@@ -555,7 +594,9 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
                o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4),
                o_pos = carve(&off, sn * 4), o_y = carve(&off, sn * H * 4),
-               o_act = carve(&off, sn * I * 4), o_up = decode ? 0 : carve(&off, sn * I * 4);
+               o_act = carve(&off, sn * I * 4), o_up = decode ? 0 : carve(&off, sn * I * 4),
+               o_xy_bf16 = decode ? 0 : carve(&off, sn * H * 2),
+               o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2);
   uint8_t *base = (uint8_t *)cuda_grow(cb, &cb->moe_scratch, &cb->moe_scratch_bytes, off,
                                        "moe_experts");
   if (!base) return;
@@ -589,7 +630,9 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
       launch_grouped<1>(cb, kind_gate, grid_gate, tab->w, tab->w + E, g, h, k, ex, act);
       launch_grouped<0>(cb, kind_down, grid_down, tab->w + 2 * E, NULL, g, act, k, ex, y);
     }
-  } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up))) {
+  } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up),
+                              (__nv_bfloat16 *)(base + o_xy_bf16),
+                              (__nv_bfloat16 *)(base + o_act_bf16))) {
     return;
   }
   const dim3 grid_combine((unsigned)T, (unsigned)((H + 4 * COMBINE_THREADS - 1) / (4 * COMBINE_THREADS)));
@@ -640,11 +683,13 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
   if (tab) {
     tab->host_start = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
     tab->lane_of = (int8_t *)malloc((size_t)E);
+    tab->chain_kind = (uint8_t *)malloc((size_t)E);
   }
-  if (!tab || !host || !tab->host_start || !tab->lane_of) {
+  if (!tab || !host || !tab->host_start || !tab->lane_of || !tab->chain_kind) {
     if (tab) {
       free(tab->host_start);
       free(tab->lane_of);
+      free(tab->chain_kind);
     }
     free(tab), free(host);
     return m3_fail(M3_ERR_NOMEM, "%s: expert table of %d experts", ex->gate[0].name, E);
@@ -668,6 +713,7 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
     if (tab->w) cudaFree(tab->w);
     free(tab->host_start);
     free(tab->lane_of);
+    free(tab->chain_kind);
     free(tab);
     return m3_fail(err == cudaErrorMemoryAllocation ? M3_ERR_NOMEM : M3_ERR_IO,
                    "%s: cannot upload the expert table: %s", ex->gate[0].name,
@@ -685,6 +731,7 @@ void cuda_release_experts(m3_backend *be, m3_moe_experts *ex) {
   cudaFree(tab->w);
   free(tab->host_start);
   free(tab->lane_of);
+  free(tab->chain_kind);
   free(tab);
   ex->table = NULL;
 }
