@@ -11,6 +11,9 @@
 #include <string.h>
 #include <time.h>
 
+#include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
+
 #include "backend/backend.h"
 #include "../random.h"
 #include "base/dtype.h"
@@ -1297,6 +1300,200 @@ static void test_moe_experts_one_token(void) {
   moe_experts_case(W_F32, 270, 64, 8, 0);
 }
 
+/* ---- weights that end where device memory ends ----
+ *
+ * A kernel that reads past the end of a weight (a load the compiler moved above its bounds check,
+ * as it did with non-volatile asm loads in moe_gemv_kernel) reads the next cudaMalloc allocation
+ * unnoticed; only where the weight's last byte is the last mapped one does it fault. These cases
+ * copy the weights into memory mapped through CUDA's virtual memory management (driver entry
+ * points reached through the runtime: this program links no libcuda), one allocation granularity
+ * at the start of a reservation of twice that, the chosen tensor ending at the mapping's end. Run
+ * last: a fault ends the context; it is reported here as a failure, not a crash. */
+typedef struct {
+  PFN_cuMemGetAllocationGranularity_v10020 granularity;
+  PFN_cuMemCreate_v10020 create;
+  PFN_cuMemAddressReserve_v10020 reserve;
+  PFN_cuMemMap_v10020 map;
+  PFN_cuMemSetAccess_v10020 set_access;
+  PFN_cuMemUnmap_v10020 unmap;
+  PFN_cuMemRelease_v10020 release;
+  PFN_cuMemAddressFree_v10020 address_free;
+} vmm_api;
+
+typedef struct {
+  vmm_api api;
+  CUdeviceptr base; /* [base, base + size) mapped, [base + size, base + 2 size) reserved only */
+  size_t size;
+  CUmemGenericAllocationHandle handle;
+} edge_memory;
+
+static int edge_open(edge_memory *m) {
+  vmm_api *a = &m->api;
+  struct {
+    const char *name;
+    void **fn;
+  } f[] = {{"cuMemGetAllocationGranularity", (void **)&a->granularity},
+           {"cuMemCreate", (void **)&a->create},
+           {"cuMemAddressReserve", (void **)&a->reserve},
+           {"cuMemMap", (void **)&a->map},
+           {"cuMemSetAccess", (void **)&a->set_access},
+           {"cuMemUnmap", (void **)&a->unmap},
+           {"cuMemRelease", (void **)&a->release},
+           {"cuMemAddressFree", (void **)&a->address_free}};
+  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+    enum cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion(f[i].name, f[i].fn, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess || q != cudaDriverEntryPointSuccess)
+      return 0;
+  }
+  int dev = 0;
+  cudaGetDevice(&dev);
+  CUmemAllocationProp prop;
+  memset(&prop, 0, sizeof prop);
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = dev;
+  CUmemAccessDesc access = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+  if (a->granularity(&m->size, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS ||
+      a->create(&m->handle, m->size, &prop, 0) != CUDA_SUCCESS)
+    return 0;
+  if (a->reserve(&m->base, 2 * m->size, 0, 0, 0) != CUDA_SUCCESS) {
+    a->release(m->handle);
+    return 0;
+  }
+  if (a->map(m->base, m->size, 0, m->handle, 0) != CUDA_SUCCESS ||
+      a->set_access(m->base, m->size, &access, 1) != CUDA_SUCCESS) {
+    a->unmap(m->base, m->size); /* (fails harmlessly when the map did) */
+    a->address_free(m->base, 2 * m->size);
+    a->release(m->handle);
+    return 0;
+  }
+  return 1;
+}
+
+static void edge_close(edge_memory *m) {
+  m->api.unmap(m->base, m->size);
+  m->api.address_free(m->base, 2 * m->size);
+  m->api.release(m->handle);
+}
+
+static size_t tensor_bytes(const m3_tensor *t) {
+  return (size_t)t->rows * (size_t)t->cols * m3_dtype_size(t->dtype);
+}
+
+/* Moves the data of the n prepared GPU tensors t into m: t[last] ends at the mapping's end, the
+ * others below it, 256-byte aligned. 0 when they do not fit or a copy fails. */
+static int edge_place(edge_memory *m, m3_tensor *t, int n, int last) {
+  size_t end = m->size;
+  for (int k = 0; k < n; k++) {
+    m3_tensor *x = &t[k == 0 ? last : k <= last ? k - 1 : k];
+    const size_t bytes = tensor_bytes(x);
+    if (bytes > end) return 0;
+    const size_t at = k == 0 ? end - bytes : (end - bytes) / 256 * 256;
+    if (cudaMemcpy((void *)(uintptr_t)(m->base + at), x->data, bytes, cudaMemcpyDeviceToDevice) !=
+        cudaSuccess)
+      return 0;
+    x->data = (const void *)(uintptr_t)(m->base + at);
+    end = at;
+  }
+  return cudaDeviceSynchronize() == cudaSuccess; /* the copies ran on another stream than the ops */
+}
+
+/* The GPU output against the CPU's; 0 (and FAIL printed) when the GPU cannot deliver it. */
+static int edge_compare(int op, const char *what, pair *out) {
+  float *g = malloc(out->bytes + 4);
+  if (gpu->ops->to_host(gpu, g, out->g, out->bytes) != M3_OK) {
+    fprintf(stderr, "FAIL weights at the end of device memory [%s]: %s\n", what, m3_last_error());
+    free(g);
+    return 0;
+  }
+  record(op, what, out->c, g, out->bytes / sizeof(float));
+  free(g);
+  return 1;
+}
+
+/* One matmul with its weight ending at the mapping's end: the GEMVs (T 1, 3). */
+static int edge_matmul_case(edge_memory *m, int kind, int64_t rows, int64_t cols, int T) {
+  char what[96];
+  snprintf(what, sizeof what, "edge matmul %s %lldx%lld T=%d", kind_name[kind], (long long)rows,
+           (long long)cols, T);
+  progress(what);
+  weight w = make_weight(kind, rows, cols);
+  m3_tensor tg = w.g;
+  if (!edge_place(m, &tg, 1, 0)) must(M3_ERR_IO, "edge_place");
+  float *xh = random_floats((size_t)T * cols, -1, 1);
+  pair x = pair_from(xh, (size_t)T * cols * 4), y = pair_poisoned((size_t)T * rows);
+  cpu->ops->matmul(cpu, &w.c, x.c, T, y.c);
+  gpu->ops->matmul(gpu, &tg, x.g, T, y.g);
+  const int ok = edge_compare(kind >= W_MXFP8 ? OP_MATMUL_SPLIT : OP_MATMUL_F32, what, &y);
+  if (!ok) return 0; /* the context is gone: nothing more to free on it */
+  pair_free(&x), pair_free(&y), free(xh), free_weight(&w);
+  return 1;
+}
+
+/* moe_experts, E 4, k 2, every token choosing expert 3, whose gate, up or down (which: 0, 1, 2)
+ * ends at the mapping's end: T 1 (moe_warp_kernel), T 5 (moe_gemv_kernel, moe_mx_kernel). */
+static int edge_moe_case(edge_memory *m, int kind, int H, int I, int T, int which) {
+  enum { E = 4, K = 2 };
+  static const char *const names[] = {"gate", "up", "down"};
+  char what[96];
+  snprintf(what, sizeof what, "edge moe_experts %s H %d I %d T %d, expert 3's %s last",
+           kind_name[kind], H, I, T, names[which]);
+  progress(what);
+  weight w[3][E];
+  m3_tensor tc[3][E], tg[3][E];
+  for (int e = 0; e < E; e++)
+    for (int i = 0; i < 3; i++) {
+      w[i][e] = i < 2 ? make_weight(kind, I, H) : make_weight(kind, H, I);
+      tc[i][e] = w[i][e].c, tg[i][e] = w[i][e].g;
+    }
+  if (!edge_place(m, &tg[0][0], 3 * E, which * E + E - 1)) must(M3_ERR_IO, "edge_place");
+  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
+  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
+  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  int32_t idh[5 * K];
+  for (int t = 0; t < T; t++) idh[t * K] = E - 1, idh[t * K + 1] = (int32_t)(rnd() % (E - 1));
+  float *hh = random_floats((size_t)T * H, -1, 1), *xh = random_floats((size_t)T * H, -1, 1);
+  float *wh = random_floats((size_t)T * K, 0.05f, 1.5f);
+  pair h = pair_from(hh, (size_t)T * H * 4), x = pair_from(xh, (size_t)T * H * 4);
+  pair ids = pair_from(idh, (size_t)T * K * 4), wt = pair_from(wh, (size_t)T * K * 4);
+  cpu->ops->moe_experts(cpu, &exc, h.c, T, ids.c, wt.c, K, x.c);
+  gpu->ops->moe_experts(gpu, &exg, h.g, T, ids.g, wt.g, K, x.g);
+  if (!edge_compare(OP_MOE_EXPERTS_DECODE, what, &x)) return 0;
+  cpu->ops->release_experts(cpu, &exc);
+  gpu->ops->release_experts(gpu, &exg);
+  for (int e = 0; e < E; e++)
+    for (int i = 0; i < 3; i++) free_weight(&w[i][e]);
+  pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&wt);
+  free(hh), free(xh), free(wh);
+  return 1;
+}
+
+/* The shapes of tests/fixtures/text/gqa8_local2_tied_f32 (H 48, I 32, F32) and of its
+ * tensor-parallel rank (I 16), BF16 at those, MXFP8 at widths of whole 32-column blocks. */
+static int test_weights_at_mapping_end(void) {
+  fprintf(stderr, "-- weights_at_mapping_end\n");
+  edge_memory m;
+  if (!edge_open(&m)) {
+    fprintf(stderr, "FAIL weights_at_mapping_end: no CUDA virtual memory management\n");
+    return 0;
+  }
+  static const int shapes[][3] = {{W_F32, 48, 32}, {W_F32, 48, 16}, {W_BF16, 48, 16},
+                                  {W_BF16, 64, 32}, {W_MXFP8, 64, 32}};
+  static const int Ts[] = {1, 5};
+  int ok = 1;
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0] && ok; s++)
+    for (size_t ti = 0; ti < 2 && ok; ti++) {
+      const int kind = shapes[s][0], H = shapes[s][1], I = shapes[s][2];
+      for (int which = 0; which < 3 && ok; which++) ok = edge_moe_case(&m, kind, H, I, Ts[ti], which);
+      if (ok) ok = edge_matmul_case(&m, kind, H, I, Ts[ti] == 1 ? 1 : 3);
+      if (ok) ok = edge_matmul_case(&m, kind, I, H, Ts[ti] == 1 ? 1 : 3);
+    }
+  if (ok) edge_close(&m);
+  return ok;
+}
+
 /* A CUDA backend made with M3_MOE_STREAMS=streams (the variable restored after). */
 static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
   const char *old = getenv("M3_MOE_STREAMS");
@@ -1889,6 +2086,7 @@ int main(void) {
   run("vision", test_vision_ops);
   run("step_graphs", test_step_graphs);
   ok &= step_graphs_failed == 0;
+  ok &= test_weights_at_mapping_end(); /* last: a fault there ends the context */
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
   for (int i = 0; i < OP_COUNT; i++) {
     const op_result *r = &results[i];

@@ -19,10 +19,14 @@ enum { WK_F32, WK_BF16, WK_F16, WK_E4M3, WK_ANY };
 template <int WK> struct wk_chunk { enum { n = WK == WK_F32 ? 4 : WK == WK_E4M3 ? 16 : WK == WK_ANY ? 1 : 8 }; };
 
 /* 16 bytes of weights, read once per block: through the read-only path and not kept in L1, where
- * they would only evict x. */
+ * they would only evict x. volatile: an asm without it counts as a pure function of p, which the
+ * compiler hoists above the caller's bounds check (moe_gemv_kernel's first chunk went ahead of
+ * `c < K`, so lanes past a short row read up to 496 bytes beyond its end, past the allocation
+ * at a tensor's last rows: compute-sanitizer's invalid reads, an illegal address where the next
+ * page is unmapped). */
 __device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
   uint4 u;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
       : "l"(p));
   return u;
@@ -32,7 +36,7 @@ __device__ __forceinline__ uint4 ld_stream16(const uint8_t *p) {
  * one row per lane, so that a quad of lanes covers one 32-column scale block). */
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t *p) {
   uint2 u;
-  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(u.x), "=r"(u.y) : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(u.x), "=r"(u.y) : "l"(p));
   return u;
 }
 
