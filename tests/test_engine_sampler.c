@@ -233,6 +233,25 @@ static int ref_candidates(const m3_sampling_params *p, const float *l, int vocab
   return n;
 }
 
+
+/* Sampling parameters of the filter grids below: temperature, top_k, top_p, min_p 0.05 or none. */
+static m3_sampling_params filter_params(float temperature, int top_k, float top_p, int min_p) {
+  m3_sampling_params p;
+  m3_sampling_params_init(&p);
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.min_p = min_p ? 0.05f : 0.0f;
+  return p;
+}
+
+/* The first largest of l[0..n). */
+static int32_t row_argmax(const float *l, int n) {
+  int32_t best = 0;
+  for (int i = 1; i < n; i++)
+    if (l[i] > l[best]) best = i;
+  return best;
+}
 /* Partial selection (top_k heap, top_p buckets) against the full sort, on random logits: wide,
  * narrow, quantised to a few values (many ties), flat (all tied), with banned tokens. The kept
  * ids, their order and their weights must be identical, so every draw is. */
@@ -264,19 +283,11 @@ static void test_selection_matches_full_sort(void) {
       for (size_t b = 0; b < sizeof top_ps / sizeof *top_ps; b++)
         for (size_t c = 0; c < sizeof temps / sizeof *temps; c++)
           for (int mp = 0; mp < 2; mp++) {
-            m3_sampling_params p;
-            m3_sampling_params_init(&p);
-            p.temperature = temps[c];
-            p.top_k = top_ks[a];
-            p.top_p = top_ps[b];
-            p.min_p = mp ? 0.05f : 0.0f;
+            const m3_sampling_params p = filter_params(temps[c], top_ks[a], top_ps[b], mp);
             double want_total, got_total;
             int want_n = ref_candidates(&p, l, RV, ref_ids, ref_prob, &want_total);
             memcpy(s.work, l, sizeof l);
-            int32_t best = 0;
-            for (int i = 1; i < RV; i++)
-              if (l[i] > l[best]) best = i;
-            int got_n = m3_sampler_candidates(&p, &s, best, &got_total);
+            int got_n = m3_sampler_candidates(&p, &s, row_argmax(l, RV), &got_total);
             int same = got_n == want_n && got_total == want_total &&
                        memcmp(s.ids, ref_ids, (size_t)want_n * sizeof *ref_ids) == 0 &&
                        memcmp(s.prob, ref_prob, (size_t)want_n * sizeof *ref_prob) == 0;
@@ -320,16 +331,9 @@ static void test_unit_draws(void) {
         for (size_t c = 0; c < sizeof temps / sizeof *temps; c++)
           for (int mp = 0; mp < 2; mp++)
             for (int draw = 0; draw < 4; draw++) {
-              m3_sampling_params p;
-              m3_sampling_params_init(&p);
-              p.temperature = temps[c];
-              p.top_k = top_ks[a];
-              p.top_p = top_ps[b];
-              p.min_p = mp ? 0.05f : 0.0f;
+              const m3_sampling_params p = filter_params(temps[c], top_ks[a], top_ps[b], mp);
               const double unit = draw == 0 ? 0.0 : draw == 1 ? 1.0 - 0x1.0p-53 : m3_sampler_next_unit(&rng);
-              int32_t want = 0;
-              for (int i = 1; i < RV; i++)
-                if (l[i] > l[want]) want = i;
+              int32_t want = row_argmax(l, RV);
               if (p.temperature > 0.0f) {
                 double total, acc = 0.0;
                 int n = ref_candidates(&p, l, RV, ref_ids, ref_prob, &total);
