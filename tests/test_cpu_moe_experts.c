@@ -120,7 +120,8 @@ static void run_case(m3_backend *be, const moe_case *c) {
     up[e] = make_weight(c->kind, I, H, 0.5f), tu[e] = up[e].t;
     down[e] = make_weight(c->kind, H, I, 0.5f), td[e] = down[e].t;
   }
-  m3_moe_experts ex = {tg, tu, td, E, ALPHA, BETA, LIMIT, NULL};
+  m3_moe_experts ex = {.gate = tg, .up = tu, .down = td, .E = E, .alpha = ALPHA, .beta = BETA,
+                       .limit = LIMIT};
   CHECK_OK(be->ops->prepare_experts(be, &ex));
 
   float *h = malloc((size_t)T * H * sizeof(float)), *x = malloc((size_t)T * H * sizeof(float));

@@ -234,7 +234,8 @@ typedef struct {
   int rank;
 } rank_user;
 
-static m3_status host_all_reduce(void *user, float *buf, size_t n) {
+static m3_status host_all_reduce(void *user, m3_reduce_group group, float *buf, size_t n) {
+  (void)group; /* tp only: one group */
   rank_user *u = user;
   host_group *g = u->g;
   g->bufs[u->rank] = buf;
@@ -280,7 +281,7 @@ static void check_tp(const char *dir, const char *name, int tp) {
   for (int r = 0; r < tp; r++) {
     runs[r] = (run){.m = parts[r], .logits = malloc(logits_n * sizeof(float))};
     users[r] = (rank_user){&g, r};
-    CHECK_OK(m3_model_set_all_reduce(parts[r], host_all_reduce, &users[r]));
+    CHECK_OK(m3_model_set_all_reduce(parts[r], host_all_reduce, &users[r], 0));
   }
   for (int r = 0; r < tp; r++) pthread_create(&threads[r], NULL, run_sequence, &runs[r]);
   for (int r = 0; r < tp; r++) pthread_join(threads[r], NULL);

@@ -91,11 +91,14 @@ typedef struct {
 
 /* The routed experts of one MoE layer as moe_experts reads them. gate, up, down point at E
  * prepared tensors each (w1 [I, H], w3 [I, H], w2 [H, I]; one dtype and shape within a layer).
+ * Under expert parallelism a rank holds the E experts [first, first + E) of the router's
+ * numbering (first 0 otherwise): moe_experts runs the choices of those experts only, as local
+ * expert id - first, and skips every other choice (another rank adds it).
  * prepare_experts fills `table` (whatever the backend keeps to reach expert e from device code,
  * NULL on the CPU); release_experts frees it. */
 typedef struct {
   const m3_tensor *gate, *up, *down;
-  int E;
+  int E, first;
   float alpha, beta, limit; /* SwiGLU-OAI (config swiglu_alpha, swiglu_beta, swiglu_limit) */
   void *table;
 } m3_moe_experts;
@@ -208,6 +211,18 @@ typedef struct {
    * bytes = E4M3(value / scale) rounded to nearest even, saturating at +-448. */
   void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
+
+  /* The key branches' per-head Gemma RMSNorm and partial NeoX RoPE fused with the store: the
+   * cache gets what
+   *   rmsnorm_rope(k, k_norm, eps, pos, T, nkv, hd, rot, theta);
+   *   rmsnorm_rope(ik, ik_norm, eps, pos, T, 1, ihd, rot, theta);   (when ik is not NULL)
+   *   kv_store(kv, pos, T, k, v, ik)
+   * stores, bit for bit, without the normed rows making a round trip through memory. k and ik
+   * hold unspecified values afterwards (a backend may norm them in place). ik and ik_norm are
+   * NULL together (full-attention layers). */
+  void (*kv_store_rope)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
+                        const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
+                        const m3_tensor *ik_norm, float eps, int rot, double theta);
 
   /* msa_select and attention read an fp8 cache as the float32 values E4M3(byte) * scale.
    *

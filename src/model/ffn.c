@@ -71,7 +71,7 @@ static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
     m->reduce_status = st; /* the step returns it; the all-reduce below still pairs up */
   be->ops->moe_experts(be, &m->experts[l], s->h, T, s->route_ids, s->route_w,
                        c->num_experts_per_tok, s->out);
-  m3_model_all_reduce(m, s->out, n);
+  m3_model_all_reduce(m, M3_REDUCE_WORLD, s->out, n);
   add_residual(m, T, next);
 }
 
@@ -109,6 +109,6 @@ void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next) {
     return;
   }
   swiglu_mlp(m, &w->mlp_gate, &w->mlp_up, &w->mlp_down, s->h, T, s->out);
-  m3_model_all_reduce(m, s->out, (size_t)T * c->hidden_size); /* TP: the width slices' sums */
+  m3_model_all_reduce(m, M3_REDUCE_TP, s->out, (size_t)T * c->hidden_size); /* TP: the width slices' sums */
   add_residual(m, T, next);
 }

@@ -83,9 +83,10 @@ m3_status m3_model_shard(m3_model *m, int tp, int rank);
 
 /* buf[0, n) = its sum over the tensor-parallel ranks, when the model has a hook. A failure is kept
  * for the step to return; the call is still made, so that the peers' calls keep pairing. */
-static inline void m3_model_all_reduce(m3_model *m, float *buf, size_t n) {
+static inline void m3_model_all_reduce(m3_model *m, m3_reduce_group group, float *buf,
+                                       size_t n) {
   if (!m->all_reduce) return;
-  m3_status st = m->all_reduce(m->all_reduce_user, buf, n);
+  m3_status st = m->all_reduce(m->all_reduce_user, group, buf, n);
   if (m->reduce_status == M3_OK) m->reduce_status = st;
 }
 

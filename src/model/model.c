@@ -308,7 +308,9 @@ void m3_model_free(m3_model *m) {
 
 const m3_config *m3_model_config(const m3_model *m) { return &m->cfg; }
 
-m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user) {
+m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
+                                  unsigned flags) {
+  (void)flags;
   int bare_moe = 0; /* an MoE layer without a shared expert: its sum starts from zeros */
   for (int l = 0; l < m->cfg.num_layers; l++)
     bare_moe |= m->cfg.layer_mlp[l] == M3_MLP_MOE && !m3_tensor_present(&m->w.layers[l].shared_gate);

@@ -52,6 +52,13 @@ typedef struct {
    * split would cut is M3_ERR_SHAPE naming the tensor. The ranks' forwards sum to the whole
    * model's through m3_model_set_all_reduce. */
   int tp_size, tp_rank;
+  /* Expert parallelism: ep_size groups of tp_size ranks (world = tp_size * ep_size ranks; this
+   * one is rank ep_rank * tp_size + tp_rank, engine/parallel.h). Each EP group holds the routed
+   * experts [ep_rank * E / ep_size, +E / ep_size), split inside by tp; attention and dense MLPs
+   * are replicated over the EP groups; the shared expert is split over all world ranks. ep_size
+   * 0 or 1: every rank holds every expert. E not divisible by ep_size is M3_ERR_CONFIG naming
+   * n_routed_experts. */
+  int ep_size, ep_rank;
 } m3_model_load_options;
 
 /* m3_model_load with options; opts NULL is m3_model_load. */
@@ -62,19 +69,33 @@ void m3_model_free(m3_model *m);
 /* The all-reduce of a tensor-parallel rank: buf[0, n) = the sum over the ranks of their buf, in
  * place; buf is backend memory. It is called in issue order on the rank's backend, so a device
  * collective enqueued on the backend's stream keeps the forward asynchronous. */
-typedef m3_status (*m3_all_reduce_fn)(void *user, float *buf, size_t n);
+typedef enum {
+  M3_REDUCE_TP,    /* over the tp_size ranks of this rank's TP group (attention, dense MLP) */
+  M3_REDUCE_WORLD, /* over all tp_size * ep_size ranks (an MoE layer's routed + shared sum) */
+} m3_reduce_group;
+typedef m3_status (*m3_all_reduce_fn)(void *user, m3_reduce_group group, float *buf, size_t n);
+
+/* flags of m3_model_set_all_reduce */
+enum {
+  /* fn only enqueues work on the rank's backend stream (a device collective such as NCCL's,
+   * which a CUDA graph can record), so decode steps may still be recorded and replayed as graphs
+   * with the collectives inside. Without it, steps run op by op. */
+  M3_ALL_REDUCE_CAPTURABLE = 1,
+};
 
 /* Makes every forward of a tensor-parallel rank call fn on the partial outputs the ranks split:
  * per layer, the attention output after o_proj and the FFN output (dense MLP down, or shared
  * expert down plus routed experts, summed first so that an MoE layer takes one call), each
  * [T, hidden] of the step's T tokens, before its residual add. Every rank must run the same
  * forwards, so the calls pair up. fn NULL removes the hook (the unsharded forward, unchanged).
- * With a hook, steps run op by op (no recorded CUDA graphs), and a failure fn returns is the
+ * With a hook, steps run op by op (no recorded CUDA graphs) unless flags has
+ * M3_ALL_REDUCE_CAPTURABLE, and a failure fn returns is the
  * forward's status (later calls of the step still run, so that the peers' calls still pair).
  * Every rank computes the head on the same summed hidden state (lm_head is replicated), so a
  * rank that wants no logits passes NULL for them. M3_ERR_NOMEM when the scratch for an MoE layer
  * without a shared expert cannot be allocated. */
-m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user);
+m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
+                                  unsigned flags);
 
 const m3_config *m3_model_config(const m3_model *m);
 m3_backend *m3_model_backend(const m3_model *m);

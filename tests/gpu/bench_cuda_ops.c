@@ -383,7 +383,8 @@ static void bench_moe_labeled(int T, int mx, m3_tensor w[3][MOE_E], double copy_
   enum { E = MOE_E, K = MOE_K, H = MOE_H, I = MOE_I };
   moe_ctx c;
   memset(&c, 0, sizeof c);
-  c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
+  c.ex = (m3_moe_experts){.gate = w[0], .up = w[1], .down = w[2], .E = E, .alpha = 1.702f,
+                          .beta = 1.0f, .limit = 7.0f};
   must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
   c.T = T, c.k = K;
   int32_t *ids = malloc((size_t)T * K * 4);
@@ -535,7 +536,8 @@ static void bench_moe_small(int T, double copy_gbs, FILE *table) {
     }
   moe_ctx c;
   memset(&c, 0, sizeof c);
-  c.ex = (m3_moe_experts){w[0], w[1], w[2], E, 1.702f, 1.0f, 7.0f, NULL};
+  c.ex = (m3_moe_experts){.gate = w[0], .up = w[1], .down = w[2], .E = E, .alpha = 1.702f,
+                          .beta = 1.0f, .limit = 7.0f};
   must(gpu->ops->prepare_experts(gpu, &c.ex), "prepare_experts");
   c.T = T, c.k = K;
   int32_t *ids = malloc((size_t)T * K * 4);

@@ -1232,7 +1232,9 @@ static void moe_experts_case(int kind, int H, int I, int T, int skew) {
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
-  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
+                        .beta = 1.0f, .limit = 7.0f},
+                 exg = exc;
   exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
   must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
   must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
@@ -1445,7 +1447,9 @@ static int edge_moe_case(edge_memory *m, int kind, int H, int I, int T, int whic
       tc[i][e] = w[i][e].c, tg[i][e] = w[i][e].g;
     }
   if (!edge_place(m, &tg[0][0], 3 * E, which * E + E - 1)) must(M3_ERR_IO, "edge_place");
-  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
+                        .beta = 1.0f, .limit = 7.0f},
+                 exg = exc;
   exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
   must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
   must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
@@ -1522,7 +1526,9 @@ static void moe_lanes_case(int kind, m3_backend *const *others, const char *cons
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
-  m3_moe_experts exc = {tc[0], tc[1], tc[2], E, 1.702f, 1.0f, 7.0f, NULL}, exg = exc;
+  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
+                        .beta = 1.0f, .limit = 7.0f},
+                 exg = exc;
   exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
   must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
   must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");

@@ -58,7 +58,8 @@ static double now_s(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static m3_status nccl_all_reduce(void *user, float *buf, size_t n) {
+static m3_status nccl_all_reduce(void *user, m3_reduce_group group, float *buf, size_t n) {
+  (void)group; /* tp only: one group */
   return m3_nccl_all_reduce_sum(user, buf, n);
 }
 
@@ -258,7 +259,7 @@ static void run_case(rank_ctx *r, int ci) {
     must(r, run_greedy(whole, ref, ref_tokens), "1-GPU forward");
   }
   tp_logits[r->rank] = malloc(logits_n * sizeof(float));
-  must(r, m3_model_set_all_reduce(part, nccl_all_reduce, r->comm), "set_all_reduce");
+  must(r, m3_model_set_all_reduce(part, nccl_all_reduce, r->comm, 0), "set_all_reduce");
   sync_ranks();
   must(r, run_greedy(part, tp_logits[r->rank], tp_tokens[r->rank]), "TP forward");
   must(r, m3_nccl_wait(r->comm, WAIT_MS), "wait after the TP forward");
