@@ -47,6 +47,14 @@ typedef struct {
    * published MXFP8 checkpoint quantizes to MXFP8 at load (round to nearest even, the OCP scale
    * rule), for users who only have the BF16 checkpoint. Other values are M3_ERR_ARG. */
   const char *quantize;
+  /* Tensor x expert parallelism in this process (0 or 1: one rank): world = tp * ep ranks, rank
+   * r = ep_rank * tp + tp_rank holding its share of the model (src/engine/parallel.h). With
+   * device "cuda" or "cuda:K" the ranks take GPUs K..K+world-1 and sum over NCCL (a build with
+   * NCCL); with "cpu" they are world CPU backends sharing `threads` and summing on the host, a
+   * correctness mode (the same tokens as one rank, no faster). kv_memory_bytes is then per rank.
+   * Not with speculative decoding yet (M3_ERR_ARG). Sizes the ranks do not divide are
+   * M3_ERR_ARG naming --tp / --ep. */
+  int tp, ep;
 } m3_engine_options;
 
 /* Fills `opts` with the defaults above. */

@@ -1,40 +1,62 @@
 #!/bin/bash
-# gpu-multi.sh: the NCCL collectives on every GPU of a multi-GPU machine in one go (one `run` call
-# there): tests/gpu/test_nccl checks all-reduce, all-gather and broadcast against host references,
-# the tensor-parallel matmul against the single-GPU one, the refusals and the abort of a
-# collective a peer never joins, and times all-reduce at decode sizes; then tests/gpu/test_tp
-# runs the tensor-parallel model (TP 2 over NCCL) against the whole model on one GPU and times
-# both. Logs, nccl.md and tp.md (the checks and the timing tables for bench/RESULTS.md) go to
-# $OUT (else ./gpu-out); the summaries print last. Exits with test_nccl's status, else
-# test_tp's: 0 pass, 1 failure, 77 fewer than 2 GPUs, 124 hang.
+# gpu-multi.sh: issue 11's checks and benchmark on a machine with 2 GPUs, in one device call:
+#   1. tests/gpu/test_nccl   all-reduce, all-gather and broadcast against host references, the
+#                            row-split matmul against the one-GPU one, refusals, the abort of a
+#                            collective a peer never joins; all-reduce timings at decode sizes;
+#   2. m3 tiny               a full-width few-layer model (FD,SM,SM at M3 width, vocab 200064, no
+#                            vision, no MTP; ~35 GB) into /dev/shm when it has room, else /tmp;
+#   3. tests/gpu/test_tp     TP2 and EP2 against the whole model on one GPU, on the committed
+#                            fixtures and on that model, and with the all-reduces recorded in CUDA
+#                            graphs against without (PASS / FAIL / SKIP per case);
+#   4. tests/gpu/bench_tp    on that model: decode steps at batch 1, 8, 64 and an 8192-token
+#                            prefill on 1 GPU, TP2 and EP2, graphs on and off, scaling efficiency,
+#                            time in collectives per layer.
+# Writes $OUT/multi.md (the summaries and tables, for bench/RESULTS.md; else ./gpu-out) and
+# $OUT/multi-logs.tar.gz (every log: card, build, each stage's output, NCCL's own debug logs),
+# two files in all; prints multi.md last. Exits with the first failing of test_nccl, test_tp and
+# bench_tp: 0 pass, 1 failure, 77 fewer than 2 GPUs, 124 a stage out of time.
+#
+# Time: the whole script stays under MULTI_BUDGET_S (default 420 s): each stage runs under
+# `timeout` with the smaller of its own limit and what is left. Expected on 2 x H200 with 32 cores:
+#   test_nccl                                        ~30 s   (limit  90 s)
+#   m3 tiny, 35 GB                                   ~30-60 s (limit 120 s)
+#   test_tp: fixtures, then 35 GB + 2 x 20 GB loads  ~60 s   (limit 150 s)
+#   bench_tp: the same loads and the timings         ~60 s   (limit 150 s)
+# Without the model (no room, or m3 tiny failed) test_tp runs on the fixtures alone and bench_tp
+# is skipped.
 #
 # NCCL there lives only in the torch venv (NCCL_DIR, default below; libnccl.so.2 and nccl.h):
 # it goes on LD_LIBRARY_PATH, and NCCL_NVLS_ENABLE=0 keeps NVLink multicast off.
-# M3_PREBUILT=1: BUILD (default build-gpu) already holds tests/test_nccl and tests/test_tp,
-# built on another machine for sm_90a with CUDA 13 and NCCL found (their run-time needs:
-# libcudart.so.13 and libcublasLt.so.13 of the machine's CUDA, libnccl.so.2 from NCCL_DIR, and
-# for test_tp libcjson.so.1, from .gpudeps/ when the machine lacks it). Otherwise this configures
-# and builds them here; the build needs the Debian packages scripts/gpu.sh lists, taken from
-# .gpudeps/ as gpu.sh does when the machine lacks them.
+# M3_PREBUILT=1: BUILD (default build-gpu) already holds m3, tests/test_nccl, tests/test_tp and
+# tests/bench_tp, built on another machine for sm_90a with CUDA 13 and NCCL found (their run-time
+# needs: libcudart.so.13 and libcublasLt.so.13 of the machine's CUDA, libnccl.so.2 from NCCL_DIR,
+# libcjson.so.1 from .gpudeps/ when the machine lacks it); the fixtures are read from this
+# checkout (M3_SOURCE_DIR). Otherwise this configures and builds them here; the build needs the
+# Debian packages scripts/gpu.sh lists, taken from .gpudeps/ as gpu.sh does when the machine
+# lacks them.
 set -u
 src=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$src/gpu-out}
 build=${BUILD:-$src/build-gpu}
 nccl_dir=${NCCL_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl}
-mkdir -p "$out"
+logs=$out/multi-logs
+md=$out/multi.md
+mkdir -p "$logs"
+deadline=$(($(date +%s) + ${MULTI_BUDGET_S:-420}))
 
 export NCCL_NVLS_ENABLE=0
 export LD_LIBRARY_PATH=$nccl_dir/lib:${LD_LIBRARY_PATH:-}
 # NCCL's own account of the run (version, transports, algorithms) beside the logs.
-export NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_FILE=${NCCL_DEBUG_FILE:-$out/nccl-debug.%p.log}
+export NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_FILE=${NCCL_DEBUG_FILE:-$logs/nccl-debug.%p.log}
+export M3_SOURCE_DIR=$src
 
 {
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   nvidia-smi topo -m
   ls -l "$nccl_dir/lib"
-} > "$out/card.txt" 2>&1
+} > "$logs/card.txt" 2>&1
 
-# Also for prebuilt binaries: test_tp links libcjson.so.1 (the model's config reader).
+# Also for prebuilt binaries: they link libcjson.so.1 (the model's config reader).
 if ! pkg-config --exists libcjson libpcre2-8 libmicrohttpd 2>/dev/null; then
   deps=/tmp/m3-gpudeps
   for f in "$src"/.gpudeps/*.deb; do dpkg -x "$f" "$deps"; done
@@ -45,46 +67,116 @@ if ! pkg-config --exists libcjson libpcre2-8 libmicrohttpd 2>/dev/null; then
   export PKG_CONFIG_SYSROOT_DIR=$deps
   export PKG_CONFIG_LIBDIR=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
 fi
+
+# Everything under $logs goes back as one archive; multi.md beside it.
+finish() {
+  tar czf "$out/multi-logs.tar.gz" -C "$logs" . && rm -rf "$logs"
+  cat "$md"
+  exit "$1"
+}
+
 if [ -n "${M3_PREBUILT:-}" ]; then
-  echo "prebuilt binaries in $build" > "$out/build.log"
+  echo "prebuilt binaries in $build" > "$logs/build.log"
 else
   nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   if ! cmake -S "$src" -B "$build" -G Ninja -DM3_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
       -DCMAKE_CUDA_ARCHITECTURES=90a -DM3_MEDIA=OFF -DM3_NCCL_ROOT="$nccl_dir" \
-      > "$out/configure.log" 2>&1 || ! ninja -C "$build" test_nccl test_tp > "$out/build.log" 2>&1; then
-    tail -n 30 "$out/configure.log" "$out/build.log" 2>/dev/null
-    exit 1
+      > "$logs/configure.log" 2>&1 ||
+      ! ninja -C "$build" m3 test_nccl test_tp bench_tp > "$logs/build.log" 2>&1; then
+    { echo "# gpu-multi: the build failed"; echo '```'; tail -n 30 "$logs/configure.log" "$logs/build.log" 2>/dev/null; echo '```'; } > "$md"
+    finish 1
   fi
 fi
-ldd "$build/tests/test_nccl" "$build/tests/test_tp" > "$out/ldd.txt" 2>&1
+ldd "$build/m3" "$build/tests/test_nccl" "$build/tests/test_tp" "$build/tests/bench_tp" \
+  > "$logs/ldd.txt" 2>&1
 
-# Bounded: a collective that hangs must not eat the device call; the log names the case.
-timeout 300 stdbuf -oL -eL "$build/tests/test_nccl" > "$out/nccl.log" 2>&1
-rc=$?
-[ $rc -eq 124 ] &&
-  echo "TIMEOUT after 300 s in: $(grep '^   ' "$out/nccl.log" | tail -n 1)" >> "$out/nccl.log"
+# stage NAME LIMIT_S CMD...: runs CMD under timeout (the smaller of LIMIT_S and the time left,
+# less 10 s for the summary), stdout and stderr to $logs/NAME.log; the exit status. A stage out
+# of time gets a TIMEOUT line naming its last progress line (the "   ..." lines on stderr).
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((deadline - $(date +%s) - 10))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "$name: skipped, out of time (MULTI_BUDGET_S)" | tee "$logs/$name.log" >> "$logs/stages.log"
+    return 124
+  fi
+  local t0=$(date +%s)
+  timeout "$limit" stdbuf -oL -eL "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] &&
+    echo "TIMEOUT after $limit s in: $(grep '^   ' "$logs/$name.log" | tail -n 1)" >> "$logs/$name.log"
+  echo "$name: exit $rc in $(($(date +%s) - t0)) s (limit $limit s)" >> "$logs/stages.log"
+  return $rc
+}
 
-{
-  echo "# NCCL collectives (test_nccl, exit $rc)"
-  echo "card: $(head -n 8 "$out/card.txt")"
-  echo "NCCL: $(grep -h -o 'NCCL version [^ ]*' "$out"/nccl-debug.*.log 2>/dev/null | head -n 1)"
-  echo "libnccl: $(grep libnccl "$out/ldd.txt")"
-  echo
-  grep -v -E '^(   |FAIL|FATAL|TIMEOUT)' "$out/nccl.log"
-  grep -E '^(FAIL|FATAL|TIMEOUT)' "$out/nccl.log" | head -n 20
-} > "$out/nccl.md"
-cat "$out/nccl.md"
+# The checks' and the benchmark's lines without the progress lines; failures last.
+summary() {
+  grep -v -E '^(   |FAIL|FATAL|TIMEOUT)' "$1"
+  grep -E '^(FAIL|FATAL|TIMEOUT)' "$1" | head -n 30
+}
 
-timeout 300 stdbuf -oL -eL "$build/tests/test_tp" > "$out/tp.log" 2>&1
+: > "$logs/stages.log"
+stage nccl 90 "$build/tests/test_nccl"
+nccl_rc=$?
+
+# The full-width model: ~35 GB.
+model=""
+for root in /dev/shm /tmp; do
+  free_gb=$(($(df -Pk "$root" 2>/dev/null | awk 'NR == 2 {print $4}') / 1048576))
+  if [ "$free_gb" -ge 40 ]; then
+    model=$root/m3-multi-$$
+    break
+  fi
+done
+if [ -z "$model" ]; then
+  echo "no room for the 35 GB model in /dev/shm or /tmp" > "$logs/tiny.log"
+elif ! stage tiny 120 "$build/m3" tiny "$model" --layers FD,SM,SM --vocab 200064 --no-vision \
+    --no-mtp --dtype bf16 --hidden 6144 --heads 64 --kv-heads 4 --head-dim 128 --rotary-dim 64 \
+    --experts 128 --experts-per-token 4 --expert-width 3072 --shared-width 3072 \
+    --dense-width 12288 --index-dim 128 --block-size 128 --topk-blocks 16; then
+  rm -rf "$model"
+  model=""
+fi
+
+stage tp 150 "$build/tests/test_tp" $model
 tp_rc=$?
-[ $tp_rc -eq 124 ] &&
-  echo "TIMEOUT after 300 s in: $(grep '^   ' "$out/tp.log" | tail -n 1)" >> "$out/tp.log"
+bench_rc=0
+if [ -n "$model" ]; then
+  stage bench 150 "$build/tests/bench_tp" "$model"
+  bench_rc=$?
+else
+  echo "bench_tp: skipped, no full-width model (see tiny.log in the logs)" > "$logs/bench.log"
+fi
+rm -rf "$model"
+
 {
-  echo "# Tensor-parallel model (test_tp, exit $tp_rc)"
+  echo "# Multi-GPU checks and benchmark (scripts/gpu-multi.sh, issue 11)"
   echo
-  grep -v -E '^(   |FAIL|FATAL|TIMEOUT)' "$out/tp.log"
-  grep -E '^(FAIL|FATAL|TIMEOUT)' "$out/tp.log" | head -n 20
-} > "$out/tp.md"
-cat "$out/tp.md"
+  echo "card: $(head -n 2 "$logs/card.txt" | tr '\n' ';')"
+  echo "NCCL: $(grep -h -o 'NCCL version [^ ]*' "$logs"/nccl-debug.*.log 2>/dev/null | head -n 1)"
+  echo "libnccl: $(grep -m 1 libnccl "$logs/ldd.txt")"
+  echo
+  echo "## NCCL collectives (test_nccl, exit $nccl_rc)"
+  echo
+  summary "$logs/nccl.log"
+  echo
+  echo "## TP2 and EP2 against 1 GPU (test_tp, exit $tp_rc)"
+  echo
+  summary "$logs/tp.log"
+  echo
+  echo "## Benchmark (bench_tp, exit $bench_rc)"
+  echo
+  summary "$logs/bench.log"
+  echo
+  echo "## Stages"
+  echo
+  cat "$logs/stages.log"
+  [ -f "$logs/tiny.log" ] && tail -n 3 "$logs/tiny.log"
+} > "$md"
+
+rc=$nccl_rc
 [ $rc -eq 0 ] && rc=$tp_rc
-exit $rc
+[ $rc -eq 0 ] && rc=$bench_rc
+finish $rc

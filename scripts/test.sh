@@ -24,10 +24,11 @@ case "${1:-}" in
     # every race it saw rather than only the first.
     export TSAN_OPTIONS=halt_on_error=0:exitcode=66:second_deadlock_stack=1
     # Only the tests where threads meet: the engine's loop thread against client threads, and
-    # m3 serve (connection threads, the engine loop, the CPU thread pool). The other tests run one
+    # m3 serve (connection threads, the engine loop, the CPU thread pool), and the ranks of one
+    # process (a thread per rank, host all-reduce barriers). The other tests run one
     # thread (m3_engine_step, a one-thread pool), where TSan finds nothing and costs ~10x.
-    only='^(test_engine_threads|cli_serve_.*)$'
-    targets=(m3 test_engine_threads)
+    only='^(test_engine_threads|test_engine_ranks|cli_serve_.*)$'
+    targets=(m3 test_engine_threads test_engine_ranks)
     ;;
 esac
 scripts/fetch-test-data.sh

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # --tp / --ep / --nnodes / --node-rank / --master-addr (issue 11): `m3 inspect --tp N` prints the
-# layout plan; run, chat and serve print it and then refuse with one line, since multi-GPU
-# execution is not built yet; bad values exit 2 naming the flag.
+# layout plan; run prints it and then runs the ranks in one process (here CPU backends summing on
+# the host: the same text as one rank, also with an image); --nnodes above 1 and --speculative
+# with several ranks are refused with one line; bad values exit 2 naming the flag.
 #   $1: the m3 binary  $2: the source tree
 set -uo pipefail
 m3=$1
 src=$2
 . "$(dirname "$0")/check.sh"
 full=$src/tests/data/m3_full
-not_built="multi-GPU execution is not built yet (issue 11); the layout plan above is what it would use"
 
 # ---- inspect: the report, then the plan ----
 out=$("$m3" inspect --model "$full" --tp 2)
@@ -24,15 +24,37 @@ out=$("$m3" inspect --tp 2)
 expect_eq "inspect --tp 2 (default model) exit" "$?" 0
 [[ $out == *"tp 2 x ep 1 = 2 GPUs"* ]] && ok || bad "inspect --tp 2 on the default model: $out"
 
-# ---- run, chat, serve: the plan on stdout, then one line and exit 2 ----
-for cmd in run chat serve; do
-  expect_input_error "m3 $cmd: --tp 2: $not_built" "$cmd" --model "$full" --tp 2
+# ---- run: the plan on stdout, then the same text as one rank ----
+prompt="The quick brown fox"
+one=$("$m3" run --prompt "$prompt" --max-tokens 12 --threads 2 2>/dev/null)
+expect_eq "run (one rank) exit" "$?" 0
+[[ -n $one ]] && ok || bad "run (one rank): no text"
+for layout in "--tp 2" "--tp 2 --ep 2"; do
+  # shellcheck disable=SC2086
+  out=$("$m3" run $layout --prompt "$prompt" --max-tokens 12 --threads 2 2>"$tmp/err")
+  expect_eq "run $layout exit" "$?" 0
+  plan=$(grep -c '^parallel layout: ' <<<"$out")
+  expect_eq "run $layout: one plan" "$plan" 1
+  # The plan's lines, then the generated text exactly as one rank prints it.
+  text=$(grep -v -e '^parallel layout: ' -e '^  ' <<<"$out")
+  expect_eq "run $layout: text" "$text" "$one"
+  [[ $out == *"rank 1 (tp 1, ep 0)"* ]] && ok || bad "run $layout: no rank 1 in the plan: $out"
 done
-out=$("$m3" run --tp 2 2>/dev/null)
-expect_eq "run --tp 2 exit" "$?" 2
-[[ $out == *"parallel layout: tp 2 x ep 1"* ]] && ok || bad "run --tp 2: no plan on stdout: $out"
-expect_input_error "--ep 2: $not_built" run --model "$full" --ep 2
-expect_input_error "--nnodes 2: $not_built" run --model "$full" --nnodes 2 --node-rank 1 --master-addr 127.0.0.1:29511
+# An image: the vision tower runs on rank 0, every rank splices its rows.
+"$m3" tiny "$tmp/vl" >/dev/null || bad "m3 tiny"
+image=$src/tests/fixtures/vision/media/tiny_23x9.png
+one=$("$m3" run --model "$tmp/vl" --image "$image" --prompt describe --max-tokens 8 2>/dev/null)
+[[ -n $one ]] && ok || bad "run --image (one rank): no text"
+for layout in "--tp 2" "--tp 2 --ep 2"; do
+  # shellcheck disable=SC2086
+  out=$("$m3" run --model "$tmp/vl" $layout --image "$image" --prompt describe --max-tokens 8 2>/dev/null)
+  expect_eq "run --image $layout: text" "$(grep -v -e '^parallel layout: ' -e '^  ' <<<"$out")" "$one"
+done
+expect_input_error "--speculative mtp with --tp 2 --ep 1: speculative decoding does not run over several ranks yet" run --tp 2 --speculative mtp
+nnodes="--nnodes 2: multi-node execution is not supported yet"
+for cmd in run chat serve; do
+  expect_input_error "m3 $cmd: $nnodes" "$cmd" --model "$full" --nnodes 2 --node-rank 1 --master-addr 127.0.0.1:29511
+done
 # One GPU, one node: the flags change nothing (the run goes ahead).
 "$m3" run --tp 1 --ep 1 --nnodes 1 --max-tokens 1 --ids 1 >/dev/null 2>&1
 expect_eq "run --tp 1 --ep 1 exit" "$?" 0

@@ -2,7 +2,10 @@
  * precision: for each token and each of its k choices in order, the chosen expert's gate, up and
  * down rows applied to that token alone. Weights F32, BF16 and MXFP8 (their exact decoded values
  * are the reference's weights); ragged expert loads (unused experts, one expert in every token);
- * T = 1 and T = 37; a choice outside [0, E) turns only its token's row into NaN. */
+ * T = 1 and T = 37; a negative choice (no expert) turns only its token's row into NaN.
+ * Expert parallelism: a rank holding experts [first, first + held) of E (m3_moe_experts.first)
+ * against the same reference counting only those choices, and bit for bit against the whole op
+ * restricted by hand (every other choice's weight 0, whose products add +0). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -81,7 +84,8 @@ typedef struct {
   int H, I, E, k, T;
   int kind;
   int skew;        /* 1: expert 0 is every token's first choice; choices use only half the experts */
-  int bad_token;   /* >= 0: this token's last choice is out of range */
+  int bad_token;   /* >= 0: this token's last choice is -1 */
+  int first, held; /* the rank's experts [first, first + held); held 0: all E */
 } moe_case;
 
 static const float ALPHA = 1.702f, BETA = 1.0f, LIMIT = 7.0f;
@@ -106,7 +110,7 @@ static void random_ids(const moe_case *c, int32_t *ids) {
       } while (dup);
       ids[t * c->k + j] = e;
     }
-  if (c->bad_token >= 0) ids[c->bad_token * c->k + c->k - 1] = c->E;
+  if (c->bad_token >= 0) ids[c->bad_token * c->k + c->k - 1] = -1;
 }
 
 static void run_case(m3_backend *be, const moe_case *c) {
@@ -120,8 +124,9 @@ static void run_case(m3_backend *be, const moe_case *c) {
     up[e] = make_weight(c->kind, I, H, 0.5f), tu[e] = up[e].t;
     down[e] = make_weight(c->kind, H, I, 0.5f), td[e] = down[e].t;
   }
-  m3_moe_experts ex = {.gate = tg, .up = tu, .down = td, .E = E, .alpha = ALPHA, .beta = BETA,
-                       .limit = LIMIT};
+  const int first = c->first, held = c->held ? c->held : E;
+  m3_moe_experts ex = {.gate = tg + first, .up = tu + first, .down = td + first, .E = held,
+                       .first = first, .alpha = ALPHA, .beta = BETA, .limit = LIMIT};
   CHECK_OK(be->ops->prepare_experts(be, &ex));
 
   float *h = malloc((size_t)T * H * sizeof(float)), *x = malloc((size_t)T * H * sizeof(float));
@@ -136,7 +141,7 @@ static void run_case(m3_backend *be, const moe_case *c) {
   for (int t = 0; t < T; t++)
     for (int j = 0; j < k; j++) {
       const int e = ids[t * k + j];
-      if (e < 0 || e >= E) continue;
+      if (e < first || e >= first + held) continue;
       const float *ht = h + (size_t)t * H;
       for (int r = 0; r < I; r++) {
         double g = 0, u = 0;
@@ -157,6 +162,8 @@ static void run_case(m3_backend *be, const moe_case *c) {
       }
     }
 
+  float *x_whole = malloc((size_t)T * H * sizeof(float));
+  memcpy(x_whole, x, (size_t)T * H * sizeof(float));
   be->ops->moe_experts(be, &ex, h, T, ids, w, k, x);
   int bad = 0;
   for (int t = 0; t < T; t++)
@@ -170,11 +177,21 @@ static void run_case(m3_backend *be, const moe_case *c) {
                 kind_name[c->kind], H, I, E, k, T, c->skew, t, r, x[i], x_ref[i]);
     }
   CHECK_EQ_INT(bad, 0);
+  if (held < E) {
+    m3_moe_experts whole = {.gate = tg, .up = tu, .down = td, .E = E, .alpha = ALPHA,
+                            .beta = BETA, .limit = LIMIT};
+    CHECK_OK(be->ops->prepare_experts(be, &whole));
+    for (int i = 0; i < T * k; i++)
+      if (ids[i] < first || ids[i] >= first + held) w[i] = 0;
+    be->ops->moe_experts(be, &whole, h, T, ids, w, k, x_whole);
+    CHECK(memcmp(x, x_whole, (size_t)T * H * sizeof(float)) == 0);
+    be->ops->release_experts(be, &whole);
+  }
 
   be->ops->release_experts(be, &ex);
   for (int e = 0; e < E; e++) free_weight(&gate[e]), free_weight(&up[e]), free_weight(&down[e]);
   free(gate), free(up), free(down), free(tg), free(tu), free(td);
-  free(h), free(x), free(w), free(ids), free(x_ref), free(mag), free(act);
+  free(h), free(x), free(x_whole), free(w), free(ids), free(x_ref), free(mag), free(act);
 }
 
 int main(void) {
@@ -188,17 +205,28 @@ int main(void) {
       for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
         for (int skew = 0; skew < 2; skew++) {
           moe_case c = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], Ts[ti], kind,
-                        skew, -1};
+                        skew, -1, 0, 0};
           if (skew && c.k > c.E / 2) continue; /* k distinct choices among E/2 experts */
           run_case(be, &c);
         }
   /* One token's out-of-range choice: that row is NaN, every other row is exact. */
-  moe_case bad = {64, 32, 8, 2, 5, W_BF16, 0, 3};
+  moe_case bad = {64, 32, 8, 2, 5, W_BF16, 0, 3, 0, 0};
   run_case(be, &bad);
+  /* Expert-parallel ranks: the first, a middle and the last of E / held, and with a bad token
+   * (NaN whatever rank) or the skewed load (expert 0 on rank 0 only). */
+  static const int ranks[][5] = {{8, 4, 0, 0, 0}, {8, 4, 4, 0, 0}, {16, 4, 8, 1, 0},
+                                 {16, 4, 12, 0, 1}, {6, 2, 2, 0, 0}}; /* E held first skew bad */
+  for (size_t r = 0; r < sizeof ranks / sizeof ranks[0]; r++)
+    for (int kind = 0; kind < W_KINDS; kind++) {
+      const int E = ranks[r][0];
+      moe_case ep = {E == 16 ? 96 : 64, 32, E, E == 6 ? 6 : 4, 37, kind, ranks[r][3],
+                     ranks[r][4] ? 7 : -1, ranks[r][2], ranks[r][1]};
+      run_case(be, &ep);
+    }
   /* A single-thread backend runs the same code without the pool. */
   m3_backend *one;
   CHECK_OK(m3_backend_cpu_create(1, &one));
-  moe_case c1 = {96, 64, 16, 4, 37, W_MXFP8, 1, -1};
+  moe_case c1 = {96, 64, 16, 4, 37, W_MXFP8, 1, -1, 0, 0};
   run_case(one, &c1);
   one->ops->destroy(one);
   be->ops->destroy(be);

@@ -93,7 +93,8 @@ typedef struct {
  * prepared tensors each (w1 [I, H], w3 [I, H], w2 [H, I]; one dtype and shape within a layer).
  * Under expert parallelism a rank holds the E experts [first, first + E) of the router's
  * numbering (first 0 otherwise): moe_experts runs the choices of those experts only, as local
- * expert id - first, and skips every other choice (another rank adds it).
+ * expert id - first, and skips every other choice (another rank adds it); a negative id (no
+ * expert at all: moe_route's out-of-memory marker) makes its token's row NaN.
  * prepare_experts fills `table` (whatever the backend keeps to reach expert e from device code,
  * NULL on the CPU); release_experts frees it. */
 typedef struct {

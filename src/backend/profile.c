@@ -200,6 +200,14 @@ static void prof_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *p
   INNER(be)->kv_store(inner_of(be), kv, pos, T, k, v, ik);
   account(prof_of(be), "kv_store", NULL, t0);
 }
+static void prof_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
+                               const float *k, const m3_tensor *k_norm, const float *v,
+                               const float *ik, const m3_tensor *ik_norm, float eps, int rot,
+                               double theta) {
+  double t0 = start(prof_of(be));
+  INNER(be)->kv_store_rope(inner_of(be), kv, pos, T, k, k_norm, v, ik, ik_norm, eps, rot, theta);
+  account(prof_of(be), "kv_store_rope", NULL, t0);
+}
 static void prof_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv, const int32_t *pos,
                             int T, const m3_msa_params *p, int32_t *sel) {
   double t0 = start(prof_of(be));
@@ -267,6 +275,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->argmax_rows = prof_argmax_rows;
   ops->sample_rows = inner->ops->sample_rows ? prof_sample_rows : NULL;
   ops->kv_store = prof_kv_store;
+  ops->kv_store_rope = prof_kv_store_rope;
   ops->msa_select = prof_msa_select;
   ops->attention = prof_attention;
   ops->moe_route = prof_moe_route;

@@ -113,6 +113,8 @@ void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o) {
   o->num_draft = spec->num_draft;
   o->quantize = spec->quantize;
   o->kv_dtype = spec->kv_dtype;
+  o->tp = spec->tp;
+  o->ep = spec->ep;
 }
 
 m3_status m3_cli_parse_kv_dtype(const char *value, m3_kv_dtype *out) {
@@ -168,11 +170,9 @@ m3_status m3_cli_parallel_gate(const m3_cli_spec *s, const char *model_dir) {
                    nnodes - 1, nnodes);
   if (nnodes > 1 && !s->master_addr)
     return m3_fail(M3_ERR_ARG, "--nnodes %d: needs --master-addr HOST[:PORT]", nnodes);
-  if (s->tp <= 1 && s->ep <= 1 && nnodes == 1) return M3_OK;
-  m3_status st = m3_cli_print_plan(model_dir, s->tp, s->ep);
-  if (st != M3_OK) return st;
-  const char *flag = s->tp > 1 ? "--tp" : s->ep > 1 ? "--ep" : "--nnodes";
-  int value = s->tp > 1 ? s->tp : s->ep > 1 ? s->ep : nnodes;
-  return m3_fail(M3_ERR_ARG, "%s %d: multi-GPU execution is not built yet (issue 11); the layout "
-                 "plan above is what it would use", flag, value);
+  if (nnodes > 1)
+    return m3_fail(M3_ERR_ARG, "--nnodes %d: multi-node execution is not supported yet; one "
+                   "process drives the GPUs of one host (--tp N / --ep N)", nnodes);
+  if (s->tp <= 1 && s->ep <= 1) return M3_OK;
+  return m3_cli_print_plan(model_dir, s->tp, s->ep);
 }

@@ -58,9 +58,10 @@ typedef struct {
  * spec->draft becomes the draft folder next to the model (M3_DEFAULT_DRAFT_NAME), written into
  * paths->draft. spec may be NULL (commands without speculative decoding). */
 m3_status m3_cli_model_or_default(const char **model, m3_cli_spec *spec, m3_cli_model_paths *paths);
-/* Multi-GPU execution is not built yet: with --tp/--ep/--nnodes above 1 this prints the layout
- * plan of model_dir on stdout and returns M3_ERR_ARG saying so; otherwise M3_OK. Also checks
- * --node-rank and --master-addr against --nnodes. */
+/* Before the engine opens: with --tp/--ep above 1 prints the layout plan of model_dir on stdout
+ * (a layout its sizes do not divide is M3_ERR_ARG naming the flag); --nnodes above 1 is
+ * M3_ERR_ARG (one process drives one host's GPUs; multi-node is not built yet). Also checks
+ * --node-rank and --master-addr against --nnodes. m3_cli_spec_apply passes --tp/--ep on. */
 m3_status m3_cli_parallel_gate(const m3_cli_spec *spec, const char *model_dir);
 /* The layout plan of model_dir's config for tp x ep, printed on stdout. */
 m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep);

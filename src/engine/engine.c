@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "engine/engine_internal.h"
+#include "engine/ranks.h"
 #include "io/tiny.h"
 
 enum { DEFAULT_MAX_RUNNING = 64, MAX_TOP_LOGPROBS = 20 };
@@ -69,11 +70,12 @@ static m3_status alloc_buffers(m3_engine *e) {
   e->row_draws = calloc((size_t)e->max_running, sizeof *e->row_draws);
   e->batch = calloc((size_t)e->max_running, sizeof *e->batch);
   e->batch_seq = calloc((size_t)e->max_running, sizeof *e->batch_seq);
+  e->batch_kv = calloc((size_t)e->max_running, sizeof *e->batch_kv);
   e->scratch_seqs = calloc((size_t)e->max_running, sizeof *e->scratch_seqs);
   e->scratch_reqs = calloc((size_t)e->max_running, sizeof *e->scratch_reqs);
   e->batch_pos = calloc((size_t)e->max_batch_tokens, sizeof *e->batch_pos);
   if (!e->logits || !e->greedy_ids || !e->row_draws || !e->batch || !e->batch_seq ||
-      !e->scratch_seqs || !e->scratch_reqs || !e->batch_pos)
+      !e->batch_kv || !e->scratch_seqs || !e->scratch_reqs || !e->batch_pos)
     return m3_fail(M3_ERR_NOMEM, "engine: cannot allocate the batch buffers (%d sequences, "
                    "vocabulary %d)", e->max_running, e->vocab);
   return m3_sampler_scratch_init(&e->scratch, e->vocab);
@@ -84,9 +86,12 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   m3_engine_options o;
   m3_engine_options_init(&o);
   if (opts) o = *opts;
-  if (o.max_batch_tokens < 0 || o.max_running < 0 || o.threads < 0)
-    return m3_fail(M3_ERR_ARG, "engine options: max_batch_tokens %d, max_running %d, threads %d "
-                   "must be >= 0", o.max_batch_tokens, o.max_running, o.threads);
+  if (o.max_batch_tokens < 0 || o.max_running < 0 || o.threads < 0 || o.tp < 0 || o.ep < 0)
+    return m3_fail(M3_ERR_ARG, "engine options: max_batch_tokens %d, max_running %d, threads %d, "
+                   "tp %d, ep %d must be >= 0", o.max_batch_tokens, o.max_running, o.threads, o.tp,
+                   o.ep);
+  int tp, ep;
+  m3_ranks_layout(&o, &tp, &ep);
   m3_engine *e = calloc(1, sizeof *e);
   if (!e) return m3_fail(M3_ERR_NOMEM, "engine: out of memory");
   pthread_mutex_init(&e->mu, NULL);
@@ -102,7 +107,15 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   const m3_config *cfg;
   if (o.model_dir) snprintf(dir, sizeof dir, "%s", o.model_dir);
   else if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) goto fail;
-  if ((st = m3_backend_create(o.device ? o.device : "cpu", o.threads, &e->be)) != M3_OK) goto fail;
+  /* Several ranks: refused combinations before anything loads; each rank's CPU workers a share. */
+  const int threads = tp * ep > 1 ? m3_ranks_threads(o.threads, tp * ep) : o.threads;
+  if (tp * ep > 1 && (st = m3_ranks_check(dir, &o)) != M3_OK) goto fail;
+  if ((st = m3_backend_create(o.device ? o.device : "cpu", threads, &e->be)) != M3_OK) {
+    if (tp * ep > 1)
+      st = m3_fail_context(st, "--tp %d --ep %d: rank 0 of %d on %s", tp, ep, tp * ep,
+                           o.device ? o.device : "cpu");
+    goto fail;
+  }
   if (o.quantize && o.quantize[0] && strcmp(o.quantize, "mxfp8") != 0) {
     st = m3_fail(M3_ERR_ARG, "engine options: quantize '%s' (expected mxfp8)", o.quantize);
     goto fail;
@@ -114,8 +127,10 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
        (st = m3_kv_dtype_check(e->be, kv_dtype)) != M3_OK))
     goto fail;
   const m3_model_load_options load = {.quantize_mxfp8 = o.quantize && o.quantize[0],
-                                      .threads = o.threads, .progress = o.on_load_progress,
-                                      .user = o.load_user};
+                                      .threads = threads, .progress = o.on_load_progress,
+                                      .user = o.load_user, .tp_size = tp, .ep_size = ep};
+  /* The other ranks load their shares alongside rank 0's (the slow part of opening). */
+  if (tp * ep > 1 && (st = m3_ranks_start(dir, &o, &load, &e->ranks)) != M3_OK) goto fail;
   if ((st = m3_model_load_with(dir, e->be, &load, &e->model)) != M3_OK) goto fail;
   if ((st = load_tokenizer(e, dir)) != M3_OK) goto fail;
   m3_model_prefault(e->model, o.on_load_progress, o.load_user);
@@ -128,6 +143,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   size_t budget = o.kv_memory_bytes ? o.kv_memory_bytes
                                      : default_kv_budget(cfg, kv_dtype, e->max_running);
   if ((st = m3_kv_cache_create(cfg, e->be, kv_dtype, budget, &e->cache)) != M3_OK) goto fail;
+  if (e->ranks && (st = m3_ranks_connect(e->ranks, e->model, e->cache)) != M3_OK) goto fail;
   if ((st = m3_spec_open(e, &o)) != M3_OK) goto fail;
   if ((st = alloc_buffers(e)) != M3_OK) goto fail;
 
@@ -170,11 +186,13 @@ void m3_engine_close(m3_engine *e) {
   free(e->row_draws);
   free(e->batch);
   free(e->batch_seq);
+  free(e->batch_kv);
   free(e->scratch_seqs);
   free(e->scratch_reqs);
   free(e->batch_pos);
   m3_sampler_scratch_free(&e->scratch);
   m3_spec_close(e);
+  m3_ranks_free(e->ranks);
   m3_kv_cache_free(e->cache);
   m3_tok_free(e->tok);
   m3_model_free(e->model);

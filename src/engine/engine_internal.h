@@ -84,6 +84,7 @@ struct m3_engine {
   m3_row_sampling *row_draws; /* [max_running] each row's draw, on a step the backend samples */
   m3_model_seq *batch;       /* [max_running] */
   m3_seq **batch_seq;        /* [max_running] */
+  const m3_kv_seq **batch_kv; /* [max_running] each entry's pages (the other ranks read them) */
   int32_t *batch_pos;        /* [max_batch_tokens] */
   m3_seq **scratch_seqs;     /* [max_running] */
   m3_request **scratch_reqs; /* [max_running] */
@@ -92,6 +93,7 @@ struct m3_engine {
   int32_t top_ids[20];
   m3_engine_stats counters;
   struct m3_spec *spec;      /* speculative decoding (spec.c); NULL when off */
+  struct m3_ranks *ranks;    /* ranks 1.. of --tp x --ep (ranks.h); NULL with one rank */
 
   /* Guarded by mu. */
   pthread_mutex_t mu;

@@ -34,6 +34,8 @@ struct m3_kv_cache {
   int32_t *lru_prev, *lru_next;
   int32_t lru_head, lru_tail;
   int num_lru;
+  m3_kv_copy_hook copy_hook; /* told of each page copy (the other ranks' storage copies too) */
+  void *copy_user;
 };
 
 m3_status m3_kv_dtype_parse(const char *flag, const char *name, m3_kv_dtype *out) {
@@ -87,22 +89,18 @@ static uint8_t *alloc_pool(m3_backend *be, int pages, size_t page_bytes) {
   return be->ops->alloc(be, (size_t)pages * page_bytes);
 }
 
-m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt,
-                             size_t budget_bytes, m3_kv_cache **out) {
-  *out = NULL;
+static m3_status check_config(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt) {
   if (cfg->index_block_size <= 0 || cfg->num_kv_heads <= 0 || cfg->head_dim <= 0)
     return m3_fail(M3_ERR_CONFIG, "KV cache: block size %d, kv heads %d, head dim %d must be > 0",
                    cfg->index_block_size, cfg->num_kv_heads, cfg->head_dim);
-  m3_status st = m3_kv_dtype_check(be, dt);
-  if (st != M3_OK) return st;
-  size_t page_bytes = m3_kv_page_bytes(cfg, dt);
-  size_t pages = page_bytes ? budget_bytes / page_bytes : 0;
-  if (pages == 0)
-    return m3_fail(M3_ERR_LIMIT, "KV cache budget of %zu bytes is below one page (%zu bytes for %d "
-                   "tokens over %d layers)", budget_bytes, page_bytes, cfg->index_block_size,
-                   cfg->num_layers);
-  if (pages > INT32_MAX) pages = INT32_MAX;
+  return m3_kv_dtype_check(be, dt);
+}
 
+/* A cache of exactly `pages` pages (1..INT32_MAX); budget_bytes only names the budget in
+ * messages. */
+static m3_status create_pages(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt, size_t pages,
+                              size_t budget_bytes, m3_kv_cache **out) {
+  const size_t page_bytes = m3_kv_page_bytes(cfg, dt);
   m3_kv_cache *c = calloc(1, sizeof *c);
   if (!c) return m3_fail(M3_ERR_NOMEM, "KV cache: out of memory");
   c->be = be;
@@ -158,6 +156,30 @@ nomem:
   m3_kv_cache_free(c);
   return m3_fail(M3_ERR_NOMEM, "KV cache: cannot allocate %zu pages (budget %zu bytes)", pages,
                  budget_bytes);
+}
+
+m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt,
+                             size_t budget_bytes, m3_kv_cache **out) {
+  *out = NULL;
+  m3_status st = check_config(cfg, be, dt);
+  if (st != M3_OK) return st;
+  size_t page_bytes = m3_kv_page_bytes(cfg, dt);
+  size_t pages = page_bytes ? budget_bytes / page_bytes : 0;
+  if (pages == 0)
+    return m3_fail(M3_ERR_LIMIT, "KV cache budget of %zu bytes is below one page (%zu bytes for %d "
+                   "tokens over %d layers)", budget_bytes, page_bytes, cfg->index_block_size,
+                   cfg->num_layers);
+  if (pages > INT32_MAX) pages = INT32_MAX;
+  return create_pages(cfg, be, dt, pages, budget_bytes, out);
+}
+
+m3_status m3_kv_cache_create_pages(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt, int pages,
+                                   m3_kv_cache **out) {
+  *out = NULL;
+  m3_status st = check_config(cfg, be, dt);
+  if (st != M3_OK) return st;
+  if (pages < 1) return m3_fail(M3_ERR_ARG, "KV cache: %d pages", pages);
+  return create_pages(cfg, be, dt, (size_t)pages, (size_t)pages * m3_kv_page_bytes(cfg, dt), out);
 }
 
 void m3_kv_cache_free(m3_kv_cache *c) {
@@ -272,9 +294,20 @@ void m3_kv_page_release(m3_kv_cache *c, int32_t page) {
   else c->free_list[c->num_free++] = page;
 }
 
-/* Every layer's K, V (and IK) of page `from` into page `to`, in backend memory; an fp8 page's
- * scales are part of its bytes. */
+void m3_kv_cache_set_copy_hook(m3_kv_cache *c, m3_kv_copy_hook fn, void *user) {
+  c->copy_hook = fn;
+  c->copy_user = user;
+}
+
+/* The copy-on-write of a shared page: the pages' contents, then the hook, so that storage
+ * mirroring this cache's pages gets the same copy. */
 static m3_status copy_page(m3_kv_cache *c, int32_t from, int32_t to) {
+  m3_status st = m3_kv_cache_copy_page(c, from, to);
+  if (st == M3_OK && c->copy_hook) st = c->copy_hook(c->copy_user, from, to);
+  return st;
+}
+
+m3_status m3_kv_cache_copy_page(m3_kv_cache *c, int32_t from, int32_t to) {
   m3_backend *be = c->be;
   m3_status st = M3_OK;
   const size_t kv = c->bytes_kv, ik = c->bytes_ik;
@@ -450,20 +483,23 @@ void m3_kv_seq_publish(m3_kv_cache *c, const m3_kv_seq *seq, const int32_t *toke
   }
 }
 
-void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv_view *out) {
+static void table_view(const m3_kv_cache *c, const int32_t *table, int num_blocks, int layer,
+                       m3_kv_view *out) {
   const kv_layer *L = &c->layers[layer];
-  out->k = L->k;
-  out->v = L->v;
-  out->ik = L->ik;
-  out->block_table = mirrored(c) ? seq->table_dev : seq->block_table;
-  out->num_blocks = seq->num_blocks;
-  out->block_size = c->block_size;
-  out->nkv = c->nkv;
-  out->hd = c->hd;
-  out->ihd = c->ihd;
-  out->dtype = c->dtype;
+  *out = (m3_kv_view){.k = L->k, .v = L->v, .ik = L->ik, .block_table = table,
+                      .num_blocks = num_blocks, .block_size = c->block_size, .nkv = c->nkv,
+                      .hd = c->hd, .ihd = c->ihd, .dtype = c->dtype};
+}
+
+void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv_view *out) {
+  table_view(c, mirrored(c) ? seq->table_dev : seq->block_table, seq->num_blocks, layer, out);
 }
 
 void m3_kv_seq_views(const m3_kv_cache *c, const m3_kv_seq *seq, m3_kv_view *views) {
   for (int l = 0; l < c->num_layers; l++) m3_kv_seq_view(c, seq, l, &views[l]);
+}
+
+void m3_kv_cache_table_views(const m3_kv_cache *c, const int32_t *table, int num_blocks,
+                             m3_kv_view *views) {
+  for (int l = 0; l < c->num_layers; l++) table_view(c, table, num_blocks, l, &views[l]);
 }

@@ -62,6 +62,21 @@ m3_status m3_kv_cache_create(const m3_config *cfg, m3_backend *be, m3_kv_dtype d
                              size_t budget_bytes, m3_kv_cache **out);
 void m3_kv_cache_free(m3_kv_cache *c);
 
+/* Storage mirroring another cache's pages (a tensor-parallel rank's share of every page,
+ * engine/ranks.h): exactly `pages` pages for cfg (the rank's narrowed config: fewer KV heads per
+ * page). Its page ids are those of the cache whose block tables index it; its own allocator,
+ * reference counts and prefix cache stay unused. */
+m3_status m3_kv_cache_create_pages(const m3_config *cfg, m3_backend *be, m3_kv_dtype dt, int pages,
+                                   m3_kv_cache **out);
+/* Every layer's K, V (and IK) of page `from` into page `to`, in backend memory (an fp8 page's
+ * scales are part of its bytes). */
+m3_status m3_kv_cache_copy_page(m3_kv_cache *c, int32_t from, int32_t to);
+/* Called after the cache copied page `from` into page `to` (copy-on-write in m3_kv_seq_extend,
+ * the only place page contents are copied), so that mirroring storage copies the same page; a
+ * failure fails that extend, which leaves the sequence unchanged. */
+typedef m3_status (*m3_kv_copy_hook)(void *user, int32_t from, int32_t to);
+void m3_kv_cache_set_copy_hook(m3_kv_cache *c, m3_kv_copy_hook fn, void *user);
+
 m3_kv_dtype m3_kv_cache_dtype(const m3_kv_cache *c);
 int m3_kv_cache_block_size(const m3_kv_cache *c);
 int m3_kv_cache_num_pages(const m3_kv_cache *c);
@@ -106,5 +121,9 @@ void m3_kv_seq_publish(m3_kv_cache *c, const m3_kv_seq *seq, const int32_t *toke
 void m3_kv_seq_view(const m3_kv_cache *c, const m3_kv_seq *seq, int layer, m3_kv_view *out);
 /* All layers at once: views [num_layers]. */
 void m3_kv_seq_views(const m3_kv_cache *c, const m3_kv_seq *seq, m3_kv_view *views);
+/* All layers of c's pools under a block table of num_blocks entries in c's backend memory, which
+ * need not be a sequence of c (mirroring storage reads the block tables of another cache). */
+void m3_kv_cache_table_views(const m3_kv_cache *c, const int32_t *table, int num_blocks,
+                             m3_kv_view *views);
 
 #endif

@@ -15,12 +15,14 @@
  * cross to the host instead of the vocabulary's 4 bytes a logit. When some rows are plain draws
  * (temperature > 0, nothing else read from the row) and the backend samples (sample_rows), it
  * draws those with the value each sequence's PRNG gives the host sampler, so a request's tokens
- * do not depend on which side drew them. */
+ * do not depend on which side drew them. With several ranks (--tp/--ep, ranks.h) each runs the
+ * same forward on its share of the model and rank 0's gives the rows. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "engine/engine_internal.h"
+#include "engine/ranks.h"
 
 static double now_seconds(void) {
   struct timespec ts;
@@ -109,6 +111,7 @@ static void add_to_batch(m3_engine *e, batch_fill *b, m3_seq *s, int take, int d
                                                      : s->n_computed + take == s->n_tokens};
   m3_request_media_batch(e, s, &e->batch[b->n]);
   if (e->spec) m3_spec_batch_add(e, b->n, b->tokens);
+  e->batch_kv[b->n] = &s->kv;
   e->batch_seq[b->n++] = s;
   b->tokens += take + drafts;
 }
@@ -328,6 +331,29 @@ static void publish_stats(m3_engine *e) {
   pthread_mutex_unlock(&e->mu);
 }
 
+typedef struct {
+  m3_engine *e;
+  const batch_fill *b;
+  handover how;
+} step_forward;
+
+/* The step's forward on the engine's own model (rank 0 when there are several: the other ranks
+ * run theirs alongside, ranks.h). */
+static m3_status forward_rank0(void *arg) {
+  const step_forward *f = arg;
+  m3_engine *e = f->e;
+  float *const *hidden = m3_spec_batch_hidden(e);
+  if (f->how == HAND_DRAWS) {
+    fill_row_draws(e, f->b);
+    return m3_model_forward_batch_sample(e->model, e->batch, f->b->n, e->logits, e->row_draws,
+                                         e->greedy_ids, hidden);
+  }
+  if (f->how == HAND_ARGMAX)
+    return m3_model_forward_batch_argmax(e->model, e->batch, f->b->n, e->logits, e->greedy_ids,
+                                         hidden);
+  return m3_model_forward_batch_hidden(e->model, e->batch, f->b->n, e->logits, hidden);
+}
+
 m3_status m3_sched_step(m3_engine *e) {
   double t0 = now_seconds();
   take_handover(e);
@@ -337,17 +363,10 @@ m3_status m3_sched_step(m3_engine *e) {
   double t1 = now_seconds(), t2 = t1;
   if (b.n > 0) {
     const handover how = step_handover(e, &b);
-    float *const *hidden = m3_spec_batch_hidden(e);
-    m3_status st;
-    if (how == HAND_DRAWS) {
-      fill_row_draws(e, &b);
-      st = m3_model_forward_batch_sample(e->model, e->batch, b.n, e->logits, e->row_draws,
-                                         e->greedy_ids, hidden);
-    } else if (how == HAND_ARGMAX) {
-      st = m3_model_forward_batch_argmax(e->model, e->batch, b.n, e->logits, e->greedy_ids, hidden);
-    } else {
-      st = m3_model_forward_batch_hidden(e->model, e->batch, b.n, e->logits, hidden);
-    }
+    step_forward f = {e, &b, how};
+    const m3_status st =
+        e->ranks ? m3_ranks_run(e->ranks, e->batch, e->batch_kv, b.n, forward_rank0, &f)
+                 : forward_rank0(&f);
     t2 = now_seconds();
     if (st != M3_OK) {
       /* A request may own several sequences of the batch: collect each once, then finish. */

@@ -36,17 +36,16 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   be->ops->matmul(be, &w->k_proj, s->h, T, s->k);
   be->ops->matmul(be, &w->v_proj, s->h, T, s->v);
   norm_rope_heads(m, s->q, &w->q_norm, pos, T, c->num_heads, c->head_dim);
-  norm_rope_heads(m, s->k, &w->k_norm, pos, T, c->num_kv_heads, c->head_dim);
 
   if (sparse) {
     be->ops->matmul(be, &w->index_q_proj, s->h, T, s->iq);
     be->ops->matmul(be, &w->index_k_proj, s->h, T, s->ik);
     norm_rope_heads(m, s->iq, &w->index_q_norm, pos, T, c->index_num_heads, c->index_head_dim);
-    norm_rope_heads(m, s->ik, &w->index_k_norm, pos, T, 1, c->index_head_dim);
   }
 
   /* Per sequence, into its cache before attention: its tokens attend to themselves and each
-   * other, never to another sequence's. */
+   * other, never to another sequence's. The keys' norm and RoPE happen in the store (s->k and
+   * s->ik hold unspecified values afterwards; nothing reads them). */
   const size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
   const size_t iqw = (size_t)c->index_num_heads * c->index_head_dim, ihd = (size_t)c->index_head_dim;
   const size_t selw = (size_t)c->index_num_heads * m->msa.topk;
@@ -54,8 +53,9 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
     const m3_kv_view *kv = &segs[i].kv[l];
     const size_t r = (size_t)segs[i].first;
     const int n = segs[i].T;
-    be->ops->kv_store(be, kv, pos + r, n, s->k + r * kvw, s->v + r * kvw,
-                      sparse ? s->ik + r * ihd : NULL);
+    be->ops->kv_store_rope(be, kv, pos + r, n, s->k + r * kvw, &w->k_norm, s->v + r * kvw,
+                           sparse ? s->ik + r * ihd : NULL, sparse ? &w->index_k_norm : NULL,
+                           c->rms_norm_eps, c->rotary_dim, c->rope_theta);
     if (sparse)
       be->ops->msa_select(be, s->iq + r * iqw, c->index_num_heads, kv, pos + r, n, &m->msa,
                           s->sel + r * selw);

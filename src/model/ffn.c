@@ -9,8 +9,11 @@
  *   x += sum_j w[t, j] * Expert_{ids[t, j]}(h[t])   moe_experts: each expert reads its weights once
  *   x += SharedExpert(h)                            unscaled
  * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add.
- * Tensor-parallel ranks (m3_model_set_all_reduce) sum each FFN output over the ranks before its
- * residual add: once per layer, the shared and routed experts together. */
+ * Tensor / expert parallel ranks (m3_model_set_all_reduce) sum each FFN output before its residual
+ * add: a dense MLP's over the TP group (replicated over the EP groups, each of which computes it
+ * whole), an MoE layer's over the world, once, the shared and routed experts together: each EP
+ * group holds 1/ep of the experts (each split over its TP group) and each world rank 1/world of
+ * the shared expert, so only the world sum holds every expert's share exactly once. */
 #include "model/layers.h"
 
 /* out[n, H] = SwiGLU_OAI(in Wgate^T, in Wup^T) Wdown^T for n rows of in [n, H]. */
@@ -28,9 +31,12 @@ static void swiglu_mlp(m3_model *m, const m3_tensor *gate, const m3_tensor *up,
 
 m3_status m3_moe_experts_prepare(m3_backend *be, const m3_config *c, const m3_layer_weights *L,
                                  m3_moe_experts *ex) {
-  *ex = (m3_moe_experts){.gate = L->expert_gate, .up = L->expert_up, .down = L->expert_down,
-                         .E = c->num_experts, .alpha = c->swiglu_alpha, .beta = c->swiglu_beta,
-                         .limit = c->swiglu_limit};
+  int first = 0, n = 0;
+  while (first < c->num_experts && !m3_tensor_present(&L->expert_gate[first])) first++;
+  while (first + n < c->num_experts && m3_tensor_present(&L->expert_gate[first + n])) n++;
+  *ex = (m3_moe_experts){.gate = L->expert_gate + first, .up = L->expert_up + first,
+                         .down = L->expert_down + first, .E = n, .first = first,
+                         .alpha = c->swiglu_alpha, .beta = c->swiglu_beta, .limit = c->swiglu_limit};
   m3_status st = be->ops->prepare_experts(be, ex);
   if (st != M3_OK) *ex = (m3_moe_experts){0};
   return st;
@@ -53,9 +59,10 @@ static void add_residual(m3_model *m, int T, const m3_tensor *next) {
     be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
 }
 
-/* Tensor parallelism: each rank holds a slice of every expert's width, so its shared expert and
- * routed experts are partial sums. They go into s.out together (the shared expert's output, or
- * zeros, then the routed experts added onto it) so that one all-reduce sums both over the ranks
+/* Tensor / expert parallelism: each rank holds a slice of the shared expert's width and of its
+ * EP group's experts' widths (the choices of other groups' experts it skips), so its shared
+ * expert and routed experts are partial sums. They go into s.out together (the shared expert's
+ * output, or zeros, then the routed experts added onto it) so that one world all-reduce sums both
  * before the residual add. */
 static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
   const m3_config *c = &m->cfg;

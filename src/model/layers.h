@@ -71,18 +71,33 @@ struct m3_model {
                                    * logits rows not computed yet (each step moves it on) */
   struct m3_step_graphs *graphs; /* recorded decode steps (step_graph.h), or NULL: a backend
                                   * without graph ops, or M3_CUDA_GRAPHS=0 */
-  m3_all_reduce_fn all_reduce;   /* tensor parallelism (m3_model_set_all_reduce), or NULL */
+  m3_all_reduce_fn all_reduce;   /* tensor / expert parallelism (set_all_reduce), or NULL */
   void *all_reduce_user;
+  unsigned all_reduce_flags;     /* M3_ALL_REDUCE_CAPTURABLE: steps with it may be recorded */
   m3_status reduce_status;       /* the step's first failed all-reduce, else M3_OK */
   float *zeros;                  /* [step_tokens, H] zeros: the routed experts' sum starts there
                                   * in an MoE layer without a shared expert (with a hook only) */
 };
 
-/* Cuts m's bound weights and config to rank `rank` of `tp` (shard.c), before they are prepared. */
-m3_status m3_model_shard(m3_model *m, int tp, int rank);
+/* Rank (tp_rank, ep_rank) of a tp x ep layout (m3_model_load_options; 1 x 1: the whole model). */
+typedef struct {
+  int tp, tp_rank, ep, ep_rank;
+} m3_shard;
 
-/* buf[0, n) = its sum over the tensor-parallel ranks, when the model has a hook. A failure is kept
- * for the step to return; the call is still made, so that the peers' calls keep pairing. */
+/* Checks the layout against m's config and bound weights (a size it does not divide is
+ * M3_ERR_CONFIG naming the key, a rank outside it M3_ERR_ARG), then leaves only the routed experts
+ * of the rank's EP group bound (the others' tensors absent) and drops the MTP modules: before
+ * quantization at load, which then converts only what the rank holds. */
+m3_status m3_model_shard_experts(m3_model *m, const m3_shard *lay);
+
+/* Cuts m's bound weights and config to the rank's slices (shard.c), after
+ * m3_model_shard_experts and quantization, before the weights are prepared. */
+m3_status m3_model_shard(m3_model *m, const m3_shard *lay);
+
+/* buf[0, n) = its sum over the ranks of `group`, when the model has a hook. Every rank makes the
+ * same calls with the same groups whatever its layout (a TP group of one rank included: the hook
+ * makes that a no-op), so the schedule never depends on the layout. A failure is kept for the
+ * step to return; the call is still made, so that the peers' calls keep pairing. */
 static inline void m3_model_all_reduce(m3_model *m, m3_reduce_group group, float *buf,
                                        size_t n) {
   if (!m->all_reduce) return;
@@ -114,10 +129,12 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
  * (the next layer's input_norm, or the final norm). */
 void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next);
 
-/* ex = the routed experts of layer L (E from the config, SwiGLU-OAI parameters of the config),
- * handed to the backend's prepare_experts; L's expert tensors must be prepared already. On failure
- * ex is left empty. m3_moe_experts_release undoes it (nothing for an empty ex) and must run
- * before the expert tensors are released. */
+/* ex = the routed experts layer L holds bound, handed to the backend's prepare_experts: the run
+ * of present expert tensors [first, first + E) of the config's num_experts (all of them, or under
+ * expert parallelism the rank's EP group's, m3_model_shard_experts), SwiGLU-OAI parameters of the
+ * config; L's expert tensors must be prepared already. On failure ex is left empty.
+ * m3_moe_experts_release undoes it (nothing for an empty ex) and must run before the expert
+ * tensors are released. */
 m3_status m3_moe_experts_prepare(m3_backend *be, const m3_config *c, const m3_layer_weights *L,
                                  m3_moe_experts *ex);
 void m3_moe_experts_release(m3_backend *be, m3_moe_experts *ex);

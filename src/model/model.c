@@ -237,6 +237,13 @@ static int compare_address(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+/* The rank a load asks for; sizes 0 (options left zeroed) mean 1. */
+static m3_shard shard_of(const m3_model_load_options *o) {
+  if (!o) return (m3_shard){1, 0, 1, 0};
+  return (m3_shard){o->tp_size > 0 ? o->tp_size : 1, o->tp_rank, o->ep_size > 0 ? o->ep_size : 1,
+                    o->ep_rank};
+}
+
 m3_status m3_model_load(const char *dir, m3_backend *be, m3_model **out) {
   return m3_model_load_with(dir, be, NULL, out);
 }
@@ -257,14 +264,15 @@ m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_loa
   if ((st = check_supported(&m->cfg)) != M3_OK) goto fail;
   if ((st = m3_st_open_dir(dir, &m->st)) != M3_OK) goto fail;
   if ((st = m3_weights_bind(&m->cfg, m->st, &m->w)) != M3_OK) goto fail;
+  const m3_shard lay = shard_of(opts);
+  if ((st = m3_model_shard_experts(m, &lay)) != M3_OK) goto fail;
   if (opts && opts->quantize_mxfp8) {
     st = m3_weights_quantize_mxfp8(&m->cfg, &m->w, opts->threads, opts->progress, opts->user);
     if (st != M3_OK) goto fail;
     /* Sorted for the prefault's lookups. */
     qsort(m->w.replaced, (size_t)m->w.num_replaced, sizeof *m->w.replaced, compare_address);
   }
-  if (opts && opts->tp_size > 1 && (st = m3_model_shard(m, opts->tp_size, opts->tp_rank)) != M3_OK)
-    goto fail;
+  if ((st = m3_model_shard(m, &lay)) != M3_OK) goto fail;
   for (int l = 0; l < m->cfg.num_layers; l++) m->num_sparse += m->cfg.layer_attn[l] == M3_ATTN_SPARSE;
   m->msa = (m3_msa_params){.topk = m->cfg.index_topk_blocks,
                            .local_blocks = m->cfg.index_local_blocks,
@@ -310,7 +318,6 @@ const m3_config *m3_model_config(const m3_model *m) { return &m->cfg; }
 
 m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
                                   unsigned flags) {
-  (void)flags;
   int bare_moe = 0; /* an MoE layer without a shared expert: its sum starts from zeros */
   for (int l = 0; l < m->cfg.num_layers; l++)
     bare_moe |= m->cfg.layer_mlp[l] == M3_MLP_MOE && !m3_tensor_present(&m->w.layers[l].shared_gate);
@@ -322,6 +329,7 @@ m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
   }
   m->all_reduce = fn;
   m->all_reduce_user = user;
+  m->all_reduce_flags = fn ? flags : 0;
   return M3_OK;
 }
 
@@ -494,8 +502,10 @@ static m3_status run_layers_and_head(m3_model *m, void *ctx) {
  * verification), and no transfer between its ops: no media rows to splice in, no hidden states
  * or block selections to hand over. Its logits rows (<= T) then take one head matmul. */
 static int graphable(const m3_model *m, const step_plan *p) {
-  /* Not with an all-reduce hook: capturing collectives in a graph is not verified yet. */
-  if (!m->graphs || m->all_reduce || p->T > M3_STEP_GRAPH_MAX_T || p->slot) return 0;
+  /* A hook that does more than enqueue on the backend stream (a host exchange) would run once at
+   * recording and never at a replay. */
+  const int reduce_recordable = !m->all_reduce || (m->all_reduce_flags & M3_ALL_REDUCE_CAPTURABLE);
+  if (!m->graphs || !reduce_recordable || p->T > M3_STEP_GRAPH_MAX_T || p->slot) return 0;
   for (int i = 0; i < p->n_segs; i++) {
     const m3_model_seq *q = &p->seqs[p->segs[i].seq];
     if (q->media || q->capture) return 0;

@@ -57,7 +57,11 @@ typedef struct {
    * experts [ep_rank * E / ep_size, +E / ep_size), split inside by tp; attention and dense MLPs
    * are replicated over the EP groups; the shared expert is split over all world ranks. ep_size
    * 0 or 1: every rank holds every expert. E not divisible by ep_size is M3_ERR_CONFIG naming
-   * n_routed_experts. */
+   * num_local_experts (the checkpoint's key for E), a shared width the world does not divide
+   * names shared_intermediate_size, ep_size > 1 on a model without MoE layers names
+   * mlp_layer_types. The other experts are never read, converted nor handed to the backend.
+   * m3_model_config keeps num_experts = E, the router's count (every rank routes every token);
+   * the weights (m3_model_weights) hold the other groups' expert tensors absent. */
   int ep_size, ep_rank;
 } m3_model_load_options;
 
@@ -66,9 +70,11 @@ m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_loa
                              m3_model **out);
 void m3_model_free(m3_model *m);
 
-/* The all-reduce of a tensor-parallel rank: buf[0, n) = the sum over the ranks of their buf, in
- * place; buf is backend memory. It is called in issue order on the rank's backend, so a device
- * collective enqueued on the backend's stream keeps the forward asynchronous. */
+/* The all-reduce of a tensor / expert parallel rank: buf[0, n) = the sum over the ranks of
+ * `group` of their buf, in place; buf is backend memory. It is called in issue order on the
+ * rank's backend, so a device collective enqueued on the backend's stream keeps the forward
+ * asynchronous. Every rank gets the same calls with the same groups whatever the layout: with
+ * tp_size 1 the TP group is the rank alone and fn must leave buf as it is (no collective). */
 typedef enum {
   M3_REDUCE_TP,    /* over the tp_size ranks of this rank's TP group (attention, dense MLP) */
   M3_REDUCE_WORLD, /* over all tp_size * ep_size ranks (an MoE layer's routed + shared sum) */

@@ -1,29 +1,39 @@
-/* shard.c: one tensor-parallel rank's share of the text model, cut at load (engine/parallel.h).
+/* shard.c: one rank's share of the text model in a tensor x expert parallel layout, cut at load
+ * (engine/parallel.h).
  *
- * Rank r of tp holds the unsharded model's math on narrower shapes; its partial outputs of
- * o_proj, the dense MLP's down, the shared expert's down and the routed experts sum over the
- * ranks to the unsharded ones (the all-reduce hook, model.h). What a rank holds:
- *   q_proj        rows of query heads [r nh/tp, +nh/tp)          (row slice: a view)
+ * Rank (tp_rank, ep_rank) of tp x ep (world rank ep_rank * tp + tp_rank) holds the unsharded
+ * model's math on narrower shapes; its partial outputs sum to the unsharded ones through the
+ * all-reduce hook (model.h): o_proj and the dense MLP's down over its TP group (the tp ranks of
+ * its EP group), an MoE layer's shared expert plus routed experts over the world. What it holds:
+ *   q_proj        rows of query heads [t nh/tp, +nh/tp)          (row slice: a view)
  *   o_proj        the same heads' columns                         (column slice: a copy)
- *   k_proj v_proj rows of KV heads [r nkv/tp, +nkv/tp); tp > nkv: the one KV head its query
+ *   k_proj v_proj rows of KV heads [t nkv/tp, +nkv/tp); tp > nkv: the one KV head its query
  *                 heads read, replicated on tp/nkv ranks (GQA groups never straddle ranks)
  *   index_q_proj  rows of the index heads of those KV groups (index head g selects for KV head g)
- *   mlp, shared   gate/up rows and down columns of [r I/tp, +I/tp)
- *   experts       each routed expert split inside the same way; the router replicated
+ *   mlp           gate/up rows and down columns of [t I/tp, +I/tp)
+ *   experts       the routed experts [ep_rank E/ep, +E/ep) only, each split inside like the mlp;
+ *                 the others are left absent (never read, converted or prepared)
+ *   shared        split like the mlp but over the world: [w S/world, +S/world), so that the
+ *                 world all-reduce, which combines the EP groups' experts, counts it once
  *   replicated    embedding, lm_head (a vocabulary split is a later step), norms, index_k_proj,
- *                 router and its bias
- * The config copy gets the narrowed sizes (num_heads, num_kv_heads, index_num_heads and the three
- * intermediate sizes), so the ops, the step scratch and the KV cache sizing see the rank's
- * shapes; hidden_size and head_dim stay. MTP modules are not sharded: a rank drops them. */
+ *                 router and its bias; attention and the dense MLP over the EP groups
+ * (t = tp_rank, w = world rank.) The config copy gets the narrowed sizes (num_heads,
+ * num_kv_heads, index_num_heads and the three intermediate sizes), so the ops, the step scratch
+ * and the KV cache sizing see the rank's shapes; hidden_size and head_dim stay, and so does
+ * num_experts: it is the router's count, which routing (the router matmul, moe_route, the
+ * selection bias, the router scratch) reads whole on every rank. The experts a layer holds are
+ * its present expert tensors, a run [first, first + E/ep) that m3_moe_experts_prepare hands the
+ * backend as m3_moe_experts.first and .E. MTP modules are not sharded: a rank drops them. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "model/layers.h"
 
-static m3_status check_split(int n, int tp, const char *key) {
-  if (n % tp != 0)
-    return m3_fail(M3_ERR_CONFIG, "config: %s %d is not a multiple of the tensor-parallel size %d",
-                   key, n, tp);
+/* n must split into `parts` equal parts: else M3_ERR_CONFIG naming the key and the layout size. */
+static m3_status check_split(int n, int parts, const char *key, const char *what) {
+  if (n % parts != 0)
+    return m3_fail(M3_ERR_CONFIG, "config: %s %d is not a multiple of the %s %d", key, n, what,
+                   parts);
   return M3_OK;
 }
 
@@ -72,7 +82,7 @@ static void *owned_cols(m3_weights *w, const m3_tensor *t, const void *src, int6
 /* t = columns [c0, c0 + n) of t, gathered into memory w owns (the backend then takes it as any
  * other tensor); scale columns cut at the same place, which must be a scale block boundary. */
 static m3_status slice_cols(m3_weights *w, m3_tensor *t, int64_t c0, int64_t n) {
-  if (!m3_tensor_present(t)) return M3_OK;
+  if (!m3_tensor_present(t) || (c0 == 0 && n == t->cols)) return M3_OK; /* nothing to cut */
   /* MXFP8 always at block boundaries, so that every slice keeps whole 32-column blocks as the
    * checkpoint's do; an FP8 scale column that spans every column (per-channel, per-tensor, or
    * one block wider than the matrix) stays as it is wherever the cut. */
@@ -104,36 +114,81 @@ static m3_status slice_mlp(m3_weights *w, m3_tensor *gate, m3_tensor *up, m3_ten
   return st;
 }
 
-m3_status m3_model_shard(m3_model *m, int tp, int rank) {
-  m3_config *c = &m->cfg;
-  if (tp < 1 || rank < 0 || rank >= tp)
-    return m3_fail(M3_ERR_ARG, "model: tensor-parallel rank %d of %d", rank, tp);
-  if (tp == 1) return M3_OK;
-  int any_sparse = 0, any_dense = 0, any_moe = 0, any_shared = 0;
+/* What the layout cuts in m's layers. */
+typedef struct {
+  int sparse, dense, moe, shared;
+} layer_kinds;
+
+static layer_kinds kinds_of(const m3_model *m) {
+  const m3_config *c = &m->cfg;
+  layer_kinds k = {0};
   for (int l = 0; l < c->num_layers; l++) {
-    any_sparse |= c->layer_attn[l] == M3_ATTN_SPARSE;
-    any_dense |= c->layer_mlp[l] == M3_MLP_DENSE;
-    any_moe |= c->layer_mlp[l] == M3_MLP_MOE;
-    any_shared |= m3_tensor_present(&m->w.layers[l].shared_gate);
+    k.sparse |= c->layer_attn[l] == M3_ATTN_SPARSE;
+    k.dense |= c->layer_mlp[l] == M3_MLP_DENSE;
+    k.moe |= c->layer_mlp[l] == M3_MLP_MOE;
+    k.shared |= m3_tensor_present(&m->w.layers[l].shared_gate);
   }
-  m3_status st = check_split(c->num_heads, tp, "num_attention_heads");
+  return k;
+}
+
+static m3_status check_layout(const m3_model *m, const m3_shard *lay) {
+  const m3_config *c = &m->cfg;
+  const int tp = lay->tp, ep = lay->ep;
+  if (tp < 1 || lay->tp_rank < 0 || lay->tp_rank >= tp)
+    return m3_fail(M3_ERR_ARG, "model: tensor-parallel rank %d of %d", lay->tp_rank, tp);
+  if (ep < 1 || lay->ep_rank < 0 || lay->ep_rank >= ep)
+    return m3_fail(M3_ERR_ARG, "model: expert-parallel rank %d of %d", lay->ep_rank, ep);
+  const layer_kinds k = kinds_of(m);
+  m3_status st = check_split(c->num_heads, tp, "num_attention_heads", "tensor-parallel size");
   if (st == M3_OK && c->num_kv_heads % tp != 0 && (tp % c->num_kv_heads != 0))
     st = m3_fail(M3_ERR_CONFIG, "config: num_key_value_heads %d and the tensor-parallel size %d: "
                  "neither divides the other", c->num_kv_heads, tp);
-  if (st == M3_OK && any_dense) st = check_split(c->dense_intermediate_size, tp, "dense_intermediate_size");
-  if (st == M3_OK && any_moe) st = check_split(c->intermediate_size, tp, "intermediate_size");
-  if (st == M3_OK && any_shared)
-    st = check_split(c->shared_intermediate_size, tp, "shared_intermediate_size");
-  if (st != M3_OK) return st;
+  if (st == M3_OK && k.dense)
+    st = check_split(c->dense_intermediate_size, tp, "dense_intermediate_size",
+                     "tensor-parallel size");
+  if (st == M3_OK && ep > 1 && !k.moe)
+    st = m3_fail(M3_ERR_CONFIG, "config: mlp_layer_types has no MoE layer whose experts the "
+                 "expert-parallel size %d could split", ep);
+  if (st == M3_OK && k.moe)
+    st = check_split(c->num_experts, ep, "num_local_experts", "expert-parallel size");
+  if (st == M3_OK && k.moe)
+    st = check_split(c->intermediate_size, tp, "intermediate_size", "tensor-parallel size");
+  if (st == M3_OK && k.shared)
+    st = check_split(c->shared_intermediate_size, tp * ep, "shared_intermediate_size",
+                     "world size (tensor x expert parallel)");
+  return st;
+}
 
+m3_status m3_model_shard_experts(m3_model *m, const m3_shard *lay) {
+  m3_status st = check_layout(m, lay);
+  if (st != M3_OK || lay->tp * lay->ep == 1) return st;
+  const m3_config *c = &m->cfg;
+  const int held = c->num_experts / lay->ep, first = lay->ep_rank * held;
+  for (int l = 0; lay->ep > 1 && l < c->num_layers; l++) {
+    m3_layer_weights *L = &m->w.layers[l];
+    for (int e = 0; L->expert_gate && e < c->num_experts; e++) {
+      if (e >= first && e < first + held) continue;
+      L->expert_gate[e] = L->expert_up[e] = L->expert_down[e] = (m3_tensor){0};
+    }
+  }
+  m->w.num_mtp = 0;
+  return M3_OK;
+}
+
+m3_status m3_model_shard(m3_model *m, const m3_shard *lay) {
+  m3_config *c = &m->cfg;
+  const int tp = lay->tp, rank = lay->tp_rank, world = tp * lay->ep;
+  const int world_rank = lay->ep_rank * tp + rank;
+  if (world == 1) return M3_OK;
   const int hd = c->head_dim, ihd = c->index_head_dim;
   const int nq = c->num_heads / tp, q0 = rank * nq;
   /* tp > nkv: the KV head of this rank's query heads (one GQA group of nh / nkv heads). */
   const int nkv = c->num_kv_heads >= tp ? c->num_kv_heads / tp : 1;
   const int kv0 = c->num_kv_heads >= tp ? rank * nkv : q0 / (c->num_heads / c->num_kv_heads);
   const int dense_n = c->dense_intermediate_size / tp, expert_n = c->intermediate_size / tp;
-  const int shared_n = c->shared_intermediate_size / tp;
+  const int shared_n = c->shared_intermediate_size / world;
   m3_weights *w = &m->w;
+  m3_status st = M3_OK;
   for (int l = 0; l < c->num_layers && st == M3_OK; l++) {
     m3_layer_weights *L = &w->layers[l];
     st = slice_rows(&L->q_proj, (int64_t)q0 * hd, (int64_t)nq * hd);
@@ -144,8 +199,9 @@ m3_status m3_model_shard(m3_model *m, int tp, int rank) {
     if (st == M3_OK)
       st = slice_mlp(w, &L->mlp_gate, &L->mlp_up, &L->mlp_down, (int64_t)rank * dense_n, dense_n);
     if (st == M3_OK)
-      st = slice_mlp(w, &L->shared_gate, &L->shared_up, &L->shared_down, (int64_t)rank * shared_n,
-                     shared_n);
+      st = slice_mlp(w, &L->shared_gate, &L->shared_up, &L->shared_down,
+                     (int64_t)world_rank * shared_n, shared_n);
+    /* (The experts other EP groups hold are absent: their slices are no-ops.) */
     for (int e = 0; L->expert_gate && e < c->num_experts && st == M3_OK; e++)
       st = slice_mlp(w, &L->expert_gate[e], &L->expert_up[e], &L->expert_down[e],
                      (int64_t)rank * expert_n, expert_n);
@@ -153,10 +209,9 @@ m3_status m3_model_shard(m3_model *m, int tp, int rank) {
   if (st != M3_OK) return st;
   c->num_heads = nq;
   c->num_kv_heads = nkv;
-  if (any_sparse) c->index_num_heads = nkv; /* = num_kv_heads (check_supported) */
+  if (kinds_of(m).sparse) c->index_num_heads = nkv; /* = num_kv_heads (check_supported) */
   c->dense_intermediate_size = dense_n;
   c->intermediate_size = expert_n;
   c->shared_intermediate_size = shared_n;
-  w->num_mtp = 0;
   return M3_OK;
 }

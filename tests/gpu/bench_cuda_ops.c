@@ -3,6 +3,8 @@
  *   - device-to-device copy bandwidth (bytes read + written): the memory ceiling;
  *   - batch-1 decode's small ops (rmsnorm, add_rmsnorm, embed of one 6144-wide row; moe_experts
  *     on tiny experts at T = 1 and 8: grouping and combine), timed through a recorded graph;
+ *   - kv_store_rope (the keys' norm + RoPE fused with the cache store) at T = 1 and 8192 beside
+ *     the three ops it replaces, on float32 and fp8 caches;
  *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
  *     bytes read per second against that ceiling (BF16: T <= 8 is the GEMV, T = 64 goes through
  *     cuBLASLt; MXFP8: up to 64 tokens the E4M3 tensor-core kernel, weights read once);
@@ -14,9 +16,9 @@
  *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
  *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes);
  *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s;
- *   - the routed experts of one full-width MoE layer at decode sizes and at 8192 tokens, the
- *     latter with the experts on the default lanes (or M3_MOE_STREAMS), on 1 stream and on 4
- *     lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only).
+ *   - the routed experts of one full-width MoE layer at decode sizes and at 2048 and 8192 tokens,
+ *     the latter as grouped GEMMs and on the default lanes (or M3_MOE_STREAMS), and at 8192 on
+ *     1 stream and on 4 lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only).
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
 #include <cublasLt.h>
@@ -318,15 +320,23 @@ static void bench_sample_rows(FILE *table) {
 
 /* ---- routed experts at prefill ---- */
 
-/* A CUDA backend made with M3_MOE_STREAMS=streams (the variable restored after). */
+/* A CUDA backend made with M3_MOE_STREAMS=streams and M3_MOE_GROUPED=0, so that BF16 experts'
+ * prefill takes the lanes too, not the grouped GEMMs (both variables restored after). */
 static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
-  const char *old = getenv("M3_MOE_STREAMS");
-  char *saved = old ? strdup(old) : NULL;
-  setenv("M3_MOE_STREAMS", streams, 1);
+  static const char *const names[2] = {"M3_MOE_STREAMS", "M3_MOE_GROUPED"};
+  const char *values[2] = {streams, "0"};
+  char *saved[2];
+  for (int i = 0; i < 2; i++) {
+    const char *old = getenv(names[i]);
+    saved[i] = old ? strdup(old) : NULL;
+    setenv(names[i], values[i], 1);
+  }
   m3_status st = m3_backend_create("cuda", 0, out);
-  if (saved) setenv("M3_MOE_STREAMS", saved, 1);
-  else unsetenv("M3_MOE_STREAMS");
-  free(saved);
+  for (int i = 0; i < 2; i++) {
+    if (saved[i]) setenv(names[i], saved[i], 1);
+    else unsetenv(names[i]);
+    free(saved[i]);
+  }
   return st;
 }
 
@@ -515,6 +525,85 @@ static void bench_small_ops(double copy_gbs, FILE *table) {
   gpu->ops->free(gpu, (void *)c.norm_w.data), gpu->ops->free(gpu, (void *)c.table.data);
   for (int i = 0; i < SMALL_COPIES; i++) gpu->ops->free(gpu, c.x[i]), gpu->ops->free(gpu, c.y[i]);
   gpu->ops->free(gpu, c.out), gpu->ops->free(gpu, c.ids);
+}
+
+/* ---- the keys' norm + RoPE + cache store ---- */
+
+enum { KVR_NKV = 4, KVR_HD = 128, KVR_IHD = 128, KVR_ROT = 64, KVR_BS = 128, KVR_FIRST = 1000 };
+
+typedef struct {
+  m3_kv_view kv;
+  m3_tensor k_norm, ik_norm;
+  float *k, *v, *ik;
+  int32_t *pos;
+  int T;
+} kvr_ctx;
+
+static void run_kv_store_rope(void *ctx, int iter) {
+  (void)iter;
+  kvr_ctx *c = ctx;
+  gpu->ops->kv_store_rope(gpu, &c->kv, c->pos, c->T, c->k, &c->k_norm, c->v, c->ik, &c->ik_norm,
+                          1e-6f, KVR_ROT, 5e6);
+}
+
+/* What kv_store_rope replaces: the two norm + RoPE passes (k and ik in place), then the store. */
+static void run_kv_store_unfused(void *ctx, int iter) {
+  (void)iter;
+  kvr_ctx *c = ctx;
+  gpu->ops->rmsnorm_rope(gpu, c->k, &c->k_norm, 1e-6f, c->pos, c->T, KVR_NKV, KVR_HD, KVR_ROT, 5e6);
+  gpu->ops->rmsnorm_rope(gpu, c->ik, &c->ik_norm, 1e-6f, c->pos, c->T, 1, KVR_IHD, KVR_ROT, 5e6);
+  gpu->ops->kv_store(gpu, &c->kv, c->pos, c->T, c->k, c->v, c->ik);
+}
+
+/* kv_store_rope of a sparse layer at full width (4 KV heads of 128, index key 128, rot 64; pages
+ * of 128 tokens from position 1000 on) at T = 1 (through a recorded graph) and 8192, on float32 and
+ * fp8 caches, beside the three ops it fuses: the bytes of the fused op's one pass (k, v, ik read,
+ * the cache rows written) against the copy bandwidth. */
+static void bench_kv_store_rope(double copy_gbs, FILE *table) {
+  static const int Ts[] = {1, 8192};
+  kvr_ctx c;
+  memset(&c, 0, sizeof c);
+  c.k_norm = (m3_tensor){.name = "k_norm", .rows = 1, .cols = KVR_HD, .dtype = M3_DT_BF16};
+  c.ik_norm = (m3_tensor){.name = "index_k_norm", .rows = 1, .cols = KVR_IHD, .dtype = M3_DT_BF16};
+  c.k_norm.data = device_random(M3_DT_BF16, KVR_HD * 2);
+  c.ik_norm.data = device_random(M3_DT_BF16, KVR_IHD * 2);
+  const int Tmax = Ts[1], blocks = (KVR_FIRST + Tmax) / KVR_BS + 1;
+  c.k = device_random(M3_DT_F32, (size_t)Tmax * KVR_NKV * KVR_HD * 4);
+  c.v = device_random(M3_DT_F32, (size_t)Tmax * KVR_NKV * KVR_HD * 4);
+  c.ik = device_random(M3_DT_F32, (size_t)Tmax * KVR_IHD * 4);
+  int32_t *h = malloc((size_t)(blocks > Tmax ? blocks : Tmax) * 4);
+  for (int t = 0; t < Tmax; t++) h[t] = KVR_FIRST + t;
+  c.pos = gpu->ops->alloc(gpu, (size_t)Tmax * 4);
+  must(gpu->ops->to_device(gpu, c.pos, h, (size_t)Tmax * 4), "to_device");
+  for (int b = 0; b < blocks; b++) h[b] = b;
+  int32_t *table_d = gpu->ops->alloc(gpu, (size_t)blocks * 4);
+  must(gpu->ops->to_device(gpu, table_d, h, (size_t)blocks * 4), "to_device");
+  free(h);
+  for (int dt = M3_KV_F32; dt <= M3_KV_FP8; dt++) {
+    const size_t kv_pb = m3_kv_pool_page_bytes((m3_kv_dtype)dt, (size_t)KVR_NKV * KVR_BS, KVR_HD);
+    const size_t ik_pb = m3_kv_pool_page_bytes((m3_kv_dtype)dt, KVR_BS, KVR_IHD);
+    c.kv = (m3_kv_view){gpu->ops->alloc(gpu, blocks * kv_pb), gpu->ops->alloc(gpu, blocks * kv_pb),
+                        gpu->ops->alloc(gpu, blocks * ik_pb), table_d, blocks, KVR_BS, KVR_NKV,
+                        KVR_HD, KVR_IHD, (m3_kv_dtype)dt};
+    if (!c.kv.k || !c.kv.v || !c.kv.ik) must(M3_ERR_NOMEM, "alloc");
+    for (int i = 0; i < 2; i++) {
+      c.T = Ts[i];
+      const double fused = c.T == 1 ? time_small(run_kv_store_rope, &c) : time_call(run_kv_store_rope, &c, 20);
+      const double unfused = c.T == 1 ? time_small(run_kv_store_unfused, &c) : time_call(run_kv_store_unfused, &c, 20);
+      const double row_bytes = dt == M3_KV_F32 ? 4.0 : 1.0 + 4.0 / KVR_HD; /* per value written */
+      const double bytes = (double)c.T * ((2.0 * KVR_NKV * KVR_HD + KVR_IHD) * (4.0 + row_bytes));
+      const double gbs = bytes / fused / 1e9;
+      fprintf(table, "| kv_store_rope %s cache nkv %d hd %d ihd %d rot %d T=%d | %.2f us | unfused "
+                     "(rmsnorm_rope k, rmsnorm_rope ik, kv_store) %.2f us = %.2fx | %.0f GB/s = %.1f%% of copy |\n",
+              dt == M3_KV_F32 ? "f32" : "fp8", KVR_NKV, KVR_HD, KVR_IHD, KVR_ROT, c.T, fused * 1e6,
+              unfused * 1e6, unfused / fused, gbs, 100 * gbs / copy_gbs);
+      fflush(table);
+    }
+    gpu->ops->free(gpu, c.kv.k), gpu->ops->free(gpu, c.kv.v), gpu->ops->free(gpu, c.kv.ik);
+  }
+  gpu->ops->free(gpu, (void *)c.k_norm.data), gpu->ops->free(gpu, (void *)c.ik_norm.data);
+  gpu->ops->free(gpu, c.k), gpu->ops->free(gpu, c.v), gpu->ops->free(gpu, c.ik);
+  gpu->ops->free(gpu, c.pos), gpu->ops->free(gpu, table_d);
 }
 
 /* moe_experts of 128 experts of width 32 over 6144 (BF16, one 25 MB buffer), uniform top-4 routing:
@@ -885,6 +974,7 @@ int main(int argc, char **argv) {
   if (getenv("M3_BENCH_DECODE_ONLY")) {
     static const int one[] = {1};
     bench_small_ops(copy_gbs, table);
+    bench_kv_store_rope(copy_gbs, table);
     for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
     for (int s = 0; s < nshapes; s++)
       for (int mx = 0; mx < 2; mx++)
@@ -902,6 +992,7 @@ int main(int argc, char **argv) {
   }
   if (!moe_only) {
     bench_small_ops(copy_gbs, table);
+    bench_kv_store_rope(copy_gbs, table);
     for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
   }
   for (int s = 0; s < nshapes && !moe_only; s++)
@@ -918,25 +1009,34 @@ int main(int argc, char **argv) {
   /* The router (F32, as checkpoints store it) and the routed experts of one prefill. */
   if (!moe_only) bench_matmul("router", 128, 6144, BENCH_F32, prefill_T, 1, copy_gbs, table);
   static const char *const moe_streams[2] = {"1", "4"};
-  m3_backend *moe_backends[2];
+  m3_backend *moe_backends[2], *moe_lanes;
   for (int i = 0; i < 2; i++) must(cuda_with_streams(moe_streams[i], &moe_backends[i]), "cuda backend (M3_MOE_STREAMS)");
+  const char *env_streams = getenv("M3_MOE_STREAMS");
+  must(cuda_with_streams(env_streams ? env_streams : "8", &moe_lanes), "cuda backend (M3_MOE_GROUPED=0)");
   for (int mx = 0; mx < 2; mx++) {
     static m3_tensor w[3][MOE_E];
     moe_weights_make(mx, w);
     for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, w, copy_gbs, table);
-    /* The prefill with the experts on the backend's lanes (M3_MOE_STREAMS as set, else the
-     * default), then on backends of 1 stream (the experts one after another) and 4 lanes: `gpu`
+    /* The prefill at 2048 and 8192 tokens on `gpu`, as the grouped GEMMs (moe_grouped.cu), then
+     * on the lanes (M3_MOE_GROUPED=0, M3_MOE_STREAMS as set, else the default); then at 8192 on
+     * the lanes of backends of 1 stream (the experts one after another) and 4 lanes: `gpu`
      * points at each in turn, since every helper here issues and synchronizes through it. */
-    const char *env_streams = getenv("M3_MOE_STREAMS");
     char label[64];
-    snprintf(label, sizeof label, ", M3_MOE_STREAMS=%s", env_streams ? env_streams : "default");
-    bench_moe_labeled(prefill_T[0], mx, w, copy_gbs, label, table);
-    m3_backend *lanes = gpu;
+    m3_backend *own = gpu;
+    static const int moe_prefill_T[2] = {2048, 8192};
+    for (int i = 0; i < 2; i++) {
+      bench_moe_labeled(moe_prefill_T[i], mx, w, copy_gbs, ", grouped GEMMs", table);
+      snprintf(label, sizeof label, ", lanes (M3_MOE_GROUPED=0, M3_MOE_STREAMS=%s)",
+               env_streams ? env_streams : "default");
+      gpu = moe_lanes;
+      bench_moe_labeled(moe_prefill_T[i], mx, w, copy_gbs, label, table);
+      gpu = own;
+    }
     for (int i = 0; i < 2; i++) {
       snprintf(label, sizeof label, ", M3_MOE_STREAMS=%s", moe_streams[i]);
       gpu = moe_backends[i];
       bench_moe_labeled(prefill_T[0], mx, w, copy_gbs, label, table);
-      gpu = lanes;
+      gpu = own;
     }
     moe_weights_free(w);
   }
@@ -951,6 +1051,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i < 3; i++) bench_msa(contexts[i], M3_KV_FP8, copy_gbs, table, NULL, NULL);
   }
   for (int i = 0; i < 2; i++) moe_backends[i]->ops->destroy(moe_backends[i]);
+  moe_lanes->ops->destroy(moe_lanes);
   gpu->ops->destroy(gpu);
   if (table != stdout) fclose(table);
   return 0;

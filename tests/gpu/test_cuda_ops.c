@@ -105,7 +105,8 @@ enum {
   OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
   OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
-  OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE, OP_COUNT
+  OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE,
+  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
@@ -140,6 +141,9 @@ static op_result results[OP_COUNT] = {
     [OP_KV8_ATT_SPARSE] = {"attention fp8 cache (MSA blocks)", 0, 0, 0, 1e-5, 0, 0},
     [OP_KV8_ATT_TC_DENSE] = {"attention fp8 cache (dense, prefill TC)", 0, 0, 0, 1e-2, 0, 0},
     [OP_KV8_ATT_TC_SPARSE] = {"attention fp8 cache (MSA, prefill TC)", 0, 0, 0, 1e-2, 0, 0},
+    [OP_KVR_SELF] = {"kv_store_rope vs CUDA unfused (bytes diff.)", 0, 0, 0, 0, 0, 0},
+    [OP_KVR_F32] = {"kv_store_rope f32 cache", 0, 0, 0, 1e-5, 0, 0},
+    [OP_KVR_FP8] = {"kv_store_rope fp8 (bytes 1 code off)", 0, 0, 0, 0, 0, 0},
 };
 
 /* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
@@ -1219,10 +1223,11 @@ static void test_moe_route(void) {
  * distinct random choices, every other case with expert 0 in every token and only half the
  * experts used; BF16 and MXFP8 weights on every T, the other dtypes (their fallback decoders) on
  * one T of each path; down's width 96 or 64 (wide E4M3 loads need a multiple of 16). */
-static void moe_experts_case(int kind, int H, int I, int T, int skew) {
+static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int first, int held) {
   enum { E = 16, K = 4 };
   char what[96];
-  snprintf(what, sizeof what, "%s H %d I %d T %d%s", kind_name[kind], H, I, T, skew ? " skewed" : "");
+  snprintf(what, sizeof what, "%s H %d I %d T %d%s experts [%d, %d)", kind_name[kind], H, I, T,
+           skew ? " skewed" : "", first, first + held);
   progress(what);
   weight gate[E], up[E], down[E];
   m3_tensor tc[3][E], tg[3][E];
@@ -1232,10 +1237,10 @@ static void moe_experts_case(int kind, int H, int I, int T, int skew) {
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
-  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
-                        .beta = 1.0f, .limit = 7.0f},
+  m3_moe_experts exc = {.gate = tc[0] + first, .up = tc[1] + first, .down = tc[2] + first,
+                        .E = held, .first = first, .alpha = 1.702f, .beta = 1.0f, .limit = 7.0f},
                  exg = exc;
-  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
+  exg.gate = tg[0] + first, exg.up = tg[1] + first, exg.down = tg[2] + first;
   must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
   must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
   int32_t *idh = malloc((size_t)T * K * 4);
@@ -1261,6 +1266,27 @@ static void moe_experts_case(int kind, int H, int I, int T, int skew) {
   pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&w);
   free(idh), free(hh), free(xh), free(wh);
 }
+
+static void moe_experts_case(int kind, int H, int I, int T, int skew) {
+  moe_experts_range_case(kind, H, I, T, skew, 0, 16);
+}
+
+/* moe_experts of an expert-parallel rank (m3_moe_experts.first, moe.cu moe_group_kernel): experts
+ * [first, first + held) of the router's 16 run, every other choice is skipped (moe_combine_kernel),
+ * on the decode paths (T 1, 5, 64) and the prefill ones (65, 300). The skewed routing (choices
+ * in [0, 8), expert 0 first in every token) on [4, 12) skips every token's first choice; on
+ * [8, 16) (MXFP8) it leaves the rank no choice at all, x unchanged. */
+static void test_moe_experts_ranks(void) {
+  static const int Ts[] = {1, 5, 64, 65, 300};
+  static const int ranges[][2] = {{0, 8}, {8, 8}, {4, 8}, {12, 4}}; /* first, held */
+  for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+    for (size_t ri = 0; ri < sizeof ranges / sizeof ranges[0]; ri++) {
+      moe_experts_range_case(W_BF16, 256, 96, Ts[ti], ri == 2, ranges[ri][0], ranges[ri][1]);
+      moe_experts_range_case(W_MXFP8, 256, 64, Ts[ti], ri == 1 || ri == 2, ranges[ri][0],
+                             ranges[ri][1]);
+    }
+}
+
 
 static void test_moe_experts(void) {
   static const int Ts[] = {1, 5, 64, 65, 300};
@@ -1495,15 +1521,23 @@ static int test_weights_at_mapping_end(void) {
   return ok;
 }
 
-/* A CUDA backend made with M3_MOE_STREAMS=streams (the variable restored after). */
+/* A CUDA backend made with M3_MOE_STREAMS=streams and M3_MOE_GROUPED=0, so that BF16 experts'
+ * prefill takes the lanes too, not moe_grouped.cu (both variables restored after). */
 static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
-  const char *old = getenv("M3_MOE_STREAMS");
-  char *saved = old ? strdup(old) : NULL;
-  setenv("M3_MOE_STREAMS", streams, 1);
+  static const char *const names[2] = {"M3_MOE_STREAMS", "M3_MOE_GROUPED"};
+  const char *values[2] = {streams, "0"};
+  char *saved[2];
+  for (int i = 0; i < 2; i++) {
+    const char *old = getenv(names[i]);
+    saved[i] = old ? strdup(old) : NULL;
+    setenv(names[i], values[i], 1);
+  }
   m3_status st = m3_backend_create("cuda", 0, out);
-  if (saved) setenv("M3_MOE_STREAMS", saved, 1);
-  else unsetenv("M3_MOE_STREAMS");
-  free(saved);
+  for (int i = 0; i < 2; i++) {
+    if (saved[i]) setenv(names[i], saved[i], 1);
+    else unsetenv(names[i]);
+    free(saved[i]);
+  }
   return st;
 }
 
@@ -1578,9 +1612,12 @@ static void moe_lanes_case(int kind, m3_backend *const *others, const char *cons
 }
 
 /* The lanes' prefill on BF16 and MXFP8 experts against backends of M3_MOE_STREAMS 1 and 3, and
- * M3_MOE_STREAMS=0 refused. */
+ * M3_MOE_STREAMS=0 refused. The reference is a lanes backend too (8 streams, the default), in
+ * place of `gpu`, whose BF16 prefill takes the grouped GEMMs (test_moe_experts_grouped). */
 static void test_moe_experts_lanes(void) {
-  m3_backend *none = NULL, *others[2] = {NULL, NULL};
+  m3_backend *none = NULL, *others[2] = {NULL, NULL}, *grouped = gpu, *lanes = NULL;
+  must(cuda_with_streams("8", &lanes), "cuda backend, M3_MOE_STREAMS=8");
+  gpu = lanes;
   static const char *const labels[2] = {"vs M3_MOE_STREAMS=1", "vs M3_MOE_STREAMS=3"};
   op_result *r = &results[OP_MOE_EXPERTS_LANES];
   r->cases++;
@@ -1594,6 +1631,132 @@ static void test_moe_experts_lanes(void) {
   moe_lanes_case(W_MXFP8, others, labels, 2);
   others[0]->ops->destroy(others[0]);
   others[1]->ops->destroy(others[1]);
+  gpu = grouped;
+  lanes->ops->destroy(lanes);
+}
+
+/* ---- moe_experts' prefill as grouped GEMMs (moe.cu -> moe_grouped.cu) ---- */
+
+/* The worst relative L2 error of a token row, ||got_t - ref_t|| / ||ref_t|| over t < T (rows of
+ * H); a NaN in either counts as infinite. */
+static double worst_row_rel_l2(const float *ref, const float *got, int T, int H) {
+  double worst = 0;
+  for (int t = 0; t < T; t++) {
+    double num = 0, den = 0;
+    for (int c = 0; c < H; c++) {
+      const double r = ref[(size_t)t * H + c], d = (double)got[(size_t)t * H + c] - r;
+      num += d * d, den += r * r;
+    }
+    const double e = isnan(num) || isnan(den) ? INFINITY : den > 0 ? sqrt(num / den) : sqrt(num);
+    if (e > worst) worst = e;
+  }
+  return worst;
+}
+
+/* worst[0]: `gpu` (grouped GEMMs) against the CPU; worst[1]: the lanes backend against the CPU;
+ * worst[2]: `gpu` against the lanes. E experts, top k, weights of `kind` (BF16 or MXFP8) of
+ * H x I, T tokens; skew:
+ * expert 0 is chosen by no token and expert E - 1 by every token (T rows of one expert: whole
+ * m-tiles of 128 and a ragged last one), the other choices distinct and uniform over 1 .. E - 2;
+ * otherwise distinct and uniform over all E. x starts at 0: each row is the layer's MoE output. */
+static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, int I, int T,
+                             int skew, double worst[3]) {
+  char what[96];
+  snprintf(what, sizeof what, "grouped %s E %d k %d H %d I %d T %d%s", kind_name[kind], E, k, H, I,
+           T, skew ? " skewed" : "");
+  progress(what);
+  weight *ws = malloc((size_t)3 * E * sizeof *ws);
+  m3_tensor *tc = malloc((size_t)3 * E * sizeof *tc), *tg = malloc((size_t)3 * E * sizeof *tg);
+  for (int m = 0; m < 3; m++)
+    for (int e = 0; e < E; e++) {
+      weight *w = &ws[m * E + e];
+      *w = m == 2 ? make_weight(kind, H, I) : make_weight(kind, I, H);
+      tc[m * E + e] = w->c, tg[m * E + e] = w->g;
+    }
+  m3_moe_experts exc = {.gate = tc, .up = tc + E, .down = tc + 2 * E, .E = E, .alpha = 1.702f,
+                        .beta = 1.0f, .limit = 7.0f},
+                 exg = exc, exl;
+  exg.gate = tg, exg.up = tg + E, exg.down = tg + 2 * E;
+  exl = exg;
+  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
+  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  must(lanes->ops->prepare_experts(lanes, &exl), "prepare_experts (cuda, lanes)");
+  const size_t nx = (size_t)T * H, ns = (size_t)T * k;
+  int32_t *idh = malloc(ns * 4);
+  for (int t = 0; t < T; t++)
+    for (int j = 0; j < k; j++) {
+      int fresh;
+      do {
+        idh[t * k + j] = skew ? (j == 0 ? E - 1 : 1 + (int32_t)(rnd() % (E - 2))) : (int32_t)(rnd() % E);
+        fresh = 1;
+        for (int i = 0; i < j; i++) fresh &= idh[t * k + i] != idh[t * k + j];
+      } while (!fresh);
+    }
+  float *hh = random_floats(nx, -1, 1), *zero = calloc(nx + 1, sizeof(float));
+  float *wh = random_floats(ns, 0.05f, 1.5f);
+  pair h = pair_from(hh, nx * 4), x = pair_from(zero, nx * 4);
+  pair ids = pair_from(idh, ns * 4), w = pair_from(wh, ns * 4);
+  cpu->ops->moe_experts(cpu, &exc, h.c, T, ids.c, w.c, k, x.c);
+  gpu->ops->moe_experts(gpu, &exg, h.g, T, ids.g, w.g, k, x.g);
+  float *got = gpu_copy(&x);
+  const void *host[4] = {hh, zero, idh, wh};
+  const size_t bytes[4] = {nx * 4, nx * 4, ns * 4, ns * 4};
+  void *dev[4];
+  for (int i = 0; i < 4; i++) {
+    if (!(dev[i] = lanes->ops->alloc(lanes, bytes[i]))) must(M3_ERR_NOMEM, "alloc");
+    must(lanes->ops->to_device(lanes, dev[i], host[i], bytes[i]), "to_device (cuda, lanes)");
+  }
+  lanes->ops->moe_experts(lanes, &exl, dev[0], T, dev[2], dev[3], k, dev[1]);
+  float *lane_out = malloc(nx * 4);
+  must(lanes->ops->to_host(lanes, lane_out, dev[1], nx * 4), "to_host (cuda, lanes)");
+  const double e[3] = {worst_row_rel_l2(x.c, got, T, H), worst_row_rel_l2(x.c, lane_out, T, H),
+                       worst_row_rel_l2(lane_out, got, T, H)};
+  for (int i = 0; i < 3; i++) {
+    if (!(e[i] <= 1e-2))
+      fprintf(stderr, "FAIL moe_experts grouped [%s]: %s worst row relative L2 %.3g over 1e-2\n", what,
+              i == 0 ? "grouped vs cpu" : i == 1 ? "lanes vs cpu" : "grouped vs lanes", e[i]);
+    if (e[i] > worst[i]) worst[i] = e[i];
+  }
+  for (int i = 0; i < 4; i++) lanes->ops->free(lanes, dev[i]);
+  lanes->ops->release_experts(lanes, &exl);
+  cpu->ops->release_experts(cpu, &exc);
+  gpu->ops->release_experts(gpu, &exg);
+  for (int i = 0; i < 3 * E; i++) free_weight(&ws[i]);
+  pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&w);
+  free(ws), free(tc), free(tg), free(idh), free(hh), free(zero), free(wh), free(got), free(lane_out);
+}
+
+/* The grouped prefill at T 65, 130, 333 and 1024 (skewed: expert E - 1's 65 rows are one ragged
+ * m-tile, 130 a whole one and 2 rows, 333 two and 77, 1024 eight whole ones) with E 8 and 16 and
+ * k 2 and 4, each T on both shapes and both routings: 16 cases of BF16 experts and 16 of MXFP8.
+ * Prints the worst row error of each comparison; 1 when all are within 1e-2. */
+static int test_moe_experts_grouped(void) {
+  static const int Ts[] = {65, 130, 333, 1024};
+  static const int shapes[2][2] = {{256, 128}, {512, 192}};
+  double worst[3] = {0, 0, 0};
+  int cases = 0;
+  m3_backend *lanes = NULL;
+  fprintf(stderr, "-- moe_experts_grouped\n");
+  must(cuda_with_streams("8", &lanes), "cuda backend, M3_MOE_GROUPED=0");
+  for (int kind = W_BF16; kind <= W_MXFP8; kind++)
+    for (int ti = 0; ti < 4; ti++)
+      for (int ei = 0; ei < 2; ei++)
+        for (int ki = 0; ki < 2; ki++) {
+          const int *s = shapes[(ti + ei + ki) & 1];
+          moe_grouped_case(lanes, kind, ei ? 16 : 8, ki ? 4 : 2, s[0], s[1], Ts[ti], (ti + ki) & 1, worst);
+          cases++;
+        }
+  lanes->ops->destroy(lanes);
+  static const char *const label[3] = {"moe_experts grouped GEMMs vs cpu", "moe_experts lanes vs cpu",
+                                       "moe_experts grouped vs lanes"};
+  int ok = 1;
+  for (int i = 0; i < 3; i++) {
+    const int pass = worst[i] <= 1e-2;
+    printf("%-40s %6d %6s %12.3g %9.0e  %s (worst row relative L2)\n", label[i], cases, "", worst[i], 1e-2,
+           pass ? "PASS" : "FAIL");
+    ok &= pass;
+  }
+  return ok;
 }
 
 /* ---- vision-tower ops (backend.h m3_vision_ops) ---- */
@@ -1868,6 +2031,162 @@ static void test_kv_fp8(void) {
          r->mismatches - before.mismatches, r->near_ties - before.near_ties);
 }
 
+/* ---- kv_store_rope: the keys' norm + RoPE fused with the store ----
+ * Per case, two caches with the same pages: one written by kv_store_rope, the other by the ops it
+ * fuses (rmsnorm_rope of k, of ik, kv_store). On the GPU the two must be the same bytes (the fused
+ * kernel norms and rotates through rmsnorm_rope's own device functions and quantizes through
+ * kv_store's). Against the CPU's kv_store_rope: a float32 cache within rmsnorm_rope's tolerance;
+ * an fp8 cache with every scale within 1e-5 relative and every byte equal or one E4M3 code off
+ * (both zeros alike): the two backends sum a head's squares in different orders, so a normed
+ * value may differ by an ulp, which moves amax / 448 by an ulp and can carry a value lying that
+ * close to a rounding midpoint to the neighbouring code; anything more is a bug. */
+
+/* A cache of dtype dt: make_cache's, its pools zeroed bytes when fp8 (scale 0, bytes 0). */
+static cache kvr_cache(m3_kv_dtype dt, int blocks, int bs, int nkv, int hd, int ihd) {
+  cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
+  if (dt == M3_KV_FP8) {
+    pair_free(&c.k), pair_free(&c.v), pair_free(&c.ik);
+    const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)hd);
+    const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
+    c.k = pair_zeroed(c.pages * kv_pb), c.v = pair_zeroed(c.pages * kv_pb), c.ik = pair_zeroed(c.pages * ik_pb);
+    c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.dtype = M3_KV_FP8;
+    c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.dtype = M3_KV_FP8;
+  }
+  return c;
+}
+
+/* Copies of src's pools and block table into dst (a kvr_cache of the same shape), both sides. */
+static void kvr_copy_cache(cache *dst, const cache *src) {
+  const pair *from[] = {&src->k, &src->v, &src->ik, &src->table};
+  pair *to[] = {&dst->k, &dst->v, &dst->ik, &dst->table};
+  for (int i = 0; i < 4; i++) {
+    memcpy(to[i]->c, from[i]->c, from[i]->bytes);
+    must(gpu->ops->copy(gpu, to[i]->g, from[i]->g, from[i]->bytes), "copy");
+  }
+  memcpy(dst->table_h, src->table_h, (size_t)src->c.num_blocks * 4);
+}
+
+/* The fraction of bytes of a's and b's GPU copies that differ (any fails). */
+static void kvr_compare_gpu(const char *what, const pair *a, const pair *b) {
+  uint8_t *x = gpu_copy(a), *y = gpu_copy(b);
+  size_t differ = 0;
+  for (size_t i = 0; i < a->bytes; i++) differ += x[i] != y[i];
+  op_result *r = &results[OP_KVR_SELF];
+  const double e = (double)differ / (double)a->bytes;
+  r->cases++;
+  if (e > r->worst) r->worst = e;
+  if (differ) {
+    r->failed++;
+    fprintf(stderr, "FAIL %s [%s]: %zu of %zu bytes differ\n", r->name, what, differ, a->bytes);
+  }
+  free(x), free(y);
+}
+
+/* An fp8 pool of pages of `rows` rows of `dim`, GPU against CPU: scales within 1e-5 relative,
+ * bytes equal or one code apart; the fraction of differing bytes is the figure recorded. */
+static void kvr_compare_fp8(const char *what, const pair *p, int pages, int rows, int dim) {
+  const size_t pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)rows, (size_t)dim);
+  uint8_t *g = gpu_copy(p);
+  const uint8_t *c = p->c;
+  size_t differ = 0, far = 0, bad_scales = 0;
+  for (int pg = 0; pg < pages; pg++)
+    for (int r = 0; r < rows; r++) {
+      const uint8_t *base_c = c + (size_t)pg * pb, *base_g = g + (size_t)pg * pb;
+      float sc, sg;
+      memcpy(&sc, base_c + (size_t)r * 4, 4), memcpy(&sg, base_g + (size_t)r * 4, 4);
+      if (!(fabsf(sg - sc) <= 1e-5f * fabsf(sc))) bad_scales++;
+      const uint8_t *qc = base_c + (size_t)rows * 4 + (size_t)r * dim, *qg = base_g + (size_t)rows * 4 + (size_t)r * dim;
+      for (int d = 0; d < dim; d++) {
+        if (qc[d] == qg[d]) continue;
+        differ++;
+        const int mc = qc[d] & 0x7f, mg = qg[d] & 0x7f;
+        const int same_sign = (qc[d] & 0x80) == (qg[d] & 0x80) || (mc == 0 && mg == 0);
+        if (!same_sign || abs(mc - mg) > 1) far++;
+      }
+    }
+  op_result *res = &results[OP_KVR_FP8];
+  const double e = (double)differ / ((double)pages * rows * dim);
+  res->cases++;
+  if (e > res->worst) res->worst = e;
+  if (far || bad_scales) {
+    res->failed++;
+    fprintf(stderr, "FAIL %s [%s]: %zu bytes more than one code off, %zu scales off\n", res->name,
+            what, far, bad_scales);
+  }
+  free(g);
+}
+
+/* T tokens at distinct ragged positions from `first` on (gaps of 1 to 3, so runs cross pages),
+ * with a padding row and a row past the block table when T > 3, stored on both backends by
+ * kv_store_rope and on the GPU by the unfused ops into a copy of the cache. */
+static void kvr_case(m3_kv_dtype dt, int bs, int nkv, int hd, int ihd, int rot, int T, int first,
+                     int with_ik) {
+  int32_t *posh = malloc((size_t)T * 4);
+  int last = first;
+  for (int t = 0, at = first; t < T; t++, at += 1 + (int)(rnd() % 3)) posh[t] = last = at;
+  const int blocks = last / bs + 1;
+  if (T > 3) posh[1] = -1, posh[2] = blocks * bs + 1;
+  cache fused = kvr_cache(dt, blocks, bs, nkv, hd, ihd), unfused = kvr_cache(dt, blocks, bs, nkv, hd, ihd);
+  kvr_copy_cache(&unfused, &fused);
+  if (!with_ik) fused.c.ik = fused.g.ik = unfused.c.ik = unfused.g.ik = NULL;
+  weight kw = make_weight(W_BF16, 1, hd), ikw = make_weight(W_F32, 1, ihd);
+  const size_t kvn = (size_t)T * nkv * hd, ikn = (size_t)T * ihd;
+  float *kh = random_floats(kvn, -3, 3), *vh = random_floats(kvn, -2, 2), *ikh = random_floats(ikn, -3, 3);
+  pair pos = pair_from(posh, (size_t)T * 4), v = pair_from(vh, kvn * 4);
+  pair k = pair_from(kh, kvn * 4), ik = pair_from(ikh, ikn * 4);    /* the fused op's (normed in place or not) */
+  pair k2 = pair_from(kh, kvn * 4), ik2 = pair_from(ikh, ikn * 4);  /* the unfused ops' */
+  const float eps = 1e-6f;
+  const double theta = 5e6;
+  cpu->ops->kv_store_rope(cpu, &fused.c, pos.c, T, k.c, &kw.c, v.c, with_ik ? ik.c : NULL,
+                          with_ik ? &ikw.c : NULL, eps, rot, theta);
+  gpu->ops->kv_store_rope(gpu, &fused.g, pos.g, T, k.g, &kw.g, v.g, with_ik ? ik.g : NULL,
+                          with_ik ? &ikw.g : NULL, eps, rot, theta);
+  gpu->ops->rmsnorm_rope(gpu, k2.g, &kw.g, eps, pos.g, T, nkv, hd, rot, theta);
+  if (with_ik) gpu->ops->rmsnorm_rope(gpu, ik2.g, &ikw.g, eps, pos.g, T, 1, ihd, rot, theta);
+  gpu->ops->kv_store(gpu, &unfused.g, pos.g, T, k2.g, v.g, with_ik ? ik2.g : NULL);
+  char what[160];
+  snprintf(what, sizeof what, "%s bs %d nkv %d hd %d ihd %d rot %d T %d from %d%s",
+           dt == M3_KV_FP8 ? "fp8" : "f32", bs, nkv, hd, ihd, rot, T, first, with_ik ? " +ik" : "");
+  const pair *pools[3] = {&fused.k, &fused.v, &fused.ik}, *twins[3] = {&unfused.k, &unfused.v, &unfused.ik};
+  const int rows[3] = {nkv * bs, nkv * bs, bs}, dims[3] = {hd, hd, ihd};
+  for (int i = 0; i < 3; i++) {
+    kvr_compare_gpu(what, pools[i], twins[i]);
+    if (dt == M3_KV_FP8)
+      kvr_compare_fp8(what, pools[i], fused.pages, rows[i], dims[i]);
+    else
+      compare(OP_KVR_F32, what, (pair *)pools[i]);
+  }
+  pair_free(&pos), pair_free(&v), pair_free(&k), pair_free(&ik), pair_free(&k2), pair_free(&ik2);
+  free_weight(&kw), free_weight(&ikw), free_cache(&fused), free_cache(&unfused);
+  free(posh), free(kh), free(vh), free(ikh);
+}
+
+static void test_kv_store_rope(void) {
+  static const int cfg[][5] = {
+      /* bs nkv hd ihd rot */
+      {128, 4, 128, 128, 64}, /* M3 */
+      {16, 3, 32, 32, 16},    /* small, odd head count */
+      {8, 2, 32, 16, 24},     /* rot wider than the index key: its rotation clamps to 16 */
+      {32, 2, 96, 48, 32},    /* widths that leave lanes idle */
+      {16, 1, 640, 16, 64},   /* a head wider than the fused kernel takes: the unfused ops */
+  };
+  static const int Ts[] = {1, 5, 130};
+  for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
+    for (int dt = M3_KV_F32; dt <= M3_KV_FP8; dt++)
+      for (size_t j = 0; j < sizeof Ts / sizeof Ts[0]; j++)
+        for (int with_ik = 0; with_ik < 2; with_ik++) {
+          const int bs = cfg[i][0], T = Ts[j];
+          /* T = 1: a page's last slot, then the next page's first; more: from 2 slots before a
+           * page ends */
+          if (T == 1) {
+            kvr_case((m3_kv_dtype)dt, bs, cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], 1, 2 * bs - 1, with_ik);
+            kvr_case((m3_kv_dtype)dt, bs, cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], 1, 2 * bs, with_ik);
+          } else {
+            kvr_case((m3_kv_dtype)dt, bs, cfg[i][1], cfg[i][2], cfg[i][3], cfg[i][4], T, bs - 2, with_ik);
+          }
+        }
+}
+
 /* ---- recorded decode steps (CUDA graphs, src/model/step_graph.c) ----
  * Two models of one committed fixture on the GPU, one with M3_CUDA_GRAPHS=0 (every op issued
  * directly), one with graphs, each with its own cache, run the same forwards: prompts in chunks,
@@ -2086,9 +2405,12 @@ int main(void) {
   run("moe_experts_e4m3_tc", test_moe_experts_e4m3_tc);
   run("moe_experts_one_token", test_moe_experts_one_token);
   run("moe_experts_lanes", test_moe_experts_lanes);
+  ok &= test_moe_experts_grouped();
   run("vision", test_vision_ops);
+  run("kv_store_rope", test_kv_store_rope);
   run("step_graphs", test_step_graphs);
   ok &= step_graphs_failed == 0;
+  run("moe_experts_ranks", test_moe_experts_ranks);
   ok &= test_weights_at_mapping_end(); /* last: a fault there ends the context */
   printf("%-40s %6s %6s %12s %9s  %s\n", "op", "cases", "failed", "worst error", "tolerance", "");
   for (int i = 0; i < OP_COUNT; i++) {

@@ -75,6 +75,17 @@ void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int 
   }
 }
 
+/* Norms and rotates k (and ik) in place, which the contract allows, then stores: on the CPU the
+ * rows stay in cache between the passes, and the unfused ops' own code makes the stored bits
+ * theirs by construction. */
+void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
+                       const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
+                       const m3_tensor *ik_norm, float eps, int rot, double theta) {
+  cpu_rmsnorm_rope(be, (float *)k, k_norm, eps, pos, T, kv->nkv, kv->hd, rot, theta);
+  if (ik) cpu_rmsnorm_rope(be, (float *)ik, ik_norm, eps, pos, T, 1, kv->ihd, rot, theta);
+  cpu_kv_store(be, kv, pos, T, k, v, ik);
+}
+
 typedef struct {
   const cpu_kernels *k;
   const float *q;

@@ -74,6 +74,7 @@ static const m3_backend_ops cpu_ops = {
     .add_rmsnorm = cpu_add_rmsnorm,
     .argmax_rows = cpu_argmax_rows,
     .kv_store = cpu_kv_store,
+    .kv_store_rope = cpu_kv_store_rope,
     .msa_select = cpu_msa_select,
     .attention = cpu_attention,
     .moe_route = cpu_moe_route,

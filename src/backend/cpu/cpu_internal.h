@@ -136,6 +136,9 @@ m3_status cpu_argmax_rows(m3_backend *be, const float *logits, int nrows, int vo
                           int32_t *out);
 void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                   const float *v, const float *ik);
+void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
+                       const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
+                       const m3_tensor *ik_norm, float eps, int rot, double theta);
 void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
 void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,

@@ -34,25 +34,39 @@ void cpu_moe_route(m3_backend *be, const float *logits, const float *bias, int T
 
 /* ---- routed experts ---- */
 
-/* The T*k (token, choice) slots grouped by expert, stable in slot order (a counting sort):
- * expert e owns sorted positions [start[e], start[e + 1]); slot_at[p] is the slot t*k + j at
- * sorted position p and pos_of[slot] its position, -1 for a choice outside [0, E). */
+/* The T*k (token, choice) slots grouped by local expert e = id - first, e in [0, E) (the experts
+ * this rank holds, m3_moe_experts), stable in slot order (a counting sort): expert e owns sorted
+ * positions [start[e], start[e + 1]); slot_at[p] is the slot t*k + j at sorted position p and
+ * pos_of[slot] its position, or one of: */
+enum {
+  NO_EXPERT = -1,  /* a negative id: no expert at all (moe_route out of memory): the row is NaN */
+  OTHER_RANK = -2, /* an expert outside [first, first + E): another rank adds it, skipped here */
+};
 typedef struct {
   int32_t *start;   /* [E + 1] */
   int32_t *slot_at; /* [T*k] */
   int32_t *pos_of;  /* [T*k] */
 } expert_groups;
 
-static void group_slots(const int32_t *ids, int n, int E, expert_groups *g) {
+/* The local expert of router id `id`, or -1 when this rank does not hold it. */
+static int local_expert(int32_t id, int first, int E) {
+  return id >= first && id - first < E ? id - first : -1; /* id >= first >= 0: no overflow */
+}
+
+static void group_slots(const int32_t *ids, int n, int first, int E, expert_groups *g) {
   for (int e = 0; e <= E; e++) g->start[e] = 0;
-  for (int i = 0; i < n; i++)
-    if (ids[i] >= 0 && ids[i] < E) g->start[ids[i] + 1]++;
+  for (int i = 0; i < n; i++) {
+    const int e = local_expert(ids[i], first, E);
+    if (e >= 0) g->start[e + 1]++;
+  }
   for (int e = 0; e < E; e++) g->start[e + 1] += g->start[e];
-  for (int i = 0; i < n; i++) g->pos_of[i] = -1;
   /* start[e] advances as slots are placed; start[e] of the next expert restores it afterwards. */
   for (int i = 0; i < n; i++) {
-    int e = ids[i];
-    if (e < 0 || e >= E) continue;
+    const int e = local_expert(ids[i], first, E);
+    if (e < 0) {
+      g->pos_of[i] = ids[i] < 0 ? NO_EXPERT : OTHER_RANK;
+      continue;
+    }
     g->slot_at[g->start[e]] = i;
     g->pos_of[i] = g->start[e]++;
   }
@@ -68,7 +82,8 @@ typedef struct {
   int k_per_tok, H;
 } combine_job;
 
-/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order; a choice outside [0, E) makes the row NaN. */
+/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, skipping other ranks' experts; a choice
+ * of no expert makes the row NaN. */
 static void combine_rows(void *ctx, int64_t t0, int64_t t1, int worker) {
   (void)worker;
   const combine_job *job = ctx;
@@ -77,7 +92,8 @@ static void combine_rows(void *ctx, int64_t t0, int64_t t1, int worker) {
     float *xt = job->x + t * H;
     for (int j = 0; j < k; j++) {
       int32_t p = job->pos_of[t * k + j];
-      if (p < 0) {
+      if (p == OTHER_RANK) continue;
+      if (p == NO_EXPERT) {
         for (int c = 0; c < H; c++) xt[c] = NAN;
         break;
       }
@@ -96,7 +112,7 @@ void cpu_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, i
   expert_groups g = {ints, ints ? ints + E + 1 : NULL, ints ? ints + E + 1 + n : NULL};
   int max_rows = 0;
   if (ints) {
-    group_slots(ids, n, E, &g);
+    group_slots(ids, n, ex->first, E, &g);
     for (int e = 0; e < E; e++)
       if (g.start[e + 1] - g.start[e] > max_rows) max_rows = g.start[e + 1] - g.start[e];
   }

@@ -65,29 +65,6 @@ __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, 
       ((float *)kv.ik)[(page * bs + slot) * kv.ihd + d] = ik[(size_t)t * kv.ihd + d];
 }
 
-/* One warp quantizes x [dim] into row r of an fp8 page (backend.h, kv_store): scale = amax / 448,
- * bytes = E4M3(x / scale); a row of zeros, or one whose scale underflows to 0, stores scale 0 and
- * zeros; a row with a NaN or an infinity stores a NaN scale and zeros. The same operations as the
- * CPU's quantize_row (IEEE divisions, kv8_e4m3_rne), so the bytes and scales are the same bits. */
-__device__ void kv8_store_row(uint8_t *page, int rows, int dim, int r, const float *__restrict__ x,
-                              int lane) {
-  float amax = 0.0f;
-  bool nan = false;
-  for (int d = lane; d < dim; d += 32) {
-    const float a = fabsf(x[d]);
-    nan |= isnan(a);
-    amax = fmaxf(amax, a);
-  }
-  amax = warp_max(amax);
-  nan = __any_sync(0xffffffffu, nan);
-  const float s = __fdiv_rn(amax, 448.0f);
-  const bool finite = !nan && isfinite(s), zero = !finite || s == 0.0f;
-  if (lane == 0) ((float *)page)[r] = finite ? s : __uint_as_float(0x7fc00000u);
-  uint8_t *q = page + (size_t)rows * sizeof(float) + (size_t)r * dim;
-  for (int d = lane; d < dim; d += 32)
-    q[d] = zero ? 0 : kv8_e4m3_rne(__float_as_uint(__fdiv_rn(x[d], s)));
-}
-
 /* The same for an fp8 cache: one warp per row (K and V of each KV head, then the index key). */
 __global__ void kv_store_fp8_kernel(m3_kv_view kv, size_t kv_page_bytes, size_t ik_page_bytes,
                                     const int32_t *__restrict__ pos, const float *__restrict__ k,

@@ -306,6 +306,7 @@ static m3_backend_ops make_ops(void) {
   ops.argmax_rows = cuda_argmax_rows;
   ops.sample_rows = cuda_sample_rows;
   ops.kv_store = cuda_kv_store;
+  ops.kv_store_rope = cuda_kv_store_rope;
   ops.msa_select = cuda_msa_select;
   ops.attention = cuda_attention;
   ops.moe_route = cuda_moe_route;

@@ -5,6 +5,7 @@
 #define M3_BACKEND_CUDA_CUDA_INTERNAL_H
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -65,6 +66,8 @@ typedef struct {
   int moe_lanes;          /* M3_MOE_STREAMS at creation: lanes of the MoE prefill; 1: none, `stream` */
   cuda_lane lanes[CUDA_MAX_LANES]; /* the first moe_lanes when moe_lanes > 1 */
   cudaEvent_t moe_fork;   /* recorded on `stream` once the lanes' inputs are ready */
+  int moe_grouped;        /* M3_MOE_GROUPED at creation (default 1): the prefill of BF16 and MXFP8
+                           * experts as moe_grouped.cu's grouped GEMMs; 0: the chains on the lanes */
   cudaError_t error;      /* first failure since the last transfer, and the op it came from */
   const char *error_op;
   uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */
@@ -165,6 +168,26 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
   float glu = __fmul_rn(g, 1.0f / (1.0f + expf(-__fmul_rn(g, alpha))));
   return __fmul_rn(u + beta, glu);
 }
+
+/* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
+
+/* The K tile of the grouped GEMMs: H and I must be multiples of it. */
+enum { MOE_GROUPED_BK = 32 };
+
+/* 1 when the grouped GEMMs can run these experts at n = T * k rows with h as input: BF16 or MXFP8
+ * weights with H and I multiples of MOE_GROUPED_BK, every expert 16-byte aligned
+ * (`wide`, the caller's check over all experts), h 16-byte aligned, and n small enough for the
+ * grid's upper bound of m-tiles. */
+int cuda_moe_grouped_fits(const m3_moe_experts *ex, int wide, const float *h, int n);
+
+/* The routed experts of a prefill without a host synchronization, from the slots grouped by
+ * expert (expert e owns sorted positions [start[e], start[e + 1]), slot_at [n] the slot t*k + j at
+ * each): xy [n, H] = BF16(h[slot_at[p] / k]); act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T,
+ * xy up_e^T)); y [n, H] = act down_e^T (float32), rows past start[E] untouched. w: the device
+ * table [3 * E] (gate experts, then up, then down); tile_start: scratch [E + 1]. On cb->stream. */
+void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
+                      const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
+                      int32_t *tile_start, __nv_bfloat16 *xy, __nv_bfloat16 *act, float *y);
 
 /* ---- reductions ---- */
 

@@ -1,11 +1,14 @@
 /* kv_fp8.cuh: the fp8 KV cache as the CUDA kernels read and write it (layout and rounding rules
  * in backend/backend.h: a page holds float32 scales [rows], then E4M3 bytes [rows, dim]). Kernels
  * read the bytes themselves, 4 values per 32-bit load (dim is a multiple of 4, so every row and
- * the byte area start 4-aligned), and decode them in registers. Included by .cu files only. */
+ * the byte area start 4-aligned), and decode them in registers; kv_store and kv_store_rope write
+ * rows through kv8_store_row. Included by .cu files only. */
 #ifndef M3_BACKEND_CUDA_KV_FP8_CUH
 #define M3_BACKEND_CUDA_KV_FP8_CUH
 
 #include <stdint.h>
+
+#include "backend/cuda/cuda_internal.h"
 
 /* Rows r0.. of one page of an fp8 pool: their scales and their bytes. */
 typedef struct {
@@ -56,6 +59,29 @@ __host__ __device__ __forceinline__ uint8_t kv8_e4m3_rne(uint32_t u) {
   /* Normals: r in [8, 16] is 1.mmm (16 carries into the exponent); subnormals: r in [0, 8] is the
    * code itself (8 being the smallest normal, 2^-6). */
   return (uint8_t)(sign | ((e >= -6 ? (uint32_t)(e + 6) << 3 : 0u) + r));
+}
+
+/* One warp quantizes x [dim] into row r of an fp8 page (backend.h, kv_store): scale = amax / 448,
+ * bytes = E4M3(x / scale); a row of zeros, or one whose scale underflows to 0, stores scale 0 and
+ * zeros; a row with a NaN or an infinity stores a NaN scale and zeros. The same operations as the
+ * CPU's quantize_row (IEEE divisions, kv8_e4m3_rne), so the bytes and scales are the same bits. */
+__device__ inline void kv8_store_row(uint8_t *page, int rows, int dim, int r,
+                                     const float *__restrict__ x, int lane) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int d = lane; d < dim; d += 32) {
+    const float a = fabsf(x[d]);
+    nan |= isnan(a);
+    amax = fmaxf(amax, a);
+  }
+  amax = warp_max(amax);
+  nan = __any_sync(0xffffffffu, nan);
+  const float s = __fdiv_rn(amax, 448.0f);
+  const bool finite = !nan && isfinite(s), zero = !finite || s == 0.0f;
+  if (lane == 0) ((float *)page)[r] = finite ? s : __uint_as_float(0x7fc00000u);
+  uint8_t *q = page + (size_t)rows * sizeof(float) + (size_t)r * dim;
+  for (int d = lane; d < dim; d += 32)
+    q[d] = zero ? 0 : kv8_e4m3_rne(__float_as_uint(__fdiv_rn(x[d], s)));
 }
 
 #endif

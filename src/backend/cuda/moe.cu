@@ -3,6 +3,7 @@
  * expert, NaN last), weights renormalised over the chosen experts in choice order and scaled. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/weight_load.cuh"
@@ -65,8 +66,12 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
  * expert's chain: gate and up matmuls, SwiGLU-OAI over its rows, down matmul (cuBLASLt with BF16
  * activations, any dtype). One expert's GEMMs at a few hundred tokens fill a fraction of the SMs,
  * so the chains run on several lanes (side streams with their own cuBLASLt workspace and
- * scratch, cuda_internal.h cuda_lane) at once. Both end with the combine: x[t] += w[t, j] *
- * y[slot(t, j)] in choice order j, float32. */
+ * scratch, cuda_internal.h cuda_lane) at once. BF16 and MXFP8 experts (H and I multiples of 32,
+ * 16-byte aligned) take neither the readback nor the lanes: moe_grouped.cu runs the whole prefill
+ * as two grouped GEMMs over (expert, m-tile, n-tile) tiles found on the device, SwiGLU-OAI fused
+ * into the first; M3_MOE_GROUPED=0 (read at backend creation into cb->moe_grouped) keeps them on
+ * the lanes. Both end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j,
+ * float32. */
 
 enum {
   MOE_DECODE_MAX_T = 64,
@@ -98,14 +103,25 @@ typedef struct {
   int32_t *active;   /* [E] the experts with slots, ascending; the first *n_active are set */
   int32_t *n_active; /* [1] */
   int32_t *slot_at;  /* [T*k] the slot t*k + j at each sorted position */
-  int32_t *pos_of;   /* [T*k] the sorted position of each slot; -1 for a choice outside [0, E) */
+  int32_t *pos_of;   /* [T*k] the sorted position of each slot; MOE_NO_EXPERT for a negative id,
+                      * MOE_OTHER_RANK for an expert outside [first, first + E) (m3_moe_experts) */
   int n;             /* T*k: the bound the kernels hold device offsets to */
 } moe_groups;
 
-/* One warp, shared memory count [E] then next [E]. __match_any_sync groups the lanes of a round
- * of 32 slots by expert; a lane's rank among its earlier peers keeps the placement stable. */
+/* pos_of of a choice no sorted position holds: a negative id (no expert: moe_route out of memory)
+ * turns its token's row NaN in the combine; another rank's expert is skipped there. */
+enum { MOE_NO_EXPERT = -1, MOE_OTHER_RANK = -2 };
+
+/* The local expert id - first of router id `id`, or -1 when this rank does not hold it. */
+__device__ __forceinline__ int moe_local_expert(int id, int first, int E) {
+  return id >= first && id - first < E ? id - first : -1; /* id >= first >= 0: no overflow */
+}
+
+/* One warp, shared memory count [E] then next [E], over the local experts e = id - first in
+ * [0, E). __match_any_sync groups the lanes of a round of 32 slots by expert; a lane's rank among
+ * its earlier peers keeps the placement stable. */
 __global__ void __launch_bounds__(32)
-    moe_group_kernel(const int32_t *__restrict__ ids, int n, int E, moe_groups g) {
+    moe_group_kernel(const int32_t *__restrict__ ids, int n, int first, int E, moe_groups g) {
   extern __shared__ int32_t counts[];
   int32_t *next = counts + E;
   const unsigned all = 0xffffffffu;
@@ -115,8 +131,7 @@ __global__ void __launch_bounds__(32)
   __syncwarp();
   for (int i0 = 0; i0 < n; i0 += 32) {
     const int i = i0 + lane;
-    int e = i < n ? ids[i] : -1;
-    if (e < 0 || e >= E) e = -1;
+    const int e = i < n ? moe_local_expert(ids[i], first, E) : -1;
     const unsigned peers = __match_any_sync(all, e);
     if (e >= 0 && (peers & below) == 0) counts[e] += __popc(peers);
     __syncwarp();
@@ -143,15 +158,15 @@ __global__ void __launch_bounds__(32)
   __syncwarp();
   for (int i0 = 0; i0 < n; i0 += 32) {
     const int i = i0 + lane;
-    int e = i < n ? ids[i] : -1;
-    if (e < 0 || e >= E) e = -1;
+    const int id = i < n ? ids[i] : -1;
+    const int e = i < n ? moe_local_expert(id, first, E) : -1;
     const unsigned peers = __match_any_sync(all, e);
     if (e >= 0) {
       const int p = next[e] + __popc(peers & below);
       g.slot_at[p] = i;
       g.pos_of[i] = p;
     } else if (i < n) {
-      g.pos_of[i] = -1;
+      g.pos_of[i] = id < 0 ? MOE_NO_EXPERT : MOE_OTHER_RANK;
     }
     __syncwarp();
     if (e >= 0 && (peers & below) == 0) next[e] += __popc(peers);
@@ -365,12 +380,12 @@ __global__ void moe_gather_kernel(const float *__restrict__ h, const int32_t *__
 
 enum { COMBINE_THREADS = 128, COMBINE_J = 8 };
 
-/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, the CPU's fmaf chain per element; a choice
- * outside [0, E) makes the row NaN, as on the CPU. Grid (T, column blocks): a thread takes 4
- * columns of one token and loads the (position, weight) pairs of COMBINE_J choices at once, then
- * their COMBINE_J rows of y, so that a token's k + 1 row reads are in flight together instead of
- * one pos_of -> y chain per choice and column (one block per token took 42 us at H 6144: about
- * 100 dependent DRAM round trips per thread). VEC: H % 4 == 0 and x 16-byte aligned (y is carved
+/* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, the CPU's fmaf chain per element, skipping
+ * other ranks' experts; a choice of no expert makes the row NaN, as on the CPU. Grid (T, column
+ * blocks): a thread takes 4 columns of one token and loads the (position, weight) pairs of
+ * COMBINE_J choices at once, then their COMBINE_J rows of y, so that a token's k + 1 row reads are
+ * in flight together instead of one pos_of -> y chain per choice and column (one block per token
+ * took 42 us at H 6144: about 100 dependent DRAM round trips per thread). VEC: H % 4 == 0 and x 16-byte aligned (y is carved
  * 256-byte aligned): 16-byte loads and stores; otherwise the same per element. */
 template <int VEC>
 __global__ void __launch_bounds__(COMBINE_THREADS)
@@ -414,7 +429,9 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
       if (j0 + jj >= k) break;
 #pragma unroll
       for (int i = 0; i < 4; i++)
-        acc[i] = p[jj] < 0 ? __uint_as_float(0x7fc00000u) : fmaf(wj[jj], v[jj][i], acc[i]);
+        acc[i] = p[jj] == MOE_NO_EXPERT ? __uint_as_float(0x7fc00000u)
+                 : p[jj] < 0            ? acc[i]
+                                        : fmaf(wj[jj], v[jj][i], acc[i]);
     }
   }
   if (VEC) {
@@ -589,14 +606,17 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const int E = ex->E, n = T * k, decode = T <= MOE_DECODE_MAX_T;
+  const int grouped = !decode && cb->moe_grouped && cuda_moe_grouped_fits(ex, tab->wide, h, n);
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
-  size_t off = 0;
+  size_t off = 0; /* the grouped prefill needs neither float gate nor up: only y and BF16 copies */
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
                o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4),
                o_pos = carve(&off, sn * 4), o_y = carve(&off, sn * H * 4),
-               o_act = carve(&off, sn * I * 4), o_up = decode ? 0 : carve(&off, sn * I * 4),
+               o_act = grouped ? 0 : carve(&off, sn * I * 4),
+               o_up = decode || grouped ? 0 : carve(&off, sn * I * 4),
                o_xy_bf16 = decode ? 0 : carve(&off, sn * H * 2),
-               o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2);
+               o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2),
+               o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0;
   uint8_t *base = (uint8_t *)cuda_grow(cb, &cb->moe_scratch, &cb->moe_scratch_bytes, off,
                                        "moe_experts");
   if (!base) return;
@@ -604,7 +624,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
                   (int32_t *)(base + o_n_active), (int32_t *)(base + o_slot),
                   (int32_t *)(base + o_pos), n};
   float *y = (float *)(base + o_y), *act = (float *)(base + o_act);
-  moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, E, g);
+  moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, ex->first, E, g);
   cuda_launched(cb, "moe_experts (grouping)");
   if (decode) {
     const unsigned experts = (unsigned)(E < n ? E : n);
@@ -630,6 +650,9 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
       launch_grouped<1>(cb, kind_gate, grid_gate, tab->w, tab->w + E, g, h, k, ex, act);
       launch_grouped<0>(cb, kind_down, grid_down, tab->w + 2 * E, NULL, g, act, k, ex, y);
     }
+  } else if (grouped) {
+    cuda_moe_grouped(cb, ex, tab->w, g.start, g.slot_at, n, k, h, (int32_t *)(base + o_tiles),
+                     (__nv_bfloat16 *)(base + o_xy_bf16), (__nv_bfloat16 *)(base + o_act_bf16), y);
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up),
                               (__nv_bfloat16 *)(base + o_xy_bf16),
                               (__nv_bfloat16 *)(base + o_act_bf16))) {
@@ -737,6 +760,16 @@ void cuda_release_experts(m3_backend *be, m3_moe_experts *ex) {
 }
 
 m3_status cuda_moe_lanes_create(cuda_backend *cb) {
+  /* M3_MOE_GROUPED=0: the prefill of experts that moe_grouped.cu takes runs on the lanes instead
+   * (timing both, or ruling the grouped GEMMs out); read here, with the lanes, once per backend */
+  const char *grouped = getenv("M3_MOE_GROUPED");
+  cb->moe_grouped = 1;
+  if (grouped && *grouped) {
+    if (strcmp(grouped, "0") != 0 && strcmp(grouped, "1") != 0)
+      return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED=%s: expected 0 (the prefill's experts on the lanes) or 1",
+                     grouped);
+    cb->moe_grouped = grouped[0] == '1';
+  }
   const char *env = getenv("M3_MOE_STREAMS");
   int lanes = MOE_DEFAULT_LANES;
   if (env && *env) {

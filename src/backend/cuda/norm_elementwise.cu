@@ -1,9 +1,12 @@
-/* norm_elementwise.cu: Gemma RMSNorm (alone and after the residual add), partial NeoX RoPE (alone
- * and fused with the norm), SwiGLU-OAI and the residual add (shared/spec/m3_text_spec.md
- * §3.1-3.4), each in the CPU's float32 operation order; and the greedy argmax of logits rows. */
+/* norm_elementwise.cu: Gemma RMSNorm (alone and after the residual add), partial NeoX RoPE (alone,
+ * fused with the norm, and fused with the norm and the KV cache store of the keys), SwiGLU-OAI and
+ * the residual add (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32 operation
+ * order; and the greedy argmax of logits rows. */
 #include <math.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/kv_fp8.cuh"
 
 enum { ELEM_THREADS = 256, ELEM_MAX_BLOCKS = 8192, ROPE_MAX_HALF = 256 };
 
@@ -197,18 +200,12 @@ void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, 
 
 enum { NORM_ROPE_WARPS = 8, NORM_ROPE_MAX_HD = 512 };
 
-/* One warp per head vector (row r = t * nheads + h of x): Gemma RMSNorm as norm_kernel computes
- * it, the normalized row staged in shared memory so that each lane can read the partner of its
- * pair, then rope_kernel's rotation. One launch and one read and write of x instead of two. */
-__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
-    rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
-                        int rows, int nheads, int hd, int half, rope_freqs f) {
-  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r = blockIdx.x * NORM_ROPE_WARPS + warp;
-  if (r >= rows) return; /* whole warps leave: no block-wide barrier follows */
-  float *v = x + (size_t)r * hd;
-  float *buf = row_buf[warp];
+/* One warp's Gemma RMSNorm of a head vector v [hd] (hd <= NORM_ROPE_MAX_HD) as norm_kernel
+ * computes it, into buf [hd] (the warp's row of shared memory) so that each lane can then read
+ * the partner of its pair. rmsnorm_rope_kernel and kv_store_rope_kernel both norm through this
+ * one function: the same loads, reduction and roundings, so their results are the same bits. */
+__device__ __forceinline__ void norm_head_to_shared(const float *__restrict__ v, const cuda_weight &w,
+                                                    float eps, int hd, float *buf, int lane) {
   /* a lane's elements and gains in registers, all loaded before the first is used: one round
    * trip, not one per element and another for the weights */
   float e[NORM_ROPE_MAX_HD / 32], gain[NORM_ROPE_MAX_HD / 32];
@@ -227,19 +224,35 @@ __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
   for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
     if (lane + 32 * j < hd) buf[lane + 32 * j] = __fmul_rn(__fmul_rn(e[j], inv), 1.0f + gain[j]);
   __syncwarp();
+}
+
+/* Element i of the normed head in buf after rope_kernel's rotation at position p (i >= 2 * half:
+ * not rotated). */
+__device__ __forceinline__ float rope_head_elem(const float *buf, int i, int half, float p,
+                                                const rope_freqs &f) {
+  if (i >= 2 * half) return buf[i];
+  const int j = i < half ? i : i - half;
+  const float angle = __fmul_rn(p, f.inv_freq[j]);
+  const float c = cosf(angle), s = sinf(angle);
+  const float a = buf[j], b = buf[j + half];
+  return i < half ? __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s))
+                  : __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+/* One warp per head vector (row r = t * nheads + h of x): norm_head_to_shared, then the rotation
+ * written back. One launch and one read and write of x instead of two. */
+__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
+    rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
+                        int rows, int nheads, int hd, int half, rope_freqs f) {
+  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = blockIdx.x * NORM_ROPE_WARPS + warp;
+  if (r >= rows) return; /* whole warps leave: no block-wide barrier follows */
+  float *v = x + (size_t)r * hd;
+  float *buf = row_buf[warp];
+  norm_head_to_shared(v, w, eps, hd, buf, lane);
   const float p = (float)pos[r / nheads];
-  for (int i = lane; i < hd; i += 32) {
-    float out = buf[i];
-    if (i < 2 * half) {
-      const int j = i < half ? i : i - half;
-      const float angle = __fmul_rn(p, f.inv_freq[j]);
-      const float c = cosf(angle), s = sinf(angle);
-      const float a = buf[j], b = buf[j + half];
-      out = i < half ? __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s))
-                     : __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-    }
-    v[i] = out;
-  }
+  for (int i = lane; i < hd; i += 32) v[i] = rope_head_elem(buf, i, half, p, f);
 }
 
 void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
@@ -257,6 +270,110 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, 
   rmsnorm_rope_kernel<<<(rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS, 32 * NORM_ROPE_WARPS, 0,
                         cb->stream>>>(x, cuda_weight_of(w), eps, pos, rows, nheads, hd, half, f);
   cuda_launched(cb, "rmsnorm_rope");
+}
+
+/* What kv_store_rope_kernel reads besides the view and positions. */
+typedef struct {
+  const float *k, *v, *ik; /* [T, nkv, hd], [T, nkv, hd], [T, ihd] or NULL */
+  cuda_weight k_norm, ik_norm;
+  float eps;
+  int k_half, ik_half;                 /* rotated pairs of a key head and of the index key */
+  size_t kv_page_bytes, ik_page_bytes; /* fp8 pools' page bytes (m3_kv_pool_page_bytes) */
+} kv_rope_args;
+
+/* Head vector src [dim], normed with w and rotated at position p (norm_head_to_shared,
+ * rope_head_elem: rmsnorm_rope_kernel's bits), into row r of its page: float32 straight from
+ * the rotation; fp8 staged in out [dim] and quantized by kv8_store_row, kv_store's code. */
+template <int FP8>
+__device__ __forceinline__ void store_normed_head(const float *__restrict__ src, const cuda_weight &w,
+                                                  float eps, int dim, int half, const rope_freqs &f,
+                                                  float p, uint8_t *page, int rows, int r,
+                                                  float *buf, float *out, int lane) {
+  norm_head_to_shared(src, w, eps, dim, buf, lane);
+  if (FP8) {
+    for (int i = lane; i < dim; i += 32) out[i] = rope_head_elem(buf, i, half, p, f);
+    __syncwarp();
+    kv8_store_row(page, rows, dim, r, out, lane);
+  } else {
+    float *dst = (float *)page + (size_t)r * dim;
+    for (int i = lane; i < dim; i += 32) dst[i] = rope_head_elem(buf, i, half, p, f);
+  }
+}
+
+/* One warp per row of a token, rows 0..nkv-1 its K heads, nkv..2nkv-1 its V heads, 2nkv its index
+ * key (when stored): the keys through store_normed_head, V as kv_store writes it. Positions
+ * without a page (and padding, pos < 0) are skipped, as kv_store skips them. fik: the index key's
+ * frequencies (its rotated width is clamped to ihd, the heads' to hd). */
+template <int FP8>
+__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
+    kv_store_rope_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, int T, kv_rope_args a,
+                         rope_freqs fk, rope_freqs fik) {
+  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
+  __shared__ float out_buf[FP8 ? NORM_ROPE_WARPS : 1][FP8 ? NORM_ROPE_MAX_HD : 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nkv = kv.nkv, hd = kv.hd, bs = kv.block_size, per_token = 2 * nkv + (a.ik ? 1 : 0);
+  const int64_t r = (int64_t)blockIdx.x * NORM_ROPE_WARPS + warp;
+  if (r >= (int64_t)T * per_token) return; /* whole warps leave: no block-wide barrier follows */
+  const int t = (int)(r / per_token), row = (int)(r % per_token);
+  const int32_t p = pos[t];
+  if (p < 0 || p / bs >= kv.num_blocks) return;
+  const int32_t page = kv.block_table[p / bs];
+  const int slot = p % bs;
+  float *buf = row_buf[warp], *out = FP8 ? out_buf[warp] : NULL;
+  if (row == 2 * nkv) {
+    uint8_t *dst = FP8 ? (uint8_t *)kv.ik + (size_t)page * a.ik_page_bytes
+                       : (uint8_t *)((float *)kv.ik + (size_t)page * bs * kv.ihd);
+    store_normed_head<FP8>(a.ik + (size_t)t * kv.ihd, a.ik_norm, a.eps, kv.ihd, a.ik_half, fik,
+                           (float)p, dst, bs, slot, buf, out, lane);
+    return;
+  }
+  const int h = row < nkv ? row : row - nkv, kv_row = h * bs + slot;
+  const size_t src = ((size_t)t * nkv + h) * hd;
+  uint8_t *dst = FP8 ? (uint8_t *)(row < nkv ? kv.k : kv.v) + (size_t)page * a.kv_page_bytes
+                     : (uint8_t *)((float *)(row < nkv ? kv.k : kv.v) + (size_t)page * nkv * bs * hd);
+  if (row < nkv) {
+    store_normed_head<FP8>(a.k + src, a.k_norm, a.eps, hd, a.k_half, fk, (float)p, dst, nkv * bs,
+                           kv_row, buf, out, lane);
+  } else if (FP8) {
+    kv8_store_row(dst, nkv * bs, hd, kv_row, a.v + src, lane);
+  } else {
+    for (int d = lane; d < hd; d += 32) ((float *)dst)[(size_t)kv_row * hd + d] = a.v[src + d];
+  }
+}
+
+void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
+                        const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
+                        const m3_tensor *ik_norm, float eps, int rot, double theta) {
+  cuda_backend *cb = cuda_of(be);
+  if (T <= 0 || kv->nkv <= 0 || kv->hd <= 0) return;
+  const int with_ik = ik && ik_norm && kv->ik; /* kv_store stores ik only into a view that has it */
+  if (kv->hd > NORM_ROPE_MAX_HD || (with_ik && kv->ihd > NORM_ROPE_MAX_HD)) {
+    /* wider than any M3 head: the ops the contract names, the keys normed in place */
+    cuda_rmsnorm_rope(be, (float *)k, k_norm, eps, pos, T, kv->nkv, kv->hd, rot, theta);
+    if (with_ik) cuda_rmsnorm_rope(be, (float *)ik, ik_norm, eps, pos, T, 1, kv->ihd, rot, theta);
+    cuda_kv_store(be, kv, pos, T, k, v, with_ik ? ik : NULL);
+    return;
+  }
+  kv_rope_args a;
+  memset(&a, 0, sizeof a);
+  a.k = k, a.v = v, a.ik = with_ik ? ik : NULL;
+  a.k_norm = cuda_weight_of(k_norm);
+  if (with_ik) a.ik_norm = cuda_weight_of(ik_norm);
+  a.eps = eps;
+  rope_freqs fk, fik;
+  memset(&fik, 0, sizeof fik);
+  a.k_half = rope_frequencies(kv->hd, rot, theta, &fk);
+  if (with_ik) a.ik_half = rope_frequencies(kv->ihd, rot, theta, &fik);
+  const int64_t rows = (int64_t)T * (2 * kv->nkv + with_ik);
+  const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS);
+  if (kv->dtype == M3_KV_FP8) {
+    a.kv_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
+    a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
+    kv_store_rope_kernel<1><<<blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream>>>(*kv, pos, T, a, fk, fik);
+  } else {
+    kv_store_rope_kernel<0><<<blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream>>>(*kv, pos, T, a, fk, fik);
+  }
+  cuda_launched(cb, "kv_store_rope");
 }
 
 __global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta,
