@@ -65,5 +65,7 @@ m3_status m3_runner_feed(m3_runner *r, m3_kv_seq *seq, const int32_t *ids, int T
       return st;
     }
   }
-  return M3_OK;
+  /* Without logits nothing came back to the host: wait, so that the call's status (and the time a
+   * caller measures around it) covers the device's work. */
+  return logits ? M3_OK : m3_model_finish(r->model);
 }

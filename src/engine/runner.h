@@ -22,7 +22,8 @@ m3_kv_cache *m3_runner_cache(m3_runner *r);
 
 /* Feeds ids[T] at the sequence's next positions (seq->num_tokens onwards), `chunk` tokens per
  * forward (0: as many as one model step takes). logits [T, vocab] or NULL; capture NULL or rows
- * [capture->first, capture->first + T) of its buffer. On failure (bad id, out of pages) the
+ * [capture->first, capture->first + T) of its buffer. Returns when the device has finished the
+ * work, with its status. On failure (bad id, out of pages) the
  * chunks already fed stay in the sequence. */
 m3_status m3_runner_feed(m3_runner *r, m3_kv_seq *seq, const int32_t *ids, int T, int chunk,
                          float *logits, const m3_selection_capture *capture);

@@ -661,6 +661,11 @@ static int is_replaced(const m3_model *m, const m3_st_tensor *t) {
                                           sizeof *m->w.replaced, compare_address) != NULL;
 }
 
+m3_status m3_model_finish(m3_model *m) {
+  float last; /* to_host waits for every op issued before it and reports their failures */
+  return m->be->ops->to_host(m->be, &last, m->s.x, sizeof last);
+}
+
 void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
                        void *user) {
   const int n = m3_st_count(m->st);

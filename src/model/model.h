@@ -201,6 +201,11 @@ m3_status m3_model_encode_vision(m3_model *m, const m3_vision_input *in, float *
 /* Reads every byte of the mapped weights once so the first step does not page them in (less the
  * checkpoint tensors converted at load, which nothing reads any more),
  * reporting (bytes done, bytes total) along the way; progress may be NULL. */
+/* Waits until every forward issued so far has finished and returns their first failure. A device
+ * backend's forward without logits returns once its work is queued (nothing it computes goes to
+ * the host), so whoever times or must know the outcome of such forwards calls this. */
+m3_status m3_model_finish(m3_model *m);
+
 void m3_model_prefault(const m3_model *m, void (*progress)(uint64_t done, uint64_t total, void *user),
                        void *user);
 
