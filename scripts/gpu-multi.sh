@@ -142,6 +142,28 @@ fi
 
 stage tp 150 "$build/tests/test_tp" $model
 tp_rc=$?
+
+# The engine's ranks (src/engine/ranks.c) over NCCL: `m3 run --device cuda` with --tp 2 and with
+# --ep 2 greedy-generates the same text as one GPU, on the built-in model and on the full-width one.
+engine_check() {
+  local ok=0 one out
+  for m in "" ${model:+--model $model}; do
+    one=$("$build/m3" run --device cuda $m --prompt "The capital of France is" --max-tokens 24 \
+          --temperature 0 2>&1) || { echo "FAIL one GPU ${m:-built-in}: $one"; ok=1; continue; }
+    for layout in "--tp 2" "--ep 2"; do
+      out=$("$build/m3" run --device cuda $m $layout --prompt "The capital of France is" \
+            --max-tokens 24 --temperature 0 2>&1)
+      out=$(grep -v -e '^parallel layout: ' -e '^  ' <<<"$out")
+      if [ "$out" = "$one" ]; then echo "PASS m3 run $layout ${m:-(built-in model)}: same text as one GPU"
+      else echo "FAIL m3 run $layout ${m:-(built-in model)}: '$out' vs one GPU '$one'"; ok=1; fi
+    done
+  done
+  return $ok
+}
+export -f engine_check
+export build model
+stage engine 120 bash -c engine_check
+engine_rc=$?
 bench_rc=0
 if [ -n "$model" ]; then
   stage bench 150 "$build/tests/bench_tp" "$model"
@@ -166,6 +188,10 @@ rm -rf "$model"
   echo
   summary "$logs/tp.log"
   echo
+  echo "## m3 run over 2 GPUs (exit $engine_rc)"
+  echo
+  cat "$logs/engine.log"
+  echo
   echo "## Benchmark (bench_tp, exit $bench_rc)"
   echo
   summary "$logs/bench.log"
@@ -178,5 +204,6 @@ rm -rf "$model"
 
 rc=$nccl_rc
 [ $rc -eq 0 ] && rc=$tp_rc
+[ $rc -eq 0 ] && rc=$engine_rc
 [ $rc -eq 0 ] && rc=$bench_rc
 finish $rc

@@ -327,6 +327,8 @@ m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
       return m3_fail(M3_ERR_NOMEM, "model: %zu bytes of zeros for the tensor-parallel MoE sum",
                      bytes);
   }
+  /* A recorded step holds the old hook's collectives (or none): record anew under this one. */
+  if (m->graphs) m3_step_graphs_clear(m->graphs, m->be);
   m->all_reduce = fn;
   m->all_reduce_user = user;
   m->all_reduce_flags = fn ? flags : 0;

@@ -18,7 +18,8 @@
  *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s;
  *   - the routed experts of one full-width MoE layer at decode sizes and at 2048 and 8192 tokens,
  *     the latter as grouped GEMMs and on the default lanes (or M3_MOE_STREAMS), and at 8192 on
- *     1 stream and on 4 lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only).
+ *     1 stream and on 4 lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only;
+ *     M3_BENCH_GROUPED_SWEEP=1: only the grouped GEMMs at 2048 and 8192, per tile candidate).
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
 #include <cublasLt.h>
@@ -433,6 +434,53 @@ static void bench_moe_labeled(int T, int mx, m3_tensor w[3][MOE_E], double copy_
 
 static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FILE *table) {
   bench_moe_labeled(T, mx, w, copy_gbs, "", table);
+}
+
+/* A CUDA backend made with M3_MOE_GROUPED=1 and M3_MOE_GROUPED_TILE=tile (both restored after):
+ * the grouped GEMMs with tile candidate `tile`; M3_ERR_ARG past the last candidate. */
+static m3_status cuda_with_tile(int tile, m3_backend **out) {
+  static const char *const names[2] = {"M3_MOE_GROUPED", "M3_MOE_GROUPED_TILE"};
+  char value[16];
+  snprintf(value, sizeof value, "%d", tile);
+  const char *values[2] = {"1", value};
+  char *saved[2];
+  for (int i = 0; i < 2; i++) {
+    const char *old = getenv(names[i]);
+    saved[i] = old ? strdup(old) : NULL;
+    setenv(names[i], values[i], 1);
+  }
+  m3_status st = m3_backend_create("cuda", 0, out);
+  for (int i = 0; i < 2; i++) {
+    if (saved[i]) setenv(names[i], saved[i], 1);
+    else unsetenv(names[i]);
+    free(saved[i]);
+  }
+  return st;
+}
+
+/* The grouped GEMMs' tile candidates (M3_MOE_GROUPED_TILE 0, 1, ... until the backend refuses
+ * one; moe_grouped.cu GG_TILES lists their shapes), BF16 and MXFP8, the full-width layer at 2048
+ * and 8192 tokens: one row each. `gpu` points at each candidate's backend in turn. */
+static void bench_grouped_sweep(double copy_gbs, FILE *table) {
+  static const int Ts[2] = {2048, 8192};
+  m3_backend *own = gpu, *tiled = NULL;
+  for (int mx = 0; mx < 2; mx++) {
+    static m3_tensor w[3][MOE_E];
+    moe_weights_make(mx, w);
+    m3_status st;
+    int tile = 0;
+    while ((st = cuda_with_tile(tile, &tiled)) == M3_OK) {
+      char label[64];
+      snprintf(label, sizeof label, ", grouped GEMMs, M3_MOE_GROUPED_TILE=%d", tile);
+      gpu = tiled;
+      for (int i = 0; i < 2; i++) bench_moe_labeled(Ts[i], mx, w, copy_gbs, label, table);
+      gpu = own;
+      tiled->ops->destroy(tiled);
+      tile++;
+    }
+    if (st != M3_ERR_ARG) must(st, "cuda backend, M3_MOE_GROUPED_TILE");
+    moe_weights_free(w);
+  }
 }
 
 /* ---- decode-size small ops (batch 1) ---- */
@@ -968,6 +1016,13 @@ int main(int argc, char **argv) {
   const int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
   /* M3_BENCH_MOE_ONLY set: the routed experts alone (a quick look at one kernel family). */
   const int moe_only = getenv("M3_BENCH_MOE_ONLY") != NULL;
+  /* M3_BENCH_GROUPED_SWEEP set: the grouped GEMMs' tile candidates alone (bench_grouped_sweep). */
+  if (getenv("M3_BENCH_GROUPED_SWEEP")) {
+    bench_grouped_sweep(copy_gbs, table);
+    gpu->ops->destroy(gpu);
+    if (table != stdout) fclose(table);
+    return 0;
+  }
   /* M3_BENCH_DECODE_ONLY set: the batch-1 decode rows alone (small ops, matmul at T = 1, the routed
    * experts at T = 1 and 8); with M3_CUDA_GEMV_OLD=1 in a second run, the previous one-token
    * GEMVs for comparison. */

@@ -1726,26 +1726,59 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
   free(ws), free(tc), free(tg), free(idh), free(hh), free(zero), free(wh), free(got), free(lane_out);
 }
 
+/* A CUDA backend made with M3_MOE_GROUPED=1 and M3_MOE_GROUPED_TILE=tile (both restored after):
+ * the grouped GEMMs with tile candidate `tile`; M3_ERR_ARG past the last candidate. */
+static m3_status cuda_with_tile(int tile, m3_backend **out) {
+  static const char *const names[2] = {"M3_MOE_GROUPED", "M3_MOE_GROUPED_TILE"};
+  char value[16];
+  snprintf(value, sizeof value, "%d", tile);
+  const char *values[2] = {"1", value};
+  char *saved[2];
+  for (int i = 0; i < 2; i++) {
+    const char *old = getenv(names[i]);
+    saved[i] = old ? strdup(old) : NULL;
+    setenv(names[i], values[i], 1);
+  }
+  m3_status st = m3_backend_create("cuda", 0, out);
+  for (int i = 0; i < 2; i++) {
+    if (saved[i]) setenv(names[i], saved[i], 1);
+    else unsetenv(names[i]);
+    free(saved[i]);
+  }
+  return st;
+}
+
 /* The grouped prefill at T 65, 130, 333 and 1024 (skewed: expert E - 1's 65 rows are one ragged
- * m-tile, 130 a whole one and 2 rows, 333 two and 77, 1024 eight whole ones) with E 8 and 16 and
- * k 2 and 4, each T on both shapes and both routings: 16 cases of BF16 experts and 16 of MXFP8.
+ * m-tile of 128, 130 a whole one and 2 rows, 333 two and 77, 1024 eight whole ones) with E 8 and
+ * 16 and k 2 and 4, each T on both shapes and both routings: 16 cases of BF16 experts and 16 of
+ * MXFP8, for every tile candidate (M3_MOE_GROUPED_TILE 0, 1, ... until the backend refuses one:
+ * `gpu` points at each candidate's backend in turn). I 192 is a ragged n-tile of every candidate.
  * Prints the worst row error of each comparison; 1 when all are within 1e-2. */
 static int test_moe_experts_grouped(void) {
   static const int Ts[] = {65, 130, 333, 1024};
   static const int shapes[2][2] = {{256, 128}, {512, 192}};
   double worst[3] = {0, 0, 0};
-  int cases = 0;
-  m3_backend *lanes = NULL;
+  int cases = 0, tiles = 0;
+  m3_backend *lanes = NULL, *own = gpu, *tiled = NULL;
   fprintf(stderr, "-- moe_experts_grouped\n");
   must(cuda_with_streams("8", &lanes), "cuda backend, M3_MOE_GROUPED=0");
-  for (int kind = W_BF16; kind <= W_MXFP8; kind++)
-    for (int ti = 0; ti < 4; ti++)
-      for (int ei = 0; ei < 2; ei++)
-        for (int ki = 0; ki < 2; ki++) {
-          const int *s = shapes[(ti + ei + ki) & 1];
-          moe_grouped_case(lanes, kind, ei ? 16 : 8, ki ? 4 : 2, s[0], s[1], Ts[ti], (ti + ki) & 1, worst);
-          cases++;
-        }
+  m3_status st;
+  while ((st = cuda_with_tile(tiles, &tiled)) == M3_OK) {
+    fprintf(stderr, "   M3_MOE_GROUPED_TILE=%d\n", tiles);
+    gpu = tiled;
+    for (int kind = W_BF16; kind <= W_MXFP8; kind++)
+      for (int ti = 0; ti < 4; ti++)
+        for (int ei = 0; ei < 2; ei++)
+          for (int ki = 0; ki < 2; ki++) {
+            const int *s = shapes[(ti + ei + ki) & 1];
+            moe_grouped_case(lanes, kind, ei ? 16 : 8, ki ? 4 : 2, s[0], s[1], Ts[ti], (ti + ki) & 1, worst);
+            cases++;
+          }
+    gpu = own;
+    tiled->ops->destroy(tiled);
+    tiles++;
+  }
+  if (st != M3_ERR_ARG) must(st, "cuda backend, M3_MOE_GROUPED_TILE");
   lanes->ops->destroy(lanes);
   static const char *const label[3] = {"moe_experts grouped GEMMs vs cpu", "moe_experts lanes vs cpu",
                                        "moe_experts grouped vs lanes"};

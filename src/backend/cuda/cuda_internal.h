@@ -68,6 +68,8 @@ typedef struct {
   cudaEvent_t moe_fork;   /* recorded on `stream` once the lanes' inputs are ready */
   int moe_grouped;        /* M3_MOE_GROUPED at creation (default 1): the prefill of BF16 and MXFP8
                            * experts as moe_grouped.cu's grouped GEMMs; 0: the chains on the lanes */
+  int moe_grouped_tile;   /* M3_MOE_GROUPED_TILE at creation (default 0): their tile shape, one of
+                           * moe_grouped.cu's MOE_GROUPED_TILES candidates */
   cudaError_t error;      /* first failure since the last transfer, and the op it came from */
   const char *error_op;
   uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */
@@ -171,14 +173,14 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
 
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
-/* The K tile of the grouped GEMMs: H and I must be multiples of it. */
-enum { MOE_GROUPED_BK = 32 };
+/* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; 0 the default). */
+enum { MOE_GROUPED_TILES = 5 };
 
-/* 1 when the grouped GEMMs can run these experts at n = T * k rows with h as input: BF16 or MXFP8
- * weights with H and I multiples of MOE_GROUPED_BK, every expert 16-byte aligned
- * (`wide`, the caller's check over all experts), h 16-byte aligned, and n small enough for the
- * grid's upper bound of m-tiles. */
-int cuda_moe_grouped_fits(const m3_moe_experts *ex, int wide, const float *h, int n);
+/* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as
+ * input: BF16 or MXFP8 weights with H and I multiples of the shape's K tile (32 or 64), every
+ * expert 16-byte aligned (`wide`, the caller's check over all experts), h 16-byte aligned, and n
+ * small enough for the grid's upper bound of m-tiles. */
+int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n);
 
 /* The routed experts of a prefill without a host synchronization, from the slots grouped by
  * expert (expert e owns sorted positions [start[e], start[e + 1]), slot_at [n] the slot t*k + j at

@@ -606,7 +606,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const int E = ex->E, n = T * k, decode = T <= MOE_DECODE_MAX_T;
-  const int grouped = !decode && cb->moe_grouped && cuda_moe_grouped_fits(ex, tab->wide, h, n);
+  const int grouped = !decode && cb->moe_grouped && cuda_moe_grouped_fits(cb, ex, tab->wide, h, n);
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
   size_t off = 0; /* the grouped prefill needs neither float gate nor up: only y and BF16 copies */
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
@@ -769,6 +769,17 @@ m3_status cuda_moe_lanes_create(cuda_backend *cb) {
       return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED=%s: expected 0 (the prefill's experts on the lanes) or 1",
                      grouped);
     cb->moe_grouped = grouped[0] == '1';
+  }
+  /* M3_MOE_GROUPED_TILE=i: the grouped GEMMs' tile shape, candidate i of moe_grouped.cu's table */
+  const char *tile = getenv("M3_MOE_GROUPED_TILE");
+  cb->moe_grouped_tile = 0;
+  if (tile && *tile) {
+    char *end;
+    const long v = strtol(tile, &end, 10);
+    if (*end || v < 0 || v >= MOE_GROUPED_TILES)
+      return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED_TILE=%s: expected 0..%d (0: the default tile shape)", tile,
+                     MOE_GROUPED_TILES - 1);
+    cb->moe_grouped_tile = (int)v;
   }
   const char *env = getenv("M3_MOE_STREAMS");
   int lanes = MOE_DEFAULT_LANES;
