@@ -498,27 +498,9 @@ __global__ void __launch_bounds__(ATT_COMBINE_THREADS) attention_combine_kernel(
  * holds once and the key tiles a tile may have (max_units). */
 template <int CPL, int RPW, bool FP8>
 static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units, size_t smem) {
-  static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
-  if (smem > 48 * 1024 && smem > smem_opted) {
-    cuda_note(cb, cudaFuncSetAttribute(attention_kernel<CPL, RPW, FP8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem), "attention (shared memory)");
-    smem_opted = smem;
-  }
-  /* The occupancy query costs host time comparable to a decode call's GPU time: once per size. A
-   * decode step alternates sizes (dense and sparse layers), hence a few remembered. */
-  enum { OCC_SIZES = 8 };
-  static size_t occ_smem[OCC_SIZES];
-  static int occ_per_sm[OCC_SIZES], occ_next;
-  int per_sm = 0;
-  for (int i = 0; i < OCC_SIZES; i++)
-    if (occ_smem[i] == smem) per_sm = occ_per_sm[i];
-  if (per_sm <= 0) {
-    cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_kernel<CPL, RPW, FP8>,
-                                                                32 * ATT_WARPS, smem), "attention (occupancy)");
-    if (per_sm <= 0) per_sm = 1;
-    occ_smem[occ_next] = smem, occ_per_sm[occ_next] = per_sm;
-    occ_next = (occ_next + 1) % OCC_SIZES;
-  }
+  const void *kernel = (const void *)attention_kernel<CPL, RPW, FP8>;
+  cuda_allow_smem(cb, kernel, smem, "attention (shared memory)");
+  const int per_sm = cuda_blocks_per_sm(cb, kernel, 32 * ATT_WARPS, smem, "attention (occupancy)");
   const int64_t slots = (int64_t)per_sm * cb->num_sms, items = (int64_t)ntiles * a.kv.nkv;
   /* Splits down to one key tile each: a decode step over 16 selected blocks is latency bound, and
    * the combine reads its splits in parallel. */
@@ -806,12 +788,7 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
 
 template <int HD, bool FP8>
 static void att_tc_launch(cuda_backend *cb, const att_args &a, size_t smem) {
-  static size_t smem_opted; /* the largest dynamic shared memory this kernel was allowed so far */
-  if (smem > 48 * 1024 && smem > smem_opted) {
-    cuda_note(cb, cudaFuncSetAttribute(attention_tc_kernel<HD, FP8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem), "attention (shared memory)");
-    smem_opted = smem;
-  }
+  cuda_allow_smem(cb, (const void *)attention_tc_kernel<HD, FP8>, smem, "attention (shared memory)");
   const int ntiles = (a.T + a.tt - 1) / a.tt;
   attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
   cuda_launched(cb, "attention (tensor cores)");

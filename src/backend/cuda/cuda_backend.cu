@@ -9,6 +9,42 @@
 
 enum { LT_WORKSPACE_BYTES = 32 << 20 };
 
+static cuda_kernel_memo *memo_find(cuda_backend *cb, const void *kernel, size_t smem, int occupancy) {
+  for (int i = 0; i < CUDA_KERNEL_MEMOS; i++) {
+    cuda_kernel_memo *m = &cb->memos[i];
+    if (m->kernel == kernel && (m->per_sm > 0) == occupancy && (!occupancy || m->smem == smem))
+      return m;
+  }
+  return NULL;
+}
+
+static cuda_kernel_memo *memo_add(cuda_backend *cb) {
+  cuda_kernel_memo *m = &cb->memos[cb->memo_next];
+  cb->memo_next = (cb->memo_next + 1) % CUDA_KERNEL_MEMOS;
+  return m;
+}
+
+void cuda_allow_smem(cuda_backend *cb, const void *kernel, size_t smem, const char *op) {
+  if (smem <= 48 * 1024) return;
+  cuda_kernel_memo *m = memo_find(cb, kernel, 0, 0);
+  if (m && m->smem >= smem) return;
+  cuda_note(cb, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+            op);
+  if (!m) m = memo_add(cb);
+  *m = (cuda_kernel_memo){kernel, smem, 0};
+}
+
+int cuda_blocks_per_sm(cuda_backend *cb, const void *kernel, int threads, size_t smem,
+                       const char *op) {
+  cuda_kernel_memo *m = memo_find(cb, kernel, smem, 1);
+  if (m) return m->per_sm;
+  int per_sm = 0;
+  cuda_note(cb, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), op);
+  if (per_sm <= 0) per_sm = 1;
+  *memo_add(cb) = (cuda_kernel_memo){kernel, smem, per_sm};
+  return per_sm;
+}
+
 void cuda_note(cuda_backend *cb, cudaError_t e, const char *op) {
   if (e != cudaSuccess && cb->error == cudaSuccess) {
     cb->error = e;

@@ -49,6 +49,18 @@ typedef struct {
 
 enum { CUDA_MAX_LANES = 16 };
 
+/* What a kernel was allowed or found on this backend's device: its dynamic shared memory past the
+ * default 48 KB (allowed per kernel and per device) and its blocks per SM at a size (an occupancy
+ * query costs host time comparable to a decode launch). Kept per backend, not per process: each
+ * backend has one device and one issuing thread, while a process may drive several GPUs. */
+typedef struct {
+  const void *kernel;
+  size_t smem;
+  int per_sm; /* 0: an allowance entry (smem = the largest allowed) */
+} cuda_kernel_memo;
+
+enum { CUDA_KERNEL_MEMOS = 64 };
+
 typedef struct {
   m3_backend base;
   int device;
@@ -74,9 +86,19 @@ typedef struct {
   const char *error_op;
   uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */
   int capturing;          /* between graph_begin and graph_end: ops are recorded, not run */
+  cuda_kernel_memo memos[CUDA_KERNEL_MEMOS]; /* replaced round robin once full */
+  int memo_next;
 } cuda_backend;
 
 static inline cuda_backend *cuda_of(m3_backend *be) { return (cuda_backend *)be; }
+
+/* Allows `kernel` `smem` bytes of dynamic shared memory on cb's device when that passes the
+ * default 48 KB (once per kernel and size on this backend). */
+void cuda_allow_smem(cuda_backend *cb, const void *kernel, size_t smem, const char *op);
+/* Blocks of `kernel` at `threads` threads and `smem` bytes that one SM of cb's device holds
+ * (at least 1; queried once per kernel and size on this backend). */
+int cuda_blocks_per_sm(cuda_backend *cb, const void *kernel, int threads, size_t smem,
+                       const char *op);
 
 /* Records the first failure (ops return void; to_host / to_device report it). */
 void cuda_note(cuda_backend *cb, cudaError_t e, const char *op);

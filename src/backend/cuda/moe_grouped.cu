@@ -415,20 +415,14 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
 }
 
 /* Launches moe_grouped_gemm_kernel<C, GATED, MX>, allowing it its dynamic shared memory on cb's
- * device first (once per device). */
+ * device first (cuda_allow_smem). */
 template <class C, int GATED, int MX>
 static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E, const int32_t *start,
                       const int32_t *tile_start, int n, const __nv_bfloat16 *a, int64_t K, int64_t N,
                       const m3_moe_experts *ex, void *out) {
-  static uint64_t opted; /* bit d: done on device d (devices past 63: every call) */
-  const uint64_t bit = cb->device < 64 ? 1ull << cb->device : 0;
   const int smem = gg_smem_layout<C, MX>::bytes;
-  if (!bit || !(opted & bit)) {
-    cuda_note(cb, cudaFuncSetAttribute(moe_grouped_gemm_kernel<C, GATED, MX>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "moe_experts (grouped gemm shared memory)");
-    opted |= bit;
-  }
+  cuda_allow_smem(cb, (const void *)moe_grouped_gemm_kernel<C, GATED, MX>, smem,
+                  "moe_experts (grouped gemm shared memory)");
   moe_grouped_gemm_kernel<C, GATED, MX><<<grid, GG_THREADS, smem, cb->stream>>>(
       ws, E, start, tile_start, n, a, K, N, ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, GATED ? "moe_experts (grouped gate, up, swiglu)" : "moe_experts (grouped down)");

@@ -284,15 +284,6 @@ __global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args 
   msa_select_row(a, row / a.G, row % a.G, mine, (int32_t *)(mine + a.kv.num_blocks), lane);
 }
 
-/* Allows `kernel` `smem` bytes of dynamic shared memory when that passes the default 48 KiB;
- * *opted remembers the largest allowed so far. */
-static void msa_opt_smem(cuda_backend *cb, const void *kernel, size_t smem, size_t *opted, const char *op) {
-  if (smem > 48 * 1024 && smem > *opted) {
-    cuda_note(cb, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), op);
-    *opted = smem;
-  }
-}
-
 template <int GP, bool FP8>
 static void msa_launch_scores_of(cuda_backend *cb, const msa_args &a, unsigned grid, size_t smem) {
   if (a.kv.ihd <= 128) msa_score_kernel<GP, 1, FP8><<<grid, 32 * SCORE_WARPS, smem, cb->stream>>>(a);
@@ -358,8 +349,7 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   int warps = (int)(96 * 1024 / row_bytes);
   warps = warps < 1 ? 1 : warps > SELECT_WARPS ? SELECT_WARPS : warps;
   const size_t smem = (size_t)warps * row_bytes;
-  static size_t smem_opted; /* the largest dynamic shared memory the kernel was allowed so far */
-  msa_opt_smem(cb, (const void *)msa_select_kernel, smem, &smem_opted, "msa_select (shared memory for the candidates)");
+  cuda_allow_smem(cb, (const void *)msa_select_kernel, smem, "msa_select (shared memory for the candidates)");
   msa_select_kernel<<<(unsigned)((rows + warps - 1) / warps), 32 * warps, smem, cb->stream>>>(a, rows);
   cuda_launched(cb, "msa_select (top-k)");
 }

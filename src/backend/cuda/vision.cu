@@ -310,9 +310,7 @@ template <int DJ>
 static void launch_attention_full(cuda_backend *cb, const float *q, const float *k, const float *v,
                                   int N, int nh, int hd, float *out) {
   const size_t smem = att_smem_bytes(hd);
-  cuda_note(cb, cudaFuncSetAttribute(attention_full_kernel<DJ>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-            "attention_full (shared memory)");
+  cuda_allow_smem(cb, (const void *)attention_full_kernel<DJ>, smem, "attention_full (shared memory)");
   dim3 grid((unsigned)((N + ATT_BQ - 1) / ATT_BQ), (unsigned)nh);
   attention_full_kernel<DJ><<<grid, ATT_THREADS, smem, cb->stream>>>(q, k, v, N, nh, hd,
                                                                      1.0f / sqrtf((float)hd), out);
