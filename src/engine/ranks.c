@@ -284,7 +284,13 @@ static m3_status connect_rank(rank *k) {
     if (st == M3_OK && r->tp > 1 && r->ep > 1)
       st = m3_nccl_init(&r->tp_ids[k->ep_rank], r->tp, k->tp_rank, k->be, &k->tp_comm);
     if (st != M3_OK) return st;
-    return m3_model_set_all_reduce(k->model, nccl_all_reduce, k, M3_ALL_REDUCE_CAPTURABLE);
+    /* Not M3_ALL_REDUCE_CAPTURABLE: a rank's step signature holds its own KV views (rank 0 the
+     * sequences' table copies, the others one table buffer per step), so one rank may record a
+     * step while another runs it directly, and NCCL's capture of a collective registers the
+     * buffers with its peers, a handshake a peer running directly never joins (the step hung on
+     * 2 x H200). Steps of several ranks run op by op (tests/gpu/test_tp checks recorded
+     * collectives where every rank decides alike). */
+    return m3_model_set_all_reduce(k->model, nccl_all_reduce, k, 0);
   }
 #endif
   return m3_model_set_all_reduce(k->model, host_all_reduce, k, 0);

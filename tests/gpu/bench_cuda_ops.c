@@ -1072,7 +1072,7 @@ int main(int argc, char **argv) {
     static m3_tensor w[3][MOE_E];
     moe_weights_make(mx, w);
     for (int i = 0; i < 5; i++) bench_moe(decode_T[i], mx, w, copy_gbs, table);
-    /* The prefill at 2048 and 8192 tokens on `gpu`, as the grouped GEMMs (moe_grouped.cu), then
+    /* The prefill at 2048 and 8192 tokens on `gpu` (grouped GEMMs where moe.cu finds them faster), then
      * on the lanes (M3_MOE_GROUPED=0, M3_MOE_STREAMS as set, else the default); then at 8192 on
      * the lanes of backends of 1 stream (the experts one after another) and 4 lanes: `gpu`
      * points at each in turn, since every helper here issues and synchronizes through it. */
@@ -1080,7 +1080,7 @@ int main(int argc, char **argv) {
     m3_backend *own = gpu;
     static const int moe_prefill_T[2] = {2048, 8192};
     for (int i = 0; i < 2; i++) {
-      bench_moe_labeled(moe_prefill_T[i], mx, w, copy_gbs, ", grouped GEMMs", table);
+      bench_moe_labeled(moe_prefill_T[i], mx, w, copy_gbs, ", default (grouped GEMMs where faster)", table);
       snprintf(label, sizeof label, ", lanes (M3_MOE_GROUPED=0, M3_MOE_STREAMS=%s)",
                env_streams ? env_streams : "default");
       gpu = moe_lanes;

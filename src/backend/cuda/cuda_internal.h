@@ -78,10 +78,11 @@ typedef struct {
   int moe_lanes;          /* M3_MOE_STREAMS at creation: lanes of the MoE prefill; 1: none, `stream` */
   cuda_lane lanes[CUDA_MAX_LANES]; /* the first moe_lanes when moe_lanes > 1 */
   cudaEvent_t moe_fork;   /* recorded on `stream` once the lanes' inputs are ready */
-  int moe_grouped;        /* M3_MOE_GROUPED at creation (default 1): the prefill of BF16 and MXFP8
-                           * experts as moe_grouped.cu's grouped GEMMs; 0: the chains on the lanes */
-  int moe_grouped_tile;   /* M3_MOE_GROUPED_TILE at creation (default 0): their tile shape, one of
-                           * moe_grouped.cu's MOE_GROUPED_TILES candidates */
+  int moe_grouped;        /* M3_MOE_GROUPED at creation: 1 the prefill of BF16 and MXFP8 experts as
+                           * moe_grouped.cu's grouped GEMMs, 0 the chains on the lanes, -1 (unset)
+                           * whichever was measured faster for the call (moe.cu grouped_wins) */
+  int moe_grouped_tile;   /* M3_MOE_GROUPED_TILE at creation: their tile shape, one of moe_grouped.cu's
+                           * MOE_GROUPED_TILES candidates; -1 (unset): chosen per dtype */
   cudaError_t error;      /* first failure since the last transfer, and the op it came from */
   const char *error_op;
   uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */

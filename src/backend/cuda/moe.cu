@@ -69,8 +69,8 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
  * scratch, cuda_internal.h cuda_lane) at once. BF16 and MXFP8 experts (H and I multiples of 32,
  * 16-byte aligned) take neither the readback nor the lanes: moe_grouped.cu runs the whole prefill
  * as two grouped GEMMs over (expert, m-tile, n-tile) tiles found on the device, SwiGLU-OAI fused
- * into the first; M3_MOE_GROUPED=0 (read at backend creation into cb->moe_grouped) keeps them on
- * the lanes. Both end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j,
+ * into the first, where that was measured faster (grouped_wins); M3_MOE_GROUPED=0 or 1 (read at
+ * backend creation into cb->moe_grouped) keeps them on the lanes or always groups them. Both end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j,
  * float32. */
 
 enum {
@@ -589,6 +589,14 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
   return 1;
 }
 
+/* Unless M3_MOE_GROUPED says which: the grouped GEMMs where they were measured faster than the
+ * lanes (an H200 at full width, E 128, top 4): MXFP8 always (2048 tokens 6.8 against 31 ms, 8192
+ * 17.6 against 17.9), BF16 while the average expert has at most 128 rows (2048 tokens 5.1 against
+ * 5.8 ms; at 8192, 256 rows each, cuBLASLt's per-expert GEMMs win, 11.4 against 13.4). */
+static int grouped_wins(const m3_moe_experts *ex, int n) {
+  return ex->gate[0].quant == M3_WQ_MXFP8 || (int64_t)n <= 128 * (int64_t)ex->E;
+}
+
 /* The next 256-byte aligned offset for `bytes` more after *off. */
 static size_t carve(size_t *off, size_t bytes) {
   size_t at = (*off + 255) / 256 * 256;
@@ -606,7 +614,9 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const int E = ex->E, n = T * k, decode = T <= MOE_DECODE_MAX_T;
-  const int grouped = !decode && cb->moe_grouped && cuda_moe_grouped_fits(cb, ex, tab->wide, h, n);
+  const int grouped = !decode && cb->moe_grouped != 0 &&
+                      cuda_moe_grouped_fits(cb, ex, tab->wide, h, n) &&
+                      (cb->moe_grouped == 1 || grouped_wins(ex, n));
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
   size_t off = 0; /* the grouped prefill needs neither float gate nor up: only y and BF16 copies */
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
@@ -760,10 +770,10 @@ void cuda_release_experts(m3_backend *be, m3_moe_experts *ex) {
 }
 
 m3_status cuda_moe_lanes_create(cuda_backend *cb) {
-  /* M3_MOE_GROUPED=0: the prefill of experts that moe_grouped.cu takes runs on the lanes instead
-   * (timing both, or ruling the grouped GEMMs out); read here, with the lanes, once per backend */
+  /* M3_MOE_GROUPED=0: the prefill of experts that moe_grouped.cu takes runs on the lanes instead;
+   * 1: always grouped; unset: grouped_wins decides. Read here, with the lanes, once per backend */
   const char *grouped = getenv("M3_MOE_GROUPED");
-  cb->moe_grouped = 1;
+  cb->moe_grouped = -1;
   if (grouped && *grouped) {
     if (strcmp(grouped, "0") != 0 && strcmp(grouped, "1") != 0)
       return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED=%s: expected 0 (the prefill's experts on the lanes) or 1",
@@ -772,12 +782,12 @@ m3_status cuda_moe_lanes_create(cuda_backend *cb) {
   }
   /* M3_MOE_GROUPED_TILE=i: the grouped GEMMs' tile shape, candidate i of moe_grouped.cu's table */
   const char *tile = getenv("M3_MOE_GROUPED_TILE");
-  cb->moe_grouped_tile = 0;
+  cb->moe_grouped_tile = -1; /* moe_grouped.cu's choice per dtype */
   if (tile && *tile) {
     char *end;
     const long v = strtol(tile, &end, 10);
     if (*end || v < 0 || v >= MOE_GROUPED_TILES)
-      return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED_TILE=%s: expected 0..%d (0: the default tile shape)", tile,
+      return m3_fail(M3_ERR_ARG, "M3_MOE_GROUPED_TILE=%s: expected 0..%d (unset: chosen per dtype)", tile,
                      MOE_GROUPED_TILES - 1);
     cb->moe_grouped_tile = (int)v;
   }

@@ -22,7 +22,7 @@
 
 #include "backend/cuda/cuda_internal.h"
 
-/* The candidate tiles (M3_MOE_GROUPED_TILE picks one at backend creation; 0 is the default):
+/* The candidate tiles (M3_MOE_GROUPED_TILE picks one at backend creation; unset: gg_tile's choice):
  * X(index, BM sorted rows, BN B rows, BK columns of K, STAGES of the cp.async ring, WM warps over
  * rows, MINB blocks per SM asked of the compiler). 8 warps: WM over rows x 8 / WM over B rows,
  * each warp BM / WM = 64 rows by BN * WM / 8 B rows (32 or 64). Gate/up tiles hold BN / 2 gate
@@ -404,10 +404,20 @@ static int gg_weight_fits(const m3_tensor *t) {
          t->scale_cols >= t->cols / GG_MX_BLOCK;
 }
 
+/* The tile of a layer's experts: M3_MOE_GROUPED_TILE when set; else the fastest measured on an
+ * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops): BF16 128 x 256 x 64 in 3
+ * stages (candidate 4: 13.4 ms at 8192 tokens against 15.2 for candidate 0), MXFP8 candidate 0
+ * (as fast, and half the shared memory), or candidate 0 where K is not a multiple of 64. */
+static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
+  if (cb->moe_grouped_tile >= 0) return cb->moe_grouped_tile;
+  const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
+  return ex->gate[0].quant != M3_WQ_MXFP8 && H % gg_dims[4].bk == 0 && I % gg_dims[4].bk == 0 ? 4 : 0;
+}
+
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
   const m3_tensor *g0 = &ex->gate[0], *d0 = &ex->down[0];
-  const int64_t H = g0->cols, I = g0->rows, bm = gg_dims[cb->moe_grouped_tile].bm,
-                bk = gg_dims[cb->moe_grouped_tile].bk;
+  const int tile = gg_tile(cb, ex);
+  const int64_t H = g0->cols, I = g0->rows, bm = gg_dims[tile].bm, bk = gg_dims[tile].bk;
   const int64_t m_tiles = ((int64_t)n + bm - 1) / bm + (ex->E < n ? ex->E : n);
   /* up and every other expert share gate[0]'s or down[0]'s form (moe.cu check_experts) */
   return wide && gg_weight_fits(g0) && gg_weight_fits(d0) && H > 0 && I > 0 && H % bk == 0 &&
@@ -450,7 +460,7 @@ static void gg_gemms(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weig
 void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
                       const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
                       int32_t *tile_start, __nv_bfloat16 *xy, __nv_bfloat16 *act, float *y) {
-  const int E = ex->E, tile = cb->moe_grouped_tile, bm = gg_dims[tile].bm;
+  const int E = ex->E, tile = gg_tile(cb, ex), bm = gg_dims[tile].bm;
   const int64_t H = ex->gate[0].cols;
   moe_gather_bf16_kernel<<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy);
   cuda_launched(cb, "moe_experts (gather to bf16)");
