@@ -147,15 +147,18 @@ tp_rc=$?
 # --ep 2 greedy-generates the same text as one GPU, on the built-in model and on the full-width one.
 engine_check() {
   local ok=0 one out
+  # stdout without the layout plan (its first line, then its indented lines) and the timings (stderr)
+  noplan() { awk 'NR == 1 && /^parallel layout: / {plan = 1; next} plan && /^  / {next} {plan = 0; print}'; }
   for m in "" ${model:+--model $model}; do
-    one=$("$build/m3" run --device cuda $m --prompt "The capital of France is" --max-tokens 24 \
-          --temperature 0 2>&1) || { echo "FAIL one GPU ${m:-built-in}: $one"; ok=1; continue; }
-    for layout in "--tp 2" "--ep 2"; do
-      out=$("$build/m3" run --device cuda $m $layout --prompt "The capital of France is" \
-            --max-tokens 24 --temperature 0 2>&1)
-      out=$(grep -v -e '^parallel layout: ' -e '^  ' <<<"$out")
-      if [ "$out" = "$one" ]; then echo "PASS m3 run $layout ${m:-(built-in model)}: same text as one GPU"
-      else echo "FAIL m3 run $layout ${m:-(built-in model)}: '$out' vs one GPU '$one'"; ok=1; fi
+    for kv in f32 fp8; do
+      one=$("$build/m3" run --device cuda $m --kv-dtype $kv --prompt "The capital of France is" \
+            --max-tokens 48 --temperature 0 2>/dev/null) || { echo "FAIL one GPU ${m:-built-in}"; ok=1; continue; }
+      for layout in "--tp 2" "--ep 2"; do
+        out=$("$build/m3" run --device cuda $m --kv-dtype $kv $layout --prompt "The capital of France is" \
+              --max-tokens 48 --temperature 0 2>/dev/null | noplan)
+        if [ "$out" = "$one" ]; then echo "PASS m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU"
+        else echo "FAIL m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'"; ok=1; fi
+      done
     done
   done
   return $ok

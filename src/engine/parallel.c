@@ -45,10 +45,6 @@ static m3_status check_layout(const m3_config *c, int tp, int ep) {
   } else if (ep > 1) {
     return m3_fail(M3_ERR_ARG, "--ep %d: the model has no routed experts", ep);
   }
-  int chunk = (c->vocab_size + world - 1) / world;
-  if ((int64_t)(world - 1) * chunk >= c->vocab_size)
-    return m3_fail(M3_ERR_ARG, "--tp %d x --ep %d: vocab_size %d leaves a rank without rows",
-                   tp, ep, c->vocab_size);
   return M3_OK;
 }
 
@@ -102,7 +98,6 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
   out->full_layers = c->num_layers - out->sparse_layers;
   out->dense_layers = c->num_layers - out->moe_layers;
 
-  int chunk = (c->vocab_size + out->world - 1) / out->world;
   for (int r = 0; r < out->world; r++) {
     m3_rank_plan *p = &out->ranks[r];
     int t = r % tp, e = r / tp;
@@ -121,22 +116,16 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
       p->expert_cols = even_part(c->intermediate_size, tp, t);
       p->shared_cols = even_part(c->shared_intermediate_size, out->world, r);
     }
-    int v0 = r * chunk, v1 = v0 + chunk;
-    p->vocab = (m3_range){v0, v1 < c->vocab_size ? v1 : c->vocab_size};
+    p->vocab = (m3_range){0, c->vocab_size}; /* replicated (parallel.h) */
     p->params = rank_params(c, out, p);
   }
 
   /* One decode token carries one BF16 hidden vector [H] through each all-reduce. */
   int64_t hidden_bytes = 2 * (int64_t)c->hidden_size;
-  add_collective(out, "embedding all-reduce (masked lookup)", M3_GROUP_WORLD, 1, hidden_bytes);
   add_collective(out, "all-reduce after o_proj", M3_GROUP_TP, c->num_layers, hidden_bytes);
   add_collective(out, "all-reduce after the dense MLP", M3_GROUP_TP, out->dense_layers, hidden_bytes);
   add_collective(out, "MoE combine all-reduce (routing exchange)", M3_GROUP_WORLD, out->moe_layers,
                  hidden_bytes);
-  /* Greedy: each rank's best (f32 logit, i32 id); sampling gathers the rank's F32 logits. */
-  add_collective(out, "lm_head argmax all-gather (logit, id)", M3_GROUP_WORLD, 1, 8);
-  add_collective(out, "lm_head sampling all-gather (logits)", M3_GROUP_WORLD, 1,
-                 4 * (int64_t)chunk);
   return M3_OK;
 }
 

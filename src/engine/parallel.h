@@ -15,9 +15,10 @@
  *               all-reduce that combines the routed experts also sums it exactly once; the router
  *               is replicated, so every rank routes every token identically and the routing
  *               exchange is that combine all-reduce (activations are replicated, no all-to-all).
- *   vocabulary  embedding and lm_head rows split over all world ranks in ceil(V / world) chunks
- *               (the last possibly shorter): the embedding is a masked lookup + all-reduce, greedy
- *               decoding an all-gather of each rank's (max logit, id).
+ *   vocabulary  embedding and lm_head replicated: every rank embeds its tokens alone and can
+ *               compute the head on the same summed hidden state (rank 0's logits are used). A
+ *               split over the ranks (a masked lookup + all-reduce, a gathered argmax) would
+ *               save 2 x V x H per rank (4.9 GB at M3 width in BF16); not built.
  *   norms       replicated. The vision tower and MTP modules are not in the plan (replicated).
  * Element counts are parameters (not bytes): the printer shows BF16 bytes (2 per parameter). */
 #ifndef M3_ENGINE_PARALLEL_H
