@@ -50,23 +50,10 @@ mkdir -p "$out"
 deadline=$(($(date +%s) + ${BENCH_BUDGET_S:-360}))
 md=$out/bench-gpu.md
 
-# stage NAME LIMIT_S CMD...: runs CMD under timeout (the smaller of LIMIT_S and the time left,
-# less 5 s to write the summary), stdout and stderr to $out/bench-NAME.log; the exit status.
-stage() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((deadline - $(date +%s) - 5))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 5 ]; then
-    echo "$name: skipped, out of time (BENCH_BUDGET_S)" | tee "$out/bench-$name.log" >> "$out/bench-stages.log"
-    return 124
-  fi
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$out/bench-$name.log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc in $(($(date +%s) - t0)) s (limit $limit s)" | tee -a "$out/bench-stages.log"
-  return $rc
-}
+# stage NAME LIMIT_S CMD... (scripts/stage.sh): logs to $out/bench-NAME.log, 5 s kept for the
+# summary.
+stage_budget=BENCH_BUDGET_S stage_margin=5 stage_logs=$out stage_prefix=bench- stage_list=$out/bench-stages.log
+. "$src/scripts/stage.sh"
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ ! -x "$m3" ]; then

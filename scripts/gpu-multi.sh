@@ -90,26 +90,9 @@ fi
 ldd "$build/m3" "$build/tests/test_nccl" "$build/tests/test_tp" "$build/tests/bench_tp" \
   > "$logs/ldd.txt" 2>&1
 
-# stage NAME LIMIT_S CMD...: runs CMD under timeout (the smaller of LIMIT_S and the time left,
-# less 10 s for the summary), stdout and stderr to $logs/NAME.log; the exit status. A stage out
-# of time gets a TIMEOUT line naming its last progress line (the "   ..." lines on stderr).
-stage() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((deadline - $(date +%s) - 10))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 5 ]; then
-    echo "$name: skipped, out of time (MULTI_BUDGET_S)" | tee "$logs/$name.log" >> "$logs/stages.log"
-    return 124
-  fi
-  local t0=$(date +%s)
-  timeout "$limit" stdbuf -oL -eL "$@" > "$logs/$name.log" 2>&1
-  local rc=$?
-  [ $rc -eq 124 ] &&
-    echo "TIMEOUT after $limit s in: $(grep '^   ' "$logs/$name.log" | tail -n 1)" >> "$logs/$name.log"
-  echo "$name: exit $rc in $(($(date +%s) - t0)) s (limit $limit s)" >> "$logs/stages.log"
-  return $rc
-}
+# stage NAME LIMIT_S CMD... (scripts/stage.sh): logs to $logs/NAME.log, 10 s kept for the summary.
+stage_budget=MULTI_BUDGET_S stage_margin=10 stage_logs=$logs stage_prefix= stage_list=$logs/stages.log
+. "$src/scripts/stage.sh"
 
 # The checks' and the benchmark's lines without the progress lines; failures last.
 summary() {

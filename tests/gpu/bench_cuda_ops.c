@@ -30,6 +30,7 @@
 #include <time.h>
 
 #include "backend/backend.h"
+#include "cuda_env.h"
 #include "base/dtype.h"
 
 static m3_backend *gpu;
@@ -321,26 +322,6 @@ static void bench_sample_rows(FILE *table) {
 
 /* ---- routed experts at prefill ---- */
 
-/* A CUDA backend made with M3_MOE_STREAMS=streams and M3_MOE_GROUPED=0, so that BF16 experts'
- * prefill takes the lanes too, not the grouped GEMMs (both variables restored after). */
-static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
-  static const char *const names[2] = {"M3_MOE_STREAMS", "M3_MOE_GROUPED"};
-  const char *values[2] = {streams, "0"};
-  char *saved[2];
-  for (int i = 0; i < 2; i++) {
-    const char *old = getenv(names[i]);
-    saved[i] = old ? strdup(old) : NULL;
-    setenv(names[i], values[i], 1);
-  }
-  m3_status st = m3_backend_create("cuda", 0, out);
-  for (int i = 0; i < 2; i++) {
-    if (saved[i]) setenv(names[i], saved[i], 1);
-    else unsetenv(names[i]);
-    free(saved[i]);
-  }
-  return st;
-}
-
 typedef struct {
   m3_moe_experts ex;
   int T, k;
@@ -434,28 +415,6 @@ static void bench_moe_labeled(int T, int mx, m3_tensor w[3][MOE_E], double copy_
 
 static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FILE *table) {
   bench_moe_labeled(T, mx, w, copy_gbs, "", table);
-}
-
-/* A CUDA backend made with M3_MOE_GROUPED=1 and M3_MOE_GROUPED_TILE=tile (both restored after):
- * the grouped GEMMs with tile candidate `tile`; M3_ERR_ARG past the last candidate. */
-static m3_status cuda_with_tile(int tile, m3_backend **out) {
-  static const char *const names[2] = {"M3_MOE_GROUPED", "M3_MOE_GROUPED_TILE"};
-  char value[16];
-  snprintf(value, sizeof value, "%d", tile);
-  const char *values[2] = {"1", value};
-  char *saved[2];
-  for (int i = 0; i < 2; i++) {
-    const char *old = getenv(names[i]);
-    saved[i] = old ? strdup(old) : NULL;
-    setenv(names[i], values[i], 1);
-  }
-  m3_status st = m3_backend_create("cuda", 0, out);
-  for (int i = 0; i < 2; i++) {
-    if (saved[i]) setenv(names[i], saved[i], 1);
-    else unsetenv(names[i]);
-    free(saved[i]);
-  }
-  return st;
 }
 
 /* The grouped GEMMs' tile candidates (M3_MOE_GROUPED_TILE 0, 1, ... until the backend refuses

@@ -15,6 +15,7 @@
 #include <cuda_runtime_api.h>
 
 #include "backend/backend.h"
+#include "cuda_env.h"
 #include "../random.h"
 #include "base/dtype.h"
 #include "base/mxfp8.h"
@@ -1521,26 +1522,6 @@ static int test_weights_at_mapping_end(void) {
   return ok;
 }
 
-/* A CUDA backend made with M3_MOE_STREAMS=streams and M3_MOE_GROUPED=0, so that BF16 experts'
- * prefill takes the lanes too, not moe_grouped.cu (both variables restored after). */
-static m3_status cuda_with_streams(const char *streams, m3_backend **out) {
-  static const char *const names[2] = {"M3_MOE_STREAMS", "M3_MOE_GROUPED"};
-  const char *values[2] = {streams, "0"};
-  char *saved[2];
-  for (int i = 0; i < 2; i++) {
-    const char *old = getenv(names[i]);
-    saved[i] = old ? strdup(old) : NULL;
-    setenv(names[i], values[i], 1);
-  }
-  m3_status st = m3_backend_create("cuda", 0, out);
-  for (int i = 0; i < 2; i++) {
-    if (saved[i]) setenv(names[i], saved[i], 1);
-    else unsetenv(names[i]);
-    free(saved[i]);
-  }
-  return st;
-}
-
 /* moe_experts' prefill with its experts spread over side streams (moe.cu prefill_experts): E 40,
  * k 4, T 300, uneven counts: expert 4 in every token, experts 5..8 about 75 tokens each (GEMMs on
  * the lanes for both dtypes), 9..39 about 19 (BF16: lanes; MXFP8: the E4M3 tensor-core kernel on
@@ -1726,28 +1707,6 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
   free(ws), free(tc), free(tg), free(idh), free(hh), free(zero), free(wh), free(got), free(lane_out);
 }
 
-/* A CUDA backend made with M3_MOE_GROUPED=1 and M3_MOE_GROUPED_TILE=tile (both restored after):
- * the grouped GEMMs with tile candidate `tile`; M3_ERR_ARG past the last candidate. */
-static m3_status cuda_with_tile(int tile, m3_backend **out) {
-  static const char *const names[2] = {"M3_MOE_GROUPED", "M3_MOE_GROUPED_TILE"};
-  char value[16];
-  snprintf(value, sizeof value, "%d", tile);
-  const char *values[2] = {"1", value};
-  char *saved[2];
-  for (int i = 0; i < 2; i++) {
-    const char *old = getenv(names[i]);
-    saved[i] = old ? strdup(old) : NULL;
-    setenv(names[i], values[i], 1);
-  }
-  m3_status st = m3_backend_create("cuda", 0, out);
-  for (int i = 0; i < 2; i++) {
-    if (saved[i]) setenv(names[i], saved[i], 1);
-    else unsetenv(names[i]);
-    free(saved[i]);
-  }
-  return st;
-}
-
 /* The grouped prefill at T 65, 130, 333 and 1024 (skewed: expert E - 1's 65 rows are one ragged
  * m-tile of 128, 130 a whole one and 2 rows, 333 two and 77, 1024 eight whole ones) with E 8 and
  * 16 and k 2 and 4, each T on both shapes and both routings: 16 cases of BF16 experts and 16 of
@@ -1921,19 +1880,25 @@ static pair pair_zeroed(size_t bytes) {
   return p;
 }
 
-/* Records the fraction of the bytes of p whose GPU copy differs from the CPU's (any fails). */
-static void compare_bytes(int op, const char *what, const pair *p) {
-  uint8_t *g = gpu_copy(p);
+/* Records under op the fraction of the n bytes of x and y that differ (any fails). */
+static void record_bytes_differing(int op, const char *what, const uint8_t *x, const uint8_t *y,
+                                   size_t n) {
   size_t differ = 0;
-  for (size_t i = 0; i < p->bytes; i++) differ += ((const uint8_t *)p->c)[i] != g[i];
+  for (size_t i = 0; i < n; i++) differ += x[i] != y[i];
   op_result *r = &results[op];
-  const double e = (double)differ / (double)p->bytes;
+  const double e = (double)differ / (double)n;
   r->cases++;
   if (e > r->worst) r->worst = e;
   if (differ) {
     r->failed++;
-    fprintf(stderr, "FAIL %s [%s]: %zu of %zu bytes differ\n", r->name, what, differ, p->bytes);
+    fprintf(stderr, "FAIL %s [%s]: %zu of %zu bytes differ\n", r->name, what, differ, n);
   }
+}
+
+/* Records the fraction of the bytes of p whose GPU copy differs from the CPU's (any fails). */
+static void compare_bytes(int op, const char *what, const pair *p) {
+  uint8_t *g = gpu_copy(p);
+  record_bytes_differing(op, what, (const uint8_t *)p->c, g, p->bytes);
   free(g);
 }
 
@@ -1966,17 +1931,25 @@ static void kv8_store_both(cache *c, const int32_t *posh, int T, const float *kh
   pair_free(&pos), pair_free(&k), pair_free(&v), pair_free(&ik);
 }
 
+/* A cache of dtype dt: make_cache's, its pools zeroed bytes when fp8 (scale 0, bytes 0). */
+static cache kvr_cache(m3_kv_dtype dt, int blocks, int bs, int nkv, int hd, int ihd) {
+  cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
+  if (dt == M3_KV_FP8) {
+    pair_free(&c.k), pair_free(&c.v), pair_free(&c.ik);
+    const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)hd);
+    const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
+    c.k = pair_zeroed(c.pages * kv_pb), c.v = pair_zeroed(c.pages * kv_pb), c.ik = pair_zeroed(c.pages * ik_pb);
+    c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.dtype = M3_KV_FP8;
+    c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.dtype = M3_KV_FP8;
+  }
+  return c;
+}
+
 /* An fp8 cache of `blocks` blocks in make_cache's shuffled pages, every slot written through
  * kv8_store_both (so its kv_store is checked on every cache); ik_h gets the index keys as the CPU
  * reads them back (E4M3 value times row scale), for compare_selection's near-tie scores. */
 static cache make_cache8(int blocks, int bs, int nkv, int hd, int ihd) {
-  cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
-  pair_free(&c.k), pair_free(&c.v), pair_free(&c.ik);
-  const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)hd);
-  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
-  c.k = pair_zeroed(c.pages * kv_pb), c.v = pair_zeroed(c.pages * kv_pb), c.ik = pair_zeroed(c.pages * ik_pb);
-  c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.dtype = M3_KV_FP8;
-  c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.dtype = M3_KV_FP8;
+  cache c = kvr_cache(M3_KV_FP8, blocks, bs, nkv, hd, ihd);
   const int T = blocks * bs;
   int32_t *posh = malloc((size_t)T * 4);
   for (int t = 0; t < T; t++) posh[t] = t;
@@ -1985,6 +1958,7 @@ static cache make_cache8(int blocks, int bs, int nkv, int hd, int ihd) {
   char what[96];
   snprintf(what, sizeof what, "bs %d nkv %d hd %d ihd %d blocks %d", bs, nkv, hd, ihd, blocks);
   kv8_store_both(&c, posh, T, kh, vh, ikh, what);
+  const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
   for (int p = 0; p < c.pages; p++) {
     const uint8_t *page = (const uint8_t *)c.ik.c + (size_t)p * ik_pb;
     for (int r = 0; r < bs; r++) {
@@ -2074,20 +2048,6 @@ static void test_kv_fp8(void) {
  * value may differ by an ulp, which moves amax / 448 by an ulp and can carry a value lying that
  * close to a rounding midpoint to the neighbouring code; anything more is a bug. */
 
-/* A cache of dtype dt: make_cache's, its pools zeroed bytes when fp8 (scale 0, bytes 0). */
-static cache kvr_cache(m3_kv_dtype dt, int blocks, int bs, int nkv, int hd, int ihd) {
-  cache c = make_cache(blocks, bs, nkv, hd, ihd, 0);
-  if (dt == M3_KV_FP8) {
-    pair_free(&c.k), pair_free(&c.v), pair_free(&c.ik);
-    const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)nkv * bs, (size_t)hd);
-    const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)bs, (size_t)ihd);
-    c.k = pair_zeroed(c.pages * kv_pb), c.v = pair_zeroed(c.pages * kv_pb), c.ik = pair_zeroed(c.pages * ik_pb);
-    c.c.k = c.k.c, c.c.v = c.v.c, c.c.ik = c.ik.c, c.c.dtype = M3_KV_FP8;
-    c.g.k = c.k.g, c.g.v = c.v.g, c.g.ik = c.ik.g, c.g.dtype = M3_KV_FP8;
-  }
-  return c;
-}
-
 /* Copies of src's pools and block table into dst (a kvr_cache of the same shape), both sides. */
 static void kvr_copy_cache(cache *dst, const cache *src) {
   const pair *from[] = {&src->k, &src->v, &src->ik, &src->table};
@@ -2102,16 +2062,7 @@ static void kvr_copy_cache(cache *dst, const cache *src) {
 /* The fraction of bytes of a's and b's GPU copies that differ (any fails). */
 static void kvr_compare_gpu(const char *what, const pair *a, const pair *b) {
   uint8_t *x = gpu_copy(a), *y = gpu_copy(b);
-  size_t differ = 0;
-  for (size_t i = 0; i < a->bytes; i++) differ += x[i] != y[i];
-  op_result *r = &results[OP_KVR_SELF];
-  const double e = (double)differ / (double)a->bytes;
-  r->cases++;
-  if (e > r->worst) r->worst = e;
-  if (differ) {
-    r->failed++;
-    fprintf(stderr, "FAIL %s [%s]: %zu of %zu bytes differ\n", r->name, what, differ, a->bytes);
-  }
+  record_bytes_differing(OP_KVR_SELF, what, x, y, a->bytes);
   free(x), free(y);
 }
 
