@@ -288,6 +288,11 @@ typedef struct {
   m3_status (*graph_launch)(m3_backend *be, m3_graph *g);
   void (*graph_free)(m3_backend *be, m3_graph *g);
   uint64_t (*memory_epoch)(m3_backend *be);
+
+  /* Makes the calling thread's later ops go to this backend's device: for a thread other than the
+   * one that created the backend (the engine's loop thread), since a CUDA thread issues to its
+   * current GPU. NULL where every thread reaches the backend alike (the CPU). */
+  m3_status (*bind_thread)(m3_backend *be);
 } m3_backend_ops;
 
 struct m3_backend {

@@ -233,6 +233,8 @@ static void prof_moe_experts(m3_backend *be, const m3_moe_experts *ex, const flo
   account(prof_of(be), "moe_experts", NULL, t0);
 }
 
+static m3_status prof_bind_thread(m3_backend *be) { return INNER(be)->bind_thread(inner_of(be)); }
+
 m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   *out = NULL;
   prof_backend *pb = calloc(1, sizeof *pb);
@@ -252,6 +254,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->graph_launch = NULL;
   ops->graph_free = NULL;
   ops->memory_epoch = NULL;
+  ops->bind_thread = inner->ops->bind_thread ? prof_bind_thread : NULL;
   ops->destroy = prof_destroy;
   ops->alloc = prof_alloc;
   ops->free = prof_free;

@@ -417,6 +417,9 @@ m3_status m3_engine_step(m3_engine *e, int *active) {
 
 static void *loop(void *arg) {
   m3_engine *e = arg;
+  /* This thread issues rank 0's ops: onto its GPU (--device cuda:K). A failure leaves the thread
+   * on another GPU, where those ops fail and finish the requests with the CUDA error. */
+  if (e->be->ops->bind_thread) (void)e->be->ops->bind_thread(e->be);
   for (;;) {
     pthread_mutex_lock(&e->mu);
     while (!e->quit && e->active == 0 && e->n_cancels == 0 && !e->cancel_all)

@@ -315,6 +315,13 @@ static void cuda_graph_free(m3_backend *be, m3_graph *g) {
 
 static uint64_t cuda_memory_epoch(m3_backend *be) { return cuda_of(be)->memory_epoch; }
 
+static m3_status cuda_bind_thread(m3_backend *be) {
+  const int device = cuda_of(be)->device;
+  const cudaError_t e = cudaSetDevice(device);
+  return e == cudaSuccess ? M3_OK
+                          : m3_fail(M3_ERR_IO, "cuda:%d: cudaSetDevice: %s", device, cudaGetErrorString(e));
+}
+
 static m3_backend_ops make_ops(void) {
   m3_backend_ops ops;
   memset(&ops, 0, sizeof ops);
@@ -355,6 +362,7 @@ static m3_backend_ops make_ops(void) {
   ops.graph_launch = cuda_graph_launch;
   ops.graph_free = cuda_graph_free;
   ops.memory_epoch = cuda_memory_epoch;
+  ops.bind_thread = cuda_bind_thread;
   return ops;
 }
 
