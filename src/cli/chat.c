@@ -31,7 +31,7 @@
 static const char usage[] =
     "usage: m3 chat [--model DIR] [--system TEXT] [--think on|off|adaptive]\n"
     "               [--temperature T] [--top-p P] [--top-k K] [--seed S] [--max-tokens N]\n"
-    "               [--threads N] " M3_CLI_SPEC_USAGE "\n"
+    "               [--device cpu|cuda[:N]] [--threads N] " M3_CLI_SPEC_USAGE "\n"
     "  chats with the model in its chat format (M3 or M2), streaming each reply; reasoning is\n"
     "  shown apart from the answer. Without --model it runs\n"
     "  " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP
@@ -45,7 +45,7 @@ static const char usage[] =
     "  /quit             leave (so does end of input)\n";
 
 typedef struct {
-  const char *model, *system;
+  const char *model, *system, *device;
   m3_thinking_mode think;
   long max_tokens, threads, seed, top_k;
   int has_seed;
@@ -78,6 +78,7 @@ static m3_status parse_args(int argc, char **argv, chat_args *a, int *help) {
     else if (strcmp(flag, "--think") == 0) st = parse_think(flag, value, &a->think);
     else if (strcmp(flag, "--max-tokens") == 0) st = m3_cli_parse_long(flag, value, 0, 1L << 24, &a->max_tokens);
     else if (strcmp(flag, "--threads") == 0) st = m3_cli_parse_long(flag, value, 0, 4096, &a->threads);
+    else if (strcmp(flag, "--device") == 0) a->device = value;
     else if (strcmp(flag, "--seed") == 0) {
       st = m3_cli_parse_long(flag, value, 0, 0x7fffffffL, &a->seed);
       a->has_seed = 1;
@@ -487,6 +488,7 @@ int m3_cmd_chat(int argc, char **argv) {
   m3_engine_options_init(&o);
   o.model_dir = a.model;
   o.threads = (int)a.threads;
+  if (a.device) o.device = a.device;
   o.max_running = 1;
   o.prefix_cache = 1;
   m3_cli_spec_apply(&a.spec, &o);

@@ -16,7 +16,8 @@
 static const char usage[] =
     "usage: m3 serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--api-key K]\n"
     "                [--max-body BYTES] [--max-tokens-limit N] [--max-n N]\n"
-    "                [--max-concurrent N] [--served-model-name NAME] [--threads N]\n"
+    "                [--max-concurrent N] [--served-model-name NAME] [--device cpu|cuda[:N]]\n"
+    "                [--threads N]\n"
     "                [--kv-memory MIB] [--max-running N] [--no-prefix-cache] [--grace SECONDS]\n"
     "                [--max-image-pixels N] [--max-media-per-request N]\n"
     "                [--allow-remote-media] [--remote-media-timeout-ms MS]\n"
@@ -100,6 +101,8 @@ static m3_status parse_args(int argc, char **argv, serve_args *a, int *help) {
       a->server.max_media_per_request = (int)v;
     else if (strcmp(flag, "--threads") == 0 && (st = m3_cli_parse_long(flag, value, 0, 4096, &v)) == M3_OK)
       a->engine.threads = (int)v;
+    else if (strcmp(flag, "--device") == 0)
+      a->engine.device = value;
     else if (strcmp(flag, "--kv-memory") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1L << 30, &v)) == M3_OK)
       a->engine.kv_memory_bytes = (size_t)v << 20;
     else if (strcmp(flag, "--max-running") == 0 && (st = m3_cli_parse_long(flag, value, 1, 1 << 20, &v)) == M3_OK)
