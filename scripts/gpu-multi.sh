@@ -57,16 +57,7 @@ export M3_SOURCE_DIR=$src
 } > "$logs/card.txt" 2>&1
 
 # Also for prebuilt binaries: they link libcjson.so.1 (the model's config reader).
-if ! pkg-config --exists libcjson libpcre2-8 libmicrohttpd 2>/dev/null; then
-  deps=/tmp/m3-gpudeps
-  for f in "$src"/.gpudeps/*.deb; do dpkg -x "$f" "$deps"; done
-  printf 'Name: gnutls\nDescription: the system runtime\nVersion: 3.8.0\n' \
-    > "$deps/usr/lib/x86_64-linux-gnu/pkgconfig/gnutls.pc"
-  export PATH=$deps/usr/bin:$PATH CPATH=$deps/usr/include
-  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
-  export PKG_CONFIG_SYSROOT_DIR=$deps
-  export PKG_CONFIG_LIBDIR=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
-fi
+. "$src/scripts/gpudeps.sh"
 
 # Everything under $logs goes back as one archive; multi.md beside it.
 finish() {

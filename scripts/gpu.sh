@@ -18,17 +18,7 @@ out=${OUT:-$src/gpu-out}
 build=${BUILD:-$src/build-gpu}
 mkdir -p "$out"
 
-if ! pkg-config --exists libcjson libpcre2-8 libmicrohttpd 2>/dev/null; then
-  deps=/tmp/m3-gpudeps
-  for f in "$src"/.gpudeps/*.deb; do dpkg -x "$f" "$deps"; done
-  # libmicrohttpd.pc requires gnutls.pc; the runtime libgnutls.so.30 is the machine's own.
-  printf 'Name: gnutls\nDescription: the system runtime\nVersion: 3.8.0\n' \
-    > "$deps/usr/lib/x86_64-linux-gnu/pkgconfig/gnutls.pc"
-  export PATH=$deps/usr/bin:$PATH CPATH=$deps/usr/include
-  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-  export PKG_CONFIG_SYSROOT_DIR=$deps
-  export PKG_CONFIG_LIBDIR=$deps/usr/lib/x86_64-linux-gnu/pkgconfig:$deps/usr/share/pkgconfig
-fi
+. "$src/scripts/gpudeps.sh"
 
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1

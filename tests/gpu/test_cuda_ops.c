@@ -1219,6 +1219,18 @@ static void test_moe_route(void) {
     }
 }
 
+/* The same E experts (gate, up, down: c[0..3) on the CPU, g[0..3) on the GPU; experts [first,
+ * first + E) of the router's numbering) as each backend's moe_experts reads them, prepared. */
+static void prepare_expert_pair(const m3_tensor *const c[3], const m3_tensor *const g[3], int E,
+                                int first, m3_moe_experts *exc, m3_moe_experts *exg) {
+  *exc = (m3_moe_experts){.gate = c[0], .up = c[1], .down = c[2], .E = E, .first = first,
+                          .alpha = 1.702f, .beta = 1.0f, .limit = 7.0f};
+  *exg = *exc;
+  exg->gate = g[0], exg->up = g[1], exg->down = g[2];
+  must(cpu->ops->prepare_experts(cpu, exc), "prepare_experts (cpu)");
+  must(gpu->ops->prepare_experts(gpu, exg), "prepare_experts (cuda)");
+}
+
 /* moe_experts, E 16, k 4: T 1, 5 and 64 take the grouped GEMV (float32 activations), 65 and 300
  * the per-expert matmuls (BF16 activations once an expert has more than 8 rows). Routings are
  * distinct random choices, every other case with expert 0 in every token and only half the
@@ -1238,12 +1250,10 @@ static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int 
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
-  m3_moe_experts exc = {.gate = tc[0] + first, .up = tc[1] + first, .down = tc[2] + first,
-                        .E = held, .first = first, .alpha = 1.702f, .beta = 1.0f, .limit = 7.0f},
-                 exg = exc;
-  exg.gate = tg[0] + first, exg.up = tg[1] + first, exg.down = tg[2] + first;
-  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
-  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  m3_moe_experts exc, exg;
+  prepare_expert_pair((const m3_tensor *const[3]){tc[0] + first, tc[1] + first, tc[2] + first},
+                      (const m3_tensor *const[3]){tg[0] + first, tg[1] + first, tg[2] + first},
+                      held, first, &exc, &exg);
   int32_t *idh = malloc((size_t)T * K * 4);
   for (int t = 0; t < T; t++)
     for (int j = 0; j < K; j++) {
@@ -1474,12 +1484,9 @@ static int edge_moe_case(edge_memory *m, int kind, int H, int I, int T, int whic
       tc[i][e] = w[i][e].c, tg[i][e] = w[i][e].g;
     }
   if (!edge_place(m, &tg[0][0], 3 * E, which * E + E - 1)) must(M3_ERR_IO, "edge_place");
-  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
-                        .beta = 1.0f, .limit = 7.0f},
-                 exg = exc;
-  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
-  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
-  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  m3_moe_experts exc, exg;
+  prepare_expert_pair((const m3_tensor *const[3]){tc[0], tc[1], tc[2]},
+                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, &exc, &exg);
   int32_t idh[5 * K];
   for (int t = 0; t < T; t++) idh[t * K] = E - 1, idh[t * K + 1] = (int32_t)(rnd() % (E - 1));
   float *hh = random_floats((size_t)T * H, -1, 1), *xh = random_floats((size_t)T * H, -1, 1);
@@ -1541,12 +1548,9 @@ static void moe_lanes_case(int kind, m3_backend *const *others, const char *cons
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
-  m3_moe_experts exc = {.gate = tc[0], .up = tc[1], .down = tc[2], .E = E, .alpha = 1.702f,
-                        .beta = 1.0f, .limit = 7.0f},
-                 exg = exc;
-  exg.gate = tg[0], exg.up = tg[1], exg.down = tg[2];
-  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
-  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  m3_moe_experts exc, exg;
+  prepare_expert_pair((const m3_tensor *const[3]){tc[0], tc[1], tc[2]},
+                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, &exc, &exg);
   int32_t *idh = malloc((size_t)T * K * 4);
   for (int t = 0; t < T; t++) {
     int32_t *c = idh + (size_t)t * K;
@@ -1654,13 +1658,11 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
       *w = m == 2 ? make_weight(kind, H, I) : make_weight(kind, I, H);
       tc[m * E + e] = w->c, tg[m * E + e] = w->g;
     }
-  m3_moe_experts exc = {.gate = tc, .up = tc + E, .down = tc + 2 * E, .E = E, .alpha = 1.702f,
-                        .beta = 1.0f, .limit = 7.0f},
-                 exg = exc, exl;
-  exg.gate = tg, exg.up = tg + E, exg.down = tg + 2 * E;
-  exl = exg;
-  must(cpu->ops->prepare_experts(cpu, &exc), "prepare_experts (cpu)");
-  must(gpu->ops->prepare_experts(gpu, &exg), "prepare_experts (cuda)");
+  m3_moe_experts exc, exg;
+  prepare_expert_pair((const m3_tensor *const[3]){tc, tc + E, tc + 2 * E},
+                      (const m3_tensor *const[3]){tg, tg + E, tg + 2 * E}, E, 0, &exc, &exg);
+  m3_moe_experts exl = exg;
+  exl.table = NULL; /* its own, from the lanes backend */
   must(lanes->ops->prepare_experts(lanes, &exl), "prepare_experts (cuda, lanes)");
   const size_t nx = (size_t)T * H, ns = (size_t)T * k;
   int32_t *idh = malloc(ns * 4);
