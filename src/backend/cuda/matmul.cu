@@ -1,8 +1,8 @@
 /* matmul.cu: y = x . W^T for weights of any stored dtype, and the embedding lookup.
  *
  * T <= GEMV_MAX_T (decode; BF16 weights of 2048 rows or more: T <= GEMV_BF16_MAX_T) is bound by
- * reading W once: 32-byte steps of each row decoded in registers (E4M3 by integer bit moves, its
- * MXFP8 or block scale applied to each 32-column sum) and applied to every token, float32
+ * reading W once: 32-byte steps of each row decoded in registers (E4M3 by the hardware's pair
+ * conversion, its MXFP8 or block scale applied to each 32-column sum) and applied to every token, float32
  * accumulation: the same math as the CPU to rounding. One token on a matrix of 2112 rows or
  * more (H200): a warp takes 2 or 4 rows and walks K alone, loads two steps ahead. A short matrix
  * (k/v, the router), or 2..8 tokens on one under 4224 rows: a block of 256 threads shares 1, 2 or 4
@@ -56,7 +56,6 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
   const int64_t steps = E ? K / E : 0;
   if (E) {
-    uint32_t nan_bits[R] = {};
 #pragma unroll 2
     for (int64_t s = tid; s < steps; s += GEMV_THREADS) {
       uint4 u[R][2];
@@ -90,24 +89,10 @@ __global__ void __launch_bounds__(GEMV_THREADS)
         }
       }
 #pragma unroll
-      for (int r = 0; r < R; r++) {
-        if (WK == WK_E4M3) {
-          const uint32_t *p = (const uint32_t *)u[r];
+      for (int r = 0; r < R; r++)
 #pragma unroll
-          for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
-#pragma unroll
-          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t] * sc[r];
-        } else {
-#pragma unroll
-          for (int t = 0; t < NT; t++) acc[r][t] += part[r][t];
-        }
-      }
+        for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc[r] : part[r][t];
     }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-      if (nan_bits[r])
-#pragma unroll
-        for (int t = 0; t < NT; t++) acc[r][t] = __uint_as_float(0x7fc00000u);
   }
   for (int64_t c = steps * E + tid; c < K; c += GEMV_THREADS) {
 #pragma unroll
@@ -163,7 +148,6 @@ __global__ void __launch_bounds__(GEMV_THREADS)
   for (int r = 0; r < RW; r++)
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
-  uint32_t nan_bits[RW] = {};
   for (int64_t s0 = 0; s0 < steps; s0 += 32) {
     const int64_t s = s0 + lane;
     const bool live = s < steps;
@@ -206,15 +190,9 @@ __global__ void __launch_bounds__(GEMV_THREADS)
       }
     }
 #pragma unroll
-    for (int r = 0; r < RW; r++) {
-      if (WK == WK_E4M3) {
-        const uint32_t *p = (const uint32_t *)u[r];
-#pragma unroll
-        for (int i = 0; i < 8; i++) nan_bits[r] |= e4m3_nan_bits(p[i]);
-      }
+    for (int r = 0; r < RW; r++)
 #pragma unroll
       for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc[r] : part[r][t];
-    }
   }
   for (int64_t c = steps * E + lane; c < K; c += 32) {
 #pragma unroll
@@ -230,21 +208,20 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     const int64_t row = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW + r;
 #pragma unroll
     for (int t = 0; t < NT; t++) {
-      /* NaN before the sum: each lane saw only its own steps' NaN bytes */
-      const float v = warp_sum(nan_bits[r] ? __uint_as_float(0x7fc00000u) : acc[r][t]);
+      const float v = warp_sum(acc[r][t]);
       if (lane == 0 && t < T && row < N) y[(size_t)t * N + row] = v;
     }
   }
 }
 
 /* One token on a matrix of at least 16 rows per SM: a warp owns RW consecutive rows and walks K
- * alone (weight_load.cuh warp_rows_dot: a lane's 32-byte steps lane, lane + 32, ..., 2 steps of
- * each row loaded ahead), 8 warps a block, no shared memory and no barrier. Against gemv_kernel
- * (256 threads sharing 4 rows, one step each at K 6144 for E4M3: a block lived for one round
- * trip and re-read all of x for 24 KB of weights) a block keeps 64 KB of loads in flight for its
- * whole life, and the x it reads (from L1 after the first warp) serves RW rows per load. At 2
- * blocks per SM (the launch bound holds registers to 128) q_proj's 256 blocks are resident at
- * once: about 128 KB in flight per SM. */
+ * alone (weight_load.cuh warp_rows_dot: a lane's 16-byte units lane, lane + 32, ..., the next
+ * units of each row loaded while the current ones are used), 8 warps a block, no shared memory and
+ * no barrier. Against gemv_kernel (256 threads sharing 4 rows, one step each at K 6144 for E4M3:
+ * a block lived for one round trip and re-read all of x for 24 KB of weights) a block keeps its
+ * loads in flight for its whole life (32 KB at 4 rows), and the x it reads (from L1 after the
+ * first warp) serves RW rows per load. At 2 blocks per SM (the launch bound holds registers to
+ * 128) q_proj's 256 blocks are resident at once. */
 template <int WK, int RW>
 __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_warp_kernel(cuda_weight w, const float *__restrict__ x, float *__restrict__ y) {
@@ -255,7 +232,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2)
 #pragma unroll
   for (int r = 0; r < RW; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
   float acc[1][RW];
-  warp_rows_dot<WK, 1, RW, WARP_ROWS_U>(w, w, rows, x, acc);
+  warp_rows_dot<WK, 1, RW>(w, w, rows, x, acc);
 #pragma unroll
   for (int r = 0; r < RW; r++) {
     const float v = warp_sum(acc[0][r]);

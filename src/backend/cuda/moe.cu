@@ -314,8 +314,8 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
 /* The grouped GEMV at one token (T = 1: each active expert has one slot, or one per time a token
  * chose it): the same outputs as moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
  * blockIdx.y picks the active expert, each of 8 warps owns RW rows (GATED: of gate and of up
- * both, which then share every load of x) and walks K alone through warp_rows_dot, loads two
- * steps ahead: 256 bytes in flight per lane, 64 KB a block, 2 blocks per SM, against
+ * both, which then share every load of x) and walks K alone through warp_rows_dot, the next units
+ * loaded while the current ones are used: 128 bytes in flight per lane, 2 blocks per SM, against
  * moe_gemv_kernel's 64 bytes per lane (one row, 16-byte chunks, unrolled twice) and moe_mx_kernel's
  * tensor-core tiles that at one token use one column of eight. */
 template <int WK, int GATED, int RW>
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK, 2)
   for (int p = max(g.start[e], 0); p < end; p++) {
     const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
     float acc[GATED ? 2 : 1][RW];
-    warp_rows_dot<WK, GATED ? 2 : 1, RW, WARP_ROWS_U>(w0, w1, rows, xr, acc);
+    warp_rows_dot<WK, GATED ? 2 : 1, RW>(w0, w1, rows, xr, acc);
 #pragma unroll
     for (int r = 0; r < RW; r++) {
       const float s0 = warp_sum(acc[0][r]);

@@ -111,11 +111,18 @@ __device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int
  * dev_w. */
 template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ? 32 : WK == WK_ANY ? 0 : 16 }; };
 
-/* Elements [4g, 4g + 4) of a 32-byte step (u[0], u[1]) as float32, before any scale. E4M3 takes
- * no conversion instruction (their throughput, 16 per clock per SM, is below what the memory
- * delivers): each byte's sign, exponent and mantissa are moved into a BF16 at the same bit places
- * as in E4M3, which is the value times 2^-120 (subnormals too, as float32 subnormals), then
- * widened (a shift) and multiplied by 2^120, exactly. */
+/* Four E4M3 bytes (the lowest first) as float32, before any scale, through the hardware's pair
+ * conversion (cvt.rn.f16x2.e4m3x2: exact, subnormals and NaN included, two weights per
+ * instruction) and the f16 -> f32 widening, which runs on the FMA pipe. A NaN byte gives a NaN
+ * weight, so a row's sum is NaN as on the CPU without a separate test. */
+__device__ __forceinline__ void e4m3x4_f32(uint32_t b, float *v) {
+  const float2 f01 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b & 0xffffu), __NV_E4M3)));
+  const float2 f23 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b >> 16), __NV_E4M3)));
+  v[0] = f01.x, v[1] = f01.y, v[2] = f23.x, v[3] = f23.y;
+}
+
+/* Elements [4g, 4g + 4) of the weights at u (a 32-byte step u[0], u[1], or a 16-byte unit u[0]
+ * with g below its elements / 4) as float32, before any scale. */
 template <int WK>
 __device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
   const uint32_t *p = (const uint32_t *)u;
@@ -135,103 +142,100 @@ __device__ __forceinline__ void decode_quad(const uint4 *u, int g, float *v) {
       v[2 * i] = f.x, v[2 * i + 1] = f.y;
     }
   } else {
-    const uint32_t b = p[g];
-    /* per byte: high byte of the BF16 = sign | top 3 exponent bits, low byte = last exponent bit
-     * and the mantissa in its top nibble */
-    const uint32_t hi = (b & 0x80808080u) | ((b >> 4) & 0x07070707u), lo = (b << 4) & 0xf0f0f0f0u;
-    const uint32_t e01 = __byte_perm(lo, hi, 0x5140), e23 = __byte_perm(lo, hi, 0x7362);
-    v[0] = __uint_as_float(e01 << 16) * 0x1p120f;
-    v[1] = __uint_as_float(e01 & 0xffff0000u) * 0x1p120f;
-    v[2] = __uint_as_float(e23 << 16) * 0x1p120f;
-    v[3] = __uint_as_float(e23 & 0xffff0000u) * 0x1p120f;
+    e4m3x4_f32(p[g], v);
   }
 }
 
-/* Steps a lane loads ahead in warp_rows_dot: U x NW x RW x 32 bytes in flight per lane (256 at
- * U 2 and 4 rows: 8 KB a warp, 64 KB a block of 8 warps; with 2 blocks per SM about twice the
- * 40-64 KB an H200 SM needs in flight to keep its share of DRAM bandwidth busy). */
+
+/* 16-byte units a lane of warp_rows_dot takes per round: U x NW x RW x 16 bytes loaded while the
+ * previous round is used (128 at 4 rows: 32 KB a block of 8 warps, 64 KB an SM at 2 blocks). */
 enum { WARP_ROWS_U = 2 };
 
-/* One lane's share of y[m][r] = dot(W_m[rows[r], :], x[0, K)) for the NW matrices w0 (and w1:
- * the same shape, NW = 2) and RW rows each: the 32-byte steps lane, lane + 32, ... (a warp reads
- * 1 KB of a row at a time), U steps of every row loaded with their scales before the first is
- * used; columns past the last whole step one at a time; a NaN E4M3 byte in a lane's steps makes
- * its share NaN. The caller sums the lanes (warp_sum). Each step's sum is formed as gemv_kernel
- * forms it (the same expression), then scaled once. x 16-byte aligned, rows 16-byte aligned
- * (gemv_kind's conditions), WK != WK_ANY. */
+/* Units j0, j0 + 32, ... (U of them) of each of the RW rows of NW matrices, with their scales
+ * (E4M3: a unit of 16 columns lies inside one 32-column block); a unit past the row's last,
+ * `units`, rereads j0 (never used). */
 template <int WK, int NW, int RW, int U>
+__device__ __forceinline__ void load_rows_units(const cuda_weight &w0, const cuda_weight &w1,
+                                                const int64_t rows[RW], int64_t j0, int64_t units,
+                                                uint4 u[U][NW][RW], float sc[U][NW][RW]) {
+#pragma unroll
+  for (int i = 0; i < U; i++) {
+    const int64_t j = j0 + 32 * i < units ? j0 + 32 * i : j0;
+#pragma unroll
+    for (int m = 0; m < NW; m++) {
+      const cuda_weight &w = m ? w1 : w0;
+#pragma unroll
+      for (int r = 0; r < RW; r++) {
+        u[i][m][r] = ld_stream16(w.data + ((size_t)rows[r] * (size_t)w.cols) * (size_t)w.elem_bytes + (size_t)j * 16);
+        sc[i][m][r] = WK == WK_E4M3 ? step_scale(w, rows[r], j >> 1) : 1.0f;
+      }
+    }
+  }
+}
+
+/* One lane's share of y[m][r] = dot(W_m[rows[r], :], x[0, K)) for the NW matrices w0 (and w1:
+ * the same shape, NW = 2) and RW rows each; the caller sums the lanes (warp_sum). x 16-byte
+ * aligned, rows 16-byte aligned (gemv_kind's conditions), WK != WK_ANY.
+ * A row is read in 16-byte units, lane l taking units l, l + 32, ...: each load instruction of the
+ * warp reads 512 contiguous bytes, whole 32-byte sectors. (Two 16-byte loads of a lane's own
+ * 32 bytes, as before, each used half of every sector it moved; the weights bypass L1, so each
+ * sector came from L2 twice, and the L2-to-SM traffic, not DRAM, held the E4M3 rows at 35-45% of
+ * the copy bandwidth: Nsight Compute, 16.1 of 32 bytes used per sector.) The next U units of
+ * every row are loaded before the current ones are decoded and multiplied, so a warp's arithmetic
+ * overlaps its next round trip. Each unit's sum is scaled (E4M3) and added; columns past the last
+ * whole unit go one at a time. */
+template <int WK, int NW, int RW>
 __device__ __forceinline__ void warp_rows_dot(const cuda_weight &w0, const cuda_weight &w1,
                                               const int64_t rows[RW], const float *__restrict__ x,
                                               float acc[NW][RW]) {
-  constexpr int E = wk_step<WK>::n;
+  constexpr int N = wk_chunk<WK>::n, U = WARP_ROWS_U; /* elements per unit */
   const int lane = threadIdx.x & 31;
-  const int64_t K = w0.cols, steps = K / E;
-  const size_t eb = (size_t)w0.elem_bytes;
-  uint32_t nan_bits[NW][RW];
+  const int64_t K = w0.cols, units = K / N;
 #pragma unroll
   for (int m = 0; m < NW; m++)
 #pragma unroll
-    for (int r = 0; r < RW; r++) acc[m][r] = 0.0f, nan_bits[m][r] = 0u;
-  for (int64_t s0 = lane; s0 < steps; s0 += 32 * U) {
-    uint4 u[U][NW][RW][2];
-    float sc[U][NW][RW];
+    for (int r = 0; r < RW; r++) acc[m][r] = 0.0f;
+  uint4 u[U][NW][RW];
+  float sc[U][NW][RW];
+  if (lane < units) load_rows_units<WK, NW, RW, U>(w0, w1, rows, lane, units, u, sc);
+  for (int64_t j0 = lane; j0 < units; j0 += 32 * U) {
+    uint4 cur[U][NW][RW];
+    float cur_sc[U][NW][RW];
+#pragma unroll
+    for (int i = 0; i < U; i++)
+#pragma unroll
+      for (int m = 0; m < NW; m++)
+#pragma unroll
+        for (int r = 0; r < RW; r++) cur[i][m][r] = u[i][m][r], cur_sc[i][m][r] = sc[i][m][r];
+    if (j0 + 32 * U < units) load_rows_units<WK, NW, RW, U>(w0, w1, rows, j0 + 32 * U, units, u, sc);
 #pragma unroll
     for (int i = 0; i < U; i++) {
-      const int64_t s = s0 + 32 * i < steps ? s0 + 32 * i : s0; /* past the end: reread, unused */
-#pragma unroll
-      for (int m = 0; m < NW; m++) {
-        const cuda_weight &w = m ? w1 : w0;
-#pragma unroll
-        for (int r = 0; r < RW; r++) {
-          const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)s * E) * eb;
-          u[i][m][r][0] = ld_stream16(p);
-          u[i][m][r][1] = ld_stream16(p + 16);
-          sc[i][m][r] = WK == WK_E4M3 ? step_scale(w, rows[r], s) : 1.0f;
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < U; i++) {
-      const int64_t s = s0 + 32 * i;
-      if (s >= steps) break;
+      const int64_t j = j0 + 32 * i;
+      if (j >= units) break;
       float part[NW][RW];
 #pragma unroll
       for (int m = 0; m < NW; m++)
 #pragma unroll
         for (int r = 0; r < RW; r++) part[m][r] = 0.0f;
 #pragma unroll
-      for (int g = 0; g < E / 4; g++) {
-        const float4 xv = __ldg((const float4 *)(x + (size_t)s * E) + g);
+      for (int g = 0; g < N / 4; g++) {
+        const float4 xv = __ldg((const float4 *)(x + (size_t)j * N) + g);
 #pragma unroll
         for (int m = 0; m < NW; m++)
 #pragma unroll
           for (int r = 0; r < RW; r++) {
             float wv[4];
-            decode_quad<WK>(u[i][m][r], g, wv);
+            decode_quad<WK>(&cur[i][m][r], g, wv);
             part[m][r] += wv[0] * xv.x + wv[1] * xv.y + wv[2] * xv.z + wv[3] * xv.w;
           }
       }
 #pragma unroll
       for (int m = 0; m < NW; m++)
 #pragma unroll
-        for (int r = 0; r < RW; r++) {
-          if (WK == WK_E4M3) {
-            const uint32_t *p = (const uint32_t *)u[i][m][r];
-#pragma unroll
-            for (int b = 0; b < 8; b++) nan_bits[m][r] |= e4m3_nan_bits(p[b]);
-            acc[m][r] += part[m][r] * sc[i][m][r];
-          } else {
-            acc[m][r] += part[m][r];
-          }
-        }
+        for (int r = 0; r < RW; r++) acc[m][r] += WK == WK_E4M3 ? part[m][r] * cur_sc[i][m][r] : part[m][r];
     }
   }
-#pragma unroll
-  for (int m = 0; m < NW; m++)
-#pragma unroll
-    for (int r = 0; r < RW; r++)
-      if (nan_bits[m][r]) acc[m][r] = __uint_as_float(0x7fc00000u);
-  for (int64_t c = steps * E + lane; c < K; c += 32) {
+  for (int64_t c = units * N + lane; c < K; c += 32) {
     const float xv = x[c];
 #pragma unroll
     for (int m = 0; m < NW; m++)
@@ -261,8 +265,8 @@ enum { MX_WARPS = 8, MX_U = 4, MX_MAX_T = 64 };
 enum : uint32_t { BF16X2_2P120 = 0x7b807b80u };
 
 /* Four E4M3 bytes as two BF16 pairs (bytes 0, 1 in p01 and 2, 3 in p23, the lower byte in the lower
- * half), exactly. As in matmul.cu's decode_quad, each byte's sign, exponent and mantissa go to the
- * same bit places of a BF16, which is the value times 2^-120 (E4M3 subnormals become BF16
+ * half), exactly. Each byte's sign, exponent and mantissa go to the same bit places of a BF16
+ * (there is no E4M3 -> BF16 conversion instruction on sm_90), which is the value times 2^-120 (E4M3 subnormals become BF16
  * subnormals); one multiplication by 2^120 on the bf16x2 pipe (no rounding: the product is
  * representable) restores the value, normal in BF16. NaN bytes come out finite (480): callers
  * check them with e4m3_nan_bits. */
