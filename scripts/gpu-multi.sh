@@ -120,10 +120,11 @@ tp_rc=$?
 # The engine's ranks (src/engine/ranks.c) over NCCL: `m3 run --device cuda` with --tp 2 and with
 # --ep 2 greedy-generates the same text as one GPU, on the built-in model and on the full-width one.
 engine_check() {
-  local ok=0 one out
+  local ok=0 one out path m
   # stdout without the layout plan (its first line, then its indented lines) and the timings (stderr)
   noplan() { awk 'NR == 1 && /^parallel layout: / {plan = 1; next} plan && /^  / {next} {plan = 0; print}'; }
-  for m in "" ${model:+--model $model}; do
+  for path in "" $model; do
+    m=${path:+--model $path}
     for kv in f32 fp8; do
       one=$("$build/m3" run --device cuda $m --kv-dtype $kv --prompt "The capital of France is" \
             --max-tokens 48 --temperature 0 2>/dev/null) || { echo "FAIL one GPU ${m:-built-in}"; ok=1; continue; }

@@ -1,7 +1,8 @@
 /* The TP x EP layout plan for the real M3 config (tests/data/m3_full: hidden 6144, 64 heads /
  * 4 KV heads x 128, 128 experts x 3072, shared 3072, dense 12288, vocab 200064, 3 full-attention
  * dense layers then 57 sparse MoE layers): ranges cover every head and expert exactly once per
- * group, the vocabulary is whole on every rank, GQA groups stay with their KV head, the parameter shares add up to
+ * group, lm_head's vocabulary is split over the world (the embedding whole on every rank), GQA
+ * groups stay with their KV head, the parameter shares add up to
  * the text model `m3 inspect` counts (426174572928), and bad layouts are refused naming the
  * option. */
 #include <stdlib.h>
@@ -52,10 +53,7 @@ static void check_layout(const m3_config *c, int tp, int ep) {
   }
   for (int t = 0; t < tp; t++) check_tiling(&p, t, tp, ep, experts_of, 128, 128 / ep);
   check_tiling(&p, 0, 1, world, shared_of, 3072, 3072 / world);
-  for (int r = 0; r < world; r++) { /* replicated */
-    CHECK_EQ_INT(vocab_of(&p.ranks[r]).begin, 0);
-    CHECK_EQ_INT(vocab_of(&p.ranks[r]).end, V);
-  }
+  check_tiling(&p, 0, 1, world, vocab_of, V, V / world);
 
   int holders[4] = {0};
   for (int r = 0; r < world; r++) {
@@ -100,12 +98,12 @@ static void check_layout(const m3_config *c, int tp, int ep) {
                                (int64_t)(tp - 1) * (ihd * H + 2 * ihd));
   CHECK_EQ_INT(sum_dense, 3 * H * 12288);
   CHECK_EQ_INT(sum_moe, moe + (int64_t)(world - 1) * router);
-  CHECK_EQ_INT(sum_vocab, (int64_t)world * 2 * V * H);
+  CHECK_EQ_INT(sum_vocab, (int64_t)world * V * H + V * H); /* embedding on every rank, one head */
   if (world == 1) CHECK_EQ_INT(sum_total, TEXT_PARAMS);
   if (ep == 1 && tp <= nkv) {
-    /* Only norms, index_k_proj (+ its norms), the router, the final norm and the vocabulary
-     * (embedding and lm_head) are copied. */
-    int64_t copied = 60 * (2 * H + 2 * hd) + 57 * (ihd * H + 2 * ihd) + 57 * router + H + 2 * V * H;
+    /* Only norms, index_k_proj (+ its norms), the router, the final norm and the embedding are
+     * copied. */
+    int64_t copied = 60 * (2 * H + 2 * hd) + 57 * (ihd * H + 2 * ihd) + 57 * router + H + V * H;
     CHECK_EQ_INT(sum_total, TEXT_PARAMS + (int64_t)(tp - 1) * copied);
   }
 }
@@ -115,15 +113,17 @@ static void check_collectives(const m3_config *c) {
   CHECK_OK(m3_parallel_plan(c, 1, 1, &p));
   CHECK_EQ_INT(p.n_collectives, 0);
   CHECK_OK(m3_parallel_plan(c, 2, 1, &p));
-  /* o_proj, dense MLP, MoE combine (the vocabulary is replicated: nothing gathered) */
-  CHECK_EQ_INT(p.n_collectives, 3);
+  /* o_proj, dense MLP, MoE combine, the split head's gather */
+  CHECK_EQ_INT(p.n_collectives, 4);
   CHECK_EQ_INT(p.collectives[0].per_step, 60);
   CHECK_EQ_INT(p.collectives[0].bytes_per_token, 2 * 6144);
   CHECK_EQ_INT(p.collectives[1].per_step, 3);
   CHECK_EQ_INT(p.collectives[2].per_step, 57);
-  /* EP alone: attention and dense MLP are whole on each rank, only the MoE combine remains. */
+  CHECK_EQ_INT(p.collectives[3].per_step, 1);
+  CHECK_EQ_INT(p.collectives[3].bytes_per_token, 4 * 200064);
+  /* EP alone: attention and dense MLP are whole on each rank: the MoE combine and the head. */
   CHECK_OK(m3_parallel_plan(c, 1, 2, &p));
-  CHECK_EQ_INT(p.n_collectives, 1);
+  CHECK_EQ_INT(p.n_collectives, 2);
   for (int i = 0; i < p.n_collectives; i++) CHECK(p.collectives[i].group == M3_GROUP_WORLD);
   char *text = NULL;
   size_t len = 0;
@@ -133,7 +133,7 @@ static void check_collectives(const m3_config *c) {
   fclose(f);
   CHECK(strstr(text, "tp 8 x ep 1 = 8 GPUs; KV heads replicated 2x") != NULL);
   CHECK(strstr(text, "rank 7 (tp 7, ep 0): q heads 56-63, KV heads 3-3") != NULL);
-  CHECK(strstr(text, "vocab 0-200063") != NULL);
+  CHECK(strstr(text, "rank 7 (tp 7, ep 0)") != NULL && strstr(text, "vocab 175056-200063") != NULL);
   free(text);
   /* Without experts the range prints as none, not as "0--1". */
   m3_config dense = *c;

@@ -131,6 +131,8 @@ typedef struct {
   m3_status (*to_host)(m3_backend *be, void *dst, const void *src, size_t bytes);
   /* dst = src within backend memory (the KV cache's copy-on-write of a page), in issue order. */
   m3_status (*copy)(m3_backend *be, void *dst, const void *src, size_t bytes);
+  /* bytes of backend memory at dst = 0, in issue order (a recorded step may hold it). */
+  m3_status (*zero)(m3_backend *be, void *dst, size_t bytes);
 
   /* 1 when backend memory is not host memory (CUDA). 0 (CPU) lets host code read and write backend
    * memory in place, so callers keep no host mirrors and skip the transfers between them. */

@@ -124,6 +124,12 @@ static m3_status prof_copy(m3_backend *be, void *dst, const void *src, size_t by
   account(prof_of(be), "copy", NULL, t0);
   return st;
 }
+static m3_status prof_zero(m3_backend *be, void *dst, size_t bytes) {
+  double t0 = start(prof_of(be));
+  m3_status st = INNER(be)->zero(inner_of(be), dst, bytes);
+  account(prof_of(be), "zero", NULL, t0);
+  return st;
+}
 static m3_status prof_prepare_tensor(m3_backend *be, m3_tensor *t) {
   return INNER(be)->prepare_tensor(inner_of(be), t);
 }
@@ -263,6 +269,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->to_device = prof_to_device;
   ops->to_host = prof_to_host;
   ops->copy = prof_copy;
+  ops->zero = prof_zero;
   ops->prepare_tensor = prof_prepare_tensor;
   ops->release_tensor = prof_release_tensor;
   ops->prepare_experts = prof_prepare_experts;

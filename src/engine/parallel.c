@@ -65,8 +65,8 @@ static m3_rank_params rank_params(const m3_config *c, const m3_plan *plan, const
     int64_t shared = c->num_shared_experts > 0 ? 3 * H * width(p->shared_cols) : 0;
     r.moe = router + width(p->experts) * 3 * H * width(p->expert_cols) + shared;
   }
-  r.embed = width(p->vocab) * H;
-  r.lm_head = c->tie_word_embeddings ? 0 : r.embed;
+  r.embed = (int64_t)c->vocab_size * H;
+  r.lm_head = c->tie_word_embeddings ? 0 : width(p->vocab) * H;
   r.final_norm = H;
   r.total = plan->full_layers * r.attn_full + plan->sparse_layers * r.attn_sparse +
             plan->dense_layers * r.dense_mlp + plan->moe_layers * r.moe + r.embed + r.lm_head +
@@ -116,7 +116,8 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
       p->expert_cols = even_part(c->intermediate_size, tp, t);
       p->shared_cols = even_part(c->shared_intermediate_size, out->world, r);
     }
-    p->vocab = (m3_range){0, c->vocab_size}; /* replicated (parallel.h) */
+    p->vocab = c->vocab_size % out->world == 0 ? even_part(c->vocab_size, out->world, r)
+                                               : (m3_range){0, c->vocab_size}; /* lm_head's rows */
     p->params = rank_params(c, out, p);
   }
 
@@ -126,6 +127,10 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
   add_collective(out, "all-reduce after the dense MLP", M3_GROUP_TP, out->dense_layers, hidden_bytes);
   add_collective(out, "MoE combine all-reduce (routing exchange)", M3_GROUP_WORLD, out->moe_layers,
                  hidden_bytes);
+  /* The split head's gather: a float32 logits row [V] per token. */
+  if (c->vocab_size % out->world == 0)
+    add_collective(out, "lm_head gather all-reduce (vocab split)", M3_GROUP_WORLD, 1,
+                   4 * (int64_t)c->vocab_size);
   return M3_OK;
 }
 

@@ -15,10 +15,12 @@
  *               all-reduce that combines the routed experts also sums it exactly once; the router
  *               is replicated, so every rank routes every token identically and the routing
  *               exchange is that combine all-reduce (activations are replicated, no all-to-all).
- *   vocabulary  embedding and lm_head replicated: every rank embeds its tokens alone and can
- *               compute the head on the same summed hidden state (rank 0's logits are used). A
- *               split over the ranks (a masked lookup + all-reduce, a gathered argmax) would
- *               save 2 x V x H per rank (4.9 GB at M3 width in BF16); not built.
+ *   vocabulary  embedding replicated (every rank embeds its tokens alone); lm_head rows
+ *               [r V / world, +V / world) on world rank r when the world divides V, each rank's
+ *               logits slice gathered by one world all-reduce (zeros outside it) and rank 0
+ *               sampling the whole rows (model/shard.c); else replicated. The split saves
+ *               V x H x (world - 1) / world per rank (1.2 GB at M3 width in BF16, world 2) and
+ *               as much of every decode step's reads.
  *   norms       replicated. The vision tower and MTP modules are not in the plan (replicated).
  * Element counts are parameters (not bytes): the printer shows BF16 bytes (2 per parameter). */
 #ifndef M3_ENGINE_PARALLEL_H

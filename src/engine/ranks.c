@@ -350,7 +350,8 @@ static m3_status forward_rank(rank *k) {
     m3_kv_cache_table_views(k->store, tables + r->table_at[i], r->table_blocks[i], views);
     k->seqs[i] = r->batch[i];
     k->seqs[i].kv = views;
-    k->seqs[i].n_logits = 0;
+    /* A split head needs every rank (model.h); a replicated one only rank 0. */
+    if (m3_model_head_slices(k->model) == 1) k->seqs[i].n_logits = 0;
     k->seqs[i].capture = NULL;
   }
   return m3_model_forward_batch(k->model, k->seqs, r->n, NULL);

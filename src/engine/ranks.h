@@ -14,8 +14,9 @@
  * makes (copy-on-write, its only page copy) is replayed on every rank before the forward after it.
  *
  * A step: the engine thread posts the batch, runs rank 0's forward (with the logits), and waits
- * for the others, which run the same forward without logits (lm_head is replicated, so every rank
- * computes the same hidden state and only rank 0 needs the head). All ranks run the same forwards
+ * for the others, which run the same forward without returning logits (every rank computes the
+ * same hidden state; with lm_head split over the vocabulary each still computes its slice for
+ * rank 0's gather, with a replicated one they skip the head). All ranks run the same forwards
  * in the same order, so their all-reduces pair up:
  *   cpu   world CPU backends, the worker threads split between them, summing on the host between
  *         barriers (a correctness mode that CI runs: every rank's math, no speed-up);

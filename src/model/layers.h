@@ -77,6 +77,12 @@ struct m3_model {
   m3_status reduce_status;       /* the step's first failed all-reduce, else M3_OK */
   float *zeros;                  /* [step_tokens, H] zeros: the routed experts' sum starts there
                                   * in an MoE layer without a shared expert (with a hook only) */
+  /* The vocabulary split of lm_head (shard.c): this rank holds rows [head_rank * lm_head.rows,
+   * +lm_head.rows) of head_world equal slices; head_world 1: the whole head. */
+  int head_world, head_rank;
+  float *head_part;     /* [head_world, M3_MODEL_STEP_TOKENS, slice] the ranks' logits, summed */
+  int32_t *head_gather; /* embed ids that reorder head_part's first n rows of every slice into
+                         * [n, vocab], at head_gather + head_world * n (n - 1) / 2, n <= 256 */
 };
 
 /* Rank (tp_rank, ep_rank) of a tp x ep layout (m3_model_load_options; 1 x 1: the whole model). */
@@ -93,6 +99,10 @@ m3_status m3_model_shard_experts(m3_model *m, const m3_shard *lay);
 /* Cuts m's bound weights and config to the rank's slices (shard.c), after
  * m3_model_shard_experts and quantization, before the weights are prepared. */
 m3_status m3_model_shard(m3_model *m, const m3_shard *lay);
+
+/* Points a tied lm_head at the embedding's prepared rows: all of them, or the rank's vocabulary
+ * slice (shard.c). */
+void m3_model_tie_head(m3_model *m);
 
 /* buf[0, n) = its sum over the ranks of `group`, when the model has a hook. Every rank makes the
  * same calls with the same groups whatever its layout (a TP group of one rank included: the hook

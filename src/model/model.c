@@ -93,6 +93,31 @@ static m3_status alloc_scratch(m3_model *m) {
   return M3_OK;
 }
 
+/* The buffers of a vocabulary-split head (head_rows): the ranks' slices side by side for the
+ * all-reduce, and for every row count n <= M3_MODEL_STEP_TOKENS the ids that gather row t of
+ * slice r (slices row r n + t) into out row t, column block r (out row t W + r of width slice). */
+static m3_status alloc_head_split(m3_model *m) {
+  if (m->head_world <= 1) return M3_OK;
+  m3_backend *be = m->be;
+  const size_t W = (size_t)m->head_world, S = M3_MODEL_STEP_TOKENS;
+  const size_t slice = (size_t)m->w.lm_head.rows, n_ids = W * S * (S + 1) / 2;
+  m->head_part = be->ops->alloc(be, W * S * slice * sizeof(float));
+  m->head_gather = be->ops->alloc(be, n_ids * sizeof(int32_t));
+  int32_t *ids = malloc(n_ids * sizeof *ids);
+  m3_status st = M3_OK;
+  if (!m->head_part || !m->head_gather || !ids) {
+    st = m3_fail(M3_ERR_NOMEM, "model: the vocabulary-split head's %zu x %zu logits of %zu ranks",
+                 S, slice, W);
+  } else {
+    for (size_t n = 1, at = 0; n <= S; at += W * n, n++)
+      for (size_t t = 0; t < n; t++)
+        for (size_t r = 0; r < W; r++) ids[at + t * W + r] = (int32_t)(r * n + t);
+    st = be->ops->to_device(be, m->head_gather, ids, n_ids * sizeof *ids);
+  }
+  free(ids);
+  return st;
+}
+
 static void free_scratch(m3_model *m) {
   m3_scratch *s = &m->s;
   m3_host_side *hs = &m->hs;
@@ -164,10 +189,7 @@ static m3_status prepare_weights(m3_model *m) {
     if (st != M3_OK) return st;
     m->prepared[m->num_prepared++] = list[i];
   }
-  if (w->lm_head_tied) {
-    w->lm_head.data = w->embed.data;
-    w->lm_head.scale = w->embed.scale;
-  }
+  if (w->lm_head_tied) m3_model_tie_head(m);
   return M3_OK;
 }
 
@@ -282,6 +304,7 @@ m3_status m3_model_load_with(const char *dir, m3_backend *be, const m3_model_loa
   if ((st = prepare_experts(m)) != M3_OK) goto fail;
   m->step_tokens = be->ops->device_memory ? M3_MODEL_DEVICE_STEP_TOKENS : M3_MODEL_STEP_TOKENS;
   if ((st = alloc_scratch(m)) != M3_OK) goto fail;
+  if ((st = alloc_head_split(m)) != M3_OK) goto fail;
   if ((st = init_graphs(m)) != M3_OK) goto fail;
   *out = m;
   return M3_OK;
@@ -299,6 +322,8 @@ void m3_model_free(m3_model *m) {
   }
   free_scratch(m);
   if (m->zeros) m->be->ops->free(m->be, m->zeros);
+  if (m->head_part) m->be->ops->free(m->be, m->head_part);
+  if (m->head_gather) m->be->ops->free(m->be, m->head_gather);
   if (m->router_bias) {
     for (int l = 0; l < m->cfg.num_layers; l++)
       if (m->router_bias[l]) m->be->ops->free(m->be, m->router_bias[l]);
@@ -356,6 +381,7 @@ m3_backend *m3_model_backend(const m3_model *m) { return m->be; }
 int m3_model_step_tokens(const m3_model *m) { return m->step_tokens; }
 const m3_weights *m3_model_weights(const m3_model *m) { return &m->w; }
 int m3_model_num_sparse_layers(const m3_model *m) { return m->num_sparse; }
+int m3_model_head_slices(const m3_model *m) { return m->head_world > 1 ? m->head_world : 1; }
 
 static m3_status check_inputs(const m3_model *m, const m3_kv_view *kv, const int32_t *ids,
                               const int32_t *pos, int T, const m3_selection_capture *capture) {
@@ -452,9 +478,41 @@ static const float *head_input(const m3_model *m, int rows, int T) {
 }
 
 /* Where rows [r0, r0 + M3_MODEL_STEP_TOKENS) of the logits go: the device backend's buffer, or
- * the caller's on a host-memory backend. */
+ * the caller's on a host-memory backend; NULL for a rank that returns no logits (logits NULL:
+ * it still computes its vocabulary slice, see head_rows). */
 static float *head_output(m3_model *m, float *logits, int r0) {
+  if (!logits) return NULL;
   return m->s.logits ? m->s.logits : logits + (size_t)r0 * (size_t)m->cfg.vocab_size;
+}
+
+/* out [n, V] = in [n, H] lm_head^T. With a vocabulary split (shard.c) each rank computes its
+ * slice into its part of head_part, zeros the other ranks' parts, and one world all-reduce (sums
+ * of one value and zeros: exact) leaves every slice on every rank; the gather then reorders them
+ * into rows of the whole vocabulary, skipped where out is NULL. Against the replicated head
+ * this reads 1/world of lm_head (2.5 GB at M3's 200064 x 6144 in BF16: the largest matrix of a
+ * decode step) for n x V floats through the all-reduce. */
+static m3_status head_rows(m3_model *m, const float *in, int n, float *out) {
+  m3_backend *be = m->be;
+  if (m->head_world <= 1) {
+    be->ops->matmul(be, &m->w.lm_head, in, n, out);
+    return M3_OK;
+  }
+  const size_t W = (size_t)m->head_world, me = (size_t)m->head_rank;
+  const size_t slice = (size_t)m->w.lm_head.rows, block = (size_t)n * slice;
+  float *part = m->head_part;
+  m3_status st = M3_OK;
+  if (me > 0) st = be->ops->zero(be, part, me * block * sizeof(float));
+  if (st == M3_OK && me + 1 < W)
+    st = be->ops->zero(be, part + (me + 1) * block, (W - me - 1) * block * sizeof(float));
+  if (st != M3_OK) return st;
+  be->ops->matmul(be, &m->w.lm_head, in, n, part + me * block);
+  m3_model_all_reduce(m, M3_REDUCE_WORLD, part, W * block);
+  if (!out) return M3_OK;
+  const m3_tensor slices = {.name = "logits slices", .data = part, .dtype = M3_DT_F32,
+                            .rows = (int64_t)(W * (size_t)n), .cols = (int64_t)slice,
+                            .quant = M3_WQ_NONE};
+  be->ops->embed(be, &slices, m->head_gather + W * (size_t)n * (size_t)(n - 1) / 2, (int)(W * (size_t)n), out);
+  return M3_OK;
 }
 
 /* The ops of a step from the embedding through the layers, the final norm and the head's first
@@ -496,8 +554,7 @@ static m3_status run_layers_and_head(m3_model *m, void *ctx) {
     be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
   }
   const int n = rows < M3_MODEL_STEP_TOKENS ? rows : M3_MODEL_STEP_TOKENS;
-  be->ops->matmul(be, &m->w.lm_head, head_input(m, rows, T), n, head_output(m, p->logits, 0));
-  return M3_OK;
+  return head_rows(m, head_input(m, rows, T), n, head_output(m, p->logits, 0));
 }
 
 /* A step the recorded graphs take: a few tokens (decode, small batches, speculative
@@ -526,7 +583,9 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   m3_backend *be = m->be;
   *n_rows = 0;
 
-  const int rows = logits ? logit_rows(m, segs, n_segs, seqs) : 0;
+  /* A rank of a vocabulary split computes its slice of the head whether or not it returns logits:
+   * the head's all-reduce pairs with its peers'. */
+  const int rows = logits || m->head_world > 1 ? logit_rows(m, segs, n_segs, seqs) : 0;
   /* Every upload before the first op: a recorded step reads them from backend memory. */
   m3_status st = m3_upload(m, s->ids, m->hs.ids, (size_t)T * sizeof(int32_t));
   if (st == M3_OK) st = m3_upload(m, s->pos, m->hs.pos, (size_t)T * sizeof(int32_t));
@@ -555,7 +614,10 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   for (int r0 = 0; r0 < rows; r0 += M3_MODEL_STEP_TOKENS) {
     const int n = rows - r0 < M3_MODEL_STEP_TOKENS ? rows - r0 : M3_MODEL_STEP_TOKENS;
     float *head_out = head_output(m, logits, r0);
-    if (r0 > 0) be->ops->matmul(be, &m->w.lm_head, head_in + (size_t)r0 * H, n, head_out);
+    if (r0 > 0 && (st = head_rows(m, head_in + (size_t)r0 * H, n, head_out)) == M3_OK)
+      st = m->reduce_status;
+    if (st != M3_OK) return st;
+    if (!logits) continue;
     if (greedy && m->sampling)
       st = be->ops->sample_rows(be, head_out, n, (int)V, m->sampling + r0, greedy + r0);
     else if (greedy)
@@ -584,7 +646,7 @@ static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs
   m3_status st = M3_OK;
   for (int i = 0; i < n_seqs && st == M3_OK; i++) {
     const m3_model_seq *q = &seqs[i];
-    if (q->n_logits < 0 || q->n_logits > q->T || (q->n_logits > 0 && !logits))
+    if (q->n_logits < 0 || q->n_logits > q->T || (q->n_logits > 0 && !logits && m->head_world <= 1))
       return m3_fail(M3_ERR_ARG, "forward: sequence %d asks for %d logit rows of %d tokens%s", i,
                      q->n_logits, q->T, logits ? "" : " without a logits buffer");
     st = check_inputs(m, q->kv, q->ids, q->pos, q->T, q->capture);

@@ -97,8 +97,11 @@ enum {
  * With a hook, steps run op by op (no recorded CUDA graphs) unless flags has
  * M3_ALL_REDUCE_CAPTURABLE, and a failure fn returns is the
  * forward's status (later calls of the step still run, so that the peers' calls still pair).
- * Every rank computes the head on the same summed hidden state (lm_head is replicated), so a
- * rank that wants no logits passes NULL for them. M3_ERR_NOMEM when the scratch for an MoE layer
+ * The head: a replicated lm_head (a world the vocabulary size does not divide) gives every rank
+ * the same logits, so a rank that wants none passes NULL for them and skips it; a split one
+ * (shard.c) has every rank compute its slice and meet in one more world all-reduce per head call,
+ * so every rank runs it, a rank that wants no logits still with NULL for them (its n_logits as
+ * its peers'). M3_ERR_NOMEM when the scratch for an MoE layer
  * without a shared expert cannot be allocated. */
 m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
                                   unsigned flags);
@@ -112,6 +115,8 @@ int m3_model_step_tokens(const m3_model *m);
  * scales for accounting. On a device backend their data points to device memory. */
 const m3_weights *m3_model_weights(const m3_model *m);
 int m3_model_num_sparse_layers(const m3_model *m);
+/* The ranks lm_head's vocabulary is split over (shard.c): the world size, or 1 (replicated). */
+int m3_model_head_slices(const m3_model *m);
 
 /* Runs T tokens ids[T] at absolute positions pos[T] (each position's page must exist in every
  * view; positions may repeat earlier ones, which overwrites their keys). ids, pos, logits and the

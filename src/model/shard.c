@@ -15,8 +15,11 @@
  *                 the others are left absent (never read, converted or prepared)
  *   shared        split like the mlp but over the world: [w S/world, +S/world), so that the
  *                 world all-reduce, which combines the EP groups' experts, counts it once
- *   replicated    embedding, lm_head (a vocabulary split is a later step), norms, index_k_proj,
- *                 router and its bias; attention and the dense MLP over the EP groups
+ *   lm_head       rows [w V/world, +V/world) of the vocabulary when the world divides it (tied to
+ *                 the embedding: a view of those rows of it), else replicated; the ranks' logits
+ *                 meet through a world all-reduce of the slices, zeros elsewhere (model.c head)
+ *   replicated    embedding, norms, index_k_proj, router and its bias; attention and the dense
+ *                 MLP over the EP groups
  * (t = tp_rank, w = world rank.) The config copy gets the narrowed sizes (num_heads,
  * num_kv_heads, index_num_heads and the three intermediate sizes), so the ops, the step scratch
  * and the KV cache sizing see the rank's shapes; hidden_size and head_dim stay, and so does
@@ -207,6 +210,17 @@ m3_status m3_model_shard(m3_model *m, const m3_shard *lay) {
                      (int64_t)rank * expert_n, expert_n);
   }
   if (st != M3_OK) return st;
+  if (c->vocab_size % world == 0) {
+    /* Tied: the slice of the embedding is checked here, taken at m3_model_tie_head (the
+     * embedding is prepared whole: every rank looks up any token). */
+    const int64_t slice = c->vocab_size / world;
+    m3_tensor embed_rows = w->embed;
+    st = slice_rows(w->lm_head_tied ? &embed_rows : &w->lm_head, (int64_t)world_rank * slice, slice);
+    if (st != M3_OK) return st;
+    w->lm_head.rows = slice;
+    m->head_world = world;
+    m->head_rank = world_rank;
+  }
   c->num_heads = nq;
   c->num_kv_heads = nkv;
   if (kinds_of(m).sparse) c->index_num_heads = nkv; /* = num_kv_heads (check_supported) */
@@ -214,4 +228,11 @@ m3_status m3_model_shard(m3_model *m, const m3_shard *lay) {
   c->intermediate_size = expert_n;
   c->shared_intermediate_size = shared_n;
   return M3_OK;
+}
+
+void m3_model_tie_head(m3_model *m) {
+  m3_weights *w = &m->w;
+  const int64_t rows = w->lm_head.rows;
+  w->lm_head = w->embed;
+  if (m->head_world > 1) (void)slice_rows(&w->lm_head, (int64_t)m->head_rank * rows, rows);
 }

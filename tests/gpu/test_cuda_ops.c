@@ -107,7 +107,7 @@ enum {
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
   OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
   OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE,
-  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_COUNT
+  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_ZERO, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
@@ -145,6 +145,7 @@ static op_result results[OP_COUNT] = {
     [OP_KVR_SELF] = {"kv_store_rope vs CUDA unfused (bytes diff.)", 0, 0, 0, 0, 0, 0},
     [OP_KVR_F32] = {"kv_store_rope f32 cache", 0, 0, 0, 1e-5, 0, 0},
     [OP_KVR_FP8] = {"kv_store_rope fp8 (bytes 1 code off)", 0, 0, 0, 0, 0, 0},
+    [OP_ZERO] = {"zero (exact)", 0, 0, 0, 0, 0, 0},
 };
 
 /* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
@@ -490,6 +491,30 @@ static void test_embed(void) {
     gpu->ops->embed(gpu, &w.g, id.g, 7, out.g);
     compare(OP_EMBED, kind_name[kind], &out);
     pair_free(&id), pair_free(&out), free_weight(&w);
+  }
+}
+
+/* zero on ranges of every alignment, both backends against what it means: the floats inside
+ * become 0, the ones around stay. */
+static void test_zero(void) {
+  enum { N = 1000 };
+  static const size_t ranges[][2] = {{0, N}, {37, 501}, {1, 1}, {999, 1}, {250, 0}};
+  float host[N], want[N];
+  for (int i = 0; i < N; i++) host[i] = (float)(i + 1);
+  for (size_t k = 0; k < sizeof ranges / sizeof ranges[0]; k++) {
+    const size_t first = ranges[k][0], n = ranges[k][1];
+    for (size_t i = 0; i < N; i++) want[i] = i >= first && i < first + n ? 0.0f : host[i];
+    pair p = pair_from(host, sizeof host);
+    must(cpu->ops->zero(cpu, (float *)p.c + first, n * sizeof(float)), "zero (cpu)");
+    must(gpu->ops->zero(gpu, (float *)p.g + first, n * sizeof(float)), "zero (cuda)");
+    float *g = gpu_copy(&p);
+    char what[48];
+    snprintf(what, sizeof what, "cpu [%zu, +%zu) of %d", first, n, N);
+    record(OP_ZERO, what, want, p.c, N);
+    snprintf(what, sizeof what, "cuda [%zu, +%zu) of %d", first, n, N);
+    record(OP_ZERO, what, want, g, N);
+    free(g);
+    pair_free(&p);
   }
 }
 
@@ -2351,7 +2376,10 @@ static int test_errors(void) {
 }
 
 /* Names each group on stderr before it runs, so a hang or crash on the GPU machine shows where. */
+/* M3_OPS_ONLY=name: that group alone (a quick look at one op on the device). */
 static void run(const char *name, void (*test)(void)) {
+  const char *only = getenv("M3_OPS_ONLY");
+  if (only && strcmp(only, name) != 0) return;
   fprintf(stderr, "-- %s\n", name);
   time_t start = time(NULL);
   test();
@@ -2370,6 +2398,7 @@ int main(void) {
   run("matmul_gemv_warp", test_matmul_gemv_warp);
   run("matmul_e4m3_tc", test_matmul_e4m3_tc);
   run("embed", test_embed);
+  run("zero", test_zero);
   run("embed_shapes", test_embed_shapes);
   run("rmsnorm", test_rmsnorm);
   run("rope", test_rope);

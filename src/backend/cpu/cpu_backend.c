@@ -36,6 +36,12 @@ static m3_status cpu_copy(m3_backend *be, void *dst, const void *src, size_t byt
   return M3_OK;
 }
 
+static m3_status cpu_zero(m3_backend *be, void *dst, size_t bytes) {
+  (void)be;
+  memset(dst, 0, bytes);
+  return M3_OK;
+}
+
 static m3_status cpu_prepare_tensor(m3_backend *be, m3_tensor *t) {
   (void)be, (void)t;
   return M3_OK;
@@ -60,6 +66,7 @@ static const m3_backend_ops cpu_ops = {
     .free_host = cpu_free,
     .to_device = cpu_copy,
     .copy = cpu_copy,
+    .zero = cpu_zero,
     .to_host = cpu_copy,
     .kv_fp8 = 1,
     .prepare_tensor = cpu_prepare_tensor,

@@ -181,6 +181,12 @@ static m3_status cuda_copy(m3_backend *be, void *dst, const void *src, size_t by
   return M3_OK; /* asynchronous like every op: a failure surfaces at the next transfer */
 }
 
+static m3_status cuda_zero(m3_backend *be, void *dst, size_t bytes) {
+  cuda_backend *cb = cuda_of(be);
+  cuda_note(cb, cudaMemsetAsync(dst, 0, bytes, cb->stream), "zero");
+  return M3_OK; /* as copy */
+}
+
 static m3_status upload(cuda_backend *cb, const m3_tensor *t, const void *src, size_t bytes,
                         void **dst) {
   *dst = NULL;
@@ -334,6 +340,7 @@ static m3_backend_ops make_ops(void) {
   ops.to_device = cuda_to_device;
   ops.to_host = cuda_to_host;
   ops.copy = cuda_copy;
+  ops.zero = cuda_zero;
   ops.device_memory = 1;
   ops.kv_fp8 = 1;
   ops.prepare_tensor = cuda_prepare_tensor;
