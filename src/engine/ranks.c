@@ -72,6 +72,7 @@ struct m3_ranks {
   int pending;             /* ranks 1.. yet to finish the job */
   m3_status failed;        /* the job's first failure, in time */
   char failure[600];
+  char aborted[600];       /* NCCL: why every communicator was aborted (then every step fails) */
   int pages;               /* JOB_SETUP */
   m3_kv_dtype kv_dtype;
   const m3_model_seq *batch; /* JOB_FORWARD */
@@ -199,17 +200,32 @@ static m3_status nccl_all_reduce(void *user, m3_reduce_group group, float *buf, 
 
 /* ---- jobs ---- */
 
-/* Records the job's first failure (this thread's message, naming the rank) and, on the host,
- * releases the peers waiting for this rank in an all-reduce. */
+/* Records the job's first failure (this thread's message, naming the rank) and releases the
+ * peers that may wait for this rank in a collective: on the host, the barriers; with NCCL, every
+ * rank's communicators are aborted (a rank that failed before issuing its part of an all-reduce
+ * would otherwise leave the others' streams, and rank 0's wait for its logits, blocked forever).
+ * The communicators are not remade: later steps fail, naming this failure. */
 static void note_failure(m3_ranks *r, int index, m3_status st) {
   pthread_mutex_lock(&r->mu);
-  if (r->failed == M3_OK) {
+  const int first = r->failed == M3_OK;
+  if (first) {
     r->failed = st;
     snprintf(r->failure, sizeof r->failure, "rank %d: %s", index, m3_last_error());
   }
+#ifdef M3_HAVE_NCCL
+  /* (Steps only: at set-up a communicator may be half made, and NCCL's init has no abort.) */
+  const int abort_comms = first && r->on_device && r->kind == JOB_FORWARD && !r->aborted[0];
+  if (abort_comms) snprintf(r->aborted, sizeof r->aborted, "%s", r->failure);
+#endif
   pthread_mutex_unlock(&r->mu);
   if (r->groups)
     for (int g = 0; g < 1 + r->ep; g++) group_abort(&r->groups[g]);
+#ifdef M3_HAVE_NCCL
+  for (int i = 0; abort_comms && i < r->world; i++) {
+    m3_nccl_abort(r->ranks[i].world_comm);
+    m3_nccl_abort(r->ranks[i].tp_comm);
+  }
+#endif
 }
 
 static void finish_job(rank *k, m3_status st) {
@@ -537,6 +553,9 @@ static m3_status pack_tables(m3_ranks *r, const m3_kv_seq *const *kv, int n) {
 
 m3_status m3_ranks_run(m3_ranks *r, const m3_model_seq *batch, const m3_kv_seq *const *kv, int n,
                        m3_status (*run0)(void *user), void *user) {
+  if (r->aborted[0])
+    return m3_fail(M3_ERR_IO, "--tp %d --ep %d: the ranks' NCCL communicators were aborted after "
+                   "a failed step (%s); restart to use them again", r->tp, r->ep, r->aborted);
   m3_status st = pack_tables(r, kv, n);
   if (st != M3_OK) return st;
   r->batch = batch;

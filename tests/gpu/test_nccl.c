@@ -36,6 +36,7 @@ typedef struct {
   int rank;
   m3_backend *be;
   m3_nccl *comm;
+  m3_nccl *peer_abort_comm; /* test_abort_from_peer's communicator */
   pthread_t thread;
   float *result; /* the TP matmul's output, for rank 0 to compare */
 } rank_ctx;
@@ -509,6 +510,53 @@ static int test_missing_peer(rank_ctx *r) {
   return ok;
 }
 
+/* What engine/ranks.c does when a rank fails mid-step: rank 0 issues an all-reduce no rank joins
+ * and waits on its stream (a blocking to_host, as for its logits); rank 1, on its own thread,
+ * aborts rank 0's communicator. The wait must then return (well within WAIT_MS) and rank 0's
+ * communicator refuse further calls. On a fresh communicator (the one above is aborted). */
+static m3_nccl_id peer_abort_id;
+
+static int test_abort_from_peer(rank_ctx *r) {
+  int ok = 1;
+  if (r->rank == 0 && m3_nccl_new_id(&peer_abort_id) != M3_OK) setup_failed = 1;
+  sync_ranks();
+  if (setup_failed) return 0;
+  must(r, m3_nccl_init(&peer_abort_id, nranks, r->rank, r->be, &r->peer_abort_comm),
+       "m3_nccl_init (abort from a peer)");
+  /* One all-reduce together first: NCCL connects the ranks at a communicator's first
+   * collective, which would otherwise wait inside the lone call below. */
+  float *warm = must_alloc(r, 6144 * sizeof(float));
+  must(r, m3_nccl_all_reduce_sum(r->peer_abort_comm, warm, 6144), "all_reduce_sum (connect)");
+  must(r, m3_nccl_wait(r->peer_abort_comm, WAIT_MS), "wait (connect)");
+  r->be->ops->free(r->be, warm);
+  sync_ranks();
+  if (r->rank == 0) {
+    float *d = must_alloc(r, 6144 * sizeof(float)), host = 0.0f;
+    must(r, m3_nccl_all_reduce_sum(r->peer_abort_comm, d, 6144), "lone all_reduce_sum");
+    sync_ranks(); /* issued: rank 1 may abort it now */
+    const double t0 = now_s();
+    const m3_status st = r->be->ops->to_host(r->be, &host, d, sizeof host);
+    const double waited = now_s() - t0;
+    ok = waited < WAIT_MS / 1000.0 &&
+         m3_nccl_all_reduce_sum(r->peer_abort_comm, d, 6144) == M3_ERR_ARG;
+    printf("abort from a peer's thread: rank 0's wait on its stream returned after %.2f s (%s), "
+           "later calls refused: %s\n", waited, st == M3_OK ? "ok" : m3_last_error(),
+           ok ? "PASS" : "FAIL");
+    r->be->ops->free(r->be, d);
+  } else {
+    sync_ranks();
+    if (r->rank == 1) {
+      struct timespec nap = {0, 300 * 1000 * 1000}; /* rank 0 is in its wait by then */
+      nanosleep(&nap, NULL);
+      m3_nccl_abort(ranks[0].peer_abort_comm);
+    }
+  }
+  sync_ranks();
+  m3_nccl_abort(r->peer_abort_comm);
+  m3_nccl_destroy(r->peer_abort_comm);
+  return ok;
+}
+
 static int missing_peer_ok = 1;
 
 static void *rank_main(void *arg) {
@@ -543,6 +591,7 @@ static void *rank_main(void *arg) {
              checks[i].failed || !checks[i].cases ? "FAIL" : "PASS");
   }
   if (!test_missing_peer(r)) missing_peer_ok = 0;
+  if (!test_abort_from_peer(r)) missing_peer_ok = 0;
   m3_nccl_destroy(r->comm);
   r->be->ops->destroy(r->be);
   return NULL;

@@ -19,7 +19,7 @@ enum { DESTROY_WAIT_MS = 10000 };
 enum { WAIT_SPIN_MS = 2, WAIT_SLEEP_US = 100 };
 
 struct m3_nccl {
-  ncclComm_t comm;     /* NULL once aborted */
+  ncclComm_t comm;     /* NULL once aborted; read and cleared atomically (comm_of, m3_nccl_abort) */
   cudaStream_t stream; /* the backend's: collectives run in order with its ops */
   int rank, nranks;
 };
@@ -34,12 +34,17 @@ static void nccl_env(void) { pthread_once(&env_once, disable_nvls); }
 
 /* One line: the operation, the rank, NCCL's error string and its last message (which names the
  * cause: a peer, a device, an argument). */
-static m3_status nccl_fail(const m3_nccl *c, const char *op, ncclResult_t r) {
-  const char *detail = ncclGetLastError(c->comm);
+static m3_status nccl_fail(const m3_nccl *c, ncclComm_t comm, const char *op, ncclResult_t r) {
+  const char *detail = ncclGetLastError(comm);
   m3_status st = r == ncclInvalidArgument || r == ncclInvalidUsage ? M3_ERR_ARG : M3_ERR_IO;
   return m3_fail(st, "nccl %s (rank %d of %d): %s%s%s", op, c->rank, c->nranks,
                  ncclGetErrorString(r), detail && *detail ? ": " : "", detail ? detail : "");
 }
+
+/* The communicator, or NULL once aborted. m3_nccl_abort may run on another thread than the rank's
+ * (engine/ranks.c aborts every rank's when one fails mid-step), as NCCL's fault handling intends:
+ * the pointer is taken once per call, and the abort clears it before it frees the communicator. */
+static ncclComm_t comm_of(m3_nccl *c) { return __atomic_load_n(&c->comm, __ATOMIC_ACQUIRE); }
 
 static m3_status aborted(const m3_nccl *c, const char *op) {
   return m3_fail(M3_ERR_ARG, "nccl %s (rank %d of %d): the communicator was aborted", op, c->rank,
@@ -81,7 +86,7 @@ extern "C" m3_status m3_nccl_init(const m3_nccl_id *id, int nranks, int rank, m3
   memcpy(&uid, id->bytes, sizeof uid);
   ncclResult_t r = ncclCommInitRank(&c->comm, nranks, uid, rank);
   if (r != ncclSuccess) {
-    m3_status st = nccl_fail(c, "init", r);
+    m3_status st = nccl_fail(c, c->comm, "init", r);
     m3_nccl_abort(c); /* a communicator left half made is freed without waiting */
     free(c);
     return st;
@@ -109,25 +114,28 @@ extern "C" m3_status m3_nccl_group_end(void) {
 }
 
 extern "C" m3_status m3_nccl_all_reduce_sum(m3_nccl *c, float *buf, size_t n) {
-  if (!c->comm) return aborted(c, "all_reduce_sum");
-  ncclResult_t r = ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, c->comm, c->stream);
-  return r == ncclSuccess ? M3_OK : nccl_fail(c, "all_reduce_sum", r);
+  ncclComm_t comm = comm_of(c);
+  if (!comm) return aborted(c, "all_reduce_sum");
+  ncclResult_t r = ncclAllReduce(buf, buf, n, ncclFloat32, ncclSum, comm, c->stream);
+  return r == ncclSuccess ? M3_OK : nccl_fail(c, comm, "all_reduce_sum", r);
 }
 
 extern "C" m3_status m3_nccl_all_gather(m3_nccl *c, const void *part, void *all,
                                         size_t part_bytes) {
-  if (!c->comm) return aborted(c, "all_gather");
-  ncclResult_t r = ncclAllGather(part, all, part_bytes, ncclUint8, c->comm, c->stream);
-  return r == ncclSuccess ? M3_OK : nccl_fail(c, "all_gather", r);
+  ncclComm_t comm = comm_of(c);
+  if (!comm) return aborted(c, "all_gather");
+  ncclResult_t r = ncclAllGather(part, all, part_bytes, ncclUint8, comm, c->stream);
+  return r == ncclSuccess ? M3_OK : nccl_fail(c, comm, "all_gather", r);
 }
 
 extern "C" m3_status m3_nccl_broadcast(m3_nccl *c, void *buf, size_t bytes, int root) {
-  if (!c->comm) return aborted(c, "broadcast");
+  ncclComm_t comm = comm_of(c);
+  if (!comm) return aborted(c, "broadcast");
   if (root < 0 || root >= c->nranks)
     return m3_fail(M3_ERR_ARG, "nccl broadcast (rank %d of %d): root %d is out of range", c->rank,
                    c->nranks, root);
-  ncclResult_t r = ncclBroadcast(buf, buf, bytes, ncclUint8, root, c->comm, c->stream);
-  return r == ncclSuccess ? M3_OK : nccl_fail(c, "broadcast", r);
+  ncclResult_t r = ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm, c->stream);
+  return r == ncclSuccess ? M3_OK : nccl_fail(c, comm, "broadcast", r);
 }
 
 static double now_ms(void) {
@@ -137,18 +145,20 @@ static double now_ms(void) {
 }
 
 extern "C" m3_status m3_nccl_wait(m3_nccl *c, int timeout_ms) {
-  if (!c->comm) return aborted(c, "wait");
+  if (!comm_of(c)) return aborted(c, "wait");
   if (timeout_ms <= 0)
     return m3_fail(M3_ERR_ARG, "nccl wait (rank %d of %d): timeout %d ms must be positive",
                    c->rank, c->nranks, timeout_ms);
   const double start = now_ms();
   for (;;) {
     /* NCCL's own failure first: a collective whose peer failed may never finish on the stream. */
+    ncclComm_t comm = comm_of(c);
+    if (!comm) return aborted(c, "wait"); /* by another thread meanwhile */
     ncclResult_t async = ncclSuccess;
-    ncclResult_t r = ncclCommGetAsyncError(c->comm, &async);
+    ncclResult_t r = ncclCommGetAsyncError(comm, &async);
     if (r == ncclSuccess) r = async == ncclInProgress ? ncclSuccess : async;
     if (r != ncclSuccess) {
-      m3_status st = nccl_fail(c, "wait", r);
+      m3_status st = nccl_fail(c, comm, "wait", r);
       m3_nccl_abort(c);
       return st;
     }
@@ -175,15 +185,15 @@ extern "C" m3_status m3_nccl_wait(m3_nccl *c, int timeout_ms) {
 }
 
 extern "C" void m3_nccl_abort(m3_nccl *c) {
-  if (!c || !c->comm) return;
-  ncclCommAbort(c->comm);
-  c->comm = NULL;
+  if (!c) return;
+  ncclComm_t comm = __atomic_exchange_n(&c->comm, (ncclComm_t)NULL, __ATOMIC_ACQ_REL);
+  if (comm) ncclCommAbort(comm);
 }
 
 extern "C" void m3_nccl_destroy(m3_nccl *c) {
   if (!c) return;
   /* ncclCommDestroy waits for the communicator's work: only once it is known to have finished
    * (a failed wait has aborted it instead). */
-  if (c->comm && m3_nccl_wait(c, DESTROY_WAIT_MS) == M3_OK) ncclCommDestroy(c->comm);
+  if (comm_of(c) && m3_nccl_wait(c, DESTROY_WAIT_MS) == M3_OK) ncclCommDestroy(c->comm);
   free(c);
 }

@@ -73,7 +73,9 @@ m3_status m3_nccl_broadcast(m3_nccl *c, void *buf, size_t bytes, int root);
 m3_status m3_nccl_wait(m3_nccl *c, int timeout_ms);
 
 /* Stops this rank's running collectives and frees the communicator without waiting for the other
- * ranks; later calls on c fail. Then m3_nccl_destroy(c) frees c itself. */
+ * ranks; later calls on c fail. Any thread may call it, also while the rank's own thread waits
+ * on its stream (a peer that failed mid-step: the abort ends the collective it waits for). Then
+ * m3_nccl_destroy(c) frees c itself. */
 void m3_nccl_abort(m3_nccl *c);
 
 /* Frees c (NULL is ignored), before its backend is destroyed. A communicator that does not
