@@ -511,7 +511,8 @@ static m3_status head_rows(m3_model *m, const float *in, int n, float *out) {
   const m3_tensor slices = {.name = "logits slices", .data = part, .dtype = M3_DT_F32,
                             .rows = (int64_t)(W * (size_t)n), .cols = (int64_t)slice,
                             .quant = M3_WQ_NONE};
-  be->ops->embed(be, &slices, m->head_gather + W * (size_t)n * (size_t)(n - 1) / 2, (int)(W * (size_t)n), out);
+  const int32_t *order = m->head_gather + W * (size_t)n * (size_t)(n - 1) / 2;
+  be->ops->embed(be, &slices, order, (int)(W * (size_t)n), out);
   return M3_OK;
 }
 

@@ -105,7 +105,8 @@ __device__ __forceinline__ float step_scale(const cuda_weight &w, int64_t r, int
   return 1.0f;
 }
 
-/* ---- 32-byte steps of a row (the GEMVs of matmul.cu, the one-token expert GEMV of moe.cu) ---- */
+/* ---- a row in 32-byte steps (matmul.cu's gemv_kernel and gemv_tall_kernel) or 16-byte units
+ * (warp_rows_dot: the one-token GEMVs of matmul.cu and moe.cu) ---- */
 
 /* Elements in one 32-byte step of a row of kind WK; WK_ANY rows go one element at a time through
  * dev_w. */
@@ -116,8 +117,9 @@ template <int WK> struct wk_step { enum { n = WK == WK_F32 ? 8 : WK == WK_E4M3 ?
  * instruction) and the f16 -> f32 widening, which runs on the FMA pipe. A NaN byte gives a NaN
  * weight, so a row's sum is NaN as on the CPU without a separate test. */
 __device__ __forceinline__ void e4m3x4_f32(uint32_t b, float *v) {
-  const float2 f01 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b & 0xffffu), __NV_E4M3)));
-  const float2 f23 = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b >> 16), __NV_E4M3)));
+  const __half2_raw h01 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b & 0xffffu), __NV_E4M3);
+  const __half2_raw h23 = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(b >> 16), __NV_E4M3);
+  const float2 f01 = __half22float2(__half2(h01)), f23 = __half22float2(__half2(h23));
   v[0] = f01.x, v[1] = f01.y, v[2] = f23.x, v[3] = f23.y;
 }
 
