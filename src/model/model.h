@@ -160,7 +160,8 @@ int m3_model_hidden_width(const m3_model *m);
  * per sequence on its own views and positions, so a sequence's results do not depend on what
  * else is in the batch (up to the float rounding of the matmul kernels for different row counts).
  *   logits [sum of n_logits, vocab]: the requested rows, sequence by sequence, or NULL when no
- *          sequence asks for any.
+ *          sequence asks for any (or, on a rank of a vocabulary-split head, when this rank
+ *          returns none: see m3_model_set_all_reduce).
  * A batch of one with n_logits = T is exactly m3_model_forward. Bad ids or positions in any
  * sequence are M3_ERR_ARG naming the sequence; nothing is computed then. */
 m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
