@@ -292,6 +292,19 @@ static void test_matmul_across_isas(void) {
 
 /* ---- norms, rope, elementwise ---- */
 
+/* zero clears exactly the bytes it is given (the split lm_head zeroes the other ranks' parts). */
+static void test_zero(m3_backend *be) {
+  enum { N = 100 };
+  float *buf = be->ops->alloc(be, N * sizeof(float));
+  CHECK(buf != NULL);
+  if (!buf) return;
+  for (int i = 0; i < N; i++) buf[i] = (float)(i + 1);
+  CHECK_OK(be->ops->zero(be, buf + 3, 50 * sizeof(float)));
+  CHECK_OK(be->ops->zero(be, buf + 90, 0));
+  for (int i = 0; i < N; i++) CHECK(buf[i] == (i >= 3 && i < 53 ? 0.0f : (float)(i + 1)));
+  be->ops->free(be, buf);
+}
+
 static void test_rmsnorm(m3_backend *be) {
   static const int shapes[][2] = {{5, 128}, {3, 1000}, {2, 6144}, {40, 24}};
   for (int s = 0; s < 4; s++)
@@ -698,6 +711,7 @@ int main(void) {
     test_matmul_e4m3_nan(be);
     test_matmul_batch_invariant(be);
     test_embed(be);
+    test_zero(be);
     test_rmsnorm(be);
     test_rope(be);
     test_elementwise(be);
