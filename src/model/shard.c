@@ -117,6 +117,12 @@ static m3_status slice_mlp(m3_weights *w, m3_tensor *gate, m3_tensor *up, m3_ten
   return st;
 }
 
+/* t = this rank's rows of the vocabulary, one of head_world equal slices (lm_head's share). */
+static m3_status slice_vocab(const m3_model *m, m3_tensor *t) {
+  const int64_t slice = m->cfg.vocab_size / m->head_world;
+  return slice_rows(t, (int64_t)m->head_rank * slice, slice);
+}
+
 /* What the layout cuts in m's layers. */
 typedef struct {
   int sparse, dense, moe, shared;
@@ -213,13 +219,10 @@ m3_status m3_model_shard(m3_model *m, const m3_shard *lay) {
   if (c->vocab_size % world == 0) {
     /* Tied: the slice of the embedding is checked here, taken at m3_model_tie_head (the
      * embedding is prepared whole: every rank looks up any token). */
-    const int64_t slice = c->vocab_size / world;
-    m3_tensor embed_rows = w->embed;
-    st = slice_rows(w->lm_head_tied ? &embed_rows : &w->lm_head, (int64_t)world_rank * slice, slice);
-    if (st != M3_OK) return st;
-    w->lm_head.rows = slice;
     m->head_world = world;
     m->head_rank = world_rank;
+    m3_tensor embed_rows = w->embed;
+    if ((st = slice_vocab(m, w->lm_head_tied ? &embed_rows : &w->lm_head)) != M3_OK) return st;
   }
   c->num_heads = nq;
   c->num_kv_heads = nkv;
@@ -232,7 +235,6 @@ m3_status m3_model_shard(m3_model *m, const m3_shard *lay) {
 
 void m3_model_tie_head(m3_model *m) {
   m3_weights *w = &m->w;
-  const int64_t rows = w->lm_head.rows;
   w->lm_head = w->embed;
-  if (m->head_world > 1) (void)slice_rows(&w->lm_head, (int64_t)m->head_rank * rows, rows);
+  if (m->head_world > 1) (void)slice_vocab(m, &w->lm_head); /* cannot fail: checked at shard */
 }
