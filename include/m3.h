@@ -55,12 +55,25 @@ typedef struct {
    * Not with speculative decoding yet (M3_ERR_ARG). Sizes the ranks do not divide are
    * M3_ERR_ARG naming --tp / --ep. */
   int tp, ep;
+  /* Several nodes (processes, on one host or several) running the tp x ep world together: 0 or
+   * 1 = one node. nnodes must divide the world; node n hosts the world / nnodes consecutive
+   * ranks from n * world / nnodes, on GPUs K.. of its own device "cuda:K" (a CUDA build with
+   * NCCL; other devices are M3_ERR_ARG). Node 0 (node_rank 0) is the engine (m3_engine_open)
+   * and listens on master_addr (HOST[:PORT], engine/rendezvous.h) for the others, which run
+   * m3_engine_follow with the same model, tp, ep, nnodes and quantize. */
+  int nnodes, node_rank;
+  const char *master_addr;
 } m3_engine_options;
 
 /* Fills `opts` with the defaults above. */
 void m3_engine_options_init(m3_engine_options *opts);
 
 m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out);
+/* A node other than 0 (opts->node_rank >= 1 of opts->nnodes): loads its ranks' shares, joins
+ * node 0 at opts->master_addr (waiting up to 10 minutes for it), runs every step node 0's engine
+ * hands it until node 0 quits or closes the connection (M3_OK), or until the link to node 0
+ * breaks (its error). KV storage takes node 0's page count and dtype. Blocks the caller. */
+m3_status m3_engine_follow(const m3_engine_options *opts);
 /* Cancels everything still running (callbacks see M3_FINISH_CANCELLED) and frees all. */
 void m3_engine_close(m3_engine *e);
 

@@ -8,19 +8,27 @@
 #   3. tests/gpu/test_tp     TP2 and EP2 against the whole model on one GPU, on the committed
 #                            fixtures and on that model, and with the all-reduces recorded in CUDA
 #                            graphs against without (PASS / FAIL / SKIP per case);
-#   4. tests/gpu/bench_tp    on that model: decode steps at batch 1, 8, 64 and an 8192-token
+#   4. m3 run over 2 GPUs    --tp 2 / --ep 2 in one process against one GPU (engine), then two
+#                            processes as two nodes of one engine (--nnodes 2: node 1 on cuda:1 in
+#                            the background, node 0 on cuda:0) against the one-process text (nodes);
+#   5. tests/gpu/bench_tp    on that model: decode steps at batch 1, 8, 64 and an 8192-token
 #                            prefill on 1 GPU, TP2 and EP2, graphs on and off, scaling efficiency,
-#                            time in collectives per layer.
+#                            time in collectives per layer; twice: every all-reduce through NCCL,
+#                            then through the peer-to-peer all-reduce where it fits (M3_P2P=1, as
+#                            the engine runs them).
 # Writes $OUT/multi.md (the summaries and tables, for bench/RESULTS.md; else ./gpu-out) and
 # $OUT/multi-logs.tar.gz (every log: card, build, each stage's output, NCCL's own debug logs),
-# two files in all; prints multi.md last. Exits with the first failing of test_nccl, test_tp and
-# bench_tp: 0 pass, 1 failure, 77 fewer than 2 GPUs, 124 a stage out of time.
+# two files in all; prints multi.md last. Exits with the first failing of test_nccl, test_tp, the
+# m3 run checks (engine, nodes) and bench_tp: 0 pass, 1 failure, 77 fewer than 2 GPUs, 124 a stage
+# out of time.
 #
-# Time: the whole script stays under MULTI_BUDGET_S (default 420 s): each stage runs under
+# Time: the whole script stays under MULTI_BUDGET_S (default 540 s): each stage runs under
 # `timeout` with the smaller of its own limit and what is left. Expected on 2 x H200 with 32 cores:
 #   test_nccl                                        ~30 s   (limit  90 s)
 #   m3 tiny, 35 GB                                   ~30-60 s (limit 120 s)
 #   test_tp: fixtures, then 35 GB + 2 x 20 GB loads  ~60 s   (limit 150 s)
+#   m3 run, one process (engine)                     ~60 s   (limit 120 s)
+#   m3 run as two nodes: 3 two-process runs + 3 refs ~60 s   (limit 120 s)
 #   bench_tp: the same loads and the timings         ~60 s   (limit 150 s)
 # Without the model (no room, or m3 tiny failed) test_tp runs on the fixtures alone and bench_tp
 # is skipped.
@@ -42,7 +50,7 @@ nccl_dir=${NCCL_DIR:-/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl}
 logs=$out/multi-logs
 md=$out/multi.md
 mkdir -p "$logs"
-deadline=$(($(date +%s) + ${MULTI_BUDGET_S:-420}))
+deadline=$(($(date +%s) + ${MULTI_BUDGET_S:-540}))
 
 export NCCL_NVLS_ENABLE=0
 export LD_LIBRARY_PATH=$nccl_dir/lib:${LD_LIBRARY_PATH:-}
@@ -142,12 +150,59 @@ export -f engine_check
 export build model
 stage engine 120 bash -c engine_check
 engine_rc=$?
+
+# Two processes as the two nodes of one engine (src/engine/node_link.h): node 1 follows in the
+# background on its first GPU cuda:1, node 0 runs the prompt on cuda:0; node 0's text must be
+# the one-process text of the same layout, and both must exit 0 (node 1 when node 0 quits).
+# --tp 2 and --ep 2 on the built-in model, --tp 2 on the full-width one (its loads take longest).
+nodes_check() {
+  local ok=0 port=$((29600 + RANDOM % 2000)) one out path m layout rc0 rc1 pid name
+  local prompt="The capital of France is"
+  noplan() { awk 'NR == 1 && /^parallel layout: / {plan = 1; next} plan && /^  / {next} {plan = 0; print}'; }
+  for path in "" $model; do
+    m=${path:+--model $path}
+    for layout in "--tp 2" "--ep 2"; do
+      [ -n "$path" ] && [ "$layout" = "--ep 2" ] && continue
+      name="$layout ${m:-(built-in model)}"
+      one=$(timeout 60 "$build/m3" run --device cuda $m $layout --prompt "$prompt" --max-tokens 16 \
+            --temperature 0 2>/dev/null | noplan)
+      [ -n "$one" ] || { echo "FAIL two nodes $name: the one-process run gave no text"; ok=1; continue; }
+      port=$((port + 1))
+      timeout 90 "$build/m3" run --device cuda:1 $m $layout --nnodes 2 --node-rank 1 \
+        --master-addr 127.0.0.1:$port > "$logs/node1-$port.log" 2>&1 &
+      pid=$!
+      timeout 90 "$build/m3" run --device cuda:0 $m $layout --nnodes 2 --node-rank 0 \
+        --master-addr 127.0.0.1:$port --prompt "$prompt" --max-tokens 16 --temperature 0 \
+        > "$logs/node0-$port.out" 2> "$logs/node0-$port.err"
+      rc0=$?
+      out=$(noplan < "$logs/node0-$port.out")
+      wait $pid
+      rc1=$?
+      if [ "$rc0" -eq 0 ] && [ "$rc1" -eq 0 ] && [ "$out" = "$one" ]; then
+        echo "PASS m3 run $layout --nnodes 2 ${m:-(built-in model)}: two processes give the one-process text"
+      else
+        echo "FAIL m3 run $layout --nnodes 2 ${m:-(built-in model)}: node 0 exit $rc0, node 1 exit $rc1; '$out' vs one process '$one'"
+        tail -n 3 "$logs/node0-$port.err" "$logs/node1-$port.log" | sed 's/^/   /'
+        ok=1
+      fi
+    done
+  done
+  return $ok
+}
+export -f nodes_check
+export logs
+stage nodes 120 bash -c nodes_check
+nodes_rc=$?
 bench_rc=0
 if [ -n "$model" ]; then
   stage bench 150 "$build/tests/bench_tp" "$model"
   bench_rc=$?
+  stage bench_p2p 150 env M3_P2P=1 "$build/tests/bench_tp" "$model"
+  p2p_rc=$?
+  [ $bench_rc -eq 0 ] && bench_rc=$p2p_rc
 else
   echo "bench_tp: skipped, no full-width model (see tiny.log in the logs)" > "$logs/bench.log"
+  cp "$logs/bench.log" "$logs/bench_p2p.log"
 fi
 rm -rf "$model"
 
@@ -170,9 +225,17 @@ rm -rf "$model"
   echo
   cat "$logs/engine.log"
   echo
+  echo "## m3 run as two nodes, one process per GPU (exit $nodes_rc)"
+  echo
+  cat "$logs/nodes.log"
+  echo
   echo "## Benchmark (bench_tp, exit $bench_rc)"
   echo
   summary "$logs/bench.log"
+  echo
+  echo "## Benchmark, peer-to-peer all-reduces (M3_P2P=1 bench_tp)"
+  echo
+  summary "$logs/bench_p2p.log"
   echo
   echo "## Stages"
   echo
@@ -183,5 +246,6 @@ rm -rf "$model"
 rc=$nccl_rc
 [ $rc -eq 0 ] && rc=$tp_rc
 [ $rc -eq 0 ] && rc=$engine_rc
+[ $rc -eq 0 ] && rc=$nodes_rc
 [ $rc -eq 0 ] && rc=$bench_rc
 finish $rc

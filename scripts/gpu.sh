@@ -22,8 +22,8 @@ mkdir -p "$out"
 
 nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/card.txt" 2>&1
-# M3_PREBUILT=1: BUILD already holds m3, tests/test_cuda_ops, tests/test_cuda_vision and
-# tests/bench_cuda_ops, built for sm_90a on another machine with the same CUDA major version (saves
+# M3_PREBUILT=1: BUILD already holds m3, tests/test_cuda_ops, tests/test_cuda_vision, tests/test_p2p
+# and tests/bench_cuda_ops, built for sm_90a on another machine with the same CUDA major version (saves
 # the device minutes of nvcc).
 if [ -n "${M3_PREBUILT:-}" ]; then
   echo "prebuilt binaries in $build" > "$out/build.log"
@@ -36,7 +36,7 @@ if [ -n "${M3_PREBUILT:-}" ]; then
   [ -x "$build/m3" ]
   m3_built=$?
 else
-  if ! ninja -C "$build" test_cuda_ops bench_cuda_ops test_cuda_vision > "$out/build.log" 2>&1; then
+  if ! ninja -C "$build" test_cuda_ops bench_cuda_ops test_cuda_vision test_p2p > "$out/build.log" 2>&1; then
     tail -n 40 "$out/build.log"
     exit 1
   fi
@@ -49,6 +49,17 @@ fi
 M3_SOURCE_DIR=$src timeout 300 stdbuf -oL -eL "$build/tests/test_cuda_ops" > "$out/ops.log" 2>&1
 ops_rc=$?
 [ $ops_rc -eq 124 ] && echo "TIMEOUT after 300 s in group: $(grep '^-- ' "$out/ops.log" | tail -n 1)" >> "$out/ops.log"
+
+# The peer-to-peer all-reduce of several ranks (tests/gpu/test_p2p.c): 2 and 4 ranks sharing the
+# machine's GPUs (one will do).
+if [ -x "$build/tests/test_p2p" ]; then
+  timeout 120 stdbuf -oL -eL "$build/tests/test_p2p" > "$out/p2p.log" 2>&1
+  p2p_rc=$?
+  [ $p2p_rc -eq 124 ] && echo "TIMEOUT after 120 s in: $(grep '^   ' "$out/p2p.log" | tail -n 1)" >> "$out/p2p.log"
+else
+  echo "p2p: $build/tests/test_p2p was not built" > "$out/p2p.log"
+  p2p_rc=1
+fi
 
 # Fixtures: logits of every committed text model on the GPU against transformers' (rel L2 per
 # position <= 1e-2, >= 99% same argmax), all tokens in one forward (chunk 256) and one token per
@@ -183,6 +194,9 @@ fi
   sed -n '/^op /,$p' "$out/ops.log"
   grep -E '^(FAIL|FATAL)' "$out/ops.log" | head -n 20
   echo
+  echo "## peer-to-peer all-reduce (exit $p2p_rc)"
+  grep -v '^   ' "$out/p2p.log"
+  echo
   echo "## fixtures (exit $fixtures_rc)"
   cat "$out/fixtures.log"
   echo
@@ -205,6 +219,6 @@ fi
   fi
 } > "$out/results.md"
 cat "$out/results.md"
-[ $ops_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $vision_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $small_rc -eq 0 ] &&
+[ $ops_rc -eq 0 ] && [ $p2p_rc -eq 0 ] && [ $fixtures_rc -eq 0 ] && [ $vision_rc -eq 0 ] && [ $run_rc -eq 0 ] && [ $small_rc -eq 0 ] &&
   [ $bench_rc -eq 0 ] &&
   [ $model_bench_rc -eq 0 ]

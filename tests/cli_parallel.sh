@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # --tp / --ep / --nnodes / --node-rank / --master-addr (issue 11): `m3 inspect --tp N` prints the
 # layout plan; run prints it and then runs the ranks in one process (here CPU backends summing on
-# the host: the same text as one rank, also with an image); --nnodes above 1 and --speculative
-# with several ranks are refused with one line; bad values exit 2 naming the flag.
+# the host: the same text as one rank, also with an image); --speculative with several ranks,
+# and --nnodes layouts that cannot run here (the CPU ranks, a node count that does not divide the
+# ranks) are refused with one line, on node 0 and on a following node alike; bad values exit 2
+# naming the flag. (Two nodes running together need GPUs: scripts/gpu-multi.sh.)
 #   $1: the m3 binary  $2: the source tree
 set -uo pipefail
 m3=$1
@@ -51,10 +53,15 @@ for layout in "--tp 2" "--tp 2 --ep 2"; do
   expect_eq "run --image $layout: text" "$(grep -v -e '^parallel layout: ' -e '^  ' <<<"$out")" "$one"
 done
 expect_input_error "--speculative mtp with --tp 2 --ep 1: speculative decoding does not run over several ranks yet" run --tp 2 --speculative mtp
-nnodes="--nnodes 2: multi-node execution is not supported yet"
+cpu_nodes="--nnodes 2 needs --device cuda: the CPU ranks (--device cpu) sum on the host of one process"
 for cmd in run chat serve; do
-  expect_input_error "m3 $cmd: $nnodes" "$cmd" --model "$full" --nnodes 2 --node-rank 1 --master-addr 127.0.0.1:29511
+  for node in 0 1; do
+    expect_input_error "m3 $cmd: $cpu_nodes" "$cmd" --model "$full" --tp 2 --nnodes 2 --node-rank $node --master-addr 127.0.0.1:29511
+  done
 done
+expect_input_error "--nnodes 3 does not divide the 2 ranks of --tp 2 x --ep 1" run --model "$full" --tp 2 --nnodes 3 --node-rank 2 --master-addr 127.0.0.1:29511 --device cuda
+expect_input_error "--nnodes 2 does not divide the 1 ranks of --tp 1 x --ep 1" serve --model "$full" --nnodes 2 --master-addr 127.0.0.1:29511
+expect_input_error "--nnodes 3 does not divide the 4 ranks of --tp 2 x --ep 2" chat --model "$full" --tp 2 --ep 2 --nnodes 3 --node-rank 1 --master-addr h
 # One GPU, one node: the flags change nothing (the run goes ahead).
 "$m3" run --tp 1 --ep 1 --nnodes 1 --max-tokens 1 --ids 1 >/dev/null 2>&1
 expect_eq "run --tp 1 --ep 1 exit" "$?" 0

@@ -305,6 +305,43 @@ static void test_zero(m3_backend *be) {
   be->ops->free(be, buf);
 }
 
+/* argmax_pairs against its definition, written here as a maximum: the entry of the largest score
+ * (NaN as -inf, but +inf at whole-row index 0), the lowest index among equals; its score and
+ * whole-row index. Ragged widths, slices at offset 0 and beyond, rows of ties, NaN (at a slice's
+ * start too), infinities, -0 against +0. */
+static void test_argmax_pairs(m3_backend *be) {
+  static const int shapes[][3] = {{5, 1, 0}, {7, 33, 0}, {7, 33, 33}, {3, 1000, 0}, {9, 257, 514},
+                                  {2, 4099, 100000}};
+  for (int c = 0; c < 6; c++) {
+    const int rows = shapes[c][0], cols = shapes[c][1], first = shapes[c][2];
+    float *l = random_floats((size_t)rows * cols, -4, 4), pairs[2 * 9];
+    for (int r = 0; r < rows; r++)
+      for (int i = 0; i < cols; i++) {
+        float *v = &l[(size_t)r * cols + i];
+        const uint32_t u = rnd() % 100;
+        if (r % 4 == 1) *v = (float)((int)(rnd() % 3) - 1); /* ties */
+        if (r % 4 == 2) *v = u < 30 ? NAN : u < 40 ? -INFINITY : u < 45 ? INFINITY : *v;
+        if (r % 4 == 3) *v = i == 0 ? NAN : u < 50 ? -0.0f : 0.0f;
+      }
+    be->ops->argmax_pairs(be, l, rows, cols, first, pairs);
+    for (int r = 0; r < rows; r++) {
+      const float *x = l + (size_t)r * cols;
+      int best = 0;
+      float top = -INFINITY;
+      for (int i = 0; i < cols; i++) {
+        const float s = isnan(x[i]) ? (first + i == 0 ? INFINITY : -INFINITY) : x[i];
+        if (i == 0 || s > top) {
+          top = s;
+          best = i;
+        }
+      }
+      CHECK(pairs[2 * r] == top);
+      CHECK(pairs[2 * r + 1] == (float)(first + best));
+    }
+    free(l);
+  }
+}
+
 static void test_rmsnorm(m3_backend *be) {
   static const int shapes[][2] = {{5, 128}, {3, 1000}, {2, 6144}, {40, 24}};
   for (int s = 0; s < 4; s++)
@@ -712,6 +749,7 @@ int main(void) {
     test_matmul_batch_invariant(be);
     test_embed(be);
     test_zero(be);
+    test_argmax_pairs(be);
     test_rmsnorm(be);
     test_rope(be);
     test_elementwise(be);

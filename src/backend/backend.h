@@ -197,6 +197,18 @@ typedef struct {
   m3_status (*argmax_rows)(m3_backend *be, const float *logits, int nrows, int vocab,
                            int32_t *out_host);
 
+  /* argmax_rows of a slice of each row, columns [first, first + cols) of the whole row, as a
+   * candidate for the whole row's pick (the vocabulary-split head: ranks exchange these instead of
+   * their logits). pairs[r] = (score, first + i) as two floats: i the entry argmax_rows' order puts
+   * first, score its value with NaN as -inf (a NaN never wins), except a NaN at whole-row index 0
+   * (first + i == 0) as +inf (the scan starts and stays there). In that order (larger score, then
+   * lower index) a row's best candidate over its slices is argmax_rows of the whole row
+   * (m3_model_head_pick). logits [nrows, cols], pairs [nrows, 2] backend memory; first + cols
+   * at most 2^24 (indices exact as float). In issue order, no host wait (a recorded step may
+   * hold it). */
+  void (*argmax_pairs)(m3_backend *be, const float *logits, int nrows, int cols, int first,
+                       float *pairs);
+
   /* Sampling on the backend, or NULL (the CPU backend: the engine's sampler reads its rows where
    * they are). out_host[r] = m3_sampler_sample_unit(rows[r] as m3_sampling_params, rows[r].unit,
    * logits[r, 0..vocab)) with no logit bias and no penalties, for rows of finite or -inf logits;

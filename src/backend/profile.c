@@ -193,6 +193,12 @@ static m3_status prof_argmax_rows(m3_backend *be, const float *logits, int nrows
   account(prof_of(be), "argmax_rows", NULL, t0);
   return st;
 }
+static void prof_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols, int first,
+                              float *pairs) {
+  double t0 = start(prof_of(be));
+  INNER(be)->argmax_pairs(inner_of(be), logits, nrows, cols, first, pairs);
+  account(prof_of(be), "argmax_pairs", NULL, t0);
+}
 static m3_status prof_sample_rows(m3_backend *be, const float *logits, int nrows, int vocab,
                                   const m3_row_sampling *rows, int32_t *out_host) {
   double t0 = start(prof_of(be));
@@ -283,6 +289,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->add = prof_add;
   ops->add_rmsnorm = prof_add_rmsnorm;
   ops->argmax_rows = prof_argmax_rows;
+  ops->argmax_pairs = prof_argmax_pairs;
   ops->sample_rows = inner->ops->sample_rows ? prof_sample_rows : NULL;
   ops->kv_store = prof_kv_store;
   ops->kv_store_rope = prof_kv_store_rope;

@@ -492,6 +492,7 @@ int m3_cmd_chat(int argc, char **argv) {
   o.max_running = 1;
   o.prefix_cache = 1;
   m3_cli_spec_apply(&a.spec, &o);
+  if (a.spec.node_rank > 0) return m3_cli_follow("chat", &o);
   if (isatty(STDERR_FILENO)) o.on_load_progress = m3_cli_load_progress;
   history h = {.think = a.think};
   m3_engine *e = NULL;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/commands.h"
 #include "engine/kvcache.h"
 #include "engine/parallel.h"
 #include "engine/rendezvous.h"
@@ -115,6 +116,17 @@ void m3_cli_spec_apply(const m3_cli_spec *spec, m3_engine_options *o) {
   o->kv_dtype = spec->kv_dtype;
   o->tp = spec->tp;
   o->ep = spec->ep;
+  o->nnodes = spec->nnodes;
+  o->node_rank = spec->node_rank;
+  o->master_addr = spec->master_addr;
+}
+
+int m3_cli_follow(const char *cmd, const m3_engine_options *o) {
+  printf("m3 %s: node %d of %d follows node 0 at %s\n", cmd, o->node_rank, o->nnodes,
+         o->master_addr);
+  fflush(stdout);
+  m3_status st = m3_engine_follow(o);
+  return st == M3_OK ? 0 : m3_cli_fail(cmd, st);
 }
 
 m3_status m3_cli_parse_kv_dtype(const char *value, m3_kv_dtype *out) {
@@ -170,9 +182,6 @@ m3_status m3_cli_parallel_gate(const m3_cli_spec *s, const char *model_dir) {
                    nnodes - 1, nnodes);
   if (nnodes > 1 && !s->master_addr)
     return m3_fail(M3_ERR_ARG, "--nnodes %d: needs --master-addr HOST[:PORT]", nnodes);
-  if (nnodes > 1)
-    return m3_fail(M3_ERR_ARG, "--nnodes %d: multi-node execution is not supported yet; one "
-                   "process drives the GPUs of one host (--tp N / --ep N)", nnodes);
   if (s->tp <= 1 && s->ep <= 1) return M3_OK;
   return m3_cli_print_plan(model_dir, s->tp, s->ep);
 }

@@ -38,6 +38,12 @@ typedef struct {
 } m3_cli_spec;
 #define M3_CLI_PARALLEL_USAGE \
   "[--tp N] [--ep N] [--nnodes N --node-rank R --master-addr HOST[:PORT]]"
+/* --help's words on several nodes. */
+#define M3_CLI_NODES_HELP \
+  "  --nnodes N --node-rank R --master-addr HOST[:PORT]: N processes (on one host or several) run\n" \
+  "  one engine of --tp x --ep ranks, world / N per node on GPUs K.. of its --device cuda:K.\n" \
+  "  Node 0 listens on PORT (default 29500) and does the work; the others (the same --model,\n" \
+  "  --tp, --ep, --nnodes, their own --device and --node-rank) follow it and exit when it does.\n"
 #define M3_CLI_SPEC_USAGE \
   "[--speculative mtp|eagle3] [--draft DIR] [--num-draft N] " M3_CLI_QUANTIZE_USAGE \
   " " M3_CLI_KV_DTYPE_USAGE " " M3_CLI_PARALLEL_USAGE
@@ -59,10 +65,13 @@ typedef struct {
  * paths->draft. spec may be NULL (commands without speculative decoding). */
 m3_status m3_cli_model_or_default(const char **model, m3_cli_spec *spec, m3_cli_model_paths *paths);
 /* Before the engine opens: with --tp/--ep above 1 prints the layout plan of model_dir on stdout
- * (a layout its sizes do not divide is M3_ERR_ARG naming the flag); --nnodes above 1 is
- * M3_ERR_ARG (one process drives one host's GPUs; multi-node is not built yet). Also checks
- * --node-rank and --master-addr against --nnodes. m3_cli_spec_apply passes --tp/--ep on. */
+ * (a layout its sizes do not divide is M3_ERR_ARG naming the flag). Also checks --node-rank and
+ * --master-addr against --nnodes (the engine checks the rest: m3_engine_options.nnodes).
+ * m3_cli_spec_apply passes --tp/--ep/--nnodes/--node-rank/--master-addr on. */
 m3_status m3_cli_parallel_gate(const m3_cli_spec *spec, const char *model_dir);
+/* A command run with --node-rank R >= 1: prints that it follows node 0, then runs o's ranks of
+ * this node for node 0 (m3_engine_follow) until node 0 quits; the command's exit status. */
+int m3_cli_follow(const char *cmd, const m3_engine_options *o);
 /* The layout plan of model_dir's config for tp x ep, printed on stdout. */
 m3_status m3_cli_print_plan(const char *model_dir, int tp, int ep);
 /* The backend for --device (cpu, cuda, cuda:N) with --threads CPU workers (0 = one per core). */

@@ -28,7 +28,7 @@ static const char usage[] =
     "  " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP
     "  --image / --video attach media (JPEG, PNG, WebP, GIF; videos through libavformat) for a\n"
     "  model with a vision tower: each takes the next ]<]image[>[ / ]<]video[>[ placeholder of\n"
-    "  the prompt (placeholders are put in front when the prompt has none).\n";
+    "  the prompt (placeholders are put in front when the prompt has none).\n" M3_CLI_NODES_HELP;
 
 enum { MAX_MEDIA = 64 };
 
@@ -183,6 +183,10 @@ int m3_cmd_run(int argc, char **argv) {
   o.max_running = 1;
   o.kv_memory_bytes = (size_t)a.kv_mib << 20;
   m3_cli_spec_apply(&a.spec, &o);
+  if (a.spec.node_rank > 0) { /* a node that follows node 0: no prompt of its own */
+    free(ids);
+    return m3_cli_follow("run", &o);
+  }
   if (isatty(STDERR_FILENO)) o.on_load_progress = m3_cli_load_progress;
   stream out = {.print_ids = a.ids != NULL};
   if ((st = m3_engine_open(&o, &e)) != M3_OK) goto done;

@@ -39,7 +39,8 @@ static const char usage[] =
     "  --remote-media-timeout-ms MS  time allowed for one image download (default 10000)\n"
     "  --grace SECONDS    on SIGTERM, how long requests in flight may finish (default 30)\n"
     "  --test-hooks       honour the request field m3_test_forced_text (tests only)\n"
-    "  Without --model it serves " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP;
+    "  Without --model it serves " M3_CLI_DEFAULT_MODEL ".\n" M3_CLI_DEFAULT_DRAFT_HELP
+    M3_CLI_NODES_HELP;
 
 typedef struct {
   m3_cli_model_paths paths;
@@ -132,6 +133,8 @@ int m3_cmd_serve(int argc, char **argv) {
     fputs(usage, stdout);
     return 0;
   }
+  /* A node that follows node 0 serves no HTTP: node 0's server hands it the steps. */
+  if (a.spec.node_rank > 0) return m3_cli_follow("serve", &a.engine);
   /* Blocked before any thread starts, so every thread inherits the mask and only sigwait below
    * sees them; SIGPIPE from a vanished client must not kill the server. */
   sigset_t stop;

@@ -90,6 +90,9 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
     return m3_fail(M3_ERR_ARG, "engine options: max_batch_tokens %d, max_running %d, threads %d, "
                    "tp %d, ep %d must be >= 0", o.max_batch_tokens, o.max_running, o.threads, o.tp,
                    o.ep);
+  if (o.nnodes > 1 && o.node_rank != 0)
+    return m3_fail(M3_ERR_ARG, "engine options: node_rank %d of %d nodes: the engine is node 0, "
+                   "the others follow it (m3_engine_follow)", o.node_rank, o.nnodes);
   int tp, ep;
   m3_ranks_layout(&o, &tp, &ep);
   m3_engine *e = calloc(1, sizeof *e);
@@ -109,7 +112,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   else if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) goto fail;
   /* Several ranks: refused combinations before anything loads; each rank's CPU workers a share. */
   const int threads = tp * ep > 1 ? m3_ranks_threads(o.threads, tp * ep) : o.threads;
-  if (tp * ep > 1 && (st = m3_ranks_check(dir, &o)) != M3_OK) goto fail;
+  if ((tp * ep > 1 || o.nnodes > 1) && (st = m3_ranks_check(dir, &o)) != M3_OK) goto fail;
   if ((st = m3_backend_create(o.device ? o.device : "cpu", threads, &e->be)) != M3_OK) {
     if (tp * ep > 1)
       st = m3_fail_context(st, "--tp %d --ep %d: rank 0 of %d on %s", tp, ep, tp * ep,
@@ -169,6 +172,26 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
 fail:
   m3_engine_close(e);
   return st;
+}
+
+m3_status m3_engine_follow(const m3_engine_options *opts) {
+  const m3_engine_options o = *opts;
+  if (o.nnodes < 2 || o.node_rank < 1 || o.node_rank >= o.nnodes || o.threads < 0)
+    return m3_fail(M3_ERR_ARG, "engine options: node_rank %d of %d nodes (threads %d): a node "
+                   "that follows node 0 is 1..nnodes-1", o.node_rank, o.nnodes, o.threads);
+  if (o.quantize && o.quantize[0] && strcmp(o.quantize, "mxfp8") != 0)
+    return m3_fail(M3_ERR_ARG, "engine options: quantize '%s' (expected mxfp8)", o.quantize);
+  char dir[4096];
+  m3_status st = M3_OK;
+  if (o.model_dir) snprintf(dir, sizeof dir, "%s", o.model_dir);
+  else if ((st = m3_builtin_model_dir(dir, sizeof dir)) != M3_OK) return st;
+  if ((st = m3_ranks_check(dir, &o)) != M3_OK) return st;
+  int tp, ep;
+  m3_ranks_layout(&o, &tp, &ep);
+  const m3_model_load_options load = {.quantize_mxfp8 = o.quantize && o.quantize[0],
+                                      .threads = m3_ranks_threads(o.threads, tp * ep),
+                                      .tp_size = tp, .ep_size = ep};
+  return m3_ranks_follow(dir, &o, &load);
 }
 
 void m3_engine_close(m3_engine *e) {

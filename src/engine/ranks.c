@@ -1,7 +1,9 @@
-/* ranks.c: the ranks of one process (ranks.h says what each holds and how a step runs). */
+/* ranks.c: the ranks of one node (ranks.h says what each holds and how a step runs). */
 #include "engine/ranks.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -9,11 +11,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/node_link.h"
 #include "engine/parallel.h"
+#include "engine/rendezvous.h"
 #include "io/config.h"
 
 #ifdef M3_HAVE_NCCL
 #include "backend/cuda/collectives.h"
+#include "backend/cuda/p2p.h"
 #endif
 
 /* The host all-reduce of one group (the world, or one TP group): members post their buffers,
@@ -28,21 +33,20 @@ typedef struct {
   float *bufs[M3_PARALLEL_MAX_RANKS];
 } host_group;
 
-typedef struct {
-  int32_t from, to;
-} page_copy;
-
-typedef enum { JOB_LOAD, JOB_SETUP, JOB_FORWARD, JOB_QUIT } job_kind;
+typedef enum { JOB_LOAD, JOB_SETUP, JOB_P2P_JOIN, JOB_P2P_CONNECT, JOB_P2P_LEAVE, JOB_FORWARD,
+               JOB_FINISH, JOB_QUIT } job_kind;
 
 typedef struct {
   m3_ranks *all;
-  int index, tp_rank, ep_rank;
+  int index, tp_rank, ep_rank; /* in the world of every node */
+  int local;               /* on this node: it runs on GPU first_gpu + local */
   m3_backend *be;
   m3_model *model;
   m3_kv_cache *store;      /* ranks >= 1: storage mirroring rank 0's pages */
   host_group *world_group, *tp_group; /* CPU ranks */
 #ifdef M3_HAVE_NCCL
   m3_nccl *world_comm, *tp_comm; /* tp_comm: own communicator when tp > 1 and ep > 1 */
+  m3_p2p *p2p;             /* the world's peer-to-peer all-reduce, when the ranks have one */
 #endif
   m3_kv_view *views;       /* [cap_seqs * layers] */
   m3_model_seq *seqs;      /* [cap_seqs] */
@@ -56,6 +60,10 @@ typedef struct {
 
 struct m3_ranks {
   int tp, ep, world, on_device;
+  /* This node hosts ranks [node_rank * local, +local) of the world; ranks[i] is local rank i. */
+  int nnodes, node_rank, local;
+  int first_thread;        /* 1 on node 0, whose rank 0 is the engine's; 0 on the others */
+  int workers;             /* threads a job waits for: the ranks' and node 0's link thread */
   char dir[4096];
   m3_model_load_options load;
   int first_gpu, threads;
@@ -63,6 +71,8 @@ struct m3_ranks {
   host_group *groups;      /* CPU: [1 + ep] the world, then TP group e */
 #ifdef M3_HAVE_NCCL
   m3_nccl_id world_id, tp_ids[M3_PARALLEL_MAX_RANKS];
+  m3_p2p_group *p2p;       /* NULL: every all-reduce through NCCL */
+  int p2p_graphs;          /* every all-reduce of a recordable step goes peer to peer */
 #endif
   /* The job the engine thread posted, guarded by mu (written before the post, read after it). */
   pthread_mutex_t mu;
@@ -77,13 +87,31 @@ struct m3_ranks {
   m3_kv_dtype kv_dtype;
   const m3_model_seq *batch; /* JOB_FORWARD */
   int n;
+  int argmax;              /* the step hands over greedy ids (m3_model_forward_batch_argmax) */
   int32_t *tables;         /* [total blocks] the batch's block tables, one after another */
   size_t cap_tables;
   size_t *table_at;        /* [cap_n] where entry i's table starts in `tables` */
   int *table_blocks;       /* [cap_n] its length */
   int cap_n;
-  page_copy *copies;       /* rank 0's page copies since the last forward, in order */
+  m3_page_copy *copies;    /* rank 0's page copies since the last forward, in order */
   int n_copies, cap_copies;
+  /* Several nodes (node_link.h): node 0's links[n] is its socket to node n, a follower's
+   * links[0] its socket to node 0. The thread that watches them (node 0's link thread, a
+   * follower's main thread) sleeps in poll(); `wake` (a pipe) wakes it when a rank fails or the
+   * job ends. */
+  const char *master_addr;
+  int quantize_mxfp8;
+  m3_rendezvous_listener *listener; /* node 0, until the nodes joined */
+  int *links;
+  int wake[2];
+  pthread_t link_thread;
+  int link_started;
+  uint64_t link_seen;
+  uint64_t step;           /* FORWARD frames sent (node 0) or received */
+  int hidden;              /* the model's width: the media rows of a step */
+  m3_node_buf out;
+  m3_node_inbox in;
+  m3_node_inbox mid;       /* a follower: what node 0 sends while a step runs (ABORT) */
 };
 
 void m3_ranks_layout(const m3_engine_options *o, int *tp, int *ep) {
@@ -108,9 +136,36 @@ static int first_gpu(const char *device) {
   return end != device + 5 && *end == '\0' && errno == 0 && k >= 0 && k <= 1024 ? (int)k : -1;
 }
 
+/* The node layout (ranks.h m3_ranks_check). */
+static m3_status check_nodes(const m3_engine_options *o, int tp, int ep) {
+  const int nnodes = o->nnodes > 1 ? o->nnodes : 1;
+  if (nnodes == 1) return M3_OK;
+  const char *device = o->device ? o->device : "cpu";
+  if (o->node_rank < 0 || o->node_rank >= nnodes)
+    return m3_fail(M3_ERR_ARG, "--node-rank %d: expected 0..%d (--nnodes %d)", o->node_rank,
+                   nnodes - 1, nnodes);
+  if (!o->master_addr || !o->master_addr[0])
+    return m3_fail(M3_ERR_ARG, "--nnodes %d: needs --master-addr HOST[:PORT]", nnodes);
+  if ((tp * ep) % nnodes != 0)
+    return m3_fail(M3_ERR_ARG, "--nnodes %d does not divide the %d ranks of --tp %d x --ep %d "
+                   "(each node hosts the same number of ranks)", nnodes, tp * ep, tp, ep);
+  if (first_gpu(device) < 0)
+    return m3_fail(M3_ERR_ARG, "--nnodes %d needs --device cuda: the CPU ranks (--device %s) sum "
+                   "on the host of one process", nnodes, device);
+#ifndef M3_HAVE_NCCL
+  return m3_fail(M3_ERR_UNSUPPORTED, "--nnodes %d: this build has no NCCL, which several nodes "
+                 "need (configure with M3_CUDA=ON and M3_NCCL_ROOT where NCCL is installed)",
+                 nnodes);
+#else
+  return M3_OK;
+#endif
+}
+
 m3_status m3_ranks_check(const char *model_dir, const m3_engine_options *o) {
   int tp, ep;
   m3_ranks_layout(o, &tp, &ep);
+  m3_status nodes = check_nodes(o, tp, ep);
+  if (nodes != M3_OK) return nodes;
   if (o->speculative && o->speculative[0])
     return m3_fail(M3_ERR_ARG, "--speculative %s with --tp %d --ep %d: speculative "
                    "decoding does not run over several ranks yet", o->speculative, tp, ep);
@@ -187,30 +242,54 @@ static m3_status host_all_reduce(void *user, m3_reduce_group group, float *buf, 
 }
 
 #ifdef M3_HAVE_NCCL
+/* The peer-to-peer all-reduce of group, or NULL: it spans the world, so it serves the TP group
+ * only when that is the world (ep 1; set-up refuses tp > 1 with ep > 1). */
+static m3_p2p *p2p_of(const rank *k, m3_reduce_group group) {
+  return group == M3_REDUCE_WORLD || k->all->ep == 1 ? k->p2p : NULL;
+}
+
 static m3_status nccl_all_reduce(void *user, m3_reduce_group group, float *buf, size_t n) {
   rank *k = user;
   const m3_ranks *r = k->all;
+  m3_p2p *p = p2p_of(k, group);
+  if (p && m3_p2p_fits_sum(p, n)) return m3_p2p_all_reduce_sum(p, buf, n);
   m3_nccl *c = group == M3_REDUCE_WORLD ? k->world_comm
                : r->tp == 1             ? NULL
                : r->ep == 1             ? k->world_comm
                                         : k->tp_comm;
   return c ? m3_nccl_all_reduce_sum(c, buf, n) : M3_OK;
 }
+
+/* The model's fused all-reduce + residual add + norm, where the peer-to-peer all-reduce takes
+ * the size; elsewhere the model runs nccl_all_reduce and add_rmsnorm. */
+static m3_status p2p_add_norm(void *user, m3_reduce_group group, const float *part, float *x,
+                              const m3_tensor *norm, float eps, int T, int H, float *h,
+                              int *done) {
+  m3_p2p *p = p2p_of(user, group);
+  *done = p && m3_p2p_fits_add_norm(p, T, H);
+  return *done ? m3_p2p_add_norm(p, part, x, norm, eps, T, H, h) : M3_OK;
+}
 #endif
 
 /* ---- jobs ---- */
 
-/* Records the job's first failure (this thread's message, naming the rank) and releases the
- * peers that may wait for this rank in a collective: on the host, the barriers; with NCCL, every
- * rank's communicators are aborted (a rank that failed before issuing its part of an all-reduce
- * would otherwise leave the others' streams, and rank 0's wait for its logits, blocked forever).
- * The communicators are not remade: later steps fail, naming this failure. */
-static void note_failure(m3_ranks *r, int index, m3_status st) {
+/* The thread watching the other nodes' links looks again (a failure, the job's end). */
+static void wake_watcher(m3_ranks *r) {
+  if (r->wake[1] >= 0) (void)!write(r->wake[1], "", 1); /* full: a wake-up is pending anyway */
+}
+
+/* Records the job's first failure (`why`, naming the rank or node) and releases the peers that
+ * may wait for it in a collective: on the host, the barriers; with NCCL, every local rank's
+ * communicators are aborted (a rank that failed before issuing its part of an all-reduce would
+ * otherwise leave the others' streams, and rank 0's wait for its logits, blocked forever), and
+ * the watcher of the other nodes is woken to have them abort theirs. The communicators are not
+ * remade: later steps fail, naming this failure. */
+static void fail_step(m3_ranks *r, m3_status st, const char *why) {
   pthread_mutex_lock(&r->mu);
   const int first = r->failed == M3_OK;
   if (first) {
     r->failed = st;
-    snprintf(r->failure, sizeof r->failure, "rank %d: %s", index, m3_last_error());
+    snprintf(r->failure, sizeof r->failure, "%s", why);
   }
 #ifdef M3_HAVE_NCCL
   /* (Steps only: at set-up a communicator may be half made, and NCCL's init has no abort.) */
@@ -221,43 +300,58 @@ static void note_failure(m3_ranks *r, int index, m3_status st) {
   if (r->groups)
     for (int g = 0; g < 1 + r->ep; g++) group_abort(&r->groups[g]);
 #ifdef M3_HAVE_NCCL
-  for (int i = 0; abort_comms && i < r->world; i++) {
+  for (int i = 0; abort_comms && i < r->local; i++) {
     m3_nccl_abort(r->ranks[i].world_comm);
     m3_nccl_abort(r->ranks[i].tp_comm);
   }
+  if (abort_comms) m3_p2p_abort(r->p2p); /* peers spinning in a call this rank never made */
 #endif
+  wake_watcher(r);
+}
+
+/* fail_step naming the rank, with this thread's message. */
+static void note_failure(m3_ranks *r, int index, m3_status st) {
+  char why[600];
+  snprintf(why, sizeof why, "rank %d: %s", index, m3_last_error());
+  fail_step(r, st, why);
+}
+
+/* A worker finished the job. */
+static void job_done(m3_ranks *r) {
+  pthread_mutex_lock(&r->mu);
+  const int last = --r->pending == 0;
+  if (last) pthread_cond_signal(&r->done);
+  pthread_mutex_unlock(&r->mu);
+  if (last) wake_watcher(r);
 }
 
 static void finish_job(rank *k, m3_status st) {
-  m3_ranks *r = k->all;
-  if (st != M3_OK) note_failure(r, k->index, st);
-  pthread_mutex_lock(&r->mu);
-  if (--r->pending == 0) pthread_cond_signal(&r->done);
-  pthread_mutex_unlock(&r->mu);
+  if (st != M3_OK) note_failure(k->all, k->index, st);
+  job_done(k->all);
 }
 
-static job_kind take_job(rank *k) {
-  m3_ranks *r = k->all;
+/* A worker waits for the job after the one it took last (*seen). */
+static job_kind take_job(m3_ranks *r, uint64_t *seen) {
   pthread_mutex_lock(&r->mu);
-  while (r->generation == k->seen) pthread_cond_wait(&r->go, &r->mu);
-  k->seen = r->generation;
+  while (r->generation == *seen) pthread_cond_wait(&r->go, &r->mu);
+  *seen = r->generation;
   const job_kind kind = r->kind;
   pthread_mutex_unlock(&r->mu);
   return kind;
 }
 
-/* Engine thread: hands ranks 1.. a job (its data written before). */
+/* Hands the workers a job (its data written before). */
 static void post(m3_ranks *r, job_kind kind) {
   pthread_mutex_lock(&r->mu);
   r->kind = kind;
   r->generation++;
-  r->pending = r->world - 1;
+  r->pending = r->workers;
   r->failed = M3_OK;
   pthread_cond_broadcast(&r->go);
   pthread_mutex_unlock(&r->mu);
 }
 
-/* Engine thread: waits until ranks 1.. finished the job; its first failure. */
+/* Waits until the workers finished the job; its first failure. */
 static m3_status wait_done(m3_ranks *r) {
   pthread_mutex_lock(&r->mu);
   while (r->pending > 0) pthread_cond_wait(&r->done, &r->mu);
@@ -275,12 +369,12 @@ static m3_status wait_ranks(m3_ranks *r) {
 static m3_status load_rank(rank *k) {
   m3_ranks *r = k->all;
   char device[32] = "cpu";
-  if (r->on_device) snprintf(device, sizeof device, "cuda:%d", r->first_gpu + k->index);
+  if (r->on_device) snprintf(device, sizeof device, "cuda:%d", r->first_gpu + k->local);
   m3_status st = m3_backend_create(device, r->threads, &k->be);
   if (st != M3_OK)
     return m3_fail_context(st, "--tp %d --ep %d: rank %d of %d takes %s (GPUs %d..%d)", r->tp,
                            r->ep, k->index, r->world, device, r->first_gpu,
-                           r->first_gpu + r->world - 1);
+                           r->first_gpu + r->local - 1);
   m3_model_load_options load = r->load;
   load.tp_size = r->tp;
   load.tp_rank = k->tp_rank;
@@ -300,12 +394,8 @@ static m3_status connect_rank(rank *k) {
     if (st == M3_OK && r->tp > 1 && r->ep > 1)
       st = m3_nccl_init(&r->tp_ids[k->ep_rank], r->tp, k->tp_rank, k->be, &k->tp_comm);
     if (st != M3_OK) return st;
-    /* Not M3_ALL_REDUCE_CAPTURABLE: a rank's step signature holds its own KV views (rank 0 the
-     * sequences' table copies, the others one table buffer per step), so one rank may record a
-     * step while another runs it directly, and NCCL's capture of a collective registers the
-     * buffers with its peers, a handshake a peer running directly never joins (the step hung on
-     * 2 x H200). Steps of several ranks run op by op (tests/gpu/test_tp checks recorded
-     * collectives where every rank decides alike). */
+    /* Not M3_ALL_REDUCE_CAPTURABLE while NCCL does the all-reduces (connect_p2p says why); the
+     * peer-to-peer set-up that follows may make it so. */
     return m3_model_set_all_reduce(k->model, nccl_all_reduce, k, 0);
   }
 #endif
@@ -370,7 +460,9 @@ static m3_status forward_rank(rank *k) {
     if (m3_model_head_slices(k->model) == 1) k->seqs[i].n_logits = 0;
     k->seqs[i].capture = NULL;
   }
-  return m3_model_forward_batch(k->model, k->seqs, r->n, NULL);
+  /* Rank 0's variant: a split head's all-reduce moves candidates or logits (model.h). */
+  return r->argmax ? m3_model_forward_batch_argmax(k->model, k->seqs, r->n, NULL, NULL, NULL)
+                   : m3_model_forward_batch(k->model, k->seqs, r->n, NULL);
 }
 
 /* Everything of a rank's backend is freed on its thread, as it was made. */
@@ -380,6 +472,7 @@ static void teardown_rank(rank *k) {
 #ifdef M3_HAVE_NCCL
   m3_nccl_destroy(k->tp_comm);
   m3_nccl_destroy(k->world_comm);
+  m3_p2p_leave(k->p2p);
 #endif
   m3_model_free(k->model);
   if (k->be) k->be->ops->destroy(k->be);
@@ -387,13 +480,291 @@ static void teardown_rank(rank *k) {
   free(k->seqs);
 }
 
+#ifdef M3_HAVE_NCCL
+/* The peer-to-peer all-reduce's set-up on a rank (its own thread, or rank 0's on the engine
+ * thread), in three jobs the engine thread separates with waits: every rank joins (allocates
+ * and publishes its buffers), then connects (peer access to the others' GPUs) and takes the
+ * hooks, or, when any rank failed either, leaves with the hooks back on NCCL alone. */
+static m3_status p2p_job(rank *k, job_kind kind) {
+  m3_ranks *r = k->all;
+  if (kind == JOB_P2P_JOIN) return m3_p2p_join(r->p2p, k->index, k->be, &k->p2p);
+  if (kind == JOB_P2P_CONNECT) {
+    m3_status st = k->p2p ? m3_p2p_connect(k->p2p) : M3_OK;
+    if (st != M3_OK) return st;
+    m3_model_set_reduce_add_norm(k->model, p2p_add_norm);
+    return m3_model_set_all_reduce(k->model, nccl_all_reduce, k,
+                                   r->p2p_graphs ? M3_ALL_REDUCE_CAPTURABLE : 0);
+  }
+  m3_model_set_reduce_add_norm(k->model, NULL);
+  m3_p2p_leave(k->p2p);
+  k->p2p = NULL;
+  return m3_model_set_all_reduce(k->model, nccl_all_reduce, k, 0);
+}
+#endif
+
+static m3_status run_job(rank *k, job_kind kind) {
+  switch (kind) {
+  case JOB_SETUP: return setup_rank(k);
+  case JOB_FORWARD: return forward_rank(k);
+  case JOB_FINISH: return m3_model_finish(k->model);
+#ifdef M3_HAVE_NCCL
+  case JOB_P2P_JOIN:
+  case JOB_P2P_CONNECT:
+  case JOB_P2P_LEAVE: return p2p_job(k, kind);
+#endif
+  default: return m3_fail(M3_ERR_ARG, "rank %d: job %d out of place", k->index, (int)kind);
+  }
+}
+
 static void *rank_main(void *arg) {
   rank *k = arg;
   finish_job(k, load_rank(k));
-  for (job_kind kind; (kind = take_job(k)) != JOB_QUIT;)
-    finish_job(k, kind == JOB_SETUP ? setup_rank(k) : forward_rank(k));
+  for (job_kind kind; (kind = take_job(k->all, &k->seen)) != JOB_QUIT;) finish_job(k, run_job(k, kind));
   teardown_rank(k);
   return NULL;
+}
+
+/* ---- the other nodes (node_link.h: what the frames hold) ---- */
+
+static int64_t after_ms(int ms) { return m3_net_now_ms() + ms; }
+
+static m3_rendezvous_opts node_opts(const m3_ranks *r) {
+  return (m3_rendezvous_opts){.master_addr = r->master_addr, .nnodes = r->nnodes,
+                              .node_rank = r->node_rank,
+                              .connect_timeout_ms = M3_NODE_JOIN_TIMEOUT_MS,
+                              .wait_timeout_ms = M3_NODE_JOIN_TIMEOUT_MS};
+}
+
+/* The links' table, the wake pipe and, on node 0, the listener the other nodes connect to while
+ * every node loads its weights (so a port already taken fails before the load). */
+static m3_status open_links(m3_ranks *r) {
+  r->links = malloc((size_t)r->nnodes * sizeof *r->links);
+  if (!r->links) return m3_fail(M3_ERR_NOMEM, "ranks: %d node links", r->nnodes);
+  for (int n = 0; n < r->nnodes; n++) r->links[n] = -1;
+  if (pipe(r->wake) != 0) {
+    r->wake[0] = r->wake[1] = -1;
+    return m3_fail(M3_ERR_IO, "ranks: pipe: %s", strerror(errno));
+  }
+  for (int i = 0; i < 2; i++) {
+    fcntl(r->wake[i], F_SETFL, fcntl(r->wake[i], F_GETFL) | O_NONBLOCK);
+    fcntl(r->wake[i], F_SETFD, FD_CLOEXEC);
+  }
+  if (r->node_rank > 0) return M3_OK;
+  const m3_rendezvous_opts o = node_opts(r);
+  int port;
+  return m3_rendezvous_listen(&o, &r->listener, &port);
+}
+
+static void drain_wake(m3_ranks *r) {
+  char b[64];
+  while (read(r->wake[0], b, sizeof b) > 0) {
+  }
+}
+
+static int step_failed(m3_ranks *r) {
+  pthread_mutex_lock(&r->mu);
+  const int failed = r->failed != M3_OK;
+  pthread_mutex_unlock(&r->mu);
+  return failed;
+}
+
+static m3_status send_status(m3_ranks *r, int n, m3_node_kind kind, uint64_t step, m3_status st,
+                             const char *message, int64_t deadline) {
+  char peer[32];
+  snprintf(peer, sizeof peer, "node %d", n);
+  m3_status s = m3_node_encode_status(&r->out, kind, step, st, message);
+  return s == M3_OK ? m3_node_send(r->links[n], &r->out, deadline, peer) : s;
+}
+
+/* Node n's STATUS of `step` (links[n]): its status, with its message after "node n: ". */
+static m3_status take_status(m3_ranks *r, int n, uint64_t step, int64_t deadline) {
+  char peer[32], message[M3_NODE_MAX_MESSAGE + 1];
+  snprintf(peer, sizeof peer, "node %d", n);
+  m3_node_kind kind;
+  int closed;
+  m3_status st = m3_node_recv(r->links[n], &r->in, &kind, deadline, peer, &closed);
+  if (st == M3_OK && kind != M3_NODE_STATUS)
+    st = m3_fail(M3_ERR_FORMAT, "%s sent a %s frame where its STATUS of step %llu was due", peer,
+                 m3_node_kind_name(kind), (unsigned long long)step);
+  uint64_t got = 0;
+  m3_status code = M3_OK;
+  if (st == M3_OK)
+    st = m3_node_decode_status(&r->in, kind, peer, &got, &code, message, sizeof message);
+  if (st == M3_OK && got != step)
+    st = m3_fail(M3_ERR_FORMAT, "%s answered step %llu where step %llu was due", peer,
+                 (unsigned long long)got, (unsigned long long)step);
+  if (st == M3_OK && code != M3_OK) st = m3_fail(code, "%s: %s", peer, message);
+  return st;
+}
+
+#ifdef M3_HAVE_NCCL
+_Static_assert(sizeof(m3_nccl_id) == M3_NODE_ID_BYTES, "an NCCL id is a node header id");
+#endif
+
+/* The communicators' ids into the header and out of it: the world's, then one per TP group. */
+static void put_ids(const m3_ranks *r, m3_node_header *h) {
+#ifdef M3_HAVE_NCCL
+  h->n_ids = 1 + (r->tp > 1 && r->ep > 1 ? r->ep : 0);
+  memcpy(h->ids[0], r->world_id.bytes, M3_NODE_ID_BYTES);
+  for (int e = 1; e < h->n_ids; e++) memcpy(h->ids[e], r->tp_ids[e - 1].bytes, M3_NODE_ID_BYTES);
+#else
+  (void)r;
+  h->n_ids = 0; /* check_nodes refused several nodes */
+#endif
+}
+
+static void take_ids(m3_ranks *r, const m3_node_header *h) {
+#ifdef M3_HAVE_NCCL
+  memcpy(r->world_id.bytes, h->ids[0], M3_NODE_ID_BYTES);
+  for (int e = 1; e < h->n_ids; e++) memcpy(r->tp_ids[e - 1].bytes, h->ids[e], M3_NODE_ID_BYTES);
+#else
+  (void)r;
+  (void)h;
+#endif
+}
+
+static void *link_main(void *arg);
+
+/* Node 0, its ranks loaded and its cache made: hands every node the header and the ids, takes
+ * each node's verdict on them, tells every node to go on (the communicators' init waits for
+ * all of them: no node may start it while another refuses), and starts the link thread. */
+static m3_status meet_nodes(m3_ranks *r) {
+  const m3_config *c = m3_model_config(r->ranks[0].model);
+  m3_node_header *h = calloc(1, sizeof *h);
+  uint8_t *blob = malloc(M3_NODE_BLOB_BYTES);
+  m3_status st = h && blob ? M3_OK : m3_fail(M3_ERR_NOMEM, "ranks: the node header");
+  if (st == M3_OK) {
+    *h = (m3_node_header){.tp = r->tp, .ep = r->ep, .nnodes = r->nnodes, .pages = r->pages,
+                          .kv_dtype = r->kv_dtype, .quantize_mxfp8 = r->quantize_mxfp8,
+                          .hidden = c->hidden_size, .layers = c->num_layers,
+                          .vocab = c->vocab_size};
+    put_ids(r, h);
+    m3_node_header_encode(h, blob);
+    const m3_rendezvous_opts o = node_opts(r);
+    st = m3_rendezvous_serve_keep(r->listener, &o, blob, M3_NODE_BLOB_BYTES, r->links);
+    r->listener = NULL; /* closed by the exchange */
+  }
+  free(h);
+  free(blob);
+  const int64_t deadline = after_ms(M3_NODE_STEP_TIMEOUT_MS);
+  for (int n = 1; n < r->nnodes && st == M3_OK; n++) st = take_status(r, n, 0, deadline);
+  for (int n = 1; n < r->nnodes && st == M3_OK; n++)
+    st = send_status(r, n, M3_NODE_STATUS, 0, M3_OK, NULL, deadline);
+  if (st != M3_OK) return st;
+  pthread_mutex_lock(&r->mu);
+  r->link_seen = r->generation;
+  r->workers++;
+  pthread_mutex_unlock(&r->mu);
+  const int rc = pthread_create(&r->link_thread, NULL, link_main, r);
+  if (rc != 0) {
+    r->workers--;
+    return m3_fail(M3_ERR_IO, "ranks: cannot start the thread of the node links (%s)",
+                   strerror(rc));
+  }
+  r->link_started = 1;
+  return M3_OK;
+}
+
+/* Node 0's step failed: the nodes still due to answer abort theirs (best effort: a node that is
+ * gone shows in its answer). */
+static void abort_nodes(m3_ranks *r, uint64_t step, const uint8_t *due, int64_t deadline) {
+  char why[sizeof r->failure];
+  pthread_mutex_lock(&r->mu);
+  snprintf(why, sizeof why, "%s", r->failure);
+  pthread_mutex_unlock(&r->mu);
+  for (int n = 1; n < r->nnodes; n++)
+    if (due[n]) (void)send_status(r, n, M3_NODE_ABORT, step, M3_ERR_IO, why, deadline);
+}
+
+/* Node 0's link thread, for one job: a step goes to every node (FORWARD), then every node's
+ * answer (the step's, or the set-up's) comes back before the deadline. Meanwhile a failure of
+ * node 0's own ranks has the nodes still busy abort their step; a node's failure, silence past
+ * the deadline or a broken link is the step's failure, which aborts node 0's communicators
+ * (fail_step) so that its ranks stop waiting for that node's part. */
+static void step_nodes(m3_ranks *r, uint64_t step, int forward) {
+  uint8_t due[M3_PARALLEL_MAX_RANKS] = {0};
+  char why[sizeof r->failure];
+  const int64_t deadline = after_ms(M3_NODE_STEP_TIMEOUT_MS);
+  if (forward) {
+    const m3_node_step s = {.step = step, .seqs = r->batch, .n = r->n, .argmax = r->argmax,
+                            .tables = r->tables, .table_at = r->table_at,
+                            .table_blocks = r->table_blocks, .copies = r->copies,
+                            .n_copies = r->n_copies};
+    const m3_status st = m3_node_encode_forward(&r->out, &s, r->hidden);
+    if (st != M3_OK) {
+      fail_step(r, st, m3_last_error());
+      return;
+    }
+  }
+  for (int n = 1; n < r->nnodes; n++) {
+    char peer[32];
+    snprintf(peer, sizeof peer, "node %d", n);
+    m3_status st = forward ? m3_node_send(r->links[n], &r->out, deadline, peer) : M3_OK;
+    if (st != M3_OK) fail_step(r, st, m3_last_error());
+    due[n] = st == M3_OK;
+  }
+  for (int aborted = 0;;) {
+    struct pollfd p[1 + M3_PARALLEL_MAX_RANKS] = {{.fd = r->wake[0], .events = POLLIN}};
+    int node[1 + M3_PARALLEL_MAX_RANKS], np = 1;
+    for (int n = 1; n < r->nnodes; n++)
+      if (due[n]) {
+        node[np] = n;
+        p[np++] = (struct pollfd){.fd = r->links[n], .events = POLLIN};
+      }
+    if (np == 1) return;
+    if (forward && !aborted && step_failed(r)) {
+      abort_nodes(r, step, due, deadline);
+      aborted = 1;
+    }
+    const int64_t left = deadline - m3_net_now_ms();
+    const int ready = left > 0 ? poll(p, (nfds_t)np, (int)left) : 0;
+    if (ready == 0) {
+      snprintf(why, sizeof why, "node %d did not answer step %llu within %d s", node[1],
+               (unsigned long long)step, M3_NODE_STEP_TIMEOUT_MS / 1000);
+      fail_step(r, M3_ERR_IO, why);
+      if (forward && !aborted) abort_nodes(r, step, due, after_ms(1000));
+      return;
+    }
+    if (ready < 0 && errno != EINTR) {
+      snprintf(why, sizeof why, "node links: poll: %s", strerror(errno));
+      fail_step(r, M3_ERR_IO, why);
+      return;
+    }
+    if (p[0].revents) drain_wake(r);
+    for (int i = 1; i < np; i++) {
+      if (!p[i].revents) continue;
+      const m3_status st = take_status(r, node[i], step, deadline);
+      if (st != M3_OK) fail_step(r, st, m3_last_error());
+      due[node[i]] = 0;
+    }
+  }
+}
+
+static void *link_main(void *arg) {
+  m3_ranks *r = arg;
+  for (job_kind kind; (kind = take_job(r, &r->link_seen)) != JOB_QUIT; job_done(r))
+    if (kind == JOB_FORWARD || kind == JOB_SETUP) step_nodes(r, kind == JOB_FORWARD ? r->step : 0,
+                                                              kind == JOB_FORWARD);
+  if (m3_node_encode_quit(&r->out) == M3_OK)
+    for (int n = 1; n < r->nnodes; n++) {
+      char peer[32];
+      snprintf(peer, sizeof peer, "node %d", n);
+      (void)m3_node_send(r->links[n], &r->out, after_ms(5000), peer);
+    }
+  return NULL;
+}
+
+static void close_links(m3_ranks *r) {
+  if (r->link_started) pthread_join(r->link_thread, NULL);
+  for (int n = 0; r->links && n < r->nnodes; n++)
+    if (r->links[n] >= 0) close(r->links[n]);
+  for (int i = 0; i < 2; i++)
+    if (r->wake[i] >= 0) close(r->wake[i]);
+  m3_rendezvous_listener_free(r->listener);
+  free(r->links);
+  free(r->out.bytes);
+  m3_node_inbox_free(&r->in);
+  m3_node_inbox_free(&r->mid);
 }
 
 /* ---- the engine thread's side ---- */
@@ -411,23 +782,34 @@ m3_status m3_ranks_start(const char *model_dir, const m3_engine_options *o,
   r->first_gpu = first_gpu(o->device ? o->device : "cpu");
   r->on_device = r->first_gpu >= 0;
   r->threads = m3_ranks_threads(o->threads, r->world);
+  r->nnodes = o->nnodes > 1 ? o->nnodes : 1;
+  r->node_rank = r->nnodes > 1 ? o->node_rank : 0;
+  r->local = r->world / r->nnodes;
+  r->first_thread = r->node_rank == 0 ? 1 : 0;
+  r->workers = r->local - r->first_thread;
+  r->master_addr = o->master_addr;
+  r->quantize_mxfp8 = load->quantize_mxfp8;
+  r->wake[0] = r->wake[1] = -1;
   pthread_mutex_init(&r->mu, NULL);
   pthread_cond_init(&r->go, NULL);
   pthread_cond_init(&r->done, NULL);
-  /* The load is the job every rank starts with. */
-  r->kind = JOB_LOAD;
-  r->pending = r->world - 1;
-  for (int i = 0; i < r->world; i++) {
+  for (int i = 0; i < r->local; i++) {
     rank *k = &r->ranks[i];
-    *k = (rank){.all = r, .index = i, .tp_rank = i % r->tp, .ep_rank = i / r->tp};
+    const int g = r->node_rank * r->local + i;
+    *k = (rank){.all = r, .index = g, .local = i, .tp_rank = g % r->tp, .ep_rank = g / r->tp};
   }
   *out = r;
-  for (int i = 1; i < r->world; i++) {
+  m3_status st = r->nnodes > 1 ? open_links(r) : M3_OK;
+  if (st != M3_OK) return st;
+  /* The load is the job every rank starts with. */
+  r->kind = JOB_LOAD;
+  r->pending = r->workers;
+  for (int i = r->first_thread; i < r->local; i++) {
     rank *k = &r->ranks[i];
     const int rc = pthread_create(&k->thread, NULL, rank_main, k);
     if (rc != 0) {
       pthread_mutex_lock(&r->mu);
-      r->pending -= r->world - i; /* the ranks never started finish nothing */
+      r->pending -= r->local - i; /* the ranks never started finish nothing */
       pthread_mutex_unlock(&r->mu);
       return m3_fail(M3_ERR_IO, "ranks: cannot start the thread of rank %d (%s)", i, strerror(rc));
     }
@@ -467,14 +849,52 @@ static m3_status log_copy(void *user, int32_t from, int32_t to) {
   m3_ranks *r = user;
   if (r->n_copies == r->cap_copies) {
     const int cap = r->cap_copies ? 2 * r->cap_copies : 64;
-    page_copy *copies = realloc(r->copies, (size_t)cap * sizeof *copies);
+    m3_page_copy *copies = realloc(r->copies, (size_t)cap * sizeof *copies);
     if (!copies) return m3_fail(M3_ERR_NOMEM, "ranks: page copies");
     r->copies = copies;
     r->cap_copies = cap;
   }
-  r->copies[r->n_copies++] = (page_copy){from, to};
+  r->copies[r->n_copies++] = (m3_page_copy){from, to};
   return M3_OK;
 }
+
+#ifdef M3_HAVE_NCCL
+/* Every rank's job `kind`, rank 0's on this thread; the first failure. */
+static m3_status all_ranks(m3_ranks *r, job_kind kind) {
+  post(r, kind);
+  m3_status st0 = run_job(&r->ranks[0], kind);
+  if (st0 != M3_OK) note_failure(r, 0, st0);
+  return wait_ranks(r);
+}
+
+/* The peer-to-peer all-reduce over the world, when the layout sums over the world alone (tp 1 or
+ * ep 1) and the GPUs reach each other's memory (NVLink, or PCIe peer access). M3_P2P=0 keeps
+ * NCCL for every size (for comparisons). Any failure on the way leaves NCCL doing everything.
+ * With it, decode steps may record as CUDA graphs on each rank independently, once every
+ * all-reduce of such a step (rows up to M3_MODEL_GRAPH_MAX_TOKENS) goes peer to peer: NCCL's
+ * capture registers buffers with the peers, a handshake that a peer running the step op by op
+ * (its KV views differ from rank 0's, so its step signatures do) never joins. */
+static void connect_p2p(m3_ranks *r) {
+  const char *env = getenv("M3_P2P");
+  /* Peer access joins the GPUs of one process: several nodes sum through NCCL alone. */
+  if ((env && strcmp(env, "0") == 0) || r->nnodes > 1 || (r->tp > 1 && r->ep > 1) ||
+      r->world > M3_P2P_MAX_RANKS ||
+      m3_p2p_group_create(r->world, &r->p2p) != M3_OK)
+    return;
+  if (all_ranks(r, JOB_P2P_JOIN) == M3_OK) {
+    const m3_model *m0 = r->ranks[0].model;
+    const m3_p2p *p0 = r->ranks[0].p2p;
+    const int rows = M3_MODEL_GRAPH_MAX_TOKENS, H = m3_model_config(m0)->hidden_size;
+    const size_t head = m3_model_head_slices(m0) > 1 ? (size_t)rows * m3_model_config(m0)->vocab_size : 0;
+    r->p2p_graphs = m3_p2p_fits_add_norm(p0, rows, H) && (!head || m3_p2p_fits_sum(p0, head));
+    if (all_ranks(r, JOB_P2P_CONNECT) == M3_OK) return;
+  }
+  all_ranks(r, JOB_P2P_LEAVE);
+  m3_p2p_group_free(r->p2p);
+  r->p2p = NULL;
+  r->p2p_graphs = 0;
+}
+#endif
 
 m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
   m3_status st = wait_ranks(r);
@@ -486,11 +906,16 @@ m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
   if (st != M3_OK) return st;
   r->pages = m3_kv_cache_num_pages(cache0);
   r->kv_dtype = m3_kv_cache_dtype(cache0);
+  r->hidden = m3_model_config(model0)->hidden_size;
+  if (r->nnodes > 1 && (st = meet_nodes(r)) != M3_OK) return st;
   post(r, JOB_SETUP);
   /* Rank 0's communicators alongside the others' (NCCL's init waits for every rank). */
   m3_status st0 = connect_rank(k0);
   if (st0 != M3_OK) note_failure(r, 0, st0);
   if ((st = wait_ranks(r)) != M3_OK) return st;
+#ifdef M3_HAVE_NCCL
+  if (r->on_device) connect_p2p(r);
+#endif
   m3_kv_cache_set_copy_hook(cache0, log_copy, r);
   return M3_OK;
 }
@@ -498,15 +923,26 @@ m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
 void m3_ranks_free(m3_ranks *r) {
   if (!r) return;
   wait_done(r); /* a load or set-up still running; the caller's error message stays */
+#ifdef M3_HAVE_NCCL
+  /* Peers read each other's staging: every GPU idle before any rank frees its own. */
+  if (r->p2p) all_ranks(r, JOB_FINISH);
+#endif
   post(r, JOB_QUIT);
 #ifdef M3_HAVE_NCCL
-  /* Rank 0's backend and model are the engine's, its communicators the ranks': they go while
-   * the other ranks free theirs. */
-  m3_nccl_destroy(r->ranks[0].tp_comm);
-  m3_nccl_destroy(r->ranks[0].world_comm);
+  /* Node 0's rank 0: its backend and model are the engine's, its communicators the ranks': they
+   * go while the other ranks free theirs (a follower's rank 0 frees its own). */
+  if (r->first_thread == 1) {
+    m3_nccl_destroy(r->ranks[0].tp_comm);
+    m3_nccl_destroy(r->ranks[0].world_comm);
+    m3_p2p_leave(r->ranks[0].p2p);
+  }
 #endif
-  for (int i = 1; i < r->world; i++)
+  for (int i = r->first_thread; i < r->local; i++)
     if (r->ranks[i].started) pthread_join(r->ranks[i].thread, NULL);
+  close_links(r);
+#ifdef M3_HAVE_NCCL
+  m3_p2p_group_free(r->p2p);
+#endif
   for (int g = 0; r->groups && g < 1 + r->ep; g++) {
     pthread_mutex_destroy(&r->groups[g].mu);
     pthread_cond_destroy(&r->groups[g].cv);
@@ -552,7 +988,7 @@ static m3_status pack_tables(m3_ranks *r, const m3_kv_seq *const *kv, int n) {
 }
 
 m3_status m3_ranks_run(m3_ranks *r, const m3_model_seq *batch, const m3_kv_seq *const *kv, int n,
-                       m3_status (*run0)(void *user), void *user) {
+                       int argmax, m3_status (*run0)(void *user), void *user) {
   if (r->aborted[0])
     return m3_fail(M3_ERR_IO, "--tp %d --ep %d: the ranks' NCCL communicators were aborted after "
                    "a failed step (%s); restart to use them again", r->tp, r->ep, r->aborted);
@@ -560,12 +996,184 @@ m3_status m3_ranks_run(m3_ranks *r, const m3_model_seq *batch, const m3_kv_seq *
   if (st != M3_OK) return st;
   r->batch = batch;
   r->n = n;
+  r->argmax = argmax;
+  r->step++;
   post(r, JOB_FORWARD);
   m3_status st0 = run0(user);
   if (st0 != M3_OK) note_failure(r, 0, st0);
   st = wait_ranks(r);
+#ifdef M3_HAVE_NCCL
+  /* A peer-to-peer all-reduce that gave up (a peer past the deadline) left wrong sums; seen here
+   * once rank 0's stream got that far (its logits wait for it), else at a later step. */
+  if (st == M3_OK && r->p2p && (st = m3_p2p_check(r->p2p)) != M3_OK)
+    snprintf(r->aborted, sizeof r->aborted, "%s", m3_last_error());
+#endif
   /* Every rank is idle: the copies are applied everywhere, the barriers can be reused. */
   r->n_copies = 0;
   for (int g = 0; r->groups && g < 1 + r->ep; g++) group_reset(&r->groups[g]);
+  return st;
+}
+
+/* ---- a node other than 0 ---- */
+
+/* Node 0's header against this node's own layout and model. */
+static m3_status check_header(const m3_ranks *r, const m3_node_header *h) {
+  const m3_config *c = m3_model_config(r->ranks[0].model);
+  const int ids = 1 + (r->tp > 1 && r->ep > 1 ? r->ep : 0);
+  if (h->tp != r->tp || h->ep != r->ep || h->nnodes != r->nnodes)
+    return m3_fail(M3_ERR_ARG, "node %d has --tp %d --ep %d --nnodes %d, node 0 --tp %d --ep %d "
+                   "--nnodes %d: every node takes the same layout", r->node_rank, r->tp, r->ep,
+                   r->nnodes, h->tp, h->ep, h->nnodes);
+  if (h->quantize_mxfp8 != r->quantize_mxfp8)
+    return m3_fail(M3_ERR_ARG, "--quantize mxfp8 on node %d only: every node loads the weights "
+                   "alike", r->quantize_mxfp8 ? r->node_rank : 0);
+  if (h->hidden != c->hidden_size || h->layers != c->num_layers || h->vocab != c->vocab_size)
+    return m3_fail(M3_ERR_ARG, "node %d's model (hidden %d, %d layers, vocabulary %d) is not "
+                   "node 0's (hidden %d, %d layers, vocabulary %d): every node takes the same "
+                   "--model", r->node_rank, c->hidden_size, c->num_layers, c->vocab_size,
+                   h->hidden, h->layers, h->vocab);
+  if (h->n_ids != ids || h->pages < 1)
+    return m3_fail(M3_ERR_FORMAT, "node header: %d ids (expected %d), %d KV pages", h->n_ids, ids,
+                   h->pages);
+  return M3_OK;
+}
+
+/* The rendezvous (its connection kept as the link to node 0), this node's verdict on the header,
+ * node 0's go, the set-up (communicators, then KV storage of node 0's page count) and its
+ * outcome, told to node 0. */
+static m3_status join_node0(m3_ranks *r) {
+  m3_node_header *h = malloc(sizeof *h);
+  uint8_t *blob = malloc(M3_NODE_BLOB_BYTES);
+  const m3_rendezvous_opts o = node_opts(r);
+  m3_status st = h && blob ? m3_rendezvous_join(&o, blob, M3_NODE_BLOB_BYTES, &r->links[0])
+                           : m3_fail(M3_ERR_NOMEM, "ranks: the node header");
+  if (st == M3_OK) st = m3_node_header_decode(blob, h);
+  if (st == M3_OK) {
+    const m3_status verdict = check_header(r, h);
+    char why[M3_NODE_MAX_MESSAGE];
+    snprintf(why, sizeof why, "%s", m3_last_error());
+    st = send_status(r, 0, M3_NODE_STATUS, 0, verdict, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
+    if (verdict != M3_OK) st = m3_fail(verdict, "%s", why);
+  }
+  if (st == M3_OK) st = take_status(r, 0, 0, after_ms(M3_NODE_STEP_TIMEOUT_MS));
+  if (st == M3_OK) {
+    take_ids(r, h);
+    r->pages = h->pages;
+    r->kv_dtype = h->kv_dtype;
+    r->hidden = h->hidden;
+    post(r, JOB_SETUP);
+    const m3_status set_up = wait_ranks(r);
+    char why[M3_NODE_MAX_MESSAGE];
+    snprintf(why, sizeof why, "%s", m3_last_error());
+    st = send_status(r, 0, M3_NODE_STATUS, 0, set_up, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
+    if (set_up != M3_OK) st = m3_fail(set_up, "%s", why);
+  }
+  free(h);
+  free(blob);
+  return st;
+}
+
+/* While this node's ranks run a step: an ABORT of the step from node 0 aborts them too (they may
+ * wait in a collective for node 0's part); a link that breaks does the same. Returns 1 when the
+ * link broke (the node then stops following). */
+static int watch_step(m3_ranks *r) {
+  int broken = 0;
+  char why[sizeof r->failure], message[M3_NODE_MAX_MESSAGE + 1];
+  for (;;) {
+    pthread_mutex_lock(&r->mu);
+    const int done = r->pending == 0;
+    pthread_mutex_unlock(&r->mu);
+    if (done) return broken;
+    struct pollfd p[2] = {{.fd = r->wake[0], .events = POLLIN},
+                          {.fd = broken ? -1 : r->links[0], .events = POLLIN}};
+    if (poll(p, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      snprintf(why, sizeof why, "link to node 0: poll: %s", strerror(errno));
+      fail_step(r, M3_ERR_IO, why);
+      wait_done(r); /* the ranks were released by the failure */
+      return 1;
+    }
+    if (p[0].revents) drain_wake(r);
+    if (!p[1].revents) continue;
+    m3_node_kind kind = M3_NODE_QUIT;
+    int closed;
+    uint64_t step = 0;
+    m3_status code = M3_ERR_IO;
+    m3_status st = m3_node_recv(r->links[0], &r->mid, &kind, after_ms(M3_NODE_STEP_TIMEOUT_MS),
+                                "node 0", &closed);
+    if (st == M3_OK && kind == M3_NODE_ABORT)
+      st = m3_node_decode_status(&r->mid, kind, "node 0", &step, &code, message, sizeof message);
+    if (st == M3_OK && kind != M3_NODE_ABORT)
+      st = m3_fail(M3_ERR_FORMAT, "node 0 sent a %s frame during step %llu",
+                   m3_node_kind_name(kind), (unsigned long long)r->step);
+    if (st != M3_OK) {
+      snprintf(why, sizeof why, "link to node 0, step %llu: %s", (unsigned long long)r->step,
+               m3_last_error());
+      fail_step(r, st, why);
+      broken = 1;
+    } else if (step == r->step) {
+      snprintf(why, sizeof why, "node 0 aborted step %llu: %.500s", (unsigned long long)step,
+               message);
+      fail_step(r, code != M3_OK ? code : M3_ERR_IO, why);
+    }
+  }
+}
+
+/* One FORWARD: this node's ranks run it as node 0's ranks 1.. run theirs (their arrays point
+ * into the frame), then node 0 hears how it went. A failed step is answered and the node goes
+ * on (node 0 has aborted the communicators: later steps fail there first); a frame that does not
+ * decode or a broken link ends the following. */
+static m3_status follow_step(m3_ranks *r) {
+  char why[M3_NODE_MAX_MESSAGE];
+  m3_node_step s;
+  m3_status st = m3_node_decode_forward(&r->in, r->pages, r->hidden, "node 0", &s);
+  if (st != M3_OK) {
+    snprintf(why, sizeof why, "%s", m3_last_error());
+    (void)send_status(r, 0, M3_NODE_STATUS, r->step + 1, st, why, after_ms(1000));
+    return m3_fail(st, "%s", why);
+  }
+  r->step = s.step;
+  r->batch = s.seqs;
+  r->n = s.n;
+  r->argmax = s.argmax;
+  r->tables = s.tables;
+  r->table_at = s.table_at;
+  r->table_blocks = s.table_blocks;
+  r->copies = s.copies;
+  r->n_copies = s.n_copies;
+  post(r, JOB_FORWARD);
+  const int broken = watch_step(r);
+  st = wait_ranks(r);
+  snprintf(why, sizeof why, "%s", m3_last_error());
+  /* The arrays belong to the inbox, not to the ranks (m3_ranks_free frees the ranks'). */
+  r->batch = NULL;
+  r->tables = NULL;
+  r->table_at = NULL;
+  r->table_blocks = NULL;
+  r->copies = NULL;
+  r->n_copies = 0;
+  if (broken) return m3_fail(st, "%s", why);
+  return send_status(r, 0, M3_NODE_STATUS, r->step, st, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
+}
+
+m3_status m3_ranks_follow(const char *model_dir, const m3_engine_options *o,
+                          const m3_model_load_options *load) {
+  m3_ranks *r = NULL;
+  m3_status st = m3_ranks_start(model_dir, o, load, &r);
+  if (st == M3_OK) st = wait_ranks(r);
+  if (st == M3_OK) st = join_node0(r);
+  while (st == M3_OK) {
+    m3_node_kind kind = M3_NODE_QUIT;
+    int closed;
+    st = m3_node_recv(r->links[0], &r->in, &kind, -1, "node 0", &closed);
+    if (closed || (st == M3_OK && kind == M3_NODE_QUIT)) {
+      st = M3_OK;
+      break;
+    }
+    if (st == M3_OK && kind == M3_NODE_FORWARD) st = follow_step(r);
+    else if (st == M3_OK && kind != M3_NODE_ABORT) /* an ABORT of a step already answered */
+      st = m3_fail(M3_ERR_FORMAT, "node 0 sent a %s frame between steps", m3_node_kind_name(kind));
+  }
+  m3_ranks_free(r);
   return st;
 }

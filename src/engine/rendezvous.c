@@ -31,13 +31,17 @@ struct m3_rendezvous_listener {
   int fd;
 };
 
-static int64_t now_ms(void) {
+int64_t m3_net_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t now_ms(void) { return m3_net_now_ms(); }
+
+/* poll()'s timeout until the deadline: -1 (none) for a negative deadline. */
 static int left_ms(int64_t deadline) {
+  if (deadline < 0) return -1;
   int64_t left = deadline - now_ms();
   return left > 0 ? (int)left : 0;
 }
@@ -68,38 +72,51 @@ static int wait_fd(int fd, short events, int64_t deadline) {
   }
 }
 
-/* Reads exactly n bytes of `what` from `peer`. */
-static m3_status read_full(int fd, uint8_t *buf, size_t n, int64_t deadline, const char *peer,
-                           const char *what) {
+m3_status m3_net_read(int fd, void *buf, size_t n, int64_t deadline, const char *peer,
+                      const char *what) {
+  uint8_t *bytes = buf;
   size_t got = 0;
   while (got < n) {
     int ready = wait_fd(fd, POLLIN, deadline);
     if (ready == 0)
-      return m3_fail(M3_ERR_IO, "rendezvous: %s sent %zu of %zu bytes of %s before the deadline",
-                     peer, got, n, what);
-    ssize_t r = ready < 0 ? -1 : recv(fd, buf + got, n - got, 0);
+      return m3_fail(M3_ERR_IO, "%s sent %zu of %zu bytes of %s before the deadline", peer, got,
+                     n, what);
+    ssize_t r = ready < 0 ? -1 : recv(fd, bytes + got, n - got, 0);
     if (r == 0)
-      return m3_fail(M3_ERR_IO, "rendezvous: %s closed the connection after %zu of %zu bytes of %s",
-                     peer, got, n, what);
+      return m3_fail(M3_ERR_IO, "%s closed the connection after %zu of %zu bytes of %s", peer,
+                     got, n, what);
     if (r < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
-      return m3_fail(M3_ERR_IO, "rendezvous: reading %s from %s: %s", what, peer, strerror(errno));
+      return m3_fail(M3_ERR_IO, "reading %s from %s: %s", what, peer, strerror(errno));
     if (r > 0) got += (size_t)r;
   }
   return M3_OK;
 }
 
-static m3_status write_full(int fd, const uint8_t *buf, size_t n, int64_t deadline,
-                            const char *peer, const char *what) {
+m3_status m3_net_write(int fd, const void *buf, size_t n, int64_t deadline, const char *peer,
+                       const char *what) {
+  const uint8_t *bytes = buf;
   size_t sent = 0;
   while (sent < n) {
     if (wait_fd(fd, POLLOUT, deadline) <= 0)
-      return m3_fail(M3_ERR_IO, "rendezvous: sending %s to %s timed out", what, peer);
-    ssize_t w = send(fd, buf + sent, n - sent, MSG_NOSIGNAL);
+      return m3_fail(M3_ERR_IO, "sending %s to %s timed out", what, peer);
+    ssize_t w = send(fd, bytes + sent, n - sent, MSG_NOSIGNAL);
     if (w < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
-      return m3_fail(M3_ERR_IO, "rendezvous: sending %s to %s: %s", what, peer, strerror(errno));
+      return m3_fail(M3_ERR_IO, "sending %s to %s: %s", what, peer, strerror(errno));
     if (w > 0) sent += (size_t)w;
   }
   return M3_OK;
+}
+
+static m3_status read_full(int fd, uint8_t *buf, size_t n, int64_t deadline, const char *peer,
+                           const char *what) {
+  m3_status st = m3_net_read(fd, buf, n, deadline, peer, what);
+  return st == M3_OK ? st : m3_fail_context(st, "rendezvous");
+}
+
+static m3_status write_full(int fd, const uint8_t *buf, size_t n, int64_t deadline,
+                            const char *peer, const char *what) {
+  m3_status st = m3_net_write(fd, buf, n, deadline, peer, what);
+  return st == M3_OK ? st : m3_fail_context(st, "rendezvous");
 }
 
 m3_status m3_rendezvous_parse_addr(const char *s, char *host, size_t cap, int *port) {
@@ -266,8 +283,15 @@ static m3_status take_hello(int fd, const char *peer, const m3_rendezvous_opts *
   return M3_OK;
 }
 
-m3_status m3_rendezvous_serve(m3_rendezvous_listener *l, const m3_rendezvous_opts *o,
-                              const uint8_t *blob, size_t len) {
+void m3_rendezvous_listener_free(m3_rendezvous_listener *l) {
+  if (!l) return;
+  close(l->fd);
+  free(l);
+}
+
+/* Node 0: keep NULL closes every connection after the answers, else keep[r] takes node r's. */
+static m3_status serve(m3_rendezvous_listener *l, const m3_rendezvous_opts *o, const uint8_t *blob,
+                       size_t len, int *keep) {
   int64_t deadline = now_ms() + o->wait_timeout_ms;
   m3_status st = check_opts(o, len);
   int *conn = st == M3_OK ? malloc((size_t)o->nnodes * sizeof *conn) : NULL;
@@ -300,12 +324,22 @@ m3_status m3_rendezvous_serve(m3_rendezvous_listener *l, const m3_rendezvous_opt
   }
   for (int r = 1; st == M3_OK && r < o->nnodes; r++)
     st = answer(conn[r], 0, blob, len, deadline, "a node");
-  for (int r = 1; conn && r < o->nnodes; r++)
+  for (int r = 0; keep && conn && r < o->nnodes; r++) keep[r] = st == M3_OK ? conn[r] : -1;
+  for (int r = 1; conn && r < o->nnodes && !(keep && st == M3_OK); r++)
     if (conn[r] >= 0) close(conn[r]);
   free(conn);
-  close(l->fd);
-  free(l);
+  m3_rendezvous_listener_free(l);
   return st;
+}
+
+m3_status m3_rendezvous_serve(m3_rendezvous_listener *l, const m3_rendezvous_opts *o,
+                              const uint8_t *blob, size_t len) {
+  return serve(l, o, blob, len, NULL);
+}
+
+m3_status m3_rendezvous_serve_keep(m3_rendezvous_listener *l, const m3_rendezvous_opts *o,
+                                   const uint8_t *blob, size_t len, int *fds) {
+  return serve(l, o, blob, len, fds);
 }
 
 /* One connection attempt to one address, bounded by the deadline: the fd, or -1 with errno. */
@@ -353,8 +387,8 @@ static m3_status connect_master(const m3_rendezvous_opts *o, int *out) {
   return M3_OK;
 }
 
-/* A node > 0: hello, then node 0's answer. */
-static m3_status join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len) {
+/* A node > 0: hello, then node 0's answer; keep NULL closes the connection, else *keep takes it. */
+static m3_status join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len, int *keep) {
   int fd = -1;
   m3_status st = connect_master(o, &fd);
   if (st != M3_OK) return st;
@@ -383,16 +417,25 @@ static m3_status join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len) {
   if (st == M3_OK && n != len)
     st = m3_fail(M3_ERR_FORMAT, "rendezvous: node 0 sent an id of %u bytes, expected %zu", n, len);
   if (st == M3_OK) st = read_full(fd, blob, len, deadline, peer, "the id");
-  close(fd);
+  if (keep && st == M3_OK) *keep = fd;
+  else close(fd);
   return st;
 }
 
 m3_status m3_rendezvous(const m3_rendezvous_opts *o, uint8_t *blob, size_t len) {
   m3_status st = check_opts(o, len);
   if (st != M3_OK || o->nnodes == 1) return st;
-  if (o->node_rank > 0) return join(o, blob, len);
+  if (o->node_rank > 0) return join(o, blob, len, NULL);
   m3_rendezvous_listener *l;
   int port;
   if ((st = m3_rendezvous_listen(o, &l, &port)) != M3_OK) return st;
   return m3_rendezvous_serve(l, o, blob, len);
+}
+
+m3_status m3_rendezvous_join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len, int *fd) {
+  *fd = -1;
+  m3_status st = check_opts(o, len);
+  if (st == M3_OK && o->node_rank == 0)
+    st = m3_fail(M3_ERR_ARG, "rendezvous: node 0 serves, it does not join");
+  return st == M3_OK ? join(o, blob, len, fd) : st;
 }

@@ -19,7 +19,7 @@
 
 #include "base/status.h"
 
-enum { M3_RENDEZVOUS_PORT = 29500, M3_RENDEZVOUS_MAX_NODES = 1024, M3_RENDEZVOUS_MAX_BLOB = 4096 };
+enum { M3_RENDEZVOUS_PORT = 29500, M3_RENDEZVOUS_MAX_NODES = 1024, M3_RENDEZVOUS_MAX_BLOB = 16384 };
 
 typedef struct {
   const char *master_addr; /* HOST[:PORT] or [V6ADDR][:PORT] (m3_rendezvous_parse_addr) */
@@ -38,6 +38,28 @@ typedef struct m3_rendezvous_listener m3_rendezvous_listener;
 m3_status m3_rendezvous_listen(const m3_rendezvous_opts *o, m3_rendezvous_listener **out, int *port);
 m3_status m3_rendezvous_serve(m3_rendezvous_listener *l, const m3_rendezvous_opts *o,
                               const uint8_t *blob, size_t len);
+
+/* The variants that keep the connections open after the exchange, as the step channel of the
+ * multi-node engine (engine/node_link.h). Node 0: on success fds[r] is node r's socket for r in
+ * 1..nnodes-1 and fds[0] = -1 (fds [nnodes], the caller closes them); on failure every connection
+ * is closed. A node > 0: *fd is its socket to node 0 on success, -1 otherwise. The sockets are
+ * non-blocking. */
+m3_status m3_rendezvous_serve_keep(m3_rendezvous_listener *l, const m3_rendezvous_opts *o,
+                                   const uint8_t *blob, size_t len, int *fds);
+m3_status m3_rendezvous_join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len, int *fd);
+
+/* Closes a listener that will not serve (node 0 failed before the exchange); NULL is ignored. */
+void m3_rendezvous_listener_free(m3_rendezvous_listener *l);
+
+/* Socket I/O the step channel shares: exactly n bytes on a non-blocking socket before `deadline`
+ * (m3_net_now_ms's clock; negative: no deadline). Failures are M3_ERR_IO naming `peer` and
+ * `what`: a deadline passed, the connection closed after some of the bytes, a socket error. Sends
+ * never raise SIGPIPE. */
+int64_t m3_net_now_ms(void);
+m3_status m3_net_read(int fd, void *buf, size_t n, int64_t deadline, const char *peer,
+                      const char *what);
+m3_status m3_net_write(int fd, const void *buf, size_t n, int64_t deadline, const char *peer,
+                       const char *what);
 
 /* "host", "host:port", "[v6]:port", "[v6]" or a bare IPv6 address -> host and port
  * (M3_RENDEZVOUS_PORT when absent; 0..65535). Errors name --master-addr. */

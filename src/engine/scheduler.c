@@ -16,7 +16,9 @@
  * (temperature > 0, nothing else read from the row) and the backend samples (sample_rows), it
  * draws those with the value each sequence's PRNG gives the host sampler, so a request's tokens
  * do not depend on which side drew them. With several ranks (--tp/--ep, ranks.h) each runs the
- * same forward on its share of the model and rank 0's gives the rows. */
+ * same forward on its share of the model and rank 0's gives the rows; on an argmax step with
+ * lm_head split over the vocabulary, no row is gathered at all: the ranks exchange each row's
+ * best candidate of their slices (model.h m3_model_forward_batch_argmax). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -365,7 +367,8 @@ m3_status m3_sched_step(m3_engine *e) {
     const handover how = step_handover(e, &b);
     step_forward f = {e, &b, how};
     const m3_status st =
-        e->ranks ? m3_ranks_run(e->ranks, e->batch, e->batch_kv, b.n, forward_rank0, &f)
+        e->ranks ? m3_ranks_run(e->ranks, e->batch, e->batch_kv, b.n, how == HAND_ARGMAX,
+                                forward_rank0, &f)
                  : forward_rank0(&f);
     t2 = now_seconds();
     if (st != M3_OK) {

@@ -64,7 +64,5 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   }
 
   be->ops->matmul(be, &w->o_proj, s->att, T, s->out);
-  m3_model_all_reduce(m, M3_REDUCE_TP, s->out, (size_t)T * c->hidden_size); /* TP: the heads' partial sums */
-  be->ops->add_rmsnorm(be, s->x, s->out, &w->post_attn_norm, c->rms_norm_eps, T, c->hidden_size,
-                       s->h);
+  m3_model_reduce_residual(m, M3_REDUCE_TP, T, &w->post_attn_norm); /* TP: the heads' partial sums */
 }

@@ -47,18 +47,6 @@ void m3_moe_experts_release(m3_backend *be, m3_moe_experts *ex) {
   *ex = (m3_moe_experts){0};
 }
 
-/* x += out (the last add onto the residual in this half), then h = GemmaRMSNorm(x, next) unless
- * next is NULL. */
-static void add_residual(m3_model *m, int T, const m3_tensor *next) {
-  const m3_config *c = &m->cfg;
-  m3_scratch *s = &m->s;
-  m3_backend *be = m->be;
-  if (next)
-    be->ops->add_rmsnorm(be, s->x, s->out, next, c->rms_norm_eps, T, c->hidden_size, s->h);
-  else
-    be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
-}
-
 /* Tensor / expert parallelism: each rank holds a slice of the shared expert's width and of its
  * EP group's experts' widths (the choices of other groups' experts it skips), so its shared
  * expert and routed experts are partial sums. They go into s.out together (the shared expert's
@@ -78,8 +66,7 @@ static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
     m->reduce_status = st; /* the step returns it; the all-reduce below still pairs up */
   be->ops->moe_experts(be, &m->experts[l], s->h, T, s->route_ids, s->route_w,
                        c->num_experts_per_tok, s->out);
-  m3_model_all_reduce(m, M3_REDUCE_WORLD, s->out, n);
-  add_residual(m, T, next);
+  m3_model_reduce_residual(m, M3_REDUCE_WORLD, T, next);
 }
 
 static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
@@ -100,7 +87,7 @@ static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
 
   if (m3_tensor_present(&w->shared_gate)) {
     swiglu_mlp(m, &w->shared_gate, &w->shared_up, &w->shared_down, s->h, T, s->out);
-    add_residual(m, T, next);
+    m3_model_add_residual(m, T, next);
   } else if (next) { /* the experts added onto x themselves: nothing to fuse the norm with */
     be->ops->rmsnorm(be, s->x, next, c->rms_norm_eps, T, c->hidden_size, s->h);
   }
@@ -116,6 +103,5 @@ void m3_ffn_block(m3_model *m, int l, int T, const m3_tensor *next) {
     return;
   }
   swiglu_mlp(m, &w->mlp_gate, &w->mlp_up, &w->mlp_down, s->h, T, s->out);
-  m3_model_all_reduce(m, M3_REDUCE_TP, s->out, (size_t)T * c->hidden_size); /* TP: the width slices' sums */
-  add_residual(m, T, next);
+  m3_model_reduce_residual(m, M3_REDUCE_TP, T, next); /* TP: the width slices' sums */
 }

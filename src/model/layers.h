@@ -74,15 +74,20 @@ struct m3_model {
   m3_all_reduce_fn all_reduce;   /* tensor / expert parallelism (set_all_reduce), or NULL */
   void *all_reduce_user;
   unsigned all_reduce_flags;     /* M3_ALL_REDUCE_CAPTURABLE: steps with it may be recorded */
+  m3_reduce_add_norm_fn reduce_add_norm; /* the fused form (set_reduce_add_norm), or NULL */
   m3_status reduce_status;       /* the step's first failed all-reduce, else M3_OK */
   float *zeros;                  /* [step_tokens, H] zeros: the routed experts' sum starts there
                                   * in an MoE layer without a shared expert (with a hook only) */
   /* The vocabulary split of lm_head (shard.c): this rank holds rows [head_rank * lm_head.rows,
    * +lm_head.rows) of head_world equal slices; head_world 1: the whole head. */
   int head_world, head_rank;
-  float *head_part;     /* [head_world, M3_MODEL_STEP_TOKENS, slice] the ranks' logits, summed */
+  float *head_part;     /* [head_world, M3_MODEL_STEP_TOKENS, slice] the ranks' logits, summed;
+                         * a greedy step's own slice [n, slice] at its start (head_pairs) */
   int32_t *head_gather; /* embed ids that reorder head_part's first n rows of every slice into
                          * [n, vocab], at head_gather + head_world * n (n - 1) / 2, n <= 256 */
+  float *head_pairs;    /* [head_world, M3_MODEL_STEP_TOKENS, 2] the ranks' candidates of a
+                         * greedy step (argmax_pairs), summed */
+  float *head_pairs_host; /* head_pairs on the host side (the same array on a host backend) */
 };
 
 /* Rank (tp_rank, ep_rank) of a tp x ep layout (m3_model_load_options; 1 x 1: the whole model). */
@@ -113,6 +118,35 @@ static inline void m3_model_all_reduce(m3_model *m, m3_reduce_group group, float
   if (!m->all_reduce) return;
   m3_status st = m->all_reduce(m->all_reduce_user, group, buf, n);
   if (m->reduce_status == M3_OK) m->reduce_status = st;
+}
+
+/* x += s.out (the last add onto the residual in a half), then h = GemmaRMSNorm(x, next) unless
+ * next is NULL. */
+static inline void m3_model_add_residual(m3_model *m, int T, const m3_tensor *next) {
+  const m3_config *c = &m->cfg;
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  if (next)
+    be->ops->add_rmsnorm(be, s->x, s->out, next, c->rms_norm_eps, T, c->hidden_size, s->h);
+  else
+    be->ops->add(be, s->x, s->out, (size_t)T * c->hidden_size);
+}
+
+/* m3_model_add_residual of s.out summed over `group` first (the ranks' partial outputs): through
+ * the fused hook when it takes the call, else the all-reduce and the add. */
+static inline void m3_model_reduce_residual(m3_model *m, m3_reduce_group group, int T,
+                                            const m3_tensor *next) {
+  const m3_config *c = &m->cfg;
+  m3_scratch *s = &m->s;
+  int done = 0;
+  if (m->all_reduce && m->reduce_add_norm) {
+    m3_status st = m->reduce_add_norm(m->all_reduce_user, group, s->out, s->x, next,
+                                      c->rms_norm_eps, T, c->hidden_size, s->h, &done);
+    if (m->reduce_status == M3_OK) m->reduce_status = st;
+  }
+  if (done) return;
+  m3_model_all_reduce(m, group, s->out, (size_t)T * c->hidden_size);
+  m3_model_add_residual(m, T, next);
 }
 
 /* Host memory to backend memory and back, for the step arrays of m3_host_side; nothing to do on a

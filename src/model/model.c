@@ -95,17 +95,26 @@ static m3_status alloc_scratch(m3_model *m) {
 
 /* The buffers of a vocabulary-split head (head_rows): the ranks' slices side by side for the
  * all-reduce, and for every row count n <= M3_MODEL_STEP_TOKENS the ids that gather row t of
- * slice r (slices row r n + t) into out row t, column block r (out row t W + r of width slice). */
+ * slice r (slices row r n + t) into out row t, column block r (out row t W + r of width slice);
+ * and the ranks' candidates of a greedy step (head_pairs), on both sides. */
 static m3_status alloc_head_split(m3_model *m) {
   if (m->head_world <= 1) return M3_OK;
+  /* A candidate carries its token id as a float32: exact below 2^24. */
+  if (m->cfg.vocab_size > 1 << 24)
+    return m3_fail(M3_ERR_UNSUPPORTED, "config: vocab_size %d split over %d ranks: the greedy "
+                   "pick's token ids travel as float32, exact up to 2^24", m->cfg.vocab_size,
+                   m->head_world);
   m3_backend *be = m->be;
   const size_t W = (size_t)m->head_world, S = M3_MODEL_STEP_TOKENS;
   const size_t slice = (size_t)m->w.lm_head.rows, n_ids = W * S * (S + 1) / 2;
+  const size_t pair_bytes = W * S * 2 * sizeof(float);
   m->head_part = be->ops->alloc(be, W * S * slice * sizeof(float));
   m->head_gather = be->ops->alloc(be, n_ids * sizeof(int32_t));
+  m->head_pairs = be->ops->alloc(be, pair_bytes);
+  m->head_pairs_host = be->ops->device_memory ? malloc(pair_bytes) : m->head_pairs;
   int32_t *ids = malloc(n_ids * sizeof *ids);
   m3_status st = M3_OK;
-  if (!m->head_part || !m->head_gather || !ids) {
+  if (!m->head_part || !m->head_gather || !m->head_pairs || !m->head_pairs_host || !ids) {
     st = m3_fail(M3_ERR_NOMEM, "model: the vocabulary-split head's %zu x %zu logits of %zu ranks",
                  S, slice, W);
   } else {
@@ -324,6 +333,8 @@ void m3_model_free(m3_model *m) {
   if (m->zeros) m->be->ops->free(m->be, m->zeros);
   if (m->head_part) m->be->ops->free(m->be, m->head_part);
   if (m->head_gather) m->be->ops->free(m->be, m->head_gather);
+  if (m->head_pairs_host != m->head_pairs) free(m->head_pairs_host);
+  if (m->head_pairs) m->be->ops->free(m->be, m->head_pairs);
   if (m->router_bias) {
     for (int l = 0; l < m->cfg.num_layers; l++)
       if (m->router_bias[l]) m->be->ops->free(m->be, m->router_bias[l]);
@@ -358,6 +369,11 @@ m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
   m->all_reduce_user = user;
   m->all_reduce_flags = fn ? flags : 0;
   return M3_OK;
+}
+
+void m3_model_set_reduce_add_norm(m3_model *m, m3_reduce_add_norm_fn fn) {
+  if (m->graphs) m3_step_graphs_clear(m->graphs, m->be);
+  m->reduce_add_norm = fn;
 }
 
 m3_status m3_model_set_hidden_layers(m3_model *m, const int *layers, int n) {
@@ -470,6 +486,7 @@ typedef struct {
   const int *slot; /* hidden-state slots of the step, or NULL */
   int rows;        /* logits rows wanted (hs.rows, already in s.rows) */
   float *logits;   /* host memory: where a host-memory backend's head writes */
+  int pairs;       /* the split head of a greedy step: candidates (head_pairs), no logits */
 } step_plan;
 
 /* The head's input: the final hidden of every row (s.h), or of the wanted rows gathered (s.xe). */
@@ -485,12 +502,24 @@ static float *head_output(m3_model *m, float *logits, int r0) {
   return m->s.logits ? m->s.logits : logits + (size_t)r0 * (size_t)m->cfg.vocab_size;
 }
 
+/* buf [head_world, block]: every part but this rank's = 0, so that a world all-reduce (sums of
+ * one value and zeros: exact) leaves each rank's part on every rank. */
+static m3_status zero_other_parts(m3_model *m, float *buf, size_t block) {
+  m3_backend *be = m->be;
+  const size_t W = (size_t)m->head_world, me = (size_t)m->head_rank;
+  m3_status st = M3_OK;
+  if (me > 0) st = be->ops->zero(be, buf, me * block * sizeof(float));
+  if (st == M3_OK && me + 1 < W)
+    st = be->ops->zero(be, buf + (me + 1) * block, (W - me - 1) * block * sizeof(float));
+  return st;
+}
+
 /* out [n, V] = in [n, H] lm_head^T. With a vocabulary split (shard.c) each rank computes its
- * slice into its part of head_part, zeros the other ranks' parts, and one world all-reduce (sums
- * of one value and zeros: exact) leaves every slice on every rank; the gather then reorders them
- * into rows of the whole vocabulary, skipped where out is NULL. Against the replicated head
- * this reads 1/world of lm_head (2.5 GB at M3's 200064 x 6144 in BF16: the largest matrix of a
- * decode step) for n x V floats through the all-reduce. */
+ * slice into its part of head_part, zeros the other ranks' parts, and one world all-reduce
+ * leaves every slice on every rank; the gather then reorders them into rows of the whole
+ * vocabulary, skipped where out is NULL. Against the replicated head this reads 1/world of
+ * lm_head (2.5 GB at M3's 200064 x 6144 in BF16: the largest matrix of a decode step) for n x V
+ * floats through the all-reduce. */
 static m3_status head_rows(m3_model *m, const float *in, int n, float *out) {
   m3_backend *be = m->be;
   if (m->head_world <= 1) {
@@ -500,10 +529,7 @@ static m3_status head_rows(m3_model *m, const float *in, int n, float *out) {
   const size_t W = (size_t)m->head_world, me = (size_t)m->head_rank;
   const size_t slice = (size_t)m->w.lm_head.rows, block = (size_t)n * slice;
   float *part = m->head_part;
-  m3_status st = M3_OK;
-  if (me > 0) st = be->ops->zero(be, part, me * block * sizeof(float));
-  if (st == M3_OK && me + 1 < W)
-    st = be->ops->zero(be, part + (me + 1) * block, (W - me - 1) * block * sizeof(float));
+  m3_status st = zero_other_parts(m, part, block);
   if (st != M3_OK) return st;
   be->ops->matmul(be, &m->w.lm_head, in, n, part + me * block);
   m3_model_all_reduce(m, M3_REDUCE_WORLD, part, W * block);
@@ -514,6 +540,50 @@ static m3_status head_rows(m3_model *m, const float *in, int n, float *out) {
   const int32_t *order = m->head_gather + W * (size_t)n * (size_t)(n - 1) / 2;
   be->ops->embed(be, &slices, order, (int)(W * (size_t)n), out);
   return M3_OK;
+}
+
+/* The split head of a greedy step, where only each row's argmax is wanted: each rank computes its
+ * slice's rows [n, slice] (into head_part), their best (score, index) (argmax_pairs) into its part
+ * of head_pairs [W, n, 2], zeros the others, and one world all-reduce of W x n x 2 floats (not
+ * n x V) hands every rank every slice's candidates for head_pick. */
+static m3_status head_pairs(m3_model *m, const float *in, int n) {
+  m3_backend *be = m->be;
+  const size_t me = (size_t)m->head_rank, slice = (size_t)m->w.lm_head.rows, block = 2 * (size_t)n;
+  m3_status st = zero_other_parts(m, m->head_pairs, block);
+  if (st != M3_OK) return st;
+  be->ops->matmul(be, &m->w.lm_head, in, n, m->head_part);
+  be->ops->argmax_pairs(be, m->head_part, n, (int)slice, (int)(me * slice),
+                        m->head_pairs + me * block);
+  m3_model_all_reduce(m, M3_REDUCE_WORLD, m->head_pairs, (size_t)m->head_world * block);
+  return M3_OK;
+}
+
+void m3_model_head_pick(const float *pairs, int world, int n, int32_t *ids) {
+  for (int t = 0; t < n; t++) {
+    const float *best = pairs + 2 * (size_t)t;
+    for (int r = 1; r < world; r++) {
+      const float *c = pairs + 2 * ((size_t)r * (size_t)n + (size_t)t);
+      /* The sampler's scan over the candidates: only a strictly larger score moves the choice
+       * (scores are never NaN: argmax_pairs maps NaN to an infinity). */
+      if (c[0] > best[0]) best = c;
+    }
+    ids[t] = (int32_t)best[1];
+  }
+}
+
+/* Each row's id from head_pairs (its first n rows): waits for the step on a device backend. */
+static m3_status head_pick(m3_model *m, int n, int32_t *ids) {
+  const size_t bytes = (size_t)m->head_world * 2 * (size_t)n * sizeof(float);
+  m3_status st = m3_download(m, m->head_pairs_host, m->head_pairs, bytes);
+  if (st == M3_OK) m3_model_head_pick(m->head_pairs_host, m->head_world, n, ids);
+  return st;
+}
+
+/* Rows [r0, r0 + n) of the step's head: their logits (head_rows), or on the split head of a
+ * greedy step their candidates (head_pairs). */
+static m3_status head_chunk(m3_model *m, const step_plan *p, int r0, int n) {
+  const float *in = head_input(m, p->rows, p->T) + (size_t)r0 * (size_t)m->cfg.hidden_size;
+  return p->pairs ? head_pairs(m, in, n) : head_rows(m, in, n, head_output(m, p->logits, r0));
 }
 
 /* The ops of a step from the embedding through the layers, the final norm and the head's first
@@ -554,8 +624,7 @@ static m3_status run_layers_and_head(m3_model *m, void *ctx) {
                               .rows = T, .cols = c->hidden_size, .quant = M3_WQ_NONE};
     be->ops->embed(be, &h_rows, s->rows, rows, s->xe);
   }
-  const int n = rows < M3_MODEL_STEP_TOKENS ? rows : M3_MODEL_STEP_TOKENS;
-  return head_rows(m, head_input(m, rows, T), n, head_output(m, p->logits, 0));
+  return head_chunk(m, p, 0, rows < M3_MODEL_STEP_TOKENS ? rows : M3_MODEL_STEP_TOKENS);
 }
 
 /* A step the recorded graphs take: a few tokens (decode, small batches, speculative
@@ -574,11 +643,13 @@ static int graphable(const m3_model *m, const step_plan *p) {
 }
 
 /* One step over T <= m->step_tokens tokens (hs.ids, hs.pos) of n_segs segments; writes the
- * requested logits rows to `logits` (host memory), or with `greedy` only each row's argmax to
- * greedy (host memory; `logits` is then where a host backend computes the rows), and their count
- * to *n_rows. */
+ * requested logits rows to `logits` (host memory), or with `picks` only each row's pick (argmax,
+ * or with m->sampling the backend's draw) to `picked` (host memory, NULL on a rank of a split head
+ * that returns none; `logits` is then where a host backend computes the rows, unused by a split
+ * head's argmax), and their count to *n_rows. */
 static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
-                      const m3_model_seq *seqs, float *logits, int32_t *greedy, int *n_rows) {
+                      const m3_model_seq *seqs, float *logits, int picks, int32_t *picked,
+                      int *n_rows) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
@@ -596,10 +667,14 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   m->reduce_status = M3_OK;
   step_plan plan = {segs, n_segs, T, seqs,
                     m->num_hidden && any_hidden(m, segs, n_segs) ? m->hidden_slot : NULL,
-                    rows, logits};
+                    rows, logits, picks && !m->sampling && m->head_world > 1};
+  /* The head's output in the signature tells the pairs' recording from the logits' one. */
+  const float *head_out0 = rows == 0   ? NULL
+                           : plan.pairs ? m->head_pairs
+                                        : head_output(m, logits, 0);
   if (graphable(m, &plan) &&
       m3_step_sig_build(m->graphs, be->ops->memory_epoch(be), T, segs, n_segs, c->num_layers,
-                        m->hs.rows, rows, rows > 0 ? head_output(m, logits, 0) : NULL) == M3_OK) {
+                        m->hs.rows, rows, head_out0) == M3_OK) {
     st = m3_step_graphs_run(m->graphs, m, run_layers_and_head, &plan);
   } else {
     if (m->graphs) m->graphs->stats.skipped++;
@@ -608,21 +683,23 @@ static m3_status step(m3_model *m, const m3_segment *segs, int n_segs, int T,
   if (st == M3_OK) st = m->reduce_status;
   if (st != M3_OK || rows == 0) return st;
   /* A device backend computes the logits in its memory, M3_MODEL_STEP_TOKENS rows at a time, and
-   * hands them over (greedy: only each row's argmax); the CPU writes the caller's buffer directly.
-   * The first rows' matmul ran above. */
-  const size_t V = (size_t)c->vocab_size, H = (size_t)c->hidden_size;
-  const float *head_in = head_input(m, rows, T);
+   * hands them over (picks: only each row's pick); the CPU writes the caller's buffer directly.
+   * The first rows' head ran above. */
+  const size_t V = (size_t)c->vocab_size;
   for (int r0 = 0; r0 < rows; r0 += M3_MODEL_STEP_TOKENS) {
     const int n = rows - r0 < M3_MODEL_STEP_TOKENS ? rows - r0 : M3_MODEL_STEP_TOKENS;
-    float *head_out = head_output(m, logits, r0);
-    if (r0 > 0 && (st = head_rows(m, head_in + (size_t)r0 * H, n, head_out)) == M3_OK)
-      st = m->reduce_status;
+    if (r0 > 0 && (st = head_chunk(m, &plan, r0, n)) == M3_OK) st = m->reduce_status;
     if (st != M3_OK) return st;
+    if (plan.pairs) {
+      if (picked && (st = head_pick(m, n, picked + r0)) != M3_OK) return st;
+      continue;
+    }
     if (!logits) continue;
-    if (greedy && m->sampling)
-      st = be->ops->sample_rows(be, head_out, n, (int)V, m->sampling + r0, greedy + r0);
-    else if (greedy)
-      st = be->ops->argmax_rows(be, head_out, n, (int)V, greedy + r0);
+    float *head_out = head_output(m, logits, r0);
+    if (picks && m->sampling)
+      st = be->ops->sample_rows(be, head_out, n, (int)V, m->sampling + r0, picked + r0);
+    else if (picks)
+      st = be->ops->argmax_rows(be, head_out, n, (int)V, picked + r0);
     else if (head_out != logits + (size_t)r0 * V)
       st = be->ops->to_host(be, logits + (size_t)r0 * V, head_out, (size_t)n * V * sizeof(float));
     if (st != M3_OK) return st;
@@ -640,16 +717,21 @@ static m3_status grow_segments(m3_model *m, int n) {
   return M3_OK;
 }
 
-/* m3_model_forward_batch_hidden, or with `greedy` its argmax variant. */
+/* m3_model_forward_batch_hidden, or with `picks` its argmax (sample) variant. */
 static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs, float *logits,
-                               int32_t *greedy, float *const *hidden) {
+                               int picks, int32_t *picked, float *const *hidden) {
   m->hidden = hidden;
+  /* Only a rank of a split head may return nothing of the rows it computes. */
+  const char *missing = m->head_world > 1 ? NULL
+                        : !logits         ? " without a logits buffer"
+                        : picks && !picked ? " without a tokens buffer"
+                                           : NULL;
   m3_status st = M3_OK;
   for (int i = 0; i < n_seqs && st == M3_OK; i++) {
     const m3_model_seq *q = &seqs[i];
-    if (q->n_logits < 0 || q->n_logits > q->T || (q->n_logits > 0 && !logits && m->head_world <= 1))
+    if (q->n_logits < 0 || q->n_logits > q->T || (q->n_logits > 0 && missing))
       return m3_fail(M3_ERR_ARG, "forward: sequence %d asks for %d logit rows of %d tokens%s", i,
-                     q->n_logits, q->T, logits ? "" : " without a logits buffer");
+                     q->n_logits, q->T, q->n_logits > 0 && missing ? missing : "");
     st = check_inputs(m, q->kv, q->ids, q->pos, q->T, q->capture);
   }
   /* A step holds at most one segment per sequence. */
@@ -678,8 +760,8 @@ static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs
     }
     if (T == 0) break;
     int rows;
-    st = step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL,
-              greedy ? greedy + logit_row : NULL, &rows);
+    st = step(m, m->segs, n_segs, T, seqs, logits ? logits + logit_row * V : NULL, picks,
+              picked ? picked + logit_row : NULL, &rows);
     if (st != M3_OK) return st;
     logit_row += (size_t)rows;
     if (m->sampling) m->sampling += rows;
@@ -689,17 +771,17 @@ static m3_status forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs
 
 m3_status m3_model_forward_batch(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                  float *logits) {
-  return forward_batch(m, seqs, n_seqs, logits, NULL, NULL);
+  return forward_batch(m, seqs, n_seqs, logits, 0, NULL, NULL);
 }
 
 m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, float *const *hidden) {
-  return forward_batch(m, seqs, n_seqs, logits, NULL, hidden);
+  return forward_batch(m, seqs, n_seqs, logits, 0, NULL, hidden);
 }
 
 m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, int32_t *tokens, float *const *hidden) {
-  return forward_batch(m, seqs, n_seqs, logits, tokens, hidden);
+  return forward_batch(m, seqs, n_seqs, logits, 1, tokens, hidden);
 }
 
 m3_status m3_model_forward_batch_sample(m3_model *m, const m3_model_seq *seqs, int n_seqs,
@@ -708,7 +790,7 @@ m3_status m3_model_forward_batch_sample(m3_model *m, const m3_model_seq *seqs, i
   if (!m->be->ops->sample_rows)
     return m3_fail(M3_ERR_UNSUPPORTED, "forward: the %s backend does not sample", m->be->ops->name);
   m->sampling = sampling;
-  m3_status st = forward_batch(m, seqs, n_seqs, logits, tokens, hidden);
+  m3_status st = forward_batch(m, seqs, n_seqs, logits, 1, tokens, hidden);
   m->sampling = NULL;
   return st;
 }

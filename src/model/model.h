@@ -24,6 +24,9 @@ typedef struct m3_model m3_model;
  * M3_MODEL_STEP_TOKENS rows at a time whatever the step (a prefill wants one row per sequence). */
 #define M3_MODEL_STEP_TOKENS 256
 #define M3_MODEL_DEVICE_STEP_TOKENS 8192
+/* Steps of up to this many tokens may be recorded as backend graphs and replayed (decode, small
+ * batches, speculative verification; model/step_graph.h). */
+#define M3_MODEL_GRAPH_MAX_TOKENS 64
 
 /* Where a forward records its MSA block selections:
  * blocks [n_sparse_layers, n_tokens, index heads, topk] int32, sparse layers in layer order;
@@ -101,10 +104,22 @@ enum {
  * the same logits, so a rank that wants none passes NULL for them and skips it; a split one
  * (shard.c) has every rank compute its slice and meet in one more world all-reduce per head call,
  * so every rank runs it, a rank that wants no logits still with NULL for them (its n_logits as
- * its peers'). M3_ERR_NOMEM when the scratch for an MoE layer
- * without a shared expert cannot be allocated. */
+ * its peers'), and all of them the same forward variant (m3_model_forward_batch_argmax exchanges
+ * each slice's best candidate, the others its logits). M3_ERR_NOMEM when the scratch for an MoE
+ * layer without a shared expert cannot be allocated. */
 m3_status m3_model_set_all_reduce(m3_model *m, m3_all_reduce_fn fn, void *user,
                                   unsigned flags);
+
+/* An all-reduce fused with what follows it in the layer: x [T, H] += the sum over `group` of
+ * part [T, H], then, when norm is not NULL, h = GemmaRMSNorm(x, norm, eps), with the bits of the
+ * all-reduce followed by the backend's add_rmsnorm (or add). The hook sets *done = 0 to leave a
+ * call to the model, which then runs the all-reduce hook and add_rmsnorm; either way the call
+ * pairs with the peers' (they decide alike for the same sizes). Called with the all-reduce hook's
+ * user, only while that hook is set; fn NULL removes it. */
+typedef m3_status (*m3_reduce_add_norm_fn)(void *user, m3_reduce_group group, const float *part,
+                                           float *x, const m3_tensor *norm, float eps, int T,
+                                           int H, float *h, int *done);
+void m3_model_set_reduce_add_norm(m3_model *m, m3_reduce_add_norm_fn fn);
 
 const m3_config *m3_model_config(const m3_model *m);
 m3_backend *m3_model_backend(const m3_model *m);
@@ -176,9 +191,21 @@ m3_status m3_model_forward_batch_hidden(m3_model *m, const m3_model_seq *seqs, i
  * the argmax of each requested logits row (the backend's argmax_rows: ties to the lower id, the
  * sampler's pick at temperature 0 without logit bias or penalties) instead of the row. `logits` is
  * the buffer m3_model_forward_batch_hidden would fill: a host-memory backend computes the rows
- * there; a device backend keeps them in its own memory and moves only the ids to the host. */
+ * there; a device backend keeps them in its own memory and moves only the ids to the host.
+ * On a vocabulary-split head (m3_model_head_slices > 1) no logits row is gathered: each rank
+ * computes its slice's rows and their best candidate (argmax_pairs), the world all-reduce moves
+ * 8 bytes a row and rank (not 4 a vocabulary entry), and m3_model_head_pick makes each row's id,
+ * the same argmax_rows gives on the whole row. `logits` is then not written (it may be NULL), and
+ * a rank that returns no ids passes NULL tokens; all the split's ranks make this call together. */
 m3_status m3_model_forward_batch_argmax(m3_model *m, const m3_model_seq *seqs, int n_seqs,
                                         float *logits, int32_t *tokens, float *const *hidden);
+
+/* The split head's pick: ids[t] = the index of the best of row t's world candidates,
+ * pairs [world, n, 2] (slice r's (score, index) of row t at pairs + 2 (r n + t), argmax_pairs of
+ * ranks in vocabulary order): the larger score, ties to the lower rank, which holds the lower
+ * indices. That is the whole row's argmax_rows, NaN rules included, since each candidate is its
+ * slice's best in that order. */
+void m3_model_head_pick(const float *pairs, int world, int n, int32_t *ids);
 
 /* m3_model_forward_batch_argmax that samples on the backend (its sample_rows): tokens[r] gets
  * logits row r drawn as sampling[r] says (temperature <= 0: the argmax), sampling [sum of

@@ -27,7 +27,7 @@ enum { M3_STEP_GRAPHS = 8 };
 
 /* Steps of up to this many tokens are graphed (decode, small batches, speculative verification):
  * larger ones are launch-bound no more, and moe_experts waits for the host beyond it. */
-enum { M3_STEP_GRAPH_MAX_T = 64 };
+enum { M3_STEP_GRAPH_MAX_T = M3_MODEL_GRAPH_MAX_TOKENS };
 
 typedef enum {
   M3_STEP_SEEN,   /* ran directly once at this epoch; recorded the next time */

@@ -320,6 +320,52 @@ static void bench_sample_rows(FILE *table) {
   free(lh);
 }
 
+/* ---- the vocabulary-split head's greedy candidates ---- */
+
+typedef struct {
+  const float *logits;
+  int rows, cols, first;
+  float *pairs;
+  int32_t *ids;
+} pick_ctx;
+
+static void run_argmax_pairs(void *ctx, int iter) {
+  (void)iter;
+  pick_ctx *c = ctx;
+  gpu->ops->argmax_pairs(gpu, c->logits, c->rows, c->cols, c->first, c->pairs);
+}
+
+static void run_argmax_rows(void *ctx, int iter) {
+  (void)iter;
+  pick_ctx *c = ctx;
+  must(gpu->ops->argmax_rows(gpu, c->logits, c->rows, c->cols, c->ids), "argmax_rows");
+}
+
+/* argmax_pairs on one rank's slice of a 200064-token vocabulary over 2 and 8 ranks, 1, 8 and 64
+ * rows (a split head's greedy step: what replaces gathering the rows), beside argmax_rows on
+ * whole rows (which also waits for the ids on the host). */
+static void bench_argmax_pairs(FILE *table) {
+  enum { V = 200064, MAX_ROWS = 64 };
+  float *dev = device_random(M3_DT_F32, (size_t)MAX_ROWS * V * 4);
+  float *pairs = gpu->ops->alloc(gpu, MAX_ROWS * 2 * sizeof(float));
+  int32_t ids[MAX_ROWS];
+  if (!pairs) must(M3_ERR_NOMEM, "alloc");
+  for (int rows = 1; rows <= MAX_ROWS; rows *= 8) {
+    pick_ctx whole = {dev, rows, V, 0, pairs, ids};
+    const double rows_s = time_call(run_argmax_rows, &whole, 10);
+    for (int world = 2; world <= 8; world *= 4) {
+      pick_ctx c = {dev, rows, V / world, V / world, pairs, ids};
+      const double s = time_call(run_argmax_pairs, &c, 20);
+      fprintf(table, "| argmax_pairs %d row%s of a 1/%d slice of 200064 | %.1f us | argmax_rows "
+              "of the whole rows, ids on the host: %.1f us |\n", rows, rows > 1 ? "s" : "", world,
+              s * 1e6, rows_s * 1e6);
+    }
+  }
+  fflush(table);
+  gpu->ops->free(gpu, pairs);
+  gpu->ops->free(gpu, dev);
+}
+
 /* ---- routed experts at prefill ---- */
 
 typedef struct {
@@ -1057,6 +1103,7 @@ int main(int argc, char **argv) {
   if (!moe_only) {
     bench_logits_to_host(table);
     bench_sample_rows(table);
+    bench_argmax_pairs(table);
     bench_attention_prefill(prefill_T[0], table);
     static const int contexts[] = {2048, 32768, 131072};
     double base_us[2], layer_us[2];

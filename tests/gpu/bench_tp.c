@@ -25,6 +25,9 @@
  *                (back to back on the stream, 50 calls, or 5 at 8192 tokens; the median of 5
  *                such runs), times the calls per step that reach NCCL, divided by the layers.
  * The hook counts its calls per group in an op-by-op run (a replayed graph does not call it).
+ * M3_P2P=1 sums on 2 GPUs through the peer-to-peer all-reduce wherever it takes the size, with the
+ * add + norm fused (tp_attach_p2p, as the engine's ranks run), the isolated all-reduce too;
+ * otherwise everything goes through NCCL.
  * Not a CTest test (CI has no GPU). Prints SKIP and exits 77 with fewer than 2 GPUs; exits 1 when
  * a layout could not be measured. */
 #include <cuda_runtime_api.h>
@@ -58,6 +61,7 @@ typedef struct {
 static layout_result results[N_LAYOUTS];
 static double all_reduce_us[N_SIZES]; /* isolated, per call */
 static const char *model_dir;
+static int use_p2p; /* M3_P2P=1 */
 static int hidden, num_layers, vocab;
 
 /* [rank][sample]: each rank's own row, read by rank 0 between two tp_syncs. */
@@ -170,7 +174,10 @@ static void time_all_reduce(tp_rank *r, const tp_layout *L) {
     for (int rep = 0; rep < 1 + AR_REPS; rep++) { /* the first warms up */
       tp_sync(L);
       const double t0 = tp_now_s();
-      for (int c = 0; c < calls; c++) tp_must(r, m3_nccl_all_reduce_sum(r->comm, buf, n), "all-reduce");
+      for (int c = 0; c < calls; c++)
+        tp_must(r, use_p2p && m3_p2p_fits_sum(r->p2p, n) ? m3_p2p_all_reduce_sum(r->p2p, buf, n)
+                                                          : m3_nccl_all_reduce_sum(r->comm, buf, n),
+                "all-reduce");
       tp_must(r, tp_wait(r), "wait after the all-reduces");
       if (rep > 0) rank_ms[r->rank][rep - 1] = (tp_now_s() - t0) * 1e3 / calls;
     }
@@ -183,10 +190,13 @@ static void time_all_reduce(tp_rank *r, const tp_layout *L) {
 /* The hook of one variant: 1 GPU with graphs has none (the plain model); op by op it has one over
  * a group of one (steps then run op by op, summing nothing). */
 static void set_hook(tp_rank *r, const tp_layout *L, m3_model *m, int graphs, int reduce) {
+  const unsigned flags = graphs ? M3_ALL_REDUCE_CAPTURABLE : 0;
   if (tp_layout_ranks(L) == 1 && graphs)
     tp_must(r, m3_model_set_all_reduce(m, NULL, NULL, 0), "remove the hook");
+  else if (use_p2p && reduce && tp_layout_ranks(L) > 1)
+    tp_must(r, tp_attach_p2p(r, L, m, flags), "set the p2p hook");
   else
-    tp_must(r, tp_attach(r, L, m, reduce, graphs ? M3_ALL_REDUCE_CAPTURABLE : 0), "set the hook");
+    tp_must(r, tp_attach(r, L, m, reduce, flags), "set the hook");
 }
 
 typedef struct {
@@ -352,6 +362,8 @@ int main(int argc, char **argv) {
     return 2;
   }
   model_dir = argv[1];
+  const char *p2p = getenv("M3_P2P");
+  use_p2p = p2p && strcmp(p2p, "1") == 0;
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess || count < GPUS) {
@@ -373,8 +385,9 @@ int main(int argc, char **argv) {
     unmeasured += results[li].error[0] != 0;
   }
   tp_stop();
-  printf("# bench_tp: %s\n\n%s x %d (of %d); hidden %d, %d layers, vocab %d; load:", model_dir,
-         named ? prop.name : "GPU", GPUS, count, hidden, num_layers, vocab);
+  printf("# bench_tp: %s\n\n%s x %d (of %d); hidden %d, %d layers, vocab %d; all-reduces: %s; "
+         "load:", model_dir, named ? prop.name : "GPU", GPUS, count, hidden, num_layers, vocab,
+         use_p2p ? "peer to peer where they fit (M3_P2P=1), add + norm fused" : "NCCL");
   for (int li = 0; li < N_LAYOUTS; li++)
     if (results[li].error[0]) printf(" %s FAILED: %s;", layouts[li].name, results[li].error);
     else printf(" %s %.1f s;", layouts[li].name, results[li].load_s);

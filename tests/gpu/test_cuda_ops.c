@@ -107,7 +107,7 @@ enum {
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
   OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
   OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE,
-  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_ZERO, OP_COUNT
+  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_ZERO, OP_ARGMAX_PAIRS, OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
@@ -146,6 +146,7 @@ static op_result results[OP_COUNT] = {
     [OP_KVR_F32] = {"kv_store_rope f32 cache", 0, 0, 0, 1e-5, 0, 0},
     [OP_KVR_FP8] = {"kv_store_rope fp8 (bytes 1 code off)", 0, 0, 0, 0, 0, 0},
     [OP_ZERO] = {"zero (exact)", 0, 0, 0, 0, 0, 0},
+    [OP_ARGMAX_PAIRS] = {"argmax_pairs (score, index: exact)", 0, 0, 0, 0, 0, 0},
 };
 
 /* max|got - ref| / max|ref|; NaN where ref is not NaN (or the reverse) counts as infinite. */
@@ -676,10 +677,11 @@ static void test_norm_widths(void) {
     }
 }
 
-/* Greedy ids of both backends, exactly. Rows of every kind: continuous values; small integers
- * (exact ties, the lower id wins); scattered -inf, +inf, NaN; a NaN at index 0 (kept: the
- * sampler's scan starts there), with a +inf later; all -inf; all NaN; -0 against +0. */
-static void argmax_case(int rows, int vocab) {
+/* Rows of every kind for the greedy pick: continuous values; small integers (exact ties, the
+ * lower id wins); scattered -inf, +inf, NaN; a NaN at index 0 (kept: the sampler's scan starts
+ * there; never taken where the row is a later slice), with a +inf later; all -inf; all NaN; -0
+ * against +0; a tie at the top, far apart. */
+static float *argmax_input(int rows, int vocab) {
   const size_t len = (size_t)rows * vocab;
   float *lh = random_floats(len, -30, 30);
   for (int r = 0; r < rows; r++) {
@@ -699,6 +701,13 @@ static void argmax_case(int rows, int vocab) {
     }
     if (kind == 7) l[vocab - 1] = l[vocab / 2] = 31.0f; /* a tie at the top, far apart */
   }
+  return lh;
+}
+
+/* Greedy ids of both backends, exactly. */
+static void argmax_case(int rows, int vocab) {
+  const size_t len = (size_t)rows * vocab;
+  float *lh = argmax_input(rows, vocab);
   pair l = pair_from(lh, len * 4);
   int32_t *ids_c = malloc((size_t)rows * sizeof *ids_c);
   int32_t *ids_g = gpu->ops->alloc_host(gpu, (size_t)rows * sizeof *ids_g);
@@ -718,6 +727,37 @@ static void test_argmax_rows(void) {
   static const int cfg[][2] = {{1, 200064}, {8, 200064}, {64, 200064}, {3, 1}, {9, 31},
                                {257, 1000}, {16, 1025}, {1, 33}};
   for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) argmax_case(cfg[c][0], cfg[c][1]);
+}
+
+/* A vocabulary slice's candidates (score, whole-row index) of both backends, equal as floats
+ * (both keep the same entry, whose value is the score). The GPU's output starts as NaN, so a pair
+ * it does not write differs. */
+static void argmax_pairs_case(int rows, int cols, int first) {
+  float *lh = argmax_input(rows, cols);
+  pair l = pair_from(lh, (size_t)rows * cols * 4), out = pair_poisoned(2 * (size_t)rows);
+  cpu->ops->argmax_pairs(cpu, l.c, rows, cols, first, out.c);
+  gpu->ops->argmax_pairs(gpu, l.g, rows, cols, first, out.g);
+  const float *want = out.c, *got = gpu_copy(&out);
+  int differ = 0;
+  for (int i = 0; i < 2 * rows; i++) differ += !(got[i] == want[i]);
+  op_result *r = &results[OP_ARGMAX_PAIRS];
+  r->cases++;
+  if (differ) {
+    r->failed++;
+    fprintf(stderr, "FAIL %s [%d rows of %d from %d]: %d of %d values differ\n", r->name, rows,
+            cols, first, differ, 2 * rows);
+  }
+  pair_free(&l), pair_free(&out), free(lh), free((void *)got);
+}
+
+/* M3's vocabulary over 2, 4 and 8 ranks (first and later slices), ragged and tiny widths. */
+static void test_argmax_pairs(void) {
+  static const int cfg[][3] = {{1, 100032, 0},     {8, 100032, 100032}, {64, 50016, 150048},
+                               {16, 25008, 25008}, {3, 1, 0},          {3, 1, 5},
+                               {9, 31, 0},         {9, 31, 62},         {257, 1000, 1000},
+                               {16, 1025, 0},      {1, 33, 33}};
+  for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+    argmax_pairs_case(cfg[c][0], cfg[c][1], cfg[c][2]);
 }
 
 /* ---- sampling ---- */
@@ -2407,6 +2447,7 @@ int main(void) {
   run("add_rmsnorm", test_add_rmsnorm);
   run("norm_widths", test_norm_widths);
   run("argmax_rows", test_argmax_rows);
+  run("argmax_pairs", test_argmax_pairs);
   ok &= test_sample_rows();
   run("kv_store", test_kv_store);
   run("msa_attention", test_msa_attention);

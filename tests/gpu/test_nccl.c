@@ -14,8 +14,9 @@
  *                bound of both summations;
  *   errors       bad arguments are refused with a message naming the operation; a collective
  *                that only one rank issues fails m3_nccl_wait at its deadline (aborted, no hang).
- * Then the bus bandwidth of all-reduce at the sizes of a decode step (a table for
- * bench/RESULTS.md). scripts/gpu-multi.sh runs it; not a CTest test (CI has no GPU). Prints SKIP
+ * Then the bus bandwidth of all-reduce at the sizes of a decode step, NCCL against the
+ * peer-to-peer all-reduce (src/backend/cuda/p2p.h, checked by test_p2p), alone and with the add +
+ * norm that follow it in the model (a table for bench/RESULTS.md). scripts/gpu-multi.sh runs it; not a CTest test (CI has no GPU). Prints SKIP
  * and exits 77 with fewer than 2 GPUs; exits 1 on any failure. */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -28,7 +29,9 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/collectives.h"
+#include "backend/cuda/p2p.h"
 #include "base/dtype.h"
+#include "test_values.h"
 
 enum { MAX_RANKS = 16, WAIT_MS = 30000, ABORT_WAIT_MS = 2000 };
 
@@ -37,6 +40,7 @@ typedef struct {
   m3_backend *be;
   m3_nccl *comm;
   m3_nccl *peer_abort_comm; /* test_abort_from_peer's communicator */
+  m3_p2p *p2p;              /* on p2p_group */
   pthread_t thread;
   float *result; /* the TP matmul's output, for rank 0 to compare */
 } rank_ctx;
@@ -44,6 +48,7 @@ typedef struct {
 static int nranks;
 static rank_ctx ranks[MAX_RANKS];
 static m3_nccl_id id;
+static m3_p2p_group *p2p_group;
 static pthread_barrier_t barrier;
 static int setup_failed;
 
@@ -113,35 +118,7 @@ static void record(int check, int failed, double err_over_tol) {
   pthread_mutex_unlock(&rows_lock);
 }
 
-/* ---- inputs: a pure function of (salt, stream, index), so any rank can rebuild another's ---- */
 
-static uint64_t mix(uint64_t salt, uint64_t stream, uint64_t i) {
-  uint64_t z = salt * 0x9E3779B97F4A7C15ull + (stream << 40) + i + 0x632BE59BD9B4E019ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/* +-(1 + m / 2^23) * 2^e, e in [-10, 10]: 24 significant bits over many exponents, so that the
- * sum of two rounds (an all-reduce computed in a wider type would differ in the last bit). */
-static float spread_value(uint64_t salt, int stream, size_t i) {
-  uint64_t z = mix(salt, (uint64_t)stream, i);
-  float v = ldexpf(1.0f + (float)(z & 0x7fffff) / 8388608.0f, (int)((z >> 23) % 21) - 10);
-  return (z >> 63) ? -v : v;
-}
-
-/* Uniform in [-1, 1) on a grid of 2^-23. */
-static float uniform_value(uint64_t salt, int stream, size_t i) {
-  return (float)((double)(mix(salt, (uint64_t)stream, i) >> 40) / 8388608.0 - 1.0);
-}
-
-/* Multiples of 1/8 in [-1, 1]: products are multiples of 1/64 and sums of up to 2^18 of them are
- * exact in float32, in any order. */
-static float eighth_value(uint64_t salt, int stream, size_t i) {
-  return (float)((int)(mix(salt, (uint64_t)stream, i) % 17) - 8) / 8.0f;
-}
-
-static int same_bits(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
 
 /* ---- all-reduce ---- */
 
@@ -442,12 +419,44 @@ static void test_refusals(rank_ctx *r) {
   r->be->ops->free(r->be, d);
 }
 
-/* ---- all-reduce timings ---- */
-
 static double now_s(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- the peer-to-peer all-reduce ---- */
+
+/* ---- all-reduce timings ---- */
+
+/* What a timed call issues: an all-reduce through NCCL or peer to peer, alone or with the add
+ * and norm that follow it in the model (rows of BENCH_H). */
+typedef enum { BENCH_NCCL, BENCH_P2P, BENCH_NCCL_NORM, BENCH_P2P_NORM, BENCH_KINDS } bench_kind;
+enum { BENCH_H = 6144 };
+
+static void bench_issue(rank_ctx *r, bench_kind kind, float *d, float *x, float *out,
+                        const m3_tensor *norm, size_t n) {
+  const int rows = (int)(n / BENCH_H);
+  if (kind == BENCH_P2P) must(r, m3_p2p_all_reduce_sum(r->p2p, d, n), "p2p all_reduce_sum");
+  if (kind == BENCH_P2P_NORM)
+    must(r, m3_p2p_add_norm(r->p2p, d, x, norm, 1e-6f, rows, BENCH_H, out), "p2p add_norm");
+  if (kind == BENCH_NCCL || kind == BENCH_NCCL_NORM)
+    must(r, m3_nccl_all_reduce_sum(r->comm, d, n), "all_reduce_sum");
+  if (kind == BENCH_NCCL_NORM) r->be->ops->add_rmsnorm(r->be, x, d, norm, 1e-6f, rows, BENCH_H, out);
+}
+
+/* Host wall time per call of `kind`, the slowest rank's, after a warm-up. */
+static double bench_time(rank_ctx *r, bench_kind kind, float *d, float *x, float *out,
+                         const m3_tensor *norm, size_t n, int iters) {
+  float probe;
+  for (int i = 0; i < 5; i++) bench_issue(r, kind, d, x, out, norm, n);
+  must(r, r->be->ops->to_host(r->be, &probe, d, sizeof probe), "wait after warm-up");
+  sync_ranks();
+  const double t0 = now_s();
+  for (int i = 0; i < iters; i++) bench_issue(r, kind, d, x, out, norm, n);
+  must(r, r->be->ops->to_host(r->be, &probe, d, sizeof probe), "wait after the timed calls");
+  sync_ranks(); /* the slowest rank's finish ends the measurement */
+  return (now_s() - t0) / iters;
 }
 
 static void bench_all_reduce(rank_ctx *r) {
@@ -455,34 +464,42 @@ static void bench_all_reduce(rank_ctx *r) {
     const char *what;
     size_t n;
     int iters;
-  } cases[] = {{"6144 x 1 (decode, batch 1)", 6144, 500},
-               {"6144 x 64 (decode, batch 64)", 6144 * 64, 200},
+  } cases[] = {{"6144 x 1 (decode, batch 1)", BENCH_H, 500},
+               {"6144 x 8 (decode, batch 8)", BENCH_H * 8, 500},
+               {"6144 x 64 (decode, batch 64)", BENCH_H * 64, 200},
                {"64 MB", 16u << 20, 20}};
   if (r->rank == 0) {
-    printf("\nall-reduce (float32, sum, in place), %d GPUs, issued per thread, host wall time:\n",
+    printf("\nall-reduce (float32, sum, in place), %d GPUs, issued per thread, host wall time "
+           "per call in us (busbw GB/s); with the add + norm that follow it in the model:\n",
            nranks);
-    printf("| size | bytes | us per call | algbw GB/s | busbw GB/s |\n|---|---|---|---|---|\n");
+    printf("| size | NCCL | p2p | NCCL + add_rmsnorm | p2p add + norm |\n|---|---|---|---|---|\n");
   }
+  void *norm_host = NULL;
+  m3_tensor norm;
+  must(r, test_norm_weight(r->be, BENCH_H, 700, &norm, &norm_host), "norm weight");
   for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
-    size_t n = cases[s].n, bytes = n * sizeof(float);
-    progress(r, "bench all_reduce_sum", n);
-    float *d = must_alloc(r, bytes); /* zeros: the sums stay zero however often they run */
-    for (int i = 0; i < 5; i++) must(r, m3_nccl_all_reduce_sum(r->comm, d, n), "warm-up");
-    must(r, m3_nccl_wait(r->comm, WAIT_MS), "wait after warm-up");
-    sync_ranks();
-    double t0 = now_s();
-    for (int i = 0; i < cases[s].iters; i++)
-      must(r, m3_nccl_all_reduce_sum(r->comm, d, n), "all_reduce_sum (timed)");
-    must(r, m3_nccl_wait(r->comm, WAIT_MS), "wait after the timed calls");
-    sync_ranks(); /* the slowest rank's finish ends the measurement */
-    double per_call = (now_s() - t0) / cases[s].iters;
+    const size_t n = cases[s].n, bytes = n * sizeof(float);
+    progress(r, "bench all-reduce", n);
+    /* zeros: the sums and the norms stay zero however often they run */
+    float *d = must_alloc(r, bytes), *x = must_alloc(r, bytes), *out = must_alloc(r, bytes);
+    double us[BENCH_KINDS];
+    for (int k = 0; k < BENCH_KINDS; k++) {
+      const int norm_kind = k == BENCH_NCCL_NORM || k == BENCH_P2P_NORM;
+      us[k] = norm_kind && n % BENCH_H ? NAN
+              : bench_time(r, (bench_kind)k, d, x, out, &norm, n, cases[s].iters) * 1e6;
+    }
     if (r->rank == 0) {
-      double algbw = (double)bytes / per_call / 1e9;
-      printf("| %s | %zu | %.1f | %.1f | %.1f |\n", cases[s].what, bytes, per_call * 1e6, algbw,
-             algbw * 2.0 * (nranks - 1) / nranks);
+      const double busbw = (double)bytes * 2.0 * (nranks - 1) / nranks / 1e3;
+      printf("| %s | %.1f (%.1f) | %.1f (%.1f) | %.1f | %.1f |\n", cases[s].what, us[BENCH_NCCL],
+             busbw / us[BENCH_NCCL], us[BENCH_P2P], busbw / us[BENCH_P2P], us[BENCH_NCCL_NORM],
+             us[BENCH_P2P_NORM]);
     }
     r->be->ops->free(r->be, d);
+    r->be->ops->free(r->be, x);
+    r->be->ops->free(r->be, out);
   }
+  r->be->ops->release_tensor(r->be, &norm);
+  free(norm_host);
 }
 
 /* ---- the missing peer ---- */
@@ -581,6 +598,10 @@ static void *rank_main(void *arg) {
   sync_ranks();
   test_refusals(r);
   sync_ranks();
+  must(r, m3_p2p_join(p2p_group, r->rank, r->be, &r->p2p), "m3_p2p_join");
+  sync_ranks();
+  must(r, m3_p2p_connect(r->p2p), "m3_p2p_connect");
+  sync_ranks();
   bench_all_reduce(r);
   sync_ranks();
   if (r->rank == 0) { /* the table before the one case that stops a communicator */
@@ -592,6 +613,7 @@ static void *rank_main(void *arg) {
   }
   if (!test_missing_peer(r)) missing_peer_ok = 0;
   if (!test_abort_from_peer(r)) missing_peer_ok = 0;
+  m3_p2p_leave(r->p2p);
   m3_nccl_destroy(r->comm);
   r->be->ops->destroy(r->be);
   return NULL;
@@ -606,7 +628,7 @@ int main(void) {
            cudaGetErrorString(e));
     return 77;
   }
-  nranks = count < MAX_RANKS ? count : MAX_RANKS;
+  nranks = count < M3_P2P_MAX_RANKS ? count : M3_P2P_MAX_RANKS; /* every rank in the p2p group */
   const char *nvls = getenv("NCCL_NVLS_ENABLE");
   if (m3_nccl_new_id(&id) != M3_OK) {
     fprintf(stderr, "FATAL: %s\n", m3_last_error());
@@ -616,6 +638,10 @@ int main(void) {
   printf("test_nccl: %d GPUs, one thread each; NCCL_NVLS_ENABLE=%s (%s before the first NCCL "
          "call)\n", nranks, nvls_now ? nvls_now : "(unset)", nvls ? "set" : "unset");
   pthread_barrier_init(&barrier, NULL, (unsigned)nranks);
+  if (m3_p2p_group_create(nranks, &p2p_group) != M3_OK) {
+    fprintf(stderr, "FATAL: %s\n", m3_last_error());
+    return 1;
+  }
   for (int i = 0; i < nranks; i++) {
     ranks[i].rank = i;
     if (pthread_create(&ranks[i].thread, NULL, rank_main, &ranks[i]) != 0) {
@@ -624,6 +650,7 @@ int main(void) {
     }
   }
   for (int i = 0; i < nranks; i++) pthread_join(ranks[i].thread, NULL);
+  m3_p2p_group_free(p2p_group);
   if (setup_failed) return 1;
   int ok = missing_peer_ok && nvls_now && strcmp(nvls_now, "0") == 0;
   for (int i = 0; i < C_COUNT; i++) ok &= checks[i].failed == 0 && checks[i].cases > 0;

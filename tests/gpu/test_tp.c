@@ -121,11 +121,12 @@ static void job_reference(tp_rank *r, void *arg) {
 typedef struct {
   test_case *tc;
   const tp_layout *L;
-  float *logits[GPUS], *graph_logits[GPUS]; /* [POSITIONS, V] each rank's */
-  int32_t tokens[GPUS][STEPS], graph_tokens[GPUS][STEPS];
+  float *logits[GPUS], *graph_logits[GPUS], *p2p_logits[GPUS]; /* [POSITIONS, V] each rank's */
+  int32_t tokens[GPUS][STEPS], graph_tokens[GPUS][STEPS], p2p_tokens[GPUS][STEPS];
   const m3_config *part;          /* rank 0's narrowed config, while its model lives */
   uint64_t replayed[GPUS];        /* steps replayed as graphs in the capturable run */
-  int graphs_enabled;
+  uint64_t p2p_replayed[GPUS];    /* the same in the peer-to-peer run */
+  int graphs_enabled, p2p_ran;
 } layout_run;
 
 static void compare_whole(const layout_run *run) {
@@ -181,6 +182,33 @@ static void compare_graphs(const layout_run *run) {
          (unsigned long long)run->replayed[1]);
 }
 
+/* The peer-to-peer all-reduce with its fused add + norm, recorded into graphs, against NCCL op by
+ * op: each rank sums in rank order, so with 2 ranks the bits are NCCL's a + b. */
+static void compare_p2p(const layout_run *run) {
+  const int V = run->tc->V;
+  if (!run->p2p_ran) {
+    skipped++;
+    printf("SKIP %s p2p %s: no peer-to-peer all-reduce on these GPUs\n", run->L->name,
+           run->tc->label);
+    return;
+  }
+  double worst = 0;
+  int bits = 1, greedy_same = 1, replayed = !run->graphs_enabled;
+  for (int i = 0; i < GPUS; i++) {
+    const double e = worst_rel_l2(run->p2p_logits[i], run->logits[i], V);
+    if (!(e <= worst)) worst = e;
+    bits &= memcmp(run->p2p_logits[i], run->logits[i], (size_t)POSITIONS * V * sizeof(float)) == 0;
+    greedy_same &= memcmp(run->p2p_tokens[i], run->tokens[i], sizeof run->tokens[i]) == 0;
+    replayed |= run->p2p_replayed[i] > 0;
+  }
+  const int ok = worst <= 1e-6 && bits && greedy_same && replayed;
+  verdict(ok, run->L->name, "p2p", run->tc->label);
+  printf(" p2p + fused norm (graphs) vs NCCL op by op: worst rel L2 %.2e (<= 1e-6), "
+         "bit-identical %s, greedy %s, steps replayed rank 0 %llu, "
+         "rank 1 %llu\n", worst, bits ? "yes" : "no", greedy_same ? "same" : "DIFFER",
+         (unsigned long long)run->p2p_replayed[0], (unsigned long long)run->p2p_replayed[1]);
+}
+
 static void job_layout(tp_rank *r, void *arg) {
   layout_run *run = arg;
   const tp_layout *L = run->L;
@@ -193,7 +221,8 @@ static void job_layout(tp_rank *r, void *arg) {
   if (st == M3_OK && V != tc->V)
     st = m3_fail(M3_ERR_ARG, "the rank's vocabulary is %d, the whole model's %d", V, tc->V);
   if (st == M3_OK && (!(run->logits[r->rank] = malloc(bytes)) ||
-                      !(run->graph_logits[r->rank] = malloc(bytes))))
+                      !(run->graph_logits[r->rank] = malloc(bytes)) ||
+                      !(run->p2p_logits[r->rank] = malloc(bytes))))
     st = m3_fail(M3_ERR_NOMEM, "logits of %d positions", POSITIONS);
   if (st == M3_OK) st = tp_attach(r, L, m, 1, 0);
   if (!tp_agree(r, L, st, &why)) {
@@ -224,10 +253,18 @@ static void job_layout(tp_rank *r, void *arg) {
   const m3_step_graph_stats after = m3_model_graph_stats(m);
   run->replayed[r->rank] = after.replayed - before.replayed;
   if (r->rank == 0) run->graphs_enabled = after.enabled;
+  if (tp_agree(r, L, tp_attach_p2p(r, L, m, M3_ALL_REDUCE_CAPTURABLE), NULL)) {
+    tp_must(r, tp_greedy(m, ids, PROMPT, STEPS, run->p2p_logits[r->rank], run->p2p_tokens[r->rank]),
+            "the forward peer to peer");
+    tp_must(r, tp_wait(r), "wait after the forward peer to peer");
+    run->p2p_replayed[r->rank] = m3_model_graph_stats(m).replayed - after.replayed;
+    run->p2p_ran = 1;
+  }
   tp_sync(L);
   if (r->rank == 0) {
     compare_whole(run);
     compare_graphs(run);
+    compare_p2p(run);
   }
   tp_sync(L); /* rank 0 has read every rank's buffers */
   m3_model_free(m);
@@ -244,6 +281,7 @@ static void run_case(test_case *tc) {
     for (int g = 0; g < GPUS; g++) {
       free(run.logits[g]);
       free(run.graph_logits[g]);
+      free(run.p2p_logits[g]);
     }
   }
   free(tc->ref);

@@ -1,6 +1,7 @@
 /* tp_ranks.c: the multi-GPU harness of test_tp and bench_tp (tp_ranks.h). */
 #include "tp_ranks.h"
 
+#include <cuda_runtime_api.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@ static struct {
   tp_job job;
   void *arg;
   m3_nccl_id id;
+  m3_p2p_group *p2p;
   /* tp_agree's exchange */
   m3_status status[TP_MAX_RANKS];
   char message[TP_MAX_RANKS][512];
@@ -99,8 +101,31 @@ static void job_comm(tp_rank *r, void *arg) {
   report_failure(r, m3_nccl_init(&h.id, r->nranks, r->rank, r->be, &r->comm), "m3_nccl_init");
 }
 
-static void job_close(tp_rank *r, void *arg) {
+/* Joins the p2p group; the harness's barrier separates the joins from the connects. */
+static void job_p2p(tp_rank *r, void *arg) {
   (void)arg;
+  if (m3_p2p_join(h.p2p, r->rank, r->be, &r->p2p) != M3_OK) {
+    h.status[r->rank] = M3_ERR_IO;
+    snprintf(h.message[r->rank], sizeof h.message[r->rank], "%s", m3_last_error());
+  }
+  pthread_barrier_wait(&h.barrier);
+  if (r->p2p && m3_p2p_connect(r->p2p) != M3_OK) {
+    h.status[r->rank] = M3_ERR_UNSUPPORTED;
+    snprintf(h.message[r->rank], sizeof h.message[r->rank], "%s", m3_last_error());
+  }
+}
+
+/* Peers read each other's staging: every GPU idle before any rank leaves. */
+static void job_leave_p2p(tp_rank *r, void *arg) {
+  (void)arg;
+  cudaDeviceSynchronize();
+  pthread_barrier_wait(&h.barrier);
+  m3_p2p_leave(r->p2p);
+  r->p2p = NULL;
+}
+
+static void job_close(tp_rank *r, void *arg) {
+  if (h.p2p) job_leave_p2p(r, arg);
   m3_nccl_destroy(r->comm); /* bounded: aborts a communicator that does not go quiet */
   r->comm = NULL;
   if (r->be) r->be->ops->destroy(r->be);
@@ -134,6 +159,17 @@ m3_status tp_start(int n) {
     tp_run("NCCL init", 120, job_comm, NULL);
     if (start_failed) st = m3_fail(M3_ERR_IO, "tp_start: the NCCL init failed");
   }
+  if (st == M3_OK && n > 1 && m3_p2p_group_create(n, &h.p2p) == M3_OK) {
+    for (int i = 0; i < n; i++) h.status[i] = M3_OK;
+    tp_run("p2p set-up", 60, job_p2p, NULL);
+    for (int i = 0; i < n && h.p2p; i++)
+      if (h.status[i] != M3_OK) { /* no peer access: NCCL alone */
+        printf("p2p all-reduce unavailable (rank %d: %s)\n", i, h.message[i]);
+        tp_run("p2p leave", 60, job_leave_p2p, NULL);
+        m3_p2p_group_free(h.p2p);
+        h.p2p = NULL;
+      }
+  }
   if (st != M3_OK) tp_stop();
   return st;
 }
@@ -147,6 +183,8 @@ void tp_stop(void) {
   pthread_cond_broadcast(&h.wake);
   pthread_mutex_unlock(&h.lock);
   for (int i = 0; i < h.n; i++) pthread_join(h.threads[i], NULL);
+  m3_p2p_group_free(h.p2p);
+  h.p2p = NULL;
   pthread_barrier_destroy(&h.barrier);
   h.n = 0;
 }
@@ -220,7 +258,20 @@ static m3_status all_reduce_hook(void *user, m3_reduce_group group, float *buf, 
   k->floats[group] += n;
   /* A group of one rank: the sum is the rank's own buffer. */
   if (!k->reduce || !k->group[group]) return M3_OK;
+  if (k->p2p && m3_p2p_fits_sum(k->p2p, n)) return m3_p2p_all_reduce_sum(k->p2p, buf, n);
   return m3_nccl_all_reduce_sum(k->group[group], buf, n);
+}
+
+/* The p2p group spans every rank: it serves a group of more than one rank (the world). */
+static m3_status add_norm_hook(void *user, m3_reduce_group group, const float *part, float *x,
+                               const m3_tensor *norm, float eps, int T, int H, float *out,
+                               int *done) {
+  tp_hook *k = user;
+  *done = k->p2p && k->group[group] && m3_p2p_fits_add_norm(k->p2p, T, H);
+  if (!*done) return M3_OK;
+  k->calls[group]++;
+  k->floats[group] += (uint64_t)T * (uint64_t)H;
+  return m3_p2p_add_norm(k->p2p, part, x, norm, eps, T, H, out);
 }
 
 m3_status tp_attach(tp_rank *r, const tp_layout *L, m3_model *m, int reduce, unsigned flags) {
@@ -230,7 +281,18 @@ m3_status tp_attach(tp_rank *r, const tp_layout *L, m3_model *m, int reduce, uns
   r->hook = (tp_hook){.reduce = reduce};
   r->hook.group[M3_REDUCE_TP] = L->tp > 1 ? r->comm : NULL;
   r->hook.group[M3_REDUCE_WORLD] = world > 1 ? r->comm : NULL;
+  m3_model_set_reduce_add_norm(m, NULL);
   return m3_model_set_all_reduce(m, all_reduce_hook, &r->hook, flags);
+}
+
+m3_status tp_attach_p2p(tp_rank *r, const tp_layout *L, m3_model *m, unsigned flags) {
+  m3_status st = tp_attach(r, L, m, 1, flags);
+  if (st != M3_OK) return st;
+  if (!r->p2p)
+    return m3_fail(M3_ERR_UNSUPPORTED, "rank %d: no p2p all-reduce (no peer access)", r->rank);
+  r->hook.p2p = tp_layout_ranks(L) > 1 ? r->p2p : NULL;
+  m3_model_set_reduce_add_norm(m, add_norm_hook);
+  return M3_OK;
 }
 
 m3_status tp_wait(tp_rank *r) { return r->comm ? m3_nccl_wait(r->comm, TP_WAIT_MS) : M3_OK; }

@@ -1,6 +1,7 @@
 /* tp_ranks.h: the multi-GPU harness that tests/gpu/test_tp.c and tests/gpu/bench_tp.c share
  * (issue 11): one thread and one CUDA backend per GPU (rank r on GPU r), one NCCL communicator
- * over every rank, and the layouts of the text model they run (engine/parallel.h: world rank =
+ * over every rank (and a peer-to-peer all-reduce group, backend/cuda/p2p.h, where the GPUs reach
+ * each other's memory), and the layouts of the text model they run (engine/parallel.h: world rank =
  * ep_rank * tp + tp_rank; a TP group is the ranks of one ep_rank):
  *   1 x 1  the whole model on rank 0's GPU (the other ranks sit the job out);
  *   tp x 1 TP over every rank (the TP group is the world: both groups use the one communicator);
@@ -25,6 +26,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/collectives.h"
+#include "backend/cuda/p2p.h"
 #include "engine/kvcache.h"
 #include "model/model.h"
 
@@ -38,6 +40,7 @@ typedef struct {
 /* What a rank's all-reduce hook sums over. */
 typedef struct {
   m3_nccl *group[2]; /* [m3_reduce_group]: the communicator, or NULL for a group of one rank */
+  m3_p2p *p2p;       /* sums what fits peer to peer (and fuses the add + norm), or NULL */
   int reduce;        /* 0: return without summing (a step's cost without its collectives) */
   /* [m3_reduce_group] calls and floats since zeroed, counted when the model calls the hook: a
    * replayed CUDA graph runs its recorded collectives without calling it. */
@@ -48,6 +51,7 @@ typedef struct {
   int rank, nranks; /* world rank = the GPU index */
   m3_backend *be;
   m3_nccl *comm;    /* over every rank of the harness; NULL with one */
+  m3_p2p *p2p;      /* likewise, or NULL where the GPUs have no peer access */
   tp_hook hook;     /* of the one model attached on this rank (tp_attach) */
 } tp_rank;
 
@@ -91,6 +95,9 @@ m3_status tp_load(const tp_rank *r, const tp_layout *L, const char *dir, m3_mode
 /* Makes m's forwards call the rank's hook over L's groups (its counters zeroed): reduce 1 sums
  * through NCCL, 0 leaves every buffer as it is; flags as m3_model_set_all_reduce's. */
 m3_status tp_attach(tp_rank *r, const tp_layout *L, m3_model *m, int reduce, unsigned flags);
+/* tp_attach with reduce 1, the sums that fit going peer to peer and the fused add + norm hook set
+ * (as the engine's ranks run them); M3_ERR_UNSUPPORTED without a p2p group. */
+m3_status tp_attach_p2p(tp_rank *r, const tp_layout *L, m3_model *m, unsigned flags);
 
 /* Waits for everything issued on the rank's stream, collectives included, up to TP_WAIT_MS (a
  * peer that never issued its part fails it); M3_OK at once without a communicator. */

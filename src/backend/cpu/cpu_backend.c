@@ -80,6 +80,7 @@ static const m3_backend_ops cpu_ops = {
     .add = cpu_add,
     .add_rmsnorm = cpu_add_rmsnorm,
     .argmax_rows = cpu_argmax_rows,
+    .argmax_pairs = cpu_argmax_pairs,
     .kv_store = cpu_kv_store,
     .kv_store_rope = cpu_kv_store_rope,
     .msa_select = cpu_msa_select,

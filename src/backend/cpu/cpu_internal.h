@@ -134,6 +134,8 @@ void cpu_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *
                      int nrows, int n, float *out);
 m3_status cpu_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
                           int32_t *out);
+void cpu_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols, int first,
+                      float *pairs);
 void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                   const float *v, const float *ik);
 void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,

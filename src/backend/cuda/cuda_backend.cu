@@ -354,6 +354,7 @@ static m3_backend_ops make_ops(void) {
   ops.add = cuda_add;
   ops.add_rmsnorm = cuda_add_rmsnorm;
   ops.argmax_rows = cuda_argmax_rows;
+  ops.argmax_pairs = cuda_argmax_pairs;
   ops.sample_rows = cuda_sample_rows;
   ops.kv_store = cuda_kv_store;
   ops.kv_store_rope = cuda_kv_store_rope;

@@ -41,6 +41,8 @@ void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor 
                       int nrows, int n, float *out);
 m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int vocab,
                            int32_t *out_host);
+void cuda_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols, int first,
+                       float *pairs);
 m3_status cuda_sample_rows(m3_backend *be, const float *logits, int nrows, int vocab,
                            const m3_row_sampling *rows, int32_t *out_host);
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,

@@ -1,12 +1,13 @@
 /* norm_elementwise.cu: Gemma RMSNorm (alone and after the residual add), partial NeoX RoPE (alone,
  * fused with the norm, and fused with the norm and the KV cache store of the keys), SwiGLU-OAI and
  * the residual add (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32 operation
- * order; and the greedy argmax of logits rows. */
+ * order; and the greedy argmax of logits rows (whole, or a vocabulary slice's candidate). */
 #include <math.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kv_fp8.cuh"
+#include "backend/cuda/norm_row.cuh"
 
 enum { ELEM_THREADS = 256, ELEM_MAX_BLOCKS = 8192, ROPE_MAX_HALF = 256 };
 
@@ -16,112 +17,31 @@ static unsigned elem_blocks(size_t n) {
   return (unsigned)(b < 1 ? 1 : b);
 }
 
-/* Threads per row of the norms: the reduction order follows from it, so rmsnorm and add_rmsnorm
- * take the same count for the same width (the fused op's norm then equals the plain one's). */
-static int norm_threads(int n) { return n >= 1024 ? 512 : n >= 256 ? 256 : 64; }
+/* The addends of norm_row: none (rmsnorm), or row y of a [nrows, n] matrix (add_rmsnorm). */
+struct no_addend {
+  static const bool add = false;
+  __device__ void load(int64_t, float[4]) const {}
+};
 
-/* Columns [4q, 4q + 4) of a row: a thread's unit of the norms (NORM_QUADS of them per pass).
- * VEC (n % 4 == 0, rows 16-byte aligned) reads and writes them as one float4; otherwise element by
- * element, columns past n read as 0 and never written. Which thread owns which column, and so the
- * reduction order, is the same either way. */
-enum { NORM_QUADS = 4 };
+struct row_addend {
+  static const bool add = true;
+  const float *row;
+  int n, vec;
+  __device__ void load(int64_t c, float a[4]) const { load_quad(row, c, n, vec, a); }
+};
 
-__device__ __forceinline__ void load_quad(const float *row, int64_t c, int n, int vec, float v[4]) {
-  if (vec) {
-    const float4 f = *(const float4 *)(row + c);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-  } else {
-    for (int i = 0; i < 4; i++) v[i] = c + i < n ? row[c + i] : 0.0f;
-  }
-}
-
-__device__ __forceinline__ void store_quad(float *row, int64_t c, int n, int vec, const float v[4]) {
-  if (vec) {
-    *(float4 *)(row + c) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-    for (int i = 0; i < 4; i++)
-      if (c + i < n) row[c + i] = v[i];
-  }
-}
-
-/* How the norms read their weight row: 4 columns in one load (BF16: 8 bytes, F32: 16 bytes; the
- * row's data aligned to that and n % 4 == 0), or element by element through dev_w. */
-enum { GAIN_ANY, GAIN_BF16, GAIN_F32 };
-
-static int gain_kind(const m3_tensor *w, int n) {
-  if (w->quant != M3_WQ_NONE || n % 4 != 0) return GAIN_ANY;
-  if (w->dtype == M3_DT_BF16 && (uintptr_t)w->data % 8 == 0) return GAIN_BF16;
-  if (w->dtype == M3_DT_F32 && (uintptr_t)w->data % 16 == 0) return GAIN_F32;
-  return GAIN_ANY;
-}
-
-/* Weight columns [c, c + 4) (0 past n). */
-__device__ __forceinline__ void load_gain(const cuda_weight &w, int kind, int64_t c, int n, float g[4]) {
-  if (kind == GAIN_BF16) {
-    const uint2 u = *(const uint2 *)(w.data + 2 * c);
-    g[0] = __uint_as_float(u.x << 16), g[1] = __uint_as_float(u.x & 0xffff0000u);
-    g[2] = __uint_as_float(u.y << 16), g[3] = __uint_as_float(u.y & 0xffff0000u);
-  } else if (kind == GAIN_F32) {
-    const float4 f = *(const float4 *)(w.data + 4 * c);
-    g[0] = f.x, g[1] = f.y, g[2] = f.z, g[3] = f.w;
-  } else {
-    for (int i = 0; i < 4; i++) g[i] = c + i < n ? dev_w(w, 0, c + i) : 0.0f;
-  }
-}
-
-/* Gemma RMSNorm of one row per block: out = x * (1 / sqrt(mean(x^2) + eps)) * (1 + w); ADD first
- * sets x += y (written back) and norms the sums, as the CUDA add then rmsnorm compute them. Thread
- * i owns the quads i, i + blockDim.x, ...; rows up to NORM_QUADS x 4 x blockDim.x columns (8192
- * at 512 threads) stay in registers between the sum of squares and the scaling, and their x, y
- * and weight loads are all issued before the first is used (the old loop took one DRAM round trip
- * per element per thread, twice: 13 us for one 6144-wide row); wider rows take passes and read x
- * again. The squares are summed with explicit fmaf in quad order, then block_sum: the same order
- * for both ops, so the fused one equals add + rmsnorm bit for bit. Each thread writes only the
- * columns it owns, after reading them: out may alias x. */
-template <int ADD>
 __global__ void __launch_bounds__(512)
-    norm_kernel(float *x, const float *y, cuda_weight w, int gain, float eps, int n, int vec, float *out) {
-  const int nt = blockDim.x, tid = threadIdx.x;
-  float *xr = x + (size_t)blockIdx.x * n, *outr = out + (size_t)blockIdx.x * n;
-  const float *yr = ADD ? y + (size_t)blockIdx.x * n : NULL;
-  const int64_t nq = ((int64_t)n + 3) / 4, per_pass = (int64_t)NORM_QUADS * nt;
-  const int whole = nq <= per_pass;
-  float v[NORM_QUADS][4], g[NORM_QUADS][4];
-  float ss = 0.0f;
-  for (int64_t q0 = 0; q0 < nq; q0 += per_pass) {
-#pragma unroll
-    for (int j = 0; j < NORM_QUADS; j++) {
-      const int64_t q = q0 + (int64_t)j * nt + tid;
-      for (int i = 0; i < 4; i++) v[j][i] = g[j][i] = 0.0f;
-      if (q >= nq) continue;
-      load_quad(xr, 4 * q, n, vec, v[j]);
-      if (ADD) {
-        float a[4];
-        load_quad(yr, 4 * q, n, vec, a);
-        for (int i = 0; i < 4; i++) v[j][i] = v[j][i] + a[i];
-        store_quad(xr, 4 * q, n, vec, v[j]);
-      }
-      if (whole) load_gain(w, gain, 4 * q, n, g[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < NORM_QUADS; j++)
-      for (int i = 0; i < 4; i++) ss = fmaf(v[j][i], v[j][i], ss); /* 0 past n: adds nothing */
-  }
-  const float inv = 1.0f / sqrtf(block_sum(ss) / (float)n + eps);
-  for (int64_t q0 = 0; q0 < nq; q0 += per_pass) {
-#pragma unroll
-    for (int j = 0; j < NORM_QUADS; j++) {
-      const int64_t q = q0 + (int64_t)j * nt + tid;
-      if (q >= nq) continue;
-      if (!whole) {
-        load_quad(xr, 4 * q, n, vec, v[j]);
-        load_gain(w, gain, 4 * q, n, g[j]);
-      }
-      float o[4];
-      for (int i = 0; i < 4; i++) o[i] = __fmul_rn(__fmul_rn(v[j][i], inv), 1.0f + g[j][i]);
-      store_quad(outr, 4 * q, n, vec, o);
-    }
-  }
+    rmsnorm_kernel(const float *x, cuda_weight w, int gain, float eps, int n, int vec, float *out) {
+  /* x is only read (no addend): the cast drops const for the shared body */
+  norm_row((float *)x + (size_t)blockIdx.x * n, no_addend{}, w, gain, eps, n, vec,
+           out + (size_t)blockIdx.x * n);
+}
+
+__global__ void __launch_bounds__(512) add_rmsnorm_kernel(float *x, const float *y, cuda_weight w,
+                                                          int gain, float eps, int n, int vec,
+                                                          float *out) {
+  const size_t r = (size_t)blockIdx.x * n;
+  norm_row(x + r, row_addend{y + r, n, vec}, w, gain, eps, n, vec, out + r);
 }
 
 static int aligned16(const void *p) { return (uintptr_t)p % 16 == 0; }
@@ -131,9 +51,8 @@ void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps,
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
   const int vec = n % 4 == 0 && aligned16(x) && aligned16(y);
-  /* x is only read (ADD = 0): the cast drops const for the shared kernel */
-  norm_kernel<0><<<nrows, norm_threads(n), 0, cb->stream>>>((float *)x, NULL, cuda_weight_of(w),
-                                                             gain_kind(w, n), eps, n, vec, y);
+  rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, cuda_weight_of(w), gain_kind(w, n),
+                                                             eps, n, vec, y);
   cuda_launched(cb, "rmsnorm");
 }
 
@@ -142,8 +61,8 @@ void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor 
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
   const int vec = n % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(out);
-  norm_kernel<1><<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w), gain_kind(w, n),
-                                                             eps, n, vec, out);
+  add_rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w),
+                                                                 gain_kind(w, n), eps, n, vec, out);
   cuda_launched(cb, "add_rmsnorm");
 }
 
@@ -200,7 +119,7 @@ void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, 
 
 enum { NORM_ROPE_WARPS = 8, NORM_ROPE_MAX_HD = 512 };
 
-/* One warp's Gemma RMSNorm of a head vector v [hd] (hd <= NORM_ROPE_MAX_HD) as norm_kernel
+/* One warp's Gemma RMSNorm of a head vector v [hd] (hd <= NORM_ROPE_MAX_HD) as norm_row
  * computes it, into buf [hd] (the warp's row of shared memory) so that each lane can then read
  * the partner of its pair. rmsnorm_rope_kernel and kv_store_rope_kernel both norm through this
  * one function: the same loads, reduction and roundings, so their results are the same bits. */
@@ -406,29 +325,47 @@ void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
 
 enum { ARGMAX_THREADS = 1024 };
 
-/* One block per row: each thread keeps the best rank key (score key, then the lower index; NaN as
- * -inf, -0 as +0: block_topk's order) of its strided share, then the warp's best by shuffles and
- * the block's across the warps' in shared memory. A NaN at index 0 ranks as +inf: the sampler's
- * scan starts there and nothing strictly larger moves it, and a +inf elsewhere ties it and loses
- * on the index. */
-__global__ void __launch_bounds__(ARGMAX_THREADS)
-    argmax_rows_kernel(const float *logits, int vocab, int32_t *out) {
+/* The index of l[0..n) that the greedy pick keeps, in thread 0 of the block (one block per row):
+ * each thread keeps the best rank key (score key, then the lower index; NaN as -inf, -0 as +0:
+ * block_topk's order) of its strided share, then the warp's best by shuffles and the block's across
+ * the warps' in shared memory. `lead`: l starts the whole row, and its NaN at index 0 ranks as
+ * +inf: the sampler's scan starts there and nothing strictly larger moves it, and a +inf elsewhere
+ * ties it and loses on the index (elsewhere a NaN is -inf, below index 0's key, so never kept). */
+__device__ __forceinline__ int block_row_pick(const float *l, int n, bool lead) {
   __shared__ uint64_t warp_best[ARGMAX_THREADS / 32];
-  const float *l = logits + (size_t)blockIdx.x * vocab;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint64_t best = 0; /* below every rank key */
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float v = l[i];
-    const uint64_t r = rank_key(score_key(i == 0 && isnan(v) ? INFINITY : v), i);
+    const uint64_t r = rank_key(score_key(lead && i == 0 && isnan(v) ? INFINITY : v), i);
     best = r > best ? r : best;
   }
   best = warp_max_u64(best);
   if (lane == 0) warp_best[warp] = best;
   __syncthreads();
   if (warp == 0) {
-    uint64_t v = lane < (int)(blockDim.x >> 5) ? warp_best[lane] : 0;
-    v = warp_max_u64(v);
-    if (lane == 0) out[blockIdx.x] = (int32_t)~(uint32_t)(v & 0xffffffffu);
+    best = lane < (int)(blockDim.x >> 5) ? warp_best[lane] : 0;
+    best = warp_max_u64(best);
+  }
+  return (int)~(uint32_t)(best & 0xffffffffu);
+}
+
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_rows_kernel(const float *logits, int vocab, int32_t *out) {
+  const int i = block_row_pick(logits + (size_t)blockIdx.x * vocab, vocab, true);
+  if (threadIdx.x == 0) out[blockIdx.x] = i;
+}
+
+/* A slice's candidate (backend.h argmax_pairs): the kept index and its score, NaN as -inf but at
+ * whole-row index 0 as +inf (block_row_pick's keys, as floats). */
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_pairs_kernel(const float *logits, int cols, int first, float *pairs) {
+  const float *l = logits + (size_t)blockIdx.x * cols;
+  const int i = block_row_pick(l, cols, first == 0);
+  if (threadIdx.x == 0) {
+    const float v = l[i];
+    pairs[2 * (size_t)blockIdx.x] = isnan(v) ? (first + i == 0 ? INFINITY : -INFINITY) : v;
+    pairs[2 * (size_t)blockIdx.x + 1] = (float)(first + i);
   }
 }
 
@@ -447,4 +384,12 @@ m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int v
   }
   cuda_note(cb, cudaStreamSynchronize(cb->stream), "argmax_rows");
   return cuda_take_error(cb, "argmax_rows");
+}
+
+void cuda_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols, int first,
+                       float *pairs) {
+  cuda_backend *cb = cuda_of(be);
+  if (nrows <= 0 || cols <= 0) return;
+  argmax_pairs_kernel<<<nrows, ARGMAX_THREADS, 0, cb->stream>>>(logits, cols, first, pairs);
+  cuda_launched(cb, "argmax_pairs");
 }
