@@ -2,7 +2,9 @@
 # gpu-multi.sh: issue 11's checks and benchmark on a machine with 2 GPUs, in one device call:
 #   1. tests/gpu/test_nccl   all-reduce, all-gather and broadcast against host references, the
 #                            row-split matmul against the one-GPU one, refusals, the abort of a
-#                            collective a peer never joins; all-reduce timings at decode sizes;
+#                            collective a peer never joins; all-reduce timings at decode sizes,
+#                            NCCL against peer to peer; tests/gpu/test_p2p: the peer-to-peer
+#                            all-reduce (backend/cuda/p2p.h) with a rank per GPU, then 4 sharing;
 #   2. m3 tiny               a full-width few-layer model (FD,SM,SM at M3 width, vocab 200064, no
 #                            vision, no MTP; ~35 GB) into /dev/shm when it has room, else /tmp;
 #   3. tests/gpu/test_tp     TP2 and EP2 against the whole model on one GPU, on the committed
@@ -24,19 +26,19 @@
 #
 # Time: the whole script stays under MULTI_BUDGET_S (default 540 s): each stage runs under
 # `timeout` with the smaller of its own limit and what is left. Expected on 2 x H200 with 32 cores:
-#   test_nccl                                        ~30 s   (limit  90 s)
+#   test_nccl, test_p2p                              ~30 s   (limits 90, 60 s)
 #   m3 tiny, 35 GB                                   ~30-60 s (limit 120 s)
 #   test_tp: fixtures, then 35 GB + 2 x 20 GB loads  ~60 s   (limit 150 s)
-#   m3 run, one process (engine)                     ~60 s   (limit 120 s)
+#   m3 run, one process (engine), failure injected   ~90 s   (limit 150 s)
 #   m3 run as two nodes: 3 two-process runs + 3 refs ~60 s   (limit 120 s)
-#   bench_tp: the same loads and the timings         ~60 s   (limit 150 s)
+#   bench_tp, NCCL then p2p: the loads and timings   ~120 s  (limits 150 s each)
 # Without the model (no room, or m3 tiny failed) test_tp runs on the fixtures alone and bench_tp
 # is skipped.
 #
 # NCCL there lives only in the torch venv (NCCL_DIR, default below; libnccl.so.2 and nccl.h):
 # it goes on LD_LIBRARY_PATH, and NCCL_NVLS_ENABLE=0 keeps NVLink multicast off.
-# M3_PREBUILT=1: BUILD (default build-gpu) already holds m3, tests/test_nccl, tests/test_tp and
-# tests/bench_tp, built on another machine for sm_90a with CUDA 13 and NCCL found (their run-time
+# M3_PREBUILT=1: BUILD (default build-gpu) already holds m3, tests/test_nccl, tests/test_p2p,
+# tests/test_tp and tests/bench_tp, built on another machine for sm_90a with CUDA 13 and NCCL found (their run-time
 # needs: libcudart.so.13 and libcublasLt.so.13 of the machine's CUDA, libnccl.so.2 from NCCL_DIR,
 # libcjson.so.1 from .gpudeps/ when the machine lacks it); the fixtures are read from this
 # checkout (M3_SOURCE_DIR). Otherwise this configures and builds them here; the build needs the
@@ -81,12 +83,12 @@ else
   if ! cmake -S "$src" -B "$build" -G Ninja -DM3_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
       -DCMAKE_CUDA_ARCHITECTURES=90a -DM3_MEDIA=OFF -DM3_NCCL_ROOT="$nccl_dir" \
       > "$logs/configure.log" 2>&1 ||
-      ! ninja -C "$build" m3 test_nccl test_tp bench_tp > "$logs/build.log" 2>&1; then
+      ! ninja -C "$build" m3 test_nccl test_p2p test_tp bench_tp > "$logs/build.log" 2>&1; then
     { echo "# gpu-multi: the build failed"; echo '```'; tail -n 30 "$logs/configure.log" "$logs/build.log" 2>/dev/null; echo '```'; } > "$md"
     finish 1
   fi
 fi
-ldd "$build/m3" "$build/tests/test_nccl" "$build/tests/test_tp" "$build/tests/bench_tp" \
+ldd "$build/m3" "$build/tests/test_nccl" "$build/tests/test_p2p" "$build/tests/test_tp" "$build/tests/bench_tp" \
   > "$logs/ldd.txt" 2>&1
 
 # stage NAME LIMIT_S CMD... (scripts/stage.sh): logs to $logs/NAME.log, 10 s kept for the summary.
@@ -102,6 +104,8 @@ summary() {
 : > "$logs/stages.log"
 stage nccl 90 "$build/tests/test_nccl"
 nccl_rc=$?
+stage p2p 60 "$build/tests/test_p2p"
+p2p_rc=$?
 
 # The full-width model: ~35 GB.
 model=""
@@ -125,8 +129,11 @@ fi
 stage tp 150 "$build/tests/test_tp" $model
 tp_rc=$?
 
-# The engine's ranks (src/engine/ranks.c) over NCCL: `m3 run --device cuda` with --tp 2 and with
-# --ep 2 greedy-generates the same text as one GPU, on the built-in model and on the full-width one.
+# The engine's ranks (src/engine/ranks.c): `m3 run --device cuda` with --tp 2 and with --ep 2
+# greedy-generates the same text as one GPU, on the built-in model and on the full-width one, with
+# the peer-to-peer all-reduces and recorded steps (the default), and on the built-in model with
+# NCCL alone (M3_P2P=0). Then rank 1 failing in its third forward (M3_RANKS_FAIL=1:3), both ways:
+# the run must end within its time, failing, with the injected failure named.
 engine_check() {
   local ok=0 one out path m
   # stdout without the layout plan (its first line, then its indented lines) and the timings (stderr)
@@ -134,6 +141,7 @@ engine_check() {
   for path in "" $model; do
     m=${path:+--model $path}
     for kv in f32 fp8; do
+      [ -n "$path" ] && [ $kv = fp8 ] && continue # the full-width loads take the stage's time
       one=$("$build/m3" run --device cuda $m --kv-dtype $kv --prompt "The capital of France is" \
             --max-tokens 48 --temperature 0 2>/dev/null) || { echo "FAIL one GPU ${m:-built-in}"; ok=1; continue; }
       for layout in "--tp 2" "--ep 2"; do
@@ -141,14 +149,31 @@ engine_check() {
               --max-tokens 48 --temperature 0 2>/dev/null | noplan)
         if [ "$out" = "$one" ]; then echo "PASS m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU"
         else echo "FAIL m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'"; ok=1; fi
+        [ -n "$path" ] && continue
+        out=$(M3_P2P=0 "$build/m3" run --device cuda --kv-dtype $kv $layout --prompt "The capital of France is" \
+              --max-tokens 48 --temperature 0 2>/dev/null | noplan)
+        if [ "$out" = "$one" ]; then echo "PASS M3_P2P=0 m3 run $layout --kv-dtype $kv (built-in model): same text as one GPU"
+        else echo "FAIL M3_P2P=0 m3 run $layout --kv-dtype $kv (built-in model): '$out' vs one GPU '$one'"; ok=1; fi
       done
     done
+  done
+  local p2p err rc
+  for p2p in 1 0; do
+    err=$(M3_P2P=$p2p M3_RANKS_FAIL=1:3 timeout 60 "$build/m3" run --device cuda --tp 2 \
+          --prompt "The capital of France is" --max-tokens 16 --temperature 0 2>&1 >/dev/null)
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && printf '%s' "$err" | grep -q "rank 1: failure injected"; then
+      echo "PASS M3_P2P=$p2p, rank 1 failing mid-step: exit $rc, '$(printf '%s' "$err" | tail -n 1)'"
+    else
+      echo "FAIL M3_P2P=$p2p, rank 1 failing mid-step: exit $rc (124: hung), '$(printf '%s' "$err" | tail -n 2)'"
+      ok=1
+    fi
   done
   return $ok
 }
 export -f engine_check
 export build model
-stage engine 120 bash -c engine_check
+stage engine 150 bash -c engine_check
 engine_rc=$?
 
 # Two processes as the two nodes of one engine (src/engine/node_link.h): node 1 follows in the
@@ -217,6 +242,10 @@ rm -rf "$model"
   echo
   summary "$logs/nccl.log"
   echo
+  echo "## Peer-to-peer all-reduce, one rank per GPU, then 4 ranks sharing them (test_p2p, exit $p2p_rc)"
+  echo
+  summary "$logs/p2p.log"
+  echo
   echo "## TP2 and EP2 against 1 GPU (test_tp, exit $tp_rc)"
   echo
   summary "$logs/tp.log"
@@ -244,6 +273,7 @@ rm -rf "$model"
 } > "$md"
 
 rc=$nccl_rc
+[ $rc -eq 0 ] && rc=$p2p_rc
 [ $rc -eq 0 ] && rc=$tp_rc
 [ $rc -eq 0 ] && rc=$engine_rc
 [ $rc -eq 0 ] && rc=$nodes_rc

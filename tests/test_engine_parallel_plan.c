@@ -113,17 +113,19 @@ static void check_collectives(const m3_config *c) {
   CHECK_OK(m3_parallel_plan(c, 1, 1, &p));
   CHECK_EQ_INT(p.n_collectives, 0);
   CHECK_OK(m3_parallel_plan(c, 2, 1, &p));
-  /* o_proj, dense MLP, MoE combine, the split head's gather */
-  CHECK_EQ_INT(p.n_collectives, 4);
+  /* o_proj, dense MLP, MoE combine, the split head's candidates or gather */
+  CHECK_EQ_INT(p.n_collectives, 5);
   CHECK_EQ_INT(p.collectives[0].per_step, 60);
-  CHECK_EQ_INT(p.collectives[0].bytes_per_token, 2 * 6144);
+  CHECK_EQ_INT(p.collectives[0].bytes_per_token, 4 * 6144);
   CHECK_EQ_INT(p.collectives[1].per_step, 3);
   CHECK_EQ_INT(p.collectives[2].per_step, 57);
   CHECK_EQ_INT(p.collectives[3].per_step, 1);
-  CHECK_EQ_INT(p.collectives[3].bytes_per_token, 4 * 200064);
+  CHECK_EQ_INT(p.collectives[3].bytes_per_token, 8 * 2);
+  CHECK_EQ_INT(p.collectives[4].per_step, 1);
+  CHECK_EQ_INT(p.collectives[4].bytes_per_token, 4 * 200064);
   /* EP alone: attention and dense MLP are whole on each rank: the MoE combine and the head. */
   CHECK_OK(m3_parallel_plan(c, 1, 2, &p));
-  CHECK_EQ_INT(p.n_collectives, 2);
+  CHECK_EQ_INT(p.n_collectives, 3);
   for (int i = 0; i < p.n_collectives; i++) CHECK(p.collectives[i].group == M3_GROUP_WORLD);
   char *text = NULL;
   size_t len = 0;

@@ -10,6 +10,10 @@
  *             MoE layers), tp 4 on a fixture with 2 KV heads (each KV head on two ranks).
  *   loop      the same requests on the engine's loop thread (m3_engine_start), tp 2 x ep 2 against
  *             one rank.
+ *   failure   rank 1's third forward fails (M3_RANKS_FAIL, injected before it issues anything, so
+ *             rank 0 blocks in the all-reduce it never joins): the step ends (no hang), every
+ *             request of it finishes with an error naming rank 1, and the next requests decode
+ *             the one-rank engine's tokens (nothing left corrupt or blocked).
  *   refusals  sizes the ranks do not divide (named --tp / --ep with the size), --ep without MoE
  *             layers, speculative decoding with several ranks, negative sizes, a CUDA device in a
  *             build without CUDA. */
@@ -27,6 +31,7 @@ typedef struct {
   int n[MAX_SAMPLES];
   m3_finish_reason finish[MAX_SAMPLES];
   int cached;
+  char error[256];
 } collected;
 
 static void collect(const m3_token_event *ev, void *user) {
@@ -35,6 +40,8 @@ static void collect(const m3_token_event *ev, void *user) {
   if (ev->token >= 0 && c->n[ev->sample] < GEN)
     c->tokens[ev->sample][c->n[ev->sample]++] = ev->token;
   if (ev->finish != M3_FINISH_NONE) c->finish[ev->sample] = ev->finish;
+  if (ev->finish == M3_FINISH_ERROR && ev->error)
+    snprintf(c->error, sizeof c->error, "%s", ev->error);
   c->cached = ev->cached_prompt_tokens;
 }
 
@@ -167,6 +174,46 @@ static void check_loop_thread(const char *name, int tp, int ep) {
          NREQ + 1);
 }
 
+/* Runs requests r0..r1 to their end on e. */
+static void run_requests(m3_engine *e, int r0, int r1, collected *out) {
+  for (int r = r0; r <= r1; r++) submit(e, r, out);
+  int active = 1;
+  for (int guard = 0; active && guard < 1000; guard++) CHECK_OK(m3_engine_step(e, &active));
+  CHECK_EQ_INT(active, 0);
+}
+
+static void check_failing_rank(const char *name, int tp, int ep) {
+  static collected want[NREQ], got[NREQ];
+  m3_engine *e = NULL;
+  for (int world = 0; world < 2; world++) {
+    /* Forwards 1 and 2 prefill requests 0 and 1 (two chunks of the 11 + 6 tokens); the third is
+     * their first decode step. */
+    if (world) setenv("M3_RANKS_FAIL", "1:3", 1);
+    m3_engine_options o = world ? options(fixture(name), tp, ep) : options(fixture(name), 0, 0);
+    m3_status st = m3_engine_open(&o, &e);
+    unsetenv("M3_RANKS_FAIL");
+    CHECK_OK(st);
+    if (!e) return;
+    m3_model_info info;
+    m3_engine_model_info(e, &info);
+    make_prompts(info.vocab_size);
+    collected *out = world ? got : want;
+    run_requests(e, 0, 1, out);
+    run_requests(e, 3, 3, out);
+    m3_engine_close(e);
+  }
+  for (int r = 0; r < 2; r++) {
+    CHECK_EQ_INT((int)got[r].finish[0], (int)M3_FINISH_ERROR);
+    CHECK(strstr(got[r].error, "rank 1: failure injected at its forward 3") != NULL);
+  }
+  CHECK_EQ_INT((int)got[3].finish[0], (int)M3_FINISH_LENGTH);
+  CHECK_EQ_INT(got[3].n[0], GEN);
+  CHECK(memcmp(got[3].tokens[0], want[3].tokens[0], sizeof got[3].tokens[0]) == 0);
+  printf("%-26s tp %d x ep %d, rank 1 failing: requests of the step: '%s'; the next request "
+         "decodes as one rank: %s\n", name, tp, ep, got[0].error,
+         memcmp(got[3].tokens[0], want[3].tokens[0], sizeof got[3].tokens[0]) ? "NO" : "yes");
+}
+
 static void check_refusal(const char *name, int tp, int ep, const char *speculative,
                           const char *device, m3_status status, const char *needle) {
   m3_engine_options o = options(fixture(name), tp, ep);
@@ -187,6 +234,7 @@ int main(void) {
   check_fixture("mixed_gqa4_rot_half_f32", tp_ep, 3);
   check_fixture("gqa8_local2_tied_f32", tp4, 1);
   check_loop_thread("mixed_bf16", 2, 2);
+  check_failing_rank("mixed_bf16", 2, 2);
 
   check_refusal("mixed_bf16", 3, 1, NULL, NULL, M3_ERR_ARG,
                 "--tp 3: num_attention_heads 4 is not divisible by 3");

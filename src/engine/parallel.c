@@ -121,16 +121,20 @@ m3_status m3_parallel_plan(const m3_config *c, int tp, int ep, m3_plan *out) {
     p->params = rank_params(c, out, p);
   }
 
-  /* One decode token carries one BF16 hidden vector [H] through each all-reduce. */
-  int64_t hidden_bytes = 2 * (int64_t)c->hidden_size;
+  /* One decode token carries one float32 hidden vector [H] through each all-reduce. */
+  int64_t hidden_bytes = 4 * (int64_t)c->hidden_size;
   add_collective(out, "all-reduce after o_proj", M3_GROUP_TP, c->num_layers, hidden_bytes);
   add_collective(out, "all-reduce after the dense MLP", M3_GROUP_TP, out->dense_layers, hidden_bytes);
   add_collective(out, "MoE combine all-reduce (routing exchange)", M3_GROUP_WORLD, out->moe_layers,
                  hidden_bytes);
-  /* The split head's gather: a float32 logits row [V] per token. */
-  if (c->vocab_size % out->world == 0)
-    add_collective(out, "lm_head gather all-reduce (vocab split)", M3_GROUP_WORLD, 1,
+  /* The split head: a greedy step exchanges each rank's best (score, id) per row; any other
+   * step gathers the float32 logits row [V] (one or the other per step). */
+  if (c->vocab_size % out->world == 0) {
+    add_collective(out, "lm_head argmax candidates (greedy steps)", M3_GROUP_WORLD, 1,
+                   8 * (int64_t)out->world);
+    add_collective(out, "lm_head logits gather (other steps)", M3_GROUP_WORLD, 1,
                    4 * (int64_t)c->vocab_size);
+  }
   return M3_OK;
 }
 
@@ -166,6 +170,8 @@ void m3_parallel_plan_print(const m3_plan *p, FILE *f) {
   fprintf(f, "  collectives per decode step (%d full + %d sparse layers, %d dense + %d MoE):\n",
           p->full_layers, p->sparse_layers, p->dense_layers, p->moe_layers);
   if (p->n_collectives == 0) fprintf(f, "    none (one GPU)\n");
+  /* (One process on GPUs that reach each other's memory sums these peer to peer, each fused with
+   * the residual add and the norm after it: backend/cuda/p2p.h.) */
   for (int i = 0; i < p->n_collectives; i++) {
     const m3_collective *c = &p->collectives[i];
     fprintf(f, "    %-42s x%-3d over %d ranks (%s), %lld bytes per token each\n", c->what,

@@ -16,9 +16,10 @@
  *               is replicated, so every rank routes every token identically and the routing
  *               exchange is that combine all-reduce (activations are replicated, no all-to-all).
  *   vocabulary  embedding replicated (every rank embeds its tokens alone); lm_head rows
- *               [r V / world, +V / world) on world rank r when the world divides V, each rank's
- *               logits slice gathered by one world all-reduce (zeros outside it) and rank 0
- *               sampling the whole rows (model/shard.c); else replicated. The split saves
+ *               [r V / world, +V / world) on world rank r when the world divides V (model/shard.c),
+ *               else replicated. A greedy step's ranks exchange each row's best (score, id) of
+ *               their slice through one world all-reduce (zeros outside its own part); any other
+ *               step gathers the logits slices that way and rank 0 samples the whole rows. The split saves
  *               V x H x (world - 1) / world per rank (1.2 GB at M3 width in BF16, world 2) and
  *               as much of every decode step's reads.
  *   norms       replicated. The vision tower and MTP modules are not in the plan (replicated).
@@ -68,7 +69,7 @@ typedef struct {
   m3_group group;          /* over the ranks of a TP group or over all ranks */
   int ranks;               /* how many ranks take part */
   int per_step;            /* how many times one forward pass runs it (e.g. once per layer) */
-  int64_t bytes_per_token; /* payload per decode token, per call (BF16 activations) */
+  int64_t bytes_per_token; /* payload per decode token, per call (float32 activations) */
 } m3_collective;
 
 enum { M3_PARALLEL_MAX_COLLECTIVES = 8 };

@@ -54,6 +54,7 @@ typedef struct {
   int32_t *tables_dev;     /* device backends: the step's block tables */
   size_t cap_tables;
   uint64_t seen;           /* the last job taken */
+  int forwards;            /* forwards run, for the injected failure */
   pthread_t thread;
   int started;
 } rank;
@@ -67,6 +68,7 @@ struct m3_ranks {
   char dir[4096];
   m3_model_load_options load;
   int first_gpu, threads;
+  int fail_rank, fail_forward; /* M3_RANKS_FAIL (inject_failure); fail_forward 0: none */
   rank ranks[M3_PARALLEL_MAX_RANKS];
   host_group *groups;      /* CPU: [1 + ep] the world, then TP group e */
 #ifdef M3_HAVE_NCCL
@@ -441,8 +443,25 @@ static m3_status rank_tables(rank *k, const int32_t **out) {
                : M3_OK;
 }
 
+/* M3_RANKS_FAIL=R:F makes world rank R's F-th forward (from 1; R >= 1, rank 0's forward being the
+ * engine's own) fail before it issues anything, while its peers go on into the step and block in
+ * its first all-reduce, which R never joins: how the checks of a failing rank (peers released,
+ * not hung; the step failing by R's name; NCCL and p2p aborted) inject one, in CI on CPU ranks
+ * and on GPUs. */
+static void inject_failure(m3_ranks *r, const char *spec) {
+  int rank_index, forward;
+  char tail;
+  if (spec && sscanf(spec, "%d:%d%c", &rank_index, &forward, &tail) == 2 && rank_index >= 0 &&
+      forward > 0) {
+    r->fail_rank = rank_index;
+    r->fail_forward = forward;
+  }
+}
+
 static m3_status forward_rank(rank *k) {
   m3_ranks *r = k->all;
+  if (r->fail_forward && k->index == r->fail_rank && ++k->forwards == r->fail_forward)
+    return m3_fail(M3_ERR_IO, "failure injected at its forward %d (M3_RANKS_FAIL)", k->forwards);
   m3_status st = M3_OK;
   for (int i = 0; i < r->n_copies && st == M3_OK; i++)
     st = m3_kv_cache_copy_page(k->store, r->copies[i].from, r->copies[i].to);
@@ -790,6 +809,7 @@ m3_status m3_ranks_start(const char *model_dir, const m3_engine_options *o,
   r->master_addr = o->master_addr;
   r->quantize_mxfp8 = load->quantize_mxfp8;
   r->wake[0] = r->wake[1] = -1;
+  inject_failure(r, getenv("M3_RANKS_FAIL"));
   pthread_mutex_init(&r->mu, NULL);
   pthread_cond_init(&r->go, NULL);
   pthread_cond_init(&r->done, NULL);
