@@ -34,16 +34,19 @@
 enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_BF16_LT_ROWS = 2048, GEMV_THREADS = 256 };
 
 /* y[t, r] = dot(W[r, :], x[t, :]) for t < T <= NT and the R rows of this block. All 256 threads of
- * the block share the row: thread i takes the 32-byte steps i, i + 256, ... of each of the R rows,
- * so a short matrix (k/v: 512 rows) still spreads over every SM, each x element loaded serves R
- * rows, and R x 2 independent 16-byte loads are in flight per thread before any is used. E4M3
- * steps are exactly the 32-element MXFP8 blocks: the scale multiplies the block's float32 sum.
- * Columns past the last whole step (K not a multiple of the step) go one at a time. Partial sums
- * meet through shared memory in a fixed order: the result does not depend on timing. */
+ * the block share the row, so a short matrix (k/v: 512 rows) still spreads over every SM and each
+ * x element loaded serves R rows. A row is read in 16-byte units (weight_load.cuh wk_chunk), thread
+ * i taking units i and i + 256, then i + 512 and i + 768, ...: each load instruction of a warp
+ * moves 512 contiguous bytes, whole 32-byte sectors, and R x 2 loads are in flight per thread
+ * before any is used. (A thread's own 32-byte step in two 16-byte loads, as before, used half of
+ * every sector each load moved, and the weights bypass L1: k/v read at 11-27% of the copy
+ * bandwidth.) An E4M3 unit's 16 columns lie inside one 32-column MXFP8 block: its scale multiplies
+ * the unit's float32 sum. Columns past the last whole unit go one at a time. Partial sums meet
+ * through shared memory in a fixed order: the result does not depend on timing. */
 template <int NT, int WK, int R>
 __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
-  constexpr int E = wk_step<WK>::n;
+  constexpr int E = WK == WK_ANY ? 0 : wk_chunk<WK>::n; /* elements per unit */
   const int tid = threadIdx.x;
   const int64_t N = w.rows, K = w.cols, r0 = (int64_t)blockIdx.x * R;
   int64_t rows[R];
@@ -54,47 +57,56 @@ __global__ void __launch_bounds__(GEMV_THREADS)
   for (int r = 0; r < R; r++)
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
-  const int64_t steps = E ? K / E : 0;
+  const int64_t units = E ? K / E : 0;
   if (E) {
-#pragma unroll 2
-    for (int64_t s = tid; s < steps; s += GEMV_THREADS) {
+    for (int64_t j0 = tid; j0 < units; j0 += 2 * GEMV_THREADS) {
+      /* units j0 and j0 + 256 (when there is one: else j0 again, never used) of every row */
+      const int64_t j1 = j0 + GEMV_THREADS < units ? j0 + GEMV_THREADS : j0;
+      const int pair = j1 != j0;
       uint4 u[R][2];
-      float sc[R]; /* loaded with the weights: not a second round trip after them */
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        const uint8_t *p = w.data + ((size_t)rows[r] * (size_t)K + (size_t)s * E) * (size_t)w.elem_bytes;
-        u[r][0] = ld_stream16(p);
-        u[r][1] = ld_stream16(p + 16);
-        sc[r] = WK == WK_E4M3 ? step_scale(w, rows[r], s) : 1.0f;
-      }
-      float part[R][NT];
+      float sc[R][2]; /* loaded with the weights: not a second round trip after them */
 #pragma unroll
       for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int t = 0; t < NT; t++) part[r][t] = 0.0f;
+        for (int h = 0; h < 2; h++) {
+          const int64_t j = h ? j1 : j0;
+          u[r][h] = ld_stream16(w.data + ((size_t)rows[r] * (size_t)K + (size_t)j * E) * (size_t)w.elem_bytes);
+          sc[r][h] = WK == WK_E4M3 ? step_scale(w, rows[r], j >> 1) : 1.0f;
+        }
 #pragma unroll
-      for (int g = 0; g < E / 4; g++) {
-        float4 xv[NT];
+      for (int h = 0; h < 2; h++) {
+        if (h && !pair) break;
+        const float *xj = x + (size_t)(h ? j1 : j0) * E;
+        float part[R][NT];
 #pragma unroll
-        for (int t = 0; t < NT; t++)
-          if (t < T) xv[t] = __ldg((const float4 *)(x + (size_t)t * K + (size_t)s * E) + g);
+        for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-          float wv[4];
-          decode_quad<WK>(u[r], g, wv);
+          for (int t = 0; t < NT; t++) part[r][t] = 0.0f;
+#pragma unroll
+        for (int g = 0; g < E / 4; g++) {
+          float4 xv[NT];
 #pragma unroll
           for (int t = 0; t < NT; t++)
-            if (t < T)
-              part[r][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+            if (t < T) xv[t] = __ldg((const float4 *)(xj + (size_t)t * K) + g);
+#pragma unroll
+          for (int r = 0; r < R; r++) {
+            float wv[4];
+            decode_quad<WK>(&u[r][h], g, wv);
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+              if (t < T)
+                part[r][t] += wv[0] * xv[t].x + wv[1] * xv[t].y + wv[2] * xv[t].z + wv[3] * xv[t].w;
+          }
         }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+          for (int t = 0; t < NT; t++)
+            acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc[r][h] : part[r][t];
       }
-#pragma unroll
-      for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int t = 0; t < NT; t++) acc[r][t] += WK == WK_E4M3 ? part[r][t] * sc[r] : part[r][t];
     }
   }
-  for (int64_t c = steps * E + tid; c < K; c += GEMV_THREADS) {
+  for (int64_t c = units * E + tid; c < K; c += GEMV_THREADS) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
       const float wv = dev_w(w, rows[r], c);
