@@ -27,11 +27,12 @@
 #include <string.h>
 
 #include "check.h"
+#include "lockstep.h"
 #include "mirror_backend.h"
 #include "model/model.h"
 #include "random.h"
 
-enum { MAX_RANKS = 4, PROMPT = 300, DECODE = 3, MAX_POS = PROMPT + DECODE, MAX_CALLS = 64 };
+enum { MAX_RANKS = LOCKSTEP_MAX_RANKS, PROMPT = 300, DECODE = 3, MAX_POS = PROMPT + DECODE };
 
 static const char *fixture(const char *name) {
   static char path[4096];
@@ -187,88 +188,11 @@ static void unload(m3_backend *be, m3_model *m) {
   if (be) be->ops->destroy(be);
 }
 
-/* One sequence's cache: MAX_POS positions in consecutive pages. */
-typedef struct {
-  m3_kv_view *views;
-  int32_t *table;
-  int layers;
-} cache;
-
-static m3_status cache_make(m3_model *m, cache *kc) {
-  const m3_config *c = m3_model_config(m);
-  m3_backend *be = m3_model_backend(m);
-  const int bs = c->index_block_size, pages = (MAX_POS + bs - 1) / bs;
-  kc->layers = c->num_layers;
-  kc->views = calloc((size_t)c->num_layers, sizeof *kc->views);
-  kc->table = malloc((size_t)pages * sizeof *kc->table);
-  if (!kc->views || !kc->table) return M3_ERR_NOMEM;
-  for (int p = 0; p < pages; p++) kc->table[p] = p;
-  const size_t kv_bytes = (size_t)pages * c->num_kv_heads * bs * c->head_dim * sizeof(float);
-  for (int l = 0; l < c->num_layers; l++) {
-    m3_kv_view *v = &kc->views[l];
-    *v = (m3_kv_view){.block_table = kc->table, .num_blocks = pages, .block_size = bs,
-                      .nkv = c->num_kv_heads, .hd = c->head_dim, .ihd = c->index_head_dim,
-                      .dtype = M3_KV_F32};
-    v->k = be->ops->alloc(be, kv_bytes);
-    v->v = be->ops->alloc(be, kv_bytes);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE)
-      v->ik = be->ops->alloc(be, (size_t)pages * bs * c->index_head_dim * sizeof(float));
-    if (!v->k || !v->v || (c->layer_attn[l] == M3_ATTN_SPARSE && !v->ik)) return M3_ERR_NOMEM;
-  }
-  return M3_OK;
-}
-
-static void cache_free(m3_model *m, cache *kc) {
-  m3_backend *be = m3_model_backend(m);
-  for (int l = 0; kc->views && l < kc->layers; l++) {
-    void *p[] = {kc->views[l].k, kc->views[l].v, kc->views[l].ik};
-    for (int i = 0; i < 3; i++)
-      if (p[i]) be->ops->free(be, p[i]);
-  }
-  free(kc->views);
-  free(kc->table);
-}
-
-/* The host all-reduce of the world's threads (the TP group: the tp ranks of the caller's EP
- * group), as in test_model_shard; rank 0 logs the sizes of the world calls. */
-typedef struct {
-  pthread_barrier_t barrier;
-  float *bufs[MAX_RANKS];
-  int tp, world;
-  size_t world_calls[MAX_CALLS];
-  int n_world_calls;
-} host_group;
-
-typedef struct {
-  host_group *g;
-  int rank;
-} rank_user;
-
-static m3_status host_all_reduce(void *user, m3_reduce_group group, float *buf, size_t n) {
-  rank_user *u = user;
-  host_group *g = u->g;
-  g->bufs[u->rank] = buf;
-  pthread_barrier_wait(&g->barrier);
-  const int tp_group = group == M3_REDUCE_TP;
-  const int members = tp_group ? g->tp : g->world;
-  const int base = tp_group ? u->rank / g->tp * g->tp : 0;
-  const size_t at = (size_t)(u->rank - base);
-  for (size_t i = n * at / (size_t)members; i < n * (at + 1) / (size_t)members; i++) {
-    float sum = 0;
-    for (int k = 0; k < members; k++) sum += g->bufs[base + k][i];
-    for (int k = 0; k < members; k++) g->bufs[base + k][i] = sum;
-  }
-  if (u->rank == 0 && !tp_group && g->n_world_calls < MAX_CALLS)
-    g->world_calls[g->n_world_calls++] = n;
-  pthread_barrier_wait(&g->barrier);
-  return M3_OK;
-}
-
 /* What one rank runs: the prompt (every row's logits, then its ids) and DECODE steps feeding
  * `feed` (the whole model's continuation), each as the logits forward then the argmax forward. */
 typedef struct {
   m3_model *m;
-  host_group *g;
+  lockstep_group *g;
   int rank, want_ids;
   const int32_t *prompt, *feed;
   float *logits;       /* [MAX_POS, vocab] */
@@ -282,7 +206,7 @@ typedef struct {
  * head chunk of at most 256 rows, W x rows x 2 floats (no logits). */
 static int pairs_calls(const run *r, int T) {
   const m3_config *c = m3_model_config(r->m);
-  const host_group *g = r->g;
+  const lockstep_group *g = r->g;
   int moe = 0, k = 0;
   for (int l = 0; l < c->num_layers; l++) moe += c->layer_mlp[l] == M3_MLP_MOE;
   for (int t0 = 0, S = m3_model_step_tokens(r->m); t0 < T; t0 += S) {
@@ -298,7 +222,7 @@ static int pairs_calls(const run *r, int T) {
   return k == g->n_world_calls;
 }
 
-static m3_status both_forwards(run *r, const cache *kc, const int32_t *ids, const int32_t *pos,
+static m3_status both_forwards(run *r, const lockstep_cache *kc, const int32_t *ids, const int32_t *pos,
                                int T, int row0) {
   const int Vw = m3_model_config(r->m)->vocab_size;
   const m3_model_seq seq = {.kv = kc->views, .ids = ids, .pos = pos, .T = T, .n_logits = T};
@@ -313,15 +237,15 @@ static m3_status both_forwards(run *r, const cache *kc, const int32_t *ids, cons
 
 static void *run_rank(void *arg) {
   run *r = arg;
-  cache kc = {0};
+  lockstep_cache kc = {0};
   int32_t pos[MAX_POS];
   for (int t = 0; t < MAX_POS; t++) pos[t] = t;
   r->head_calls_ok = 1;
-  r->st = cache_make(r->m, &kc);
+  r->st = lockstep_cache_make(r->m, MAX_POS, &kc);
   if (r->st == M3_OK) r->st = both_forwards(r, &kc, r->prompt, pos, PROMPT, 0);
   for (int i = 0; i < DECODE && r->st == M3_OK; i++)
     r->st = both_forwards(r, &kc, &r->feed[i], &pos[PROMPT + i], 1, PROMPT + i);
-  cache_free(r->m, &kc);
+  lockstep_cache_free(r->m, &kc);
   return NULL;
 }
 
@@ -329,17 +253,17 @@ static void *run_rank(void *arg) {
  * continuation (the argmax of each last row). */
 static void reference(m3_model *m, const int32_t *prompt, float *logits, int32_t *feed) {
   const int Vw = m3_model_config(m)->vocab_size;
-  cache kc = {0};
+  lockstep_cache kc = {0};
   int32_t pos[MAX_POS];
   for (int t = 0; t < MAX_POS; t++) pos[t] = t;
-  CHECK_OK(cache_make(m, &kc));
+  CHECK_OK(lockstep_cache_make(m, MAX_POS, &kc));
   CHECK_OK(m3_model_forward(m, kc.views, prompt, pos, PROMPT, logits, NULL));
   for (int i = 0; i < DECODE; i++) {
     const int p = PROMPT + i;
     feed[i] = greedy_pick(logits + (size_t)(p - 1) * Vw, Vw);
     CHECK_OK(m3_model_forward(m, kc.views, &feed[i], &pos[p], 1, logits + (size_t)p * Vw, NULL));
   }
-  cache_free(m, &kc);
+  lockstep_cache_free(m, &kc);
 }
 
 static void check_layout(const char *name, layout lay, int mirrored) {
@@ -357,14 +281,14 @@ static void check_layout(const char *name, layout lay, int mirrored) {
   const size_t logits_n = (size_t)MAX_POS * Vw;
   float *ref = malloc(logits_n * sizeof *ref);
   reference(whole, prompt, ref, feed);
-  host_group g = {.tp = lay.tp, .world = world};
+  lockstep_group g = {.tp = lay.tp, .world = world};
   pthread_barrier_init(&g.barrier, NULL, (unsigned)world);
-  rank_user users[MAX_RANKS];
+  lockstep_rank users[MAX_RANKS];
   run runs[MAX_RANKS];
   pthread_t threads[MAX_RANKS];
   for (int r = 0; r < world; r++) {
-    users[r] = (rank_user){&g, r};
-    CHECK_OK(m3_model_set_all_reduce(parts[r], host_all_reduce, &users[r], 0));
+    users[r] = (lockstep_rank){&g, r};
+    CHECK_OK(m3_model_set_all_reduce(parts[r], lockstep_all_reduce, &users[r], 0));
     runs[r] = (run){.m = parts[r], .g = &g, .rank = r, .want_ids = r % 2 == 0, .prompt = prompt,
                     .feed = feed, .logits = malloc(logits_n * sizeof(float))};
   }
@@ -399,14 +323,14 @@ static void check_refusal(void) {
   m3_model *m = NULL;
   CHECK_OK(load(fixture("full_dense_gqa2_f32"), (layout){1, 1}, 0, 0, &be, &m));
   if (!m) return;
-  cache kc = {0};
-  CHECK_OK(cache_make(m, &kc));
+  lockstep_cache kc = {0};
+  CHECK_OK(lockstep_cache_make(m, MAX_POS, &kc));
   const int32_t id = 5, pos = 0;
   float logits[320];
   const m3_model_seq seq = {.kv = kc.views, .ids = &id, .pos = &pos, .T = 1, .n_logits = 1};
   CHECK_FAILS_WITH(m3_model_forward_batch_argmax(m, &seq, 1, logits, NULL, NULL), M3_ERR_ARG,
                    "without a tokens buffer");
-  cache_free(m, &kc);
+  lockstep_cache_free(m, &kc);
   unload(be, m);
 }
 

@@ -31,11 +31,12 @@
 #include <cjson/cJSON.h>
 
 #include "check.h"
+#include "lockstep.h"
 #include "model/model.h"
 #include "io/tiny.h"
 #include "io/weights.h"
 
-enum { MAX_RANKS = 4, PROMPT = 11, DECODE = 4, MAX_POS = PROMPT + DECODE };
+enum { MAX_RANKS = LOCKSTEP_MAX_RANKS, PROMPT = 11, DECODE = 4, MAX_POS = PROMPT + DECODE };
 
 static const char *fixture(const char *name) {
   static char path[4096];
@@ -177,48 +178,6 @@ static void check_rank_slices(const m3_model *whole, const m3_model *part, layou
 
 /* ---- forwards ---- */
 
-/* One sequence's cache on the model's backend: MAX_POS positions in consecutive pages. */
-typedef struct {
-  m3_kv_view *views;
-  int32_t *table;
-  int layers;
-} cache;
-
-static m3_status cache_make(m3_model *m, cache *kc) {
-  const m3_config *c = m3_model_config(m);
-  m3_backend *be = m3_model_backend(m);
-  const int bs = c->index_block_size, pages = (MAX_POS + bs - 1) / bs;
-  kc->layers = c->num_layers;
-  kc->views = calloc((size_t)c->num_layers, sizeof *kc->views);
-  kc->table = malloc((size_t)pages * sizeof *kc->table);
-  if (!kc->views || !kc->table) return M3_ERR_NOMEM;
-  for (int p = 0; p < pages; p++) kc->table[p] = p;
-  const size_t kv_bytes = (size_t)pages * c->num_kv_heads * bs * c->head_dim * sizeof(float);
-  for (int l = 0; l < c->num_layers; l++) {
-    m3_kv_view *v = &kc->views[l];
-    *v = (m3_kv_view){.block_table = kc->table, .num_blocks = pages, .block_size = bs,
-                      .nkv = c->num_kv_heads, .hd = c->head_dim, .ihd = c->index_head_dim,
-                      .dtype = M3_KV_F32};
-    v->k = be->ops->alloc(be, kv_bytes);
-    v->v = be->ops->alloc(be, kv_bytes);
-    if (c->layer_attn[l] == M3_ATTN_SPARSE)
-      v->ik = be->ops->alloc(be, (size_t)pages * bs * c->index_head_dim * sizeof(float));
-    if (!v->k || !v->v || (c->layer_attn[l] == M3_ATTN_SPARSE && !v->ik)) return M3_ERR_NOMEM;
-  }
-  return M3_OK;
-}
-
-static void cache_free(m3_model *m, cache *kc) {
-  m3_backend *be = m3_model_backend(m);
-  for (int l = 0; kc->views && l < kc->layers; l++) {
-    void *p[] = {kc->views[l].k, kc->views[l].v, kc->views[l].ik};
-    for (int i = 0; i < 3; i++)
-      if (p[i]) be->ops->free(be, p[i]);
-  }
-  free(kc->views);
-  free(kc->table);
-}
-
 static int argmax(const float *row, int n) {
   int best = 0;
   for (int i = 1; i < n; i++)
@@ -238,13 +197,13 @@ typedef struct {
 static void *run_sequence(void *arg) {
   run *r = arg;
   const int V = m3_model_config(r->m)->vocab_size;
-  cache kc = {0};
+  lockstep_cache kc = {0};
   int32_t ids[PROMPT], pos[PROMPT];
   for (int t = 0; t < PROMPT; t++) {
     ids[t] = (int32_t)((t * 37 + 11) % V);
     pos[t] = t;
   }
-  r->st = cache_make(r->m, &kc);
+  r->st = lockstep_cache_make(r->m, MAX_POS, &kc);
   if (r->st == M3_OK) r->st = m3_model_forward(r->m, kc.views, ids, pos, PROMPT, r->logits, NULL);
   int32_t next = r->st == M3_OK ? argmax(r->logits + (size_t)(PROMPT - 1) * V, V) : 0;
   for (int i = 0; i < DECODE && r->st == M3_OK; i++) {
@@ -254,52 +213,8 @@ static void *run_sequence(void *arg) {
     r->st = m3_model_forward(r->m, kc.views, &next, &p, 1, row, NULL);
     next = argmax(row, V);
   }
-  cache_free(r->m, &kc);
+  lockstep_cache_free(r->m, &kc);
   return NULL;
-}
-
-/* The host all-reduce of the world's threads: each rank posts its buffer and group; after the
- * barrier the rank at index i of its group's n members sums indices [i/n, (i+1)/n) of the buffer
- * over the members (in rank order) into every member's buffer. TP: the tp ranks of the caller's
- * EP group; WORLD: every rank. Every rank makes every call, so one world barrier pairs them. */
-typedef struct {
-  pthread_barrier_t barrier;
-  float *bufs[MAX_RANKS];
-  m3_reduce_group groups[MAX_RANKS];
-  size_t sizes[MAX_RANKS];
-  int tp, world;
-  int calls[2]; /* per m3_reduce_group */
-  int mismatched; /* calls whose ranks named different groups or sizes */
-} host_group;
-
-typedef struct {
-  host_group *g;
-  int rank;
-} rank_user;
-
-static m3_status host_all_reduce(void *user, m3_reduce_group group, float *buf, size_t n) {
-  rank_user *u = user;
-  host_group *g = u->g;
-  g->bufs[u->rank] = buf;
-  g->groups[u->rank] = group;
-  g->sizes[u->rank] = n;
-  pthread_barrier_wait(&g->barrier);
-  const int tp_group = group == M3_REDUCE_TP;
-  const int members = tp_group ? g->tp : g->world;
-  const int base = tp_group ? u->rank / g->tp * g->tp : 0; /* the group's first world rank */
-  const size_t at = (size_t)(u->rank - base);
-  for (size_t i = n * at / (size_t)members; i < n * (at + 1) / (size_t)members; i++) {
-    float sum = 0;
-    for (int k = 0; k < members; k++) sum += g->bufs[base + k][i];
-    for (int k = 0; k < members; k++) g->bufs[base + k][i] = sum;
-  }
-  if (u->rank == 0) {
-    g->calls[group == M3_REDUCE_WORLD]++;
-    for (int r = 0; r < g->world; r++)
-      g->mismatched += g->groups[r] != group || g->sizes[r] != n;
-  }
-  pthread_barrier_wait(&g->barrier);
-  return M3_OK;
 }
 
 static double rel_l2(const float *got, const float *want, int n) {
@@ -330,16 +245,16 @@ static void check_layout(const char *dir, const char *name, layout lay) {
   const size_t logits_n = (size_t)MAX_POS * V;
   run ref = {.m = whole, .logits = malloc(logits_n * sizeof(float))};
   run runs[MAX_RANKS];
-  host_group g = {.tp = lay.tp, .world = world};
-  rank_user users[MAX_RANKS];
+  lockstep_group g = {.tp = lay.tp, .world = world};
+  lockstep_rank users[MAX_RANKS];
   pthread_t threads[MAX_RANKS];
   pthread_barrier_init(&g.barrier, NULL, (unsigned)world);
   run_sequence(&ref);
   CHECK_OK(ref.st);
   for (int r = 0; r < world; r++) {
     runs[r] = (run){.m = parts[r], .logits = malloc(logits_n * sizeof(float))};
-    users[r] = (rank_user){&g, r};
-    CHECK_OK(m3_model_set_all_reduce(parts[r], host_all_reduce, &users[r], 0));
+    users[r] = (lockstep_rank){&g, r};
+    CHECK_OK(m3_model_set_all_reduce(parts[r], lockstep_all_reduce, &users[r], 0));
   }
   for (int r = 0; r < world; r++) pthread_create(&threads[r], NULL, run_sequence, &runs[r]);
   for (int r = 0; r < world; r++) pthread_join(threads[r], NULL);

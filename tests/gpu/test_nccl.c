@@ -54,29 +54,10 @@ static int setup_failed;
 
 static void sync_ranks(void) { pthread_barrier_wait(&barrier); }
 
-/* A failure that leaves the other ranks blocked in a collective: the process ends, which frees
- * every GPU's work; waiting for them would hang. */
-static void must(const rank_ctx *r, m3_status st, const char *what) {
-  if (st != M3_OK) {
-    fprintf(stderr, "FATAL: rank %d: %s: %s\n", r->rank, what, m3_last_error());
-    fflush(stdout);
-    _exit(1);
-  }
-}
+static void must(const rank_ctx *r, m3_status st, const char *what) { test_must(r->rank, st, what); }
 
 static void *must_alloc(const rank_ctx *r, size_t bytes) {
-  void *p = r->be->ops->alloc(r->be, bytes);
-  if (!p) must(r, M3_ERR_NOMEM, "backend alloc");
-  return p;
-}
-
-static void *host_alloc(size_t bytes) {
-  void *p = malloc(bytes ? bytes : 1);
-  if (!p) {
-    fprintf(stderr, "FATAL: out of host memory\n");
-    _exit(1);
-  }
-  return p;
+  return test_must_alloc(r->rank, r->be, bytes);
 }
 
 /* Names a case on stderr before it runs: a hang on the GPU machine then shows which. */
@@ -157,7 +138,7 @@ static void test_all_reduce(rank_ctx *r) {
     size_t n = reduce_sizes[s];
     uint64_t salt = 100 + s;
     progress(r, "all_reduce_sum", n);
-    float *h = host_alloc(n * sizeof(float)), *d = must_alloc(r, n * sizeof(float));
+    float *h = test_host_alloc(n * sizeof(float)), *d = must_alloc(r, n * sizeof(float));
     fill_spread(h, n, salt, r->rank);
     must(r, r->be->ops->to_device(r->be, d, h, n * sizeof(float)), "to_device");
     must(r, m3_nccl_all_reduce_sum(r->comm, d, n), "all_reduce_sum");
@@ -178,7 +159,7 @@ static void test_all_reduce_grouped(rank_ctx *r) {
   const size_t n = 6144;
   const uint64_t salt = 200;
   progress(r, "all_reduce_sum grouped", n);
-  float *h = host_alloc(n * sizeof(float));
+  float *h = test_host_alloc(n * sizeof(float));
   grouped_bufs[r->rank] = must_alloc(r, n * sizeof(float));
   fill_spread(h, n, salt, r->rank);
   must(r, r->be->ops->to_device(r->be, grouped_bufs[r->rank], h, n * sizeof(float)), "to_device");
@@ -215,7 +196,7 @@ static void test_all_gather(rank_ctx *r) {
       size_t n = sizes[s], bytes = n * sizeof(float);
       uint64_t salt = 300 + s;
       progress(r, in_place ? "all_gather in place" : "all_gather", n);
-      float *h = host_alloc(bytes * (size_t)nranks);
+      float *h = test_host_alloc(bytes * (size_t)nranks);
       float *all = must_alloc(r, bytes * (size_t)nranks);
       float *part = in_place ? all + (size_t)r->rank * n : must_alloc(r, bytes);
       /* the output's other parts hold garbage (this rank's values) until the gather fills them */
@@ -242,7 +223,7 @@ static void test_broadcast(rank_ctx *r) {
       size_t n = sizes[s], bytes = n * sizeof(float);
       uint64_t salt = 400 + s;
       progress(r, "broadcast", n);
-      float *h = host_alloc(bytes), *d = must_alloc(r, bytes);
+      float *h = test_host_alloc(bytes), *d = must_alloc(r, bytes);
       fill_spread(h, n, salt, r->rank);
       must(r, r->be->ops->to_device(r->be, d, h, bytes), "to_device");
       must(r, m3_nccl_broadcast(r->comm, d, bytes, roots[j]), "broadcast");
@@ -272,7 +253,7 @@ static int col_begin(int rank) { return (int)((int64_t)TP_K * rank / nranks); }
 static m3_tensor tp_weight(rank_ctx *r, m3_dtype dtype, value_fn f, uint64_t salt, int c0, int c1,
                            void **host) {
   size_t cols = (size_t)(c1 - c0), n = (size_t)TP_N * cols;
-  void *h = host_alloc(n * 4);
+  void *h = test_host_alloc(n * 4);
   for (size_t row = 0; row < TP_N; row++)
     for (size_t c = 0; c < cols; c++) {
       float v = f(salt, 1, row * TP_K + (size_t)c0 + c);
@@ -297,7 +278,7 @@ static m3_tensor tp_weight(rank_ctx *r, m3_dtype dtype, value_fn f, uint64_t sal
 /* x's columns [c0, c1) of T tokens, uploaded. */
 static float *tp_input(rank_ctx *r, value_fn f, uint64_t salt, int T, int c0, int c1) {
   size_t cols = (size_t)(c1 - c0), bytes = (size_t)T * cols * sizeof(float);
-  float *h = host_alloc(bytes), *d = must_alloc(r, bytes);
+  float *h = test_host_alloc(bytes), *d = must_alloc(r, bytes);
   for (size_t t = 0; t < (size_t)T; t++)
     for (size_t c = 0; c < cols; c++) h[t * cols + c] = f(salt, 2, t * TP_K + (size_t)c0 + c);
   must(r, r->be->ops->to_device(r->be, d, h, bytes), "to_device");
@@ -307,7 +288,7 @@ static float *tp_input(rank_ctx *r, value_fn f, uint64_t salt, int T, int c0, in
 
 /* The whole W as the backend reads it (BF16 rounds it) and the whole x, in float64. */
 static double *host_matrix(int rows, m3_dtype dtype, value_fn f, uint64_t salt, int stream) {
-  double *m = host_alloc((size_t)rows * TP_K * sizeof(double));
+  double *m = test_host_alloc((size_t)rows * TP_K * sizeof(double));
   for (size_t i = 0; i < (size_t)rows * TP_K; i++) {
     float v = f(salt, stream, i);
     m[i] = dtype == M3_DT_BF16 ? (double)m3_bf16_to_f32(m3_f32_to_bf16(v)) : (double)v;
@@ -373,7 +354,7 @@ static void test_tp_matmul(rank_ctx *r) {
         r->be->ops->matmul(r->be, &w, x, T, y);
         must(r, m3_nccl_all_reduce_sum(r->comm, y, (size_t)T * TP_N), "all_reduce_sum of y");
         must(r, m3_nccl_wait(r->comm, WAIT_MS), "wait after the TP matmul");
-        r->result = host_alloc(ybytes);
+        r->result = test_host_alloc(ybytes);
         must(r, r->be->ops->to_host(r->be, r->result, y, ybytes), "to_host");
         float *single = NULL;
         if (r->rank == 0) { /* the whole matmul on one GPU */
@@ -381,7 +362,7 @@ static void test_tp_matmul(rank_ctx *r) {
           m3_tensor full = tp_weight(r, dtype, f, salt, 0, TP_K, &fh);
           float *xf = tp_input(r, f, salt, T, 0, TP_K);
           r->be->ops->matmul(r->be, &full, xf, T, y);
-          single = host_alloc(ybytes);
+          single = test_host_alloc(ybytes);
           must(r, r->be->ops->to_host(r->be, single, y, ybytes), "to_host (single GPU)");
           r->be->ops->release_tensor(r->be, &full);
           r->be->ops->free(r->be, xf);
@@ -419,12 +400,6 @@ static void test_refusals(rank_ctx *r) {
   r->be->ops->free(r->be, d);
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ---- the peer-to-peer all-reduce ---- */
 
 /* ---- all-reduce timings ---- */
@@ -452,11 +427,11 @@ static double bench_time(rank_ctx *r, bench_kind kind, float *d, float *x, float
   for (int i = 0; i < 5; i++) bench_issue(r, kind, d, x, out, norm, n);
   must(r, r->be->ops->to_host(r->be, &probe, d, sizeof probe), "wait after warm-up");
   sync_ranks();
-  const double t0 = now_s();
+  const double t0 = test_now_s();
   for (int i = 0; i < iters; i++) bench_issue(r, kind, d, x, out, norm, n);
   must(r, r->be->ops->to_host(r->be, &probe, d, sizeof probe), "wait after the timed calls");
   sync_ranks(); /* the slowest rank's finish ends the measurement */
-  return (now_s() - t0) / iters;
+  return (test_now_s() - t0) / iters;
 }
 
 static void bench_all_reduce(rank_ctx *r) {
@@ -513,9 +488,9 @@ static int test_missing_peer(rank_ctx *r) {
     progress(r, "missing peer: wait deadline (ms)", ABORT_WAIT_MS);
     float *d = must_alloc(r, 6144 * sizeof(float));
     must(r, m3_nccl_all_reduce_sum(r->comm, d, 6144), "lone all_reduce_sum");
-    double t0 = now_s();
+    double t0 = test_now_s();
     m3_status st = m3_nccl_wait(r->comm, ABORT_WAIT_MS);
-    double waited = now_s() - t0;
+    double waited = test_now_s() - t0;
     ok = st == M3_ERR_IO && strstr(m3_last_error(), "not done") != NULL;
     printf("\nmissing peer: wait returned after %.2f s: %s (%s)\n", waited, m3_last_error(),
            ok ? "PASS" : "FAIL: expected a deadline failure");
@@ -551,9 +526,9 @@ static int test_abort_from_peer(rank_ctx *r) {
     float *d = must_alloc(r, 6144 * sizeof(float)), host = 0.0f;
     must(r, m3_nccl_all_reduce_sum(r->peer_abort_comm, d, 6144), "lone all_reduce_sum");
     sync_ranks(); /* issued: rank 1 may abort it now */
-    const double t0 = now_s();
+    const double t0 = test_now_s();
     const m3_status st = r->be->ops->to_host(r->be, &host, d, sizeof host);
-    const double waited = now_s() - t0;
+    const double waited = test_now_s() - t0;
     ok = waited < WAIT_MS / 1000.0 &&
          m3_nccl_all_reduce_sum(r->peer_abort_comm, d, 6144) == M3_ERR_ARG;
     printf("abort from a peer's thread: rank 0's wait on its stream returned after %.2f s (%s), "

@@ -53,39 +53,15 @@ static void before_calls(void) {
   sync_ranks();
 }
 
-/* A failure after a call was issued may leave peers spinning in it: the process ends. */
-static void must(const rank_ctx *r, m3_status st, const char *what) {
-  if (st != M3_OK) {
-    fprintf(stderr, "FATAL: rank %d: %s: %s\n", r->rank, what, m3_last_error());
-    fflush(stdout);
-    _exit(1);
-  }
-}
+static void must(const rank_ctx *r, m3_status st, const char *what) { test_must(r->rank, st, what); }
 
 static void *must_alloc(const rank_ctx *r, size_t bytes) {
-  void *p = r->be->ops->alloc(r->be, bytes);
-  if (!p) must(r, M3_ERR_NOMEM, "backend alloc");
-  return p;
-}
-
-static void *host_alloc(size_t bytes) {
-  void *p = malloc(bytes ? bytes : 1);
-  if (!p) {
-    fprintf(stderr, "FATAL: out of host memory\n");
-    _exit(1);
-  }
-  return p;
+  return test_must_alloc(r->rank, r->be, bytes);
 }
 
 /* Names a case on stderr before it runs: a hang then shows which. */
 static void progress(const rank_ctx *r, const char *what, size_t n) {
   if (r->rank == 0) fprintf(stderr, "   W %d: %s %zu\n", nranks, what, n);
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void fill_spread(float *h, size_t n, uint64_t salt, int stream) {
@@ -132,7 +108,7 @@ static float *upload(rank_ctx *r, const float *h, size_t n) {
 }
 
 static int same_device_bits(rank_ctx *r, const float *a, const float *b, size_t n) {
-  float *ha = host_alloc(n * sizeof(float)), *hb = host_alloc(n * sizeof(float));
+  float *ha = test_host_alloc(n * sizeof(float)), *hb = test_host_alloc(n * sizeof(float));
   must(r, r->be->ops->to_host(r->be, ha, a, n * sizeof(float)), "to_host");
   must(r, r->be->ops->to_host(r->be, hb, b, n * sizeof(float)), "to_host");
   const int same = memcmp(ha, hb, n * sizeof(float)) == 0;
@@ -144,7 +120,7 @@ static int same_device_bits(rank_ctx *r, const float *a, const float *b, size_t 
 /* One p2p sum of the ranks' spread values (salt) over n floats: 1 when every rank got the bits of
  * the rank-order sum. */
 static int p2p_sum_ok(rank_ctx *r, size_t n, uint64_t salt) {
-  float *h = host_alloc(n * sizeof(float));
+  float *h = test_host_alloc(n * sizeof(float));
   fill_spread(h, n, salt, r->rank);
   float *d = upload(r, h, n);
   before_calls();
@@ -162,7 +138,7 @@ static int p2p_sum_ok(rank_ctx *r, size_t n, uint64_t salt) {
  * output match bit for bit. */
 static int p2p_add_norm_ok(rank_ctx *r, int rows, int cols, int with_norm, uint64_t salt) {
   const size_t n = (size_t)rows * cols;
-  float *h = host_alloc(n * sizeof(float));
+  float *h = test_host_alloc(n * sizeof(float));
   fill_spread(h, n, salt, 90);
   float *x = upload(r, h, n), *x_ref = upload(r, h, n);
   fill_spread(h, n, salt, r->rank);
@@ -220,7 +196,7 @@ static void test_p2p(rank_ctx *r) {
 static void test_p2p_graph(rank_ctx *r) {
   enum { N = 6144, ROUNDS = 3 };
   progress(r, "p2p from a CUDA graph", N);
-  float *h = host_alloc(N * sizeof(float)), *base = host_alloc(N * sizeof(float));
+  float *h = test_host_alloc(N * sizeof(float)), *base = test_host_alloc(N * sizeof(float));
   fill_spread(base, N, 600, r->rank);
   float *d = must_alloc(r, N * sizeof(float)), *x = must_alloc(r, N * sizeof(float)),
         *out = must_alloc(r, N * sizeof(float));
@@ -276,9 +252,9 @@ static int test_p2p_abort(rank_ctx *r) {
     float *d = must_alloc(r, 6144 * sizeof(float)), host = 0.0f;
     must(r, m3_p2p_all_reduce_sum(r->p2p, d, 6144), "lone p2p all_reduce_sum");
     sync_ranks();
-    const double t0 = now_s();
+    const double t0 = test_now_s();
     const m3_status st = r->be->ops->to_host(r->be, &host, d, sizeof host);
-    const double waited = now_s() - t0;
+    const double waited = test_now_s() - t0;
     ok = st == M3_OK && waited < M3_P2P_DEADLINE_S && m3_p2p_check(p2p_group) == M3_ERR_IO &&
          m3_p2p_all_reduce_sum(r->p2p, d, 6144) == M3_ERR_IO;
     printf("p2p abort from a peer's thread: rank 0's wait returned after %.2f s, check: %s, "

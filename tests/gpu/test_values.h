@@ -1,13 +1,17 @@
-/* test_values.h: the GPU tests' inputs, a pure function of (salt, stream, index), so that any
- * rank can rebuild another rank's (test_nccl, test_p2p). */
+/* test_values.h: what the multi-GPU tests (test_nccl, test_p2p) share: their inputs, a pure
+ * function of (salt, stream, index) so that any rank can rebuild another rank's, and the ways a
+ * rank fails. */
 #ifndef M3_TESTS_GPU_TEST_VALUES_H
 #define M3_TESTS_GPU_TEST_VALUES_H
 
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "base/dtype.h"
@@ -56,6 +60,37 @@ static inline m3_status test_norm_weight(m3_backend *be, int cols, uint64_t salt
   t->quant = M3_WQ_NONE;
   *host = h;
   return be->ops->prepare_tensor(be, t);
+}
+
+/* A failure after a collective was issued may leave the peers blocked or spinning in it, which no
+ * other thread can interrupt: the process ends, which frees every GPU's work. */
+static inline void test_must(int rank, m3_status st, const char *what) {
+  if (st != M3_OK) {
+    fprintf(stderr, "FATAL: rank %d: %s: %s\n", rank, what, m3_last_error());
+    fflush(stdout);
+    _exit(1);
+  }
+}
+
+static inline void *test_must_alloc(int rank, m3_backend *be, size_t bytes) {
+  void *p = be->ops->alloc(be, bytes);
+  if (!p) test_must(rank, M3_ERR_NOMEM, "backend alloc");
+  return p;
+}
+
+static inline void *test_host_alloc(size_t bytes) {
+  void *p = malloc(bytes ? bytes : 1);
+  if (!p) {
+    fprintf(stderr, "FATAL: out of host memory\n");
+    _exit(1);
+  }
+  return p;
+}
+
+static inline double test_now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 #endif
