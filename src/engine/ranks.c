@@ -1,9 +1,8 @@
-/* ranks.c: the ranks of one node (ranks.h says what each holds and how a step runs). */
+/* ranks.c: the ranks of one node, their jobs and collectives (ranks.h says what each holds and how
+ * a step runs; nodes.c links several nodes). */
 #include "engine/ranks.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,110 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/node_link.h"
 #include "engine/parallel.h"
-#include "engine/rendezvous.h"
+#include "engine/ranks_internal.h"
 #include "io/config.h"
-
-#ifdef M3_HAVE_NCCL
-#include "backend/cuda/collectives.h"
-#include "backend/cuda/p2p.h"
-#endif
-
-/* The host all-reduce of one group (the world, or one TP group): members post their buffers,
- * meet at a barrier, each sums its share of the indices over the members in member order (so
- * every member ends with the same bits), and they meet again. `aborted` releases every waiter
- * when a rank's forward failed, since its peers would otherwise wait for it forever. */
-typedef struct {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  int size, arrived, aborted;
-  uint64_t phase;
-  float *bufs[M3_PARALLEL_MAX_RANKS];
-} host_group;
-
-typedef enum { JOB_LOAD, JOB_SETUP, JOB_P2P_JOIN, JOB_P2P_CONNECT, JOB_P2P_LEAVE, JOB_FORWARD,
-               JOB_FINISH, JOB_QUIT } job_kind;
-
-typedef struct {
-  m3_ranks *all;
-  int index, tp_rank, ep_rank; /* in the world of every node */
-  int local;               /* on this node: it runs on GPU first_gpu + local */
-  m3_backend *be;
-  m3_model *model;
-  m3_kv_cache *store;      /* ranks >= 1: storage mirroring rank 0's pages */
-  host_group *world_group, *tp_group; /* CPU ranks */
-#ifdef M3_HAVE_NCCL
-  m3_nccl *world_comm, *tp_comm; /* tp_comm: own communicator when tp > 1 and ep > 1 */
-  m3_p2p *p2p;             /* the world's peer-to-peer all-reduce, when the ranks have one */
-#endif
-  m3_kv_view *views;       /* [cap_seqs * layers] */
-  m3_model_seq *seqs;      /* [cap_seqs] */
-  int cap_seqs;
-  int32_t *tables_dev;     /* device backends: the step's block tables */
-  size_t cap_tables;
-  uint64_t seen;           /* the last job taken */
-  int forwards;            /* forwards run, for the injected failure */
-  pthread_t thread;
-  int started;
-} rank;
-
-struct m3_ranks {
-  int tp, ep, world, on_device;
-  /* This node hosts ranks [node_rank * local, +local) of the world; ranks[i] is local rank i. */
-  int nnodes, node_rank, local;
-  int first_thread;        /* 1 on node 0, whose rank 0 is the engine's; 0 on the others */
-  int workers;             /* threads a job waits for: the ranks' and node 0's link thread */
-  char dir[4096];
-  m3_model_load_options load;
-  int first_gpu, threads;
-  int fail_rank, fail_forward; /* M3_RANKS_FAIL (inject_failure); fail_forward 0: none */
-  rank ranks[M3_PARALLEL_MAX_RANKS];
-  host_group *groups;      /* CPU: [1 + ep] the world, then TP group e */
-#ifdef M3_HAVE_NCCL
-  m3_nccl_id world_id, tp_ids[M3_PARALLEL_MAX_RANKS];
-  m3_p2p_group *p2p;       /* NULL: every all-reduce through NCCL */
-  int p2p_graphs;          /* every all-reduce of a recordable step goes peer to peer */
-#endif
-  /* The job the engine thread posted, guarded by mu (written before the post, read after it). */
-  pthread_mutex_t mu;
-  pthread_cond_t go, done;
-  job_kind kind;
-  uint64_t generation;
-  int pending;             /* ranks 1.. yet to finish the job */
-  m3_status failed;        /* the job's first failure, in time */
-  char failure[600];
-  char aborted[600];       /* NCCL: why every communicator was aborted (then every step fails) */
-  int pages;               /* JOB_SETUP */
-  m3_kv_dtype kv_dtype;
-  const m3_model_seq *batch; /* JOB_FORWARD */
-  int n;
-  int argmax;              /* the step hands over greedy ids (m3_model_forward_batch_argmax) */
-  int32_t *tables;         /* [total blocks] the batch's block tables, one after another */
-  size_t cap_tables;
-  size_t *table_at;        /* [cap_n] where entry i's table starts in `tables` */
-  int *table_blocks;       /* [cap_n] its length */
-  int cap_n;
-  m3_page_copy *copies;    /* rank 0's page copies since the last forward, in order */
-  int n_copies, cap_copies;
-  /* Several nodes (node_link.h): node 0's links[n] is its socket to node n, a follower's
-   * links[0] its socket to node 0. The thread that watches them (node 0's link thread, a
-   * follower's main thread) sleeps in poll(); `wake` (a pipe) wakes it when a rank fails or the
-   * job ends. */
-  const char *master_addr;
-  int quantize_mxfp8;
-  m3_rendezvous_listener *listener; /* node 0, until the nodes joined */
-  int *links;
-  int wake[2];
-  pthread_t link_thread;
-  int link_started;
-  uint64_t link_seen;
-  uint64_t step;           /* FORWARD frames sent (node 0) or received */
-  int hidden;              /* the model's width: the media rows of a step */
-  m3_node_buf out;
-  m3_node_inbox in;
-  m3_node_inbox mid;       /* a follower: what node 0 sends while a step runs (ABORT) */
-};
 
 void m3_ranks_layout(const m3_engine_options *o, int *tp, int *ep) {
   *tp = o->tp > 1 ? o->tp : 1;
@@ -286,7 +184,7 @@ static void wake_watcher(m3_ranks *r) {
  * otherwise leave the others' streams, and rank 0's wait for its logits, blocked forever), and
  * the watcher of the other nodes is woken to have them abort theirs. The communicators are not
  * remade: later steps fail, naming this failure. */
-static void fail_step(m3_ranks *r, m3_status st, const char *why) {
+void m3_ranks_fail_step(m3_ranks *r, m3_status st, const char *why) {
   pthread_mutex_lock(&r->mu);
   const int first = r->failed == M3_OK;
   if (first) {
@@ -315,11 +213,11 @@ static void fail_step(m3_ranks *r, m3_status st, const char *why) {
 static void note_failure(m3_ranks *r, int index, m3_status st) {
   char why[600];
   snprintf(why, sizeof why, "rank %d: %s", index, m3_last_error());
-  fail_step(r, st, why);
+  m3_ranks_fail_step(r, st, why);
 }
 
 /* A worker finished the job. */
-static void job_done(m3_ranks *r) {
+void m3_ranks_job_done(m3_ranks *r) {
   pthread_mutex_lock(&r->mu);
   const int last = --r->pending == 0;
   if (last) pthread_cond_signal(&r->done);
@@ -329,11 +227,11 @@ static void job_done(m3_ranks *r) {
 
 static void finish_job(rank *k, m3_status st) {
   if (st != M3_OK) note_failure(k->all, k->index, st);
-  job_done(k->all);
+  m3_ranks_job_done(k->all);
 }
 
 /* A worker waits for the job after the one it took last (*seen). */
-static job_kind take_job(m3_ranks *r, uint64_t *seen) {
+job_kind m3_ranks_take_job(m3_ranks *r, uint64_t *seen) {
   pthread_mutex_lock(&r->mu);
   while (r->generation == *seen) pthread_cond_wait(&r->go, &r->mu);
   *seen = r->generation;
@@ -343,7 +241,7 @@ static job_kind take_job(m3_ranks *r, uint64_t *seen) {
 }
 
 /* Hands the workers a job (its data written before). */
-static void post(m3_ranks *r, job_kind kind) {
+void m3_ranks_post(m3_ranks *r, job_kind kind) {
   pthread_mutex_lock(&r->mu);
   r->kind = kind;
   r->generation++;
@@ -354,7 +252,7 @@ static void post(m3_ranks *r, job_kind kind) {
 }
 
 /* Waits until the workers finished the job; its first failure. */
-static m3_status wait_done(m3_ranks *r) {
+m3_status m3_ranks_wait_done(m3_ranks *r) {
   pthread_mutex_lock(&r->mu);
   while (r->pending > 0) pthread_cond_wait(&r->done, &r->mu);
   const m3_status st = r->failed;
@@ -363,8 +261,8 @@ static m3_status wait_done(m3_ranks *r) {
 }
 
 /* wait_done with the failure's message on this thread. */
-static m3_status wait_ranks(m3_ranks *r) {
-  const m3_status st = wait_done(r);
+m3_status m3_ranks_wait(m3_ranks *r) {
+  const m3_status st = m3_ranks_wait_done(r);
   return st == M3_OK ? M3_OK : m3_fail(st, "%s", r->failure);
 }
 
@@ -538,252 +436,9 @@ static m3_status run_job(rank *k, job_kind kind) {
 static void *rank_main(void *arg) {
   rank *k = arg;
   finish_job(k, load_rank(k));
-  for (job_kind kind; (kind = take_job(k->all, &k->seen)) != JOB_QUIT;) finish_job(k, run_job(k, kind));
+  for (job_kind kind; (kind = m3_ranks_take_job(k->all, &k->seen)) != JOB_QUIT;) finish_job(k, run_job(k, kind));
   teardown_rank(k);
   return NULL;
-}
-
-/* ---- the other nodes (node_link.h: what the frames hold) ---- */
-
-static int64_t after_ms(int ms) { return m3_net_now_ms() + ms; }
-
-static m3_rendezvous_opts node_opts(const m3_ranks *r) {
-  return (m3_rendezvous_opts){.master_addr = r->master_addr, .nnodes = r->nnodes,
-                              .node_rank = r->node_rank,
-                              .connect_timeout_ms = M3_NODE_JOIN_TIMEOUT_MS,
-                              .wait_timeout_ms = M3_NODE_JOIN_TIMEOUT_MS};
-}
-
-/* The links' table, the wake pipe and, on node 0, the listener the other nodes connect to while
- * every node loads its weights (so a port already taken fails before the load). */
-static m3_status open_links(m3_ranks *r) {
-  r->links = malloc((size_t)r->nnodes * sizeof *r->links);
-  if (!r->links) return m3_fail(M3_ERR_NOMEM, "ranks: %d node links", r->nnodes);
-  for (int n = 0; n < r->nnodes; n++) r->links[n] = -1;
-  if (pipe(r->wake) != 0) {
-    r->wake[0] = r->wake[1] = -1;
-    return m3_fail(M3_ERR_IO, "ranks: pipe: %s", strerror(errno));
-  }
-  for (int i = 0; i < 2; i++) {
-    fcntl(r->wake[i], F_SETFL, fcntl(r->wake[i], F_GETFL) | O_NONBLOCK);
-    fcntl(r->wake[i], F_SETFD, FD_CLOEXEC);
-  }
-  if (r->node_rank > 0) return M3_OK;
-  const m3_rendezvous_opts o = node_opts(r);
-  int port;
-  return m3_rendezvous_listen(&o, &r->listener, &port);
-}
-
-static void drain_wake(m3_ranks *r) {
-  char b[64];
-  while (read(r->wake[0], b, sizeof b) > 0) {
-  }
-}
-
-static int step_failed(m3_ranks *r) {
-  pthread_mutex_lock(&r->mu);
-  const int failed = r->failed != M3_OK;
-  pthread_mutex_unlock(&r->mu);
-  return failed;
-}
-
-static m3_status send_status(m3_ranks *r, int n, m3_node_kind kind, uint64_t step, m3_status st,
-                             const char *message, int64_t deadline) {
-  char peer[32];
-  snprintf(peer, sizeof peer, "node %d", n);
-  m3_status s = m3_node_encode_status(&r->out, kind, step, st, message);
-  return s == M3_OK ? m3_node_send(r->links[n], &r->out, deadline, peer) : s;
-}
-
-/* Node n's STATUS of `step` (links[n]): its status, with its message after "node n: ". */
-static m3_status take_status(m3_ranks *r, int n, uint64_t step, int64_t deadline) {
-  char peer[32], message[M3_NODE_MAX_MESSAGE + 1];
-  snprintf(peer, sizeof peer, "node %d", n);
-  m3_node_kind kind;
-  int closed;
-  m3_status st = m3_node_recv(r->links[n], &r->in, &kind, deadline, peer, &closed);
-  if (st == M3_OK && kind != M3_NODE_STATUS)
-    st = m3_fail(M3_ERR_FORMAT, "%s sent a %s frame where its STATUS of step %llu was due", peer,
-                 m3_node_kind_name(kind), (unsigned long long)step);
-  uint64_t got = 0;
-  m3_status code = M3_OK;
-  if (st == M3_OK)
-    st = m3_node_decode_status(&r->in, kind, peer, &got, &code, message, sizeof message);
-  if (st == M3_OK && got != step)
-    st = m3_fail(M3_ERR_FORMAT, "%s answered step %llu where step %llu was due", peer,
-                 (unsigned long long)got, (unsigned long long)step);
-  if (st == M3_OK && code != M3_OK) st = m3_fail(code, "%s: %s", peer, message);
-  return st;
-}
-
-#ifdef M3_HAVE_NCCL
-_Static_assert(sizeof(m3_nccl_id) == M3_NODE_ID_BYTES, "an NCCL id is a node header id");
-#endif
-
-/* The communicators' ids into the header and out of it: the world's, then one per TP group. */
-static void put_ids(const m3_ranks *r, m3_node_header *h) {
-#ifdef M3_HAVE_NCCL
-  h->n_ids = 1 + (r->tp > 1 && r->ep > 1 ? r->ep : 0);
-  memcpy(h->ids[0], r->world_id.bytes, M3_NODE_ID_BYTES);
-  for (int e = 1; e < h->n_ids; e++) memcpy(h->ids[e], r->tp_ids[e - 1].bytes, M3_NODE_ID_BYTES);
-#else
-  (void)r;
-  h->n_ids = 0; /* check_nodes refused several nodes */
-#endif
-}
-
-static void take_ids(m3_ranks *r, const m3_node_header *h) {
-#ifdef M3_HAVE_NCCL
-  memcpy(r->world_id.bytes, h->ids[0], M3_NODE_ID_BYTES);
-  for (int e = 1; e < h->n_ids; e++) memcpy(r->tp_ids[e - 1].bytes, h->ids[e], M3_NODE_ID_BYTES);
-#else
-  (void)r;
-  (void)h;
-#endif
-}
-
-static void *link_main(void *arg);
-
-/* Node 0, its ranks loaded and its cache made: hands every node the header and the ids, takes
- * each node's verdict on them, tells every node to go on (the communicators' init waits for
- * all of them: no node may start it while another refuses), and starts the link thread. */
-static m3_status meet_nodes(m3_ranks *r) {
-  const m3_config *c = m3_model_config(r->ranks[0].model);
-  m3_node_header *h = calloc(1, sizeof *h);
-  uint8_t *blob = malloc(M3_NODE_BLOB_BYTES);
-  m3_status st = h && blob ? M3_OK : m3_fail(M3_ERR_NOMEM, "ranks: the node header");
-  if (st == M3_OK) {
-    *h = (m3_node_header){.tp = r->tp, .ep = r->ep, .nnodes = r->nnodes, .pages = r->pages,
-                          .kv_dtype = r->kv_dtype, .quantize_mxfp8 = r->quantize_mxfp8,
-                          .hidden = c->hidden_size, .layers = c->num_layers,
-                          .vocab = c->vocab_size};
-    put_ids(r, h);
-    m3_node_header_encode(h, blob);
-    const m3_rendezvous_opts o = node_opts(r);
-    st = m3_rendezvous_serve_keep(r->listener, &o, blob, M3_NODE_BLOB_BYTES, r->links);
-    r->listener = NULL; /* closed by the exchange */
-  }
-  free(h);
-  free(blob);
-  const int64_t deadline = after_ms(M3_NODE_STEP_TIMEOUT_MS);
-  for (int n = 1; n < r->nnodes && st == M3_OK; n++) st = take_status(r, n, 0, deadline);
-  for (int n = 1; n < r->nnodes && st == M3_OK; n++)
-    st = send_status(r, n, M3_NODE_STATUS, 0, M3_OK, NULL, deadline);
-  if (st != M3_OK) return st;
-  pthread_mutex_lock(&r->mu);
-  r->link_seen = r->generation;
-  r->workers++;
-  pthread_mutex_unlock(&r->mu);
-  const int rc = pthread_create(&r->link_thread, NULL, link_main, r);
-  if (rc != 0) {
-    r->workers--;
-    return m3_fail(M3_ERR_IO, "ranks: cannot start the thread of the node links (%s)",
-                   strerror(rc));
-  }
-  r->link_started = 1;
-  return M3_OK;
-}
-
-/* Node 0's step failed: the nodes still due to answer abort theirs (best effort: a node that is
- * gone shows in its answer). */
-static void abort_nodes(m3_ranks *r, uint64_t step, const uint8_t *due, int64_t deadline) {
-  char why[sizeof r->failure];
-  pthread_mutex_lock(&r->mu);
-  snprintf(why, sizeof why, "%s", r->failure);
-  pthread_mutex_unlock(&r->mu);
-  for (int n = 1; n < r->nnodes; n++)
-    if (due[n]) (void)send_status(r, n, M3_NODE_ABORT, step, M3_ERR_IO, why, deadline);
-}
-
-/* Node 0's link thread, for one job: a step goes to every node (FORWARD), then every node's
- * answer (the step's, or the set-up's) comes back before the deadline. Meanwhile a failure of
- * node 0's own ranks has the nodes still busy abort their step; a node's failure, silence past
- * the deadline or a broken link is the step's failure, which aborts node 0's communicators
- * (fail_step) so that its ranks stop waiting for that node's part. */
-static void step_nodes(m3_ranks *r, uint64_t step, int forward) {
-  uint8_t due[M3_PARALLEL_MAX_RANKS] = {0};
-  char why[sizeof r->failure];
-  const int64_t deadline = after_ms(M3_NODE_STEP_TIMEOUT_MS);
-  if (forward) {
-    const m3_node_step s = {.step = step, .seqs = r->batch, .n = r->n, .argmax = r->argmax,
-                            .tables = r->tables, .table_at = r->table_at,
-                            .table_blocks = r->table_blocks, .copies = r->copies,
-                            .n_copies = r->n_copies};
-    const m3_status st = m3_node_encode_forward(&r->out, &s, r->hidden);
-    if (st != M3_OK) {
-      fail_step(r, st, m3_last_error());
-      return;
-    }
-  }
-  for (int n = 1; n < r->nnodes; n++) {
-    char peer[32];
-    snprintf(peer, sizeof peer, "node %d", n);
-    m3_status st = forward ? m3_node_send(r->links[n], &r->out, deadline, peer) : M3_OK;
-    if (st != M3_OK) fail_step(r, st, m3_last_error());
-    due[n] = st == M3_OK;
-  }
-  for (int aborted = 0;;) {
-    struct pollfd p[1 + M3_PARALLEL_MAX_RANKS] = {{.fd = r->wake[0], .events = POLLIN}};
-    int node[1 + M3_PARALLEL_MAX_RANKS], np = 1;
-    for (int n = 1; n < r->nnodes; n++)
-      if (due[n]) {
-        node[np] = n;
-        p[np++] = (struct pollfd){.fd = r->links[n], .events = POLLIN};
-      }
-    if (np == 1) return;
-    if (forward && !aborted && step_failed(r)) {
-      abort_nodes(r, step, due, deadline);
-      aborted = 1;
-    }
-    const int64_t left = deadline - m3_net_now_ms();
-    const int ready = left > 0 ? poll(p, (nfds_t)np, (int)left) : 0;
-    if (ready == 0) {
-      snprintf(why, sizeof why, "node %d did not answer step %llu within %d s", node[1],
-               (unsigned long long)step, M3_NODE_STEP_TIMEOUT_MS / 1000);
-      fail_step(r, M3_ERR_IO, why);
-      if (forward && !aborted) abort_nodes(r, step, due, after_ms(1000));
-      return;
-    }
-    if (ready < 0 && errno != EINTR) {
-      snprintf(why, sizeof why, "node links: poll: %s", strerror(errno));
-      fail_step(r, M3_ERR_IO, why);
-      return;
-    }
-    if (p[0].revents) drain_wake(r);
-    for (int i = 1; i < np; i++) {
-      if (!p[i].revents) continue;
-      const m3_status st = take_status(r, node[i], step, deadline);
-      if (st != M3_OK) fail_step(r, st, m3_last_error());
-      due[node[i]] = 0;
-    }
-  }
-}
-
-static void *link_main(void *arg) {
-  m3_ranks *r = arg;
-  for (job_kind kind; (kind = take_job(r, &r->link_seen)) != JOB_QUIT; job_done(r))
-    if (kind == JOB_FORWARD || kind == JOB_SETUP) step_nodes(r, kind == JOB_FORWARD ? r->step : 0,
-                                                              kind == JOB_FORWARD);
-  if (m3_node_encode_quit(&r->out) == M3_OK)
-    for (int n = 1; n < r->nnodes; n++) {
-      char peer[32];
-      snprintf(peer, sizeof peer, "node %d", n);
-      (void)m3_node_send(r->links[n], &r->out, after_ms(5000), peer);
-    }
-  return NULL;
-}
-
-static void close_links(m3_ranks *r) {
-  if (r->link_started) pthread_join(r->link_thread, NULL);
-  for (int n = 0; r->links && n < r->nnodes; n++)
-    if (r->links[n] >= 0) close(r->links[n]);
-  for (int i = 0; i < 2; i++)
-    if (r->wake[i] >= 0) close(r->wake[i]);
-  m3_rendezvous_listener_free(r->listener);
-  free(r->links);
-  free(r->out.bytes);
-  m3_node_inbox_free(&r->in);
-  m3_node_inbox_free(&r->mid);
 }
 
 /* ---- the engine thread's side ---- */
@@ -819,7 +474,7 @@ m3_status m3_ranks_start(const char *model_dir, const m3_engine_options *o,
     *k = (rank){.all = r, .index = g, .local = i, .tp_rank = g % r->tp, .ep_rank = g / r->tp};
   }
   *out = r;
-  m3_status st = r->nnodes > 1 ? open_links(r) : M3_OK;
+  m3_status st = r->nnodes > 1 ? m3_nodes_open(r) : M3_OK;
   if (st != M3_OK) return st;
   /* The load is the job every rank starts with. */
   r->kind = JOB_LOAD;
@@ -881,10 +536,10 @@ static m3_status log_copy(void *user, int32_t from, int32_t to) {
 #ifdef M3_HAVE_NCCL
 /* Every rank's job `kind`, rank 0's on this thread; the first failure. */
 static m3_status all_ranks(m3_ranks *r, job_kind kind) {
-  post(r, kind);
+  m3_ranks_post(r, kind);
   m3_status st0 = run_job(&r->ranks[0], kind);
   if (st0 != M3_OK) note_failure(r, 0, st0);
-  return wait_ranks(r);
+  return m3_ranks_wait(r);
 }
 
 /* The peer-to-peer all-reduce over the world, when the layout sums over the world alone (tp 1 or
@@ -917,7 +572,7 @@ static void connect_p2p(m3_ranks *r) {
 #endif
 
 m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
-  m3_status st = wait_ranks(r);
+  m3_status st = m3_ranks_wait(r);
   if (st != M3_OK) return st;
   rank *k0 = &r->ranks[0];
   k0->be = m3_model_backend(model0);
@@ -927,12 +582,12 @@ m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
   r->pages = m3_kv_cache_num_pages(cache0);
   r->kv_dtype = m3_kv_cache_dtype(cache0);
   r->hidden = m3_model_config(model0)->hidden_size;
-  if (r->nnodes > 1 && (st = meet_nodes(r)) != M3_OK) return st;
-  post(r, JOB_SETUP);
+  if (r->nnodes > 1 && (st = m3_nodes_meet(r)) != M3_OK) return st;
+  m3_ranks_post(r, JOB_SETUP);
   /* Rank 0's communicators alongside the others' (NCCL's init waits for every rank). */
   m3_status st0 = connect_rank(k0);
   if (st0 != M3_OK) note_failure(r, 0, st0);
-  if ((st = wait_ranks(r)) != M3_OK) return st;
+  if ((st = m3_ranks_wait(r)) != M3_OK) return st;
 #ifdef M3_HAVE_NCCL
   if (r->on_device) connect_p2p(r);
 #endif
@@ -942,12 +597,12 @@ m3_status m3_ranks_connect(m3_ranks *r, m3_model *model0, m3_kv_cache *cache0) {
 
 void m3_ranks_free(m3_ranks *r) {
   if (!r) return;
-  wait_done(r); /* a load or set-up still running; the caller's error message stays */
+  m3_ranks_wait_done(r); /* a load or set-up still running; the caller's error message stays */
 #ifdef M3_HAVE_NCCL
   /* Peers read each other's staging: every GPU idle before any rank frees its own. */
   if (r->p2p) all_ranks(r, JOB_FINISH);
 #endif
-  post(r, JOB_QUIT);
+  m3_ranks_post(r, JOB_QUIT);
 #ifdef M3_HAVE_NCCL
   /* Node 0's rank 0: its backend and model are the engine's, its communicators the ranks': they
    * go while the other ranks free theirs (a follower's rank 0 frees its own). */
@@ -959,7 +614,7 @@ void m3_ranks_free(m3_ranks *r) {
 #endif
   for (int i = r->first_thread; i < r->local; i++)
     if (r->ranks[i].started) pthread_join(r->ranks[i].thread, NULL);
-  close_links(r);
+  m3_nodes_close(r);
 #ifdef M3_HAVE_NCCL
   m3_p2p_group_free(r->p2p);
 #endif
@@ -1018,10 +673,10 @@ m3_status m3_ranks_run(m3_ranks *r, const m3_model_seq *batch, const m3_kv_seq *
   r->n = n;
   r->argmax = argmax;
   r->step++;
-  post(r, JOB_FORWARD);
+  m3_ranks_post(r, JOB_FORWARD);
   m3_status st0 = run0(user);
   if (st0 != M3_OK) note_failure(r, 0, st0);
-  st = wait_ranks(r);
+  st = m3_ranks_wait(r);
 #ifdef M3_HAVE_NCCL
   /* A peer-to-peer all-reduce that gave up (a peer past the deadline) left wrong sums; seen here
    * once rank 0's stream got that far (its logits wait for it), else at a later step. */
@@ -1034,166 +689,3 @@ m3_status m3_ranks_run(m3_ranks *r, const m3_model_seq *batch, const m3_kv_seq *
   return st;
 }
 
-/* ---- a node other than 0 ---- */
-
-/* Node 0's header against this node's own layout and model. */
-static m3_status check_header(const m3_ranks *r, const m3_node_header *h) {
-  const m3_config *c = m3_model_config(r->ranks[0].model);
-  const int ids = 1 + (r->tp > 1 && r->ep > 1 ? r->ep : 0);
-  if (h->tp != r->tp || h->ep != r->ep || h->nnodes != r->nnodes)
-    return m3_fail(M3_ERR_ARG, "node %d has --tp %d --ep %d --nnodes %d, node 0 --tp %d --ep %d "
-                   "--nnodes %d: every node takes the same layout", r->node_rank, r->tp, r->ep,
-                   r->nnodes, h->tp, h->ep, h->nnodes);
-  if (h->quantize_mxfp8 != r->quantize_mxfp8)
-    return m3_fail(M3_ERR_ARG, "--quantize mxfp8 on node %d only: every node loads the weights "
-                   "alike", r->quantize_mxfp8 ? r->node_rank : 0);
-  if (h->hidden != c->hidden_size || h->layers != c->num_layers || h->vocab != c->vocab_size)
-    return m3_fail(M3_ERR_ARG, "node %d's model (hidden %d, %d layers, vocabulary %d) is not "
-                   "node 0's (hidden %d, %d layers, vocabulary %d): every node takes the same "
-                   "--model", r->node_rank, c->hidden_size, c->num_layers, c->vocab_size,
-                   h->hidden, h->layers, h->vocab);
-  if (h->n_ids != ids || h->pages < 1)
-    return m3_fail(M3_ERR_FORMAT, "node header: %d ids (expected %d), %d KV pages", h->n_ids, ids,
-                   h->pages);
-  return M3_OK;
-}
-
-/* The rendezvous (its connection kept as the link to node 0), this node's verdict on the header,
- * node 0's go, the set-up (communicators, then KV storage of node 0's page count) and its
- * outcome, told to node 0. */
-static m3_status join_node0(m3_ranks *r) {
-  m3_node_header *h = malloc(sizeof *h);
-  uint8_t *blob = malloc(M3_NODE_BLOB_BYTES);
-  const m3_rendezvous_opts o = node_opts(r);
-  m3_status st = h && blob ? m3_rendezvous_join(&o, blob, M3_NODE_BLOB_BYTES, &r->links[0])
-                           : m3_fail(M3_ERR_NOMEM, "ranks: the node header");
-  if (st == M3_OK) st = m3_node_header_decode(blob, h);
-  if (st == M3_OK) {
-    const m3_status verdict = check_header(r, h);
-    char why[M3_NODE_MAX_MESSAGE];
-    snprintf(why, sizeof why, "%s", m3_last_error());
-    st = send_status(r, 0, M3_NODE_STATUS, 0, verdict, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
-    if (verdict != M3_OK) st = m3_fail(verdict, "%s", why);
-  }
-  if (st == M3_OK) st = take_status(r, 0, 0, after_ms(M3_NODE_STEP_TIMEOUT_MS));
-  if (st == M3_OK) {
-    take_ids(r, h);
-    r->pages = h->pages;
-    r->kv_dtype = h->kv_dtype;
-    r->hidden = h->hidden;
-    post(r, JOB_SETUP);
-    const m3_status set_up = wait_ranks(r);
-    char why[M3_NODE_MAX_MESSAGE];
-    snprintf(why, sizeof why, "%s", m3_last_error());
-    st = send_status(r, 0, M3_NODE_STATUS, 0, set_up, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
-    if (set_up != M3_OK) st = m3_fail(set_up, "%s", why);
-  }
-  free(h);
-  free(blob);
-  return st;
-}
-
-/* While this node's ranks run a step: an ABORT of the step from node 0 aborts them too (they may
- * wait in a collective for node 0's part); a link that breaks does the same. Returns 1 when the
- * link broke (the node then stops following). */
-static int watch_step(m3_ranks *r) {
-  int broken = 0;
-  char why[sizeof r->failure], message[M3_NODE_MAX_MESSAGE + 1];
-  for (;;) {
-    pthread_mutex_lock(&r->mu);
-    const int done = r->pending == 0;
-    pthread_mutex_unlock(&r->mu);
-    if (done) return broken;
-    struct pollfd p[2] = {{.fd = r->wake[0], .events = POLLIN},
-                          {.fd = broken ? -1 : r->links[0], .events = POLLIN}};
-    if (poll(p, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      snprintf(why, sizeof why, "link to node 0: poll: %s", strerror(errno));
-      fail_step(r, M3_ERR_IO, why);
-      wait_done(r); /* the ranks were released by the failure */
-      return 1;
-    }
-    if (p[0].revents) drain_wake(r);
-    if (!p[1].revents) continue;
-    m3_node_kind kind = M3_NODE_QUIT;
-    int closed;
-    uint64_t step = 0;
-    m3_status code = M3_ERR_IO;
-    m3_status st = m3_node_recv(r->links[0], &r->mid, &kind, after_ms(M3_NODE_STEP_TIMEOUT_MS),
-                                "node 0", &closed);
-    if (st == M3_OK && kind == M3_NODE_ABORT)
-      st = m3_node_decode_status(&r->mid, kind, "node 0", &step, &code, message, sizeof message);
-    if (st == M3_OK && kind != M3_NODE_ABORT)
-      st = m3_fail(M3_ERR_FORMAT, "node 0 sent a %s frame during step %llu",
-                   m3_node_kind_name(kind), (unsigned long long)r->step);
-    if (st != M3_OK) {
-      snprintf(why, sizeof why, "link to node 0, step %llu: %s", (unsigned long long)r->step,
-               m3_last_error());
-      fail_step(r, st, why);
-      broken = 1;
-    } else if (step == r->step) {
-      snprintf(why, sizeof why, "node 0 aborted step %llu: %.500s", (unsigned long long)step,
-               message);
-      fail_step(r, code != M3_OK ? code : M3_ERR_IO, why);
-    }
-  }
-}
-
-/* One FORWARD: this node's ranks run it as node 0's ranks 1.. run theirs (their arrays point
- * into the frame), then node 0 hears how it went. A failed step is answered and the node goes
- * on (node 0 has aborted the communicators: later steps fail there first); a frame that does not
- * decode or a broken link ends the following. */
-static m3_status follow_step(m3_ranks *r) {
-  char why[M3_NODE_MAX_MESSAGE];
-  m3_node_step s;
-  m3_status st = m3_node_decode_forward(&r->in, r->pages, r->hidden, "node 0", &s);
-  if (st != M3_OK) {
-    snprintf(why, sizeof why, "%s", m3_last_error());
-    (void)send_status(r, 0, M3_NODE_STATUS, r->step + 1, st, why, after_ms(1000));
-    return m3_fail(st, "%s", why);
-  }
-  r->step = s.step;
-  r->batch = s.seqs;
-  r->n = s.n;
-  r->argmax = s.argmax;
-  r->tables = s.tables;
-  r->table_at = s.table_at;
-  r->table_blocks = s.table_blocks;
-  r->copies = s.copies;
-  r->n_copies = s.n_copies;
-  post(r, JOB_FORWARD);
-  const int broken = watch_step(r);
-  st = wait_ranks(r);
-  snprintf(why, sizeof why, "%s", m3_last_error());
-  /* The arrays belong to the inbox, not to the ranks (m3_ranks_free frees the ranks'). */
-  r->batch = NULL;
-  r->tables = NULL;
-  r->table_at = NULL;
-  r->table_blocks = NULL;
-  r->copies = NULL;
-  r->n_copies = 0;
-  if (broken) return m3_fail(st, "%s", why);
-  return send_status(r, 0, M3_NODE_STATUS, r->step, st, why, after_ms(M3_NODE_STEP_TIMEOUT_MS));
-}
-
-m3_status m3_ranks_follow(const char *model_dir, const m3_engine_options *o,
-                          const m3_model_load_options *load) {
-  m3_ranks *r = NULL;
-  m3_status st = m3_ranks_start(model_dir, o, load, &r);
-  if (st == M3_OK) st = wait_ranks(r);
-  if (st == M3_OK) st = join_node0(r);
-  while (st == M3_OK) {
-    m3_node_kind kind = M3_NODE_QUIT;
-    int closed;
-    st = m3_node_recv(r->links[0], &r->in, &kind, -1, "node 0", &closed);
-    if (closed || (st == M3_OK && kind == M3_NODE_QUIT)) {
-      st = M3_OK;
-      break;
-    }
-    if (st == M3_OK && kind == M3_NODE_FORWARD) st = follow_step(r);
-    else if (st == M3_OK && kind != M3_NODE_ABORT) /* an ABORT of a step already answered */
-      st = m3_fail(M3_ERR_FORMAT, "node 0 sent a %s frame between steps", m3_node_kind_name(kind));
-  }
-  m3_ranks_free(r);
-  return st;
-}
