@@ -113,6 +113,7 @@ m3_status m3_engine_open(const m3_engine_options *opts, m3_engine **out) {
   /* Several ranks: refused combinations before anything loads; each rank's CPU workers a share. */
   const int threads = tp * ep > 1 ? m3_ranks_threads(o.threads, tp * ep) : o.threads;
   if ((tp * ep > 1 || o.nnodes > 1) && (st = m3_ranks_check(dir, &o)) != M3_OK) goto fail;
+  if (tp * ep > 1) m3_ranks_before_backends(&o);
   if ((st = m3_backend_create(o.device ? o.device : "cpu", threads, &e->be)) != M3_OK) {
     if (tp * ep > 1)
       st = m3_fail_context(st, "--tp %d --ep %d: rank 0 of %d on %s", tp, ep, tp * ep,

@@ -61,6 +61,29 @@ static m3_status check_nodes(const m3_engine_options *o, int tp, int ep) {
 #endif
 }
 
+/* Whether the ranks try the peer-to-peer all-reduce (connect_p2p): it spans the world, so a
+ * layout that sums over TP subgroups (tp and ep both above 1) takes NCCL, and peer access joins
+ * the GPUs of one process, so several nodes do too; M3_P2P=0 keeps NCCL for every size (for
+ * comparisons). */
+static int p2p_wanted(int tp, int ep, int nnodes) {
+#ifdef M3_HAVE_NCCL
+  const char *env = getenv("M3_P2P");
+  return !(env && strcmp(env, "0") == 0) && nnodes == 1 && (tp == 1 || ep == 1) &&
+         tp * ep <= M3_P2P_MAX_RANKS;
+#else
+  (void)tp, (void)ep, (void)nnodes;
+  return 0;
+#endif
+}
+
+void m3_ranks_before_backends(const m3_engine_options *o) {
+  int tp, ep;
+  m3_ranks_layout(o, &tp, &ep);
+  if (tp * ep > 1 && first_gpu(o->device ? o->device : "cpu") >= 0 &&
+      p2p_wanted(tp, ep, o->nnodes > 1 ? o->nnodes : 1))
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+}
+
 m3_status m3_ranks_check(const char *model_dir, const m3_engine_options *o) {
   int tp, ep;
   m3_ranks_layout(o, &tp, &ep);
@@ -542,19 +565,14 @@ static m3_status all_ranks(m3_ranks *r, job_kind kind) {
   return m3_ranks_wait(r);
 }
 
-/* The peer-to-peer all-reduce over the world, when the layout sums over the world alone (tp 1 or
- * ep 1) and the GPUs reach each other's memory (NVLink, or PCIe peer access). M3_P2P=0 keeps
- * NCCL for every size (for comparisons). Any failure on the way leaves NCCL doing everything.
+/* The peer-to-peer all-reduce over the world, where p2p_wanted and the GPUs reach each other's
+ * memory (NVLink, or PCIe peer access). Any failure on the way leaves NCCL doing everything.
  * With it, decode steps may record as CUDA graphs on each rank independently, once every
  * all-reduce of such a step (rows up to M3_MODEL_GRAPH_MAX_TOKENS) goes peer to peer: NCCL's
  * capture registers buffers with the peers, a handshake that a peer running the step op by op
  * (its KV views differ from rank 0's, so its step signatures do) never joins. */
 static void connect_p2p(m3_ranks *r) {
-  const char *env = getenv("M3_P2P");
-  /* Peer access joins the GPUs of one process: several nodes sum through NCCL alone. */
-  if ((env && strcmp(env, "0") == 0) || r->nnodes > 1 || (r->tp > 1 && r->ep > 1) ||
-      r->world > M3_P2P_MAX_RANKS ||
-      m3_p2p_group_create(r->world, &r->p2p) != M3_OK)
+  if (!p2p_wanted(r->tp, r->ep, r->nnodes) || m3_p2p_group_create(r->world, &r->p2p) != M3_OK)
     return;
   if (all_ranks(r, JOB_P2P_JOIN) == M3_OK) {
     const m3_model *m0 = r->ranks[0].model;

@@ -63,6 +63,13 @@ void m3_ranks_layout(const m3_engine_options *o, int *tp, int *ep);
  * dividing the world, a CUDA device, a build with NCCL, master_addr and node_rank < nnodes. */
 m3_status m3_ranks_check(const char *model_dir, const m3_engine_options *o);
 
+/* Before the first backend of the process is made: where the ranks will sum peer to peer
+ * (backend/cuda/p2p.h), has CUDA load every kernel when a GPU's context is made (unless
+ * CUDA_MODULE_LOADING is set already): a kernel loaded at its first launch waits for the
+ * context's running kernels, and a rank's peer-to-peer call spins until its peers' calls run;
+ * ~1.5 s more per start on an H200, against a possible stall of the step. */
+void m3_ranks_before_backends(const m3_engine_options *o);
+
 /* CPU workers each rank's backend gets: `threads` (0 = one per core) split over world ranks. */
 int m3_ranks_threads(int threads, int world);
 
