@@ -234,6 +234,9 @@ typedef struct {
   /* Speculative decoding: draft tokens verified, of them accepted, and verifications (rounds);
    * the mean acceptance length (tokens a round emits) is 1 + accepted / rounds. */
   uint64_t spec_draft_tokens, spec_accepted_tokens, spec_rounds;
+  /* Forward steps (rank 0's) issued as one launch of a recorded CUDA graph, and recorded then;
+   * zero on the CPU. */
+  uint64_t graph_steps_replayed, graph_steps_recorded;
 } m3_engine_stats;
 
 void m3_engine_stats_get(m3_engine *e, m3_engine_stats *out);

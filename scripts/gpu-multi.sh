@@ -135,7 +135,7 @@ tp_rc=$?
 # NCCL alone (M3_P2P=0). Then rank 1 failing in its third forward (M3_RANKS_FAIL=1:3), both ways:
 # the run must end within its time, failing, with the injected failure named.
 engine_check() {
-  local ok=0 one out path m
+  local ok=0 one out path m graphs
   # stdout without the layout plan (its first line, then its indented lines) and the timings (stderr)
   noplan() { awk 'NR == 1 && /^parallel layout: / {plan = 1; next} plan && /^  / {next} {plan = 0; print}'; }
   for path in "" $model; do
@@ -146,9 +146,12 @@ engine_check() {
             --max-tokens 48 --temperature 0 2>/dev/null) || { echo "FAIL one GPU ${m:-built-in}"; ok=1; continue; }
       for layout in "--tp 2" "--ep 2"; do
         out=$("$build/m3" run --device cuda $m --kv-dtype $kv $layout --prompt "The capital of France is" \
-              --max-tokens 48 --temperature 0 2>/dev/null | noplan)
-        if [ "$out" = "$one" ]; then echo "PASS m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU"
-        else echo "FAIL m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'"; ok=1; fi
+              --max-tokens 48 --temperature 0 2>"$logs/run.err" | noplan)
+        # Peer to peer, the decode steps replay recorded CUDA graphs (m3 run's stderr says how many).
+        graphs=$(grep -o 'steps from CUDA graphs: .*' "$logs/run.err")
+        if [ "$out" = "$one" ] && [ -n "$graphs" ] && ! printf '%s' "$graphs" | grep -q ' 0 replayed'; then
+          echo "PASS m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU; $graphs"
+        else echo "FAIL m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'; ${graphs:-no steps from CUDA graphs}"; ok=1; fi
         [ -n "$path" ] && continue
         out=$(M3_P2P=0 "$build/m3" run --device cuda --kv-dtype $kv $layout --prompt "The capital of France is" \
               --max-tokens 48 --temperature 0 2>/dev/null | noplan)
@@ -172,7 +175,7 @@ engine_check() {
   return $ok
 }
 export -f engine_check
-export build model
+export build model logs
 stage engine 150 bash -c engine_check
 engine_rc=$?
 

@@ -232,6 +232,12 @@ int m3_cmd_run(int argc, char **argv) {
   fprintf(stderr, "prompt: %d tokens in %.3f s (%.2f tokens/s); generation: %d tokens in %.3f s "
           "(%.2f tokens/s)\n", n, prompt_s, n / prompt_s, decoded, decoded ? gen_s : 0.0,
           decoded ? decoded / gen_s : 0.0);
+  m3_engine_stats stats;
+  m3_engine_stats_get(e, &stats);
+  if (stats.graph_steps_recorded || stats.graph_steps_replayed)
+    fprintf(stderr, "steps from CUDA graphs: %llu recorded, %llu replayed\n",
+            (unsigned long long)stats.graph_steps_recorded,
+            (unsigned long long)stats.graph_steps_replayed);
 
 done:
   for (int i = 0; i < a.n_media; i++) m3_media_free(media[i]);

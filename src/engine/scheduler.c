@@ -330,6 +330,9 @@ static void publish_stats(m3_engine *e) {
   for (const m3_request *r = e->incoming; r; r = r->next) e->stats.waiting++;
   e->stats.kv_pages_free = m3_kv_cache_free_pages(e->cache);
   e->stats.kv_pages_used = m3_kv_cache_num_pages(e->cache) - e->stats.kv_pages_free;
+  const m3_step_graph_stats graphs = m3_model_graph_stats(e->model);
+  e->stats.graph_steps_replayed = graphs.replayed;
+  e->stats.graph_steps_recorded = graphs.recorded;
   pthread_mutex_unlock(&e->mu);
 }
 

@@ -234,6 +234,18 @@ m3_status m3_model_encode_vision(m3_model *m, const m3_vision_input *in, float *
 /* Reads every byte of the mapped weights once so the first step does not page them in (less the
  * checkpoint tensors converted at load, which nothing reads any more),
  * reporting (bytes done, bytes total) along the way; progress may be NULL. */
+/* A model's steps by how they ran (model/step_graph.h: decode steps recorded once as backend
+ * graphs, then replayed). */
+typedef struct {
+  int enabled;       /* 1: the model records steps (graph ops, M3_CUDA_GRAPHS not 0) */
+  uint64_t recorded; /* recorded and launched */
+  uint64_t replayed; /* launched from an earlier recording */
+  uint64_t direct;   /* graphable but issued op by op (first sight at an epoch, a failed recording) */
+  uint64_t skipped;  /* not graphable (prefill chunks, media, captures, graphs off) */
+} m3_step_graph_stats;
+/* How the model's steps ran since it was loaded; all zero without graphs. */
+m3_step_graph_stats m3_model_graph_stats(const m3_model *m);
+
 /* Waits until every forward issued so far has finished and returns their first failure. A device
  * backend's forward without logits returns once its work is queued (nothing it computes goes to
  * the host), so whoever times or must know the outcome of such forwards calls this. */

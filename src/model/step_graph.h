@@ -44,15 +44,6 @@ typedef struct {
   uint64_t used;   /* LRU clock of the last use; 0: an empty slot */
 } m3_step_graph;
 
-/* Steps by how they ran (m3_model_graph_stats). */
-typedef struct {
-  int enabled;       /* 1: the model records steps (graph ops, M3_CUDA_GRAPHS not 0) */
-  uint64_t recorded; /* recorded and launched */
-  uint64_t replayed; /* launched from an earlier recording */
-  uint64_t direct;   /* graphable but issued op by op (first sight at an epoch, a failed recording) */
-  uint64_t skipped;  /* not graphable (prefill chunks, media, captures, graphs off) */
-} m3_step_graph_stats;
-
 struct m3_step_graphs {
   m3_step_graph slot[M3_STEP_GRAPHS];
   uint64_t *sig; /* [len] the current step's signature */
@@ -91,7 +82,5 @@ m3_status m3_step_graphs_run(m3_step_graphs *c, m3_model *m, m3_step_region regi
 /* Frees every graph and signature; c is empty afterwards. */
 void m3_step_graphs_clear(m3_step_graphs *c, m3_backend *be);
 
-/* How the model's steps ran since it was loaded; all zero without graphs. */
-m3_step_graph_stats m3_model_graph_stats(const m3_model *m);
 
 #endif

@@ -146,6 +146,8 @@ void srv_metrics_render(srv_metrics *m, m3_engine *e, int in_flight, m3_sbuf *ou
   metric(out, "m3_preemptions_total", "counter", "Sequences preempted for KV space.", (double)st.preemptions);
   metric(out, "m3_engine_steps_total", "counter", "Scheduler steps.", (double)st.steps);
   metric(out, "m3_engine_step_seconds_total", "counter", "Time in forward passes.", st.step_seconds_total);
+  metric(out, "m3_engine_graph_steps_replayed_total", "counter",
+         "Forward steps replayed from recorded CUDA graphs.", (double)st.graph_steps_replayed);
   metric(out, "m3_spec_decode_draft_tokens_total", "counter", "Speculative draft tokens.",
          (double)st.spec_draft_tokens);
   metric(out, "m3_spec_decode_accepted_tokens_total", "counter", "Speculative tokens accepted.",
