@@ -131,7 +131,7 @@ tp_rc=$?
 
 # The engine's ranks (src/engine/ranks.c): `m3 run --device cuda` with --tp 2 and with --ep 2
 # greedy-generates the same text as one GPU, on the built-in model and on the full-width one, with
-# the peer-to-peer all-reduces and recorded steps (the default), and on the built-in model with
+# the peer-to-peer all-reduces and recorded steps (M3_P2P=1), and on the built-in model with
 # NCCL alone (M3_P2P=0). Then rank 1 failing in its third forward (M3_RANKS_FAIL=1:3), both ways:
 # the run must end within its time, failing, with the injected failure named.
 engine_check() {
@@ -145,13 +145,13 @@ engine_check() {
       one=$("$build/m3" run --device cuda $m --kv-dtype $kv --prompt "The capital of France is" \
             --max-tokens 48 --temperature 0 2>/dev/null) || { echo "FAIL one GPU ${m:-built-in}"; ok=1; continue; }
       for layout in "--tp 2" "--ep 2"; do
-        out=$("$build/m3" run --device cuda $m --kv-dtype $kv $layout --prompt "The capital of France is" \
+        out=$(M3_P2P=1 "$build/m3" run --device cuda $m --kv-dtype $kv $layout --prompt "The capital of France is" \
               --max-tokens 48 --temperature 0 2>"$logs/run.err" | noplan)
         # Peer to peer, the decode steps replay recorded CUDA graphs (m3 run's stderr says how many).
         graphs=$(grep -o 'steps from CUDA graphs: .*' "$logs/run.err")
         if [ "$out" = "$one" ] && [ -n "$graphs" ] && ! printf '%s' "$graphs" | grep -q ' 0 replayed'; then
-          echo "PASS m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU; $graphs"
-        else echo "FAIL m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'; ${graphs:-no steps from CUDA graphs}"; ok=1; fi
+          echo "PASS M3_P2P=1 m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: same text as one GPU; $graphs"
+        else echo "FAIL M3_P2P=1 m3 run $layout --kv-dtype $kv ${m:-(built-in model)}: '$out' vs one GPU '$one'; ${graphs:-no steps from CUDA graphs}"; ok=1; fi
         [ -n "$path" ] && continue
         out=$(M3_P2P=0 "$build/m3" run --device cuda --kv-dtype $kv $layout --prompt "The capital of France is" \
               --max-tokens 48 --temperature 0 2>/dev/null | noplan)

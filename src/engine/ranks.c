@@ -61,15 +61,18 @@ static m3_status check_nodes(const m3_engine_options *o, int tp, int ep) {
 #endif
 }
 
-/* Whether the ranks try the peer-to-peer all-reduce (connect_p2p): it spans the world, so a
- * layout that sums over TP subgroups (tp and ep both above 1) takes NCCL, and peer access joins
- * the GPUs of one process, so several nodes do too; M3_P2P=0 keeps NCCL for every size (for
- * comparisons). */
+/* Whether the ranks try the peer-to-peer all-reduce (connect_p2p): M3_P2P=1 or 0 turns it on or
+ * off, P2P_BY_DEFAULT otherwise (off: its kernels are checked with ranks sharing one GPU, not yet
+ * the engine's ranks on GPUs of their own). It spans the world, so a layout that sums over TP
+ * subgroups (tp and ep both above 1) takes NCCL, and peer access joins the GPUs of one process,
+ * so several nodes do too. */
+enum { P2P_BY_DEFAULT = 0 };
+
 static int p2p_wanted(int tp, int ep, int nnodes) {
 #ifdef M3_HAVE_NCCL
   const char *env = getenv("M3_P2P");
-  return !(env && strcmp(env, "0") == 0) && nnodes == 1 && (tp == 1 || ep == 1) &&
-         tp * ep <= M3_P2P_MAX_RANKS;
+  const int on = env && env[0] ? strcmp(env, "0") != 0 : P2P_BY_DEFAULT;
+  return on && nnodes == 1 && (tp == 1 || ep == 1) && tp * ep <= M3_P2P_MAX_RANKS;
 #else
   (void)tp, (void)ep, (void)nnodes;
   return 0;
