@@ -226,11 +226,13 @@ void m3_ranks_fail_step(m3_ranks *r, m3_status st, const char *why) {
   if (r->groups)
     for (int g = 0; g < 1 + r->ep; g++) group_abort(&r->groups[g]);
 #ifdef M3_HAVE_NCCL
+  /* The peer-to-peer calls first: a peer spinning in one this rank never made holds its GPU busy,
+   * and tearing a communicator down may wait for that GPU. */
+  if (abort_comms) m3_p2p_abort(r->p2p);
   for (int i = 0; abort_comms && i < r->local; i++) {
     m3_nccl_abort(r->ranks[i].world_comm);
     m3_nccl_abort(r->ranks[i].tp_comm);
   }
-  if (abort_comms) m3_p2p_abort(r->p2p); /* peers spinning in a call this rank never made */
 #endif
   wake_watcher(r);
 }

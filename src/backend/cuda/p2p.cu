@@ -316,13 +316,14 @@ extern "C" void m3_p2p_leave(m3_p2p *p) {
   free(p);
 }
 
+/* (Sizes only, the same before and after connect: the engine decides on graphs in between.) */
 extern "C" int m3_p2p_fits_add_norm(const m3_p2p *p, int rows, int cols) {
-  return p && p->blocks > 0 && rows > 0 && cols > 0 && cols <= ROW_FLOATS &&
+  return p && rows > 0 && cols > 0 && cols <= ROW_FLOATS &&
          (size_t)rows * (size_t)cols <= SUM_MAX_FLOATS;
 }
 
 extern "C" int m3_p2p_fits_sum(const m3_p2p *p, size_t n) {
-  return p && p->blocks > 0 && n > 0 && n <= SUM_MAX_FLOATS;
+  return p && n > 0 && n <= SUM_MAX_FLOATS;
 }
 
 static volatile int *words(const m3_p2p_group *g) { return (volatile int *)g->words; }
