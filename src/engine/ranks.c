@@ -62,11 +62,12 @@ static m3_status check_nodes(const m3_engine_options *o, int tp, int ep) {
 }
 
 /* Whether the ranks try the peer-to-peer all-reduce (connect_p2p): M3_P2P=1 or 0 turns it on or
- * off, P2P_BY_DEFAULT otherwise (off: its kernels are checked with ranks sharing one GPU, not yet
- * the engine's ranks on GPUs of their own). It spans the world, so a layout that sums over TP
- * subgroups (tp and ep both above 1) takes NCCL, and peer access joins the GPUs of one process,
- * so several nodes do too. */
-enum { P2P_BY_DEFAULT = 0 };
+ * off, P2P_BY_DEFAULT otherwise. On: its calls take about NCCL's time (2 x H200: 10 us for one
+ * token's row), but they let every rank record its decode steps as CUDA graphs, which NCCL's
+ * capture does not (TP2 decode 5-7% faster, bench/RESULTS.md). It spans the world, so a layout
+ * that sums over TP subgroups (tp and ep both above 1) takes NCCL, and peer access joins the GPUs
+ * of one process, so several nodes do too. */
+enum { P2P_BY_DEFAULT = 1 };
 
 static int p2p_wanted(int tp, int ep, int nnodes) {
 #ifdef M3_HAVE_NCCL

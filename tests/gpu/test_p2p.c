@@ -217,7 +217,9 @@ static void test_p2p_graph(rank_ctx *r) {
       must(r, m3_p2p_add_norm(r->p2p, d, x, &norm, 1e-6f, 1, N, out), "p2p add_norm (recorded)");
       must(r, r->be->ops->graph_end(r->be, &g), "graph_end");
     }
-    before_calls(); /* the graph instantiated */
+    /* The graph instantiated. A plain barrier: a device-wide wait here, on a GPU rank 0 shares,
+     * would wait on its stream while it records and spoil the recording. */
+    sync_ranks();
     if (graphed) {
       must(r, r->be->ops->graph_launch(r->be, g), "graph_launch");
     } else {
