@@ -22,9 +22,13 @@
  *   cpu   world CPU backends, the worker threads split between them, summing on the host between
  *         barriers (a correctness mode that CI runs: every rank's math, no speed-up);
  *   cuda  "cuda:K": rank r on GPU K + r, summing through NCCL: one world communicator, and one per
- *         TP group when tp > 1 and ep > 1 (a build without NCCL refuses world > 1).
- * The step's status is the first failure of any rank; on the host a failing rank releases the
- * others from their barriers, so the step ends.
+ *         TP group when tp > 1 and ep > 1 (a build without NCCL refuses world > 1); where the
+ *         GPUs reach each other's memory and the sums span the world (tp or ep alone, one node),
+ *         the sums of up to 64 MB go peer to peer instead, fused with the residual add and norm
+ *         after them (backend/cuda/p2p.h; M3_P2P=0: NCCL alone), and every rank then records
+ *         and replays its decode steps as CUDA graphs.
+ * The step's status is the first failure of any rank; a failing rank releases the others (the
+ * host barriers; the peer-to-peer calls, then the NCCL communicators, aborted), so the step ends.
  *
  * Several nodes (--nnodes N, CUDA with NCCL only): node n hosts the world / N consecutive ranks
  * from n * world / N, its local rank i on GPU K + i of its own "cuda:K". Node 0 is the engine as
