@@ -59,12 +59,17 @@ static int step_failed(m3_ranks *r) {
   return failed;
 }
 
-static m3_status send_status(m3_ranks *r, int n, m3_node_kind kind, uint64_t step, m3_status st,
-                             const char *message, int64_t deadline) {
+/* The frame in r->out to node n (links[n]), errors naming it. */
+static m3_status send_out(m3_ranks *r, int n, int64_t deadline) {
   char peer[32];
   snprintf(peer, sizeof peer, "node %d", n);
+  return m3_node_send(r->links[n], &r->out, deadline, peer);
+}
+
+static m3_status send_status(m3_ranks *r, int n, m3_node_kind kind, uint64_t step, m3_status st,
+                             const char *message, int64_t deadline) {
   m3_status s = m3_node_encode_status(&r->out, kind, step, st, message);
-  return s == M3_OK ? m3_node_send(r->links[n], &r->out, deadline, peer) : s;
+  return s == M3_OK ? send_out(r, n, deadline) : s;
 }
 
 /* Node n's STATUS of `step` (links[n]): its status, with its message after "node n: ". */
@@ -188,9 +193,7 @@ static void step_nodes(m3_ranks *r, uint64_t step, int forward) {
     }
   }
   for (int n = 1; n < r->nnodes; n++) {
-    char peer[32];
-    snprintf(peer, sizeof peer, "node %d", n);
-    m3_status st = forward ? m3_node_send(r->links[n], &r->out, deadline, peer) : M3_OK;
+    m3_status st = forward ? send_out(r, n, deadline) : M3_OK;
     if (st != M3_OK) m3_ranks_fail_step(r, st, m3_last_error());
     due[n] = st == M3_OK;
   }
@@ -237,11 +240,7 @@ static void *link_main(void *arg) {
     if (kind == JOB_FORWARD || kind == JOB_SETUP) step_nodes(r, kind == JOB_FORWARD ? r->step : 0,
                                                               kind == JOB_FORWARD);
   if (m3_node_encode_quit(&r->out) == M3_OK)
-    for (int n = 1; n < r->nnodes; n++) {
-      char peer[32];
-      snprintf(peer, sizeof peer, "node %d", n);
-      (void)m3_node_send(r->links[n], &r->out, after_ms(5000), peer);
-    }
+    for (int n = 1; n < r->nnodes; n++) (void)send_out(r, n, after_ms(5000));
   return NULL;
 }
 

@@ -37,12 +37,10 @@ int64_t m3_net_now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t now_ms(void) { return m3_net_now_ms(); }
-
 /* poll()'s timeout until the deadline: -1 (none) for a negative deadline. */
 static int left_ms(int64_t deadline) {
   if (deadline < 0) return -1;
-  int64_t left = deadline - now_ms();
+  int64_t left = deadline - m3_net_now_ms();
   return left > 0 ? (int)left : 0;
 }
 
@@ -292,7 +290,7 @@ void m3_rendezvous_listener_free(m3_rendezvous_listener *l) {
 /* Node 0: keep NULL closes every connection after the answers, else keep[r] takes node r's. */
 static m3_status serve(m3_rendezvous_listener *l, const m3_rendezvous_opts *o, const uint8_t *blob,
                        size_t len, int *keep) {
-  int64_t deadline = now_ms() + o->wait_timeout_ms;
+  int64_t deadline = m3_net_now_ms() + o->wait_timeout_ms;
   m3_status st = check_opts(o, len);
   int *conn = st == M3_OK ? malloc((size_t)o->nnodes * sizeof *conn) : NULL;
   if (st == M3_OK && !conn) st = m3_fail(M3_ERR_NOMEM, "rendezvous: %d nodes", o->nnodes);
@@ -368,7 +366,7 @@ static m3_status connect_master(const m3_rendezvous_opts *o, int *out) {
   struct addrinfo *ai = NULL;
   if (st == M3_OK) st = resolve(host, port, 0, &ai);
   if (st != M3_OK) return st;
-  int64_t deadline = now_ms() + o->connect_timeout_ms;
+  int64_t deadline = m3_net_now_ms() + o->connect_timeout_ms;
   int fd = -1, err = ETIMEDOUT;
   for (;;) {
     for (const struct addrinfo *a = ai; a && fd < 0; a = a->ai_next) {
@@ -392,7 +390,7 @@ static m3_status join(const m3_rendezvous_opts *o, uint8_t *blob, size_t len, in
   int fd = -1;
   m3_status st = connect_master(o, &fd);
   if (st != M3_OK) return st;
-  int64_t deadline = now_ms() + o->wait_timeout_ms;
+  int64_t deadline = m3_net_now_ms() + o->wait_timeout_ms;
   const char *peer = "node 0";
   uint8_t h[HELLO_BYTES];
   put_u32(h, MAGIC);

@@ -129,10 +129,6 @@ static double reduce_error(const float *got, size_t n, uint64_t salt) {
   return worst;
 }
 
-static void fill_spread(float *h, size_t n, uint64_t salt, int stream) {
-  for (size_t i = 0; i < n; i++) h[i] = spread_value(salt, stream, i);
-}
-
 static void test_all_reduce(rank_ctx *r) {
   for (size_t s = 0; s < sizeof reduce_sizes / sizeof reduce_sizes[0]; s++) {
     size_t n = reduce_sizes[s];

@@ -64,10 +64,6 @@ static void progress(const rank_ctx *r, const char *what, size_t n) {
   if (r->rank == 0) fprintf(stderr, "   W %d: %s %zu\n", nranks, what, n);
 }
 
-static void fill_spread(float *h, size_t n, uint64_t salt, int stream) {
-  for (size_t i = 0; i < n; i++) h[i] = spread_value(salt, stream, i);
-}
-
 enum { C_P2P_SUM, C_P2P_ADD_NORM, C_P2P_MIXED, C_P2P_GRAPH, C_COUNT };
 
 typedef struct {

@@ -44,6 +44,10 @@ static inline float eighth_value(uint64_t salt, int stream, size_t i) {
 
 static inline int same_bits(float a, float b) { return memcmp(&a, &b, sizeof a) == 0; }
 
+static inline void fill_spread(float *h, size_t n, uint64_t salt, int stream) {
+  for (size_t i = 0; i < n; i++) h[i] = spread_value(salt, stream, i);
+}
+
 /* A Gemma norm weight [1, cols] in BF16 of uniform values, prepared on be; *host holds its data
  * until the tensor is released. */
 static inline m3_status test_norm_weight(m3_backend *be, int cols, uint64_t salt, m3_tensor *t,
