@@ -137,7 +137,9 @@ void m3_step_graphs_clear(m3_step_graphs *c, m3_backend *be) {
     free(c->slot[i].sig);
   }
   free(c->sig);
+  const m3_step_graph_stats stats = c->stats; /* the model's counts run on across a clear */
   memset(c, 0, sizeof *c);
+  c->stats = stats;
 }
 
 m3_step_graph_stats m3_model_graph_stats(const m3_model *m) {

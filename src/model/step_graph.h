@@ -79,7 +79,7 @@ typedef m3_status (*m3_step_region)(m3_model *m, void *ctx);
  * or launch failed: that signature then always runs directly). m->be has the graph ops. */
 m3_status m3_step_graphs_run(m3_step_graphs *c, m3_model *m, m3_step_region region, void *ctx);
 
-/* Frees every graph and signature; c is empty afterwards. */
+/* Frees every graph and signature; c is empty afterwards but for its counts (stats). */
 void m3_step_graphs_clear(m3_step_graphs *c, m3_backend *be);
 
 

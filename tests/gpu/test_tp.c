@@ -254,7 +254,7 @@ static void job_layout(tp_rank *r, void *arg) {
   run->replayed[r->rank] = after.replayed - before.replayed;
   if (r->rank == 0) run->graphs_enabled = after.enabled;
   if (tp_agree(r, L, tp_attach_p2p(r, L, m, M3_ALL_REDUCE_CAPTURABLE), NULL)) {
-    /* (Taken after the hook is set: setting it drops the recorded steps and their counts.) */
+    /* (Taken after the hook is set: setting it drops the recorded steps, which record anew.) */
     const m3_step_graph_stats p2p_before = m3_model_graph_stats(m);
     tp_must(r, tp_greedy(m, ids, PROMPT, STEPS, run->p2p_logits[r->rank], run->p2p_tokens[r->rank]),
             "the forward peer to peer");
