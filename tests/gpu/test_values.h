@@ -82,8 +82,9 @@ static inline void *test_must_alloc(int rank, m3_backend *be, size_t bytes) {
   return p;
 }
 
+/* Zeroed, so that no byte a test reads back is indeterminate. */
 static inline void *test_host_alloc(size_t bytes) {
-  void *p = malloc(bytes ? bytes : 1);
+  void *p = calloc(bytes ? bytes : 1, 1);
   if (!p) {
     fprintf(stderr, "FATAL: out of host memory\n");
     _exit(1);
