@@ -6,8 +6,9 @@
  *              chunk, several launches);
  *   add + norm the backend's add_rmsnorm (or add) of x and that sum (1 to 200 rows, more than one
  *              launch's blocks; widths 6144, 1001, 16384);
- *   mixed      40 calls of alternating sizes and kinds: every staging slot rewritten while
- *              launches of other shapes read it;
+ *   mixed      40 calls of alternating sizes and kinds, pushed and through staging (p2p.h's two
+ *              protocols): every inbox and staging slot rewritten while launches of other shapes
+ *              read it;
  *   graph      rank 0 records a sum and an add + norm into a CUDA graph and replays it, while
  *              the others issue the same calls directly;
  *   abort      rank 0 makes a call nobody joins; rank 1 aborts the group from its own thread:
@@ -177,12 +178,14 @@ static void test_p2p(rank_ctx *r) {
              !p2p_add_norm_ok(r, shapes[s].rows, shapes[s].cols, with_norm, 400 + s), 0);
     }
   /* A decode step's pattern, many times: each call of another size or kind than the last, so
-   * every staging slot is rewritten while blocks of other sizes read it. */
+   * every inbox and staging slot is rewritten while blocks of other sizes read it. 24 rows and
+   * sums past 16 chunks of 16384 floats take staging, the others push (where a launch may have
+   * more than 16 blocks; with M3_P2P_PUSH=0 all take staging). */
   progress(r, "p2p alternating calls", 40);
   int ok = 1;
   for (int i = 0; i < 40 && ok; i++)
-    ok = i % 2 ? p2p_add_norm_ok(r, 1 + i % 5, 6144, i % 3 != 0, 500 + (uint64_t)i)
-               : p2p_sum_ok(r, (size_t)(1 + i) * 3001, 500 + (uint64_t)i);
+    ok = i % 2 ? p2p_add_norm_ok(r, i % 7 == 3 ? 24 : 1 + i % 5, 6144, i % 3 != 0, 500 + (uint64_t)i)
+               : p2p_sum_ok(r, (size_t)(1 + i) * 8001, 500 + (uint64_t)i);
   record(C_P2P_MIXED, !ok, 0);
 }
 

@@ -9,7 +9,9 @@
 
 enum {
   ROW_FLOATS = 16384,  /* a block's row or chunk: the widest row add_norm takes */
+  ROW_QUADS = ROW_FLOATS / 4,
   MAX_BLOCKS = 128,    /* blocks of one launch (fewer where a GPU has fewer SMs) */
+  LL_BLOCKS = 16,      /* launches of up to this many blocks push their parts (below) */
   SUM_THREADS = 512,
   SPIN_CHECK = 64,     /* flag polls between looks at the abort word and the clock */
 };
@@ -26,6 +28,7 @@ struct m3_p2p_group {
   int nranks, joined;
   int *words;                          /* mapped host memory [N_WORDS] */
   float *staging[M3_P2P_MAX_RANKS];    /* each rank's [2 slots][MAX_BLOCKS][ROW_FLOATS] */
+  uint4 *inbox[M3_P2P_MAX_RANKS];      /* each rank's [2 slots][nranks][LL_BLOCKS][ROW_QUADS][2] */
   uint32_t *flags[M3_P2P_MAX_RANKS];   /* each rank's [MAX_BLOCKS][M3_P2P_MAX_RANKS], then sync */
   int devices[M3_P2P_MAX_RANKS], sms[M3_P2P_MAX_RANKS];
 };
@@ -33,6 +36,7 @@ struct m3_p2p_group {
 struct m3_p2p {
   m3_p2p_group *g;
   int rank, blocks; /* blocks: per launch, the same on every rank (set by connect) */
+  int push_blocks;  /* launches of up to this many blocks push (LL_BLOCKS; 0 with M3_P2P_PUSH=0) */
   cuda_backend *cb;
   int *words_dev;
 };
@@ -44,6 +48,7 @@ static const size_t FLAG_WORDS = (size_t)MAX_BLOCKS * M3_P2P_MAX_RANKS;
  * ([0] the last finished launch's epoch, [1] blocks of the current launch done). */
 struct p2p_view {
   float *staging[M3_P2P_MAX_RANKS];
+  uint4 *inbox[M3_P2P_MAX_RANKS];
   uint32_t *flags[M3_P2P_MAX_RANKS];
   uint32_t *sync;
   volatile int *words;
@@ -66,6 +71,24 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t *p) {
   return v;
 }
 
+/* Whether a spinning thread should stop: the group was aborted, or some thread already gave up
+ * at the deadline (its peers' waits then end at once instead of each taking the deadline). */
+__device__ __forceinline__ int group_stopped(const p2p_view &a) {
+  return a.words[WORD_ABORT] || a.words[WORD_FAILURE] != FAILURE_NONE;
+}
+
+/* A wait past the deadline: where it was (for m3_p2p_check's message), then the failure. */
+__device__ void report_deadline(const p2p_view &a, int peer, int b, uint32_t e, uint32_t seen) {
+  a.words[WORD_RANK] = a.me;
+  a.words[WORD_PEER] = peer;
+  a.words[WORD_BLOCK] = b;
+  a.words[WORD_EPOCH] = (int)e;
+  a.words[WORD_SEEN] = (int)seen;
+  a.words[WORD_PEER_DONE] = (int)load_acquire(a.flags[peer] + FLAG_WORDS);
+  __threadfence_system();
+  a.words[WORD_FAILURE] = FAILURE_DEADLINE;
+}
+
 /* Thread 0 of block b: tells every peer that this rank's part of block b at epoch e is in its
  * staging, then waits until every peer said the same. 0 when it gave up (aborted, deadline). */
 __device__ int meet_peers(const p2p_view &a, int b, uint32_t e) {
@@ -78,16 +101,9 @@ __device__ int meet_peers(const p2p_view &a, int b, uint32_t e) {
     const uint32_t *flag = a.flags[a.me] + (size_t)b * M3_P2P_MAX_RANKS + r;
     for (unsigned i = 1; (int32_t)(load_acquire(flag) - e) < 0; i++) {
       if (i % SPIN_CHECK) continue;
-      if (a.words[WORD_ABORT]) return 0;
+      if (group_stopped(a)) return 0;
       if (now_ns() - start > (uint64_t)M3_P2P_DEADLINE_S * 1000000000ull) {
-        a.words[WORD_RANK] = a.me;
-        a.words[WORD_PEER] = r;
-        a.words[WORD_BLOCK] = b;
-        a.words[WORD_EPOCH] = (int)e;
-        a.words[WORD_SEEN] = (int)load_acquire(flag);
-        a.words[WORD_PEER_DONE] = (int)load_acquire(a.flags[r] + FLAG_WORDS);
-        __threadfence_system();
-        a.words[WORD_FAILURE] = FAILURE_DEADLINE;
+        report_deadline(a, r, b, e, load_acquire(flag));
         return 0;
       }
     }
@@ -106,21 +122,84 @@ __device__ __forceinline__ void load_peer_quad(const float *row, int64_t c, int 
   }
 }
 
+/* ---- the push protocol (launches of up to LL_BLOCKS blocks) ----
+ * The barrier above costs a system-scope fence, a flag's trip to the peer and then a read of the
+ * peer's staging across the link: about 9 us a call on 2 x H200, most of a batch-1 step's
+ * collective time. Pushing instead, each rank writes its part straight into every peer's inbox
+ * as 16-byte lines of two values and two copies of the epoch ({v0, e, v1, e}, NCCL's "LL"
+ * layout): a line arrives whole, so a reader that sees the epoch in both flag words of a line
+ * has its values, with no fence, no flag and no read across the link. Twice the bytes, which
+ * small calls do not notice. A quad of 4 columns is two lines; the inbox of rank q holds, per
+ * epoch parity, sender, block and quad, those two lines. The slot argument of p2p.h holds for
+ * the inboxes: a sender writes launch e + 2 only after its peers pushed launch e + 1, which each
+ * did after finishing launch e, its last read of that slot. */
+__device__ __forceinline__ uint4 *inbox_quad(const p2p_view &a, int owner, int sender, int b,
+                                             uint32_t e, int64_t q) {
+  const size_t line = ((((size_t)(e & 1) * a.nranks + sender) * LL_BLOCKS + b) * ROW_QUADS + q) * 2;
+  return a.inbox[owner] + line;
+}
+
+__device__ __forceinline__ void push_line(uint4 *p, float v0, float v1, uint32_t e) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p),
+               "r"(__float_as_uint(v0)), "r"(e), "r"(__float_as_uint(v1)), "r"(e)
+               : "memory");
+}
+
+__device__ __forceinline__ uint4 peek_line(const uint4 *p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int lines_at(const uint4 &l0, const uint4 &l1, uint32_t e) {
+  return l0.y == e && l0.w == e && l1.y == e && l1.w == e;
+}
+
+/* Quad q of block b that `sender` pushed to this rank at epoch e, waited for; zeros when the
+ * wait gave up (the call's results are then wrong and m3_p2p_check says why). */
+__device__ void pulled_quad(const p2p_view &a, int sender, int b, uint32_t e, int64_t q, float v[4]) {
+  const uint4 *p = inbox_quad(a, a.me, sender, b, e, q);
+  uint4 l0 = peek_line(p), l1 = peek_line(p + 1);
+  if (!lines_at(l0, l1, e)) {
+    const uint64_t start = now_ns();
+    for (unsigned i = 1;; i++) {
+      l0 = peek_line(p), l1 = peek_line(p + 1);
+      if (lines_at(l0, l1, e)) break;
+      if (i % SPIN_CHECK) continue;
+      if (!group_stopped(a) && now_ns() - start > (uint64_t)M3_P2P_DEADLINE_S * 1000000000ull)
+        report_deadline(a, sender, b, e, l0.y);
+      if (group_stopped(a)) {
+        v[0] = v[1] = v[2] = v[3] = 0.0f;
+        return;
+      }
+    }
+  }
+  v[0] = __uint_as_float(l0.x), v[1] = __uint_as_float(l0.z);
+  v[2] = __uint_as_float(l1.x), v[3] = __uint_as_float(l1.z);
+}
+
 /* The sum over the ranks, in rank order, of columns [c, c + 4) of the block's row: this rank's
- * from its own part, the others' from their staging at `off`. `a` points at the kernel's
- * __grid_constant__ parameter (no per-thread copy of the pointer tables). */
+ * from its own part, the others' from their staging at `off` (PUSH 0) or from this rank's inbox
+ * (PUSH 1). `a` points at the kernel's __grid_constant__ parameter (no per-thread copy of the
+ * pointer tables). */
+template <int PUSH>
 struct p2p_addend {
   static const bool add = true;
   const p2p_view *a;
   size_t off;
   const float *mine;
-  int n, vec;
+  int n, vec, b;
+  uint32_t e;
   __device__ void load(int64_t c, float s[4]) const {
     float v[M3_P2P_MAX_RANKS][4];
 #pragma unroll
     for (int r = 0; r < M3_P2P_MAX_RANKS; r++) {
       if (r >= a->nranks) break;
       if (r == a->me) load_quad(mine, c, n, vec, v[r]);
+      else if (PUSH) pulled_quad(*a, r, b, e, c / 4, v[r]);
       else load_peer_quad(a->staging[r] + off, c, n, vec, v[r]);
     }
     for (int i = 0; i < 4; i++) s[i] = v[0][i];
@@ -134,12 +213,13 @@ struct p2p_addend {
 
 enum { MODE_SUM, MODE_ADD, MODE_ADD_NORM };
 
-/* Block b: row b of part (MODE_SUM: chunk b of ROW_FLOATS floats, the last one ragged, of n) into
- * this rank's staging, the meeting, then the mode's output from the summed row:
+/* Block b: row b of part (MODE_SUM: chunk b of ROW_FLOATS floats, the last one ragged, of n) to the
+ * peers (PUSH 0: into this rank's staging, then the meeting; PUSH 1: into their inboxes), then the
+ * mode's output from the summed row:
  *   MODE_SUM      part row = the sum (in place)
  *   MODE_ADD      x row += the sum
  *   MODE_ADD_NORM x row += the sum, out row = GemmaRMSNorm(x row) (norm_row, as add_rmsnorm). */
-template <int MODE>
+template <int MODE, int PUSH>
 __global__ void __launch_bounds__(512)
     p2p_kernel(const __grid_constant__ p2p_view a, float *part, float *x, cuda_weight w, int gain, float eps, int cols,
                size_t n, int vec, float *out) {
@@ -158,13 +238,24 @@ __global__ void __launch_bounds__(512)
   for (int64_t q = tid; q < nq; q += nt) {
     float f[4];
     load_quad(mine, 4 * q, len, v, f);
-    store_quad(stage, 4 * q, len, v, f);
+    if constexpr (PUSH) {
+      for (int r = 0; r < a.nranks; r++) {
+        if (r == a.me) continue;
+        uint4 *line = inbox_quad(a, r, a.me, b, e, q);
+        push_line(line, f[0], f[1], e);
+        push_line(line + 1, f[2], f[3], e);
+      }
+    } else {
+      store_quad(stage, 4 * q, len, v, f);
+    }
   }
-  __syncthreads();
-  if (tid == 0) met = meet_peers(a, b, e);
-  __syncthreads();
-  if (met) {
-    const p2p_addend sum = {&a, off, mine, len, v};
+  if (!PUSH) {
+    __syncthreads();
+    if (tid == 0) met = meet_peers(a, b, e);
+    __syncthreads();
+  }
+  if (PUSH || met) {
+    const p2p_addend<PUSH> sum = {&a, off, mine, len, v, b, e};
     if (MODE == MODE_ADD_NORM) {
       norm_row(x + row, sum, w, gain, eps, len, v, out + row);
     } else {
@@ -222,6 +313,12 @@ extern "C" void m3_p2p_group_free(m3_p2p_group *g) {
   free(g);
 }
 
+/* A rank's inbox: [2 slots][nranks senders][LL_BLOCKS][ROW_QUADS] quads of two 16-byte lines
+ * (4 MB a rank of the group). */
+static size_t inbox_bytes_of(const m3_p2p_group *g) {
+  return (size_t)2 * (size_t)g->nranks * LL_BLOCKS * ROW_QUADS * 2 * sizeof(uint4);
+}
+
 extern "C" m3_status m3_p2p_join(m3_p2p_group *g, int rank, m3_backend *be, m3_p2p **out) {
   *out = NULL;
   if (rank < 0 || rank >= g->nranks)
@@ -239,20 +336,27 @@ extern "C" m3_status m3_p2p_join(m3_p2p_group *g, int rank, m3_backend *be, m3_p
   p->cb = cb;
   float *staging = NULL;
   uint32_t *flags = NULL;
+  uint4 *inbox = NULL;
   const size_t flag_bytes = (FLAG_WORDS + 2) * sizeof(uint32_t);
-  if ((e = cudaMalloc((void **)&staging, 2 * SLOT_FLOATS * sizeof(float))) == cudaSuccess &&
+  const size_t staging_bytes = 2 * SLOT_FLOATS * sizeof(float), inbox_bytes = inbox_bytes_of(g);
+  if ((e = cudaMalloc((void **)&staging, staging_bytes)) == cudaSuccess &&
+      (e = cudaMalloc((void **)&inbox, inbox_bytes)) == cudaSuccess &&
+      (e = cudaMemset(inbox, 0, inbox_bytes)) == cudaSuccess &&
       (e = cudaMalloc((void **)&flags, flag_bytes)) == cudaSuccess &&
       (e = cudaMemset(flags, 0, flag_bytes)) == cudaSuccess &&
       (e = cudaHostGetDevicePointer((void **)&p->words_dev, g->words, 0)) == cudaSuccess)
-    e = cudaDeviceSynchronize(); /* the zeroed flags before any peer can write them */
+    e = cudaDeviceSynchronize(); /* the zeroed flags and inbox before any peer can write them */
   if (e != cudaSuccess) {
     cudaFree(staging);
+    cudaFree(inbox);
     cudaFree(flags);
     free(p);
-    return m3_fail(M3_ERR_NOMEM, "p2p join (rank %d): %.1f MB of staging on GPU %d: %s", rank,
-                   2.0 * SLOT_FLOATS * sizeof(float) / 1e6, cb->device, cudaGetErrorString(e));
+    return m3_fail(M3_ERR_NOMEM, "p2p join (rank %d): %.1f MB of staging and inbox on GPU %d: %s",
+                   rank, (double)(staging_bytes + inbox_bytes) / 1e6, cb->device,
+                   cudaGetErrorString(e));
   }
   g->staging[rank] = staging;
+  g->inbox[rank] = inbox;
   g->flags[rank] = flags;
   g->devices[rank] = cb->device;
   g->sms[rank] = cb->num_sms;
@@ -295,14 +399,20 @@ extern "C" m3_status m3_p2p_connect(m3_p2p *p) {
   /* Loads the kernels now: CUDA loads a kernel lazily at its first launch, and loading waits for
    * the kernels running in the context, a peer's call spinning for this one among them where
    * ranks share a GPU (a deadlock until the deadline, seen with 2 ranks on one H200). */
-  const void *kernels[] = {(const void *)p2p_kernel<MODE_SUM>, (const void *)p2p_kernel<MODE_ADD>,
-                           (const void *)p2p_kernel<MODE_ADD_NORM>};
+  const void *kernels[] = {
+      (const void *)p2p_kernel<MODE_SUM, 0>,      (const void *)p2p_kernel<MODE_ADD, 0>,
+      (const void *)p2p_kernel<MODE_ADD_NORM, 0>, (const void *)p2p_kernel<MODE_SUM, 1>,
+      (const void *)p2p_kernel<MODE_ADD, 1>,      (const void *)p2p_kernel<MODE_ADD_NORM, 1>};
   for (size_t k = 0; k < sizeof kernels / sizeof kernels[0]; k++) {
     cudaFuncAttributes attr;
     if ((e = cudaFuncGetAttributes(&attr, kernels[k])) != cudaSuccess)
       return cuda_failure("connect", p->rank, e);
   }
   p->blocks = blocks;
+  /* M3_P2P_PUSH=0: every launch meets through staging (to time the two protocols in one run);
+   * every rank reads the same environment, so they agree. */
+  const char *push = getenv("M3_P2P_PUSH");
+  p->push_blocks = push && strcmp(push, "0") == 0 ? 0 : LL_BLOCKS < blocks ? LL_BLOCKS : blocks;
   return M3_OK;
 }
 
@@ -310,8 +420,10 @@ extern "C" void m3_p2p_leave(m3_p2p *p) {
   if (!p) return;
   cudaSetDevice(p->cb->device);
   cudaFree(p->g->staging[p->rank]);
+  cudaFree(p->g->inbox[p->rank]);
   cudaFree(p->g->flags[p->rank]);
   p->g->staging[p->rank] = NULL;
+  p->g->inbox[p->rank] = NULL;
   p->g->flags[p->rank] = NULL;
   free(p);
 }
@@ -353,6 +465,7 @@ static p2p_view view_of(const m3_p2p *p) {
   memset(&a, 0, sizeof a);
   for (int r = 0; r < p->g->nranks; r++) {
     a.staging[r] = p->g->staging[r];
+    a.inbox[r] = p->g->inbox[r];
     a.flags[r] = p->g->flags[r];
   }
   a.sync = p->g->flags[p->rank] + FLAG_WORDS;
@@ -370,6 +483,18 @@ static m3_status usable(const m3_p2p *p, const char *op) {
 
 static int aligned16(const void *q) { return (uintptr_t)q % 16 == 0; }
 
+/* One launch of `blocks` blocks: pushed where that few fit the inboxes, else met through staging
+ * (the same choice on every rank: the sizes are the same). */
+template <int MODE>
+static void launch(const m3_p2p *p, const p2p_view &a, unsigned blocks, int threads, float *part,
+                   float *x, cuda_weight w, int gain, float eps, int cols, size_t n, int vec,
+                   float *out) {
+  if ((int)blocks <= p->push_blocks)
+    p2p_kernel<MODE, 1><<<blocks, threads, 0, p->cb->stream>>>(a, part, x, w, gain, eps, cols, n, vec, out);
+  else
+    p2p_kernel<MODE, 0><<<blocks, threads, 0, p->cb->stream>>>(a, part, x, w, gain, eps, cols, n, vec, out);
+}
+
 extern "C" m3_status m3_p2p_all_reduce_sum(m3_p2p *p, float *buf, size_t n) {
   m3_status st = usable(p, "all_reduce_sum");
   if (st != M3_OK || n == 0) return st;
@@ -381,8 +506,8 @@ extern "C" m3_status m3_p2p_all_reduce_sum(m3_p2p *p, float *buf, size_t n) {
   for (size_t at = 0; at < n; at += piece) {
     const size_t len = n - at < piece ? n - at : piece;
     const unsigned blocks = (unsigned)((len + ROW_FLOATS - 1) / ROW_FLOATS);
-    p2p_kernel<MODE_SUM><<<blocks, SUM_THREADS, 0, p->cb->stream>>>(
-        a, buf + at, NULL, cuda_weight{}, 0, 0.0f, ROW_FLOATS, len, aligned16(buf), NULL);
+    launch<MODE_SUM>(p, a, blocks, SUM_THREADS, buf + at, NULL, cuda_weight{}, 0, 0.0f, ROW_FLOATS,
+                     len, aligned16(buf), NULL);
   }
   cuda_launched(p->cb, "p2p all_reduce_sum");
   return M3_OK;
@@ -403,12 +528,11 @@ extern "C" m3_status m3_p2p_add_norm(m3_p2p *p, const float *part, float *x, con
     const int nb = rows - r0 < p->blocks ? rows - r0 : p->blocks;
     const size_t at = (size_t)r0 * cols;
     if (norm)
-      p2p_kernel<MODE_ADD_NORM><<<nb, norm_threads(cols), 0, p->cb->stream>>>(
-          a, in + at, x + at, cuda_weight_of(norm), gain_kind(norm, cols), eps, cols, 0, vec,
-          out + at);
+      launch<MODE_ADD_NORM>(p, a, (unsigned)nb, norm_threads(cols), in + at, x + at,
+                            cuda_weight_of(norm), gain_kind(norm, cols), eps, cols, 0, vec, out + at);
     else
-      p2p_kernel<MODE_ADD><<<nb, SUM_THREADS, 0, p->cb->stream>>>(
-          a, in + at, x + at, cuda_weight{}, 0, 0.0f, cols, 0, vec, NULL);
+      launch<MODE_ADD>(p, a, (unsigned)nb, SUM_THREADS, in + at, x + at, cuda_weight{}, 0, 0.0f,
+                       cols, 0, vec, NULL);
   }
   cuda_launched(p->cb, "p2p add_norm");
   return M3_OK;

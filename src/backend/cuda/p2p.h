@@ -4,12 +4,19 @@
  * residual add and the next Gemma RMSNorm, one kernel instead of an all-reduce and an
  * add_rmsnorm.
  *
- * One-shot: each rank's kernel copies its part into its own staging buffer, tells every peer so
- * through a flag it writes into the peer's memory, waits for the peers' flags, then reads every
- * rank's staging and sums them in rank order: every rank gets the same bits (for two ranks the
- * bits of NCCL's sum, a + b being b + a). Block b of a launch handles row b (a norm needs the
- * whole row) or chunk b, and meets only block b of the peers, so there is no grid-wide barrier;
- * launches stay within the SMs so that every block of a launch is resident.
+ * One-shot, by one of two protocols; either way every rank sums the ranks' parts in rank order
+ * and gets the same bits (for two ranks the bits of NCCL's sum, a + b being b + a). Block b of a
+ * launch handles row b (a norm needs the whole row) or chunk b, and meets only block b of the
+ * peers, so there is no grid-wide barrier; launches stay within the SMs so that every block of a
+ * launch is resident.
+ *   push (launches of up to 16 blocks: decode steps): each rank writes its part into every
+ *     peer's inbox as lines that carry the call's epoch beside the values, and reads the peers'
+ *     parts from its own inbox once their lines show the epoch: no fence, no flag, no read
+ *     across the link (p2p.cu says why a line arrives whole).
+ *   staging (larger launches): each rank copies its part into its own staging buffer, tells
+ *     every peer so through a flag it writes into the peer's memory, waits for the peers' flags,
+ *     then reads every peer's staging: half the bytes of push on the link.
+ * M3_P2P_PUSH=0 takes staging for every launch (to compare the two).
  *
  * Calls carry no host state: a launch's epoch (1, 2, ... per group, the same on every rank since
  * every rank makes the same calls) lives in device memory and the last block of a launch
@@ -45,8 +52,8 @@ m3_status m3_p2p_group_create(int nranks, m3_p2p_group **out);
 /* After every rank left (NULL is ignored). */
 void m3_p2p_group_free(m3_p2p_group *g);
 
-/* Rank `rank` on CUDA backend be, from the thread that issues be's ops: allocates its staging and
- * flags (~16 MB) on be's GPU and publishes them to the group. */
+/* Rank `rank` on CUDA backend be, from the thread that issues be's ops: allocates its staging,
+ * inbox and flags (16 MB + 4 MB per rank of the group) on be's GPU and publishes them. */
 m3_status m3_p2p_join(m3_p2p_group *g, int rank, m3_backend *be, m3_p2p **out);
 /* Once every rank has joined: enables peer access from this rank's GPU to every other rank's.
  * M3_ERR_UNSUPPORTED naming the pair when one GPU cannot reach the other. */
