@@ -67,17 +67,22 @@ expect_eq "batch-1 floor bytes" "$(sed -n 's/^step floor, batch 1: \([0-9.]*\) M
 # FD,SM,FM,SD: two dense-attention and two MSA layers; the 24-token prefill is one forward.
 out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 24 --prefill 24 --decode 3 --copy-mib 8 --profile)
 expect_eq "m3 bench model --profile exits" "$?" 0
-# calls in the rows of the table titled "profile of $1" whose op is $2 and whose next word
-# matches $3 (rows: ms share calls us/call host-us op [weight or kind])
+# calls summed over the rows of the table titled "profile of $1" whose op is $2 and whose next
+# word matches $3 (rows: ms share calls us/call host-us op [weight or kind]; a matmul_set's row
+# names its first weight first, the set of a sparse layer differing from a full layer's)
 calls() { awk -v title="profile of $1" -v op="$2" -v re="$3" '
   index($0, title) == 1 {on = 1; next}
   /^[^ ]/ {on = 0}
-  on && $6 == op && $7 ~ re {print $3}' <<<"$out"; }
+  on && $6 == op && $7 ~ re {n += $3; found = 1}
+  END {if (found) print n}' <<<"$out"; }
 expect_eq "prefill: one embedding" "$(calls "the prefill:" embed '^$')" 1
-expect_eq "prefill: q_proj once per layer" "$(calls "the prefill:" matmul 'self_attn\.q_proj')" 4
+expect_eq "prefill: q_proj once per layer" "$(calls "the prefill:" matmul_set 'self_attn\.q_proj')" 4
 expect_eq "prefill: MSA attention in the 2 sparse layers" "$(calls "the prefill:" attention '^\(MSA')" 2
 expect_eq "prefill: dense attention in the 2 full layers" "$(calls "the prefill:" attention '^\(dense')" 2
-expect_eq "decode at --ctx: 3 steps x 4 layers of q_proj" "$(calls "the decode at --ctx:" matmul 'self_attn\.q_proj')" 12
+expect_eq "decode at --ctx: 3 steps x 4 layers of q_proj" "$(calls "the decode at --ctx:" matmul_set 'self_attn\.q_proj')" 12
+# A sparse layer's projections of h in one matmul_set, its row naming each weight.
+set_row="matmul_set language_model.model.layers.#.self_attn.q_proj.weight + k_proj.weight + v_proj.weight + index_q_proj.weight + index_k_proj.weight"
+if [[ "$out" == *"$set_row"* ]]; then ok; else bad "no profile row '$set_row': $out"; fi
 
 # ---- --batch: 4 sequences per step, each with its own cache ----
 out=$("$m3" bench model --model "$tmp/tiny" --threads 1 --ctx 40 --prefill 24 --decode 3 --batch 4 --copy-mib 8)

@@ -113,6 +113,13 @@ typedef struct {
   double unit;       /* the draw's PRNG value in [0, 1) (m3_sampler_next_unit) */
 } m3_row_sampling;
 
+/* One output of matmul_set: y [T, w->rows]. */
+typedef struct {
+  const m3_tensor *w;
+  float *y;
+} m3_matmul_out;
+enum { M3_MATMUL_SET_MAX = 8 };
+
 typedef struct {
   const char *name;
   void (*destroy)(m3_backend *be);
@@ -154,6 +161,13 @@ typedef struct {
 
   /* y[T, W.rows] = x[T, W.cols] . W^T, float32 accumulation. */
   void (*matmul)(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+
+  /* For each of the n (1..M3_MATMUL_SET_MAX) outputs: out[i].y = x . out[i].w^T, as matmul
+   * computes it (the same values up to float32 summation order); every w has the same cols
+   * (x [T, cols]); no y overlaps x or another y. One pass where the backend can (CUDA, one token:
+   * a single launch over the rows of all weights of one decoding kind), so that the short
+   * projections of a decode step (k, v, the index branch, the router) stop costing a launch each. */
+  void (*matmul_set)(m3_backend *be, const float *x, int T, const m3_matmul_out *out, int n);
 
   /* Gemma RMSNorm over nrows rows of n: y = x / sqrt(mean(x^2) + eps) * (1 + w).  w [n].
    * x and y may alias. */

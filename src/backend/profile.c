@@ -15,7 +15,7 @@
 
 #include "backend/backend.h"
 
-enum { PROF_MAX_ROWS = 512, PROF_KEY = 96 };
+enum { PROF_MAX_ROWS = 512, PROF_KEY = 192 }; /* room for a matmul_set's weight names */
 
 typedef struct {
   char key[PROF_KEY];
@@ -61,16 +61,38 @@ static double now_wait(prof_backend *pb) {
   return wall();
 }
 
-static void account(prof_backend *pb, const char *op, const m3_tensor *w, double t0) {
+/* Appends s to key (n characters so far), cut at PROF_KEY - 1 characters. */
+static void append(char key[PROF_KEY], size_t *n, const char *s) {
+  while (*s && *n + 1 < PROF_KEY) key[(*n)++] = *s++;
+  key[*n] = '\0';
+}
+
+/* "op", then the names of the weights with their numbers folded: the first after a space, each
+ * further one (a matmul_set's) after " + " and without the dotted prefix it shares with the
+ * first ("... q_proj.weight + k_proj.weight + v_proj.weight"). */
+static void make_key(const char *op, const m3_tensor *const *w, int nw, char key[PROF_KEY]) {
+  char first[PROF_KEY] = "", name[PROF_KEY] = "";
+  size_t n = 0;
+  int named = 0;
+  key[0] = '\0';
+  append(key, &n, op);
+  for (int i = 0; i < nw; i++) {
+    if (!w[i] || !w[i]->name) continue;
+    fold_digits(w[i]->name, named ? name : first, PROF_KEY);
+    size_t from = 0; /* past the last '.' that name shares with first */
+    for (size_t j = 0; named && name[j] && name[j] == first[j]; j++)
+      if (name[j] == '.') from = j + 1;
+    append(key, &n, named ? " + " : " ");
+    append(key, &n, named ? name + from : first);
+    named++;
+  }
+}
+
+static void account_set(prof_backend *pb, const char *op, const m3_tensor *const *w, int nw,
+                        double t0) {
   const double host = wall() - t0, dt = now_wait(pb) - t0;
   char key[PROF_KEY];
-  size_t n = strlen(op) < sizeof key - 2 ? strlen(op) : sizeof key - 2;
-  memcpy(key, op, n);
-  key[n] = '\0';
-  if (w && w->name) {
-    key[n++] = ' ';
-    fold_digits(w->name, key + n, sizeof key - n);
-  }
+  make_key(op, w, nw, key);
   for (int i = 0; i < pb->nrows; i++)
     if (strcmp(pb->rows[i].key, key) == 0) {
       pb->rows[i].calls++;
@@ -87,6 +109,10 @@ static void account(prof_backend *pb, const char *op, const m3_tensor *w, double
   r->calls = 1;
   r->seconds = dt;
   r->host_seconds = host;
+}
+
+static void account(prof_backend *pb, const char *op, const m3_tensor *w, double t0) {
+  account_set(pb, op, &w, 1, t0);
 }
 
 /* Starts the clock once the ops issued before this one are done, so that each op is charged
@@ -150,6 +176,15 @@ static void prof_matmul(m3_backend *be, const m3_tensor *w, const float *x, int 
   double t0 = start(prof_of(be));
   INNER(be)->matmul(inner_of(be), w, x, T, y);
   account(prof_of(be), "matmul", w, t0);
+}
+static void prof_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out *out,
+                            int n) {
+  double t0 = start(prof_of(be));
+  INNER(be)->matmul_set(inner_of(be), x, T, out, n);
+  const m3_tensor *w[M3_MATMUL_SET_MAX];
+  const int nw = n < M3_MATMUL_SET_MAX ? n : M3_MATMUL_SET_MAX;
+  for (int i = 0; i < nw; i++) w[i] = out[i].w;
+  account_set(prof_of(be), "matmul_set", w, nw, t0);
 }
 static void prof_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps, int nrows, int n,
                          float *y) {
@@ -282,6 +317,7 @@ m3_status m3_backend_profile_create(m3_backend *inner, m3_backend **out) {
   ops->release_experts = prof_release_experts;
   ops->embed = prof_embed;
   ops->matmul = prof_matmul;
+  ops->matmul_set = prof_matmul_set;
   ops->rmsnorm = prof_rmsnorm;
   ops->rope = prof_rope;
   ops->rmsnorm_rope = prof_rmsnorm_rope;

@@ -32,16 +32,17 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
   const int sparse = c->layer_attn[l] == M3_ATTN_SPARSE;
   const int32_t *pos = s->pos;
 
-  be->ops->matmul(be, &w->q_proj, s->h, T, s->q);
-  be->ops->matmul(be, &w->k_proj, s->h, T, s->k);
-  be->ops->matmul(be, &w->v_proj, s->h, T, s->v);
+  /* Every projection of h in one pass: at decode k, v and the index branch are too short to
+   * be worth a launch each. */
+  const m3_matmul_out proj[] = {{&w->q_proj, s->q},
+                                {&w->k_proj, s->k},
+                                {&w->v_proj, s->v},
+                                {&w->index_q_proj, s->iq},
+                                {&w->index_k_proj, s->ik}};
+  be->ops->matmul_set(be, s->h, T, proj, sparse ? 5 : 3);
   norm_rope_heads(m, s->q, &w->q_norm, pos, T, c->num_heads, c->head_dim);
-
-  if (sparse) {
-    be->ops->matmul(be, &w->index_q_proj, s->h, T, s->iq);
-    be->ops->matmul(be, &w->index_k_proj, s->h, T, s->ik);
+  if (sparse)
     norm_rope_heads(m, s->iq, &w->index_q_norm, pos, T, c->index_num_heads, c->index_head_dim);
-  }
 
   /* Per sequence, into its cache before attention: its tokens attend to themselves and each
    * other, never to another sequence's. The keys' norm and RoPE happen in the store (s->k and

@@ -48,9 +48,8 @@ static m3_status body(m3_drafter *d, const m3_segment *segs, int n_segs, int T, 
   be->ops->rmsnorm(be, g->e, &g->input_norm, g->eps, T, H, g->e);
   m3_drafter_concat(be, g->e, g->h, T, H, g->z);
 
-  be->ops->matmul(be, &g->q_proj, g->z, T, g->q);
-  be->ops->matmul(be, &g->k_proj, g->z, T, g->k);
-  be->ops->matmul(be, &g->v_proj, g->z, T, g->v);
+  const m3_matmul_out qkv[] = {{&g->q_proj, g->q}, {&g->k_proj, g->k}, {&g->v_proj, g->v}};
+  be->ops->matmul_set(be, g->z, T, qkv, 3);
   be->ops->rope(be, g->q, d->pos, T, g->nh, g->hd, g->hd, g->rope_theta);
   be->ops->rope(be, g->k, d->pos, T, g->nkv, g->hd, g->hd, g->rope_theta);
   const size_t qw = (size_t)g->nh * g->hd, kvw = (size_t)g->nkv * g->hd;
@@ -63,8 +62,8 @@ static m3_status body(m3_drafter *d, const m3_segment *segs, int n_segs, int T, 
   }
   be->ops->matmul(be, &g->o_proj, g->att, T, g->tmp);
   be->ops->add_rmsnorm(be, g->r, g->tmp, &g->post_norm, g->eps, T, H, g->h);
-  be->ops->matmul(be, &g->gate, g->h, T, g->g);
-  be->ops->matmul(be, &g->up, g->h, T, g->u);
+  const m3_matmul_out gate_up[] = {{&g->gate, g->g}, {&g->up, g->u}};
+  be->ops->matmul_set(be, g->h, T, gate_up, 2);
   /* SiLU(gate) * up is SwiGLU-OAI with alpha 1, beta 0 and no clamp. */
   be->ops->swiglu_oai(be, g->g, g->u, (size_t)T * g->I, 1.0f, 0.0f, INFINITY, g->g);
   be->ops->matmul(be, &g->down, g->g, T, g->tmp);

@@ -16,17 +16,26 @@
  * the shared expert, so only the world sum holds every expert's share exactly once. */
 #include "model/layers.h"
 
-/* out[n, H] = SwiGLU_OAI(in Wgate^T, in Wup^T) Wdown^T for n rows of in [n, H]. */
-static void swiglu_mlp(m3_model *m, const m3_tensor *gate, const m3_tensor *up,
-                       const m3_tensor *down, const float *in, int n, float *out) {
+/* out[n, H] = SwiGLU_OAI(s->gate, s->up) Wdown^T: the second half of a SwiGLU MLP of width I
+ * whose gate and up projections [n, I] wait in s->gate and s->up. */
+static void swiglu_down(m3_model *m, int64_t I, const m3_tensor *down, int n, float *out) {
   const m3_config *c = &m->cfg;
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
-  be->ops->matmul(be, gate, in, n, s->gate);
-  be->ops->matmul(be, up, in, n, s->up);
-  be->ops->swiglu_oai(be, s->gate, s->up, (size_t)n * (size_t)gate->rows, c->swiglu_alpha,
-                      c->swiglu_beta, c->swiglu_limit, s->gate);
+  be->ops->swiglu_oai(be, s->gate, s->up, (size_t)n * (size_t)I, c->swiglu_alpha, c->swiglu_beta,
+                      c->swiglu_limit, s->gate);
   be->ops->matmul(be, down, s->gate, n, out);
+}
+
+/* out[n, H] = SwiGLU_OAI(in Wgate^T, in Wup^T) Wdown^T for n rows of in [n, H]; gate and up in
+ * one pass. */
+static void swiglu_mlp(m3_model *m, const m3_tensor *gate, const m3_tensor *up,
+                       const m3_tensor *down, const float *in, int n, float *out) {
+  m3_scratch *s = &m->s;
+  m3_backend *be = m->be;
+  const m3_matmul_out proj[] = {{gate, s->gate}, {up, s->up}};
+  be->ops->matmul_set(be, in, n, proj, 2);
+  swiglu_down(m, gate->rows, down, n, out);
 }
 
 m3_status m3_moe_experts_prepare(m3_backend *be, const m3_config *c, const m3_layer_weights *L,
@@ -51,7 +60,8 @@ void m3_moe_experts_release(m3_backend *be, m3_moe_experts *ex) {
  * EP group's experts' widths (the choices of other groups' experts it skips), so its shared
  * expert and routed experts are partial sums. They go into s.out together (the shared expert's
  * output, or zeros, then the routed experts added onto it) so that one world all-reduce sums both
- * before the residual add. */
+ * before the residual add. The shared expert's gate and up projections are in s->gate and s->up
+ * already (moe). */
 static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
@@ -60,7 +70,7 @@ static void moe_parallel(m3_model *m, int l, int T, const m3_tensor *next) {
   const size_t n = (size_t)T * c->hidden_size;
   m3_status st;
   if (m3_tensor_present(&w->shared_gate))
-    swiglu_mlp(m, &w->shared_gate, &w->shared_up, &w->shared_down, s->h, T, s->out);
+    swiglu_down(m, w->shared_gate.rows, &w->shared_down, T, s->out);
   else if ((st = be->ops->copy(be, s->out, m->zeros, n * sizeof(float))) != M3_OK &&
            m->reduce_status == M3_OK)
     m->reduce_status = st; /* the step returns it; the all-reduce below still pairs up */
@@ -75,8 +85,13 @@ static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
   m3_scratch *s = &m->s;
   m3_backend *be = m->be;
   const int k = c->num_experts_per_tok;
+  const int shared = m3_tensor_present(&w->shared_gate);
 
-  be->ops->matmul(be, &w->router, s->h, T, s->router);
+  /* The router and the shared expert's gate and up in one pass over h; the shared expert's
+   * projections wait in s->gate and s->up, which routing and the routed experts leave alone. */
+  const m3_matmul_out proj[] = {{&w->router, s->router}, {&w->shared_gate, s->gate},
+                                {&w->shared_up, s->up}};
+  be->ops->matmul_set(be, s->h, T, proj, shared ? 3 : 1);
   be->ops->moe_route(be, s->router, m->router_bias[l], T, c->num_experts, k,
                      c->routed_scaling_factor, s->route_ids, s->route_w);
   if (m->all_reduce) {
@@ -85,8 +100,8 @@ static void moe(m3_model *m, int l, int T, const m3_tensor *next) {
   }
   be->ops->moe_experts(be, &m->experts[l], s->h, T, s->route_ids, s->route_w, k, s->x);
 
-  if (m3_tensor_present(&w->shared_gate)) {
-    swiglu_mlp(m, &w->shared_gate, &w->shared_up, &w->shared_down, s->h, T, s->out);
+  if (shared) {
+    swiglu_down(m, w->shared_gate.rows, &w->shared_down, T, s->out);
     m3_model_add_residual(m, T, next);
   } else if (next) { /* the experts added onto x themselves: nothing to fuse the norm with */
     be->ops->rmsnorm(be, s->x, next, c->rms_norm_eps, T, c->hidden_size, s->h);

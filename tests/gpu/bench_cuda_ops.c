@@ -5,6 +5,8 @@
  *     on tiny experts at T = 1 and 8: grouping and combine), timed through a recorded graph;
  *   - kv_store_rope (the keys' norm + RoPE fused with the cache store) at T = 1 and 8192 beside
  *     the three ops it replaces, on float32 and fp8 caches;
+ *   - matmul_set at T = 1 (a sparse layer's q, k, v, index_q, index_k of one input in one pass)
+ *     beside the 5 matmuls it replaces, through recorded graphs;
  *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
  *     bytes read per second against that ceiling (BF16: T <= 8 is the GEMV, T = 64 goes through
  *     cuBLASLt; MXFP8: up to 64 tokens the E4M3 tensor-core kernel, weights read once);
@@ -180,29 +182,46 @@ static void run_matmul(void *ctx, int iter) {
 enum { BENCH_BF16, BENCH_MXFP8, BENCH_F32 };
 static const char *const bench_kind[] = {"BF16", "MXFP8", "F32"};
 
+/* Bytes of a weight's data, and of its MXFP8 scales (0 for other kinds). */
+static size_t bench_weight_bytes(int64_t rows, int64_t cols, int kind) {
+  return (size_t)rows * cols * (kind == BENCH_MXFP8 ? 1 : kind == BENCH_F32 ? 4 : 2);
+}
+static size_t bench_scale_bytes(int64_t rows, int64_t cols, int kind) {
+  return kind == BENCH_MXFP8 ? (size_t)rows * (cols / 32) : 0;
+}
+
+/* A random weight in device memory (bench_weight_free frees it). */
+static m3_tensor bench_weight(const char *label, int64_t rows, int64_t cols, int kind) {
+  m3_tensor t;
+  memset(&t, 0, sizeof t);
+  const int mx = kind == BENCH_MXFP8;
+  t.name = label;
+  t.rows = rows, t.cols = cols;
+  t.dtype = mx ? M3_DT_F8_E4M3 : kind == BENCH_F32 ? M3_DT_F32 : M3_DT_BF16;
+  t.data = device_random(t.dtype, bench_weight_bytes(rows, cols, kind));
+  if (mx) {
+    t.quant = M3_WQ_MXFP8;
+    t.scale = device_random(M3_DT_U8, bench_scale_bytes(rows, cols, kind));
+    t.scale_rows = rows, t.scale_cols = cols / 32;
+    t.block_rows = 1, t.block_cols = 32;
+  }
+  return t;
+}
+
+static void bench_weight_free(m3_tensor *t) {
+  gpu->ops->free(gpu, (void *)t->data);
+  if (t->scale) gpu->ops->free(gpu, (void *)t->scale);
+}
+
 static void bench_matmul(const char *label, int64_t rows, int64_t cols, int kind, const int *Ts, int nT,
                          double copy_gbs, FILE *table) {
   matmul_ctx m;
   memset(&m, 0, sizeof m);
-  const int mx = kind == BENCH_MXFP8;
-  size_t wbytes = (size_t)rows * cols * (mx ? 1 : kind == BENCH_F32 ? 4 : 2);
-  size_t sbytes = mx ? (size_t)rows * (cols / 32) : 0;
+  const size_t wbytes = bench_weight_bytes(rows, cols, kind), sbytes = bench_scale_bytes(rows, cols, kind);
   /* Enough copies to read at least 256 MiB per round, so L2 (50 MiB) holds none of them. */
   m.copies = (int)((256u << 20) / wbytes + 1);
   if (m.copies > 8) m.copies = 8;
-  for (int c = 0; c < m.copies; c++) {
-    m3_tensor *t = &m.w[c];
-    t->name = label;
-    t->rows = rows, t->cols = cols;
-    t->dtype = mx ? M3_DT_F8_E4M3 : kind == BENCH_F32 ? M3_DT_F32 : M3_DT_BF16;
-    t->data = device_random(t->dtype, wbytes);
-    if (mx) {
-      t->quant = M3_WQ_MXFP8;
-      t->scale = device_random(M3_DT_U8, sbytes);
-      t->scale_rows = rows, t->scale_cols = cols / 32;
-      t->block_rows = 1, t->block_cols = 32;
-    }
-  }
+  for (int c = 0; c < m.copies; c++) m.w[c] = bench_weight(label, rows, cols, kind);
   int Tmax = 0;
   for (int i = 0; i < nT; i++) Tmax = Ts[i] > Tmax ? Ts[i] : Tmax;
   m.x = device_random(M3_DT_F32, (size_t)Tmax * cols * 4);
@@ -217,10 +236,7 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int kind
             100.0 * gbs / copy_gbs, tflops);
     fflush(table);
   }
-  for (int c = 0; c < m.copies; c++) {
-    gpu->ops->free(gpu, (void *)m.w[c].data);
-    if (m.w[c].scale) gpu->ops->free(gpu, (void *)m.w[c].scale);
-  }
+  for (int c = 0; c < m.copies; c++) bench_weight_free(&m.w[c]);
   gpu->ops->free(gpu, m.x), gpu->ops->free(gpu, m.y);
 }
 
@@ -578,6 +594,67 @@ static void bench_small_ops(double copy_gbs, FILE *table) {
   gpu->ops->free(gpu, (void *)c.norm_w.data), gpu->ops->free(gpu, (void *)c.table.data);
   for (int i = 0; i < SMALL_COPIES; i++) gpu->ops->free(gpu, c.x[i]), gpu->ops->free(gpu, c.y[i]);
   gpu->ops->free(gpu, c.out), gpu->ops->free(gpu, c.ids);
+}
+
+/* ---- a decode step's projections of one input in one matmul_set ---- */
+
+enum { SET_N = 5, SET_COPIES = 2, SET_H = 6144 };
+
+typedef struct {
+  m3_tensor w[SET_COPIES][SET_N];
+  m3_matmul_out out[SET_COPIES][SET_N];
+  float *x;
+} set_ctx;
+
+static void run_set(void *ctx, int iter) {
+  set_ctx *c = ctx;
+  gpu->ops->matmul_set(gpu, c->x, 1, c->out[iter % SET_COPIES], SET_N);
+}
+
+static void run_set_apart(void *ctx, int iter) {
+  set_ctx *c = ctx;
+  const m3_matmul_out *o = c->out[iter % SET_COPIES];
+  for (int i = 0; i < SET_N; i++) gpu->ops->matmul(gpu, o[i].w, c->x, 1, o[i].y);
+}
+
+/* A sparse layer's projections of its attention input at T = 1 (q 8192, k and v 512, index_q 512,
+ * index_k 128 rows over 6144; BF16 and MXFP8) as one matmul_set beside the 5 matmuls it replaces,
+ * both through a recorded graph as decode steps run: microseconds, and the weight bytes read
+ * against the copy bandwidth. Two copies of the weights alternate, so L2 holds neither's. */
+static void bench_matmul_set(double copy_gbs, FILE *table) {
+  static const struct {
+    const char *label;
+    int64_t rows;
+  } proj[SET_N] = {{"q_proj", 8192}, {"k_proj", 512}, {"v_proj", 512}, {"index_q", 512}, {"index_k", 128}};
+  for (int kind = BENCH_BF16; kind <= BENCH_MXFP8; kind++) {
+    set_ctx c;
+    memset(&c, 0, sizeof c);
+    double bytes = 0;
+    int64_t rows = 0;
+    for (int i = 0; i < SET_N; i++) {
+      rows += proj[i].rows;
+      bytes += (double)(bench_weight_bytes(proj[i].rows, SET_H, kind) +
+                        bench_scale_bytes(proj[i].rows, SET_H, kind));
+      for (int k = 0; k < SET_COPIES; k++) {
+        c.w[k][i] = bench_weight(proj[i].label, proj[i].rows, SET_H, kind);
+        c.out[k][i] = (m3_matmul_out){&c.w[k][i], gpu->ops->alloc(gpu, (size_t)proj[i].rows * 4)};
+        if (!c.out[k][i].y) must(M3_ERR_NOMEM, "alloc");
+      }
+    }
+    c.x = device_random(M3_DT_F32, SET_H * 4);
+    const double set = time_small(run_set, &c), apart = time_small(run_set_apart, &c);
+    const double set_gbs = bytes / set / 1e9, apart_gbs = bytes / apart / 1e9;
+    fprintf(table, "| matmul_set %s q k v index_q index_k (%lld rows) x %d T=1 | %.1f us | %.0f GB/s "
+            "weights = %.0f%% of copy | 5 matmuls: %.1f us, %.0f%% of copy |\n", bench_kind[kind],
+            (long long)rows, SET_H, set * 1e6, set_gbs, 100 * set_gbs / copy_gbs, apart * 1e6, 100 * apart_gbs / copy_gbs);
+    fflush(table);
+    for (int k = 0; k < SET_COPIES; k++)
+      for (int i = 0; i < SET_N; i++) {
+        bench_weight_free(&c.w[k][i]);
+        gpu->ops->free(gpu, c.out[k][i].y);
+      }
+    gpu->ops->free(gpu, c.x);
+  }
 }
 
 /* ---- the keys' norm + RoPE + cache store ---- */
@@ -1035,6 +1112,7 @@ int main(int argc, char **argv) {
     static const int one[] = {1};
     bench_small_ops(copy_gbs, table);
     bench_kv_store_rope(copy_gbs, table);
+    bench_matmul_set(copy_gbs, table);
     for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
     for (int s = 0; s < nshapes; s++)
       for (int mx = 0; mx < 2; mx++)
@@ -1053,6 +1131,7 @@ int main(int argc, char **argv) {
   if (!moe_only) {
     bench_small_ops(copy_gbs, table);
     bench_kv_store_rope(copy_gbs, table);
+    bench_matmul_set(copy_gbs, table);
     for (int T = 1; T <= 8; T += 7) bench_moe_small(T, copy_gbs, table);
   }
   for (int s = 0; s < nshapes && !moe_only; s++)

@@ -101,7 +101,7 @@ typedef struct {
 } op_result;
 
 enum {
-  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
+  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_MATMUL_SET, OP_MATMUL_SET_BITS, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
   OP_ADD_RMSNORM, OP_ADD_RMSNORM_SELF, OP_ARGMAX,
   OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
   OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
@@ -114,6 +114,8 @@ static op_result results[OP_COUNT] = {
     [OP_MATMUL_F32] = {"matmul (fp32 activations)", 0, 0, 0, 1e-5, 0, 0},
     [OP_MATMUL_SPLIT] = {"matmul (hi + lo bf16 act., cuBLASLt/e4m3 tc)", 0, 0, 0, 1e-4, 0, 0},
     [OP_MATMUL_BF16ACT] = {"matmul (bf16 activations or weights, cuBLASLt)", 0, 0, 0, 1e-2, 0, 0},
+    [OP_MATMUL_SET] = {"matmul_set vs CUDA matmul per output", 0, 0, 0, 1e-5, 0, 0},
+    [OP_MATMUL_SET_BITS] = {"matmul_set vs CUDA matmul, tall (bits)", 0, 0, 0, 0, 0, 0},
     [OP_RMSNORM] = {"rmsnorm", 0, 0, 0, 1e-5, 0, 0},
     [OP_ROPE] = {"rope", 0, 0, 0, 1e-5, 0, 0},
     [OP_RMSNORM_ROPE] = {"rmsnorm_rope (fused)", 0, 0, 0, 1e-5, 0, 0},
@@ -2238,6 +2240,98 @@ static void test_kv_store_rope(void) {
         }
 }
 
+/* ---- matmul_set: several projections of one input in one pass ----
+ * A case: n weights (kinds[i], rows[i] x K) and x [T, K] (offset 1: x not 16-byte aligned, every
+ * weight on the element path, so nothing grouped). matmul_set on the GPU against the CPU's matmul
+ * of each output (the tolerance of the path that output takes alone) and against the GPU's own
+ * matmul of each output: bit for bit where `bits` (every weight tall enough to take
+ * gemv_warp_kernel alone at the rows a warp its set gets: the same per-row math), else within
+ * 1e-5 (a short weight alone takes gemv_kernel, whose K split sums in another order). */
+
+/* The op whose tolerance test_matmul holds a matmul of this weight at T tokens to (x aligned
+ * unless offset: else no E4M3 tensor cores). */
+static int matmul_op_of(int kind, int64_t rows, int T, int offset) {
+  if (kind >= W_MXFP8 && !offset && T >= 2 && T <= 64) return OP_MATMUL_SPLIT; /* mx_mma_kernel */
+  if (kind == W_F32 || T <= (kind == W_BF16 && rows >= 2048 ? 2 : 8)) return OP_MATMUL_F32;
+  return T <= 64 && (kind == W_BF16 || kind == W_MXFP8) ? OP_MATMUL_SPLIT : OP_MATMUL_BF16ACT;
+}
+
+static void matmul_set_case(const char *label, const int *kinds, const int64_t *rows, int n,
+                            int64_t K, int T, int offset, int bits) {
+  weight w[M3_MATMUL_SET_MAX];
+  pair y[M3_MATMUL_SET_MAX], alone[M3_MATMUL_SET_MAX];
+  m3_matmul_out out[M3_MATMUL_SET_MAX];
+  char what[160];
+  snprintf(what, sizeof what, "matmul_set %s K %lld T=%d%s", label, (long long)K, T,
+           offset ? " x offset 1" : "");
+  progress(what);
+  float *xh = random_floats((size_t)T * K + 1, -1, 1);
+  pair x = pair_from(xh, ((size_t)T * K + 1) * 4);
+  const float *xc = (const float *)x.c + offset, *xg = (const float *)x.g + offset;
+  for (int i = 0; i < n; i++) {
+    w[i] = make_weight(kinds[i], rows[i], K);
+    y[i] = pair_poisoned((size_t)T * rows[i]);
+    alone[i] = pair_poisoned((size_t)T * rows[i]);
+    out[i] = (m3_matmul_out){&w[i].g, y[i].g};
+  }
+  gpu->ops->matmul_set(gpu, xg, T, out, n);
+  for (int i = 0; i < n; i++) {
+    cpu->ops->matmul(cpu, &w[i].c, xc, T, y[i].c);
+    gpu->ops->matmul(gpu, &w[i].g, xg, T, alone[i].g);
+  }
+  for (int i = 0; i < n; i++) {
+    char one[320];
+    snprintf(one, sizeof one, "%s: output %d, %s %lldx%lld", what, i, kind_name[kinds[i]],
+             (long long)rows[i], (long long)K);
+    float *got = gpu_copy(&y[i]), *ref = gpu_copy(&alone[i]);
+    const size_t values = (size_t)T * (size_t)rows[i];
+    record(matmul_op_of(kinds[i], rows[i], T, offset), one, y[i].c, got, values);
+    if (bits)
+      record_bytes_differing(OP_MATMUL_SET_BITS, one, (const uint8_t *)ref, (const uint8_t *)got,
+                             values * sizeof(float));
+    else
+      record(OP_MATMUL_SET, one, ref, got, values);
+    free(got), free(ref);
+    pair_free(&y[i]), pair_free(&alone[i]), free_weight(&w[i]);
+  }
+  pair_free(&x), free(xh);
+}
+
+/* Row counts from the GPU's SM count S (gemv_warp_rows: 2 rows a warp from 16 S rows, 4 from
+ * 32 S): decode-shaped sets (q with k, v, the index branch and a ragged 37) whose sums take 2 and 4
+ * rows a warp; four weights each tall enough for 4 alone, with ragged ends (bits); one call mixing
+ * BF16, F32, MXFP8, FP8 block (an E4M3 group of two quantizations) and a lone F16, at K 528 (E4M3:
+ * a last half step). T = 1 (the one-pass kernel) and 3 (matmul's own paths, output by output);
+ * the mixed set also with x unaligned. */
+static void test_matmul_set(void) {
+  int S = 0;
+  if (cudaDeviceGetAttribute(&S, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess || S <= 0)
+    must(M3_ERR_UNSUPPORTED, "cudaDeviceGetAttribute (SMs)");
+  static const int decode_kinds[] = {W_BF16, W_MXFP8, W_F32};
+  static const int Ts[] = {1, 3};
+  for (size_t k = 0; k < sizeof decode_kinds / sizeof decode_kinds[0]; k++)
+    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+      const int kind = decode_kinds[k], T = Ts[ti];
+      const int kinds[6] = {kind, kind, kind, kind, kind, kind};
+      char label[96];
+      const int64_t q2 = 16 * (int64_t)S - 5, q4 = 32 * (int64_t)S;
+      const int64_t rw2[6] = {q2, 64, 64, 64, 16, 37}, rw4[6] = {q4, 64, 64, 64, 16, 37};
+      snprintf(label, sizeof label, "%s q k v iq ik + 37, 2 rows a warp", kind_name[kind]);
+      matmul_set_case(label, kinds, rw2, 6, 512, T, 0, 0);
+      snprintf(label, sizeof label, "%s q k v iq ik + 37, 4 rows a warp", kind_name[kind]);
+      matmul_set_case(label, kinds, rw4, 6, 512, T, 0, 0);
+      const int64_t tall = 32 * (int64_t)S, talls[4] = {tall + 128, tall + 37, tall + 2, tall + 131};
+      snprintf(label, sizeof label, "%s 4 tall", kind_name[kind]);
+      matmul_set_case(label, kinds, talls, 4, 512, T, 0, T == 1);
+    }
+  const int mixed_kinds[7] = {W_BF16, W_F32, W_MXFP8, W_FP8_BLOCK, W_BF16, W_F32, W_F16};
+  const int64_t mixed_rows[7] = {32 * (int64_t)S, 64, 16 * (int64_t)S + 3, 16 * (int64_t)S, 37,
+                                 16 * (int64_t)S, 100};
+  for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
+    matmul_set_case("mixed BF16 F32 MXFP8 FP8-block F16", mixed_kinds, mixed_rows, 7, 528, Ts[ti], 0, 0);
+  matmul_set_case("mixed BF16 F32 MXFP8 FP8-block F16", mixed_kinds, mixed_rows, 7, 528, 1, 1, 0);
+}
+
 /* ---- recorded decode steps (CUDA graphs, src/model/step_graph.c) ----
  * Two models of one committed fixture on the GPU, one with M3_CUDA_GRAPHS=0 (every op issued
  * directly), one with graphs, each with its own cache, run the same forwards: prompts in chunks,
@@ -2437,6 +2531,7 @@ int main(void) {
   run("matmul_gemv_edges", test_matmul_gemv_edges);
   run("matmul_gemv_warp", test_matmul_gemv_warp);
   run("matmul_e4m3_tc", test_matmul_e4m3_tc);
+  run("matmul_set", test_matmul_set);
   run("embed", test_embed);
   run("zero", test_zero);
   run("embed_shapes", test_embed_shapes);

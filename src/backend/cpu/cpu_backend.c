@@ -49,6 +49,12 @@ static m3_status cpu_prepare_tensor(m3_backend *be, m3_tensor *t) {
 
 static void cpu_release_tensor(m3_backend *be, m3_tensor *t) { (void)be, (void)t; }
 
+/* One matmul after another: each already spreads its rows over every thread, so a set has
+ * nothing to gain from one pass (and its results stay those of matmul, bit for bit). */
+static void cpu_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out *out, int n) {
+  for (int i = 0; i < n; i++) cpu_matmul(be, out[i].w, x, T, out[i].y);
+}
+
 /* Host code reaches every expert through the m3_moe_experts arrays themselves. */
 static m3_status cpu_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
   (void)be, (void)ex;
@@ -73,6 +79,7 @@ static const m3_backend_ops cpu_ops = {
     .release_tensor = cpu_release_tensor,
     .embed = cpu_embed,
     .matmul = cpu_matmul,
+    .matmul_set = cpu_matmul_set,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .rmsnorm_rope = cpu_rmsnorm_rope,

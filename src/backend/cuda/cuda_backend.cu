@@ -347,6 +347,7 @@ static m3_backend_ops make_ops(void) {
   ops.release_tensor = cuda_release_tensor;
   ops.embed = cuda_embed;
   ops.matmul = cuda_matmul;
+  ops.matmul_set = cuda_matmul_set;
   ops.rmsnorm = cuda_rmsnorm;
   ops.rope = cuda_rope;
   ops.rmsnorm_rope = cuda_rmsnorm_rope;

@@ -8,6 +8,7 @@
 
 void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int T, float *out);
 void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, float *y);
+void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out *out, int n);
 /* 1 when cuda_matmul runs w at T tokens (x as given: alignment counts) as a GEMM (cuBLASLt, or the
  * tiled kernel where it declines) rather than a GEMV or the E4M3 tensor-core kernel. */
 int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T);

@@ -4,7 +4,9 @@
  * reading W once: 32-byte steps of each row decoded in registers (E4M3 by the hardware's pair
  * conversion, its MXFP8 or block scale applied to each 32-column sum) and applied to every token, float32
  * accumulation: the same math as the CPU to rounding. One token on a matrix of 2112 rows or
- * more (H200): a warp takes 2 or 4 rows and walks K alone, loads two steps ahead. A short matrix
+ * more (H200): a warp takes 2 or 4 rows and walks K alone, loads two steps ahead; matmul_set puts
+ * several weights of one kind whose rows add up to that in one such launch (q with k, v and the
+ * index branch; gate with up), so that the short ones cost no launch of their own. A short matrix
  * (k/v, the router), or 2..8 tokens on one under 4224 rows: a block of 256 threads shares 1, 2 or 4
  * rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared memory
  * slice by slice.
@@ -226,6 +228,25 @@ __global__ void __launch_bounds__(GEMV_THREADS)
   }
 }
 
+/* y[r0, r0 + RW) of w: one warp's share of gemv_warp_kernel or gemv_set_kernel (r0 < w.rows;
+ * rows past the end are not stored). */
+template <int WK, int RW>
+__device__ __forceinline__ void gemv_warp_task(const cuda_weight &w, const float *__restrict__ x,
+                                               int64_t r0, float *__restrict__ y) {
+  const int lane = threadIdx.x & 31;
+  const int64_t N = w.rows;
+  int64_t rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
+  float acc[1][RW];
+  warp_rows_dot<WK, 1, RW>(w, w, rows, x, acc);
+#pragma unroll
+  for (int r = 0; r < RW; r++) {
+    const float v = warp_sum(acc[0][r]);
+    if (lane == 0 && r0 + r < N) y[r0 + r] = v;
+  }
+}
+
 /* One token on a matrix of at least 16 rows per SM: a warp owns RW consecutive rows and walks K
  * alone (weight_load.cuh warp_rows_dot: a lane's 16-byte units lane, lane + 32, ..., the next
  * units of each row loaded while the current ones are used), 8 warps a block, no shared memory and
@@ -237,18 +258,45 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 template <int WK, int RW>
 __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_warp_kernel(cuda_weight w, const float *__restrict__ x, float *__restrict__ y) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t N = w.rows, r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + warp) * RW;
-  if (r0 >= N) return; /* the whole warp; nothing waits on it */
-  int64_t rows[RW];
-#pragma unroll
-  for (int r = 0; r < RW; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
-  float acc[1][RW];
-  warp_rows_dot<WK, 1, RW>(w, w, rows, x, acc);
-#pragma unroll
-  for (int r = 0; r < RW; r++) {
-    const float v = warp_sum(acc[0][r]);
-    if (lane == 0 && r0 + r < N) y[r0 + r] = v;
+  const int64_t r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * RW;
+  if (r0 >= w.rows) return; /* the whole warp; nothing waits on it */
+  gemv_warp_task<WK, RW>(w, x, r0, y);
+}
+
+/* The weights of one gemv_set_kernel launch: weight m (of n) holds the rows [first[m],
+ * first[m + 1]) of their concatenation; first[0] = 0, first[n] = all rows. */
+typedef struct {
+  cuda_weight w[M3_MATMUL_SET_MAX];
+  float *y[M3_MATMUL_SET_MAX];
+  int64_t first[M3_MATMUL_SET_MAX + 1];
+  int n;
+} gemv_set;
+
+/* gemv_warp_kernel over the rows of several weights of one kind at once (matmul_set, one token),
+ * so that the short ones (k/v, the index branch) ride in the launch of a tall one instead of
+ * costing one each. Warp w of the launch takes the w-th equal share of the concatenated rows, RW at
+ * a time where RW remain in its share of one weight, else one. With a warp for every RW rows that
+ * is RW rows each (gemv_warp_kernel's tasks); launch_gemv_set_wk launches fewer for E4M3 (below).
+ * A row's sum does not depend on the rows beside it, so every row comes out bit for bit as
+ * gemv_warp_kernel computes it. The table and the weight are read where they lie, in the parameter
+ * space (__grid_constant__): a register copy of an E4M3 weight spilled at 4 rows a warp. */
+template <int WK, int RW>
+__global__ void __launch_bounds__(GEMV_THREADS, 2)
+    gemv_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  const int64_t warps = (int64_t)gridDim.x * (GEMV_THREADS / 32);
+  const int64_t warp = (int64_t)blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5);
+  const int64_t total = s.first[s.n], end = total * (warp + 1) / warps;
+  int m = 0;
+  for (int64_t g = total * warp / warps; g < end;) { /* the same path for the whole warp */
+    while (g >= s.first[m + 1]) m++;
+    const int64_t stop = end < s.first[m + 1] ? end : s.first[m + 1];
+    if (stop - g >= RW) {
+      gemv_warp_task<WK, RW>(s.w[m], x, g - s.first[m], s.y[m]);
+      g += RW;
+    } else {
+      gemv_warp_task<WK, 1>(s.w[m], x, g - s.first[m], s.y[m]);
+      g += 1;
+    }
   }
 }
 
@@ -304,6 +352,51 @@ static void launch_gemv_warp(cuda_backend *cb, int RW, const cuda_weight &w, con
   const unsigned blocks = (unsigned)((w.rows + rows_per_block - 1) / rows_per_block);
   if (RW == 4) gemv_warp_kernel<WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
   else gemv_warp_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
+}
+
+/* Warps of a gemv_set_kernel launch: one per RW rows, except for E4M3, bound by its decoding
+ * rather than by the bytes: there a second, partial round of blocks (q with k, v and the index
+ * branch: 9856 rows, 1.17 rounds of the 2112 warps an H200 holds) leaves most SMs idle while it
+ * runs, so the launch has at most the warps the SMs hold and each takes its share (4.7 rows).
+ * Same H200, the full-width set at one token: E4M3 39.3 us in five launches, 41.1 us in one of
+ * 4-row tasks, 35.2 us shared out 2 rows at a time (37.8 at 4: the loop's state made it spill);
+ * BF16 36.4 us as tasks against 47.1 shared out (the bytes want every warp's loads in flight). */
+template <int WK>
+static void launch_gemv_set_wk(cuda_backend *cb, int RW, const gemv_set &s, const float *x) {
+  const int64_t per_block = GEMV_THREADS / 32, resident = 2 * per_block * (int64_t)cb->num_sms;
+  if constexpr (WK == WK_E4M3) {
+    RW = 2; /* 4 spilled in the share loop */
+    int64_t warps = (s.first[s.n] + RW - 1) / RW;
+    if (warps > resident) warps = resident;
+    const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
+    gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
+  } else {
+    const int64_t warps = (s.first[s.n] + RW - 1) / RW;
+    const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
+    if (RW == 4) gemv_set_kernel<WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
+    else gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
+  }
+}
+
+/* One gemv_set_kernel launch for the n outputs out[idx[0..n)], all of `kind`, RW rows a warp. */
+static void launch_gemv_set(cuda_backend *cb, int kind, int RW, const float *x,
+                            const m3_matmul_out *out, const int *idx, int n) {
+  gemv_set s;
+  memset(&s, 0, sizeof s);
+  s.n = n;
+  for (int i = 0; i < n; i++) {
+    const m3_tensor *t = out[idx[i]].w;
+    s.w[i] = cuda_weight_of(t);
+    s.y[i] = out[idx[i]].y;
+    s.first[i + 1] = s.first[i] + t->rows;
+  }
+  switch (kind) {
+    case WK_F32: launch_gemv_set_wk<WK_F32>(cb, RW, s, x); break;
+    case WK_BF16: launch_gemv_set_wk<WK_BF16>(cb, RW, s, x); break;
+    case WK_F16: launch_gemv_set_wk<WK_F16>(cb, RW, s, x); break;
+    default: launch_gemv_set_wk<WK_E4M3>(cb, RW, s, x); break;
+  }
+  cuda_launched(cb, "matmul_set");
 }
 
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
@@ -783,6 +876,33 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
     default:
       if (!lt_matmul(cb, w, x, T, y)) launch_tiled(cb, cb->stream, w, x, T, y);
   }
+}
+
+/* One token: the outputs of each kind of gemv_step_kind (WK_ANY aside) whose weights together
+ * are tall enough for gemv_warp_kernel (gemv_warp_rows of their summed rows, 2 of them at least)
+ * take one gemv_set_kernel launch, at the RW that sum gets. A weight that alone takes
+ * gemv_warp_kernel at that RW gets the same bits as matmul; a short one (alone: gemv_kernel's
+ * K split) differs by rounding. Everything else (other kinds, a weight alone of its kind,
+ * T > 1) is matmul's, output by output. */
+void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out *out, int n) {
+  cuda_backend *cb = cuda_of(be);
+  uint32_t grouped = 0; /* bit i: out[i] went into a gemv_set_kernel launch */
+  if (T == 1 && n <= M3_MATMUL_SET_MAX)
+    for (int kind = 0; kind < WK_ANY; kind++) {
+      int idx[M3_MATMUL_SET_MAX], g = 0;
+      int64_t rows = 0;
+      for (int i = 0; i < n; i++)
+        if (out[i].w->rows > 0 && gemv_step_kind(out[i].w, x) == kind) {
+          idx[g++] = i;
+          rows += out[i].w->rows;
+        }
+      const int RW = gemv_warp_rows(cb, kind, rows);
+      if (g < 2 || !RW) continue;
+      launch_gemv_set(cb, kind, RW, x, out, idx, g);
+      for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
+    }
+  for (int i = 0; i < n; i++)
+    if (i >= M3_MATMUL_SET_MAX || !(grouped >> i & 1u)) cuda_matmul(be, out[i].w, x, T, out[i].y);
 }
 
 int cuda_matmul_is_gemm(const m3_tensor *w, const float *x, int T) {
