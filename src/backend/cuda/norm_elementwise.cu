@@ -323,7 +323,7 @@ void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
   cuda_launched(cb, "add");
 }
 
-enum { ARGMAX_THREADS = 1024, ARGMAX_QUADS = 4 };
+enum { ARGMAX_THREADS = 1024, ARGMAX_QUADS = 4, ARGMAX_CLUSTER = 8, ARGMAX_GRID_ROWS = 65535 };
 
 /* Element i (value v) into a thread's best rank key. */
 __device__ __forceinline__ void keep_best(uint64_t &best, float v, int i, bool lead) {
@@ -331,24 +331,24 @@ __device__ __forceinline__ void keep_best(uint64_t &best, float v, int i, bool l
   best = r > best ? r : best;
 }
 
-/* The index of l[0..n) that the greedy pick keeps, in thread 0 of the block (one block per row):
- * each thread keeps the best rank key (score key, then the lower index; NaN as -inf, -0 as +0:
- * block_topk's order) of its strided share, then the warp's best by shuffles and the block's across
- * the warps' in shared memory. The keys order every element, so the order of the scan does not
- * change the pick: the row goes in 16-byte quads, ARGMAX_QUADS of them in flight per thread (a
- * float at a time, one load in flight, a 200064-wide row took ~57 us on an H200 and a half slice
- * 28.7 us), with the unaligned head and the tail element by element. `lead`: l starts the whole
- * row, and its NaN at index 0 ranks as +inf: the sampler's scan starts there and nothing strictly
- * larger moves it, and a +inf elsewhere ties it and loses on the index (elsewhere a NaN is -inf,
- * below index 0's key, so never kept). */
-__device__ __forceinline__ int block_row_pick(const float *l, int n, bool lead) {
+/* The best rank key of l[c0, c1) (score key, then the lower index; NaN as -inf, -0 as +0:
+ * block_topk's order), valid in thread 0 of the calling block: each thread keeps the best of its
+ * strided share, then the warp's best by shuffles and the block's across the warps' in shared
+ * memory. The keys order every element, so the order of the scan does not change the pick: the
+ * range goes in 16-byte quads, ARGMAX_QUADS of them in flight per thread, with the unaligned head
+ * and the tail element by element. `lead`: l starts the whole row, and its NaN at index 0 ranks as
+ * +inf: the sampler's scan starts there and nothing strictly larger moves it, and a +inf elsewhere
+ * ties it and loses on the index (elsewhere a NaN is -inf, below index 0's key, so never kept).
+ * An empty range gives 0, below every key. */
+__device__ __forceinline__ uint64_t block_range_best(const float *l, int c0, int c1, bool lead) {
   __shared__ uint64_t warp_best[ARGMAX_THREADS / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nt = blockDim.x;
-  uint64_t best = 0; /* below every rank key */
-  const int head = min((int)((16 - (uintptr_t)l % 16) % 16 / sizeof(float)), n);
-  const int quads = (n - head) / 4, tail = head + 4 * quads;
-  const float4 *q = (const float4 *)(l + head);
-  for (int i = threadIdx.x; i < head; i += nt) keep_best(best, l[i], i, lead);
+  uint64_t best = 0;
+  const int n = c1 > c0 ? c1 - c0 : 0;
+  const int head = min((int)((16 - (uintptr_t)(l + c0) % 16) % 16 / sizeof(float)), n);
+  const int quads = (n - head) / 4, tail = c0 + head + 4 * quads;
+  const float4 *q = (const float4 *)(l + c0 + head);
+  for (int i = c0 + threadIdx.x; i < c0 + head; i += nt) keep_best(best, l[i], i, lead);
   for (int j0 = threadIdx.x; j0 < quads; j0 += ARGMAX_QUADS * nt) {
     float4 v[ARGMAX_QUADS];
 #pragma unroll
@@ -356,7 +356,7 @@ __device__ __forceinline__ int block_row_pick(const float *l, int n, bool lead) 
       if (j0 + u * nt < quads) v[u] = q[j0 + u * nt];
 #pragma unroll
     for (int u = 0; u < ARGMAX_QUADS; u++) {
-      const int j = j0 + u * nt, i = head + 4 * j;
+      const int j = j0 + u * nt, i = c0 + head + 4 * j;
       if (j >= quads) break;
       keep_best(best, v[u].x, i, lead);
       keep_best(best, v[u].y, i + 1, lead);
@@ -364,7 +364,7 @@ __device__ __forceinline__ int block_row_pick(const float *l, int n, bool lead) 
       keep_best(best, v[u].w, i + 3, lead);
     }
   }
-  for (int i = tail + threadIdx.x; i < n; i += nt) keep_best(best, l[i], i, lead);
+  for (int i = tail + threadIdx.x; i < c1; i += nt) keep_best(best, l[i], i, lead);
   best = warp_max_u64(best);
   if (lane == 0) warp_best[warp] = best;
   __syncthreads();
@@ -372,25 +372,62 @@ __device__ __forceinline__ int block_row_pick(const float *l, int n, bool lead) 
     best = lane < (int)(blockDim.x >> 5) ? warp_best[lane] : 0;
     best = warp_max_u64(best);
   }
-  return (int)~(uint32_t)(best & 0xffffffffu);
+  return best;
 }
 
-__global__ void __launch_bounds__(ARGMAX_THREADS)
+/* Block 0 of this block's cluster gets the cluster's best of the keys each block put in `mine`
+ * (all threads call it): distributed shared memory (PTX mapa / ld.shared::cluster) between two
+ * cluster barriers, the second keeping every block's key alive until block 0 has read it. */
+__device__ __forceinline__ uint64_t cluster_best(uint64_t *mine) {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  uint64_t best = 0;
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  if (rank == 0 && threadIdx.x < 32) {
+    if (threadIdx.x < ARGMAX_CLUSTER) {
+      const uint32_t local = (uint32_t)__cvta_generic_to_shared(mine);
+      uint32_t remote;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"((uint32_t)threadIdx.x));
+      asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(best) : "r"(remote) : "memory");
+    }
+    best = warp_max_u64(best);
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  return best;
+}
+
+/* The greedy pick of row blockIdx.y by a cluster of ARGMAX_CLUSTER blocks, each scanning an
+ * equal, 16-byte-multiple part: one block pulls about 25 GB/s through its SM (half a 200064 row
+ * took 17.3 us, the whole 47 us), eight share the row. The index, in thread 0 of the cluster's
+ * block 0 (else -1). */
+__device__ __forceinline__ int cluster_row_pick(const float *l, int n, bool lead) {
+  __shared__ uint64_t block_best;
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const int part = (n + 4 * ARGMAX_CLUSTER - 1) / (4 * ARGMAX_CLUSTER) * 4;
+  const int c0 = min(n, (int)rank * part), c1 = min(n, c0 + part);
+  const uint64_t best = block_range_best(l, c0, c1, lead);
+  if (threadIdx.x == 0) block_best = best;
+  const uint64_t all = cluster_best(&block_best);
+  return rank == 0 && threadIdx.x == 0 ? (int)~(uint32_t)(all & 0xffffffffu) : -1;
+}
+
+__global__ void __cluster_dims__(ARGMAX_CLUSTER, 1, 1) __launch_bounds__(ARGMAX_THREADS)
     argmax_rows_kernel(const float *logits, int vocab, int32_t *out) {
-  const int i = block_row_pick(logits + (size_t)blockIdx.x * vocab, vocab, true);
-  if (threadIdx.x == 0) out[blockIdx.x] = i;
+  const int i = cluster_row_pick(logits + (size_t)blockIdx.y * vocab, vocab, true);
+  if (i >= 0) out[blockIdx.y] = i;
 }
 
 /* A slice's candidate (backend.h argmax_pairs): the kept index and its score, NaN as -inf but at
- * whole-row index 0 as +inf (block_row_pick's keys, as floats). */
-__global__ void __launch_bounds__(ARGMAX_THREADS)
+ * whole-row index 0 as +inf (the pick's keys, as floats). */
+__global__ void __cluster_dims__(ARGMAX_CLUSTER, 1, 1) __launch_bounds__(ARGMAX_THREADS)
     argmax_pairs_kernel(const float *logits, int cols, int first, float *pairs) {
-  const float *l = logits + (size_t)blockIdx.x * cols;
-  const int i = block_row_pick(l, cols, first == 0);
-  if (threadIdx.x == 0) {
+  const float *l = logits + (size_t)blockIdx.y * cols;
+  const int i = cluster_row_pick(l, cols, first == 0);
+  if (i >= 0) {
     const float v = l[i];
-    pairs[2 * (size_t)blockIdx.x] = isnan(v) ? (first + i == 0 ? INFINITY : -INFINITY) : v;
-    pairs[2 * (size_t)blockIdx.x + 1] = (float)(first + i);
+    pairs[2 * (size_t)blockIdx.y] = isnan(v) ? (first + i == 0 ? INFINITY : -INFINITY) : v;
+    pairs[2 * (size_t)blockIdx.y + 1] = (float)(first + i);
   }
 }
 
@@ -401,7 +438,9 @@ m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int v
     const size_t bytes = (size_t)nrows * sizeof(int32_t);
     int32_t *ids = (int32_t *)cuda_scratch(cb, bytes, "argmax_rows");
     if (ids) {
-      argmax_rows_kernel<<<nrows, ARGMAX_THREADS, 0, cb->stream>>>(logits, vocab, ids);
+      for (int r0 = 0; r0 < nrows; r0 += ARGMAX_GRID_ROWS) /* grid.y holds 65535 */
+        argmax_rows_kernel<<<dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
+                             ARGMAX_THREADS, 0, cb->stream>>>(logits + (size_t)r0 * vocab, vocab, ids + r0);
       cuda_launched(cb, "argmax_rows");
       cuda_note(cb, cudaMemcpyAsync(out_host, ids, bytes, cudaMemcpyDeviceToHost, cb->stream),
                 "argmax_rows");
@@ -415,6 +454,9 @@ void cuda_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols,
                        float *pairs) {
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || cols <= 0) return;
-  argmax_pairs_kernel<<<nrows, ARGMAX_THREADS, 0, cb->stream>>>(logits, cols, first, pairs);
+  for (int r0 = 0; r0 < nrows; r0 += ARGMAX_GRID_ROWS) /* grid.y holds 65535 */
+    argmax_pairs_kernel<<<dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
+                          ARGMAX_THREADS, 0, cb->stream>>>(logits + (size_t)r0 * cols, cols, first,
+                                                           pairs + 2 * (size_t)r0);
   cuda_launched(cb, "argmax_pairs");
 }
