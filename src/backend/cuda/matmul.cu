@@ -363,19 +363,14 @@ static void launch_gemv_warp(cuda_backend *cb, int RW, const cuda_weight &w, con
  * BF16 36.4 us as tasks against 47.1 shared out (the bytes want every warp's loads in flight). */
 template <int WK>
 static void launch_gemv_set_wk(cuda_backend *cb, int RW, const gemv_set &s, const float *x) {
+  constexpr int E4M3 = WK == WK_E4M3, WIDE = E4M3 ? 2 : 4; /* E4M3 at 4 spilled in the share loop */
   const int64_t per_block = GEMV_THREADS / 32, resident = 2 * per_block * (int64_t)cb->num_sms;
-  if constexpr (WK == WK_E4M3) {
-    RW = 2; /* 4 spilled in the share loop */
-    int64_t warps = (s.first[s.n] + RW - 1) / RW;
-    if (warps > resident) warps = resident;
-    const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
-    gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
-  } else {
-    const int64_t warps = (s.first[s.n] + RW - 1) / RW;
-    const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
-    if (RW == 4) gemv_set_kernel<WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
-    else gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
-  }
+  if (E4M3) RW = 2;
+  int64_t warps = (s.first[s.n] + RW - 1) / RW;
+  if (E4M3 && warps > resident) warps = resident;
+  const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
+  if (RW == 4) gemv_set_kernel<WK, WIDE><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
+  else gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
 }
 
 /* One gemv_set_kernel launch for the n outputs out[idx[0..n)], all of `kind`, RW rows a warp. */

@@ -375,14 +375,25 @@ __device__ __forceinline__ uint64_t block_range_best(const float *l, int c0, int
   return best;
 }
 
-/* Block 0 of this block's cluster gets the cluster's best of the keys each block put in `mine`
- * (all threads call it): distributed shared memory (PTX mapa / ld.shared::cluster) between two
- * cluster barriers, the second keeping every block's key alive until block 0 has read it. */
-__device__ __forceinline__ uint64_t cluster_best(uint64_t *mine) {
+/* Every thread of every block of the cluster arrives; what each wrote before is visible to all
+ * after (release / acquire). */
+__device__ __forceinline__ void cluster_sync(void) {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-  uint64_t best = 0;
+}
+
+/* The index of this block in its cluster. */
+__device__ __forceinline__ uint32_t cluster_rank(void) {
   uint32_t rank;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+/* Block 0 of this block's cluster (rank) gets the cluster's best of the keys each block put in
+ * `mine` (all threads call it): distributed shared memory (PTX mapa / ld.shared::cluster) between
+ * two cluster barriers, the second keeping every block's key alive until block 0 has read it. */
+__device__ __forceinline__ uint64_t cluster_best(uint64_t *mine, uint32_t rank) {
+  cluster_sync();
+  uint64_t best = 0;
   if (rank == 0 && threadIdx.x < 32) {
     if (threadIdx.x < ARGMAX_CLUSTER) {
       const uint32_t local = (uint32_t)__cvta_generic_to_shared(mine);
@@ -392,7 +403,7 @@ __device__ __forceinline__ uint64_t cluster_best(uint64_t *mine) {
     }
     best = warp_max_u64(best);
   }
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_sync();
   return best;
 }
 
@@ -402,13 +413,12 @@ __device__ __forceinline__ uint64_t cluster_best(uint64_t *mine) {
  * block 0 (else -1). */
 __device__ __forceinline__ int cluster_row_pick(const float *l, int n, bool lead) {
   __shared__ uint64_t block_best;
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const uint32_t rank = cluster_rank();
   const int part = (n + 4 * ARGMAX_CLUSTER - 1) / (4 * ARGMAX_CLUSTER) * 4;
   const int c0 = min(n, (int)rank * part), c1 = min(n, c0 + part);
   const uint64_t best = block_range_best(l, c0, c1, lead);
   if (threadIdx.x == 0) block_best = best;
-  const uint64_t all = cluster_best(&block_best);
+  const uint64_t all = cluster_best(&block_best, rank);
   return rank == 0 && threadIdx.x == 0 ? (int)~(uint32_t)(all & 0xffffffffu) : -1;
 }
 

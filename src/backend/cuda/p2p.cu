@@ -77,6 +77,11 @@ __device__ __forceinline__ int group_stopped(const p2p_view &a) {
   return a.words[WORD_ABORT] || a.words[WORD_FAILURE] != FAILURE_NONE;
 }
 
+/* Whether a wait that started at `start` has taken longer than M3_P2P_DEADLINE_S. */
+__device__ __forceinline__ int past_deadline(uint64_t start) {
+  return now_ns() - start > (uint64_t)M3_P2P_DEADLINE_S * 1000000000ull;
+}
+
 /* A wait past the deadline: where it was (for m3_p2p_check's message), then the failure. */
 __device__ void report_deadline(const p2p_view &a, int peer, int b, uint32_t e, uint32_t seen) {
   a.words[WORD_RANK] = a.me;
@@ -102,7 +107,7 @@ __device__ int meet_peers(const p2p_view &a, int b, uint32_t e) {
     for (unsigned i = 1; (int32_t)(load_acquire(flag) - e) < 0; i++) {
       if (i % SPIN_CHECK) continue;
       if (group_stopped(a)) return 0;
-      if (now_ns() - start > (uint64_t)M3_P2P_DEADLINE_S * 1000000000ull) {
+      if (past_deadline(start)) {
         report_deadline(a, r, b, e, load_acquire(flag));
         return 0;
       }
@@ -169,7 +174,7 @@ __device__ void pulled_quad(const p2p_view &a, int sender, int b, uint32_t e, in
       l0 = peek_line(p), l1 = peek_line(p + 1);
       if (lines_at(l0, l1, e)) break;
       if (i % SPIN_CHECK) continue;
-      if (!group_stopped(a) && now_ns() - start > (uint64_t)M3_P2P_DEADLINE_S * 1000000000ull)
+      if (!group_stopped(a) && past_deadline(start))
         report_deadline(a, sender, b, e, l0.y);
       if (group_stopped(a)) {
         v[0] = v[1] = v[2] = v[3] = 0.0f;
