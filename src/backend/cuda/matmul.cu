@@ -10,6 +10,10 @@
  * (k/v, the router), or 2..8 tokens on one under 4224 rows: a block of 256 threads shares 1, 2 or 4
  * rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared memory
  * slice by slice.
+ * One token of E4M3 weights (32-byte steps under one scale, K % 16 == 0) on a group of 32 rows for
+ * every SM, alone or in a matmul_set: mx1_set_kernel, the tensor cores doing the products
+ * (weight_load.cuh mx1_*), where the GEMV's decoding and FMAs held E4M3 rows at half the copy
+ * bandwidth.
  * E4M3 weights (MXFP8, FP8 block, per channel; K % 8 == 0) from 2 to MX_MAX_T = 64 tokens take neither
  * (mx_mma_fits): a tensor-core kernel decodes each 8-byte piece of W to BF16 in registers and
  * applies the scales to fp32 partial products, reading W once for all tokens (x as hi + lo BF16,
@@ -300,6 +304,55 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2)
   }
 }
 
+/* One token of E4M3 weights on the tensor cores (weight_load.cuh mx1_*): the weights of s (one
+ * kind, the same K; gemv_set's first[] counts groups of 32 rows here), a block staging x once and
+ * then taking groups blockIdx.x, + gridDim.x, ... Each row's sum does not depend on the block or
+ * the launch it falls in: a weight alone and in a set get the same bits. */
+__global__ void __launch_bounds__(MX1_THREADS, 2)
+    mx1_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  extern __shared__ __align__(16) uint32_t mx1_xs[];
+  __shared__ float part[MX1_WARPS][16];
+  __shared__ float red[MX1_WARPS];
+  const float back = mx1_stage_x(x, s.w[0].cols, mx1_xs, red);
+  int m = 0;
+  for (int64_t b = blockIdx.x; b < s.first[s.n]; b += gridDim.x) { /* the same path for the block */
+    while (b >= s.first[m + 1]) m++;
+    const int64_t r = (b - s.first[m]) * 32;
+    float sum[1];
+    mx1_block_rows<1>(s.w[m], s.w[m], r, mx1_xs, part, sum);
+    if (threadIdx.x < 32 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum[0] * back;
+  }
+}
+
+/* 1 when the mx1 kernel takes `rows` rows of E4M3 weights (mx1_fits) at one token: a group of 32
+ * rows for every SM at least. Fewer leave SMs idle, each block walking its 32 rows alone (H200:
+ * k/v's 512 rows 5.3 -> 14.5 us, a 3072-row expert 15.5 -> 16.8 us); the GEMVs split K wider. */
+static int mx1_rows_fit(const cuda_backend *cb, int64_t rows) {
+  return !mx1_off() && (rows + 31) / 32 >= (int64_t)cb->num_sms;
+}
+
+/* The outputs out[idx[0..n)] (mx1_fits, one K) in one mx1_set_kernel launch: no more blocks
+ * than the SMs hold at once, so that each stages x once. */
+static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out *out,
+                           const int *idx, int n) {
+  gemv_set s;
+  memset(&s, 0, sizeof s);
+  s.n = n;
+  for (int i = 0; i < n; i++) {
+    const m3_tensor *t = out[idx[i]].w;
+    s.w[i] = cuda_weight_of(t);
+    s.y[i] = out[idx[i]].y;
+    s.first[i + 1] = s.first[i] + (t->rows + 31) / 32;
+  }
+  const char *op = "matmul (e4m3 one token, tensor cores)";
+  const size_t smem = mx1_stage_bytes(s.w[0].cols);
+  cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
+  const int64_t slots = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
+  const unsigned blocks = (unsigned)(s.first[n] < slots ? s.first[n] : slots);
+  mx1_set_kernel<<<blocks, MX1_THREADS, smem, cb->stream>>>(s, x);
+  cuda_launched(cb, op);
+}
+
 /* Rows per block: the most that still leave about 8 blocks per SM (each load of x then serves more
  * rows); fewer on short matrices (k/v: 512 rows) so that every SM reads. */
 static int gemv_rows_per_block(const cuda_backend *cb, int64_t rows) {
@@ -395,6 +448,12 @@ static void launch_gemv_set(cuda_backend *cb, int kind, int RW, const float *x,
 }
 
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
+  if (T == 1 && mx1_fits(t, x) && mx1_rows_fit(cb, t->rows)) {
+    const m3_matmul_out out = {t, y};
+    const int idx = 0;
+    launch_mx1_set(cb, x, &out, &idx, 1);
+    return;
+  }
   cuda_weight w = cuda_weight_of(t);
   int kind = gemv_step_kind(t, x), R = gemv_rows_per_block(cb, t->rows);
   const int RW = T == 1 ? gemv_warp_rows(cb, kind, t->rows) : 0;
@@ -873,7 +932,9 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
   }
 }
 
-/* One token: the outputs of each kind of gemv_step_kind (WK_ANY aside) whose weights together
+/* One token: the E4M3 outputs together tall enough for mx1_set_kernel (mx1_rows_fit) take one
+ * launch of it, each row as its matmul computes it alone. The outputs of each other kind of
+ * gemv_step_kind (WK_ANY aside) whose weights together
  * are tall enough for gemv_warp_kernel (gemv_warp_rows of their summed rows, 2 of them at least)
  * take one gemv_set_kernel launch, at the RW that sum gets. A weight that alone takes
  * gemv_warp_kernel at that RW gets the same bits as matmul; a short one (alone: gemv_kernel's
@@ -891,6 +952,11 @@ void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out 
           idx[g++] = i;
           rows += out[i].w->rows;
         }
+      if (kind == WK_E4M3 && g > 0 && mx1_fits(out[idx[0]].w, x) && mx1_rows_fit(cb, rows)) {
+        launch_mx1_set(cb, x, out, idx, g);
+        for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
+        continue;
+      }
       const int RW = gemv_warp_rows(cb, kind, rows);
       if (g < 2 || !RW) continue;
       launch_gemv_set(cb, kind, RW, x, out, idx, g);

@@ -312,7 +312,7 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
 }
 
 /* The grouped GEMV at one token (T = 1: each active expert has one slot, or one per time a token
- * chose it): the same outputs as moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
+ * chose it; E4M3 experts take moe_mx1_kernel, below): the same outputs as moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
  * blockIdx.y picks the active expert, each of 8 warps owns RW rows (GATED: of gate and of up
  * both, which then share every load of x) and walks K alone through warp_rows_dot, the next units
  * loaded while the current ones are used: 128 bytes in flight per lane, 2 blocks per SM, against
@@ -367,6 +367,61 @@ static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, co
     default: moe_warp_kernel<WK_E4M3, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
   }
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu; one token)" : "moe_experts (down; one token)");
+}
+
+/* One token's active experts on the tensor cores (weight_load.cuh mx1_*): a block takes the
+ * items blockIdx.x, + gridDim.x, ... of (active expert, group of rows): 16 rows of gate and of up
+ * (GATED, out = swiglu) or 32 of down. It stages x when the item's x differs from the one it
+ * holds (gate and up: the token's hidden state, the same for every expert at one token), so a
+ * block launched no more often than the SMs hold blocks stages it about once. The weights are
+ * read where they lie (w0s[e]): register copies spilled. */
+template <int GATED>
+__global__ void __launch_bounds__(MX1_THREADS, 2)
+    moe_mx1_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
+                   moe_groups g, const float *__restrict__ x, int k, int64_t groups, float alpha,
+                   float beta, float limit, float *__restrict__ out) {
+  extern __shared__ __align__(16) uint32_t mx1_xs[];
+  __shared__ float part[MX1_WARPS][16];
+  __shared__ float red[MX1_WARPS];
+  constexpr int NM = GATED ? 2 : 1, ROWS = 32 / NM;
+  const int64_t items = (int64_t)*g.n_active * groups;
+  const float *staged = NULL;
+  float back = 1.0f;
+  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) { /* the same path for the block */
+    const int e = g.active[i / groups];
+    const cuda_weight &w0 = w0s[e], &w1 = GATED ? w1s[e] : w0s[e];
+    const int64_t N = w0.rows, K = w0.cols, r = i % groups * ROWS;
+    const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
+    for (int p = max(g.start[e], 0); p < end; p++) {
+      const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
+      if (xr != staged) back = mx1_stage_x(xr, K, mx1_xs, red), staged = xr;
+      float sum[NM];
+      mx1_block_rows<NM>(w0, w1, r, mx1_xs, part, sum);
+      const int t = threadIdx.x;
+      if (t < ROWS && r + t < N)
+        out[(size_t)p * (size_t)N + r + t] =
+            GATED ? dev_swiglu_oai(sum[0] * back, sum[GATED ? 1 : 0] * back, alpha, beta, limit) : sum[0] * back;
+    }
+  }
+}
+
+/* moe_mx1_kernel over at most `experts` active experts of `rows` rows and K columns, no more
+ * blocks than the SMs hold at once. */
+template <int GATED>
+static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight *w0,
+                           const cuda_weight *w1, const moe_groups &g, const float *x, int k,
+                           int64_t rows, int64_t K, const m3_moe_experts *ex, float *out) {
+  const void *kernel = (const void *)moe_mx1_kernel<GATED>;
+  const char *op = GATED ? "moe_experts (gate, up, swiglu; e4m3 one token)" : "moe_experts (down; e4m3 one token)";
+  const size_t smem = mx1_stage_bytes(K);
+  const int64_t rows_per_item = GATED ? 16 : 32, groups = (rows + rows_per_item - 1) / rows_per_item;
+  cuda_allow_smem(cb, kernel, smem, op);
+  const int64_t slots = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
+                items = (int64_t)experts * groups;
+  const unsigned blocks = (unsigned)(items < slots ? items : slots);
+  moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, g, x, k, groups, ex->alpha,
+                                                                   ex->beta, ex->limit, out);
+  cuda_launched(cb, op);
 }
 
 /* out[p] = h[slot_at[p] / k] for the used sorted positions p < gridDim.x. */
@@ -642,7 +697,10 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
     const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
     const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
-    if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !gemv_old()) {
+    if (T == 1 && tab->wide && !mx1_off() && mx1_fits(&ex->gate[0], h) && mx1_fits(&ex->down[0], act)) {
+      launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, (int64_t)H, ex, act);
+      launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, (int64_t)I, ex, y);
+    } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !gemv_old()) {
       launch_grouped_warp<1>(cb, step_gate, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, ex, act);
       launch_grouped_warp<0>(cb, step_down, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, ex, y);
     } else if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&

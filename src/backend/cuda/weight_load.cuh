@@ -410,6 +410,207 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
     }
 }
 
+/* ---- one token of E4M3 weights on the tensor cores (mx1: matmul.cu mx1_set_kernel, moe.cu
+ * moe_mx1_kernel) ----
+ * The CUDA-core GEMV (warp_rows_dot) spends per E4M3 weight a pair conversion, a widening to
+ * float32 and an FMA, plus a float32 of x from L1: at one token it read the E4M3 rows at about
+ * half the copy bandwidth where BF16 rows reach 90%. Here the tensor cores do the multiplying and
+ * adding: a warp owns 16 rows and walks its share of K 128 columns a step, each lane loading one
+ * 16-byte unit of row g and one of row g + 8 per 64 columns (a quad then reads 64 contiguous
+ * bytes of a row, whole sectors), decoding them to f16 in registers (E4M3 is exact in f16) and
+ * feeding mma.sync m16n8k16 (f16 in, f32 accumulate). x is staged once per block in shared
+ * memory as two f16 terms, hi + lo (about 22 significant bits), after multiplying by a power of
+ * two 2^sx that puts max|x| in [2^14, 2^15): no overflow, and no term below f16's normal range
+ * unless it is 2^-28 of the largest. Only the B column of one token is needed, so the 8 columns
+ * of B keep the four 32-column scale blocks of a step apart: in MMA i of half h, lane q supplies
+ * A columns of block 2h + q / 2 and B is nonzero only in columns 2 (2h + q / 2) (hi) and + 1 (lo),
+ * from the lanes g of that pair. After a step, lane 4 g + q holds block q's hi and lo sums of rows
+ * g and g + 8 (D columns 2q, 2q + 1), which its scale multiplies into float32 accumulators, as
+ * the GEMV scales each block's sum. */
+enum { MX1_THREADS = 256, MX1_WARPS = 8, MX1_KS = 4, MX1_STEP = 128, MX1_U = 3, MX1_MAX_K = 24576 };
+
+/* Words of the lo half of the staged x from the start of the hi half: a multiple of 32 words
+ * plus 4, so that the active lanes' 16-byte reads of hi and lo fall in different banks. */
+__device__ __forceinline__ int64_t mx1_lo_words(int64_t K) { return (K / 2 + 31) / 32 * 32 + 4; }
+
+/* Shared memory the staged x of K columns takes. */
+static inline size_t mx1_stage_bytes(int64_t K) { return (size_t)((K / 2 + 31) / 32 * 32 + 4 + K / 2) * 4; }
+
+/* Bytes 0, 1 (p01) and 2, 3 (p23) of b as f16 pairs, the lower byte in the lower half, through
+ * cvt.rn.f16x2.e4m3x2 on each 16-bit half of the register: exact (E4M3 is a subset of f16),
+ * subnormals included, NaN bytes NaN. (Moving the bits into f16 places instead, as Marlin does,
+ * then testing for NaN bytes, was slower here: H200, 4 experts at one token 123 us against 111.) */
+__device__ __forceinline__ void mx1_decode(uint32_t b, uint32_t &p01, uint32_t &p23) {
+  asm("{ .reg .b16 lo, hi;\n"
+      "  mov.b32 {lo, hi}, %2;\n"
+      "  cvt.rn.f16x2.e4m3x2 %0, lo;\n"
+      "  cvt.rn.f16x2.e4m3x2 %1, hi; }"
+      : "=r"(p01), "=r"(p23)
+      : "r"(b));
+}
+
+/* d += A B for one m16n8k16 tile, f16 operands. */
+__device__ __forceinline__ void mx1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* The whole block stages x [K] (16-byte aligned, K % 16 == 0) into xs: hi pairs from word 0, lo
+ * pairs from mx1_lo_words(K), times 2^sx (above). red: MX1_WARPS floats of shared memory. Returns
+ * what multiplies the dot products back, 2^-sx. x with a NaN or infinity is staged unscaled, its
+ * lo terms 0 where hi is not finite, so that NaN and infinities come out as the CPU's float32
+ * sums give them. Ends with a barrier. */
+__device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_t K, uint32_t *xs, float *red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float4 *x4 = (const float4 *)x;
+  float m = 0.0f;
+  for (int64_t i = threadIdx.x; i < K / 4; i += MX1_THREADS) {
+    const float4 v = __ldg(x4 + i);
+    const float a = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+    m = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w) ? fmaxf(m, a) : INFINITY;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  m = red[0];
+#pragma unroll
+  for (int i = 1; i < MX1_WARPS; i++) m = fmaxf(m, red[i]);
+  const int sx = !isfinite(m) || m == 0.0f ? 0 : min(14 - ilogbf(m), 126); /* ilogbf(m) >= -149 */
+  const float up = __int_as_float((127 + sx) << 23);
+  uint32_t *lo = xs + mx1_lo_words(K);
+  for (int64_t i = threadIdx.x; i < K / 4; i += MX1_THREADS) {
+    const float4 v = __ldg(x4 + i);
+    const float a[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
+    uint32_t hw[2], lw[2];
+#pragma unroll
+    for (int p = 0; p < 2; p++) { /* columns 2p, 2p + 1 */
+      const __half h0 = __float2half_rn(a[2 * p]), h1 = __float2half_rn(a[2 * p + 1]);
+      const float r0 = __half2float(h0), r1 = __half2float(h1);
+      const __half l0 = __float2half_rn(isfinite(r0) ? a[2 * p] - r0 : 0.0f);
+      const __half l1 = __float2half_rn(isfinite(r1) ? a[2 * p + 1] - r1 : 0.0f);
+      hw[p] = (uint32_t)__half_as_ushort(h0) | (uint32_t)__half_as_ushort(h1) << 16;
+      lw[p] = (uint32_t)__half_as_ushort(l0) | (uint32_t)__half_as_ushort(l1) << 16;
+    }
+    ((uint2 *)xs)[i] = make_uint2(hw[0], hw[1]);
+    ((uint2 *)lo)[i] = make_uint2(lw[0], lw[1]);
+  }
+  __syncthreads();
+  return __int_as_float((127 - sx) << 23);
+}
+
+/* Units of one step of a lane: row g (u[h][0]) and row g + 8 (u[h][1]), columns
+ * 128 s + 64 h + 16 q .. + 15 (zeros past K), and the scales of rows g, g + 8 for block 4 s + q
+ * (0 past the last block). */
+__device__ __forceinline__ void mx1_load_step(const cuda_weight &w, const uint8_t *row0,
+                                              const uint8_t *row1, int64_t r0, int64_t r1,
+                                              int64_t s, uint4 u[2][2], float sc[2]) {
+  const int q = threadIdx.x & 3;
+  const int64_t K = w.cols, nblk = (K + 31) / 32, b = 4 * s + q;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int64_t c = MX1_STEP * s + 64 * h + 16 * q;
+    u[h][0] = c < K ? ld_stream16(row0 + c) : make_uint4(0u, 0u, 0u, 0u);
+    u[h][1] = c < K ? ld_stream16(row1 + c) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  sc[0] = b < nblk ? step_scale(w, r0, b) : 0.0f;
+  sc[1] = b < nblk ? step_scale(w, r1, b) : 0.0f;
+}
+
+/* One step s of a lane (units u, scales sc: mx1_load_step) into acc0 (row g) and acc1 (row
+ * g + 8). xb: the lane's B source in the staged x (hi or lo, column 16 q); take0 / take1: whether
+ * the lane supplies B in half 0 / 1. */
+__device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2], const uint32_t *xb,
+                                         int64_t s, int64_t K, int take0, int take1, float &acc0,
+                                         float &acc1) {
+  const int q = threadIdx.x & 3;
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    uint4 b0 = make_uint4(0u, 0u, 0u, 0u), b1 = b0;
+    if ((h ? take1 : take0) && MX1_STEP * s + 64 * h + 16 * q < K) {
+      const uint4 *p = (const uint4 *)(xb + 64 * s + 32 * h);
+      b0 = p[0], b1 = p[1];
+    }
+    const uint32_t bw[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    const uint32_t w0[4] = {u[h][0].x, u[h][0].y, u[h][0].z, u[h][0].w};
+    const uint32_t w1[4] = {u[h][1].x, u[h][1].y, u[h][1].z, u[h][1].w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      uint32_t a[4];
+      mx1_decode(w0[i], a[0], a[2]);
+      mx1_decode(w1[i], a[1], a[3]);
+      mx1_mma(d, a, bw[2 * i], bw[2 * i + 1]);
+    }
+  }
+  acc0 = fmaf(d[0] + d[1], sc[0], acc0);
+  acc1 = fmaf(d[2] + d[3], sc[1], acc1);
+}
+
+/* This warp's share of rows r .. r + 15 of w (rows past the end reread the last) dotted with the
+ * staged x: the 128-column steps ks, ks + MX1_KS, ... Loads run MX1_U steps ahead: each slot of
+ * the ring is refilled as soon as its step is used, so about MX1_U - 1 steps (64 bytes each) are
+ * in flight per lane while one is multiplied, with no copies of the ring in registers. Returns in
+ * lanes q == 0 (lane 4 g) the sums of rows r + g (out[0]) and r + g + 8 (out[1]), before the
+ * stage's factor. The whole warp calls it (mma.sync). */
+__device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const uint32_t *xs, int ks,
+                                         float out[2]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int64_t N = w.rows, K = w.cols, steps = (K + MX1_STEP - 1) / MX1_STEP;
+  const int64_t r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
+  const uint8_t *row0 = w.data + (size_t)r0 * (size_t)K, *row1 = w.data + (size_t)r1 * (size_t)K;
+  /* B: lane g supplies hi (g even) or lo (g odd) of block 2h + q / 2's columns in half h */
+  const uint32_t *xb = xs + (g & 1 ? mx1_lo_words(K) : 0) + 8 * q;
+  const int take0 = g >> 1 == q >> 1, take1 = g >> 1 == 2 + (q >> 1);
+  float acc0 = 0.0f, acc1 = 0.0f;
+  uint4 u[MX1_U][2][2];
+  float sc[MX1_U][2];
+#pragma unroll
+  for (int j = 0; j < MX1_U; j++) mx1_load_step(w, row0, row1, r0, r1, ks + MX1_KS * j, u[j], sc[j]);
+  for (int64_t s0 = ks; s0 < steps; s0 += MX1_KS * MX1_U)
+#pragma unroll
+    for (int j = 0; j < MX1_U; j++) {
+      const int64_t s = s0 + MX1_KS * j;
+      if (s >= steps) break; /* the same for the whole warp */
+      mx1_step(u[j], sc[j], xb, s, K, take0, take1, acc0, acc1);
+      if (s + MX1_KS * MX1_U < steps) mx1_load_step(w, row0, row1, r0, r1, s + MX1_KS * MX1_U, u[j], sc[j]);
+    }
+  /* the quad's four blocks, in a fixed order */
+  acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
+  acc1 += __shfl_xor_sync(0xffffffffu, acc1, 1);
+  acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
+  acc1 += __shfl_xor_sync(0xffffffffu, acc1, 2);
+  out[0] = acc0, out[1] = acc1;
+}
+
+/* One block's rows: NM matrices (w0; w1 as well for NM = 2: gate and up) of 2 / NM tiles of 16
+ * rows from row r, MX1_KS warps on each tile splitting its steps; their partial sums meet through
+ * part (shared, [MX1_WARPS][16]) in a fixed order. Thread t < 32 / NM gets row r + t of each
+ * matrix in sum[m] (before the stage's factor). Ends with a barrier. */
+template <int NM>
+__device__ __forceinline__ void mx1_block_rows(const cuda_weight &w0, const cuda_weight &w1, int64_t r,
+                                               const uint32_t *xs, float (*part)[16], float sum[NM]) {
+  constexpr int RT = 2 / NM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int m = warp % NM, rt = warp / NM % RT, ks = warp / (NM * RT);
+  float out[2];
+  mx1_tile(m ? w1 : w0, r + 16 * rt, xs, ks, out);
+  if ((lane & 3) == 0) part[warp][lane >> 2] = out[0], part[warp][(lane >> 2) + 8] = out[1];
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < 16 * RT)
+#pragma unroll
+    for (int mm = 0; mm < NM; mm++) {
+      float v = 0.0f;
+#pragma unroll
+      for (int k = 0; k < MX1_KS; k++) v += part[k * NM * RT + (t / 16) * NM + mm][t % 16];
+      sum[mm] = v;
+    }
+  __syncthreads();
+}
+
 /* 1 when mx_accumulate can read t: E4M3 rows of a multiple of 8 bytes, 8-byte aligned, with no
  * scale or one constant over each 32-column block. */
 static inline int mx_weight_fits(const m3_tensor *t) {
@@ -443,6 +644,12 @@ static inline int gemv_step_kind(const m3_tensor *t, const float *x) {
   return kind;
 }
 
+/* 1 when the mx1 kernels take t with x at one token: 32-byte steps of E4M3 under one scale
+ * (gemv_step_kind), K % 16 == 0 (whole units) and small enough to stage. */
+static inline int mx1_fits(const m3_tensor *t, const float *x) {
+  return gemv_step_kind(t, x) == WK_E4M3 && t->cols % 16 == 0 && t->cols <= MX1_MAX_K;
+}
+
 /* M3_CUDA_GEMV_OLD=1: one-token GEMVs take the kernels they took before warp_rows_dot
  * (matmul.cu gemv_kernel; moe.cu moe_gemv_kernel or moe_mx_kernel), so that one device run can
  * time both. Read once (per file that asks). */
@@ -453,6 +660,17 @@ static inline int gemv_old(void) {
     old = e && e[0] == '1' && e[1] == '\0';
   }
   return old;
+}
+
+/* M3_CUDA_MX1=0: one-token E4M3 matmuls take warp_rows_dot as before the mx1 kernels, so that
+ * one device run can time both. Read once (per file that asks). */
+static inline int mx1_off(void) {
+  static int off = -1;
+  if (off < 0) {
+    const char *e = getenv("M3_CUDA_MX1");
+    off = e && e[0] == '0' && e[1] == '\0';
+  }
+  return off;
 }
 
 #endif
