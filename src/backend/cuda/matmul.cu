@@ -313,13 +313,17 @@ __global__ void __launch_bounds__(MX1_THREADS, 2)
   extern __shared__ __align__(16) uint32_t mx1_xs[];
   __shared__ float part[MX1_WARPS][16];
   __shared__ float red[MX1_WARPS];
-  const float back = mx1_stage_x(x, s.w[0].cols, mx1_xs, red);
+  float back = 1.0f;
+  uint4 u[MX1_U][2][2];
+  float sc[MX1_U][2];
   int m = 0;
   for (int64_t b = blockIdx.x; b < s.first[s.n]; b += gridDim.x) { /* the same path for the block */
     while (b >= s.first[m + 1]) m++;
     const int64_t r = (b - s.first[m]) * 32;
+    mx1_block_fill<1>(s.w[m], s.w[m], r, u, sc);
+    if (b == blockIdx.x) back = mx1_stage_x(x, s.w[0].cols, mx1_xs, red); /* while the first loads fly */
     float sum[1];
-    mx1_block_rows<1>(s.w[m], s.w[m], r, mx1_xs, part, sum);
+    mx1_block_rows<1>(s.w[m], s.w[m], r, mx1_xs, u, sc, part, sum);
     if (threadIdx.x < 32 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum[0] * back;
   }
 }

@@ -387,6 +387,8 @@ __global__ void __launch_bounds__(MX1_THREADS, 2)
   const int64_t items = (int64_t)*g.n_active * groups;
   const float *staged = NULL;
   float back = 1.0f;
+  uint4 u[MX1_U][2][2];
+  float sc[MX1_U][2];
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) { /* the same path for the block */
     const int e = g.active[i / groups];
     const cuda_weight &w0 = w0s[e], &w1 = GATED ? w1s[e] : w0s[e];
@@ -394,9 +396,10 @@ __global__ void __launch_bounds__(MX1_THREADS, 2)
     const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
     for (int p = max(g.start[e], 0); p < end; p++) {
       const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
-      if (xr != staged) back = mx1_stage_x(xr, K, mx1_xs, red), staged = xr;
+      mx1_block_fill<NM>(w0, w1, r, u, sc);
+      if (xr != staged) back = mx1_stage_x(xr, K, mx1_xs, red), staged = xr; /* while they fly */
       float sum[NM];
-      mx1_block_rows<NM>(w0, w1, r, mx1_xs, part, sum);
+      mx1_block_rows<NM>(w0, w1, r, mx1_xs, u, sc, part, sum);
       const int t = threadIdx.x;
       if (t < ROWS && r + t < N)
         out[(size_t)p * (size_t)N + r + t] =

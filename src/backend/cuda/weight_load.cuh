@@ -427,7 +427,7 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * from the lanes g of that pair. After a step, lane 4 g + q holds block q's hi and lo sums of rows
  * g and g + 8 (D columns 2q, 2q + 1), which its scale multiplies into float32 accumulators, as
  * the GEMV scales each block's sum. */
-enum { MX1_THREADS = 256, MX1_WARPS = 8, MX1_KS = 4, MX1_STEP = 128, MX1_U = 3, MX1_MAX_K = 24576 };
+enum { MX1_THREADS = 256, MX1_WARPS = 8, MX1_KS = 4, MX1_STEP = 128, MX1_U = 3, MX1_XV = 4, MX1_MAX_K = 24576 };
 
 /* Words of the lo half of the staged x from the start of the hi half: a multiple of 32 words
  * plus 4, so that the active lanes' 16-byte reads of hi and lo fall in different banks. */
@@ -465,11 +465,20 @@ __device__ __forceinline__ void mx1_mma(float d[4], const uint32_t a[4], uint32_
 __device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_t K, uint32_t *xs, float *red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float4 *x4 = (const float4 *)x;
+  const int64_t n4 = K / 4;
   float m = 0.0f;
-  for (int64_t i = threadIdx.x; i < K / 4; i += MX1_THREADS) {
-    const float4 v = __ldg(x4 + i);
-    const float a = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-    m = isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w) ? fmaxf(m, a) : INFINITY;
+  for (int64_t i0 = threadIdx.x; i0 < n4; i0 += MX1_XV * MX1_THREADS) {
+    float4 v[MX1_XV]; /* all loads of a round in flight at once: one round trip, not MX1_XV */
+#pragma unroll
+    for (int j = 0; j < MX1_XV; j++) {
+      const int64_t i = i0 + (int64_t)j * MX1_THREADS;
+      v[j] = i < n4 ? __ldg(x4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int j = 0; j < MX1_XV; j++) {
+      const float a = fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w)));
+      m = isfinite(v[j].x) && isfinite(v[j].y) && isfinite(v[j].z) && isfinite(v[j].w) ? fmaxf(m, a) : INFINITY;
+    }
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -481,7 +490,8 @@ __device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_
   const int sx = !isfinite(m) || m == 0.0f ? 0 : min(14 - ilogbf(m), 126); /* ilogbf(m) >= -149 */
   const float up = __int_as_float((127 + sx) << 23);
   uint32_t *lo = xs + mx1_lo_words(K);
-  for (int64_t i = threadIdx.x; i < K / 4; i += MX1_THREADS) {
+#pragma unroll MX1_XV
+  for (int64_t i = threadIdx.x; i < n4; i += MX1_THREADS) { /* x from L1 now */
     const float4 v = __ldg(x4 + i);
     const float a[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
     uint32_t hw[2], lw[2];
@@ -549,14 +559,26 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
   acc1 = fmaf(d[2] + d[3], sc[1], acc1);
 }
 
-/* This warp's share of rows r .. r + 15 of w (rows past the end reread the last) dotted with the
- * staged x: the 128-column steps ks, ks + MX1_KS, ... Loads run MX1_U steps ahead: each slot of
- * the ring is refilled as soon as its step is used, so about MX1_U - 1 steps (64 bytes each) are
- * in flight per lane while one is multiplied, with no copies of the ring in registers. Returns in
- * lanes q == 0 (lane 4 g) the sums of rows r + g (out[0]) and r + g + 8 (out[1]), before the
- * stage's factor. The whole warp calls it (mma.sync). */
+/* The loads of the first MX1_U steps of a warp's share (ks, ks + MX1_KS, ...) of rows r .. r + 15
+ * of w (rows past the end reread the last): mx1_tile's ring before its first step. */
+__device__ __forceinline__ void mx1_tile_fill(const cuda_weight &w, int64_t r, int ks,
+                                              uint4 u[MX1_U][2][2], float sc[MX1_U][2]) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int64_t N = w.rows, K = w.cols;
+  const int64_t r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
+  const uint8_t *row0 = w.data + (size_t)r0 * (size_t)K, *row1 = w.data + (size_t)r1 * (size_t)K;
+#pragma unroll
+  for (int j = 0; j < MX1_U; j++) mx1_load_step(w, row0, row1, r0, r1, ks + MX1_KS * j, u[j], sc[j]);
+}
+
+/* This warp's share of rows r .. r + 15 of w dotted with the staged x: the 128-column steps ks,
+ * ks + MX1_KS, ..., from the ring u, sc that mx1_tile_fill filled. Each slot is refilled as soon
+ * as its step is used, so about MX1_U - 1 steps (64 bytes each) are in flight per lane while one
+ * is multiplied, with no copies of the ring in registers. Returns in lanes q == 0 (lane 4 g) the
+ * sums of rows r + g (out[0]) and r + g + 8 (out[1]), before the stage's factor. The whole warp
+ * calls it (mma.sync). */
 __device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const uint32_t *xs, int ks,
-                                         float out[2]) {
+                                         uint4 u[MX1_U][2][2], float sc[MX1_U][2], float out[2]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t N = w.rows, K = w.cols, steps = (K + MX1_STEP - 1) / MX1_STEP;
   const int64_t r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
@@ -565,10 +587,6 @@ __device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const 
   const uint32_t *xb = xs + (g & 1 ? mx1_lo_words(K) : 0) + 8 * q;
   const int take0 = g >> 1 == q >> 1, take1 = g >> 1 == 2 + (q >> 1);
   float acc0 = 0.0f, acc1 = 0.0f;
-  uint4 u[MX1_U][2][2];
-  float sc[MX1_U][2];
-#pragma unroll
-  for (int j = 0; j < MX1_U; j++) mx1_load_step(w, row0, row1, r0, r1, ks + MX1_KS * j, u[j], sc[j]);
   for (int64_t s0 = ks; s0 < steps; s0 += MX1_KS * MX1_U)
 #pragma unroll
     for (int j = 0; j < MX1_U; j++) {
@@ -585,18 +603,43 @@ __device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const 
   out[0] = acc0, out[1] = acc1;
 }
 
-/* One block's rows: NM matrices (w0; w1 as well for NM = 2: gate and up) of 2 / NM tiles of 16
- * rows from row r, MX1_KS warps on each tile splitting its steps; their partial sums meet through
- * part (shared, [MX1_WARPS][16]) in a fixed order. Thread t < 32 / NM gets row r + t of each
- * matrix in sum[m] (before the stage's factor). Ends with a barrier. */
+/* How a block's warps share its rows: NM matrices (w0; w1 as well for NM = 2: gate and up) of
+ * 2 / NM tiles of 16 rows from row r, MX1_KS warps on each tile splitting its steps. This warp's
+ * matrix, first row and share of K. */
+template <int NM>
+__device__ __forceinline__ const cuda_weight &mx1_warp_part(const cuda_weight &w0, const cuda_weight &w1,
+                                                            int64_t r, int64_t *tile_r, int *ks) {
+  constexpr int RT = 2 / NM;
+  const int warp = threadIdx.x >> 5, m = warp % NM;
+  *tile_r = r + 16 * (warp / NM % RT);
+  *ks = warp / (NM * RT);
+  return m ? w1 : w0;
+}
+
+/* The ring of this warp's part of the block's rows (mx1_warp_part) before its first step. */
+template <int NM>
+__device__ __forceinline__ void mx1_block_fill(const cuda_weight &w0, const cuda_weight &w1, int64_t r,
+                                               uint4 u[MX1_U][2][2], float sc[MX1_U][2]) {
+  int64_t tr;
+  int ks;
+  const cuda_weight &w = mx1_warp_part<NM>(w0, w1, r, &tr, &ks);
+  mx1_tile_fill(w, tr, ks, u, sc);
+}
+
+/* One block's rows (mx1_warp_part), the ring filled (mx1_block_fill): the warps' partial sums
+ * meet through part (shared, [MX1_WARPS][16]) in a fixed order. Thread t < 32 / NM gets row
+ * r + t of each matrix in sum[m] (before the stage's factor). Ends with a barrier. */
 template <int NM>
 __device__ __forceinline__ void mx1_block_rows(const cuda_weight &w0, const cuda_weight &w1, int64_t r,
-                                               const uint32_t *xs, float (*part)[16], float sum[NM]) {
+                                               const uint32_t *xs, uint4 u[MX1_U][2][2],
+                                               float sc[MX1_U][2], float (*part)[16], float sum[NM]) {
   constexpr int RT = 2 / NM;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int m = warp % NM, rt = warp / NM % RT, ks = warp / (NM * RT);
+  int64_t tr;
+  int ks;
+  const cuda_weight &w = mx1_warp_part<NM>(w0, w1, r, &tr, &ks);
   float out[2];
-  mx1_tile(m ? w1 : w0, r + 16 * rt, xs, ks, out);
+  mx1_tile(w, tr, xs, ks, u, sc, out);
   if ((lane & 3) == 0) part[warp][lane >> 2] = out[0], part[warp][(lane >> 2) + 8] = out[1];
   __syncthreads();
   const int t = threadIdx.x;
