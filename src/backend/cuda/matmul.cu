@@ -267,8 +267,9 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2)
   gemv_warp_task<WK, RW>(w, x, r0, y);
 }
 
-/* The weights of one gemv_set_kernel launch: weight m (of n) holds the rows [first[m],
- * first[m + 1]) of their concatenation; first[0] = 0, first[n] = all rows. */
+/* The weights of one gemv_set_kernel (or mx1_set_kernel) launch: weight m (of n) holds the rows
+ * (mx1: groups of 32 rows) [first[m], first[m + 1]) of their concatenation; first[0] = 0,
+ * first[n] = all of them. */
 typedef struct {
   cuda_weight w[M3_MATMUL_SET_MAX];
   float *y[M3_MATMUL_SET_MAX];
@@ -302,6 +303,20 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2)
       g += 1;
     }
   }
+}
+
+/* The table of the outputs out[idx[0..n)], first[] counting rows in groups of `group` rows. */
+static gemv_set gemv_set_of(const m3_matmul_out *out, const int *idx, int n, int64_t group) {
+  gemv_set s;
+  memset(&s, 0, sizeof s);
+  s.n = n;
+  for (int i = 0; i < n; i++) {
+    const m3_tensor *t = out[idx[i]].w;
+    s.w[i] = cuda_weight_of(t);
+    s.y[i] = out[idx[i]].y;
+    s.first[i + 1] = s.first[i] + (t->rows + group - 1) / group;
+  }
+  return s;
 }
 
 /* One token of E4M3 weights on the tensor cores (weight_load.cuh mx1_*): the weights of s (one
@@ -339,15 +354,7 @@ static int mx1_rows_fit(const cuda_backend *cb, int64_t rows) {
  * than the SMs hold at once, so that each stages x once. */
 static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out *out,
                            const int *idx, int n) {
-  gemv_set s;
-  memset(&s, 0, sizeof s);
-  s.n = n;
-  for (int i = 0; i < n; i++) {
-    const m3_tensor *t = out[idx[i]].w;
-    s.w[i] = cuda_weight_of(t);
-    s.y[i] = out[idx[i]].y;
-    s.first[i + 1] = s.first[i] + (t->rows + 31) / 32;
-  }
+  const gemv_set s = gemv_set_of(out, idx, n, 32);
   const char *op = "matmul (e4m3 one token, tensor cores)";
   const size_t smem = mx1_stage_bytes(s.w[0].cols);
   cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
@@ -433,15 +440,7 @@ static void launch_gemv_set_wk(cuda_backend *cb, int RW, const gemv_set &s, cons
 /* One gemv_set_kernel launch for the n outputs out[idx[0..n)], all of `kind`, RW rows a warp. */
 static void launch_gemv_set(cuda_backend *cb, int kind, int RW, const float *x,
                             const m3_matmul_out *out, const int *idx, int n) {
-  gemv_set s;
-  memset(&s, 0, sizeof s);
-  s.n = n;
-  for (int i = 0; i < n; i++) {
-    const m3_tensor *t = out[idx[i]].w;
-    s.w[i] = cuda_weight_of(t);
-    s.y[i] = out[idx[i]].y;
-    s.first[i + 1] = s.first[i] + t->rows;
-  }
+  const gemv_set s = gemv_set_of(out, idx, n, 1);
   switch (kind) {
     case WK_F32: launch_gemv_set_wk<WK_F32>(cb, RW, s, x); break;
     case WK_BF16: launch_gemv_set_wk<WK_BF16>(cb, RW, s, x); break;
