@@ -419,9 +419,10 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * 16-byte unit of row g and one of row g + 8 per 64 columns (a quad then reads 64 contiguous
  * bytes of a row, whole sectors), decoding them to f16 in registers (E4M3 is exact in f16) and
  * feeding mma.sync m16n8k16 (f16 in, f32 accumulate). x is staged once per block in shared
- * memory as two f16 terms, hi + lo (about 22 significant bits), after multiplying by a power of
- * two 2^sx that puts max|x| in [2^14, 2^15): no overflow, and no term below f16's normal range
- * unless it is 2^-28 of the largest. Only the B column of one token is needed, so the 8 columns
+ * memory as two f16 terms, hi + lo, after multiplying by a power of two 2^sx that puts max|x| in
+ * [2^14, 2^15): no overflow, about 22 significant bits for an element within 2^-17 of the
+ * largest, and an error under 2^-39 of the largest for smaller ones (lo then falls below f16's
+ * normal range). Only the B column of one token is needed, so the 8 columns
  * of B keep the four 32-column scale blocks of a step apart: in MMA i of half h, lane q supplies
  * A columns of block 2h + q / 2 and B is nonzero only in columns 2 (2h + q / 2) (hi) and + 1 (lo),
  * from the lanes g of that pair. After a step, lane 4 g + q holds block q's hi and lo sums of rows
