@@ -2245,7 +2245,8 @@ static void test_kv_store_rope(void) {
  * weight on the element path, so nothing grouped). matmul_set on the GPU against the CPU's matmul
  * of each output (the tolerance of the path that output takes alone) and against the GPU's own
  * matmul of each output: bit for bit where `bits` (every weight tall enough to take
- * gemv_warp_kernel alone at the rows a warp its set gets: the same per-row math), else within
+ * gemv_warp_kernel alone at the rows a warp its set gets, or for E4M3 mx1_set_kernel: the same
+ * per-row math), else within
  * 1e-5 (a short weight alone takes gemv_kernel, whose K split sums in another order). */
 
 /* The op whose tolerance test_matmul holds a matmul of this weight at T tokens to (x aligned

@@ -560,14 +560,23 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
   acc1 = fmaf(d[2] + d[3], sc[1], acc1);
 }
 
+/* This lane's rows of the tile r .. r + 15 of w: r + g and r + g + 8 (rows past the end reread
+ * the last), their numbers and their data. */
+__device__ __forceinline__ void mx1_lane_rows(const cuda_weight &w, int64_t r, int64_t &r0, int64_t &r1,
+                                              const uint8_t *&row0, const uint8_t *&row1) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int64_t N = w.rows;
+  r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
+  row0 = w.data + (size_t)r0 * (size_t)w.cols, row1 = w.data + (size_t)r1 * (size_t)w.cols;
+}
+
 /* The loads of the first MX1_U steps of a warp's share (ks, ks + MX1_KS, ...) of rows r .. r + 15
- * of w (rows past the end reread the last): mx1_tile's ring before its first step. */
+ * of w: mx1_tile's ring before its first step. */
 __device__ __forceinline__ void mx1_tile_fill(const cuda_weight &w, int64_t r, int ks,
                                               uint4 u[MX1_U][2][2], float sc[MX1_U][2]) {
-  const int g = (threadIdx.x & 31) >> 2;
-  const int64_t N = w.rows, K = w.cols;
-  const int64_t r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
-  const uint8_t *row0 = w.data + (size_t)r0 * (size_t)K, *row1 = w.data + (size_t)r1 * (size_t)K;
+  int64_t r0, r1;
+  const uint8_t *row0, *row1;
+  mx1_lane_rows(w, r, r0, r1, row0, row1);
 #pragma unroll
   for (int j = 0; j < MX1_U; j++) mx1_load_step(w, row0, row1, r0, r1, ks + MX1_KS * j, u[j], sc[j]);
 }
@@ -581,9 +590,10 @@ __device__ __forceinline__ void mx1_tile_fill(const cuda_weight &w, int64_t r, i
 __device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const uint32_t *xs, int ks,
                                          uint4 u[MX1_U][2][2], float sc[MX1_U][2], float out[2]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int64_t N = w.rows, K = w.cols, steps = (K + MX1_STEP - 1) / MX1_STEP;
-  const int64_t r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
-  const uint8_t *row0 = w.data + (size_t)r0 * (size_t)K, *row1 = w.data + (size_t)r1 * (size_t)K;
+  const int64_t K = w.cols, steps = (K + MX1_STEP - 1) / MX1_STEP;
+  int64_t r0, r1;
+  const uint8_t *row0, *row1;
+  mx1_lane_rows(w, r, r0, r1, row0, row1);
   /* B: lane g supplies hi (g even) or lo (g odd) of block 2h + q / 2's columns in half h */
   const uint32_t *xb = xs + (g & 1 ? mx1_lo_words(K) : 0) + 8 * q;
   const int take0 = g >> 1 == q >> 1, take1 = g >> 1 == 2 + (q >> 1);
