@@ -87,6 +87,12 @@ typedef struct {
   const char *error_op;
   uint64_t memory_epoch;  /* bumped by cuda_grow whenever a buffer moves (ops.memory_epoch) */
   int capturing;          /* between graph_begin and graph_end: ops are recorded, not run */
+  /* Read at creation, so that one device run can time both sides of a kernel change: */
+  int gemv_old;           /* M3_CUDA_GEMV_OLD=1: one-token GEMVs take the kernels they took before
+                           * warp_rows_dot (matmul.cu gemv_kernel; moe.cu moe_gemv_kernel or
+                           * moe_mx_kernel) */
+  int mx1_off;            /* M3_CUDA_MX1=0: one-token E4M3 matmuls take warp_rows_dot as before the
+                           * mx1 kernels (weight_load.cuh) */
   cuda_kernel_memo memos[CUDA_KERNEL_MEMOS]; /* replaced round robin once full */
   int memo_next;
 } cuda_backend;

@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(MX1_THREADS, 2)
  * rows for every SM at least. Fewer leave SMs idle, each block walking its 32 rows alone (H200:
  * k/v's 512 rows 5.3 -> 14.5 us, a 3072-row expert 15.5 -> 16.8 us); the GEMVs split K wider. */
 static int mx1_rows_fit(const cuda_backend *cb, int64_t rows) {
-  return !mx1_off() && (rows + 31) / 32 >= (int64_t)cb->num_sms;
+  return !cb->mx1_off && (rows + 31) / 32 >= (int64_t)cb->num_sms;
 }
 
 /* The outputs out[idx[0..n)] (mx1_fits, one K) in one mx1_set_kernel launch: no more blocks
@@ -406,7 +406,7 @@ static void launch_gemv_nt(cuda_backend *cb, int kind, int R, const cuda_weight 
  * SM, and for WK_ANY. */
 static int gemv_warp_rows(const cuda_backend *cb, int kind, int64_t rows) {
   const int64_t sms = cb->num_sms, warps = GEMV_THREADS / 32;
-  if (kind == WK_ANY || gemv_old()) return 0;
+  if (kind == WK_ANY || cb->gemv_old) return 0;
   return rows >= 4 * warps * sms ? 4 : rows >= 2 * warps * sms ? 2 : 0;
 }
 

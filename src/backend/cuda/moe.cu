@@ -700,10 +700,10 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
     const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
     const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
-    if (T == 1 && tab->wide && !mx1_off() && mx1_fits(&ex->gate[0], h) && mx1_fits(&ex->down[0], act)) {
+    if (T == 1 && tab->wide && !cb->mx1_off && mx1_fits(&ex->gate[0], h) && mx1_fits(&ex->down[0], act)) {
       launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, (int64_t)H, ex, act);
       launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, (int64_t)I, ex, y);
-    } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !gemv_old()) {
+    } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !cb->gemv_old) {
       launch_grouped_warp<1>(cb, step_gate, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, ex, act);
       launch_grouped_warp<0>(cb, step_down, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, ex, y);
     } else if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&

@@ -704,27 +704,4 @@ static inline int mx1_fits(const m3_tensor *t, const float *x) {
   return gemv_step_kind(t, x) == WK_E4M3 && t->cols % 16 == 0 && t->cols <= MX1_MAX_K;
 }
 
-/* M3_CUDA_GEMV_OLD=1: one-token GEMVs take the kernels they took before warp_rows_dot
- * (matmul.cu gemv_kernel; moe.cu moe_gemv_kernel or moe_mx_kernel), so that one device run can
- * time both. Read once (per file that asks). */
-static inline int gemv_old(void) {
-  static int old = -1;
-  if (old < 0) {
-    const char *e = getenv("M3_CUDA_GEMV_OLD");
-    old = e && e[0] == '1' && e[1] == '\0';
-  }
-  return old;
-}
-
-/* M3_CUDA_MX1=0: one-token E4M3 matmuls take warp_rows_dot as before the mx1 kernels, so that
- * one device run can time both. Read once (per file that asks). */
-static inline int mx1_off(void) {
-  static int off = -1;
-  if (off < 0) {
-    const char *e = getenv("M3_CUDA_MX1");
-    off = e && e[0] == '0' && e[1] == '\0';
-  }
-  return off;
-}
-
 #endif
