@@ -400,6 +400,7 @@ extern "C" m3_status m3_backend_cuda_create(int device, m3_backend **out) {
   cb->base.ops = &cuda_ops;
   cb->device = device;
   cb->num_sms = prop.multiProcessorCount;
+  cb->smem_optin = (int)prop.sharedMemPerBlockOptin;
   const char *gemv_old = getenv("M3_CUDA_GEMV_OLD"), *mx1 = getenv("M3_CUDA_MX1");
   cb->gemv_old = gemv_old && strcmp(gemv_old, "1") == 0;
   cb->mx1_off = mx1 && strcmp(mx1, "0") == 0;

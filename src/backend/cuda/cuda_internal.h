@@ -65,6 +65,7 @@ typedef struct {
   m3_backend base;
   int device;
   int num_sms;
+  int smem_optin;         /* shared memory a block may opt into, in bytes */
   cudaStream_t stream;
   cublasLtHandle_t lt;
   void *lt_workspace;

@@ -10,10 +10,10 @@
  * (k/v, the router), or 2..8 tokens on one under 4224 rows: a block of 256 threads shares 1, 2 or 4
  * rows. 2..8 tokens on a tall matrix: a warp takes 4 rows and the block stages x in shared memory
  * slice by slice.
- * One token of E4M3 weights (32-byte steps under one scale, K % 16 == 0) on a group of 32 rows for
- * every SM, alone or in a matmul_set: mx1_set_kernel, the tensor cores doing the products
- * (weight_load.cuh mx1_*), where the GEMV's decoding and FMAs held E4M3 rows at half the copy
- * bandwidth.
+ * One token of E4M3 weights (32-byte steps under one scale, K % 16 == 0; MXFP8 K % 128 == 0) on
+ * 32 rows for every SM at least, alone or in a matmul_set: mx1_set_kernel, the copy engine filling
+ * shared memory and the tensor cores doing the products (weight_load.cuh mx1_*), where the GEMV's
+ * decoding and FMAs held E4M3 rows at half the copy bandwidth.
  * E4M3 weights (MXFP8, FP8 block, per channel; K % 8 == 0) from 2 to MX_MAX_T = 64 tokens take neither
  * (mx_mma_fits): a tensor-core kernel decodes each 8-byte piece of W to BF16 in registers and
  * applies the scales to fp32 partial products, reading W once for all tokens (x as hi + lo BF16,
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(GEMV_THREADS, 2)
 }
 
 /* The weights of one gemv_set_kernel (or mx1_set_kernel) launch: weight m (of n) holds the rows
- * (mx1: groups of 32 rows) [first[m], first[m + 1]) of their concatenation; first[0] = 0,
+ * (mx1: groups of 16 rows) [first[m], first[m + 1]) of their concatenation; first[0] = 0,
  * first[n] = all of them. */
 typedef struct {
   cuda_weight w[M3_MATMUL_SET_MAX];
@@ -320,46 +320,56 @@ static gemv_set gemv_set_of(const m3_matmul_out *out, const int *idx, int n, int
 }
 
 /* One token of E4M3 weights on the tensor cores (weight_load.cuh mx1_*): the weights of s (one
- * kind, the same K; gemv_set's first[] counts groups of 32 rows here), a block staging x once and
- * then taking groups blockIdx.x, + gridDim.x, ... Each row's sum does not depend on the block or
- * the launch it falls in: a weight alone and in a set get the same bits. */
-__global__ void __launch_bounds__(MX1_THREADS, 2)
+ * kind, the same K; gemv_set's first[] counts groups of 16 rows here), a block taking an equal
+ * run of the groups and staging x once. Each row's sum does not depend on the block or the launch
+ * it falls in: a weight alone and in a set get the same bits. */
+__global__ void __launch_bounds__(MX1_THREADS)
     mx1_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
-  extern __shared__ __align__(16) uint32_t mx1_xs[];
-  __shared__ float part[MX1_WARPS][16];
-  __shared__ float red[MX1_WARPS];
-  float back = 1.0f;
-  uint4 u[MX1_U][2][2];
-  float sc[MX1_U][2];
+  extern __shared__ __align__(128) uint8_t mx1_smem[];
+  __shared__ uint64_t bars[2 * MX1_SLOTS];
+  __shared__ float part[2][MX1_CONSUMERS][16];
+  __shared__ float red[MX1_CONSUMERS];
+  const int64_t K = s.w[0].cols, groups = s.first[s.n];
+  const int64_t g0 = groups * blockIdx.x / gridDim.x, g1 = groups * (blockIdx.x + 1) / gridDim.x;
+  const mx1_ring rg = mx1_ring_init(mx1_smem, K, bars);
+  const int warp = threadIdx.x >> 5;
+  uint32_t n = 0;
   int m = 0;
-  for (int64_t b = blockIdx.x; b < s.first[s.n]; b += gridDim.x) { /* the same path for the block */
+  if (warp >= MX1_CONSUMERS) {
+    for (int64_t b = g0; b < g1; b++) {
+      while (b >= s.first[m + 1]) m++;
+      mx1_produce_group<1>(rg, n, s.w[m], s.w[m], (b - s.first[m]) * 16);
+    }
+    return;
+  }
+  const float back = mx1_stage_x(x, K, (uint32_t *)mx1_smem, red);
+  for (int64_t b = g0; b < g1; b++) {
     while (b >= s.first[m + 1]) m++;
-    const int64_t r = (b - s.first[m]) * 32;
-    mx1_block_fill<1>(s.w[m], s.w[m], r, u, sc);
-    if (b == blockIdx.x) back = mx1_stage_x(x, s.w[0].cols, mx1_xs, red); /* while the first loads fly */
+    const int64_t r = (b - s.first[m]) * 16;
     float sum[1];
-    mx1_block_rows<1>(s.w[m], s.w[m], r, mx1_xs, u, sc, part, sum);
-    if (threadIdx.x < 32 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum[0] * back;
+    mx1_consume_group<1>(rg, n, s.w[m], s.w[m], (const uint32_t *)mx1_smem, part[b & 1], sum);
+    if (threadIdx.x < 16 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum[0] * back;
   }
 }
 
 /* 1 when the mx1 kernel takes `rows` rows of E4M3 weights (mx1_fits) at one token: a group of 32
- * rows for every SM at least. Fewer leave SMs idle, each block walking its 32 rows alone (H200:
- * k/v's 512 rows 5.3 -> 14.5 us, a 3072-row expert 15.5 -> 16.8 us); the GEMVs split K wider. */
+ * rows for every SM at least. Fewer leave SMs with little to read (with 32-row groups, k/v's 512
+ * rows went 5.3 -> 14.5 us, a 3072-row expert 15.5 -> 16.8 us); the GEMVs split K wider. */
 static int mx1_rows_fit(const cuda_backend *cb, int64_t rows) {
   return !cb->mx1_off && (rows + 31) / 32 >= (int64_t)cb->num_sms;
 }
 
-/* The outputs out[idx[0..n)] (mx1_fits, one K) in one mx1_set_kernel launch: no more blocks
- * than the SMs hold at once, so that each stages x once. */
+/* The outputs out[idx[0..n)] (mx1_fits, one K) in one mx1_set_kernel launch: no more blocks than
+ * the SMs hold at once, so that each stages x once. */
 static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out *out,
                            const int *idx, int n) {
-  const gemv_set s = gemv_set_of(out, idx, n, 32);
+  const gemv_set s = gemv_set_of(out, idx, n, 16);
   const char *op = "matmul (e4m3 one token, tensor cores)";
-  const size_t smem = mx1_stage_bytes(s.w[0].cols);
+  const int64_t K = s.w[0].cols;
+  const size_t smem = mx1_smem_bytes<1>(K);
   cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
-  const int64_t slots = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
-  const unsigned blocks = (unsigned)(s.first[n] < slots ? s.first[n] : slots);
+  const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
+  const unsigned blocks = (unsigned)(s.first[n] < blocks_max ? s.first[n] : blocks_max);
   mx1_set_kernel<<<blocks, MX1_THREADS, smem, cb->stream>>>(s, x);
   cuda_launched(cb, op);
 }
@@ -451,7 +461,7 @@ static void launch_gemv_set(cuda_backend *cb, int kind, int RW, const float *x,
 }
 
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
-  if (T == 1 && mx1_fits(t, x) && mx1_rows_fit(cb, t->rows)) {
+  if (T == 1 && mx1_fits(t, x, cb->smem_optin) && mx1_rows_fit(cb, t->rows)) {
     const m3_matmul_out out = {t, y};
     const int idx = 0;
     launch_mx1_set(cb, x, &out, &idx, 1);
@@ -955,7 +965,7 @@ void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out 
           idx[g++] = i;
           rows += out[i].w->rows;
         }
-      if (kind == WK_E4M3 && g > 0 && mx1_fits(out[idx[0]].w, x) && mx1_rows_fit(cb, rows)) {
+      if (kind == WK_E4M3 && g > 0 && mx1_fits(out[idx[0]].w, x, cb->smem_optin) && mx1_rows_fit(cb, rows)) {
         launch_mx1_set(cb, x, out, idx, g);
         for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
         continue;

@@ -369,59 +369,66 @@ static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, co
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu; one token)" : "moe_experts (down; one token)");
 }
 
-/* One token's active experts on the tensor cores (weight_load.cuh mx1_*): a block takes the
- * items blockIdx.x, + gridDim.x, ... of (active expert, group of rows): 16 rows of gate and of up
- * (GATED, out = swiglu) or 32 of down. It stages x when the item's x differs from the one it
- * holds (gate and up: the token's hidden state, the same for every expert at one token), so a
- * block launched no more often than the SMs hold blocks stages it about once. The weights are
- * read where they lie (w0s[e]): register copies spilled. */
+/* One token's active experts on the tensor cores (weight_load.cuh mx1_*): the items (active
+ * expert, group of 16 rows: of gate and of up, GATED, out = swiglu; or of down) in equal runs, one
+ * a block, each item once per position of its expert. A block stages x when a position's x
+ * differs from the one it holds (gate and up: the token's hidden state, the same for every expert
+ * at one token; down: the expert's activation, which a run of items of one expert shares). The
+ * weights are read where they lie (w0s[e]): register copies spilled. */
 template <int GATED>
-__global__ void __launch_bounds__(MX1_THREADS, 2)
+__global__ void __launch_bounds__(MX1_THREADS)
     moe_mx1_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
                    moe_groups g, const float *__restrict__ x, int k, int64_t groups, float alpha,
                    float beta, float limit, float *__restrict__ out) {
-  extern __shared__ __align__(16) uint32_t mx1_xs[];
-  __shared__ float part[MX1_WARPS][16];
-  __shared__ float red[MX1_WARPS];
-  constexpr int NM = GATED ? 2 : 1, ROWS = 32 / NM;
-  const int64_t items = (int64_t)*g.n_active * groups;
+  extern __shared__ __align__(128) uint8_t mx1_smem[];
+  __shared__ uint64_t bars[2 * MX1_SLOTS];
+  __shared__ float part[2][MX1_CONSUMERS][16];
+  __shared__ float red[MX1_CONSUMERS];
+  constexpr int NM = GATED ? 2 : 1;
+  const int64_t K = w0s[0].cols, items = (int64_t)*g.n_active * groups;
+  const int64_t i0 = items * blockIdx.x / gridDim.x, i1 = items * (blockIdx.x + 1) / gridDim.x;
+  const mx1_ring rg = mx1_ring_init(mx1_smem, K, bars);
+  const int warp = threadIdx.x >> 5, producer = warp >= MX1_CONSUMERS;
   const float *staged = NULL;
   float back = 1.0f;
-  uint4 u[MX1_U][2][2];
-  float sc[MX1_U][2];
-  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) { /* the same path for the block */
+  uint32_t n = 0, done = 0;
+  for (int64_t i = i0; i < i1; i++) { /* the same path for the block */
     const int e = g.active[i / groups];
     const cuda_weight &w0 = w0s[e], &w1 = GATED ? w1s[e] : w0s[e];
-    const int64_t N = w0.rows, K = w0.cols, r = i % groups * ROWS;
+    const int64_t N = w0.rows, r = i % groups * 16;
     const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
     for (int p = max(g.start[e], 0); p < end; p++) {
+      if (producer) {
+        mx1_produce_group<NM>(rg, n, w0, w1, r);
+        continue;
+      }
       const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
-      mx1_block_fill<NM>(w0, w1, r, u, sc);
-      if (xr != staged) back = mx1_stage_x(xr, K, mx1_xs, red), staged = xr; /* while they fly */
+      if (xr != staged) back = mx1_stage_x(xr, K, (uint32_t *)mx1_smem, red), staged = xr;
       float sum[NM];
-      mx1_block_rows<NM>(w0, w1, r, mx1_xs, u, sc, part, sum);
+      mx1_consume_group<NM>(rg, n, w0, w1, (const uint32_t *)mx1_smem, part[done++ & 1], sum);
       const int t = threadIdx.x;
-      if (t < ROWS && r + t < N)
+      if (t < 16 && r + t < N)
         out[(size_t)p * (size_t)N + r + t] =
             GATED ? dev_swiglu_oai(sum[0] * back, sum[GATED ? 1 : 0] * back, alpha, beta, limit) : sum[0] * back;
     }
   }
 }
 
-/* moe_mx1_kernel over at most `experts` active experts of `rows` rows and K columns, no more
- * blocks than the SMs hold at once. */
+/* moe_mx1_kernel over at most `experts` active experts of `rows` rows and K columns (mx1_fits),
+ * no more blocks than the SMs hold at once. */
 template <int GATED>
 static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight *w0,
                            const cuda_weight *w1, const moe_groups &g, const float *x, int k,
                            int64_t rows, int64_t K, const m3_moe_experts *ex, float *out) {
   const void *kernel = (const void *)moe_mx1_kernel<GATED>;
   const char *op = GATED ? "moe_experts (gate, up, swiglu; e4m3 one token)" : "moe_experts (down; e4m3 one token)";
-  const size_t smem = mx1_stage_bytes(K);
-  const int64_t rows_per_item = GATED ? 16 : 32, groups = (rows + rows_per_item - 1) / rows_per_item;
+  constexpr int NM = GATED ? 2 : 1;
+  const size_t smem = mx1_smem_bytes<NM>(K);
+  const int64_t groups = (rows + 15) / 16;
   cuda_allow_smem(cb, kernel, smem, op);
-  const int64_t slots = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
+  const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
                 items = (int64_t)experts * groups;
-  const unsigned blocks = (unsigned)(items < slots ? items : slots);
+  const unsigned blocks = (unsigned)(items < blocks_max ? items : blocks_max);
   moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, g, x, k, groups, ex->alpha,
                                                                    ex->beta, ex->limit, out);
   cuda_launched(cb, op);
@@ -700,7 +707,8 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
     const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
     const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
-    if (T == 1 && tab->wide && !cb->mx1_off && mx1_fits(&ex->gate[0], h) && mx1_fits(&ex->down[0], act)) {
+    if (T == 1 && tab->wide && !cb->mx1_off && mx1_fits(&ex->gate[0], h, cb->smem_optin) &&
+        mx1_fits(&ex->down[0], act, cb->smem_optin)) {
       launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, (int64_t)H, ex, act);
       launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, (int64_t)I, ex, y);
     } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !cb->gemv_old) {

@@ -415,27 +415,240 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * The CUDA-core GEMV (warp_rows_dot) spends per E4M3 weight a pair conversion, a widening to
  * float32 and an FMA, plus a float32 of x from L1: at one token it read the E4M3 rows at about
  * half the copy bandwidth where BF16 rows reach 90%. Here the tensor cores do the multiplying and
- * adding: a warp owns 16 rows and walks its share of K 128 columns a step, each lane loading one
- * 16-byte unit of row g and one of row g + 8 per 64 columns (a quad then reads 64 contiguous
- * bytes of a row, whole sectors), decoding them to f16 in registers (E4M3 is exact in f16) and
- * feeding mma.sync m16n8k16 (f16 in, f32 accumulate). x is staged once per block in shared
- * memory as two f16 terms, hi + lo, after multiplying by a power of two 2^sx that puts max|x| in
- * [2^14, 2^15): no overflow, about 22 significant bits for an element within 2^-17 of the
- * largest, and an error under 2^-39 of the largest for smaller ones (lo then falls below f16's
- * normal range). Only the B column of one token is needed, so the 8 columns
- * of B keep the four 32-column scale blocks of a step apart: in MMA i of half h, lane q supplies
- * A columns of block 2h + q / 2 and B is nonzero only in columns 2 (2h + q / 2) (hi) and + 1 (lo),
- * from the lanes g of that pair. After a step, lane 4 g + q holds block q's hi and lo sums of rows
- * g and g + 8 (D columns 2q, 2q + 1), which its scale multiplies into float32 accumulators, as
- * the GEMV scales each block's sum. */
-enum { MX1_THREADS = 256, MX1_WARPS = 8, MX1_KS = 4, MX1_STEP = 128, MX1_U = 3, MX1_XV = 4, MX1_MAX_K = 24576 };
+ * adding. A group is 16 rows of one matrix (or of gate and of up, NM = 2); each warp walks its share
+ * of K 128 columns a step, lane (g, q) taking 16 bytes of row g and of row g + 8 per 64 columns,
+ * decoding them to f16 in registers (E4M3 is exact in f16) and feeding mma.sync m16n8k16 (f16 in,
+ * f32 accumulate). x is staged once per block in shared memory as two f16 terms, hi + lo, after
+ * multiplying by a power of two 2^sx that puts max|x| in [2^14, 2^15): no overflow, about 22
+ * significant bits for an element within 2^-17 of the largest, and an error under 2^-39 of the
+ * largest for smaller ones (lo then falls below f16's normal range). Only the B column of one
+ * token is needed, so the 8 columns of B keep the four 32-column scale blocks of a step apart: in
+ * MMA i of half h, lane q supplies A columns of block 2h + q / 2 and B is nonzero only in columns
+ * 2 (2h + q / 2) (hi) and + 1 (lo), from the lanes g of that pair. After a step, lane 4 g + q
+ * holds block q's hi and lo sums of rows g and g + 8 (D columns 2q, 2q + 1), which its scale
+ * multiplies into float32 accumulators, as the GEMV scales each block's sum.
+ *
+ * The weights reach shared memory through two slots of stages filled by the copy engine
+ * (cp.async.bulk, one copy per row of a stage; the scales by cp.async) and read by the consumer
+ * warps, with several blocks an SM. A stage is one step of every consumer warp: 16 NM rows x
+ * 1024 / NM columns (16 KB), each row padded by 64 bytes so that the two rows a phase of eight
+ * lanes reads fall in different banks. One producer warp a block waits for a slot's consumers and
+ * starts its copies, never for memory itself: a load waited for there queues behind every SM's
+ * copies. Measured (H200, 2-layer FD,SM MXFP8 model, decode step): loads into registers (three
+ * 2 KB steps a warp, 16 warps an SM) 0.442 ms; these two slots, 3-4 blocks an SM, 0.421-0.425 ms;
+ * one block an SM with 12 slots 0.590 ms and with 6 slots and four producer warps 0.436 ms: one
+ * producer warp issues a block's copies no faster than about a stage a microsecond, and eight
+ * consumer warps an SM leave the decoding's latency exposed, so slots buy less than blocks. */
+enum {
+  MX1_CONSUMERS = 8, MX1_THREADS = 32 * (MX1_CONSUMERS + 1), MX1_SLOTS = 2,
+  MX1_STEP = 128, MX1_XV = 4, MX1_ROW_PAD = 64,
+  MX1_STATIC_SMEM = 2048 /* the kernels' static shared memory (barriers, partial sums), rounded up */
+};
 
 /* Words of the lo half of the staged x from the start of the hi half: a multiple of 32 words
  * plus 4, so that the active lanes' 16-byte reads of hi and lo fall in different banks. */
-__device__ __forceinline__ int64_t mx1_lo_words(int64_t K) { return (K / 2 + 31) / 32 * 32 + 4; }
+__host__ __device__ __forceinline__ int64_t mx1_lo_words(int64_t K) { return (K / 2 + 31) / 32 * 32 + 4; }
 
-/* Shared memory the staged x of K columns takes. */
-static inline size_t mx1_stage_bytes(int64_t K) { return (size_t)((K / 2 + 31) / 32 * 32 + 4 + K / 2) * 4; }
+/* Shared memory the staged x of K columns takes, rounded up to 128 bytes (the ring follows). */
+__host__ __device__ __forceinline__ size_t mx1_stage_bytes(int64_t K) {
+  return ((size_t)(mx1_lo_words(K) + K / 2) * 4 + 127) / 128 * 128;
+}
+
+/* The shape of a stage for groups of NM matrices: rows, columns, steps (one a consumer warp),
+ * padded row bytes, scale blocks a row, and the slot's bytes (rows, then float scales [rows][blocks]). */
+template <int NM> struct mx1_shape {
+  enum {
+    rows = 16 * NM, ks = MX1_CONSUMERS / NM, cols = MX1_STEP * ks, pitch = cols + MX1_ROW_PAD,
+    blocks = cols / 32, lane_blocks = rows * blocks / 32, slot = rows * pitch + rows * blocks * 4
+  };
+};
+
+/* Dynamic shared memory of an mx1 block: the staged x of K columns, then its slots. */
+template <int NM> static inline size_t mx1_smem_bytes(int64_t K) {
+  return mx1_stage_bytes(K) + (size_t)MX1_SLOTS * mx1_shape<NM>::slot;
+}
+
+/* ---- the slots' barriers (mbarrier, sm_90) ---- */
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+/* Until the phase of parity `parity` of bar has completed. */
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile("{ .reg .pred p;\n"
+                 "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "  selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done)
+                 : "r"(smem_addr(bar)), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t *bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+/* bytes (a multiple of 16, both ends 16-byte aligned) from global src to shared dst by the copy
+ * engine, counted on bar when they land. */
+__device__ __forceinline__ void bulk_copy(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+/* The consumer warps' own barrier (the producers never wait on the consumers this way). */
+__device__ __forceinline__ void mx1_consumers_sync(void) {
+  asm volatile("bar.sync 1, %0;" ::"n"(32 * MX1_CONSUMERS) : "memory");
+}
+
+/* A block's slots: MX1_SLOTS of mx1_shape<NM>::slot bytes from `base`; full[i] completes when
+ * slot i's copies have landed (weights and scales), empty[i] when every consumer warp has read it.
+ * Stage n of the block (counted over all its groups) takes slot n % MX1_SLOTS in its use
+ * n / MX1_SLOTS. */
+typedef struct {
+  uint8_t *base;
+  uint64_t *full, *empty;
+} mx1_ring;
+
+/* Sets up the slots after the staged x in the dynamic shared memory smem (K columns), their
+ * barriers in bars [2 * MX1_SLOTS]. The whole block calls it; ends with a barrier. */
+__device__ __forceinline__ mx1_ring mx1_ring_init(uint8_t *smem, int64_t K, uint64_t *bars) {
+  mx1_ring rg = {smem + mx1_stage_bytes(K), bars, bars + MX1_SLOTS};
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < MX1_SLOTS; i++) mbar_init(&rg.full[i], 32), mbar_init(&rg.empty[i], MX1_CONSUMERS);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); /* seen by the copy engine */
+  }
+  __syncthreads();
+  return rg;
+}
+
+/* 4 bytes from global src to shared dst (both 4-byte aligned), asynchronously (cp.async). */
+__device__ __forceinline__ void async_copy4(void *dst, const void *src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+
+/* An arrival on bar once this thread's cp.async copies so far have landed, counted among the
+ * arrivals bar waits for. */
+__device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+/* The producer warp's stages of one group: rows r .. r + 15 of w0 (and of w1 for NM = 2; rows past
+ * the end reread the last), from stage counter n on (advanced past the group's stages). Lane i
+ * < 16 NM copies slot row i; each lane copies 16 of the stage's scales (blocks past the last are
+ * left as they are: the consumers skip them) and arrives on the slot's full barrier when they
+ * land. Nothing here waits for memory (a version that loaded the scales here and waited for
+ * them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). */
+template <int NM>
+__device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w0,
+                                                  const cuda_weight &w1, int64_t r) {
+  typedef mx1_shape<NM> S;
+  const int lane = threadIdx.x & 31, i = lane % S::rows;
+  const cuda_weight &w = NM == 2 && i >= 16 ? w1 : w0;
+  const int64_t K = w.cols, N = w.rows, nblk = (K + 31) / 32, stages = (K + S::cols - 1) / S::cols;
+  const int64_t row = r + i % 16 < N ? r + i % 16 : N - 1;
+  const int b0 = lane / S::rows * S::lane_blocks; /* this lane's scale blocks of the row in a stage */
+  for (int64_t j = 0; j < stages; j++, n++) {
+    const int slot = (int)(n % MX1_SLOTS);
+    uint8_t *base = rg.base + (size_t)slot * S::slot, *scl = base + S::rows * S::pitch;
+    mbar_wait(&rg.empty[slot], ((n / MX1_SLOTS) & 1) ^ 1); /* the first use passes */
+    const int64_t c0 = j * S::cols, bytes = K - c0 < S::cols ? K - c0 : S::cols, b = j * S::blocks + b0;
+    if (lane == 0) mbar_expect_bytes(&rg.full[slot], (uint32_t)(S::rows * bytes));
+    __syncwarp();
+    if (lane < S::rows)
+      bulk_copy(base + lane * S::pitch, w.data + (size_t)row * (size_t)K + c0, (uint32_t)bytes, &rg.full[slot]);
+    if (w.quant == M3_WQ_MXFP8) { /* e8m0 bytes [rows][blocks], 4 at a time (nblk % 4 == 0) */
+#pragma unroll
+      for (int t = 0; t < S::lane_blocks; t += 4)
+        if (b + t < nblk)
+          async_copy4(scl + i * S::blocks + b0 + t, w.scale + (size_t)row * (size_t)w.scale_cols + b + t);
+      async_copies_arrive(&rg.full[slot]);
+    } else if (w.quant == M3_WQ_FP8_BLOCK) { /* float32 [rows][blocks], each block's own */
+      const float *fs = (const float *)w.scale + (size_t)(row / w.block_rows) * (size_t)w.scale_cols;
+#pragma unroll
+      for (int t = 0; t < S::lane_blocks; t++)
+        if (b + t < nblk) async_copy4(scl + (i * S::blocks + b0 + t) * 4, fs + (b + t) * 32 / w.block_cols);
+      async_copies_arrive(&rg.full[slot]);
+    } else {
+#pragma unroll
+      for (int t = 0; t < S::lane_blocks; t++) ((float *)scl)[i * S::blocks + b0 + t] = 1.0f;
+      mbar_arrive(&rg.full[slot]);
+    }
+  }
+}
+
+/* The scale of block b of slot row `row` (scales: the slot's, as mx1_produce_group left them), 0
+ * past the last block. */
+__device__ __forceinline__ float mx1_slot_scale(const cuda_weight &w, const uint8_t *scales, int blocks,
+                                                int row, int b, int64_t global_b) {
+  if (global_b >= (w.cols + 31) / 32) return 0.0f;
+  const int at = row * blocks + b;
+  return w.quant == M3_WQ_MXFP8 ? dev_e8m0(scales[at]) : ((const float *)scales)[at];
+}
+
+/* The whole block stages x [K] (16-byte aligned, K % 16 == 0) into xs: hi pairs from word 0, lo
+ * pairs from mx1_lo_words(K), times 2^sx (above). red: MX1_CONSUMERS floats of shared memory.
+ * Returns what multiplies the dot products back, 2^-sx. x with a NaN or infinity is staged
+ * unscaled, its lo terms 0 where hi is not finite, so that NaN and infinities come out as the
+ * CPU's float32 sums give them. The consumer warps call it; ends with their barrier. */
+__device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_t K, uint32_t *xs, float *red) {
+  enum { T = 32 * MX1_CONSUMERS };
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float4 *x4 = (const float4 *)x;
+  const int64_t n4 = K / 4;
+  float m = 0.0f;
+  for (int64_t i0 = threadIdx.x; i0 < n4; i0 += MX1_XV * T) {
+    float4 v[MX1_XV]; /* all loads of a round in flight at once: one round trip, not MX1_XV */
+#pragma unroll
+    for (int j = 0; j < MX1_XV; j++) {
+      const int64_t i = i0 + (int64_t)j * T;
+      v[j] = i < n4 ? __ldg(x4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int j = 0; j < MX1_XV; j++) {
+      const float a = fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w)));
+      m = isfinite(v[j].x) && isfinite(v[j].y) && isfinite(v[j].z) && isfinite(v[j].w) ? fmaxf(m, a) : INFINITY;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) red[warp] = m;
+  mx1_consumers_sync();
+  m = red[0];
+#pragma unroll
+  for (int i = 1; i < MX1_CONSUMERS; i++) m = fmaxf(m, red[i]);
+  const int sx = !isfinite(m) || m == 0.0f ? 0 : min(14 - ilogbf(m), 126); /* ilogbf(m) >= -149 */
+  const float up = __int_as_float((127 + sx) << 23);
+  uint32_t *lo = xs + mx1_lo_words(K);
+#pragma unroll MX1_XV
+  for (int64_t i = threadIdx.x; i < n4; i += T) { /* x from L1 now */
+    const float4 v = __ldg(x4 + i);
+    const float a[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
+    uint32_t hw[2], lw[2];
+#pragma unroll
+    for (int p = 0; p < 2; p++) { /* columns 2p, 2p + 1 */
+      const __half h0 = __float2half_rn(a[2 * p]), h1 = __float2half_rn(a[2 * p + 1]);
+      const float r0 = __half2float(h0), r1 = __half2float(h1);
+      const __half l0 = __float2half_rn(isfinite(r0) ? a[2 * p] - r0 : 0.0f);
+      const __half l1 = __float2half_rn(isfinite(r1) ? a[2 * p + 1] - r1 : 0.0f);
+      hw[p] = (uint32_t)__half_as_ushort(h0) | (uint32_t)__half_as_ushort(h1) << 16;
+      lw[p] = (uint32_t)__half_as_ushort(l0) | (uint32_t)__half_as_ushort(l1) << 16;
+    }
+    ((uint2 *)xs)[i] = make_uint2(hw[0], hw[1]);
+    ((uint2 *)lo)[i] = make_uint2(lw[0], lw[1]);
+  }
+  mx1_consumers_sync();
+  return __int_as_float((127 - sx) << 23);
+}
 
 /* Bytes 0, 1 (p01) and 2, 3 (p23) of b as f16 pairs, the lower byte in the lower half, through
  * cvt.rn.f16x2.e4m3x2 on each 16-bit half of the register: exact (E4M3 is a subset of f16),
@@ -458,81 +671,10 @@ __device__ __forceinline__ void mx1_mma(float d[4], const uint32_t a[4], uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* The whole block stages x [K] (16-byte aligned, K % 16 == 0) into xs: hi pairs from word 0, lo
- * pairs from mx1_lo_words(K), times 2^sx (above). red: MX1_WARPS floats of shared memory. Returns
- * what multiplies the dot products back, 2^-sx. x with a NaN or infinity is staged unscaled, its
- * lo terms 0 where hi is not finite, so that NaN and infinities come out as the CPU's float32
- * sums give them. Ends with a barrier. */
-__device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_t K, uint32_t *xs, float *red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float4 *x4 = (const float4 *)x;
-  const int64_t n4 = K / 4;
-  float m = 0.0f;
-  for (int64_t i0 = threadIdx.x; i0 < n4; i0 += MX1_XV * MX1_THREADS) {
-    float4 v[MX1_XV]; /* all loads of a round in flight at once: one round trip, not MX1_XV */
-#pragma unroll
-    for (int j = 0; j < MX1_XV; j++) {
-      const int64_t i = i0 + (int64_t)j * MX1_THREADS;
-      v[j] = i < n4 ? __ldg(x4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-#pragma unroll
-    for (int j = 0; j < MX1_XV; j++) {
-      const float a = fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w)));
-      m = isfinite(v[j].x) && isfinite(v[j].y) && isfinite(v[j].z) && isfinite(v[j].w) ? fmaxf(m, a) : INFINITY;
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) red[warp] = m;
-  __syncthreads();
-  m = red[0];
-#pragma unroll
-  for (int i = 1; i < MX1_WARPS; i++) m = fmaxf(m, red[i]);
-  const int sx = !isfinite(m) || m == 0.0f ? 0 : min(14 - ilogbf(m), 126); /* ilogbf(m) >= -149 */
-  const float up = __int_as_float((127 + sx) << 23);
-  uint32_t *lo = xs + mx1_lo_words(K);
-#pragma unroll MX1_XV
-  for (int64_t i = threadIdx.x; i < n4; i += MX1_THREADS) { /* x from L1 now */
-    const float4 v = __ldg(x4 + i);
-    const float a[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
-    uint32_t hw[2], lw[2];
-#pragma unroll
-    for (int p = 0; p < 2; p++) { /* columns 2p, 2p + 1 */
-      const __half h0 = __float2half_rn(a[2 * p]), h1 = __float2half_rn(a[2 * p + 1]);
-      const float r0 = __half2float(h0), r1 = __half2float(h1);
-      const __half l0 = __float2half_rn(isfinite(r0) ? a[2 * p] - r0 : 0.0f);
-      const __half l1 = __float2half_rn(isfinite(r1) ? a[2 * p + 1] - r1 : 0.0f);
-      hw[p] = (uint32_t)__half_as_ushort(h0) | (uint32_t)__half_as_ushort(h1) << 16;
-      lw[p] = (uint32_t)__half_as_ushort(l0) | (uint32_t)__half_as_ushort(l1) << 16;
-    }
-    ((uint2 *)xs)[i] = make_uint2(hw[0], hw[1]);
-    ((uint2 *)lo)[i] = make_uint2(lw[0], lw[1]);
-  }
-  __syncthreads();
-  return __int_as_float((127 - sx) << 23);
-}
-
-/* Units of one step of a lane: row g (u[h][0]) and row g + 8 (u[h][1]), columns
- * 128 s + 64 h + 16 q .. + 15 (zeros past K), and the scales of rows g, g + 8 for block 4 s + q
- * (0 past the last block). */
-__device__ __forceinline__ void mx1_load_step(const cuda_weight &w, const uint8_t *row0,
-                                              const uint8_t *row1, int64_t r0, int64_t r1,
-                                              int64_t s, uint4 u[2][2], float sc[2]) {
-  const int q = threadIdx.x & 3;
-  const int64_t K = w.cols, nblk = (K + 31) / 32, b = 4 * s + q;
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int64_t c = MX1_STEP * s + 64 * h + 16 * q;
-    u[h][0] = c < K ? ld_stream16(row0 + c) : make_uint4(0u, 0u, 0u, 0u);
-    u[h][1] = c < K ? ld_stream16(row1 + c) : make_uint4(0u, 0u, 0u, 0u);
-  }
-  sc[0] = b < nblk ? step_scale(w, r0, b) : 0.0f;
-  sc[1] = b < nblk ? step_scale(w, r1, b) : 0.0f;
-}
-
-/* One step s of a lane (units u, scales sc: mx1_load_step) into acc0 (row g) and acc1 (row
- * g + 8). xb: the lane's B source in the staged x (hi or lo, column 16 q); take0 / take1: whether
- * the lane supplies B in half 0 / 1. */
+/* One step s of a lane: units u[h][0] (row g) and u[h][1] (row g + 8) of columns 128 s + 64 h +
+ * 16 q .., scales sc of those rows for block 4 s + q, into acc0 (row g) and acc1 (row g + 8). xb:
+ * the lane's B source in the staged x (hi or lo, column 16 q); take0 / take1: whether the lane
+ * supplies B in half 0 / 1. */
 __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2], const uint32_t *xb,
                                          int64_t s, int64_t K, int take0, int take1, float &acc0,
                                          float &acc1) {
@@ -560,109 +702,62 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
   acc1 = fmaf(d[2] + d[3], sc[1], acc1);
 }
 
-/* This lane's rows of the tile r .. r + 15 of w: r + g and r + g + 8 (rows past the end reread
- * the last), their numbers and their data. */
-__device__ __forceinline__ void mx1_lane_rows(const cuda_weight &w, int64_t r, int64_t &r0, int64_t &r1,
-                                              const uint8_t *&row0, const uint8_t *&row1) {
-  const int g = (threadIdx.x & 31) >> 2;
-  const int64_t N = w.rows;
-  r0 = r + g < N ? r + g : N - 1, r1 = r + g + 8 < N ? r + g + 8 : N - 1;
-  row0 = w.data + (size_t)r0 * (size_t)w.cols, row1 = w.data + (size_t)r1 * (size_t)w.cols;
-}
-
-/* The loads of the first MX1_U steps of a warp's share (ks, ks + MX1_KS, ...) of rows r .. r + 15
- * of w: mx1_tile's ring before its first step. */
-__device__ __forceinline__ void mx1_tile_fill(const cuda_weight &w, int64_t r, int ks,
-                                              uint4 u[MX1_U][2][2], float sc[MX1_U][2]) {
-  int64_t r0, r1;
-  const uint8_t *row0, *row1;
-  mx1_lane_rows(w, r, r0, r1, row0, row1);
-#pragma unroll
-  for (int j = 0; j < MX1_U; j++) mx1_load_step(w, row0, row1, r0, r1, ks + MX1_KS * j, u[j], sc[j]);
-}
-
-/* This warp's share of rows r .. r + 15 of w dotted with the staged x: the 128-column steps ks,
- * ks + MX1_KS, ..., from the ring u, sc that mx1_tile_fill filled. Each slot is refilled as soon
- * as its step is used, so about MX1_U - 1 steps (64 bytes each) are in flight per lane while one
- * is multiplied, with no copies of the ring in registers. Returns in lanes q == 0 (lane 4 g) the
- * sums of rows r + g (out[0]) and r + g + 8 (out[1]), before the stage's factor. The whole warp
- * calls it (mma.sync). */
-__device__ __forceinline__ void mx1_tile(const cuda_weight &w, int64_t r, const uint32_t *xs, int ks,
-                                         uint4 u[MX1_U][2][2], float sc[MX1_U][2], float out[2]) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int64_t K = w.cols, steps = (K + MX1_STEP - 1) / MX1_STEP;
-  int64_t r0, r1;
-  const uint8_t *row0, *row1;
-  mx1_lane_rows(w, r, r0, r1, row0, row1);
+/* Consumer warp `warp`'s part of one group (matrix warp % NM; in stage j, step
+ * mx1_shape<NM>::ks * j + warp / NM of K) from stage counter n on (advanced past the group's stages), with the staged x xs: the warps' partial
+ * sums meet through part ([MX1_CONSUMERS][16], not the previous group's: callers alternate two) in
+ * a fixed order, so a row's bits depend on neither its group nor the launch. Thread t < 16 gets
+ * row r + t of each matrix in sum[m] (before the stage's factor). Ends with the consumers'
+ * barrier. */
+template <int NM>
+__device__ __forceinline__ void mx1_consume_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w0,
+                                                  const cuda_weight &w1, const uint32_t *xs,
+                                                  float (*part)[16], float sum[NM]) {
+  typedef mx1_shape<NM> S;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int m = warp % NM, ks = warp / NM;
+  const cuda_weight &w = m ? w1 : w0;
+  const int64_t K = w.cols, stages = (K + S::cols - 1) / S::cols;
   /* B: lane g supplies hi (g even) or lo (g odd) of block 2h + q / 2's columns in half h */
   const uint32_t *xb = xs + (g & 1 ? mx1_lo_words(K) : 0) + 8 * q;
   const int take0 = g >> 1 == q >> 1, take1 = g >> 1 == 2 + (q >> 1);
+  const int row0 = 16 * m + g, row1 = row0 + 8;
   float acc0 = 0.0f, acc1 = 0.0f;
-  for (int64_t s0 = ks; s0 < steps; s0 += MX1_KS * MX1_U)
+  for (int64_t j = 0; j < stages; j++, n++) {
+    const int slot = (int)(n % MX1_SLOTS);
+    const uint8_t *base = rg.base + (size_t)slot * S::slot;
+    mbar_wait(&rg.full[slot], (n / MX1_SLOTS) & 1);
+    const int64_t s = j * S::ks + ks;
+    uint4 u[2][2];
 #pragma unroll
-    for (int j = 0; j < MX1_U; j++) {
-      const int64_t s = s0 + MX1_KS * j;
-      if (s >= steps) break; /* the same for the whole warp */
-      mx1_step(u[j], sc[j], xb, s, K, take0, take1, acc0, acc1);
-      if (s + MX1_KS * MX1_U < steps) mx1_load_step(w, row0, row1, r0, r1, s + MX1_KS * MX1_U, u[j], sc[j]);
+    for (int h = 0; h < 2; h++) {
+      const int lc = MX1_STEP * ks + 64 * h + 16 * q;
+      const int in = MX1_STEP * s + 64 * h + 16 * q < K; /* past K the slot holds stale bytes */
+      u[h][0] = in ? *(const uint4 *)(base + row0 * S::pitch + lc) : make_uint4(0u, 0u, 0u, 0u);
+      u[h][1] = in ? *(const uint4 *)(base + row1 * S::pitch + lc) : make_uint4(0u, 0u, 0u, 0u);
     }
+    const uint8_t *scl = base + S::rows * S::pitch;
+    const float sc[2] = {mx1_slot_scale(w, scl, S::blocks, row0, 4 * ks + q, 4 * s + q),
+                         mx1_slot_scale(w, scl, S::blocks, row1, 4 * ks + q, 4 * s + q)};
+    __syncwarp(); /* every lane's reads of the slot done before lane 0 frees it */
+    if (lane == 0) mbar_arrive(&rg.empty[slot]);
+    mx1_step(u, sc, xb, s, K, take0, take1, acc0, acc1);
+  }
   /* the quad's four blocks, in a fixed order */
   acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
   acc1 += __shfl_xor_sync(0xffffffffu, acc1, 1);
   acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
   acc1 += __shfl_xor_sync(0xffffffffu, acc1, 2);
-  out[0] = acc0, out[1] = acc1;
-}
-
-/* How a block's warps share its rows: NM matrices (w0; w1 as well for NM = 2: gate and up) of
- * 2 / NM tiles of 16 rows from row r, MX1_KS warps on each tile splitting its steps. This warp's
- * matrix, first row and share of K. */
-template <int NM>
-__device__ __forceinline__ const cuda_weight &mx1_warp_part(const cuda_weight &w0, const cuda_weight &w1,
-                                                            int64_t r, int64_t *tile_r, int *ks) {
-  constexpr int RT = 2 / NM;
-  const int warp = threadIdx.x >> 5, m = warp % NM;
-  *tile_r = r + 16 * (warp / NM % RT);
-  *ks = warp / (NM * RT);
-  return m ? w1 : w0;
-}
-
-/* The ring of this warp's part of the block's rows (mx1_warp_part) before its first step. */
-template <int NM>
-__device__ __forceinline__ void mx1_block_fill(const cuda_weight &w0, const cuda_weight &w1, int64_t r,
-                                               uint4 u[MX1_U][2][2], float sc[MX1_U][2]) {
-  int64_t tr;
-  int ks;
-  const cuda_weight &w = mx1_warp_part<NM>(w0, w1, r, &tr, &ks);
-  mx1_tile_fill(w, tr, ks, u, sc);
-}
-
-/* One block's rows (mx1_warp_part), the ring filled (mx1_block_fill): the warps' partial sums
- * meet through part (shared, [MX1_WARPS][16]) in a fixed order. Thread t < 32 / NM gets row
- * r + t of each matrix in sum[m] (before the stage's factor). Ends with a barrier. */
-template <int NM>
-__device__ __forceinline__ void mx1_block_rows(const cuda_weight &w0, const cuda_weight &w1, int64_t r,
-                                               const uint32_t *xs, uint4 u[MX1_U][2][2],
-                                               float sc[MX1_U][2], float (*part)[16], float sum[NM]) {
-  constexpr int RT = 2 / NM;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int64_t tr;
-  int ks;
-  const cuda_weight &w = mx1_warp_part<NM>(w0, w1, r, &tr, &ks);
-  float out[2];
-  mx1_tile(w, tr, xs, ks, u, sc, out);
-  if ((lane & 3) == 0) part[warp][lane >> 2] = out[0], part[warp][(lane >> 2) + 8] = out[1];
-  __syncthreads();
+  if (q == 0) part[warp][g] = acc0, part[warp][g + 8] = acc1;
+  mx1_consumers_sync();
   const int t = threadIdx.x;
-  if (t < 16 * RT)
+  if (t < 16)
 #pragma unroll
     for (int mm = 0; mm < NM; mm++) {
       float v = 0.0f;
 #pragma unroll
-      for (int k = 0; k < MX1_KS; k++) v += part[k * NM * RT + (t / 16) * NM + mm][t % 16];
+      for (int k = 0; k < S::ks; k++) v += part[k * NM + mm][t];
       sum[mm] = v;
     }
-  __syncthreads();
 }
 
 /* 1 when mx_accumulate can read t: E4M3 rows of a multiple of 8 bytes, 8-byte aligned, with no
@@ -699,9 +794,14 @@ static inline int gemv_step_kind(const m3_tensor *t, const float *x) {
 }
 
 /* 1 when the mx1 kernels take t with x at one token: 32-byte steps of E4M3 under one scale
- * (gemv_step_kind), K % 16 == 0 (whole units) and small enough to stage. */
-static inline int mx1_fits(const m3_tensor *t, const float *x) {
-  return gemv_step_kind(t, x) == WK_E4M3 && t->cols % 16 == 0 && t->cols <= MX1_MAX_K;
+ * (gemv_step_kind), K % 16 == 0 (whole units, 16-byte aligned rows for the ring's copies), MXFP8
+ * scales in 4-byte pieces (K % 128 == 0, aligned rows), and x staged with the slots beside it in
+ * smem_optin bytes of shared memory. */
+static inline int mx1_fits(const m3_tensor *t, const float *x, int smem_optin) {
+  if (gemv_step_kind(t, x) != WK_E4M3 || t->cols % 16 != 0 ||
+      mx1_smem_bytes<2>(t->cols) + MX1_STATIC_SMEM > (size_t)smem_optin)
+    return 0;
+  return t->quant != M3_WQ_MXFP8 || (t->cols % 128 == 0 && (uintptr_t)t->scale % 4 == 0);
 }
 
 #endif
