@@ -312,7 +312,8 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
 }
 
 /* The grouped GEMV at one token (T = 1: each active expert has one slot, or one per time a token
- * chose it; E4M3 experts take moe_mx1_kernel, below): the same outputs as moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
+ * chose it; E4M3 experts that fit take moe_mx1_kernel, below): the same outputs as
+ * moe_gemv_kernel, with matmul.cu gemv_warp_kernel's layout:
  * blockIdx.y picks the active expert, each of 8 warps owns RW rows (GATED: of gate and of up
  * both, which then share every load of x) and walks K alone through warp_rows_dot, the next units
  * loaded while the current ones are used: 128 bytes in flight per lane, 2 blocks per SM, against

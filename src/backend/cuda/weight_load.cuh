@@ -435,10 +435,11 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * lanes reads fall in different banks. One producer warp a block waits for a slot's consumers and
  * starts its copies, never for memory itself: a load waited for there queues behind every SM's
  * copies. Measured (H200, 2-layer FD,SM MXFP8 model, decode step): loads into registers (three
- * 2 KB steps a warp, 16 warps an SM) 0.442 ms; these two slots, 3-4 blocks an SM, 0.421-0.425 ms;
- * one block an SM with 12 slots 0.590 ms and with 6 slots and four producer warps 0.436 ms: one
- * producer warp issues a block's copies no faster than about a stage a microsecond, and eight
- * consumer warps an SM leave the decoding's latency exposed, so slots buy less than blocks. */
+ * 2 KB steps a warp, 16 warps an SM) 0.442 ms; these two slots, 3-4 blocks an SM, 0.398-0.405 ms;
+ * three slots (two blocks) 0.439 ms; 16 or 4 consumer warps 0.449-0.458 ms; one block an SM with
+ * 12 slots 0.590 ms, and with 6 slots and four producer warps 0.436 ms: one producer warp issues
+ * a block's copies no faster than about a stage a microsecond, and eight consumer warps an SM
+ * leave the decoding's latency exposed, so slots buy less than blocks. */
 enum {
   MX1_CONSUMERS = 8, MX1_THREADS = 32 * (MX1_CONSUMERS + 1), MX1_SLOTS = 2,
   MX1_STEP = 128, MX1_XV = 4, MX1_ROW_PAD = 64,
