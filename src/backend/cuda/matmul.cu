@@ -945,11 +945,11 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
   }
 }
 
-/* One token: the E4M3 outputs together tall enough for mx1_set_kernel (mx1_rows_fit) take one
- * launch of it, each row as its matmul computes it alone. The outputs of each other kind of
- * gemv_step_kind (WK_ANY aside) whose weights together
- * are tall enough for gemv_warp_kernel (gemv_warp_rows of their summed rows, 2 of them at least)
- * take one gemv_set_kernel launch, at the RW that sum gets. A weight that alone takes
+/* One token: the E4M3 outputs together tall enough for mx1_set_kernel (mx1_rows_fit), each of
+ * them mx1_fits, take one launch of it, each row as its matmul computes it alone. The outputs of
+ * each other kind of gemv_step_kind (WK_ANY aside) whose weights together are tall enough for
+ * gemv_warp_kernel (gemv_warp_rows of their summed rows, 2 of them at least) take one
+ * gemv_set_kernel launch, at the RW that sum gets. A weight that alone takes
  * gemv_warp_kernel at that RW gets the same bits as matmul; a short one (alone: gemv_kernel's
  * K split) differs by rounding. Everything else (other kinds, a weight alone of its kind,
  * T > 1) is matmul's, output by output. */
@@ -965,7 +965,9 @@ void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out 
           idx[g++] = i;
           rows += out[i].w->rows;
         }
-      if (kind == WK_E4M3 && g > 0 && mx1_fits(out[idx[0]].w, x, cb->smem_optin) && mx1_rows_fit(cb, rows)) {
+      int mx1 = kind == WK_E4M3 && g > 0 && mx1_rows_fit(cb, rows);
+      for (int i = 0; i < g && mx1; i++) mx1 = mx1_fits(out[idx[i]].w, x, cb->smem_optin);
+      if (mx1) {
         launch_mx1_set(cb, x, out, idx, g);
         for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
         continue;

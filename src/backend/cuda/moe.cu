@@ -87,7 +87,8 @@ enum {
 /* What prepare_experts keeps for one layer. */
 typedef struct {
   cuda_weight *w;      /* device [3 * E]: the gate experts, then up, then down */
-  int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible */
+  int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible, and
+                        * MXFP8 scales 4-byte aligned (moe_mx1_kernel copies them 4 bytes at once) */
   int32_t *host_start; /* host [E + 1]: the expert offsets the prefill path reads back */
   int8_t *lane_of;     /* host [E]: the prefill's lane of each expert, -1: the backend's stream */
   uint8_t *chain_kind; /* host [E]: how the prefill runs each expert's matmuls (CHAIN_*) */
@@ -802,7 +803,8 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
     const m3_tensor *t[3] = {&ex->gate[e], &ex->up[e], &ex->down[e]};
     for (int i = 0; i < 3; i++) {
       host[(size_t)i * E + e] = cuda_weight_of(t[i]);
-      tab->wide &= (uintptr_t)t[i]->data % 16 == 0;
+      tab->wide &= (uintptr_t)t[i]->data % 16 == 0 &&
+                   (t[i]->quant != M3_WQ_MXFP8 || (uintptr_t)t[i]->scale % 4 == 0);
     }
   }
   const size_t bytes = (size_t)3 * E * sizeof *host;
