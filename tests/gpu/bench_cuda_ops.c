@@ -7,6 +7,7 @@
  *     the three ops it replaces, on float32 and fp8 caches;
  *   - matmul_set at T = 1 (a sparse layer's q, k, v, index_q, index_k of one input in one pass)
  *     beside the 5 matmuls it replaces, through recorded graphs;
+ *   - (M3_BENCH_SHAPES=RxC,... alone) matmul at T = 1 on the shapes given, MXFP8 or BF16;
  *   - matmul at decode (T = 1, 8, 64) on every full-width M3 shape in BF16 and MXFP8: weight
  *     bytes read per second against that ceiling (BF16: T <= 8 is the GEMV, T = 64 goes through
  *     cuBLASLt; MXFP8: up to 64 tokens the E4M3 tensor-core kernel, weights read once);
@@ -238,6 +239,24 @@ static void bench_matmul(const char *label, int64_t rows, int64_t cols, int kind
   }
   for (int c = 0; c < m.copies; c++) bench_weight_free(&m.w[c]);
   gpu->ops->free(gpu, m.x), gpu->ops->free(gpu, m.y);
+}
+
+/* matmul at T = 1 for each shape of list ("RxC,RxC,..."); 0 (with a message) where list is
+ * malformed. */
+static int bench_shapes(const char *list, int kind, double copy_gbs, FILE *table) {
+  static const int one[] = {1};
+  for (const char *p = list; *p;) {
+    long long rows, cols;
+    int used = 0;
+    if (sscanf(p, "%lldx%lld%n", &rows, &cols, &used) != 2 || rows <= 0 || cols <= 0 || cols % 32 != 0 ||
+        (p[used] != ',' && p[used] != '\0')) {
+      fprintf(stderr, "bench_cuda_ops: M3_BENCH_SHAPES: expected ROWSxCOLS[,...] with COLS a multiple of 32 at \"%s\"\n", p);
+      return 0;
+    }
+    bench_matmul("shape", rows, cols, kind, one, 1, copy_gbs, table);
+    p += used + (p[used] == ',');
+  }
+  return 1;
 }
 
 /* ---- logits to the host ---- */
@@ -1104,6 +1123,15 @@ int main(int argc, char **argv) {
     gpu->ops->destroy(gpu);
     if (table != stdout) fclose(table);
     return 0;
+  }
+  /* M3_BENCH_SHAPES=RxC,RxC,... set: one-token matmuls of those shapes alone (MXFP8; BF16 with
+   * M3_BENCH_BF16 set), for a kernel's fixed cost and its rate (time against bytes). */
+  if (getenv("M3_BENCH_SHAPES")) {
+    const int ok = bench_shapes(getenv("M3_BENCH_SHAPES"), getenv("M3_BENCH_BF16") ? BENCH_BF16 : BENCH_MXFP8,
+                                copy_gbs, table);
+    gpu->ops->destroy(gpu);
+    if (table != stdout) fclose(table);
+    return ok ? 0 : 1;
   }
   /* M3_BENCH_DECODE_ONLY set: the batch-1 decode rows alone (small ops, matmul at T = 1, the routed
    * experts at T = 1 and 8); with M3_CUDA_GEMV_OLD=1 in a second run, the previous one-token

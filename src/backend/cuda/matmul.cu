@@ -360,7 +360,7 @@ static int mx1_rows_fit(const cuda_backend *cb, int64_t rows) {
 }
 
 /* The outputs out[idx[0..n)] (mx1_fits, one K) in one mx1_set_kernel launch: no more blocks than
- * the SMs hold at once, so that each stages x once. */
+ * the SMs hold at once, so that each stages x once, and runs of equal length (mx1_blocks). */
 static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out *out,
                            const int *idx, int n) {
   const gemv_set s = gemv_set_of(out, idx, n, 16);
@@ -369,7 +369,7 @@ static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out
   const size_t smem = mx1_smem_bytes<1>(K);
   cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
-  const unsigned blocks = (unsigned)(s.first[n] < blocks_max ? s.first[n] : blocks_max);
+  const unsigned blocks = mx1_blocks(s.first[n], blocks_max);
   mx1_set_kernel<<<blocks, MX1_THREADS, smem, cb->stream>>>(s, x);
   cuda_launched(cb, op);
 }

@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(MX1_THREADS)
 }
 
 /* moe_mx1_kernel over at most `experts` active experts of `rows` rows and K columns (mx1_fits),
- * no more blocks than the SMs hold at once. */
+ * no more blocks than the SMs hold at once, in runs of equal length (mx1_blocks). */
 template <int GATED>
 static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight *w0,
                            const cuda_weight *w1, const moe_groups &g, const float *x, int k,
@@ -430,7 +430,7 @@ static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight
   cuda_allow_smem(cb, kernel, smem, op);
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
                 items = (int64_t)experts * groups;
-  const unsigned blocks = (unsigned)(items < blocks_max ? items : blocks_max);
+  const unsigned blocks = mx1_blocks(items, blocks_max);
   moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, g, x, k, groups, ex->alpha,
                                                                    ex->beta, ex->limit, out);
   cuda_launched(cb, op);

@@ -499,10 +499,17 @@ __device__ __forceinline__ void mbar_expect_bytes(uint64_t *bar, uint32_t bytes)
 }
 
 /* bytes (a multiple of 16, both ends 16-byte aligned) from global src to shared dst by the copy
- * engine, counted on bar when they land. */
-__device__ __forceinline__ void bulk_copy(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar))
+ * engine, counted on bar when they land. The weights are read once a step: marked first to leave
+ * L2, they leave the activations, the KV cache and the scales there (H200, MXFP8 2-layer decode
+ * step 0.421-0.430 -> 0.399-0.408 ms, o_proj alone 22.2 -> 20.4 us; the same hint on the GEMVs'
+ * loads changed nothing, and prefetching the stage after next into L2 made every mx1 kernel
+ * slower: q_proj 23.7 -> 27.3 us). */
+__device__ __forceinline__ void bulk_copy_once(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+               "[%0], [%1], %2, [%3], %4;"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
                : "memory");
 }
 
@@ -548,7 +555,9 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
  * < 16 NM copies slot row i; each lane copies 16 of the stage's scales (blocks past the last are
  * left as they are: the consumers skip them) and arrives on the slot's full barrier when they
  * land. Nothing here waits for memory (a version that loaded the scales here and waited for
- * them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). */
+ * them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). The MXFP8 scales
+ * by the copy engine too, one bulk copy of 16 or 32 bytes a row beside the row's weights (twice
+ * the copies a stage), made the 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms (H200). */
 template <int NM>
 __device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w0,
                                                   const cuda_weight &w1, int64_t r) {
@@ -566,7 +575,8 @@ __device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &
     if (lane == 0) mbar_expect_bytes(&rg.full[slot], (uint32_t)(S::rows * bytes));
     __syncwarp();
     if (lane < S::rows)
-      bulk_copy(base + lane * S::pitch, w.data + (size_t)row * (size_t)K + c0, (uint32_t)bytes, &rg.full[slot]);
+      bulk_copy_once(base + lane * S::pitch, w.data + (size_t)row * (size_t)K + c0, (uint32_t)bytes,
+                     &rg.full[slot]);
     if (w.quant == M3_WQ_MXFP8) { /* e8m0 bytes [rows][blocks], 4 at a time (nblk % 4 == 0) */
 #pragma unroll
       for (int t = 0; t < S::lane_blocks; t += 4)
@@ -759,6 +769,16 @@ __device__ __forceinline__ void mx1_consume_group(const mx1_ring &rg, uint32_t &
       for (int k = 0; k < S::ks; k++) v += part[k * NM + mm][t];
       sum[mm] = v;
     }
+}
+
+/* Blocks for `items` equal runs of mx1 work where at most blocks_max fit at once: the runs as long
+ * as the longest would be anyway, over as few blocks as that takes, so that no block ends while
+ * others read one item more. Those others' last items run with the SMs half idle (H200, MXFP8
+ * q_proj alone, 512 groups of 16 rows on 396 block slots: 26.8 us in runs of 1 or 2, 23.8 us as
+ * 256 runs of 2; the q/k/v set's 9856 rows as one matrix, 616 groups, 28.3 -> 28.1 us). */
+static inline unsigned mx1_blocks(int64_t items, int64_t blocks_max) {
+  const int64_t per = (items + blocks_max - 1) / blocks_max;
+  return (unsigned)((items + per - 1) / per);
 }
 
 /* 1 when mx_accumulate can read t: E4M3 rows of a multiple of 8 bytes, 8-byte aligned, with no
