@@ -384,7 +384,7 @@ static void test_matmul_gemv_edges(void) {
  * a time; K 6144 as in M3), E4M3 NaN bytes in a step of the second round and in the columns past
  * the last step. T 1 and x aligned only: the new kernel's conditions. K 2176 (a multiple of 128)
  * takes MXFP8 through mx1_set_kernel too: two stages of 1024 columns and a partial third, as
- * does K 2560 (a multiple of 512, as every M3 K is) with a partial third of 512. */
+ * does K 2560 with a partial third of 512 columns. */
 static void test_matmul_gemv_warp(void) {
   static const int64_t shapes[][2] = {{4301, 2096}, {2201, 6144}, {4301, 2176}, {4301, 2560}};
   for (int kind = 0; kind < W_KINDS; kind++)
@@ -1397,8 +1397,8 @@ static void test_moe_experts_e4m3_tc(void) {
  * 16 columns past the last 32-byte step (H 272, I 80); H 270 (not a multiple of 4) for the element
  * paths, and of moe_combine_kernel. MXFP8 takes moe_mx1_kernel where both K are multiples of 128
  * (FP8 block wherever K % 16 == 0, above): H 1280 and I 1152 give gate/up stages of 512 columns
- * and down stages of 1024 with a partial last one each, and both slots reused; H = I = 1536
- * (multiples of 512, as every M3 K is) the same. */
+ * and down stages of 1024 with a partial last one each, and both slots reused; H = I = 1536 give
+ * three whole gate/up stages and a down stage of 1024 then one of 512. */
 static void test_moe_experts_one_token(void) {
   for (int kind = 0; kind < W_KINDS; kind++) {
     moe_experts_case(kind, 272, kind >= W_MXFP8 ? 80 : 88, 1, kind & 1);

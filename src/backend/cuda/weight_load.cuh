@@ -777,7 +777,7 @@ __device__ __forceinline__ void mx1_consume_group(const mx1_ring &rg, uint32_t &
  * q_proj alone, 512 groups of 16 rows on 396 block slots: 26.8 us in runs of 1 or 2, 23.8 us as
  * 256 runs of 2; the q/k/v set's 9856 rows as one matrix, 616 groups, 28.3 -> 28.1 us). */
 static inline unsigned mx1_blocks(int64_t items, int64_t blocks_max) {
-  const int64_t per = (items + blocks_max - 1) / blocks_max;
+  const int64_t per = items > blocks_max ? (items + blocks_max - 1) / blocks_max : 1;
   return (unsigned)((items + per - 1) / per);
 }
 
