@@ -87,8 +87,9 @@ enum {
 /* What prepare_experts keeps for one layer. */
 typedef struct {
   cuda_weight *w;      /* device [3 * E]: the gate experts, then up, then down */
-  int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible, and
-                        * MXFP8 scales 4-byte aligned (moe_mx1_kernel copies them 4 bytes at once) */
+  int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible */
+  int scales4;         /* every MXFP8 expert's scales 4-byte aligned (moe_mx1_kernel copies them 4
+                        * bytes at once) */
   int32_t *host_start; /* host [E + 1]: the expert offsets the prefill path reads back */
   int8_t *lane_of;     /* host [E]: the prefill's lane of each expert, -1: the backend's stream */
   uint8_t *chain_kind; /* host [E]: how the prefill runs each expert's matmuls (CHAIN_*) */
@@ -709,8 +710,8 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
     const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
     const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
-    if (T == 1 && tab->wide && !cb->mx1_off && mx1_fits(&ex->gate[0], h, cb->smem_optin) &&
-        mx1_fits(&ex->down[0], act, cb->smem_optin)) {
+    if (T == 1 && tab->wide && tab->scales4 && !cb->mx1_off &&
+        mx1_fits(&ex->gate[0], h, cb->smem_optin) && mx1_fits(&ex->down[0], act, cb->smem_optin)) {
       launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, (int64_t)H, ex, act);
       launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, (int64_t)I, ex, y);
     } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !cb->gemv_old) {
@@ -798,13 +799,13 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
     free(tab), free(host);
     return m3_fail(M3_ERR_NOMEM, "%s: expert table of %d experts", ex->gate[0].name, E);
   }
-  tab->wide = 1;
+  tab->wide = 1, tab->scales4 = 1;
   for (int e = 0; e < E; e++) {
     const m3_tensor *t[3] = {&ex->gate[e], &ex->up[e], &ex->down[e]};
     for (int i = 0; i < 3; i++) {
       host[(size_t)i * E + e] = cuda_weight_of(t[i]);
-      tab->wide &= (uintptr_t)t[i]->data % 16 == 0 &&
-                   (t[i]->quant != M3_WQ_MXFP8 || (uintptr_t)t[i]->scale % 4 == 0);
+      tab->wide &= (uintptr_t)t[i]->data % 16 == 0;
+      tab->scales4 &= t[i]->quant != M3_WQ_MXFP8 || (uintptr_t)t[i]->scale % 4 == 0;
     }
   }
   const size_t bytes = (size_t)3 * E * sizeof *host;
