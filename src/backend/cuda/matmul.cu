@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(MX1_THREADS)
   if (warp >= MX1_CONSUMERS) {
     for (int64_t b = g0; b < g1; b++) {
       while (b >= s.first[m + 1]) m++;
-      mx1_produce_group<1>(rg, n, s.w[m], s.w[m], (b - s.first[m]) * 16);
+      mx1_produce_group(rg, n, s.w[m], (b - s.first[m]) * 16);
     }
     return;
   }
@@ -346,9 +346,8 @@ __global__ void __launch_bounds__(MX1_THREADS)
   for (int64_t b = g0; b < g1; b++) {
     while (b >= s.first[m + 1]) m++;
     const int64_t r = (b - s.first[m]) * 16;
-    float sum[1];
-    mx1_consume_group<1>(rg, n, s.w[m], s.w[m], (const uint32_t *)mx1_smem, part[b & 1], sum);
-    if (threadIdx.x < 16 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum[0] * back;
+    const float sum = mx1_consume_group(rg, n, s.w[m], (const uint32_t *)mx1_smem, part[b & 1]);
+    if (threadIdx.x < 16 && r + threadIdx.x < s.w[m].rows) s.y[m][r + threadIdx.x] = sum * back;
   }
 }
 
@@ -366,7 +365,7 @@ static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out
   const gemv_set s = gemv_set_of(out, idx, n, 16);
   const char *op = "matmul (e4m3 one token, tensor cores)";
   const int64_t K = s.w[0].cols;
-  const size_t smem = mx1_smem_bytes<1>(K);
+  const size_t smem = mx1_smem_bytes(K);
   cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
   const unsigned blocks = mx1_blocks(s.first[n], blocks_max);

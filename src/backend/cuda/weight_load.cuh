@@ -415,7 +415,7 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * The CUDA-core GEMV (warp_rows_dot) spends per E4M3 weight a pair conversion, a widening to
  * float32 and an FMA, plus a float32 of x from L1: at one token it read the E4M3 rows at about
  * half the copy bandwidth where BF16 rows reach 90%. Here the tensor cores do the multiplying and
- * adding. A group is 16 rows of one matrix (or of gate and of up, NM = 2); each warp walks its share
+ * adding. A group is 16 rows of one matrix; each warp walks its share
  * of K 128 columns a step, lane (g, q) taking 16 bytes of row g and of row g + 8 per 64 columns,
  * decoding them to f16 in registers (E4M3 is exact in f16) and feeding mma.sync m16n8k16 (f16 in,
  * f32 accumulate). x is staged once per block in shared memory as two f16 terms, hi + lo, after
@@ -430,8 +430,8 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  *
  * The weights reach shared memory through two slots of stages filled by the copy engine
  * (cp.async.bulk, one copy per row of a stage; the scales by cp.async) and read by the consumer
- * warps, with several blocks an SM. A stage is one step of every consumer warp: 16 NM rows x
- * 1024 / NM columns (16 KB), each row padded by 64 bytes so that the two rows a phase of eight
+ * warps, with several blocks an SM. A stage is one step of every consumer warp: 16 rows x 1024
+ * columns (16 KB), each row padded by 64 bytes so that the two rows a phase of eight
  * lanes reads fall in different banks. One producer warp a block waits for a slot's consumers and
  * starts its copies, never for memory itself: a load waited for there queues behind every SM's
  * copies. Measured (H200, 2-layer FD,SM MXFP8 model, decode step): loads into registers (three
@@ -455,19 +455,17 @@ __host__ __device__ __forceinline__ size_t mx1_stage_bytes(int64_t K) {
   return ((size_t)(mx1_lo_words(K) + K / 2) * 4 + 127) / 128 * 128;
 }
 
-/* The shape of a stage for groups of NM matrices: rows, columns, steps (one a consumer warp),
- * padded row bytes, scale blocks a row, and the slot's bytes (rows, then float scales [rows][blocks]). */
-template <int NM> struct mx1_shape {
-  enum {
-    rows = 16 * NM, ks = MX1_CONSUMERS / NM, cols = MX1_STEP * ks, pitch = cols + MX1_ROW_PAD,
-    blocks = cols / 32, lane_blocks = rows * blocks / 32, slot = rows * pitch + rows * blocks * 4
-  };
+/* The shape of a stage: rows, columns, steps (one a consumer warp), padded row bytes, scale
+ * blocks a row, the scale blocks each producer lane copies, and the slot's bytes (rows, then float
+ * scales [rows][blocks]). */
+enum {
+  MX1_ROWS = 16, MX1_KS = MX1_CONSUMERS, MX1_COLS = MX1_STEP * MX1_KS, MX1_PITCH = MX1_COLS + MX1_ROW_PAD,
+  MX1_BLOCKS = MX1_COLS / 32, MX1_LANE_BLOCKS = MX1_ROWS * MX1_BLOCKS / 32,
+  MX1_SLOT = MX1_ROWS * MX1_PITCH + MX1_ROWS * MX1_BLOCKS * 4
 };
 
 /* Dynamic shared memory of an mx1 block: the staged x of K columns, then its slots. */
-template <int NM> static inline size_t mx1_smem_bytes(int64_t K) {
-  return mx1_stage_bytes(K) + (size_t)MX1_SLOTS * mx1_shape<NM>::slot;
-}
+static inline size_t mx1_smem_bytes(int64_t K) { return mx1_stage_bytes(K) + (size_t)MX1_SLOTS * MX1_SLOT; }
 
 /* ---- the slots' barriers (mbarrier, sm_90) ---- */
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -518,7 +516,7 @@ __device__ __forceinline__ void mx1_consumers_sync(void) {
   asm volatile("bar.sync 1, %0;" ::"n"(32 * MX1_CONSUMERS) : "memory");
 }
 
-/* A block's slots: MX1_SLOTS of mx1_shape<NM>::slot bytes from `base`; full[i] completes when
+/* A block's slots: MX1_SLOTS of MX1_SLOT bytes from `base`; full[i] completes when
  * slot i's copies have landed (weights and scales), empty[i] when every consumer warp has read it.
  * Stage n of the block (counted over all its groups) takes slot n % MX1_SLOTS in its use
  * n / MX1_SLOTS. */
@@ -550,48 +548,45 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-/* The producer warp's stages of one group: rows r .. r + 15 of w0 (and of w1 for NM = 2; rows past
- * the end reread the last), from stage counter n on (advanced past the group's stages). Lane i
- * < 16 NM copies slot row i; each lane copies 16 of the stage's scales (blocks past the last are
+/* The producer warp's stages of one group: rows r .. r + 15 of w (rows past the end reread the
+ * last), from stage counter n on (advanced past the group's stages). Lane i < 16 copies slot row
+ * i; each lane copies 16 of the stage's scales (blocks past the last are
  * left as they are: the consumers skip them) and arrives on the slot's full barrier when they
  * land. Nothing here waits for memory (a version that loaded the scales here and waited for
  * them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). The MXFP8 scales
  * by the copy engine too, one bulk copy of 16 or 32 bytes a row beside the row's weights (twice
  * the copies a stage), made the 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms (H200). */
-template <int NM>
-__device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w0,
-                                                  const cuda_weight &w1, int64_t r) {
-  typedef mx1_shape<NM> S;
-  const int lane = threadIdx.x & 31, i = lane % S::rows;
-  const cuda_weight &w = NM == 2 && i >= 16 ? w1 : w0;
-  const int64_t K = w.cols, N = w.rows, nblk = (K + 31) / 32, stages = (K + S::cols - 1) / S::cols;
-  const int64_t row = r + i % 16 < N ? r + i % 16 : N - 1;
-  const int b0 = lane / S::rows * S::lane_blocks; /* this lane's scale blocks of the row in a stage */
+__device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w,
+                                                  int64_t r) {
+  const int lane = threadIdx.x & 31, i = lane % MX1_ROWS;
+  const int64_t K = w.cols, N = w.rows, nblk = (K + 31) / 32, stages = (K + MX1_COLS - 1) / MX1_COLS;
+  const int64_t row = r + i < N ? r + i : N - 1;
+  const int b0 = lane / MX1_ROWS * MX1_LANE_BLOCKS; /* this lane's scale blocks of the row in a stage */
   for (int64_t j = 0; j < stages; j++, n++) {
     const int slot = (int)(n % MX1_SLOTS);
-    uint8_t *base = rg.base + (size_t)slot * S::slot, *scl = base + S::rows * S::pitch;
+    uint8_t *base = rg.base + (size_t)slot * MX1_SLOT, *scl = base + MX1_ROWS * MX1_PITCH;
     mbar_wait(&rg.empty[slot], ((n / MX1_SLOTS) & 1) ^ 1); /* the first use passes */
-    const int64_t c0 = j * S::cols, bytes = K - c0 < S::cols ? K - c0 : S::cols, b = j * S::blocks + b0;
-    if (lane == 0) mbar_expect_bytes(&rg.full[slot], (uint32_t)(S::rows * bytes));
+    const int64_t c0 = j * MX1_COLS, bytes = K - c0 < MX1_COLS ? K - c0 : MX1_COLS, b = j * MX1_BLOCKS + b0;
+    if (lane == 0) mbar_expect_bytes(&rg.full[slot], (uint32_t)(MX1_ROWS * bytes));
     __syncwarp();
-    if (lane < S::rows)
-      bulk_copy_once(base + lane * S::pitch, w.data + (size_t)row * (size_t)K + c0, (uint32_t)bytes,
+    if (lane < MX1_ROWS)
+      bulk_copy_once(base + lane * MX1_PITCH, w.data + (size_t)row * (size_t)K + c0, (uint32_t)bytes,
                      &rg.full[slot]);
     if (w.quant == M3_WQ_MXFP8) { /* e8m0 bytes [rows][blocks], 4 at a time (nblk % 4 == 0) */
 #pragma unroll
-      for (int t = 0; t < S::lane_blocks; t += 4)
+      for (int t = 0; t < MX1_LANE_BLOCKS; t += 4)
         if (b + t < nblk)
-          async_copy4(scl + i * S::blocks + b0 + t, w.scale + (size_t)row * (size_t)w.scale_cols + b + t);
+          async_copy4(scl + i * MX1_BLOCKS + b0 + t, w.scale + (size_t)row * (size_t)w.scale_cols + b + t);
       async_copies_arrive(&rg.full[slot]);
     } else if (w.quant == M3_WQ_FP8_BLOCK) { /* float32 [rows][blocks], each block's own */
       const float *fs = (const float *)w.scale + (size_t)(row / w.block_rows) * (size_t)w.scale_cols;
 #pragma unroll
-      for (int t = 0; t < S::lane_blocks; t++)
-        if (b + t < nblk) async_copy4(scl + (i * S::blocks + b0 + t) * 4, fs + (b + t) * 32 / w.block_cols);
+      for (int t = 0; t < MX1_LANE_BLOCKS; t++)
+        if (b + t < nblk) async_copy4(scl + (i * MX1_BLOCKS + b0 + t) * 4, fs + (b + t) * 32 / w.block_cols);
       async_copies_arrive(&rg.full[slot]);
     } else {
 #pragma unroll
-      for (int t = 0; t < S::lane_blocks; t++) ((float *)scl)[i * S::blocks + b0 + t] = 1.0f;
+      for (int t = 0; t < MX1_LANE_BLOCKS; t++) ((float *)scl)[i * MX1_BLOCKS + b0 + t] = 1.0f;
       mbar_arrive(&rg.full[slot]);
     }
   }
@@ -713,42 +708,37 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
   acc1 = fmaf(d[2] + d[3], sc[1], acc1);
 }
 
-/* Consumer warp `warp`'s part of one group (matrix warp % NM; in stage j, step
- * mx1_shape<NM>::ks * j + warp / NM of K) from stage counter n on (advanced past the group's stages), with the staged x xs: the warps' partial
+/* Consumer warp `warp`'s part of one group of w (in stage j, step MX1_KS * j + warp of K) from
+ * stage counter n on (advanced past the group's stages), with the staged x xs: the warps' partial
  * sums meet through part ([MX1_CONSUMERS][16], not the previous group's: callers alternate two) in
  * a fixed order, so a row's bits depend on neither its group nor the launch. Thread t < 16 gets
- * row r + t of each matrix in sum[m] (before the stage's factor). Ends with the consumers'
+ * row r + t's sum (before the stage's factor); the others get 0. Ends with the consumers'
  * barrier. */
-template <int NM>
-__device__ __forceinline__ void mx1_consume_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w0,
-                                                  const cuda_weight &w1, const uint32_t *xs,
-                                                  float (*part)[16], float sum[NM]) {
-  typedef mx1_shape<NM> S;
+__device__ __forceinline__ float mx1_consume_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w,
+                                                   const uint32_t *xs, float (*part)[16]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int m = warp % NM, ks = warp / NM;
-  const cuda_weight &w = m ? w1 : w0;
-  const int64_t K = w.cols, stages = (K + S::cols - 1) / S::cols;
+  const int64_t K = w.cols, stages = (K + MX1_COLS - 1) / MX1_COLS;
   /* B: lane g supplies hi (g even) or lo (g odd) of block 2h + q / 2's columns in half h */
   const uint32_t *xb = xs + (g & 1 ? mx1_lo_words(K) : 0) + 8 * q;
   const int take0 = g >> 1 == q >> 1, take1 = g >> 1 == 2 + (q >> 1);
-  const int row0 = 16 * m + g, row1 = row0 + 8;
+  const int row0 = g, row1 = row0 + 8;
   float acc0 = 0.0f, acc1 = 0.0f;
   for (int64_t j = 0; j < stages; j++, n++) {
     const int slot = (int)(n % MX1_SLOTS);
-    const uint8_t *base = rg.base + (size_t)slot * S::slot;
+    const uint8_t *base = rg.base + (size_t)slot * MX1_SLOT;
     mbar_wait(&rg.full[slot], (n / MX1_SLOTS) & 1);
-    const int64_t s = j * S::ks + ks;
+    const int64_t s = j * MX1_KS + warp;
     uint4 u[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      const int lc = MX1_STEP * ks + 64 * h + 16 * q;
+      const int lc = MX1_STEP * warp + 64 * h + 16 * q;
       const int in = MX1_STEP * s + 64 * h + 16 * q < K; /* past K the slot holds stale bytes */
-      u[h][0] = in ? *(const uint4 *)(base + row0 * S::pitch + lc) : make_uint4(0u, 0u, 0u, 0u);
-      u[h][1] = in ? *(const uint4 *)(base + row1 * S::pitch + lc) : make_uint4(0u, 0u, 0u, 0u);
+      u[h][0] = in ? *(const uint4 *)(base + row0 * MX1_PITCH + lc) : make_uint4(0u, 0u, 0u, 0u);
+      u[h][1] = in ? *(const uint4 *)(base + row1 * MX1_PITCH + lc) : make_uint4(0u, 0u, 0u, 0u);
     }
-    const uint8_t *scl = base + S::rows * S::pitch;
-    const float sc[2] = {mx1_slot_scale(w, scl, S::blocks, row0, 4 * ks + q, 4 * s + q),
-                         mx1_slot_scale(w, scl, S::blocks, row1, 4 * ks + q, 4 * s + q)};
+    const uint8_t *scl = base + MX1_ROWS * MX1_PITCH;
+    const float sc[2] = {mx1_slot_scale(w, scl, MX1_BLOCKS, row0, 4 * warp + q, 4 * s + q),
+                         mx1_slot_scale(w, scl, MX1_BLOCKS, row1, 4 * warp + q, 4 * s + q)};
     __syncwarp(); /* every lane's reads of the slot done before lane 0 frees it */
     if (lane == 0) mbar_arrive(&rg.empty[slot]);
     mx1_step(u, sc, xb, s, K, take0, take1, acc0, acc1);
@@ -761,14 +751,11 @@ __device__ __forceinline__ void mx1_consume_group(const mx1_ring &rg, uint32_t &
   if (q == 0) part[warp][g] = acc0, part[warp][g + 8] = acc1;
   mx1_consumers_sync();
   const int t = threadIdx.x;
+  float sum = 0.0f;
   if (t < 16)
 #pragma unroll
-    for (int mm = 0; mm < NM; mm++) {
-      float v = 0.0f;
-#pragma unroll
-      for (int k = 0; k < S::ks; k++) v += part[k * NM + mm][t];
-      sum[mm] = v;
-    }
+    for (int k = 0; k < MX1_KS; k++) sum += part[k][t];
+  return sum;
 }
 
 /* Blocks for `items` equal runs of mx1 work where at most blocks_max fit at once: the runs as long
@@ -820,7 +807,7 @@ static inline int gemv_step_kind(const m3_tensor *t, const float *x) {
  * smem_optin bytes of shared memory. */
 static inline int mx1_fits(const m3_tensor *t, const float *x, int smem_optin) {
   if (gemv_step_kind(t, x) != WK_E4M3 || t->cols % 16 != 0 ||
-      mx1_smem_bytes<2>(t->cols) + MX1_STATIC_SMEM > (size_t)smem_optin)
+      mx1_smem_bytes(t->cols) + MX1_STATIC_SMEM > (size_t)smem_optin)
     return 0;
   return t->quant != M3_WQ_MXFP8 || (t->cols % 128 == 0 && (uintptr_t)t->scale % 4 == 0);
 }
