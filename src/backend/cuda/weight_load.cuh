@@ -415,24 +415,24 @@ __device__ __forceinline__ void mx_mark_nan(const uint32_t nan_bits[MT][2], floa
  * The CUDA-core GEMV (warp_rows_dot) spends per E4M3 weight a pair conversion, a widening to
  * float32 and an FMA, plus a float32 of x from L1: at one token it read the E4M3 rows at about
  * half the copy bandwidth where BF16 rows reach 90%. Here the tensor cores do the multiplying and
- * adding. A group is 16 rows of one matrix; each warp walks its share
- * of K 128 columns a step, lane (g, q) taking 16 bytes of row g and of row g + 8 per 64 columns,
- * decoding them to f16 in registers (E4M3 is exact in f16) and feeding mma.sync m16n8k16 (f16 in,
- * f32 accumulate). x is staged once per block in shared memory as two f16 terms, hi + lo, after
- * multiplying by a power of two 2^sx that puts max|x| in [2^14, 2^15): no overflow, about 22
- * significant bits for an element within 2^-17 of the largest, and an error under 2^-39 of the
- * largest for smaller ones (lo then falls below f16's normal range). Only the B column of one
- * token is needed, so the 8 columns of B keep the four 32-column scale blocks of a step apart: in
- * MMA i of half h, lane q supplies A columns of block 2h + q / 2 and B is nonzero only in columns
- * 2 (2h + q / 2) (hi) and + 1 (lo), from the lanes g of that pair. After a step, lane 4 g + q
- * holds block q's hi and lo sums of rows g and g + 8 (D columns 2q, 2q + 1), which its scale
- * multiplies into float32 accumulators, as the GEMV scales each block's sum.
+ * adding. A group is 16 rows of one matrix; each warp walks its share of K 128 columns a step,
+ * lane (g, q) taking 16 bytes of row g and of row g + 8 per 64 columns, decoding them to f16 in
+ * registers (E4M3 is exact in f16) and feeding mma.sync m16n8k16 (f16 in, f32 accumulate). x is
+ * staged once per block in shared memory as two f16 terms, hi + lo, after multiplying by a power
+ * of two 2^sx that puts max|x| in [2^14, 2^15): no overflow, about 22 significant bits for an
+ * element within 2^-17 of the largest, and an error under 2^-39 of the largest for smaller ones
+ * (lo then falls below f16's normal range). Only the B column of one token is needed, so the 8
+ * columns of B keep the four 32-column scale blocks of a step apart: in MMA i of half h, lane q
+ * supplies A columns of block 2h + q / 2 and B is nonzero only in columns 2 (2h + q / 2) (hi) and
+ * + 1 (lo), from the lanes g of that pair. After a step, lane 4 g + q holds block q's hi and lo
+ * sums of rows g and g + 8 (D columns 2q, 2q + 1), which its scale multiplies into float32
+ * accumulators, as the GEMV scales each block's sum.
  *
  * The weights reach shared memory through two slots of stages filled by the copy engine
  * (cp.async.bulk, one copy per row of a stage; the scales by cp.async) and read by the consumer
  * warps, with several blocks an SM. A stage is one step of every consumer warp: 16 rows x 1024
- * columns (16 KB), each row padded by 64 bytes so that the two rows a phase of eight
- * lanes reads fall in different banks. One producer warp a block waits for a slot's consumers and
+ * columns (16 KB), each row padded by 64 bytes so that the two rows a phase of eight lanes reads
+ * fall in different banks. One producer warp a block waits for a slot's consumers and
  * starts its copies, never for memory itself: a load waited for there queues behind every SM's
  * copies. Measured (H200, 2-layer FD,SM MXFP8 model, decode step): loads into registers (three
  * 2 KB steps a warp, 16 warps an SM) 0.442 ms; these two slots, 3-4 blocks an SM, 0.398-0.405 ms;
@@ -455,11 +455,11 @@ __host__ __device__ __forceinline__ size_t mx1_stage_bytes(int64_t K) {
   return ((size_t)(mx1_lo_words(K) + K / 2) * 4 + 127) / 128 * 128;
 }
 
-/* The shape of a stage: rows, columns, steps (one a consumer warp), padded row bytes, scale
+/* The shape of a stage (one step of each consumer warp): rows, columns, padded row bytes, scale
  * blocks a row, the scale blocks each producer lane copies, and the slot's bytes (rows, then float
  * scales [rows][blocks]). */
 enum {
-  MX1_ROWS = 16, MX1_KS = MX1_CONSUMERS, MX1_COLS = MX1_STEP * MX1_KS, MX1_PITCH = MX1_COLS + MX1_ROW_PAD,
+  MX1_ROWS = 16, MX1_COLS = MX1_STEP * MX1_CONSUMERS, MX1_PITCH = MX1_COLS + MX1_ROW_PAD,
   MX1_BLOCKS = MX1_COLS / 32, MX1_LANE_BLOCKS = MX1_ROWS * MX1_BLOCKS / 32,
   MX1_SLOT = MX1_ROWS * MX1_PITCH + MX1_ROWS * MX1_BLOCKS * 4
 };
@@ -550,12 +550,12 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
 
 /* The producer warp's stages of one group: rows r .. r + 15 of w (rows past the end reread the
  * last), from stage counter n on (advanced past the group's stages). Lane i < 16 copies slot row
- * i; each lane copies 16 of the stage's scales (blocks past the last are
- * left as they are: the consumers skip them) and arrives on the slot's full barrier when they
- * land. Nothing here waits for memory (a version that loaded the scales here and waited for
- * them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). The MXFP8 scales
- * by the copy engine too, one bulk copy of 16 or 32 bytes a row beside the row's weights (twice
- * the copies a stage), made the 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms (H200). */
+ * i; each lane copies 16 of the stage's scales (blocks past the last are left as they are: the
+ * consumers skip them) and arrives on the slot's full barrier when they land. Nothing here waits
+ * for memory (a version that loaded the scales here and waited for them took q_proj 34.7 us
+ * against 29.6 with cp.async, one block an SM both). The MXFP8 scales by the copy engine too, one
+ * bulk copy of 16 or 32 bytes a row beside the row's weights (twice the copies a stage), made the
+ * 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms (H200). */
 __device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w,
                                                   int64_t r) {
   const int lane = threadIdx.x & 31, i = lane % MX1_ROWS;
@@ -594,10 +594,10 @@ __device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &
 
 /* The scale of block b of slot row `row` (scales: the slot's, as mx1_produce_group left them), 0
  * past the last block. */
-__device__ __forceinline__ float mx1_slot_scale(const cuda_weight &w, const uint8_t *scales, int blocks,
-                                                int row, int b, int64_t global_b) {
+__device__ __forceinline__ float mx1_slot_scale(const cuda_weight &w, const uint8_t *scales, int row, int b,
+                                                int64_t global_b) {
   if (global_b >= (w.cols + 31) / 32) return 0.0f;
-  const int at = row * blocks + b;
+  const int at = row * MX1_BLOCKS + b;
   return w.quant == M3_WQ_MXFP8 ? dev_e8m0(scales[at]) : ((const float *)scales)[at];
 }
 
@@ -708,7 +708,7 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
   acc1 = fmaf(d[2] + d[3], sc[1], acc1);
 }
 
-/* Consumer warp `warp`'s part of one group of w (in stage j, step MX1_KS * j + warp of K) from
+/* Consumer warp `warp`'s part of one group of w (in stage j, step MX1_CONSUMERS * j + warp of K) from
  * stage counter n on (advanced past the group's stages), with the staged x xs: the warps' partial
  * sums meet through part ([MX1_CONSUMERS][16], not the previous group's: callers alternate two) in
  * a fixed order, so a row's bits depend on neither its group nor the launch. Thread t < 16 gets
@@ -727,7 +727,7 @@ __device__ __forceinline__ float mx1_consume_group(const mx1_ring &rg, uint32_t 
     const int slot = (int)(n % MX1_SLOTS);
     const uint8_t *base = rg.base + (size_t)slot * MX1_SLOT;
     mbar_wait(&rg.full[slot], (n / MX1_SLOTS) & 1);
-    const int64_t s = j * MX1_KS + warp;
+    const int64_t s = j * MX1_CONSUMERS + warp;
     uint4 u[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -737,8 +737,8 @@ __device__ __forceinline__ float mx1_consume_group(const mx1_ring &rg, uint32_t 
       u[h][1] = in ? *(const uint4 *)(base + row1 * MX1_PITCH + lc) : make_uint4(0u, 0u, 0u, 0u);
     }
     const uint8_t *scl = base + MX1_ROWS * MX1_PITCH;
-    const float sc[2] = {mx1_slot_scale(w, scl, MX1_BLOCKS, row0, 4 * warp + q, 4 * s + q),
-                         mx1_slot_scale(w, scl, MX1_BLOCKS, row1, 4 * warp + q, 4 * s + q)};
+    const float sc[2] = {mx1_slot_scale(w, scl, row0, 4 * warp + q, 4 * s + q),
+                         mx1_slot_scale(w, scl, row1, 4 * warp + q, 4 * s + q)};
     __syncwarp(); /* every lane's reads of the slot done before lane 0 frees it */
     if (lane == 0) mbar_arrive(&rg.empty[slot]);
     mx1_step(u, sc, xb, s, K, take0, take1, acc0, acc1);
@@ -754,7 +754,7 @@ __device__ __forceinline__ float mx1_consume_group(const mx1_ring &rg, uint32_t 
   float sum = 0.0f;
   if (t < 16)
 #pragma unroll
-    for (int k = 0; k < MX1_KS; k++) sum += part[k][t];
+    for (int k = 0; k < MX1_CONSUMERS; k++) sum += part[k][t];
   return sum;
 }
 
