@@ -5,7 +5,10 @@
  * T = 1 and T = 37; a negative choice (no expert) turns only its token's row into NaN.
  * Expert parallelism: a rank holding experts [first, first + held) of E (m3_moe_experts.first)
  * against the same reference counting only those choices, and bit for bit against the whole op
- * restricted by hand (every other choice's weight 0, whose products add +0). */
+ * restricted by hand (every other choice's weight 0, whose products add +0).
+ * A shared expert (m3_moe_experts.shared_*): added after the routed choices, against the same
+ * reference, and bit for bit against the routed op followed by the ops the model ran for the
+ * shared expert before the experts op took it (matmul gate and up, swiglu_oai, matmul down, add). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -86,6 +89,7 @@ typedef struct {
   int skew;        /* 1: expert 0 is every token's first choice; choices use only half the experts */
   int bad_token;   /* >= 0: this token's last choice is -1 */
   int first, held; /* the rank's experts [first, first + held); held 0: all E */
+  int S;           /* > 0: a shared expert of this width (held == E) */
 } moe_case;
 
 static const float ALPHA = 1.702f, BETA = 1.0f, LIMIT = 7.0f;
@@ -94,6 +98,29 @@ static double ref_swiglu(double g, double u) {
   g = fmin(g, LIMIT);
   u = fmin(fmax(u, -LIMIT), LIMIT);
   return g / (1.0 + exp(-ALPHA * g)) * (u + BETA);
+}
+
+/* x_ref[t] += SwiGLU expert (gate, up, down; width I) of h[t], and mag[t] its absolute terms,
+ * both times `scale`. */
+static void ref_expert(const weight *gate, const weight *up, const weight *down, int H, int I,
+                       const float *ht, double scale, double *act, double *x_ref, double *mag) {
+  for (int r = 0; r < I; r++) {
+    double g = 0, u = 0;
+    for (int col = 0; col < H; col++) {
+      g += gate->ref[(size_t)r * H + col] * ht[col];
+      u += up->ref[(size_t)r * H + col] * ht[col];
+    }
+    act[r] = ref_swiglu(g, u);
+  }
+  for (int r = 0; r < H; r++) {
+    double y = 0, m = 0;
+    for (int col = 0; col < I; col++) {
+      y += down->ref[(size_t)r * I + col] * act[col];
+      m += fabs(down->ref[(size_t)r * I + col] * act[col]);
+    }
+    x_ref[r] += scale * y;
+    mag[r] += scale * m;
+  }
 }
 
 /* Distinct choices per token (moe_route's top-k never repeats an expert). */
@@ -127,6 +154,12 @@ static void run_case(m3_backend *be, const moe_case *c) {
   const int first = c->first, held = c->held ? c->held : E;
   m3_moe_experts ex = {.gate = tg + first, .up = tu + first, .down = td + first, .E = held,
                        .first = first, .alpha = ALPHA, .beta = BETA, .limit = LIMIT};
+  weight sg = {0}, su = {0}, sd = {0};
+  if (c->S) {
+    sg = make_weight(c->kind, c->S, H, 0.5f), su = make_weight(c->kind, c->S, H, 0.5f);
+    sd = make_weight(c->kind, H, c->S, 0.5f);
+    ex.shared_gate = &sg.t, ex.shared_up = &su.t, ex.shared_down = &sd.t;
+  }
   CHECK_OK(be->ops->prepare_experts(be, &ex));
 
   float *h = malloc((size_t)T * H * sizeof(float)), *x = malloc((size_t)T * H * sizeof(float));
@@ -136,31 +169,18 @@ static void run_case(m3_backend *be, const moe_case *c) {
   for (int i = 0; i < T * k; i++) w[i] = uniform(0.05f, 1.5f);
   random_ids(c, ids);
   double *x_ref = malloc((size_t)T * H * sizeof(double)), *mag = calloc((size_t)T * H, sizeof(double));
-  double *act = malloc((size_t)I * sizeof(double));
+  double *act = malloc((size_t)(I > c->S ? I : c->S) * sizeof(double));
   for (int i = 0; i < T * H; i++) x_ref[i] = x[i];
-  for (int t = 0; t < T; t++)
+  for (int t = 0; t < T; t++) {
+    const float *ht = h + (size_t)t * H;
     for (int j = 0; j < k; j++) {
       const int e = ids[t * k + j];
       if (e < first || e >= first + held) continue;
-      const float *ht = h + (size_t)t * H;
-      for (int r = 0; r < I; r++) {
-        double g = 0, u = 0;
-        for (int col = 0; col < H; col++) {
-          g += gate[e].ref[(size_t)r * H + col] * ht[col];
-          u += up[e].ref[(size_t)r * H + col] * ht[col];
-        }
-        act[r] = ref_swiglu(g, u);
-      }
-      for (int r = 0; r < H; r++) {
-        double y = 0, m = 0;
-        for (int col = 0; col < I; col++) {
-          y += down[e].ref[(size_t)r * I + col] * act[col];
-          m += fabs(down[e].ref[(size_t)r * I + col] * act[col]);
-        }
-        x_ref[(size_t)t * H + r] += w[t * k + j] * y;
-        mag[(size_t)t * H + r] += w[t * k + j] * m;
-      }
+      ref_expert(&gate[e], &up[e], &down[e], H, I, ht, w[t * k + j], act, x_ref + (size_t)t * H,
+                 mag + (size_t)t * H);
     }
+    if (c->S) ref_expert(&sg, &su, &sd, H, c->S, ht, 1.0, act, x_ref + (size_t)t * H, mag + (size_t)t * H);
+  }
 
   float *x_whole = malloc((size_t)T * H * sizeof(float));
   memcpy(x_whole, x, (size_t)T * H * sizeof(float));
@@ -177,6 +197,21 @@ static void run_case(m3_backend *be, const moe_case *c) {
                 kind_name[c->kind], H, I, E, k, T, c->skew, t, r, x[i], x_ref[i]);
     }
   CHECK_EQ_INT(bad, 0);
+  if (c->S) { /* the routed op, then the shared expert as the model's ops ran it */
+    m3_moe_experts routed = ex;
+    routed.shared_gate = routed.shared_up = routed.shared_down = NULL;
+    float *g = malloc((size_t)T * c->S * 2 * sizeof(float)), *u = g + (size_t)T * c->S;
+    float *out = malloc((size_t)T * H * sizeof(float));
+    be->ops->moe_experts(be, &routed, h, T, ids, w, k, x_whole);
+    be->ops->matmul(be, &sg.t, h, T, g);
+    be->ops->matmul(be, &su.t, h, T, u);
+    be->ops->swiglu_oai(be, g, u, (size_t)T * c->S, ALPHA, BETA, LIMIT, g);
+    be->ops->matmul(be, &sd.t, g, T, out);
+    be->ops->add(be, x_whole, out, (size_t)T * H);
+    CHECK(memcmp(x, x_whole, (size_t)T * H * sizeof(float)) == 0);
+    free(g), free(out);
+    free_weight(&sg), free_weight(&su), free_weight(&sd);
+  }
   if (held < E) {
     m3_moe_experts whole = {.gate = tg, .up = tu, .down = td, .E = E, .alpha = ALPHA,
                             .beta = BETA, .limit = LIMIT};
@@ -205,12 +240,12 @@ int main(void) {
       for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
         for (int skew = 0; skew < 2; skew++) {
           moe_case c = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], Ts[ti], kind,
-                        skew, -1, 0, 0};
+                        skew, -1, 0, 0, 0};
           if (skew && c.k > c.E / 2) continue; /* k distinct choices among E/2 experts */
           run_case(be, &c);
         }
   /* One token's out-of-range choice: that row is NaN, every other row is exact. */
-  moe_case bad = {64, 32, 8, 2, 5, W_BF16, 0, 3, 0, 0};
+  moe_case bad = {64, 32, 8, 2, 5, W_BF16, 0, 3, 0, 0, 0};
   run_case(be, &bad);
   /* Expert-parallel ranks: the first, a middle and the last of E / held, and with a bad token
    * (NaN whatever rank) or the skewed load (expert 0 on rank 0 only). */
@@ -220,14 +255,22 @@ int main(void) {
     for (int kind = 0; kind < W_KINDS; kind++) {
       const int E = ranks[r][0];
       moe_case ep = {E == 16 ? 96 : 64, 32, E, E == 6 ? 6 : 4, 37, kind, ranks[r][3],
-                     ranks[r][4] ? 7 : -1, ranks[r][2], ranks[r][1]};
+                     ranks[r][4] ? 7 : -1, ranks[r][2], ranks[r][1], 0};
       run_case(be, &ep);
     }
   /* A single-thread backend runs the same code without the pool. */
   m3_backend *one;
   CHECK_OK(m3_backend_cpu_create(1, &one));
-  moe_case c1 = {96, 64, 16, 4, 37, W_MXFP8, 1, -1, 0, 0};
+  moe_case c1 = {96, 64, 16, 4, 37, W_MXFP8, 1, -1, 0, 0, 0};
   run_case(one, &c1);
+  /* A shared expert of the routed width and of another, each dtype, one token and 37. */
+  for (int kind = 0; kind < W_KINDS; kind++)
+    for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+      moe_case sh = {96, 64, 16, 4, Ts[ti], kind, 0, -1, 0, 0, 64};
+      run_case(be, &sh);
+      moe_case wide = {64, 32, 8, 2, Ts[ti], kind, 0, ti ? 3 : -1, 0, 0, 96};
+      run_case(be, &wide);
+    }
   one->ops->destroy(one);
   be->ops->destroy(be);
   return check_summary();

@@ -91,6 +91,8 @@ typedef struct {
 
 /* The routed experts of one MoE layer as moe_experts reads them. gate, up, down point at E
  * prepared tensors each (w1 [I, H], w3 [I, H], w2 [H, I]; one dtype and shape within a layer).
+ * shared_gate, shared_up, shared_down: the layer's shared expert ([S, H], [S, H], [H, S]), which
+ * moe_experts then adds too, or NULL (none, or added by the caller: the tensor-parallel sum).
  * Under expert parallelism a rank holds the E experts [first, first + E) of the router's
  * numbering (first 0 otherwise): moe_experts runs the choices of those experts only, as local
  * expert id - first, and skips every other choice (another rank adds it); a negative id (no
@@ -99,6 +101,7 @@ typedef struct {
  * NULL on the CPU); release_experts frees it. */
 typedef struct {
   const m3_tensor *gate, *up, *down;
+  const m3_tensor *shared_gate, *shared_up, *shared_down;
   int E, first;
   float alpha, beta, limit; /* SwiGLU-OAI (config swiglu_alpha, swiglu_beta, swiglu_limit) */
   void *table;
@@ -281,11 +284,14 @@ typedef struct {
   m3_status (*prepare_experts)(m3_backend *be, m3_moe_experts *ex);
   void (*release_experts)(m3_backend *be, m3_moe_experts *ex);
 
-  /* The routed experts of T tokens, added onto the residual stream in choice order:
+  /* The routed experts of T tokens, added onto the residual stream in choice order, then the
+   * shared expert (when ex has one), unscaled:
    *   for j in 0..k: x[t, :] += weights[t, j] * down_e(SwiGLU_OAI(gate_e h[t], up_e h[t])),
    *   e = ids[t, j]
-   * Each expert reads its weights once per call however many tokens chose it (the bytes a
-   * decode step must read); no host synchronization on the CUDA backend at decode sizes.
+   *   x[t, :] += shared_down(SwiGLU_OAI(shared_gate h[t], shared_up h[t]))
+   * (each sum rounded as the separate add after the routed sum would round it). Each expert
+   * reads its weights once per call however many tokens chose it (the bytes a decode step must
+   * read); no host synchronization on the CUDA backend at decode sizes.
    * h [T, H]; ids, weights [T, k] (moe_route's outputs); x [T, H]. */
   void (*moe_experts)(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
                       const int32_t *ids, const float *weights, int k, float *x);

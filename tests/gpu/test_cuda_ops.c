@@ -1289,13 +1289,19 @@ static void test_moe_route(void) {
 }
 
 /* The same E experts (gate, up, down: c[0..3) on the CPU, g[0..3) on the GPU; experts [first,
- * first + E) of the router's numbering) as each backend's moe_experts reads them, prepared. */
+ * first + E) of the router's numbering) and shared expert (gate, up, down; NULL: none) as each
+ * backend's moe_experts reads them, prepared. */
 static void prepare_expert_pair(const m3_tensor *const c[3], const m3_tensor *const g[3], int E,
-                                int first, m3_moe_experts *exc, m3_moe_experts *exg) {
+                                int first, const weight *shared, m3_moe_experts *exc,
+                                m3_moe_experts *exg) {
   *exc = (m3_moe_experts){.gate = c[0], .up = c[1], .down = c[2], .E = E, .first = first,
                           .alpha = 1.702f, .beta = 1.0f, .limit = 7.0f};
   *exg = *exc;
   exg->gate = g[0], exg->up = g[1], exg->down = g[2];
+  if (shared) {
+    exc->shared_gate = &shared[0].c, exc->shared_up = &shared[1].c, exc->shared_down = &shared[2].c;
+    exg->shared_gate = &shared[0].g, exg->shared_up = &shared[1].g, exg->shared_down = &shared[2].g;
+  }
   must(cpu->ops->prepare_experts(cpu, exc), "prepare_experts (cpu)");
   must(gpu->ops->prepare_experts(gpu, exg), "prepare_experts (cuda)");
 }
@@ -1305,11 +1311,13 @@ static void prepare_expert_pair(const m3_tensor *const c[3], const m3_tensor *co
  * distinct random choices, every other case with expert 0 in every token and only half the
  * experts used; BF16 and MXFP8 weights on every T, the other dtypes (their fallback decoders) on
  * one T of each path; down's width 96 or 64 (wide E4M3 loads need a multiple of 16). */
-static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int first, int held) {
+static void moe_experts_shared_range_case(int kind, int H, int I, int S, int T, int skew, int first,
+                                          int held) {
   enum { E = 16, K = 4 };
-  char what[96];
-  snprintf(what, sizeof what, "%s H %d I %d T %d%s experts [%d, %d)", kind_name[kind], H, I, T,
-           skew ? " skewed" : "", first, first + held);
+  char what[112];
+  snprintf(what, sizeof what, "%s H %d I %d T %d%s experts [%d, %d)%s", kind_name[kind], H, I, T,
+           skew ? " skewed" : "", first, first + held, S ? " + shared" : "");
+  if (S) snprintf(what + strlen(what), sizeof what - strlen(what), " S %d", S);
   progress(what);
   weight gate[E], up[E], down[E];
   m3_tensor tc[3][E], tg[3][E];
@@ -1319,10 +1327,15 @@ static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int 
     tc[0][e] = gate[e].c, tc[1][e] = up[e].c, tc[2][e] = down[e].c;
     tg[0][e] = gate[e].g, tg[1][e] = up[e].g, tg[2][e] = down[e].g;
   }
+  weight shared[3] = {0};
   m3_moe_experts exc, exg;
+  if (S) {
+    shared[0] = make_weight(kind, S, H), shared[1] = make_weight(kind, S, H);
+    shared[2] = make_weight(kind, H, S);
+  }
   prepare_expert_pair((const m3_tensor *const[3]){tc[0] + first, tc[1] + first, tc[2] + first},
                       (const m3_tensor *const[3]){tg[0] + first, tg[1] + first, tg[2] + first},
-                      held, first, &exc, &exg);
+                      held, first, S ? shared : NULL, &exc, &exg);
   int32_t *idh = malloc((size_t)T * K * 4);
   for (int t = 0; t < T; t++)
     for (int j = 0; j < K; j++) {
@@ -1343,8 +1356,13 @@ static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int 
   cpu->ops->release_experts(cpu, &exc);
   gpu->ops->release_experts(gpu, &exg);
   for (int e = 0; e < E; e++) free_weight(&gate[e]), free_weight(&up[e]), free_weight(&down[e]);
+  if (S) free_weight(&shared[0]), free_weight(&shared[1]), free_weight(&shared[2]);
   pair_free(&h), pair_free(&x), pair_free(&ids), pair_free(&w);
   free(idh), free(hh), free(xh), free(wh);
+}
+
+static void moe_experts_range_case(int kind, int H, int I, int T, int skew, int first, int held) {
+  moe_experts_shared_range_case(kind, H, I, 0, T, skew, first, held);
 }
 
 static void moe_experts_case(int kind, int H, int I, int T, int skew) {
@@ -1409,6 +1427,27 @@ static void test_moe_experts_one_token(void) {
   moe_experts_case(W_BF16, 270, 64, 1, 0);
   moe_experts_case(W_F32, 270, 64, 5, 1);
   moe_experts_case(W_F32, 270, 64, 8, 0);
+}
+
+/* moe_experts with the shared expert: at one token of MXFP8 experts of its own shape it joins
+ * moe_mx1_kernel's launches (position n, one stage partial, a skewed routing, an expert-parallel
+ * rank's range); otherwise (a shared width of its own, BF16, 5 tokens, the grouped prefill at 65
+ * and 300) the matmul and SwiGLU ops run it into y's rows past the routed slots; the combine adds
+ * it last. One token of mx1 experts is not grouped: an expert-parallel rank there, with and
+ * without the shared expert. */
+static void test_moe_experts_shared(void) {
+  moe_experts_shared_range_case(W_MXFP8, 1280, 1152, 1152, 1, 0, 0, 16);
+  moe_experts_shared_range_case(W_MXFP8, 1280, 1152, 1152, 1, 1, 0, 16);
+  moe_experts_shared_range_case(W_MXFP8, 1536, 1536, 1536, 1, 0, 0, 16);
+  moe_experts_shared_range_case(W_MXFP8, 1280, 1152, 1024, 1, 0, 0, 16);
+  /* an expert-parallel rank at one token (no grouping there): other ranks' choices skipped */
+  moe_experts_shared_range_case(W_MXFP8, 1280, 1152, 0, 1, 1, 4, 8);
+  moe_experts_shared_range_case(W_MXFP8, 1280, 1152, 1152, 1, 0, 8, 8);
+  static const int Ts[] = {1, 5, 65, 300};
+  for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++) {
+    moe_experts_shared_range_case(W_BF16, 256, 96, 96, Ts[ti], (int)ti & 1, 0, 16);
+    moe_experts_shared_range_case(W_MXFP8, 256, 64, 128, Ts[ti], 0, 0, 16);
+  }
 }
 
 /* ---- weights that end where device memory ends ----
@@ -1561,7 +1600,7 @@ static int edge_moe_case(edge_memory *m, int kind, int H, int I, int T, int whic
   if (!edge_place(m, &tg[0][0], 3 * E, which * E + E - 1)) must(M3_ERR_IO, "edge_place");
   m3_moe_experts exc, exg;
   prepare_expert_pair((const m3_tensor *const[3]){tc[0], tc[1], tc[2]},
-                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, &exc, &exg);
+                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, NULL, &exc, &exg);
   int32_t idh[5 * K];
   for (int t = 0; t < T; t++) idh[t * K] = E - 1, idh[t * K + 1] = (int32_t)(rnd() % (E - 1));
   float *hh = random_floats((size_t)T * H, -1, 1), *xh = random_floats((size_t)T * H, -1, 1);
@@ -1625,7 +1664,7 @@ static void moe_lanes_case(int kind, m3_backend *const *others, const char *cons
   }
   m3_moe_experts exc, exg;
   prepare_expert_pair((const m3_tensor *const[3]){tc[0], tc[1], tc[2]},
-                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, &exc, &exg);
+                      (const m3_tensor *const[3]){tg[0], tg[1], tg[2]}, E, 0, NULL, &exc, &exg);
   int32_t *idh = malloc((size_t)T * K * 4);
   for (int t = 0; t < T; t++) {
     int32_t *c = idh + (size_t)t * K;
@@ -1735,7 +1774,7 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
     }
   m3_moe_experts exc, exg;
   prepare_expert_pair((const m3_tensor *const[3]){tc, tc + E, tc + 2 * E},
-                      (const m3_tensor *const[3]){tg, tg + E, tg + 2 * E}, E, 0, &exc, &exg);
+                      (const m3_tensor *const[3]){tg, tg + E, tg + 2 * E}, E, 0, NULL, &exc, &exg);
   m3_moe_experts exl = exg;
   exl.table = NULL; /* its own, from the lanes backend */
   must(lanes->ops->prepare_experts(lanes, &exl), "prepare_experts (cuda, lanes)");
@@ -2308,7 +2347,8 @@ static void matmul_set_case(const char *label, const int *kinds, const int64_t *
 
 /* Row counts from the GPU's SM count S (gemv_warp_rows: 2 rows a warp from 16 S rows, 4 from
  * 32 S): decode-shaped sets (q with k, v, the index branch and a ragged 37) whose sums take 2 and 4
- * rows a warp; four weights each tall enough for 4 alone, with ragged ends (bits); one call mixing
+ * rows a warp; four weights each tall enough for 4 alone, with ragged ends (bits); three short
+ * together (a block a row, each as gemv_kernel gives it alone: bits); one call mixing
  * BF16, F32, MXFP8, FP8 block (an E4M3 group of two quantizations) and a lone F16, at K 528 (E4M3:
  * a last half step). T = 1 (the one-pass kernel) and 3 (matmul's own paths, output by output);
  * the mixed set also with x unaligned. */
@@ -2332,6 +2372,9 @@ static void test_matmul_set(void) {
       const int64_t tall = 32 * (int64_t)S, talls[4] = {tall + 128, tall + 37, tall + 2, tall + 131};
       snprintf(label, sizeof label, "%s 4 tall", kind_name[kind]);
       matmul_set_case(label, kinds, talls, 4, 512, T, 0, T == 1);
+      const int64_t shorts[3] = {512, 128, 37};
+      snprintf(label, sizeof label, "%s iq ik + 37, short together", kind_name[kind]);
+      matmul_set_case(label, kinds, shorts, 3, 512, T, 0, 1);
     }
   const int mixed_kinds[7] = {W_BF16, W_F32, W_MXFP8, W_FP8_BLOCK, W_BF16, W_F32, W_F16};
   const int64_t mixed_rows[7] = {32 * (int64_t)S, 64, 16 * (int64_t)S + 3, 16 * (int64_t)S, 37,
@@ -2564,6 +2607,7 @@ int main(void) {
   run("moe_experts", test_moe_experts);
   run("moe_experts_e4m3_tc", test_moe_experts_e4m3_tc);
   run("moe_experts_one_token", test_moe_experts_one_token);
+  run("moe_experts_shared", test_moe_experts_shared);
   run("moe_experts_lanes", test_moe_experts_lanes);
   ok &= test_moe_experts_grouped();
   run("vision", test_vision_ops);

@@ -102,6 +102,25 @@ static void combine_rows(void *ctx, int64_t t0, int64_t t1, int worker) {
   }
 }
 
+/* x[t] += shared_down(SwiGLU_OAI(shared_gate h[t], shared_up h[t])): the ops the model ran for
+ * the shared expert before the experts op took it, in the same order (x + the expert, as add). */
+static void add_shared_expert(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
+                              float *x) {
+  const int64_t H = ex->shared_down->rows, S = ex->shared_gate->rows;
+  float *gate = malloc(((size_t)T * (2 * (size_t)S + (size_t)H)) * sizeof(float));
+  if (!gate) { /* out of memory in an op that cannot fail: a visibly invalid residual stream */
+    for (size_t i = 0; i < (size_t)T * H; i++) x[i] = NAN;
+    return;
+  }
+  float *up = gate + (size_t)T * S, *out = up + (size_t)T * S;
+  cpu_matmul(be, ex->shared_gate, h, T, gate);
+  cpu_matmul(be, ex->shared_up, h, T, up);
+  cpu_swiglu_oai(be, gate, up, (size_t)T * S, ex->alpha, ex->beta, ex->limit, gate);
+  cpu_matmul(be, ex->shared_down, gate, T, out);
+  cpu_add(be, x, out, (size_t)T * H);
+  free(gate);
+}
+
 void cpu_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, int T,
                      const int32_t *ids, const float *weights, int k, float *x) {
   cpu_backend *cb = cpu_of(be);
@@ -140,4 +159,5 @@ void cpu_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, i
   m3_parallel_for(cb->pool, T, (int64_t)T * H * k < (1 << 15) ? T : 0, combine_rows, &job);
   free(rows);
   free(ints);
+  if (ex->shared_gate) add_shared_expert(be, ex, h, T, x);
 }

@@ -104,9 +104,9 @@ void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int
 
 typedef struct {
   const float *q;     /* [T, nh, hd] */
-  float *out;         /* [T, nh, hd], written directly when nsplit == 1 */
-  float *part;        /* [T, nh, nsplit, hd + 4]: unnormalized output, max, sum, 2 unused (rows
-                         16-byte aligned) (nsplit > 1) */
+  float *out;         /* [T, nh, hd], written directly when one split runs */
+  float *part;        /* [T, nh, nsplit, hd + 4]: unnormalized output, max, sum, the count of splits
+                         that ran (split 0's record), 1 unused (rows 16-byte aligned) (nsplit > 1) */
   m3_kv_view kv;
   const int32_t *pos;
   const int32_t *sel; /* [T, nkv, topk], or NULL: dense */
@@ -205,6 +205,14 @@ __device__ __forceinline__ int att_unit_keys(const att_args &a, int u, const int
   return seen < nk ? seen : nk;
 }
 
+/* The key tiles of a tile's list up to its latest position mp: every tile of each listed block but
+ * the last, whose tiles past mp hold no key the tile's rows may see. */
+__device__ __forceinline__ int att_units(const att_args &a, int nlist, const int *ublk, int32_t mp) {
+  if (nlist <= 0) return 0;
+  const int bs = a.kv.block_size, last = a.sel ? ublk[nlist - 1] : nlist - 1;
+  return (nlist - 1) * a.upb + (last == mp / bs ? (mp % bs) / ATT_KT + 1 : a.upb);
+}
+
 /* Chunks i0 + x * 256 (x < S, below nk * hd4) of key tile (page, keys j0..j0 + nk) of KV head kvh
  * into registers: chunk i is 4 values of key i / hd4. float32: K's float4 in kr, V's in vr; fp8:
  * K's and V's 4 bytes and their rows' scales, packed as (K bytes, V bytes, K scale, V scale) in
@@ -301,6 +309,13 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   }
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
+  /* The split count was fixed on the host for the longest list the tile could have (a recorded
+   * step replays at every context length); the list known, only as many splits run as there are
+   * key tiles up to the latest position: at a short context one split does the whole row and
+   * writes it, and the combine has nothing to do. */
+  const int units = att_units(a, nlist, ublk, mp);
+  const int nsplit = units < a.nsplit ? (units > 1 ? units : 1) : a.nsplit;
+  if (split >= nsplit) return; /* the same for the whole block */
 
   /* This warp's rows: position (-1: inactive) and token within the tile. */
   int32_t prow[RPW];
@@ -322,8 +337,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   for (int i = 0; i < RPW; i++) active |= prow[i] >= 0;
   float *pw = ps + (size_t)warp * rpw * ATT_KT;
 
-  const int units = nlist * a.upb;
-  const int u0 = (int)((int64_t)split * units / a.nsplit), u1 = (int)((int64_t)(split + 1) * units / a.nsplit);
+  const int u0 = (int)((int64_t)split * units / nsplit), u1 = (int)((int64_t)(split + 1) * units / nsplit);
   /* Decode tiles are bound by memory: all of a thread's loads of a key tile first (4 + 4 float4
    * in flight at hd 128), then the stores; prefill tiles keep their registers for the rows. When
    * one such round holds a whole key tile (PIPE: decode, hd <= 128), the next tile's loads are
@@ -427,7 +441,9 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
     const int r = warp + ATT_WARPS * i;
     if (r >= R || ttr[i] >= ntok) continue;
     const size_t row = (size_t)(t0 + ttr[i]) * a.nh + (size_t)kvh * group + r % group;
-    if (a.nsplit == 1) { /* zero when no key was visible (padding rows) */
+    float *rec = a.nsplit > 1 ? a.part + (row * a.nsplit + split) * (hd + 4) : NULL;
+    if (rec && lane == 0 && split == 0) rec[hd + 2] = __int_as_float(nsplit); /* for the combine */
+    if (nsplit == 1) { /* zero when no key was visible (padding rows) */
       const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
       float4 *dst = (float4 *)(a.out + row * hd);
 #pragma unroll
@@ -435,27 +451,29 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
         if (lane + 32 * c < hd4)
           dst[lane + 32 * c] = make_float4(o[i][c].x * inv, o[i][c].y * inv, o[i][c].z * inv, o[i][c].w * inv);
     } else {
-      float *dst = a.part + (row * a.nsplit + split) * (hd + 4);
 #pragma unroll
       for (int c = 0; c < CPL; c++)
-        if (lane + 32 * c < hd4) ((float4 *)dst)[lane + 32 * c] = o[i][c];
-      if (lane == 0) dst[hd] = m[i], dst[hd + 1] = l[i];
+        if (lane + 32 * c < hd4) ((float4 *)rec)[lane + 32 * c] = o[i][c];
+      if (lane == 0) rec[hd] = m[i], rec[hd + 1] = l[i];
     }
   }
 }
 
-/* out[row] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M); zero when no split saw a key. One
- * block per row: warp 0 weighs the splits, then the threads split the row's float4 columns (hd4
- * of them) and the splits (ATT_COMBINE_THREADS / hd4 groups, each a strided share), so each
- * thread's loads are few and issued together; the groups' sums meet in shared memory. */
+/* out[row] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M) over the splits that ran (split 0's
+ * record says how many; one: the attention kernel wrote the row itself); zero when no split saw a
+ * key. One block per row: warp 0 weighs the splits, then the threads split the row's float4
+ * columns (hd4 of them) and the splits (ATT_COMBINE_THREADS / hd4 groups, each a strided share),
+ * so each thread's loads are few and issued together; the groups' sums meet in shared memory. */
 __global__ void __launch_bounds__(ATT_COMBINE_THREADS) attention_combine_kernel(const float *__restrict__ part,
-                                                                                int nsplit, int hd,
+                                                                                int stride_splits, int hd,
                                                                                 float *__restrict__ out) {
   __shared__ float weight[ATT_MAX_SPLITS];
   __shared__ float4 group_sum[ATT_COMBINE_THREADS];
   __shared__ float inv_sum;
   const int stride = hd + 4, hd4 = hd >> 2, tid = threadIdx.x;
-  const float *pr = part + (size_t)blockIdx.x * nsplit * stride;
+  const float *pr = part + (size_t)blockIdx.x * stride_splits * stride;
+  const int nsplit = __float_as_int(pr[hd + 2]);
+  if (nsplit <= 1) return; /* the same for the whole block */
   if (tid < 32) {
     float M = -INFINITY;
     for (int s = tid; s < nsplit; s += 32) M = fmaxf(M, pr[(size_t)s * stride + hd]);

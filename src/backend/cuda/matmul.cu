@@ -50,11 +50,15 @@ enum { GEMV_MAX_T = 8, GEMV_BF16_MAX_T = 2, GEMV_BF16_LT_ROWS = 2048, GEMV_THREA
  * the unit's float32 sum. Columns past the last whole unit go one at a time. Partial sums meet
  * through shared memory in a fixed order: the result does not depend on timing. */
 template <int NT, int WK, int R>
-__global__ void __launch_bounds__(GEMV_THREADS)
-    gemv_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+__device__ __forceinline__ void gemv_rows(const cuda_weight &w, const float *__restrict__ x, int T,
+                                          float *__restrict__ y, int64_t r0) {
   constexpr int E = WK == WK_ANY ? 0 : wk_chunk<WK>::n; /* elements per unit */
+  /* Units in flight per row and thread: a row of 8192 columns at most (the index branch and the
+   * router at 6144: 768 BF16 or 1536 F32 units) in one round of loads, not two to six that each
+   * waited for the one before; more rows keep two each, as the registers allow. */
+  constexpr int U = R == 1 && E ? 32 / E : 2;
   const int tid = threadIdx.x;
-  const int64_t N = w.rows, K = w.cols, r0 = (int64_t)blockIdx.x * R;
+  const int64_t N = w.rows, K = w.cols;
   int64_t rows[R];
 #pragma unroll
   for (int r = 0; r < R; r++) rows[r] = r0 + r < N ? r0 + r : N - 1; /* ragged end: reread a row */
@@ -65,24 +69,25 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
   const int64_t units = E ? K / E : 0;
   if (E) {
-    for (int64_t j0 = tid; j0 < units; j0 += 2 * GEMV_THREADS) {
-      /* units j0 and j0 + 256 (when there is one: else j0 again, never used) of every row */
-      const int64_t j1 = j0 + GEMV_THREADS < units ? j0 + GEMV_THREADS : j0;
-      const int pair = j1 != j0;
-      uint4 u[R][2];
-      float sc[R][2]; /* loaded with the weights: not a second round trip after them */
+    for (int64_t j0 = tid; j0 < units; j0 += U * GEMV_THREADS) {
+      /* units j0, j0 + 256, ... of every row: the first `have` exist (no load for the others) */
+      const int have = (int)min((int64_t)U, (units - j0 + GEMV_THREADS - 1) / GEMV_THREADS);
+      uint4 u[R][U];
+      float sc[R][U]; /* loaded with the weights: not a second round trip after them */
 #pragma unroll
       for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int64_t j = h ? j1 : j0;
+        for (int h = 0; h < U; h++) {
+          const int64_t j = j0 + (int64_t)h * GEMV_THREADS;
+          u[r][h] = make_uint4(0u, 0u, 0u, 0u), sc[r][h] = 0.0f;
+          if (h >= have) continue;
           u[r][h] = ld_stream16(w.data + ((size_t)rows[r] * (size_t)K + (size_t)j * E) * (size_t)w.elem_bytes);
           sc[r][h] = WK == WK_E4M3 ? step_scale(w, rows[r], j >> 1) : 1.0f;
         }
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        if (h && !pair) break;
-        const float *xj = x + (size_t)(h ? j1 : j0) * E;
+      for (int h = 0; h < U; h++) {
+        if (h >= have) break;
+        const float *xj = x + (size_t)(j0 + (int64_t)h * GEMV_THREADS) * E;
         float part[R][NT];
 #pragma unroll
         for (int r = 0; r < R; r++)
@@ -138,6 +143,12 @@ __global__ void __launch_bounds__(GEMV_THREADS)
     for (int i = 0; i < GEMV_THREADS / 32; i++) sum += partial[i][tid];
     if (t < T && r0 + r < N) y[(size_t)t * N + r0 + r] = sum;
   }
+}
+
+template <int NT, int WK, int R>
+__global__ void __launch_bounds__(GEMV_THREADS)
+    gemv_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+  gemv_rows<NT, WK, R>(w, x, T, y, (int64_t)blockIdx.x * R);
 }
 
 /* The GEMV for 2..8 tokens on tall matrices. Read per block, x costs T x K x 4 bytes; the kernel
@@ -319,6 +330,17 @@ static gemv_set gemv_set_of(const m3_matmul_out *out, const int *idx, int n, int
   return s;
 }
 
+/* gemv_kernel at one token and a block a row over the rows of several short weights of one kind
+ * (matmul_set: the index branch's q and k, 512 + 128 rows), each row's bits as gemv_kernel gives
+ * them alone: the short one's launch cost (3.6 us for 1.6 MB, H200) goes. */
+template <int WK>
+__global__ void __launch_bounds__(GEMV_THREADS)
+    gemv_rows_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  int m = 0;
+  while ((int64_t)blockIdx.x >= s.first[m + 1]) m++;
+  gemv_rows<1, WK, 1>(s.w[m], x, 1, s.y[m], (int64_t)blockIdx.x - s.first[m]);
+}
+
 /* One token of E4M3 weights on the tensor cores (weight_load.cuh mx1_*): the weights of s (one
  * kind, the same K; gemv_set's first[] counts groups of 16 rows here), a block taking an equal
  * run of the groups and staging x once. Each row's sum does not depend on the block or the launch
@@ -338,7 +360,8 @@ __global__ void __launch_bounds__(MX1_THREADS)
   if (warp >= MX1_CONSUMERS) {
     for (int64_t b = g0; b < g1; b++) {
       while (b >= s.first[m + 1]) m++;
-      mx1_produce_group(rg, n, s.w[m], (b - s.first[m]) * 16);
+      const int64_t r = (b - s.first[m]) * 16;
+      mx1_produce_group(rg, n, mx1_half{&s.w[m], r}, mx1_half{&s.w[m], r + 8});
     }
     return;
   }
@@ -457,6 +480,21 @@ static void launch_gemv_set(cuda_backend *cb, int kind, int RW, const float *x,
     default: launch_gemv_set_wk<WK_E4M3>(cb, RW, s, x); break;
   }
   cuda_launched(cb, "matmul_set");
+}
+
+/* One gemv_rows_set_kernel launch for the n short outputs out[idx[0..n)], all of `kind` (not
+ * WK_ANY), a block a row. */
+static void launch_gemv_rows_set(cuda_backend *cb, int kind, const float *x, const m3_matmul_out *out,
+                                 const int *idx, int n) {
+  const gemv_set s = gemv_set_of(out, idx, n, 1);
+  const unsigned blocks = (unsigned)s.first[n];
+  switch (kind) {
+    case WK_F32: gemv_rows_set_kernel<WK_F32><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
+    case WK_BF16: gemv_rows_set_kernel<WK_BF16><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
+    case WK_F16: gemv_rows_set_kernel<WK_F16><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
+    default: gemv_rows_set_kernel<WK_E4M3><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
+  }
+  cuda_launched(cb, "matmul_set (short weights)");
 }
 
 static void launch_gemv(cuda_backend *cb, const m3_tensor *t, const float *x, int T, float *y) {
@@ -946,12 +984,12 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
 
 /* One token: the E4M3 outputs together tall enough for mx1_set_kernel (mx1_rows_fit), each of
  * them mx1_fits, take one launch of it, each row as its matmul computes it alone. The outputs of
- * each other kind of gemv_step_kind (WK_ANY aside) whose weights together are tall enough for
- * gemv_warp_kernel (gemv_warp_rows of their summed rows, 2 of them at least) take one
- * gemv_set_kernel launch, at the RW that sum gets. A weight that alone takes
- * gemv_warp_kernel at that RW gets the same bits as matmul; a short one (alone: gemv_kernel's
- * K split) differs by rounding. Everything else (other kinds, a weight alone of its kind,
- * T > 1) is matmul's, output by output. */
+ * each other kind of gemv_step_kind (WK_ANY aside), 2 of them at least, take one launch: whose
+ * weights together are tall enough for gemv_warp_kernel (gemv_warp_rows of their summed rows),
+ * gemv_set_kernel at the RW that sum gets (a weight that alone takes gemv_warp_kernel at that RW
+ * gets the same bits as matmul; a short one, alone gemv_kernel's K split, differs by rounding);
+ * shorter together, gemv_rows_set_kernel, each of them gemv_kernel's bits. Everything else (other
+ * kinds, a weight alone of its kind, T > 1) is matmul's, output by output. */
 void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out *out, int n) {
   cuda_backend *cb = cuda_of(be);
   uint32_t grouped = 0; /* bit i: out[i] went into a gemv_set_kernel launch */
@@ -972,8 +1010,10 @@ void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out 
         continue;
       }
       const int RW = gemv_warp_rows(cb, kind, rows);
-      if (g < 2 || !RW) continue;
-      launch_gemv_set(cb, kind, RW, x, out, idx, g);
+      if (g < 2) continue;
+      /* short together (each alone gemv_kernel, a block a row): one launch of those blocks */
+      if (RW) launch_gemv_set(cb, kind, RW, x, out, idx, g);
+      else launch_gemv_rows_set(cb, kind, x, out, idx, g);
       for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
     }
   for (int i = 0; i < n; i++)

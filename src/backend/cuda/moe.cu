@@ -70,8 +70,10 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
  * 16-byte aligned) take neither the readback nor the lanes: moe_grouped.cu runs the whole prefill
  * as two grouped GEMMs over (expert, m-tile, n-tile) tiles found on the device, SwiGLU-OAI fused
  * into the first, where that was measured faster (grouped_wins); M3_MOE_GROUPED=0 or 1 (read at
- * backend creation into cb->moe_grouped) keeps them on the lanes or always groups them. Both end with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j,
- * float32. */
+ * backend creation into cb->moe_grouped) keeps them on the lanes or always groups them. Both end
+ * with the combine: x[t] += w[t, j] * y[slot(t, j)] in choice order j, float32, then the shared
+ * expert's row when the op has one (at one token of mx1 experts one more expert of their launches,
+ * otherwise the matmul and SwiGLU ops into y's rows past the slots). */
 
 enum {
   MOE_DECODE_MAX_T = 64,
@@ -87,6 +89,9 @@ enum {
 /* What prepare_experts keeps for one layer. */
 typedef struct {
   cuda_weight *w;      /* device [3 * E]: the gate experts, then up, then down */
+  cuda_weight *shared; /* device [3]: the shared expert's gate, up and down; NULL: none */
+  int shared_mx1;      /* the shared expert has the routed experts' shapes, dtype and alignment:
+                        * at one token it joins their moe_mx1_kernel launches */
   int wide;            /* every expert's data is 16-byte aligned, so wide loads are possible */
   int scales4;         /* every MXFP8 expert's scales 4-byte aligned (moe_mx1_kernel copies them 4
                         * bytes at once) */
@@ -108,6 +113,10 @@ typedef struct {
   int32_t *pos_of;   /* [T*k] the sorted position of each slot; MOE_NO_EXPERT for a negative id,
                       * MOE_OTHER_RANK for an expert outside [first, first + E) (m3_moe_experts) */
   int n;             /* T*k: the bound the kernels hold device offsets to */
+  /* One token (moe_mx1_kernel, moe_combine_kernel): no grouping, the k choices stay in choice
+   * order, slot j at position j; NULL: the arrays above hold the grouping. */
+  const int32_t *ids;
+  int first, E;      /* the local experts, as moe_group_kernel takes them */
 } moe_groups;
 
 /* pos_of of a choice no sorted position holds: a negative id (no expert: moe_route out of memory)
@@ -373,75 +382,116 @@ static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, co
 }
 
 /* One token's active experts on the tensor cores (weight_load.cuh mx1_*): the items (active
- * expert, group of 16 rows: of down, or GATED of gate and then of up, out = swiglu of the two) in
- * equal runs, one a block, each item once per position of its expert. A block stages x when a
- * position's x differs from the one it holds (gate and up: the token's hidden state, the same for
- * every expert at one token; down: the expert's activation, which a run of items of one expert
- * shares). Gate and up go one after the other through stages of 16 rows x 1024 columns, as in
- * mx1_set_kernel: read together, 16 rows of each a stage of 512 columns (half the bytes a bulk
- * copy), the gate and up of 4 experts of 3072 x 6144 took 53-54 us against 47-49 (H200, ncu). The
- * weights are read where they lie (w0s[e]): register copies spilled. */
+ * expert, group of rows: 16 of down, or GATED 8 of gate and the same 8 of up in one 16-row stage,
+ * out = swiglu of the two) in equal runs, one a block, each item once per position of its expert.
+ * The shared expert, when given, is one more expert after the active ones, at sorted position n
+ * (past the routed slots); at 3 x 3072 x 6144 it would otherwise pay the fixed cost of two
+ * launches of its own. A block stages x when a position's x differs from the one it holds (gate
+ * and up: the token's hidden state, the same for every expert at one token; down: the expert's
+ * activation, which a run of items of one expert shares). Gate and up share a stage's rows, so that
+ * an item is one pass: the gate and up of 4 experts and the shared one 61-62 -> 56.7 us against
+ * two passes of 16 rows each (H200, ncu; one pass of 16 + 16 rows and 512 columns before that took
+ * 53-54 us for the 4 experts against 47-49 in two passes). The experts a block's run reaches are
+ * looked up once, into shared memory (moe_mx1_fill), not at every item. */
+enum { MOE_MX1_CACHED = 4 }; /* experts a block holds looked up: a run spans 1-2 at full width */
+
+/* An active expert (or the shared one) as moe_mx1_kernel's items use it: its matrices (gate and
+ * up, or down twice) and the sorted positions it applies to. */
+typedef struct {
+  cuda_weight w[2];
+  int begin, end;
+} moe_mx1_expert;
+
+/* Thread c < MOE_MX1_CACHED looks up expert a0 + c (below a_end) into cached[c]: active expert
+ * a of the groups (one token: choice a, at position a; none when it is not a local expert), or
+ * past them the shared one at position n. Offsets come from device memory: begin and end are
+ * bounded to [0, n]. */
+template <int GATED>
+__device__ __forceinline__ void moe_mx1_fill(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
+                                             const cuda_weight *__restrict__ shared, const moe_groups &g,
+                                             int n_active, int a0, int a_end, moe_mx1_expert *cached) {
+  const int c = threadIdx.x, a = a0 + c;
+  if (c >= MOE_MX1_CACHED || a >= a_end) return;
+  if (a >= n_active) { /* the shared expert */
+    cached[c].w[0] = shared[GATED ? 0 : 2], cached[c].w[1] = shared[GATED ? 1 : 2];
+    cached[c].begin = g.n, cached[c].end = g.n + 1;
+    return;
+  }
+  const int e = g.ids ? moe_local_expert(g.ids[a], g.first, g.E) : g.active[a];
+  cached[c].w[0] = w0s[e >= 0 ? e : 0];
+  cached[c].w[1] = GATED ? w1s[e >= 0 ? e : 0] : w0s[e >= 0 ? e : 0];
+  cached[c].begin = g.ids ? a : max(g.start[e], 0);
+  cached[c].end = g.ids ? a + (e >= 0) : min(g.start[e + 1], g.n);
+}
+
 template <int GATED>
 __global__ void __launch_bounds__(MX1_THREADS)
     moe_mx1_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
-                   moe_groups g, const float *__restrict__ x, int k, int64_t groups, float alpha,
-                   float beta, float limit, float *__restrict__ out) {
+                   const cuda_weight *__restrict__ shared, moe_groups g, const float *__restrict__ x,
+                   int k, int64_t groups, float alpha, float beta, float limit,
+                   float *__restrict__ out) {
   extern __shared__ __align__(128) uint8_t mx1_smem[];
   __shared__ uint64_t bars[2 * MX1_SLOTS];
   __shared__ float part[2][MX1_CONSUMERS][16];
   __shared__ float red[MX1_CONSUMERS];
-  constexpr int NM = GATED ? 2 : 1; /* matrices an item reads */
-  const int64_t K = w0s[0].cols, items = (int64_t)*g.n_active * groups;
+  __shared__ moe_mx1_expert cached[MOE_MX1_CACHED];
+  const int n_active = g.ids ? g.n : *g.n_active, experts = n_active + (shared != NULL);
+  const int64_t K = w0s[0].cols, items = (int64_t)experts * groups;
   const int64_t i0 = items * blockIdx.x / gridDim.x, i1 = items * (blockIdx.x + 1) / gridDim.x;
-  const mx1_ring rg = mx1_ring_init(mx1_smem, K, bars);
+  int a0 = (int)(i0 / groups);
+  moe_mx1_fill<GATED>(w0s, w1s, shared, g, n_active, a0, experts, cached);
+  const mx1_ring rg = mx1_ring_init(mx1_smem, K, bars); /* its barrier publishes `cached` */
   const int warp = threadIdx.x >> 5, producer = warp >= MX1_CONSUMERS;
   const float *staged = NULL;
   float back = 1.0f;
   uint32_t n = 0, done = 0;
   for (int64_t i = i0; i < i1; i++) { /* the same path for the block */
-    const int e = g.active[i / groups];
-    const cuda_weight &w0 = w0s[e], &w1 = GATED ? w1s[e] : w0s[e];
-    const int64_t N = w0.rows, r = i % groups * 16;
-    const int end = min(g.start[e + 1], g.n); /* offsets come from device memory: bounded loops */
-    for (int p = max(g.start[e], 0); p < end; p++) {
+    /* the active experts' items, then the shared expert's at position n (its token's row) */
+    const int a = (int)(i / groups);
+    if (a - a0 >= MOE_MX1_CACHED) { /* a run past the looked-up experts (small ones): the next */
+      __syncthreads();
+      a0 = a;
+      moe_mx1_fill<GATED>(w0s, w1s, shared, g, n_active, a0, experts, cached);
+      __syncthreads();
+    }
+    const moe_mx1_expert &ce = cached[a - a0];
+    const cuda_weight &w0 = ce.w[0], &w1 = ce.w[1];
+    const int64_t N = w0.rows, r = i % groups * (GATED ? 8 : 16); /* GATED: 8 rows of gate, 8 of up */
+    for (int p = ce.begin; p < ce.end; p++) {
       if (producer) {
-#pragma unroll 1
-        for (int m = 0; m < NM; m++) mx1_produce_group(rg, n, m ? w1 : w0, r);
+        mx1_produce_group(rg, n, mx1_half{&w0, r}, mx1_half{&w1, GATED ? r : r + 8});
         continue;
       }
-      const float *xr = x + (size_t)(GATED ? g.slot_at[p] / k : p) * (size_t)K;
+      const float *xr = x + (size_t)(GATED ? (p >= g.n ? p - g.n : g.ids ? p / k : g.slot_at[p] / k) : p) * (size_t)K;
       if (xr != staged) back = mx1_stage_x(xr, K, (uint32_t *)mx1_smem, red), staged = xr;
-      float gate = 0.0f, sum = 0.0f;
-      /* one copy of the loop: two made the kernel take 96 registers, 2 blocks an SM */
-#pragma unroll 1
-      for (int m = 0; m < NM; m++) {
-        sum = mx1_consume_group(rg, n, m ? w1 : w0, (const uint32_t *)mx1_smem, part[done++ & 1]);
-        if (m == 0) gate = sum;
-      }
+      const float sum = mx1_consume_group(rg, n, w0, (const uint32_t *)mx1_smem, part[done++ & 1]);
+      const float up = __shfl_down_sync(0xffffffffu, sum, 8); /* slot row t + 8 to thread t < 8 */
       const int t = threadIdx.x;
-      if (t < 16 && r + t < N)
+      if (t < (GATED ? 8 : 16) && r + t < N)
         out[(size_t)p * (size_t)N + r + t] =
-            GATED ? dev_swiglu_oai(gate * back, sum * back, alpha, beta, limit) : sum * back;
+            GATED ? dev_swiglu_oai(sum * back, up * back, alpha, beta, limit) : sum * back;
     }
   }
 }
 
 /* moe_mx1_kernel over at most `experts` active experts of `rows` rows and K columns (mx1_fits),
- * no more blocks than the SMs hold at once, in runs of equal length (mx1_blocks). */
+ * and the shared expert unless `shared` is NULL, no more blocks than the SMs hold at once, in runs
+ * of equal length (mx1_blocks). */
 template <int GATED>
 static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight *w0,
-                           const cuda_weight *w1, const moe_groups &g, const float *x, int k,
-                           int64_t rows, int64_t K, const m3_moe_experts *ex, float *out) {
+                           const cuda_weight *w1, const cuda_weight *shared, const moe_groups &g,
+                           const float *x, int k, int64_t rows, int64_t K, const m3_moe_experts *ex,
+                           float *out) {
   const void *kernel = (const void *)moe_mx1_kernel<GATED>;
   const char *op = GATED ? "moe_experts (gate, up, swiglu; e4m3 one token)" : "moe_experts (down; e4m3 one token)";
   const size_t smem = mx1_smem_bytes(K);
-  const int64_t groups = (rows + 15) / 16;
+  const int64_t groups = GATED ? (rows + 7) / 8 : (rows + 15) / 16; /* items of an expert */
   cuda_allow_smem(cb, kernel, smem, op);
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
-                items = (int64_t)experts * groups;
+                items = ((int64_t)experts + (shared != NULL)) * groups;
   const unsigned blocks = mx1_blocks(items, blocks_max);
-  moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, g, x, k, groups, ex->alpha,
-                                                                   ex->beta, ex->limit, out);
+  moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, shared, g, x, k, groups,
+                                                                   ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, op);
 }
 
@@ -456,49 +506,54 @@ __global__ void moe_gather_kernel(const float *__restrict__ h, const int32_t *__
 
 enum { COMBINE_THREADS = 128, COMBINE_J = 8 };
 
+/* pos_of of slot j at one token without grouping (moe_groups.ids): j itself for a local expert. */
+__device__ __forceinline__ int32_t moe_one_token_pos(const moe_groups &g, int j) {
+  const int32_t id = g.ids[j];
+  return moe_local_expert(id, g.first, g.E) >= 0 ? j : id < 0 ? MOE_NO_EXPERT : MOE_OTHER_RANK;
+}
+
+/* Columns [c, c + 4) of a row (VEC: one 16-byte load; else element by element, 0 past H). */
+template <int VEC>
+__device__ __forceinline__ void combine_load4(const float *row, int64_t c, int64_t H, float v[4]) {
+  if (VEC) {
+    const float4 f = *(const float4 *)(row + c);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = c + i < H ? row[c + i] : 0.0f;
+  }
+}
+
 /* x[t] += w[t, j] * y[pos_of[t*k + j]] for j in order, the CPU's fmaf chain per element, skipping
- * other ranks' experts; a choice of no expert makes the row NaN, as on the CPU. Grid (T, column
- * blocks): a thread takes 4 columns of one token and loads the (position, weight) pairs of
- * COMBINE_J choices at once, then their COMBINE_J rows of y, so that a token's k + 1 row reads are
- * in flight together instead of one pos_of -> y chain per choice and column (one block per token
- * took 42 us at H 6144: about 100 dependent DRAM round trips per thread). VEC: H % 4 == 0 and x 16-byte aligned (y is carved
- * 256-byte aligned): 16-byte loads and stores; otherwise the same per element. */
+ * other ranks' experts; a choice of no expert makes the row NaN, as on the CPU; then, given
+ * shared_y, x[t] += shared_y[t]. Grid (T, column blocks): a thread takes 4 columns of one token
+ * and loads the (position, weight) pairs of COMBINE_J choices at once, then their COMBINE_J rows
+ * of y, so that a token's k + 1 row reads are in flight together instead of one pos_of -> y chain
+ * per choice and column (one block per token took 42 us at H 6144: about 100 dependent DRAM round
+ * trips per thread). VEC: H % 4 == 0 and x 16-byte aligned (y is carved 256-byte aligned): 16-byte
+ * loads and stores; otherwise the same per element. */
 template <int VEC>
 __global__ void __launch_bounds__(COMBINE_THREADS)
     moe_combine_kernel(float *__restrict__ x, const float *__restrict__ y, const float *__restrict__ w,
-                       const int32_t *__restrict__ pos_of, int k, int64_t H) {
+                       moe_groups g, int k, int64_t H, const float *__restrict__ shared_y) {
   const int64_t t = blockIdx.x, c = ((int64_t)blockIdx.y * COMBINE_THREADS + threadIdx.x) * 4;
   if (c >= H) return;
   float *xt = x + (size_t)t * (size_t)H + c;
   float acc[4];
-  if (VEC) {
-    const float4 v = *(const float4 *)xt;
-    acc[0] = v.x, acc[1] = v.y, acc[2] = v.z, acc[3] = v.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; i++) acc[i] = c + i < H ? xt[i] : 0.0f;
-  }
+  combine_load4<VEC>(x + (size_t)t * (size_t)H, c, H, acc);
   for (int j0 = 0; j0 < k; j0 += COMBINE_J) {
     int32_t p[COMBINE_J];
     float wj[COMBINE_J], v[COMBINE_J][4];
 #pragma unroll
     for (int jj = 0; jj < COMBINE_J; jj++) {
       const int j = j0 + jj;
-      p[jj] = j < k ? pos_of[(size_t)t * k + j] : -1;
+      p[jj] = j >= k ? -1 : g.ids ? moe_one_token_pos(g, j) : g.pos_of[(size_t)t * k + j];
       wj[jj] = j < k ? w[(size_t)t * k + j] : 0.0f;
     }
 #pragma unroll
     for (int jj = 0; jj < COMBINE_J; jj++) {
-      const float *yr = y + (size_t)(p[jj] < 0 ? 0 : p[jj]) * (size_t)H + c;
-      if (p[jj] < 0) {
-        v[jj][0] = v[jj][1] = v[jj][2] = v[jj][3] = 0.0f;
-      } else if (VEC) {
-        const float4 f = *(const float4 *)yr;
-        v[jj][0] = f.x, v[jj][1] = f.y, v[jj][2] = f.z, v[jj][3] = f.w;
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; i++) v[jj][i] = c + i < H ? yr[i] : 0.0f;
-      }
+      if (p[jj] < 0) v[jj][0] = v[jj][1] = v[jj][2] = v[jj][3] = 0.0f;
+      else combine_load4<VEC>(y + (size_t)p[jj] * (size_t)H, c, H, v[jj]);
     }
 #pragma unroll
     for (int jj = 0; jj < COMBINE_J; jj++) {
@@ -509,6 +564,12 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
                  : p[jj] < 0            ? acc[i]
                                         : fmaf(wj[jj], v[jj][i], acc[i]);
     }
+  }
+  if (shared_y) { /* then the shared expert's row, added as the model's residual add did */
+    float v[4];
+    combine_load4<VEC>(shared_y + (size_t)t * (size_t)H, c, H, v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] = __fadd_rn(acc[i], v[i]);
   }
   if (VEC) {
     *(float4 *)xt = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -694,11 +755,21 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
                       cuda_moe_grouped_fits(cb, ex, tab->wide, h, n) &&
                       (cb->moe_grouped == 1 || grouped_wins(ex, n));
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
+  /* The shared expert: at one token inside the experts' tensor-core launches (its rows of act and
+   * y at position n), otherwise by the ops the model would run for it, its output in y's rows
+   * [n, n + T) for the combine to add last. */
+  const int shared = ex->shared_gate != NULL;
+  if (shared && !tab->shared) {
+    cuda_note(cb, cudaErrorInvalidValue, "moe_experts (shared expert not prepared)");
+    return;
+  }
+  const size_t S = shared ? (size_t)ex->shared_gate->rows : 0, yn = shared ? sn + (size_t)T : sn;
   size_t off = 0; /* the grouped prefill needs neither float gate nor up: only y and BF16 copies */
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
                o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4),
-               o_pos = carve(&off, sn * 4), o_y = carve(&off, sn * H * 4),
-               o_act = grouped ? 0 : carve(&off, sn * I * 4),
+               o_pos = carve(&off, sn * 4), o_y = carve(&off, yn * H * 4),
+               o_act = grouped ? 0 : carve(&off, yn * I * 4),
+               o_shared = shared ? carve(&off, 2 * (size_t)T * S * 4) : 0,
                o_up = decode || grouped ? 0 : carve(&off, sn * I * 4),
                o_xy_bf16 = decode ? 0 : carve(&off, sn * H * 2),
                o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2),
@@ -708,20 +779,34 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   if (!base) return;
   moe_groups g = {(int32_t *)(base + o_start), (int32_t *)(base + o_active),
                   (int32_t *)(base + o_n_active), (int32_t *)(base + o_slot),
-                  (int32_t *)(base + o_pos), n};
+                  (int32_t *)(base + o_pos), n, NULL, ex->first, E};
   float *y = (float *)(base + o_y), *act = (float *)(base + o_act);
-  moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, ex->first, E, g);
-  cuda_launched(cb, "moe_experts (grouping)");
+  const int mx1_one = T == 1 && tab->wide && tab->scales4 && !cb->mx1_off &&
+                      mx1_fits(&ex->gate[0], h, cb->smem_optin) && mx1_fits(&ex->down[0], act, cb->smem_optin);
+  const int shared_mx1 = shared && mx1_one && tab->shared_mx1;
+  if (mx1_one) { /* one token: nothing to group, each choice its own position (moe_groups.ids) */
+    g.ids = ids;
+  } else {
+    moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, ex->first, E, g);
+    cuda_launched(cb, "moe_experts (grouping)");
+  }
+  if (shared && !shared_mx1) {
+    float *sg = (float *)(base + o_shared), *su = sg + (size_t)T * S;
+    const m3_matmul_out proj[2] = {{ex->shared_gate, sg}, {ex->shared_up, su}};
+    cuda_matmul_set(be, h, T, proj, 2);
+    cuda_swiglu_oai(be, sg, su, (size_t)T * S, ex->alpha, ex->beta, ex->limit, sg);
+    cuda_matmul(be, ex->shared_down, sg, T, y + sn * H);
+  }
   if (decode) {
     const unsigned experts = (unsigned)(E < n ? E : n);
     const int kind_gate = tab->wide ? gemv_kind(&ex->gate[0], h) : WK_ANY;
     const int kind_down = tab->wide ? gemv_kind(&ex->down[0], act) : WK_ANY;
     const int step_gate = tab->wide ? gemv_step_kind(&ex->gate[0], h) : WK_ANY;
     const int step_down = tab->wide ? gemv_step_kind(&ex->down[0], act) : WK_ANY;
-    if (T == 1 && tab->wide && tab->scales4 && !cb->mx1_off &&
-        mx1_fits(&ex->gate[0], h, cb->smem_optin) && mx1_fits(&ex->down[0], act, cb->smem_optin)) {
-      launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, (int64_t)H, ex, act);
-      launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, (int64_t)I, ex, y);
+    if (mx1_one) {
+      const cuda_weight *sw = shared_mx1 ? tab->shared : NULL;
+      launch_moe_mx1<1>(cb, experts, tab->w, tab->w + E, sw, g, h, k, (int64_t)I, (int64_t)H, ex, act);
+      launch_moe_mx1<0>(cb, experts, tab->w + 2 * E, NULL, sw, g, act, k, (int64_t)H, (int64_t)I, ex, y);
     } else if (T == 1 && step_gate != WK_ANY && step_down != WK_ANY && !cb->gemv_old) {
       launch_grouped_warp<1>(cb, step_gate, experts, tab->w, tab->w + E, g, h, k, (int64_t)I, ex, act);
       launch_grouped_warp<0>(cb, step_down, experts, tab->w + 2 * E, NULL, g, act, k, (int64_t)H, ex, y);
@@ -749,10 +834,13 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const dim3 grid_combine((unsigned)T, (unsigned)((H + 4 * COMBINE_THREADS - 1) / (4 * COMBINE_THREADS)));
+  const float *shared_y = shared ? y + sn * H : NULL;
   if (H % 4 == 0 && (uintptr_t)x % 16 == 0)
-    moe_combine_kernel<1><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g.pos_of, k, (int64_t)H);
+    moe_combine_kernel<1><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g, k, (int64_t)H,
+                                                                           shared_y);
   else
-    moe_combine_kernel<0><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g.pos_of, k, (int64_t)H);
+    moe_combine_kernel<0><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g, k, (int64_t)H,
+                                                                           shared_y);
   cuda_launched(cb, "moe_experts (combine)");
 }
 
@@ -782,6 +870,12 @@ static m3_status check_experts(const m3_moe_experts *ex) {
       return m3_fail(M3_ERR_SHAPE, "%s: dtype, quantization or shape differs from %s", bad->name,
                      bad == &ex->down[e] ? d0->name : g0->name);
   }
+  const m3_tensor *sg = ex->shared_gate, *su = ex->shared_up, *sd = ex->shared_down;
+  if (sg && (!su || !sd || sg->cols != g0->cols || !same_form(su, sg) || sd->rows != g0->cols ||
+             sd->cols != sg->rows))
+    return m3_fail(M3_ERR_SHAPE, "%s: the shared expert's gate [%lld, %lld], up and down do not fit "
+                   "hidden size %lld", sg->name, (long long)sg->rows, (long long)sg->cols,
+                   (long long)g0->cols);
   return M3_OK;
 }
 
@@ -790,9 +884,9 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
   ex->table = NULL;
   m3_status st = check_experts(ex);
   if (st != M3_OK) return st;
-  const int E = ex->E;
+  const int E = ex->E, entries = 3 * E + (ex->shared_gate ? 3 : 0); /* the shared expert's last */
   moe_table *tab = (moe_table *)calloc(1, sizeof *tab);
-  cuda_weight *host = (cuda_weight *)malloc((size_t)3 * E * sizeof *host);
+  cuda_weight *host = (cuda_weight *)malloc((size_t)entries * sizeof *host);
   if (tab) {
     tab->host_start = (int32_t *)malloc((size_t)(E + 1) * sizeof(int32_t));
     tab->lane_of = (int8_t *)malloc((size_t)E);
@@ -816,7 +910,17 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
       tab->scales4 &= t[i]->quant != M3_WQ_MXFP8 || (uintptr_t)t[i]->scale % 4 == 0;
     }
   }
-  const size_t bytes = (size_t)3 * E * sizeof *host;
+  if (ex->shared_gate) {
+    const m3_tensor *t[3] = {ex->shared_gate, ex->shared_up, ex->shared_down};
+    tab->shared_mx1 = same_form(t[0], &ex->gate[0]) && same_form(t[1], &ex->gate[0]) &&
+                      same_form(t[2], &ex->down[0]);
+    for (int i = 0; i < 3; i++) {
+      host[(size_t)3 * E + i] = cuda_weight_of(t[i]);
+      tab->shared_mx1 &= (uintptr_t)t[i]->data % 16 == 0 &&
+                         (t[i]->quant != M3_WQ_MXFP8 || (uintptr_t)t[i]->scale % 4 == 0);
+    }
+  }
+  const size_t bytes = (size_t)entries * sizeof *host;
   cudaError_t err = cudaMalloc((void **)&tab->w, bytes);
   if (err == cudaSuccess)
     err = cudaMemcpyAsync(tab->w, host, bytes, cudaMemcpyHostToDevice, cb->stream);
@@ -833,6 +937,7 @@ m3_status cuda_prepare_experts(m3_backend *be, m3_moe_experts *ex) {
                    "%s: cannot upload the expert table: %s", ex->gate[0].name,
                    cudaGetErrorString(err));
   }
+  tab->shared = ex->shared_gate ? tab->w + 3 * E : NULL;
   ex->table = tab;
   return M3_OK;
 }

@@ -548,19 +548,28 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
-/* The producer warp's stages of one group: rows r .. r + 15 of w (rows past the end reread the
- * last), from stage counter n on (advanced past the group's stages). Lane i < 16 copies slot row
- * i; each lane copies 16 of the stage's scales (blocks past the last are left as they are: the
- * consumers skip them) and arrives on the slot's full barrier when they land. Nothing here waits
- * for memory (a version that loaded the scales here and waited for them took q_proj 34.7 us
- * against 29.6 with cp.async, one block an SM both). The MXFP8 scales by the copy engine too, one
- * bulk copy of 16 or 32 bytes a row beside the row's weights (twice the copies a stage), made the
- * 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms (H200). */
-__device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, const cuda_weight &w,
-                                                  int64_t r) {
+/* The producer warp's stages of one group: slot rows 0-7 from rows lo.r .. lo.r + 7 of lo.w, rows
+ * 8-15 from hi's (one matrix: r and r + 8 of it; the gate and up of one expert: the same 8 rows of
+ * each, so that an item computes both halves of its SwiGLU in one pass; same K and kind), rows
+ * past a matrix's end rereading its last, from stage counter n on (advanced past the group's
+ * stages). Lane i < 16 copies slot row i; each lane copies 16 of the stage's scales (blocks past
+ * the last are left as they are: the consumers skip them) and arrives on the slot's full barrier
+ * when they land. Nothing here waits for memory (a version that loaded the scales here and waited
+ * for them took q_proj 34.7 us against 29.6 with cp.async, one block an SM both). The MXFP8
+ * scales by the copy engine too, one bulk copy of 16 or 32 bytes a row beside the row's weights
+ * (twice the copies a stage), made the 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms
+ * (H200). */
+typedef struct {
+  const cuda_weight *w;
+  int64_t r;
+} mx1_half;
+
+__device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, mx1_half lo, mx1_half hi) {
   const int lane = threadIdx.x & 31, i = lane % MX1_ROWS;
+  const mx1_half mine = i < MX1_ROWS / 2 ? lo : hi;
+  const cuda_weight &w = *mine.w;
   const int64_t K = w.cols, N = w.rows, nblk = (K + 31) / 32, stages = (K + MX1_COLS - 1) / MX1_COLS;
-  const int64_t row = r + i < N ? r + i : N - 1;
+  const int64_t r = mine.r + i % (MX1_ROWS / 2), row = r < N ? r : N - 1;
   const int b0 = lane / MX1_ROWS * MX1_LANE_BLOCKS; /* this lane's scale blocks of the row in a stage */
   for (int64_t j = 0; j < stages; j++, n++) {
     const int slot = (int)(n % MX1_SLOTS);
