@@ -8,7 +8,8 @@
  *   ids, w = moe_route(logits, bias)  sigmoid, biased top-k, renormalised, x routed_scaling
  *   x += sum_j w[t, j] * Expert_{ids[t, j]}(h[t])   moe_experts: each expert reads its weights once
  *   x += SharedExpert(h)                            unscaled (moe_experts too, on one rank)
- * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add.
+ * then, when the step goes on: h = GemmaRMSNorm(x, next norm), fused with the last add where the
+ * model makes it (not after moe_experts, which adds onto x itself).
  * Tensor / expert parallel ranks (m3_model_set_all_reduce) sum each FFN output before its residual
  * add: a dense MLP's over the TP group (replicated over the EP groups, each of which computes it
  * whole), an MoE layer's over the world, once, the shared and routed experts together: each EP
