@@ -116,7 +116,7 @@ typedef struct {
   /* One token (moe_mx1_kernel, moe_combine_kernel): no grouping, the k choices stay in choice
    * order, slot j at position j; NULL: the arrays above hold the grouping. */
   const int32_t *ids;
-  int first, E;      /* the local experts, as moe_group_kernel takes them */
+  int first, E;      /* the local experts [first, first + E) of the router's numbering */
 } moe_groups;
 
 /* pos_of of a choice no sorted position holds: a negative id (no expert: moe_route out of memory)
@@ -128,11 +128,12 @@ __device__ __forceinline__ int moe_local_expert(int id, int first, int E) {
   return id >= first && id - first < E ? id - first : -1; /* id >= first >= 0: no overflow */
 }
 
-/* One warp, shared memory count [E] then next [E], over the local experts e = id - first in
- * [0, E). __match_any_sync groups the lanes of a round of 32 slots by expert; a lane's rank among
+/* One warp, shared memory count [E] then next [E], over the n slots of ids and the local experts
+ * e = id - first in [0, E) (g.n, g.first, g.E). __match_any_sync groups the lanes of a round of 32 slots by expert; a lane's rank among
  * its earlier peers keeps the placement stable. */
 __global__ void __launch_bounds__(32)
-    moe_group_kernel(const int32_t *__restrict__ ids, int n, int first, int E, moe_groups g) {
+    moe_group_kernel(const int32_t *__restrict__ ids, moe_groups g) {
+  const int n = g.n, first = g.first, E = g.E;
   extern __shared__ int32_t counts[];
   int32_t *next = counts + E;
   const unsigned all = 0xffffffffu;
@@ -465,7 +466,7 @@ __global__ void __launch_bounds__(MX1_THREADS)
       const float *xr = x + (size_t)(GATED ? (p >= g.n ? p - g.n : g.ids ? p / k : g.slot_at[p] / k) : p) * (size_t)K;
       if (xr != staged) back = mx1_stage_x(xr, K, (uint32_t *)mx1_smem, red), staged = xr;
       const float sum = mx1_consume_group(rg, n, w0, (const uint32_t *)mx1_smem, part[done++ & 1]);
-      const float up = __shfl_down_sync(0xffffffffu, sum, 8); /* slot row t + 8 to thread t < 8 */
+      const float up = GATED ? __shfl_down_sync(0xffffffffu, sum, 8) : 0.0f; /* slot row t + 8 to t < 8 */
       const int t = threadIdx.x;
       if (t < (GATED ? 8 : 16) && r + t < N)
         out[(size_t)p * (size_t)N + r + t] =
@@ -787,7 +788,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   if (mx1_one) { /* one token: nothing to group, each choice its own position (moe_groups.ids) */
     g.ids = ids;
   } else {
-    moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, n, ex->first, E, g);
+    moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, g);
     cuda_launched(cb, "moe_experts (grouping)");
   }
   if (shared && !shared_mx1) {
