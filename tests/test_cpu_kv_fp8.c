@@ -1,8 +1,10 @@
 /* The fp8 KV cache on the CPU backend (backend.h m3_kv_dtype): kv_store's bytes and scales equal
  * a scalar reference quantizer written here from the contract (nearest E4M3 by search over all
- * codes, ties to the even code), at the offsets the page layout gives; attention and msa_select
- * over an fp8 cache equal the same ops over a float32 cache that holds the dequantized values.
- * Shapes include odd sizes whose pages need padding, ragged positions and padding rows. */
+ * codes, ties to the even code), at the offsets the page layout gives, K rows after the key
+ * rotation (m3_kv_rotate_key, itself checked against the Hadamard matrix); attention and
+ * msa_select over an fp8 cache equal the same ops over a float32 cache that holds the dequantized
+ * values (keys rotated back). Shapes include odd sizes whose pages need padding, ragged positions
+ * and padding rows. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,12 +121,15 @@ static int32_t *shuffled_pages(int nb) {
 }
 
 /* Checks one stored row against the reference quantizer; returns the mismatches. Writes the
- * dequantized row to deq. */
-static int check_row(const void *pool, int page, int rows, int dim, int r, const float *x,
+ * dequantized row to deq. A key row (key = 1) is quantized rotated and rotated back after. */
+static int check_row(const void *pool, int page, int rows, int dim, int r, const float *x, int key,
                      float *deq) {
   uint8_t *q = malloc((size_t)dim);
+  float *rot = malloc((size_t)dim * sizeof *rot);
+  memcpy(rot, x, (size_t)dim * sizeof *rot);
+  if (key) m3_kv_rotate_key(rot, dim);
   float s;
-  ref_quantize(x, dim, q, &s);
+  ref_quantize(rot, dim, q, &s);
   float got_s = ref_scale_at(pool, page, rows, dim, r);
   const uint8_t *got = ref_bytes_at(pool, page, rows, dim, r);
   int bad = isnan(s) ? !isnan(got_s) : memcmp(&s, &got_s, 4) != 0;
@@ -132,7 +137,11 @@ static int check_row(const void *pool, int page, int rows, int dim, int r, const
     bad += got[d] != q[d] || (got[d] & 0x7f) == 0x7f;
     deq[d] = ref_dequant(got[d], got_s);
   }
-  free(q);
+  if (key) { /* H H = B I */
+    m3_kv_rotate_key(deq, dim);
+    for (int d = 0; d < dim; d++) deq[d] /= (float)m3_kv_key_block(dim);
+  }
+  free(q), free(rot);
   return bad;
 }
 
@@ -145,22 +154,25 @@ static void check_store(const cache *c, float *deqK, float *deqV, float *deqIK) 
     int page = c->table[j / c->bs], s = j % c->bs;
     for (int h = 0; h < c->nkv; h++) {
       size_t at = ((size_t)j * c->nkv + h) * c->hd;
-      bad += check_row(c->kv.k, page, rows, c->hd, h * c->bs + s, c->K + at, deqK + at);
-      bad += check_row(c->kv.v, page, rows, c->hd, h * c->bs + s, c->V + at, deqV + at);
+      bad += check_row(c->kv.k, page, rows, c->hd, h * c->bs + s, c->K + at, 1, deqK + at);
+      bad += check_row(c->kv.v, page, rows, c->hd, h * c->bs + s, c->V + at, 0, deqV + at);
     }
-    bad += check_row(c->kv.ik, page, c->bs, c->ihd, s, c->IK + (size_t)j * c->ihd,
+    bad += check_row(c->kv.ik, page, c->bs, c->ihd, s, c->IK + (size_t)j * c->ihd, 0,
                      deqIK + (size_t)j * c->ihd);
   }
   CHECK_EQ_INT(bad, 0);
 }
 
-static float max_abs_diff(const float *a, const float *b, size_t n) {
-  float m = 0;
+/* max |a - b| over max(1, max |b|): the fp8 cache's attention scores rotated keys against rotated
+ * queries, the float32 one the keys rotated back against the queries, equal up to rounding. */
+static float max_rel_diff(const float *a, const float *b, size_t n) {
+  float m = 0, top = 1;
   for (size_t i = 0; i < n; i++) {
     float d = fabsf(a[i] - b[i]);
     if (!(d <= m)) m = d; /* a NaN shows */
+    top = fmaxf(top, fabsf(b[i]));
   }
-  return m;
+  return m / top;
 }
 
 /* One shape: store, check the bytes, then attention (dense, sparse) and msa_select over the fp8
@@ -199,15 +211,15 @@ static void shape_case(m3_backend *be, int L, int nh, int nkv, int hd, int ihd, 
   float *o8 = malloc(on * sizeof(float)), *o32 = malloc(on * sizeof(float));
   be->ops->attention(be, q, nh, &f8.kv, pos, T, NULL, 0, o8);
   be->ops->attention(be, q, nh, &f32.kv, pos, T, NULL, 0, o32);
-  CHECK_NEAR(max_abs_diff(o8, o32, on), 0.0, 1e-5);
+  CHECK_NEAR(max_rel_diff(o8, o32, on), 0.0, 1e-6);
   be->ops->attention(be, q, nh, &f8.kv, pos, T, sel32, topk, o8);
   be->ops->attention(be, q, nh, &f32.kv, pos, T, sel32, topk, o32);
-  CHECK_NEAR(max_abs_diff(o8, o32, on), 0.0, 1e-5);
+  CHECK_NEAR(max_rel_diff(o8, o32, on), 0.0, 1e-6);
   /* The comparison is not empty: fp8 moves the output off the float32 values of the inputs. */
   cache raw = make_cache(be, M3_KV_F32, L, nkv, hd, ihd, bs, c.K, c.V, c.IK, table);
   be->ops->attention(be, q, nh, &raw.kv, pos, T, NULL, 0, o32);
   be->ops->attention(be, q, nh, &f8.kv, pos, T, NULL, 0, o8);
-  CHECK(max_abs_diff(o8, o32, on) > 1e-4f);
+  CHECK(max_rel_diff(o8, o32, on) > 1e-4f);
 
   free(q), free(o8), free(o32), free(iq), free(sel8), free(sel32), free(pos);
   free(dK), free(dV), free(dIK), free(table);
@@ -226,13 +238,40 @@ static void test_nonfinite_rows(m3_backend *be) {
   cache c = make_cache(be, M3_KV_FP8, 2, nkv, hd, ihd, bs, K, V, IK, table);
   CHECK(isnan(ref_scale_at(c.kv.k, 1, bs, hd, 0)));
   CHECK(isnan(ref_scale_at(c.kv.v, 1, bs, hd, 1)));
-  CHECK_NEAR(ref_scale_at(c.kv.k, 1, bs, hd, 1), 0.5f / 448.0f, 0);
+  /* K's second row, 0.5 everywhere, rotates into 8 * 0.5 at its first value and zeros */
+  CHECK_NEAR(ref_scale_at(c.kv.k, 1, bs, hd, 1), 4.0f / 448.0f, 0);
   int nonzero = 0;
   for (int d = 0; d < hd; d++)
     nonzero += ref_bytes_at(c.kv.k, 1, bs, hd, 0)[d] != 0 ||
                ref_bytes_at(c.kv.v, 1, bs, hd, 1)[d] != 0;
   CHECK_EQ_INT(nonzero, 0);
   free_cache(be, &c);
+}
+
+/* m3_kv_rotate_key against the block-diagonal Sylvester-Hadamard matrix, H[i][j] =
+ * (-1)^popcount(i & j) within each block of m3_kv_key_block(n) values, in double. */
+static void test_key_rotation(void) {
+  static const int dims[][2] = {{128, 128}, {24, 8}, {5, 1}, {12, 4}, {64, 64}, {48, 16}, {1024, 256}, {640, 128}};
+  for (size_t c = 0; c < sizeof dims / sizeof dims[0]; c++) {
+    const int n = dims[c][0], b = dims[c][1];
+    CHECK_EQ_INT(m3_kv_key_block(n), b);
+    float *x = random_row_values((size_t)n), *y = malloc((size_t)n * sizeof *y);
+    memcpy(y, x, (size_t)n * sizeof *y);
+    m3_kv_rotate_key(y, n);
+    double err = 0;
+    for (int i = 0; i < n; i++) {
+      const int blk = i / b * b;
+      double ref = 0;
+      for (int j = 0; j < b; j++) {
+        int odd = 0;
+        for (unsigned bits = (unsigned)((i - blk) & j); bits; bits &= bits - 1) odd ^= 1;
+        ref += (odd ? -1.0 : 1.0) * (double)x[blk + j];
+      }
+      err = fmax(err, fabs(ref - y[i]));
+    }
+    CHECK_NEAR(err, 0.0, 1e-5);
+    free(x), free(y);
+  }
 }
 
 /* The reference encoder itself against a few hand-worked values. */
@@ -249,6 +288,7 @@ static void test_reference(void) {
 
 int main(void) {
   test_reference();
+  test_key_rotation();
   m3_backend *be = NULL;
   CHECK_OK(m3_backend_cpu_create(2, &be));
   if (!be) return check_summary();

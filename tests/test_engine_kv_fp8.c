@@ -160,11 +160,12 @@ static void store_token(m3_backend *be, const m3_kv_cache *c, const m3_kv_seq *s
 }
 
 /* Whether slot `slot` of page `page` holds token t's rows in every pool of layer l: the scale is
- * amax / 448 of the row (checked exactly) and the bytes equal those of a reference page. */
+ * amax / 448 of the row (K's rotated; checked exactly) and the bytes equal those of a reference page. */
 static int slot_holds(const m3_kv_view *v, int page, int slot, int t, const m3_kv_view *ref,
                       int ref_page) {
   float k[64], vv[64], ik[16];
   token_rows(t, v->nkv, v->hd, v->ihd, k, vv, ik);
+  for (int h = 0; h < v->nkv; h++) m3_kv_rotate_key(k + h * v->hd, v->hd); /* as K is stored */
   const int rows = v->nkv * v->block_size;
   int ok = 1;
   for (int h = 0; h < v->nkv; h++) {

@@ -30,8 +30,36 @@ typedef struct m3_graph m3_graph;
 
 /* How the KV cache stores K, V and IK: float32, or fp8 (each row of one token, one KV head: hd
  * values, or of one token's index key: ihd values, as E4M3 bytes times one float32 scale per row,
- * scale = amax(row) / 448; a fourth of the bytes, so a KV budget holds about 4x the tokens). */
+ * scale = amax(row) / 448; a fourth of the bytes, so a KV budget holds about 4x the tokens). An
+ * fp8 cache's K rows hold the keys rotated by m3_kv_rotate_key (kv_store, attention). */
 typedef enum { M3_KV_F32 = 0, M3_KV_FP8 = 1 } m3_kv_dtype;
+
+/* The block of the key rotation for rows of n values: the largest power of two dividing n, at
+ * most M3_KV_KEY_BLOCK_MAX (a warp holds that many in 8 registers a lane; M3's heads are 128). */
+enum { M3_KV_KEY_BLOCK_MAX = 256 };
+static inline int m3_kv_key_block(int n) {
+  const int b = n & -n;
+  return b < M3_KV_KEY_BLOCK_MAX ? b : M3_KV_KEY_BLOCK_MAX;
+}
+
+/* x [n] in place: each block of B = m3_kv_key_block(n) values times the Sylvester-Hadamard
+ * matrix H (entries +-1, not normalized; H H = B I), as float32 butterflies of span 1, 2, 4, ...,
+ * B/2 in that order (a, b at i, i + span become a + b, a - b), which fixes the bits every backend
+ * must produce. Why an fp8 cache stores H k rather than k: E4M3 keeps ~2.4% error relative to each
+ * value, and trained keys put much of their weight on a few channels that the queries share, so
+ * those channels' errors pass into the scores undamped; spread over the block by H, the errors
+ * of a score average out (the trained built-in model: logits drift from the float32 cache,
+ * median 0.029 -> 0.022, bench/RESULTS.md). */
+static inline void m3_kv_rotate_key(float *x, int n) {
+  const int b = m3_kv_key_block(n);
+  for (int span = 1; span < b; span <<= 1)
+    for (int i = 0; i < n; i++)
+      if (!(i & span)) {
+        const float lo = x[i], hi = x[i + span];
+        x[i] = lo + hi;
+        x[i + span] = lo - hi;
+      }
+}
 
 /* Bytes one page of one pool (K, V or IK of one layer) takes: `rows` rows of `dim` values.
  *   f32: float32 [rows, dim].
@@ -238,9 +266,10 @@ typedef struct {
                            const m3_row_sampling *rows, int32_t *out_host);
 
   /* Writes T new tokens (positions pos[t]) into the pages of kv.  k, v [T, nkv, hd];
-   * ik [T, ihd] or NULL. An fp8 cache gets each row quantized: scale = amax / 448 (a row of zeros:
-   * scale 0, bytes 0; a row with a NaN or infinity: scale NaN, bytes 0, so it reads back NaN),
-   * bytes = E4M3(value / scale) rounded to nearest even, saturating at +-448. */
+   * ik [T, ihd] or NULL. An fp8 cache gets each K row rotated (m3_kv_rotate_key), then each row
+   * of K, V and IK quantized: scale = amax / 448 (a row of zeros: scale 0, bytes 0; a row with a
+   * NaN or infinity: scale NaN, bytes 0, so it reads back NaN), bytes = E4M3(value / scale)
+   * rounded to nearest even, saturating at +-448. */
   void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
 
@@ -256,7 +285,9 @@ typedef struct {
                         const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
                         const m3_tensor *ik_norm, float eps, int rot, double theta);
 
-  /* msa_select and attention read an fp8 cache as the float32 values E4M3(byte) * scale.
+  /* msa_select and attention read an fp8 cache as the float32 values E4M3(byte) * scale; attention
+   * scores an fp8 cache's rotated keys against each query rotated the same way and times 1 / B
+   * (m3_kv_rotate_key: an exact power of two), which gives dot(q, k) up to rounding.
    *
    * MSA block selection (shared/spec/msa_spec.md): for each token t (absolute position pos[t]) and
    * index head g: block scores = max over visible keys j <= pos[t] of dot(iq[t, g], IK[j]);

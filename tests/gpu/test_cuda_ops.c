@@ -2129,8 +2129,8 @@ static void test_kv8_store_edges(void) {
   free(kh), free(vh), free(ikh), free_cache(&c);
 }
 
-/* kv_store, msa_select and attention on fp8 caches: decode (T = 1, 3, 17; split-K up to 9000
- * tokens) and prefill (T >= 128: the tensor-core kernel at head dims 64 and 128) in groups of 16,
+/* kv_store, msa_select and attention on fp8 caches (keys and queries rotated): decode (T = 1, 3,
+ * 17; split-K up to 9000 tokens) and prefill (T >= 128: the tensor-core kernel at head dims 64 and 128) in groups of 16,
  * 8, 4, 3, 2 and 1 query heads per KV head, head dims 32 to 256, index dims 16 to 256 (two chunks
  * per lane in the score kernel). The selection counts of these cases are printed on their own. */
 static void test_kv_fp8(void) {
@@ -2142,6 +2142,9 @@ static void test_kv_fp8(void) {
       {64, 16, 2, 64, 32, 900, 200, 5, 1, 1},     {32, 8, 8, 128, 64, 1000, 130, 8, 1, 0},
       {16, 12, 4, 96, 16, 333, 17, 5, 1, 1},      {128, 16, 1, 256, 128, 1500, 3, 4, 1, 0},
       {32, 16, 4, 128, 256, 700, 5, 4, 2, 1},     {64, 4, 2, 64, 64, 600, 140, 4, 1, 0},
+      /* decode tiles whose queries are rotated in shared memory rather than in registers: a
+       * head of 96 (not a power of two), a head of 256 (two chunks a lane) */
+      {16, 8, 2, 96, 32, 300, 1, 4, 1, 1},        {32, 16, 1, 256, 64, 500, 1, 4, 1, 0},
   };
   const op_result before = results[OP_MSA];
   test_kv8_store_edges();

@@ -4,7 +4,8 @@
  * One work item is (token, KV head): the group's query heads run together so that each K and V
  * row is loaded once for all of them. Keys are taken a block (page) at a time: scores for the
  * whole block, then one online-softmax rescale per head and block. An fp8 cache's block is
- * dequantized into a per-worker tile first, so the same SIMD kernels run on either dtype. */
+ * dequantized into a per-worker tile first, so the same SIMD kernels run on either dtype; its keys
+ * are stored rotated (backend.h m3_kv_rotate_key), so the group's queries are rotated first. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,10 +58,28 @@ const float *cpu_kv_rows(const cpu_kernels *k, const m3_kv_view *kv, const void 
   return tile;
 }
 
+/* K row r of page `page` = k [hd]. An fp8 pool stores it rotated (m3_kv_rotate_key), through
+ * rot [hd]; without rot (out of memory in an op that cannot fail) the row reads back NaN. */
+static void store_key_row(const m3_kv_view *kv, int32_t page, int r, const float *k, float *rot) {
+  const int rows = kv->nkv * kv->block_size, hd = kv->hd;
+  if (kv->dtype == M3_KV_FP8 && !rot) {
+    store_row(kv, kv->k, page, rows, hd, r, k);
+    ((float *)pool_page(kv, kv->k, page, rows, hd))[r] = NAN;
+    return;
+  }
+  if (kv->dtype == M3_KV_FP8) {
+    memcpy(rot, k, (size_t)hd * sizeof(float));
+    m3_kv_rotate_key(rot, hd);
+    k = rot;
+  }
+  store_row(kv, kv->k, page, rows, hd, r, k);
+}
+
 void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                   const float *v, const float *ik) {
   (void)be;
   const int bs = kv->block_size, nkv = kv->nkv, hd = kv->hd;
+  float *rot = kv->dtype == M3_KV_FP8 ? malloc((size_t)hd * sizeof(float)) : NULL;
   for (int t = 0; t < T; t++) {
     int32_t p = pos[t];
     if (p < 0 || p / bs >= kv->num_blocks) continue; /* padding rows; positions past the table */
@@ -68,11 +87,12 @@ void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int 
     int slot = p % bs;
     for (int h = 0; h < nkv; h++) {
       size_t src = ((size_t)t * nkv + h) * hd;
-      store_row(kv, kv->k, page, nkv * bs, hd, h * bs + slot, k + src);
+      store_key_row(kv, page, h * bs + slot, k + src, rot);
       store_row(kv, kv->v, page, nkv * bs, hd, h * bs + slot, v + src);
     }
     if (ik && kv->ik) store_row(kv, kv->ik, page, bs, kv->ihd, slot, ik + (size_t)t * kv->ihd);
   }
+  free(rot);
 }
 
 /* Norms and rotates k (and ik) in place, which the contract allows, then stores: on the CPU the
@@ -96,7 +116,7 @@ typedef struct {
   int topk;
   float *out;
   /* per worker: scores [group][block_size], max [group], sum [group], and for an fp8 cache the
-   * block's dequantized K and V [2][block_size][hd] */
+   * block's dequantized K and V [2][block_size][hd] and the group's rotated queries [group][hd] */
   float *scratch;
   size_t scratch_per_worker;
 } attention_job;
@@ -125,17 +145,31 @@ static void attend_block(const attention_job *job, int group, const float *q, co
   k->pv(s, bs, group, vb, n, hd, o); /* o[h] += sum_j p[h][j] V[j] */
 }
 
+/* The group's queries q [group][hd] as an fp8 cache's rotated keys need them (backend.h
+ * attention): each row rotated, then times 1 / B, into out. */
+static const float *rotated_queries(const float *q, int group, int hd, float *out) {
+  const float inv = 1.0f / (float)m3_kv_key_block(hd);
+  for (int h = 0; h < group; h++) {
+    float *row = out + (size_t)h * hd;
+    memcpy(row, q + (size_t)h * hd, (size_t)hd * sizeof(float));
+    m3_kv_rotate_key(row, hd);
+    for (int d = 0; d < hd; d++) row[d] *= inv;
+  }
+  return out;
+}
+
 static void attention_items(void *ctx, int64_t i0, int64_t i1, int worker) {
   const attention_job *job = ctx;
   const m3_kv_view *kv = job->kv;
   const int nkv = kv->nkv, hd = kv->hd, bs = kv->block_size, group = job->nh / nkv;
   float *s = job->scratch + (size_t)worker * job->scratch_per_worker;
   float *m = s + (size_t)group * bs, *l = m + group;
-  float *ktile = l + group, *vtile = ktile + (size_t)bs * hd;
+  float *ktile = l + group, *vtile = ktile + (size_t)bs * hd, *qrot = vtile + (size_t)bs * hd;
   for (int64_t item = i0; item < i1; item++) {
     int64_t t = item / nkv;
     int kvh = (int)(item % nkv);
     const float *q = job->q + ((size_t)t * job->nh + (size_t)kvh * group) * hd;
+    if (kv->dtype == M3_KV_FP8) q = rotated_queries(q, group, hd, qrot);
     float *o = job->out + ((size_t)t * job->nh + (size_t)kvh * group) * hd;
     memset(o, 0, (size_t)group * hd * sizeof(float));
     int32_t p = job->pos[t];
@@ -163,7 +197,7 @@ void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,
   cpu_backend *cb = cpu_of(be);
   const int group = nh / kv->nkv;
   size_t per_worker = (size_t)group * kv->block_size + 2 * (size_t)group;
-  if (kv->dtype == M3_KV_FP8) per_worker += 2 * (size_t)kv->block_size * kv->hd;
+  if (kv->dtype == M3_KV_FP8) per_worker += (2 * (size_t)kv->block_size + (size_t)group) * kv->hd;
   float *scratch = malloc(per_worker * m3_threadpool_size(cb->pool) * sizeof(float));
   if (!scratch) { /* Out of memory in an op that cannot fail: a visibly wrong result. */
     for (size_t i = 0; i < (size_t)T * nh * kv->hd; i++) out[i] = NAN;

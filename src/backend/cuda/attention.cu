@@ -44,6 +44,7 @@ enum {
   ATT_COMBINE_THREADS = 256,
   ATT_MAX_HD = 256,
 };
+static_assert((int)ATT_MAX_HD <= (int)KV8_SLAB, "a query row of an fp8 cache is rotated as one slab");
 
 /* One block per token: K and V rows of every KV head, and the index key, into the token's page
  * slot, of a float32 cache. Positions without a page (and padding, pos < 0) are skipped, as on the
@@ -65,7 +66,8 @@ __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, 
       ((float *)kv.ik)[(page * bs + slot) * kv.ihd + d] = ik[(size_t)t * kv.ihd + d];
 }
 
-/* The same for an fp8 cache: one warp per row (K and V of each KV head, then the index key). */
+/* The same for an fp8 cache: one warp per row (K and V of each KV head, then the index key), K
+ * rotated. */
 __global__ void kv_store_fp8_kernel(m3_kv_view kv, size_t kv_page_bytes, size_t ik_page_bytes,
                                     const int32_t *__restrict__ pos, const float *__restrict__ k,
                                     const float *__restrict__ v, const float *__restrict__ ik) {
@@ -78,13 +80,13 @@ __global__ void kv_store_fp8_kernel(m3_kv_view kv, size_t kv_page_bytes, size_t 
   for (int row = warp; row < nrows; row += nwarps) {
     if (row == 2 * nkv) {
       kv8_store_row((uint8_t *)kv.ik + (size_t)page * ik_page_bytes, bs, kv.ihd, slot,
-                    ik + (size_t)t * kv.ihd, lane);
+                    ik + (size_t)t * kv.ihd, false, lane);
       continue;
     }
     const int h = row >> 1;
     const float *src = (row & 1 ? v : k) + ((size_t)t * nkv + h) * hd;
     uint8_t *dst = (uint8_t *)(row & 1 ? kv.v : kv.k) + (size_t)page * kv_page_bytes;
-    kv8_store_row(dst, nkv * bs, hd, h * bs + slot, src, lane);
+    kv8_store_row(dst, nkv * bs, hd, h * bs + slot, src, !(row & 1), lane);
   }
 }
 
@@ -302,10 +304,27 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   }
   int32_t mp;
   const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  /* An fp8 cache's keys are stored rotated, so the queries are rotated too (backend.h
+   * attention): in registers where each row is lanes of one warp, else in shared memory. */
+  const bool rotate_in_registers = RPW <= 2 && CPL == 1 && 32 % hd4 == 0;
   if constexpr (RPW <= 2) {
 #pragma unroll
-    for (int x = 0; x < QPT; x++)
+    for (int x = 0; x < QPT; x++) {
+      if (FP8 && rotate_in_registers) qv[x] = kv8_rotate_query4(qv[x], hd, lane);
       if (tid + x * 32 * ATT_WARPS < R * hd4) ((float4 *)qs)[tid + x * 32 * ATT_WARPS] = qv[x];
+    }
+  }
+  if (FP8 && !rotate_in_registers) { /* the same for the whole block */
+    __syncthreads();
+    for (int r = warp; r < R; r += ATT_WARPS) {
+      float v[KV8_SLAB_NJ]; /* hd <= ATT_MAX_HD = KV8_SLAB */
+#pragma unroll
+      for (int j = 0; j < KV8_SLAB_NJ; j++) v[j] = lane + 32 * j < hd ? qs[(size_t)r * hd + lane + 32 * j] : 0.0f;
+      kv8_rotate_query(v, hd, lane);
+#pragma unroll
+      for (int j = 0; j < KV8_SLAB_NJ; j++)
+        if (lane + 32 * j < hd) qs[(size_t)r * hd + lane + 32 * j] = v[j];
+    }
   }
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
@@ -623,12 +642,26 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c2 = 2 * (lane & 3);
 
-  for (int i = tid; i < ATT_TC_ROWS * (HD / 4); i += blockDim.x) { /* rows past R or T are zero */
-    const int r = i / (HD / 4), c = i % (HD / 4), tt = r / group, hh = r % group;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < R && tt < ntok)
-      v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
-    store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
+  if constexpr (FP8) { /* a warp a row, rotated as the keys are (backend.h attention) */
+    for (int r = warp; r < ATT_TC_ROWS; r += ATT_TC_WARPS) {
+      const int tt = r / group, hh = r % group;
+      const bool live = r < R && tt < ntok; /* rows past R or T are zero */
+      const float *src = live ? a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD : a.q;
+      float v[KV8_SLAB_NJ];
+#pragma unroll
+      for (int j = 0; j < KV8_SLAB_NJ; j++) v[j] = live && 32 * j < HD ? src[lane + 32 * j] : 0.0f;
+      kv8_rotate_query(v, HD, lane);
+#pragma unroll
+      for (int j = 0; j < HD / 32; j++) qs[(size_t)r * LD + lane + 32 * j] = __float2bfloat16_rn(v[j]);
+    }
+  } else {
+    for (int i = tid; i < ATT_TC_ROWS * (HD / 4); i += blockDim.x) { /* rows past R or T are zero */
+      const int r = i / (HD / 4), c = i % (HD / 4), tt = r / group, hh = r % group;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < R && tt < ntok)
+        v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
+      store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
+    }
   }
   int32_t mp;
   const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);

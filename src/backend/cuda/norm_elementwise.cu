@@ -218,17 +218,18 @@ typedef struct {
 
 /* Head vector src [dim], normed with w and rotated at position p (norm_head_to_shared,
  * rope_head_elem: rmsnorm_rope_kernel's bits), into row r of its page: float32 straight from
- * the rotation; fp8 staged in out [dim] and quantized by kv8_store_row, kv_store's code. */
+ * the rotation; fp8 staged in out [dim] and quantized by kv8_store_row, kv_store's code (a key
+ * head, not the index key, through the key rotation). */
 template <int FP8>
 __device__ __forceinline__ void store_normed_head(const float *__restrict__ src, const cuda_weight &w,
                                                   float eps, int dim, int half, const rope_freqs &f,
-                                                  float p, uint8_t *page, int rows, int r,
+                                                  float p, uint8_t *page, int rows, int r, bool key,
                                                   float *buf, float *out, int lane) {
   norm_head_to_shared(src, w, eps, dim, buf, lane);
   if (FP8) {
     for (int i = lane; i < dim; i += 32) out[i] = rope_head_elem(buf, i, half, p, f);
     __syncwarp();
-    kv8_store_row(page, rows, dim, r, out, lane);
+    kv8_store_row(page, rows, dim, r, out, key, lane);
   } else {
     float *dst = (float *)page + (size_t)r * dim;
     for (int i = lane; i < dim; i += 32) dst[i] = rope_head_elem(buf, i, half, p, f);
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
     uint8_t *dst = FP8 ? (uint8_t *)kv.ik + (size_t)page * a.ik_page_bytes
                        : (uint8_t *)((float *)kv.ik + (size_t)page * bs * kv.ihd);
     store_normed_head<FP8>(a.ik + (size_t)t * kv.ihd, a.ik_norm, a.eps, kv.ihd, a.ik_half, fik,
-                           (float)p, dst, bs, slot, buf, out, lane);
+                           (float)p, dst, bs, slot, false, buf, out, lane);
     return;
   }
   const int h = row < nkv ? row : row - nkv, kv_row = h * bs + slot;
@@ -268,9 +269,9 @@ __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
                      : (uint8_t *)((float *)(row < nkv ? kv.k : kv.v) + (size_t)page * nkv * bs * hd);
   if (row < nkv) {
     store_normed_head<FP8>(a.k + src, a.k_norm, a.eps, hd, a.k_half, fk, (float)p, dst, nkv * bs,
-                           kv_row, buf, out, lane);
+                           kv_row, true, buf, out, lane);
   } else if (FP8) {
-    kv8_store_row(dst, nkv * bs, hd, kv_row, a.v + src, lane);
+    kv8_store_row(dst, nkv * bs, hd, kv_row, a.v + src, false, lane);
   } else {
     for (int d = lane; d < hd; d += 32) ((float *)dst)[(size_t)kv_row * hd + d] = a.v[src + d];
   }
