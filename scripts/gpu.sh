@@ -160,14 +160,17 @@ if [ $m3_built -eq 0 ]; then
 fi
 
 # The trained built-in model (issue 14) on the GPU: perplexity of the held-out file against the
-# CPU's (transformers gives the CPU's, tests/test_engine_small_model.c), and greedy speculative
+# CPU's (transformers gives the CPU's, tests/test_engine_small_model.c), with float32 and fp8 KV
+# caches, and greedy speculative
 # decoding with its MTP module and EAGLE3 draft, which must leave every output unchanged.
 small_rc=1
 if [ $m3_built -eq 0 ]; then
   heldout="$src/tests/fixtures/m3-small/heldout.txt"
   {
     for dev in cpu cuda; do
-      echo "perplexity ($dev): $("$build/m3" perplexity --device "$dev" --file "$heldout" 2>&1)"
+      for kv in f32 fp8; do
+        echo "perplexity ($dev, $kv cache): $("$build/m3" perplexity --device "$dev" --kv-dtype $kv --file "$heldout" 2>&1)"
+      done
     done
     echo
     timeout 200 "$build/m3" bench accept --device cuda --file "$heldout" --prompts 8 --gen-tokens 64 2>&1

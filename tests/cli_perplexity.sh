@@ -3,7 +3,8 @@
 # into chunks of --ctx, each chunk's float32 logits from `m3 logits` (a fresh sequence per call),
 # -log_softmax of the next token summed in awk. Several chunks with a shorter last one, a last
 # chunk of one token (dropped), one chunk holding the whole text; --file equals --text; the text
-# line carries the same figures; the default model needs no --model. Empty text, a missing or
+# line carries the same figures; the default model needs no --model; --kv-dtype fp8 reaches the
+# cache (the same check against `m3 logits --kv-dtype fp8`, and a mean nll of its own). Empty text, a missing or
 # empty file, --ctx below 2, a text of one token and a model without tokenizer.json exit 2 with
 # one line naming the culprit.
 m3=$1
@@ -18,11 +19,13 @@ ids=($("$m3" tokenize --model "$model" --text "$text"))
 n=${#ids[@]}
 [ "$n" -ge 20 ] && ok || bad "the test text is only $n tokens"
 
+kv=() # options both m3 perplexity and m3 logits get (the KV cache's dtype)
+
 # sum of -log_softmax(row j)[ids[j+1]] over rows j < len-1 of the logits of ids[start, start+len)
 chunk_nll() { # start len
   local list
   list=$(IFS=,; echo "${ids[*]:$1:$2}")
-  "$m3" logits --model "$model" --ids "$list" --out "$tmp/chunk.f32" || { bad "m3 logits $list"; return; }
+  "$m3" logits --model "$model" --ids "$list" --out "$tmp/chunk.f32" "${kv[@]}" || { bad "m3 logits $list"; return; }
   local vocab=$(($(stat -c %s "$tmp/chunk.f32") / 4 / $2))
   od -A n -v -t f4 "$tmp/chunk.f32" | tr -s ' ' '\n' | grep . | awk -v V="$vocab" -v ids="$list" '
     BEGIN { n = split(ids, t, ",") }
@@ -57,7 +60,7 @@ expected() {
 # compares `m3 perplexity --ctx $1 --json` with expected
 check_ctx() {
   local ctx=$1 js want got
-  js=$("$m3" perplexity --model "$model" --text "$text" --ctx "$ctx" --json) || { bad "--ctx $ctx: exit $?"; return; }
+  js=$("$m3" perplexity --model "$model" --text "$text" --ctx "$ctx" --json "${kv[@]}") || { bad "--ctx $ctx: exit $?"; return; }
   want=$(expected "$ctx")
   got=$(jq -r '"\(.tokens) \(.chunks)"' <<< "$js")
   expect_eq "--ctx $ctx tokens and chunks" "$got" "${want% *}"
@@ -65,13 +68,19 @@ check_ctx() {
     d = a - b; if (d < 0) d = -d
     e = p - exp(a); if (e < 0) e = -e
     exit !(b > 0 && d <= 1e-9 * b && e <= 1e-12 * p) }' \
-    && ok || bad "--ctx $ctx: $js, expected mean nll ${want##* }"
+    && ok || bad "--ctx $ctx ${kv[*]}: $js, expected mean nll ${want##* }"
 }
 
 check_ctx 7                # several chunks, the last shorter
 check_ctx $((n - 1))       # a last chunk of one token: dropped
 check_ctx 512              # the default: one chunk, the whole text
 expect_eq "--ctx $((n - 1)) chunks" "$("$m3" perplexity --model "$model" --text "$text" --ctx $((n - 1)) --json | jq .chunks)" 1
+kv=(--kv-dtype fp8)
+check_ctx 7
+kv=()
+f32=$("$m3" perplexity --model "$model" --text "$text" --ctx 7 --json | jq .mean_nll)
+fp8=$("$m3" perplexity --model "$model" --text "$text" --ctx 7 --json --kv-dtype fp8 | jq .mean_nll)
+[ "$f32" != "$fp8" ] && ok || bad "--kv-dtype fp8 gives the float32 cache's mean nll $f32"
 
 # --file reads the same text; the text line shows the same figures.
 printf '%s' "$text" > "$tmp/text.txt"
@@ -98,6 +107,7 @@ expect_input_error "at least 2" perplexity --model "$model" --text "a"
 expect_input_error "one of --file" perplexity --model "$model" --text "$text" --file "$tmp/text.txt"
 expect_input_error "one of --file" perplexity --model "$model"
 expect_input_error "--bogus" perplexity --model "$model" --text "$text" --bogus 1
+expect_input_error "--kv-dtype 'e5m2'" perplexity --model "$model" --text "$text" --kv-dtype e5m2
 fx=$(dirname "$(ls "$src"/tests/fixtures/text/*/reference.json | head -n 1)")
 expect_input_error "tokenizer.json" perplexity --model "$fx" --text "$text"
 

@@ -5,7 +5,8 @@
  * (the last may be shorter; one of fewer than 2 tokens scores nothing and is dropped). Each chunk
  * starts from an empty KV cache, as a fresh sequence prefilled at once, and its position j
  * scores the next token: nll_j = -log_softmax(logits_j)[ids[j+1]] over the whole vocabulary,
- * summed in double over every chunk. Perplexity = exp(mean nll). */
+ * summed in double over every chunk. Perplexity = exp(mean nll). --kv-dtype fp8 keeps the chunks'
+ * cache in E4M3, so the figure shows what that cache costs. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,11 +20,12 @@
 
 static const char usage[] =
     "usage: m3 perplexity [--model DIR] (--file F | --text S) [--ctx N] [--device cpu|cuda|cuda:N]\n"
-    "                     [--threads N] [--json]\n"
+    "                     [--threads N] " M3_CLI_KV_DTYPE_USAGE " [--json]\n"
     "  the model's perplexity on a text: its tokens (nothing added) cut into chunks of N\n"
     "  tokens (default 512), each run from an empty KV cache, every position scoring the next\n"
     "  token; prints exp(mean negative log-likelihood) over all scored tokens.\n"
     "  Without --model it uses " M3_CLI_DEFAULT_MODEL ".\n"
+    "  --kv-dtype fp8  keep K, V and index keys as E4M3 (what the fp8 cache costs in accuracy)\n"
     "  --json  {\"tokens\": .., \"chunks\": .., \"mean_nll\": .., \"perplexity\": ..} instead of a line\n";
 
 /* Texts larger than this are refused rather than read whole. */
@@ -33,6 +35,7 @@ typedef struct {
   const char *model, *file, *text, *device;
   long ctx, threads;
   int json;
+  m3_kv_dtype kv_dtype;
 } perplexity_args;
 
 static m3_status parse_args(int argc, char **argv, perplexity_args *a, int *help) {
@@ -57,6 +60,7 @@ static m3_status parse_args(int argc, char **argv, perplexity_args *a, int *help
     else if (strcmp(flag, "--device") == 0) a->device = value;
     else if (strcmp(flag, "--ctx") == 0) st = m3_cli_parse_long(flag, value, 2, 1L << 24, &a->ctx);
     else if (strcmp(flag, "--threads") == 0) st = m3_cli_parse_long(flag, value, 0, 4096, &a->threads);
+    else if (strcmp(flag, "--kv-dtype") == 0) st = m3_cli_parse_kv_dtype(value, &a->kv_dtype);
     else return m3_fail(M3_ERR_ARG, "unknown option '%s' (see --help)", flag);
     if (st != M3_OK) return st;
   }
@@ -131,7 +135,7 @@ int m3_cmd_perplexity(int argc, char **argv) {
   if ((st = m3_cli_model_or_default(&a.model, NULL, &paths)) != M3_OK) goto done;
   if ((st = text_ids(&a, &ids)) != M3_OK) goto done;
   const int n = (int)ids.len, ctx = (int)a.ctx, longest = n < ctx ? n : ctx;
-  if ((st = m3_cli_direct_open(a.model, a.device, (int)a.threads, 0, M3_KV_F32, longest, &d)) != M3_OK)
+  if ((st = m3_cli_direct_open(a.model, a.device, (int)a.threads, 0, a.kv_dtype, longest, &d)) != M3_OK)
     goto done;
   const int V = m3_model_config(d.model)->vocab_size;
   for (int i = 0; i < n; i++)
