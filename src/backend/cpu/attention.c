@@ -62,12 +62,12 @@ const float *cpu_kv_rows(const cpu_kernels *k, const m3_kv_view *kv, const void 
  * rot [hd]; without rot (out of memory in an op that cannot fail) the row reads back NaN. */
 static void store_key_row(const m3_kv_view *kv, int32_t page, int r, const float *k, float *rot) {
   const int rows = kv->nkv * kv->block_size, hd = kv->hd;
-  if (kv->dtype == M3_KV_FP8 && !rot) {
-    store_row(kv, kv->k, page, rows, hd, r, k);
-    ((float *)pool_page(kv, kv->k, page, rows, hd))[r] = NAN;
-    return;
-  }
   if (kv->dtype == M3_KV_FP8) {
+    if (!rot) {
+      store_row(kv, kv->k, page, rows, hd, r, k);
+      ((float *)pool_page(kv, kv->k, page, rows, hd))[r] = NAN;
+      return;
+    }
     memcpy(rot, k, (size_t)hd * sizeof(float));
     m3_kv_rotate_key(rot, hd);
     k = rot;

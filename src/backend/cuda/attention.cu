@@ -304,6 +304,15 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   }
   int32_t mp;
   const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  const int *ublk = ents + 2 * ne_max;
+  const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
+  /* The split count was fixed on the host for the longest list the tile could have (a recorded
+   * step replays at every context length); the list known, only as many splits run as there are
+   * key tiles up to the latest position: at a short context one split does the whole row and
+   * writes it, and the combine has nothing to do. */
+  const int units = att_units(a, nlist, ublk, mp);
+  const int nsplit = units < a.nsplit ? (units > 1 ? units : 1) : a.nsplit;
+  if (split >= nsplit) return; /* the same for the whole block, before the query is staged */
   /* An fp8 cache's keys are stored rotated, so the queries are rotated too (backend.h
    * attention): in registers where each row is lanes of one warp, else in shared memory. */
   const bool rotate_in_registers = RPW <= 2 && CPL == 1 && 32 % hd4 == 0;
@@ -326,15 +335,6 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
         if (lane + 32 * j < hd) qs[(size_t)r * hd + lane + 32 * j] = v[j];
     }
   }
-  const int *ublk = ents + 2 * ne_max;
-  const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
-  /* The split count was fixed on the host for the longest list the tile could have (a recorded
-   * step replays at every context length); the list known, only as many splits run as there are
-   * key tiles up to the latest position: at a short context one split does the whole row and
-   * writes it, and the combine has nothing to do. */
-  const int units = att_units(a, nlist, ublk, mp);
-  const int nsplit = units < a.nsplit ? (units > 1 ? units : 1) : a.nsplit;
-  if (split >= nsplit) return; /* the same for the whole block */
 
   /* This warp's rows: position (-1: inactive) and token within the tile. */
   int32_t prow[RPW];

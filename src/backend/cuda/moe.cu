@@ -129,8 +129,8 @@ __device__ __forceinline__ int moe_local_expert(int id, int first, int E) {
 }
 
 /* One warp, shared memory count [E] then next [E], over the n slots of ids and the local experts
- * e = id - first in [0, E) (g.n, g.first, g.E). __match_any_sync groups the lanes of a round of 32 slots by expert; a lane's rank among
- * its earlier peers keeps the placement stable. */
+ * e = id - first in [0, E) (g.n, g.first, g.E). __match_any_sync groups the lanes of a round of 32
+ * slots by expert; a lane's rank among its earlier peers keeps the placement stable. */
 __global__ void __launch_bounds__(32)
     moe_group_kernel(const int32_t *__restrict__ ids, moe_groups g) {
   const int n = g.n, first = g.first, E = g.E;

@@ -548,6 +548,12 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
+/* Rows r .. r + 7 of w: half of a 16-row stage (mx1_produce_group). */
+typedef struct {
+  const cuda_weight *w;
+  int64_t r;
+} mx1_half;
+
 /* The producer warp's stages of one group: slot rows 0-7 from rows lo.r .. lo.r + 7 of lo.w, rows
  * 8-15 from hi's (one matrix: r and r + 8 of it; the gate and up of one expert: the same 8 rows of
  * each, so that an item computes both halves of its SwiGLU in one pass; same K and kind), rows
@@ -559,11 +565,6 @@ __device__ __forceinline__ void async_copies_arrive(uint64_t *bar) {
  * scales by the copy engine too, one bulk copy of 16 or 32 bytes a row beside the row's weights
  * (twice the copies a stage), made the 2-layer MXFP8 decode step 0.374-0.380 -> 0.433-0.439 ms
  * (H200). */
-typedef struct {
-  const cuda_weight *w;
-  int64_t r;
-} mx1_half;
-
 __device__ __forceinline__ void mx1_produce_group(const mx1_ring &rg, uint32_t &n, mx1_half lo, mx1_half hi) {
   const int lane = threadIdx.x & 31, i = lane % MX1_ROWS;
   const mx1_half mine = i < MX1_ROWS / 2 ? lo : hi;
