@@ -103,7 +103,7 @@ typedef struct {
                     float eps, int nrows, int n, float *y);
   /* x[t, :] += b for T rows of n.  b [n] */
   void (*add_bias)(m3_backend *be, float *x, const m3_tensor *b, int T, int n);
-  /* Exact GELU in place: x = 0.5 x (1 + erf(x / sqrt 2)). */
+  /* Exact GELU in place: x = 0.5 x (1 + erf(x / sqrt 2)), computed as 0.5 x erfc(-x / sqrt 2). */
   void (*gelu)(m3_backend *be, float *x, size_t n);
   /* Axial 3-D RoPE in place over the first 3 * axis_dim dims of each head (spec §4.3):
    * inv_freq[j] = theta^(-2j / axis_dim), j < axis_dim / 2, in float32; angle i of token t is

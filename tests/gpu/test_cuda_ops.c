@@ -1757,7 +1757,9 @@ static double worst_row_rel_l2(const float *ref, const float *got, int T, int H)
  * H x I, T tokens; skew:
  * expert 0 is chosen by no token and expert E - 1 by every token (T rows of one expert: whole
  * m-tiles of 128 and a ragged last one), the other choices distinct and uniform over 1 .. E - 2;
- * otherwise distinct and uniform over all E. x starts at 0: each row is the layer's MoE output. */
+ * otherwise distinct and uniform over all E. Token t's inputs are uniform in +-2^(6 (t % 5) - 24)
+ * (larger ones would meet SwiGLU's clamp, where BF16 rounding alone moves the output). x starts
+ * at 0: each row is the layer's MoE output. */
 static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, int I, int T,
                              int skew, double worst[3]) {
   char what[96];
@@ -1791,6 +1793,8 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
     }
   float *hh = random_floats(nx, -1, 1), *zero = calloc(nx + 1, sizeof(float));
   float *wh = random_floats(ns, 0.05f, 1.5f);
+  for (int t = 0; t < T; t++) /* rows 2^-24 .. 1: the f16 rows of MXFP8 experts carry their own scale */
+    for (int c = 0; c < H; c++) hh[(size_t)t * H + c] = ldexpf(hh[(size_t)t * H + c], 6 * (t % 5) - 24);
   pair h = pair_from(hh, nx * 4), x = pair_from(zero, nx * 4);
   pair ids = pair_from(idh, ns * 4), w = pair_from(wh, ns * 4);
   cpu->ops->moe_experts(cpu, &exc, h.c, T, ids.c, w.c, k, x.c);

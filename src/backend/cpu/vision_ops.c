@@ -74,7 +74,9 @@ static void cpu_add_bias(m3_backend *be, float *x, const m3_tensor *b, int T, in
 
 static void cpu_gelu(m3_backend *be, float *x, size_t n) {
   (void)be;
-  for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+  /* 1 + erf(x / sqrt 2) as erfc(-x / sqrt 2): the sum cancels for negative x, where erff's last
+   * bit would become the result's third digit */
+  for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * erfcf(-x[i] * (float)M_SQRT1_2);
 }
 
 enum { ROPE_MAX_ANGLES = 3 * 128 };

@@ -204,22 +204,25 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
 /* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; 0 the default). */
-enum { MOE_GROUPED_TILES = 5 };
+enum { MOE_GROUPED_TILES = 6 };
 
 /* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as
- * input: BF16 or MXFP8 weights with H and I multiples of the shape's K tile (32 or 64), every
- * expert 16-byte aligned (`wide`, the caller's check over all experts), h 16-byte aligned, and n
- * small enough for the grid's upper bound of m-tiles. */
+ * input: BF16 or MXFP8 weights (gate and down of one form; MXFP8 with a finite SwiGLU clamp) with
+ * H and I multiples of the shape's K tile (32 or 64), every expert 16-byte aligned (`wide`, the
+ * caller's check over all experts), h 16-byte aligned, and n small enough for the grid's upper
+ * bound of m-tiles. */
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n);
 
 /* The routed experts of a prefill without a host synchronization, from the slots grouped by
  * expert (expert e owns sorted positions [start[e], start[e + 1]), slot_at [n] the slot t*k + j at
  * each): xy [n, H] = BF16(h[slot_at[p] / k]); act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T,
- * xy up_e^T)); y [n, H] = act down_e^T (float32), rows past start[E] untouched. w: the device
- * table [3 * E] (gate experts, then up, then down); tile_start: scratch [E + 1]. On cb->stream. */
+ * xy up_e^T)); y [n, H] = act down_e^T (float32), rows past start[E] untouched. MXFP8 experts
+ * hold xy and act in f16 instead, each row of xy times 2^row_exp [n] (moe_grouped.cu). w: the
+ * device table [3 * E] (gate experts, then up, then down); tile_start: scratch [E + 1]. On
+ * cb->stream. */
 void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
                       const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
-                      int32_t *tile_start, __nv_bfloat16 *xy, __nv_bfloat16 *act, float *y);
+                      int32_t *tile_start, void *xy, int32_t *row_exp, void *act, float *y);
 
 /* ---- reductions ---- */
 

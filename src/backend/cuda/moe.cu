@@ -774,7 +774,8 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
                o_up = decode || grouped ? 0 : carve(&off, sn * I * 4),
                o_xy_bf16 = decode ? 0 : carve(&off, sn * H * 2),
                o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2),
-               o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0;
+               o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0,
+               o_row_exp = grouped ? carve(&off, sn * 4) : 0;
   uint8_t *base = (uint8_t *)cuda_grow(cb, &cb->moe_scratch, &cb->moe_scratch_bytes, off,
                                        "moe_experts");
   if (!base) return;
@@ -828,7 +829,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     }
   } else if (grouped) {
     cuda_moe_grouped(cb, ex, tab->w, g.start, g.slot_at, n, k, h, (int32_t *)(base + o_tiles),
-                     (__nv_bfloat16 *)(base + o_xy_bf16), (__nv_bfloat16 *)(base + o_act_bf16), y);
+                     base + o_xy_bf16, (int32_t *)(base + o_row_exp), base + o_act_bf16, y);
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up),
                               (__nv_bfloat16 *)(base + o_xy_bf16),
                               (__nv_bfloat16 *)(base + o_act_bf16))) {

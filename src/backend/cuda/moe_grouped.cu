@@ -5,6 +5,7 @@
  *   2. tile offsets: tile_start[e] = sum over e' < e of ceil(cnt_e' / BM), on the device;
  *   3. gate/up GEMM, SwiGLU-OAI fused: act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T, xy up_e^T));
  *   4. down GEMM: y [n, H] = act down_e^T, float32 (moe.cu's combine follows).
+ * MXFP8 experts run the same steps in f16 instead of BF16 (below).
  * The GEMMs launch a grid of (n-tiles, an upper bound on the m-tiles): block row y finds its
  * expert by binary search in tile_start and exits when y is past the real count. A block computes
  * C [BM rows, BN columns] = A [rows, K] W [columns, K]^T, both operands K-contiguous, with
@@ -12,13 +13,24 @@
  * 16-byte cp.async in a STAGES-deep ring (rows outside the tile's valid range zero-filled,
  * their addresses clamped to a valid row), and shared memory -> fragments by ldmatrix.
  * MXFP8 experts (E4M3 bytes, an e8m0 scale per row and 32 columns: BK / 32 per row of a K tile)
- * come into shared memory as bytes; each thread decodes the 16-byte chunks it copied, times their
- * scales, into a BF16 B tile that the warps then read as above: the values
- * dequant_mx_bf16_kernel gives the lanes' GEMMs (exact in float32, one rounding to BF16).
- * Results do not depend on timing: every output element is one block's fixed-order sum. */
+ * come into shared memory as bytes; each thread decodes the 16-byte chunks it copied into an f16
+ * B tile that the warps then read as above, with mma.sync in f16. Why f16: E4M3 -> f16 is one
+ * instruction per pair (cvt.rn.f16x2.e4m3x2) and the block scale one more (a power of two times
+ * an f16 pair), where BF16 takes float32 on the way (6 per pair): the decoding is what held these
+ * GEMMs below the BF16 ones. f16's range needs powers of two kept apart, all exact:
+ *   - each row of xy carries 2^row_exp[p], chosen so that its largest |value| is in [2^14, 2^15)
+ *     (f16 keeps 11 significant bits there, BF16 8);
+ *   - each weight row carries 2^(134 - smax), smax its largest e8m0 scale: a block with scale s
+ *     decodes to E4M3 * 2^(s - smax + 7), at most 448 * 2^7 < 65504; a block more than 31
+ *     binades under its row's largest would round or vanish (under 2^-40 of the row's largest
+ *     weights, against float32 sums' 2^-24);
+ *   - act carries 2^act_exp, from the bound SwiGLU-OAI's clamp puts on it (gg_act_exp);
+ * and the epilogues take them off before SwiGLU and in y. NaN bytes and scale 0xFF give NaN as on
+ * the CPU. Results do not depend on timing: every output element is one block's fixed-order sum. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <float.h>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -33,11 +45,15 @@
   X(1, 128, 128, 64, 4, 2, 1)    \
   X(2, 128, 256, 32, 4, 2, 1)    \
   X(3, 64, 256, 32, 4, 1, 1)     \
-  X(4, 128, 256, 64, 3, 2, 1)
+  X(4, 128, 256, 64, 3, 2, 1)    \
+  X(5, 128, 128, 32, 6, 2, 2)
 
 enum {
   GG_THREADS = 256,
-  GG_MX_BLOCK = 32, /* MXFP8 columns per e8m0 scale */
+  GG_MX_BLOCK = 32,   /* MXFP8 columns per e8m0 scale */
+  GG_F16_TOP = 15,    /* f16 rows are scaled to a largest |value| under 2^15 */
+  GG_MX_HEADROOM = 7, /* a row's largest block decodes to E4M3 * 2^7: under 448 * 2^7 < 65504 */
+  GG_MX_UNSCALE = 127 + GG_MX_HEADROOM,
   GG_GATHER_THREADS = 256,
   GG_MAX_GRID_Y = 65535,
 };
@@ -54,16 +70,16 @@ template <int BM_, int BN_, int BK_, int STAGES_, int WM_, int MINB_> struct gg_
     A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, MX_BYTES = BN * BK,
   };
   static_assert(WM * WN == 8 && WTM == 64 && (WTN == 32 || WTN == 64), "8 warps of 64 x 32 or 64 x 64");
-  static_assert((BK == 32 || BK == 64) && AJ >= 1 && XJ >= 1, "tile shape");
+  static_assert((BK == 32 || BK == 64) && AJ >= 1 && XJ >= 1 && STAGES >= 3, "tile shape");
 };
 
-/* A ring slot: the A tile, then the B tile (BF16, or MX: E4M3 bytes); MX adds one decoded BF16 B
- * tile after the ring. Past the default 48 KB: opted in (gg_launch). */
+/* A ring slot: the A tile, then the B tile (BF16, or MX: E4M3 bytes); MX adds two decoded f16 B
+ * tiles after the ring. Past the default 48 KB: opted in (gg_launch). */
 template <class C, int MX> struct gg_smem_layout {
   enum {
     stage = C::A_BYTES + (MX ? C::MX_BYTES : C::B_BYTES),
     decoded = C::STAGES * stage,
-    bytes = decoded + (MX ? C::B_BYTES : 0),
+    bytes = decoded + (MX ? 2 * C::B_BYTES : 0),
   };
 };
 
@@ -102,12 +118,19 @@ __device__ __forceinline__ void gg_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
                : "memory");
 }
 
-/* d += A B for one m16n8k16 tile in the PTX ISA's fragment order. */
+/* d += A B for one m16n8k16 tile in the PTX ISA's fragment order: BF16 operands, or F16. */
+template <int F16>
 __device__ __forceinline__ void gg_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if (F16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 /* This thread's share of the cp.async copies of one K tile: chunk i = tid + 256 j of a tile, row
@@ -138,27 +161,68 @@ __device__ __forceinline__ void gg_load_stage(uint32_t smem, int kt, const gg_ch
                   (ch.zero_b >> j) & 1 ? 0 : 16);
 }
 
-/* 16 E4M3 bytes of the B tile (raw, in shared memory) times 2^(s - 127) as BF16, into chunks 2 c
- * and 2 c + 1 of row r of the decoded tile at out: E4M3 -> half -> float is exact and so is the
- * product in float32 (at least 2^-136), rounded once, as dequant_mx_bf16_kernel rounds it; NaN
- * bytes and scale 0xFF give NaN as on the CPU. */
+/* An MXFP8 block's factor in its row's f16 tile, in both halves of a pair: 2^(s - smax + 7), s
+ * the block's e8m0 scale and smax the row's largest (the file comment); exact down to 2^-24,
+ * then 0; NaN for scale 0xFF. */
+__device__ __forceinline__ __half2 gg_block_factor(int s, int smax) {
+  const int t = s - smax + GG_MX_HEADROOM;
+  __half2_raw f;
+  f.x = (unsigned short)(s == 0xff ? 0x7e00u : t >= -14 ? (unsigned)(t + 15) << 10 : t >= -24 ? 1u << (t + 24) : 0u);
+  f.y = f.x;
+  return __half2(f);
+}
+
+/* 16 E4M3 bytes of the B tile (raw, in shared memory) times the block's factor f as f16, into
+ * chunks 2 c and 2 c + 1 of row r of the decoded tile at out: E4M3 -> f16 is exact, and so is
+ * the product wherever it is a normal f16; NaN bytes stay NaN. */
 template <int BK>
-__device__ __forceinline__ void gg_decode_mx(const uint8_t *raw, uint8_t s, uint8_t *out, int r, int c) {
+__device__ __forceinline__ void gg_decode_mx(const uint8_t *raw, __half2 f, uint8_t *out, int r, int c) {
   const uint4 u = *(const uint4 *)raw;
   const uint32_t p[4] = {u.x, u.y, u.z, u.w};
-  const float sf = dev_e8m0(s);
   uint32_t o[8];
 #pragma unroll
   for (int i = 0; i < 4; i++)
 #pragma unroll
     for (int j = 0; j < 2; j++) {
       const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((p[i] >> (16 * j)) & 0xffff), __NV_E4M3);
-      const float2 f = __half22float2(__half2(h));
-      const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * sf, f.y * sf);
-      o[2 * i + j] = *(const uint32_t *)&b;
+      const __half2 v = __hmul2(__half2(h), f);
+      o[2 * i + j] = *(const uint32_t *)&v;
     }
   *(uint4 *)(out + gg_swizzle<BK>(r, 2 * c)) = make_uint4(o[0], o[1], o[2], o[3]);
   *(uint4 *)(out + gg_swizzle<BK>(r, 2 * c + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+/* The largest of a row's e8m0 scales row[b], b < nb, that are part's of parts: 16-byte units
+ * part, part + parts, ... where the row is 16-byte aligned and nb a multiple of 16, else single
+ * scales b = part, part + parts, ... */
+__device__ __forceinline__ int gg_scale_max(const uint8_t *row, int nb, int part, int parts) {
+  uint32_t m = 0;
+  if ((uintptr_t)row % 16 == 0 && nb % 16 == 0) {
+    for (int u = part; u < nb / 16; u += parts) {
+      const uint4 v = __ldg((const uint4 *)row + u);
+      m = __vmaxu4(m, __vmaxu4(__vmaxu4(v.x, v.y), __vmaxu4(v.z, v.w)));
+    }
+    return (int)max(max(m & 0xffu, (m >> 8) & 0xffu), max((m >> 16) & 0xffu, m >> 24));
+  }
+  for (int b = part; b < nb; b += parts) m = max(m, (uint32_t)row[b]);
+  return (int)m;
+}
+
+/* MX: this thread's chunks of K tile t (its own wait covers their copies) decoded from ring slot
+ * t % STAGES into decoded tile t % 2; scale_next: the scales of tile t, replaced by tile t + 1's
+ * (a load a tile ahead); smax: the rows' largest scales. */
+template <class C>
+__device__ __forceinline__ void gg_decode_tile(uint8_t *smem, int t, int KT, const gg_chunks<C, 1> &ch,
+                                               uint8_t scale_next[C::XJ], const int smax[C::XJ], int tid) {
+  const uint8_t *raw = smem + (uint32_t)(t % C::STAGES) * gg_smem_layout<C, 1>::stage + C::A_BYTES + ch.dst_mx;
+  uint8_t *dec = smem + gg_smem_layout<C, 1>::decoded + (t & 1) * C::B_BYTES;
+#pragma unroll
+  for (int j = 0; j < C::XJ; j++) {
+    const uint8_t s_now = scale_next[j];
+    if (ch.scales[j] && t + 1 < KT) scale_next[j] = ch.scales[j][(size_t)(t + 1) * (C::BK / GG_MX_BLOCK)];
+    gg_decode_mx<C::BK>(raw + 4096u * j, gg_block_factor(s_now, smax[j]), dec,
+                        tid / C::MX_CPR + j * (GG_THREADS / C::MX_CPR), tid % C::MX_CPR);
+  }
 }
 
 /* The sorted positions [*s0, *s1) of expert e, clamped into [0, n): the offsets come from device
@@ -169,20 +233,52 @@ __device__ __forceinline__ void gg_expert_rows(const int32_t *start, int e, int 
   *s1 = min(max(start[e + 1], a), n);
 }
 
-/* xy[p] = BF16(h[slot_at[p] / k]) for the used positions p < min(start[E], n); one block per
- * position of the grid's n, the unused ones exit. H % 4 == 0, h 16-byte aligned. */
+/* xy[p] = BF16(h[slot_at[p] / k]) for the used positions p < min(start[E], n); F16: xy[p] =
+ * f16(h[slot_at[p] / k] * 2^row_exp[p]), row_exp[p] putting the row's largest |value| in [2^14,
+ * 2^15) (0 for a row of zeros or with an infinity). One block of GG_GATHER_THREADS per position of
+ * the grid's n, the unused ones exit. H % 4 == 0, h 16-byte aligned. */
+template <int F16>
 __global__ void __launch_bounds__(GG_GATHER_THREADS)
-    moe_gather_bf16_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
-                           const int32_t *__restrict__ start, int E, int k, int n, int64_t H,
-                           __nv_bfloat16 *__restrict__ xy) {
+    moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
+                      const int32_t *__restrict__ start, int E, int k, int n, int64_t H,
+                      void *__restrict__ xy, int32_t *__restrict__ row_exp) {
+  __shared__ float part[GG_GATHER_THREADS / 32];
   const int p = blockIdx.x;
   if (p >= min(start[E], n)) return;
   const float4 *src = (const float4 *)(h + (size_t)(slot_at[p] / k) * (size_t)H);
-  __nv_bfloat162 *dst = (__nv_bfloat162 *)(xy + (size_t)p * (size_t)H);
-  for (int64_t c = threadIdx.x; c < H / 4; c += blockDim.x) {
+  int e = 0;
+  if (F16) {
+    float m = 0.0f;
+    for (int64_t c = threadIdx.x; c < H / 4; c += GG_GATHER_THREADS) {
+      const float4 v = src[c];
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = part[0];
+#pragma unroll
+    for (int w = 1; w < GG_GATHER_THREADS / 32; w++) m = fmaxf(m, part[w]);
+    if (m > 0.0f && m <= FLT_MAX) {
+      int x; /* m in [2^(x - 1), 2^x) */
+      frexpf(m, &x);
+      e = GG_F16_TOP - x;
+    }
+    if (threadIdx.x == 0) row_exp[p] = e;
+  }
+  uint2 *dst = (uint2 *)xy + (size_t)p * (size_t)(H / 4);
+  for (int64_t c = threadIdx.x; c < H / 4; c += GG_GATHER_THREADS) {
     const float4 v = src[c];
-    dst[2 * c] = __floats2bfloat162_rn(v.x, v.y);
-    dst[2 * c + 1] = __floats2bfloat162_rn(v.z, v.w);
+    uint32_t lo, hi;
+    if (F16) {
+      const __half2 a = __floats2half2_rn(ldexpf(v.x, e), ldexpf(v.y, e));
+      const __half2 b = __floats2half2_rn(ldexpf(v.z, e), ldexpf(v.w, e));
+      lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
+    } else {
+      const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+      lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
+    }
+    dst[c] = make_uint2(lo, hi);
   }
 }
 
@@ -214,25 +310,29 @@ __global__ void __launch_bounds__(32)
 }
 
 /* One (expert, m-tile, n-tile) of a grouped GEMM with tiles of C. blockIdx.y: the m-tile in
- * tile_start's numbering; blockIdx.x: the n-tile. a: [n, K] BF16 in sorted order; ws: the experts'
- * weights, BF16 [N, K] or MX (GATED: gate at ws[e], up at ws[E + e]; otherwise down at ws[e]).
+ * tile_start's numbering; blockIdx.x: the n-tile. a: [n, K] BF16 in sorted order (MX: f16, row p
+ * times 2^a_exp[p] when GATED, every row times 2^act_exp otherwise); ws: the experts' weights,
+ * BF16 [N, K] or MX (GATED: gate at ws[e], up at ws[E + e]; otherwise down at ws[e]).
  * Warp (wm, wn) computes rows 64 wm .. + 63 of the tile. GATED: B rows 0 .. BN/2 - 1 are gate rows
  * n0 .. n0 + BN/2 - 1, the next BN/2 the same rows of up; warp wn takes WTN/2 rows of each at
  * WTN/2 wn (its first NT/2 n8 tiles gate, the last NT/2 up), so that each lane holds the gate
- * and up sums of the same (row, column) and writes out (BF16 [n, N]) = their SwiGLU-OAI.
- * Otherwise warp wn takes B rows WTN wn .. + WTN - 1 and writes out (float32 [n, N]) as summed.
- * MX: the weights are MXFP8 (E4M3 [N, K], e8m0 scales [N, scale_cols], one per 32 columns: BK / 32
- * per row of a K tile); each K step first decodes the ring slot's bytes into the decoded tile.
+ * and up sums of the same (row, column) and writes out (BF16 [n, N]; MX: f16 times 2^act_exp) =
+ * their SwiGLU-OAI. Otherwise warp wn takes B rows WTN wn .. + WTN - 1 and writes out (float32
+ * [n, N]) as summed. MX: the weights are MXFP8 (E4M3 [N, K], e8m0 scales [N, scale_cols], one per
+ * 32 columns: BK / 32 per row of a K tile); each K step first decodes the ring slot's bytes into
+ * the decoded f16 tile, each B row in its own power of two (the file comment).
  * K % BK == 0; a, the weights and out 16-byte aligned (and so their rows). */
 template <class C, int GATED, int MX>
 __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     moe_grouped_gemm_kernel(const cuda_weight *__restrict__ ws, int E,
                             const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
-                            int n, const __nv_bfloat16 *__restrict__ a, int64_t K, int64_t N,
-                            float alpha, float beta, float limit, void *__restrict__ out) {
+                            int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
+                            int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
+                            void *__restrict__ out) {
   enum { BK = C::BK, NT = C::NT, HALF_NT = C::NT / 2, B_CPR = MX ? C::MX_CPR : C::CPR,
          B_J = MX ? C::XJ : C::BJ };
   extern __shared__ __align__(128) uint8_t gg_smem[];
+  __shared__ int b_exp[MX ? C::BN : 1]; /* MX: 2^b_exp[r] takes B row r's power of two off */
   const int tile = blockIdx.y;
   if (tile >= tile_start[E]) return; /* the whole block: past the real m-tile count */
   int lo = 0, hi = E; /* the expert with tile_start[e] <= tile < tile_start[e + 1] */
@@ -275,10 +375,24 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
   const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gg_smem);
   const int KT = (int)(K / BK);
   /* MX: the scales of this thread's rows for the K step about to be decoded, loaded a step ahead;
-   * 127 (1.0) for a row past N, whose bytes are zeros */
+   * 127 (1.0) for a row past N, whose bytes are zeros. smax: each row's largest scale, its B_CPR
+   * threads (adjacent lanes) taking every B_CPR-th block of the row; b_exp published by the
+   * main loop's barriers (KT >= 1). */
   uint8_t scale_next[MX ? C::XJ : 1];
+  int smax[MX ? C::XJ : 1];
 #pragma unroll
-  for (int j = 0; j < (MX ? C::XJ : 1); j++) scale_next[j] = MX && ch.scales[j] ? ch.scales[j][0] : 127;
+  for (int j = 0; j < (MX ? C::XJ : 1); j++) {
+    scale_next[j] = MX && ch.scales[j] ? ch.scales[j][0] : 127;
+    if (!MX) continue;
+    int m = 127;
+    if (ch.scales[j]) {
+      m = gg_scale_max(ch.scales[j] - cb / 2, (int)(K / GG_MX_BLOCK), cb, B_CPR);
+    }
+#pragma unroll
+    for (int o = 1; o < B_CPR; o <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    smax[j] = m;
+    if (cb == 0) b_exp[tid / B_CPR + j * (GG_THREADS / B_CPR)] = m - GG_MX_UNSCALE;
+  }
 
   /* ldmatrix addresses. A (m16 tile mt, k16 step ks): lanes 0-7 rows 0-7 and 8-15 rows 8-15 at
    * k 0-7 (a0, a1), lanes 16-31 the same rows at k 8-15 (a2, a3): row lane & 15, chunk
@@ -310,36 +424,30 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
 
   /* The ring: STAGES - 1 tiles in flight ahead of the one computed. One commit per step (empty
    * past the last tile), so before step kt exactly STAGES - 1 + kt groups are committed and
-   * waiting until STAGES - 2 are pending means tile kt has landed. The barrier after the wait
-   * makes every thread's copies visible and also ends every warp's reads of step kt - 1, whose
-   * slot (kt - 1) % STAGES = (kt + STAGES - 1) % STAGES the next load reuses. */
+   * waiting until STAGES - 2 are pending means tile kt has landed (MX: STAGES - 3, tile kt + 1,
+   * which this step decodes). The barrier after the wait makes every thread's copies (and MX
+   * decoded tile kt, written in step kt - 1) visible, and ends every warp's reads of step
+   * kt - 1: of ring slot (kt - 1) % STAGES = (kt + STAGES - 1) % STAGES, which the next load
+   * reuses, and MX of decoded tile (kt + 1) % 2, which this step's decoding reuses. One barrier a
+   * step: a warp's decoding of tile kt + 1 overlaps the other warps' products of tile kt. */
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; s++) {
     if (s < KT) gg_load_stage<C, MX>(smem, s, ch);
     gg_cp_async_commit();
   }
-  for (int kt = 0; kt < KT; kt++) {
+  if constexpr (MX) {
     gg_cp_async_wait<C::STAGES - 2>();
+    gg_decode_tile<C>(gg_smem, 0, KT, ch, scale_next, smax, tid);
+  }
+  for (int kt = 0; kt < KT; kt++) {
+    if (MX) gg_cp_async_wait<C::STAGES - 3>();
+    else gg_cp_async_wait<C::STAGES - 2>();
     __syncthreads();
     if (kt + C::STAGES - 1 < KT) gg_load_stage<C, MX>(smem, kt + C::STAGES - 1, ch);
     gg_cp_async_commit();
     const uint32_t sa = smem + (uint32_t)(kt % C::STAGES) * gg_smem_layout<C, MX>::stage;
-    uint32_t sb = sa + C::A_BYTES;
-    if (MX) {
-      /* the bytes this thread copied (its own wait covers them) into the decoded tile, which
-       * every warp finished reading in step kt - 1 (the barrier above); a second barrier
-       * publishes it */
-#pragma unroll
-      for (int j = 0; j < (MX ? C::XJ : 1); j++) {
-        const uint8_t s_now = scale_next[j];
-        if (ch.scales[j] && kt + 1 < KT) scale_next[j] = ch.scales[j][(size_t)(kt + 1) * (BK / GG_MX_BLOCK)];
-        gg_decode_mx<BK>(gg_smem + (sb - smem) + ch.dst_mx + 4096u * j, s_now,
-                         gg_smem + gg_smem_layout<C, MX>::decoded,
-                         tid / C::MX_CPR + j * (GG_THREADS / C::MX_CPR), cb);
-      }
-      __syncthreads();
-      sb = smem + gg_smem_layout<C, MX>::decoded;
-    }
+    const uint32_t sb = MX ? smem + gg_smem_layout<C, MX>::decoded + (uint32_t)(kt & 1) * C::B_BYTES
+                           : sa + C::A_BYTES;
 #pragma unroll
     for (int kh = 0; kh < BK / 32; kh++) {
       uint32_t bf[NT][4];
@@ -352,14 +460,17 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
           uint32_t af[4];
           gg_ldmatrix_x4(af, sa + a_row + (uint32_t)(mt * 16 * BK * 2) + a_chunk[2 * kh + ks]);
 #pragma unroll
-          for (int nt = 0; nt < NT; nt++) gg_mma(acc[mt][nt], af, bf[nt][2 * ks], bf[nt][2 * ks + 1]);
+          for (int nt = 0; nt < NT; nt++) gg_mma<MX>(acc[mt][nt], af, bf[nt][2 * ks], bf[nt][2 * ks + 1]);
         }
     }
+    if constexpr (MX)
+      if (kt + 1 < KT) gg_decode_tile<C>(gg_smem, kt + 1, KT, ch, scale_next, smax, tid);
   }
   gg_cp_async_wait<0>(); /* only empty groups remain; none outlives the block */
 
   /* C fragment: lane 4g + q holds rows g (c0, c1) and g + 8 (c2, c3) at columns 2q, 2q + 1 of
-   * each n8 tile. Columns come in even pairs and N is even: a pair is inside N or past it. */
+   * each n8 tile. Columns come in even pairs and N is even: a pair is inside N or past it. MX:
+   * each sum times 2^(b_exp of its B row - the A row's power of two), exact (ldexpf). */
   const int g = lane >> 2, q = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < C::MT; mt++)
@@ -368,22 +479,38 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
       const int r = C::WTM * wm + 16 * mt + g + 8 * hh;
       if (r >= rows) continue;
       const size_t row = (size_t)(m0 + r) * (size_t)N;
+      const int ea = MX ? (GATED ? a_exp[m0 + r] : act_exp) : 0;
       if (GATED) {
-        __nv_bfloat16 *o = (__nv_bfloat16 *)out + row;
+        uint32_t *o = (uint32_t *)((uint16_t *)out + row);
 #pragma unroll
         for (int nt = 0; nt < HALF_NT; nt++) {
-          const int64_t col = n0 + (C::WTN / 2) * wn + 8 * nt + 2 * q;
+          const int bg = (C::WTN / 2) * wn + 8 * nt + 2 * q, bu = C::BN / 2 + bg;
+          const int64_t col = n0 + bg;
           if (col >= N) continue;
-          const float v0 = dev_swiglu_oai(acc[mt][nt][2 * hh], acc[mt][nt + HALF_NT][2 * hh], alpha, beta, limit);
-          const float v1 = dev_swiglu_oai(acc[mt][nt][2 * hh + 1], acc[mt][nt + HALF_NT][2 * hh + 1], alpha, beta, limit);
-          *(__nv_bfloat162 *)(o + col) = __floats2bfloat162_rn(v0, v1);
+          float v[2];
+#pragma unroll
+          for (int i = 0; i < 2; i++) {
+            float gs = acc[mt][nt][2 * hh + i], us = acc[mt][nt + HALF_NT][2 * hh + i];
+            if (MX) gs = ldexpf(gs, b_exp[bg + i] - ea), us = ldexpf(us, b_exp[bu + i] - ea);
+            v[i] = dev_swiglu_oai(gs, us, alpha, beta, limit);
+          }
+          if (MX) {
+            const __half2 h2 = __floats2half2_rn(ldexpf(v[0], act_exp), ldexpf(v[1], act_exp));
+            o[col / 2] = *(const uint32_t *)&h2;
+          } else {
+            const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[0], v[1]);
+            o[col / 2] = *(const uint32_t *)&b2;
+          }
         }
       } else {
         float *o = (float *)out + row;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-          const int64_t col = n0 + C::WTN * wn + 8 * nt + 2 * q;
-          if (col < N) *(float2 *)(o + col) = make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+          const int b = C::WTN * wn + 8 * nt + 2 * q;
+          const int64_t col = n0 + b;
+          float2 v = make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+          if (MX) v.x = ldexpf(v.x, b_exp[b] - ea), v.y = ldexpf(v.y, b_exp[b + 1] - ea);
+          if (col < N) *(float2 *)(o + col) = v;
         }
       }
     }
@@ -406,12 +533,28 @@ static int gg_weight_fits(const m3_tensor *t) {
 
 /* The tile of a layer's experts: M3_MOE_GROUPED_TILE when set; else the fastest measured on an
  * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops): BF16 128 x 256 x 64 in 3
- * stages (candidate 4: 13.4 ms at 8192 tokens against 15.2 for candidate 0), MXFP8 candidate 0
- * (as fast, and half the shared memory), or candidate 0 where K is not a multiple of 64. */
+ * stages (candidate 4: 13.4 ms at 8192 tokens against 15.2 for candidate 0), or candidate 0 where
+ * K is not a multiple of 64; MXFP8 128 x 128 x 32 in 6 stages (candidate 5: 16.5 ms against 16.9
+ * for candidate 0, whose 4 stages leave the decoding's extra step of latency less cover). */
 static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
   if (cb->moe_grouped_tile >= 0) return cb->moe_grouped_tile;
   const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
-  return ex->gate[0].quant != M3_WQ_MXFP8 && H % gg_dims[4].bk == 0 && I % gg_dims[4].bk == 0 ? 4 : 0;
+  if (ex->gate[0].quant == M3_WQ_MXFP8) return 5;
+  return H % gg_dims[4].bk == 0 && I % gg_dims[4].bk == 0 ? 4 : 0;
+}
+
+/* MXFP8 experts: *act_exp = the power of two the down GEMM's f16 input carries. SwiGLU-OAI's
+ * clamp bounds its output: |up + beta| <= limit + |beta|, and gate * sigmoid(alpha gate) is at
+ * most limit for gate >= 0 and at most 0.2785 / alpha in magnitude below (the largest u / (1 +
+ * e^u) is 0.27846); times 2^act_exp the bound stays under 2^15. 0 when there is no bound (limit
+ * not finite, alpha not positive): those experts do not take the grouped GEMMs. */
+static int gg_act_exp(const m3_moe_experts *ex, int *act_exp) {
+  const float l = ex->limit, bound = (l + fabsf(ex->beta)) * fmaxf(l, 0.2785f / ex->alpha);
+  if (!(l > 0.0f && ex->alpha > 0.0f && bound > 0.0f && bound <= FLT_MAX)) return 0;
+  int x; /* bound in [2^(x - 1), 2^x) */
+  frexpf(bound, &x);
+  *act_exp = GG_F16_TOP - x;
+  return 1;
 }
 
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
@@ -419,8 +562,11 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
   const int tile = gg_tile(cb, ex);
   const int64_t H = g0->cols, I = g0->rows, bm = gg_dims[tile].bm, bk = gg_dims[tile].bk;
   const int64_t m_tiles = ((int64_t)n + bm - 1) / bm + (ex->E < n ? ex->E : n);
-  /* up and every other expert share gate[0]'s or down[0]'s form (moe.cu check_experts) */
-  return wide && gg_weight_fits(g0) && gg_weight_fits(d0) && H > 0 && I > 0 && H % bk == 0 &&
+  int act_exp;
+  /* up and every other expert share gate[0]'s or down[0]'s form (moe.cu check_experts); gate and
+   * down of one form, since act's (BF16 or f16) serves both */
+  return wide && gg_weight_fits(g0) && gg_weight_fits(d0) && g0->quant == d0->quant &&
+         (g0->quant != M3_WQ_MXFP8 || gg_act_exp(ex, &act_exp)) && H > 0 && I > 0 && H % bk == 0 &&
          I % bk == 0 && (uintptr_t)h % 16 == 0 && n > 0 && m_tiles <= GG_MAX_GRID_Y;
 }
 
@@ -428,48 +574,54 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
  * device first (cuda_allow_smem). */
 template <class C, int GATED, int MX>
 static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E, const int32_t *start,
-                      const int32_t *tile_start, int n, const __nv_bfloat16 *a, int64_t K, int64_t N,
-                      const m3_moe_experts *ex, void *out) {
+                      const int32_t *tile_start, int n, const void *a, const int32_t *a_exp, int act_exp,
+                      int64_t K, int64_t N, const m3_moe_experts *ex, void *out) {
   const int smem = gg_smem_layout<C, MX>::bytes;
   cuda_allow_smem(cb, (const void *)moe_grouped_gemm_kernel<C, GATED, MX>, smem,
                   "moe_experts (grouped gemm shared memory)");
   moe_grouped_gemm_kernel<C, GATED, MX><<<grid, GG_THREADS, smem, cb->stream>>>(
-      ws, E, start, tile_start, n, a, K, N, ex->alpha, ex->beta, ex->limit, out);
+      ws, E, start, tile_start, n, (const uint16_t *)a, a_exp, act_exp, K, N, ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, GATED ? "moe_experts (grouped gate, up, swiglu)" : "moe_experts (grouped down)");
 }
 
-/* The two GEMMs with tiles of C over m_tiles block rows (an upper bound on the real count). */
+/* The two GEMMs with tiles of C over m_tiles block rows (an upper bound on the real count); MX:
+ * xy's rows carry 2^row_exp, act 2^act_exp. */
 template <class C>
 static void gg_gemms(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w, const int32_t *start,
-                     const int32_t *tile_start, int n, unsigned m_tiles, const __nv_bfloat16 *xy,
-                     __nv_bfloat16 *act, float *y) {
+                     const int32_t *tile_start, int n, unsigned m_tiles, const void *xy,
+                     const int32_t *row_exp, int act_exp, void *act, float *y) {
   const int E = ex->E;
   const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
   const dim3 grid_gate((unsigned)((I + C::BN / 2 - 1) / (C::BN / 2)), m_tiles);
   const dim3 grid_down((unsigned)((H + C::BN - 1) / C::BN), m_tiles);
-  if (ex->gate[0].quant == M3_WQ_MXFP8)
-    gg_launch<C, 1, 1>(cb, grid_gate, w, E, start, tile_start, n, xy, H, I, ex, act);
-  else
-    gg_launch<C, 1, 0>(cb, grid_gate, w, E, start, tile_start, n, xy, H, I, ex, act);
-  if (ex->down[0].quant == M3_WQ_MXFP8)
-    gg_launch<C, 0, 1>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, I, H, ex, y);
-  else
-    gg_launch<C, 0, 0>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, I, H, ex, y);
+  if (ex->gate[0].quant == M3_WQ_MXFP8) {
+    gg_launch<C, 1, 1>(cb, grid_gate, w, E, start, tile_start, n, xy, row_exp, act_exp, H, I, ex, act);
+    gg_launch<C, 0, 1>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, act_exp, I, H, ex, y);
+  } else {
+    gg_launch<C, 1, 0>(cb, grid_gate, w, E, start, tile_start, n, xy, NULL, 0, H, I, ex, act);
+    gg_launch<C, 0, 0>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, 0, I, H, ex, y);
+  }
 }
 
 void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
                       const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
-                      int32_t *tile_start, __nv_bfloat16 *xy, __nv_bfloat16 *act, float *y) {
+                      int32_t *tile_start, void *xy, int32_t *row_exp, void *act, float *y) {
   const int E = ex->E, tile = gg_tile(cb, ex), bm = gg_dims[tile].bm;
   const int64_t H = ex->gate[0].cols;
-  moe_gather_bf16_kernel<<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy);
-  cuda_launched(cb, "moe_experts (gather to bf16)");
+  int act_exp = 0;
+  const int mx = ex->gate[0].quant == M3_WQ_MXFP8 && gg_act_exp(ex, &act_exp);
+  if (mx)
+    moe_gather_kernel<1><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
+  else
+    moe_gather_kernel<0><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
+  cuda_launched(cb, mx ? "moe_experts (gather to f16)" : "moe_experts (gather to bf16)");
   moe_tile_offsets_kernel<<<1, 32, 0, cb->stream>>>(start, E, n, bm, tile_start);
   cuda_launched(cb, "moe_experts (tile offsets)");
   const unsigned m_tiles = (unsigned)((n + bm - 1) / bm + (E < n ? E : n));
-#define GG_CASE(i, bm_, bn, bk, stages, wm, minb)                                                          \
-  case i:                                                                                                  \
-    gg_gemms<gg_cfg<bm_, bn, bk, stages, wm, minb> >(cb, ex, w, start, tile_start, n, m_tiles, xy, act, y); \
+#define GG_CASE(i, bm_, bn, bk, stages, wm, minb)                                                             \
+  case i:                                                                                                     \
+    gg_gemms<gg_cfg<bm_, bn, bk, stages, wm, minb> >(cb, ex, w, start, tile_start, n, m_tiles, xy, row_exp,   \
+                                                      act_exp, act, y);                                       \
     break;
   switch (tile) { GG_TILES(GG_CASE) }
 #undef GG_CASE

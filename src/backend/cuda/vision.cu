@@ -76,12 +76,13 @@ static void cuda_add_bias(m3_backend *be, float *x, const m3_tensor *b, int T, i
   cuda_launched(cb, "add_bias");
 }
 
-/* 0.5 x (1 + erf(x / sqrt 2)), products rounded in the CPU's order (no FMA). */
+/* 0.5 x (1 + erf(x / sqrt 2)) as 0.5 x erfc(-x / sqrt 2), as the CPU computes it (no cancellation
+ * for negative x), products rounded in the CPU's order (no FMA). */
 __global__ void gelu_kernel(float *x, size_t n) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     const float v = x[i];
-    x[i] = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, erff(__fmul_rn(v, (float)M_SQRT1_2))));
+    x[i] = __fmul_rn(__fmul_rn(0.5f, v), erfcf(__fmul_rn(-v, (float)M_SQRT1_2)));
   }
 }
 
