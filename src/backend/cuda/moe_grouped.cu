@@ -54,6 +54,7 @@ enum {
   GG_F16_TOP = 15,    /* f16 rows are scaled to a largest |value| under 2^15 */
   GG_MX_HEADROOM = 7, /* a row's largest block decodes to E4M3 * 2^7: under 448 * 2^7 < 65504 */
   GG_MX_UNSCALE = 127 + GG_MX_HEADROOM,
+  GG_ACT_EXP_MIN = -6, /* act's power of two at the loosest clamp taken (gg_act_exp) */
   GG_GATHER_THREADS = 256,
   GG_MAX_GRID_Y = 65535,
 };
@@ -547,14 +548,16 @@ static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
  * clamp bounds its output: |up + beta| <= limit + |beta|, and gate * sigmoid(alpha gate) is at
  * most limit for gate >= 0 and at most 0.2785 / alpha in magnitude below (the largest u / (1 +
  * e^u) is 0.27846); times 2^act_exp the bound stays under 2^15. 0 when there is no bound (limit
- * not finite, alpha not positive): those experts do not take the grouped GEMMs. */
+ * not finite, alpha not positive) or a loose one (act_exp under GG_ACT_EXP_MIN: f16's smallest
+ * step, 2^(-24 - act_exp) in act's units, is coarser than BF16's rounding for every value under
+ * 2^(-17 - act_exp), 2^-11 at the minimum): those experts do not take the grouped GEMMs. */
 static int gg_act_exp(const m3_moe_experts *ex, int *act_exp) {
   const float l = ex->limit, bound = (l + fabsf(ex->beta)) * fmaxf(l, 0.2785f / ex->alpha);
   if (!(l > 0.0f && ex->alpha > 0.0f && bound > 0.0f && bound <= FLT_MAX)) return 0;
   int x; /* bound in [2^(x - 1), 2^x) */
   frexpf(bound, &x);
   *act_exp = GG_F16_TOP - x;
-  return 1;
+  return *act_exp >= GG_ACT_EXP_MIN;
 }
 
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
