@@ -21,9 +21,9 @@
  *   - each row of xy carries 2^row_exp[p], chosen so that its largest |value| is in [2^14, 2^15)
  *     (f16 keeps 11 significant bits there, BF16 8);
  *   - each weight row carries 2^(134 - smax), smax its largest e8m0 scale: a block with scale s
- *     decodes to E4M3 * 2^(s - smax + 7), at most 448 * 2^7 < 65504; a block more than 31
- *     binades under its row's largest would round or vanish (under 2^-40 of the row's largest
- *     weights, against float32 sums' 2^-24);
+ *     decodes to E4M3 * 2^(s - smax + 7), at most 448 * 2^7 < 65504, exactly down to 22
+ *     binades under the row's largest; further under, f16's subnormals round it (31 under: to
+ *     0), an error under 2^-40 of the row's largest weight, against float32 sums' 2^-24;
  *   - act carries 2^act_exp, from the bound SwiGLU-OAI's clamp puts on it (gg_act_exp);
  * and the epilogues take them off before SwiGLU and in y. NaN bytes and scale 0xFF give NaN as on
  * the CPU. Results do not depend on timing: every output element is one block's fixed-order sum. */
