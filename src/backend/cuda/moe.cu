@@ -765,15 +765,17 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const size_t S = shared ? (size_t)ex->shared_gate->rows : 0, yn = shared ? sn + (size_t)T : sn;
-  size_t off = 0; /* the grouped prefill needs neither float gate nor up: only y and BF16 copies */
+  /* the grouped prefill needs neither float gate nor up: only y and 16-bit copies (BF16; f16 for
+   * MXFP8 experts, with their rows' powers of two) */
+  size_t off = 0;
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
                o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4),
                o_pos = carve(&off, sn * 4), o_y = carve(&off, yn * H * 4),
                o_act = grouped ? 0 : carve(&off, yn * I * 4),
                o_shared = shared ? carve(&off, 2 * (size_t)T * S * 4) : 0,
                o_up = decode || grouped ? 0 : carve(&off, sn * I * 4),
-               o_xy_bf16 = decode ? 0 : carve(&off, sn * H * 2),
-               o_act_bf16 = decode ? 0 : carve(&off, sn * I * 2),
+               o_xy16 = decode ? 0 : carve(&off, sn * H * 2),
+               o_act16 = decode ? 0 : carve(&off, sn * I * 2),
                o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0,
                o_row_exp = grouped ? carve(&off, sn * 4) : 0;
   uint8_t *base = (uint8_t *)cuda_grow(cb, &cb->moe_scratch, &cb->moe_scratch_bytes, off,
@@ -829,10 +831,10 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     }
   } else if (grouped) {
     cuda_moe_grouped(cb, ex, tab->w, g.start, g.slot_at, n, k, h, (int32_t *)(base + o_tiles),
-                     base + o_xy_bf16, (int32_t *)(base + o_row_exp), base + o_act_bf16, y);
+                     base + o_xy16, (int32_t *)(base + o_row_exp), base + o_act16, y);
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up),
-                              (__nv_bfloat16 *)(base + o_xy_bf16),
-                              (__nv_bfloat16 *)(base + o_act_bf16))) {
+                              (__nv_bfloat16 *)(base + o_xy16),
+                              (__nv_bfloat16 *)(base + o_act16))) {
     return;
   }
   const dim3 grid_combine((unsigned)T, (unsigned)((H + 4 * COMBINE_THREADS - 1) / (4 * COMBINE_THREADS)));

@@ -384,15 +384,13 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
 #pragma unroll
   for (int j = 0; j < (MX ? C::XJ : 1); j++) {
     scale_next[j] = MX && ch.scales[j] ? ch.scales[j][0] : 127;
-    if (!MX) continue;
-    int m = 127;
-    if (ch.scales[j]) {
-      m = gg_scale_max(ch.scales[j] - cb / 2, (int)(K / GG_MX_BLOCK), cb, B_CPR);
-    }
+    if constexpr (MX) {
+      int m = ch.scales[j] ? gg_scale_max(ch.scales[j] - cb / 2, (int)(K / GG_MX_BLOCK), cb, B_CPR) : 127;
 #pragma unroll
-    for (int o = 1; o < B_CPR; o <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
-    smax[j] = m;
-    if (cb == 0) b_exp[tid / B_CPR + j * (GG_THREADS / B_CPR)] = m - GG_MX_UNSCALE;
+      for (int o = 1; o < B_CPR; o <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+      smax[j] = m;
+      if (cb == 0) b_exp[tid / B_CPR + j * (GG_THREADS / B_CPR)] = m - GG_MX_UNSCALE;
+    }
   }
 
   /* ldmatrix addresses. A (m16 tile mt, k16 step ks): lanes 0-7 rows 0-7 and 8-15 rows 8-15 at
