@@ -204,7 +204,7 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
 /* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; 0 the default). */
-enum { MOE_GROUPED_TILES = 6 };
+enum { MOE_GROUPED_TILES = 8 };
 
 /* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as
  * input: BF16 or MXFP8 weights (gate and down of one form; MXFP8 with a finite SwiGLU clamp) with
@@ -212,6 +212,10 @@ enum { MOE_GROUPED_TILES = 6 };
  * caller's check over all experts), h 16-byte aligned, and n small enough for the grid's upper
  * bound of m-tiles. */
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n);
+
+/* 1 when these experts' grouped GEMMs take a wgmma tile (cb's M3_MOE_GROUPED_TILE, else the
+ * per-shape default), 0 for mma.sync: what decides whether BF16 experts beat the lanes. */
+int cuda_moe_grouped_on_wgmma(const cuda_backend *cb, const m3_moe_experts *ex);
 
 /* The routed experts of a prefill without a host synchronization, from the slots grouped by
  * expert (expert e owns sorted positions [start[e], start[e + 1]), slot_at [n] the slot t*k + j at

@@ -728,11 +728,14 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
 }
 
 /* Unless M3_MOE_GROUPED says which: the grouped GEMMs where they were measured faster than the
- * lanes (an H200 at full width, E 128, top 4): MXFP8 always (2048 tokens 6.8 against 31 ms, 8192
- * 17.6 against 17.9), BF16 while the average expert has at most 128 rows (2048 tokens 5.1 against
- * 5.8 ms; at 8192, 256 rows each, cuBLASLt's per-expert GEMMs win, 11.4 against 13.4). */
-static int grouped_wins(const m3_moe_experts *ex, int n) {
-  return ex->gate[0].quant == M3_WQ_MXFP8 || (int64_t)n <= 128 * (int64_t)ex->E;
+ * lanes (an H200 at full width, E 128, top 4): MXFP8 always (mma.sync tiles, 2048 tokens 6.8
+ * against 31 ms, 8192 17.6 against 17.9), BF16 on wgmma tiles always (2048 tokens 4.2 against
+ * 5.8 ms, 8192 10.2 against 11.4) and on mma.sync tiles while the average expert has at most 128
+ * rows (2048 tokens 5.1 against 5.8; at 8192, 256 rows each, cuBLASLt's per-expert GEMMs win,
+ * 11.4 against 13.4). */
+static int grouped_wins(const cuda_backend *cb, const m3_moe_experts *ex, int n) {
+  return ex->gate[0].quant == M3_WQ_MXFP8 || cuda_moe_grouped_on_wgmma(cb, ex) ||
+         (int64_t)n <= 128 * (int64_t)ex->E;
 }
 
 /* The next 256-byte aligned offset for `bytes` more after *off. */
@@ -754,7 +757,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   const int E = ex->E, n = T * k, decode = T <= MOE_DECODE_MAX_T;
   const int grouped = !decode && cb->moe_grouped != 0 &&
                       cuda_moe_grouped_fits(cb, ex, tab->wide, h, n) &&
-                      (cb->moe_grouped == 1 || grouped_wins(ex, n));
+                      (cb->moe_grouped == 1 || grouped_wins(cb, ex, n));
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
   /* The shared expert: at one token inside the experts' tensor-core launches (its rows of act and
    * y at position n), otherwise by the ops the model would run for it, its output in y's rows

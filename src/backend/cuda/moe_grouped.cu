@@ -9,7 +9,8 @@
  * The GEMMs launch a grid of (n-tiles, an upper bound on the m-tiles): block row y finds its
  * expert by binary search in tile_start and exits when y is past the real count. A block computes
  * C [BM rows, BN columns] = A [rows, K] W [columns, K]^T, both operands K-contiguous, with
- * mma.sync m16n8k16 (BF16 in, float32 accumulate); tiles of K go global -> shared memory by
+ * mma.sync m16n8k16 (BF16 in, float32 accumulate; the wgmma kernel below reads the same shared
+ * memory tiles through descriptors instead); tiles of K go global -> shared memory by
  * 16-byte cp.async in a STAGES-deep ring (rows outside the tile's valid range zero-filled,
  * their addresses clamped to a valid row), and shared memory -> fragments by ldmatrix.
  * MXFP8 experts (E4M3 bytes, an e8m0 scale per row and 32 columns: BK / 32 per row of a K tile)
@@ -36,17 +37,20 @@
 
 /* The candidate tiles (M3_MOE_GROUPED_TILE picks one at backend creation; unset: gg_tile's choice):
  * X(index, BM sorted rows, BN B rows, BK columns of K, STAGES of the cp.async ring, WM warps over
- * rows, MINB blocks per SM asked of the compiler). 8 warps: WM over rows x 8 / WM over B rows,
- * each warp BM / WM = 64 rows by BN * WM / 8 B rows (32 or 64). Gate/up tiles hold BN / 2 gate
- * rows and the same BN / 2 rows of up. MINB 2 caps registers at 128: only where that compiles
- * without spills (ptxas -v), else 1 and the shared memory sized for one block. */
-#define GG_TILES(X)              \
-  X(0, 128, 128, 32, 4, 2, 2)    \
-  X(1, 128, 128, 64, 4, 2, 1)    \
-  X(2, 128, 256, 32, 4, 2, 1)    \
-  X(3, 64, 256, 32, 4, 1, 1)     \
-  X(4, 128, 256, 64, 3, 2, 1)    \
-  X(5, 128, 128, 32, 6, 2, 2)
+ * rows, MINB blocks per SM asked of the compiler, KIND). 8 warps. KIND 0 (mma.sync): WM over rows
+ * x 8 / WM over B rows, each warp BM / WM = 64 rows by BN * WM / 8 B rows (32 or 64). KIND 1
+ * (wgmma): BM 128 and BK 64, two warpgroups of 64 rows by all BN B rows. Gate/up tiles hold
+ * BN / 2 gate rows and the same BN / 2 rows of up. MINB 2 caps registers at 128: only where that
+ * compiles without spills (ptxas -v), else 1 and the shared memory sized for one block. */
+#define GG_TILES(X)                 \
+  X(0, 128, 128, 32, 4, 2, 2, 0)    \
+  X(1, 128, 128, 64, 4, 2, 1, 0)    \
+  X(2, 128, 256, 32, 4, 2, 1, 0)    \
+  X(3, 64, 256, 32, 4, 1, 1, 0)     \
+  X(4, 128, 256, 64, 3, 2, 1, 0)    \
+  X(5, 128, 128, 32, 6, 2, 2, 0)    \
+  X(6, 128, 256, 64, 4, 2, 1, 1)    \
+  X(7, 128, 128, 64, 3, 2, 2, 1)
 
 enum {
   GG_THREADS = 256,
@@ -74,13 +78,13 @@ template <int BM_, int BN_, int BK_, int STAGES_, int WM_, int MINB_> struct gg_
   static_assert((BK == 32 || BK == 64) && AJ >= 1 && XJ >= 1 && STAGES >= 3, "tile shape");
 };
 
-/* A ring slot: the A tile, then the B tile (BF16, or MX: E4M3 bytes); MX adds two decoded f16 B
- * tiles after the ring. Past the default 48 KB: opted in (gg_launch). */
-template <class C, int MX> struct gg_smem_layout {
+/* A ring slot: the A tile, then the B tile (BF16, or MX: E4M3 bytes); MX adds DEC decoded f16 B
+ * tiles after the ring (decoded tile t at t % DEC). Past the default 48 KB: opted in (gg_launch). */
+template <class C, int MX, int DEC = 2> struct gg_smem_layout {
   enum {
     stage = C::A_BYTES + (MX ? C::MX_BYTES : C::B_BYTES),
     decoded = C::STAGES * stage,
-    bytes = decoded + (MX ? 2 * C::B_BYTES : 0),
+    bytes = decoded + (MX ? DEC * C::B_BYTES : 0),
   };
 };
 
@@ -210,13 +214,13 @@ __device__ __forceinline__ int gg_scale_max(const uint8_t *row, int nb, int part
 }
 
 /* MX: this thread's chunks of K tile t (its own wait covers their copies) decoded from ring slot
- * t % STAGES into decoded tile t % 2; scale_next: the scales of tile t, replaced by tile t + 1's
+ * t % STAGES into decoded tile t % DEC; scale_next: the scales of tile t, replaced by tile t + 1's
  * (a load a tile ahead); smax: the rows' largest scales. */
-template <class C>
+template <class C, int DEC>
 __device__ __forceinline__ void gg_decode_tile(uint8_t *smem, int t, int KT, const gg_chunks<C, 1> &ch,
                                                uint8_t scale_next[C::XJ], const int smax[C::XJ], int tid) {
   const uint8_t *raw = smem + (uint32_t)(t % C::STAGES) * gg_smem_layout<C, 1>::stage + C::A_BYTES + ch.dst_mx;
-  uint8_t *dec = smem + gg_smem_layout<C, 1>::decoded + (t & 1) * C::B_BYTES;
+  uint8_t *dec = smem + gg_smem_layout<C, 1>::decoded + (t % DEC) * C::B_BYTES;
 #pragma unroll
   for (int j = 0; j < C::XJ; j++) {
     const uint8_t s_now = scale_next[j];
@@ -310,52 +314,39 @@ __global__ void __launch_bounds__(32)
   if (lane == 0) tile_start[E] = run;
 }
 
-/* One (expert, m-tile, n-tile) of a grouped GEMM with tiles of C. blockIdx.y: the m-tile in
- * tile_start's numbering; blockIdx.x: the n-tile. a: [n, K] BF16 in sorted order (MX: f16, row p
- * times 2^a_exp[p] when GATED, every row times 2^act_exp otherwise); ws: the experts' weights,
- * BF16 [N, K] or MX (GATED: gate at ws[e], up at ws[E + e]; otherwise down at ws[e]).
- * Warp (wm, wn) computes rows 64 wm .. + 63 of the tile. GATED: B rows 0 .. BN/2 - 1 are gate rows
- * n0 .. n0 + BN/2 - 1, the next BN/2 the same rows of up; warp wn takes WTN/2 rows of each at
- * WTN/2 wn (its first NT/2 n8 tiles gate, the last NT/2 up), so that each lane holds the gate
- * and up sums of the same (row, column) and writes out (BF16 [n, N]; MX: f16 times 2^act_exp) =
- * their SwiGLU-OAI. Otherwise warp wn takes B rows WTN wn .. + WTN - 1 and writes out (float32
- * [n, N]) as summed. MX: the weights are MXFP8 (E4M3 [N, K], e8m0 scales [N, scale_cols], one per
- * 32 columns: BK / 32 per row of a K tile); each K step first decodes the ring slot's bytes into
- * the decoded f16 tile, each B row in its own power of two (the file comment).
- * K % BK == 0; a, the weights and out 16-byte aligned (and so their rows). */
-template <class C, int GATED, int MX>
-__global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
-    moe_grouped_gemm_kernel(const cuda_weight *__restrict__ ws, int E,
-                            const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
-                            int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
-                            int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
-                            void *__restrict__ out) {
-  enum { BK = C::BK, NT = C::NT, HALF_NT = C::NT / 2, B_CPR = MX ? C::MX_CPR : C::CPR,
-         B_J = MX ? C::XJ : C::BJ };
-  extern __shared__ __align__(128) uint8_t gg_smem[];
-  __shared__ int b_exp[MX ? C::BN : 1]; /* MX: 2^b_exp[r] takes B row r's power of two off */
-  const int tile = blockIdx.y;
-  if (tile >= tile_start[E]) return; /* the whole block: past the real m-tile count */
+/* Block row `tile` (in tile_start's numbering) of a grouped GEMM with BM-row tiles: its expert
+ * *e, the tile's first sorted position *m0 and its row count *rows (1..BM); 0 when the row is past
+ * the real m-tile count. */
+__device__ __forceinline__ int gg_find_tile(const int32_t *tile_start, const int32_t *start, int E, int n,
+                                            int bm, int tile, int *e, int *m0, int *rows) {
+  if (tile >= tile_start[E]) return 0;
   int lo = 0, hi = E; /* the expert with tile_start[e] <= tile < tile_start[e + 1] */
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
     if (tile_start[mid] <= tile) lo = mid;
     else hi = mid;
   }
-  const int e = lo;
   int s0, s1;
-  gg_expert_rows(start, e, n, &s0, &s1);
-  const int m0 = s0 + (tile - tile_start[e]) * C::BM;
-  const int rows = min(s1 - m0, (int)C::BM); /* >= 1 by the tile count */
-  if (rows <= 0) return;
-  const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
-  const cuda_weight &w0 = ws[e], &w1 = GATED ? ws[E + e] : ws[e];
+  gg_expert_rows(start, lo, n, &s0, &s1);
+  *e = lo;
+  *m0 = s0 + (tile - tile_start[lo]) * bm;
+  *rows = min(s1 - *m0, bm); /* >= 1 by the tile count */
+  return *rows > 0;
+}
 
-  /* This thread's chunks (gg_chunks). Rows outside the valid range read zeros from the tile's
-   * first row (valid: rows >= 1, n0 < N). */
-  const int tid = threadIdx.x, ca = tid % C::CPR, cb = tid % B_CPR;
-  gg_chunks<C, MX> ch;
-  ch.dst = gg_swizzle<BK>(tid / C::CPR, ca);
+/* This thread's chunks (gg_chunks) of the tile at sorted row m0 (rows valid) and weight row n0
+ * of w0 (GATED: B rows BN/2 .. BN - 1 from w1). Rows outside the valid range read zeros from the
+ * tile's first row (valid: rows >= 1, n0 < N). MX: scale_next = the scales of K step 0 (127,
+ * 1.0, for a row past N, whose bytes are zeros), smax = each row's largest scale, its B_CPR
+ * threads (adjacent lanes) taking every B_CPR-th block of the row, and b_exp[row] = smax - 134
+ * for the epilogue (published by the main loop's barriers; KT >= 1). */
+template <class C, int GATED, int MX>
+__device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weight &w1, const uint16_t *a,
+                                         int m0, int rows, int64_t n0, int64_t K, int64_t N, int tid,
+                                         gg_chunks<C, MX> &ch, uint8_t scale_next[], int smax[], int *b_exp) {
+  enum { B_CPR = MX ? C::MX_CPR : C::CPR, B_J = MX ? C::XJ : C::BJ };
+  const int ca = tid % C::CPR, cb = tid % B_CPR;
+  ch.dst = gg_swizzle<C::BK>(tid / C::CPR, ca);
   ch.dst_mx = 16u * (uint32_t)tid;
   ch.zero_a = ch.zero_b = 0;
 #pragma unroll
@@ -373,14 +364,6 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     ch.src_b[j] = w.data + (size_t)wr_read * (size_t)K * (MX ? 1 : 2) + 16 * cb;
     if (MX) ch.scales[j] = wr < N ? w.scale + (size_t)wr * (size_t)w.scale_cols + cb / 2 : NULL;
   }
-  const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gg_smem);
-  const int KT = (int)(K / BK);
-  /* MX: the scales of this thread's rows for the K step about to be decoded, loaded a step ahead;
-   * 127 (1.0) for a row past N, whose bytes are zeros. smax: each row's largest scale, its B_CPR
-   * threads (adjacent lanes) taking every B_CPR-th block of the row; b_exp published by the
-   * main loop's barriers (KT >= 1). */
-  uint8_t scale_next[MX ? C::XJ : 1];
-  int smax[MX ? C::XJ : 1];
 #pragma unroll
   for (int j = 0; j < (MX ? C::XJ : 1); j++) {
     scale_next[j] = MX && ch.scales[j] ? ch.scales[j][0] : 127;
@@ -392,6 +375,71 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
       if (cb == 0) b_exp[tid / B_CPR + j * (GG_THREADS / B_CPR)] = m - GG_MX_UNSCALE;
     }
   }
+}
+
+/* Tile row r's outputs at B rows b, b + 1 of a tile of C whose first row is sorted position m0
+ * and first weight row n0: GATED, s the gate sums there and u the up sums at BN/2 + b, + 1, out
+ * (BF16 [n, N]; MX: f16 times 2^act_exp) their SwiGLU-OAI; otherwise out (float32 [n, N]) = s.
+ * Columns come in even pairs and N is even: a pair is inside N or past it. MX: each sum times
+ * 2^(b_exp of its B row - ea, the A row's power of two), exact (ldexpf). */
+template <class C, int GATED, int MX>
+__device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t n0, int64_t N, int b, float2 s,
+                                              float2 u, const int *b_exp, int ea, int act_exp, float alpha,
+                                              float beta, float limit) {
+  const int64_t col = n0 + b;
+  if (col >= N) return;
+  const size_t row = (size_t)(m0 + r) * (size_t)N;
+  if (MX) {
+    s.x = ldexpf(s.x, b_exp[b] - ea), s.y = ldexpf(s.y, b_exp[b + 1] - ea);
+    if (GATED) u.x = ldexpf(u.x, b_exp[C::BN / 2 + b] - ea), u.y = ldexpf(u.y, b_exp[C::BN / 2 + b + 1] - ea);
+  }
+  if (!GATED) {
+    *(float2 *)((float *)out + row + col) = s;
+    return;
+  }
+  const float v0 = dev_swiglu_oai(s.x, u.x, alpha, beta, limit), v1 = dev_swiglu_oai(s.y, u.y, alpha, beta, limit);
+  uint32_t *o = (uint32_t *)((uint16_t *)out + row);
+  if (MX) {
+    const __half2 h2 = __floats2half2_rn(ldexpf(v0, act_exp), ldexpf(v1, act_exp));
+    o[col / 2] = *(const uint32_t *)&h2;
+  } else {
+    const __nv_bfloat162 b2 = __floats2bfloat162_rn(v0, v1);
+    o[col / 2] = *(const uint32_t *)&b2;
+  }
+}
+
+/* One (expert, m-tile, n-tile) of a grouped GEMM with tiles of C. blockIdx.y: the m-tile in
+ * tile_start's numbering; blockIdx.x: the n-tile. a: [n, K] BF16 in sorted order (MX: f16, row p
+ * times 2^a_exp[p] when GATED, every row times 2^act_exp otherwise); ws: the experts' weights,
+ * BF16 [N, K] or MX (GATED: gate at ws[e], up at ws[E + e]; otherwise down at ws[e]).
+ * Warp (wm, wn) computes rows 64 wm .. + 63 of the tile. GATED: B rows 0 .. BN/2 - 1 are gate rows
+ * n0 .. n0 + BN/2 - 1, the next BN/2 the same rows of up; warp wn takes WTN/2 rows of each at
+ * WTN/2 wn (its first NT/2 n8 tiles gate, the last NT/2 up), so that each lane holds the gate
+ * and up sums of the same (row, column) (gg_store_pair). Otherwise warp wn takes B rows
+ * WTN wn .. + WTN - 1. MX: the weights are MXFP8 (E4M3 [N, K], e8m0 scales [N, scale_cols], one
+ * per 32 columns: BK / 32 per row of a K tile); each K step first decodes the ring slot's bytes
+ * into the decoded f16 tile, each B row in its own power of two (the file comment).
+ * K % BK == 0; a, the weights and out 16-byte aligned (and so their rows). */
+template <class C, int GATED, int MX>
+__global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
+    moe_grouped_gemm_kernel(const cuda_weight *__restrict__ ws, int E,
+                            const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
+                            int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
+                            int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
+                            void *__restrict__ out) {
+  enum { BK = C::BK, NT = C::NT, HALF_NT = C::NT / 2 };
+  extern __shared__ __align__(128) uint8_t gg_smem[];
+  __shared__ int b_exp[MX ? C::BN : 1]; /* MX: 2^b_exp[r] takes B row r's power of two off */
+  int e, m0, rows;
+  if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
+  const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
+  const int tid = threadIdx.x;
+  gg_chunks<C, MX> ch;
+  uint8_t scale_next[MX ? C::XJ : 1];
+  int smax[MX ? C::XJ : 1];
+  gg_setup<C, GATED, MX>(ws[e], GATED ? ws[E + e] : ws[e], a, m0, rows, n0, K, N, tid, ch, scale_next, smax, b_exp);
+  const uint32_t smem = (uint32_t)__cvta_generic_to_shared(gg_smem);
+  const int KT = (int)(K / BK);
 
   /* ldmatrix addresses. A (m16 tile mt, k16 step ks): lanes 0-7 rows 0-7 and 8-15 rows 8-15 at
    * k 0-7 (a0, a1), lanes 16-31 the same rows at k 8-15 (a2, a3): row lane & 15, chunk
@@ -436,7 +484,7 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
   }
   if constexpr (MX) {
     gg_cp_async_wait<C::STAGES - 2>();
-    gg_decode_tile<C>(gg_smem, 0, KT, ch, scale_next, smax, tid);
+    gg_decode_tile<C, 2>(gg_smem, 0, KT, ch, scale_next, smax, tid);
   }
   for (int kt = 0; kt < KT; kt++) {
     if (MX) gg_cp_async_wait<C::STAGES - 3>();
@@ -463,13 +511,12 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
         }
     }
     if constexpr (MX)
-      if (kt + 1 < KT) gg_decode_tile<C>(gg_smem, kt + 1, KT, ch, scale_next, smax, tid);
+      if (kt + 1 < KT) gg_decode_tile<C, 2>(gg_smem, kt + 1, KT, ch, scale_next, smax, tid);
   }
   gg_cp_async_wait<0>(); /* only empty groups remain; none outlives the block */
 
   /* C fragment: lane 4g + q holds rows g (c0, c1) and g + 8 (c2, c3) at columns 2q, 2q + 1 of
-   * each n8 tile. Columns come in even pairs and N is even: a pair is inside N or past it. MX:
-   * each sum times 2^(b_exp of its B row - the A row's power of two), exact (ldexpf). */
+   * each n8 tile. */
   const int g = lane >> 2, q = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < C::MT; mt++)
@@ -477,48 +524,200 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     for (int hh = 0; hh < 2; hh++) {
       const int r = C::WTM * wm + 16 * mt + g + 8 * hh;
       if (r >= rows) continue;
-      const size_t row = (size_t)(m0 + r) * (size_t)N;
       const int ea = MX ? (GATED ? a_exp[m0 + r] : act_exp) : 0;
-      if (GATED) {
-        uint32_t *o = (uint32_t *)((uint16_t *)out + row);
 #pragma unroll
-        for (int nt = 0; nt < HALF_NT; nt++) {
-          const int bg = (C::WTN / 2) * wn + 8 * nt + 2 * q, bu = C::BN / 2 + bg;
-          const int64_t col = n0 + bg;
-          if (col >= N) continue;
-          float v[2];
-#pragma unroll
-          for (int i = 0; i < 2; i++) {
-            float gs = acc[mt][nt][2 * hh + i], us = acc[mt][nt + HALF_NT][2 * hh + i];
-            if (MX) gs = ldexpf(gs, b_exp[bg + i] - ea), us = ldexpf(us, b_exp[bu + i] - ea);
-            v[i] = dev_swiglu_oai(gs, us, alpha, beta, limit);
-          }
-          if (MX) {
-            const __half2 h2 = __floats2half2_rn(ldexpf(v[0], act_exp), ldexpf(v[1], act_exp));
-            o[col / 2] = *(const uint32_t *)&h2;
-          } else {
-            const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[0], v[1]);
-            o[col / 2] = *(const uint32_t *)&b2;
-          }
-        }
-      } else {
-        float *o = (float *)out + row;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          const int b = C::WTN * wn + 8 * nt + 2 * q;
-          const int64_t col = n0 + b;
-          float2 v = make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
-          if (MX) v.x = ldexpf(v.x, b_exp[b] - ea), v.y = ldexpf(v.y, b_exp[b + 1] - ea);
-          if (col < N) *(float2 *)(o + col) = v;
-        }
+      for (int nt = 0; nt < (GATED ? HALF_NT : NT); nt++) {
+        const float2 sv = make_float2(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]);
+        const float2 uv = GATED ? make_float2(acc[mt][nt + HALF_NT][2 * hh], acc[mt][nt + HALF_NT][2 * hh + 1]) : sv;
+        const int b = (GATED ? C::WTN / 2 : C::WTN) * wn + 8 * nt + 2 * q;
+        gg_store_pair<C, GATED, MX>(out, m0, r, n0, N, b, sv, uv, b_exp, ea, act_exp, alpha, beta, limit);
       }
     }
 }
 
-/* The rows and K tile of each candidate, for the checks and grids made on the host. */
-#define GG_DIMS(i, bm, bn, bk, stages, wm, minb) {bm, bk},
+/* ---- The same GEMMs on warpgroup MMA (wgmma), candidates of kind 1 ----
+ * Two warpgroups; warpgroup wg owns tile rows 64 wg .. + 63 and all BN B rows, one
+ * wgmma.m64nBNk16 a 16 columns of K reading A and B straight from shared memory through matrix
+ * descriptors, where mma.sync needs every fragment moved through registers by ldmatrix first
+ * (what held the kind-0 kernels to a third of cuBLASLt's rate: bench/RESULTS.md). BK is 64, so a
+ * tile row is 128 bytes and gg_swizzle<64> (chunk c of row r at 16 (c ^ (r & 7))) is the
+ * hardware's 128-byte swizzle, given tiles at multiples of 1024 bytes: the ring, the copies and
+ * the MX decoding are the kind-0 kernel's. The accumulators are the same m16n8 fragments side by
+ * side: d[4 i + 2 hh + j] is row 16 (warp % 4) + lane / 4 + 8 hh, column 8 i + 2 (lane % 4) + j. */
+
+/* A K-major operand at shared address addr (a multiple of 16 past a 1024-byte-aligned tile):
+ * 128-byte swizzle (bits 62-63 = 1), 1024 bytes between groups of 8 rows (bits 32-45, in 16-byte
+ * units); the leading offset (bits 16-29) is unused by swizzled K-major layouts. The k16 steps of
+ * a 64-column tile start 32 bytes apart. */
+__device__ __forceinline__ uint64_t gw_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3ffffu) >> 4) | (uint64_t)1 << 16 | (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+}
+
+/* Orders this warpgroup's register and shared-memory accesses before the wgmma that follow. */
+__device__ __forceinline__ void gw_fence(void) { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+
+__device__ __forceinline__ void gw_commit(void) { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+
+/* Waits until at most N of this warpgroup's committed wgmma groups are pending. */
+template <int N>
+__device__ __forceinline__ void gw_wait(void) {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+/* Shared memory written through the generic proxy (stores, cp.async) made visible to wgmma's
+ * reads, which go through the async proxy. */
+__device__ __forceinline__ void gw_fence_shared(void) { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+/* The MMA groups a wgmma kernel leaves running across a step's end: 1 for BF16 where the ring
+ * has 4 stages or more, else 0. MX keeps 0: its tile kt + 1 must have landed at step kt for the
+ * decoding, and one stage less of copies in flight cost more than the idle tensor cores (full
+ * width, 8192 tokens, 4 stages: 11.6 ms at LAG 0 against 12.4 at 1; BF16 10.5 against 10.2). */
+#define GW_LAG(C, MX) (!(MX) && (C::STAGES) >= 4 ? 1 : 0)
+
+/* Keeps the compiler from moving uses of d across the asynchronous MMAs that write it. */
+template <int ND>
+__device__ __forceinline__ void gw_hold(float d[ND]) {
+#pragma unroll
+  for (int i = 0; i < ND; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/* wgmma's operand lists: ND accumulators, then the descriptors a and b; the scale of d (1: add
+ * to d) is operand ND + 2, made a predicate. */
+#define GW_REGS64 \
+"{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65"
+#define GW_REGS128 \
+"{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, " \
+  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, " \
+  "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, " \
+  "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, " \
+  "%123, %124, %125, %126, %127}, %128, %129"
+#define GW_D8(i)                                                                                          \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define GW_D64 GW_D8(0), GW_D8(8), GW_D8(16), GW_D8(24), GW_D8(32), GW_D8(40), GW_D8(48), GW_D8(56)
+#define GW_D128 GW_D64, GW_D8(64), GW_D8(72), GW_D8(80), GW_D8(88), GW_D8(96), GW_D8(104), GW_D8(112), GW_D8(120)
+#define GW_MMA(n, type, regs, scale, ...)                                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " scale ", 0;\nwgmma.mma_async.sync.aligned.m64n" #n      \
+               "k16.f32" type " " regs ", p, 1, 1, 0, 0;\n}"                                                \
+               : __VA_ARGS__                                                                                \
+               : "l"(da), "l"(db), "r"(1))
+
+/* d (64 x BN of the warpgroup) += A (64 x 16 at descriptor da) B (BN x 16 at db)^T, float32
+ * sums of F16 or BF16 products. */
+template <int BN, int F16>
+__device__ __forceinline__ void gw_mma(float d[BN / 2], uint64_t da, uint64_t db) {
+  static_assert(BN == 128 || BN == 256, "wgmma tiles of 128 or 256 B rows");
+  if constexpr (BN == 128 && F16) GW_MMA(128, ".f16.f16", GW_REGS64, "%66", GW_D64);
+  if constexpr (BN == 128 && !F16) GW_MMA(128, ".bf16.bf16", GW_REGS64, "%66", GW_D64);
+  if constexpr (BN == 256 && F16) GW_MMA(256, ".f16.f16", GW_REGS128, "%130", GW_D128);
+  if constexpr (BN == 256 && !F16) GW_MMA(256, ".bf16.bf16", GW_REGS128, "%130", GW_D128);
+}
+#undef GW_MMA
+#undef GW_D128
+#undef GW_D64
+#undef GW_D8
+#undef GW_REGS128
+#undef GW_REGS64
+
+/* moe_grouped_gemm_kernel's contract, on wgmma: tiles of C with BM 128, BK 64 (C::WM, WN and
+ * the fragment counts unused). Both warpgroups read the whole B tile; GATED, B rows 0 .. BN/2 - 1
+ * are gate and the rest up, so a lane's gate sums at i < BN/16 and up sums at BN/16 + i are the
+ * same (row, column). The dynamic shared memory is aligned up to 1024 bytes here (1 KB more is
+ * asked at launch). Each step's MMAs run while this thread decodes the next MX tile and, with
+ * LAG 1, through the next step's barrier and copies (the loop's comment). */
+template <class C, int GATED, int MX>
+__global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
+    moe_grouped_wgmma_kernel(const cuda_weight *__restrict__ ws, int E,
+                             const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
+                             int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
+                             int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
+                             void *__restrict__ out) {
+  enum { BK = C::BK, BN = C::BN, ND = BN / 2, LAG = GW_LAG(C, MX), DEC = 2 + LAG };
+  static_assert(C::BM == 128 && BK == 64, "wgmma tiles: 2 warpgroups of 64 rows, 128-byte rows of K");
+  extern __shared__ __align__(128) uint8_t gg_smem[];
+  __shared__ int b_exp[MX ? BN : 1];
+  int e, m0, rows;
+  if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
+  const int64_t n0 = (int64_t)blockIdx.x * (GATED ? BN / 2 : BN);
+  const int tid = threadIdx.x;
+  gg_chunks<C, MX> ch;
+  uint8_t scale_next[MX ? C::XJ : 1];
+  int smax[MX ? C::XJ : 1];
+  gg_setup<C, GATED, MX>(ws[e], GATED ? ws[E + e] : ws[e], a, m0, rows, n0, K, N, tid, ch, scale_next, smax, b_exp);
+  const uint32_t raw_base = (uint32_t)__cvta_generic_to_shared(gg_smem), align = (1024u - (raw_base & 1023u)) & 1023u;
+  const uint32_t smem = raw_base + align;
+  uint8_t *smem_p = gg_smem + align;
+  const int KT = (int)(K / BK), wg = tid >> 7;
+
+  float d[ND];
+#pragma unroll
+  for (int i = 0; i < ND; i++) d[i] = 0.0f;
+
+  /* The ring as in moe_grouped_gemm_kernel, LAG tiles shallower: with LAG 1 a step's MMAs are
+   * still running when the next step issues its own (each step waits for all but the last
+   * group), so that the tensor cores do not idle through the barrier. Step kt then loads tile
+   * kt + STAGES - 1 - LAG into the slot of tile kt - 1 - LAG, whose MMAs every warpgroup has
+   * waited for before this step's barrier; MX decodes tile kt + 1 into decoded tile
+   * (kt + 1) % DEC, last read by the MMAs of tile kt + 1 - DEC (DEC = 2 + LAG). The fence before
+   * each barrier hands this thread's landed copies and decoded tile to the async proxy. */
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1 - LAG; s++) {
+    if (s < KT) gg_load_stage<C, MX>(smem, s, ch);
+    gg_cp_async_commit();
+  }
+  if constexpr (MX) {
+    gg_cp_async_wait<C::STAGES - 2 - LAG>();
+    gg_decode_tile<C, DEC>(smem_p, 0, KT, ch, scale_next, smax, tid);
+  }
+  for (int kt = 0; kt < KT; kt++) {
+    if (MX) gg_cp_async_wait<C::STAGES - 3 - LAG>();
+    else gg_cp_async_wait<C::STAGES - 2 - LAG>();
+    gw_fence_shared();
+    __syncthreads();
+    if (kt + C::STAGES - 1 - LAG < KT) gg_load_stage<C, MX>(smem, kt + C::STAGES - 1 - LAG, ch);
+    gg_cp_async_commit();
+    const uint32_t sa = smem + (uint32_t)(kt % C::STAGES) * gg_smem_layout<C, MX, DEC>::stage;
+    const uint32_t sb = MX ? smem + gg_smem_layout<C, MX, DEC>::decoded + (uint32_t)(kt % DEC) * C::B_BYTES
+                           : sa + C::A_BYTES;
+    const uint64_t da = gw_desc(sa + (uint32_t)wg * 64u * (BK * 2)), db = gw_desc(sb);
+    gw_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ks++) gw_mma<BN, MX>(d, da + 2 * ks, db + 2 * ks);
+    gw_commit();
+    if constexpr (MX)
+      if (kt + 1 < KT) gg_decode_tile<C, DEC>(smem_p, kt + 1, KT, ch, scale_next, smax, tid);
+    gw_wait<LAG>();
+  }
+  gw_wait<0>();
+  gw_hold<ND>(d);
+  gg_cp_async_wait<0>();
+
+  const int lane = tid & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int r = 64 * wg + 16 * ((tid >> 5) & 3) + g + 8 * hh;
+    if (r >= rows) continue;
+    const int ea = MX ? (GATED ? a_exp[m0 + r] : act_exp) : 0;
+#pragma unroll
+    for (int i = 0; i < (GATED ? BN / 16 : BN / 8); i++) {
+      const float2 sv = make_float2(d[4 * i + 2 * hh], d[4 * i + 2 * hh + 1]);
+      const int iu = GATED ? i + BN / 16 : i;
+      const float2 uv = make_float2(d[4 * iu + 2 * hh], d[4 * iu + 2 * hh + 1]);
+      gg_store_pair<C, GATED, MX>(out, m0, r, n0, N, 8 * i + 2 * q, sv, uv, b_exp, ea, act_exp, alpha, beta, limit);
+    }
+  }
+}
+
+/* The rows, K tile and kind of each candidate, for the checks and grids made on the host. */
+#define GG_DIMS(i, bm, bn, bk, stages, wm, minb, kind) {bm, bk, kind},
 static const struct {
-  int bm, bk;
+  int bm, bk, wgmma;
 } gg_dims[] = {GG_TILES(GG_DIMS)};
 static_assert(sizeof gg_dims / sizeof gg_dims[0] == MOE_GROUPED_TILES, "MOE_GROUPED_TILES: the candidates");
 
@@ -531,15 +730,15 @@ static int gg_weight_fits(const m3_tensor *t) {
 }
 
 /* The tile of a layer's experts: M3_MOE_GROUPED_TILE when set; else the fastest measured on an
- * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops): BF16 128 x 256 x 64 in 3
- * stages (candidate 4: 13.4 ms at 8192 tokens against 15.2 for candidate 0), or candidate 0 where
- * K is not a multiple of 64; MXFP8 128 x 128 x 32 in 6 stages (candidate 5: 16.5 ms against 16.9
- * for candidate 0, whose 4 stages leave the decoding's extra step of latency less cover). */
+ * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops, 8192 tokens): the wgmma
+ * candidate 6 (BF16 10.2 ms against 13.7 for the best mma.sync tile, candidate 4; MXFP8 11.6
+ * against 16.2 for candidate 5) where H and I are multiples of its 64 columns of K; elsewhere
+ * mma.sync, BF16 candidate 0 and MXFP8 candidate 5 (6 stages cover the decoding's extra step). */
 static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
   if (cb->moe_grouped_tile >= 0) return cb->moe_grouped_tile;
   const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
-  if (ex->gate[0].quant == M3_WQ_MXFP8) return 5;
-  return H % gg_dims[4].bk == 0 && I % gg_dims[4].bk == 0 ? 4 : 0;
+  if (H % gg_dims[6].bk == 0 && I % gg_dims[6].bk == 0) return 6;
+  return ex->gate[0].quant == M3_WQ_MXFP8 ? 5 : 0;
 }
 
 /* MXFP8 experts: *act_exp = the power of two the down GEMM's f16 input carries. SwiGLU-OAI's
@@ -558,6 +757,10 @@ static int gg_act_exp(const m3_moe_experts *ex, int *act_exp) {
   return *act_exp >= GG_ACT_EXP_MIN;
 }
 
+int cuda_moe_grouped_on_wgmma(const cuda_backend *cb, const m3_moe_experts *ex) {
+  return gg_dims[gg_tile(cb, ex)].wgmma;
+}
+
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
   const m3_tensor *g0 = &ex->gate[0], *d0 = &ex->down[0];
   const int tile = gg_tile(cb, ex);
@@ -571,23 +774,27 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
          I % bk == 0 && (uintptr_t)h % 16 == 0 && n > 0 && m_tiles <= GG_MAX_GRID_Y;
 }
 
-/* Launches moe_grouped_gemm_kernel<C, GATED, MX>, allowing it its dynamic shared memory on cb's
- * device first (cuda_allow_smem). */
-template <class C, int GATED, int MX>
+/* Launches the KIND kernel (moe_grouped_gemm_kernel or moe_grouped_wgmma_kernel) for C, GATED,
+ * MX, allowing it its dynamic shared memory on cb's device first (cuda_allow_smem). */
+template <class C, int GATED, int MX, int KIND>
 static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E, const int32_t *start,
                       const int32_t *tile_start, int n, const void *a, const int32_t *a_exp, int act_exp,
                       int64_t K, int64_t N, const m3_moe_experts *ex, void *out) {
-  const int smem = gg_smem_layout<C, MX>::bytes;
-  cuda_allow_smem(cb, (const void *)moe_grouped_gemm_kernel<C, GATED, MX>, smem,
-                  "moe_experts (grouped gemm shared memory)");
-  moe_grouped_gemm_kernel<C, GATED, MX><<<grid, GG_THREADS, smem, cb->stream>>>(
-      ws, E, start, tile_start, n, (const uint16_t *)a, a_exp, act_exp, K, N, ex->alpha, ex->beta, ex->limit, out);
+  void (*kernel)(const cuda_weight *, int, const int32_t *, const int32_t *, int, const uint16_t *,
+                 const int32_t *, int, int64_t, int64_t, float, float, float, void *);
+  if constexpr (KIND) kernel = moe_grouped_wgmma_kernel<C, GATED, MX>;
+  else kernel = moe_grouped_gemm_kernel<C, GATED, MX>;
+  const int smem = KIND ? gg_smem_layout<C, MX, 2 + GW_LAG(C, MX)>::bytes + 1024 /* room to align to 1024 */
+                        : gg_smem_layout<C, MX>::bytes;
+  cuda_allow_smem(cb, (const void *)kernel, smem, "moe_experts (grouped gemm shared memory)");
+  kernel<<<grid, GG_THREADS, smem, cb->stream>>>(ws, E, start, tile_start, n, (const uint16_t *)a, a_exp, act_exp,
+                                                 K, N, ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, GATED ? "moe_experts (grouped gate, up, swiglu)" : "moe_experts (grouped down)");
 }
 
 /* The two GEMMs with tiles of C over m_tiles block rows (an upper bound on the real count); MX:
  * xy's rows carry 2^row_exp, act 2^act_exp. */
-template <class C>
+template <class C, int KIND>
 static void gg_gemms(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w, const int32_t *start,
                      const int32_t *tile_start, int n, unsigned m_tiles, const void *xy,
                      const int32_t *row_exp, int act_exp, void *act, float *y) {
@@ -596,11 +803,11 @@ static void gg_gemms(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weig
   const dim3 grid_gate((unsigned)((I + C::BN / 2 - 1) / (C::BN / 2)), m_tiles);
   const dim3 grid_down((unsigned)((H + C::BN - 1) / C::BN), m_tiles);
   if (ex->gate[0].quant == M3_WQ_MXFP8) {
-    gg_launch<C, 1, 1>(cb, grid_gate, w, E, start, tile_start, n, xy, row_exp, act_exp, H, I, ex, act);
-    gg_launch<C, 0, 1>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, act_exp, I, H, ex, y);
+    gg_launch<C, 1, 1, KIND>(cb, grid_gate, w, E, start, tile_start, n, xy, row_exp, act_exp, H, I, ex, act);
+    gg_launch<C, 0, 1, KIND>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, act_exp, I, H, ex, y);
   } else {
-    gg_launch<C, 1, 0>(cb, grid_gate, w, E, start, tile_start, n, xy, NULL, 0, H, I, ex, act);
-    gg_launch<C, 0, 0>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, 0, I, H, ex, y);
+    gg_launch<C, 1, 0, KIND>(cb, grid_gate, w, E, start, tile_start, n, xy, NULL, 0, H, I, ex, act);
+    gg_launch<C, 0, 0, KIND>(cb, grid_down, w + 2 * E, E, start, tile_start, n, act, NULL, 0, I, H, ex, y);
   }
 }
 
@@ -619,10 +826,10 @@ void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_wei
   moe_tile_offsets_kernel<<<1, 32, 0, cb->stream>>>(start, E, n, bm, tile_start);
   cuda_launched(cb, "moe_experts (tile offsets)");
   const unsigned m_tiles = (unsigned)((n + bm - 1) / bm + (E < n ? E : n));
-#define GG_CASE(i, bm_, bn, bk, stages, wm, minb)                                                             \
-  case i:                                                                                                     \
-    gg_gemms<gg_cfg<bm_, bn, bk, stages, wm, minb> >(cb, ex, w, start, tile_start, n, m_tiles, xy, row_exp,   \
-                                                      act_exp, act, y);                                       \
+#define GG_CASE(i, bm_, bn, bk, stages, wm, minb, kind)                                                        \
+  case i:                                                                                                       \
+    gg_gemms<gg_cfg<bm_, bn, bk, stages, wm, minb>, kind>(cb, ex, w, start, tile_start, n, m_tiles, xy, row_exp, \
+                                                           act_exp, act, y);                                    \
     break;
   switch (tile) { GG_TILES(GG_CASE) }
 #undef GG_CASE
