@@ -408,6 +408,13 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
   }
 }
 
+/* The parameters of both GEMM kernels (one launch path takes either). */
+#define GG_KERNEL_PARAMS                                                                                  \
+  const cuda_weight *__restrict__ ws, int E, const int32_t *__restrict__ start,                         \
+      const int32_t *__restrict__ tile_start, int n, const uint16_t *__restrict__ a,                    \
+      const int32_t *__restrict__ a_exp, int act_exp, int64_t K, int64_t N, float alpha, float beta,    \
+      float limit, void *__restrict__ out
+
 /* One (expert, m-tile, n-tile) of a grouped GEMM with tiles of C. blockIdx.y: the m-tile in
  * tile_start's numbering; blockIdx.x: the n-tile. a: [n, K] BF16 in sorted order (MX: f16, row p
  * times 2^a_exp[p] when GATED, every row times 2^act_exp otherwise); ws: the experts' weights,
@@ -422,11 +429,7 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
  * K % BK == 0; a, the weights and out 16-byte aligned (and so their rows). */
 template <class C, int GATED, int MX>
 __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
-    moe_grouped_gemm_kernel(const cuda_weight *__restrict__ ws, int E,
-                            const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
-                            int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
-                            int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
-                            void *__restrict__ out) {
+    moe_grouped_gemm_kernel(GG_KERNEL_PARAMS) {
   enum { BK = C::BK, NT = C::NT, HALF_NT = C::NT / 2 };
   extern __shared__ __align__(128) uint8_t gg_smem[];
   __shared__ int b_exp[MX ? C::BN : 1]; /* MX: 2^b_exp[r] takes B row r's power of two off */
@@ -633,11 +636,7 @@ __device__ __forceinline__ void gw_mma(float d[BN / 2], uint64_t da, uint64_t db
  * LAG 1, through the next step's barrier and copies (the loop's comment). */
 template <class C, int GATED, int MX>
 __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
-    moe_grouped_wgmma_kernel(const cuda_weight *__restrict__ ws, int E,
-                             const int32_t *__restrict__ start, const int32_t *__restrict__ tile_start,
-                             int n, const uint16_t *__restrict__ a, const int32_t *__restrict__ a_exp,
-                             int act_exp, int64_t K, int64_t N, float alpha, float beta, float limit,
-                             void *__restrict__ out) {
+    moe_grouped_wgmma_kernel(GG_KERNEL_PARAMS) {
   enum { BK = C::BK, BN = C::BN, ND = BN / 2, LAG = GW_LAG(C, MX), DEC = 2 + LAG };
   static_assert(C::BM == 128 && BK == 64, "wgmma tiles: 2 warpgroups of 64 rows, 128-byte rows of K");
   extern __shared__ __align__(128) uint8_t gg_smem[];
@@ -780,8 +779,7 @@ template <class C, int GATED, int MX, int KIND>
 static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E, const int32_t *start,
                       const int32_t *tile_start, int n, const void *a, const int32_t *a_exp, int act_exp,
                       int64_t K, int64_t N, const m3_moe_experts *ex, void *out) {
-  void (*kernel)(const cuda_weight *, int, const int32_t *, const int32_t *, int, const uint16_t *,
-                 const int32_t *, int, int64_t, int64_t, float, float, float, void *);
+  void (*kernel)(GG_KERNEL_PARAMS);
   if constexpr (KIND) kernel = moe_grouped_wgmma_kernel<C, GATED, MX>;
   else kernel = moe_grouped_gemm_kernel<C, GATED, MX>;
   const int smem = KIND ? gg_smem_layout<C, MX, 2 + GW_LAG(C, MX)>::bytes + 1024 /* room to align to 1024 */
