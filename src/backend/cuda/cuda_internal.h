@@ -203,7 +203,7 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
 
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
-/* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; 0 the default). */
+/* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; gg_tile the default). */
 enum { MOE_GROUPED_TILES = 8 };
 
 /* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as

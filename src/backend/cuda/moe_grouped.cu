@@ -572,9 +572,10 @@ __device__ __forceinline__ void gw_wait(void) {
 __device__ __forceinline__ void gw_fence_shared(void) { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 /* The MMA groups a wgmma kernel leaves running across a step's end: 1 for BF16 where the ring
- * has 4 stages or more, else 0. MX keeps 0: its tile kt + 1 must have landed at step kt for the
- * decoding, and one stage less of copies in flight cost more than the idle tensor cores (full
- * width, 8192 tokens, 4 stages: 11.6 ms at LAG 0 against 12.4 at 1; BF16 10.5 against 10.2). */
+ * has 4 stages or more, else 0. Measured at full width, 8192 tokens, 4 stages: BF16 10.5 ms at
+ * LAG 0 against 10.2 at 1; MX 11.6 against 12.4 (a third decoded tile, the ring a tile
+ * shallower), and 12.3 with its E4M3 tiles copied a step ahead of A, so it is not the copies in
+ * flight that MX at LAG 1 lacks. */
 #define GW_LAG(C, MX) (!(MX) && (C::STAGES) >= 4 ? 1 : 0)
 
 /* Keeps the compiler from moving uses of d across the asynchronous MMAs that write it. */
