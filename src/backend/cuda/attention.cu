@@ -605,14 +605,6 @@ __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
   return u;
 }
 
-/* d += a b: a 16x16 row-major fragment, b 16x8 column-major, d 16x8 fp32. */
-__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* Stores 4 floats of a row as BF16 at dst (8-byte aligned). */
 __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v) {
   *(uint2 *)dst = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
@@ -758,7 +750,7 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
       for (int nt = 0; nt < NT; nt++)
         if (8 * nt < nk) {
           const __nv_bfloat16 *kr = ks + (size_t)(8 * nt + g) * LD + k0 + c2; /* B[k][n] = K[n][k] */
-          mma_bf16(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(kr + 8));
+          dev_mma16816<0>(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(kr + 8));
         }
     }
     /* Online softmax of rows g (h = 0) and g + 8 (h = 1); a row's 4 lanes reduce by shuffles. */
@@ -816,8 +808,8 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
           asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                        : "=r"(vb[0]), "=r"(vb[1]), "=r"(vb[2]), "=r"(vb[3])
                        : "r"(vrow + (uint32_t)((16 * kk * LD + 8 * dn) * sizeof(__nv_bfloat16))));
-          mma_bf16(o[dn], pa[kk], vb[0], vb[1]);
-          mma_bf16(o[dn + 1], pa[kk], vb[2], vb[3]);
+          dev_mma16816<0>(o[dn], pa[kk], vb[0], vb[1]);
+          dev_mma16816<0>(o[dn + 1], pa[kk], vb[2], vb[3]);
         }
       }
   }

@@ -201,6 +201,22 @@ __device__ __forceinline__ float dev_swiglu_oai(float gate, float up, float alph
   return __fmul_rn(u + beta, glu);
 }
 
+/* d += A B for one mma.sync m16n8k16 tile in the PTX ISA's fragment order (a[0..3], b0, b1;
+ * float32 d): F16 operands, or BF16. */
+template <int F16>
+__device__ __forceinline__ void dev_mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if (F16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
 /* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; gg_tile the default). */

@@ -123,21 +123,6 @@ __device__ __forceinline__ void gg_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
                : "memory");
 }
 
-/* d += A B for one m16n8k16 tile in the PTX ISA's fragment order: BF16 operands, or F16. */
-template <int F16>
-__device__ __forceinline__ void gg_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  if (F16)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* This thread's share of the cp.async copies of one K tile: chunk i = tid + 256 j of a tile, row
  * i / (chunks per row), chunk tid % (chunks per row) (256 is a multiple of the chunks per row, and
  * 256 / chunks per row a multiple of 8, so chunk j lands 4096 j bytes past chunk 0 in the swizzled
@@ -510,7 +495,7 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
           uint32_t af[4];
           gg_ldmatrix_x4(af, sa + a_row + (uint32_t)(mt * 16 * BK * 2) + a_chunk[2 * kh + ks]);
 #pragma unroll
-          for (int nt = 0; nt < NT; nt++) gg_mma<MX>(acc[mt][nt], af, bf[nt][2 * ks], bf[nt][2 * ks + 1]);
+          for (int nt = 0; nt < NT; nt++) dev_mma16816<MX>(acc[mt][nt], af, bf[nt][2 * ks], bf[nt][2 * ks + 1]);
         }
     }
     if constexpr (MX)

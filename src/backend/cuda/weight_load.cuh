@@ -288,14 +288,6 @@ __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uin
   lo = *(const uint32_t *)&l;
 }
 
-/* d += A B for one m16n8k16 tile: a[0..3], b0, b1 in the ISA's fragment order. */
-__device__ __forceinline__ void mx_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* Where a lane's token (B column g of one 8-token tile) comes from: a float32 row f [K], or BF16
  * rows hi and lo [K] already split; all NULL for a token past the last (its B fragment is 0). */
 typedef struct {
@@ -379,10 +371,10 @@ __device__ __forceinline__ void mx_accumulate(const cuda_weight &w, const int64_
 #pragma unroll
         for (int m = 0; m < MT; m++) {
           float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          mx_mma(part, a[m][0], bh.x, bh.y);
-          mx_mma(part, a[m][0], bl.x, bl.y);
-          mx_mma(part, a[m][1], bh.z, bh.w);
-          mx_mma(part, a[m][1], bl.z, bl.w);
+          dev_mma16816<0>(part, a[m][0], bh.x, bh.y);
+          dev_mma16816<0>(part, a[m][0], bl.x, bl.y);
+          dev_mma16816<0>(part, a[m][1], bh.z, bh.w);
+          dev_mma16816<0>(part, a[m][1], bl.z, bl.w);
           acc[m][n][0] = fmaf(part[0], sc[u][m][0], acc[m][n][0]);
           acc[m][n][1] = fmaf(part[1], sc[u][m][0], acc[m][n][1]);
           acc[m][n][2] = fmaf(part[2], sc[u][m][1], acc[m][n][2]);
@@ -679,14 +671,6 @@ __device__ __forceinline__ void mx1_decode(uint32_t b, uint32_t &p01, uint32_t &
       : "r"(b));
 }
 
-/* d += A B for one m16n8k16 tile, f16 operands. */
-__device__ __forceinline__ void mx1_mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 /* One step s of a lane: units u[h][0] (row g) and u[h][1] (row g + 8) of columns 128 s + 64 h +
  * 16 q .., scales sc of those rows for block 4 s + q, into acc0 (row g) and acc1 (row g + 8). xb:
  * the lane's B source in the staged x (hi or lo, column 16 q); take0 / take1: whether the lane
@@ -711,7 +695,7 @@ __device__ __forceinline__ void mx1_step(const uint4 u[2][2], const float sc[2],
       uint32_t a[4];
       mx1_decode(w0[i], a[0], a[2]);
       mx1_decode(w1[i], a[1], a[3]);
-      mx1_mma(d, a, bw[2 * i], bw[2 * i + 1]);
+      dev_mma16816<1>(d, a, bw[2 * i], bw[2 * i + 1]);
     }
   }
   acc0 = fmaf(d[0] + d[1], sc[0], acc0);
