@@ -18,7 +18,8 @@
  *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
  *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
  *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes);
- *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks: TFLOP/s;
+ *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks, and the MSA
+ *     selection of that prompt: TFLOP/s (M3_BENCH_PREFILL_ATTENTION=1: these rows only);
  *   - the routed experts of one full-width MoE layer at decode sizes and at 2048 and 8192 tokens,
  *     the latter as grouped GEMMs and on the default lanes (or M3_MOE_STREAMS), and at 8192 on
  *     1 stream and on 4 lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only;
@@ -1021,6 +1022,7 @@ static void bench_msa(int len, m3_kv_dtype dt, double copy_gbs, FILE *table, dou
 typedef struct {
   m3_kv_view kv;
   float *q, *out;    /* [T, nh, hd] */
+  float *iq;         /* [T, nkv, ihd]: the index queries of the MSA selection */
   int32_t *pos, *sel; /* [T], [T, nkv, topk] or NULL (dense) */
   int T, nh, topk;
 } prefill_att_ctx;
@@ -1031,10 +1033,19 @@ static void run_prefill_attention(void *ctx, int iter) {
   gpu->ops->attention(gpu, c->q, c->nh, &c->kv, c->pos, c->T, c->sel, c->topk, c->out);
 }
 
+static void run_prefill_select(void *ctx, int iter) {
+  (void)iter;
+  const prefill_att_ctx *c = ctx;
+  const m3_msa_params p = {c->topk, 1, 0};
+  gpu->ops->msa_select(gpu, c->iq, c->kv.nkv, &c->kv, c->pos, c->T, &p, c->sel);
+}
+
 /* One layer's attention over a T-token prompt (positions 0..T-1, M3's shapes: 64 query heads, 4
  * KV heads, head dim 128, blocks of 128), dense causal and over 16 selected blocks per token and
  * KV head (block 0, the token's own block and 14 other visible ones, ascending, -1 padded), as
- * MSA's init and local blocks force them. TFLOP/s count 4 hd per (query head, visible key). */
+ * MSA's init and local blocks force them. TFLOP/s count 4 hd per (query head, visible key). Then
+ * the MSA selection of the same prompt (4 index heads of 128, random index keys): its scores
+ * count 2 ihd per (index head, key of a candidate block). */
 static void bench_attention_prefill(int T, FILE *table) {
   enum { NH = 64, NKV = 4, HD = 128, BS = 128, TOPK = 16 };
   const int blocks = (T + BS - 1) / BS;
@@ -1086,7 +1097,17 @@ static void bench_attention_prefill(int T, FILE *table) {
           NKV, HD, td * 1e6, dense_flop / td / 1e12);
   fprintf(table, "| attention prefill T=%d nh %d nkv %d hd %d, MSA %d blocks | %.1f us | %.1f TFLOP/s |\n", T, NH,
           NKV, HD, TOPK, ts * 1e6, sparse_flop / ts / 1e12);
+  enum { IHD = 128 };
+  c.kv.ik = device_random(M3_DT_F32, (size_t)blocks * BS * IHD * 4);
+  c.kv.ihd = IHD;
+  c.iq = device_random(M3_DT_F32, (size_t)T * NKV * IHD * 4);
+  double score_flop = 0;
+  for (int t = 0; t < T; t++) score_flop += t / BS > TOPK - 1 ? (double)(t / BS) * BS * NKV * 2 * IHD : 0;
+  const double tsel = time_call(run_prefill_select, &c, 3);
+  fprintf(table, "| msa_select prefill T=%d, %d index heads of %d | %.1f us | scores %.1f TFLOP/s |\n", T, NKV, IHD,
+          tsel * 1e6, score_flop / tsel / 1e12);
   fflush(table);
+  gpu->ops->free(gpu, c.kv.ik), gpu->ops->free(gpu, c.iq);
   gpu->ops->free(gpu, c.kv.k), gpu->ops->free(gpu, c.kv.v), gpu->ops->free(gpu, table_d);
   gpu->ops->free(gpu, c.pos), gpu->ops->free(gpu, sel_d), gpu->ops->free(gpu, c.q);
   gpu->ops->free(gpu, c.out);
@@ -1132,6 +1153,13 @@ int main(int argc, char **argv) {
     gpu->ops->destroy(gpu);
     if (table != stdout) fclose(table);
     return ok ? 0 : 1;
+  }
+  /* M3_BENCH_PREFILL_ATTENTION set: the prefill attention and MSA selection rows alone. */
+  if (getenv("M3_BENCH_PREFILL_ATTENTION")) {
+    bench_attention_prefill(prefill_T[0], table);
+    gpu->ops->destroy(gpu);
+    if (table != stdout) fclose(table);
+    return 0;
   }
   /* M3_BENCH_DECODE_ONLY set: the batch-1 decode rows alone (small ops, matmul at T = 1, the routed
    * experts at T = 1 and 8); with M3_CUDA_GEMV_OLD=1 in a second run, the previous one-token

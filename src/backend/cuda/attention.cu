@@ -119,6 +119,10 @@ typedef struct {
   int nsplit;
   float scale;
   size_t kv_page_bytes; /* fp8 cache: bytes of one K or V page */
+  /* The tensor-core kernel's keys and values, staged in BF16 by logical block: [num_blocks, nkv,
+   * block_size, hd], and for an fp8 cache their row scales [num_blocks, nkv, block_size]. */
+  const __nv_bfloat16 *kb, *vb;
+  const float *kbs, *vbs;
 } att_args;
 
 /* Dynamic shared memory of one tile, in bytes: Q [rows, hd], K [KT, hd + 4] (rows padded so that
@@ -197,22 +201,25 @@ __device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *
   return *mp < 0 ? 0 : (*mp / bs + 1 < a.kv.num_blocks ? *mp / bs + 1 : a.kv.num_blocks);
 }
 
-/* Key tile u of a tile's list (ATT_KT keys, upb of them per block): its block *b, first key *j0
- * within the block, and the count of its keys up to the tile's latest position mp (<= 0: none). */
-__device__ __forceinline__ int att_unit_keys(const att_args &a, int u, const int *ublk, int32_t mp, int *b, int *j0) {
+/* Key tile u of a tile's list (kt keys, upb = ceil(block_size / kt) of them per block): its block
+ * *b, first key *j0 within the block, and the count of its keys up to the tile's latest position
+ * mp (<= 0: none). */
+__device__ __forceinline__ int att_unit_keys(const att_args &a, int u, const int *ublk, int32_t mp, int kt, int upb,
+                                             int *b, int *j0) {
   const int bs = a.kv.block_size;
-  *j0 = (u % a.upb) * ATT_KT;
-  *b = a.sel ? ublk[u / a.upb] : u / a.upb;
-  const int nk = bs - *j0 < ATT_KT ? bs - *j0 : ATT_KT, seen = mp - (*b * bs + *j0) + 1;
+  *j0 = (u % upb) * kt;
+  *b = a.sel ? ublk[u / upb] : u / upb;
+  const int nk = bs - *j0 < kt ? bs - *j0 : kt, seen = mp - (*b * bs + *j0) + 1;
   return seen < nk ? seen : nk;
 }
 
-/* The key tiles of a tile's list up to its latest position mp: every tile of each listed block but
- * the last, whose tiles past mp hold no key the tile's rows may see. */
-__device__ __forceinline__ int att_units(const att_args &a, int nlist, const int *ublk, int32_t mp) {
+/* The key tiles (kt keys, upb per block) of a tile's list up to its latest position mp: every
+ * tile of each listed block but the last, whose tiles past mp hold no key the tile's rows may
+ * see. Every tile counted holds at least one such key. */
+__device__ __forceinline__ int att_units(const att_args &a, int nlist, const int *ublk, int32_t mp, int kt, int upb) {
   if (nlist <= 0) return 0;
   const int bs = a.kv.block_size, last = a.sel ? ublk[nlist - 1] : nlist - 1;
-  return (nlist - 1) * a.upb + (last == mp / bs ? (mp % bs) / ATT_KT + 1 : a.upb);
+  return (nlist - 1) * upb + (last == mp / bs ? (mp % bs) / kt + 1 : upb);
 }
 
 /* Chunks i0 + x * 256 (x < S, below nk * hd4) of key tile (page, keys j0..j0 + nk) of KV head kvh
@@ -310,7 +317,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
    * step replays at every context length); the list known, only as many splits run as there are
    * key tiles up to the latest position: at a short context one split does the whole row and
    * writes it, and the combine has nothing to do. */
-  const int units = att_units(a, nlist, ublk, mp);
+  const int units = att_units(a, nlist, ublk, mp, ATT_KT, a.upb);
   const int nsplit = units < a.nsplit ? (units > 1 ? units : 1) : a.nsplit;
   if (split >= nsplit) return; /* the same for the whole block, before the query is staged */
   /* An fp8 cache's keys are stored rotated, so the queries are rotated too (backend.h
@@ -367,7 +374,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   int fetched = -1; /* PIPE: the key tile whose chunks kreg, vreg hold */
   for (int u = u0; u < u1; u++) {
     int b, j0;
-    const int nk = att_unit_keys(a, u, ublk, mp, &b, &j0);
+    const int nk = att_unit_keys(a, u, ublk, mp, ATT_KT, a.upb, &b, &j0);
     if (nk <= 0) continue; /* the same for every thread */
     const uint32_t bmask = a.sel ? umask[u / a.upb] : 0xffffffffu;
     const int kpos0 = b * bs + j0;
@@ -376,7 +383,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
       __syncthreads(); /* every warp is done with the previous tile */
       att_put_round<FP8, STAGE>(ks, vs, hd, nk, tid, kreg, vreg);
       int b2, j2;
-      const int nk2 = u + 1 < u1 ? att_unit_keys(a, u + 1, ublk, mp, &b2, &j2) : 0;
+      const int nk2 = u + 1 < u1 ? att_unit_keys(a, u + 1, ublk, mp, ATT_KT, a.upb, &b2, &j2) : 0;
       if (nk2 > 0) {
         att_fetch_round<FP8, STAGE>(a, a.kv.block_table[b2], kvh, j2, nk2, tid, kreg, vreg);
         fetched = u + 1;
@@ -580,20 +587,30 @@ static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_uni
  * keys, S = Q K^T and O += P V are mma.sync m16n8k16 products (BF16 in, fp32 accumulate), with
  * S, O and the softmax state of a warp's rows in its registers, in the fragment layout of the PTX
  * ISA ("Matrix Fragments for mma.m16n8k16"): lane = 4 g + c holds rows g and g + 8, columns
- * 2c, 2c + 1 of each 8-wide n-tile. Q, K and V are rounded to BF16 as they are staged in shared
- * memory; the softmax (row max, row sum, rescaling of O) stays fp32, P is rounded to BF16 for PV. */
+ * 2c, 2c + 1 of each 8-wide n-tile. Q, K and V are rounded to BF16 (the softmax, row max, row sum
+ * and rescaling of O, stays fp32; P is rounded to BF16 for PV).
+ *
+ * The keys and values are first staged once per call in BF16, by logical block
+ * (att_stage_kernel: the whole table, a read of the cache and a write of half its bytes), so that
+ * the attention moves K and V tiles with cp.async into a two-stage ring and copies the next tile
+ * while it multiplies the current one. A sparse tile's list is the union of its tokens' blocks,
+ * larger than any one token's (with unrelated selections, up to 8 x 16), and each warp multiplies
+ * only the blocks its token chose: the tile is bound by moving the union, which the copy ring
+ * overlaps and BF16 halves (against float32 converted in the loop, one tile at a time). */
 enum {
   ATT_TC_MIN_T = 128,    /* fewer tokens keep the fp32 kernel (decode, verify, small fixtures) */
   ATT_TC_WARPS = 8,
   ATT_TC_ROWS = 16 * ATT_TC_WARPS,
   ATT_TC_KT = 64,        /* keys per tile */
+  ATT_TC_STAGES = 2,     /* key tiles in the cp.async ring */
   ATT_TC_PAD = 8,        /* BF16 of padding per shared row: conflict-free fragment loads */
 };
 
-/* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8], K and V [64, hd + 8] in
- * BF16, then the sparse tile's four int arrays of tt * topk entries (as att_union takes them). */
+/* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8], then per stage K and V
+ * [64, hd + 8] in BF16, then the sparse tile's four int arrays of tt * topk entries (as att_union
+ * takes them). */
 static size_t att_tc_smem_bytes(int hd, int entries) {
-  return ((size_t)ATT_TC_ROWS + 2 * ATT_TC_KT) * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) +
+  return ((size_t)ATT_TC_ROWS + 2 * ATT_TC_STAGES * ATT_TC_KT) * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) +
          (size_t)entries * 4 * sizeof(int);
 }
 
@@ -610,23 +627,89 @@ __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v) {
   *(uint2 *)dst = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
 }
 
+/* One thread block per (logical block b, KV head): its K and V rows into a.kb / a.vb in BF16, an
+ * fp8 cache's E4M3 values as they are (BF16 holds them exactly) and their row scales into a.kbs /
+ * a.vbs. Blocks without a page are zeros; nothing reads them. */
+template <bool FP8>
+__global__ void __launch_bounds__(256) att_stage_kernel(att_args a) {
+  const int nkv = a.kv.nkv, bs = a.kv.block_size, hd = a.kv.hd, hd4 = hd >> 2;
+  const int b = (int)(blockIdx.x / (unsigned)nkv), kvh = (int)(blockIdx.x % (unsigned)nkv);
+  const int32_t page = a.kv.block_table[b];
+  const size_t row0 = ((size_t)b * nkv + kvh) * bs;
+  __nv_bfloat16 *kd = (__nv_bfloat16 *)a.kb + row0 * hd, *vd = (__nv_bfloat16 *)a.vb + row0 * hd;
+  if constexpr (FP8) {
+    const kv8_rows k8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs),
+                   v8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs);
+    for (int i = threadIdx.x; i < bs * hd4; i += blockDim.x) {
+      float4 k4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), v4 = k4;
+      if (page >= 0) {
+        k4 = kv8_dequant4(((const uint32_t *)k8.q)[i], 1.0f);
+        v4 = kv8_dequant4(((const uint32_t *)v8.q)[i], 1.0f);
+      }
+      store_bf16x4(kd + 4 * (size_t)i, k4);
+      store_bf16x4(vd + 4 * (size_t)i, v4);
+    }
+    for (int j = threadIdx.x; j < bs; j += blockDim.x) {
+      ((float *)a.kbs)[row0 + j] = page >= 0 ? k8.scale[j] : 0.0f;
+      ((float *)a.vbs)[row0 + j] = page >= 0 ? v8.scale[j] : 0.0f;
+    }
+  } else {
+    const size_t src = ((size_t)page * nkv * bs + (size_t)kvh * bs) * hd;
+    const float4 *kg = (const float4 *)((const float *)a.kv.k + src), *vg = (const float4 *)((const float *)a.kv.v + src);
+    for (int i = threadIdx.x; i < bs * hd4; i += blockDim.x) {
+      const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      store_bf16x4(kd + 4 * (size_t)i, page >= 0 ? kg[i] : z);
+      store_bf16x4(vd + 4 * (size_t)i, page >= 0 ? vg[i] : z);
+    }
+  }
+}
+
+/* Issues (and commits) this thread's cp.async copies of key tile (block b, keys j0 .. j0 + nk) of
+ * KV head kvh from the staged BF16 rows into the ring stage at ks / vs ([64, HD + 8] each) and,
+ * for an fp8 cache, the rows' scales into ksc / vsc. Keys past nk are zeros: P is 0 there, and 0
+ * times stale shared memory could be NaN. */
+template <int HD, bool FP8>
+__device__ __forceinline__ void att_tc_issue(const att_args &a, int kvh, int b, int j0, int nk, uint32_t ks,
+                                             uint32_t vs, uint32_t ksc, uint32_t vsc) {
+  constexpr int CPR = HD / 8; /* 16-byte chunks of a row */
+  const size_t row0 = ((size_t)b * a.kv.nkv + kvh) * a.kv.block_size + j0;
+  const __nv_bfloat16 *kg = a.kb + row0 * HD, *vg = a.vb + row0 * HD;
+  for (int i = threadIdx.x; i < ATT_TC_KT * CPR; i += 32 * ATT_TC_WARPS) {
+    const int key = i / CPR, c = i % CPR, bytes = key < nk ? 16 : 0;
+    const uint32_t dst = (uint32_t)((key * (HD + ATT_TC_PAD) + 8 * c) * sizeof(__nv_bfloat16));
+    const size_t off = bytes ? (size_t)key * HD + 8 * c : 0;
+    dev_cp_async16(ks + dst, kg + off, bytes);
+    dev_cp_async16(vs + dst, vg + off, bytes);
+  }
+  if constexpr (FP8) {
+    const int j = threadIdx.x;
+    if (j < ATT_TC_KT) {
+      const int bytes = j < nk ? 4 : 0;
+      dev_cp_async4(ksc + 4u * j, a.kbs + row0 + (bytes ? j : 0), bytes);
+      dev_cp_async4(vsc + 4u * j, a.vbs + row0 + (bytes ? j : 0), bytes);
+    }
+  }
+  dev_cp_async_commit();
+}
+
 template <int HD, bool FP8>
 __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_args a) {
   constexpr int LD = HD + ATT_TC_PAD; /* row stride in BF16: 4 mod 32 words, so the 8 rows x 4
                                          columns of a fragment load hit 32 banks */
   constexpr int NT = ATT_TC_KT / 8;   /* n-tiles of S */
   constexpr int DT = HD / 8;          /* n-tiles of O */
+  constexpr uint32_t STAGE_BYTES = 2u * ATT_TC_KT * LD * sizeof(__nv_bfloat16); /* K and V */
   extern __shared__ float4 att_smem[];
   const int bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group, R = a.rows;
   __nv_bfloat16 *qs = (__nv_bfloat16 *)att_smem;          /* [128, LD] */
-  __nv_bfloat16 *ks = qs + (size_t)ATT_TC_ROWS * LD;      /* [64, LD]: key, dim */
-  __nv_bfloat16 *vs = ks + (size_t)ATT_TC_KT * LD;        /* [64, LD]: key, dim */
-  int *ents = (int *)(vs + (size_t)ATT_TC_KT * LD);
+  __nv_bfloat16 *ring = qs + (size_t)ATT_TC_ROWS * LD;    /* per stage K then V [64, LD]: key, dim */
+  int *ents = (int *)(ring + (size_t)ATT_TC_STAGES * 2 * ATT_TC_KT * LD);
   const int ne_max = a.sel ? a.tt * a.topk : 0;
-  /* An fp8 tile keeps its E4M3 values in ks / vs, which BF16 holds exactly, and its row scales
+  /* An fp8 tile keeps its E4M3 values in the ring, which BF16 holds exactly, and its row scales
    * here: K's multiply the scores and V's the probabilities in float32 after and before the MMAs,
    * so the cache costs no BF16 rounding beyond what P and Q already take. */
-  __shared__ float ksc_s[ATT_TC_KT], vsc_s[ATT_TC_KT];
+  __shared__ float ksc_s[ATT_TC_STAGES][ATT_TC_KT], vsc_s[ATT_TC_STAGES][ATT_TC_KT];
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
 
   /* The tiles of the latest tokens have the most keys (causal): they start first. */
   const int ntiles = (a.T + a.tt - 1) / a.tt;
@@ -659,6 +742,15 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
+  const int upb = (bs + ATT_TC_KT - 1) / ATT_TC_KT;
+  const int units = att_units(a, nlist, ublk, mp, ATT_TC_KT, upb);
+
+  /* The first key tile's copies start before the rows' state is set up. */
+  int b_next, j_next;
+  int nk_next = units > 0 ? att_unit_keys(a, 0, ublk, mp, ATT_TC_KT, upb, &b_next, &j_next) : 0;
+  if (units > 0)
+    att_tc_issue<HD, FP8>(a, kvh, b_next, j_next, nk_next, ring_s, ring_s + STAGE_BYTES / 2,
+                          (uint32_t)__cvta_generic_to_shared(ksc_s[0]), (uint32_t)__cvta_generic_to_shared(vsc_s[0]));
 
   /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
    * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass
@@ -684,56 +776,28 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   for (int dn = 0; dn < DT; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
   const float scale_log2 = a.scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
   const __nv_bfloat16 *qw = qs + (size_t)(16 * warp + g) * LD + c2;
-  /* ldmatrix.trans row addresses of V: lanes 8i..8i+7 give the rows of 8x8 matrix i, keys
-   * 8 (i & 1) + 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step. */
-  const uint32_t vrow = (uint32_t)__cvta_generic_to_shared(
-      vs + (size_t)(8 * ((lane >> 3) & 1) + (lane & 7)) * LD + 8 * (lane >> 4));
+  /* ldmatrix.trans row addresses of V in stage 0: lanes 8i..8i+7 give the rows of 8x8 matrix i,
+   * keys 8 (i & 1) + 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step. */
+  const uint32_t vrow0 = ring_s + STAGE_BYTES / 2 +
+                         (uint32_t)(((8 * ((lane >> 3) & 1) + (lane & 7)) * LD + 8 * (lane >> 4)) * sizeof(__nv_bfloat16));
 
-  const int upb = (bs + ATT_TC_KT - 1) / ATT_TC_KT;
-  const int units = nlist * upb;
   for (int u = 0; u < units; u++) {
-    const int li = u / upb, j0 = (u % upb) * ATT_TC_KT;
-    const int b = a.sel ? ublk[li] : li;
-    const uint32_t bmask = a.sel ? umask[li] : 0xffffffffu;
+    const int st = u & (ATT_TC_STAGES - 1), b = b_next, j0 = j_next, nk = nk_next;
+    const uint32_t bmask = a.sel ? umask[u / upb] : 0xffffffffu;
     const int kpos0 = b * bs + j0;
-    int nk = bs - j0 < ATT_TC_KT ? bs - j0 : ATT_TC_KT;
-    if (mp - kpos0 + 1 < nk) nk = mp - kpos0 + 1;
-    if (nk <= 0) continue; /* the same for every thread */
-    /* Chunk i of the tile is 4 values of key i / (HD / 4): a float4 of an f32 page, or 4 bytes of
-     * an fp8 page decoded with their row's scale. */
-    const int32_t page = a.kv.block_table[b];
-    const int r0 = kvh * bs + j0;
-    const void *kt, *vt;
-    const float *ksc = NULL, *vsc = NULL;
-    if constexpr (FP8) {
-      const kv8_rows kr8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, HD, r0),
-                     vr8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, HD, r0);
-      kt = kr8.q, vt = vr8.q, ksc = kr8.scale, vsc = vr8.scale;
-    } else {
-      kt = (const float *)a.kv.k + ((size_t)page * nkv * bs + r0) * HD;
-      vt = (const float *)a.kv.v + ((size_t)page * nkv * bs + r0) * HD;
+    dev_cp_async_wait<0>();
+    __syncthreads(); /* tile u landed for every thread, and every warp is done with tile u - 1 */
+    if (u + 1 < units) { /* into the stage tile u - 1 used */
+      const int sn = (u + 1) & (ATT_TC_STAGES - 1);
+      nk_next = att_unit_keys(a, u + 1, ublk, mp, ATT_TC_KT, upb, &b_next, &j_next);
+      att_tc_issue<HD, FP8>(a, kvh, b_next, j_next, nk_next, ring_s + sn * STAGE_BYTES,
+                            ring_s + sn * STAGE_BYTES + STAGE_BYTES / 2,
+                            (uint32_t)__cvta_generic_to_shared(ksc_s[sn]), (uint32_t)__cvta_generic_to_shared(vsc_s[sn]));
     }
-    __syncthreads(); /* every warp is done with the previous tile */
-    /* Keys past nk are zero: P is 0 there, and 0 times stale shared memory could be NaN. */
-    for (int i = tid; i < ATT_TC_KT * (HD / 4); i += blockDim.x) {
-      const int key = i / (HD / 4), c = i % (HD / 4);
-      float4 kv4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv4 = kv4;
-      if (key < nk) {
-        if constexpr (FP8) {
-          kv4 = kv8_dequant4(((const uint32_t *)kt)[i], 1.0f);
-          vv4 = kv8_dequant4(((const uint32_t *)vt)[i], 1.0f);
-        } else {
-          kv4 = ((const float4 *)kt)[i], vv4 = ((const float4 *)vt)[i];
-        }
-      }
-      store_bf16x4(ks + (size_t)key * LD + 4 * c, kv4);
-      store_bf16x4(vs + (size_t)key * LD + 4 * c, vv4);
-      if constexpr (FP8) {
-        if (c == 0) ksc_s[key] = key < nk ? ksc[key] : 0.0f, vsc_s[key] = key < nk ? vsc[key] : 0.0f;
-      }
-    }
-    __syncthreads();
     if (wpos < kpos0 || !(bmask & wtok)) continue; /* no row of this warp sees a key here */
+    const __nv_bfloat16 *ks = ring + (size_t)st * (STAGE_BYTES / sizeof(__nv_bfloat16));
+    const float *ksc = ksc_s[st], *vsc = vsc_s[st];
+    const uint32_t vrow = vrow0 + st * STAGE_BYTES;
 
     /* S [16, 64] = Q K^T; n-tiles past nk are left at 0 (masked below). */
     float s[NT][4];
@@ -766,7 +830,7 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
           const int col = 8 * nt + c2 + e;
           const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
           float raw = s[nt][2 * h + e];
-          if constexpr (FP8) raw *= ksc_s[col];
+          if constexpr (FP8) raw *= ksc[col];
           const float sc = ok ? raw * scale_log2 : -INFINITY;
           s[nt][2 * h + e] = sc;
           mx = fmaxf(mx, sc);
@@ -793,7 +857,7 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
         const float sc = s[nt][x];
         p[x] = sc == -INFINITY ? 0.0f : exp2f(sc - mnew[x >> 1]);
         l[x >> 1] += p[x];
-        if constexpr (FP8) p[x] *= vsc_s[8 * nt + c2 + (x & 1)];
+        if constexpr (FP8) p[x] *= vsc[8 * nt + c2 + (x & 1)];
       }
       pa[nt >> 1][2 * (nt & 1)] = bf16_pair(p[0], p[1]);
       pa[nt >> 1][2 * (nt & 1) + 1] = bf16_pair(p[2], p[3]);
@@ -829,8 +893,20 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   }
 }
 
+/* Stages the keys and values of every block of the table in BF16 (cuda scratch), then runs the
+ * tensor-core kernel over them. */
 template <int HD, bool FP8>
-static void att_tc_launch(cuda_backend *cb, const att_args &a, size_t smem) {
+static void att_tc_launch(cuda_backend *cb, att_args &a, size_t smem) {
+  const size_t rows = (size_t)a.kv.num_blocks * a.kv.nkv * a.kv.block_size;
+  const size_t kv_bytes = rows * HD * sizeof(__nv_bfloat16), scale_bytes = FP8 ? rows * sizeof(float) : 0;
+  uint8_t *stage = (uint8_t *)cuda_scratch(cb, 2 * (kv_bytes + scale_bytes), "attention (BF16 keys and values)");
+  if (!stage) return;
+  a.kb = (const __nv_bfloat16 *)stage;
+  a.vb = (const __nv_bfloat16 *)(stage + kv_bytes);
+  a.kbs = FP8 ? (const float *)(stage + 2 * kv_bytes) : NULL;
+  a.vbs = FP8 ? (const float *)(stage + 2 * kv_bytes + scale_bytes) : NULL;
+  att_stage_kernel<FP8><<<(unsigned)(a.kv.num_blocks * a.kv.nkv), 256, 0, cb->stream>>>(a);
+  cuda_launched(cb, "attention (BF16 staging)");
   cuda_allow_smem(cb, (const void *)attention_tc_kernel<HD, FP8>, smem, "attention (shared memory)");
   const int ntiles = (a.T + a.tt - 1) / a.tt;
   attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
@@ -862,6 +938,8 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   a.upb = (kv->block_size + ATT_KT - 1) / ATT_KT;
   const bool fp8 = kv->dtype == M3_KV_FP8;
   a.kv_page_bytes = fp8 ? m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)hd) : 0;
+  a.kb = a.vb = NULL;
+  a.kbs = a.vbs = NULL;
   if (T >= ATT_TC_MIN_T && (hd == 64 || hd == 128)) {
     /* 128 rows; a sparse tile keeps the fp32 kernel's limits on tokens (a 32-bit token mask) and
      * on the selection entries att_union merges. */

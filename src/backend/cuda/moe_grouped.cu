@@ -98,22 +98,6 @@ __device__ __forceinline__ uint32_t gg_swizzle(int r, int c) {
   return (uint32_t)(r * (BK * 2) + ((c ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
 }
 
-/* 16 bytes global -> shared, bypassing L1; bytes = 0 reads nothing and writes zeros. */
-__device__ __forceinline__ void gg_cp_async16(uint32_t dst, const void *src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void gg_cp_async_commit(void) {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-/* Waits until at most N of this thread's committed groups are pending. */
-template <int N>
-__device__ __forceinline__ void gg_cp_async_wait(void) {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 /* Four 8x8 BF16 matrices: lanes 8i .. 8i + 7 give the row addresses of matrix i, which lands in
  * r[i]; lane 4g + q receives row g, elements 2q and 2q + 1 of each. */
 __device__ __forceinline__ void gg_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
@@ -144,10 +128,10 @@ __device__ __forceinline__ void gg_load_stage(uint32_t smem, int kt, const gg_ch
   const size_t koff = (size_t)kt * C::BK;
 #pragma unroll
   for (int j = 0; j < C::AJ; j++)
-    gg_cp_async16(sa + ch.dst + 4096u * j, ch.src_a[j] + 2 * koff, (ch.zero_a >> j) & 1 ? 0 : 16);
+    dev_cp_async16(sa + ch.dst + 4096u * j, ch.src_a[j] + 2 * koff, (ch.zero_a >> j) & 1 ? 0 : 16);
 #pragma unroll
   for (int j = 0; j < gg_chunks<C, MX>::BJ; j++)
-    gg_cp_async16(sb + (MX ? ch.dst_mx : ch.dst) + 4096u * j, ch.src_b[j] + koff * (MX ? 1 : 2),
+    dev_cp_async16(sb + (MX ? ch.dst_mx : ch.dst) + 4096u * j, ch.src_b[j] + koff * (MX ? 1 : 2),
                   (ch.zero_b >> j) & 1 ? 0 : 16);
 }
 
@@ -468,18 +452,18 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; s++) {
     if (s < KT) gg_load_stage<C, MX>(smem, s, ch);
-    gg_cp_async_commit();
+    dev_cp_async_commit();
   }
   if constexpr (MX) {
-    gg_cp_async_wait<C::STAGES - 2>();
+    dev_cp_async_wait<C::STAGES - 2>();
     gg_decode_tile<C, 2>(gg_smem, 0, KT, ch, scale_next, smax, tid);
   }
   for (int kt = 0; kt < KT; kt++) {
-    if (MX) gg_cp_async_wait<C::STAGES - 3>();
-    else gg_cp_async_wait<C::STAGES - 2>();
+    if (MX) dev_cp_async_wait<C::STAGES - 3>();
+    else dev_cp_async_wait<C::STAGES - 2>();
     __syncthreads();
     if (kt + C::STAGES - 1 < KT) gg_load_stage<C, MX>(smem, kt + C::STAGES - 1, ch);
-    gg_cp_async_commit();
+    dev_cp_async_commit();
     const uint32_t sa = smem + (uint32_t)(kt % C::STAGES) * gg_smem_layout<C, MX>::stage;
     const uint32_t sb = MX ? smem + gg_smem_layout<C, MX>::decoded + (uint32_t)(kt & 1) * C::B_BYTES
                            : sa + C::A_BYTES;
@@ -501,7 +485,7 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     if constexpr (MX)
       if (kt + 1 < KT) gg_decode_tile<C, 2>(gg_smem, kt + 1, KT, ch, scale_next, smax, tid);
   }
-  gg_cp_async_wait<0>(); /* only empty groups remain; none outlives the block */
+  dev_cp_async_wait<0>(); /* only empty groups remain; none outlives the block */
 
   /* C fragment: lane 4g + q holds rows g (c0, c1) and g + 8 (c2, c3) at columns 2q, 2q + 1 of
    * each n8 tile. */
@@ -654,19 +638,19 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1 - LAG; s++) {
     if (s < KT) gg_load_stage<C, MX>(smem, s, ch);
-    gg_cp_async_commit();
+    dev_cp_async_commit();
   }
   if constexpr (MX) {
-    gg_cp_async_wait<C::STAGES - 2 - LAG>();
+    dev_cp_async_wait<C::STAGES - 2 - LAG>();
     gg_decode_tile<C, DEC>(smem_p, 0, KT, ch, scale_next, smax, tid);
   }
   for (int kt = 0; kt < KT; kt++) {
-    if (MX) gg_cp_async_wait<C::STAGES - 3 - LAG>();
-    else gg_cp_async_wait<C::STAGES - 2 - LAG>();
+    if (MX) dev_cp_async_wait<C::STAGES - 3 - LAG>();
+    else dev_cp_async_wait<C::STAGES - 2 - LAG>();
     gw_fence_shared();
     __syncthreads();
     if (kt + C::STAGES - 1 - LAG < KT) gg_load_stage<C, MX>(smem, kt + C::STAGES - 1 - LAG, ch);
-    gg_cp_async_commit();
+    dev_cp_async_commit();
     const uint32_t sa = smem + (uint32_t)(kt % C::STAGES) * gg_smem_layout<C, MX, DEC>::stage;
     const uint32_t sb = MX ? smem + gg_smem_layout<C, MX, DEC>::decoded + (uint32_t)(kt % DEC) * C::B_BYTES
                            : sa + C::A_BYTES;
@@ -681,7 +665,7 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
   }
   gw_wait<0>();
   gw_hold<ND>(d);
-  gg_cp_async_wait<0>();
+  dev_cp_async_wait<0>();
 
   const int lane = tid & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll

@@ -272,6 +272,163 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS, GP <= 4 ? MSA_SCORE_CTAS_PER
     msa_select_row(a, t, g, mine, (int32_t *)(mine + a.kv.num_blocks), lane);
 }
 
+/* ---- prefill scores: a tile of tokens against each block ----
+ * A prefill's tokens share their candidate blocks, so the scan per token above would read every
+ * index key once per token (8192 tokens of an 8K prompt: 17 GB through L2). Here a thread block
+ * takes MSA_TILE_ROWS query rows, (token, head) pairs of 128 / G consecutive tokens, held in
+ * shared memory for its life, and runs the blocks of a chunk of the table against them as a
+ * float32 matrix product on CUDA cores, as the scan does (no tensor-core rounding, so that the
+ * selection stays the CPU's up to near-ties): a key tile is one block of 128 keys, its dims
+ * staged 32 at a time in a double buffer (the next slab in flight during the products: cp.async
+ * for float32 keys, registers decoded after the products for E4M3), each thread owning 8 rows x
+ * 8 keys; the block max per row then takes the keys each row's token sees, reduced over the 16
+ * threads of a row group by shuffles. */
+enum {
+  MSA_TILE_ROWS = 128,
+  MSA_TILE_KEYS = 128,   /* keys per tile: one block (the kernel runs for block_size 128 only) */
+  MSA_TILE_DK = 32,      /* dims per staged slab */
+  MSA_TILE_MAX_IHD = 128,
+  MSA_TILE_LDQ = MSA_TILE_MAX_IHD + 4, /* shared row strides in floats: 16-byte rows, and the */
+  MSA_TILE_LDK = MSA_TILE_DK + 4,      /* 8 rows of a quarter warp's float4 loads in 8 bank groups */
+  MSA_TILE_CHUNK = 8,    /* blocks per thread block */
+  MSA_TILE_MIN_T = MSA_FUSED_MAX_T + 1,
+};
+
+static size_t msa_tile_smem_bytes(void) {
+  return ((size_t)MSA_TILE_ROWS * MSA_TILE_LDQ + 2 * MSA_TILE_KEYS * MSA_TILE_LDK) * sizeof(float);
+}
+
+/* Chunk x of this thread's share of a slab (dims slab * 32 .. + 32 of a block's keys): key f / 8,
+ * dims 4 (f % 8) .. + 4 of the slab, f = tid + 256 x. */
+__device__ __forceinline__ int msa_slab_key(int x) { return ((int)threadIdx.x + 256 * x) >> 3; }
+__device__ __forceinline__ int msa_slab_dim(int x) { return 4 * (((int)threadIdx.x + 256 * x) & 7); }
+
+/* A slab of E4M3 keys in registers (bytes and row scales) until the products of the current one
+ * are done. */
+typedef struct {
+  uint32_t q[4];
+  float sc[4];
+} msa_slab8;
+
+/* Starts slab `slab` of the block at `page` toward the key buffer kf [128, LDK] (float32: cp.async,
+ * committed; fp8: into r). Dims past ihd are zeros. */
+template <bool FP8>
+__device__ __forceinline__ void msa_slab_fetch(const msa_args &a, int32_t page, int slab, float *kf, msa_slab8 &r) {
+  const int ihd = a.kv.ihd;
+#pragma unroll
+  for (int x = 0; x < 4; x++) {
+    const int key = msa_slab_key(x), d = slab * MSA_TILE_DK + msa_slab_dim(x);
+    if constexpr (FP8) {
+      const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, MSA_TILE_KEYS, ihd, 0);
+      r.q[x] = d < ihd ? *(const uint32_t *)(keys8.q + (size_t)key * ihd + d) : 0u;
+      r.sc[x] = keys8.scale[key];
+    } else {
+      const float *keys = (const float *)a.kv.ik + (size_t)page * MSA_TILE_KEYS * ihd;
+      dev_cp_async16((uint32_t)__cvta_generic_to_shared(kf + key * MSA_TILE_LDK + msa_slab_dim(x)),
+                     d < ihd ? keys + (size_t)key * ihd + d : keys, d < ihd ? 16 : 0);
+    }
+  }
+  if constexpr (!FP8) dev_cp_async_commit();
+}
+
+/* Completes this thread's share of the slab in kf: waits for its copies, or decodes r. */
+template <bool FP8>
+__device__ __forceinline__ void msa_slab_land(float *kf, const msa_slab8 &r) {
+  if constexpr (FP8) {
+#pragma unroll
+    for (int x = 0; x < 4; x++)
+      *(float4 *)(kf + msa_slab_key(x) * MSA_TILE_LDK + msa_slab_dim(x)) = kv8_dequant4(r.q[x], r.sc[x]);
+  } else {
+    dev_cp_async_wait<0>();
+  }
+}
+
+/* Thread block: tokens [tile * tq, + tq) (rows token * G + head), blocks [chunk * MSA_TILE_CHUNK,
+ * + MSA_TILE_CHUNK) of the table, each scored for the rows whose candidates hold it. Thread
+ * (ty, tx) = (warp * 2 + lane / 16, lane % 16) owns rows ty + 16 i and keys tx + 16 j (i, j < 8). */
+template <bool FP8>
+__global__ void __launch_bounds__(256, 2) msa_score_tile_kernel(msa_args a, int T, int tq) {
+  extern __shared__ float4 msa_tile_smem[];
+  float *qs = (float *)msa_tile_smem;                    /* [128, LDQ]: row, dim */
+  float *kf = qs + (size_t)MSA_TILE_ROWS * MSA_TILE_LDQ; /* [2][128, LDK]: key, dim of the slab */
+  __shared__ int32_t tpos[MSA_TILE_ROWS];
+  __shared__ int lo_s, hi_s;
+  const int tid = threadIdx.x, lane = tid & 31, tx = lane & 15, ty = 2 * (tid >> 5) + (lane >> 4);
+  const int tile = (int)(blockIdx.x / (unsigned)a.chunks), chunk = (int)(blockIdx.x % (unsigned)a.chunks);
+  const int t0 = tile * tq, ntok = T - t0 < tq ? T - t0 : tq, G = a.G, ihd = a.kv.ihd;
+  const int nrows = ntok * G, slabs = (ihd + MSA_TILE_DK - 1) / MSA_TILE_DK;
+
+  /* The blocks of this chunk that some token of the tile has among its candidates. */
+  if (tid == 0) lo_s = 0x7fffffff, hi_s = 0;
+  __syncthreads();
+  if (tid < tq) {
+    const int32_t p = tid < ntok ? a.pos[t0 + tid] : -1;
+    tpos[tid] = p;
+    int nb, c0, c1;
+    if (msa_candidates(a, p, &nb, &c0, &c1) && c0 < c1) atomicMin(&lo_s, c0), atomicMax(&hi_s, c1);
+  }
+  __syncthreads();
+  const int b0 = lo_s > chunk * MSA_TILE_CHUNK ? lo_s : chunk * MSA_TILE_CHUNK;
+  const int b1 = hi_s < (chunk + 1) * MSA_TILE_CHUNK ? hi_s : (chunk + 1) * MSA_TILE_CHUNK;
+  if (b0 >= b1) return; /* the same for the whole block */
+
+  msa_slab8 slab;
+  msa_slab_fetch<FP8>(a, a.kv.block_table[b0], 0, kf, slab);
+  for (int i = tid; i < MSA_TILE_ROWS * slabs * (MSA_TILE_DK / 4); i += blockDim.x) {
+    const int r = i / (slabs * (MSA_TILE_DK / 4)), d = 4 * (i % (slabs * (MSA_TILE_DK / 4)));
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f); /* rows past the tile, dims past ihd: zeros */
+    if (r < nrows && d < ihd) v = *(const float4 *)(a.iq + ((size_t)t0 * G + r) * ihd + d);
+    *(float4 *)(qs + r * MSA_TILE_LDQ + d) = v;
+  }
+  msa_slab_land<FP8>(kf, slab);
+  __syncthreads();
+  float acc[8][8];
+  const int steps = (b1 - b0) * slabs;
+  for (int st = 0; st < steps; st++) {
+    const int b = b0 + st / slabs, sl = st % slabs;
+    float *knext = kf + (size_t)((st + 1) & 1) * MSA_TILE_KEYS * MSA_TILE_LDK;
+    if (sl == 0) {
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+    }
+    if (st + 1 < steps) msa_slab_fetch<FP8>(a, a.kv.block_table[b0 + (st + 1) / slabs], (st + 1) % slabs, knext, slab);
+    const float *qd = qs + ty * MSA_TILE_LDQ + sl * MSA_TILE_DK,
+                *kd = kf + (size_t)(st & 1) * MSA_TILE_KEYS * MSA_TILE_LDK + tx * MSA_TILE_LDK;
+#pragma unroll 1 /* unrolled, the loads of later steps hoisted spill the accumulators */
+    for (int d = 0; d < MSA_TILE_DK; d += 2) { /* two dims a step: 16 operand registers */
+      float2 q[8];
+#pragma unroll
+      for (int i = 0; i < 8; i++) q[i] = *(const float2 *)(qd + 16 * i * MSA_TILE_LDQ + d);
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        const float2 k = *(const float2 *)(kd + 16 * j * MSA_TILE_LDK + d);
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i][j] = fmaf(q[i].y, k.y, fmaf(q[i].x, k.x, acc[i][j]));
+      }
+    }
+    if (sl == slabs - 1) { /* the block's dots are complete: its max per row over visible keys */
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        const int r = ty + 16 * i;
+        const int32_t p = r < nrows ? tpos[r / G] : -1;
+        float best = -INFINITY; /* NaN dots never win */
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+          if (b * MSA_TILE_KEYS + tx + 16 * j <= p) best = fmaxf(best, acc[i][j]);
+#pragma unroll
+        for (int o = 1; o < 16; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+        int nb, c0, c1;
+        if (tx == 0 && msa_candidates(a, p, &nb, &c0, &c1) && b >= c0 && b < c1)
+          a.scores[((size_t)t0 * G + r) * a.kv.num_blocks + b] = best;
+      }
+    }
+    if (st + 1 < steps) msa_slab_land<FP8>(knext, slab);
+    __syncthreads();
+  }
+}
+
 /* The selection of rows blockIdx.x * warps + warp (warps = blockDim.x / 32), one warp each,
  * from the scores of an earlier launch (or none: no token has candidates). */
 __global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args a, int rows) {
@@ -294,6 +451,23 @@ template <int GP>
 static void msa_launch_scores(cuda_backend *cb, const msa_args &a, unsigned grid, size_t smem) {
   if (a.kv.dtype == M3_KV_FP8) msa_launch_scores_of<GP, true>(cb, a, grid, smem);
   else msa_launch_scores_of<GP, false>(cb, a, grid, smem);
+}
+
+/* The prefill scores by tiles of 128 / G tokens (msa_score_tile_kernel), chunks of
+ * MSA_TILE_CHUNK blocks. */
+static void msa_launch_score_tiles(cuda_backend *cb, msa_args &a, int T) {
+  const int tq = MSA_TILE_ROWS / a.G;
+  a.chunk_blocks = MSA_TILE_CHUNK;
+  a.chunks = (a.kv.num_blocks + MSA_TILE_CHUNK - 1) / MSA_TILE_CHUNK;
+  const unsigned grid = (unsigned)((int64_t)((T + tq - 1) / tq) * a.chunks);
+  const size_t smem = msa_tile_smem_bytes();
+  if (a.kv.dtype == M3_KV_FP8) {
+    cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<true>, smem, "msa_select (prefill tiles)");
+    msa_score_tile_kernel<true><<<grid, 256, smem, cb->stream>>>(a, T, tq);
+  } else {
+    cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<false>, smem, "msa_select (prefill tiles)");
+    msa_score_tile_kernel<false><<<grid, 256, smem, cb->stream>>>(a, T, tq);
+  }
 }
 
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
@@ -335,7 +509,9 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
     a.fused = T <= MSA_FUSED_MAX_T && fused_smem <= MSA_FUSED_SMEM;
     const size_t smem = a.fused ? fused_smem : 0;
     const unsigned grid = (unsigned)((int64_t)T * a.chunks);
-    if (G == 1) msa_launch_scores<1>(cb, a, grid, smem);
+    if (T >= MSA_TILE_MIN_T && kv->block_size == MSA_TILE_KEYS && kv->ihd <= MSA_TILE_MAX_IHD) {
+      msa_launch_score_tiles(cb, a, T);
+    } else if (G == 1) msa_launch_scores<1>(cb, a, grid, smem);
     else if (G == 2) msa_launch_scores<2>(cb, a, grid, smem);
     else if (G <= 4) msa_launch_scores<4>(cb, a, grid, smem);
     else if (G <= 8) msa_launch_scores<8>(cb, a, grid, smem);

@@ -459,35 +459,6 @@ enum {
 /* Dynamic shared memory of an mx1 block: the staged x of K columns, then its slots. */
 static inline size_t mx1_smem_bytes(int64_t K) { return mx1_stage_bytes(K) + (size_t)MX1_SLOTS * MX1_SLOT; }
 
-/* ---- the slots' barriers (mbarrier, sm_90) ---- */
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-/* Until the phase of parity `parity` of bar has completed. */
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile("{ .reg .pred p;\n"
-                 "  mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 "  selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done)
-                 : "r"(smem_addr(bar)), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_bytes(uint64_t *bar, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-
 /* bytes (a multiple of 16, both ends 16-byte aligned) from global src to shared dst by the copy
  * engine, counted on bar when they land. The weights are read once a step: marked first to leave
  * L2, they leave the activations, the KV cache and the scales there (H200, MXFP8 2-layer decode
