@@ -2402,6 +2402,10 @@ static void test_matmul_set(void) {
   for (size_t ti = 0; ti < sizeof Ts / sizeof Ts[0]; ti++)
     matmul_set_case("mixed BF16 F32 MXFP8 FP8-block F16", mixed_kinds, mixed_rows, 7, 528, Ts[ti], 0, 0);
   matmul_set_case("mixed BF16 F32 MXFP8 FP8-block F16", mixed_kinds, mixed_rows, 7, 528, 1, 1, 0);
+  /* A prefill's set (cuBLASLt): x rounded to BF16 once for all but the F32 weights, each product
+   * the bits of the matmul alone; also from an unaligned x. */
+  for (int offset = 0; offset < 2; offset++)
+    matmul_set_case("mixed BF16 F32 MXFP8 FP8-block F16", mixed_kinds, mixed_rows, 7, 528, 200, offset, 1);
 }
 
 /* ---- recorded decode steps (CUDA graphs, src/model/step_graph.c) ----

@@ -590,27 +590,37 @@ static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_uni
  * 2c, 2c + 1 of each 8-wide n-tile. Q, K and V are rounded to BF16 (the softmax, row max, row sum
  * and rescaling of O, stays fp32; P is rounded to BF16 for PV).
  *
- * The keys and values are first staged once per call in BF16, by logical block
- * (att_stage_kernel: the whole table, a read of the cache and a write of half its bytes), so that
- * the attention moves K and V tiles with cp.async into a two-stage ring and copies the next tile
- * while it multiplies the current one. A sparse tile's list is the union of its tokens' blocks,
- * larger than any one token's (with unrelated selections, up to 8 x 16), and each warp multiplies
- * only the blocks its token chose: the tile is bound by moving the union, which the copy ring
- * overlaps and BF16 halves (against float32 converted in the loop, one tile at a time). */
+ * The keys and values are first staged once per call in BF16 (att_stage_kernel: the whole table,
+ * a read of the cache and a write of half its bytes), by logical block, each block's rows padded
+ * to a multiple of the key tile and zero past the call's latest position, each row's 16-byte
+ * chunks swizzled (chunk c at c ^ (row & 7)) so that a key tile is one contiguous run whose
+ * fragment loads hit every bank. A ninth warp then copies the tile's key tiles with the copy
+ * engine into a ring of ATT_TC_STAGES slots, each with a full and an empty barrier, and the 8
+ * warps multiply without waiting for each other: a sparse tile's list is the union of its
+ * tokens' blocks (with unrelated selections, up to 8 x 16 blocks), and each warp multiplies only
+ * the blocks its token chose, so a warp with nothing to do in a key tile moves on to the next
+ * one that has landed rather than idling at a barrier of the whole block. */
 enum {
   ATT_TC_MIN_T = 128,    /* fewer tokens keep the fp32 kernel (decode, verify, small fixtures) */
-  ATT_TC_WARPS = 8,
+  ATT_TC_WARPS = 8,      /* warps that multiply; one more copies */
   ATT_TC_ROWS = 16 * ATT_TC_WARPS,
   ATT_TC_KT = 64,        /* keys per tile */
-  ATT_TC_STAGES = 2,     /* key tiles in the cp.async ring */
-  ATT_TC_PAD = 8,        /* BF16 of padding per shared row: conflict-free fragment loads */
+  ATT_TC_STAGES = 4,     /* key tiles in the ring */
+  ATT_TC_PAD = 8,        /* BF16 of padding per shared row of Q: conflict-free fragment loads */
 };
 
-/* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8], then per stage K and V
- * [64, hd + 8] in BF16, then the sparse tile's four int arrays of tt * topk entries (as att_union
- * takes them). */
+/* Rows of one (block, KV head) in the staged keys and values: block_size rounded up to the key
+ * tile, so that every tile is whole. */
+static int att_tc_rows_per_block(int bs) { return (bs + ATT_TC_KT - 1) / ATT_TC_KT * ATT_TC_KT; }
+
+/* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8] in BF16, the ring (per
+ * stage K and V [64, hd] in BF16, then K's and V's row scales [64] as float32), then the sparse
+ * tile's four int arrays of tt * topk entries (as att_union takes them). */
+static size_t att_tc_stage_bytes(int hd) {
+  return 2 * (size_t)ATT_TC_KT * hd * sizeof(__nv_bfloat16) + 2 * (size_t)ATT_TC_KT * sizeof(float);
+}
 static size_t att_tc_smem_bytes(int hd, int entries) {
-  return ((size_t)ATT_TC_ROWS + 2 * ATT_TC_STAGES * ATT_TC_KT) * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) +
+  return (size_t)ATT_TC_ROWS * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) + ATT_TC_STAGES * att_tc_stage_bytes(hd) +
          (size_t)entries * 4 * sizeof(int);
 }
 
@@ -627,98 +637,91 @@ __device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *dst, float4 v) {
   *(uint2 *)dst = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
 }
 
-/* One thread block per (logical block b, KV head): its K and V rows into a.kb / a.vb in BF16, an
- * fp8 cache's E4M3 values as they are (BF16 holds them exactly) and their row scales into a.kbs /
- * a.vbs. Blocks without a page are zeros; nothing reads them. */
+/* Element offset of (row, col) in a swizzled staged row block of hd columns: the 8-column
+ * (16-byte) chunk col / 8 sits at chunk (col / 8) ^ (row & 7). */
+__device__ __forceinline__ int att_swz(int row, int col, int hd) {
+  return row * hd + ((((col >> 3) ^ (row & 7)) << 3) | (col & 7));
+}
+
+/* One thread block per (logical block b, KV head): its K and V rows into a.kb / a.vb in BF16 (rows
+ * [rpb] per (b, kvh), swizzled), an fp8 cache's E4M3 values as they are (BF16 holds them exactly)
+ * and their row scales into a.kbs / a.vbs. Rows past block_size or past the latest position of
+ * the call's tokens, and blocks without a page, are zeros: a key tile copied whole holds nothing
+ * stale (0 times a NaN left in a page would be NaN in P V). */
 template <bool FP8>
-__global__ void __launch_bounds__(256) att_stage_kernel(att_args a) {
+__global__ void __launch_bounds__(256) att_stage_kernel(att_args a, int rpb) {
   const int nkv = a.kv.nkv, bs = a.kv.block_size, hd = a.kv.hd, hd4 = hd >> 2;
   const int b = (int)(blockIdx.x / (unsigned)nkv), kvh = (int)(blockIdx.x % (unsigned)nkv);
+  __shared__ int32_t maxpos;
+  int32_t m = -1;
+  for (int t = threadIdx.x; t < a.T; t += blockDim.x) m = max(m, a.pos[t]);
+  for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x == 0) maxpos = -1;
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) atomicMax(&maxpos, m);
+  __syncthreads();
   const int32_t page = a.kv.block_table[b];
-  const size_t row0 = ((size_t)b * nkv + kvh) * bs;
+  int live = bs < maxpos - b * bs + 1 ? bs : maxpos - b * bs + 1; /* rows worth staging */
+  if (page < 0 || live < 0) live = 0;
+  const size_t row0 = ((size_t)b * nkv + kvh) * rpb;
   __nv_bfloat16 *kd = (__nv_bfloat16 *)a.kb + row0 * hd, *vd = (__nv_bfloat16 *)a.vb + row0 * hd;
-  if constexpr (FP8) {
-    const kv8_rows k8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs),
-                   v8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs);
-    for (int i = threadIdx.x; i < bs * hd4; i += blockDim.x) {
-      float4 k4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), v4 = k4;
-      if (page >= 0) {
+  const kv8_rows k8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs),
+                 v8 = kv8_page_rows(a.kv.v, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs);
+  const size_t src = ((size_t)page * nkv * bs + (size_t)kvh * bs) * hd;
+  const float4 *kg = (const float4 *)((const float *)a.kv.k + src), *vg = (const float4 *)((const float *)a.kv.v + src);
+  for (int i = threadIdx.x; i < rpb * hd4; i += blockDim.x) {
+    const int r = i / hd4, c = 4 * (i % hd4);
+    float4 k4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), v4 = k4;
+    if (r < live) {
+      if constexpr (FP8) {
         k4 = kv8_dequant4(((const uint32_t *)k8.q)[i], 1.0f);
         v4 = kv8_dequant4(((const uint32_t *)v8.q)[i], 1.0f);
+      } else {
+        k4 = kg[i], v4 = vg[i];
       }
-      store_bf16x4(kd + 4 * (size_t)i, k4);
-      store_bf16x4(vd + 4 * (size_t)i, v4);
     }
-    for (int j = threadIdx.x; j < bs; j += blockDim.x) {
-      ((float *)a.kbs)[row0 + j] = page >= 0 ? k8.scale[j] : 0.0f;
-      ((float *)a.vbs)[row0 + j] = page >= 0 ? v8.scale[j] : 0.0f;
-    }
-  } else {
-    const size_t src = ((size_t)page * nkv * bs + (size_t)kvh * bs) * hd;
-    const float4 *kg = (const float4 *)((const float *)a.kv.k + src), *vg = (const float4 *)((const float *)a.kv.v + src);
-    for (int i = threadIdx.x; i < bs * hd4; i += blockDim.x) {
-      const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      store_bf16x4(kd + 4 * (size_t)i, page >= 0 ? kg[i] : z);
-      store_bf16x4(vd + 4 * (size_t)i, page >= 0 ? vg[i] : z);
-    }
+    store_bf16x4(kd + att_swz(r, c, hd), k4);
+    store_bf16x4(vd + att_swz(r, c, hd), v4);
   }
-}
-
-/* Issues (and commits) this thread's cp.async copies of key tile (block b, keys j0 .. j0 + nk) of
- * KV head kvh from the staged BF16 rows into the ring stage at ks / vs ([64, HD + 8] each) and,
- * for an fp8 cache, the rows' scales into ksc / vsc. Keys past nk are zeros: P is 0 there, and 0
- * times stale shared memory could be NaN. */
-template <int HD, bool FP8>
-__device__ __forceinline__ void att_tc_issue(const att_args &a, int kvh, int b, int j0, int nk, uint32_t ks,
-                                             uint32_t vs, uint32_t ksc, uint32_t vsc) {
-  constexpr int CPR = HD / 8; /* 16-byte chunks of a row */
-  const size_t row0 = ((size_t)b * a.kv.nkv + kvh) * a.kv.block_size + j0;
-  const __nv_bfloat16 *kg = a.kb + row0 * HD, *vg = a.vb + row0 * HD;
-  for (int i = threadIdx.x; i < ATT_TC_KT * CPR; i += 32 * ATT_TC_WARPS) {
-    const int key = i / CPR, c = i % CPR, bytes = key < nk ? 16 : 0;
-    const uint32_t dst = (uint32_t)((key * (HD + ATT_TC_PAD) + 8 * c) * sizeof(__nv_bfloat16));
-    const size_t off = bytes ? (size_t)key * HD + 8 * c : 0;
-    dev_cp_async16(ks + dst, kg + off, bytes);
-    dev_cp_async16(vs + dst, vg + off, bytes);
-  }
-  if constexpr (FP8) {
-    const int j = threadIdx.x;
-    if (j < ATT_TC_KT) {
-      const int bytes = j < nk ? 4 : 0;
-      dev_cp_async4(ksc + 4u * j, a.kbs + row0 + (bytes ? j : 0), bytes);
-      dev_cp_async4(vsc + 4u * j, a.vbs + row0 + (bytes ? j : 0), bytes);
+  if constexpr (FP8)
+    for (int r = threadIdx.x; r < rpb; r += blockDim.x) {
+      ((float *)a.kbs)[row0 + r] = r < live ? k8.scale[r] : 0.0f;
+      ((float *)a.vbs)[row0 + r] = r < live ? v8.scale[r] : 0.0f;
     }
-  }
-  dev_cp_async_commit();
 }
 
 template <int HD, bool FP8>
-__global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_args a) {
-  constexpr int LD = HD + ATT_TC_PAD; /* row stride in BF16: 4 mod 32 words, so the 8 rows x 4
+__global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kernel(att_args a, int rpb) {
+  constexpr int LD = HD + ATT_TC_PAD; /* Q's row stride in BF16: 4 mod 32 words, so the 8 rows x 4
                                          columns of a fragment load hit 32 banks */
   constexpr int NT = ATT_TC_KT / 8;   /* n-tiles of S */
   constexpr int DT = HD / 8;          /* n-tiles of O */
-  constexpr uint32_t STAGE_BYTES = 2u * ATT_TC_KT * LD * sizeof(__nv_bfloat16); /* K and V */
+  constexpr uint32_t KV_BYTES = ATT_TC_KT * HD * sizeof(__nv_bfloat16);  /* K (or V) of a stage */
+  constexpr uint32_t SC_BYTES = ATT_TC_KT * sizeof(float);
+  constexpr uint32_t STAGE_BYTES = 2 * KV_BYTES + 2 * SC_BYTES;
   extern __shared__ float4 att_smem[];
   const int bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group, R = a.rows;
-  __nv_bfloat16 *qs = (__nv_bfloat16 *)att_smem;          /* [128, LD] */
-  __nv_bfloat16 *ring = qs + (size_t)ATT_TC_ROWS * LD;    /* per stage K then V [64, LD]: key, dim */
-  int *ents = (int *)(ring + (size_t)ATT_TC_STAGES * 2 * ATT_TC_KT * LD);
+  __nv_bfloat16 *qs = (__nv_bfloat16 *)att_smem;                /* [128, LD] */
+  uint8_t *ring = (uint8_t *)(qs + (size_t)ATT_TC_ROWS * LD);   /* per stage K, V [64, HD], K, V scales [64] */
+  int *ents = (int *)(ring + (size_t)ATT_TC_STAGES * STAGE_BYTES);
   const int ne_max = a.sel ? a.tt * a.topk : 0;
-  /* An fp8 tile keeps its E4M3 values in the ring, which BF16 holds exactly, and its row scales
-   * here: K's multiply the scores and V's the probabilities in float32 after and before the MMAs,
-   * so the cache costs no BF16 rounding beyond what P and Q already take. */
-  __shared__ float ksc_s[ATT_TC_STAGES][ATT_TC_KT], vsc_s[ATT_TC_STAGES][ATT_TC_KT];
-  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  /* full[s]: stage s's copies landed (the copying lane's arrival and their bytes); empty[s]: every
+   * multiplying warp is done with it. */
+  __shared__ uint64_t full[ATT_TC_STAGES], empty[ATT_TC_STAGES];
 
   /* The tiles of the latest tokens have the most keys (causal): they start first. */
   const int ntiles = (a.T + a.tt - 1) / a.tt;
   const int tile = ntiles - 1 - (int)(blockIdx.x / nkv), kvh = blockIdx.x % nkv;
   const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c2 = 2 * (lane & 3);
+  const int nwarps = ATT_TC_WARPS + 1;
 
+  if (tid == 0) {
+    for (int s = 0; s < ATT_TC_STAGES; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], ATT_TC_WARPS);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); /* seen by the copy engine */
+  }
   if constexpr (FP8) { /* a warp a row, rotated as the keys are (backend.h attention) */
-    for (int r = warp; r < ATT_TC_ROWS; r += ATT_TC_WARPS) {
+    for (int r = warp; r < ATT_TC_ROWS; r += nwarps) {
       const int tt = r / group, hh = r % group;
       const bool live = r < R && tt < ntok; /* rows past R or T are zero */
       const float *src = live ? a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD : a.q;
@@ -739,18 +742,32 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
     }
   }
   int32_t mp;
-  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp);
+  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp); /* its barriers publish Q and the barriers' init */
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
-  const int upb = (bs + ATT_TC_KT - 1) / ATT_TC_KT;
+  const int upb = rpb / ATT_TC_KT;
   const int units = att_units(a, nlist, ublk, mp, ATT_TC_KT, upb);
 
-  /* The first key tile's copies start before the rows' state is set up. */
-  int b_next, j_next;
-  int nk_next = units > 0 ? att_unit_keys(a, 0, ublk, mp, ATT_TC_KT, upb, &b_next, &j_next) : 0;
-  if (units > 0)
-    att_tc_issue<HD, FP8>(a, kvh, b_next, j_next, nk_next, ring_s, ring_s + STAGE_BYTES / 2,
-                          (uint32_t)__cvta_generic_to_shared(ksc_s[0]), (uint32_t)__cvta_generic_to_shared(vsc_s[0]));
+  if (warp == ATT_TC_WARPS) { /* the copying warp: key tile u into stage u % STAGES, once free */
+    if (lane == 0)
+      for (int u = 0; u < units; u++) {
+        const int st = u % ATT_TC_STAGES;
+        int b, j0;
+        att_unit_keys(a, u, ublk, mp, ATT_TC_KT, upb, &b, &j0);
+        mbar_wait(&empty[st], ((u / ATT_TC_STAGES) & 1) ^ 1); /* the first use passes */
+        uint8_t *dst = ring + (size_t)st * STAGE_BYTES;
+        const size_t row0 = ((size_t)b * nkv + kvh) * rpb + j0;
+        mbar_expect_bytes(&full[st], FP8 ? STAGE_BYTES : 2 * KV_BYTES);
+        dev_bulk_copy(dst, a.kb + row0 * HD, KV_BYTES, &full[st]);
+        dev_bulk_copy(dst + KV_BYTES, a.vb + row0 * HD, KV_BYTES, &full[st]);
+        if constexpr (FP8) {
+          dev_bulk_copy(dst + 2 * KV_BYTES, a.kbs + row0, SC_BYTES, &full[st]);
+          dev_bulk_copy(dst + 2 * KV_BYTES + SC_BYTES, a.vbs + row0, SC_BYTES, &full[st]);
+        }
+        mbar_arrive(&full[st]);
+      }
+    return;
+  }
 
   /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
    * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass
@@ -776,106 +793,106 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
   for (int dn = 0; dn < DT; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
   const float scale_log2 = a.scale * 1.4426950408889634f; /* exp(x) = exp2(x log2 e) */
   const __nv_bfloat16 *qw = qs + (size_t)(16 * warp + g) * LD + c2;
-  /* ldmatrix.trans row addresses of V in stage 0: lanes 8i..8i+7 give the rows of 8x8 matrix i,
-   * keys 8 (i & 1) + 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step. */
-  const uint32_t vrow0 = ring_s + STAGE_BYTES / 2 +
-                         (uint32_t)(((8 * ((lane >> 3) & 1) + (lane & 7)) * LD + 8 * (lane >> 4)) * sizeof(__nv_bfloat16));
+  /* ldmatrix.trans rows of V: lanes 8i..8i+7 give the rows of 8x8 matrix i, keys 8 (i & 1) +
+   * 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step; the key's row & 7 is lane & 7. */
+  const int vkey = 8 * ((lane >> 3) & 1) + (lane & 7), vchunk = lane >> 4;
 
   for (int u = 0; u < units; u++) {
-    const int st = u & (ATT_TC_STAGES - 1), b = b_next, j0 = j_next, nk = nk_next;
+    const int st = u % ATT_TC_STAGES;
+    int b, j0;
+    const int nk = att_unit_keys(a, u, ublk, mp, ATT_TC_KT, upb, &b, &j0);
     const uint32_t bmask = a.sel ? umask[u / upb] : 0xffffffffu;
     const int kpos0 = b * bs + j0;
-    dev_cp_async_wait<0>();
-    __syncthreads(); /* tile u landed for every thread, and every warp is done with tile u - 1 */
-    if (u + 1 < units) { /* into the stage tile u - 1 used */
-      const int sn = (u + 1) & (ATT_TC_STAGES - 1);
-      nk_next = att_unit_keys(a, u + 1, ublk, mp, ATT_TC_KT, upb, &b_next, &j_next);
-      att_tc_issue<HD, FP8>(a, kvh, b_next, j_next, nk_next, ring_s + sn * STAGE_BYTES,
-                            ring_s + sn * STAGE_BYTES + STAGE_BYTES / 2,
-                            (uint32_t)__cvta_generic_to_shared(ksc_s[sn]), (uint32_t)__cvta_generic_to_shared(vsc_s[sn]));
-    }
-    if (wpos < kpos0 || !(bmask & wtok)) continue; /* no row of this warp sees a key here */
-    const __nv_bfloat16 *ks = ring + (size_t)st * (STAGE_BYTES / sizeof(__nv_bfloat16));
-    const float *ksc = ksc_s[st], *vsc = vsc_s[st];
-    const uint32_t vrow = vrow0 + st * STAGE_BYTES;
+    /* Every warp waits for the tile, even one that skips it: its release of the stage must not
+     * count toward the stage's previous use. */
+    mbar_wait(&full[st], (u / ATT_TC_STAGES) & 1);
+    if (wpos >= kpos0 && (bmask & wtok)) { /* some row of this warp sees a key here */
+      const uint8_t *stage = ring + (size_t)st * STAGE_BYTES;
+      const __nv_bfloat16 *ks = (const __nv_bfloat16 *)stage;
+      const uint32_t vs = smem_addr(stage + KV_BYTES);
+      const float *ksc = (const float *)(stage + 2 * KV_BYTES), *vsc = ksc + ATT_TC_KT;
 
-    /* S [16, 64] = Q K^T; n-tiles past nk are left at 0 (masked below). */
-    float s[NT][4];
+      /* S [16, 64] = Q K^T; n-tiles past nk are left at 0 (masked below). */
+      float s[NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-    for (int k0 = 0; k0 < HD; k0 += 16) {
-      uint32_t qa[4];
-      qa[0] = *(const uint32_t *)(qw + k0);
-      qa[1] = *(const uint32_t *)(qw + 8 * LD + k0);
-      qa[2] = *(const uint32_t *)(qw + k0 + 8);
-      qa[3] = *(const uint32_t *)(qw + 8 * LD + k0 + 8);
+      for (int k0 = 0; k0 < HD; k0 += 16) {
+        uint32_t qa[4];
+        qa[0] = *(const uint32_t *)(qw + k0);
+        qa[1] = *(const uint32_t *)(qw + 8 * LD + k0);
+        qa[2] = *(const uint32_t *)(qw + k0 + 8);
+        qa[3] = *(const uint32_t *)(qw + 8 * LD + k0 + 8);
 #pragma unroll
-      for (int nt = 0; nt < NT; nt++)
-        if (8 * nt < nk) {
-          const __nv_bfloat16 *kr = ks + (size_t)(8 * nt + g) * LD + k0 + c2; /* B[k][n] = K[n][k] */
-          dev_mma16816<0>(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(kr + 8));
-        }
-    }
-    /* Online softmax of rows g (h = 0) and g + 8 (h = 1); a row's 4 lanes reduce by shuffles. */
-    float mnew[2], corr[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const bool row_sees = (bmask & rbit[h]) != 0;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          const int col = 8 * nt + c2 + e;
-          const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
-          float raw = s[nt][2 * h + e];
-          if constexpr (FP8) raw *= ksc[col];
-          const float sc = ok ? raw * scale_log2 : -INFINITY;
-          s[nt][2 * h + e] = sc;
-          mx = fmaxf(mx, sc);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mnew[h] = fmaxf(m[h], mx);
-      /* mnew = -inf: the row has seen no key yet; everything stays 0 */
-      corr[h] = mnew[h] == -INFINITY ? 1.0f : exp2f(m[h] - mnew[h]);
-      m[h] = mnew[h];
-      l[h] *= corr[h]; /* this lane's columns only: the row's 4 lanes add up at the end */
-    }
-#pragma unroll
-    for (int dn = 0; dn < DT; dn++)
-      o[dn][0] *= corr[0], o[dn][1] *= corr[0], o[dn][2] *= corr[1], o[dn][3] *= corr[1];
-    /* P in BF16, packed at once (half the registers of S): the accumulators of n-tiles 2 kk and
-     * 2 kk + 1 are the A fragment of keys 16 kk .. 16 kk + 15 for O += P V. */
-    uint32_t pa[ATT_TC_KT / 16][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      float p[4];
-#pragma unroll
-      for (int x = 0; x < 4; x++) {
-        const float sc = s[nt][x];
-        p[x] = sc == -INFINITY ? 0.0f : exp2f(sc - mnew[x >> 1]);
-        l[x >> 1] += p[x];
-        if constexpr (FP8) p[x] *= vsc[8 * nt + c2 + (x & 1)];
+        for (int nt = 0; nt < NT; nt++)
+          if (8 * nt < nk) { /* B[k][n] = K[n][k]: key 8 nt + g, whose row & 7 is g */
+            const __nv_bfloat16 *kr = ks + att_swz(8 * nt + g, k0 + c2, HD);
+            dev_mma16816<0>(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(ks + att_swz(8 * nt + g, k0 + 8 + c2, HD)));
+          }
       }
-      pa[nt >> 1][2 * (nt & 1)] = bf16_pair(p[0], p[1]);
-      pa[nt >> 1][2 * (nt & 1) + 1] = bf16_pair(p[2], p[3]);
-    }
-    /* O [16, hd] += P [16, 64] V [64, hd], 16 keys per step. */
+      /* Online softmax of rows g (h = 0) and g + 8 (h = 1); a row's 4 lanes reduce by shuffles. */
+      float mnew[2], corr[2];
 #pragma unroll
-    for (int kk = 0; kk < ATT_TC_KT / 16; kk++)
-      if (16 * kk < nk) {
+      for (int h = 0; h < 2; h++) {
+        const bool row_sees = (bmask & rbit[h]) != 0;
+        float mx = -INFINITY;
 #pragma unroll
-        for (int dn = 0; dn < DT; dn += 2) {
-          uint32_t vb[4]; /* B fragments of dim n-tiles dn and dn + 1 */
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(vb[0]), "=r"(vb[1]), "=r"(vb[2]), "=r"(vb[3])
-                       : "r"(vrow + (uint32_t)((16 * kk * LD + 8 * dn) * sizeof(__nv_bfloat16))));
-          dev_mma16816<0>(o[dn], pa[kk], vb[0], vb[1]);
-          dev_mma16816<0>(o[dn + 1], pa[kk], vb[2], vb[3]);
-        }
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            const int col = 8 * nt + c2 + e;
+            const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
+            float raw = s[nt][2 * h + e];
+            if constexpr (FP8) raw *= ksc[col];
+            const float sc = ok ? raw * scale_log2 : -INFINITY;
+            s[nt][2 * h + e] = sc;
+            mx = fmaxf(mx, sc);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mnew[h] = fmaxf(m[h], mx);
+        /* mnew = -inf: the row has seen no key yet; everything stays 0 */
+        corr[h] = mnew[h] == -INFINITY ? 1.0f : exp2f(m[h] - mnew[h]);
+        m[h] = mnew[h];
+        l[h] *= corr[h]; /* this lane's columns only: the row's 4 lanes add up at the end */
       }
+#pragma unroll
+      for (int dn = 0; dn < DT; dn++)
+        o[dn][0] *= corr[0], o[dn][1] *= corr[0], o[dn][2] *= corr[1], o[dn][3] *= corr[1];
+      /* P in BF16, packed at once (half the registers of S): the accumulators of n-tiles 2 kk and
+       * 2 kk + 1 are the A fragment of keys 16 kk .. 16 kk + 15 for O += P V. */
+      uint32_t pa[ATT_TC_KT / 16][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        float p[4];
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+          const float sc = s[nt][x];
+          p[x] = sc == -INFINITY ? 0.0f : exp2f(sc - mnew[x >> 1]);
+          l[x >> 1] += p[x];
+          if constexpr (FP8) p[x] *= vsc[8 * nt + c2 + (x & 1)];
+        }
+        pa[nt >> 1][2 * (nt & 1)] = bf16_pair(p[0], p[1]);
+        pa[nt >> 1][2 * (nt & 1) + 1] = bf16_pair(p[2], p[3]);
+      }
+      /* O [16, hd] += P [16, 64] V [64, hd], 16 keys per step. */
+#pragma unroll
+      for (int kk = 0; kk < ATT_TC_KT / 16; kk++)
+        if (16 * kk < nk) {
+#pragma unroll
+          for (int dn = 0; dn < DT; dn += 2) {
+            uint32_t vb[4]; /* B fragments of dim n-tiles dn and dn + 1 */
+            const uint32_t addr = vs + (uint32_t)(att_swz(16 * kk + vkey, 8 * (dn + vchunk), HD) * sizeof(__nv_bfloat16));
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(vb[0]), "=r"(vb[1]), "=r"(vb[2]), "=r"(vb[3])
+                         : "r"(addr));
+            dev_mma16816<0>(o[dn], pa[kk], vb[0], vb[1]);
+            dev_mma16816<0>(o[dn + 1], pa[kk], vb[2], vb[3]);
+          }
+        }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[st]);
   }
 
 #pragma unroll
@@ -897,7 +914,8 @@ __global__ void __launch_bounds__(32 * ATT_TC_WARPS, 2) attention_tc_kernel(att_
  * tensor-core kernel over them. */
 template <int HD, bool FP8>
 static void att_tc_launch(cuda_backend *cb, att_args &a, size_t smem) {
-  const size_t rows = (size_t)a.kv.num_blocks * a.kv.nkv * a.kv.block_size;
+  const int rpb = att_tc_rows_per_block(a.kv.block_size);
+  const size_t rows = (size_t)a.kv.num_blocks * a.kv.nkv * rpb;
   const size_t kv_bytes = rows * HD * sizeof(__nv_bfloat16), scale_bytes = FP8 ? rows * sizeof(float) : 0;
   uint8_t *stage = (uint8_t *)cuda_scratch(cb, 2 * (kv_bytes + scale_bytes), "attention (BF16 keys and values)");
   if (!stage) return;
@@ -905,11 +923,11 @@ static void att_tc_launch(cuda_backend *cb, att_args &a, size_t smem) {
   a.vb = (const __nv_bfloat16 *)(stage + kv_bytes);
   a.kbs = FP8 ? (const float *)(stage + 2 * kv_bytes) : NULL;
   a.vbs = FP8 ? (const float *)(stage + 2 * kv_bytes + scale_bytes) : NULL;
-  att_stage_kernel<FP8><<<(unsigned)(a.kv.num_blocks * a.kv.nkv), 256, 0, cb->stream>>>(a);
+  att_stage_kernel<FP8><<<(unsigned)(a.kv.num_blocks * a.kv.nkv), 256, 0, cb->stream>>>(a, rpb);
   cuda_launched(cb, "attention (BF16 staging)");
   cuda_allow_smem(cb, (const void *)attention_tc_kernel<HD, FP8>, smem, "attention (shared memory)");
   const int ntiles = (a.T + a.tt - 1) / a.tt;
-  attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * ATT_TC_WARPS, smem, cb->stream>>>(a);
+  attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * (ATT_TC_WARPS + 1), smem, cb->stream>>>(a, rpb);
   cuda_launched(cb, "attention (tensor cores)");
 }
 

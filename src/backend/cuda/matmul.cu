@@ -982,6 +982,36 @@ void cuda_matmul(m3_backend *be, const m3_tensor *w, const float *x, int T, floa
   }
 }
 
+/* The outputs of a set that take cuBLASLt on BF16 activations (a prefill's projections), 2 of
+ * them at least: x rounded to BF16 once, where each would round it again (q, k, v and the index
+ * projections of an 8192-token prefill: 4 of 5 conversions of 200 MB saved); each product as
+ * matmul computes it alone (the same rounding, plan and chunks). Returns the bits of the outputs
+ * done (a weight cuBLASLt declines gets the tiled kernel, as in matmul). */
+static uint32_t matmul_set_gemms(cuda_backend *cb, const float *x, int T, const m3_matmul_out *out, int n) {
+  uint32_t mine = 0;
+  size_t bytes = 0;
+  int64_t K = -1;
+  for (int i = 0; i < n; i++) {
+    const m3_tensor *w = out[i].w;
+    if (w->rows <= 0 || (K >= 0 && w->cols != K) || matmul_route(w, x, T) != ROUTE_GEMM) continue;
+    const lt_layout L = lt_layout_of(w, T);
+    if (L.direct || L.split) continue;
+    mine |= 1u << i;
+    bytes = L.bytes > bytes ? L.bytes : bytes;
+    K = w->cols;
+  }
+  if (__builtin_popcount(mine) < 2) return 0;
+  uint8_t *scratch = (uint8_t *)cuda_scratch(cb, bytes, "matmul_set");
+  if (!scratch) return mine; /* noted; as matmul would */
+  __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch; /* where each would put its own copy */
+  cuda_to_bf16(cb, cb->stream, x, (size_t)T * (size_t)K, xb);
+  for (int i = 0; i < n; i++)
+    if ((mine >> i & 1u) && !lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, lt_layout_of(out[i].w, T),
+                                          out[i].w, x, xb, T, out[i].y))
+      launch_tiled(cb, cb->stream, out[i].w, x, T, out[i].y);
+  return mine;
+}
+
 /* One token: the E4M3 outputs together tall enough for mx1_set_kernel (mx1_rows_fit), each of
  * them mx1_fits, take one launch of it, each row as its matmul computes it alone. The outputs of
  * each other kind of gemv_step_kind (WK_ANY aside), 2 of them at least, take one launch: whose
@@ -1016,6 +1046,7 @@ void cuda_matmul_set(m3_backend *be, const float *x, int T, const m3_matmul_out 
       else launch_gemv_rows_set(cb, kind, x, out, idx, g);
       for (int i = 0; i < g; i++) grouped |= 1u << idx[i];
     }
+  if (T > 1 && n <= M3_MATMUL_SET_MAX) grouped |= matmul_set_gemms(cb, x, T, out, n);
   for (int i = 0; i < n; i++)
     if (i >= M3_MATMUL_SET_MAX || !(grouped >> i & 1u)) cuda_matmul(be, out[i].w, x, T, out[i].y);
 }
