@@ -223,12 +223,6 @@ __device__ __forceinline__ void dev_cp_async16(uint32_t dst, const void *src, in
                : "memory");
 }
 
-/* 8 bytes global -> shared; bytes = 0 writes zeros. */
-__device__ __forceinline__ void dev_cp_async8(uint32_t dst, const void *src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-
 /* 4 bytes global -> shared; bytes = 0 writes a zero. */
 __device__ __forceinline__ void dev_cp_async4(uint32_t dst, const void *src, int bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes)
