@@ -723,7 +723,7 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
 
   if (tid == 0) {
     for (int s = 0; s < ATT_TC_STAGES; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], ATT_TC_WARPS);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); /* seen by the copy engine */
+    mbar_init_fence();
   }
   if constexpr (FP8) { /* a warp a row, rotated as the keys are (backend.h attention) */
     for (int r = warp; r < ATT_TC_ROWS; r += nwarps) {

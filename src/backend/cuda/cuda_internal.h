@@ -223,12 +223,6 @@ __device__ __forceinline__ void dev_cp_async16(uint32_t dst, const void *src, in
                : "memory");
 }
 
-/* 4 bytes global -> shared; bytes = 0 writes a zero. */
-__device__ __forceinline__ void dev_cp_async4(uint32_t dst, const void *src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-
 __device__ __forceinline__ void dev_cp_async_commit(void) {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -244,6 +238,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)
 
 __device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+/* After a thread's mbar_init calls, before the block's barrier: the copy engine sees them. */
+__device__ __forceinline__ void mbar_init_fence(void) {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
 /* Until the phase of parity `parity` of bar has completed. */

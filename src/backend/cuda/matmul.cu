@@ -992,13 +992,14 @@ static uint32_t matmul_set_gemms(cuda_backend *cb, const float *x, int T, const 
   uint32_t mine = 0;
   size_t bytes = 0;
   int64_t K = -1;
+  lt_layout L[M3_MATMUL_SET_MAX];
   for (int i = 0; i < n; i++) {
     const m3_tensor *w = out[i].w;
     if (w->rows <= 0 || (K >= 0 && w->cols != K) || matmul_route(w, x, T) != ROUTE_GEMM) continue;
-    const lt_layout L = lt_layout_of(w, T);
-    if (L.direct || L.split) continue;
+    L[i] = lt_layout_of(w, T);
+    if (L[i].direct || L[i].split) continue;
     mine |= 1u << i;
-    bytes = L.bytes > bytes ? L.bytes : bytes;
+    bytes = L[i].bytes > bytes ? L[i].bytes : bytes;
     K = w->cols;
   }
   if (__builtin_popcount(mine) < 2) return 0;
@@ -1007,8 +1008,8 @@ static uint32_t matmul_set_gemms(cuda_backend *cb, const float *x, int T, const 
   __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch; /* where each would put its own copy */
   cuda_to_bf16(cb, cb->stream, x, (size_t)T * (size_t)K, xb);
   for (int i = 0; i < n; i++)
-    if ((mine >> i & 1u) && !lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, lt_layout_of(out[i].w, T),
-                                          out[i].w, x, xb, T, out[i].y))
+    if ((mine >> i & 1u) && !lt_matmul_on(cb, cb->stream, cb->lt_workspace, scratch, L[i], out[i].w, x, xb, T,
+                                          out[i].y))
       launch_tiled(cb, cb->stream, out[i].w, x, T, out[i].y);
   return mine;
 }

@@ -494,7 +494,7 @@ __device__ __forceinline__ mx1_ring mx1_ring_init(uint8_t *smem, int64_t K, uint
   mx1_ring rg = {smem + mx1_stage_bytes(K), bars, bars + MX1_SLOTS};
   if (threadIdx.x == 0) {
     for (int i = 0; i < MX1_SLOTS; i++) mbar_init(&rg.full[i], 32), mbar_init(&rg.empty[i], MX1_CONSUMERS);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); /* seen by the copy engine */
+    mbar_init_fence();
   }
   __syncthreads();
   return rg;
