@@ -1845,7 +1845,8 @@ static void moe_grouped_case(m3_backend *lanes, int kind, int E, int k, int H, i
  * 16 and k 2 and 4, each T on both shapes and both routings: 16 cases of BF16 experts and 16 of
  * MXFP8, for every tile candidate (M3_MOE_GROUPED_TILE 0, 1, ... until the backend refuses one:
  * `gpu` points at each candidate's backend in turn). I 192 is a ragged n-tile of every candidate.
- * Prints the worst row error of each comparison; 1 when all are within 1e-2. */
+ * Prints the worst row error of each comparison (and on stderr each candidate's, per dtype); 1 when
+ * all are within 1e-2. */
 static int test_moe_experts_grouped(void) {
   static const int Ts[] = {65, 130, 333, 1024};
   static const int shapes[2][2] = {{256, 128}, {512, 192}};
@@ -1858,14 +1859,19 @@ static int test_moe_experts_grouped(void) {
   while ((st = cuda_with_tile(tiles, &tiled)) == M3_OK) {
     fprintf(stderr, "   M3_MOE_GROUPED_TILE=%d\n", tiles);
     gpu = tiled;
-    for (int kind = W_BF16; kind <= W_MXFP8; kind++)
+    for (int kind = W_BF16; kind <= W_MXFP8; kind++) {
+      double tile_worst[3] = {0, 0, 0};
       for (int ti = 0; ti < 4; ti++)
         for (int ei = 0; ei < 2; ei++)
           for (int ki = 0; ki < 2; ki++) {
             const int *s = shapes[(ti + ei + ki) & 1];
-            moe_grouped_case(lanes, kind, ei ? 16 : 8, ki ? 4 : 2, s[0], s[1], Ts[ti], (ti + ki) & 1, worst);
+            moe_grouped_case(lanes, kind, ei ? 16 : 8, ki ? 4 : 2, s[0], s[1], Ts[ti], (ti + ki) & 1, tile_worst);
             cases++;
           }
+      fprintf(stderr, "   M3_MOE_GROUPED_TILE=%d %s: worst row %.3g against the cpu, %.3g against the lanes\n", tiles,
+              kind == W_BF16 ? "BF16" : "MXFP8", tile_worst[0], tile_worst[2]);
+      for (int i = 0; i < 3; i++) worst[i] = fmax(worst[i], tile_worst[i]);
+    }
     gpu = own;
     tiled->ops->destroy(tiled);
     tiles++;
