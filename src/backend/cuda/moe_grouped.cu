@@ -39,9 +39,11 @@
  * X(index, BM sorted rows, BN B rows, BK columns of K, STAGES of the cp.async ring, WM warps over
  * rows, MINB blocks per SM asked of the compiler, KIND). 8 warps. KIND 0 (mma.sync): WM over rows
  * x 8 / WM over B rows, each warp BM / WM = 64 rows by BN * WM / 8 B rows (32 or 64). KIND 1
- * (wgmma): BM 128 and BK 64, two warpgroups of 64 rows by all BN B rows. Gate/up tiles hold
- * BN / 2 gate rows and the same BN / 2 rows of up. MINB 2 caps registers at 128: only where that
- * compiles without spills (ptxas -v), else 1 and the shared memory sized for one block. */
+ * (wgmma): BM 128 and BK 64, two warpgroups of 64 rows by all BN B rows. KIND 2 (MXFP8; BF16
+ * takes KIND 1): the weights as wgmma's A operand from registers, BN 256 weight rows by BM 128
+ * tokens (moe_grouped_ra_kernel). Gate/up tiles hold BN / 2 gate rows and the same BN / 2 rows
+ * of up. MINB 2 caps registers at 128: only where that compiles without spills (ptxas -v), else 1
+ * and the shared memory sized for one block. */
 #define GG_TILES(X)                 \
   X(0, 128, 128, 32, 4, 2, 2, 0)    \
   X(1, 128, 128, 64, 4, 2, 1, 0)    \
@@ -50,7 +52,8 @@
   X(4, 128, 256, 64, 3, 2, 1, 0)    \
   X(5, 128, 128, 32, 6, 2, 2, 0)    \
   X(6, 128, 256, 64, 4, 2, 1, 1)    \
-  X(7, 128, 128, 64, 3, 2, 2, 1)
+  X(7, 128, 128, 64, 3, 2, 2, 1)    \
+  X(8, 128, 256, 64, 4, 2, 1, 2)
 
 enum {
   GG_THREADS = 256,
@@ -207,11 +210,22 @@ __device__ __forceinline__ void gg_expert_rows(const int32_t *start, int e, int 
   *s1 = min(max(start[e + 1], a), n);
 }
 
+/* The place of column k (0..63) of a 64-column block of K in the permuted order kind 2's token
+ * tiles keep (moe_grouped_ra_kernel): with k = 16 q + 4 s + r (r < 4), column 16 s + 2 q + (r & 1)
+ * + 8 (r >> 1), where k16 step s of an m16n8k16 A fragment has thread q's columns 2 q, 2 q + 1,
+ * 2 q + 8, 2 q + 9. So thread q's weights for all four steps are bytes 16 q .. 16 q + 15 of a row,
+ * one 16-byte load under one e8m0 scale. */
+__device__ __forceinline__ int gr_perm_col(int k) {
+  const int q = k >> 4, s = (k >> 2) & 3, r = k & 3;
+  return 16 * s + 2 * q + (r & 1) + 8 * (r >> 1);
+}
+
 /* xy[p] = BF16(h[slot_at[p] / k]) for the used positions p < min(start[E], n); F16: xy[p] =
  * f16(h[slot_at[p] / k] * 2^row_exp[p]), row_exp[p] putting the row's largest |value| in [2^14,
- * 2^15) (0 for a row of zeros or with an infinity). One block of GG_GATHER_THREADS per position of
- * the grid's n, the unused ones exit. H % 4 == 0, h 16-byte aligned. */
-template <int F16>
+ * 2^15) (0 for a row of zeros or with an infinity); PERM: each 64 columns in gr_perm_col's order.
+ * One block of GG_GATHER_THREADS per position of the grid's n, the unused ones exit. H % 4 == 0
+ * (PERM: % 64), h 16-byte aligned. */
+template <int F16, int PERM>
 __global__ void __launch_bounds__(GG_GATHER_THREADS)
     moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
                       const int32_t *__restrict__ start, int E, int k, int n, int64_t H,
@@ -252,7 +266,13 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
       const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
       lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
     }
-    dst[c] = make_uint2(lo, hi);
+    if (PERM) { /* columns 4c, 4c + 1 land side by side, 4c + 2, 4c + 3 eight further */
+      uint32_t *row = (uint32_t *)dst;
+      const int64_t at = (4 * c & ~(int64_t)63) + gr_perm_col((int)(4 * c & 63));
+      row[at / 2] = lo, row[at / 2 + 4] = hi;
+    } else {
+      dst[c] = make_uint2(lo, hi);
+    }
   }
 }
 
@@ -303,6 +323,23 @@ __device__ __forceinline__ int gg_find_tile(const int32_t *tile_start, const int
   return *rows > 0;
 }
 
+/* MX: the scales of B tile row rb (GATED: rows BN/2 .. BN - 1 are w1's) at the 32-column block of
+ * 16-byte chunk cb of K step 0 (NULL for a row past N, whose bytes are zeros: scale 127, 1.0),
+ * and *smax = the row's largest scale, its MX_CPR chunks' threads (adjacent lanes) each taking
+ * every MX_CPR-th block of it. Every lane of the warp takes part. */
+template <class C, int GATED>
+__device__ __forceinline__ const uint8_t *gg_row_scales(const cuda_weight &w0, const cuda_weight &w1, int64_t n0,
+                                                        int64_t K, int64_t N, int rb, int cb, int *smax) {
+  const cuda_weight &w = GATED && rb >= C::BN / 2 ? w1 : w0;
+  const int64_t wr = n0 + (GATED ? rb % (C::BN / 2) : rb);
+  const uint8_t *sc = wr < N ? w.scale + (size_t)wr * (size_t)w.scale_cols + cb / 2 : NULL;
+  int m = sc ? gg_scale_max(sc - cb / 2, (int)(K / GG_MX_BLOCK), cb, C::MX_CPR) : 127;
+#pragma unroll
+  for (int o = 1; o < C::MX_CPR; o <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  *smax = m;
+  return sc;
+}
+
 /* This thread's chunks (gg_chunks) of the tile at sorted row m0 (rows valid) and weight row n0
  * of w0 (GATED: B rows BN/2 .. BN - 1 from w1). Rows outside the valid range read zeros from the
  * tile's first row (valid: rows >= 1, n0 < N). MX: scale_next = the scales of K step 0 (127,
@@ -331,17 +368,15 @@ __device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weigh
     const int64_t wr = n0 + (GATED ? rb % (C::BN / 2) : rb), wr_read = wr < N ? wr : n0;
     ch.zero_b |= (uint32_t)(wr >= N) << j;
     ch.src_b[j] = w.data + (size_t)wr_read * (size_t)K * (MX ? 1 : 2) + 16 * cb;
-    if (MX) ch.scales[j] = wr < N ? w.scale + (size_t)wr * (size_t)w.scale_cols + cb / 2 : NULL;
   }
 #pragma unroll
   for (int j = 0; j < (MX ? C::XJ : 1); j++) {
-    scale_next[j] = MX && ch.scales[j] ? ch.scales[j][0] : 127;
+    scale_next[j] = 127;
     if constexpr (MX) {
-      int m = ch.scales[j] ? gg_scale_max(ch.scales[j] - cb / 2, (int)(K / GG_MX_BLOCK), cb, B_CPR) : 127;
-#pragma unroll
-      for (int o = 1; o < B_CPR; o <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
-      smax[j] = m;
-      if (cb == 0) b_exp[tid / B_CPR + j * (GG_THREADS / B_CPR)] = m - GG_MX_UNSCALE;
+      const int rb = tid / B_CPR + j * (GG_THREADS / B_CPR);
+      ch.scales[j] = gg_row_scales<C, GATED>(w0, w1, n0, K, N, rb, cb, &smax[j]);
+      if (ch.scales[j]) scale_next[j] = ch.scales[j][0];
+      if (cb == 0) b_exp[rb] = smax[j] - GG_MX_UNSCALE;
     }
   }
 }
@@ -591,6 +626,18 @@ __device__ __forceinline__ void gw_mma(float d[BN / 2], uint64_t da, uint64_t db
   if constexpr (BN == 256 && F16) GW_MMA(256, ".f16.f16", GW_REGS128, "%130", GW_D128);
   if constexpr (BN == 256 && !F16) GW_MMA(256, ".bf16.bf16", GW_REGS128, "%130", GW_D128);
 }
+
+/* d (64 x 128 of the warpgroup) += A (64 x 16, this thread's m16n8k16-style fragment a[4] of its
+ * warp's 16 rows, f16 pairs in registers) B (128 x 16 at descriptor db)^T, float32 sums. */
+__device__ __forceinline__ void gw_mma_ra(float d[64], const uint32_t a[4], uint64_t db) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+               "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+               "%56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+               : GW_D64
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
 #undef GW_MMA
 #undef GW_D128
 #undef GW_D64
@@ -683,10 +730,200 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
   }
 }
 
+/* ---- MXFP8 with the weights as wgmma's A operand, from registers (kind 2) ----
+ * Kinds 0 and 1 decode the E4M3 B tile into a shared f16 tile that every warp then reads (bench/
+ * RESULTS.md, twentieth session: the decoding is latency-bound and a step moves about 160 KB
+ * through shared memory). Here the roles turn: the weights are the A operand, 64 rows a wgmma,
+ * each thread decoding its own fragment's bytes into registers, and the sorted tokens are the B
+ * operand (the same swizzled tile of xy or act as kind 1's A tile). Tile: BN = 256 weight rows (a
+ * warpgroup 2 x 64; GATED: warpgroup w's gate rows 64 w .. + 63 and the same rows of up, so that a
+ * thread holds the gate and up sums of one (row, token)) by BM = 128 tokens. K is permuted within
+ * each 64 columns (gr_perm_col, by the gather and by this kernel's gate/up epilogue), so that a
+ * thread's fragment of a weight row for a whole K step is one 16-byte load under one scale.
+ * The ring and its barrier are kind 1's; the decoding of step kt + 1 runs while step kt's MMAs
+ * do, into the other of two register sets. The epilogue goes through shared memory, to store
+ * whole token rows: act [n, I] f16 (permuted, times 2^act_exp) or y [n, H] float32.
+ * Measured (H200, E 128, top 4, 3072 x 6144, 8192 tokens): 12.1-12.3 ms against kind 1's
+ * 11.3-11.5, the tensor pipe 43-45% busy, the warps (two a scheduler) stalled most on fixed
+ * latencies and then at the block barrier, so it is not the default (bench/RESULTS.md). */
+template <class C> struct gr_layout {
+  enum {
+    ring = C::STAGES * gg_smem_layout<C, 1>::stage,
+    ACT_LD = C::BN / 2 + 8, Y_LD = C::BN + 4, /* halves / floats a staged output row: no bank conflicts */
+    y = C::BM * Y_LD * 4,                     /* the larger stage (act's is BM * ACT_LD * 2) */
+    bytes = ring > y ? ring : y,
+  };
+};
+
+template <class C, int GATED>
+__global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL_PARAMS) {
+  enum { BK = C::BK, S = C::STAGES, STAGE = gg_smem_layout<C, 1>::stage };
+  static_assert(C::BM == 128 && C::BN == 256 && BK == 64 && S >= 3,
+                "two warpgroups of 2 x 64 weight rows, 128 tokens, 64-column steps");
+  extern __shared__ __align__(128) uint8_t gg_smem[];
+  __shared__ int b_exp[C::BN];
+  int e, m0, rows;
+  if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
+  const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
+  const int tid = threadIdx.x, wg = tid >> 7, wi = (tid >> 5) & 3, g = (tid & 31) >> 2, q = tid & 3;
+  const cuda_weight &w0 = ws[e], &w1 = GATED ? ws[E + e] : ws[e];
+  gg_chunks<C, 1> ch;
+  uint8_t copy_next[C::XJ];
+  int copy_smax[C::XJ];
+  gg_setup<C, GATED, 1>(w0, w1, a, m0, rows, n0, K, N, tid, ch, copy_next, copy_smax, b_exp);
+  const uint32_t raw_base = (uint32_t)__cvta_generic_to_shared(gg_smem), align = (1024u - (raw_base & 1023u)) & 1023u;
+  const uint32_t smem = raw_base + align;
+  uint8_t *smem_p = gg_smem + align;
+  const int KT = (int)(K / BK);
+
+  /* this thread's weight rows in the B tile: j = 2 m + h, m the warpgroup's 64-row block, h the
+   * fragment's row g or g + 8; their scales at chunk q's block, and their largest */
+  int rb[4], smax[4];
+  const uint8_t *sc[4];
+  uint8_t s_next[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int m = j >> 1, h = j & 1;
+    rb[j] = (GATED ? (C::BN / 2) * m + 64 * wg : 128 * wg + 64 * m) + 16 * wi + g + 8 * h;
+    sc[j] = gg_row_scales<C, GATED>(w0, w1, n0, K, N, rb[j], q, &smax[j]);
+    s_next[j] = sc[j] ? sc[j][0] : 127;
+  }
+
+  /* fragments [m][k16 step][a0..a3] of step t from ring slot t % S (its copies landed) */
+  auto decode = [&](int t, uint32_t (&f)[2][4][4]) {
+    const uint8_t *raw = smem_p + (size_t)(t % S) * STAGE + C::A_BYTES + 16 * q;
+    uint4 u[4];
+    __half2 fac[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      u[j] = *(const uint4 *)(raw + rb[j] * BK);
+      fac[j] = gg_block_factor(s_next[j], smax[j]);
+      if (sc[j] && t + 1 < KT) s_next[j] = sc[j][(size_t)(t + 1) * (BK / GG_MX_BLOCK)];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const uint32_t word[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
+#pragma unroll
+      for (int st = 0; st < 4; st++)
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {
+          const __half2_raw hr =
+              __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((word[st] >> (16 * hi)) & 0xffff), __NV_E4M3);
+          const __half2 v = __hmul2(__half2(hr), fac[j]);
+          f[j >> 1][st][2 * hi + (j & 1)] = *(const uint32_t *)&v;
+        }
+    }
+  };
+
+  float d[2][64];
+#pragma unroll
+  for (int m = 0; m < 2; m++)
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[m][i] = 0.0f;
+  gw_hold<64>(d[0]);
+  gw_hold<64>(d[1]);
+
+  /* the ring of kind 1 (STAGES - 1 tiles ahead, a commit a step); step kt: the MMAs of kt issued,
+   * those of kt - 1 waited for (freeing their register set and, after the barrier, their slot),
+   * tile kt + 1 waited for, the slot of kt - 1 refilled, tile kt + 1 decoded. Measured against
+   * mbarriers (full: a slot's copies landed, through cp.async.mbarrier.arrive; empty: its MMAs
+   * done) in place of the block barrier: 12.1 -> 13.0 ms. */
+#pragma unroll
+  for (int st = 0; st < S - 1; st++) {
+    if (st < KT) gg_load_stage<C, 1>(smem, st, ch);
+    dev_cp_async_commit();
+  }
+  /* step kt with its fragments in cur, decoding step kt + 1 into nxt; the two register sets
+   * alternate by unrolling the loop twice (indexing them by kt & 1 would put them in memory) */
+  auto step = [&](int kt, uint32_t (&cur)[2][4][4], uint32_t (&nxt)[2][4][4]) {
+    const uint64_t db = gw_desc(smem + (uint32_t)(kt % S) * STAGE);
+    gw_fence();
+#pragma unroll
+    for (int st = 0; st < 4; st++)
+#pragma unroll
+      for (int m = 0; m < 2; m++) gw_mma_ra(d[m], cur[m][st], db + 2 * st);
+    gw_commit();
+    gw_wait<1>();
+    dev_cp_async_wait<S - 3>();
+    gw_fence_shared(); /* this thread's landed copies, to wgmma's reads after the barrier */
+    __syncthreads();
+    if (kt + S - 1 < KT) gg_load_stage<C, 1>(smem, kt + S - 1, ch);
+    dev_cp_async_commit();
+    if (kt + 1 < KT) decode(kt + 1, nxt);
+  };
+  uint32_t af0[2][4][4], af1[2][4][4];
+  dev_cp_async_wait<S - 2>();
+  gw_fence_shared();
+  __syncthreads();
+  decode(0, af0);
+  for (int kt = 0; kt < KT; kt += 2) {
+    step(kt, af0, af1);
+    if (kt + 1 < KT) step(kt + 1, af1, af0);
+  }
+  gw_wait<0>();
+  gw_hold<64>(d[0]);
+  gw_hold<64>(d[1]);
+  dev_cp_async_wait<0>();
+  __syncthreads(); /* the ring's shared memory now stages the outputs */
+
+  /* d[m][4 i + 2 hh + jj]: weight row 16 wi + g + 8 hh of block m (rb[2 m + hh]), token 8 i + 2 q + jj */
+  if constexpr (GATED) {
+    uint16_t *st = (uint16_t *)smem_p; /* [BM tokens][ACT_LD]: act columns n0 .. n0 + BN/2 - 1, permuted */
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
+      const int bg = b_exp[rb[hh]], bu = b_exp[rb[2 + hh]];
+#pragma unroll
+      for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+          const int t = 8 * i + 2 * q + jj;
+          if (t >= rows) continue;
+          const int ea = a_exp[m0 + t];
+          const float v = dev_swiglu_oai(ldexpf(d[0][4 * i + 2 * hh + jj], bg - ea),
+                                         ldexpf(d[1][4 * i + 2 * hh + jj], bu - ea), alpha, beta, limit);
+          const __half hv = __float2half_rn(ldexpf(v, act_exp));
+          st[t * gr_layout<C>::ACT_LD + pc] = *(const uint16_t *)&hv;
+        }
+    }
+    __syncthreads();
+    enum { CHUNKS = C::BN / 2 / 8 }; /* 16-byte chunks of a token's act columns */
+    for (int i = tid; i < C::BM * CHUNKS; i += GG_THREADS) {
+      const int t = i / CHUNKS, c8 = 8 * (i % CHUNKS);
+      if (t < rows && n0 + c8 < N)
+        *(uint4 *)((uint16_t *)out + (size_t)(m0 + t) * (size_t)N + n0 + c8) =
+            *(const uint4 *)(st + t * gr_layout<C>::ACT_LD + c8);
+    }
+  } else {
+    float *st = (float *)smem_p; /* [BM tokens][Y_LD]: y columns n0 .. n0 + BN - 1 */
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        const int c = 128 * wg + 64 * m + 16 * wi + g + 8 * hh, be = b_exp[rb[2 * m + hh]] - act_exp;
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+#pragma unroll
+          for (int jj = 0; jj < 2; jj++) {
+            const int t = 8 * i + 2 * q + jj;
+            st[t * gr_layout<C>::Y_LD + c] = ldexpf(d[m][4 * i + 2 * hh + jj], be);
+          }
+      }
+    __syncthreads();
+    enum { CHUNKS = C::BN / 4 };
+    for (int i = tid; i < C::BM * CHUNKS; i += GG_THREADS) {
+      const int t = i / CHUNKS, c4 = 4 * (i % CHUNKS);
+      if (t < rows && n0 + c4 < N)
+        *(float4 *)((float *)out + (size_t)(m0 + t) * (size_t)N + n0 + c4) =
+            *(const float4 *)(st + t * gr_layout<C>::Y_LD + c4);
+    }
+  }
+}
+
 /* The rows, K tile and kind of each candidate, for the checks and grids made on the host. */
 #define GG_DIMS(i, bm, bn, bk, stages, wm, minb, kind) {bm, bk, kind},
 static const struct {
-  int bm, bk, wgmma;
+  int bm, bk, kind;
 } gg_dims[] = {GG_TILES(GG_DIMS)};
 static_assert(sizeof gg_dims / sizeof gg_dims[0] == MOE_GROUPED_TILES, "MOE_GROUPED_TILES: the candidates");
 
@@ -701,8 +938,9 @@ static int gg_weight_fits(const m3_tensor *t) {
 /* The tile of a layer's experts: M3_MOE_GROUPED_TILE when set; else the fastest measured on an
  * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops, 8192 tokens): the wgmma
  * candidate 6 (BF16 10.2 ms against 13.7 for the best mma.sync tile, candidate 4; MXFP8 11.6
- * against 16.2 for candidate 5) where H and I are multiples of its 64 columns of K; elsewhere
- * mma.sync, BF16 candidate 0 and MXFP8 candidate 5 (6 stages cover the decoding's extra step). */
+ * against 16.2 for candidate 5, and 11.5 against 12.1 for the register-operand candidate 8) where H
+ * and I are multiples of its 64 columns of K; elsewhere mma.sync, BF16 candidate 0 and MXFP8
+ * candidate 5 (6 stages cover the decoding's extra step). */
 static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
   if (cb->moe_grouped_tile >= 0) return cb->moe_grouped_tile;
   const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
@@ -727,7 +965,7 @@ static int gg_act_exp(const m3_moe_experts *ex, int *act_exp) {
 }
 
 int cuda_moe_grouped_on_wgmma(const cuda_backend *cb, const m3_moe_experts *ex) {
-  return gg_dims[gg_tile(cb, ex)].wgmma;
+  return gg_dims[gg_tile(cb, ex)].kind != 0;
 }
 
 int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
@@ -750,10 +988,17 @@ static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E,
                       const int32_t *tile_start, int n, const void *a, const int32_t *a_exp, int act_exp,
                       int64_t K, int64_t N, const m3_moe_experts *ex, void *out) {
   void (*kernel)(GG_KERNEL_PARAMS);
-  if constexpr (KIND) kernel = moe_grouped_wgmma_kernel<C, GATED, MX>;
-  else kernel = moe_grouped_gemm_kernel<C, GATED, MX>;
-  const int smem = KIND ? gg_smem_layout<C, MX, 2 + GW_LAG(C, MX)>::bytes + 1024 /* room to align to 1024 */
-                        : gg_smem_layout<C, MX>::bytes;
+  int smem;
+  if constexpr (KIND == 2 && MX) { /* kind 2 is MXFP8's; BF16 takes kind 1 at the same tile */
+    kernel = moe_grouped_ra_kernel<C, GATED>;
+    smem = gr_layout<C>::bytes + 1024; /* room to align to 1024 */
+  } else if constexpr (KIND) {
+    kernel = moe_grouped_wgmma_kernel<C, GATED, MX>;
+    smem = gg_smem_layout<C, MX, 2 + GW_LAG(C, MX)>::bytes + 1024;
+  } else {
+    kernel = moe_grouped_gemm_kernel<C, GATED, MX>;
+    smem = gg_smem_layout<C, MX>::bytes;
+  }
   cuda_allow_smem(cb, (const void *)kernel, smem, "moe_experts (grouped gemm shared memory)");
   kernel<<<grid, GG_THREADS, smem, cb->stream>>>(ws, E, start, tile_start, n, (const uint16_t *)a, a_exp, act_exp,
                                                  K, N, ex->alpha, ex->beta, ex->limit, out);
@@ -786,10 +1031,14 @@ void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_wei
   const int64_t H = ex->gate[0].cols;
   int act_exp = 0;
   const int mx = ex->gate[0].quant == M3_WQ_MXFP8 && gg_act_exp(ex, &act_exp);
-  if (mx)
-    moe_gather_kernel<1><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
-  else
-    moe_gather_kernel<0><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
+  if (mx) {
+    void (*gather)(const float *, const int32_t *, const int32_t *, int, int, int, int64_t, void *, int32_t *) =
+        gg_dims[tile].kind == 2 ? moe_gather_kernel<1, 1> : moe_gather_kernel<1, 0>;
+    gather<<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
+  } else {
+    moe_gather_kernel<0, 0><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy,
+                                                                               row_exp);
+  }
   cuda_launched(cb, mx ? "moe_experts (gather to f16)" : "moe_experts (gather to bf16)");
   moe_tile_offsets_kernel<<<1, 32, 0, cb->stream>>>(start, E, n, bm, tile_start);
   cuda_launched(cb, "moe_experts (tile offsets)");
