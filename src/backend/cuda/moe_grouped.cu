@@ -152,19 +152,24 @@ __device__ __forceinline__ __half2 gg_block_factor(int s, int smax) {
 /* 16 E4M3 bytes of the B tile (raw, in shared memory) times the block's factor f as f16, into
  * chunks 2 c and 2 c + 1 of row r of the decoded tile at out: E4M3 -> f16 is exact, and so is
  * the product wherever it is a normal f16; NaN bytes stay NaN. */
+/* Four E4M3 bytes w (lowest first) times f as two f16 pairs: out[0] bytes 0 and 1, out[1] bytes 2
+ * and 3 (the pair conversion, exact; the product exact wherever it is a normal f16). */
+__device__ __forceinline__ void gg_e4m3x4_to_f16(uint32_t w, __half2 f, uint32_t out[2]) {
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((w >> (16 * j)) & 0xffff), __NV_E4M3);
+    const __half2 v = __hmul2(__half2(h), f);
+    out[j] = *(const uint32_t *)&v;
+  }
+}
+
 template <int BK>
 __device__ __forceinline__ void gg_decode_mx(const uint8_t *raw, __half2 f, uint8_t *out, int r, int c) {
   const uint4 u = *(const uint4 *)raw;
   const uint32_t p[4] = {u.x, u.y, u.z, u.w};
   uint32_t o[8];
 #pragma unroll
-  for (int i = 0; i < 4; i++)
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((p[i] >> (16 * j)) & 0xffff), __NV_E4M3);
-      const __half2 v = __hmul2(__half2(h), f);
-      o[2 * i + j] = *(const uint32_t *)&v;
-    }
+  for (int i = 0; i < 4; i++) gg_e4m3x4_to_f16(p[i], f, o + 2 * i);
   *(uint4 *)(out + gg_swizzle<BK>(r, 2 * c)) = make_uint4(o[0], o[1], o[2], o[3]);
   *(uint4 *)(out + gg_swizzle<BK>(r, 2 * c + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
 }
@@ -340,16 +345,13 @@ __device__ __forceinline__ const uint8_t *gg_row_scales(const cuda_weight &w0, c
   return sc;
 }
 
-/* This thread's chunks (gg_chunks) of the tile at sorted row m0 (rows valid) and weight row n0
- * of w0 (GATED: B rows BN/2 .. BN - 1 from w1). Rows outside the valid range read zeros from the
- * tile's first row (valid: rows >= 1, n0 < N). MX: scale_next = the scales of K step 0 (127,
- * 1.0, for a row past N, whose bytes are zeros), smax = each row's largest scale, its B_CPR
- * threads (adjacent lanes) taking every B_CPR-th block of the row, and b_exp[row] = smax - 134
- * for the epilogue (published by the main loop's barriers; KT >= 1). */
+/* This thread's copies (gg_chunks, the scales aside) of the tile at sorted row m0 (rows valid)
+ * and weight row n0 of w0 (GATED: B rows BN/2 .. BN - 1 from w1). Rows outside the valid range
+ * read zeros from the tile's first row (valid: rows >= 1, n0 < N). */
 template <class C, int GATED, int MX>
-__device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weight &w1, const uint16_t *a,
-                                         int m0, int rows, int64_t n0, int64_t K, int64_t N, int tid,
-                                         gg_chunks<C, MX> &ch, uint8_t scale_next[], int smax[], int *b_exp) {
+__device__ __forceinline__ void gg_setup_copies(const cuda_weight &w0, const cuda_weight &w1, const uint16_t *a,
+                                                int m0, int rows, int64_t n0, int64_t K, int64_t N, int tid,
+                                                gg_chunks<C, MX> &ch) {
   enum { B_CPR = MX ? C::MX_CPR : C::CPR, B_J = MX ? C::XJ : C::BJ };
   const int ca = tid % C::CPR, cb = tid % B_CPR;
   ch.dst = gg_swizzle<C::BK>(tid / C::CPR, ca);
@@ -369,6 +371,19 @@ __device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weigh
     ch.zero_b |= (uint32_t)(wr >= N) << j;
     ch.src_b[j] = w.data + (size_t)wr_read * (size_t)K * (MX ? 1 : 2) + 16 * cb;
   }
+}
+
+/* gg_setup_copies, and MX: scale_next = the scales of K step 0 of this thread's B chunks (127,
+ * 1.0, for a row past N, whose bytes are zeros), smax = their rows' largest scales
+ * (gg_row_scales), and b_exp[row] = smax - 134 for the epilogue (published by the main loop's
+ * barriers; KT >= 1). */
+template <class C, int GATED, int MX>
+__device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weight &w1, const uint16_t *a,
+                                         int m0, int rows, int64_t n0, int64_t K, int64_t N, int tid,
+                                         gg_chunks<C, MX> &ch, uint8_t scale_next[], int smax[], int *b_exp) {
+  enum { B_CPR = MX ? C::MX_CPR : C::CPR };
+  gg_setup_copies<C, GATED, MX>(w0, w1, a, m0, rows, n0, K, N, tid, ch);
+  const int cb = tid % B_CPR;
 #pragma unroll
   for (int j = 0; j < (MX ? C::XJ : 1); j++) {
     scale_next[j] = 127;
@@ -591,11 +606,12 @@ __device__ __forceinline__ void gw_hold(float d[ND]) {
 
 /* wgmma's operand lists: ND accumulators, then the descriptors a and b; the scale of d (1: add
  * to d) is operand ND + 2, made a predicate. */
-#define GW_REGS64 \
+#define GW_ACC64 \
 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
-  "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65"
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define GW_REGS64 GW_ACC64 ", %64, %65"
 #define GW_REGS128 \
 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
@@ -631,10 +647,7 @@ __device__ __forceinline__ void gw_mma(float d[BN / 2], uint64_t da, uint64_t db
  * warp's 16 rows, f16 pairs in registers) B (128 x 16 at descriptor db)^T, float32 sums. */
 __device__ __forceinline__ void gw_mma_ra(float d[64], const uint32_t a[4], uint64_t db) {
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
-               "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-               "%56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
+               GW_ACC64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
                : GW_D64
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
@@ -644,6 +657,7 @@ __device__ __forceinline__ void gw_mma_ra(float d[64], const uint32_t a[4], uint
 #undef GW_D8
 #undef GW_REGS128
 #undef GW_REGS64
+#undef GW_ACC64
 
 /* moe_grouped_gemm_kernel's contract, on wgmma: tiles of C with BM 128, BK 64 (C::WM, WN and
  * the fragment counts unused). Both warpgroups read the whole B tile; GATED, B rows 0 .. BN/2 - 1
@@ -761,23 +775,21 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
   static_assert(C::BM == 128 && C::BN == 256 && BK == 64 && S >= 3,
                 "two warpgroups of 2 x 64 weight rows, 128 tokens, 64-column steps");
   extern __shared__ __align__(128) uint8_t gg_smem[];
-  __shared__ int b_exp[C::BN];
   int e, m0, rows;
   if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
   const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
   const int tid = threadIdx.x, wg = tid >> 7, wi = (tid >> 5) & 3, g = (tid & 31) >> 2, q = tid & 3;
   const cuda_weight &w0 = ws[e], &w1 = GATED ? ws[E + e] : ws[e];
   gg_chunks<C, 1> ch;
-  uint8_t copy_next[C::XJ];
-  int copy_smax[C::XJ];
-  gg_setup<C, GATED, 1>(w0, w1, a, m0, rows, n0, K, N, tid, ch, copy_next, copy_smax, b_exp);
+  gg_setup_copies<C, GATED, 1>(w0, w1, a, m0, rows, n0, K, N, tid, ch);
   const uint32_t raw_base = (uint32_t)__cvta_generic_to_shared(gg_smem), align = (1024u - (raw_base & 1023u)) & 1023u;
   const uint32_t smem = raw_base + align;
   uint8_t *smem_p = gg_smem + align;
   const int KT = (int)(K / BK);
 
   /* this thread's weight rows in the B tile: j = 2 m + h, m the warpgroup's 64-row block, h the
-   * fragment's row g or g + 8; their scales at chunk q's block, and their largest */
+   * fragment's row g or g + 8; their scales at chunk q's block, and their largest (the epilogue's
+   * powers of two too: a thread's outputs are its own rows') */
   int rb[4], smax[4];
   const uint8_t *sc[4];
   uint8_t s_next[4];
@@ -804,14 +816,12 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
     for (int j = 0; j < 4; j++) {
       const uint32_t word[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
 #pragma unroll
-      for (int st = 0; st < 4; st++)
-#pragma unroll
-        for (int hi = 0; hi < 2; hi++) {
-          const __half2_raw hr =
-              __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((word[st] >> (16 * hi)) & 0xffff), __NV_E4M3);
-          const __half2 v = __hmul2(__half2(hr), fac[j]);
-          f[j >> 1][st][2 * hi + (j & 1)] = *(const uint32_t *)&v;
-        }
+      for (int st = 0; st < 4; st++) { /* bytes 0, 1: columns 2q, 2q + 1 (a0 / a1); 2, 3: 2q + 8, 2q + 9 (a2 / a3) */
+        uint32_t pair[2];
+        gg_e4m3x4_to_f16(word[st], fac[j], pair);
+        f[j >> 1][st][j & 1] = pair[0];
+        f[j >> 1][st][2 + (j & 1)] = pair[1];
+      }
     }
   };
 
@@ -872,7 +882,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
       const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
-      const int bg = b_exp[rb[hh]], bu = b_exp[rb[2 + hh]];
+      const int bg = smax[hh] - GG_MX_UNSCALE, bu = smax[2 + hh] - GG_MX_UNSCALE;
 #pragma unroll
       for (int i = 0; i < 16; i++)
 #pragma unroll
@@ -900,7 +910,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
     for (int m = 0; m < 2; m++)
 #pragma unroll
       for (int hh = 0; hh < 2; hh++) {
-        const int c = 128 * wg + 64 * m + 16 * wi + g + 8 * hh, be = b_exp[rb[2 * m + hh]] - act_exp;
+        const int c = 128 * wg + 64 * m + 16 * wi + g + 8 * hh, be = smax[2 * m + hh] - GG_MX_UNSCALE - act_exp;
 #pragma unroll
         for (int i = 0; i < 16; i++)
 #pragma unroll
