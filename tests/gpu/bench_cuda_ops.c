@@ -17,7 +17,8 @@
  *   - MSA decode per layer at 2K, 32K and 128K context, batch 1 and 16 sequences of their own
  *     caches (index scan + top-k, then attention over the 16 selected blocks, per sequence): the
  *     bytes a step must read against the copy bandwidth, the ratio to 2K, and dense attention;
- *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes);
+ *     at 32K and 128K also on an fp8 cache (E4M3 rows and their scales: about a fourth the bytes)
+ *     (M3_BENCH_MSA_DECODE=1: only 2K and 32K on the float32 cache);
  *   - attention over an 8192-token prompt, dense causal and over 16 MSA blocks, and the MSA
  *     selection of that prompt: TFLOP/s (M3_BENCH_PREFILL_ATTENTION=1: these rows only);
  *   - the routed experts of one full-width MoE layer at decode sizes and at 2048 and 8192 tokens,
@@ -1153,6 +1154,16 @@ int main(int argc, char **argv) {
     gpu->ops->destroy(gpu);
     if (table != stdout) fclose(table);
     return ok ? 0 : 1;
+  }
+  /* M3_BENCH_MSA_DECODE set: the MSA decode rows at 2K and 32K alone (a quick look at the decode
+   * selection and attention kernels). */
+  if (getenv("M3_BENCH_MSA_DECODE")) {
+    double base_us[2], layer_us[2];
+    bench_msa(2048, M3_KV_F32, copy_gbs, table, base_us, NULL);
+    bench_msa(32768, M3_KV_F32, copy_gbs, table, layer_us, base_us);
+    gpu->ops->destroy(gpu);
+    if (table != stdout) fclose(table);
+    return 0;
   }
   /* M3_BENCH_PREFILL_ATTENTION set: the prefill attention and MSA selection rows alone. */
   if (getenv("M3_BENCH_PREFILL_ATTENTION")) {

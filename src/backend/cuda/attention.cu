@@ -126,57 +126,76 @@ typedef struct {
   const float *kbs, *vbs;
 } att_args;
 
+/* Ints of a tile's key-list workspace in shared memory (att_tile_list): for a sparse tile of
+ * `entries` selection entries, four arrays of them (the lists as read, each entry's valid block
+ * or -1, the distinct blocks, their token masks), then a bit per block of the table and the
+ * running count of those bits before each word of them; none for a dense tile. */
+static size_t att_list_ints(int entries, int num_blocks) {
+  return entries > 0 ? 4 * (size_t)entries + 2 * (((size_t)num_blocks + 31) / 32) : 0;
+}
+
 /* Dynamic shared memory of one tile, in bytes: Q [rows, hd], K [KT, hd + 4] (rows padded so that
  * lanes reading different keys hit different banks), V [KT, hd], P [warps, rpw, KT], then for
- * sparse tiles four int arrays of tt * topk entries. */
-static size_t att_smem_bytes(int rows, int hd, int entries) {
+ * sparse tiles the key-list workspace of tt * topk entries (att_list_ints). */
+static size_t att_smem_bytes(int rows, int hd, int entries, int num_blocks) {
   const int rpw = (rows + ATT_WARPS - 1) / ATT_WARPS;
   return ((size_t)rows * hd + (size_t)ATT_KT * (hd + 4) + (size_t)ATT_KT * hd +
-          (size_t)ATT_WARPS * rpw * ATT_KT) * sizeof(float) + (size_t)entries * 4 * sizeof(int);
+          (size_t)ATT_WARPS * rpw * ATT_KT) * sizeof(float) + att_list_ints(entries, num_blocks) * sizeof(int);
 }
 
 /* Builds the sparse tile's key list: the distinct blocks selected by any of its `ntok` tokens (in
- * ascending order) with the mask of tokens that selected each. An entry counts when it precedes
- * the first negative id of its list, is in the table and holds a key j <= pos of its token.
- * Returns the list length. All threads call it. The lists are read into shared memory (ublk,
- * before it holds the result) with one load per entry, so that the scan for a list's first
- * negative id does not chain global loads. */
-__device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *blk, int *rep,
-                         int *ublk, uint32_t *umask) {
+ * ascending order) into ents + 2 ne_max, with the mask of tokens that selected each into
+ * ents + 3 ne_max. An entry counts when it precedes the first negative id of its list, is in the
+ * table and holds a key j <= pos of its token. Returns the list length. All threads call it. The
+ * lists are read into shared memory with one load per entry, so that the scan for a list's first
+ * negative id does not chain global loads. Each valid entry sets its block's bit in a bitmap of
+ * the table; a block's place in the list is then the count of bits below it (a prefix count per
+ * 32-bit word, then a popcount within the word), so every step is a pass over the entries or the
+ * words, where comparing every entry with every other (8 tokens x 16: 128 x 128) took a sixth of
+ * the prefill attention's time (Nsight Compute, bench/RESULTS.md). */
+__device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *ents, int ne_max) {
   __shared__ int count;
-  const int topk = a.topk, ne = ntok * topk, bs = a.kv.block_size;
-  if (threadIdx.x == 0) count = 0;
-  for (int e = threadIdx.x; e < ne; e += blockDim.x)
-    ublk[e] = a.sel[((size_t)(t0 + e / topk) * a.kv.nkv + kvh) * topk + e % topk];
+  const int topk = a.topk, ne = ntok * topk, bs = a.kv.block_size, nw = (a.kv.num_blocks + 31) >> 5;
+  int *lists = ents, *blk = ents + ne_max, *ublk = ents + 2 * ne_max;
+  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max), *words = (uint32_t *)(ents + 4 * ne_max), *before = words + nw;
+  for (int e = threadIdx.x; e < ne; e += blockDim.x) {
+    lists[e] = a.sel[((size_t)(t0 + e / topk) * a.kv.nkv + kvh) * topk + e % topk];
+    umask[e] = 0u;
+  }
+  for (int w = threadIdx.x; w < nw; w += blockDim.x) words[w] = 0u;
   __syncthreads();
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
     const int tt = e / topk, i = e % topk;
-    const int *list = ublk + tt * topk;
+    const int *list = lists + tt * topk;
     const int32_t p = a.pos[t0 + tt];
     int32_t b = list[i];
     for (int j = 0; j < i && b >= 0; j++)
       if (list[j] < 0) b = -1;
     if (b >= 0 && (p < 0 || b >= a.kv.num_blocks || (int64_t)b * bs > p)) b = -1;
     blk[e] = b;
+    if (b >= 0) atomicOr(&words[b >> 5], 1u << (b & 31));
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < ne; e += blockDim.x) { /* the first entry of each block represents it */
-    int first = blk[e] >= 0;
-    for (int f = 0; f < e && first; f++) first = blk[f] != blk[e];
-    rep[e] = first;
+  if (threadIdx.x < 32) { /* before[w] = bits in words [0, w): a lane a run of words, then a scan */
+    const int lane = threadIdx.x, per = (nw + 31) >> 5, w0 = lane * per, w1 = min(w0 + per, nw);
+    int run = 0;
+    for (int w = w0; w < w1; w++) run += __popc(words[w]);
+    int incl = run;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int at = incl - run;
+    for (int w = w0; w < w1; w++) before[w] = at, at += __popc(words[w]);
+    if (lane == 31) count = incl;
   }
   __syncthreads();
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
-    if (!rep[e]) continue;
-    int rank = 0;
-    uint32_t mask = 0;
-    for (int f = 0; f < ne; f++) {
-      rank += rep[f] && blk[f] < blk[e];
-      if (blk[f] == blk[e]) mask |= 1u << (f / topk);
-    }
-    ublk[rank] = blk[e];
-    umask[rank] = mask;
-    atomicAdd(&count, 1);
+    const int b = blk[e];
+    if (b < 0) continue;
+    const int rank = (int)before[b >> 5] + __popc(words[b >> 5] & ((1u << (b & 31)) - 1u));
+    ublk[rank] = b; /* the same value from every entry of the block */
+    atomicOr(&umask[rank], 1u << (e / topk));
   }
   __syncthreads();
   return count;
@@ -195,21 +214,30 @@ __device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *
   }
   __syncthreads();
   *mp = maxpos;
-  if (a.sel)
-    return att_union(a, t0, ntok, kvh, ents, ents + ne_max, ents + 2 * ne_max,
-                     (uint32_t *)(ents + 3 * ne_max));
+  if (a.sel) return att_union(a, t0, ntok, kvh, ents, ne_max);
   const int bs = a.kv.block_size;
   return *mp < 0 ? 0 : (*mp / bs + 1 < a.kv.num_blocks ? *mp / bs + 1 : a.kv.num_blocks);
 }
 
-/* Key tile u of a tile's list (kt keys, upb = ceil(block_size / kt) of them per block): its block
- * *b, first key *j0 within the block, and the count of its keys up to the tile's latest position
- * mp (<= 0: none). */
-__device__ __forceinline__ int att_unit_keys(const att_args &a, int u, const int *ublk, int32_t mp, int kt, int upb,
+/* A key tile of a tile's list: list entry li, key tile sub (of upb = ceil(block_size / kt)) of its
+ * block. The loops step it one key tile at a time (att_next), with no division per tile. */
+typedef struct {
+  int li, sub;
+} att_cursor;
+
+__device__ __forceinline__ att_cursor att_cursor_at(int u, int upb) { return {u / upb, u % upb}; }
+
+__device__ __forceinline__ void att_next(att_cursor &c, int upb) {
+  if (++c.sub == upb) c.sub = 0, c.li++;
+}
+
+/* Key tile c of a tile's list (kt keys): its block *b, first key *j0 within the block, and the
+ * count of its keys up to the tile's latest position mp (<= 0: none). */
+__device__ __forceinline__ int att_unit_keys(const att_args &a, att_cursor c, const int *ublk, int32_t mp, int kt,
                                              int *b, int *j0) {
   const int bs = a.kv.block_size;
-  *j0 = (u % upb) * kt;
-  *b = a.sel ? ublk[u / upb] : u / upb;
+  *j0 = c.sub * kt;
+  *b = a.sel ? ublk[c.li] : c.li;
   const int nk = bs - *j0 < kt ? bs - *j0 : kt, seen = mp - (*b * bs + *j0) + 1;
   return seen < nk ? seen : nk;
 }
@@ -373,18 +401,21 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
   constexpr bool PIPE = RPW <= 2 && CPL == 1;
   float4 kreg[PIPE ? STAGE : 1], vreg[PIPE ? STAGE : 1];
   int fetched = -1; /* PIPE: the key tile whose chunks kreg, vreg hold */
-  for (int u = u0; u < u1; u++) {
+  att_cursor cur = att_cursor_at(u0, a.upb);
+  for (int u = u0; u < u1; u++, att_next(cur, a.upb)) {
     int b, j0;
-    const int nk = att_unit_keys(a, u, ublk, mp, ATT_KT, a.upb, &b, &j0);
+    const int nk = att_unit_keys(a, cur, ublk, mp, ATT_KT, &b, &j0);
     if (nk <= 0) continue; /* the same for every thread */
-    const uint32_t bmask = a.sel ? umask[u / a.upb] : 0xffffffffu;
+    const uint32_t bmask = a.sel ? umask[cur.li] : 0xffffffffu;
     const int kpos0 = b * bs + j0;
     if constexpr (PIPE) {
       if (fetched != u) att_fetch_round<FP8, STAGE>(a, a.kv.block_table[b], kvh, j0, nk, tid, kreg, vreg);
       __syncthreads(); /* every warp is done with the previous tile */
       att_put_round<FP8, STAGE>(ks, vs, hd, nk, tid, kreg, vreg);
       int b2, j2;
-      const int nk2 = u + 1 < u1 ? att_unit_keys(a, u + 1, ublk, mp, ATT_KT, a.upb, &b2, &j2) : 0;
+      att_cursor next = cur;
+      att_next(next, a.upb);
+      const int nk2 = u + 1 < u1 ? att_unit_keys(a, next, ublk, mp, ATT_KT, &b2, &j2) : 0;
       if (nk2 > 0) {
         att_fetch_round<FP8, STAGE>(a, a.kv.block_table[b2], kvh, j2, nk2, tid, kreg, vreg);
         fetched = u + 1;
@@ -620,13 +651,13 @@ static int att_tc_rows_per_block(int bs) { return (bs + ATT_TC_KT - 1) / ATT_TC_
 
 /* Dynamic shared memory of a tensor-core tile, in bytes: Q [128, hd + 8] in BF16, the ring (per
  * stage K and V [64, hd] in BF16, then K's and V's row scales [64] as float32), then the sparse
- * tile's four int arrays of tt * topk entries (as att_union takes them). */
+ * tile's key-list workspace of tt * topk entries (att_list_ints). */
 static size_t att_tc_stage_bytes(int hd) {
   return 2 * (size_t)ATT_TC_KT * hd * sizeof(__nv_bfloat16) + 2 * (size_t)ATT_TC_KT * sizeof(float);
 }
-static size_t att_tc_smem_bytes(int hd, int entries) {
+static size_t att_tc_smem_bytes(int hd, int entries, int num_blocks) {
   return (size_t)ATT_TC_ROWS * (hd + ATT_TC_PAD) * sizeof(__nv_bfloat16) + ATT_TC_STAGES * att_tc_stage_bytes(hd) +
-         (size_t)entries * 4 * sizeof(int);
+         att_list_ints(entries, num_blocks) * sizeof(int);
 }
 
 /* Two floats as a BF16 pair, lo in the low half (the lower column of a fragment). */
@@ -753,12 +784,13 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
   const int upb = rpb / ATT_TC_KT;
   const int units = att_units(a, nlist, ublk, mp, ATT_TC_KT, upb);
 
+  att_cursor cur = {0, 0};
   if (warp == ATT_TC_WARPS) { /* the copying warp: key tile u into stage u % STAGES, once free */
     if (lane == 0)
-      for (int u = 0; u < units; u++) {
+      for (int u = 0; u < units; u++, att_next(cur, upb)) {
         const int st = u % ATT_TC_STAGES;
         int b, j0;
-        att_unit_keys(a, u, ublk, mp, ATT_TC_KT, upb, &b, &j0);
+        att_unit_keys(a, cur, ublk, mp, ATT_TC_KT, &b, &j0);
         mbar_wait(&empty[st], ((u / ATT_TC_STAGES) & 1) ^ 1); /* the first use passes */
         uint8_t *dst = ring + (size_t)st * STAGE_BYTES;
         const size_t row0 = ((size_t)b * nkv + kvh) * rpb + j0;
@@ -802,11 +834,11 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
    * 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step; the key's row & 7 is lane & 7. */
   const int vkey = 8 * ((lane >> 3) & 1) + (lane & 7), vchunk = lane >> 4;
 
-  for (int u = 0; u < units; u++) {
+  for (int u = 0; u < units; u++, att_next(cur, upb)) {
     const int st = u % ATT_TC_STAGES;
     int b, j0;
-    const int nk = att_unit_keys(a, u, ublk, mp, ATT_TC_KT, upb, &b, &j0);
-    const uint32_t bmask = a.sel ? umask[u / upb] : 0xffffffffu;
+    const int nk = att_unit_keys(a, cur, ublk, mp, ATT_TC_KT, &b, &j0);
+    const uint32_t bmask = a.sel ? umask[cur.li] : 0xffffffffu;
     const int kpos0 = b * bs + j0;
     /* Every warp waits for the tile, even one that skips it: its release of the stage must not
      * count toward the stage's previous use. */
@@ -974,7 +1006,7 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
     a.rows = tc_tt * a.group;
     a.nsplit = 1;
     a.part = NULL;
-    const size_t tc_smem = att_tc_smem_bytes(hd, sel ? tc_tt * topk : 0);
+    const size_t tc_smem = att_tc_smem_bytes(hd, sel ? tc_tt * topk : 0, kv->num_blocks);
     if (hd == 64) fp8 ? att_tc_launch<64, true>(cb, a, tc_smem) : att_tc_launch<64, false>(cb, a, tc_smem);
     else fp8 ? att_tc_launch<128, true>(cb, a, tc_smem) : att_tc_launch<128, false>(cb, a, tc_smem);
     return;
@@ -990,7 +1022,7 @@ void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv
   const int ntiles = (T + tt - 1) / tt;
   const int list_max = sel ? (tt * topk < kv->num_blocks ? tt * topk : kv->num_blocks) : kv->num_blocks;
   const int max_units = list_max * a.upb;
-  const size_t smem = att_smem_bytes(a.rows, hd, sel ? tt * topk : 0);
+  const size_t smem = att_smem_bytes(a.rows, hd, sel ? tt * topk : 0, kv->num_blocks);
   if (fp8) att_launch_hd<true>(cb, a, ntiles, max_units, smem);
   else att_launch_hd<false>(cb, a, ntiles, max_units, smem);
 }
