@@ -750,35 +750,13 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
   const int tile = ntiles - 1 - (int)(blockIdx.x / nkv), kvh = blockIdx.x % nkv;
   const int t0 = tile * a.tt, ntok = a.T - t0 < a.tt ? a.T - t0 : a.tt;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c2 = 2 * (lane & 3);
-  const int nwarps = ATT_TC_WARPS + 1;
 
   if (tid == 0) {
     for (int s = 0; s < ATT_TC_STAGES; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], ATT_TC_WARPS);
     mbar_init_fence();
   }
-  if constexpr (FP8) { /* a warp a row, rotated as the keys are (backend.h attention) */
-    for (int r = warp; r < ATT_TC_ROWS; r += nwarps) {
-      const int tt = r / group, hh = r % group;
-      const bool live = r < R && tt < ntok; /* rows past R or T are zero */
-      const float *src = live ? a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD : a.q;
-      float v[KV8_SLAB_NJ];
-#pragma unroll
-      for (int j = 0; j < KV8_SLAB_NJ; j++) v[j] = live && 32 * j < HD ? src[lane + 32 * j] : 0.0f;
-      kv8_rotate_query(v, HD, lane);
-#pragma unroll
-      for (int j = 0; j < HD / 32; j++) qs[(size_t)r * LD + lane + 32 * j] = __float2bfloat16_rn(v[j]);
-    }
-  } else {
-    for (int i = tid; i < ATT_TC_ROWS * (HD / 4); i += blockDim.x) { /* rows past R or T are zero */
-      const int r = i / (HD / 4), c = i % (HD / 4), tt = r / group, hh = r % group;
-      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (r < R && tt < ntok)
-        v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
-      store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
-    }
-  }
   int32_t mp;
-  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp); /* its barriers publish Q and the barriers' init */
+  const int nlist = att_tile_list(a, t0, ntok, kvh, ents, ne_max, &mp); /* its barriers publish the barriers' init */
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
   const int upb = rpb / ATT_TC_KT;
@@ -805,6 +783,31 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
       }
     return;
   }
+
+  /* Q [128, hd] in BF16 by the multiplying warps while the copying warp starts on the first key
+   * tiles; a named barrier of those warps publishes it. */
+  if constexpr (FP8) { /* a warp a row, rotated as the keys are (backend.h attention) */
+    for (int r = warp; r < ATT_TC_ROWS; r += ATT_TC_WARPS) {
+      const int tt = r / group, hh = r % group;
+      const bool live = r < R && tt < ntok; /* rows past R or T are zero */
+      const float *src = live ? a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD : a.q;
+      float v[KV8_SLAB_NJ];
+#pragma unroll
+      for (int j = 0; j < KV8_SLAB_NJ; j++) v[j] = live && 32 * j < HD ? src[lane + 32 * j] : 0.0f;
+      kv8_rotate_query(v, HD, lane);
+#pragma unroll
+      for (int j = 0; j < HD / 32; j++) qs[(size_t)r * LD + lane + 32 * j] = __float2bfloat16_rn(v[j]);
+    }
+  } else {
+    for (int i = tid; i < ATT_TC_ROWS * (HD / 4); i += 32 * ATT_TC_WARPS) { /* rows past R or T are zero */
+      const int r = i / (HD / 4), c = i % (HD / 4), tt = r / group, hh = r % group;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < R && tt < ntok)
+        v = ((const float4 *)(a.q + ((size_t)(t0 + tt) * a.nh + (size_t)kvh * group + hh) * HD))[c];
+      store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
+    }
+  }
+  asm volatile("bar.sync 1, %0;" ::"n"(32 * ATT_TC_WARPS) : "memory");
 
   /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
    * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass
