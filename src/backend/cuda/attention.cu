@@ -127,11 +127,12 @@ typedef struct {
 } att_args;
 
 /* Ints of a tile's key-list workspace in shared memory (att_tile_list): for a sparse tile of
- * `entries` selection entries, four arrays of them (the lists as read, each entry's valid block
- * or -1, the distinct blocks, their token masks), then a bit per block of the table and the
- * running count of those bits before each word of them; none for a dense tile. */
+ * `entries` selection entries, six arrays of them (the lists as read, then each list's first
+ * place; each entry's valid block or -1; the list and its token masks; the same by block id), a
+ * bit per block of the table and the running count of those bits before each word, and a bit per
+ * place; none for a dense tile. */
 static size_t att_list_ints(int entries, int num_blocks) {
-  return entries > 0 ? 4 * (size_t)entries + 2 * (((size_t)num_blocks + 31) / 32) : 0;
+  return entries > 0 ? 6 * (size_t)entries + 2 * (((size_t)num_blocks + 31) / 32) + ((size_t)entries + 32) / 32 : 0;
 }
 
 /* Dynamic shared memory of one tile, in bytes: Q [rows, hd], K [KT, hd + 4] (rows padded so that
@@ -143,26 +144,37 @@ static size_t att_smem_bytes(int rows, int hd, int entries, int num_blocks) {
           (size_t)ATT_WARPS * rpw * ATT_KT) * sizeof(float) + att_list_ints(entries, num_blocks) * sizeof(int);
 }
 
-/* Builds the sparse tile's key list: the distinct blocks selected by any of its `ntok` tokens (in
- * ascending order) into ents + 2 ne_max, with the mask of tokens that selected each into
- * ents + 3 ne_max. An entry counts when it precedes the first negative id of its list, is in the
- * table and holds a key j <= pos of its token. Returns the list length. All threads call it. The
- * lists are read into shared memory with one load per entry, so that the scan for a list's first
- * negative id does not chain global loads. Each valid entry sets its block's bit in a bitmap of
- * the table; a block's place in the list is then the count of bits below it (a prefix count per
- * 32-bit word, then a popcount within the word), so every step is a pass over the entries or the
- * words, where comparing every entry with every other (8 tokens x 16: 128 x 128) took a sixth of
- * the prefill attention's time (Nsight Compute, bench/RESULTS.md). */
-__device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *ents, int ne_max) {
+/* Builds the sparse tile's key list: the distinct blocks selected by any of its `ntok` tokens
+ * into ents + 2 ne_max, with the mask of tokens that selected each into ents + 3 ne_max. An entry
+ * counts when it precedes the first negative id of its list, is in the table and holds a key
+ * j <= pos of its token; mp is the tile's latest position. Returns the list length. All threads
+ * call it. The lists are read into shared memory with one load per entry, so that the scan for
+ * a list's first negative id does not chain global loads.
+ * Order: the tokens' lists taken in turns (the first block of each token, then the second of
+ * each, ...), each block where it first comes, and the block holding mp last (att_units counts
+ * its key tiles up to mp). The tensor-core kernel's warps each multiply one token's blocks from
+ * a ring of key tiles that every warp must pass: in ascending order, a token's run of blocks
+ * held the others waiting (Nsight Compute: a quarter of the warps' time at the ring's barrier);
+ * in turns, the tiles in the ring belong to different warps. The work is passes over entries,
+ * blocks' bits and places, with no entry compared to every other: each valid entry sets its
+ * block's bit in a bitmap of the table, so that a block's rank by id is the count of bits below
+ * it; the block's place is the least turn of its entries (atomicMin), and its position the count
+ * of smaller places, again bits. */
+__device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int32_t mp, int *ents, int ne_max) {
   __shared__ int count;
   const int topk = a.topk, ne = ntok * topk, bs = a.kv.block_size, nw = (a.kv.num_blocks + 31) >> 5;
-  int *lists = ents, *blk = ents + ne_max, *ublk = ents + 2 * ne_max;
-  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max), *words = (uint32_t *)(ents + 4 * ne_max), *before = words + nw;
+  const int last_block = mp >= 0 ? mp / bs : -1;
+  int *lists = ents, *blk = ents + ne_max, *ublk = ents + 2 * ne_max, *by_id = ents + 4 * ne_max;
+  int *place = lists; /* once the lists are read */
+  uint32_t *umask = (uint32_t *)(ents + 3 * ne_max), *mask_by_id = (uint32_t *)(ents + 5 * ne_max);
+  uint32_t *words = (uint32_t *)(ents + 6 * ne_max), *before = words + nw, *places = before + nw;
+  const int pw = (ne_max + 32) >> 5; /* words of places 0..ne_max */
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
     lists[e] = a.sel[((size_t)(t0 + e / topk) * a.kv.nkv + kvh) * topk + e % topk];
-    umask[e] = 0u;
+    mask_by_id[e] = 0u;
   }
   for (int w = threadIdx.x; w < nw; w += blockDim.x) words[w] = 0u;
+  for (int w = threadIdx.x; w < pw; w += blockDim.x) places[w] = 0u;
   __syncthreads();
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
     const int tt = e / topk, i = e % topk;
@@ -189,13 +201,25 @@ __device__ int att_union(const att_args &a, int t0, int ntok, int kvh, int *ents
     for (int w = w0; w < w1; w++) before[w] = at, at += __popc(words[w]);
     if (lane == 31) count = incl;
   }
+  for (int e = threadIdx.x; e < ne; e += blockDim.x) place[e] = ne_max + 1;
   __syncthreads();
   for (int e = threadIdx.x; e < ne; e += blockDim.x) {
     const int b = blk[e];
     if (b < 0) continue;
-    const int rank = (int)before[b >> 5] + __popc(words[b >> 5] & ((1u << (b & 31)) - 1u));
-    ublk[rank] = b; /* the same value from every entry of the block */
-    atomicOr(&umask[rank], 1u << (e / topk));
+    const int r = (int)before[b >> 5] + __popc(words[b >> 5] & ((1u << (b & 31)) - 1u));
+    by_id[r] = b; /* the same value from every entry of the block */
+    atomicOr(&mask_by_id[r], 1u << (e / topk));
+    atomicMin(&place[r], b == last_block ? ne_max : (e % topk) * ntok + e / topk);
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < count; r += blockDim.x) atomicOr(&places[place[r] >> 5], 1u << (place[r] & 31));
+  __syncthreads();
+  for (int r = threadIdx.x; r < count; r += blockDim.x) {
+    const int pl = place[r];
+    int at = __popc(places[pl >> 5] & ((1u << (pl & 31)) - 1u));
+    for (int w = 0; w < (pl >> 5); w++) at += __popc(places[w]);
+    ublk[at] = by_id[r];
+    umask[at] = mask_by_id[r];
   }
   __syncthreads();
   return count;
@@ -214,7 +238,7 @@ __device__ int att_tile_list(const att_args &a, int t0, int ntok, int kvh, int *
   }
   __syncthreads();
   *mp = maxpos;
-  if (a.sel) return att_union(a, t0, ntok, kvh, ents, ne_max);
+  if (a.sel) return att_union(a, t0, ntok, kvh, *mp, ents, ne_max);
   const int bs = a.kv.block_size;
   return *mp < 0 ? 0 : (*mp / bs + 1 < a.kv.num_blocks ? *mp / bs + 1 : a.kv.num_blocks);
 }
