@@ -655,11 +655,15 @@ static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_uni
  * warps multiply without waiting for each other: a sparse tile's list is the union of its
  * tokens' blocks (with unrelated selections, up to 8 x 16 blocks), and each warp multiplies only
  * the blocks its token chose, so a warp with nothing to do in a key tile moves on to the next
- * one that has landed rather than idling at a barrier of the whole block. Such a tile is bound by
- * moving its union through L2 (H200, 8192 tokens of random selections: 10.7 GB at 2.4 TB/s);
- * this ring moves it 1.26 times as fast as float32 converted in the loop, 1.04 times as fast as
- * a two-stage cp.async ring with block barriers, which kept two blocks an SM and with them the
- * dense tiles' rate (197 TFLOP/s there, 176 here; bench/RESULTS.md, nineteenth session). */
+ * one that has landed rather than idling at a barrier of the whole block; the list is taken in
+ * turns over the tokens (att_union) so that the tiles in the ring belong to different warps.
+ * This ring moved the union 1.26 times as fast as float32 converted in the loop, 1.04 times as
+ * fast as a two-stage cp.async ring with block barriers, which kept two blocks an SM and with
+ * them the dense tiles' rate (bench/RESULTS.md, nineteenth session). What holds it now (Nsight
+ * Compute, H200, 8192 tokens of random selections, twenty-first session): about half the warps'
+ * time in the products at 2 warps a scheduler and, before the list was taken in turns, a quarter
+ * at the ring's full barrier, where a warp whose token owned several tiles in a row held the
+ * others; not L2 (38% of its peak). */
 enum {
   ATT_TC_MIN_T = 128,    /* fewer tokens keep the fp32 kernel (decode, verify, small fixtures) */
   ATT_TC_WARPS = 8,      /* warps that multiply; one more copies */
