@@ -754,6 +754,28 @@ __global__ void __launch_bounds__(256) att_stage_kernel(att_args a, int rpb) {
     }
 }
 
+/* Row g + 8 h of a warp's scores S [16, 64] in place: this lane's columns 8 nt + c2 + e (an fp8
+ * cache: times their keys' scales) times scale_log2, or, where MASKED, -inf for a key the row may
+ * not see (its token did not select the block, the key is past the tile's nk or past the row's
+ * position prow). Returns the largest of them. */
+template <bool FP8, bool MASKED, int NT>
+__device__ __forceinline__ float att_tc_scale_row(float (&s)[NT][4], int h, const float *ksc, int c2, bool row_sees,
+                                                  int nk, int kpos0, int32_t prow, float scale_log2) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int col = 8 * nt + c2 + e;
+      float raw = s[nt][2 * h + e];
+      if constexpr (FP8) raw *= ksc[col];
+      const float sc = !MASKED || (row_sees && col < nk && kpos0 + col <= prow) ? raw * scale_log2 : -INFINITY;
+      s[nt][2 * h + e] = sc;
+      mx = fmaxf(mx, sc);
+    }
+  return mx;
+}
+
 template <int HD, bool FP8>
 __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kernel(att_args a, int rpb) {
   constexpr int LD = HD + ATT_TC_PAD; /* Q's row stride in BF16: 4 mod 32 words, so the 8 rows x 4
@@ -898,24 +920,16 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
             dev_mma16816<0>(s[nt], qa, *(const uint32_t *)kr, *(const uint32_t *)(ks + att_swz(8 * nt + g, k0 + 8 + c2, HD)));
           }
       }
+      /* Every row of the warp sees every key of a whole tile (most tiles): no masks to apply. */
+      const bool whole = __all_sync(0xffffffffu, nk == ATT_TC_KT && (bmask & rbit[0]) && (bmask & rbit[1]) &&
+                                                     kpos0 + ATT_TC_KT - 1 <= min(prow[0], prow[1]));
       /* Online softmax of rows g (h = 0) and g + 8 (h = 1); a row's 4 lanes reduce by shuffles. */
       float mnew[2], corr[2];
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const bool row_sees = (bmask & rbit[h]) != 0;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            const int col = 8 * nt + c2 + e;
-            const bool ok = row_sees && col < nk && kpos0 + col <= prow[h];
-            float raw = s[nt][2 * h + e];
-            if constexpr (FP8) raw *= ksc[col];
-            const float sc = ok ? raw * scale_log2 : -INFINITY;
-            s[nt][2 * h + e] = sc;
-            mx = fmaxf(mx, sc);
-          }
+        float mx = whole ? att_tc_scale_row<FP8, false, NT>(s, h, ksc, c2, row_sees, nk, kpos0, prow[h], scale_log2)
+                         : att_tc_scale_row<FP8, true, NT>(s, h, ksc, c2, row_sees, nk, kpos0, prow[h], scale_log2);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         mnew[h] = fmaxf(m[h], mx);
