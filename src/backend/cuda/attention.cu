@@ -857,7 +857,7 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
       store_bf16x4(qs + (size_t)r * LD + 4 * c, v);
     }
   }
-  asm volatile("bar.sync 1, %0;" ::"n"(32 * ATT_TC_WARPS) : "memory");
+  dev_bar_sync_first<32 * ATT_TC_WARPS>();
 
   /* This lane's rows 16 warp + g and 16 warp + g + 8: position (-1: inactive) and the bit of
    * the row's token in a block's token mask (0 when inactive; dense tiles, whose tokens may pass

@@ -267,6 +267,13 @@ __device__ __forceinline__ void mbar_expect_bytes(uint64_t *bar, uint32_t bytes)
                : "memory");
 }
 
+/* Named barrier 1 of the first THREADS threads of the block (a multiple of 32): the warps that
+ * share work behind a producer warp meet there without it. */
+template <int THREADS>
+__device__ __forceinline__ void dev_bar_sync_first(void) {
+  asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+}
+
 /* bytes (a multiple of 16, both ends 16-byte aligned) from global src to shared dst by the copy
  * engine, counted on bar when they land. */
 __device__ __forceinline__ void dev_bulk_copy(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {

@@ -149,9 +149,6 @@ __device__ __forceinline__ __half2 gg_block_factor(int s, int smax) {
   return __half2(f);
 }
 
-/* 16 E4M3 bytes of the B tile (raw, in shared memory) times the block's factor f as f16, into
- * chunks 2 c and 2 c + 1 of row r of the decoded tile at out: E4M3 -> f16 is exact, and so is
- * the product wherever it is a normal f16; NaN bytes stay NaN. */
 /* Four E4M3 bytes w (lowest first) times f as two f16 pairs: out[0] bytes 0 and 1, out[1] bytes 2
  * and 3 (the pair conversion, exact; the product exact wherever it is a normal f16). */
 __device__ __forceinline__ void gg_e4m3x4_to_f16(uint32_t w, __half2 f, uint32_t out[2]) {
@@ -163,6 +160,9 @@ __device__ __forceinline__ void gg_e4m3x4_to_f16(uint32_t w, __half2 f, uint32_t
   }
 }
 
+/* 16 E4M3 bytes of the B tile (raw, in shared memory) times the block's factor f as f16, into
+ * chunks 2 c and 2 c + 1 of row r of the decoded tile at out: E4M3 -> f16 is exact, and so is
+ * the product wherever it is a normal f16; NaN bytes stay NaN. */
 template <int BK>
 __device__ __forceinline__ void gg_decode_mx(const uint8_t *raw, __half2 f, uint8_t *out, int r, int c) {
   const uint4 u = *(const uint4 *)raw;

@@ -475,9 +475,7 @@ __device__ __forceinline__ void bulk_copy_once(void *dst, const void *src, uint3
 }
 
 /* The consumer warps' own barrier (the producers never wait on the consumers this way). */
-__device__ __forceinline__ void mx1_consumers_sync(void) {
-  asm volatile("bar.sync 1, %0;" ::"n"(32 * MX1_CONSUMERS) : "memory");
-}
+__device__ __forceinline__ void mx1_consumers_sync(void) { dev_bar_sync_first<32 * MX1_CONSUMERS>(); }
 
 /* A block's slots: MX1_SLOTS of MX1_SLOT bytes from `base`; full[i] completes when
  * slot i's copies have landed (weights and scales), empty[i] when every consumer warp has read it.
