@@ -51,6 +51,7 @@ static_assert((int)ATT_MAX_HD <= (int)KV8_SLAB, "a query row of an fp8 cache is 
  * CPU. */
 __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, const float *__restrict__ k,
                                 const float *__restrict__ v, const float *__restrict__ ik) {
+  dev_pdl_enter();
   const int t = blockIdx.x, bs = kv.block_size, nkv = kv.nkv, hd = kv.hd;
   const int32_t p = pos[t];
   if (p < 0 || p / bs >= kv.num_blocks) return;
@@ -71,6 +72,7 @@ __global__ void kv_store_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, 
 __global__ void kv_store_fp8_kernel(m3_kv_view kv, size_t kv_page_bytes, size_t ik_page_bytes,
                                     const int32_t *__restrict__ pos, const float *__restrict__ k,
                                     const float *__restrict__ v, const float *__restrict__ ik) {
+  dev_pdl_enter();
   const int t = blockIdx.x, bs = kv.block_size, nkv = kv.nkv, hd = kv.hd;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int32_t p = pos[t];
@@ -97,9 +99,9 @@ void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int
   if (kv->dtype == M3_KV_FP8) {
     const size_t kv_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
     const size_t ik_pb = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
-    kv_store_fp8_kernel<<<T, 256, 0, cb->stream>>>(*kv, kv_pb, ik_pb, pos, k, v, ik);
+    dev_launch(kv_store_fp8_kernel, T, 256, 0, cb->stream, *kv, kv_pb, ik_pb, pos, k, v, ik);
   } else {
-    kv_store_kernel<<<T, 256, 0, cb->stream>>>(*kv, pos, k, v, ik);
+    dev_launch(kv_store_kernel, T, 256, 0, cb->stream, *kv, pos, k, v, ik);
   }
   cuda_launched(cb, "kv_store");
 }
@@ -337,6 +339,7 @@ __device__ __forceinline__ float4 att_q_chunk(const att_args &a, int t0, int nto
  * that decode tiles (16 rows) keep few registers and many blocks in flight. */
 template <int CPL, int RPW, bool FP8>
 __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a) {
+  dev_pdl_enter();
   extern __shared__ float4 att_smem[];
   const int hd = a.kv.hd, hd4 = hd >> 2, bs = a.kv.block_size, nkv = a.kv.nkv, group = a.group;
   const int R = a.rows, rpw = (R + ATT_WARPS - 1) / ATT_WARPS;
@@ -549,6 +552,7 @@ __global__ void __launch_bounds__(32 * ATT_WARPS, 2) attention_kernel(att_args a
 __global__ void __launch_bounds__(ATT_COMBINE_THREADS) attention_combine_kernel(const float *__restrict__ part,
                                                                                 int stride_splits, int hd,
                                                                                 float *__restrict__ out) {
+  dev_pdl_enter();
   __shared__ float weight[ATT_MAX_SPLITS];
   __shared__ float4 group_sum[ATT_COMBINE_THREADS];
   __shared__ float inv_sum;
@@ -615,11 +619,11 @@ static void att_launch(cuda_backend *cb, att_args &a, int ntiles, int max_units,
     if (!a.part) return;
   }
   dim3 grid((unsigned)items, (unsigned)a.nsplit);
-  attention_kernel<CPL, RPW, FP8><<<grid, 32 * ATT_WARPS, smem, cb->stream>>>(a);
+  dev_launch(attention_kernel<CPL, RPW, FP8>, grid, 32 * ATT_WARPS, smem, cb->stream, a);
   cuda_launched(cb, "attention");
   if (a.nsplit > 1) {
-    attention_combine_kernel<<<(unsigned)(a.T * a.nh), ATT_COMBINE_THREADS, 0, cb->stream>>>(a.part, a.nsplit,
-                                                                                          a.kv.hd, a.out);
+    dev_launch(attention_combine_kernel, (unsigned)(a.T * a.nh), ATT_COMBINE_THREADS, 0, cb->stream, a.part, a.nsplit,
+               a.kv.hd, a.out);
     cuda_launched(cb, "attention (combine)");
   }
 }
@@ -714,6 +718,7 @@ __device__ __forceinline__ int att_swz(int row, int col, int hd) {
  * stale (0 times a NaN left in a page would be NaN in P V). */
 template <bool FP8>
 __global__ void __launch_bounds__(256) att_stage_kernel(att_args a, int rpb) {
+  dev_pdl_enter();
   const int nkv = a.kv.nkv, bs = a.kv.block_size, hd = a.kv.hd, hd4 = hd >> 2;
   const int b = (int)(blockIdx.x / (unsigned)nkv), kvh = (int)(blockIdx.x % (unsigned)nkv);
   __shared__ int32_t maxpos;
@@ -778,6 +783,7 @@ __device__ __forceinline__ float att_tc_scale_row(float (&s)[NT][4], int h, cons
 
 template <int HD, bool FP8>
 __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kernel(att_args a, int rpb) {
+  dev_pdl_enter();
   constexpr int LD = HD + ATT_TC_PAD; /* Q's row stride in BF16: 4 mod 32 words, so the 8 rows x 4
                                          columns of a fragment load hit 32 banks */
   constexpr int NT = ATT_TC_KT / 8;   /* n-tiles of S */
@@ -1005,11 +1011,12 @@ static void att_tc_launch(cuda_backend *cb, att_args &a, size_t smem) {
   a.vb = (const __nv_bfloat16 *)(stage + kv_bytes);
   a.kbs = FP8 ? (const float *)(stage + 2 * kv_bytes) : NULL;
   a.vbs = FP8 ? (const float *)(stage + 2 * kv_bytes + scale_bytes) : NULL;
-  att_stage_kernel<FP8><<<(unsigned)(a.kv.num_blocks * a.kv.nkv), 256, 0, cb->stream>>>(a, rpb);
+  dev_launch(att_stage_kernel<FP8>, (unsigned)(a.kv.num_blocks * a.kv.nkv), 256, 0, cb->stream, a, rpb);
   cuda_launched(cb, "attention (BF16 staging)");
   cuda_allow_smem(cb, (const void *)attention_tc_kernel<HD, FP8>, smem, "attention (shared memory)");
   const int ntiles = (a.T + a.tt - 1) / a.tt;
-  attention_tc_kernel<HD, FP8><<<(unsigned)(ntiles * a.kv.nkv), 32 * (ATT_TC_WARPS + 1), smem, cb->stream>>>(a, rpb);
+  dev_launch(attention_tc_kernel<HD, FP8>, (unsigned)(ntiles * a.kv.nkv), 32 * (ATT_TC_WARPS + 1), smem, cb->stream, a,
+             rpb);
   cuda_launched(cb, "attention (tensor cores)");
 }
 

@@ -116,6 +116,59 @@ m3_status cuda_take_error(cuda_backend *cb, const char *what);
 static inline void cuda_launched(cuda_backend *cb, const char *op) {
   cuda_note(cb, cudaGetLastError(), op);
 }
+/* Programmatic dependent launch. Every kernel of this backend starts with dev_pdl_enter and is
+ * launched by dev_launch, which lets it start while the kernel before it on the stream is still
+ * running (in a recorded graph, a programmatic edge): its blocks are placed as soon as every
+ * block of the one before has started, and wait in dev_pdl_enter until that grid has finished
+ * and its writes are visible. What it saves is the gap between two dependent kernels (the
+ * launch, and the ramp of the next grid onto the SMs), which a decode step of a few dozen
+ * kernels of a few microseconds each pays at every boundary. Since each kernel waits for the one
+ * before, which waited for its own predecessor, every earlier write is visible too.
+ * cuda_pdl = 0 (M3_CUDA_PDL=0 at backend creation) launches as before, for comparison. */
+extern int cuda_pdl;
+
+/* Waits until the kernel before this one on the stream has finished and its writes are visible
+ * (returns at once when it already has, or when launched without the attribute). */
+__device__ __forceinline__ void dev_pdl_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Lets the kernel after this one be placed once every block of this one has come here. */
+__device__ __forceinline__ void dev_pdl_trigger(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void dev_pdl_enter(void) {
+  dev_pdl_wait();
+  dev_pdl_trigger();
+}
+
+/* The arguments take the kernel's parameter types at the call (dev_param_of: not deduced), as
+ * they do in a <<<>>> launch (NULL becomes a pointer, an int a size_t). */
+template <typename T> struct dev_param_of {
+  typedef T type;
+};
+
+template <typename... P>
+static inline void dev_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              typename dev_param_of<P>::type... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = cuda_pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 /* At least `bytes` of device scratch, valid until the next call; NULL (and noted) on failure,
  * and while a graph is recorded when it would have to grow. */
 void *cuda_scratch(cuda_backend *cb, size_t bytes, const char *op);

@@ -148,6 +148,7 @@ __device__ __forceinline__ void gemv_rows(const cuda_weight &w, const float *__r
 template <int NT, int WK, int R>
 __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+  dev_pdl_enter();
   gemv_rows<NT, WK, R>(w, x, T, y, (int64_t)blockIdx.x * R);
 }
 
@@ -160,6 +161,7 @@ __global__ void __launch_bounds__(GEMV_THREADS)
 template <int NT, int WK, int RW>
 __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_tall_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+  dev_pdl_enter();
   constexpr int E = wk_step<WK>::n, SLICE = 32 * E, Q = E / 4;
   /* xs[t][g][l]: x[t, 32 E s0 + E l + 4 g, + 4): lane l's quad g, so that the lanes of a warp read
    * consecutive float4 (no bank conflicts) */
@@ -273,6 +275,7 @@ __device__ __forceinline__ void gemv_warp_task(const cuda_weight &w, const float
 template <int WK, int RW>
 __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_warp_kernel(cuda_weight w, const float *__restrict__ x, float *__restrict__ y) {
+  dev_pdl_enter();
   const int64_t r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * RW;
   if (r0 >= w.rows) return; /* the whole warp; nothing waits on it */
   gemv_warp_task<WK, RW>(w, x, r0, y);
@@ -299,6 +302,7 @@ typedef struct {
 template <int WK, int RW>
 __global__ void __launch_bounds__(GEMV_THREADS, 2)
     gemv_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  dev_pdl_enter();
   const int64_t warps = (int64_t)gridDim.x * (GEMV_THREADS / 32);
   const int64_t warp = (int64_t)blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5);
   const int64_t total = s.first[s.n], end = total * (warp + 1) / warps;
@@ -336,6 +340,7 @@ static gemv_set gemv_set_of(const m3_matmul_out *out, const int *idx, int n, int
 template <int WK>
 __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_rows_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  dev_pdl_enter();
   int m = 0;
   while ((int64_t)blockIdx.x >= s.first[m + 1]) m++;
   gemv_rows<1, WK, 1>(s.w[m], x, 1, s.y[m], (int64_t)blockIdx.x - s.first[m]);
@@ -347,6 +352,7 @@ __global__ void __launch_bounds__(GEMV_THREADS)
  * it falls in: a weight alone and in a set get the same bits. */
 __global__ void __launch_bounds__(MX1_THREADS)
     mx1_set_kernel(const __grid_constant__ gemv_set s, const float *__restrict__ x) {
+  dev_pdl_enter();
   extern __shared__ __align__(128) uint8_t mx1_smem[];
   __shared__ uint64_t bars[2 * MX1_SLOTS];
   __shared__ float part[2][MX1_CONSUMERS][16];
@@ -392,7 +398,7 @@ static void launch_mx1_set(cuda_backend *cb, const float *x, const m3_matmul_out
   cuda_allow_smem(cb, (const void *)mx1_set_kernel, smem, op);
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, (const void *)mx1_set_kernel, MX1_THREADS, smem, op) * cb->num_sms;
   const unsigned blocks = mx1_blocks(s.first[n], blocks_max);
-  mx1_set_kernel<<<blocks, MX1_THREADS, smem, cb->stream>>>(s, x);
+  dev_launch(mx1_set_kernel, blocks, MX1_THREADS, smem, cb->stream, s, x);
   cuda_launched(cb, op);
 }
 
@@ -411,14 +417,14 @@ static void launch_gemv_wk(cuda_backend *cb, int R, const cuda_weight &w, const 
   if constexpr (NT > 1 && WK != WK_ANY) {
     /* tall enough for a block on every SM with 32 rows a block (not k/v) */
     if (w.rows >= (int64_t)cb->num_sms * GEMV_TALL_ROWS) {
-      gemv_tall_kernel<NT, WK, GEMV_TALL_RW>
-          <<<(unsigned)((w.rows + GEMV_TALL_ROWS - 1) / GEMV_TALL_ROWS), GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
+      dev_launch(gemv_tall_kernel<NT, WK, GEMV_TALL_RW>, (unsigned)((w.rows + GEMV_TALL_ROWS - 1) / GEMV_TALL_ROWS),
+                 GEMV_THREADS, 0, cb->stream, w, x, T, y);
       return;
     }
   }
-  if (R == 4) gemv_kernel<NT, WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
-  else if (R == 2) gemv_kernel<NT, WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
-  else gemv_kernel<NT, WK, 1><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, T, y);
+  if (R == 4) dev_launch(gemv_kernel<NT, WK, 4>, blocks, GEMV_THREADS, 0, cb->stream, w, x, T, y);
+  else if (R == 2) dev_launch(gemv_kernel<NT, WK, 2>, blocks, GEMV_THREADS, 0, cb->stream, w, x, T, y);
+  else dev_launch(gemv_kernel<NT, WK, 1>, blocks, GEMV_THREADS, 0, cb->stream, w, x, T, y);
 }
 
 template <int NT>
@@ -446,8 +452,8 @@ template <int WK>
 static void launch_gemv_warp(cuda_backend *cb, int RW, const cuda_weight &w, const float *x, float *y) {
   const int64_t rows_per_block = GEMV_THREADS / 32 * RW;
   const unsigned blocks = (unsigned)((w.rows + rows_per_block - 1) / rows_per_block);
-  if (RW == 4) gemv_warp_kernel<WK, 4><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
-  else gemv_warp_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(w, x, y);
+  if (RW == 4) dev_launch(gemv_warp_kernel<WK, 4>, blocks, GEMV_THREADS, 0, cb->stream, w, x, y);
+  else dev_launch(gemv_warp_kernel<WK, 2>, blocks, GEMV_THREADS, 0, cb->stream, w, x, y);
 }
 
 /* Warps of a gemv_set_kernel launch: one per RW rows, except for E4M3, bound by its decoding
@@ -465,8 +471,8 @@ static void launch_gemv_set_wk(cuda_backend *cb, int RW, const gemv_set &s, cons
   int64_t warps = (s.first[s.n] + RW - 1) / RW;
   if (E4M3 && warps > resident) warps = resident;
   const unsigned blocks = (unsigned)((warps + per_block - 1) / per_block);
-  if (RW == 4) gemv_set_kernel<WK, WIDE><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
-  else gemv_set_kernel<WK, 2><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x);
+  if (RW == 4) dev_launch(gemv_set_kernel<WK, WIDE>, blocks, GEMV_THREADS, 0, cb->stream, s, x);
+  else dev_launch(gemv_set_kernel<WK, 2>, blocks, GEMV_THREADS, 0, cb->stream, s, x);
 }
 
 /* One gemv_set_kernel launch for the n outputs out[idx[0..n)], all of `kind`, RW rows a warp. */
@@ -489,10 +495,10 @@ static void launch_gemv_rows_set(cuda_backend *cb, int kind, const float *x, con
   const gemv_set s = gemv_set_of(out, idx, n, 1);
   const unsigned blocks = (unsigned)s.first[n];
   switch (kind) {
-    case WK_F32: gemv_rows_set_kernel<WK_F32><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
-    case WK_BF16: gemv_rows_set_kernel<WK_BF16><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
-    case WK_F16: gemv_rows_set_kernel<WK_F16><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
-    default: gemv_rows_set_kernel<WK_E4M3><<<blocks, GEMV_THREADS, 0, cb->stream>>>(s, x); break;
+    case WK_F32: dev_launch(gemv_rows_set_kernel<WK_F32>, blocks, GEMV_THREADS, 0, cb->stream, s, x); break;
+    case WK_BF16: dev_launch(gemv_rows_set_kernel<WK_BF16>, blocks, GEMV_THREADS, 0, cb->stream, s, x); break;
+    case WK_F16: dev_launch(gemv_rows_set_kernel<WK_F16>, blocks, GEMV_THREADS, 0, cb->stream, s, x); break;
+    default: dev_launch(gemv_rows_set_kernel<WK_E4M3>, blocks, GEMV_THREADS, 0, cb->stream, s, x); break;
   }
   cuda_launched(cb, "matmul_set (short weights)");
 }
@@ -527,6 +533,7 @@ enum { TILE = 64, TILE_K = 16 };
 
 __global__ void __launch_bounds__(256)
     gemm_tiled_kernel(cuda_weight w, const float *__restrict__ x, int T, float *__restrict__ y) {
+  dev_pdl_enter();
   __shared__ float ws[TILE_K][TILE + 1], xs[TILE_K][TILE + 1];
   const int64_t N = w.rows, K = w.cols;
   const int64_t n0 = (int64_t)blockIdx.x * TILE;
@@ -566,7 +573,7 @@ __global__ void __launch_bounds__(256)
 static void launch_tiled(cuda_backend *cb, cudaStream_t stream, const m3_tensor *t, const float *x,
                          int T, float *y) {
   dim3 grid((unsigned)((t->rows + TILE - 1) / TILE), (unsigned)((T + TILE - 1) / TILE));
-  gemm_tiled_kernel<<<grid, 256, 0, stream>>>(cuda_weight_of(t), x, T, y);
+  dev_launch(gemm_tiled_kernel, grid, 256, 0, stream, cuda_weight_of(t), x, T, y);
   cuda_launched(cb, "matmul (tiled)");
 }
 
@@ -584,6 +591,7 @@ enum { LT_SPLIT_MAX_T = 64 };
 /* out[0, n) = bf16(x); with split, out[n, 2n) = bf16(x - bf16(x)) as well. */
 __global__ void to_bf16_kernel(const float *__restrict__ x, size_t n, int split,
                                __nv_bfloat16 *__restrict__ out) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
     out[i] = hi;
@@ -593,6 +601,7 @@ __global__ void to_bf16_kernel(const float *__restrict__ x, size_t n, int split,
 
 /* y[i] = parts[i] + parts[n + i]: the hi and lo products of a split GEMM summed. */
 __global__ void add_split_kernel(const float *__restrict__ parts, size_t n, float *__restrict__ y) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     y[i] = parts[i] + parts[n + i];
 }
@@ -600,6 +609,7 @@ __global__ void add_split_kernel(const float *__restrict__ parts, size_t n, floa
 /* Rows [r0, r0 + nrows) of w decoded (scale applied) and rounded to BF16: exact for E4M3 with
  * MXFP8 scales, one rounding for F16 and FP8-block values. */
 __global__ void dequant_bf16_kernel(cuda_weight w, int64_t r0, int64_t nrows, __nv_bfloat16 *__restrict__ out) {
+  dev_pdl_enter();
   const size_t n = (size_t)nrows * (size_t)w.cols;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     out[i] = __float2bfloat16_rn(dev_w(w, r0 + (int64_t)(i / (size_t)w.cols), (int64_t)(i % (size_t)w.cols)));
@@ -610,6 +620,7 @@ __global__ void dequant_bf16_kernel(cuda_weight w, int64_t r0, int64_t nrows, __
  * (three matrices each, decoded once per call) are not bound by their decoding. The same values,
  * rounded the same way, as dequant_bf16_kernel. */
 __global__ void dequant_mx_bf16_kernel(cuda_weight w, int64_t r0, int64_t nrows, __nv_bfloat16 *__restrict__ out) {
+  dev_pdl_enter();
   const int64_t per_row = w.cols / 16;
   const size_t n = (size_t)nrows * (size_t)per_row;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -813,7 +824,7 @@ static int lt_matmul_on(cuda_backend *cb, cudaStream_t stream, void *workspace, 
   if (x_bf16 && !L.split && (uintptr_t)x_bf16 % (uintptr_t)common_alignment(A, out, out) == 0) {
     xb = x_bf16;
   } else {
-    to_bf16_kernel<<<grid_for((size_t)T * K), 256, 0, stream>>>(x, (size_t)T * K, L.split, xs);
+    dev_launch(to_bf16_kernel, grid_for((size_t)T * K), 256, 0, stream, x, (size_t)T * K, L.split, xs);
     cuda_launched(cb, "matmul (bf16 activations)");
   }
   if (L.stored_bf16) {
@@ -823,9 +834,9 @@ static int lt_matmul_on(cuda_backend *cb, cudaStream_t stream, void *workspace, 
     for (uint64_t r0 = 0; r0 < N; r0 += L.chunk) {
       uint64_t nr = N - r0 < L.chunk ? N - r0 : L.chunk;
       if (dequant_mx_fits(w))
-        dequant_mx_bf16_kernel<<<grid_for(nr * K / 16), 256, 0, stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
+        dev_launch(dequant_mx_bf16_kernel, grid_for(nr * K / 16), 256, 0, stream, w, (int64_t)r0, (int64_t)nr, wb);
       else
-        dequant_bf16_kernel<<<grid_for(nr * K), 256, 0, stream>>>(w, (int64_t)r0, (int64_t)nr, wb);
+        dev_launch(dequant_bf16_kernel, grid_for(nr * K), 256, 0, stream, w, (int64_t)r0, (int64_t)nr, wb);
       cuda_launched(cb, "matmul (weights to bf16)");
       if (!lt_gemm(cb, stream, workspace, CUDA_R_16BF, wb, nr, K, xb, L.cols, out + r0, N)) {
         if (r0 == 0) return 0;
@@ -835,7 +846,7 @@ static int lt_matmul_on(cuda_backend *cb, cudaStream_t stream, void *workspace, 
     }
   }
   if (L.split) {
-    add_split_kernel<<<grid_for((size_t)T * N), 256, 0, stream>>>(out, (size_t)T * N, y);
+    dev_launch(add_split_kernel, grid_for((size_t)T * N), 256, 0, stream, out, (size_t)T * N, y);
     cuda_launched(cb, "matmul (hi + lo)");
   }
   return 1;
@@ -852,7 +863,7 @@ static int lt_matmul(cuda_backend *cb, const m3_tensor *t, const float *x, int T
 void cuda_to_bf16(cuda_backend *cb, cudaStream_t stream, const float *x, size_t n,
                   __nv_bfloat16 *out) {
   if (n == 0) return;
-  to_bf16_kernel<<<grid_for(n), 256, 0, stream>>>(x, n, 0, out);
+  dev_launch(to_bf16_kernel, grid_for(n), 256, 0, stream, x, n, 0, out);
   cuda_launched(cb, "bf16 activations");
 }
 
@@ -871,6 +882,7 @@ template <int NTB, int MT, int WR, int PRESPLIT, int U>
 __global__ void __launch_bounds__(32 * MX_WARPS)
     mx_mma_kernel(cuda_weight w, const float *__restrict__ x, const uint16_t *__restrict__ xs,
                   int T, float *__restrict__ y) {
+  dev_pdl_enter();
   constexpr int WK = MX_WARPS / WR, ACC = MT * NTB * 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
   const int wr = warp % WR, wk = warp / WR;
@@ -921,7 +933,7 @@ static int mx_mma_fits(const m3_tensor *t, const float *x, int T) {
 template <int NTB, int MT, int WR, int PRESPLIT, int U = MX_U>
 static void launch_mx(cuda_backend *cb, const cuda_weight &w, const float *x, const uint16_t *xs, int T, float *y) {
   const unsigned blocks = (unsigned)((w.rows + 16 * MT * WR - 1) / (16 * MT * WR));
-  mx_mma_kernel<NTB, MT, WR, PRESPLIT, U><<<blocks, 32 * MX_WARPS, 0, cb->stream>>>(w, x, xs, T, y);
+  dev_launch(mx_mma_kernel<NTB, MT, WR, PRESPLIT, U>, blocks, 32 * MX_WARPS, 0, cb->stream, w, x, xs, T, y);
 }
 
 /* More than 8 tokens: the hi/lo copy of x, and as many warps of a block side by side over rows
@@ -948,7 +960,7 @@ static void launch_mx_mma(cuda_backend *cb, const m3_tensor *t, const float *x, 
     const size_t n = (size_t)T * (size_t)t->cols;
     uint16_t *xs = (uint16_t *)cuda_scratch(cb, n * 4, "matmul");
     if (!xs) return;
-    to_bf16_kernel<<<grid_for(n), 256, 0, cb->stream>>>(x, n, 1, (__nv_bfloat16 *)xs);
+    dev_launch(to_bf16_kernel, grid_for(n), 256, 0, cb->stream, x, n, 1, (__nv_bfloat16 *)xs);
     cuda_launched(cb, "matmul (bf16 activations)");
     if (T <= 16) launch_mx_split<2>(cb, w, xs, T, y);
     else if (T <= 32) launch_mx_split<4>(cb, w, xs, T, y);
@@ -1099,6 +1111,7 @@ enum { EMBED_ANY, EMBED_BF16, EMBED_F32 };
 __global__ void __launch_bounds__(EMBED_THREADS)
     embed_kernel(cuda_weight table, int kind, int vec_out, const int32_t *__restrict__ ids,
                  float *__restrict__ out) {
+  dev_pdl_enter();
   const int64_t t = blockIdx.x, cols = table.cols;
   const int64_t c = ((int64_t)blockIdx.y * EMBED_THREADS + threadIdx.x) * 4;
   if (c >= cols) return;
@@ -1140,6 +1153,6 @@ void cuda_embed(m3_backend *be, const m3_tensor *table, const int32_t *ids, int 
   }
   const int vec_out = cols % 4 == 0 && (uintptr_t)out % 16 == 0;
   const dim3 grid((unsigned)T, (unsigned)((cols + 4 * EMBED_THREADS - 1) / (4 * EMBED_THREADS)));
-  embed_kernel<<<grid, EMBED_THREADS, 0, cb->stream>>>(cuda_weight_of(table), kind, vec_out, ids, out);
+  dev_launch(embed_kernel, grid, EMBED_THREADS, 0, cb->stream, cuda_weight_of(table), kind, vec_out, ids, out);
   cuda_launched(cb, "embed");
 }

@@ -14,6 +14,7 @@ enum { ROUTE_THREADS = 128, ROUTE_MAX_K = 64 };
 __global__ void __launch_bounds__(ROUTE_THREADS)
     moe_route_kernel(const float *__restrict__ logits, const float *__restrict__ bias, int E, int k,
                      float scaling, int32_t *__restrict__ ids, float *__restrict__ weights) {
+  dev_pdl_enter();
   extern __shared__ float s[];
   uint32_t *keys = (uint32_t *)(s + E);
   __shared__ int32_t chosen[ROUTE_MAX_K];
@@ -45,7 +46,7 @@ void cuda_moe_route(m3_backend *be, const float *logits, const float *bias, int 
     return;
   }
   size_t smem = (size_t)E * (sizeof(float) + sizeof(uint32_t));
-  moe_route_kernel<<<T, ROUTE_THREADS, smem, cb->stream>>>(logits, bias, E, k, scaling, ids, weights);
+  dev_launch(moe_route_kernel, T, ROUTE_THREADS, smem, cb->stream, logits, bias, E, k, scaling, ids, weights);
   cuda_launched(cb, "moe_route");
 }
 
@@ -133,6 +134,7 @@ __device__ __forceinline__ int moe_local_expert(int id, int first, int E) {
  * slots by expert; a lane's rank among its earlier peers keeps the placement stable. */
 __global__ void __launch_bounds__(32)
     moe_group_kernel(const int32_t *__restrict__ ids, moe_groups g) {
+  dev_pdl_enter();
   const int n = g.n, first = g.first, E = g.E;
   extern __shared__ int32_t counts[];
   int32_t *next = counts + E;
@@ -208,6 +210,7 @@ __global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK)
     moe_gemv_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
                     moe_groups g, const float *__restrict__ x, int k, float alpha, float beta,
                     float limit, float *__restrict__ out) {
+  dev_pdl_enter();
   constexpr int CH = wk_chunk<WK>::n, NT = MOE_TOKENS_PER_PASS;
   if ((int)blockIdx.y >= *g.n_active) return;
   const int e = g.active[blockIdx.y];
@@ -262,6 +265,7 @@ __global__ void __launch_bounds__(32 * MX_WARPS)
     moe_mx_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
                   moe_groups grp, const float *__restrict__ x, int k, float alpha, float beta,
                   float limit, float *__restrict__ out) {
+  dev_pdl_enter();
   if ((int)blockIdx.y >= *grp.n_active) return; /* the whole block */
   const int e = grp.active[blockIdx.y];
   const cuda_weight w0 = w0s[e];
@@ -314,11 +318,21 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
   dim3 block(32 * MOE_ROWS_PER_BLOCK);
   float a = ex->alpha, b = ex->beta, l = ex->limit;
   switch (kind) {
-    case WK_F32: moe_gemv_kernel<WK_F32, GATED><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    case WK_BF16: moe_gemv_kernel<WK_BF16, GATED><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    case WK_F16: moe_gemv_kernel<WK_F16, GATED><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    case WK_E4M3: moe_gemv_kernel<WK_E4M3, GATED><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    default: moe_gemv_kernel<WK_ANY, GATED><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+    case WK_F32:
+      dev_launch(moe_gemv_kernel<WK_F32, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    case WK_BF16:
+      dev_launch(moe_gemv_kernel<WK_BF16, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    case WK_F16:
+      dev_launch(moe_gemv_kernel<WK_F16, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    case WK_E4M3:
+      dev_launch(moe_gemv_kernel<WK_E4M3, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    default:
+      dev_launch(moe_gemv_kernel<WK_ANY, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
   }
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu)" : "moe_experts (down)");
 }
@@ -336,6 +350,7 @@ __global__ void __launch_bounds__(32 * MOE_ROWS_PER_BLOCK, 2)
     moe_warp_kernel(const cuda_weight *__restrict__ w0s, const cuda_weight *__restrict__ w1s,
                     moe_groups g, const float *__restrict__ x, int k, float alpha, float beta,
                     float limit, float *__restrict__ out) {
+  dev_pdl_enter();
   if ((int)blockIdx.y >= *g.n_active) return;
   const int e = g.active[blockIdx.y];
   const cuda_weight w0 = w0s[e];
@@ -374,10 +389,18 @@ static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, co
   const dim3 block(32 * MOE_ROWS_PER_BLOCK);
   const float a = ex->alpha, b = ex->beta, l = ex->limit;
   switch (kind) {
-    case WK_F32: moe_warp_kernel<WK_F32, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    case WK_BF16: moe_warp_kernel<WK_BF16, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    case WK_F16: moe_warp_kernel<WK_F16, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
-    default: moe_warp_kernel<WK_E4M3, GATED, RW><<<grid, block, 0, cb->stream>>>(w0, w1, g, x, k, a, b, l, out); break;
+    case WK_F32:
+      dev_launch(moe_warp_kernel<WK_F32, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    case WK_BF16:
+      dev_launch(moe_warp_kernel<WK_BF16, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    case WK_F16:
+      dev_launch(moe_warp_kernel<WK_F16, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
+    default:
+      dev_launch(moe_warp_kernel<WK_E4M3, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
+      break;
   }
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu; one token)" : "moe_experts (down; one token)");
 }
@@ -431,6 +454,7 @@ __global__ void __launch_bounds__(MX1_THREADS)
                    const cuda_weight *__restrict__ shared, moe_groups g, const float *__restrict__ x,
                    int k, int64_t groups, float alpha, float beta, float limit,
                    float *__restrict__ out) {
+  dev_pdl_enter();
   extern __shared__ __align__(128) uint8_t mx1_smem[];
   __shared__ uint64_t bars[2 * MX1_SLOTS];
   __shared__ float part[2][MX1_CONSUMERS][16];
@@ -491,14 +515,15 @@ static void launch_moe_mx1(cuda_backend *cb, unsigned experts, const cuda_weight
   const int64_t blocks_max = (int64_t)cuda_blocks_per_sm(cb, kernel, MX1_THREADS, smem, op) * cb->num_sms,
                 items = ((int64_t)experts + (shared != NULL)) * groups;
   const unsigned blocks = mx1_blocks(items, blocks_max);
-  moe_mx1_kernel<GATED><<<blocks, MX1_THREADS, smem, cb->stream>>>(w0, w1, shared, g, x, k, groups,
-                                                                   ex->alpha, ex->beta, ex->limit, out);
+  dev_launch(moe_mx1_kernel<GATED>, blocks, MX1_THREADS, smem, cb->stream, w0, w1, shared, g, x, k, groups, ex->alpha,
+             ex->beta, ex->limit, out);
   cuda_launched(cb, op);
 }
 
 /* out[p] = h[slot_at[p] / k] for the used sorted positions p < gridDim.x. */
 __global__ void moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
                                   int k, int64_t H, float *__restrict__ out) {
+  dev_pdl_enter();
   const int p = blockIdx.x;
   const float *src = h + (size_t)(slot_at[p] / k) * (size_t)H;
   float *dst = out + (size_t)p * (size_t)H;
@@ -537,6 +562,7 @@ template <int VEC>
 __global__ void __launch_bounds__(COMBINE_THREADS)
     moe_combine_kernel(float *__restrict__ x, const float *__restrict__ y, const float *__restrict__ w,
                        moe_groups g, int k, int64_t H, const float *__restrict__ shared_y) {
+  dev_pdl_enter();
   const int64_t t = blockIdx.x, c = ((int64_t)blockIdx.y * COMBINE_THREADS + threadIdx.x) * 4;
   if (c >= H) return;
   float *xt = x + (size_t)t * (size_t)H + c;
@@ -586,6 +612,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
  * fallback): one expert's rows on its own stream. */
 __global__ void moe_swiglu_kernel(const float *gate, const float *up, size_t n, float alpha,
                                   float beta, float limit, float *out, __nv_bfloat16 *out_bf16) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     const float v = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
     out[i] = v;
@@ -620,8 +647,8 @@ static void expert_chain(cuda_backend *cb, cuda_lane *lane, int gemm, moe_bf16 b
   const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
   for (int m = 0; m < 3; m++) {
     if (m == 2) {
-      moe_swiglu_kernel<<<blocks, MOE_ROW_THREADS, 0, lane ? lane->stream : cb->stream>>>(
-          g, u, n, ex->alpha, ex->beta, ex->limit, g, gb);
+      dev_launch(moe_swiglu_kernel, blocks, MOE_ROW_THREADS, 0, lane ? lane->stream : cb->stream, g, u, n, ex->alpha,
+                 ex->beta, ex->limit, g, gb);
       cuda_launched(cb, "moe_experts (swiglu)");
     }
     if (gemm) cuda_matmul_lane(cb, lane, w[m], in[m], in_bf16[m], cnt, out[m]);
@@ -702,7 +729,7 @@ static int prefill_experts(cuda_backend *cb, const m3_moe_experts *ex, moe_table
         !cuda_grow(cb, &ln->scratch, &ln->scratch_bytes, need[l], "moe_experts (lane scratch)"))
       return 0;
   }
-  moe_gather_kernel<<<used, MOE_ROW_THREADS, 0, cb->stream>>>(h, g.slot_at, k, H, xy);
+  dev_launch(moe_gather_kernel, used, MOE_ROW_THREADS, 0, cb->stream, h, g.slot_at, k, H, xy);
   cuda_launched(cb, "moe_experts (gather)");
   if (any_bf16) cuda_to_bf16(cb, cb->stream, xy, (size_t)used * (size_t)H, xy_bf16);
   const moe_bf16 bf_none = {NULL, NULL}, bf_all = {xy_bf16, act_bf16};
@@ -794,7 +821,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   if (mx1_one) { /* one token: nothing to group, each choice its own position (moe_groups.ids) */
     g.ids = ids;
   } else {
-    moe_group_kernel<<<1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream>>>(ids, g);
+    dev_launch(moe_group_kernel, 1, 32, (size_t)E * 2 * sizeof(int32_t), cb->stream, ids, g);
     cuda_launched(cb, "moe_experts (grouping)");
   }
   if (shared && !shared_mx1) {
@@ -820,11 +847,11 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     } else if (tab->wide && mx_weight_fits(&ex->gate[0]) && mx_weight_fits(&ex->down[0]) &&
         (uintptr_t)h % 16 == 0) { /* act is carved 256-byte aligned, I % 8 == 0 */
       const float a = ex->alpha, b = ex->beta, l = ex->limit;
-      moe_mx_kernel<1><<<dim3((unsigned)((I + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream>>>(
-          tab->w, tab->w + E, g, h, k, a, b, l, act);
+      dev_launch(moe_mx_kernel<1>, dim3((unsigned)((I + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream, tab->w,
+                 tab->w + E, g, h, k, a, b, l, act);
       cuda_launched(cb, "moe_experts (gate, up, swiglu; e4m3 tensor cores)");
-      moe_mx_kernel<0><<<dim3((unsigned)((H + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream>>>(
-          tab->w + 2 * E, NULL, g, act, k, a, b, l, y);
+      dev_launch(moe_mx_kernel<0>, dim3((unsigned)((H + 15) / 16), experts), 32 * MX_WARPS, 0, cb->stream,
+                 tab->w + 2 * E, NULL, g, act, k, a, b, l, y);
       cuda_launched(cb, "moe_experts (down; e4m3 tensor cores)");
     } else {
       dim3 grid_gate((unsigned)((I + MOE_ROWS_PER_BLOCK - 1) / MOE_ROWS_PER_BLOCK), experts);
@@ -843,11 +870,11 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   const dim3 grid_combine((unsigned)T, (unsigned)((H + 4 * COMBINE_THREADS - 1) / (4 * COMBINE_THREADS)));
   const float *shared_y = shared ? y + sn * H : NULL;
   if (H % 4 == 0 && (uintptr_t)x % 16 == 0)
-    moe_combine_kernel<1><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g, k, (int64_t)H,
-                                                                           shared_y);
+    dev_launch(moe_combine_kernel<1>, grid_combine, COMBINE_THREADS, 0, cb->stream, x, y, weights, g, k, (int64_t)H,
+               shared_y);
   else
-    moe_combine_kernel<0><<<grid_combine, COMBINE_THREADS, 0, cb->stream>>>(x, y, weights, g, k, (int64_t)H,
-                                                                           shared_y);
+    dev_launch(moe_combine_kernel<0>, grid_combine, COMBINE_THREADS, 0, cb->stream, x, y, weights, g, k, (int64_t)H,
+               shared_y);
   cuda_launched(cb, "moe_experts (combine)");
 }
 

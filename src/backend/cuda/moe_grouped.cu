@@ -235,6 +235,7 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
     moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
                       const int32_t *__restrict__ start, int E, int k, int n, int64_t H,
                       void *__restrict__ xy, int32_t *__restrict__ row_exp) {
+  dev_pdl_enter();
   __shared__ float part[GG_GATHER_THREADS / 32];
   const int p = blockIdx.x;
   if (p >= min(start[E], n)) return;
@@ -286,6 +287,7 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
 __global__ void __launch_bounds__(32)
     moe_tile_offsets_kernel(const int32_t *__restrict__ start, int E, int n, int bm,
                             int32_t *__restrict__ tile_start) {
+  dev_pdl_enter();
   const unsigned all = 0xffffffffu;
   const int lane = threadIdx.x;
   int run = 0;
@@ -449,6 +451,7 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
 template <class C, int GATED, int MX>
 __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     moe_grouped_gemm_kernel(GG_KERNEL_PARAMS) {
+  dev_pdl_enter();
   enum { BK = C::BK, NT = C::NT, HALF_NT = C::NT / 2 };
   extern __shared__ __align__(128) uint8_t gg_smem[];
   __shared__ int b_exp[MX ? C::BN : 1]; /* MX: 2^b_exp[r] takes B row r's power of two off */
@@ -668,6 +671,7 @@ __device__ __forceinline__ void gw_mma_ra(float d[64], const uint32_t a[4], uint
 template <class C, int GATED, int MX>
 __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     moe_grouped_wgmma_kernel(GG_KERNEL_PARAMS) {
+  dev_pdl_enter();
   enum { BK = C::BK, BN = C::BN, ND = BN / 2, LAG = GW_LAG(C, MX), DEC = 2 + LAG };
   static_assert(C::BM == 128 && BK == 64, "wgmma tiles: 2 warpgroups of 64 rows, 128-byte rows of K");
   extern __shared__ __align__(128) uint8_t gg_smem[];
@@ -771,6 +775,7 @@ template <class C> struct gr_layout {
 
 template <class C, int GATED>
 __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL_PARAMS) {
+  dev_pdl_enter();
   enum { BK = C::BK, S = C::STAGES, STAGE = gg_smem_layout<C, 1>::stage };
   static_assert(C::BM == 128 && C::BN == 256 && BK == 64 && S >= 3,
                 "two warpgroups of 2 x 64 weight rows, 128 tokens, 64-column steps");
@@ -1010,8 +1015,8 @@ static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E,
     smem = gg_smem_layout<C, MX>::bytes;
   }
   cuda_allow_smem(cb, (const void *)kernel, smem, "moe_experts (grouped gemm shared memory)");
-  kernel<<<grid, GG_THREADS, smem, cb->stream>>>(ws, E, start, tile_start, n, (const uint16_t *)a, a_exp, act_exp,
-                                                 K, N, ex->alpha, ex->beta, ex->limit, out);
+  dev_launch(kernel, grid, GG_THREADS, smem, cb->stream, ws, E, start, tile_start, n, (const uint16_t *)a, a_exp,
+             act_exp, K, N, ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, GATED ? "moe_experts (grouped gate, up, swiglu)" : "moe_experts (grouped down)");
 }
 
@@ -1044,13 +1049,13 @@ void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_wei
   if (mx) {
     void (*gather)(const float *, const int32_t *, const int32_t *, int, int, int, int64_t, void *, int32_t *) =
         gg_dims[tile].kind == 2 ? moe_gather_kernel<1, 1> : moe_gather_kernel<1, 0>;
-    gather<<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy, row_exp);
+    dev_launch(gather, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H, xy, row_exp);
   } else {
-    moe_gather_kernel<0, 0><<<(unsigned)n, GG_GATHER_THREADS, 0, cb->stream>>>(h, slot_at, start, E, k, n, H, xy,
-                                                                               row_exp);
+    dev_launch(moe_gather_kernel<0, 0>, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H,
+               xy, row_exp);
   }
   cuda_launched(cb, mx ? "moe_experts (gather to f16)" : "moe_experts (gather to bf16)");
-  moe_tile_offsets_kernel<<<1, 32, 0, cb->stream>>>(start, E, n, bm, tile_start);
+  dev_launch(moe_tile_offsets_kernel, 1, 32, 0, cb->stream, start, E, n, bm, tile_start);
   cuda_launched(cb, "moe_experts (tile offsets)");
   const unsigned m_tiles = (unsigned)((n + bm - 1) / bm + (E < n ? E : n));
 #define GG_CASE(i, bm_, bn, bk, stages, wm, minb, kind)                                                        \

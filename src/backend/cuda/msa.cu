@@ -158,6 +158,7 @@ __device__ void msa_select_row(const msa_args &a, int t, int g, uint32_t *keys, 
  * candidates. */
 template <int GP, int CH, bool FP8>
 __global__ void __launch_bounds__(32 * SCORE_WARPS, GP <= 4 ? MSA_SCORE_CTAS_PER_SM : 1) msa_score_kernel(msa_args a) {
+  dev_pdl_enter();
   constexpr int KPW = 16 / GP; /* keys per warp step: KPW * GP = 16 dots per lane */
   constexpr int SCORE_STEPS = GP / CH > 1 ? GP / CH : 1; /* steps loaded at once: 16 float4 per lane */
   __shared__ float warp_best[SCORE_WARPS][MSA_CHUNK_MAX][GP];
@@ -352,6 +353,7 @@ __device__ __forceinline__ void msa_slab_land(float *kf, const msa_slab8 &r) {
  * (ty, tx) = (warp * 2 + lane / 16, lane % 16) owns rows ty + 16 i and keys tx + 16 j (i, j < 8). */
 template <bool FP8>
 __global__ void __launch_bounds__(256, 2) msa_score_tile_kernel(msa_args a, int T, int tq) {
+  dev_pdl_enter();
   extern __shared__ float4 msa_tile_smem[];
   float *qs = (float *)msa_tile_smem;                    /* [128, LDQ]: row, dim */
   float *kf = qs + (size_t)MSA_TILE_ROWS * MSA_TILE_LDQ; /* [2][128, LDK]: key, dim of the slab */
@@ -436,6 +438,7 @@ __global__ void __launch_bounds__(256, 2) msa_score_tile_kernel(msa_args a, int 
 /* The selection of rows blockIdx.x * warps + warp (warps = blockDim.x / 32), one warp each,
  * from the scores of an earlier launch (or none: no token has candidates). */
 __global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args a, int rows) {
+  dev_pdl_enter();
   extern __shared__ uint32_t row_smem[]; /* per warp: keys [num_blocks], winners [topk] */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = (int)blockIdx.x * (int)(blockDim.x >> 5) + warp;
@@ -447,8 +450,8 @@ __global__ void __launch_bounds__(32 * SELECT_WARPS) msa_select_kernel(msa_args 
 
 template <int GP, bool FP8>
 static void msa_launch_scores_of(cuda_backend *cb, const msa_args &a, unsigned grid, size_t smem) {
-  if (a.kv.ihd <= 128) msa_score_kernel<GP, 1, FP8><<<grid, 32 * SCORE_WARPS, smem, cb->stream>>>(a);
-  else msa_score_kernel<GP, 2, FP8><<<grid, 32 * SCORE_WARPS, smem, cb->stream>>>(a);
+  if (a.kv.ihd <= 128) dev_launch(msa_score_kernel<GP, 1, FP8>, grid, 32 * SCORE_WARPS, smem, cb->stream, a);
+  else dev_launch(msa_score_kernel<GP, 2, FP8>, grid, 32 * SCORE_WARPS, smem, cb->stream, a);
 }
 
 template <int GP>
@@ -467,10 +470,10 @@ static void msa_launch_score_tiles(cuda_backend *cb, msa_args &a, int T) {
   const size_t smem = msa_tile_smem_bytes();
   if (a.kv.dtype == M3_KV_FP8) {
     cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<true>, smem, "msa_select (prefill tiles)");
-    msa_score_tile_kernel<true><<<grid, 256, smem, cb->stream>>>(a, T, tq);
+    dev_launch(msa_score_tile_kernel<true>, grid, 256, smem, cb->stream, a, T, tq);
   } else {
     cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<false>, smem, "msa_select (prefill tiles)");
-    msa_score_tile_kernel<false><<<grid, 256, smem, cb->stream>>>(a, T, tq);
+    dev_launch(msa_score_tile_kernel<false>, grid, 256, smem, cb->stream, a, T, tq);
   }
 }
 
@@ -530,6 +533,6 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   warps = warps < 1 ? 1 : warps > SELECT_WARPS ? SELECT_WARPS : warps;
   const size_t smem = (size_t)warps * row_bytes;
   cuda_allow_smem(cb, (const void *)msa_select_kernel, smem, "msa_select (shared memory for the candidates)");
-  msa_select_kernel<<<(unsigned)((rows + warps - 1) / warps), 32 * warps, smem, cb->stream>>>(a, rows);
+  dev_launch(msa_select_kernel, (unsigned)((rows + warps - 1) / warps), 32 * warps, smem, cb->stream, a, rows);
   cuda_launched(cb, "msa_select (top-k)");
 }

@@ -32,6 +32,7 @@ struct row_addend {
 
 __global__ void __launch_bounds__(512)
     rmsnorm_kernel(const float *x, cuda_weight w, int gain, float eps, int n, int vec, float *out) {
+  dev_pdl_enter();
   /* x is only read (no addend): the cast drops const for the shared body */
   norm_row((float *)x + (size_t)blockIdx.x * n, no_addend{}, w, gain, eps, n, vec,
            out + (size_t)blockIdx.x * n);
@@ -40,6 +41,7 @@ __global__ void __launch_bounds__(512)
 __global__ void __launch_bounds__(512) add_rmsnorm_kernel(float *x, const float *y, cuda_weight w,
                                                           int gain, float eps, int n, int vec,
                                                           float *out) {
+  dev_pdl_enter();
   const size_t r = (size_t)blockIdx.x * n;
   norm_row(x + r, row_addend{y + r, n, vec}, w, gain, eps, n, vec, out + r);
 }
@@ -51,8 +53,8 @@ void cuda_rmsnorm(m3_backend *be, const float *x, const m3_tensor *w, float eps,
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
   const int vec = n % 4 == 0 && aligned16(x) && aligned16(y);
-  rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, cuda_weight_of(w), gain_kind(w, n),
-                                                             eps, n, vec, y);
+  dev_launch(rmsnorm_kernel, nrows, norm_threads(n), 0, cb->stream, x, cuda_weight_of(w), gain_kind(w, n), eps, n, vec,
+             y);
   cuda_launched(cb, "rmsnorm");
 }
 
@@ -61,8 +63,8 @@ void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor 
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
   const int vec = n % 4 == 0 && aligned16(x) && aligned16(y) && aligned16(out);
-  add_rmsnorm_kernel<<<nrows, norm_threads(n), 0, cb->stream>>>(x, y, cuda_weight_of(w),
-                                                                 gain_kind(w, n), eps, n, vec, out);
+  dev_launch(add_rmsnorm_kernel, nrows, norm_threads(n), 0, cb->stream, x, y, cuda_weight_of(w), gain_kind(w, n), eps,
+             n, vec, out);
   cuda_launched(cb, "add_rmsnorm");
 }
 
@@ -73,6 +75,7 @@ typedef struct {
 /* One block per token: cos/sin of the token's fp32 angles once, then every (head, pair). */
 __global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nheads, int hd, int half,
                             rope_freqs f) {
+  dev_pdl_enter();
   __shared__ float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
   const int t = blockIdx.x;
   const float p = (float)pos[t];
@@ -113,7 +116,7 @@ void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, 
   rope_freqs f;
   int half = rope_frequencies(hd, rot, theta, &f);
   if (half <= 0 || T <= 0) return;
-  rope_kernel<<<T, 256, 0, cb->stream>>>(x, pos, nheads, hd, half, f);
+  dev_launch(rope_kernel, T, 256, 0, cb->stream, x, pos, nheads, hd, half, f);
   cuda_launched(cb, "rope");
 }
 
@@ -179,6 +182,7 @@ __device__ __forceinline__ float rope_head_elem(const float *buf, int i, int hal
 __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
     rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
                         int rows, int nheads, int hd, int half, rope_freqs f) {
+  dev_pdl_enter();
   __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = blockIdx.x * NORM_ROPE_WARPS + warp;
@@ -202,8 +206,8 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, 
   rope_freqs f;
   const int half = rope_frequencies(hd, rot, theta, &f);
   const int rows = T * nheads;
-  rmsnorm_rope_kernel<<<(rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS, 32 * NORM_ROPE_WARPS, 0,
-                        cb->stream>>>(x, cuda_weight_of(w), eps, pos, rows, nheads, hd, half, f);
+  dev_launch(rmsnorm_rope_kernel, (rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS, 32 * NORM_ROPE_WARPS, 0, cb->stream,
+             x, cuda_weight_of(w), eps, pos, rows, nheads, hd, half, f);
   cuda_launched(cb, "rmsnorm_rope");
 }
 
@@ -244,6 +248,7 @@ template <int FP8>
 __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
     kv_store_rope_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, int T, kv_rope_args a,
                          rope_freqs fk, rope_freqs fik) {
+  dev_pdl_enter();
   __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
   __shared__ float out_buf[FP8 ? NORM_ROPE_WARPS : 1][FP8 ? NORM_ROPE_MAX_HD : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -305,15 +310,16 @@ void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos
   if (kv->dtype == M3_KV_FP8) {
     a.kv_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
     a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
-    kv_store_rope_kernel<1><<<blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream>>>(*kv, pos, T, a, fk, fik);
+    dev_launch(kv_store_rope_kernel<1>, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, *kv, pos, T, a, fk, fik);
   } else {
-    kv_store_rope_kernel<0><<<blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream>>>(*kv, pos, T, a, fk, fik);
+    dev_launch(kv_store_rope_kernel<0>, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, *kv, pos, T, a, fk, fik);
   }
   cuda_launched(cb, "kv_store_rope");
 }
 
 __global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta,
                               float limit, float *out) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x)
     out[i] = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
@@ -323,11 +329,12 @@ void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t 
                      float beta, float limit, float *out) {
   cuda_backend *cb = cuda_of(be);
   if (n == 0) return;
-  swiglu_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(gate, up, n, alpha, beta, limit, out);
+  dev_launch(swiglu_kernel, elem_blocks(n), ELEM_THREADS, 0, cb->stream, gate, up, n, alpha, beta, limit, out);
   cuda_launched(cb, "swiglu_oai");
 }
 
 __global__ void add_kernel(float *x, const float *y, size_t n) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x)
     x[i] += y[i];
@@ -336,7 +343,7 @@ __global__ void add_kernel(float *x, const float *y, size_t n) {
 void cuda_add(m3_backend *be, float *x, const float *y, size_t n) {
   cuda_backend *cb = cuda_of(be);
   if (n == 0) return;
-  add_kernel<<<elem_blocks(n), ELEM_THREADS, 0, cb->stream>>>(x, y, n);
+  dev_launch(add_kernel, elem_blocks(n), ELEM_THREADS, 0, cb->stream, x, y, n);
   cuda_launched(cb, "add");
 }
 
@@ -441,6 +448,7 @@ __device__ __forceinline__ int cluster_row_pick(const float *l, int n, bool lead
 
 __global__ void __cluster_dims__(ARGMAX_CLUSTER, 1, 1) __launch_bounds__(ARGMAX_THREADS)
     argmax_rows_kernel(const float *logits, int vocab, int32_t *out) {
+  dev_pdl_enter();
   const int i = cluster_row_pick(logits + (size_t)blockIdx.y * vocab, vocab, true);
   if (i >= 0) out[blockIdx.y] = i;
 }
@@ -449,6 +457,7 @@ __global__ void __cluster_dims__(ARGMAX_CLUSTER, 1, 1) __launch_bounds__(ARGMAX_
  * whole-row index 0 as +inf (the pick's keys, as floats). */
 __global__ void __cluster_dims__(ARGMAX_CLUSTER, 1, 1) __launch_bounds__(ARGMAX_THREADS)
     argmax_pairs_kernel(const float *logits, int cols, int first, float *pairs) {
+  dev_pdl_enter();
   const float *l = logits + (size_t)blockIdx.y * cols;
   const int i = cluster_row_pick(l, cols, first == 0);
   if (i >= 0) {
@@ -466,8 +475,8 @@ m3_status cuda_argmax_rows(m3_backend *be, const float *logits, int nrows, int v
     int32_t *ids = (int32_t *)cuda_scratch(cb, bytes, "argmax_rows");
     if (ids) {
       for (int r0 = 0; r0 < nrows; r0 += ARGMAX_GRID_ROWS) /* grid.y holds 65535 */
-        argmax_rows_kernel<<<dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
-                             ARGMAX_THREADS, 0, cb->stream>>>(logits + (size_t)r0 * vocab, vocab, ids + r0);
+        dev_launch(argmax_rows_kernel, dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
+                   ARGMAX_THREADS, 0, cb->stream, logits + (size_t)r0 * vocab, vocab, ids + r0);
       cuda_launched(cb, "argmax_rows");
       cuda_note(cb, cudaMemcpyAsync(out_host, ids, bytes, cudaMemcpyDeviceToHost, cb->stream),
                 "argmax_rows");
@@ -482,8 +491,7 @@ void cuda_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols,
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || cols <= 0) return;
   for (int r0 = 0; r0 < nrows; r0 += ARGMAX_GRID_ROWS) /* grid.y holds 65535 */
-    argmax_pairs_kernel<<<dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
-                          ARGMAX_THREADS, 0, cb->stream>>>(logits + (size_t)r0 * cols, cols, first,
-                                                           pairs + 2 * (size_t)r0);
+    dev_launch(argmax_pairs_kernel, dim3(ARGMAX_CLUSTER, (unsigned)min(nrows - r0, (int)ARGMAX_GRID_ROWS)),
+               ARGMAX_THREADS, 0, cb->stream, logits + (size_t)r0 * cols, cols, first, pairs + 2 * (size_t)r0);
   cuda_launched(cb, "argmax_pairs");
 }

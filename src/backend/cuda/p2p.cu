@@ -228,6 +228,10 @@ template <int MODE, int PUSH>
 __global__ void __launch_bounds__(512)
     p2p_kernel(const __grid_constant__ p2p_view a, float *part, float *x, cuda_weight w, int gain, float eps, int cols,
                size_t n, int vec, float *out) {
+  /* No early start for the kernel after this one: its blocks would wait on this grid while
+   * holding SM room that the other ranks' blocks of this call may need (ranks sharing a GPU),
+   * and this grid's blocks wait for those. */
+  dev_pdl_wait();
   __shared__ uint32_t epoch;
   __shared__ int met;
   const int b = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
@@ -495,9 +499,8 @@ static void launch(const m3_p2p *p, const p2p_view &a, unsigned blocks, int thre
                    float *x, cuda_weight w, int gain, float eps, int cols, size_t n, int vec,
                    float *out) {
   if ((int)blocks <= p->push_blocks)
-    p2p_kernel<MODE, 1><<<blocks, threads, 0, p->cb->stream>>>(a, part, x, w, gain, eps, cols, n, vec, out);
-  else
-    p2p_kernel<MODE, 0><<<blocks, threads, 0, p->cb->stream>>>(a, part, x, w, gain, eps, cols, n, vec, out);
+    dev_launch(p2p_kernel<MODE, 1>, blocks, threads, 0, p->cb->stream, a, part, x, w, gain, eps, cols, n, vec, out);
+  else dev_launch(p2p_kernel<MODE, 0>, blocks, threads, 0, p->cb->stream, a, part, x, w, gain, eps, cols, n, vec, out);
 }
 
 extern "C" m3_status m3_p2p_all_reduce_sum(m3_p2p *p, float *buf, size_t n) {

@@ -273,6 +273,7 @@ __device__ __forceinline__ int id_of(unsigned long long key) {
 
 __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows_kernel(const float *logits, int vocab, const m3_row_sampling *rows, int32_t *out) {
+  dev_pdl_enter();
   __shared__ sample_shared sh;
   const m3_row_sampling p = rows[blockIdx.x];
   sample_row r;
@@ -322,7 +323,7 @@ m3_status cuda_sample_rows(m3_backend *be, const float *logits, int nrows, int v
       int32_t *ids = (int32_t *)(buf + param_bytes);
       cuda_note(cb, cudaMemcpyAsync(params, rows, param_bytes, cudaMemcpyHostToDevice, cb->stream),
                 "sample_rows");
-      sample_rows_kernel<<<nrows, SAMPLE_THREADS, 0, cb->stream>>>(logits, vocab, params, ids);
+      dev_launch(sample_rows_kernel, nrows, SAMPLE_THREADS, 0, cb->stream, logits, vocab, params, ids);
       cuda_launched(cb, "sample_rows");
       cuda_note(cb, cudaMemcpyAsync(out_host, ids, id_bytes, cudaMemcpyDeviceToHost, cb->stream),
                 "sample_rows");

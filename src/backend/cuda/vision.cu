@@ -14,6 +14,7 @@ static unsigned vis_blocks(size_t n) {
 }
 
 __global__ void vis_fill_nan_kernel(float *x, size_t n) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x)
     x[i] = __uint_as_float(0x7fc00000u);
@@ -22,7 +23,7 @@ __global__ void vis_fill_nan_kernel(float *x, size_t n) {
 /* The CPU's answer to arguments it cannot compute (vision_ops.c poison): NaN everywhere. */
 static void fill_nan(cuda_backend *cb, float *x, size_t n, const char *op) {
   if (n == 0) return;
-  vis_fill_nan_kernel<<<vis_blocks(n), VIS_THREADS, 0, cb->stream>>>(x, n);
+  dev_launch(vis_fill_nan_kernel, vis_blocks(n), VIS_THREADS, 0, cb->stream, x, n);
   cuda_launched(cb, op);
 }
 
@@ -34,6 +35,7 @@ static void fill_nan(cuda_backend *cb, float *x, size_t n, const char *op) {
  * writes only the elements it read itself, after both reductions. */
 __global__ void layernorm_kernel(const float *x, cuda_weight w, cuda_weight b, float eps, int n,
                                  float *y) {
+  dev_pdl_enter();
   const float *xr = x + (size_t)blockIdx.x * n;
   float *yr = y + (size_t)blockIdx.x * n;
   float s = 0.0f;
@@ -55,14 +57,14 @@ static void cuda_layernorm(m3_backend *be, const float *x, const m3_tensor *w, c
   cuda_backend *cb = cuda_of(be);
   if (nrows <= 0 || n <= 0) return;
   const int threads = n >= 1024 ? 512 : n >= 256 ? 256 : 64;
-  layernorm_kernel<<<nrows, threads, 0, cb->stream>>>(x, cuda_weight_of(w), cuda_weight_of(b), eps,
-                                                      n, y);
+  dev_launch(layernorm_kernel, nrows, threads, 0, cb->stream, x, cuda_weight_of(w), cuda_weight_of(b), eps, n, y);
   cuda_launched(cb, "layernorm");
 }
 
 /* ---- bias, GELU ---- */
 
 __global__ void add_bias_kernel(float *x, cuda_weight b, size_t total, int n) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x)
     x[i] += dev_w(b, 0, (int64_t)(i % (size_t)n));
@@ -72,13 +74,14 @@ static void cuda_add_bias(m3_backend *be, float *x, const m3_tensor *b, int T, i
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || n <= 0) return;
   const size_t total = (size_t)T * (size_t)n;
-  add_bias_kernel<<<vis_blocks(total), VIS_THREADS, 0, cb->stream>>>(x, cuda_weight_of(b), total, n);
+  dev_launch(add_bias_kernel, vis_blocks(total), VIS_THREADS, 0, cb->stream, x, cuda_weight_of(b), total, n);
   cuda_launched(cb, "add_bias");
 }
 
 /* 0.5 x (1 + erf(x / sqrt 2)) as 0.5 x erfc(-x / sqrt 2), as the CPU computes it (no cancellation
  * for negative x), products rounded in the CPU's order (no FMA). */
 __global__ void gelu_kernel(float *x, size_t n) {
+  dev_pdl_enter();
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     const float v = x[i];
@@ -89,7 +92,7 @@ __global__ void gelu_kernel(float *x, size_t n) {
 static void cuda_gelu(m3_backend *be, float *x, size_t n) {
   cuda_backend *cb = cuda_of(be);
   if (n == 0) return;
-  gelu_kernel<<<vis_blocks(n), VIS_THREADS, 0, cb->stream>>>(x, n);
+  dev_launch(gelu_kernel, vis_blocks(n), VIS_THREADS, 0, cb->stream, x, n);
   cuda_launched(cb, "gelu");
 }
 
@@ -103,6 +106,7 @@ typedef struct {
  * once, then every (head, pair i < 3F) rotates dims i and i + 3F; dims from 6F on pass through. */
 __global__ void rope3_kernel(float *x, const int32_t *__restrict__ pos, int nheads, int hd, int F,
                              rope3_freqs f) {
+  dev_pdl_enter();
   __shared__ float c[ROPE3_MAX_ANGLES], s[ROPE3_MAX_ANGLES];
   const int t = blockIdx.x, half = 3 * F;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -134,7 +138,7 @@ static void cuda_rope_3d(m3_backend *be, float *x, const int32_t *pos, int N, in
   rope3_freqs f;
   for (int j = 0; j < F; j++)
     f.inv_freq[j] = 1.0f / powf((float)theta, (float)(2 * j) / (float)axis_dim);
-  rope3_kernel<<<N, 128, 0, cb->stream>>>(x, pos, nheads, hd, F, f);
+  dev_launch(rope3_kernel, N, 128, 0, cb->stream, x, pos, nheads, hd, F, f);
   cuda_launched(cb, "rope_3d");
 }
 
@@ -178,6 +182,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2)
     attention_full_kernel(const float *__restrict__ q, const float *__restrict__ k,
                           const float *__restrict__ v, int N, int nh, int hd, float scale,
                           float *__restrict__ out) {
+  dev_pdl_enter();
   extern __shared__ float4 att_smem4[];
   const int ld = att_ld(hd), hd4 = (hd + 3) / 4 * 4;
   float *Qs = (float *)att_smem4;           /* [BQ, ld] */
@@ -313,8 +318,8 @@ static void launch_attention_full(cuda_backend *cb, const float *q, const float 
   const size_t smem = att_smem_bytes(hd);
   cuda_allow_smem(cb, (const void *)attention_full_kernel<DJ>, smem, "attention_full (shared memory)");
   dim3 grid((unsigned)((N + ATT_BQ - 1) / ATT_BQ), (unsigned)nh);
-  attention_full_kernel<DJ><<<grid, ATT_THREADS, smem, cb->stream>>>(q, k, v, N, nh, hd,
-                                                                     1.0f / sqrtf((float)hd), out);
+  dev_launch(attention_full_kernel<DJ>, grid, ATT_THREADS, smem, cb->stream, q, k, v, N, nh, hd,
+             1.0f / sqrtf((float)hd), out);
   cuda_launched(cb, "attention_full");
 }
 
