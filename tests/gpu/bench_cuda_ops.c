@@ -24,7 +24,8 @@
  *   - the routed experts of one full-width MoE layer at decode sizes and at 2048 and 8192 tokens,
  *     the latter as grouped GEMMs and on the default lanes (or M3_MOE_STREAMS), and at 8192 on
  *     1 stream and on 4 lanes: TFLOP/s (M3_BENCH_MOE_ONLY=1: these rows only;
- *     M3_BENCH_GROUPED_SWEEP=1: only the grouped GEMMs at 2048 and 8192, per tile candidate).
+ *     M3_BENCH_GROUPED_SWEEP=1: only the grouped GEMMs at 2048 and 8192, per tile candidate;
+ *     with M3_BENCH_GROUPED_ONLY=<candidate>, MXFP8 at that candidate alone).
  * Times are medians of repeated runs (host clock around a queue of launches, synchronized),
  * inputs are random (never zeros) and rotate over copies larger than L2 where that matters. */
 #include <cublasLt.h>
@@ -506,12 +507,14 @@ static void bench_moe(int T, int mx, m3_tensor w[3][MOE_E], double copy_gbs, FIL
 static void bench_grouped_sweep(double copy_gbs, FILE *table) {
   static const int Ts[2] = {2048, 8192};
   m3_backend *own = gpu, *tiled = NULL;
-  for (int mx = 0; mx < 2; mx++) {
+  const char *only_env = getenv("M3_BENCH_GROUPED_ONLY");
+  const int only = only_env ? atoi(only_env) : -1;
+  for (int mx = only >= 0; mx < 2; mx++) {
     static m3_tensor w[3][MOE_E];
     moe_weights_make(mx, w);
-    m3_status st;
-    int tile = 0;
-    while ((st = cuda_with_tile(tile, &tiled)) == M3_OK) {
+    m3_status st = M3_OK;
+    int tile = only >= 0 ? only : 0;
+    while ((only < 0 || tile == only) && (st = cuda_with_tile(tile, &tiled)) == M3_OK) {
       char label[64];
       snprintf(label, sizeof label, ", grouped GEMMs, M3_MOE_GROUPED_TILE=%d", tile);
       gpu = tiled;
@@ -520,7 +523,7 @@ static void bench_grouped_sweep(double copy_gbs, FILE *table) {
       tiled->ops->destroy(tiled);
       tile++;
     }
-    if (st != M3_ERR_ARG) must(st, "cuda backend, M3_MOE_GROUPED_TILE");
+    if (st != M3_OK && (only >= 0 || st != M3_ERR_ARG)) must(st, "cuda backend, M3_MOE_GROUPED_TILE");
     moe_weights_free(w);
   }
 }
