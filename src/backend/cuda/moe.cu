@@ -317,23 +317,15 @@ static void launch_grouped(cuda_backend *cb, int kind, dim3 grid, const cuda_wei
                            const m3_moe_experts *ex, float *out) {
   dim3 block(32 * MOE_ROWS_PER_BLOCK);
   float a = ex->alpha, b = ex->beta, l = ex->limit;
+  decltype(&moe_gemv_kernel<WK_ANY, GATED>) kernel;
   switch (kind) {
-    case WK_F32:
-      dev_launch(moe_gemv_kernel<WK_F32, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    case WK_BF16:
-      dev_launch(moe_gemv_kernel<WK_BF16, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    case WK_F16:
-      dev_launch(moe_gemv_kernel<WK_F16, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    case WK_E4M3:
-      dev_launch(moe_gemv_kernel<WK_E4M3, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    default:
-      dev_launch(moe_gemv_kernel<WK_ANY, GATED>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
+    case WK_F32: kernel = moe_gemv_kernel<WK_F32, GATED>; break;
+    case WK_BF16: kernel = moe_gemv_kernel<WK_BF16, GATED>; break;
+    case WK_F16: kernel = moe_gemv_kernel<WK_F16, GATED>; break;
+    case WK_E4M3: kernel = moe_gemv_kernel<WK_E4M3, GATED>; break;
+    default: kernel = moe_gemv_kernel<WK_ANY, GATED>; break;
   }
+  dev_launch(kernel, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu)" : "moe_experts (down)");
 }
 
@@ -388,20 +380,14 @@ static void launch_grouped_warp(cuda_backend *cb, int kind, unsigned experts, co
   const dim3 grid((unsigned)((rows + MOE_ROWS_PER_BLOCK * RW - 1) / (MOE_ROWS_PER_BLOCK * RW)), experts);
   const dim3 block(32 * MOE_ROWS_PER_BLOCK);
   const float a = ex->alpha, b = ex->beta, l = ex->limit;
+  decltype(&moe_warp_kernel<WK_E4M3, GATED, RW>) kernel;
   switch (kind) {
-    case WK_F32:
-      dev_launch(moe_warp_kernel<WK_F32, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    case WK_BF16:
-      dev_launch(moe_warp_kernel<WK_BF16, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    case WK_F16:
-      dev_launch(moe_warp_kernel<WK_F16, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
-    default:
-      dev_launch(moe_warp_kernel<WK_E4M3, GATED, RW>, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
-      break;
+    case WK_F32: kernel = moe_warp_kernel<WK_F32, GATED, RW>; break;
+    case WK_BF16: kernel = moe_warp_kernel<WK_BF16, GATED, RW>; break;
+    case WK_F16: kernel = moe_warp_kernel<WK_F16, GATED, RW>; break;
+    default: kernel = moe_warp_kernel<WK_E4M3, GATED, RW>; break;
   }
+  dev_launch(kernel, grid, block, 0, cb->stream, w0, w1, g, x, k, a, b, l, out);
   cuda_launched(cb, GATED ? "moe_experts (gate, up, swiglu; one token)" : "moe_experts (down; one token)");
 }
 
