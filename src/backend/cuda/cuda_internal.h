@@ -148,7 +148,7 @@ __device__ __forceinline__ void dev_pdl_enter(void) {
 }
 
 /* The arguments take the kernel's parameter types at the call (dev_param_of: not deduced), as
- * they do in a <<<>>> launch (NULL becomes a pointer, an int a size_t). */
+ * they do in a triple-chevron launch (NULL becomes a pointer, an int a size_t). */
 template <typename T> struct dev_param_of {
   typedef T type;
 };
