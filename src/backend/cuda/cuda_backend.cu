@@ -232,8 +232,6 @@ static void cuda_release_tensor(m3_backend *be, m3_tensor *t) {
   t->scale = NULL;
 }
 
-int cuda_pdl = 1;
-
 /* ---- recorded decode steps (CUDA graphs) ---- */
 
 struct m3_graph {
@@ -406,8 +404,6 @@ extern "C" m3_status m3_backend_cuda_create(int device, m3_backend **out) {
   const char *gemv_old = getenv("M3_CUDA_GEMV_OLD"), *mx1 = getenv("M3_CUDA_MX1");
   cb->gemv_old = gemv_old && strcmp(gemv_old, "1") == 0;
   cb->mx1_off = mx1 && strcmp(mx1, "0") == 0;
-  const char *pdl = getenv("M3_CUDA_PDL");
-  cuda_pdl = !(pdl && strcmp(pdl, "0") == 0);
   cb->lt_workspace_bytes = LT_WORKSPACE_BYTES;
   const char *step = "cudaStreamCreate";
   e = cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking);

@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 extern "C" { /* the C headers of the rest of m3 */
 #include "backend/backend.h"
@@ -124,8 +126,14 @@ static inline void cuda_launched(cuda_backend *cb, const char *op) {
  * launch, and the ramp of the next grid onto the SMs), which a decode step of a few dozen
  * kernels of a few microseconds each pays at every boundary. Since each kernel waits for the one
  * before, which waited for its own predecessor, every earlier write is visible too.
- * cuda_pdl = 0 (M3_CUDA_PDL=0 at backend creation) launches as before, for comparison. */
-extern int cuda_pdl;
+ * M3_CUDA_PDL=0 launches as before, for comparison. */
+
+/* Whether launches ask for it: M3_CUDA_PDL, read once (a function-local static is initialized
+ * once even when the backends of several GPUs launch from their own threads). */
+static inline int cuda_pdl_on(void) {
+  static const int on = getenv("M3_CUDA_PDL") == NULL || strcmp(getenv("M3_CUDA_PDL"), "0") != 0;
+  return on;
+}
 
 /* Waits until the kernel before this one on the stream has finished and its writes are visible
  * (returns at once when it already has, or when launched without the attribute). */
@@ -165,7 +173,7 @@ static inline void dev_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = &attr;
-  cfg.numAttrs = cuda_pdl ? 1 : 0;
+  cfg.numAttrs = cuda_pdl_on() ? 1 : 0;
   cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
