@@ -72,6 +72,12 @@ typedef struct {
   float inv_freq[ROPE_MAX_HALF];
 } rope_freqs;
 
+/* Pair (a, b) = (x[i], x[i + half]) rotated by the angle of cosine c and sine s: x * cos +
+ * rotate_half(x) * sin, two rounded products, then the sum (no FMA), as the CPU backend does. */
+__device__ __forceinline__ float2 rope_rotate(float a, float b, float c, float s) {
+  return make_float2(__fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s)), __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+}
+
 /* One block per token: cos/sin of the token's fp32 angles once, then every (head, pair). */
 __global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nheads, int hd, int half,
                             rope_freqs f) {
@@ -88,10 +94,9 @@ __global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nhead
   for (int e = threadIdx.x; e < nheads * half; e += blockDim.x) {
     int h = e / half, i = e % half;
     float *v = x + ((size_t)t * nheads + h) * hd;
-    float a = v[i], b = v[i + half];
-    /* x * cos + rotate_half(x) * sin: two rounded products, then the sum (no FMA). */
-    v[i] = __fadd_rn(__fmul_rn(a, c[i]), __fmul_rn(-b, s[i]));
-    v[i + half] = __fadd_rn(__fmul_rn(b, c[i]), __fmul_rn(a, s[i]));
+    const float2 r = rope_rotate(v[i], v[i + half], c[i], s[i]);
+    v[i] = r.x;
+    v[i + half] = r.y;
   }
 }
 
@@ -164,34 +169,53 @@ __device__ __forceinline__ void norm_head_to_shared(const float *__restrict__ v,
   __syncwarp();
 }
 
-/* Element i of the normed head in buf after rope_kernel's rotation at position p (i >= 2 * half:
- * not rotated). */
-__device__ __forceinline__ float rope_head_elem(const float *buf, int i, int half, float p,
-                                                const rope_freqs &f) {
-  if (i >= 2 * half) return buf[i];
-  const int j = i < half ? i : i - half;
-  const float angle = __fmul_rn(p, f.inv_freq[j]);
-  const float c = cosf(angle), s = sinf(angle);
-  const float a = buf[j], b = buf[j + half];
-  return i < half ? __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s))
-                  : __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+/* The normed head in buf [hd] after rope_kernel's rotation at position p, into dst [hd]: lane
+ * takes pairs j = lane, lane + 32, ... < half (j and j + half share one angle, computed once),
+ * then the unrotated rest. cs: the angles' (cos, sin) already in shared memory (the block's
+ * heads all of one token), or NULL to compute them here. */
+__device__ __forceinline__ void rope_head_store(const float *buf, float *dst, int hd, int half, float p,
+                                                const rope_freqs &f, const float2 *cs, int lane) {
+  for (int j = lane; j < half; j += 32) {
+    float2 t;
+    if (cs) {
+      t = cs[j];
+    } else {
+      const float angle = __fmul_rn(p, f.inv_freq[j]);
+      t = make_float2(cosf(angle), sinf(angle));
+    }
+    const float2 r = rope_rotate(buf[j], buf[j + half], t.x, t.y);
+    dst[j] = r.x;
+    dst[j + half] = r.y;
+  }
+  for (int i = 2 * half + lane; i < hd; i += 32) dst[i] = buf[i];
 }
 
 /* One warp per head vector (row r = t * nheads + h of x): norm_head_to_shared, then the rotation
- * written back. One launch and one read and write of x instead of two. */
+ * written back. One launch and one read and write of x instead of two. Where the block's rows
+ * are heads of one token (nheads a multiple of the warps, as M3's 64 query heads), the token's
+ * cos and sin are computed once for the block, not once per head: the same values (H200, an
+ * 8192-token prompt's 64 query heads: the trigonometry, not the bytes, was most of the time). */
 __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
     rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
                         int rows, int nheads, int hd, int half, rope_freqs f) {
   dev_pdl_enter();
   __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
+  __shared__ float2 token_cs[NORM_ROPE_MAX_HD / 2];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r = blockIdx.x * NORM_ROPE_WARPS + warp;
-  if (r >= rows) return; /* whole warps leave: no block-wide barrier follows */
-  float *v = x + (size_t)r * hd;
-  float *buf = row_buf[warp];
-  norm_head_to_shared(v, w, eps, hd, buf, lane);
-  const float p = (float)pos[r / nheads];
-  for (int i = lane; i < hd; i += 32) v[i] = rope_head_elem(buf, i, half, p, f);
+  const int r0 = blockIdx.x * NORM_ROPE_WARPS, r = r0 + warp;
+  const int last = r0 + NORM_ROPE_WARPS - 1 < rows ? r0 + NORM_ROPE_WARPS - 1 : rows - 1;
+  const bool one_token = r0 / nheads == last / nheads; /* the same for the whole block */
+  const float p = (float)pos[(r < rows ? r : last) / nheads]; /* loaded beside the row's elements */
+  float *v = x + (size_t)r * hd, *buf = row_buf[warp];
+  if (r < rows) norm_head_to_shared(v, w, eps, hd, buf, lane);
+  if (one_token) { /* every warp of the block, rows or not */
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+      const float angle = __fmul_rn(p, f.inv_freq[j]);
+      token_cs[j] = make_float2(cosf(angle), sinf(angle));
+    }
+    __syncthreads();
+  }
+  if (r < rows) rope_head_store(buf, v, hd, half, p, f, one_token ? token_cs : NULL, lane);
 }
 
 void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
@@ -221,7 +245,7 @@ typedef struct {
 } kv_rope_args;
 
 /* Head vector src [dim], normed with w and rotated at position p (norm_head_to_shared,
- * rope_head_elem: rmsnorm_rope_kernel's bits), into row r of its page: float32 straight from
+ * rope_head_store: rmsnorm_rope_kernel's bits), into row r of its page: float32 straight from
  * the rotation; fp8 staged in out [dim] and quantized by kv8_store_row, kv_store's code (a key
  * head, not the index key, through the key rotation). */
 template <int FP8>
@@ -231,12 +255,11 @@ __device__ __forceinline__ void store_normed_head(const float *__restrict__ src,
                                                   float *buf, float *out, int lane) {
   norm_head_to_shared(src, w, eps, dim, buf, lane);
   if (FP8) {
-    for (int i = lane; i < dim; i += 32) out[i] = rope_head_elem(buf, i, half, p, f);
+    rope_head_store(buf, out, dim, half, p, f, NULL, lane);
     __syncwarp();
     kv8_store_row(page, rows, dim, r, out, key, lane);
   } else {
-    float *dst = (float *)page + (size_t)r * dim;
-    for (int i = lane; i < dim; i += 32) dst[i] = rope_head_elem(buf, i, half, p, f);
+    rope_head_store(buf, (float *)page + (size_t)r * dim, dim, half, p, f, NULL, lane);
   }
 }
 
