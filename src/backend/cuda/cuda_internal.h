@@ -118,6 +118,7 @@ m3_status cuda_take_error(cuda_backend *cb, const char *what);
 static inline void cuda_launched(cuda_backend *cb, const char *op) {
   cuda_note(cb, cudaGetLastError(), op);
 }
+
 /* Programmatic dependent launch. Every kernel of this backend starts with dev_pdl_enter and is
  * launched by dev_launch, which lets it start while the kernel before it on the stream is still
  * running (in a recorded graph, a programmatic edge): its blocks are placed as soon as every
