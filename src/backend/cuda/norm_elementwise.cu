@@ -78,23 +78,26 @@ __device__ __forceinline__ float2 rope_rotate(float a, float b, float c, float s
   return make_float2(__fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s)), __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
 }
 
+/* (cos, sin) of pair j's fp32 angle at position p: every rotation of this file takes its angles
+ * here, so that they all rotate by the same bits. */
+__device__ __forceinline__ float2 rope_cos_sin(float p, const rope_freqs &f, int j) {
+  const float angle = __fmul_rn(p, f.inv_freq[j]);
+  return make_float2(cosf(angle), sinf(angle));
+}
+
 /* One block per token: cos/sin of the token's fp32 angles once, then every (head, pair). */
 __global__ void rope_kernel(float *x, const int32_t *__restrict__ pos, int nheads, int hd, int half,
                             rope_freqs f) {
   dev_pdl_enter();
-  __shared__ float c[ROPE_MAX_HALF], s[ROPE_MAX_HALF];
+  __shared__ float2 cs[ROPE_MAX_HALF];
   const int t = blockIdx.x;
   const float p = (float)pos[t];
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float angle = __fmul_rn(p, f.inv_freq[i]);
-    c[i] = cosf(angle);
-    s[i] = sinf(angle);
-  }
+  for (int i = threadIdx.x; i < half; i += blockDim.x) cs[i] = rope_cos_sin(p, f, i);
   __syncthreads();
   for (int e = threadIdx.x; e < nheads * half; e += blockDim.x) {
     int h = e / half, i = e % half;
     float *v = x + ((size_t)t * nheads + h) * hd;
-    const float2 r = rope_rotate(v[i], v[i + half], c[i], s[i]);
+    const float2 r = rope_rotate(v[i], v[i + half], cs[i].x, cs[i].y);
     v[i] = r.x;
     v[i + half] = r.y;
   }
@@ -176,13 +179,7 @@ __device__ __forceinline__ void norm_head_to_shared(const float *__restrict__ v,
 __device__ __forceinline__ void rope_head_store(const float *buf, float *dst, int hd, int half, float p,
                                                 const rope_freqs &f, const float2 *cs, int lane) {
   for (int j = lane; j < half; j += 32) {
-    float2 t;
-    if (cs) {
-      t = cs[j];
-    } else {
-      const float angle = __fmul_rn(p, f.inv_freq[j]);
-      t = make_float2(cosf(angle), sinf(angle));
-    }
+    const float2 t = cs ? cs[j] : rope_cos_sin(p, f, j);
     const float2 r = rope_rotate(buf[j], buf[j + half], t.x, t.y);
     dst[j] = r.x;
     dst[j + half] = r.y;
@@ -209,10 +206,7 @@ __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
   float *v = x + (size_t)(r < rows ? r : last) * hd, *buf = row_buf[warp];
   if (r < rows) norm_head_to_shared(v, w, eps, hd, buf, lane);
   if (one_token) { /* every warp of the block, rows or not */
-    for (int j = threadIdx.x; j < half; j += blockDim.x) {
-      const float angle = __fmul_rn(p, f.inv_freq[j]);
-      token_cs[j] = make_float2(cosf(angle), sinf(angle));
-    }
+    for (int j = threadIdx.x; j < half; j += blockDim.x) token_cs[j] = rope_cos_sin(p, f, j);
     __syncthreads();
   }
   if (r < rows) rope_head_store(buf, v, hd, half, p, f, one_token ? token_cs : NULL, lane);
