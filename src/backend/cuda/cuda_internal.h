@@ -347,7 +347,7 @@ __device__ __forceinline__ void dev_bulk_copy(void *dst, const void *src, uint32
 /* ---- the MoE prefill as grouped GEMMs (moe_grouped.cu) ---- */
 
 /* The candidate tile shapes of the grouped GEMMs (moe_grouped.cu GG_TILES; gg_tile the default). */
-enum { MOE_GROUPED_TILES = 9 };
+enum { MOE_GROUPED_TILES = 10 };
 
 /* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as
  * input: BF16 or MXFP8 weights (gate and down of one form; MXFP8 with a finite SwiGLU clamp) with

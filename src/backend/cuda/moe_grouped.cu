@@ -41,9 +41,11 @@
  * x 8 / WM over B rows, each warp BM / WM = 64 rows by BN * WM / 8 B rows (32 or 64). KIND 1
  * (wgmma): BM 128 and BK 64, two warpgroups of 64 rows by all BN B rows. KIND 2 (MXFP8; BF16
  * takes KIND 1): the weights as wgmma's A operand from registers, BN 256 weight rows by BM 128
- * tokens (moe_grouped_ra_kernel). Gate/up tiles hold BN / 2 gate rows and the same BN / 2 rows
- * of up. MINB 2 caps registers at 128: only where that compiles without spills (ptxas -v), else 1
- * and the shared memory sized for one block. */
+ * tokens (moe_grouped_ra_kernel). KIND 3 (MXFP8): kind 2's tile with a warpgroup that only
+ * copies, 384 threads (moe_grouped_ws_kernel); BF16 takes KIND 1 with at most 4 stages (a BF16
+ * B tile is twice the E4M3 one: 6 stages would not fit). Gate/up tiles hold BN / 2 gate rows and
+ * the same BN / 2 rows of up. MINB 2 caps registers at 128: only where that compiles without
+ * spills (ptxas -v), else 1 and the shared memory sized for one block. */
 #define GG_TILES(X)                 \
   X(0, 128, 128, 32, 4, 2, 2, 0)    \
   X(1, 128, 128, 64, 4, 2, 1, 0)    \
@@ -53,7 +55,8 @@
   X(5, 128, 128, 32, 6, 2, 2, 0)    \
   X(6, 128, 256, 64, 4, 2, 1, 1)    \
   X(7, 128, 128, 64, 3, 2, 2, 1)    \
-  X(8, 128, 256, 64, 4, 2, 1, 2)
+  X(8, 128, 256, 64, 4, 2, 1, 2)    \
+  X(9, 128, 256, 64, 6, 2, 1, 3)
 
 enum {
   GG_THREADS = 256,
@@ -646,14 +649,33 @@ __device__ __forceinline__ void gw_mma(float d[BN / 2], uint64_t da, uint64_t db
   if constexpr (BN == 256 && !F16) GW_MMA(256, ".bf16.bf16", GW_REGS128, "%130", GW_D128);
 }
 
-/* d (64 x 128 of the warpgroup) += A (64 x 16, this thread's m16n8k16-style fragment a[4] of its
- * warp's 16 rows, f16 pairs in registers) B (128 x 16 at descriptor db)^T, float32 sums. */
+/* d (64 x NTOK of the warpgroup) += A (64 x 16, this thread's m16n8k16-style fragment a[4] of its
+ * warp's 16 rows, f16 pairs in registers) B (NTOK x 16 at descriptor db)^T, float32 sums in
+ * d[0 .. NTOK / 2 - 1]. NTOK 16, 32, 64 or 128: the register-operand kernels multiply a ragged
+ * token tile at the least of these that holds its rows. */
+#define GW_ACC8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define GW_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define GW_ACC32                                                                                        \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define GW_MMA_RA(n, acc, a_regs, db_reg, scale_reg, ...)                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " scale_reg ", 0;\nwgmma.mma_async.sync.aligned.m64n" #n \
+               "k16.f32.f16.f16 " acc ", {" a_regs "}, " db_reg ", p, 1, 1, 0;\n}"                         \
+               : __VA_ARGS__                                                                                \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+template <int NTOK>
 __device__ __forceinline__ void gw_mma_ra(float d[64], const uint32_t a[4], uint64_t db) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-               GW_ACC64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-               : GW_D64
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  static_assert(NTOK == 16 || NTOK == 32 || NTOK == 64 || NTOK == 128, "token tiles of 16, 32, 64 or 128");
+  if constexpr (NTOK == 16) GW_MMA_RA(16, GW_ACC8, "%8, %9, %10, %11", "%12", "%13", GW_D8(0));
+  if constexpr (NTOK == 32) GW_MMA_RA(32, GW_ACC16, "%16, %17, %18, %19", "%20", "%21", GW_D8(0), GW_D8(8));
+  if constexpr (NTOK == 64)
+    GW_MMA_RA(64, GW_ACC32, "%32, %33, %34, %35", "%36", "%37", GW_D8(0), GW_D8(8), GW_D8(16), GW_D8(24));
+  if constexpr (NTOK == 128) GW_MMA_RA(128, GW_ACC64, "%64, %65, %66, %67", "%68", "%69", GW_D64);
 }
+#undef GW_MMA_RA
+#undef GW_ACC32
+#undef GW_ACC16
+#undef GW_ACC8
 #undef GW_MMA
 #undef GW_D128
 #undef GW_D64
@@ -773,6 +795,122 @@ template <class C> struct gr_layout {
   };
 };
 
+/* This thread's weight rows in the B tile (kinds 2 and 3; thread tid < GG_THREADS of the
+ * multiplying warps): rb[j], j = 2 m + h, m the warpgroup's 64-row block, h the fragment's row g
+ * or g + 8; sc[j] their scales at chunk q's block (NULL past N), s_next[j] those of step 0, and
+ * smax[j] their largest (the epilogue's powers of two too: a thread's outputs are its own rows'). */
+struct gr_rows {
+  int rb[4], smax[4];
+  const uint8_t *sc[4];
+  uint8_t s_next[4];
+};
+
+template <class C, int GATED>
+__device__ __forceinline__ void gr_rows_setup(const cuda_weight &w0, const cuda_weight &w1, int64_t n0, int64_t K,
+                                              int64_t N, int tid, gr_rows &r) {
+  const int wg = tid >> 7, wi = (tid >> 5) & 3, g = (tid & 31) >> 2, q = tid & 3;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int m = j >> 1, h = j & 1;
+    r.rb[j] = (GATED ? (C::BN / 2) * m + 64 * wg : 128 * wg + 64 * m) + 16 * wi + g + 8 * h;
+    r.sc[j] = gg_row_scales<C, GATED>(w0, w1, n0, K, N, r.rb[j], q, &r.smax[j]);
+    r.s_next[j] = r.sc[j] ? r.sc[j][0] : 127;
+  }
+}
+
+/* This thread's fragments f[m][k16 step][a0..a3] of K step t, decoded from ring slot t % STAGES
+ * of the shared memory at smem_p (its copies landed); r.s_next: the scales of step t, replaced by
+ * step t + 1's (a load a step ahead). */
+template <class C>
+__device__ __forceinline__ void gr_decode(const uint8_t *smem_p, int t, int KT, int q, gr_rows &r,
+                                          uint32_t (&f)[2][4][4]) {
+  const uint8_t *raw = smem_p + (size_t)(t % C::STAGES) * gg_smem_layout<C, 1>::stage + C::A_BYTES + 16 * q;
+  uint4 u[4];
+  __half2 fac[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    u[j] = *(const uint4 *)(raw + r.rb[j] * C::BK);
+    fac[j] = gg_block_factor(r.s_next[j], r.smax[j]);
+    if (r.sc[j] && t + 1 < KT) r.s_next[j] = r.sc[j][(size_t)(t + 1) * (C::BK / GG_MX_BLOCK)];
+  }
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const uint32_t word[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
+#pragma unroll
+    for (int st = 0; st < 4; st++) { /* bytes 0, 1: columns 2q, 2q + 1 (a0 / a1); 2, 3: 2q + 8, 2q + 9 (a2 / a3) */
+      uint32_t pair[2];
+      gg_e4m3x4_to_f16(word[st], fac[j], pair);
+      f[j >> 1][st][j & 1] = pair[0];
+      f[j >> 1][st][2 + (j & 1)] = pair[1];
+    }
+  }
+}
+
+/* The outputs of a kind 2 or 3 tile, NTOK tokens multiplied (rows <= NTOK), from d[m][4 i + 2 hh
+ * + jj]: weight row 16 wi + g + 8 hh of block m (r.rb[2 m + hh]), token 8 i + 2 q + jj. Staged in
+ * the ring's shared memory at smem_p (every multiplying warp done with it), to store whole token
+ * rows: act [n, I] f16 (permuted, times 2^act_exp) or y [n, H] float32. The multiplying warps
+ * meet at named barrier 1 (a producer warpgroup, if any, takes no part). */
+template <class C, int GATED, int NTOK>
+__device__ __forceinline__ void gr_epilogue(uint8_t *smem_p, const float (&d)[2][64], const gr_rows &r,
+                                            const int32_t *__restrict__ a_exp, int act_exp, int m0, int rows,
+                                            int64_t n0, int64_t N, float alpha, float beta, float limit,
+                                            void *__restrict__ out, int tid) {
+  const int wg = tid >> 7, wi = (tid >> 5) & 3, g = (tid & 31) >> 2, q = tid & 3;
+  dev_bar_sync_first<GG_THREADS>(); /* the ring's shared memory now stages the outputs */
+  if constexpr (GATED) {
+    uint16_t *st = (uint16_t *)smem_p; /* [BM tokens][ACT_LD]: act columns n0 .. n0 + BN/2 - 1, permuted */
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
+      const int bg = r.smax[hh] - GG_MX_UNSCALE, bu = r.smax[2 + hh] - GG_MX_UNSCALE;
+#pragma unroll
+      for (int i = 0; i < NTOK / 8; i++)
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+          const int t = 8 * i + 2 * q + jj;
+          if (t >= rows) continue;
+          const int ea = a_exp[m0 + t];
+          const float v = dev_swiglu_oai(ldexpf(d[0][4 * i + 2 * hh + jj], bg - ea),
+                                         ldexpf(d[1][4 * i + 2 * hh + jj], bu - ea), alpha, beta, limit);
+          const __half hv = __float2half_rn(ldexpf(v, act_exp));
+          st[t * gr_layout<C>::ACT_LD + pc] = *(const uint16_t *)&hv;
+        }
+    }
+    dev_bar_sync_first<GG_THREADS>();
+    enum { CHUNKS = C::BN / 2 / 8 }; /* 16-byte chunks of a token's act columns */
+    for (int i = tid; i < rows * CHUNKS; i += GG_THREADS) {
+      const int t = i / CHUNKS, c8 = 8 * (i % CHUNKS);
+      if (n0 + c8 < N)
+        *(uint4 *)((uint16_t *)out + (size_t)(m0 + t) * (size_t)N + n0 + c8) =
+            *(const uint4 *)(st + t * gr_layout<C>::ACT_LD + c8);
+    }
+  } else {
+    float *st = (float *)smem_p; /* [BM tokens][Y_LD]: y columns n0 .. n0 + BN - 1 */
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        const int c = 128 * wg + 64 * m + 16 * wi + g + 8 * hh, be = r.smax[2 * m + hh] - GG_MX_UNSCALE - act_exp;
+#pragma unroll
+        for (int i = 0; i < NTOK / 8; i++)
+#pragma unroll
+          for (int jj = 0; jj < 2; jj++) {
+            const int t = 8 * i + 2 * q + jj;
+            st[t * gr_layout<C>::Y_LD + c] = ldexpf(d[m][4 * i + 2 * hh + jj], be);
+          }
+      }
+    dev_bar_sync_first<GG_THREADS>();
+    enum { CHUNKS = C::BN / 4 };
+    for (int i = tid; i < rows * CHUNKS; i += GG_THREADS) {
+      const int t = i / CHUNKS, c4 = 4 * (i % CHUNKS);
+      if (n0 + c4 < N)
+        *(float4 *)((float *)out + (size_t)(m0 + t) * (size_t)N + n0 + c4) =
+            *(const float4 *)(st + t * gr_layout<C>::Y_LD + c4);
+    }
+  }
+}
+
 template <class C, int GATED>
 __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL_PARAMS) {
   dev_pdl_enter();
@@ -783,7 +921,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
   int e, m0, rows;
   if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
   const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
-  const int tid = threadIdx.x, wg = tid >> 7, wi = (tid >> 5) & 3, g = (tid & 31) >> 2, q = tid & 3;
+  const int tid = threadIdx.x, q = tid & 3;
   const cuda_weight &w0 = ws[e], &w1 = GATED ? ws[E + e] : ws[e];
   gg_chunks<C, 1> ch;
   gg_setup_copies<C, GATED, 1>(w0, w1, a, m0, rows, n0, K, N, tid, ch);
@@ -791,44 +929,8 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
   const uint32_t smem = raw_base + align;
   uint8_t *smem_p = gg_smem + align;
   const int KT = (int)(K / BK);
-
-  /* this thread's weight rows in the B tile: j = 2 m + h, m the warpgroup's 64-row block, h the
-   * fragment's row g or g + 8; their scales at chunk q's block, and their largest (the epilogue's
-   * powers of two too: a thread's outputs are its own rows') */
-  int rb[4], smax[4];
-  const uint8_t *sc[4];
-  uint8_t s_next[4];
-#pragma unroll
-  for (int j = 0; j < 4; j++) {
-    const int m = j >> 1, h = j & 1;
-    rb[j] = (GATED ? (C::BN / 2) * m + 64 * wg : 128 * wg + 64 * m) + 16 * wi + g + 8 * h;
-    sc[j] = gg_row_scales<C, GATED>(w0, w1, n0, K, N, rb[j], q, &smax[j]);
-    s_next[j] = sc[j] ? sc[j][0] : 127;
-  }
-
-  /* fragments [m][k16 step][a0..a3] of step t from ring slot t % S (its copies landed) */
-  auto decode = [&](int t, uint32_t (&f)[2][4][4]) {
-    const uint8_t *raw = smem_p + (size_t)(t % S) * STAGE + C::A_BYTES + 16 * q;
-    uint4 u[4];
-    __half2 fac[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      u[j] = *(const uint4 *)(raw + rb[j] * BK);
-      fac[j] = gg_block_factor(s_next[j], smax[j]);
-      if (sc[j] && t + 1 < KT) s_next[j] = sc[j][(size_t)(t + 1) * (BK / GG_MX_BLOCK)];
-    }
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const uint32_t word[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
-#pragma unroll
-      for (int st = 0; st < 4; st++) { /* bytes 0, 1: columns 2q, 2q + 1 (a0 / a1); 2, 3: 2q + 8, 2q + 9 (a2 / a3) */
-        uint32_t pair[2];
-        gg_e4m3x4_to_f16(word[st], fac[j], pair);
-        f[j >> 1][st][j & 1] = pair[0];
-        f[j >> 1][st][2 + (j & 1)] = pair[1];
-      }
-    }
-  };
+  gr_rows r;
+  gr_rows_setup<C, GATED>(w0, w1, n0, K, N, tid, r);
 
   float d[2][64];
 #pragma unroll
@@ -856,7 +958,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
 #pragma unroll
     for (int st = 0; st < 4; st++)
 #pragma unroll
-      for (int m = 0; m < 2; m++) gw_mma_ra(d[m], cur[m][st], db + 2 * st);
+      for (int m = 0; m < 2; m++) gw_mma_ra<128>(d[m], cur[m][st], db + 2 * st);
     gw_commit();
     gw_wait<1>();
     dev_cp_async_wait<S - 3>();
@@ -864,13 +966,13 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
     __syncthreads();
     if (kt + S - 1 < KT) gg_load_stage<C, 1>(smem, kt + S - 1, ch);
     dev_cp_async_commit();
-    if (kt + 1 < KT) decode(kt + 1, nxt);
+    if (kt + 1 < KT) gr_decode<C>(smem_p, kt + 1, KT, q, r, nxt);
   };
   uint32_t af0[2][4][4], af1[2][4][4];
   dev_cp_async_wait<S - 2>();
   gw_fence_shared();
   __syncthreads();
-  decode(0, af0);
+  gr_decode<C>(smem_p, 0, KT, q, r, af0);
   for (int kt = 0; kt < KT; kt += 2) {
     step(kt, af0, af1);
     if (kt + 1 < KT) step(kt + 1, af1, af0);
@@ -879,60 +981,165 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
   gw_hold<64>(d[0]);
   gw_hold<64>(d[1]);
   dev_cp_async_wait<0>();
-  __syncthreads(); /* the ring's shared memory now stages the outputs */
+  gr_epilogue<C, GATED, 128>(smem_p, d, r, a_exp, act_exp, m0, rows, n0, N, alpha, beta, limit, out, tid);
+}
 
-  /* d[m][4 i + 2 hh + jj]: weight row 16 wi + g + 8 hh of block m (rb[2 m + hh]), token 8 i + 2 q + jj */
-  if constexpr (GATED) {
-    uint16_t *st = (uint16_t *)smem_p; /* [BM tokens][ACT_LD]: act columns n0 .. n0 + BN/2 - 1, permuted */
+/* ---- kind 2's tiles with warp specialization (kind 3) ----
+ * Kind 2's warps each copy, decode and multiply, and meet at a block barrier every step; its
+ * tensor pipe was busy 43-45% of the time. Here a third warpgroup only copies (cp.async, its
+ * registers given up to the others by setmaxnreg), and a ring of STAGES slots behind mbarriers
+ * replaces the block barrier: full[s] (the producer's 4 warps: the slot's copies landed and are
+ * fenced to the async proxy) and empty[s] (the 8 multiplying warps: the MMAs that read the slot
+ * are done, and so are their decodings before them). The multiplying warps are kind 2's (the
+ * same rows, fragments, decoding and epilogue), and a tile with fewer than 128 tokens multiplies
+ * only the least of 16, 32, 64 or 128 that holds them: an expert's last tile is often a few rows
+ * (8192 tokens over 128 experts, top 4: 256 +- 16 each). */
+enum {
+  GS_PRODUCER_REGS = 40, /* the copying warpgroup's registers after setmaxnreg */
+  GS_CONSUMER_REGS = 232, /* the multiplying warps': 128 x 40 + 256 x 232 = 384 x 168, what the block got at launch */
+  GS_THREADS = GG_THREADS + 128,
+};
+
+/* The producer, thread p of 128: every K step's tiles into slot t % STAGES (the layout of
+ * gg_load_stage) once its last readers released it; full[t % STAGES] arrives when they have
+ * landed, STAGES - 2 steps later (the copies in flight), or at the end. The arrival of step
+ * t - (STAGES - 2) comes before the wait for slot t's release, so the multiplying warps never wait
+ * on a slot that only their own release would free. Chunk p + 128 j of a tile: A (token) row
+ * p / 8 + 16 j, chunk p % 8, swizzled (the swizzle depends on the row mod 8 alone, so chunk j lands
+ * 2048 j past chunk 0); B (E4M3) row p / 4 + 32 j, chunk p % 4 (GATED: j < 4 gate rows, the rest
+ * the same rows of up). Addresses from one base an operand, not gg_chunks' pointer a chunk: this
+ * warpgroup runs on 40 registers. Rows past the tile's (A) or N (B) read nothing and write zeros. */
+template <class C, int GATED>
+__device__ __forceinline__ void gs_produce(const cuda_weight &w0, const cuda_weight &w1, const uint16_t *a, int m0,
+                                           int rows, int64_t n0, int64_t K, int64_t N, int KT, uint32_t smem,
+                                           uint64_t *full, uint64_t *empty, int p) {
+  enum { S = C::STAGES, D = S - 2, STAGE = gg_smem_layout<C, 1>::stage, J = 8 };
+  static_assert(C::BM * C::CPR == 128 * J && C::BN * C::MX_CPR == 128 * J, "8 chunks of each tile a thread");
+  const int ar = p / C::CPR, br = p / C::MX_CPR, lane = p & 31;
+  const uint8_t *pa = (const uint8_t *)(a + (size_t)(m0 + (ar < rows ? ar : 0)) * (size_t)K) + 16 * (p % C::CPR);
+  const int64_t bw = n0 + br; /* B chunk j's weight row: bw + 32 (j % 4) (GATED; else bw + 32 j) */
+  const uint8_t *pb0 = w0.data + (size_t)(bw < N ? bw : n0) * (size_t)K + 16 * (p % C::MX_CPR);
+  const uint8_t *pb1 = w1.data + (size_t)(bw < N ? bw : n0) * (size_t)K + 16 * (p % C::MX_CPR);
+  const uint32_t a_dst = gg_swizzle<C::BK>(ar, p % C::CPR), b_dst = C::A_BYTES + 16u * (uint32_t)p;
+  const size_t a_step = (size_t)16 * (size_t)K * 2, b_step = (size_t)32 * (size_t)K;
+  auto load = [&](int t) {
+    const uint32_t slot = smem + (uint32_t)(t % S) * STAGE;
+    const size_t koff = (size_t)t * C::BK;
 #pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-      const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
-      const int bg = smax[hh] - GG_MX_UNSCALE, bu = smax[2 + hh] - GG_MX_UNSCALE;
-#pragma unroll
-      for (int i = 0; i < 16; i++)
-#pragma unroll
-        for (int jj = 0; jj < 2; jj++) {
-          const int t = 8 * i + 2 * q + jj;
-          if (t >= rows) continue;
-          const int ea = a_exp[m0 + t];
-          const float v = dev_swiglu_oai(ldexpf(d[0][4 * i + 2 * hh + jj], bg - ea),
-                                         ldexpf(d[1][4 * i + 2 * hh + jj], bu - ea), alpha, beta, limit);
-          const __half hv = __float2half_rn(ldexpf(v, act_exp));
-          st[t * gr_layout<C>::ACT_LD + pc] = *(const uint16_t *)&hv;
-        }
+    for (int j = 0; j < J; j++) {
+      const int ok = ar + 16 * j < rows;
+      dev_cp_async16(slot + a_dst + 2048u * j, pa + (ok ? j * a_step : 0) + 2 * koff, ok ? 16 : 0);
     }
-    __syncthreads();
-    enum { CHUNKS = C::BN / 2 / 8 }; /* 16-byte chunks of a token's act columns */
-    for (int i = tid; i < C::BM * CHUNKS; i += GG_THREADS) {
-      const int t = i / CHUNKS, c8 = 8 * (i % CHUNKS);
-      if (t < rows && n0 + c8 < N)
-        *(uint4 *)((uint16_t *)out + (size_t)(m0 + t) * (size_t)N + n0 + c8) =
-            *(const uint4 *)(st + t * gr_layout<C>::ACT_LD + c8);
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+      const int jr = GATED ? j % 4 : j;
+      const int ok = bw + 32 * jr < N;
+      dev_cp_async16(slot + b_dst + 2048u * j, (GATED && j >= 4 ? pb1 : pb0) + (ok ? jr * b_step : 0) + koff,
+                    ok ? 16 : 0);
     }
-  } else {
-    float *st = (float *)smem_p; /* [BM tokens][Y_LD]: y columns n0 .. n0 + BN - 1 */
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-      for (int hh = 0; hh < 2; hh++) {
-        const int c = 128 * wg + 64 * m + 16 * wi + g + 8 * hh, be = smax[2 * m + hh] - GG_MX_UNSCALE - act_exp;
-#pragma unroll
-        for (int i = 0; i < 16; i++)
-#pragma unroll
-          for (int jj = 0; jj < 2; jj++) {
-            const int t = 8 * i + 2 * q + jj;
-            st[t * gr_layout<C>::Y_LD + c] = ldexpf(d[m][4 * i + 2 * hh + jj], be);
-          }
-      }
-    __syncthreads();
-    enum { CHUNKS = C::BN / 4 };
-    for (int i = tid; i < C::BM * CHUNKS; i += GG_THREADS) {
-      const int t = i / CHUNKS, c4 = 4 * (i % CHUNKS);
-      if (t < rows && n0 + c4 < N)
-        *(float4 *)((float *)out + (size_t)(m0 + t) * (size_t)N + n0 + c4) =
-            *(const float4 *)(st + t * gr_layout<C>::Y_LD + c4);
+  };
+  auto publish = [&](int t) { /* this thread's copies of step t landed (the caller waited) */
+    gw_fence_shared();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&full[t % S]);
+  };
+  for (int t = 0; t < KT; t++) {
+    if (t >= D) { /* steps 0 .. t - 1 committed: at most D - 1 pending leaves step t - D landed */
+      dev_cp_async_wait<D - 1>();
+      publish(t - D);
     }
+    if (t >= S) mbar_wait(&empty[t % S], (uint32_t)(t / S - 1) & 1);
+    load(t);
+    dev_cp_async_commit();
   }
+  dev_cp_async_wait<0>();
+  for (int t = KT - D > 0 ? KT - D : 0; t < KT; t++) publish(t);
+}
+
+/* The multiplying warps (tid < GG_THREADS) over a tile of NTOK tokens: kind 2's steps, each
+ * waiting for its slot's copies (full) and releasing the slot of the step before once that
+ * step's MMAs are done (empty). */
+template <class C, int GATED, int NTOK>
+__device__ __forceinline__ void gs_consume(uint8_t *smem_p, uint32_t smem, int KT, uint64_t *full, uint64_t *empty,
+                                           gr_rows &r, const int32_t *__restrict__ a_exp, int act_exp,
+                                           int m0, int rows, int64_t n0, int64_t N, float alpha, float beta,
+                                           float limit, void *__restrict__ out, int tid) {
+  enum { S = C::STAGES, STAGE = gg_smem_layout<C, 1>::stage };
+  const int q = tid & 3, lane = tid & 31;
+  float d[2][64];
+#pragma unroll
+  for (int m = 0; m < 2; m++)
+#pragma unroll
+    for (int i = 0; i < NTOK / 2; i++) d[m][i] = 0.0f;
+  gw_hold<NTOK / 2>(d[0]);
+  gw_hold<NTOK / 2>(d[1]);
+  auto step = [&](int kt, uint32_t (&cur)[2][4][4], uint32_t (&nxt)[2][4][4]) {
+    const uint64_t db = gw_desc(smem + (uint32_t)(kt % S) * STAGE);
+    gw_fence();
+#pragma unroll
+    for (int st = 0; st < 4; st++)
+#pragma unroll
+      for (int m = 0; m < 2; m++) gw_mma_ra<NTOK>(d[m], cur[m][st], db + 2 * st);
+    gw_commit();
+    gw_wait<1>();
+    if (kt > 0) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[(kt - 1) % S]);
+    }
+    if (kt + 1 < KT) {
+      mbar_wait(&full[(kt + 1) % S], (uint32_t)((kt + 1) / S) & 1);
+      gr_decode<C>(smem_p, kt + 1, KT, q, r, nxt);
+    }
+  };
+  uint32_t af0[2][4][4], af1[2][4][4];
+  mbar_wait(&full[0], 0);
+  gr_decode<C>(smem_p, 0, KT, q, r, af0);
+  for (int kt = 0; kt < KT; kt += 2) {
+    step(kt, af0, af1);
+    if (kt + 1 < KT) step(kt + 1, af1, af0);
+  }
+  gw_wait<0>();
+  gw_hold<NTOK / 2>(d[0]);
+  gw_hold<NTOK / 2>(d[1]);
+  gr_epilogue<C, GATED, NTOK>(smem_p, d, r, a_exp, act_exp, m0, rows, n0, N, alpha, beta, limit, out, tid);
+}
+
+template <class C, int GATED>
+__global__ void __launch_bounds__(GS_THREADS, 1) moe_grouped_ws_kernel(GG_KERNEL_PARAMS) {
+  dev_pdl_enter();
+  enum { S = C::STAGES };
+  static_assert(C::BM == 128 && C::BN == 256 && C::BK == 64 && S >= 3,
+                "two warpgroups of 2 x 64 weight rows, 128 tokens, 64-column steps");
+  extern __shared__ __align__(128) uint8_t gg_smem[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  int e, m0, rows;
+  if (!gg_find_tile(tile_start, start, E, n, C::BM, blockIdx.y, &e, &m0, &rows)) return;
+  const int64_t n0 = (int64_t)blockIdx.x * (GATED ? C::BN / 2 : C::BN);
+  const int tid = threadIdx.x, KT = (int)(K / C::BK);
+  const cuda_weight &w0 = ws[e], &w1 = GATED ? ws[E + e] : ws[e];
+  const uint32_t raw_base = (uint32_t)__cvta_generic_to_shared(gg_smem), align = (1024u - (raw_base & 1023u)) & 1023u;
+  if (tid < S) {
+    mbar_init(&full[tid], 4);
+    mbar_init(&empty[tid], GG_THREADS / 32);
+  }
+  mbar_init_fence();
+  __syncthreads();
+  if (tid >= GG_THREADS) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"((int)GS_PRODUCER_REGS));
+    gs_produce<C, GATED>(w0, w1, a, m0, rows, n0, K, N, KT, raw_base + align, full, empty, tid - GG_THREADS);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"((int)GS_CONSUMER_REGS));
+  gr_rows r;
+  gr_rows_setup<C, GATED>(w0, w1, n0, K, N, tid, r);
+#define GS_CONSUME(ntok)                                                                                          \
+  gs_consume<C, GATED, ntok>(gg_smem + align, raw_base + align, KT, full, empty, r, a_exp, act_exp, m0, rows, n0, \
+                             N, alpha, beta, limit, out, tid)
+  if (rows <= 16) GS_CONSUME(16);
+  else if (rows <= 32) GS_CONSUME(32);
+  else if (rows <= 64) GS_CONSUME(64);
+  else GS_CONSUME(128);
+#undef GS_CONSUME
 }
 
 /* The rows, K tile and kind of each candidate, for the checks and grids made on the host. */
@@ -951,16 +1158,17 @@ static int gg_weight_fits(const m3_tensor *t) {
 }
 
 /* The tile of a layer's experts: M3_MOE_GROUPED_TILE when set; else the fastest measured on an
- * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops, 8192 tokens): the wgmma
- * candidate 6 (BF16 10.2 ms against 13.7 for the best mma.sync tile, candidate 4; MXFP8 11.6
- * against 16.2 for candidate 5, and 11.5 against 12.1 for the register-operand candidate 8) where H
- * and I are multiples of its 64 columns of K; elsewhere mma.sync, BF16 candidate 0 and MXFP8
- * candidate 5 (6 stages cover the decoding's extra step). */
+ * H200 at full width (bench/RESULTS.md, the sweep of bench_cuda_ops, 8192 tokens) where H and I
+ * are multiples of 64 columns of K: BF16 the wgmma candidate 6 (10.2 ms against 13.7 for the best
+ * mma.sync tile, candidate 4), MXFP8 the warp-specialized candidate 9 (10.5 ms against 11.4 for
+ * candidate 6 and 12.1 for candidate 8); elsewhere mma.sync, BF16 candidate 0 and MXFP8 candidate
+ * 5 (6 stages cover the decoding's extra step). */
 static int gg_tile(const cuda_backend *cb, const m3_moe_experts *ex) {
   if (cb->moe_grouped_tile >= 0) return cb->moe_grouped_tile;
   const int64_t H = ex->gate[0].cols, I = ex->gate[0].rows;
-  if (H % gg_dims[6].bk == 0 && I % gg_dims[6].bk == 0) return 6;
-  return ex->gate[0].quant == M3_WQ_MXFP8 ? 5 : 0;
+  const int mx = ex->gate[0].quant == M3_WQ_MXFP8, bk = gg_dims[mx ? 9 : 6].bk;
+  if (H % bk == 0 && I % bk == 0) return mx ? 9 : 6;
+  return mx ? 5 : 0;
 }
 
 /* MXFP8 experts: *act_exp = the power of two the down GEMM's f16 input carries. SwiGLU-OAI's
@@ -996,7 +1204,8 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
          I % bk == 0 && (uintptr_t)h % 16 == 0 && n > 0 && m_tiles <= GG_MAX_GRID_Y;
 }
 
-/* Launches the KIND kernel (moe_grouped_gemm_kernel or moe_grouped_wgmma_kernel) for C, GATED,
+/* Launches the KIND kernel (moe_grouped_gemm_kernel, moe_grouped_wgmma_kernel, moe_grouped_ra_kernel or
+ * moe_grouped_ws_kernel) for C, GATED,
  * MX, allowing it its dynamic shared memory on cb's device first (cuda_allow_smem). */
 template <class C, int GATED, int MX, int KIND>
 static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E, const int32_t *start,
@@ -1004,18 +1213,24 @@ static void gg_launch(cuda_backend *cb, dim3 grid, const cuda_weight *ws, int E,
                       int64_t K, int64_t N, const m3_moe_experts *ex, void *out) {
   void (*kernel)(GG_KERNEL_PARAMS);
   int smem;
-  if constexpr (KIND == 2 && MX) { /* kind 2 is MXFP8's; BF16 takes kind 1 at the same tile */
-    kernel = moe_grouped_ra_kernel<C, GATED>;
+  int threads = GG_THREADS;
+  if constexpr (KIND == 3 && MX) { /* kinds 2 and 3 are MXFP8's; BF16 takes kind 1 at the same tile */
+    kernel = moe_grouped_ws_kernel<C, GATED>;
     smem = gr_layout<C>::bytes + 1024; /* room to align to 1024 */
+    threads = GS_THREADS;
+  } else if constexpr (KIND == 2 && MX) {
+    kernel = moe_grouped_ra_kernel<C, GATED>;
+    smem = gr_layout<C>::bytes + 1024;
   } else if constexpr (KIND) {
-    kernel = moe_grouped_wgmma_kernel<C, GATED, MX>;
-    smem = gg_smem_layout<C, MX, 2 + GW_LAG(C, MX)>::bytes + 1024;
+    using C1 = gg_cfg<C::BM, C::BN, C::BK, (C::STAGES < 4 ? C::STAGES : 4), C::WM, C::MIN_BLOCKS>;
+    kernel = moe_grouped_wgmma_kernel<C1, GATED, MX>;
+    smem = gg_smem_layout<C1, MX, 2 + GW_LAG(C1, MX)>::bytes + 1024;
   } else {
     kernel = moe_grouped_gemm_kernel<C, GATED, MX>;
     smem = gg_smem_layout<C, MX>::bytes;
   }
   cuda_allow_smem(cb, (const void *)kernel, smem, "moe_experts (grouped gemm shared memory)");
-  dev_launch(kernel, grid, GG_THREADS, smem, cb->stream, ws, E, start, tile_start, n, (const uint16_t *)a, a_exp,
+  dev_launch(kernel, grid, threads, smem, cb->stream, ws, E, start, tile_start, n, (const uint16_t *)a, a_exp,
              act_exp, K, N, ex->alpha, ex->beta, ex->limit, out);
   cuda_launched(cb, GATED ? "moe_experts (grouped gate, up, swiglu)" : "moe_experts (grouped down)");
 }
@@ -1048,7 +1263,7 @@ void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_wei
   const int mx = ex->gate[0].quant == M3_WQ_MXFP8 && gg_act_exp(ex, &act_exp);
   if (mx) {
     void (*gather)(const float *, const int32_t *, const int32_t *, int, int, int, int64_t, void *, int32_t *) =
-        gg_dims[tile].kind == 2 ? moe_gather_kernel<1, 1> : moe_gather_kernel<1, 0>;
+        gg_dims[tile].kind >= 2 ? moe_gather_kernel<1, 1> : moe_gather_kernel<1, 0>;
     dev_launch(gather, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H, xy, row_exp);
   } else {
     dev_launch(moe_gather_kernel<0, 0>, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H,
