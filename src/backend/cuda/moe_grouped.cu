@@ -69,6 +69,13 @@ enum {
   GG_MAX_GRID_Y = 65535,
 };
 
+/* x * 2^n as ldexpf gives it (the exact product, rounded once): a multiplication by 2^n where
+ * that is a normal float (one instruction, where ldexpf's range steps take a dozen), else ldexpf.
+ * The epilogues take every power of two off this way. */
+__device__ __forceinline__ float gg_ldexp(float x, int n) {
+  return n >= -126 && n <= 127 ? x * __int_as_float((n + 127) << 23) : ldexpf(x, n);
+}
+
 /* One tile configuration and the sizes that follow from it. */
 template <int BM_, int BN_, int BK_, int STAGES_, int WM_, int MINB_> struct gg_cfg {
   enum {
@@ -145,11 +152,11 @@ __device__ __forceinline__ void gg_load_stage(uint32_t smem, int kt, const gg_ch
  * the block's e8m0 scale and smax the row's largest (the file comment); exact down to 2^-24,
  * then 0; NaN for scale 0xFF. */
 __device__ __forceinline__ __half2 gg_block_factor(int s, int smax) {
-  const int t = s - smax + GG_MX_HEADROOM;
-  __half2_raw f;
-  f.x = (unsigned short)(s == 0xff ? 0x7e00u : t >= -14 ? (unsigned)(t + 15) << 10 : t >= -24 ? 1u << (t + 24) : 0u);
-  f.y = f.x;
-  return __half2(f);
+  /* 2^t in float (t clamped to the normal floats), rounded to f16 once: exact from 2^-24 up, 2^-25
+   * a tie that goes to the even 0, and 0 below; no branches in the decoding loops */
+  const int t = max(s - smax + GG_MX_HEADROOM, -126);
+  const __half f = __float2half_rn(__int_as_float((t + 127) << 23));
+  return __half2half2(s == 0xff ? __ushort_as_half((unsigned short)0x7e00u) : f);
 }
 
 /* Four E4M3 bytes w (lowest first) times f as two f16 pairs: out[0] bytes 0 and 1, out[1] bytes 2
@@ -268,8 +275,8 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
     const float4 v = src[c];
     uint32_t lo, hi;
     if (F16) {
-      const __half2 a = __floats2half2_rn(ldexpf(v.x, e), ldexpf(v.y, e));
-      const __half2 b = __floats2half2_rn(ldexpf(v.z, e), ldexpf(v.w, e));
+      const __half2 a = __floats2half2_rn(gg_ldexp(v.x, e), gg_ldexp(v.y, e));
+      const __half2 b = __floats2half2_rn(gg_ldexp(v.z, e), gg_ldexp(v.w, e));
       lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
     } else {
       const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
@@ -405,7 +412,7 @@ __device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weigh
  * and first weight row n0: GATED, s the gate sums there and u the up sums at BN/2 + b, + 1, out
  * (BF16 [n, N]; MX: f16 times 2^act_exp) their SwiGLU-OAI; otherwise out (float32 [n, N]) = s.
  * Columns come in even pairs and N is even: a pair is inside N or past it. MX: each sum times
- * 2^(b_exp of its B row - ea, the A row's power of two), exact (ldexpf). */
+ * 2^(b_exp of its B row - ea, the A row's power of two), exact (gg_ldexp). */
 template <class C, int GATED, int MX>
 __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t n0, int64_t N, int b, float2 s,
                                               float2 u, const int *b_exp, int ea, int act_exp, float alpha,
@@ -414,8 +421,8 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
   if (col >= N) return;
   const size_t row = (size_t)(m0 + r) * (size_t)N;
   if (MX) {
-    s.x = ldexpf(s.x, b_exp[b] - ea), s.y = ldexpf(s.y, b_exp[b + 1] - ea);
-    if (GATED) u.x = ldexpf(u.x, b_exp[C::BN / 2 + b] - ea), u.y = ldexpf(u.y, b_exp[C::BN / 2 + b + 1] - ea);
+    s.x = gg_ldexp(s.x, b_exp[b] - ea), s.y = gg_ldexp(s.y, b_exp[b + 1] - ea);
+    if (GATED) u.x = gg_ldexp(u.x, b_exp[C::BN / 2 + b] - ea), u.y = gg_ldexp(u.y, b_exp[C::BN / 2 + b + 1] - ea);
   }
   if (!GATED) {
     *(float2 *)((float *)out + row + col) = s;
@@ -424,7 +431,7 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
   const float v0 = dev_swiglu_oai(s.x, u.x, alpha, beta, limit), v1 = dev_swiglu_oai(s.y, u.y, alpha, beta, limit);
   uint32_t *o = (uint32_t *)((uint16_t *)out + row);
   if (MX) {
-    const __half2 h2 = __floats2half2_rn(ldexpf(v0, act_exp), ldexpf(v1, act_exp));
+    const __half2 h2 = __floats2half2_rn(gg_ldexp(v0, act_exp), gg_ldexp(v1, act_exp));
     o[col / 2] = *(const uint32_t *)&h2;
   } else {
     const __nv_bfloat162 b2 = __floats2bfloat162_rn(v0, v1);
@@ -818,13 +825,13 @@ __device__ __forceinline__ void gr_rows_setup(const cuda_weight &w0, const cuda_
   }
 }
 
-/* This thread's fragments f[m][k16 step][a0..a3] of K step t, decoded from ring slot t % STAGES
- * of the shared memory at smem_p (its copies landed); r.s_next: the scales of step t, replaced by
- * step t + 1's (a load a step ahead). */
+/* This thread's fragments f[m][k16 step][a0..a3] of K step t, decoded from ring slot `slot` (t %
+ * STAGES) of the shared memory at smem_p (its copies landed); r.s_next: the scales of step t,
+ * replaced by step t + 1's (a load a step ahead). */
 template <class C>
-__device__ __forceinline__ void gr_decode(const uint8_t *smem_p, int t, int KT, int q, gr_rows &r,
+__device__ __forceinline__ void gr_decode(const uint8_t *smem_p, int t, int slot, int KT, int q, gr_rows &r,
                                           uint32_t (&f)[2][4][4]) {
-  const uint8_t *raw = smem_p + (size_t)(t % C::STAGES) * gg_smem_layout<C, 1>::stage + C::A_BYTES + 16 * q;
+  const uint8_t *raw = smem_p + (size_t)slot * gg_smem_layout<C, 1>::stage + C::A_BYTES + 16 * q;
   uint4 u[4];
   __half2 fac[4];
 #pragma unroll
@@ -861,22 +868,22 @@ __device__ __forceinline__ void gr_epilogue(uint8_t *smem_p, const float (&d)[2]
   if constexpr (GATED) {
     uint16_t *st = (uint16_t *)smem_p; /* [BM tokens][ACT_LD]: act columns n0 .. n0 + BN/2 - 1, permuted */
 #pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-      const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
-      const int bg = r.smax[hh] - GG_MX_UNSCALE, bu = r.smax[2 + hh] - GG_MX_UNSCALE;
+    for (int i = 0; i < NTOK / 8; i++)
 #pragma unroll
-      for (int i = 0; i < NTOK / 8; i++)
+      for (int jj = 0; jj < 2; jj++) {
+        const int t = 8 * i + 2 * q + jj;
+        if (t >= rows) continue;
+        const int ea = a_exp[m0 + t];
 #pragma unroll
-        for (int jj = 0; jj < 2; jj++) {
-          const int t = 8 * i + 2 * q + jj;
-          if (t >= rows) continue;
-          const int ea = a_exp[m0 + t];
-          const float v = dev_swiglu_oai(ldexpf(d[0][4 * i + 2 * hh + jj], bg - ea),
-                                         ldexpf(d[1][4 * i + 2 * hh + jj], bu - ea), alpha, beta, limit);
-          const __half hv = __float2half_rn(ldexpf(v, act_exp));
+        for (int hh = 0; hh < 2; hh++) {
+          const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
+          const float v = dev_swiglu_oai(gg_ldexp(d[0][4 * i + 2 * hh + jj], r.smax[hh] - GG_MX_UNSCALE - ea),
+                                         gg_ldexp(d[1][4 * i + 2 * hh + jj], r.smax[2 + hh] - GG_MX_UNSCALE - ea),
+                                         alpha, beta, limit);
+          const __half hv = __float2half_rn(gg_ldexp(v, act_exp));
           st[t * gr_layout<C>::ACT_LD + pc] = *(const uint16_t *)&hv;
         }
-    }
+      }
     dev_bar_sync_first<GG_THREADS>();
     enum { CHUNKS = C::BN / 2 / 8 }; /* 16-byte chunks of a token's act columns */
     for (int i = tid; i < rows * CHUNKS; i += GG_THREADS) {
@@ -897,7 +904,7 @@ __device__ __forceinline__ void gr_epilogue(uint8_t *smem_p, const float (&d)[2]
 #pragma unroll
           for (int jj = 0; jj < 2; jj++) {
             const int t = 8 * i + 2 * q + jj;
-            st[t * gr_layout<C>::Y_LD + c] = ldexpf(d[m][4 * i + 2 * hh + jj], be);
+            st[t * gr_layout<C>::Y_LD + c] = gg_ldexp(d[m][4 * i + 2 * hh + jj], be);
           }
       }
     dev_bar_sync_first<GG_THREADS>();
@@ -966,13 +973,13 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
     __syncthreads();
     if (kt + S - 1 < KT) gg_load_stage<C, 1>(smem, kt + S - 1, ch);
     dev_cp_async_commit();
-    if (kt + 1 < KT) gr_decode<C>(smem_p, kt + 1, KT, q, r, nxt);
+    if (kt + 1 < KT) gr_decode<C>(smem_p, kt + 1, (kt + 1) % S, KT, q, r, nxt);
   };
   uint32_t af0[2][4][4], af1[2][4][4];
   dev_cp_async_wait<S - 2>();
   gw_fence_shared();
   __syncthreads();
-  gr_decode<C>(smem_p, 0, KT, q, r, af0);
+  gr_decode<C>(smem_p, 0, 0, KT, q, r, af0);
   for (int kt = 0; kt < KT; kt += 2) {
     step(kt, af0, af1);
     if (kt + 1 < KT) step(kt + 1, af1, af0);
@@ -1073,8 +1080,12 @@ __device__ __forceinline__ void gs_consume(uint8_t *smem_p, uint32_t smem, int K
     for (int i = 0; i < NTOK / 2; i++) d[m][i] = 0.0f;
   gw_hold<NTOK / 2>(d[0]);
   gw_hold<NTOK / 2>(d[1]);
+  /* slot: step kt's ring slot; next, phase: step kt + 1's slot and the parity of its fill (kept
+   * as counters: a division by STAGES a step is a dozen instructions the decoding waits behind) */
+  int slot = 0, next = 1; /* STAGES >= 3 */
+  uint32_t phase = 0;
   auto step = [&](int kt, uint32_t (&cur)[2][4][4], uint32_t (&nxt)[2][4][4]) {
-    const uint64_t db = gw_desc(smem + (uint32_t)(kt % S) * STAGE);
+    const uint64_t db = gw_desc(smem + (uint32_t)slot * STAGE);
     gw_fence();
 #pragma unroll
     for (int st = 0; st < 4; st++)
@@ -1084,16 +1095,21 @@ __device__ __forceinline__ void gs_consume(uint8_t *smem_p, uint32_t smem, int K
     gw_wait<1>();
     if (kt > 0) {
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[(kt - 1) % S]);
+      if (lane == 0) mbar_arrive(&empty[slot == 0 ? S - 1 : slot - 1]);
     }
     if (kt + 1 < KT) {
-      mbar_wait(&full[(kt + 1) % S], (uint32_t)((kt + 1) / S) & 1);
-      gr_decode<C>(smem_p, kt + 1, KT, q, r, nxt);
+      mbar_wait(&full[next], phase);
+      gr_decode<C>(smem_p, kt + 1, next, KT, q, r, nxt);
+    }
+    slot = next;
+    if (++next == S) {
+      next = 0;
+      phase ^= 1;
     }
   };
   uint32_t af0[2][4][4], af1[2][4][4];
   mbar_wait(&full[0], 0);
-  gr_decode<C>(smem_p, 0, KT, q, r, af0);
+  gr_decode<C>(smem_p, 0, 0, KT, q, r, af0);
   for (int kt = 0; kt < KT; kt += 2) {
     step(kt, af0, af1);
     if (kt + 1 < KT) step(kt + 1, af1, af0);
