@@ -1001,9 +1001,11 @@ __global__ void __launch_bounds__(GG_THREADS, 1) moe_grouped_ra_kernel(GG_KERNEL
  * same rows, fragments, decoding and epilogue), and a tile with fewer than 128 tokens multiplies
  * only the least of 16, 32, 64 or 128 that holds them: an expert's last tile is often a few rows
  * (8192 tokens over 128 experts, top 4: 256 +- 16 each). */
+/* Registers a thread after setmaxnreg. 128 x 40 + 256 x 232 = 384 x 168, what the block got at
+ * launch: a larger sum is never granted, and the multiplying warps would wait for it forever. */
 enum {
-  GS_PRODUCER_REGS = 40, /* the copying warpgroup's registers after setmaxnreg */
-  GS_CONSUMER_REGS = 232, /* the multiplying warps': 128 x 40 + 256 x 232 = 384 x 168, what the block got at launch */
+  GS_PRODUCER_REGS = 40,  /* the copying warpgroup */
+  GS_CONSUMER_REGS = 232, /* the multiplying warps */
   GS_THREADS = GG_THREADS + 128,
 };
 
