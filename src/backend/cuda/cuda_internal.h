@@ -132,7 +132,10 @@ static inline void cuda_launched(cuda_backend *cb, const char *op) {
 /* Whether launches ask for it: M3_CUDA_PDL, read once (a function-local static is initialized
  * once even when the backends of several GPUs launch from their own threads). */
 static inline int cuda_pdl_on(void) {
-  static const int on = getenv("M3_CUDA_PDL") == NULL || strcmp(getenv("M3_CUDA_PDL"), "0") != 0;
+  static const int on = [] {
+    const char *v = getenv("M3_CUDA_PDL");
+    return v == NULL || strcmp(v, "0") != 0;
+  }();
   return on;
 }
 
