@@ -282,6 +282,15 @@ __device__ __forceinline__ void dev_mma16816(float d[4], const uint32_t a[4], ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* Four 8x8 matrices of 16-bit values: lanes 8i .. 8i + 7 give the row addresses of matrix i,
+ * which lands in r[i]; lane 4g + q receives row g, elements 2q and 2q + 1 of each. */
+__device__ __forceinline__ void dev_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 /* 16 bytes global -> shared, bypassing L1; bytes = 0 reads nothing and writes zeros. */
 __device__ __forceinline__ void dev_cp_async16(uint32_t dst, const void *src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes)

@@ -111,15 +111,6 @@ __device__ __forceinline__ uint32_t gg_swizzle(int r, int c) {
   return (uint32_t)(r * (BK * 2) + ((c ^ (BK == 64 ? (r & 7) : ((r >> 1) & 3))) << 4));
 }
 
-/* Four 8x8 BF16 matrices: lanes 8i .. 8i + 7 give the row addresses of matrix i, which lands in
- * r[i]; lane 4g + q receives row g, elements 2q and 2q + 1 of each. */
-__device__ __forceinline__ void gg_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
 /* This thread's share of the cp.async copies of one K tile: chunk i = tid + 256 j of a tile, row
  * i / (chunks per row), chunk tid % (chunks per row) (256 is a multiple of the chunks per row, and
  * 256 / chunks per row a multiple of 8, so chunk j lands 4096 j bytes past chunk 0 in the swizzled
@@ -534,13 +525,13 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
     for (int kh = 0; kh < BK / 32; kh++) {
       uint32_t bf[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; nt++) gg_ldmatrix_x4(bf[nt], sb + b_row[nt] + b_chunk[kh]);
+      for (int nt = 0; nt < NT; nt++) dev_ldmatrix_x4(bf[nt], sb + b_row[nt] + b_chunk[kh]);
 #pragma unroll
       for (int ks = 0; ks < 2; ks++)
 #pragma unroll
         for (int mt = 0; mt < C::MT; mt++) {
           uint32_t af[4];
-          gg_ldmatrix_x4(af, sa + a_row + (uint32_t)(mt * 16 * BK * 2) + a_chunk[2 * kh + ks]);
+          dev_ldmatrix_x4(af, sa + a_row + (uint32_t)(mt * 16 * BK * 2) + a_chunk[2 * kh + ks]);
 #pragma unroll
           for (int nt = 0; nt < NT; nt++) dev_mma16816<MX>(acc[mt][nt], af, bf[nt][2 * ks], bf[nt][2 * ks + 1]);
         }

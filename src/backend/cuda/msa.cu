@@ -21,6 +21,7 @@
  * rules as the CPU backend's msa.c. At decode (few tokens, a context whose candidate keys fit
  * shared memory) the last score block of a token to finish runs its selection (a counter per
  * token), which saves a launch; otherwise a second kernel does. */
+#include <float.h>
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
@@ -52,8 +53,9 @@ typedef struct {
   float *scores;   /* [T, G, kv.num_blocks] */
   size_t ik_page_bytes; /* fp8 cache: bytes of one index-key page */
   int32_t *sel;    /* [T, G, topk] */
-  int chunk_blocks; /* blocks per score thread block */
-  int chunks;       /* score thread blocks per token: ceil(num_blocks / chunk_blocks) */
+  int chunk_blocks; /* blocks per score thread block (the scan per token) */
+  int chunks;       /* score thread blocks per token: ceil(num_blocks / chunk_blocks); the prefill
+                       tiles: per tile */
   int fused;        /* 1: the last score block of a token selects (T <= MSA_FUSED_MAX_T) */
 } msa_args;
 
@@ -273,99 +275,146 @@ __global__ void __launch_bounds__(32 * SCORE_WARPS, GP <= 4 ? MSA_SCORE_CTAS_PER
     msa_select_row(a, t, g, mine, (int32_t *)(mine + a.kv.num_blocks), lane);
 }
 
-/* ---- prefill scores: a tile of tokens against each block ----
+/* ---- prefill scores: a tile of tokens against each block, on tensor cores ----
  * A prefill's tokens share their candidate blocks, so the scan per token above would read every
  * index key once per token (8192 tokens of an 8K prompt: 17 GB through L2). Here a thread block
  * takes MSA_TILE_ROWS query rows, (token, head) pairs of 128 / G consecutive tokens, held in
- * shared memory for its life, and runs the blocks of a chunk of the table against them as a
- * float32 matrix product on CUDA cores, as the scan does (no tensor-core rounding, so that the
- * selection stays the CPU's up to near-ties): a key tile is one block of 128 keys, its dims
- * staged 32 at a time in a double buffer (the next slab in flight during the products: cp.async
- * for float32 keys, registers decoded after the products for E4M3), each thread owning 8 rows x
- * 8 keys; the block max per row then takes the keys each row's token sees, reduced over the 16
- * threads of a row group by shuffles (H200, an 8192-token prompt: the selection 2.37 -> 1.17
- * ms). */
+ * shared memory for its life, and multiplies the blocks of its share of their candidates
+ * against them, one block of 128 keys at a time, with mma.sync m16n8k16 (f16 in, float32
+ * accumulate).
+ *
+ * Why f16 in pieces: the selection must stay the float32 scan's (the CPU's) up to near-ties, and
+ * one f16 or BF16 rounding of q and k moves scores by ~2^-11 relative, far past that. So a
+ * float32 row of queries (a block of keys) is scaled by a power of two 2^e that brings its
+ * largest magnitude to [2^14, 2^15) and split into hi = f16(x 2^e) and lo = f16(x 2^e - hi):
+ * 22 of float32's 24 bits, and f16's range below 2^15 keeps every value that can matter next to
+ * the largest (down to 2^-24). q.k is then ql.kh + qh.kl + qh.kh (each product exact in float32;
+ * ql.kl, ~2^-22 of the dot, left out), times 2^-(e_q + e_k): three products where the CUDA-core
+ * scan spent one float32 FMA, at many times the rate. An fp8 cache's keys are split from their
+ * float32 values (E4M3 times the row scale, as the scan decodes them).
+ *
+ * The keys are split once per call, a block of the table at a time (msa_split_keys_kernel, into
+ * the scratch after the scores), not once per tile that reads them; a tile's thread block then
+ * brings each block's hi and lo by one bulk copy, two blocks in flight. Warp w multiplies rows
+ * 32 (w % 4) .. + 32 by keys 64 (w / 4) .. + 64; the block max per row takes the keys each row's
+ * token sees (candidates are whole blocks in its past; the mask is for local_blocks 0), over a
+ * lane quad by shuffles, then over the two key halves through shared memory. (H200, 8192 tokens,
+ * 4 index heads of 128: the whole selection 1137 us as a float32 product on CUDA cores, 332 us.) */
 enum {
   MSA_TILE_ROWS = 128,
-  MSA_TILE_KEYS = 128,   /* keys per tile: one block (the kernel runs for block_size 128 only) */
-  MSA_TILE_DK = 32,      /* dims per staged slab */
+  MSA_TILE_KEYS = 128, /* keys per tile: one block (the kernel runs for block_size 128 only) */
   MSA_TILE_MAX_IHD = 128,
-  /* Shared row strides in floats: 16-byte rows for the copies. A half warp's 8-byte loads of 16
-   * key rows then meet two to a bank pair; rows of 34 floats avoid that but take 8-byte copies,
-   * and were slower (H200, 8192 tokens: 1137 -> 1270 us). */
-  MSA_TILE_LDQ = MSA_TILE_MAX_IHD + 4,
-  MSA_TILE_LDK = MSA_TILE_DK + 4,
-  MSA_TILE_CHUNK = 8,    /* blocks per thread block */
+  MSA_TILE_WAVES = 4,    /* thread blocks per SM that the parts of the tiles aim at */
+  MSA_TILE_MIN_PART = 4, /* blocks of the table per part, at least */
   MSA_TILE_MIN_T = MSA_FUSED_MAX_T + 1,
+  MSA_F16_TOP = 14, /* a split row's (block's) largest magnitude lands in [2^14, 2^15) */
 };
 
-static size_t msa_tile_smem_bytes(void) {
-  return ((size_t)MSA_TILE_ROWS * MSA_TILE_LDQ + 2 * MSA_TILE_KEYS * MSA_TILE_LDK) * sizeof(float);
+/* f16 row pitch of the split tiles: the index dim rounded up to 16, plus 8, so that the 8 rows of
+ * an ldmatrix phase (an odd number of 16-byte chunks apart) fall in 8 distinct bank groups. */
+static __host__ __device__ __forceinline__ int msa_pitch(int ihd) { return ((ihd + 15) & ~15) + 8; }
+
+/* Bytes of one block's split keys (hi rows, then lo rows); of the query tile the same. */
+static __host__ __device__ __forceinline__ uint32_t msa_split_bytes(int ihd) {
+  return (uint32_t)(2 * MSA_TILE_KEYS * msa_pitch(ihd) * 2);
 }
 
-/* Chunk x of this thread's share of a slab (dims slab * 32 .. + 32 of a block's keys): key f / 8,
- * dims 4 (f % 8) .. + 4 of the slab, f = tid + 256 x. */
-__device__ __forceinline__ int msa_slab_key(int x) { return ((int)threadIdx.x + 256 * x) >> 3; }
-__device__ __forceinline__ int msa_slab_dim(int x) { return 4 * (((int)threadIdx.x + 256 * x) & 7); }
+/* Shared memory of a tile: the query pieces, two blocks of key pieces, the rows' exponents, the
+ * two key halves' row maxima of two blocks, two barriers. */
+static size_t msa_tile_smem_bytes(int ihd) {
+  return 3 * (size_t)msa_split_bytes(ihd) + (1 + 4) * MSA_TILE_ROWS * sizeof(float) + 2 * sizeof(uint64_t);
+}
 
-/* A slab of E4M3 keys in registers (bytes and row scales) until the products of the current one
- * are done. */
-typedef struct {
-  uint32_t q[4];
-  float sc[4];
-} msa_slab8;
+/* The exponent e that brings a largest magnitude m to [2^14, 2^15) (0 for infinities or NaN), at
+ * most 126 so that 2^e is a normal float (m below 2^-112 then stays below 2^14). */
+__device__ __forceinline__ int msa_split_exp(float m) {
+  return m <= FLT_MAX ? min(MSA_F16_TOP + 127 - (int)((__float_as_uint(m) >> 23) & 0xffu), 126) : 0;
+}
 
-/* Starts slab `slab` of the block at `page` toward the key buffer kf [128, LDK] (float32: cp.async,
- * committed; fp8: into r). Dims past ihd are zeros. */
+__device__ __forceinline__ float msa_pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+__device__ __forceinline__ float msa_amax4(float4 v) {
+  return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+}
+
+/* Four values times `up` (2^e) as f16 hi and lo = f16(v 2^e - hi), stored at hi + at and lo + at. */
+__device__ __forceinline__ void msa_split4(float4 v, float up, __half *hi, __half *lo, size_t at) {
+  const float x[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
+  const __half2 h01 = __floats2half2_rn(x[0], x[1]), h23 = __floats2half2_rn(x[2], x[3]);
+  const float2 b01 = __half22float2(h01), b23 = __half22float2(h23);
+  const __half2 l01 = __floats2half2_rn(x[0] - b01.x, x[1] - b01.y),
+                l23 = __floats2half2_rn(x[2] - b23.x, x[3] - b23.y);
+  *(uint2 *)(hi + at) = make_uint2(*(const uint32_t *)&h01, *(const uint32_t *)&h23);
+  *(uint2 *)(lo + at) = make_uint2(*(const uint32_t *)&l01, *(const uint32_t *)&l23);
+}
+
+/* Split keys of table block blockIdx.x: hi rows [128, pitch], lo rows, and the block's exponent
+ * into key_exp[b]. Warp w takes key rows w + 8 i, lane l dims 4l .. 4l + 3 (dims past
+ * ihd, up to the pitch: zeros). */
 template <bool FP8>
-__device__ __forceinline__ void msa_slab_fetch(const msa_args &a, int32_t page, int slab, float *kf, msa_slab8 &r) {
-  const int ihd = a.kv.ihd;
+__global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, __half *split, int32_t *key_exp) {
+  dev_pdl_enter();
+  __shared__ float warp_max_s[8];
+  const int b = (int)blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ihd = a.kv.ihd,
+            pitch = msa_pitch(ihd);
+  const int32_t page = a.kv.block_table[b];
+  float4 v[16];
+  float m = 0.0f;
 #pragma unroll
-  for (int x = 0; x < 4; x++) {
-    const int key = msa_slab_key(x), d = slab * MSA_TILE_DK + msa_slab_dim(x);
-    if constexpr (FP8) {
-      const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, MSA_TILE_KEYS, ihd, 0);
-      r.q[x] = d < ihd ? *(const uint32_t *)(keys8.q + (size_t)key * ihd + d) : 0u;
-      r.sc[x] = keys8.scale[key];
-    } else {
-      const float *keys = (const float *)a.kv.ik + (size_t)page * MSA_TILE_KEYS * ihd;
-      dev_cp_async16((uint32_t)__cvta_generic_to_shared(kf + key * MSA_TILE_LDK + msa_slab_dim(x)),
-                     d < ihd ? keys + (size_t)key * ihd + d : keys, d < ihd ? 16 : 0);
+  for (int i = 0; i < 16; i++) {
+    const int r = warp + 8 * i;
+    v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (4 * lane < ihd) {
+      if constexpr (FP8) {
+        const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, MSA_TILE_KEYS, ihd, 0);
+        v[i] = kv8_dequant4(*(const uint32_t *)(keys8.q + (size_t)r * ihd + 4 * lane), keys8.scale[r]);
+      } else {
+        v[i] = *(const float4 *)((const float *)a.kv.ik + ((size_t)page * MSA_TILE_KEYS + r) * ihd + 4 * lane);
+      }
     }
+    m = fmaxf(m, msa_amax4(v[i])); /* NaN values do not count */
   }
-  if constexpr (!FP8) dev_cp_async_commit();
-}
-
-/* Completes this thread's share of the slab in kf: waits for its copies, or decodes r. */
-template <bool FP8>
-__device__ __forceinline__ void msa_slab_land(float *kf, const msa_slab8 &r) {
-  if constexpr (FP8) {
+  m = warp_max(m);
+  if (lane == 0) warp_max_s[warp] = m;
+  __syncthreads();
 #pragma unroll
-    for (int x = 0; x < 4; x++)
-      *(float4 *)(kf + msa_slab_key(x) * MSA_TILE_LDK + msa_slab_dim(x)) = kv8_dequant4(r.q[x], r.sc[x]);
-  } else {
-    dev_cp_async_wait<0>();
-  }
+  for (int w = 0; w < 8; w++) m = fmaxf(m, warp_max_s[w]);
+  const int e = msa_split_exp(m);
+  __half *hi = split + (size_t)b * (msa_split_bytes(ihd) / 2), *lo = hi + MSA_TILE_KEYS * pitch;
+  if (4 * lane < pitch)
+#pragma unroll
+    for (int i = 0; i < 16; i++) msa_split4(v[i], msa_pow2(e), hi, lo, (size_t)(warp + 8 * i) * pitch + 4 * lane);
+  if (threadIdx.x == 0) key_exp[b] = e;
 }
 
-/* Thread block: tokens [tile * tq, + tq) (rows token * G + head), blocks [chunk * MSA_TILE_CHUNK,
- * + MSA_TILE_CHUNK) of the table, each scored for the rows whose candidates hold it. Thread
- * (ty, tx) = (warp * 2 + lane / 16, lane % 16) owns rows ty + 16 i and keys tx + 16 j (i, j < 8). */
-template <bool FP8>
-__global__ void __launch_bounds__(256, 2) msa_score_tile_kernel(msa_args a, int T, int tq) {
+/* Thread block: tokens [tile * tq, + tq) (rows token * G + head) and part `part` of a.chunks of
+ * the blocks that some of them has among its candidates, each scored for the rows whose
+ * candidates hold it. The last tiles, whose tokens see the most blocks, come first in the grid,
+ * so that the short ones fill in behind them. */
+__global__ void __launch_bounds__(256, 1)
+    msa_score_tile_kernel(msa_args a, int T, int tq, const __half *split, const int32_t *key_exp) {
   dev_pdl_enter();
   extern __shared__ float4 msa_tile_smem[];
-  float *qs = (float *)msa_tile_smem;                    /* [128, LDQ]: row, dim */
-  float *kf = qs + (size_t)MSA_TILE_ROWS * MSA_TILE_LDQ; /* [2][128, LDK]: key, dim of the slab */
+  const int ihd = a.kv.ihd, pitch = msa_pitch(ihd), ksteps = (ihd + 15) >> 4;
+  const uint32_t bytes = msa_split_bytes(ihd);
+  __half *qh = (__half *)msa_tile_smem, *ql = qh + MSA_TILE_ROWS * pitch;
+  uint8_t *kbuf = (uint8_t *)msa_tile_smem + bytes; /* [2][bytes] */
+  int32_t *qe = (int32_t *)(kbuf + 2 * (size_t)bytes);
+  float *rmax = (float *)(qe + MSA_TILE_ROWS); /* [2][2][128] */
+  uint64_t *full = (uint64_t *)(rmax + 4 * MSA_TILE_ROWS);
   __shared__ int32_t tpos[MSA_TILE_ROWS];
   __shared__ int lo_s, hi_s;
-  const int tid = threadIdx.x, lane = tid & 31, tx = lane & 15, ty = 2 * (tid >> 5) + (lane >> 4);
-  const int tile = (int)(blockIdx.x / (unsigned)a.chunks), chunk = (int)(blockIdx.x % (unsigned)a.chunks);
-  const int t0 = tile * tq, ntok = T - t0 < tq ? T - t0 : tq, G = a.G, ihd = a.kv.ihd;
-  const int nrows = ntok * G, slabs = (ihd + MSA_TILE_DK - 1) / MSA_TILE_DK;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tiles = (T + tq - 1) / tq, tile = tiles - 1 - (int)(blockIdx.x / (unsigned)a.chunks),
+            part = (int)(blockIdx.x % (unsigned)a.chunks);
+  const int t0 = tile * tq, ntok = T - t0 < tq ? T - t0 : tq, G = a.G, nrows = ntok * G;
 
-  /* The blocks of this chunk that some token of the tile has among its candidates. */
-  if (tid == 0) lo_s = 0x7fffffff, hi_s = 0;
+  /* The blocks of this part of the candidates of the tile's tokens. */
+  if (tid == 0) {
+    lo_s = 0x7fffffff, hi_s = 0;
+    mbar_init(&full[0], 1), mbar_init(&full[1], 1);
+    mbar_init_fence();
+  }
   __syncthreads();
   if (tid < tq) {
     const int32_t p = tid < ntok ? a.pos[t0 + tid] : -1;
@@ -374,64 +423,125 @@ __global__ void __launch_bounds__(256, 2) msa_score_tile_kernel(msa_args a, int 
     if (msa_candidates(a, p, &nb, &c0, &c1) && c0 < c1) atomicMin(&lo_s, c0), atomicMax(&hi_s, c1);
   }
   __syncthreads();
-  const int b0 = lo_s > chunk * MSA_TILE_CHUNK ? lo_s : chunk * MSA_TILE_CHUNK;
-  const int b1 = hi_s < (chunk + 1) * MSA_TILE_CHUNK ? hi_s : (chunk + 1) * MSA_TILE_CHUNK;
+  const int64_t span = hi_s > lo_s ? hi_s - lo_s : 0;
+  const int b0 = lo_s + (int)(span * part / a.chunks), b1 = lo_s + (int)(span * (part + 1) / a.chunks);
   if (b0 >= b1) return; /* the same for the whole block */
 
-  msa_slab8 slab;
-  msa_slab_fetch<FP8>(a, a.kv.block_table[b0], 0, kf, slab);
-  for (int i = tid; i < MSA_TILE_ROWS * slabs * (MSA_TILE_DK / 4); i += blockDim.x) {
-    const int r = i / (slabs * (MSA_TILE_DK / 4)), d = 4 * (i % (slabs * (MSA_TILE_DK / 4)));
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f); /* rows past the tile, dims past ihd: zeros */
-    if (r < nrows && d < ihd) v = *(const float4 *)(a.iq + ((size_t)t0 * G + r) * ihd + d);
-    *(float4 *)(qs + r * MSA_TILE_LDQ + d) = v;
+  if (tid == 0)
+    for (int s = 0; s < 2 && b0 + s < b1; s++) {
+      mbar_expect_bytes(&full[s], bytes);
+      dev_bulk_copy(kbuf + s * (size_t)bytes, (const uint8_t *)split + (size_t)(b0 + s) * bytes, bytes, &full[s]);
+      mbar_arrive(&full[s]);
+    }
+  /* The query rows, each by its own exponent (rows past the tile: zeros). Warp w takes rows
+   * w + 8 i, lane l dims 4l .. 4l + 3. */
+  {
+    float4 v[16];
+    float m[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      const int r = warp + 8 * i;
+      v[i] = r < nrows && 4 * lane < ihd ? *(const float4 *)(a.iq + ((size_t)t0 * G + r) * ihd + 4 * lane)
+                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      m[i] = msa_amax4(v[i]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int i = 0; i < 16; i++) m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], o));
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      const int r = warp + 8 * i, e = msa_split_exp(m[i]);
+      if (4 * lane < pitch) msa_split4(v[i], msa_pow2(e), qh, ql, (size_t)r * pitch + 4 * lane);
+      if (lane == 0) qe[r] = e;
+    }
   }
-  msa_slab_land<FP8>(kf, slab);
-  __syncthreads();
-  float acc[8][8];
-  const int steps = (b1 - b0) * slabs;
-  for (int st = 0; st < steps; st++) {
-    const int b = b0 + st / slabs, sl = st % slabs;
-    float *knext = kf + (size_t)((st + 1) & 1) * MSA_TILE_KEYS * MSA_TILE_LDK;
-    if (sl == 0) {
+  __syncthreads(); /* the query pieces */
+
+  /* ldmatrix addresses. A (rows 16 mt .. of the warp's 32, dims 16 ks ..): lane l gives row l % 16,
+   * dims 8 (l / 16) ..; B (keys 16 np .. of the warp's 64 as two n8 tiles, dims 16 ks ..): lane l
+   * gives key (l % 8) + 8 (l / 16), dims 8 ((l / 8) % 2) .. */
+  const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, q4 = lane & 3;
+  const uint32_t sqh = smem_addr(qh) + (uint32_t)(((32 * wm + (lane & 15)) * pitch + 8 * (lane >> 4)) * 2);
+  const uint32_t sql = sqh + (uint32_t)(MSA_TILE_ROWS * pitch * 2);
+  const uint32_t kb_off = (uint32_t)(((64 * wn + (lane & 7) + 8 * (lane >> 4)) * pitch + 8 * ((lane >> 3) & 1)) * 2);
+
+  for (int b = b0; b < b1; b++) {
+    const int s = (b - b0) & 1;
+    mbar_wait(&full[s], (uint32_t)(((b - b0) >> 1) & 1));
+    const uint32_t skh = smem_addr(kbuf + s * (size_t)bytes) + kb_off,
+                   skl = skh + (uint32_t)(MSA_TILE_KEYS * pitch * 2);
+    float acc[2][8][4];
 #pragma unroll
-      for (int i = 0; i < 8; i++)
+    for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
-    }
-    if (st + 1 < steps) msa_slab_fetch<FP8>(a, a.kv.block_table[b0 + (st + 1) / slabs], (st + 1) % slabs, knext, slab);
-    const float *qd = qs + ty * MSA_TILE_LDQ + sl * MSA_TILE_DK,
-                *kd = kf + (size_t)(st & 1) * MSA_TILE_KEYS * MSA_TILE_LDK + tx * MSA_TILE_LDK;
-#pragma unroll 1 /* unrolled, the loads of later steps hoisted spill the accumulators */
-    for (int d = 0; d < MSA_TILE_DK; d += 2) { /* two dims a step: 16 operand registers */
-      float2 q[8];
+      for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-      for (int i = 0; i < 8; i++) q[i] = *(const float2 *)(qd + 16 * i * MSA_TILE_LDQ + d);
+        for (int i = 0; i < 4; i++) acc[mt][nt][i] = 0.0f;
+    /* Per k16 step every fragment first, then the products term by term, so that each of a
+     * warp's 16 accumulators sees its three products 16 MMAs apart. */
+#pragma unroll 2
+    for (int ks = 0; ks < ksteps; ks++) {
+      uint32_t ah[2][4], al[2][4], bh[4][4], bl[4][4];
 #pragma unroll
-      for (int j = 0; j < 8; j++) {
-        const float2 k = *(const float2 *)(kd + 16 * j * MSA_TILE_LDK + d);
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[i][j] = fmaf(q[i].y, k.y, fmaf(q[i].x, k.x, acc[i][j]));
+      for (int mt = 0; mt < 2; mt++) {
+        const uint32_t at = (uint32_t)((mt * 16 * pitch + ks * 16) * 2);
+        dev_ldmatrix_x4(ah[mt], sqh + at);
+        dev_ldmatrix_x4(al[mt], sql + at);
       }
-    }
-    if (sl == slabs - 1) { /* the block's dots are complete: its max per row over visible keys */
 #pragma unroll
-      for (int i = 0; i < 8; i++) {
-        const int r = ty + 16 * i;
-        const int32_t p = r < nrows ? tpos[r / G] : -1;
+      for (int np = 0; np < 4; np++) { /* keys 16 np .. of the warp's: n8 tiles 2 np, 2 np + 1 */
+        const uint32_t at = (uint32_t)((np * 16 * pitch + ks * 16) * 2);
+        dev_ldmatrix_x4(bh[np], skh + at);
+        dev_ldmatrix_x4(bl[np], skl + at);
+      }
+#pragma unroll
+      for (int term = 0; term < 3; term++)
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+          for (int nt = 0; nt < 8; nt++) {
+            const uint32_t *fa = term == 0 ? al[mt] : ah[mt], *fb = term == 1 ? bl[nt >> 1] : bh[nt >> 1];
+            dev_mma16816<1>(acc[mt][nt], fa, fb[2 * (nt & 1)], fb[2 * (nt & 1) + 1]);
+          }
+    }
+    /* Row maxima over the warp's 64 keys: lane (g, q4) holds rows g, g + 8 of each m16 tile and
+     * keys 8 nt + 2 q4 + {0, 1}. */
+    float *rm = rmax + s * 2 * MSA_TILE_ROWS;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int r = 32 * wm + 16 * mt + 8 * h + g;
+        const int seen = (r < nrows ? tpos[r / G] : -1) - b * MSA_TILE_KEYS - 64 * wn; /* last key seen */
         float best = -INFINITY; /* NaN dots never win */
+        if (seen >= 63) {
 #pragma unroll
-        for (int j = 0; j < 8; j++)
-          if (b * MSA_TILE_KEYS + tx + 16 * j <= p) best = fmaxf(best, acc[i][j]);
+          for (int nt = 0; nt < 8; nt++) best = fmaxf(best, fmaxf(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]));
+        } else {
 #pragma unroll
-        for (int o = 1; o < 16; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
-        int nb, c0, c1;
-        if (tx == 0 && msa_candidates(a, p, &nb, &c0, &c1) && b >= c0 && b < c1)
-          a.scores[((size_t)t0 * G + r) * a.kv.num_blocks + b] = best;
+          for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int c = 0; c < 2; c++)
+              if (8 * nt + 2 * q4 + c <= seen) best = fmaxf(best, acc[mt][nt][2 * h + c]);
+        }
+        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 1));
+        best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 2));
+        if (q4 == 0) rm[wn * MSA_TILE_ROWS + r] = best;
       }
+    __syncthreads(); /* the row maxima are written; key buffer s is free */
+    if (tid == 0 && b + 2 < b1) {
+      mbar_expect_bytes(&full[s], bytes);
+      dev_bulk_copy(kbuf + s * (size_t)bytes, (const uint8_t *)split + (size_t)(b + 2) * bytes, bytes, &full[s]);
+      mbar_arrive(&full[s]);
     }
-    if (st + 1 < steps) msa_slab_land<FP8>(knext, slab);
-    __syncthreads();
+    if (tid < nrows) {
+      const int32_t p = tpos[tid / G];
+      int nb, c0, c1;
+      if (msa_candidates(a, p, &nb, &c0, &c1) && b >= c0 && b < c1)
+        a.scores[((size_t)t0 * G + tid) * a.kv.num_blocks + b] =
+            ldexpf(fmaxf(rm[tid], rm[MSA_TILE_ROWS + tid]), -(qe[tid] + key_exp[b]));
+    }
   }
 }
 
@@ -460,21 +570,24 @@ static void msa_launch_scores(cuda_backend *cb, const msa_args &a, unsigned grid
   else msa_launch_scores_of<GP, false>(cb, a, grid, smem);
 }
 
-/* The prefill scores by tiles of 128 / G tokens (msa_score_tile_kernel), chunks of
- * MSA_TILE_CHUNK blocks. */
-static void msa_launch_score_tiles(cuda_backend *cb, msa_args &a, int T) {
-  const int tq = MSA_TILE_ROWS / a.G;
-  a.chunk_blocks = MSA_TILE_CHUNK;
-  a.chunks = (a.kv.num_blocks + MSA_TILE_CHUNK - 1) / MSA_TILE_CHUNK;
-  const unsigned grid = (unsigned)((int64_t)((T + tq - 1) / tq) * a.chunks);
-  const size_t smem = msa_tile_smem_bytes();
-  if (a.kv.dtype == M3_KV_FP8) {
-    cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<true>, smem, "msa_select (prefill tiles)");
-    dev_launch(msa_score_tile_kernel<true>, grid, 256, smem, cb->stream, a, T, tq);
-  } else {
-    cuda_allow_smem(cb, (const void *)msa_score_tile_kernel<false>, smem, "msa_select (prefill tiles)");
-    dev_launch(msa_score_tile_kernel<false>, grid, 256, smem, cb->stream, a, T, tq);
-  }
+/* The prefill scores: the keys split once (msa_split_keys_kernel, into `split`), then tiles of
+ * 128 / G tokens (msa_score_tile_kernel), each tile's candidate blocks in parts: about
+ * MSA_TILE_WAVES thread blocks per SM in all, a part at least MSA_TILE_MIN_PART blocks of the
+ * table (the query tile's split is paid once a part). */
+static void msa_launch_score_tiles(cuda_backend *cb, msa_args &a, int T, __half *split, int32_t *key_exp) {
+  if (a.kv.dtype == M3_KV_FP8)
+    dev_launch(msa_split_keys_kernel<true>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, split, key_exp);
+  else
+    dev_launch(msa_split_keys_kernel<false>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, split, key_exp);
+  const int tq = MSA_TILE_ROWS / a.G, tiles = (T + tq - 1) / tq;
+  const int parts = (MSA_TILE_WAVES * cb->num_sms + tiles - 1) / tiles;
+  const int most = (a.kv.num_blocks + MSA_TILE_MIN_PART - 1) / MSA_TILE_MIN_PART;
+  a.chunks = parts < most ? parts : most;
+  a.chunk_blocks = 0; /* a part's blocks follow from its tile's candidates */
+  const size_t smem = msa_tile_smem_bytes(a.kv.ihd);
+  cuda_allow_smem(cb, (const void *)msa_score_tile_kernel, smem, "msa_select (prefill tiles)");
+  dev_launch(msa_score_tile_kernel, (unsigned)((int64_t)tiles * a.chunks), 256, smem, cb->stream, a, T, tq,
+             (const __half *)split, (const int32_t *)key_exp);
 }
 
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
@@ -500,8 +613,14 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   a.fused = 0;
   a.chunk_blocks = a.chunks = 1;
   if (kv->num_blocks > p->topk) { /* else no position has candidates: nothing to score */
-    a.scores = (float *)cuda_scratch(cb, (size_t)T * G * kv->num_blocks * sizeof(float), "msa_select");
-    if (!a.scores) return;
+    /* The scores; for the prefill tiles, then the split keys and their exponents. */
+    const int tiles = T >= MSA_TILE_MIN_T && kv->block_size == MSA_TILE_KEYS && kv->ihd <= MSA_TILE_MAX_IHD;
+    const size_t score_bytes = ((size_t)T * G * kv->num_blocks * sizeof(float) + 255) / 256 * 256;
+    const size_t split_bytes = tiles ? (size_t)kv->num_blocks * msa_split_bytes(kv->ihd) : 0;
+    uint8_t *scratch = (uint8_t *)cuda_scratch(
+        cb, score_bytes + split_bytes + (tiles ? (size_t)kv->num_blocks * sizeof(int32_t) : 0), "msa_select");
+    if (!scratch) return;
+    a.scores = (float *)scratch;
     /* Blocks per thread block: the scan of all tokens over about MSA_SCORE_CTAS_PER_SM blocks
      * per SM (one wave), at least one block each, at most MSA_CHUNK_MAX. The positions live on
      * the device: chunks cover the table, and blocks past a token's candidates are skipped. */
@@ -516,8 +635,9 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
     a.fused = T <= MSA_FUSED_MAX_T && fused_smem <= MSA_FUSED_SMEM;
     const size_t smem = a.fused ? fused_smem : 0;
     const unsigned grid = (unsigned)((int64_t)T * a.chunks);
-    if (T >= MSA_TILE_MIN_T && kv->block_size == MSA_TILE_KEYS && kv->ihd <= MSA_TILE_MAX_IHD) {
-      msa_launch_score_tiles(cb, a, T);
+    if (tiles) {
+      msa_launch_score_tiles(cb, a, T, (__half *)(scratch + score_bytes),
+                             (int32_t *)(scratch + score_bytes + split_bytes));
     } else if (G == 1) msa_launch_scores<1>(cb, a, grid, smem);
     else if (G == 2) msa_launch_scores<2>(cb, a, grid, smem);
     else if (G <= 4) msa_launch_scores<4>(cb, a, grid, smem);
