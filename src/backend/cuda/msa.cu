@@ -614,7 +614,8 @@ void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *k
   a.chunk_blocks = a.chunks = 1;
   if (kv->num_blocks > p->topk) { /* else no position has candidates: nothing to score */
     /* The scores; for the prefill tiles, then the split keys and their exponents. */
-    const int tiles = T >= MSA_TILE_MIN_T && kv->block_size == MSA_TILE_KEYS && kv->ihd <= MSA_TILE_MAX_IHD;
+    const int tiles = T >= MSA_TILE_MIN_T && kv->block_size == MSA_TILE_KEYS && kv->ihd <= MSA_TILE_MAX_IHD &&
+                      msa_tile_smem_bytes(kv->ihd) <= (size_t)cb->smem_optin;
     const size_t score_bytes = ((size_t)T * G * kv->num_blocks * sizeof(float) + 255) / 256 * 256;
     const size_t split_bytes = tiles ? (size_t)kv->num_blocks * msa_split_bytes(kv->ihd) : 0;
     uint8_t *scratch = (uint8_t *)cuda_scratch(
