@@ -1143,16 +1143,20 @@ static void test_msa_decode_long(void) {
 }
 
 /* MSA at prefill sizes (more than 64 tokens, blocks of 128, index dim up to 128: the scores by
- * tiles of 128 / G tokens, msa.cu msa_score_tile_kernel, then the attention's tensor-core tiles):
- * M3's shapes over 71 blocks at ragged positions on float32 and fp8 caches, exact ties; 16 index
- * heads of 64 (tiles of 8 tokens); 3 heads of 80 (42 tokens, rows not filling the tile, the last
- * slab of dims half past ihd) with init blocks. */
+ * tiles of 128 / G tokens on tensor cores, msa.cu msa_score_tile_kernel, then the attention's
+ * tensor-core tiles): M3's shapes over 71 blocks at ragged positions on float32 and fp8 caches,
+ * exact ties; 16 index heads of 64 (tiles of 8 tokens); 3 heads of 80 (42 tokens, rows not
+ * filling the tile) with init blocks; one head of 36 (128 tokens a tile, dims past ihd up to the
+ * next multiple of 16 zero) on an fp8 cache, and on float32 with no local block (the partial
+ * block is a candidate, its keys past each token masked). */
 static void test_msa_prefill(void) {
   const m3_msa_params m3p = {16, 1, 0};
   for (int fp8 = 0; fp8 < 2; fp8++) msa_attention_case(128, 64, 4, 128, 128, 9000, 200, m3p, 0, fp8);
   msa_attention_case(128, 64, 4, 128, 128, 3000, 150, m3p, 1, 0);
   msa_attention_case(128, 32, 16, 32, 64, 40 * 128 - 3, 130, (m3_msa_params){8, 2, 1}, 0, 0);
   msa_attention_case(128, 12, 3, 64, 80, 5000, 140, (m3_msa_params){5, 1, 1}, 0, 0);
+  msa_attention_case(128, 4, 1, 32, 36, 2600, 300, (m3_msa_params){6, 1, 0}, 0, 1);
+  msa_attention_case(128, 4, 1, 32, 36, 2600, 300, (m3_msa_params){6, 0, 1}, 0, 0);
 }
 
 /* A decode step of several sequences, each its own cache and selection call queued back to back
