@@ -349,22 +349,32 @@ __device__ __forceinline__ void msa_split4(float4 v, float up, __half *hi, __hal
 }
 
 /* Split keys of table block blockIdx.x: hi rows [128, pitch], lo rows, and the block's exponent
- * into key_exp[b]. Warp w takes key rows w + 8 i, lane l dims 4l .. 4l + 3 (dims past
- * ihd, up to the pitch: zeros). */
+ * into key_exp[b]. Warp w takes key rows w + 8 i, lane l dims 4l .. 4l + 3 (dims past ihd, up to
+ * the pitch: zeros). Rows past the call's latest position are zeros: no token sees them, and a
+ * page's unwritten rows hold whatever the memory held, which must not set the exponent. */
 template <bool FP8>
-__global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, __half *split, int32_t *key_exp) {
+__global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, int T, __half *split, int32_t *key_exp) {
   dev_pdl_enter();
   __shared__ float warp_max_s[8];
+  __shared__ int32_t warp_pos_s[8];
   const int b = (int)blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ihd = a.kv.ihd,
             pitch = msa_pitch(ihd);
   const int32_t page = a.kv.block_table[b];
+  int32_t last = -1;
+  for (int t = (int)threadIdx.x; t < T; t += 256) last = max(last, a.pos[t]);
+  last = __reduce_max_sync(0xffffffffu, last);
+  if (lane == 0) warp_pos_s[warp] = last;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < 8; w++) last = max(last, warp_pos_s[w]);
+  const int rows = last - b * MSA_TILE_KEYS + 1; /* rows of the block some token sees */
   float4 v[16];
   float m = 0.0f;
 #pragma unroll
   for (int i = 0; i < 16; i++) {
     const int r = warp + 8 * i;
     v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (4 * lane < ihd) {
+    if (4 * lane < ihd && r < rows) {
       if constexpr (FP8) {
         const kv8_rows keys8 = kv8_page_rows(a.kv.ik, a.ik_page_bytes, page, MSA_TILE_KEYS, ihd, 0);
         v[i] = kv8_dequant4(*(const uint32_t *)(keys8.q + (size_t)r * ihd + 4 * lane), keys8.scale[r]);
@@ -576,9 +586,9 @@ static void msa_launch_scores(cuda_backend *cb, const msa_args &a, unsigned grid
  * table (the query tile's split is paid once a part). */
 static void msa_launch_score_tiles(cuda_backend *cb, msa_args &a, int T, __half *split, int32_t *key_exp) {
   if (a.kv.dtype == M3_KV_FP8)
-    dev_launch(msa_split_keys_kernel<true>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, split, key_exp);
+    dev_launch(msa_split_keys_kernel<true>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, T, split, key_exp);
   else
-    dev_launch(msa_split_keys_kernel<false>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, split, key_exp);
+    dev_launch(msa_split_keys_kernel<false>, (unsigned)a.kv.num_blocks, 256, 0, cb->stream, a, T, split, key_exp);
   const int tq = MSA_TILE_ROWS / a.G, tiles = (T + tq - 1) / tq;
   const int parts = (MSA_TILE_WAVES * cb->num_sms + tiles - 1) / tiles;
   const int most = (a.kv.num_blocks + MSA_TILE_MIN_PART - 1) / MSA_TILE_MIN_PART;
