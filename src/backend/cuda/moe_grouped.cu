@@ -1,5 +1,5 @@
 /* moe_grouped.cu: the routed experts of a prefill as two grouped GEMMs on the BF16 tensor cores,
- * issued without waiting for the host (issue 7). moe.cu's moe_group_kernel has sorted the T*k
+ * issued without waiting for the host (issue 7). moe.cu's moe_group has sorted the T*k
  * slots by expert (expert e owns positions [start[e], start[e + 1])); here:
  *   1. gather: xy [n, H] = BF16(h[token of the slot at each position]);
  *   2. tile offsets: tile_start[e] = sum over e' < e of ceil(cnt_e' / BM), on the device;
