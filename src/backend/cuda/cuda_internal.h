@@ -282,6 +282,22 @@ __device__ __forceinline__ void dev_mma16816(float d[4], const uint32_t a[4], ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* 2^e for e in [-126, 127], where it is a normal float: its bits alone. */
+__device__ __forceinline__ float dev_pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+/* x * 2^n as ldexpf gives it (the exact product, rounded once): one multiplication where 2^n is
+ * a normal float (ldexpf's range steps take a dozen instructions), else ldexpf. */
+__device__ __forceinline__ float dev_ldexp(float x, int n) {
+  return n >= -126 && n <= 127 ? x * dev_pow2(n) : ldexpf(x, n);
+}
+
+/* The exponent e that brings a largest magnitude m to [2^14, 2^15), where f16 keeps 11
+ * significant bits of every value that matters next to it: 0 for m zero, infinite or NaN; at
+ * most 126, so that 2^e and 2^-e are normal floats (m below 2^-112 then stays below 2^14). */
+__device__ __forceinline__ int dev_f16_exp(float m) {
+  return m > 0.0f && isfinite(m) ? min(141 - (int)((__float_as_uint(m) >> 23) & 0xffu), 126) : 0;
+}
+
 /* Four 8x8 matrices of 16-bit values: lanes 8i .. 8i + 7 give the row addresses of matrix i,
  * which lands in r[i]; lane 4g + q receives row g, elements 2q and 2q + 1 of each. */
 __device__ __forceinline__ void dev_ldmatrix_x4(uint32_t r[4], uint32_t addr) {

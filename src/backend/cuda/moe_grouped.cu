@@ -69,13 +69,6 @@ enum {
   GG_MAX_GRID_Y = 65535,
 };
 
-/* x * 2^n as ldexpf gives it (the exact product, rounded once): a multiplication by 2^n where
- * that is a normal float (one instruction, where ldexpf's range steps take a dozen), else ldexpf.
- * The epilogues take every power of two off this way. */
-__device__ __forceinline__ float gg_ldexp(float x, int n) {
-  return n >= -126 && n <= 127 ? x * __int_as_float((n + 127) << 23) : ldexpf(x, n);
-}
-
 /* One tile configuration and the sizes that follow from it. */
 template <int BM_, int BN_, int BK_, int STAGES_, int WM_, int MINB_> struct gg_cfg {
   enum {
@@ -146,7 +139,7 @@ __device__ __forceinline__ __half2 gg_block_factor(int s, int smax) {
   /* 2^t in float (t clamped to the normal floats), rounded to f16 once: exact from 2^-24 up, 2^-25
    * a tie that goes to the even 0, and 0 below; no branches in the decoding loops */
   const int t = max(s - smax + GG_MX_HEADROOM, -126);
-  const __half f = __float2half_rn(__int_as_float((t + 127) << 23));
+  const __half f = __float2half_rn(dev_pow2(t));
   return __half2half2(s == 0xff ? __ushort_as_half((unsigned short)0x7e00u) : f);
 }
 
@@ -266,8 +259,8 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
     const float4 v = src[c];
     uint32_t lo, hi;
     if (F16) {
-      const __half2 a = __floats2half2_rn(gg_ldexp(v.x, e), gg_ldexp(v.y, e));
-      const __half2 b = __floats2half2_rn(gg_ldexp(v.z, e), gg_ldexp(v.w, e));
+      const __half2 a = __floats2half2_rn(dev_ldexp(v.x, e), dev_ldexp(v.y, e));
+      const __half2 b = __floats2half2_rn(dev_ldexp(v.z, e), dev_ldexp(v.w, e));
       lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
     } else {
       const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
@@ -403,7 +396,7 @@ __device__ __forceinline__ void gg_setup(const cuda_weight &w0, const cuda_weigh
  * and first weight row n0: GATED, s the gate sums there and u the up sums at BN/2 + b, + 1, out
  * (BF16 [n, N]; MX: f16 times 2^act_exp) their SwiGLU-OAI; otherwise out (float32 [n, N]) = s.
  * Columns come in even pairs and N is even: a pair is inside N or past it. MX: each sum times
- * 2^(b_exp of its B row - ea, the A row's power of two), exact (gg_ldexp). */
+ * 2^(b_exp of its B row - ea, the A row's power of two), exact (dev_ldexp). */
 template <class C, int GATED, int MX>
 __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t n0, int64_t N, int b, float2 s,
                                               float2 u, const int *b_exp, int ea, int act_exp, float alpha,
@@ -412,8 +405,8 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
   if (col >= N) return;
   const size_t row = (size_t)(m0 + r) * (size_t)N;
   if (MX) {
-    s.x = gg_ldexp(s.x, b_exp[b] - ea), s.y = gg_ldexp(s.y, b_exp[b + 1] - ea);
-    if (GATED) u.x = gg_ldexp(u.x, b_exp[C::BN / 2 + b] - ea), u.y = gg_ldexp(u.y, b_exp[C::BN / 2 + b + 1] - ea);
+    s.x = dev_ldexp(s.x, b_exp[b] - ea), s.y = dev_ldexp(s.y, b_exp[b + 1] - ea);
+    if (GATED) u.x = dev_ldexp(u.x, b_exp[C::BN / 2 + b] - ea), u.y = dev_ldexp(u.y, b_exp[C::BN / 2 + b + 1] - ea);
   }
   if (!GATED) {
     *(float2 *)((float *)out + row + col) = s;
@@ -422,7 +415,7 @@ __device__ __forceinline__ void gg_store_pair(void *out, int m0, int r, int64_t 
   const float v0 = dev_swiglu_oai(s.x, u.x, alpha, beta, limit), v1 = dev_swiglu_oai(s.y, u.y, alpha, beta, limit);
   uint32_t *o = (uint32_t *)((uint16_t *)out + row);
   if (MX) {
-    const __half2 h2 = __floats2half2_rn(gg_ldexp(v0, act_exp), gg_ldexp(v1, act_exp));
+    const __half2 h2 = __floats2half2_rn(dev_ldexp(v0, act_exp), dev_ldexp(v1, act_exp));
     o[col / 2] = *(const uint32_t *)&h2;
   } else {
     const __nv_bfloat162 b2 = __floats2bfloat162_rn(v0, v1);
@@ -868,10 +861,10 @@ __device__ __forceinline__ void gr_epilogue(uint8_t *smem_p, const float (&d)[2]
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
           const int pc = 64 * wg + gr_perm_col(16 * wi + g + 8 * hh);
-          const float v = dev_swiglu_oai(gg_ldexp(d[0][4 * i + 2 * hh + jj], r.smax[hh] - GG_MX_UNSCALE - ea),
-                                         gg_ldexp(d[1][4 * i + 2 * hh + jj], r.smax[2 + hh] - GG_MX_UNSCALE - ea),
+          const float v = dev_swiglu_oai(dev_ldexp(d[0][4 * i + 2 * hh + jj], r.smax[hh] - GG_MX_UNSCALE - ea),
+                                         dev_ldexp(d[1][4 * i + 2 * hh + jj], r.smax[2 + hh] - GG_MX_UNSCALE - ea),
                                          alpha, beta, limit);
-          const __half hv = __float2half_rn(gg_ldexp(v, act_exp));
+          const __half hv = __float2half_rn(dev_ldexp(v, act_exp));
           st[t * gr_layout<C>::ACT_LD + pc] = *(const uint16_t *)&hv;
         }
       }
@@ -895,7 +888,7 @@ __device__ __forceinline__ void gr_epilogue(uint8_t *smem_p, const float (&d)[2]
 #pragma unroll
           for (int jj = 0; jj < 2; jj++) {
             const int t = 8 * i + 2 * q + jj;
-            st[t * gr_layout<C>::Y_LD + c] = gg_ldexp(d[m][4 * i + 2 * hh + jj], be);
+            st[t * gr_layout<C>::Y_LD + c] = dev_ldexp(d[m][4 * i + 2 * hh + jj], be);
           }
       }
     dev_bar_sync_first<GG_THREADS>();

@@ -21,7 +21,6 @@
  * rules as the CPU backend's msa.c. At decode (few tokens, a context whose candidate keys fit
  * shared memory) the last score block of a token to finish runs its selection (a counter per
  * token), which saves a launch; otherwise a second kernel does. */
-#include <float.h>
 #include <math.h>
 
 #include "backend/cuda/cuda_ops.h"
@@ -307,7 +306,6 @@ enum {
   MSA_TILE_WAVES = 4,    /* thread blocks per SM that the parts of the tiles aim at */
   MSA_TILE_MIN_PART = 4, /* blocks of the table per part, at least */
   MSA_TILE_MIN_T = MSA_FUSED_MAX_T + 1,
-  MSA_F16_TOP = 14, /* a split row's (block's) largest magnitude lands in [2^14, 2^15) */
 };
 
 /* f16 row pitch of the split tiles: the index dim rounded up to 16, plus 8, so that the 8 rows of
@@ -324,14 +322,6 @@ static __host__ __device__ __forceinline__ uint32_t msa_split_bytes(int ihd) {
 static size_t msa_tile_smem_bytes(int ihd) {
   return 3 * (size_t)msa_split_bytes(ihd) + (1 + 4) * MSA_TILE_ROWS * sizeof(float) + 2 * sizeof(uint64_t);
 }
-
-/* The exponent e that brings a largest magnitude m to [2^14, 2^15) (0 for infinities or NaN), at
- * most 126 so that 2^e is a normal float (m below 2^-112 then stays below 2^14). */
-__device__ __forceinline__ int msa_split_exp(float m) {
-  return m <= FLT_MAX ? min(MSA_F16_TOP + 127 - (int)((__float_as_uint(m) >> 23) & 0xffu), 126) : 0;
-}
-
-__device__ __forceinline__ float msa_pow2(int e) { return __int_as_float((127 + e) << 23); }
 
 __device__ __forceinline__ float msa_amax4(float4 v) {
   return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
@@ -389,11 +379,11 @@ __global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, int T, 
   __syncthreads();
 #pragma unroll
   for (int w = 0; w < 8; w++) m = fmaxf(m, warp_max_s[w]);
-  const int e = msa_split_exp(m);
+  const int e = dev_f16_exp(m);
   __half *hi = split + (size_t)b * (msa_split_bytes(ihd) / 2), *lo = hi + MSA_TILE_KEYS * pitch;
   if (4 * lane < pitch)
 #pragma unroll
-    for (int i = 0; i < 16; i++) msa_split4(v[i], msa_pow2(e), hi, lo, (size_t)(warp + 8 * i) * pitch + 4 * lane);
+    for (int i = 0; i < 16; i++) msa_split4(v[i], dev_pow2(e), hi, lo, (size_t)(warp + 8 * i) * pitch + 4 * lane);
   if (threadIdx.x == 0) key_exp[b] = e;
 }
 
@@ -461,8 +451,8 @@ __global__ void __launch_bounds__(256, 1)
       for (int i = 0; i < 16; i++) m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], o));
 #pragma unroll
     for (int i = 0; i < 16; i++) {
-      const int r = warp + 8 * i, e = msa_split_exp(m[i]);
-      if (4 * lane < pitch) msa_split4(v[i], msa_pow2(e), qh, ql, (size_t)r * pitch + 4 * lane);
+      const int r = warp + 8 * i, e = dev_f16_exp(m[i]);
+      if (4 * lane < pitch) msa_split4(v[i], dev_pow2(e), qh, ql, (size_t)r * pitch + 4 * lane);
       if (lane == 0) qe[r] = e;
     }
   }
@@ -550,7 +540,7 @@ __global__ void __launch_bounds__(256, 1)
       int nb, c0, c1;
       if (msa_candidates(a, p, &nb, &c0, &c1) && b >= c0 && b < c1)
         a.scores[((size_t)t0 * G + tid) * a.kv.num_blocks + b] =
-            ldexpf(fmaxf(rm[tid], rm[MSA_TILE_ROWS + tid]), -(qe[tid] + key_exp[b]));
+            dev_ldexp(fmaxf(rm[tid], rm[MSA_TILE_ROWS + tid]), -(qe[tid] + key_exp[b]));
     }
   }
 }

@@ -603,8 +603,8 @@ __device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_
   m = red[0];
 #pragma unroll
   for (int i = 1; i < MX1_CONSUMERS; i++) m = fmaxf(m, red[i]);
-  const int sx = !isfinite(m) || m == 0.0f ? 0 : min(14 - ilogbf(m), 126); /* ilogbf(m) >= -149 */
-  const float up = __int_as_float((127 + sx) << 23);
+  const int sx = dev_f16_exp(m);
+  const float up = dev_pow2(sx);
   uint32_t *lo = xs + mx1_lo_words(K);
 #pragma unroll MX1_XV
   for (int64_t i = threadIdx.x; i < n4; i += T) { /* x from L1 now */
@@ -624,7 +624,7 @@ __device__ __forceinline__ float mx1_stage_x(const float *__restrict__ x, int64_
     ((uint2 *)lo)[i] = make_uint2(lw[0], lw[1]);
   }
   mx1_consumers_sync();
-  return __int_as_float((127 - sx) << 23);
+  return dev_pow2(-sx);
 }
 
 /* Bytes 0, 1 (p01) and 2, 3 (p23) of b as f16 pairs, the lower byte in the lower half, through
