@@ -588,11 +588,32 @@ enum { DEQUANT_CHUNK_BYTES = 64 << 20 };
  * up to 5e-2 (relative L2), the same drift the CPU shows when it rounds the same inputs. */
 enum { LT_SPLIT_MAX_T = 64 };
 
-/* out[0, n) = bf16(x); with split, out[n, 2n) = bf16(x - bf16(x)) as well. */
+/* bf16(a), bf16(b) as one word, a in the low half; *lo gets bf16 of what each rounding left. */
+__device__ __forceinline__ uint32_t bf16_pair_split(float a, float b, uint32_t *lo) {
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(a, b);
+  const __nv_bfloat162 rest = __floats2bfloat162_rn(a - __low2float(hi), b - __high2float(hi));
+  *lo = *(const uint32_t *)&rest;
+  return *(const uint32_t *)&hi;
+}
+
+/* out[0, n) = bf16(x); with split, out[n, 2n) = bf16(x - bf16(x)) as well. Four values a thread
+ * and step (one float4 load, 8-byte stores) where x, out and n % 4 allow it: one value a thread
+ * moved a prefill's activations at about 70% of the copy rate (H200: 8192 x 8192 in 0.14 ms). */
 __global__ void to_bf16_kernel(const float *__restrict__ x, size_t n, int split,
                                __nv_bfloat16 *__restrict__ out) {
   dev_pdl_enter();
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+  if ((uintptr_t)x % 16 == 0 && (uintptr_t)out % 8 == 0 && n % 4 == 0) {
+    for (size_t i = first; i < n / 4; i += stride) {
+      const float4 v = ((const float4 *)x)[i];
+      uint2 lo;
+      const uint2 hi = make_uint2(bf16_pair_split(v.x, v.y, &lo.x), bf16_pair_split(v.z, v.w, &lo.y));
+      ((uint2 *)out)[i] = hi;
+      if (split) ((uint2 *)(out + n))[i] = lo;
+    }
+    return;
+  }
+  for (size_t i = first; i < n; i += stride) {
     const __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
     out[i] = hi;
     if (split) out[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
