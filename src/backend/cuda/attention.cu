@@ -257,6 +257,21 @@ __device__ __forceinline__ void att_next(att_cursor &c, int upb) {
   if (++c.sub == upb) c.sub = 0, c.li++;
 }
 
+/* The tensor-core kernel's order of the same key tiles: every block but the last (nfull of them)
+ * a key tile at a time across the blocks (tile 0 of each, then tile 1 of each, ...), then the
+ * last block's, the one holding the tile's latest position (att_units). A ring of key tiles then
+ * holds as many different blocks as it can, and so work for as many warps (each multiplies only
+ * its token's blocks): block by block, two stages of four held one block's two tiles. Starts at
+ * {0, 0}. */
+__device__ __forceinline__ void att_next_across(att_cursor &c, int nfull, int upb) {
+  if (c.li < nfull) {
+    if (++c.li == nfull && ++c.sub < upb) c.li = 0;
+    else if (c.li == nfull) c.sub = 0;
+  } else {
+    c.sub++;
+  }
+}
+
 /* Key tile c of a tile's list (kt keys): its block *b, first key *j0 within the block, and the
  * count of its keys up to the tile's latest position mp (<= 0: none). */
 __device__ __forceinline__ int att_unit_keys(const att_args &a, att_cursor c, const int *ublk, int32_t mp, int kt,
@@ -660,7 +675,10 @@ static void att_launch_hd(cuda_backend *cb, att_args &a, int ntiles, int max_uni
  * tokens' blocks (with unrelated selections, up to 8 x 16 blocks), and each warp multiplies only
  * the blocks its token chose, so a warp with nothing to do in a key tile moves on to the next
  * one that has landed rather than idling at a barrier of the whole block; the list is taken in
- * turns over the tokens (att_union) so that the tiles in the ring belong to different warps.
+ * turns over the tokens (att_union), and its key tiles across the blocks (att_next_across: the
+ * first tile of every block, then the second, ...), so that the tiles in the ring belong to
+ * different warps (block by block, half the ring held one block; across: MSA at 8192 tokens 3.73
+ * -> 3.43 ms, bench/RESULTS.md twenty-fifth session; a fifth stage made both orders slower).
  * This ring moved the union 1.26 times as fast as float32 converted in the loop, 1.04 times as
  * fast as a two-stage cp.async ring with block barriers, which kept two blocks an SM and with
  * them the dense tiles' rate (bench/RESULTS.md, nineteenth session). What holds it now (Nsight
@@ -816,12 +834,12 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
   const int *ublk = ents + 2 * ne_max;
   const uint32_t *umask = (const uint32_t *)(ents + 3 * ne_max);
   const int upb = rpb / ATT_TC_KT;
-  const int units = att_units(a, nlist, ublk, mp, ATT_TC_KT, upb);
+  const int units = att_units(a, nlist, ublk, mp, ATT_TC_KT, upb), nfull = nlist > 0 ? nlist - 1 : 0;
 
   att_cursor cur = {0, 0};
   if (warp == ATT_TC_WARPS) { /* the copying warp: key tile u into stage u % STAGES, once free */
     if (lane == 0)
-      for (int u = 0; u < units; u++, att_next(cur, upb)) {
+      for (int u = 0; u < units; u++, att_next_across(cur, nfull, upb)) {
         const int st = u % ATT_TC_STAGES;
         int b, j0;
         att_unit_keys(a, cur, ublk, mp, ATT_TC_KT, &b, &j0);
@@ -893,7 +911,7 @@ __global__ void __launch_bounds__(32 * (ATT_TC_WARPS + 1), 1) attention_tc_kerne
    * 0..7 at dims 8 (i >> 1) + 0..7 of a 16-key x 16-dim step; the key's row & 7 is lane & 7. */
   const int vkey = 8 * ((lane >> 3) & 1) + (lane & 7), vchunk = lane >> 4;
 
-  for (int u = 0; u < units; u++, att_next(cur, upb)) {
+  for (int u = 0; u < units; u++, att_next_across(cur, nfull, upb)) {
     const int st = u % ATT_TC_STAGES;
     int b, j0;
     const int nk = att_unit_keys(a, cur, ublk, mp, ATT_TC_KT, &b, &j0);
