@@ -117,10 +117,13 @@ m3_status m3_ranks_check(const char *model_dir, const m3_engine_options *o) {
 
 /* ---- the host all-reduce ---- */
 
-/* 1 when every member arrived, 0 when the group was aborted first. */
-static int group_barrier(host_group *g) {
+/* 1 when every member arrived, 0 when the group was aborted first (abortable only; otherwise it
+ * waits for every member whatever happens). An abortable barrier is passed by all members or by
+ * none: the last to arrive either finds the group aborted and is not counted, or advances the
+ * phase that releases all the others. */
+static int group_barrier(host_group *g, int abortable) {
   pthread_mutex_lock(&g->mu);
-  int ok = !g->aborted;
+  int ok = !(abortable && g->aborted);
   if (ok) {
     const uint64_t phase = g->phase;
     if (++g->arrived == g->size) {
@@ -128,7 +131,7 @@ static int group_barrier(host_group *g) {
       g->phase++;
       pthread_cond_broadcast(&g->cv);
     } else {
-      while (g->phase == phase && !g->aborted) pthread_cond_wait(&g->cv, &g->mu);
+      while (g->phase == phase && !(abortable && g->aborted)) pthread_cond_wait(&g->cv, &g->mu);
       ok = g->phase != phase;
     }
   }
@@ -157,14 +160,18 @@ static m3_status host_all_reduce(void *user, m3_reduce_group group, float *buf, 
   if (g->size == 1) return M3_OK;
   const int me = group == M3_REDUCE_TP ? k->tp_rank : k->index;
   g->bufs[me] = buf;
-  if (!group_barrier(g)) return m3_fail(M3_ERR_IO, "all-reduce: another rank failed");
+  if (!group_barrier(g, 1)) return m3_fail(M3_ERR_IO, "all-reduce: another rank failed");
   const size_t lo = n * (size_t)me / (size_t)g->size, hi = n * (size_t)(me + 1) / (size_t)g->size;
   for (size_t i = lo; i < hi; i++) {
     float sum = 0.0f;
     for (int m = 0; m < g->size; m++) sum += g->bufs[m][i];
     for (int m = 0; m < g->size; m++) g->bufs[m][i] = sum;
   }
-  if (!group_barrier(g)) return m3_fail(M3_ERR_IO, "all-reduce: another rank failed");
+  /* Not abortable: every member passed the first barrier and writes slices of the others'
+   * buffers, so none may return to its own buffer before all are done, even when another rank
+   * failed meanwhile (ThreadSanitizer caught a rank back in its add_rmsnorm while a peer still
+   * summed into its rows). All of them arrive: nothing in the loop can fail. */
+  group_barrier(g, 0);
   return M3_OK;
 }
 
