@@ -291,6 +291,11 @@ __device__ __forceinline__ float dev_ldexp(float x, int n) {
   return n >= -126 && n <= 127 ? x * dev_pow2(n) : ldexpf(x, n);
 }
 
+/* The largest magnitude of four values (a NaN among them does not count). */
+__device__ __forceinline__ float dev_amax4(float4 v) {
+  return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+}
+
 /* The exponent e that brings a largest magnitude m to [2^14, 2^15), where f16 keeps 11
  * significant bits of every value that matters next to it: 0 for m zero, infinite or NaN; at
  * most 126, so that 2^e and 2^-e are normal floats (m below 2^-112 then stays below 2^14). */

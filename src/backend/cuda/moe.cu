@@ -214,13 +214,20 @@ __global__ void __launch_bounds__(32) moe_group_kernel(const int32_t *__restrict
   moe_group_place(ids, g, 0, g.n, next, lane);
 }
 
+/* The slots [*i0, *i1) of chunk blockIdx.x. */
+__device__ __forceinline__ void moe_group_chunk(const moe_groups &g, int *i0, int *i1) {
+  *i0 = (int)blockIdx.x * MOE_GROUP_CHUNK;
+  *i1 = g.n - *i0 < MOE_GROUP_CHUNK ? g.n : *i0 + MOE_GROUP_CHUNK;
+}
+
 /* Chunk blockIdx.x's counts into chunk_counts [chunks][E] (shared memory counts [E]). */
 __global__ void __launch_bounds__(32)
     moe_group_count_kernel(const int32_t *__restrict__ ids, moe_groups g, int32_t *chunk_counts) {
   dev_pdl_enter();
   extern __shared__ int32_t counts[];
-  const int lane = threadIdx.x, i0 = (int)blockIdx.x * MOE_GROUP_CHUNK;
-  const int i1 = g.n - i0 < MOE_GROUP_CHUNK ? g.n : i0 + MOE_GROUP_CHUNK;
+  const int lane = threadIdx.x;
+  int i0, i1;
+  moe_group_chunk(g, &i0, &i1);
   for (int e = lane; e < g.E; e += 32) counts[e] = 0;
   __syncwarp();
   moe_group_count(ids, g, i0, i1, counts, lane);
@@ -256,8 +263,9 @@ __global__ void __launch_bounds__(32)
     moe_group_place_kernel(const int32_t *__restrict__ ids, moe_groups g, const int32_t *chunk_offsets) {
   dev_pdl_enter();
   extern __shared__ int32_t next[];
-  const int lane = threadIdx.x, i0 = (int)blockIdx.x * MOE_GROUP_CHUNK;
-  const int i1 = g.n - i0 < MOE_GROUP_CHUNK ? g.n : i0 + MOE_GROUP_CHUNK;
+  const int lane = threadIdx.x;
+  int i0, i1;
+  moe_group_chunk(g, &i0, &i1);
   for (int e = lane; e < g.E; e += 32) next[e] = chunk_offsets[(size_t)blockIdx.x * g.E + e];
   __syncwarp();
   moe_group_place(ids, g, i0, i1, next, lane);

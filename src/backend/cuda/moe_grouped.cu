@@ -220,8 +220,8 @@ __device__ __forceinline__ int gr_perm_col(int k) {
 }
 
 /* xy[p] = BF16(h[slot_at[p] / k]) for the used positions p < min(start[E], n); F16: xy[p] =
- * f16(h[slot_at[p] / k] * 2^row_exp[p]), row_exp[p] putting the row's largest |value| in [2^14,
- * 2^15) (0 for a row of zeros or with an infinity); PERM: each 64 columns in gr_perm_col's order.
+ * f16(h[slot_at[p] / k] * 2^row_exp[p]), row_exp[p] = dev_f16_exp of the row's largest |value|
+ * (bringing it to [2^14, 2^15); 0 for a row of zeros or with an infinity); PERM: each 64 columns in gr_perm_col's order.
  * One block of GG_GATHER_THREADS per position of the grid's n, the unused ones exit. H % 4 == 0
  * (PERM: % 64), h 16-byte aligned. */
 template <int F16, int PERM>
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
     float m = 0.0f;
     for (int64_t c = threadIdx.x; c < H / 4; c += GG_GATHER_THREADS) {
       const float4 v = src[c];
-      m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+      m = fmaxf(m, dev_amax4(v));
     }
     m = warp_max(m);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
@@ -247,11 +247,7 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
     m = part[0];
 #pragma unroll
     for (int w = 1; w < GG_GATHER_THREADS / 32; w++) m = fmaxf(m, part[w]);
-    if (m > 0.0f && m <= FLT_MAX) {
-      int x; /* m in [2^(x - 1), 2^x) */
-      frexpf(m, &x);
-      e = GG_F16_TOP - x;
-    }
+    e = dev_f16_exp(m);
     if (threadIdx.x == 0) row_exp[p] = e;
   }
   uint2 *dst = (uint2 *)xy + (size_t)p * (size_t)(H / 4);

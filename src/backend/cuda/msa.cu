@@ -323,10 +323,6 @@ static size_t msa_tile_smem_bytes(int ihd) {
   return 3 * (size_t)msa_split_bytes(ihd) + (1 + 4) * MSA_TILE_ROWS * sizeof(float) + 2 * sizeof(uint64_t);
 }
 
-__device__ __forceinline__ float msa_amax4(float4 v) {
-  return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
-}
-
 /* Four values times `up` (2^e) as f16 hi and lo = f16(v 2^e - hi), stored at hi + at and lo + at. */
 __device__ __forceinline__ void msa_split4(float4 v, float up, __half *hi, __half *lo, size_t at) {
   const float x[4] = {v.x * up, v.y * up, v.z * up, v.w * up};
@@ -372,7 +368,7 @@ __global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, int T, 
         v[i] = *(const float4 *)((const float *)a.kv.ik + ((size_t)page * MSA_TILE_KEYS + r) * ihd + 4 * lane);
       }
     }
-    m = fmaxf(m, msa_amax4(v[i])); /* NaN values do not count */
+    m = fmaxf(m, dev_amax4(v[i])); /* NaN values do not count */
   }
   m = warp_max(m);
   if (lane == 0) warp_max_s[warp] = m;
@@ -443,7 +439,7 @@ __global__ void __launch_bounds__(256, 1)
       const int r = warp + 8 * i;
       v[i] = r < nrows && 4 * lane < ihd ? *(const float4 *)(a.iq + ((size_t)t0 * G + r) * ihd + 4 * lane)
                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      m[i] = msa_amax4(v[i]);
+      m[i] = dev_amax4(v[i]);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
