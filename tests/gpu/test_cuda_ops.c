@@ -580,8 +580,12 @@ static void test_rope(void) {
 
 /* The fused op against the CPU's two ops (rmsnorm then rope), on q-, k- and index-shaped heads. */
 static void test_rmsnorm_rope(void) {
-  static const int cfg[][4] = {{64, 128, 64, 1}, {4, 128, 64, 5}, {1, 128, 64, 300},
-                               {8, 16, 8, 7},    {2, 24, 24, 3},  {3, 640, 64, 2}};
+  /* heads hd rot T: M3's q and index q (pairs in a lane), every pair rotated (two pairs a lane),
+   * narrow and odd widths (pairs through shared memory), a wide head, one past the fused kernel;
+   * from 16896 rows (2 blocks an SM of 132) a warp takes 8 heads (2 over 128 wide), below 1 */
+  static const int cfg[][4] = {{64, 128, 64, 1},   {4, 128, 64, 5},     {1, 128, 64, 300}, {4, 128, 128, 5},
+                               {8, 16, 8, 7},      {2, 24, 24, 3},      {2, 256, 64, 3},   {3, 640, 64, 2},
+                               {64, 128, 64, 300}, {4, 128, 128, 4500}, {2, 256, 64, 3000}};
   for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
     for (int kind = W_F32; kind <= W_BF16; kind++) {
       int nheads = cfg[c][0], hd = cfg[c][1], rot = cfg[c][2], T = cfg[c][3];
@@ -2307,9 +2311,10 @@ static void test_kv_store_rope(void) {
       {16, 3, 32, 32, 16},    /* small, odd head count */
       {8, 2, 32, 16, 24},     /* rot wider than the index key: its rotation clamps to 16 */
       {32, 2, 96, 48, 32},    /* widths that leave lanes idle */
+      {16, 2, 256, 192, 64},  /* heads wider than 128: the kernel's 16 values a lane */
       {16, 1, 640, 16, 64},   /* a head wider than the fused kernel takes: the unfused ops */
   };
-  static const int Ts[] = {1, 5, 130};
+  static const int Ts[] = {1, 5, 130, 2200}; /* 2200 tokens of M3's 8 or 9 rows: a warp takes 8 of them */
   for (size_t i = 0; i < sizeof cfg / sizeof cfg[0]; i++)
     for (int dt = M3_KV_F32; dt <= M3_KV_FP8; dt++)
       for (size_t j = 0; j < sizeof Ts / sizeof Ts[0]; j++)

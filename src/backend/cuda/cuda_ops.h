@@ -37,6 +37,10 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps,
                        const int32_t *pos, int T, int nheads, int hd, int rot, double theta);
 void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
                      float beta, float limit, float *out);
+/* cuda_swiglu_oai on `stream`, with BF16(out) written to out_bf16 as well (NULL: none): the input
+ * of a GEMM that takes a BF16 copy (cuda_matmul_lane), without a pass of its own. */
+void cuda_swiglu_oai_copy(cuda_backend *cb, cudaStream_t stream, const float *gate, const float *up, size_t n,
+                          float alpha, float beta, float limit, float *out, __nv_bfloat16 *out_bf16);
 void cuda_add(m3_backend *be, float *x, const float *y, size_t n);
 void cuda_add_rmsnorm(m3_backend *be, float *x, const float *y, const m3_tensor *w, float eps,
                       int nrows, int n, float *out);

@@ -2,6 +2,7 @@
  * fused with the norm, and fused with the norm and the KV cache store of the keys), SwiGLU-OAI and
  * the residual add (shared/spec/m3_text_spec.md §3.1-3.4), each in the CPU's float32 operation
  * order; and the greedy argmax of logits rows (whole, or a vocabulary slice's candidate). */
+#include <cuda_bf16.h>
 #include <math.h>
 #include <string.h>
 
@@ -130,56 +131,55 @@ void cuda_rope(m3_backend *be, float *x, const int32_t *pos, int T, int nheads, 
 
 enum { NORM_ROPE_WARPS = 8, NORM_ROPE_MAX_HD = 512 };
 
-/* One warp's Gemma RMSNorm of a head vector v [hd] (hd <= NORM_ROPE_MAX_HD) as norm_row
- * computes it, into buf [hd] (the warp's row of shared memory) so that each lane can then read
- * the partner of its pair. rmsnorm_rope_kernel and kv_store_rope_kernel both norm through this
- * one function: the same loads, reduction and roundings, so their results are the same bits. */
-__device__ __forceinline__ void norm_head_to_shared(const float *__restrict__ v, const cuda_weight &w,
-                                                    float eps, int hd, float *buf, int lane) {
-  /* a lane's elements and gains in registers, all loaded before the first is used: one round
-   * trip, not one per element and another for the weights */
-  float e[NORM_ROPE_MAX_HD / 32], gain[NORM_ROPE_MAX_HD / 32];
+/* A lane's elements of a head vector v [hd]: e[j] = v[lane + 32 j] (0 past hd), all loaded before
+ * the first is used. */
+template <int NE>
+__device__ __forceinline__ void head_load(const float *__restrict__ v, int hd, int lane, float e[NE]) {
 #pragma unroll
-  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
-    e[j] = lane + 32 * j < hd ? v[lane + 32 * j] : 0.0f;
-  /* plain F32 and BF16 gains (every M3 checkpoint's) outside dev_w's per-element switch, whose
-   * branches kept each gain load waiting for the one before (H200, warm: the dense layer's
-   * kv_store_rope 6.2 -> 4.4 us, rmsnorm_rope of 64 heads 5.7 -> 4.6 us) */
+  for (int j = 0; j < NE; j++) e[j] = lane + 32 * j < hd ? v[lane + 32 * j] : 0.0f;
+}
+
+/* The norm's gains at a lane's elements, gain[j] for column lane + 32 j. Plain F32 and BF16 gains
+ * (every M3 checkpoint's) outside dev_w's per-element switch, whose branches kept each gain load
+ * waiting for the one before (H200, warm: the dense layer's kv_store_rope 6.2 -> 4.4 us,
+ * rmsnorm_rope of 64 heads 5.7 -> 4.6 us). */
+template <int NE> __device__ __forceinline__ void head_gains(const cuda_weight &w, int hd, int lane, float gain[NE]) {
   if (w.quant == M3_WQ_NONE && w.type == CW_F32) {
 #pragma unroll
-    for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
-      gain[j] = lane + 32 * j < hd ? ((const float *)w.data)[lane + 32 * j] : 0.0f;
+    for (int j = 0; j < NE; j++) gain[j] = lane + 32 * j < hd ? ((const float *)w.data)[lane + 32 * j] : 0.0f;
   } else if (w.quant == M3_WQ_NONE && w.type == CW_BF16) {
-    uint16_t raw[NORM_ROPE_MAX_HD / 32];
+    uint16_t raw[NE];
 #pragma unroll
-    for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
-      raw[j] = lane + 32 * j < hd ? ((const uint16_t *)w.data)[lane + 32 * j] : (uint16_t)0;
+    for (int j = 0; j < NE; j++) raw[j] = lane + 32 * j < hd ? ((const uint16_t *)w.data)[lane + 32 * j] : (uint16_t)0;
 #pragma unroll
-    for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++) gain[j] = dev_bf16(raw[j]);
+    for (int j = 0; j < NE; j++) gain[j] = dev_bf16(raw[j]);
   } else {
 #pragma unroll
-    for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
-      gain[j] = lane + 32 * j < hd ? dev_w(w, 0, lane + 32 * j) : 0.0f;
+    for (int j = 0; j < NE; j++) gain[j] = lane + 32 * j < hd ? dev_w(w, 0, lane + 32 * j) : 0.0f;
   }
+}
+
+/* Gemma RMSNorm of a head held as head_load left it, in place, as norm_row computes it: the
+ * squares summed lane by lane in j order, then across the warp. Every head norm of this file goes
+ * through here, so the fused kernels and rmsnorm_rope give the same bits. */
+template <int NE>
+__device__ __forceinline__ void head_norm(float e[NE], const float gain[NE], float eps, int hd, int lane) {
   float ss = 0.0f;
 #pragma unroll
-  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
+  for (int j = 0; j < NE; j++)
     if (lane + 32 * j < hd) ss += e[j] * e[j];
   const float inv = 1.0f / sqrtf(warp_sum(ss) / (float)hd + eps);
 #pragma unroll
-  for (int j = 0; j < NORM_ROPE_MAX_HD / 32; j++)
-    if (lane + 32 * j < hd) buf[lane + 32 * j] = __fmul_rn(__fmul_rn(e[j], inv), 1.0f + gain[j]);
-  __syncwarp();
+  for (int j = 0; j < NE; j++) e[j] = __fmul_rn(__fmul_rn(e[j], inv), 1.0f + gain[j]);
 }
 
 /* The normed head in buf [hd] after rope_kernel's rotation at position p, into dst [hd]: lane
  * takes pairs j = lane, lane + 32, ... < half (j and j + half share one angle, computed once),
- * then the unrotated rest. cs: the angles' (cos, sin) already in shared memory (the block's
- * heads all of one token), or NULL to compute them here. */
+ * then the unrotated rest. */
 __device__ __forceinline__ void rope_head_store(const float *buf, float *dst, int hd, int half, float p,
-                                                const rope_freqs &f, const float2 *cs, int lane) {
+                                                const rope_freqs &f, int lane) {
   for (int j = lane; j < half; j += 32) {
-    const float2 t = cs ? cs[j] : rope_cos_sin(p, f, j);
+    const float2 t = rope_cos_sin(p, f, j);
     const float2 r = rope_rotate(buf[j], buf[j + half], t.x, t.y);
     dst[j] = r.x;
     dst[j + half] = r.y;
@@ -187,29 +187,65 @@ __device__ __forceinline__ void rope_head_store(const float *buf, float *dst, in
   for (int i = 2 * half + lane; i < hd; i += 32) dst[i] = buf[i];
 }
 
-/* One warp per head vector (row r = t * nheads + h of x): norm_head_to_shared, then the rotation
- * written back. One launch and one read and write of x instead of two. Where the block's rows
- * are heads of one token (nheads a multiple of the warps, as M3's 64 query heads), the token's
- * cos and sin are computed once for the block, not once per head: the same values, fewer
- * evaluations (H200, an 8192-token prompt's q and index-q calls: 0.476 -> 0.437 ms). */
-__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
-    rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos,
-                        int rows, int nheads, int hd, int half, rope_freqs f) {
+/* Gemma RMSNorm of every head vector of x [rows = T * nheads, hd], then the rotation, written
+ * back: one read and write of x. A warp takes rpw <= RPW consecutive rows (heads) and loads all of
+ * them before it norms the first, NE elements a lane (hd <= 32 NE): a head a warp kept one head's
+ * 512 bytes in flight per warp and ran an 8192-token prompt's 64 query heads at a quarter of the
+ * copy bandwidth. Few rows (a decode step) take a head a warp (rpw = 1): there the rows of a warp
+ * would be normed one after the other while other SMs sit idle. M = half / 32 where the rotated
+ * half is a multiple of 32 (M3's: 32 pairs): element j's partner j + half is then the same lane's
+ * element j + M, and a lane needs the angles of its own M pairs only, once per token of its rows.
+ * M = 0: the partners meet through shared memory (rope_head_store). The same bits either way. */
+template <int NE, int RPW, int M> __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
+    rmsnorm_rope_kernel(float *x, cuda_weight w, float eps, const int32_t *__restrict__ pos, int64_t rows, int nheads,
+                        int hd, int half, rope_freqs f, int rpw) {
   dev_pdl_enter();
-  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
-  __shared__ float2 token_cs[NORM_ROPE_MAX_HD / 2];
+  __shared__ float row_buf[M ? 1 : NORM_ROPE_WARPS][M ? 1 : 32 * NE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r0 = blockIdx.x * NORM_ROPE_WARPS, r = r0 + warp;
-  const int last = r0 + NORM_ROPE_WARPS - 1 < rows ? r0 + NORM_ROPE_WARPS - 1 : rows - 1;
-  const bool one_token = r0 / nheads == last / nheads; /* the same for the whole block */
-  const float p = (float)pos[(r < rows ? r : last) / nheads]; /* loaded beside the row's elements */
-  float *v = x + (size_t)(r < rows ? r : last) * hd, *buf = row_buf[warp];
-  if (r < rows) norm_head_to_shared(v, w, eps, hd, buf, lane);
-  if (one_token) { /* every warp of the block, rows or not */
-    for (int j = threadIdx.x; j < half; j += blockDim.x) token_cs[j] = rope_cos_sin(p, f, j);
-    __syncthreads();
+  const int64_t r0 = ((int64_t)blockIdx.x * NORM_ROPE_WARPS + warp) * rpw;
+  if (r0 >= rows) return; /* whole warps leave: no block-wide barrier follows */
+  const int64_t r_end = r0 + rpw < rows ? r0 + rpw : rows;
+  float e[RPW][NE], gain[NE];
+#pragma unroll
+  for (int i = 0; i < RPW; i++)
+    if (r0 + i < r_end) head_load<NE>(x + (size_t)(r0 + i) * hd, hd, lane, e[i]);
+  head_gains<NE>(w, hd, lane, gain);
+  int64_t token = -1;
+  float2 cs[M ? M : 1];
+#pragma unroll
+  for (int i = 0; i < RPW; i++) {
+    const int64_t r = r0 + i;
+    if (r >= r_end) break;
+    float *v = x + (size_t)r * hd;
+    const int64_t t = r / nheads;
+    head_norm<NE>(e[i], gain, eps, hd, lane);
+    if (M == 0) {
+      float *buf = row_buf[warp];
+#pragma unroll
+      for (int j = 0; j < NE; j++)
+        if (lane + 32 * j < hd) buf[lane + 32 * j] = e[i][j];
+      __syncwarp();
+      rope_head_store(buf, v, hd, half, (float)pos[t], f, lane);
+      __syncwarp();
+      continue;
+    }
+    if (t != token) { /* the angles of the lane's pairs at this row's position */
+      token = t;
+      const float p = (float)pos[t];
+#pragma unroll
+      for (int j = 0; j < M; j++) cs[j] = rope_cos_sin(p, f, 32 * j + lane);
+    }
+#pragma unroll
+    for (int j = 0; j < NE; j++) {
+      if (j < M) {
+        const float2 rot = rope_rotate(e[i][j], e[i][j + M], cs[j].x, cs[j].y);
+        v[lane + 32 * j] = rot.x;
+        v[lane + 32 * (j + M)] = rot.y;
+      } else if (j >= 2 * M && lane + 32 * j < hd) {
+        v[lane + 32 * j] = e[i][j];
+      }
+    }
   }
-  if (r < rows) rope_head_store(buf, v, hd, half, p, f, one_token ? token_cs : NULL, lane);
 }
 
 void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
@@ -223,9 +259,20 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, 
   }
   rope_freqs f;
   const int half = rope_frequencies(hd, rot, theta, &f);
-  const int rows = T * nheads;
-  dev_launch(rmsnorm_rope_kernel, (rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS, 32 * NORM_ROPE_WARPS, 0, cb->stream,
-             x, cuda_weight_of(w), eps, pos, rows, nheads, hd, half, f);
+  const int64_t rows = (int64_t)T * nheads;
+  /* rows a warp: up to 8 heads of 128 or under (else 2), while that still gives every SM two
+   * blocks of 8 warps */
+  const int narrow = hd <= 128, most = narrow ? 8 : 2;
+  const int rpw = rows >= (int64_t)2 * NORM_ROPE_WARPS * most * cb->num_sms ? most : 1;
+  const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS * rpw - 1) / (NORM_ROPE_WARPS * rpw));
+  const int in_lane = half % 32 == 0 ? half / 32 : 0; /* M, where rmsnorm_rope_kernel has one */
+  void (*kernel)(float *, cuda_weight, float, const int32_t *, int64_t, int, int, int, rope_freqs, int) =
+      !narrow        ? rmsnorm_rope_kernel<NORM_ROPE_MAX_HD / 32, 2, 0>
+      : in_lane == 1 ? rmsnorm_rope_kernel<4, 8, 1>
+      : in_lane == 2 ? rmsnorm_rope_kernel<4, 8, 2>
+                     : rmsnorm_rope_kernel<4, 8, 0>;
+  dev_launch(kernel, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, x, cuda_weight_of(w), eps, pos, rows, nheads, hd,
+             half, f, rpw);
   cuda_launched(cb, "rmsnorm_rope");
 }
 
@@ -238,64 +285,87 @@ typedef struct {
   size_t kv_page_bytes, ik_page_bytes; /* fp8 pools' page bytes (m3_kv_pool_page_bytes) */
 } kv_rope_args;
 
-/* Head vector src [dim], normed with w and rotated at position p (norm_head_to_shared,
- * rope_head_store: rmsnorm_rope_kernel's bits), into row r of its page: float32 straight from
- * the rotation; fp8 staged in out [dim] and quantized by kv8_store_row, kv_store's code (a key
- * head, not the index key, through the key rotation). */
-template <int FP8>
-__device__ __forceinline__ void store_normed_head(const float *__restrict__ src, const cuda_weight &w,
-                                                  float eps, int dim, int half, const rope_freqs &f,
-                                                  float p, uint8_t *page, int rows, int r, bool key,
-                                                  float *buf, float *out, int lane) {
-  norm_head_to_shared(src, w, eps, dim, buf, lane);
-  if (FP8) {
-    rope_head_store(buf, out, dim, half, p, f, NULL, lane);
+/* A warp's row i of token t in kv_store_rope_kernel: K heads 0..nkv-1, V heads nkv..2nkv-1, then
+ * the index key; its source and width. */
+__device__ __forceinline__ const float *kvr_row(const m3_kv_view &kv, const kv_rope_args &a, int t, int i, int *dim) {
+  const int nkv = kv.nkv;
+  *dim = i < 2 * nkv ? kv.hd : kv.ihd;
+  if (i < nkv) return a.k + ((size_t)t * nkv + i) * kv.hd;
+  if (i < 2 * nkv) return a.v + ((size_t)t * nkv + i - nkv) * kv.hd;
+  return a.ik + (size_t)t * kv.ihd;
+}
+
+/* Row i of a token's 2 nkv (+ 1) in kv_store_rope_kernel: K heads 0..nkv-1, normed and rotated
+ * (head_norm, rope_head_store: rmsnorm_rope's bits), V heads nkv..2nkv-1 as they are, and the index
+ * key (when stored) normed and rotated with its own frequencies (its rotated width is clamped to
+ * ihd, the heads' to hd), each into its page's row: float32 straight, fp8 staged in out and
+ * quantized by kv8_store_row, kv_store's code (K heads through the key rotation). v: the row's
+ * elements as head_load left them; gk, gik: the norms' gains. */
+template <int FP8, int NE>
+__device__ __forceinline__ void kvr_store_row(const m3_kv_view &kv, const kv_rope_args &a, const rope_freqs &fk,
+                                              const rope_freqs &fik, int i, int dim, int32_t p, float (&v)[NE],
+                                              const float (&gk)[NE], const float (&gik)[NE], float *buf, float *out,
+                                              int lane) {
+  const int nkv = kv.nkv, bs = kv.block_size, slot = p % bs;
+  const int32_t page = kv.block_table[p / bs];
+  const bool index_key = i == 2 * nkv, key = i < nkv;
+  const int h = key ? i : i - nkv, r = index_key ? slot : h * bs + slot, page_rows = index_key ? bs : nkv * bs;
+  uint8_t *dst = index_key ? (FP8 ? (uint8_t *)kv.ik + (size_t)page * a.ik_page_bytes
+                                  : (uint8_t *)((float *)kv.ik + (size_t)page * bs * kv.ihd))
+                           : (FP8 ? (uint8_t *)(key ? kv.k : kv.v) + (size_t)page * a.kv_page_bytes
+                                  : (uint8_t *)((float *)(key ? kv.k : kv.v) + (size_t)page * nkv * bs * kv.hd));
+  float *row = FP8 ? out : (float *)dst + (size_t)r * dim;
+  if (key || index_key) {
+    head_norm<NE>(v, index_key ? gik : gk, a.eps, dim, lane);
+#pragma unroll
+    for (int j = 0; j < NE; j++)
+      if (lane + 32 * j < dim) buf[lane + 32 * j] = v[j];
     __syncwarp();
-    kv8_store_row(page, rows, dim, r, out, key, lane);
+    rope_head_store(buf, row, dim, index_key ? a.ik_half : a.k_half, (float)p, index_key ? fik : fk, lane);
   } else {
-    rope_head_store(buf, (float *)page + (size_t)r * dim, dim, half, p, f, NULL, lane);
+#pragma unroll
+    for (int j = 0; j < NE; j++)
+      if (lane + 32 * j < dim) row[lane + 32 * j] = v[j];
+  }
+  __syncwarp();
+  if (FP8) {
+    kv8_store_row(dst, page_rows, dim, r, out, key, lane);
+    __syncwarp();
   }
 }
 
-/* One warp per row of a token, rows 0..nkv-1 its K heads, nkv..2nkv-1 its V heads, 2nkv its index
- * key (when stored): the keys through store_normed_head, V as kv_store writes it. Positions
- * without a page (and padding, pos < 0) are skipped, as kv_store skips them. fik: the index key's
- * frequencies (its rotated width is clamped to ihd, the heads' to hd). */
-template <int FP8>
-__global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
-    kv_store_rope_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, int T, kv_rope_args a,
-                         rope_freqs fk, rope_freqs fik) {
+/* The rows of the tokens' K heads, V heads and index keys (2 nkv + 1 a token, kvr_store_row) in
+ * order: a warp takes rpw of them, each row's loads out while the row before is stored (a warp a
+ * row waited for each row's loads alone: an 8192-token prompt's 9 rows a token at a third of the
+ * copy bandwidth; a decode step's few rows keep a warp each). NE elements a lane (hd, ihd <= 32
+ * NE). Positions without a page (and padding, pos < 0) are skipped, as kv_store skips them. */
+template <int FP8, int NE> __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
+    kv_store_rope_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, int T, kv_rope_args a, rope_freqs fk,
+                         rope_freqs fik, int rpw) {
   dev_pdl_enter();
-  __shared__ float row_buf[NORM_ROPE_WARPS][NORM_ROPE_MAX_HD];
-  __shared__ float out_buf[FP8 ? NORM_ROPE_WARPS : 1][FP8 ? NORM_ROPE_MAX_HD : 1];
+  __shared__ float row_buf[NORM_ROPE_WARPS][32 * NE];
+  __shared__ float out_buf[FP8 ? NORM_ROPE_WARPS : 1][FP8 ? 32 * NE : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nkv = kv.nkv, hd = kv.hd, bs = kv.block_size, per_token = 2 * nkv + (a.ik ? 1 : 0);
-  const int64_t r = (int64_t)blockIdx.x * NORM_ROPE_WARPS + warp;
-  if (r >= (int64_t)T * per_token) return; /* whole warps leave: no block-wide barrier follows */
-  const int t = (int)(r / per_token), row = (int)(r % per_token);
-  const int32_t p = pos[t];
-  if (p < 0 || p / bs >= kv.num_blocks) return;
-  const int32_t page = kv.block_table[p / bs];
-  const int slot = p % bs;
+  const int per_token = 2 * kv.nkv + (a.ik ? 1 : 0);
+  const int64_t rows = (int64_t)T * per_token, r0 = ((int64_t)blockIdx.x * NORM_ROPE_WARPS + warp) * rpw;
+  if (r0 >= rows) return; /* whole warps leave: no block-wide barrier follows */
+  const int64_t r_end = r0 + rpw < rows ? r0 + rpw : rows;
   float *buf = row_buf[warp], *out = FP8 ? out_buf[warp] : NULL;
-  if (row == 2 * nkv) {
-    uint8_t *dst = FP8 ? (uint8_t *)kv.ik + (size_t)page * a.ik_page_bytes
-                       : (uint8_t *)((float *)kv.ik + (size_t)page * bs * kv.ihd);
-    store_normed_head<FP8>(a.ik + (size_t)t * kv.ihd, a.ik_norm, a.eps, kv.ihd, a.ik_half, fik,
-                           (float)p, dst, bs, slot, false, buf, out, lane);
-    return;
-  }
-  const int h = row < nkv ? row : row - nkv, kv_row = h * bs + slot;
-  const size_t src = ((size_t)t * nkv + h) * hd;
-  uint8_t *dst = FP8 ? (uint8_t *)(row < nkv ? kv.k : kv.v) + (size_t)page * a.kv_page_bytes
-                     : (uint8_t *)((float *)(row < nkv ? kv.k : kv.v) + (size_t)page * nkv * bs * hd);
-  if (row < nkv) {
-    store_normed_head<FP8>(a.k + src, a.k_norm, a.eps, hd, a.k_half, fk, (float)p, dst, nkv * bs,
-                           kv_row, true, buf, out, lane);
-  } else if (FP8) {
-    kv8_store_row(dst, nkv * bs, hd, kv_row, a.v + src, false, lane);
-  } else {
-    for (int d = lane; d < hd; d += 32) ((float *)dst)[(size_t)kv_row * hd + d] = a.v[src + d];
+  float gk[NE], gik[NE], cur[NE], nxt[NE] = {};
+  head_gains<NE>(a.k_norm, kv.hd, lane, gk);
+  if (a.ik) head_gains<NE>(a.ik_norm, kv.ihd, lane, gik);
+  int dim, next_dim = 0;
+  head_load<NE>(kvr_row(kv, a, (int)(r0 / per_token), (int)(r0 % per_token), &dim), dim, lane, cur);
+  for (int64_t r = r0; r < r_end; r++) {
+    if (r + 1 < r_end)
+      head_load<NE>(kvr_row(kv, a, (int)((r + 1) / per_token), (int)((r + 1) % per_token), &next_dim), next_dim, lane,
+                    nxt);
+    const int32_t p = pos[r / per_token];
+    if (p >= 0 && p / kv.block_size < kv.num_blocks)
+      kvr_store_row<FP8, NE>(kv, a, fk, fik, (int)(r % per_token), dim, p, cur, gk, gik, buf, out, lane);
+#pragma unroll
+    for (int j = 0; j < NE; j++) cur[j] = nxt[j];
+    dim = next_dim;
   }
 }
 
@@ -322,32 +392,45 @@ void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos
   memset(&fik, 0, sizeof fik);
   a.k_half = rope_frequencies(kv->hd, rot, theta, &fk);
   if (with_ik) a.ik_half = rope_frequencies(kv->ihd, rot, theta, &fik);
+  /* rows a warp: 8 while that still gives every SM two blocks of 8 warps, else 1 */
   const int64_t rows = (int64_t)T * (2 * kv->nkv + with_ik);
-  const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS - 1) / NORM_ROPE_WARPS);
-  if (kv->dtype == M3_KV_FP8) {
+  const int rpw = rows >= (int64_t)2 * NORM_ROPE_WARPS * 8 * cb->num_sms ? 8 : 1;
+  const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS * rpw - 1) / (NORM_ROPE_WARPS * rpw));
+  const int narrow = kv->hd <= 128 && (!with_ik || kv->ihd <= 128), fp8 = kv->dtype == M3_KV_FP8;
+  if (fp8) {
     a.kv_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
     a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
-    dev_launch(kv_store_rope_kernel<1>, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, *kv, pos, T, a, fk, fik);
-  } else {
-    dev_launch(kv_store_rope_kernel<0>, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, *kv, pos, T, a, fk, fik);
   }
+  void (*kernel)(m3_kv_view, const int32_t *, int, kv_rope_args, rope_freqs, rope_freqs, int) =
+      fp8 ? (narrow ? kv_store_rope_kernel<1, 4> : kv_store_rope_kernel<1, NORM_ROPE_MAX_HD / 32>)
+          : (narrow ? kv_store_rope_kernel<0, 4> : kv_store_rope_kernel<0, NORM_ROPE_MAX_HD / 32>);
+  dev_launch(kernel, blocks, 32 * NORM_ROPE_WARPS, 0, cb->stream, *kv, pos, T, a, fk, fik, rpw);
   cuda_launched(cb, "kv_store_rope");
 }
 
-__global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta,
-                              float limit, float *out) {
+/* out[i] = SwiGLU-OAI(gate[i], up[i]) (out may be gate); out_bf16 (NULL: none) gets BF16(out) as
+ * well, what cuda_to_bf16 of out would write. */
+__global__ void swiglu_kernel(const float *gate, const float *up, size_t n, float alpha, float beta, float limit,
+                              float *out, __nv_bfloat16 *out_bf16) {
   dev_pdl_enter();
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x)
-    out[i] = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float v = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
+    out[i] = v;
+    if (out_bf16) out_bf16[i] = __float2bfloat16_rn(v);
+  }
+}
+
+void cuda_swiglu_oai_copy(cuda_backend *cb, cudaStream_t stream, const float *gate, const float *up, size_t n,
+                          float alpha, float beta, float limit, float *out, __nv_bfloat16 *out_bf16) {
+  if (n == 0) return;
+  dev_launch(swiglu_kernel, elem_blocks(n), ELEM_THREADS, 0, stream, gate, up, n, alpha, beta, limit, out, out_bf16);
+  cuda_launched(cb, "swiglu_oai");
 }
 
 void cuda_swiglu_oai(m3_backend *be, const float *gate, const float *up, size_t n, float alpha,
                      float beta, float limit, float *out) {
   cuda_backend *cb = cuda_of(be);
-  if (n == 0) return;
-  dev_launch(swiglu_kernel, elem_blocks(n), ELEM_THREADS, 0, cb->stream, gate, up, n, alpha, beta, limit, out);
-  cuda_launched(cb, "swiglu_oai");
+  cuda_swiglu_oai_copy(cb, cb->stream, gate, up, n, alpha, beta, limit, out, NULL);
 }
 
 __global__ void add_kernel(float *x, const float *y, size_t n) {
