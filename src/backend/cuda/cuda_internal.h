@@ -385,24 +385,25 @@ enum { MOE_GROUPED_TILES = 10 };
 /* 1 when the grouped GEMMs with cb's tile shape can run these experts at n = T * k rows with h as
  * input: BF16 or MXFP8 weights (gate and down of one form; MXFP8 with a finite SwiGLU clamp) with
  * H and I multiples of the shape's K tile (32 or 64), every expert 16-byte aligned (`wide`, the
- * caller's check over all experts), h 16-byte aligned, and n small enough for the grid's upper
- * bound of m-tiles. */
-int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n);
+ * caller's check over all experts), h 16-byte aligned, k choices a token (1..64), and n small
+ * enough for the grid's upper bound of m-tiles. */
+int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n, int k);
 
 /* 1 when these experts' grouped GEMMs take a wgmma tile (cb's M3_MOE_GROUPED_TILE, else the
  * per-shape default), 0 for mma.sync: what decides whether BF16 experts beat the lanes. */
 int cuda_moe_grouped_on_wgmma(const cuda_backend *cb, const m3_moe_experts *ex);
 
 /* The routed experts of a prefill without a host synchronization, from the slots grouped by
- * expert (expert e owns sorted positions [start[e], start[e + 1]), slot_at [n] the slot t*k + j at
- * each): xy [n, H] = BF16(h[slot_at[p] / k]); act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T,
- * xy up_e^T)); y [n, H] = act down_e^T (float32), rows past start[E] untouched. MXFP8 experts
- * hold xy and act in f16 instead, each row of xy times 2^row_exp [n] (moe_grouped.cu). w: the
- * device table [3 * E] (gate experts, then up, then down); tile_start: scratch [E + 1]. On
- * cb->stream. */
-void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
-                      const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
-                      int32_t *tile_start, void *xy, int32_t *row_exp, void *act, float *y);
+ * expert (expert e owns sorted positions [start[e], start[e + 1]), pos_of [n] the position of
+ * each slot t*k + j, negative for none here; k <= 64): xy [n, H] = BF16(h[t]) at token t's
+ * positions; act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T, xy up_e^T)); y [n, H] = act down_e^T
+ * (float32), rows past start[E] untouched. MXFP8 experts hold xy and act in f16 instead, each
+ * row of xy times 2^row_exp [n] (moe_grouped.cu). h_bf16: NULL, or [T, H] for BF16(h) as well
+ * (what cuda_to_bf16 writes). w: the device table [3 * E] (gate experts, then up, then down);
+ * tile_start: scratch [E + 1]. On cb->stream. */
+void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w, const int32_t *start,
+                      const int32_t *pos_of, int n, int k, const float *h, __nv_bfloat16 *h_bf16, int32_t *tile_start,
+                      void *xy, int32_t *row_exp, void *act, float *y);
 
 /* ---- reductions ---- */
 
@@ -416,21 +417,24 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-/* Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets it. */
-__device__ __forceinline__ float block_sum(float v) {
+/* Sum (MAX: largest) over the block (blockDim.x a multiple of 32, <= 1024); every thread gets it. */
+template <bool MAX> __device__ __forceinline__ float block_reduce(float v) {
   __shared__ float part[32];
   __shared__ float total;
-  v = warp_sum(v);
+  v = MAX ? warp_max(v) : warp_sum(v);
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
   if (threadIdx.x < 32) {
-    float s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-    s = warp_sum(s);
+    float s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : MAX ? -INFINITY : 0.0f;
+    s = MAX ? warp_max(s) : warp_sum(s);
     if (threadIdx.x == 0) total = s;
   }
   __syncthreads();
   return total;
 }
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 /* ---- deterministic top-k ----
  * A score maps to an unsigned key whose order is the score order, with NaN as -inf and -0 as +0;

@@ -234,31 +234,37 @@ __global__ void __launch_bounds__(32)
   for (int e = lane; e < g.E; e += 32) chunk_counts[(size_t)blockIdx.x * g.E + e] = counts[e];
 }
 
-/* One warp: chunk_counts [chunks][E] -> where each chunk's slots of expert e start (start[e] plus
- * the earlier chunks' counts), and the experts' starts (shared memory totals [E], next [E]). */
-__global__ void __launch_bounds__(32) moe_group_scan_kernel(moe_groups g, int32_t *chunk_counts, int chunks) {
+enum { MOE_SCAN_THREADS = 256 };
+
+/* chunk_counts [chunks][E] -> where each chunk's slots of expert e start among that expert's
+ * slots (the earlier chunks' counts), a thread per expert walking the chunks (one warp over 129
+ * experts walked them five times over, 60 us of an 8192-token prefill); then one warp sets the
+ * experts' starts (shared memory totals [E], next [E]). The place kernel adds start[e]. */
+__global__ void __launch_bounds__(MOE_SCAN_THREADS)
+    moe_group_scan_kernel(moe_groups g, int32_t *chunk_counts, int chunks) {
   dev_pdl_enter();
   extern __shared__ int32_t totals[];
   int32_t *next = totals + g.E;
-  const int lane = threadIdx.x;
-  for (int e = lane; e < g.E; e += 32) {
+  for (int e = threadIdx.x; e < g.E; e += blockDim.x) {
     int run = 0;
-#pragma unroll 8
-    for (int c = 0; c < chunks; c++) {
-      const int v = chunk_counts[(size_t)c * g.E + e];
-      chunk_counts[(size_t)c * g.E + e] = run;
-      run += v;
+    for (int c0 = 0; c0 < chunks; c0 += 8) { /* 8 loads in flight: a store may not pass them */
+      int v[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) v[j] = c0 + j < chunks ? chunk_counts[(size_t)(c0 + j) * g.E + e] : 0;
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (c0 + j < chunks) {
+          chunk_counts[(size_t)(c0 + j) * g.E + e] = run;
+          run += v[j];
+        }
     }
     totals[e] = run;
   }
-  __syncwarp();
-  moe_group_starts(g, totals, next, lane);
-  __syncwarp();
-  for (int e = lane; e < g.E; e += 32)
-    for (int c = 0; c < chunks; c++) chunk_counts[(size_t)c * g.E + e] += next[e];
+  __syncthreads();
+  if (threadIdx.x < 32) moe_group_starts(g, totals, next, threadIdx.x);
 }
 
-/* Chunk blockIdx.x placed from its offsets (shared memory next [E]). */
+/* Chunk blockIdx.x placed from its offsets and the experts' starts (shared memory next [E]). */
 __global__ void __launch_bounds__(32)
     moe_group_place_kernel(const int32_t *__restrict__ ids, moe_groups g, const int32_t *chunk_offsets) {
   dev_pdl_enter();
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(32)
   const int lane = threadIdx.x;
   int i0, i1;
   moe_group_chunk(g, &i0, &i1);
-  for (int e = lane; e < g.E; e += 32) next[e] = chunk_offsets[(size_t)blockIdx.x * g.E + e];
+  for (int e = lane; e < g.E; e += 32) next[e] = g.start[e] + chunk_offsets[(size_t)blockIdx.x * g.E + e];
   __syncwarp();
   moe_group_place(ids, g, i0, i1, next, lane);
 }
@@ -280,7 +286,7 @@ static void moe_group(cuda_backend *cb, const int32_t *ids, const moe_groups &g,
   } else {
     const int chunks = (g.n + MOE_GROUP_CHUNK - 1) / MOE_GROUP_CHUNK;
     dev_launch(moe_group_count_kernel, (unsigned)chunks, 32, e_bytes, cb->stream, ids, g, chunk_counts);
-    dev_launch(moe_group_scan_kernel, 1, 32, 2 * e_bytes, cb->stream, g, chunk_counts, chunks);
+    dev_launch(moe_group_scan_kernel, 1, MOE_SCAN_THREADS, 2 * e_bytes, cb->stream, g, chunk_counts, chunks);
     dev_launch(moe_group_place_kernel, (unsigned)chunks, 32, e_bytes, cb->stream, ids, g,
                (const int32_t *)chunk_counts);
   }
@@ -692,19 +698,6 @@ __global__ void __launch_bounds__(COMBINE_THREADS)
   }
 }
 
-/* out[i] = SwiGLU-OAI(gate[i], up[i]) for i < n (out may be gate), and where out_bf16 is not NULL
- * its one rounding to BF16 as well, the copy the down GEMM reads (the float stays for the tiled
- * fallback): one expert's rows on its own stream. */
-__global__ void moe_swiglu_kernel(const float *gate, const float *up, size_t n, float alpha,
-                                  float beta, float limit, float *out, __nv_bfloat16 *out_bf16) {
-  dev_pdl_enter();
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float v = dev_swiglu_oai(gate[i], up[i], alpha, beta, limit);
-    out[i] = v;
-    if (out_bf16) out_bf16[i] = __float2bfloat16_rn(v);
-  }
-}
-
 /* Where a prefill's activations already are in BF16 (cuda_to_bf16): xy's rows [T*k, H] and the
  * SwiGLU output's [T*k, I], or NULL where each matmul rounds its own input. */
 typedef struct {
@@ -728,14 +721,9 @@ static void expert_chain(cuda_backend *cb, cuda_lane *lane, int gemm, moe_bf16 b
   const float *in[3] = {x, x, g};
   const __nv_bfloat16 *in_bf16[3] = {xb, xb, gb};
   float *out[3] = {g, u, x};
-  const size_t want = (n + MOE_ROW_THREADS - 1) / MOE_ROW_THREADS;
-  const unsigned blocks = (unsigned)(want < 4096 ? want : 4096);
   for (int m = 0; m < 3; m++) {
-    if (m == 2) {
-      dev_launch(moe_swiglu_kernel, blocks, MOE_ROW_THREADS, 0, lane ? lane->stream : cb->stream, g, u, n, ex->alpha,
-                 ex->beta, ex->limit, g, gb);
-      cuda_launched(cb, "moe_experts (swiglu)");
-    }
+    if (m == 2) /* the float stays for the tiled fallback */
+      cuda_swiglu_oai_copy(cb, lane ? lane->stream : cb->stream, g, u, n, ex->alpha, ex->beta, ex->limit, g, gb);
     if (gemm) cuda_matmul_lane(cb, lane, w[m], in[m], in_bf16[m], cnt, out[m]);
     else cuda_matmul(&cb->base, w[m], in[m], cnt, out[m]);
   }
@@ -850,6 +838,28 @@ static int grouped_wins(const cuda_backend *cb, const m3_moe_experts *ex, int n)
          (int64_t)n <= 128 * (int64_t)ex->E;
 }
 
+/* The shared expert of a prefill or a batch, y [T, H] = SwiGLU-OAI(h gate^T, h up^T) down^T, by
+ * the ops the model would run for it; gate and up wait in sg [2, T, S]. With h_bf16 (h's BF16
+ * copy; every matrix a cuda_matmul_takes_bf16 shape) gate and up read it, and SwiGLU leaves the
+ * down GEMM its BF16 copy in act_bf16 [T, S]; else matmul_set on h, matmul on the activations. */
+static void shared_expert(m3_backend *be, const m3_moe_experts *ex, const float *h, const __nv_bfloat16 *h_bf16, int T,
+                          float *sg, __nv_bfloat16 *act_bf16, float *y) {
+  cuda_backend *cb = cuda_of(be);
+  const size_t S = (size_t)ex->shared_gate->rows;
+  float *su = sg + (size_t)T * S;
+  if (h_bf16) {
+    cuda_matmul_lane(cb, NULL, ex->shared_gate, h, h_bf16, T, sg);
+    cuda_matmul_lane(cb, NULL, ex->shared_up, h, h_bf16, T, su);
+    cuda_swiglu_oai_copy(cb, cb->stream, sg, su, (size_t)T * S, ex->alpha, ex->beta, ex->limit, sg, act_bf16);
+    cuda_matmul_lane(cb, NULL, ex->shared_down, sg, act_bf16, T, y);
+    return;
+  }
+  const m3_matmul_out proj[2] = {{ex->shared_gate, sg}, {ex->shared_up, su}};
+  cuda_matmul_set(be, h, T, proj, 2);
+  cuda_swiglu_oai(be, sg, su, (size_t)T * S, ex->alpha, ex->beta, ex->limit, sg);
+  cuda_matmul(be, ex->shared_down, sg, T, y);
+}
+
 /* The next 256-byte aligned offset for `bytes` more after *off. */
 static size_t carve(size_t *off, size_t bytes) {
   size_t at = (*off + 255) / 256 * 256;
@@ -867,8 +877,7 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const int E = ex->E, n = T * k, decode = T <= MOE_DECODE_MAX_T;
-  const int grouped = !decode && cb->moe_grouped != 0 &&
-                      cuda_moe_grouped_fits(cb, ex, tab->wide, h, n) &&
+  const int grouped = !decode && cb->moe_grouped != 0 && cuda_moe_grouped_fits(cb, ex, tab->wide, h, n, k) &&
                       (cb->moe_grouped == 1 || grouped_wins(cb, ex, n));
   const size_t H = (size_t)ex->gate[0].cols, I = (size_t)ex->gate[0].rows, sn = (size_t)n;
   /* The shared expert: at one token inside the experts' tensor-core launches (its rows of act and
@@ -880,19 +889,21 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
     return;
   }
   const size_t S = shared ? (size_t)ex->shared_gate->rows : 0, yn = shared ? sn + (size_t)T : sn;
+  const int shared_from_scatter = grouped && shared && cuda_matmul_takes_bf16(ex->shared_gate, T) &&
+                                  cuda_matmul_takes_bf16(ex->shared_up, T) &&
+                                  cuda_matmul_takes_bf16(ex->shared_down, T);
   /* the grouped prefill needs neither float gate nor up: only y and 16-bit copies (BF16; f16 for
    * MXFP8 experts, with their rows' powers of two) */
   size_t off = 0;
   const size_t o_start = carve(&off, (size_t)(E + 1) * 4), o_active = carve(&off, (size_t)E * 4),
-               o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4),
-               o_pos = carve(&off, sn * 4), o_y = carve(&off, yn * H * 4),
-               o_act = grouped ? 0 : carve(&off, yn * I * 4),
+               o_n_active = carve(&off, 4), o_slot = carve(&off, sn * 4), o_pos = carve(&off, sn * 4),
+               o_y = carve(&off, yn * H * 4), o_act = grouped ? 0 : carve(&off, yn * I * 4),
                o_shared = shared ? carve(&off, 2 * (size_t)T * S * 4) : 0,
-               o_up = decode || grouped ? 0 : carve(&off, sn * I * 4),
-               o_xy16 = decode ? 0 : carve(&off, sn * H * 2),
-               o_act16 = decode ? 0 : carve(&off, sn * I * 2),
-               o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0,
+               o_up = decode || grouped ? 0 : carve(&off, sn * I * 4), o_xy16 = decode ? 0 : carve(&off, sn * H * 2),
+               o_act16 = decode ? 0 : carve(&off, sn * I * 2), o_tiles = grouped ? carve(&off, (size_t)(E + 1) * 4) : 0,
                o_row_exp = grouped ? carve(&off, sn * 4) : 0,
+               o_hb = shared_from_scatter ? carve(&off, (size_t)T * H * 2) : 0,
+               o_sb = shared_from_scatter ? carve(&off, (size_t)T * S * 2) : 0,
                o_chunks = carve(&off, (sn + MOE_GROUP_CHUNK - 1) / MOE_GROUP_CHUNK * (size_t)E * 4);
   uint8_t *base = (uint8_t *)cuda_grow(cb, &cb->moe_scratch, &cb->moe_scratch_bytes, off,
                                        "moe_experts");
@@ -909,13 +920,11 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
   } else {
     moe_group(cb, ids, g, (int32_t *)(base + o_chunks));
   }
-  if (shared && !shared_mx1) {
-    float *sg = (float *)(base + o_shared), *su = sg + (size_t)T * S;
-    const m3_matmul_out proj[2] = {{ex->shared_gate, sg}, {ex->shared_up, su}};
-    cuda_matmul_set(be, h, T, proj, 2);
-    cuda_swiglu_oai(be, sg, su, (size_t)T * S, ex->alpha, ex->beta, ex->limit, sg);
-    cuda_matmul(be, ex->shared_down, sg, T, y + sn * H);
-  }
+  /* the grouped prefill's scatter reads every row of h once: it leaves the shared expert's BF16
+   * copy of h too, in place of another pass over h (to_bf16) */
+  __nv_bfloat16 *h_bf16 = shared_from_scatter ? (__nv_bfloat16 *)(base + o_hb) : NULL;
+  __nv_bfloat16 *act_bf16 = shared_from_scatter ? (__nv_bfloat16 *)(base + o_sb) : NULL;
+  if (shared && !shared_mx1 && !h_bf16) shared_expert(be, ex, h, NULL, T, (float *)(base + o_shared), NULL, y + sn * H);
   if (decode) {
     const unsigned experts = (unsigned)(E < n ? E : n);
     const int kind_gate = tab->wide ? gemv_kind(&ex->gate[0], h) : WK_ANY;
@@ -945,8 +954,9 @@ void cuda_moe_experts(m3_backend *be, const m3_moe_experts *ex, const float *h, 
       launch_grouped<0>(cb, kind_down, grid_down, tab->w + 2 * E, NULL, g, act, k, ex, y);
     }
   } else if (grouped) {
-    cuda_moe_grouped(cb, ex, tab->w, g.start, g.slot_at, n, k, h, (int32_t *)(base + o_tiles),
-                     base + o_xy16, (int32_t *)(base + o_row_exp), base + o_act16, y);
+    cuda_moe_grouped(cb, ex, tab->w, g.start, g.pos_of, n, k, h, h_bf16, (int32_t *)(base + o_tiles), base + o_xy16,
+                     (int32_t *)(base + o_row_exp), base + o_act16, y);
+    if (h_bf16) shared_expert(be, ex, h, h_bf16, T, (float *)(base + o_shared), act_bf16, y + sn * H);
   } else if (!prefill_experts(cb, ex, tab, g, h, k, n, y, act, (float *)(base + o_up),
                               (__nv_bfloat16 *)(base + o_xy16),
                               (__nv_bfloat16 *)(base + o_act16))) {

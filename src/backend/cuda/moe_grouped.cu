@@ -1,7 +1,7 @@
 /* moe_grouped.cu: the routed experts of a prefill as two grouped GEMMs on the BF16 tensor cores,
  * issued without waiting for the host (issue 7). moe.cu's moe_group has sorted the T*k
  * slots by expert (expert e owns positions [start[e], start[e + 1])); here:
- *   1. gather: xy [n, H] = BF16(h[token of the slot at each position]);
+ *   1. scatter: xy [n, H] = BF16(h[token of the slot at each position]), a token at a time;
  *   2. tile offsets: tile_start[e] = sum over e' < e of ceil(cnt_e' / BM), on the device;
  *   3. gate/up GEMM, SwiGLU-OAI fused: act [n, I] = BF16(SwiGLU-OAI(xy gate_e^T, xy up_e^T));
  *   4. down GEMM: y [n, H] = act down_e^T, float32 (moe.cu's combine follows).
@@ -65,7 +65,8 @@ enum {
   GG_MX_HEADROOM = 7, /* a row's largest block decodes to E4M3 * 2^7: under 448 * 2^7 < 65504 */
   GG_MX_UNSCALE = 127 + GG_MX_HEADROOM,
   GG_ACT_EXP_MIN = -6, /* act's power of two at the loosest clamp taken (gg_act_exp) */
-  GG_GATHER_THREADS = 256,
+  GG_SCATTER_THREADS = 256,
+  GG_MAX_K = 64, /* choices a token (moe.cu's ROUTE_MAX_K) */
   GG_MAX_GRID_Y = 65535,
 };
 
@@ -219,39 +220,38 @@ __device__ __forceinline__ int gr_perm_col(int k) {
   return 16 * s + 2 * q + (r & 1) + 8 * (r >> 1);
 }
 
-/* xy[p] = BF16(h[slot_at[p] / k]) for the used positions p < min(start[E], n); F16: xy[p] =
- * f16(h[slot_at[p] / k] * 2^row_exp[p]), row_exp[p] = dev_f16_exp of the row's largest |value|
- * (bringing it to [2^14, 2^15); 0 for a row of zeros or with an infinity); PERM: each 64 columns in gr_perm_col's order.
- * One block of GG_GATHER_THREADS per position of the grid's n, the unused ones exit. H % 4 == 0
- * (PERM: % 64), h 16-byte aligned. */
-template <int F16, int PERM>
-__global__ void __launch_bounds__(GG_GATHER_THREADS)
-    moe_gather_kernel(const float *__restrict__ h, const int32_t *__restrict__ slot_at,
-                      const int32_t *__restrict__ start, int E, int k, int n, int64_t H,
-                      void *__restrict__ xy, int32_t *__restrict__ row_exp) {
+/* xy[p] = BF16(h[t]) at the sorted position p = pos_of[t * k + j] of each choice j of token t =
+ * blockIdx.x that this rank's experts hold (0 <= p < n); F16: xy[p] = f16(h[t] * 2^e), row_exp[p]
+ * = e = dev_f16_exp of the row's largest |value| (bringing it to [2^14, 2^15); 0 for a row of
+ * zeros or with an infinity); PERM: each 64 columns in gr_perm_col's order; h_bf16 (NULL: none):
+ * BF16(h[t]) in row t, for the shared expert. A block a token reads its row once for its k
+ * copies: a block a position read each row k times (k = 4: 0.37 ms of an 8192-token prefill on
+ * an H200, against 0.17). k <= GG_MAX_K, H % 4 == 0 (PERM: % 64), h 16-byte aligned. */
+template <int F16, int PERM> __global__ void __launch_bounds__(GG_SCATTER_THREADS)
+    moe_scatter_kernel(const float *__restrict__ h, const int32_t *__restrict__ pos_of, int k, int n, int64_t H,
+                       void *__restrict__ xy, int32_t *__restrict__ row_exp, __nv_bfloat16 *__restrict__ h_bf16) {
   dev_pdl_enter();
-  __shared__ float part[GG_GATHER_THREADS / 32];
-  const int p = blockIdx.x;
-  if (p >= min(start[E], n)) return;
-  const float4 *src = (const float4 *)(h + (size_t)(slot_at[p] / k) * (size_t)H);
+  __shared__ int32_t dst[GG_MAX_K];
+  __shared__ int any;
+  const int t = blockIdx.x;
+  if (threadIdx.x == 0) any = 0;
+  __syncthreads();
+  if ((int)threadIdx.x < k) {
+    const int32_t p = pos_of[(size_t)t * k + threadIdx.x];
+    dst[threadIdx.x] = p >= 0 && p < n ? p : -1; /* another rank's expert, or none */
+    if (p >= 0 && p < n) any = 1;
+  }
+  __syncthreads();
+  if (!any && !h_bf16) return; /* the same for the whole block */
+  const float4 *src = (const float4 *)(h + (size_t)t * (size_t)H);
   int e = 0;
   if (F16) {
     float m = 0.0f;
-    for (int64_t c = threadIdx.x; c < H / 4; c += GG_GATHER_THREADS) {
-      const float4 v = src[c];
-      m = fmaxf(m, dev_amax4(v));
-    }
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
-    __syncthreads();
-    m = part[0];
-#pragma unroll
-    for (int w = 1; w < GG_GATHER_THREADS / 32; w++) m = fmaxf(m, part[w]);
-    e = dev_f16_exp(m);
-    if (threadIdx.x == 0) row_exp[p] = e;
+    for (int64_t c = threadIdx.x; c < H / 4; c += GG_SCATTER_THREADS) m = fmaxf(m, dev_amax4(src[c]));
+    e = dev_f16_exp(block_max(m));
+    if ((int)threadIdx.x < k && dst[threadIdx.x] >= 0) row_exp[dst[threadIdx.x]] = e;
   }
-  uint2 *dst = (uint2 *)xy + (size_t)p * (size_t)(H / 4);
-  for (int64_t c = threadIdx.x; c < H / 4; c += GG_GATHER_THREADS) {
+  for (int64_t c = threadIdx.x; c < H / 4; c += GG_SCATTER_THREADS) {
     const float4 v = src[c];
     uint32_t lo, hi;
     if (F16) {
@@ -262,12 +262,17 @@ __global__ void __launch_bounds__(GG_GATHER_THREADS)
       const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
       lo = *(const uint32_t *)&a, hi = *(const uint32_t *)&b;
     }
-    if (PERM) { /* columns 4c, 4c + 1 land side by side, 4c + 2, 4c + 3 eight further */
-      uint32_t *row = (uint32_t *)dst;
-      const int64_t at = (4 * c & ~(int64_t)63) + gr_perm_col((int)(4 * c & 63));
-      row[at / 2] = lo, row[at / 2 + 4] = hi;
-    } else {
-      dst[c] = make_uint2(lo, hi);
+    if (h_bf16) {
+      const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+      ((uint2 *)h_bf16)[(size_t)t * (size_t)(H / 4) + c] = make_uint2(*(const uint32_t *)&a, *(const uint32_t *)&b);
+    }
+    /* PERM: columns 4c, 4c + 1 land side by side, 4c + 2, 4c + 3 eight further */
+    const int64_t at = PERM ? (4 * c & ~(int64_t)63) + gr_perm_col((int)(4 * c & 63)) : 4 * c;
+    for (int j = 0; j < k; j++) {
+      if (dst[j] < 0) continue;
+      uint32_t *row = (uint32_t *)xy + (size_t)dst[j] * (size_t)(H / 2);
+      if (PERM) row[at / 2] = lo, row[at / 2 + 4] = hi;
+      else *(uint2 *)(row + at / 2) = make_uint2(lo, hi);
     }
   }
 }
@@ -765,7 +770,7 @@ __global__ void __launch_bounds__(GG_THREADS, C::MIN_BLOCKS)
  * operand (the same swizzled tile of xy or act as kind 1's A tile). Tile: BN = 256 weight rows (a
  * warpgroup 2 x 64; GATED: warpgroup w's gate rows 64 w .. + 63 and the same rows of up, so that a
  * thread holds the gate and up sums of one (row, token)) by BM = 128 tokens. K is permuted within
- * each 64 columns (gr_perm_col, by the gather and by this kernel's gate/up epilogue), so that a
+ * each 64 columns (gr_perm_col, by the scatter and by this kernel's gate/up epilogue), so that a
  * thread's fragment of a weight row for a whole K step is one 16-byte load under one scale.
  * The ring and its barrier are kind 1's; the decoding of step kt + 1 runs while step kt's MMAs
  * do, into the other of two register sets. The epilogue goes through shared memory, to store
@@ -1189,7 +1194,7 @@ int cuda_moe_grouped_on_wgmma(const cuda_backend *cb, const m3_moe_experts *ex) 
   return gg_dims[gg_tile(cb, ex)].kind != 0;
 }
 
-int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n) {
+int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int wide, const float *h, int n, int k) {
   const m3_tensor *g0 = &ex->gate[0], *d0 = &ex->down[0];
   const int tile = gg_tile(cb, ex);
   const int64_t H = g0->cols, I = g0->rows, bm = gg_dims[tile].bm, bk = gg_dims[tile].bk;
@@ -1198,8 +1203,8 @@ int cuda_moe_grouped_fits(const cuda_backend *cb, const m3_moe_experts *ex, int 
   /* up and every other expert share gate[0]'s or down[0]'s form (moe.cu check_experts); gate and
    * down of one form, since act's (BF16 or f16) serves both */
   return wide && gg_weight_fits(g0) && gg_weight_fits(d0) && g0->quant == d0->quant &&
-         (g0->quant != M3_WQ_MXFP8 || gg_act_exp(ex, &act_exp)) && H > 0 && I > 0 && H % bk == 0 &&
-         I % bk == 0 && (uintptr_t)h % 16 == 0 && n > 0 && m_tiles <= GG_MAX_GRID_Y;
+         (g0->quant != M3_WQ_MXFP8 || gg_act_exp(ex, &act_exp)) && H > 0 && I > 0 && H % bk == 0 && I % bk == 0 &&
+         (uintptr_t)h % 16 == 0 && n > 0 && k > 0 && k <= GG_MAX_K && n % k == 0 && m_tiles <= GG_MAX_GRID_Y;
 }
 
 /* Launches the KIND kernel (moe_grouped_gemm_kernel, moe_grouped_wgmma_kernel, moe_grouped_ra_kernel or
@@ -1252,22 +1257,21 @@ static void gg_gemms(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weig
   }
 }
 
-void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w,
-                      const int32_t *start, const int32_t *slot_at, int n, int k, const float *h,
-                      int32_t *tile_start, void *xy, int32_t *row_exp, void *act, float *y) {
+void cuda_moe_grouped(cuda_backend *cb, const m3_moe_experts *ex, const cuda_weight *w, const int32_t *start,
+                      const int32_t *pos_of, int n, int k, const float *h, __nv_bfloat16 *h_bf16, int32_t *tile_start,
+                      void *xy, int32_t *row_exp, void *act, float *y) {
   const int E = ex->E, tile = gg_tile(cb, ex), bm = gg_dims[tile].bm;
   const int64_t H = ex->gate[0].cols;
   int act_exp = 0;
   const int mx = ex->gate[0].quant == M3_WQ_MXFP8 && gg_act_exp(ex, &act_exp);
-  if (mx) {
-    void (*gather)(const float *, const int32_t *, const int32_t *, int, int, int, int64_t, void *, int32_t *) =
-        gg_dims[tile].kind >= 2 ? moe_gather_kernel<1, 1> : moe_gather_kernel<1, 0>;
-    dev_launch(gather, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H, xy, row_exp);
-  } else {
-    dev_launch(moe_gather_kernel<0, 0>, (unsigned)n, GG_GATHER_THREADS, 0, cb->stream, h, slot_at, start, E, k, n, H,
-               xy, row_exp);
-  }
-  cuda_launched(cb, mx ? "moe_experts (gather to f16)" : "moe_experts (gather to bf16)");
+  const unsigned tokens = (unsigned)(n / k);
+  if (mx)
+    dev_launch(gg_dims[tile].kind >= 2 ? moe_scatter_kernel<1, 1> : moe_scatter_kernel<1, 0>, tokens,
+               GG_SCATTER_THREADS, 0, cb->stream, h, pos_of, k, n, H, xy, row_exp, h_bf16);
+  else
+    dev_launch(moe_scatter_kernel<0, 0>, tokens, GG_SCATTER_THREADS, 0, cb->stream, h, pos_of, k, n, H, xy, row_exp,
+               h_bf16);
+  cuda_launched(cb, mx ? "moe_experts (tokens to f16)" : "moe_experts (tokens to bf16)");
   dev_launch(moe_tile_offsets_kernel, 1, 32, 0, cb->stream, start, E, n, bm, tile_start);
   cuda_launched(cb, "moe_experts (tile offsets)");
   const unsigned m_tiles = (unsigned)((n + bm - 1) / bm + (E < n ? E : n));
