@@ -579,7 +579,7 @@ static void launch_tiled(cuda_backend *cb, cudaStream_t stream, const m3_tensor 
 
 /* ---- cuBLASLt ---- */
 
-enum { DEQUANT_CHUNK_BYTES = 64 << 20 };
+enum { DEQUANT_CHUNK_BYTES = 128 << 20 };
 
 /* Up to LT_SPLIT_MAX_T tokens the GEMM is bound by reading W, so the activations can go in as
  * two BF16 terms, x = hi + lo (hi = bf16(x), lo = bf16(x - hi)), for the price of nothing but
@@ -814,9 +814,12 @@ static lt_layout lt_layout_of(const m3_tensor *t, int T) {
   L.direct = t->quant == M3_WQ_NONE && t->dtype == M3_DT_F32;
   if (L.direct) return L;
   L.stored_bf16 = t->quant == M3_WQ_NONE && t->dtype == M3_DT_BF16;
-  /* whole multiples of 256 rows: with chunks of 5461 rows q_proj's MXFP8 prefill (8192 x 6144,
-   * 8192 tokens) took 6.5 times as long as o_proj's with chunks of 4096 */
-  uint64_t chunk = L.stored_bf16 ? N : DEQUANT_CHUNK_BYTES / (K * 2) / 256 * 256;
+  /* whole multiples of 256 rows (with chunks of 5461 rows q_proj's MXFP8 prefill, 8192 x 6144 at
+   * 8192 tokens, took 6.5 times as long as o_proj's with chunks of 4096), as few chunks as the
+   * bound allows, of one size (each GEMM ends in a partial wave: q_proj and o_proj in one chunk
+   * each instead of 5376 + 2816 and 4096 + 2048 rows) */
+  const uint64_t per_chunk = DEQUANT_CHUNK_BYTES / (K * 2), chunks = (N + per_chunk - 1) / (per_chunk ? per_chunk : 1);
+  uint64_t chunk = L.stored_bf16 || chunks <= 1 ? N : ((N + chunks - 1) / chunks + 255) / 256 * 256;
   L.chunk = chunk < 256 ? 256 : chunk > N ? N : chunk;
   L.split = T <= LT_SPLIT_MAX_T;
   L.cols = L.split ? 2 * T : T;
