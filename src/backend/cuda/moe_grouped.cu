@@ -232,17 +232,14 @@ template <int F16, int PERM> __global__ void __launch_bounds__(GG_SCATTER_THREAD
                        void *__restrict__ xy, int32_t *__restrict__ row_exp, __nv_bfloat16 *__restrict__ h_bf16) {
   dev_pdl_enter();
   __shared__ int32_t dst[GG_MAX_K];
-  __shared__ int any;
   const int t = blockIdx.x;
-  if (threadIdx.x == 0) any = 0;
-  __syncthreads();
+  int mine = 0;
   if ((int)threadIdx.x < k) {
     const int32_t p = pos_of[(size_t)t * k + threadIdx.x];
-    dst[threadIdx.x] = p >= 0 && p < n ? p : -1; /* another rank's expert, or none */
-    if (p >= 0 && p < n) any = 1;
+    mine = p >= 0 && p < n;
+    dst[threadIdx.x] = mine ? p : -1; /* another rank's expert, or none */
   }
-  __syncthreads();
-  if (!any && !h_bf16) return; /* the same for the whole block */
+  if (!__syncthreads_or(mine) && !h_bf16) return; /* the same for the whole block */
   const float4 *src = (const float4 *)(h + (size_t)t * (size_t)H);
   int e = 0;
   if (F16) {
