@@ -341,7 +341,6 @@ __device__ __forceinline__ void msa_split4(float4 v, float up, __half *hi, __hal
 template <bool FP8>
 __global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, int T, __half *split, int32_t *key_exp) {
   dev_pdl_enter();
-  __shared__ float warp_max_s[8];
   __shared__ int32_t warp_pos_s[8];
   const int b = (int)blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ihd = a.kv.ihd,
             pitch = msa_pitch(ihd);
@@ -370,12 +369,7 @@ __global__ void __launch_bounds__(256) msa_split_keys_kernel(msa_args a, int T, 
     }
     m = fmaxf(m, dev_amax4(v[i])); /* NaN values do not count */
   }
-  m = warp_max(m);
-  if (lane == 0) warp_max_s[warp] = m;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < 8; w++) m = fmaxf(m, warp_max_s[w]);
-  const int e = dev_f16_exp(m);
+  const int e = dev_f16_exp(block_max(m));
   __half *hi = split + (size_t)b * (msa_split_bytes(ihd) / 2), *lo = hi + MSA_TILE_KEYS * pitch;
   if (4 * lane < pitch)
 #pragma unroll

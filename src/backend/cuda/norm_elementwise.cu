@@ -173,11 +173,16 @@ __device__ __forceinline__ void head_norm(float e[NE], const float gain[NE], flo
   for (int j = 0; j < NE; j++) e[j] = __fmul_rn(__fmul_rn(e[j], inv), 1.0f + gain[j]);
 }
 
-/* The normed head in buf [hd] after rope_kernel's rotation at position p, into dst [hd]: lane
- * takes pairs j = lane, lane + 32, ... < half (j and j + half share one angle, computed once),
- * then the unrotated rest. */
-__device__ __forceinline__ void rope_head_store(const float *buf, float *dst, int hd, int half, float p,
-                                                const rope_freqs &f, int lane) {
+/* The normed head e (a lane's elements, as head_load lays them out) after rope_kernel's rotation
+ * at position p, into dst [hd], through buf [hd] (the warp's row of shared memory, where each lane
+ * reads the partner of its pairs): lane takes pairs j = lane, lane + 32, ... < half (j and
+ * j + half share one angle, computed once), then the unrotated rest. */
+template <int NE> __device__ __forceinline__ void rope_head_store(const float (&e)[NE], float *buf, float *dst, int hd,
+                                                                  int half, float p, const rope_freqs &f, int lane) {
+#pragma unroll
+  for (int j = 0; j < NE; j++)
+    if (lane + 32 * j < hd) buf[lane + 32 * j] = e[j];
+  __syncwarp();
   for (int j = lane; j < half; j += 32) {
     const float2 t = rope_cos_sin(p, f, j);
     const float2 r = rope_rotate(buf[j], buf[j + half], t.x, t.y);
@@ -220,12 +225,7 @@ template <int NE, int RPW, int M> __global__ void __launch_bounds__(32 * NORM_RO
     const int64_t t = r / nheads;
     head_norm<NE>(e[i], gain, eps, hd, lane);
     if (M == 0) {
-      float *buf = row_buf[warp];
-#pragma unroll
-      for (int j = 0; j < NE; j++)
-        if (lane + 32 * j < hd) buf[lane + 32 * j] = e[i][j];
-      __syncwarp();
-      rope_head_store(buf, v, hd, half, (float)pos[t], f, lane);
+      rope_head_store<NE>(e[i], row_buf[warp], v, hd, half, (float)pos[t], f, lane);
       __syncwarp();
       continue;
     }
@@ -248,6 +248,12 @@ template <int NE, int RPW, int M> __global__ void __launch_bounds__(32 * NORM_RO
   }
 }
 
+/* Rows a warp of rmsnorm_rope_kernel and kv_store_rope_kernel: `most` where the rows still give
+ * every SM two blocks of NORM_ROPE_WARPS warps, else 1 (a decode step's few rows a warp each). */
+static int norm_rope_rows_per_warp(const cuda_backend *cb, int64_t rows, int most) {
+  return rows >= (int64_t)2 * NORM_ROPE_WARPS * most * cb->num_sms ? most : 1;
+}
+
 void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, const int32_t *pos,
                        int T, int nheads, int hd, int rot, double theta) {
   cuda_backend *cb = cuda_of(be);
@@ -260,10 +266,7 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, 
   rope_freqs f;
   const int half = rope_frequencies(hd, rot, theta, &f);
   const int64_t rows = (int64_t)T * nheads;
-  /* rows a warp: up to 8 heads of 128 or under (else 2), while that still gives every SM two
-   * blocks of 8 warps */
-  const int narrow = hd <= 128, most = narrow ? 8 : 2;
-  const int rpw = rows >= (int64_t)2 * NORM_ROPE_WARPS * most * cb->num_sms ? most : 1;
+  const int narrow = hd <= 128, rpw = norm_rope_rows_per_warp(cb, rows, narrow ? 8 : 2);
   const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS * rpw - 1) / (NORM_ROPE_WARPS * rpw));
   const int in_lane = half % 32 == 0 ? half / 32 : 0; /* M, where rmsnorm_rope_kernel has one */
   void (*kernel)(float *, cuda_weight, float, const int32_t *, int64_t, int, int, int, rope_freqs, int) =
@@ -317,11 +320,7 @@ __device__ __forceinline__ void kvr_store_row(const m3_kv_view &kv, const kv_rop
   float *row = FP8 ? out : (float *)dst + (size_t)r * dim;
   if (key || index_key) {
     head_norm<NE>(v, index_key ? gik : gk, a.eps, dim, lane);
-#pragma unroll
-    for (int j = 0; j < NE; j++)
-      if (lane + 32 * j < dim) buf[lane + 32 * j] = v[j];
-    __syncwarp();
-    rope_head_store(buf, row, dim, index_key ? a.ik_half : a.k_half, (float)p, index_key ? fik : fk, lane);
+    rope_head_store<NE>(v, buf, row, dim, index_key ? a.ik_half : a.k_half, (float)p, index_key ? fik : fk, lane);
   } else {
 #pragma unroll
     for (int j = 0; j < NE; j++)
@@ -392,9 +391,8 @@ void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos
   memset(&fik, 0, sizeof fik);
   a.k_half = rope_frequencies(kv->hd, rot, theta, &fk);
   if (with_ik) a.ik_half = rope_frequencies(kv->ihd, rot, theta, &fik);
-  /* rows a warp: 8 while that still gives every SM two blocks of 8 warps, else 1 */
   const int64_t rows = (int64_t)T * (2 * kv->nkv + with_ik);
-  const int rpw = rows >= (int64_t)2 * NORM_ROPE_WARPS * 8 * cb->num_sms ? 8 : 1;
+  const int rpw = norm_rope_rows_per_warp(cb, rows, 8);
   const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS * rpw - 1) / (NORM_ROPE_WARPS * rpw));
   const int narrow = kv->hd <= 128 && (!with_ik || kv->ihd <= 128), fp8 = kv->dtype == M3_KV_FP8;
   if (fp8) {
