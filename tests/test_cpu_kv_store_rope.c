@@ -1,9 +1,10 @@
-/* kv_store_rope on the CPU backend (backend.h): the cache it leaves is, byte for byte, the cache
- * that rmsnorm_rope of k, rmsnorm_rope of ik and kv_store leave, for float32 and fp8 caches, with
- * and without the index key, at T = 1, 5 and 130 tokens whose positions cross page boundaries
- * (with a padding row and a row past the block table, both skipped), over pages that already hold
- * other bytes (which must stay). Independently of the unfused ops, the float32 cache's keys equal
- * a double-precision norm and rotation written here from the spec (m3_text_spec.md §3.1-3.2). */
+/* kv_store_rope on the CPU backend (backend.h): the cache and the queries it leaves are, byte for
+ * byte, what rmsnorm_rope of q, of iq, of k, of ik and kv_store leave, for float32 and fp8 caches,
+ * with and without the index branch, at T = 1, 5 and 130 tokens whose positions cross page
+ * boundaries (with a padding row and a row past the block table: their keys skipped, their
+ * queries normed), over pages that already hold other bytes (which must stay). Independently of
+ * the unfused ops, the queries and the float32 cache's keys equal a double-precision norm and
+ * rotation written here from the spec (m3_text_spec.md §3.1-3.2). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -95,6 +96,19 @@ static void ref_norm_rope(const float *x, const m3_tensor *w, int dim, int rot, 
   }
 }
 
+/* The largest difference of heads [T * heads, dim] from ref_norm_rope of the heads they were. */
+static double heads_against_reference(const float *got, const float *was, const int32_t *pos, int T, int heads, int dim,
+                                      const m3_tensor *w, int rot, double theta, float eps) {
+  double ref[256], worst = 0;
+  for (int t = 0; t < T; t++)
+    for (int h = 0; h < heads; h++) {
+      const size_t at = ((size_t)t * heads + h) * dim;
+      ref_norm_rope(was + at, w, dim, rot, theta, pos[t], eps, ref);
+      for (int i = 0; i < dim; i++) worst = fmax(worst, fabs(got[at + i] - ref[i]));
+    }
+  return worst;
+}
+
 /* The float32 cache's key rows of every stored token against ref_norm_rope. */
 static void check_against_reference(const m3_kv_view *kv, const pools *fused, const int32_t *pos,
                                     int T, const float *k, const float *ik, const m3_tensor *k_norm,
@@ -130,10 +144,15 @@ static void store_case(m3_backend *be, m3_kv_dtype dt, const shape *s, int T, in
   int32_t *pos = malloc((size_t)T * sizeof *pos);
   for (int t = 0; t < T; t++) pos[t] = first + t;
   if (T > 3) pos[1] = -1, pos[2] = (blocks + 1) * s->bs + 2;
+  /* queries: GQA 2 and an index head a KV head */
+  const int nh = 2 * s->nkv, niq = s->nkv;
   const size_t kvn = (size_t)T * s->nkv * s->hd, ikn = (size_t)T * s->ihd;
+  const size_t qn = (size_t)T * nh * s->hd, iqn = (size_t)T * niq * s->ihd;
   float *k = random_floats(kvn, -3, 3), *v = random_floats(kvn, -2, 2), *ik = random_floats(ikn, -3, 3);
-  uint16_t *kw, *ikw;
+  float *q = random_floats(qn, -3, 3), *iq = random_floats(iqn, -3, 3);
+  uint16_t *kw, *ikw, *qw, *iqw;
   m3_tensor k_norm = bf16_weight(s->hd, &kw), ik_norm = bf16_weight(s->ihd, &ikw);
+  m3_tensor q_norm = bf16_weight(s->hd, &qw), iq_norm = bf16_weight(s->ihd, &iqw);
   const float eps = 1e-6f;
   const double theta = 5e6;
 
@@ -143,15 +162,35 @@ static void store_case(m3_backend *be, m3_kv_dtype dt, const shape *s, int T, in
   m3_kv_view vf = view, vu = view;
   vf.k = fused.pool[0], vf.v = fused.pool[1], vf.ik = with_ik ? fused.pool[2] : NULL;
   vu.k = unfused.pool[0], vu.v = unfused.pool[1], vu.ik = with_ik ? unfused.pool[2] : NULL;
-  float *kf = copy_floats(k, kvn), *ikf = copy_floats(ik, ikn);
-  be->ops->kv_store_rope(be, &vf, pos, T, kf, &k_norm, v, with_ik ? ikf : NULL,
-                         with_ik ? &ik_norm : NULL, eps, s->rot, theta);
-  float *ku = copy_floats(k, kvn), *iku = copy_floats(ik, ikn);
+  float *kf = copy_floats(k, kvn), *ikf = copy_floats(ik, ikn), *qf = copy_floats(q, qn), *iqf = copy_floats(iq, iqn);
+  const m3_attention_rows rows = {.q = qf,
+                                  .iq = with_ik ? iqf : NULL,
+                                  .k = kf,
+                                  .v = v,
+                                  .ik = with_ik ? ikf : NULL,
+                                  .q_norm = &q_norm,
+                                  .iq_norm = with_ik ? &iq_norm : NULL,
+                                  .k_norm = &k_norm,
+                                  .ik_norm = with_ik ? &ik_norm : NULL,
+                                  .nh = nh,
+                                  .niq = niq,
+                                  .eps = eps,
+                                  .rot = s->rot,
+                                  .theta = theta};
+  be->ops->kv_store_rope(be, &vf, pos, T, &rows);
+  float *ku = copy_floats(k, kvn), *iku = copy_floats(ik, ikn), *qu = copy_floats(q, qn), *iqu = copy_floats(iq, iqn);
+  be->ops->rmsnorm_rope(be, qu, &q_norm, eps, pos, T, nh, s->hd, s->rot, theta);
+  if (with_ik) be->ops->rmsnorm_rope(be, iqu, &iq_norm, eps, pos, T, niq, s->ihd, s->rot, theta);
   be->ops->rmsnorm_rope(be, ku, &k_norm, eps, pos, T, s->nkv, s->hd, s->rot, theta);
   if (with_ik) be->ops->rmsnorm_rope(be, iku, &ik_norm, eps, pos, T, 1, s->ihd, s->rot, theta);
   be->ops->kv_store(be, &vu, pos, T, ku, v, with_ik ? iku : NULL);
 
   for (int i = 0; i < 3; i++) CHECK(memcmp(fused.pool[i], unfused.pool[i], fused.bytes[i]) == 0);
+  CHECK(memcmp(qf, qu, qn * sizeof *qf) == 0);
+  CHECK(memcmp(iqf, with_ik ? iqu : iq, iqn * sizeof *iqf) == 0); /* no index branch: iq untouched */
+  CHECK_NEAR(heads_against_reference(qf, q, pos, T, nh, s->hd, &q_norm, s->rot, theta, eps), 0.0, 2e-5);
+  if (with_ik)
+    CHECK_NEAR(heads_against_reference(iqf, iq, pos, T, niq, s->ihd, &iq_norm, s->rot, theta, eps), 0.0, 2e-5);
   /* the stores did write (a test whose caches never change would pass the comparison above) */
   CHECK(memcmp(fused.pool[0], fused.start[0], fused.bytes[0]) != 0);
   CHECK(memcmp(fused.pool[1], fused.start[1], fused.bytes[1]) != 0);
@@ -162,6 +201,7 @@ static void store_case(m3_backend *be, m3_kv_dtype dt, const shape *s, int T, in
 
   free_pools(&fused), free_pools(&unfused);
   free(kf), free(ikf), free(ku), free(iku), free(k), free(v), free(ik), free(kw), free(ikw);
+  free(qf), free(iqf), free(qu), free(iqu), free(q), free(iq), free(qw), free(iqw);
   free(pos), free(table);
 }
 

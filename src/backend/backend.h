@@ -144,6 +144,18 @@ typedef struct {
   double unit;       /* the draw's PRNG value in [0, 1) (m3_sampler_next_unit) */
 } m3_row_sampling;
 
+/* What kv_store_rope takes of T tokens: the attention branches' projections and the Gemma norm
+ * weights of their heads. */
+typedef struct {
+  float *q, *iq;           /* queries [T, nh, hd], index queries [T, niq, ihd]; either may be NULL */
+  const float *k, *v, *ik; /* [T, nkv, hd], [T, nkv, hd], [T, ihd] or NULL */
+  const m3_tensor *q_norm, *iq_norm, *k_norm, *ik_norm; /* [hd], [ihd], [hd], [ihd]; NULL with their rows */
+  int nh, niq;
+  float eps;
+  int rot;
+  double theta;
+} m3_attention_rows;
+
 /* One output of matmul_set: y [T, w->rows]. */
 typedef struct {
   const m3_tensor *w;
@@ -273,17 +285,19 @@ typedef struct {
   void (*kv_store)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
 
-  /* The key branches' per-head Gemma RMSNorm and partial NeoX RoPE fused with the store: the
-   * cache gets what
+  /* The attention branches' per-head Gemma RMSNorm and partial NeoX RoPE fused with the store
+   * of the keys: of r (m3_attention_rows), q, iq and the cache get what
+   *   rmsnorm_rope(q, q_norm, eps, pos, T, nh, hd, rot, theta);     (when q is not NULL)
+   *   rmsnorm_rope(iq, iq_norm, eps, pos, T, niq, ihd, rot, theta); (when iq is not NULL)
    *   rmsnorm_rope(k, k_norm, eps, pos, T, nkv, hd, rot, theta);
    *   rmsnorm_rope(ik, ik_norm, eps, pos, T, 1, ihd, rot, theta);   (when ik is not NULL)
    *   kv_store(kv, pos, T, k, v, ik)
-   * stores, bit for bit, without the normed rows making a round trip through memory. k and ik
-   * hold unspecified values afterwards (a backend may norm them in place). ik and ik_norm are
-   * NULL together (full-attention layers). */
-  void (*kv_store_rope)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                        const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
-                        const m3_tensor *ik_norm, float eps, int rot, double theta);
+   * leave, bit for bit, without the normed keys making a round trip through memory; on a device,
+   * a decode step's few rows of all five take one launch. k and ik hold unspecified values
+   * afterwards (a backend may norm them in place). Each of q, iq and ik is NULL together with
+   * its norm (ik: full-attention layers); q and iq are normed whatever their positions, padding
+   * (pos < 0) included, as rmsnorm_rope norms every row. */
+  void (*kv_store_rope)(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const m3_attention_rows *r);
 
   /* msa_select and attention read an fp8 cache as the float32 values E4M3(byte) * scale; attention
    * scores an fp8 cache's rotated keys against each query rotated the same way and times 1 / B

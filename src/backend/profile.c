@@ -248,11 +248,9 @@ static void prof_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *p
   account(prof_of(be), "kv_store", NULL, t0);
 }
 static void prof_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                               const float *k, const m3_tensor *k_norm, const float *v,
-                               const float *ik, const m3_tensor *ik_norm, float eps, int rot,
-                               double theta) {
+                               const m3_attention_rows *r) {
   double t0 = start(prof_of(be));
-  INNER(be)->kv_store_rope(inner_of(be), kv, pos, T, k, k_norm, v, ik, ik_norm, eps, rot, theta);
+  INNER(be)->kv_store_rope(inner_of(be), kv, pos, T, r);
   account(prof_of(be), "kv_store_rope", NULL, t0);
 }
 static void prof_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv, const int32_t *pos,

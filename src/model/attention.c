@@ -15,15 +15,6 @@
  *                                                                     fused with the add */
 #include "model/layers.h"
 
-/* Gemma RMSNorm of every head vector (one [dim] weight shared by all heads), then the partial
- * NeoX RoPE, as the reference orders them: norm first. */
-static void norm_rope_heads(m3_model *m, float *x, const m3_tensor *norm, const int32_t *pos,
-                            int T, int heads, int dim) {
-  m3_backend *be = m->be;
-  be->ops->rmsnorm_rope(be, x, norm, m->cfg.rms_norm_eps, pos, T, heads, dim, m->cfg.rotary_dim,
-                        m->cfg.rope_theta);
-}
-
 void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, int T) {
   const m3_config *c = &m->cfg;
   const m3_layer_weights *w = &m->w.layers[l];
@@ -40,13 +31,12 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
                                 {&w->index_q_proj, s->iq},
                                 {&w->index_k_proj, s->ik}};
   be->ops->matmul_set(be, s->h, T, proj, sparse ? 5 : 3);
-  norm_rope_heads(m, s->q, &w->q_norm, pos, T, c->num_heads, c->head_dim);
-  if (sparse)
-    norm_rope_heads(m, s->iq, &w->index_q_norm, pos, T, c->index_num_heads, c->index_head_dim);
 
   /* Per sequence, into its cache before attention: its tokens attend to themselves and each
-   * other, never to another sequence's. The keys' norm and RoPE happen in the store (s->k and
-   * s->ik hold unspecified values afterwards; nothing reads them). */
+   * other, never to another sequence's. Every head is normed (one [dim] weight shared by a
+   * branch's heads), then rotated, as the reference orders them, in the store's pass: the
+   * queries in place, the keys on their way into the cache (s->k and s->ik hold unspecified
+   * values afterwards; nothing reads them). */
   const size_t qw = (size_t)c->num_heads * c->head_dim, kvw = (size_t)c->num_kv_heads * c->head_dim;
   const size_t iqw = (size_t)c->index_num_heads * c->index_head_dim, ihd = (size_t)c->index_head_dim;
   const size_t selw = (size_t)c->index_num_heads * m->msa.topk;
@@ -54,9 +44,21 @@ void m3_attention_block(m3_model *m, int l, const m3_segment *segs, int n_segs, 
     const m3_kv_view *kv = &segs[i].kv[l];
     const size_t r = (size_t)segs[i].first;
     const int n = segs[i].T;
-    be->ops->kv_store_rope(be, kv, pos + r, n, s->k + r * kvw, &w->k_norm, s->v + r * kvw,
-                           sparse ? s->ik + r * ihd : NULL, sparse ? &w->index_k_norm : NULL,
-                           c->rms_norm_eps, c->rotary_dim, c->rope_theta);
+    const m3_attention_rows rows = {.q = s->q + r * qw,
+                                    .iq = sparse ? s->iq + r * iqw : NULL,
+                                    .k = s->k + r * kvw,
+                                    .v = s->v + r * kvw,
+                                    .ik = sparse ? s->ik + r * ihd : NULL,
+                                    .q_norm = &w->q_norm,
+                                    .iq_norm = sparse ? &w->index_q_norm : NULL,
+                                    .k_norm = &w->k_norm,
+                                    .ik_norm = sparse ? &w->index_k_norm : NULL,
+                                    .nh = c->num_heads,
+                                    .niq = c->index_num_heads,
+                                    .eps = c->rms_norm_eps,
+                                    .rot = c->rotary_dim,
+                                    .theta = c->rope_theta};
+    be->ops->kv_store_rope(be, kv, pos + r, n, &rows);
     if (sparse)
       be->ops->msa_select(be, s->iq + r * iqw, c->index_num_heads, kv, pos + r, n, &m->msa,
                           s->sel + r * selw);

@@ -3,8 +3,8 @@
  *   - device-to-device copy bandwidth (bytes read + written): the memory ceiling;
  *   - batch-1 decode's small ops (rmsnorm, add_rmsnorm, embed of one 6144-wide row; moe_experts
  *     on tiny experts at T = 1 and 8: grouping and combine), timed through a recorded graph;
- *   - kv_store_rope (the keys' norm + RoPE fused with the cache store) at T = 1 and 8192 beside
- *     the three ops it replaces, on float32 and fp8 caches;
+ *   - kv_store_rope (the heads' norm + RoPE fused with the keys' cache store) at T = 1 and 8192
+ *     beside the five ops it replaces, on float32 and fp8 caches;
  *   - matmul_set at T = 1 (a sparse layer's q, k, v, index_q, index_k of one input in one pass)
  *     beside the 5 matmuls it replaces, through recorded graphs;
  *   - (M3_BENCH_SHAPES=RxC,... alone) matmul at T = 1 on the shapes given, MXFP8 or BF16;
@@ -681,14 +681,23 @@ static void bench_matmul_set(double copy_gbs, FILE *table) {
   }
 }
 
-/* ---- the keys' norm + RoPE + cache store ---- */
+/* ---- the heads' norm + RoPE + the keys' cache store ---- */
 
-enum { KVR_NKV = 4, KVR_HD = 128, KVR_IHD = 128, KVR_ROT = 64, KVR_BS = 128, KVR_FIRST = 1000 };
+enum {
+  KVR_NH = 64,
+  KVR_NIQ = 4,
+  KVR_NKV = 4,
+  KVR_HD = 128,
+  KVR_IHD = 128,
+  KVR_ROT = 64,
+  KVR_BS = 128,
+  KVR_FIRST = 1000
+};
 
 typedef struct {
   m3_kv_view kv;
-  m3_tensor k_norm, ik_norm;
-  float *k, *v, *ik;
+  m3_tensor q_norm, iq_norm, k_norm, ik_norm;
+  float *q, *iq, *k, *v, *ik;
   int32_t *pos;
   int T;
 } kvr_ctx;
@@ -696,32 +705,55 @@ typedef struct {
 static void run_kv_store_rope(void *ctx, int iter) {
   (void)iter;
   kvr_ctx *c = ctx;
-  gpu->ops->kv_store_rope(gpu, &c->kv, c->pos, c->T, c->k, &c->k_norm, c->v, c->ik, &c->ik_norm,
-                          1e-6f, KVR_ROT, 5e6);
+  const m3_attention_rows r = {.q = c->q,
+                               .iq = c->iq,
+                               .k = c->k,
+                               .v = c->v,
+                               .ik = c->ik,
+                               .q_norm = &c->q_norm,
+                               .iq_norm = &c->iq_norm,
+                               .k_norm = &c->k_norm,
+                               .ik_norm = &c->ik_norm,
+                               .nh = KVR_NH,
+                               .niq = KVR_NIQ,
+                               .eps = 1e-6f,
+                               .rot = KVR_ROT,
+                               .theta = 5e6};
+  gpu->ops->kv_store_rope(gpu, &c->kv, c->pos, c->T, &r);
 }
 
-/* What kv_store_rope replaces: the two norm + RoPE passes (k and ik in place), then the store. */
+/* What kv_store_rope replaces: the four norm + RoPE passes (q, iq, k and ik in place), then the
+ * store. */
 static void run_kv_store_unfused(void *ctx, int iter) {
   (void)iter;
   kvr_ctx *c = ctx;
+  gpu->ops->rmsnorm_rope(gpu, c->q, &c->q_norm, 1e-6f, c->pos, c->T, KVR_NH, KVR_HD, KVR_ROT, 5e6);
+  gpu->ops->rmsnorm_rope(gpu, c->iq, &c->iq_norm, 1e-6f, c->pos, c->T, KVR_NIQ, KVR_IHD, KVR_ROT, 5e6);
   gpu->ops->rmsnorm_rope(gpu, c->k, &c->k_norm, 1e-6f, c->pos, c->T, KVR_NKV, KVR_HD, KVR_ROT, 5e6);
   gpu->ops->rmsnorm_rope(gpu, c->ik, &c->ik_norm, 1e-6f, c->pos, c->T, 1, KVR_IHD, KVR_ROT, 5e6);
   gpu->ops->kv_store(gpu, &c->kv, c->pos, c->T, c->k, c->v, c->ik);
 }
 
-/* kv_store_rope of a sparse layer at full width (4 KV heads of 128, index key 128, rot 64; pages
- * of 128 tokens from position 1000 on) at T = 1 (through a recorded graph) and 8192, on float32 and
- * fp8 caches, beside the three ops it fuses: the bytes of the fused op's one pass (k, v, ik read,
- * the cache rows written) against the copy bandwidth. */
+/* kv_store_rope of a sparse layer at full width (64 query heads, 4 index query heads and 4 KV
+ * heads of 128, index key 128, rot 64; pages of 128 tokens from position 1000 on) at T = 1 (through
+ * a recorded graph) and 8192, on float32 and fp8 caches, beside the five ops it fuses: the bytes of
+ * its pass (q, iq read and written, k, v, ik read, the cache rows written) against the copy
+ * bandwidth. */
 static void bench_kv_store_rope(double copy_gbs, FILE *table) {
   static const int Ts[] = {1, 8192};
   kvr_ctx c;
   memset(&c, 0, sizeof c);
+  c.q_norm = (m3_tensor){.name = "q_norm", .rows = 1, .cols = KVR_HD, .dtype = M3_DT_BF16};
+  c.iq_norm = (m3_tensor){.name = "index_q_norm", .rows = 1, .cols = KVR_IHD, .dtype = M3_DT_BF16};
+  c.q_norm.data = device_random(M3_DT_BF16, KVR_HD * 2);
+  c.iq_norm.data = device_random(M3_DT_BF16, KVR_IHD * 2);
   c.k_norm = (m3_tensor){.name = "k_norm", .rows = 1, .cols = KVR_HD, .dtype = M3_DT_BF16};
   c.ik_norm = (m3_tensor){.name = "index_k_norm", .rows = 1, .cols = KVR_IHD, .dtype = M3_DT_BF16};
   c.k_norm.data = device_random(M3_DT_BF16, KVR_HD * 2);
   c.ik_norm.data = device_random(M3_DT_BF16, KVR_IHD * 2);
   const int Tmax = Ts[1], blocks = (KVR_FIRST + Tmax) / KVR_BS + 1;
+  c.q = device_random(M3_DT_F32, (size_t)Tmax * KVR_NH * KVR_HD * 4);
+  c.iq = device_random(M3_DT_F32, (size_t)Tmax * KVR_NIQ * KVR_IHD * 4);
   c.k = device_random(M3_DT_F32, (size_t)Tmax * KVR_NKV * KVR_HD * 4);
   c.v = device_random(M3_DT_F32, (size_t)Tmax * KVR_NKV * KVR_HD * 4);
   c.ik = device_random(M3_DT_F32, (size_t)Tmax * KVR_IHD * 4);
@@ -745,17 +777,21 @@ static void bench_kv_store_rope(double copy_gbs, FILE *table) {
       const double fused = c.T == 1 ? time_small(run_kv_store_rope, &c) : time_call(run_kv_store_rope, &c, 20);
       const double unfused = c.T == 1 ? time_small(run_kv_store_unfused, &c) : time_call(run_kv_store_unfused, &c, 20);
       const double row_bytes = dt == M3_KV_F32 ? 4.0 : 1.0 + 4.0 / KVR_HD; /* per value written */
-      const double bytes = (double)c.T * ((2.0 * KVR_NKV * KVR_HD + KVR_IHD) * (4.0 + row_bytes));
+      const double bytes = (double)c.T * ((2.0 * KVR_NKV * KVR_HD + KVR_IHD) * (4.0 + row_bytes) +
+                                          (KVR_NH * KVR_HD + KVR_NIQ * KVR_IHD) * 8.0);
       const double gbs = bytes / fused / 1e9;
-      fprintf(table, "| kv_store_rope %s cache nkv %d hd %d ihd %d rot %d T=%d | %.2f us | unfused "
-                     "(rmsnorm_rope k, rmsnorm_rope ik, kv_store) %.2f us = %.2fx | %.0f GB/s = %.1f%% of copy |\n",
-              dt == M3_KV_F32 ? "f32" : "fp8", KVR_NKV, KVR_HD, KVR_IHD, KVR_ROT, c.T, fused * 1e6,
+      fprintf(table,
+              "| kv_store_rope %s cache nh %d niq %d nkv %d hd %d ihd %d rot %d T=%d | %.2f us | unfused "
+              "(rmsnorm_rope q, iq, k, ik, kv_store) %.2f us = %.2fx | %.0f GB/s = %.1f%% of copy |\n",
+              dt == M3_KV_F32 ? "f32" : "fp8", KVR_NH, KVR_NIQ, KVR_NKV, KVR_HD, KVR_IHD, KVR_ROT, c.T, fused * 1e6,
               unfused * 1e6, unfused / fused, gbs, 100 * gbs / copy_gbs);
       fflush(table);
     }
     gpu->ops->free(gpu, c.kv.k), gpu->ops->free(gpu, c.kv.v), gpu->ops->free(gpu, c.kv.ik);
   }
   gpu->ops->free(gpu, (void *)c.k_norm.data), gpu->ops->free(gpu, (void *)c.ik_norm.data);
+  gpu->ops->free(gpu, (void *)c.q_norm.data), gpu->ops->free(gpu, (void *)c.iq_norm.data);
+  gpu->ops->free(gpu, c.q), gpu->ops->free(gpu, c.iq);
   gpu->ops->free(gpu, c.k), gpu->ops->free(gpu, c.v), gpu->ops->free(gpu, c.ik);
   gpu->ops->free(gpu, c.pos), gpu->ops->free(gpu, table_d);
 }

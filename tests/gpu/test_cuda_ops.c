@@ -101,13 +101,47 @@ typedef struct {
 } op_result;
 
 enum {
-  OP_EMBED, OP_MATMUL_F32, OP_MATMUL_SPLIT, OP_MATMUL_BF16ACT, OP_MATMUL_SET, OP_MATMUL_SET_BITS, OP_RMSNORM, OP_ROPE, OP_RMSNORM_ROPE, OP_SWIGLU, OP_ADD,
-  OP_ADD_RMSNORM, OP_ADD_RMSNORM_SELF, OP_ARGMAX,
-  OP_KV_STORE, OP_MSA, OP_ATT_DENSE, OP_ATT_SPARSE, OP_ATT_TC_DENSE, OP_ATT_TC_SPARSE, OP_MOE,
-  OP_MOE_EXPERTS_DECODE, OP_MOE_EXPERTS_PREFILL, OP_MOE_EXPERTS_LANES,
-  OP_VIS_LAYERNORM, OP_VIS_ADD_BIAS, OP_VIS_GELU, OP_VIS_ROPE3D, OP_VIS_ATTENTION,
-  OP_KV8_STORE, OP_KV8_ATT_DENSE, OP_KV8_ATT_SPARSE, OP_KV8_ATT_TC_DENSE, OP_KV8_ATT_TC_SPARSE,
-  OP_KVR_SELF, OP_KVR_F32, OP_KVR_FP8, OP_ZERO, OP_ARGMAX_PAIRS, OP_COUNT
+  OP_EMBED,
+  OP_MATMUL_F32,
+  OP_MATMUL_SPLIT,
+  OP_MATMUL_BF16ACT,
+  OP_MATMUL_SET,
+  OP_MATMUL_SET_BITS,
+  OP_RMSNORM,
+  OP_ROPE,
+  OP_RMSNORM_ROPE,
+  OP_SWIGLU,
+  OP_ADD,
+  OP_ADD_RMSNORM,
+  OP_ADD_RMSNORM_SELF,
+  OP_ARGMAX,
+  OP_KV_STORE,
+  OP_MSA,
+  OP_ATT_DENSE,
+  OP_ATT_SPARSE,
+  OP_ATT_TC_DENSE,
+  OP_ATT_TC_SPARSE,
+  OP_MOE,
+  OP_MOE_EXPERTS_DECODE,
+  OP_MOE_EXPERTS_PREFILL,
+  OP_MOE_EXPERTS_LANES,
+  OP_VIS_LAYERNORM,
+  OP_VIS_ADD_BIAS,
+  OP_VIS_GELU,
+  OP_VIS_ROPE3D,
+  OP_VIS_ATTENTION,
+  OP_KV8_STORE,
+  OP_KV8_ATT_DENSE,
+  OP_KV8_ATT_SPARSE,
+  OP_KV8_ATT_TC_DENSE,
+  OP_KV8_ATT_TC_SPARSE,
+  OP_KVR_SELF,
+  OP_KVR_F32,
+  OP_KVR_FP8,
+  OP_KVR_QUERIES,
+  OP_ZERO,
+  OP_ARGMAX_PAIRS,
+  OP_COUNT
 };
 static op_result results[OP_COUNT] = {
     [OP_EMBED] = {"embed", 0, 0, 0, 1e-6, 0, 0},
@@ -147,6 +181,7 @@ static op_result results[OP_COUNT] = {
     [OP_KVR_SELF] = {"kv_store_rope vs CUDA unfused (bytes diff.)", 0, 0, 0, 0, 0, 0},
     [OP_KVR_F32] = {"kv_store_rope f32 cache", 0, 0, 0, 1e-5, 0, 0},
     [OP_KVR_FP8] = {"kv_store_rope fp8 (bytes 1 code off)", 0, 0, 0, 0, 0, 0},
+    [OP_KVR_QUERIES] = {"kv_store_rope queries", 0, 0, 0, 1e-5, 0, 0},
     [OP_ZERO] = {"zero (exact)", 0, 0, 0, 0, 0, 0},
     [OP_ARGMAX_PAIRS] = {"argmax_pairs (score, index: exact)", 0, 0, 0, 0, 0, 0},
 };
@@ -2197,11 +2232,13 @@ static void test_kv_fp8(void) {
          r->mismatches - before.mismatches, r->near_ties - before.near_ties);
 }
 
-/* ---- kv_store_rope: the keys' norm + RoPE fused with the store ----
+/* ---- kv_store_rope: the heads' norm + RoPE fused with the store of the keys ----
  * Per case, two caches with the same pages: one written by kv_store_rope, the other by the ops it
- * fuses (rmsnorm_rope of k, of ik, kv_store). On the GPU the two must be the same bytes (the fused
- * kernel norms and rotates through rmsnorm_rope's own device functions and quantizes through
- * kv_store's). Against the CPU's kv_store_rope: a float32 cache within rmsnorm_rope's tolerance;
+ * fuses (rmsnorm_rope of q, of iq, of k, of ik, kv_store). On the GPU the two must be the same
+ * bytes, queries included (the fused kernel norms and rotates through rmsnorm_rope's own device
+ * functions and quantizes through kv_store's; a decode step's few rows take the one launch, a
+ * prompt's many rows rmsnorm_rope's kernel for the queries). Against the CPU's kv_store_rope: the
+ * queries and a float32 cache within rmsnorm_rope's tolerance;
  * an fp8 cache with every scale within 1e-5 relative and every byte equal or one E4M3 code off
  * (both zeros alike): the two backends sum a head's squares in different orders, so a normed
  * value may differ by an ulp, which moves amax / 448 by an ulp and can carry a value lying that
@@ -2273,23 +2310,53 @@ static void kvr_case(m3_kv_dtype dt, int bs, int nkv, int hd, int ihd, int rot, 
   kvr_copy_cache(&unfused, &fused);
   if (!with_ik) fused.c.ik = fused.g.ik = unfused.c.ik = unfused.g.ik = NULL;
   weight kw = make_weight(W_BF16, 1, hd), ikw = make_weight(W_F32, 1, ihd);
-  const size_t kvn = (size_t)T * nkv * hd, ikn = (size_t)T * ihd;
+  weight qw = make_weight(W_BF16, 1, hd), iqw = make_weight(W_BF16, 1, ihd);
+  const int nh = 16 * nkv, niq = nkv; /* M3's GQA 16, an index head a KV head */
+  const size_t kvn = (size_t)T * nkv * hd, ikn = (size_t)T * ihd, qn = (size_t)T * nh * hd, iqn = (size_t)T * niq * ihd;
   float *kh = random_floats(kvn, -3, 3), *vh = random_floats(kvn, -2, 2), *ikh = random_floats(ikn, -3, 3);
+  float *qh = random_floats(qn, -3, 3), *iqh = random_floats(iqn, -3, 3);
   pair pos = pair_from(posh, (size_t)T * 4), v = pair_from(vh, kvn * 4);
   pair k = pair_from(kh, kvn * 4), ik = pair_from(ikh, ikn * 4);    /* the fused op's (normed in place or not) */
   pair k2 = pair_from(kh, kvn * 4), ik2 = pair_from(ikh, ikn * 4);  /* the unfused ops' */
+  pair q = pair_from(qh, qn * 4), iq = pair_from(iqh, iqn * 4), q2 = pair_from(qh, qn * 4),
+       iq2 = pair_from(iqh, iqn * 4);
   const float eps = 1e-6f;
   const double theta = 5e6;
-  cpu->ops->kv_store_rope(cpu, &fused.c, pos.c, T, k.c, &kw.c, v.c, with_ik ? ik.c : NULL,
-                          with_ik ? &ikw.c : NULL, eps, rot, theta);
-  gpu->ops->kv_store_rope(gpu, &fused.g, pos.g, T, k.g, &kw.g, v.g, with_ik ? ik.g : NULL,
-                          with_ik ? &ikw.g : NULL, eps, rot, theta);
+  m3_attention_rows rc = {.q = q.c,
+                          .iq = with_ik ? iq.c : NULL,
+                          .k = k.c,
+                          .v = v.c,
+                          .ik = with_ik ? ik.c : NULL,
+                          .q_norm = &qw.c,
+                          .iq_norm = with_ik ? &iqw.c : NULL,
+                          .k_norm = &kw.c,
+                          .ik_norm = with_ik ? &ikw.c : NULL,
+                          .nh = nh,
+                          .niq = niq,
+                          .eps = eps,
+                          .rot = rot,
+                          .theta = theta};
+  m3_attention_rows rg = rc;
+  rg.q = q.g, rg.iq = with_ik ? iq.g : NULL, rg.k = k.g, rg.v = v.g, rg.ik = with_ik ? ik.g : NULL;
+  rg.q_norm = &qw.g, rg.iq_norm = with_ik ? &iqw.g : NULL, rg.k_norm = &kw.g, rg.ik_norm = with_ik ? &ikw.g : NULL;
+  cpu->ops->kv_store_rope(cpu, &fused.c, pos.c, T, &rc);
+  gpu->ops->kv_store_rope(gpu, &fused.g, pos.g, T, &rg);
+  gpu->ops->rmsnorm_rope(gpu, q2.g, &qw.g, eps, pos.g, T, nh, hd, rot, theta);
+  if (with_ik) gpu->ops->rmsnorm_rope(gpu, iq2.g, &iqw.g, eps, pos.g, T, niq, ihd, rot, theta);
   gpu->ops->rmsnorm_rope(gpu, k2.g, &kw.g, eps, pos.g, T, nkv, hd, rot, theta);
   if (with_ik) gpu->ops->rmsnorm_rope(gpu, ik2.g, &ikw.g, eps, pos.g, T, 1, ihd, rot, theta);
   gpu->ops->kv_store(gpu, &unfused.g, pos.g, T, k2.g, v.g, with_ik ? ik2.g : NULL);
   char what[160];
   snprintf(what, sizeof what, "%s bs %d nkv %d hd %d ihd %d rot %d T %d from %d%s",
            dt == M3_KV_FP8 ? "fp8" : "f32", bs, nkv, hd, ihd, rot, T, first, with_ik ? " +ik" : "");
+  kvr_compare_gpu(what, &q, &q2);
+  compare(OP_KVR_QUERIES, what, &q);
+  if (with_ik) {
+    kvr_compare_gpu(what, &iq, &iq2);
+    compare(OP_KVR_QUERIES, what, &iq);
+  } else {
+    compare_bytes(OP_KVR_SELF, what, &iq); /* no index branch: iq untouched on either side */
+  }
   const pair *pools[3] = {&fused.k, &fused.v, &fused.ik}, *twins[3] = {&unfused.k, &unfused.v, &unfused.ik};
   const int rows[3] = {nkv * bs, nkv * bs, bs}, dims[3] = {hd, hd, ihd};
   for (int i = 0; i < 3; i++) {
@@ -2300,8 +2367,9 @@ static void kvr_case(m3_kv_dtype dt, int bs, int nkv, int hd, int ihd, int rot, 
       compare(OP_KVR_F32, what, (pair *)pools[i]);
   }
   pair_free(&pos), pair_free(&v), pair_free(&k), pair_free(&ik), pair_free(&k2), pair_free(&ik2);
-  free_weight(&kw), free_weight(&ikw), free_cache(&fused), free_cache(&unfused);
-  free(posh), free(kh), free(vh), free(ikh);
+  pair_free(&q), pair_free(&iq), pair_free(&q2), pair_free(&iq2);
+  free_weight(&kw), free_weight(&ikw), free_weight(&qw), free_weight(&iqw), free_cache(&fused), free_cache(&unfused);
+  free(posh), free(kh), free(vh), free(ikh), free(qh), free(iqh);
 }
 
 static void test_kv_store_rope(void) {

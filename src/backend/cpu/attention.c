@@ -95,15 +95,15 @@ void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int 
   free(rot);
 }
 
-/* Norms and rotates k (and ik) in place, which the contract allows, then stores: on the CPU the
- * rows stay in cache between the passes, and the unfused ops' own code makes the stored bits
- * theirs by construction. */
-void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                       const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
-                       const m3_tensor *ik_norm, float eps, int rot, double theta) {
-  cpu_rmsnorm_rope(be, (float *)k, k_norm, eps, pos, T, kv->nkv, kv->hd, rot, theta);
-  if (ik) cpu_rmsnorm_rope(be, (float *)ik, ik_norm, eps, pos, T, 1, kv->ihd, rot, theta);
-  cpu_kv_store(be, kv, pos, T, k, v, ik);
+/* Norms and rotates q, iq, k and ik in place (the keys' in place is what the contract allows),
+ * then stores: on the CPU the rows stay in cache between the passes, and the unfused ops' own code
+ * makes the bits theirs by construction. */
+void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const m3_attention_rows *r) {
+  if (r->q) cpu_rmsnorm_rope(be, r->q, r->q_norm, r->eps, pos, T, r->nh, kv->hd, r->rot, r->theta);
+  if (r->iq) cpu_rmsnorm_rope(be, r->iq, r->iq_norm, r->eps, pos, T, r->niq, kv->ihd, r->rot, r->theta);
+  cpu_rmsnorm_rope(be, (float *)r->k, r->k_norm, r->eps, pos, T, kv->nkv, kv->hd, r->rot, r->theta);
+  if (r->ik) cpu_rmsnorm_rope(be, (float *)r->ik, r->ik_norm, r->eps, pos, T, 1, kv->ihd, r->rot, r->theta);
+  cpu_kv_store(be, kv, pos, T, r->k, r->v, r->ik);
 }
 
 typedef struct {

@@ -138,9 +138,7 @@ void cpu_argmax_pairs(m3_backend *be, const float *logits, int nrows, int cols, 
                       float *pairs);
 void cpu_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                   const float *v, const float *ik);
-void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                       const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
-                       const m3_tensor *ik_norm, float eps, int rot, double theta);
+void cpu_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const m3_attention_rows *r);
 void cpu_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                     const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
 void cpu_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,

@@ -52,9 +52,7 @@ m3_status cuda_sample_rows(m3_backend *be, const float *logits, int nrows, int v
                            const m3_row_sampling *rows, int32_t *out_host);
 void cuda_kv_store(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const float *k,
                    const float *v, const float *ik);
-void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                        const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
-                        const m3_tensor *ik_norm, float eps, int rot, double theta);
+void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const m3_attention_rows *r);
 void cuda_msa_select(m3_backend *be, const float *iq, int G, const m3_kv_view *kv,
                      const int32_t *pos, int T, const m3_msa_params *p, int32_t *sel);
 void cuda_attention(m3_backend *be, const float *q, int nh, const m3_kv_view *kv,

@@ -282,33 +282,55 @@ void cuda_rmsnorm_rope(m3_backend *be, float *x, const m3_tensor *w, float eps, 
 /* What kv_store_rope_kernel reads besides the view and positions. */
 typedef struct {
   const float *k, *v, *ik; /* [T, nkv, hd], [T, nkv, hd], [T, ihd] or NULL */
-  cuda_weight k_norm, ik_norm;
+  float *q, *iq;           /* [T, nq, hd], [T, niq, ihd], normed and rotated in place; NULL: none */
+  int nq, niq;             /* their rows a token (0 where NULL) */
+  cuda_weight k_norm, ik_norm, q_norm, iq_norm;
   float eps;
-  int k_half, ik_half;                 /* rotated pairs of a key head and of the index key */
+  int k_half, ik_half;                 /* rotated pairs of a head of hd and of ihd */
   size_t kv_page_bytes, ik_page_bytes; /* fp8 pools' page bytes (m3_kv_pool_page_bytes) */
 } kv_rope_args;
 
-/* A warp's row i of token t in kv_store_rope_kernel: K heads 0..nkv-1, V heads nkv..2nkv-1, then
- * the index key; its source and width. */
-__device__ __forceinline__ const float *kvr_row(const m3_kv_view &kv, const kv_rope_args &a, int t, int i, int *dim) {
-  const int nkv = kv.nkv;
-  *dim = i < 2 * nkv ? kv.hd : kv.ihd;
-  if (i < nkv) return a.k + ((size_t)t * nkv + i) * kv.hd;
-  if (i < 2 * nkv) return a.v + ((size_t)t * nkv + i - nkv) * kv.hd;
-  return a.ik + (size_t)t * kv.ihd;
+/* A token's rows in kv_store_rope_kernel: K heads 0..nkv-1, V heads nkv..2nkv-1, the index key
+ * (when stored), then the query heads and the index query heads. */
+__device__ __forceinline__ int kvr_cache_rows(const m3_kv_view &kv, const kv_rope_args &a) {
+  return 2 * kv.nkv + (a.ik ? 1 : 0);
 }
 
-/* Row i of a token's 2 nkv (+ 1) in kv_store_rope_kernel: K heads 0..nkv-1, normed and rotated
- * (head_norm, rope_head_store: rmsnorm_rope's bits), V heads nkv..2nkv-1 as they are, and the index
- * key (when stored) normed and rotated with its own frequencies (its rotated width is clamped to
- * ihd, the heads' to hd), each into its page's row: float32 straight, fp8 staged in out and
- * quantized by kv8_store_row, kv_store's code (K heads through the key rotation). v: the row's
- * elements as head_load left them; gk, gik: the norms' gains. */
+/* Row i of token t: its memory and width. Only query rows are written through it (the cast drops
+ * the keys' const for one return type). */
+__device__ __forceinline__ float *kvr_row(const m3_kv_view &kv, const kv_rope_args &a, int t, int i, int *dim) {
+  const int nkv = kv.nkv, cached = kvr_cache_rows(kv, a);
+  *dim = i < 2 * nkv || (i >= cached && i < cached + a.nq) ? kv.hd : kv.ihd;
+  if (i < nkv) return (float *)a.k + ((size_t)t * nkv + i) * kv.hd;
+  if (i < 2 * nkv) return (float *)a.v + ((size_t)t * nkv + i - nkv) * kv.hd;
+  if (i < cached) return (float *)a.ik + (size_t)t * kv.ihd;
+  if (i < cached + a.nq) return a.q + ((size_t)t * a.nq + i - cached) * kv.hd;
+  return a.iq + ((size_t)t * a.niq + i - cached - a.nq) * kv.ihd;
+}
+
+/* The norm's gains of row i (kvr_row's order; V heads have none), loaded with the row: a warp's
+ * rows are of every kind, and one array picked among four by the row kind would live in local
+ * memory. */
+template <int NE> __device__ __forceinline__ void kvr_gains(const m3_kv_view &kv, const kv_rope_args &a, int i,
+                                                            int lane, float (&g)[NE]) {
+  const int nkv = kv.nkv, cached = kvr_cache_rows(kv, a);
+  if (i < nkv) head_gains<NE>(a.k_norm, kv.hd, lane, g);
+  else if (i < 2 * nkv) return;
+  else if (i < cached) head_gains<NE>(a.ik_norm, kv.ihd, lane, g);
+  else if (i < cached + a.nq) head_gains<NE>(a.q_norm, kv.hd, lane, g);
+  else head_gains<NE>(a.iq_norm, kv.ihd, lane, g);
+}
+
+/* Row i of a token's 2 nkv (+ 1) cache rows in kv_store_rope_kernel: K heads 0..nkv-1, normed and
+ * rotated (head_norm, rope_head_store: rmsnorm_rope's bits), V heads nkv..2nkv-1 as they are, and
+ * the index key (when stored) normed and rotated with its own frequencies (its rotated width is
+ * clamped to ihd, the heads' to hd), each into its page's row: float32 straight, fp8 staged in out
+ * and quantized by kv8_store_row, kv_store's code (K heads through the key rotation). v: the row's
+ * elements as head_load left them; g: its norm's gains (kvr_gains). */
 template <int FP8, int NE>
 __device__ __forceinline__ void kvr_store_row(const m3_kv_view &kv, const kv_rope_args &a, const rope_freqs &fk,
                                               const rope_freqs &fik, int i, int dim, int32_t p, float (&v)[NE],
-                                              const float (&gk)[NE], const float (&gik)[NE], float *buf, float *out,
-                                              int lane) {
+                                              const float (&g)[NE], float *buf, float *out, int lane) {
   const int nkv = kv.nkv, bs = kv.block_size, slot = p % bs;
   const int32_t page = kv.block_table[p / bs];
   const bool index_key = i == 2 * nkv, key = i < nkv;
@@ -319,7 +341,7 @@ __device__ __forceinline__ void kvr_store_row(const m3_kv_view &kv, const kv_rop
                                   : (uint8_t *)((float *)(key ? kv.k : kv.v) + (size_t)page * nkv * bs * kv.hd));
   float *row = FP8 ? out : (float *)dst + (size_t)r * dim;
   if (key || index_key) {
-    head_norm<NE>(v, index_key ? gik : gk, a.eps, dim, lane);
+    head_norm<NE>(v, g, a.eps, dim, lane);
     rope_head_store<NE>(v, buf, row, dim, index_key ? a.ik_half : a.k_half, (float)p, index_key ? fik : fk, lane);
   } else {
 #pragma unroll
@@ -333,11 +355,13 @@ __device__ __forceinline__ void kvr_store_row(const m3_kv_view &kv, const kv_rop
   }
 }
 
-/* The rows of the tokens' K heads, V heads and index keys (2 nkv + 1 a token, kvr_store_row) in
- * order: a warp takes rpw of them, each row's loads out while the row before is stored (a warp a
- * row waited for each row's loads alone: an 8192-token prompt's 9 rows a token at a third of the
- * copy bandwidth; a decode step's few rows keep a warp each). NE elements a lane (hd, ihd <= 32
- * NE). Positions without a page (and padding, pos < 0) are skipped, as kv_store skips them. */
+/* The rows of the tokens' K heads, V heads and index keys (2 nkv + 1 a token, kvr_store_row), then
+ * their query and index query heads (normed and rotated in place at any position, as rmsnorm_rope
+ * does), in order: a warp takes rpw of them, each row's loads out while the row before is stored
+ * (a warp a row waited for each row's loads alone: an 8192-token prompt's 9 rows a token at a
+ * third of the copy bandwidth; a decode step's few rows keep a warp each). NE elements a lane
+ * (hd, ihd <= 32 NE). Cache rows at positions without a page (and padding, pos < 0) are skipped,
+ * as kv_store skips them. */
 template <int FP8, int NE> __global__ void __launch_bounds__(32 * NORM_ROPE_WARPS)
     kv_store_rope_kernel(m3_kv_view kv, const int32_t *__restrict__ pos, int T, kv_rope_args a, rope_freqs fk,
                          rope_freqs fik, int rpw) {
@@ -345,56 +369,74 @@ template <int FP8, int NE> __global__ void __launch_bounds__(32 * NORM_ROPE_WARP
   __shared__ float row_buf[NORM_ROPE_WARPS][32 * NE];
   __shared__ float out_buf[FP8 ? NORM_ROPE_WARPS : 1][FP8 ? 32 * NE : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int per_token = 2 * kv.nkv + (a.ik ? 1 : 0);
+  const int cached = kvr_cache_rows(kv, a), per_token = cached + a.nq + a.niq;
   const int64_t rows = (int64_t)T * per_token, r0 = ((int64_t)blockIdx.x * NORM_ROPE_WARPS + warp) * rpw;
   if (r0 >= rows) return; /* whole warps leave: no block-wide barrier follows */
   const int64_t r_end = r0 + rpw < rows ? r0 + rpw : rows;
   float *buf = row_buf[warp], *out = FP8 ? out_buf[warp] : NULL;
-  float gk[NE], gik[NE], cur[NE], nxt[NE] = {};
-  head_gains<NE>(a.k_norm, kv.hd, lane, gk);
-  if (a.ik) head_gains<NE>(a.ik_norm, kv.ihd, lane, gik);
+  float cur[NE], nxt[NE] = {}, g[NE] = {}, g_nxt[NE] = {};
   int dim, next_dim = 0;
-  head_load<NE>(kvr_row(kv, a, (int)(r0 / per_token), (int)(r0 % per_token), &dim), dim, lane, cur);
+  float *row = kvr_row(kv, a, (int)(r0 / per_token), (int)(r0 % per_token), &dim), *next_row = NULL;
+  head_load<NE>(row, dim, lane, cur);
+  kvr_gains<NE>(kv, a, (int)(r0 % per_token), lane, g);
   for (int64_t r = r0; r < r_end; r++) {
-    if (r + 1 < r_end)
-      head_load<NE>(kvr_row(kv, a, (int)((r + 1) / per_token), (int)((r + 1) % per_token), &next_dim), next_dim, lane,
-                    nxt);
+    if (r + 1 < r_end) {
+      next_row = kvr_row(kv, a, (int)((r + 1) / per_token), (int)((r + 1) % per_token), &next_dim);
+      head_load<NE>(next_row, next_dim, lane, nxt);
+      kvr_gains<NE>(kv, a, (int)((r + 1) % per_token), lane, g_nxt);
+    }
     const int32_t p = pos[r / per_token];
-    if (p >= 0 && p / kv.block_size < kv.num_blocks)
-      kvr_store_row<FP8, NE>(kv, a, fk, fik, (int)(r % per_token), dim, p, cur, gk, gik, buf, out, lane);
+    const int i = (int)(r % per_token);
+    if (i >= cached) { /* a query head: back where it came from */
+      const bool query = i < cached + a.nq;
+      head_norm<NE>(cur, g, a.eps, dim, lane);
+      rope_head_store<NE>(cur, buf, row, dim, query ? a.k_half : a.ik_half, (float)p, query ? fk : fik, lane);
+      __syncwarp();
+    } else if (p >= 0 && p / kv.block_size < kv.num_blocks) {
+      kvr_store_row<FP8, NE>(kv, a, fk, fik, i, dim, p, cur, g, buf, out, lane);
+    }
 #pragma unroll
-    for (int j = 0; j < NE; j++) cur[j] = nxt[j];
-    dim = next_dim;
+    for (int j = 0; j < NE; j++) cur[j] = nxt[j], g[j] = g_nxt[j];
+    dim = next_dim, row = next_row;
   }
 }
 
-void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T,
-                        const float *k, const m3_tensor *k_norm, const float *v, const float *ik,
-                        const m3_tensor *ik_norm, float eps, int rot, double theta) {
+void cuda_kv_store_rope(m3_backend *be, const m3_kv_view *kv, const int32_t *pos, int T, const m3_attention_rows *r) {
   cuda_backend *cb = cuda_of(be);
   if (T <= 0 || kv->nkv <= 0 || kv->hd <= 0) return;
-  const int with_ik = ik && ik_norm && kv->ik; /* kv_store stores ik only into a view that has it */
-  if (kv->hd > NORM_ROPE_MAX_HD || (with_ik && kv->ihd > NORM_ROPE_MAX_HD)) {
-    /* wider than any M3 head: the ops the contract names, the keys normed in place */
-    cuda_rmsnorm_rope(be, (float *)k, k_norm, eps, pos, T, kv->nkv, kv->hd, rot, theta);
-    if (with_ik) cuda_rmsnorm_rope(be, (float *)ik, ik_norm, eps, pos, T, 1, kv->ihd, rot, theta);
-    cuda_kv_store(be, kv, pos, T, k, v, with_ik ? ik : NULL);
+  const int with_ik = r->ik && r->ik_norm && kv->ik; /* kv_store stores ik only into a view that has it */
+  const int nq = r->q ? r->nh : 0, niq = r->iq ? r->niq : 0;
+  const int64_t cache_rows = (int64_t)T * (2 * kv->nkv + with_ik), query_rows = (int64_t)T * (nq + niq);
+  const int wide = kv->hd > NORM_ROPE_MAX_HD || ((with_ik || niq) && kv->ihd > NORM_ROPE_MAX_HD);
+  /* A decode step's few rows take one launch for all five branches. A prompt's many query rows
+   * take rmsnorm_rope's kernel, whose warps norm 8 heads each and meet RoPE partners in lane. */
+  const int fuse_queries = !wide && norm_rope_rows_per_warp(cb, cache_rows + query_rows, 8) == 1;
+  if (!fuse_queries) {
+    if (nq) cuda_rmsnorm_rope(be, r->q, r->q_norm, r->eps, pos, T, nq, kv->hd, r->rot, r->theta);
+    if (niq) cuda_rmsnorm_rope(be, r->iq, r->iq_norm, r->eps, pos, T, niq, kv->ihd, r->rot, r->theta);
+  }
+  if (wide) { /* wider than any M3 head: the ops the contract names, the keys normed in place */
+    cuda_rmsnorm_rope(be, (float *)r->k, r->k_norm, r->eps, pos, T, kv->nkv, kv->hd, r->rot, r->theta);
+    if (with_ik) cuda_rmsnorm_rope(be, (float *)r->ik, r->ik_norm, r->eps, pos, T, 1, kv->ihd, r->rot, r->theta);
+    cuda_kv_store(be, kv, pos, T, r->k, r->v, with_ik ? r->ik : NULL);
     return;
   }
   kv_rope_args a;
   memset(&a, 0, sizeof a);
-  a.k = k, a.v = v, a.ik = with_ik ? ik : NULL;
-  a.k_norm = cuda_weight_of(k_norm);
-  if (with_ik) a.ik_norm = cuda_weight_of(ik_norm);
-  a.eps = eps;
+  a.k = r->k, a.v = r->v, a.ik = with_ik ? r->ik : NULL;
+  a.k_norm = cuda_weight_of(r->k_norm);
+  if (with_ik) a.ik_norm = cuda_weight_of(r->ik_norm);
+  if (fuse_queries && nq) a.q = r->q, a.nq = nq, a.q_norm = cuda_weight_of(r->q_norm);
+  if (fuse_queries && niq) a.iq = r->iq, a.niq = niq, a.iq_norm = cuda_weight_of(r->iq_norm);
+  a.eps = r->eps;
   rope_freqs fk, fik;
   memset(&fik, 0, sizeof fik);
-  a.k_half = rope_frequencies(kv->hd, rot, theta, &fk);
-  if (with_ik) a.ik_half = rope_frequencies(kv->ihd, rot, theta, &fik);
-  const int64_t rows = (int64_t)T * (2 * kv->nkv + with_ik);
+  a.k_half = rope_frequencies(kv->hd, r->rot, r->theta, &fk);
+  if (a.ik || a.iq) a.ik_half = rope_frequencies(kv->ihd, r->rot, r->theta, &fik);
+  const int64_t rows = cache_rows + (fuse_queries ? query_rows : 0);
   const int rpw = norm_rope_rows_per_warp(cb, rows, 8);
   const unsigned blocks = (unsigned)((rows + NORM_ROPE_WARPS * rpw - 1) / (NORM_ROPE_WARPS * rpw));
-  const int narrow = kv->hd <= 128 && (!with_ik || kv->ihd <= 128), fp8 = kv->dtype == M3_KV_FP8;
+  const int narrow = kv->hd <= 128 && (!(a.ik || a.iq) || kv->ihd <= 128), fp8 = kv->dtype == M3_KV_FP8;
   if (fp8) {
     a.kv_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->nkv * kv->block_size, (size_t)kv->hd);
     a.ik_page_bytes = m3_kv_pool_page_bytes(M3_KV_FP8, (size_t)kv->block_size, (size_t)kv->ihd);
