@@ -34,7 +34,8 @@ Written (all under --out):
                      chunks of 512), logits.f32 (rows of chunk 0 at positions 0, 16, 32, ...)
   train.json         loss curves, timings, sizes, data description
 
-Usage: train_small.py --out DIR [--minutes-main M] [--minutes-draft M] [--smoke]
+Usage: train_small.py --out DIR [--minutes-main M | --main-steps N] [--minutes-draft M] [--m3-attention]
+                      [--smoke]
 """
 
 import argparse
@@ -93,6 +94,13 @@ TEXT = dict(
     index_n_heads=2, index_head_dim=32, index_block_size=16, index_topk_blocks=4, index_local_blocks=1,
     rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
 )
+# --m3-attention: M3's attention geometry in place of the small one (m3_text_spec.md §2): one of
+# M3's KV groups, as a rank of a 4-way tensor-parallel split holds it (16 query heads of 128 on
+# one KV head, RoPE on the first 64 dims, one index head of 128). The FP8 KV cache's drift
+# depends on the head dim (a key's rounding errors average over its dims in every score), which
+# the small model's 32 does not show.
+M3_ATTENTION = dict(num_attention_heads=16, num_key_value_heads=1, head_dim=128, rotary_dim=64,
+                    index_n_heads=1, index_head_dim=128)
 AUX_LAYERS = [2, 4, 5]          # vLLM's EAGLE3 default for 8 layers: (2, L // 2, L - 3)
 DRAFT = dict(heads=8, kv_heads=2, head_dim=32, width=768, rope_theta=10000.0)
 ROUTER_PATTERN = re.compile(r"(\.gate\.weight$|e_score_correction_bias$)")
@@ -331,7 +339,7 @@ def eval_loss(model, batches):
     return float(np.mean(losses))
 
 
-def train_main(model, data, held_batches, seconds, batch_size, log_every):
+def train_main(model, data, held_batches, seconds, batch_size, log_every, steps=None):
     distill = IndexerDistill(model)
     assert distill.hooked == sum(p[0] == "S" for p in PLAN), distill.hooked
     balance = Balance(model, 1e-3)
@@ -341,7 +349,7 @@ def train_main(model, data, held_batches, seconds, batch_size, log_every):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     peak, warmup = 2e-3, 100
-    curve, start, step, total = [], time.time(), 0, None
+    curve, start, step, total = [], time.time(), 0, steps
     model.train()
     while True:
         elapsed = time.time() - start
@@ -537,7 +545,7 @@ def train_drafters(model, plus_layer, data, seconds, batch_size, eps, log_every)
     eagle = Eagle3(H, len(AUX_LAYERS), embed.weight.shape[0], lm.weight.detach().float()).to(DEV)
     params = list(mtp.parameters()) + list(eagle.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    curve, start, step, total = [], time.time(), 0, None
+    curve, start, step, total = [], time.time(), 0, steps
     while True:
         elapsed = time.time() - start
         if total is None and step == 20:
@@ -771,6 +779,10 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-corpus-mb", type=float, default=80.0)
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script")
+    ap.add_argument("--main-steps", type=int, help="train the model this many steps (default: what fits "
+                    "--minutes-main at the first steps' pace)")
+    ap.add_argument("--m3-attention", action="store_true",
+                    help="M3's attention geometry (one KV group: 16 heads x 128, RoPE 64, index 128)")
     ap.add_argument("--reference-only", metavar="MODEL_DIR",
                     help="no training: recompute reference/ for the checkpoint in MODEL_DIR on --heldout")
     ap.add_argument("--heldout", help="with --reference-only: the held-out text file")
@@ -781,6 +793,8 @@ def main():
                   os.path.join(args.out, "reference"))
         shutil.rmtree(work)
         return
+    if args.m3_attention:
+        TEXT.update(M3_ATTENTION)
     t0 = time.time()
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -811,7 +825,8 @@ def main():
     held_data = Batches(held_stream, 16, 2)
     held_batches = [held_data.next() for _ in range(4)]
     main_seconds = 20 if args.smoke else args.minutes_main * 60
-    curve = train_main(model, data, held_batches, main_seconds, args.batch, 10 if args.smoke else 25)
+    curve = train_main(model, data, held_batches, main_seconds, args.batch, 10 if args.smoke else 25,
+                       args.main_steps)
     t_main = time.time()
 
     L = len(PLAN)
