@@ -545,7 +545,7 @@ def train_drafters(model, plus_layer, data, seconds, batch_size, eps, log_every)
     eagle = Eagle3(H, len(AUX_LAYERS), embed.weight.shape[0], lm.weight.detach().float()).to(DEV)
     params = list(mtp.parameters()) + list(eagle.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    curve, start, step, total = [], time.time(), 0, steps
+    curve, start, step, total = [], time.time(), 0, None
     while True:
         elapsed = time.time() - start
         if total is None and step == 20:
