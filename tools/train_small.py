@@ -94,7 +94,7 @@ TEXT = dict(
     index_n_heads=2, index_head_dim=32, index_block_size=16, index_topk_blocks=4, index_local_blocks=1,
     rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
 )
-# --m3-attention: M3's attention geometry in place of the small one (m3_text_spec.md §2): one of
+# --m3-attention: M3's attention geometry in place of the small one (m3_text_spec.md §1.2): one of
 # M3's KV groups, as a rank of a 4-way tensor-parallel split holds it (16 query heads of 128 on
 # one KV head, RoPE on the first 64 dims, one index head of 128). The FP8 KV cache's drift
 # depends on the head dim (a key's rounding errors average over its dims in every score), which
